@@ -1,0 +1,34 @@
+//! Talon's placement engine for heterogeneous GPU fleets.
+//!
+//! Pure logic, no I/O, no clock, no ambient randomness: every function here
+//! is a function of its inputs, so the coordinator, a dry-run CLI and the
+//! simulators share one implementation and tests run in seconds.
+//!
+//! * [`types`] — nodes, GPUs, workloads, assignments (operator-facing).
+//! * [`state`] — the cluster's free resources, compiled for speed.
+//! * [`engine`] — one online decision: filter → score → pick, explained.
+//! * [`policy`] — Random, DotProduct, GpuClustering, GpuPacking, BestFit,
+//!   FGD (the ATC'23 paper's definitions) and Talon's own policy.
+//! * [`frag`] — FGD's fragmentation measure and typical tasks.
+//! * [`replan`] — problem + previous solution → new solution that moves little.
+//! * [`mig`] — MIG profile tables, legal placements, packer, layout planner.
+//! * [`sharding`] — tensor/pipeline plans for models that fit no one device.
+//! * [`sim`] — the B1 and B7 benchmark harnesses (the crate's only I/O).
+//!
+//! The algorithms are explained in `scheduler/README.md`.
+
+pub mod engine;
+pub mod frag;
+pub mod mig;
+pub mod policy;
+pub mod replan;
+pub mod rng;
+pub mod sharding;
+pub mod sim;
+pub mod state;
+pub mod types;
+
+pub use engine::{decide, DecideOptions, Decision, Explanation, FilterReason, Score};
+pub use policy::{Policy, PolicyKind, PolicyScore};
+pub use state::{ClusterState, Demand, DemandKind};
+pub use types::{Assignment, Gpu, GpuRequest, Node, NodeId, Workload};

@@ -1,0 +1,236 @@
+//! Placement policies behind one interface.
+//!
+//! A [`Policy`] scores a node that passed the filter (higher is better) and,
+//! once the engine has picked the node, chooses the GPUs on it. Baselines are
+//! the six policies of the FGD paper's artifact
+//! (hkust-adsl/kubernetes-scheduler-simulator), re-implemented with the same
+//! integer score scales, so that they tie where the originals tied; they ask
+//! the engine for random tie-breaks, as the Kubernetes scheduler they ran in
+//! picks uniformly among the top-scored nodes. Talon's policy is in
+//! [`talon`].
+//!
+//! Policies may memoise (FGD caches per-node results keyed by the node's
+//! `version`); they are still functions of their inputs.
+
+use std::sync::Arc;
+
+use crate::frag::TypicalTasks;
+use crate::rng::{mix2, Rng};
+use crate::state::{slice, ClusterState, Demand, DemandKind, NodeState};
+use crate::types::{GpuSlice, MigSlot};
+
+pub mod best_fit;
+pub mod dot_product;
+pub mod fgd;
+pub mod gpu_clustering;
+pub mod gpu_packing;
+pub mod random;
+pub mod talon;
+
+/// A policy's opinion of one node; compared lexicographically.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct PolicyScore {
+    pub primary: i64,
+    pub secondary: i64,
+    pub tertiary: i64,
+}
+
+impl PolicyScore {
+    pub fn one(primary: i64) -> Self {
+        PolicyScore {
+            primary,
+            secondary: 0,
+            tertiary: 0,
+        }
+    }
+}
+
+/// The interface every placement policy implements.
+pub trait Policy {
+    /// Short name ("fgd", "talon", …).
+    fn name(&self) -> &'static str;
+
+    /// What the three score fields mean, for explanations.
+    fn score_fields(&self) -> [&'static str; 3] {
+        ["score", "-", "-"]
+    }
+
+    /// Break ties among equal scores at random (seeded) instead of by node id.
+    fn random_ties(&self) -> bool {
+        false
+    }
+
+    /// Called once per decision before any [`Policy::score`].
+    fn begin(&mut self, _state: &ClusterState, _d: &Demand) {}
+
+    /// Score a node that passed the filter.
+    fn score(&mut self, state: &ClusterState, node: usize, d: &Demand) -> PolicyScore;
+
+    /// Choose the GPU slices on the chosen node.
+    fn assign(
+        &mut self,
+        state: &ClusterState,
+        node: usize,
+        d: &Demand,
+        seed: u64,
+    ) -> Vec<GpuSlice> {
+        let _ = seed;
+        best_fit_gpus(&state.nodes[node], d)
+    }
+}
+
+/// Open-Gpu-Share's "best" GPU selection: a share goes to the allowed GPU
+/// with the least free milli that fits (lowest index on ties); whole GPUs are
+/// the lowest-indexed wholly free ones; a MIG instance goes to the fullest
+/// MIG GPU with a legal position.
+pub fn best_fit_gpus(n: &NodeState, d: &Demand) -> Vec<GpuSlice> {
+    match &d.kind {
+        DemandKind::None => Vec::new(),
+        DemandKind::Share { milli } => {
+            let mut best: Option<usize> = None;
+            for i in 0..n.gpu_free.len() {
+                if n.gpu_allowed(i, d.type_mask)
+                    && n.gpu_free[i] >= *milli
+                    && best.is_none_or(|b| n.gpu_free[i] < n.gpu_free[b])
+                {
+                    best = Some(i);
+                }
+            }
+            best.map(|i| vec![slice(i, *milli)]).unwrap_or_default()
+        }
+        DemandKind::Whole { count } => first_free_gpus(n, d, *count),
+        DemandKind::Mig { profile } => mig_best_fit(n, d, profile),
+    }
+}
+
+/// The `count` lowest-indexed wholly free allowed GPUs.
+pub fn first_free_gpus(n: &NodeState, d: &Demand, count: u32) -> Vec<GpuSlice> {
+    (0..n.gpu_free.len())
+        .filter(|&i| n.gpu_allowed(i, d.type_mask) && n.gpu_free[i] == n.gpu_cap[i])
+        .take(count as usize)
+        .map(|i| slice(i, n.gpu_cap[i]))
+        .collect()
+}
+
+/// MIG: the GPU with the most GPCs already in use that still has a legal
+/// position for the profile; its first legal start.
+pub fn mig_best_fit(n: &NodeState, d: &Demand, profile: &str) -> Vec<GpuSlice> {
+    let mut best: Option<(u8, usize, u8, u8)> = None;
+    for (i, m) in n.mig.iter().enumerate() {
+        let Some((model, occ)) = m else { continue };
+        if (d.type_mask >> n.gpu_type[i]) & 1 == 0 {
+            continue;
+        }
+        let Some(p) = model.profile_index(profile) else {
+            continue;
+        };
+        if let Some(start) = occ.first_fit(*model, p) {
+            if best.is_none_or(|b| occ.compute > b.0) {
+                best = Some((occ.compute, i, p, start));
+            }
+        }
+    }
+    best.map(|(_, i, p, start)| {
+        vec![GpuSlice {
+            gpu: i as u8,
+            milli: 0,
+            mig: Some(MigSlot { profile: p, start }),
+        }]
+    })
+    .unwrap_or_default()
+}
+
+/// Random GPU selection for a share (Random policy); others as best fit.
+pub fn random_gpus(n: &NodeState, d: &Demand, seed: u64) -> Vec<GpuSlice> {
+    match &d.kind {
+        DemandKind::Share { milli } => {
+            let fits: Vec<usize> = (0..n.gpu_free.len())
+                .filter(|&i| n.gpu_allowed(i, d.type_mask) && n.gpu_free[i] >= *milli)
+                .collect();
+            if fits.is_empty() {
+                return Vec::new();
+            }
+            let mut rng = Rng::new(mix2(seed, 0x6770_7573));
+            let k = rng.below(fits.len() as u64) as usize;
+            vec![slice(fits[k], *milli)]
+        }
+        _ => best_fit_gpus(n, d),
+    }
+}
+
+/// The policies B1 compares.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum PolicyKind {
+    Random,
+    DotProduct,
+    GpuClustering,
+    GpuPacking,
+    BestFit,
+    Fgd,
+    Talon,
+}
+
+impl PolicyKind {
+    pub const ALL: [PolicyKind; 7] = [
+        PolicyKind::Random,
+        PolicyKind::DotProduct,
+        PolicyKind::GpuClustering,
+        PolicyKind::GpuPacking,
+        PolicyKind::BestFit,
+        PolicyKind::Fgd,
+        PolicyKind::Talon,
+    ];
+
+    /// Name used on the command line and in outputs.
+    pub fn name(self) -> &'static str {
+        match self {
+            PolicyKind::Random => "random",
+            PolicyKind::DotProduct => "dotprod",
+            PolicyKind::GpuClustering => "gpuclustering",
+            PolicyKind::GpuPacking => "gpupacking",
+            PolicyKind::BestFit => "bestfit",
+            PolicyKind::Fgd => "fgd",
+            PolicyKind::Talon => "talon",
+        }
+    }
+
+    /// The column title of the paper's table.
+    pub fn title(self) -> &'static str {
+        match self {
+            PolicyKind::Random => "Random",
+            PolicyKind::DotProduct => "DotProd",
+            PolicyKind::GpuClustering => "GpuClustering",
+            PolicyKind::GpuPacking => "GpuPacking",
+            PolicyKind::BestFit => "BestFit",
+            PolicyKind::Fgd => "FGD",
+            PolicyKind::Talon => "Talon",
+        }
+    }
+
+    pub fn parse(s: &str) -> Result<PolicyKind, String> {
+        let l = s.to_ascii_lowercase();
+        PolicyKind::ALL
+            .iter()
+            .copied()
+            .find(|k| k.name() == l || k.title().to_ascii_lowercase() == l)
+            .ok_or_else(|| {
+                format!(
+                    "unknown policy {s:?}; expected one of {}",
+                    PolicyKind::ALL.map(|k| k.name()).join(", ")
+                )
+            })
+    }
+
+    /// Build the policy; FGD and Talon need the typical-task distribution.
+    pub fn build(self, typical: &Arc<TypicalTasks>) -> Box<dyn Policy> {
+        match self {
+            PolicyKind::Random => Box::new(random::RandomPolicy),
+            PolicyKind::DotProduct => Box::new(dot_product::DotProduct),
+            PolicyKind::GpuClustering => Box::new(gpu_clustering::GpuClustering),
+            PolicyKind::GpuPacking => Box::new(gpu_packing::GpuPacking),
+            PolicyKind::BestFit => Box::new(best_fit::BestFit),
+            PolicyKind::Fgd => Box::new(fgd::Fgd::new(typical.clone())),
+            PolicyKind::Talon => Box::new(talon::Talon::new(typical.clone())),
+        }
+    }
+}

@@ -1,0 +1,1 @@
+//! Re-planning (filled below).

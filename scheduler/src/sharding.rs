@@ -1,0 +1,1 @@
+//! Sharding planner (filled below).

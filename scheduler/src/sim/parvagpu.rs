@@ -1,0 +1,1 @@
+//! ParvaGPU loader (filled below).
