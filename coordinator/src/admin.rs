@@ -1,0 +1,607 @@
+//! The admin gRPC service: cluster membership and the model registry.
+//!
+//! Writes and linearizable reads must run on the leader. A follower forwards
+//! such a call once to the leader it knows (marking it with
+//! `talon-forwarded`); a call that cannot be forwarded is answered
+//! `UNAVAILABLE` with the leader's address. Every write is validated before
+//! it is proposed, stamped with the proposer's clock (so `apply` never reads
+//! one) and bounded by `write_timeout_ms`.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::{BasicNode, ChangeMembers, ServerState};
+use talon_proto::v1 as pb;
+use talon_proto::v1::admin_service_client::AdminServiceClient;
+use talon_proto::v1::admin_service_server::AdminService;
+use talon_proto::{ACTOR_METADATA_KEY, FORWARDED_METADATA_KEY};
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Request, Response, Status};
+
+use crate::config::Config;
+use crate::convert::{audit_to_wire, model_to_wire, spec_from_wire};
+use crate::error::AdminError;
+use crate::metrics::{Metrics, WriteLabels};
+use crate::network::Faults;
+use crate::raft_types::{NodeId, Raft};
+use crate::state::{self, Command};
+use crate::store::{LogStore, SharedState};
+
+/// Longest actor name recorded in the audit log.
+const MAX_ACTOR: usize = 128;
+/// How long a joining learner may take to catch up before the join fails.
+const JOIN_CATCH_UP: Duration = Duration::from_secs(120);
+
+/// Everything the admin service needs from its coordinator.
+pub struct AdminContext {
+    pub id: NodeId,
+    pub raft: Raft,
+    pub state: SharedState,
+    pub log: LogStore,
+    pub metrics: Arc<Metrics>,
+    pub faults: Arc<Faults>,
+    pub config: Config,
+}
+
+/// The admin service.
+pub struct Admin {
+    ctx: Arc<AdminContext>,
+    leaders: Mutex<HashMap<String, AdminServiceClient<Channel>>>,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn actor<T>(request: &Request<T>) -> Result<String, AdminError> {
+    let Some(value) = request.metadata().get(ACTOR_METADATA_KEY) else {
+        return Ok("unknown".into());
+    };
+    let actor = value.to_str().map_err(|_| {
+        AdminError::InvalidArgument(format!("{ACTOR_METADATA_KEY} metadata must be ASCII"))
+    })?;
+    if actor.is_empty() || actor.len() > MAX_ACTOR {
+        return Err(AdminError::InvalidArgument(format!(
+            "{ACTOR_METADATA_KEY} metadata must be 1 to {MAX_ACTOR} characters"
+        )));
+    }
+    Ok(actor.to_string())
+}
+
+fn validate_addr(addr: &str) -> Result<(), AdminError> {
+    let ok = addr.rsplit_once(':').is_some_and(|(host, port)| {
+        !host.is_empty() && !host.contains('/') && port.parse::<u16>().is_ok_and(|p| p != 0)
+    });
+    if ok {
+        Ok(())
+    } else {
+        Err(AdminError::InvalidArgument(format!(
+            "address {addr:?} is not host:port (e.g. 10.0.0.5:7400)"
+        )))
+    }
+}
+
+impl Admin {
+    pub fn new(ctx: Arc<AdminContext>) -> Admin {
+        Admin {
+            ctx,
+            leaders: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The leader's id and address as this node knows them.
+    fn leader(&self) -> (Option<NodeId>, Option<String>) {
+        let metrics = self.ctx.raft.metrics().borrow().clone();
+        let leader = metrics.current_leader;
+        let addr = leader.and_then(|id| {
+            metrics
+                .membership_config
+                .membership()
+                .get_node(&id)
+                .map(|n| n.addr.clone())
+        });
+        (leader, addr)
+    }
+
+    /// `None` when this node should serve the call itself; a client for the
+    /// leader when the call should be forwarded there.
+    fn forward_to<T>(
+        &self,
+        request: &Request<T>,
+    ) -> Result<Option<AdminServiceClient<Channel>>, AdminError> {
+        let (leader, addr) = self.leader();
+        if leader == Some(self.ctx.id) {
+            return Ok(None);
+        }
+        let Some(addr) = addr else {
+            return Err(AdminError::NotLeader { leader_addr: None });
+        };
+        if request.metadata().contains_key(FORWARDED_METADATA_KEY) {
+            return Err(AdminError::NotLeader {
+                leader_addr: Some(addr),
+            });
+        }
+        let mut leaders = self.leaders.lock().expect("leader cache poisoned");
+        if let Some(client) = leaders.get(&addr) {
+            return Ok(Some(client.clone()));
+        }
+        let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| AdminError::Internal(format!("leader address {addr:?}: {e}")))?
+            .connect_timeout(Duration::from_secs(1))
+            .tcp_nodelay(true);
+        let client = AdminServiceClient::new(endpoint.connect_lazy());
+        leaders.insert(addr, client.clone());
+        Ok(Some(client))
+    }
+
+    /// The request to send to the leader: the same message and actor, marked
+    /// as forwarded, with the write deadline.
+    fn forwarded<T: Clone>(&self, request: &Request<T>) -> Request<T> {
+        let mut out = Request::new(request.get_ref().clone());
+        if let Some(actor) = request.metadata().get(ACTOR_METADATA_KEY) {
+            out.metadata_mut().insert(ACTOR_METADATA_KEY, actor.clone());
+        }
+        out.metadata_mut()
+            .insert(FORWARDED_METADATA_KEY, "1".parse().expect("ascii"));
+        out.set_timeout(Duration::from_millis(
+            self.ctx.config.write_timeout_ms + 1_000,
+        ));
+        out
+    }
+
+    /// Proposes a command on this node (the leader) and waits until it is
+    /// committed and applied.
+    async fn write(
+        &self,
+        op: &'static str,
+        actor: String,
+        command: Command,
+    ) -> Result<state::Response, AdminError> {
+        let started = Instant::now();
+        let request = state::Request {
+            at_ms: now_ms(),
+            actor,
+            command,
+        };
+        let timeout_ms = self.ctx.config.write_timeout_ms;
+        let outcome = tokio::time::timeout(
+            Duration::from_millis(timeout_ms),
+            self.ctx.raft.client_write(request),
+        )
+        .await;
+        let result = match outcome {
+            Err(_) => Err(AdminError::Timeout { timeout_ms }),
+            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
+                Err(AdminError::NotLeader {
+                    leader_addr: f.leader_node.map(|n| n.addr),
+                })
+            }
+            Ok(Err(e)) => Err(AdminError::Internal(e.to_string())),
+            Ok(Ok(reply)) => match reply.data {
+                state::Response::Rejected(r) => Err(AdminError::Rejected(r)),
+                response => Ok(response),
+            },
+        };
+        let label = match &result {
+            Ok(_) => "ok",
+            Err(AdminError::Rejected(_)) => "rejected",
+            Err(_) => "error",
+        };
+        let labels = WriteLabels { op, result: label };
+        self.ctx.metrics.writes.get_or_create(&labels).inc();
+        self.ctx
+            .metrics
+            .write_duration
+            .get_or_create(&labels)
+            .observe(started.elapsed().as_secs_f64());
+        result
+    }
+
+    async fn linearizable(&self) -> Result<(), AdminError> {
+        self.ctx
+            .raft
+            .ensure_linearizable()
+            .await
+            .map(|_| ())
+            .map_err(|e| match e {
+                RaftError::APIError(openraft::error::CheckIsLeaderError::ForwardToLeader(f)) => {
+                    AdminError::NotLeader {
+                        leader_addr: f.leader_node.map(|n| n.addr),
+                    }
+                }
+                other => AdminError::Internal(other.to_string()),
+            })
+    }
+
+    fn status(&self) -> pb::ClusterStatus {
+        let m = self.ctx.raft.metrics().borrow().clone();
+        let membership = m.membership_config.membership();
+        let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+        let matched = m.replication.clone().unwrap_or_default();
+        let members = membership
+            .nodes()
+            .map(|(id, node)| pb::Member {
+                node_id: *id,
+                addr: node.addr.clone(),
+                voter: voters.contains(id),
+                matched_index: matched.get(id).and_then(|l| l.map(|l| l.index)),
+            })
+            .collect();
+        let role = match m.state {
+            ServerState::Leader => "leader",
+            ServerState::Follower => "follower",
+            ServerState::Candidate => "candidate",
+            ServerState::Learner => "learner",
+            ServerState::Shutdown => "shutdown",
+        };
+        let leader_addr = m
+            .current_leader
+            .and_then(|id| membership.get_node(&id).map(|n| n.addr.clone()))
+            .unwrap_or_default();
+        pb::ClusterStatus {
+            node_id: self.ctx.id,
+            role: role.into(),
+            leader_id: m.current_leader,
+            leader_addr,
+            term: m.current_term,
+            last_log_index: m.last_log_index,
+            committed_index: self.ctx.log.committed_index(),
+            applied_index: m.last_applied.map(|l| l.index),
+            snapshot_index: m.snapshot.map(|l| l.index),
+            purged_index: m.purged.map(|l| l.index),
+            members,
+            initialized: m.membership_config.log_id().is_some() || !voters.is_empty(),
+        }
+    }
+
+    fn membership_error(e: RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>) -> AdminError {
+        match e {
+            RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => AdminError::NotLeader {
+                leader_addr: f.leader_node.map(|n| n.addr),
+            },
+            RaftError::APIError(ClientWriteError::ChangeMembershipError(c)) => {
+                AdminError::FailedPrecondition(format!("membership change refused: {c}"))
+            }
+            other => AdminError::Internal(other.to_string()),
+        }
+    }
+
+    /// Records a membership change in the audit log. The change itself is
+    /// already committed; a failure here is logged, not returned.
+    async fn audit(&self, actor: String, action: &str, target: String, detail: String) {
+        let command = Command::Audit {
+            action: action.into(),
+            target,
+            detail,
+        };
+        if let Err(e) = self.write("audit", actor, command).await {
+            tracing::warn!(error = %e, action, "could not record the audit entry of a membership change");
+        }
+    }
+}
+
+macro_rules! forward {
+    ($self:ident, $request:ident, $method:ident) => {
+        if let Some(mut leader) = $self.forward_to(&$request)? {
+            return leader.$method($self.forwarded(&$request)).await;
+        }
+    };
+}
+
+#[tonic::async_trait]
+impl AdminService for Admin {
+    async fn cluster_init(
+        &self,
+        request: Request<pb::ClusterInitRequest>,
+    ) -> Result<Response<pb::ClusterStatus>, Status> {
+        let actor = actor(&request)?;
+        let mut nodes = BTreeMap::new();
+        let own_addr = self
+            .ctx
+            .config
+            .advertise
+            .clone()
+            .unwrap_or_else(|| self.ctx.config.listen.to_string());
+        nodes.insert(self.ctx.id, BasicNode::new(&own_addr));
+        for member in &request.get_ref().members {
+            validate_addr(&member.addr)?;
+            if member.node_id == 0 {
+                return Err(
+                    AdminError::InvalidArgument("member node_id must be 1 or more".into()).into(),
+                );
+            }
+            if nodes
+                .insert(member.node_id, BasicNode::new(&member.addr))
+                .is_some()
+            {
+                return Err(AdminError::InvalidArgument(format!(
+                    "node {} is given twice (the receiving node {} is always a member)",
+                    member.node_id, self.ctx.id
+                ))
+                .into());
+            }
+        }
+        let detail = nodes
+            .iter()
+            .map(|(id, n)| format!("{id}={}", n.addr))
+            .collect::<Vec<_>>()
+            .join(",");
+        self.ctx.raft.initialize(nodes).await.map_err(|e| match e {
+            RaftError::APIError(openraft::error::InitializeError::NotAllowed(_)) => AdminError::FailedPrecondition(
+                "this node already belongs to a cluster (its log is not empty); use `cluster join` to add nodes".into(),
+            ),
+            other => AdminError::Internal(other.to_string()),
+        })?;
+        // Record the bootstrap once a leader exists, if it is this node.
+        let waited = self
+            .ctx
+            .raft
+            .wait(Some(Duration::from_millis(
+                self.ctx.config.write_timeout_ms,
+            )))
+            .metrics(|m| m.current_leader.is_some(), "a leader after init")
+            .await;
+        if waited.is_ok_and(|m| m.current_leader == Some(self.ctx.id)) {
+            self.audit(actor, "cluster.init", self.ctx.id.to_string(), detail)
+                .await;
+        }
+        Ok(Response::new(self.status()))
+    }
+
+    async fn cluster_join(
+        &self,
+        request: Request<pb::ClusterJoinRequest>,
+    ) -> Result<Response<pb::ClusterStatus>, Status> {
+        forward!(self, request, cluster_join);
+        let actor = actor(&request)?;
+        let req = request.into_inner();
+        if req.node_id == 0 {
+            return Err(AdminError::InvalidArgument("node_id must be 1 or more".into()).into());
+        }
+        validate_addr(&req.addr)?;
+        let membership = self.ctx.raft.metrics().borrow().membership_config.clone();
+        if let Some(existing) = membership.membership().get_node(&req.node_id) {
+            if existing.addr != req.addr {
+                return Err(AdminError::FailedPrecondition(format!(
+                    "node {} is already a member at {}; remove it first or use another id",
+                    req.node_id, existing.addr
+                ))
+                .into());
+            }
+        }
+        let add = tokio::time::timeout(
+            JOIN_CATCH_UP,
+            self.ctx.raft.add_learner(req.node_id, BasicNode::new(&req.addr), true),
+        )
+        .await
+        .map_err(|_| {
+            AdminError::FailedPrecondition(format!(
+                "node {} at {} did not catch up within {} s; check that it runs and is reachable, then join again",
+                req.node_id,
+                req.addr,
+                JOIN_CATCH_UP.as_secs()
+            ))
+        })?;
+        add.map_err(Admin::membership_error)?;
+        if !req.learner_only {
+            let voters = ChangeMembers::AddVoterIds(BTreeSet::from([req.node_id]));
+            self.ctx
+                .raft
+                .change_membership(voters, false)
+                .await
+                .map_err(Admin::membership_error)?;
+        }
+        let role = if req.learner_only { "learner" } else { "voter" };
+        self.audit(
+            actor,
+            "cluster.join",
+            req.node_id.to_string(),
+            format!("addr={} as={role}", req.addr),
+        )
+        .await;
+        Ok(Response::new(self.status()))
+    }
+
+    async fn cluster_remove(
+        &self,
+        request: Request<pb::ClusterRemoveRequest>,
+    ) -> Result<Response<pb::ClusterStatus>, Status> {
+        forward!(self, request, cluster_remove);
+        let actor = actor(&request)?;
+        let id = request.get_ref().node_id;
+        let membership = self.ctx.raft.metrics().borrow().membership_config.clone();
+        let voters: BTreeSet<NodeId> = membership.membership().voter_ids().collect();
+        let members: Vec<String> = membership
+            .membership()
+            .nodes()
+            .map(|(id, _)| id.to_string())
+            .collect();
+        if membership.membership().get_node(&id).is_none() {
+            return Err(AdminError::NotFound(format!(
+                "node {id} is not a member; the members are {}",
+                members.join(", ")
+            ))
+            .into());
+        }
+        let change = if voters.contains(&id) {
+            if voters.len() == 1 {
+                return Err(AdminError::FailedPrecondition(format!(
+                    "node {id} is the only voter; a cluster cannot remove its last voter"
+                ))
+                .into());
+            }
+            ChangeMembers::RemoveVoters(BTreeSet::from([id]))
+        } else {
+            ChangeMembers::RemoveNodes(BTreeSet::from([id]))
+        };
+        self.ctx
+            .raft
+            .change_membership(change, false)
+            .await
+            .map_err(Admin::membership_error)?;
+        self.audit(actor, "cluster.remove", id.to_string(), String::new())
+            .await;
+        Ok(Response::new(self.status()))
+    }
+
+    async fn cluster_status(
+        &self,
+        _request: Request<pb::ClusterStatusRequest>,
+    ) -> Result<Response<pb::ClusterStatus>, Status> {
+        Ok(Response::new(self.status()))
+    }
+
+    async fn create_model(
+        &self,
+        request: Request<pb::CreateModelRequest>,
+    ) -> Result<Response<pb::Model>, Status> {
+        let actor = actor(&request)?;
+        let spec =
+            spec_from_wire(request.get_ref().spec.clone()).map_err(AdminError::InvalidArgument)?;
+        spec.validate().map_err(AdminError::InvalidArgument)?;
+        forward!(self, request, create_model);
+        match self
+            .write("create_model", actor, Command::CreateModel(spec))
+            .await?
+        {
+            state::Response::Model(m) => Ok(Response::new(model_to_wire(&m))),
+            other => {
+                Err(AdminError::Internal(format!("unexpected apply response {other:?}")).into())
+            }
+        }
+    }
+
+    async fn get_model(
+        &self,
+        request: Request<pb::GetModelRequest>,
+    ) -> Result<Response<pb::Model>, Status> {
+        if request.get_ref().linearizable {
+            forward!(self, request, get_model);
+            self.linearizable().await?;
+        }
+        let name = &request.get_ref().name;
+        let applied = self.ctx.state.read().expect("state lock poisoned");
+        match applied.state.models.get(name) {
+            Some(m) => Ok(Response::new(model_to_wire(m))),
+            None => Err(AdminError::NotFound(format!("model {name:?} does not exist")).into()),
+        }
+    }
+
+    async fn list_models(
+        &self,
+        request: Request<pb::ListModelsRequest>,
+    ) -> Result<Response<pb::ListModelsResponse>, Status> {
+        if request.get_ref().linearizable {
+            forward!(self, request, list_models);
+            self.linearizable().await?;
+        }
+        let applied = self.ctx.state.read().expect("state lock poisoned");
+        let models = applied.state.models.values().map(model_to_wire).collect();
+        Ok(Response::new(pb::ListModelsResponse { models }))
+    }
+
+    async fn delete_model(
+        &self,
+        request: Request<pb::DeleteModelRequest>,
+    ) -> Result<Response<pb::DeleteModelResponse>, Status> {
+        let actor = actor(&request)?;
+        let req = request.get_ref();
+        state::model::validate_name(&req.name).map_err(AdminError::InvalidArgument)?;
+        let version = if req.version.is_empty() {
+            None
+        } else {
+            state::model::validate_version(&req.version).map_err(AdminError::InvalidArgument)?;
+            Some(req.version.clone())
+        };
+        let command = Command::DeleteModel {
+            name: req.name.clone(),
+            version,
+        };
+        forward!(self, request, delete_model);
+        match self.write("delete_model", actor, command).await? {
+            state::Response::Deleted { revision } => {
+                Ok(Response::new(pb::DeleteModelResponse { revision }))
+            }
+            other => {
+                Err(AdminError::Internal(format!("unexpected apply response {other:?}")).into())
+            }
+        }
+    }
+
+    async fn update_model_labels(
+        &self,
+        request: Request<pb::UpdateModelLabelsRequest>,
+    ) -> Result<Response<pb::Model>, Status> {
+        let actor = actor(&request)?;
+        let req = request.get_ref();
+        state::model::validate_name(&req.name).map_err(AdminError::InvalidArgument)?;
+        let set: BTreeMap<String, String> = req
+            .set
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        state::model::validate_labels(&set).map_err(AdminError::InvalidArgument)?;
+        for key in &req.remove {
+            state::model::validate_label_key(key).map_err(AdminError::InvalidArgument)?;
+        }
+        let command = Command::UpdateModelLabels {
+            name: req.name.clone(),
+            set,
+            remove: req.remove.clone(),
+        };
+        forward!(self, request, update_model_labels);
+        match self.write("update_model_labels", actor, command).await? {
+            state::Response::Model(m) => Ok(Response::new(model_to_wire(&m))),
+            other => {
+                Err(AdminError::Internal(format!("unexpected apply response {other:?}")).into())
+            }
+        }
+    }
+
+    async fn list_audit(
+        &self,
+        request: Request<pb::ListAuditRequest>,
+    ) -> Result<Response<pb::ListAuditResponse>, Status> {
+        let req = request.into_inner();
+        let limit = match req.limit {
+            0 => 100,
+            n if n > 10_000 => {
+                return Err(AdminError::InvalidArgument(format!(
+                    "limit {n} is too large; use 10000 or less"
+                ))
+                .into())
+            }
+            n => n as usize,
+        };
+        let applied = self.ctx.state.read().expect("state lock poisoned");
+        let entries = applied
+            .state
+            .audit
+            .range(req.after_index.saturating_add(1)..)
+            .take(limit)
+            .map(|(_, a)| audit_to_wire(a))
+            .collect();
+        Ok(Response::new(pb::ListAuditResponse { entries }))
+    }
+
+    async fn set_faults(
+        &self,
+        request: Request<pb::SetFaultsRequest>,
+    ) -> Result<Response<pb::SetFaultsResponse>, Status> {
+        if !self.ctx.config.fault_injection {
+            return Err(AdminError::FailedPrecondition(
+                "fault injection is disabled on this coordinator; start it with --fault-injection true (tests only)".into(),
+            )
+            .into());
+        }
+        let isolate = request.get_ref().isolate;
+        self.ctx.faults.set_isolated(isolate);
+        tracing::warn!(isolate, "transport faults changed");
+        Ok(Response::new(pb::SetFaultsResponse {}))
+    }
+}

@@ -1,0 +1,328 @@
+//! The coordinator's configuration: defaults, a TOML file, environment
+//! variables (`TALON_*`) and flags, in rising order of precedence, then
+//! [`Config::validate`], which refuses contradictions with a message that
+//! says what to change. `--check` stops after validation.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use clap::Parser;
+use serde::{Deserialize, Serialize};
+
+/// Raft timings and snapshot policy.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RaftSettings {
+    /// Leader heartbeat interval.
+    pub heartbeat_ms: u64,
+    /// A follower that hears nothing for a random time in
+    /// [min, max) starts an election. The defaults notice a lost leader in
+    /// well under a second on a LAN.
+    pub election_timeout_min_ms: u64,
+    pub election_timeout_max_ms: u64,
+    /// Build a snapshot (and purge the log up to it) every this many entries.
+    pub snapshot_logs: u64,
+    /// Entries kept in the log behind the last snapshot, so that a follower a
+    /// little behind catches up from the log rather than a snapshot.
+    pub keep_logs_after_snapshot: u64,
+}
+
+impl Default for RaftSettings {
+    fn default() -> Self {
+        RaftSettings {
+            heartbeat_ms: 100,
+            election_timeout_min_ms: 400,
+            election_timeout_max_ms: 800,
+            snapshot_logs: 10_000,
+            keep_logs_after_snapshot: 1_000,
+        }
+    }
+}
+
+/// Output format of the logs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// Everything a coordinator needs to start.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// This node's Raft id, unique in the cluster and fixed for the life of
+    /// its data directory.
+    pub node_id: u64,
+    pub data_dir: PathBuf,
+    /// gRPC: Raft, admin API.
+    pub listen: SocketAddr,
+    /// The gRPC address other coordinators and clients use; defaults to
+    /// `listen` (with port 0 resolved to the bound port).
+    pub advertise: Option<String>,
+    /// HTTP: /metrics, /healthz.
+    pub http_listen: SocketAddr,
+    /// How long an admin write may wait to commit before the caller is told
+    /// the outcome is unknown.
+    pub write_timeout_ms: u64,
+    /// Accept the test-only SetFaults admin call.
+    pub fault_injection: bool,
+    pub log_format: LogFormat,
+    pub raft: RaftSettings,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            node_id: 1,
+            data_dir: PathBuf::from("talon-data"),
+            listen: "127.0.0.1:7400".parse().expect("valid literal"),
+            advertise: None,
+            http_listen: "127.0.0.1:7480".parse().expect("valid literal"),
+            write_timeout_ms: 5_000,
+            fault_injection: false,
+            log_format: LogFormat::Text,
+            raft: RaftSettings::default(),
+        }
+    }
+}
+
+/// Flags of `talon-coordinator`; each may also come from the environment.
+#[derive(Debug, Parser)]
+#[command(
+    name = "talon-coordinator",
+    version,
+    about = "Talon coordinator: the Raft-replicated control plane"
+)]
+pub struct Flags {
+    /// TOML configuration file; flags and environment override it.
+    #[arg(long, env = "TALON_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Validate the configuration, print it, and exit.
+    #[arg(long)]
+    pub check: bool,
+    #[arg(long, env = "TALON_NODE_ID")]
+    pub node_id: Option<u64>,
+    #[arg(long, env = "TALON_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    #[arg(long, env = "TALON_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    #[arg(long, env = "TALON_ADVERTISE")]
+    pub advertise: Option<String>,
+    #[arg(long, env = "TALON_HTTP_LISTEN")]
+    pub http_listen: Option<SocketAddr>,
+    #[arg(long, env = "TALON_WRITE_TIMEOUT_MS")]
+    pub write_timeout_ms: Option<u64>,
+    #[arg(long, env = "TALON_FAULT_INJECTION")]
+    pub fault_injection: Option<bool>,
+    #[arg(long, env = "TALON_LOG_FORMAT")]
+    pub log_format: Option<LogFormat>,
+    #[arg(long, env = "TALON_HEARTBEAT_MS")]
+    pub heartbeat_ms: Option<u64>,
+    #[arg(long, env = "TALON_ELECTION_TIMEOUT_MIN_MS")]
+    pub election_timeout_min_ms: Option<u64>,
+    #[arg(long, env = "TALON_ELECTION_TIMEOUT_MAX_MS")]
+    pub election_timeout_max_ms: Option<u64>,
+    #[arg(long, env = "TALON_SNAPSHOT_LOGS")]
+    pub snapshot_logs: Option<u64>,
+    #[arg(long, env = "TALON_KEEP_LOGS_AFTER_SNAPSHOT")]
+    pub keep_logs_after_snapshot: Option<u64>,
+}
+
+/// A configuration that cannot be used, with what to change.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path} is invalid: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+impl Config {
+    /// Reads a TOML file over the defaults.
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })
+    }
+
+    /// Defaults, then the file, then environment and flags; validated.
+    pub fn load(flags: &Flags) -> Result<Config, ConfigError> {
+        let mut config = match &flags.config {
+            Some(path) => Config::from_file(path)?,
+            None => Config::default(),
+        };
+        macro_rules! set {
+            ($($flag:ident => $($field:ident).+),* $(,)?) => {
+                $(if let Some(v) = flags.$flag.clone() { config.$($field).+ = v; })*
+            };
+        }
+        set!(
+            node_id => node_id, data_dir => data_dir, listen => listen, http_listen => http_listen,
+            write_timeout_ms => write_timeout_ms, fault_injection => fault_injection, log_format => log_format,
+            heartbeat_ms => raft.heartbeat_ms, election_timeout_min_ms => raft.election_timeout_min_ms,
+            election_timeout_max_ms => raft.election_timeout_max_ms, snapshot_logs => raft.snapshot_logs,
+            keep_logs_after_snapshot => raft.keep_logs_after_snapshot,
+        );
+        if flags.advertise.is_some() {
+            config.advertise = flags.advertise.clone();
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Refuses values that cannot work together.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        let r = &self.raft;
+        if self.node_id == 0 {
+            return bad("node_id must be 1 or more".into());
+        }
+        if self.data_dir.as_os_str().is_empty() {
+            return bad(
+                "data_dir is empty; give the directory that holds this node's log and state".into(),
+            );
+        }
+        if self.listen.ip().is_unspecified() && self.advertise.is_none() {
+            return bad(format!(
+                "listen is {} (all interfaces) but advertise is not set; set advertise to the host:port peers and clients use",
+                self.listen
+            ));
+        }
+        if let Some(addr) = &self.advertise {
+            let ok = addr.rsplit_once(':').is_some_and(|(host, port)| {
+                !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0)
+            });
+            if !ok {
+                return bad(format!(
+                    "advertise {addr:?} is not host:port with a non-zero port"
+                ));
+            }
+        }
+        if self.listen.port() != 0 && self.listen == self.http_listen {
+            return bad(format!(
+                "listen and http_listen are both {}; give them different ports",
+                self.listen
+            ));
+        }
+        if r.heartbeat_ms < 10 {
+            return bad(format!(
+                "raft.heartbeat_ms is {}; use 10 or more",
+                r.heartbeat_ms
+            ));
+        }
+        if r.election_timeout_min_ms <= 2 * r.heartbeat_ms {
+            return bad(format!(
+                "raft.election_timeout_min_ms ({}) must be more than twice raft.heartbeat_ms ({}), or followers elect a new leader between heartbeats; raise it or lower heartbeat_ms",
+                r.election_timeout_min_ms, r.heartbeat_ms
+            ));
+        }
+        if r.election_timeout_max_ms <= r.election_timeout_min_ms {
+            return bad(format!(
+                "raft.election_timeout_max_ms ({}) must be greater than raft.election_timeout_min_ms ({})",
+                r.election_timeout_max_ms, r.election_timeout_min_ms
+            ));
+        }
+        if r.snapshot_logs < 10 {
+            return bad(format!(
+                "raft.snapshot_logs is {}; use 10 or more",
+                r.snapshot_logs
+            ));
+        }
+        if self.write_timeout_ms < r.election_timeout_max_ms {
+            return bad(format!(
+                "write_timeout_ms ({}) is shorter than raft.election_timeout_max_ms ({}); a write could time out during an ordinary election: raise it",
+                self.write_timeout_ms, r.election_timeout_max_ms
+            ));
+        }
+        Ok(())
+    }
+
+    /// openraft's configuration for these settings.
+    pub fn openraft(&self) -> Result<openraft::Config, ConfigError> {
+        let r = &self.raft;
+        let config = openraft::Config {
+            cluster_name: "talon".into(),
+            heartbeat_interval: r.heartbeat_ms,
+            election_timeout_min: r.election_timeout_min_ms,
+            election_timeout_max: r.election_timeout_max_ms,
+            snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(r.snapshot_logs),
+            max_in_snapshot_log_to_keep: r.keep_logs_after_snapshot,
+            snapshot_max_chunk_size: 1024 * 1024,
+            install_snapshot_timeout: 10_000,
+            ..Default::default()
+        };
+        config
+            .validate()
+            .map_err(|e| ConfigError::Invalid(format!("raft settings: {e}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        Config::default().validate().unwrap();
+        Config::default().openraft().unwrap();
+    }
+
+    #[test]
+    fn contradictions_are_named() {
+        let mut c = Config::default();
+        c.raft.election_timeout_min_ms = 150;
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("more than twice raft.heartbeat_ms"));
+        let mut c = Config::default();
+        c.listen = "0.0.0.0:7400".parse().unwrap();
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("advertise is not set"));
+        let mut c = Config::default();
+        c.write_timeout_ms = 100;
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("write_timeout_ms"));
+    }
+
+    #[test]
+    fn file_with_unknown_or_mistyped_field_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "node_id = 2\nlisen = \"127.0.0.1:1\"\n").unwrap();
+        let err = Config::from_file(&path).unwrap_err().to_string();
+        assert!(err.contains("unknown field `lisen`"), "{err}");
+        std::fs::write(&path, "node_id = \"two\"\n").unwrap();
+        let err = Config::from_file(&path).unwrap_err().to_string();
+        assert!(err.contains("node_id"), "{err}");
+        std::fs::write(&path, "node_id = 2\n[raft]\nheartbeat_ms = 50\n").unwrap();
+        let c = Config::from_file(&path).unwrap();
+        assert_eq!(
+            (
+                c.node_id,
+                c.raft.heartbeat_ms,
+                c.raft.election_timeout_min_ms
+            ),
+            (2, 50, 400)
+        );
+    }
+}

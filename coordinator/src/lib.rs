@@ -1,0 +1,163 @@
+//! Talon's coordinator: the Raft-replicated control plane.
+//!
+//! Three or five coordinators form one cluster with openraft. What must
+//! survive and be agreed on (the model registry, node records, the audit log)
+//! goes through the Raft log into a sled-backed state machine; the pure
+//! [`state::State::apply`] decides every change. Each coordinator serves the
+//! admin gRPC API (forwarding writes to the leader) and HTTP `/metrics`.
+//!
+//! A server is [`run`]: bound listeners, a configuration and a shutdown
+//! signal in, nothing else; `main.rs` parses the configuration and calls it,
+//! and tests bind port 0 and own the shutdown.
+//!
+//! Modules, from the bottom up:
+//! - [`state`]: the replicated data and its deterministic `apply`;
+//! - [`store`]: log and state machine in sled (openraft's storage-v2 traits);
+//! - [`network`]: Raft RPCs over tonic, with a fault filter for tests;
+//! - [`admin`]: the admin service; [`http`]: metrics and health;
+//! - [`config`], [`metrics`], [`error`].
+
+pub mod admin;
+pub mod config;
+pub mod convert;
+pub mod error;
+pub mod http;
+pub mod metrics;
+pub mod network;
+pub mod raft_types;
+pub mod state;
+pub mod store;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use talon_proto::v1::admin_service_server::AdminServiceServer;
+use talon_proto::v1::raft_service_server::RaftServiceServer;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::admin::{Admin, AdminContext};
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::network::{Faults, Network, RaftRpcService, MAX_MESSAGE_BYTES};
+use crate::raft_types::Raft;
+use crate::store::{DataDir, LogStore, StateMachineStore};
+
+/// Runs a coordinator until `shutdown` resolves.
+///
+/// `grpc` serves Raft and the admin API; `http` serves `/metrics` and
+/// `/healthz`. When `config.advertise` is unset the bound gRPC address is
+/// advertised.
+pub async fn run(
+    grpc: TcpListener,
+    http: TcpListener,
+    mut config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    if config.advertise.is_none() {
+        config.advertise = Some(grpc.local_addr()?.to_string());
+    }
+    let dir = DataDir::open(&config.data_dir, config.node_id)?;
+    let metrics = Arc::new(Metrics::new());
+    let log = LogStore::new(dir.clone());
+    let sm = StateMachineStore::open(dir.clone(), metrics.clone())
+        .context("loading the state machine")?;
+    let state = sm.shared();
+    let faults = Arc::new(Faults::default());
+    let network = Network::new(
+        faults.clone(),
+        Duration::from_millis(config.raft.heartbeat_ms.max(200)),
+    );
+    let raft_config = Arc::new(config.openraft()?);
+    let raft = Raft::new(config.node_id, raft_config, network, log.clone(), sm)
+        .await
+        .context("starting raft")?;
+    tracing::info!(
+        node_id = config.node_id,
+        grpc = %grpc.local_addr()?,
+        http = %http.local_addr()?,
+        advertise = config.advertise.as_deref().unwrap_or(""),
+        data_dir = %config.data_dir.display(),
+        "coordinator started"
+    );
+
+    let metrics_task = tokio::spawn(export_raft_metrics(
+        raft.clone(),
+        log.clone(),
+        metrics.clone(),
+    ));
+    let ctx = Arc::new(AdminContext {
+        id: config.node_id,
+        raft: raft.clone(),
+        state,
+        log,
+        metrics: metrics.clone(),
+        faults: faults.clone(),
+        config: config.clone(),
+    });
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+
+    let grpc_server = tonic::transport::Server::builder()
+        .add_service(
+            RaftServiceServer::new(RaftRpcService::new(raft.clone(), faults))
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        )
+        .add_service(AdminServiceServer::new(Admin::new(ctx)))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), stopped(stop_rx.clone()));
+    let http_server = axum::serve(http, http::router(metrics, raft.clone()))
+        .with_graceful_shutdown(stopped(stop_rx));
+
+    let (grpc_result, http_result) = tokio::join!(grpc_server, http_server);
+    metrics_task.abort();
+    raft.shutdown().await.ok();
+    grpc_result.context("gRPC server")?;
+    http_result.context("HTTP server")?;
+    tracing::info!("coordinator stopped");
+    Ok(())
+}
+
+/// Copies openraft's metrics into the Prometheus gauges as they change.
+async fn export_raft_metrics(raft: Raft, log: LogStore, metrics: Arc<Metrics>) {
+    let mut rx = raft.metrics();
+    loop {
+        {
+            let m = rx.borrow_and_update();
+            metrics.term.set(m.current_term as i64);
+            metrics
+                .leader_id
+                .set(m.current_leader.map_or(-1, |l| l as i64));
+            metrics
+                .is_leader
+                .set(i64::from(m.current_leader == Some(m.id)));
+            metrics
+                .last_log_index
+                .set(m.last_log_index.map_or(0, |i| i as i64));
+            metrics
+                .applied_index
+                .set(m.last_applied.map_or(0, |l| l.index as i64));
+            metrics
+                .snapshot_index
+                .set(m.snapshot.map_or(0, |l| l.index as i64));
+            metrics
+                .members
+                .set(m.membership_config.membership().nodes().count() as i64);
+            metrics
+                .committed_index
+                .set(log.committed_index().map_or(0, |i| i as i64));
+        }
+        if rx.changed().await.is_err() {
+            return;
+        }
+    }
+}

@@ -1,0 +1,538 @@
+//! The replicated state and its deterministic `apply`.
+//!
+//! Everything here is pure: [`State::apply`] takes the log index and the
+//! request (which carries the time the leader stamped on it) and returns the
+//! response plus the list of records it changed, so that the storage layer
+//! can persist exactly those. No clock, no randomness, no I/O: every replica
+//! that applies the same log computes the same state.
+//!
+//! A request that breaks a rule (a bad spec, a model that does not exist)
+//! is answered with a [`Rejection`] and changes nothing.
+
+pub mod model;
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+pub use model::{Model, ModelSpec, ModelVersion};
+
+/// What a client proposes through Raft.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Request {
+    /// Stamped by the coordinator that proposes the entry; `apply` takes all
+    /// time from here, never from the clock.
+    pub at_ms: u64,
+    /// Who asked, for the audit log.
+    pub actor: String,
+    pub command: Command,
+}
+
+/// The mutations of the replicated state.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    /// Create a model, or add a version to an existing one (the model-wide
+    /// settings are replaced by the spec's).
+    CreateModel(ModelSpec),
+    /// Delete a model, or only one of its versions.
+    DeleteModel {
+        name: String,
+        version: Option<String>,
+    },
+    UpdateModelLabels {
+        name: String,
+        set: BTreeMap<String, String>,
+        remove: Vec<String>,
+    },
+    /// Record an admin action whose effect is applied elsewhere (cluster
+    /// membership changes go through openraft's own entries).
+    Audit {
+        action: String,
+        target: String,
+        detail: String,
+    },
+}
+
+/// Why a request was refused. The state is unchanged.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rejection {
+    pub kind: RejectionKind,
+    pub message: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RejectionKind {
+    Invalid,
+    NotFound,
+    AlreadyExists,
+}
+
+/// The answer `apply` gives for one entry.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Response {
+    /// Blank and membership entries.
+    #[default]
+    Empty,
+    Model(Model),
+    Deleted {
+        revision: u64,
+    },
+    Audited {
+        index: u64,
+    },
+    Rejected(Rejection),
+}
+
+/// A node as registered by its agent. Filled by the node agent work; kept
+/// here so that the key space and snapshot format already hold it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    pub id: String,
+    pub addr: String,
+    pub labels: BTreeMap<String, String>,
+    pub registered_at_ms: u64,
+}
+
+/// One admin mutation: who, what, when.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditEntry {
+    /// Log index of the change; unique and increasing.
+    pub index: u64,
+    pub at_ms: u64,
+    pub actor: String,
+    pub action: String,
+    pub target: String,
+    pub detail: String,
+}
+
+/// A record `apply` wrote or removed; the store persists these.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Change {
+    Model(String),
+    Node(String),
+    Audit(u64),
+}
+
+/// The replicated state machine's data.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct State {
+    pub models: BTreeMap<String, Model>,
+    pub nodes: BTreeMap<String, NodeRecord>,
+    pub audit: BTreeMap<u64, AuditEntry>,
+}
+
+fn rejected(kind: RejectionKind, message: String) -> (Response, Vec<Change>) {
+    (Response::Rejected(Rejection { kind, message }), Vec::new())
+}
+
+impl State {
+    /// Applies one request committed at log `index`.
+    pub fn apply(&mut self, index: u64, request: &Request) -> (Response, Vec<Change>) {
+        let at = request.at_ms;
+        let (response, mut changes, audit) = match &request.command {
+            Command::CreateModel(spec) => match self.create_model(index, at, spec) {
+                Ok(model) => {
+                    let detail = format!(
+                        "version={} engine={} memory_mib={}",
+                        spec.version, spec.engine, spec.memory_mib
+                    );
+                    let changes = vec![Change::Model(spec.name.clone())];
+                    (
+                        Response::Model(model),
+                        changes,
+                        ("model.create", spec.name.clone(), detail),
+                    )
+                }
+                Err(rejection) => return rejection,
+            },
+            Command::DeleteModel { name, version } => {
+                match self.delete_model(index, at, name, version.as_deref()) {
+                    Ok(()) => {
+                        let detail = match version {
+                            Some(v) => format!("version={v}"),
+                            None => "all versions".to_string(),
+                        };
+                        let changes = vec![Change::Model(name.clone())];
+                        (
+                            Response::Deleted { revision: index },
+                            changes,
+                            ("model.delete", name.clone(), detail),
+                        )
+                    }
+                    Err(rejection) => return rejection,
+                }
+            }
+            Command::UpdateModelLabels { name, set, remove } => {
+                match self.update_labels(index, at, name, set, remove) {
+                    Ok(model) => {
+                        let keys: Vec<&str> = set.keys().map(String::as_str).collect();
+                        let detail = format!("set={} remove={}", keys.join(","), remove.join(","));
+                        let changes = vec![Change::Model(name.clone())];
+                        (
+                            Response::Model(model),
+                            changes,
+                            ("model.labels", name.clone(), detail),
+                        )
+                    }
+                    Err(rejection) => return rejection,
+                }
+            }
+            Command::Audit {
+                action,
+                target,
+                detail,
+            } => (
+                Response::Audited { index },
+                Vec::new(),
+                (action.as_str(), target.clone(), detail.clone()),
+            ),
+        };
+        let (action, target, detail) = audit;
+        self.audit.insert(
+            index,
+            AuditEntry {
+                index,
+                at_ms: at,
+                actor: request.actor.clone(),
+                action: action.to_string(),
+                target,
+                detail,
+            },
+        );
+        changes.push(Change::Audit(index));
+        (response, changes)
+    }
+
+    fn create_model(
+        &mut self,
+        index: u64,
+        at: u64,
+        spec: &ModelSpec,
+    ) -> Result<Model, (Response, Vec<Change>)> {
+        spec.validate()
+            .map_err(|m| rejected(RejectionKind::Invalid, m))?;
+        let version = ModelVersion {
+            version: spec.version.clone(),
+            engine: spec.engine.clone(),
+            artifact_uri: spec.artifact_uri.clone(),
+            memory_mib: spec.memory_mib,
+            created_at_ms: at,
+        };
+        let model = match self.models.get_mut(&spec.name) {
+            Some(model) => {
+                if model.versions.iter().any(|v| v.version == spec.version) {
+                    return Err(rejected(
+                        RejectionKind::AlreadyExists,
+                        format!(
+                            "model {:?} already has version {:?}; register a new version or delete this one first",
+                            spec.name, spec.version
+                        ),
+                    ));
+                }
+                model.versions.push(version);
+                model.latency_slo_ms = spec.latency_slo_ms;
+                model.min_replicas = spec.min_replicas;
+                model.max_replicas = spec.max_replicas;
+                model.priority = spec.priority.clone();
+                model.labels = spec.labels.clone();
+                model.updated_at_ms = at;
+                model.revision = index;
+                model.clone()
+            }
+            None => {
+                let model = Model {
+                    name: spec.name.clone(),
+                    versions: vec![version],
+                    latency_slo_ms: spec.latency_slo_ms,
+                    min_replicas: spec.min_replicas,
+                    max_replicas: spec.max_replicas,
+                    priority: spec.priority.clone(),
+                    labels: spec.labels.clone(),
+                    created_at_ms: at,
+                    updated_at_ms: at,
+                    revision: index,
+                };
+                self.models.insert(spec.name.clone(), model.clone());
+                model
+            }
+        };
+        Ok(model)
+    }
+
+    fn delete_model(
+        &mut self,
+        index: u64,
+        at: u64,
+        name: &str,
+        version: Option<&str>,
+    ) -> Result<(), (Response, Vec<Change>)> {
+        let Some(model) = self.models.get_mut(name) else {
+            return Err(rejected(
+                RejectionKind::NotFound,
+                format!("model {name:?} does not exist"),
+            ));
+        };
+        match version {
+            None => {
+                self.models.remove(name);
+            }
+            Some(version) => {
+                let Some(pos) = model.versions.iter().position(|v| v.version == version) else {
+                    let known: Vec<&str> =
+                        model.versions.iter().map(|v| v.version.as_str()).collect();
+                    return Err(rejected(
+                        RejectionKind::NotFound,
+                        format!(
+                            "model {name:?} has no version {version:?}; it has: {}",
+                            known.join(", ")
+                        ),
+                    ));
+                };
+                if model.versions.len() == 1 {
+                    return Err(rejected(
+                        RejectionKind::Invalid,
+                        format!(
+                            "version {version:?} is the last version of model {name:?}; delete the whole model instead"
+                        ),
+                    ));
+                }
+                model.versions.remove(pos);
+                model.updated_at_ms = at;
+                model.revision = index;
+            }
+        }
+        Ok(())
+    }
+
+    fn update_labels(
+        &mut self,
+        index: u64,
+        at: u64,
+        name: &str,
+        set: &BTreeMap<String, String>,
+        remove: &[String],
+    ) -> Result<Model, (Response, Vec<Change>)> {
+        let Some(model) = self.models.get(name) else {
+            return Err(rejected(
+                RejectionKind::NotFound,
+                format!("model {name:?} does not exist"),
+            ));
+        };
+        if set.is_empty() && remove.is_empty() {
+            return Err(rejected(
+                RejectionKind::Invalid,
+                "no label to set or remove; give at least one".into(),
+            ));
+        }
+        if let Some(key) = remove.iter().find(|k| set.contains_key(*k)) {
+            return Err(rejected(
+                RejectionKind::Invalid,
+                format!("label {key:?} is both set and removed; give it in one list only"),
+            ));
+        }
+        let mut labels = model.labels.clone();
+        for key in remove {
+            labels.remove(key);
+        }
+        labels.extend(set.iter().map(|(k, v)| (k.clone(), v.clone())));
+        model::validate_labels(&labels).map_err(|m| rejected(RejectionKind::Invalid, m))?;
+        let model = self.models.get_mut(name).expect("checked above");
+        model.labels = labels;
+        model.updated_at_ms = at;
+        model.revision = index;
+        Ok(model.clone())
+    }
+
+    /// Checks the invariants every reachable state holds; tests call it after
+    /// each step. Returns the first broken one.
+    pub fn check_consistency(&self) -> Result<(), String> {
+        for (name, model) in &self.models {
+            if name != &model.name {
+                return Err(format!(
+                    "model stored under {name:?} is named {:?}",
+                    model.name
+                ));
+            }
+            if model.versions.is_empty() {
+                return Err(format!("model {name:?} has no version"));
+            }
+            let mut seen = std::collections::BTreeSet::new();
+            for v in &model.versions {
+                if !seen.insert(&v.version) {
+                    return Err(format!("model {name:?} has version {:?} twice", v.version));
+                }
+            }
+            if model.min_replicas > model.max_replicas {
+                return Err(format!("model {name:?} has min_replicas > max_replicas"));
+            }
+            if model.created_at_ms > model.updated_at_ms {
+                return Err(format!("model {name:?} was updated before it was created"));
+            }
+        }
+        for (index, entry) in &self.audit {
+            if *index != entry.index {
+                return Err(format!(
+                    "audit entry stored under {index} says index {}",
+                    entry.index
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn spec(name: &str, version: &str) -> ModelSpec {
+        ModelSpec {
+            name: name.into(),
+            version: version.into(),
+            engine: "vllm".into(),
+            artifact_uri: "hf://org/model".into(),
+            memory_mib: 1000,
+            latency_slo_ms: 200,
+            min_replicas: 0,
+            max_replicas: 2,
+            priority: "normal".into(),
+            labels: BTreeMap::new(),
+        }
+    }
+
+    fn req(at_ms: u64, command: Command) -> Request {
+        Request {
+            at_ms,
+            actor: "test".into(),
+            command,
+        }
+    }
+
+    #[test]
+    fn create_then_new_version_then_delete_version() {
+        let mut state = State::default();
+        let (r, changes) = state.apply(3, &req(1000, Command::CreateModel(spec("m", "v1"))));
+        assert!(matches!(r, Response::Model(ref m) if m.revision == 3 && m.created_at_ms == 1000));
+        assert_eq!(changes, vec![Change::Model("m".into()), Change::Audit(3)]);
+        let (r, _) = state.apply(4, &req(2000, Command::CreateModel(spec("m", "v2"))));
+        let Response::Model(m) = r else {
+            panic!("{r:?}")
+        };
+        assert_eq!(m.versions.len(), 2);
+        assert_eq!((m.created_at_ms, m.updated_at_ms), (1000, 2000));
+        let (r, _) = state.apply(
+            5,
+            &req(
+                3000,
+                Command::DeleteModel {
+                    name: "m".into(),
+                    version: Some("v1".into()),
+                },
+            ),
+        );
+        assert_eq!(r, Response::Deleted { revision: 5 });
+        assert_eq!(state.models["m"].versions[0].version, "v2");
+        assert_eq!(state.audit.len(), 3);
+        state.check_consistency().unwrap();
+    }
+
+    #[test]
+    fn rejections_change_nothing() {
+        let mut state = State::default();
+        state.apply(1, &req(10, Command::CreateModel(spec("m", "v1"))));
+        let before = state.clone();
+        let bad = [
+            Command::CreateModel(spec("m", "v1")),
+            Command::CreateModel(ModelSpec {
+                min_replicas: 5,
+                ..spec("n", "v1")
+            }),
+            Command::DeleteModel {
+                name: "nope".into(),
+                version: None,
+            },
+            Command::DeleteModel {
+                name: "m".into(),
+                version: Some("v9".into()),
+            },
+            Command::DeleteModel {
+                name: "m".into(),
+                version: Some("v1".into()),
+            },
+            Command::UpdateModelLabels {
+                name: "m".into(),
+                set: BTreeMap::new(),
+                remove: vec![],
+            },
+            Command::UpdateModelLabels {
+                name: "m".into(),
+                set: [("a".to_string(), "1".to_string())].into(),
+                remove: vec!["a".into()],
+            },
+        ];
+        for (i, command) in bad.into_iter().enumerate() {
+            let (r, changes) = state.apply(2 + i as u64, &req(20, command.clone()));
+            assert!(matches!(r, Response::Rejected(_)), "{command:?} gave {r:?}");
+            assert!(changes.is_empty());
+            assert_eq!(state, before, "{command:?} changed the state");
+        }
+    }
+
+    fn arb_command() -> impl Strategy<Value = Command> {
+        let name = prop::sample::select(vec!["a", "b", "c", "Bad"]);
+        let version = prop::sample::select(vec!["v1", "v2", "v3"]);
+        prop_oneof![
+            (name.clone(), version.clone(), 0u32..4, 0u32..4).prop_map(|(n, v, min, max)| {
+                Command::CreateModel(ModelSpec {
+                    min_replicas: min,
+                    max_replicas: max,
+                    ..spec(n, v)
+                })
+            }),
+            (name.clone(), prop::option::of(version)).prop_map(|(n, v)| Command::DeleteModel {
+                name: n.into(),
+                version: v.map(Into::into)
+            }),
+            (name, prop::sample::select(vec!["x", "y"]), any::<bool>()).prop_map(|(n, k, set)| {
+                if set {
+                    Command::UpdateModelLabels {
+                        name: n.into(),
+                        set: [(k.to_string(), "1".into())].into(),
+                        remove: vec![],
+                    }
+                } else {
+                    Command::UpdateModelLabels {
+                        name: n.into(),
+                        set: BTreeMap::new(),
+                        remove: vec![k.into()],
+                    }
+                }
+            }),
+        ]
+    }
+
+    proptest! {
+        /// Any sequence of commands keeps the invariants, a rejected command
+        /// changes nothing, and replaying the same log gives the same state.
+        #[test]
+        fn apply_is_deterministic_and_consistent(commands in prop::collection::vec(arb_command(), 0..60)) {
+            let mut state = State::default();
+            for (i, command) in commands.iter().enumerate() {
+                let before = state.clone();
+                let (response, changes) = state.apply(i as u64 + 1, &req(i as u64 * 7, command.clone()));
+                if matches!(response, Response::Rejected(_)) {
+                    prop_assert_eq!(&state, &before);
+                    prop_assert!(changes.is_empty());
+                }
+                prop_assert!(state.check_consistency().is_ok(), "{:?}", state.check_consistency());
+            }
+            let mut again = State::default();
+            for (i, command) in commands.iter().enumerate() {
+                again.apply(i as u64 + 1, &req(i as u64 * 7, command.clone()));
+            }
+            prop_assert_eq!(state, again);
+        }
+    }
+}

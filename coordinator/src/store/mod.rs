@@ -1,0 +1,233 @@
+//! Durable storage of a coordinator: one sled database per data directory.
+//!
+//! The data directory holds a marker file, `talon-coordinator.json`, that
+//! names its format version and the node id it belongs to, and a sled
+//! database with typed key spaces (one tree, or one key prefix, per record
+//! kind):
+//!
+//! | tree       | keys                                   | values                       |
+//! |------------|----------------------------------------|------------------------------|
+//! | `meta`     | `format`, `vote`, `committed`, `purged`| JSON                         |
+//! | `log`      | log index, u64 big-endian              | JSON `Entry`                 |
+//! | `sm`       | `model/<name>`, `node/<id>`, `audit/<u64 BE>`, `meta/applied`, `meta/membership` | JSON |
+//! | `snapshot` | `current`                              | JSON `StoredSnapshot`        |
+//!
+//! A directory that is not empty and has no marker, a marker of another
+//! format or node, or a database that sled cannot open is refused at start
+//! with a message that says what to do, never silently reused.
+
+mod log_store;
+mod state_machine;
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+pub use log_store::LogStore;
+pub use state_machine::{SharedState, StateMachineStore};
+
+/// Version of the on-disk format this build reads and writes.
+pub const FORMAT_VERSION: u32 = 1;
+const MARKER_FILE: &str = "talon-coordinator.json";
+const MARKER_KIND: &str = "talon-coordinator-data";
+
+/// Why a data directory cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("data directory {path} is not a Talon coordinator directory (it holds {entry:?} but no {MARKER_FILE}); point data_dir at an empty or new directory")]
+    Foreign { path: PathBuf, entry: String },
+    #[error("data directory {path} has a corrupted marker {MARKER_FILE}: {reason}; restore the directory from a backup or start this node from an empty directory and re-join it")]
+    CorruptMarker { path: PathBuf, reason: String },
+    #[error("data directory {path} holds format version {found}, this build reads version {FORMAT_VERSION}; run the matching release or migrate the directory")]
+    Version { path: PathBuf, found: u32 },
+    #[error("data directory {path} belongs to node {found}, but this coordinator is configured as node {configured}; fix node_id or data_dir")]
+    WrongNode {
+        path: PathBuf,
+        found: u64,
+        configured: u64,
+    },
+    #[error("data directory {path} cannot be opened: {reason}; the database may be corrupted: restore it from a backup or start this node from an empty directory and re-join it")]
+    Corrupt { path: PathBuf, reason: String },
+    #[error("data directory {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+#[derive(Serialize, Deserialize)]
+struct Marker {
+    kind: String,
+    format_version: u32,
+    node_id: u64,
+}
+
+/// An opened data directory: the sled database and its trees.
+#[derive(Clone)]
+pub struct DataDir {
+    pub db: sled::Db,
+    pub meta: sled::Tree,
+    pub log: sled::Tree,
+    pub sm: sled::Tree,
+    pub snapshot: sled::Tree,
+}
+
+impl DataDir {
+    /// Opens (or creates) the data directory of node `node_id`, refusing
+    /// anything that is not ours.
+    pub fn open(path: &Path, node_id: u64) -> Result<DataDir, OpenError> {
+        let io = |source| OpenError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        std::fs::create_dir_all(path).map_err(io)?;
+        let marker_path = path.join(MARKER_FILE);
+        match std::fs::read(&marker_path) {
+            Ok(bytes) => {
+                let marker: Marker =
+                    serde_json::from_slice(&bytes).map_err(|e| OpenError::CorruptMarker {
+                        path: path.to_path_buf(),
+                        reason: e.to_string(),
+                    })?;
+                if marker.kind != MARKER_KIND {
+                    return Err(OpenError::CorruptMarker {
+                        path: path.to_path_buf(),
+                        reason: format!("kind is {:?}, expected {MARKER_KIND:?}", marker.kind),
+                    });
+                }
+                if marker.format_version != FORMAT_VERSION {
+                    return Err(OpenError::Version {
+                        path: path.to_path_buf(),
+                        found: marker.format_version,
+                    });
+                }
+                if marker.node_id != node_id {
+                    return Err(OpenError::WrongNode {
+                        path: path.to_path_buf(),
+                        found: marker.node_id,
+                        configured: node_id,
+                    });
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let first = std::fs::read_dir(path)
+                    .map_err(io)?
+                    .next()
+                    .transpose()
+                    .map_err(io)?;
+                if let Some(entry) = first {
+                    return Err(OpenError::Foreign {
+                        path: path.to_path_buf(),
+                        entry: entry.file_name().to_string_lossy().into_owned(),
+                    });
+                }
+                let marker = Marker {
+                    kind: MARKER_KIND.into(),
+                    format_version: FORMAT_VERSION,
+                    node_id,
+                };
+                let bytes = serde_json::to_vec_pretty(&marker).expect("marker serializes");
+                let tmp = path.join(format!("{MARKER_FILE}.tmp"));
+                std::fs::write(&tmp, bytes).map_err(io)?;
+                std::fs::rename(&tmp, &marker_path).map_err(io)?;
+            }
+            Err(e) => return Err(io(e)),
+        }
+        let corrupt = |e: sled::Error| OpenError::Corrupt {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        };
+        let db = sled::Config::new()
+            .path(path.join("db"))
+            .open()
+            .map_err(corrupt)?;
+        let meta = db.open_tree("meta").map_err(corrupt)?;
+        match meta.get("format").map_err(corrupt)? {
+            Some(v) => {
+                let found: u32 = serde_json::from_slice(&v).map_err(|e| OpenError::Corrupt {
+                    path: path.to_path_buf(),
+                    reason: format!("format key is unreadable: {e}"),
+                })?;
+                if found != FORMAT_VERSION {
+                    return Err(OpenError::Version {
+                        path: path.to_path_buf(),
+                        found,
+                    });
+                }
+            }
+            None => {
+                meta.insert(
+                    "format",
+                    serde_json::to_vec(&FORMAT_VERSION).expect("u32 serializes"),
+                )
+                .map_err(corrupt)?;
+                db.flush().map_err(corrupt)?;
+            }
+        }
+        Ok(DataDir {
+            log: db.open_tree("log").map_err(corrupt)?,
+            sm: db.open_tree("sm").map_err(corrupt)?,
+            snapshot: db.open_tree("snapshot").map_err(corrupt)?,
+            meta,
+            db,
+        })
+    }
+}
+
+/// Wraps a sled or serde error for openraft's storage errors.
+pub(crate) fn any<E: std::error::Error + 'static>(e: E) -> openraft::AnyError {
+    openraft::AnyError::new(&e)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refuses_foreign_corrupt_and_other_nodes_dirs() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("something.txt"), "x").unwrap();
+        let err = DataDir::open(dir.path(), 1).err().unwrap();
+        assert!(matches!(err, OpenError::Foreign { .. }), "{err}");
+
+        let dir = tempfile::tempdir().unwrap();
+        drop(DataDir::open(dir.path(), 1).unwrap());
+        let err = DataDir::open(dir.path(), 2).err().unwrap();
+        assert!(err.to_string().contains("belongs to node 1"), "{err}");
+        assert!(DataDir::open(dir.path(), 1).is_ok());
+
+        std::fs::write(dir.path().join(MARKER_FILE), "{not json").unwrap();
+        let err = DataDir::open(dir.path(), 1).err().unwrap();
+        assert!(matches!(err, OpenError::CorruptMarker { .. }), "{err}");
+    }
+}
+
+/// openraft's own storage conformance suite, run against the sled store.
+#[cfg(test)]
+mod openraft_suite {
+    use std::sync::Arc;
+
+    use openraft::testing::{StoreBuilder, Suite};
+
+    use super::{DataDir, LogStore, StateMachineStore};
+    use crate::metrics::Metrics;
+    use crate::raft_types::{StorageError, TypeConfig};
+
+    struct SledBuilder;
+
+    impl StoreBuilder<TypeConfig, LogStore, StateMachineStore, tempfile::TempDir> for SledBuilder {
+        async fn build(
+            &self,
+        ) -> Result<(tempfile::TempDir, LogStore, StateMachineStore), StorageError> {
+            let dir = tempfile::tempdir().expect("temp dir");
+            let data = DataDir::open(dir.path(), 1).expect("open data dir");
+            let sm = StateMachineStore::open(data.clone(), Arc::new(Metrics::new()))?;
+            Ok((dir, LogStore::new(data), sm))
+        }
+    }
+
+    #[test]
+    fn sled_store_passes_openraft_suite() {
+        Suite::test_all(SledBuilder).expect("openraft storage suite");
+    }
+}

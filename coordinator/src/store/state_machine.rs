@@ -1,0 +1,336 @@
+//! The state machine in sled (openraft's `RaftStateMachine`).
+//!
+//! The registry lives in memory as a [`State`] (what reads see) and on disk as
+//! one record per key in the `sm` tree. `apply` runs the pure
+//! [`State::apply`], then writes exactly the records it changed together with
+//! the applied log id, in one atomic sled batch. Snapshots are the whole state
+//! as one JSON document, kept in the `snapshot` tree so that a restarted node
+//! can serve it to a lagging follower.
+
+use std::io::Cursor;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+
+use openraft::storage::RaftStateMachine;
+use openraft::{EntryPayload, RaftSnapshotBuilder, StorageIOError};
+use serde::{Deserialize, Serialize};
+
+use super::{any, DataDir};
+use crate::metrics::Metrics;
+use crate::raft_types::{
+    Entry, LogId, Snapshot, SnapshotMeta, StorageError, StoredMembership, TypeConfig,
+};
+use crate::state::{Change, Response, State};
+
+const APPLIED: &[u8] = b"meta/applied";
+const MEMBERSHIP: &[u8] = b"meta/membership";
+const MODEL: &[u8] = b"model/";
+const NODE: &[u8] = b"node/";
+const AUDIT: &[u8] = b"audit/";
+const SNAPSHOT_META: &str = "current/meta";
+const SNAPSHOT_DATA: &str = "current/data";
+
+/// The applied state that reads see.
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+pub struct Applied {
+    pub last_applied: Option<LogId>,
+    pub membership: StoredMembership,
+    pub state: State,
+}
+
+/// Shared, read-mostly view of the applied state.
+pub type SharedState = Arc<RwLock<Applied>>;
+
+/// The state machine store. Cheap to clone; clones share everything.
+#[derive(Clone)]
+pub struct StateMachineStore {
+    dir: DataDir,
+    applied: SharedState,
+    metrics: Arc<Metrics>,
+    snapshots_built: Arc<AtomicU64>,
+}
+
+fn prefixed(prefix: &[u8], rest: &[u8]) -> Vec<u8> {
+    let mut key = Vec::with_capacity(prefix.len() + rest.len());
+    key.extend_from_slice(prefix);
+    key.extend_from_slice(rest);
+    key
+}
+
+fn read_err(e: impl std::error::Error + 'static) -> StorageError {
+    StorageIOError::read_state_machine(any(e)).into()
+}
+
+fn write_err(e: impl std::error::Error + 'static) -> StorageError {
+    StorageIOError::write_state_machine(any(e)).into()
+}
+
+impl StateMachineStore {
+    /// Loads the applied state from disk.
+    pub fn open(dir: DataDir, metrics: Arc<Metrics>) -> Result<StateMachineStore, StorageError> {
+        let mut applied = Applied::default();
+        for item in dir.sm.iter() {
+            let (k, v) = item.map_err(read_err)?;
+            if k.as_ref() == APPLIED {
+                applied.last_applied = serde_json::from_slice(&v).map_err(read_err)?;
+            } else if k.as_ref() == MEMBERSHIP {
+                applied.membership = serde_json::from_slice(&v).map_err(read_err)?;
+            } else if let Some(name) = k.strip_prefix(MODEL) {
+                let name = String::from_utf8_lossy(name).into_owned();
+                applied
+                    .state
+                    .models
+                    .insert(name, serde_json::from_slice(&v).map_err(read_err)?);
+            } else if let Some(id) = k.strip_prefix(NODE) {
+                let id = String::from_utf8_lossy(id).into_owned();
+                applied
+                    .state
+                    .nodes
+                    .insert(id, serde_json::from_slice(&v).map_err(read_err)?);
+            } else if k.starts_with(AUDIT) {
+                let entry: crate::state::AuditEntry =
+                    serde_json::from_slice(&v).map_err(read_err)?;
+                applied.state.audit.insert(entry.index, entry);
+            } else {
+                let key = String::from_utf8_lossy(&k).into_owned();
+                return Err(StorageIOError::read_state_machine(openraft::AnyError::error(format!(
+                    "unknown key {key:?} in the state machine tree: the data directory was written by another release"
+                )))
+                .into());
+            }
+        }
+        Ok(StateMachineStore {
+            dir,
+            applied: Arc::new(RwLock::new(applied)),
+            metrics,
+            snapshots_built: Arc::new(AtomicU64::new(0)),
+        })
+    }
+
+    /// The applied state, for reads.
+    pub fn shared(&self) -> SharedState {
+        self.applied.clone()
+    }
+
+    fn persist(
+        &self,
+        state: &State,
+        changes: &[Change],
+        batch: &mut sled::Batch,
+    ) -> Result<(), StorageError> {
+        for change in changes {
+            match change {
+                Change::Model(name) => {
+                    let key = prefixed(MODEL, name.as_bytes());
+                    match state.models.get(name) {
+                        Some(m) => batch.insert(key, serde_json::to_vec(m).map_err(write_err)?),
+                        None => batch.remove(key),
+                    }
+                }
+                Change::Node(id) => {
+                    let key = prefixed(NODE, id.as_bytes());
+                    match state.nodes.get(id) {
+                        Some(n) => batch.insert(key, serde_json::to_vec(n).map_err(write_err)?),
+                        None => batch.remove(key),
+                    }
+                }
+                Change::Audit(index) => {
+                    let key = prefixed(AUDIT, &index.to_be_bytes());
+                    match state.audit.get(index) {
+                        Some(a) => batch.insert(key, serde_json::to_vec(a).map_err(write_err)?),
+                        None => batch.remove(key),
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl StateMachineStore {
+    /// Writes a snapshot's meta and data in one batch; the caller flushes.
+    fn save_snapshot(&self, meta: &SnapshotMeta, data: &[u8]) -> Result<(), StorageError> {
+        let err = |e: &dyn std::fmt::Display| {
+            StorageIOError::write_snapshot(
+                Some(meta.signature()),
+                openraft::AnyError::error(e.to_string()),
+            )
+        };
+        let mut batch = sled::Batch::default();
+        batch.insert(
+            SNAPSHOT_META,
+            serde_json::to_vec(meta).map_err(|e| err(&e))?,
+        );
+        batch.insert(SNAPSHOT_DATA, data);
+        self.dir.snapshot.apply_batch(batch).map_err(|e| err(&e))?;
+        Ok(())
+    }
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
+    async fn build_snapshot(&mut self) -> Result<Snapshot, StorageError> {
+        let (data, meta) = {
+            let applied = self.applied.read().expect("state lock poisoned");
+            let data = serde_json::to_vec(&*applied)
+                .map_err(|e| StorageIOError::write_snapshot(None, any(e)))?;
+            let n = self.snapshots_built.fetch_add(1, Ordering::Relaxed);
+            let snapshot_id = match applied.last_applied {
+                Some(id) => format!(
+                    "{}-{}-{}-{n}",
+                    id.leader_id.term, id.leader_id.node_id, id.index
+                ),
+                None => format!("empty-{n}"),
+            };
+            let meta = SnapshotMeta {
+                last_log_id: applied.last_applied,
+                last_membership: applied.membership.clone(),
+                snapshot_id,
+            };
+            (data, meta)
+        };
+        self.save_snapshot(&meta, &data)?;
+        self.dir
+            .db
+            .flush_async()
+            .await
+            .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), any(e)))?;
+        self.metrics.snapshots_built.inc();
+        tracing::info!(snapshot_id = %meta.snapshot_id, bytes = data.len(), "snapshot built");
+        Ok(Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(data)),
+        })
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachineStore {
+    type SnapshotBuilder = StateMachineStore;
+
+    async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), StorageError> {
+        let applied = self.applied.read().expect("state lock poisoned");
+        Ok((applied.last_applied, applied.membership.clone()))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Response>, StorageError>
+    where
+        I: IntoIterator<Item = Entry> + Send,
+        I::IntoIter: Send,
+    {
+        let mut responses = Vec::new();
+        let mut batch = sled::Batch::default();
+        {
+            let mut applied = self.applied.write().expect("state lock poisoned");
+            let mut membership_changed = false;
+            for entry in entries {
+                applied.last_applied = Some(entry.log_id);
+                let response = match entry.payload {
+                    EntryPayload::Blank => Response::Empty,
+                    EntryPayload::Membership(m) => {
+                        applied.membership = StoredMembership::new(Some(entry.log_id), m);
+                        membership_changed = true;
+                        Response::Empty
+                    }
+                    EntryPayload::Normal(request) => {
+                        let (response, changes) = applied.state.apply(entry.log_id.index, &request);
+                        self.persist(&applied.state, &changes, &mut batch)?;
+                        response
+                    }
+                };
+                responses.push(response);
+            }
+            batch.insert(
+                APPLIED,
+                serde_json::to_vec(&applied.last_applied).map_err(write_err)?,
+            );
+            if membership_changed {
+                batch.insert(
+                    MEMBERSHIP,
+                    serde_json::to_vec(&applied.membership).map_err(write_err)?,
+                );
+            }
+        }
+        self.dir.sm.apply_batch(batch).map_err(write_err)?;
+        Ok(responses)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.clone()
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> Result<(), StorageError> {
+        let data = snapshot.into_inner();
+        let signature = Some(meta.signature());
+        let mut incoming: Applied = serde_json::from_slice(&data)
+            .map_err(|e| StorageIOError::read_snapshot(signature.clone(), any(e)))?;
+        incoming.last_applied = meta.last_log_id;
+        incoming.membership = meta.last_membership.clone();
+
+        let mut batch = sled::Batch::default();
+        for item in self.dir.sm.iter() {
+            let (k, _) = item.map_err(write_err)?;
+            batch.remove(k);
+        }
+        for (name, m) in &incoming.state.models {
+            batch.insert(
+                prefixed(MODEL, name.as_bytes()),
+                serde_json::to_vec(m).map_err(write_err)?,
+            );
+        }
+        for (id, n) in &incoming.state.nodes {
+            batch.insert(
+                prefixed(NODE, id.as_bytes()),
+                serde_json::to_vec(n).map_err(write_err)?,
+            );
+        }
+        for (index, a) in &incoming.state.audit {
+            batch.insert(
+                prefixed(AUDIT, &index.to_be_bytes()),
+                serde_json::to_vec(a).map_err(write_err)?,
+            );
+        }
+        batch.insert(
+            APPLIED,
+            serde_json::to_vec(&incoming.last_applied).map_err(write_err)?,
+        );
+        batch.insert(
+            MEMBERSHIP,
+            serde_json::to_vec(&incoming.membership).map_err(write_err)?,
+        );
+        self.dir.sm.apply_batch(batch).map_err(write_err)?;
+
+        self.save_snapshot(meta, &data)?;
+        self.dir
+            .db
+            .flush_async()
+            .await
+            .map_err(|e| StorageIOError::write_snapshot(signature.clone(), any(e)))?;
+        *self.applied.write().expect("state lock poisoned") = incoming;
+        self.metrics.snapshots_installed.inc();
+        tracing::info!(snapshot_id = %meta.snapshot_id, "snapshot installed");
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot>, StorageError> {
+        let read = |e: sled::Error| StorageIOError::read_snapshot(None, any(e));
+        let (Some(meta), Some(data)) = (
+            self.dir.snapshot.get(SNAPSHOT_META).map_err(read)?,
+            self.dir.snapshot.get(SNAPSHOT_DATA).map_err(read)?,
+        ) else {
+            return Ok(None);
+        };
+        let meta: SnapshotMeta = serde_json::from_slice(&meta)
+            .map_err(|e| StorageIOError::read_snapshot(None, any(e)))?;
+        Ok(Some(Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(data.to_vec())),
+        }))
+    }
+}
