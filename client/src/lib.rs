@@ -1,1 +1,264 @@
+//! Talon's Rust SDK: a gRPC client for the admin API.
+//!
+//! Give it the addresses of any coordinators. Calls go to the last node that
+//! answered; when a node says it is not the leader and names the leader
+//! (`talon-leader` metadata), the client follows; when a node cannot be
+//! reached it tries the next. Every call has a deadline.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), talon_client::ClientError> {
+//! let client = talon_client::Client::new(["127.0.0.1:7400", "127.0.0.1:7401"])?;
+//! let status = client.cluster_status().await?;
+//! println!("leader is {:?}", status.leader_id);
+//! # Ok(()) }
+//! ```
 
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use talon_proto::v1 as pb;
+use talon_proto::v1::admin_service_client::AdminServiceClient;
+use talon_proto::{ACTOR_METADATA_KEY, LEADER_METADATA_KEY};
+use tonic::transport::{Channel, Endpoint};
+
+pub use talon_proto::v1::{AuditEntry, ClusterStatus, Member, Model, ModelSpec, ModelVersion};
+
+/// What a call can end with besides success.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("no coordinator address given; pass at least one host:port")]
+    NoEndpoints,
+    #[error("invalid coordinator address {addr:?}: {reason}")]
+    BadEndpoint { addr: String, reason: String },
+    /// The coordinator answered with an error; `status.message()` says why.
+    #[error("{}: {}", code_name(.0.code()), .0.message())]
+    Status(tonic::Status),
+    #[error("no coordinator answered within {elapsed_ms} ms (tried {tried}); last error: {last}")]
+    Unavailable { elapsed_ms: u64, tried: String, last: String },
+}
+
+fn code_name(code: tonic::Code) -> &'static str {
+    match code {
+        tonic::Code::InvalidArgument => "invalid argument",
+        tonic::Code::NotFound => "not found",
+        tonic::Code::AlreadyExists => "already exists",
+        tonic::Code::FailedPrecondition => "failed precondition",
+        tonic::Code::DeadlineExceeded => "deadline exceeded",
+        tonic::Code::Unavailable => "unavailable",
+        tonic::Code::Internal => "internal error",
+        _ => "error",
+    }
+}
+
+impl ClientError {
+    /// The gRPC code, when a coordinator answered.
+    pub fn code(&self) -> Option<tonic::Code> {
+        match self {
+            ClientError::Status(s) => Some(s.code()),
+            _ => None,
+        }
+    }
+}
+
+/// A client of a Talon cluster.
+pub struct Client {
+    endpoints: Vec<String>,
+    /// Index into `endpoints`, or an address learned from a leader hint.
+    current: Mutex<String>,
+    channels: Mutex<HashMap<String, Channel>>,
+    follow_leader: bool,
+    actor: String,
+    timeout: Duration,
+}
+
+fn validate_endpoint(addr: &str) -> Result<(), ClientError> {
+    let ok = addr.rsplit_once(':').is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok());
+    if ok {
+        Ok(())
+    } else {
+        Err(ClientError::BadEndpoint { addr: addr.into(), reason: "expected host:port".into() })
+    }
+}
+
+impl Client {
+    /// A client that talks to any of `endpoints` and follows the leader.
+    pub fn new<I, S>(endpoints: I) -> Result<Client, ClientError>
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        let endpoints: Vec<String> = endpoints.into_iter().map(Into::into).collect();
+        let Some(first) = endpoints.first().cloned() else {
+            return Err(ClientError::NoEndpoints);
+        };
+        for e in &endpoints {
+            validate_endpoint(e)?;
+        }
+        Ok(Client {
+            endpoints,
+            current: Mutex::new(first),
+            channels: Mutex::new(HashMap::new()),
+            follow_leader: true,
+            actor: std::env::var("USER").unwrap_or_else(|_| "sdk".into()),
+            timeout: Duration::from_secs(10),
+        })
+    }
+
+    /// A client that talks only to `addr`, never following the leader: for
+    /// per-node calls such as status.
+    pub fn pinned(addr: impl Into<String>) -> Result<Client, ClientError> {
+        let mut client = Client::new([addr.into()])?;
+        client.follow_leader = false;
+        Ok(client)
+    }
+
+    /// Who the audit log records as making changes.
+    pub fn with_actor(mut self, actor: impl Into<String>) -> Client {
+        self.actor = actor.into();
+        self
+    }
+
+    /// The deadline of each call, retries included.
+    pub fn with_timeout(mut self, timeout: Duration) -> Client {
+        self.timeout = timeout;
+        self
+    }
+
+    fn channel(&self, addr: &str) -> Result<Channel, ClientError> {
+        let mut channels = self.channels.lock().expect("channel cache poisoned");
+        if let Some(c) = channels.get(addr) {
+            return Ok(c.clone());
+        }
+        let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| ClientError::BadEndpoint { addr: addr.into(), reason: e.to_string() })?
+            .connect_timeout(Duration::from_secs(1))
+            .tcp_nodelay(true);
+        let channel = endpoint.connect_lazy();
+        channels.insert(addr.into(), channel.clone());
+        Ok(channel)
+    }
+
+    fn next_endpoint(&self, failed: &str) {
+        let mut current = self.current.lock().expect("poisoned");
+        if *current != failed {
+            return;
+        }
+        let pos = self.endpoints.iter().position(|e| e == failed);
+        let next = match pos {
+            Some(i) => self.endpoints[(i + 1) % self.endpoints.len()].clone(),
+            None => self.endpoints[0].clone(),
+        };
+        *current = next;
+    }
+
+    /// Runs one call with leader following, failover and the deadline.
+    async fn call<T, R, F, Fut>(&self, message: T, f: F) -> Result<R, ClientError>
+    where
+        T: Clone,
+        F: Fn(AdminServiceClient<Channel>, tonic::Request<T>) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<R>, tonic::Status>>,
+    {
+        let started = Instant::now();
+        let mut tried = Vec::new();
+        let mut attempt = 0u32;
+        loop {
+            let addr = self.current.lock().expect("poisoned").clone();
+            let remaining = self.timeout.saturating_sub(started.elapsed());
+            let mut request = tonic::Request::new(message.clone());
+            request.set_timeout(remaining.max(Duration::from_millis(1)));
+            if let Ok(actor) = self.actor.parse() {
+                request.metadata_mut().insert(ACTOR_METADATA_KEY, actor);
+            }
+            let client = AdminServiceClient::new(self.channel(&addr)?);
+            let status = match f(client, request).await {
+                Ok(response) => return Ok(response.into_inner()),
+                Err(status) => status,
+            };
+            if status.code() != tonic::Code::Unavailable || !self.follow_leader {
+                return Err(ClientError::Status(status));
+            }
+            if !tried.contains(&addr) {
+                tried.push(addr.clone());
+            }
+            let hint = status.metadata().get(LEADER_METADATA_KEY).and_then(|v| v.to_str().ok()).map(String::from);
+            match hint {
+                Some(leader) if leader != addr => *self.current.lock().expect("poisoned") = leader,
+                _ => self.next_endpoint(&addr),
+            }
+            attempt += 1;
+            let backoff = Duration::from_millis((20 * u64::from(attempt)).min(250));
+            if started.elapsed() + backoff >= self.timeout {
+                return Err(ClientError::Unavailable {
+                    elapsed_ms: started.elapsed().as_millis() as u64,
+                    tried: tried.join(", "),
+                    last: status.message().to_string(),
+                });
+            }
+            tokio::time::sleep(backoff).await;
+        }
+    }
+
+    pub async fn cluster_init(&self, members: Vec<Member>) -> Result<ClusterStatus, ClientError> {
+        self.call(pb::ClusterInitRequest { members }, |mut c, r| async move { c.cluster_init(r).await })
+            .await
+    }
+
+    pub async fn cluster_join(&self, node_id: u64, addr: &str, learner_only: bool) -> Result<ClusterStatus, ClientError> {
+        let req = pb::ClusterJoinRequest { node_id, addr: addr.into(), learner_only };
+        self.call(req, |mut c, r| async move { c.cluster_join(r).await }).await
+    }
+
+    pub async fn cluster_remove(&self, node_id: u64) -> Result<ClusterStatus, ClientError> {
+        self.call(pb::ClusterRemoveRequest { node_id }, |mut c, r| async move { c.cluster_remove(r).await })
+            .await
+    }
+
+    /// The status as the node this client talks to sees it.
+    pub async fn cluster_status(&self) -> Result<ClusterStatus, ClientError> {
+        self.call(pb::ClusterStatusRequest {}, |mut c, r| async move { c.cluster_status(r).await }).await
+    }
+
+    pub async fn create_model(&self, spec: ModelSpec) -> Result<Model, ClientError> {
+        let req = pb::CreateModelRequest { spec: Some(spec) };
+        self.call(req, |mut c, r| async move { c.create_model(r).await }).await
+    }
+
+    pub async fn get_model(&self, name: &str, linearizable: bool) -> Result<Model, ClientError> {
+        let req = pb::GetModelRequest { name: name.into(), linearizable };
+        self.call(req, |mut c, r| async move { c.get_model(r).await }).await
+    }
+
+    pub async fn list_models(&self, linearizable: bool) -> Result<Vec<Model>, ClientError> {
+        let req = pb::ListModelsRequest { linearizable };
+        Ok(self.call(req, |mut c, r| async move { c.list_models(r).await }).await?.models)
+    }
+
+    /// Deletes a model (`version: None`) or one version; returns the log
+    /// index of the deletion.
+    pub async fn delete_model(&self, name: &str, version: Option<&str>) -> Result<u64, ClientError> {
+        let req = pb::DeleteModelRequest { name: name.into(), version: version.unwrap_or_default().into() };
+        Ok(self.call(req, |mut c, r| async move { c.delete_model(r).await }).await?.revision)
+    }
+
+    pub async fn update_model_labels(
+        &self,
+        name: &str,
+        set: HashMap<String, String>,
+        remove: Vec<String>,
+    ) -> Result<Model, ClientError> {
+        let req = pb::UpdateModelLabelsRequest { name: name.into(), set, remove };
+        self.call(req, |mut c, r| async move { c.update_model_labels(r).await }).await
+    }
+
+    pub async fn list_audit(&self, after_index: u64, limit: u32) -> Result<Vec<AuditEntry>, ClientError> {
+        let req = pb::ListAuditRequest { after_index, limit };
+        Ok(self.call(req, |mut c, r| async move { c.list_audit(r).await }).await?.entries)
+    }
+
+    /// Test-only: cut the node this client talks to off from its peers.
+    pub async fn set_isolated(&self, isolate: bool) -> Result<(), ClientError> {
+        self.call(pb::SetFaultsRequest { isolate }, |mut c, r| async move { c.set_faults(r).await }).await?;
+        Ok(())
+    }
+}

@@ -1,1 +1,387 @@
-fn main(){}
+//! `talon`: the command-line interface to a Talon cluster.
+//!
+//! Tables for people, `--json` for scripts. Exit status: 0 on success, 1 when
+//! the cluster refused or failed the call, 2 on a usage error.
+
+use std::collections::HashMap;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use serde_json::{json, Value};
+use talon_client::{AuditEntry, Client, ClientError, ClusterStatus, Member, Model, ModelSpec};
+
+#[derive(Parser)]
+#[command(name = "talon", version, about = "Operate a Talon cluster")]
+struct Cli {
+    /// Coordinator gRPC addresses, comma-separated; any member will do.
+    #[arg(long, env = "TALON_ENDPOINTS", default_value = "127.0.0.1:7400", value_delimiter = ',', global = true)]
+    endpoints: Vec<String>,
+    /// Print JSON instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+    /// Deadline of the call, retries included.
+    #[arg(long, default_value_t = 10_000, global = true)]
+    timeout_ms: u64,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Cluster membership.
+    #[command(subcommand)]
+    Cluster(ClusterCmd),
+    /// The model registry.
+    #[command(subcommand)]
+    Model(ModelCmd),
+    /// The audit log of admin changes.
+    #[command(subcommand)]
+    Audit(AuditCmd),
+}
+
+#[derive(Subcommand)]
+enum ClusterCmd {
+    /// Bootstrap a new cluster on the first endpoint.
+    Init {
+        /// Other initial voters, as ID=HOST:PORT (repeatable).
+        #[arg(long = "member", value_parser = parse_member)]
+        members: Vec<Member>,
+    },
+    /// Add a node: it catches up as a learner, then becomes a voter.
+    Join {
+        #[arg(long)]
+        node_id: u64,
+        #[arg(long)]
+        addr: String,
+        /// Stay a learner (no vote).
+        #[arg(long)]
+        learner: bool,
+    },
+    /// Remove a node from the cluster.
+    Remove {
+        #[arg(long)]
+        node_id: u64,
+    },
+    /// Raft status as the first endpoint sees it.
+    Status,
+}
+
+#[derive(Subcommand)]
+enum ModelCmd {
+    /// Register a model, or a new version of an existing model.
+    Create {
+        name: String,
+        #[arg(long)]
+        version: String,
+        /// simulated, vllm, sglang, llamacpp, tgi, triton or native.
+        #[arg(long)]
+        engine: String,
+        /// Where the weights are, e.g. hf://org/model.
+        #[arg(long)]
+        artifact: String,
+        /// GPU memory per replica (weights plus KV budget), MiB.
+        #[arg(long)]
+        memory_mib: u64,
+        #[arg(long)]
+        latency_slo_ms: u32,
+        #[arg(long, default_value_t = 1)]
+        min_replicas: u32,
+        #[arg(long, default_value_t = 1)]
+        max_replicas: u32,
+        /// critical, high, normal or low.
+        #[arg(long, default_value = "normal")]
+        priority: String,
+        /// KEY=VALUE (repeatable).
+        #[arg(long = "label", value_parser = parse_label)]
+        labels: Vec<(String, String)>,
+    },
+    Get {
+        name: String,
+        /// Read through the leader, seeing every acknowledged write.
+        #[arg(long)]
+        linearizable: bool,
+    },
+    List {
+        #[arg(long)]
+        linearizable: bool,
+    },
+    /// Delete a model, or one version of it.
+    Delete {
+        name: String,
+        #[arg(long)]
+        version: Option<String>,
+    },
+    /// Set or remove labels.
+    Label {
+        name: String,
+        #[arg(long = "set", value_parser = parse_label)]
+        set: Vec<(String, String)>,
+        #[arg(long = "remove")]
+        remove: Vec<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditCmd {
+    List {
+        /// Only entries after this log index.
+        #[arg(long, default_value_t = 0)]
+        after: u64,
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+    },
+}
+
+fn parse_member(s: &str) -> Result<Member, String> {
+    let (id, addr) = s.split_once('=').ok_or_else(|| format!("{s:?} is not ID=HOST:PORT"))?;
+    let node_id = id.parse().map_err(|_| format!("node id {id:?} in {s:?} is not a number"))?;
+    Ok(Member { node_id, addr: addr.into(), voter: true, matched_index: None })
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s.split_once('=').ok_or_else(|| format!("{s:?} is not KEY=VALUE"))?;
+    Ok((k.into(), v.into()))
+}
+
+fn model_json(m: &Model) -> Value {
+    json!({
+        "name": m.name,
+        "versions": m.versions.iter().map(|v| json!({
+            "version": v.version, "engine": v.engine, "artifact_uri": v.artifact_uri,
+            "memory_mib": v.memory_mib, "created_at_ms": v.created_at_ms,
+        })).collect::<Vec<_>>(),
+        "latency_slo_ms": m.latency_slo_ms,
+        "min_replicas": m.min_replicas,
+        "max_replicas": m.max_replicas,
+        "priority": m.priority,
+        "labels": m.labels,
+        "created_at_ms": m.created_at_ms,
+        "updated_at_ms": m.updated_at_ms,
+        "revision": m.revision,
+    })
+}
+
+fn status_json(s: &ClusterStatus) -> Value {
+    json!({
+        "node_id": s.node_id, "role": s.role, "leader_id": s.leader_id, "leader_addr": s.leader_addr,
+        "term": s.term, "last_log_index": s.last_log_index, "committed_index": s.committed_index,
+        "applied_index": s.applied_index, "snapshot_index": s.snapshot_index, "purged_index": s.purged_index,
+        "initialized": s.initialized,
+        "members": s.members.iter().map(|m| json!({
+            "node_id": m.node_id, "addr": m.addr, "voter": m.voter, "matched_index": m.matched_index,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+fn audit_json(a: &AuditEntry) -> Value {
+    json!({"index": a.index, "at_ms": a.at_ms, "actor": a.actor, "action": a.action, "target": a.target, "detail": a.detail})
+}
+
+/// Prints rows under a header, each column as wide as its widest cell.
+fn table(header: &[&str], rows: Vec<Vec<String>>) {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let padded: Vec<String> = cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        println!("{}", padded.join("  ").trim_end());
+    };
+    line(header.iter().map(|h| h.to_string()).collect());
+    for row in rows {
+        line(row);
+    }
+}
+
+fn opt(v: Option<u64>) -> String {
+    v.map_or("-".into(), |v| v.to_string())
+}
+
+fn print_status(s: &ClusterStatus) {
+    println!(
+        "node {} is {} (term {}); leader: {}",
+        s.node_id,
+        s.role,
+        s.term,
+        s.leader_id.map_or("none".into(), |l| format!("node {l} at {}", s.leader_addr))
+    );
+    println!(
+        "log: last {}  committed {}  applied {}  snapshot {}  purged {}",
+        opt(s.last_log_index),
+        opt(s.committed_index),
+        opt(s.applied_index),
+        opt(s.snapshot_index),
+        opt(s.purged_index)
+    );
+    let rows = s
+        .members
+        .iter()
+        .map(|m| {
+            vec![
+                m.node_id.to_string(),
+                m.addr.clone(),
+                if m.voter { "voter" } else { "learner" }.into(),
+                opt(m.matched_index),
+            ]
+        })
+        .collect();
+    table(&["NODE", "ADDR", "ROLE", "MATCHED"], rows);
+}
+
+fn print_models(models: &[Model]) {
+    let rows = models
+        .iter()
+        .map(|m| {
+            let latest = m.versions.last();
+            vec![
+                m.name.clone(),
+                m.versions.iter().map(|v| v.version.as_str()).collect::<Vec<_>>().join(","),
+                latest.map_or("-".into(), |v| v.engine.clone()),
+                latest.map_or("-".into(), |v| v.memory_mib.to_string()),
+                m.latency_slo_ms.to_string(),
+                format!("{}..{}", m.min_replicas, m.max_replicas),
+                m.priority.clone(),
+                m.revision.to_string(),
+            ]
+        })
+        .collect();
+    table(&["NAME", "VERSIONS", "ENGINE", "MEMORY_MIB", "SLO_MS", "REPLICAS", "PRIORITY", "REVISION"], rows);
+}
+
+async fn execute(cli: Cli) -> Result<(), ClientError> {
+    let json = cli.json;
+    let timeout = Duration::from_millis(cli.timeout_ms);
+    let client = Client::new(cli.endpoints.clone())?.with_timeout(timeout);
+    match cli.command {
+        Command::Cluster(cmd) => {
+            let status = match cmd {
+                ClusterCmd::Init { members } => {
+                    Client::pinned(cli.endpoints[0].clone())?.with_timeout(timeout).cluster_init(members).await?
+                }
+                ClusterCmd::Join { node_id, addr, learner } => client.cluster_join(node_id, &addr, learner).await?,
+                ClusterCmd::Remove { node_id } => client.cluster_remove(node_id).await?,
+                ClusterCmd::Status => Client::pinned(cli.endpoints[0].clone())?.with_timeout(timeout).cluster_status().await?,
+            };
+            if json {
+                println!("{}", status_json(&status));
+            } else {
+                print_status(&status);
+            }
+        }
+        Command::Model(cmd) => match cmd {
+            ModelCmd::Create {
+                name,
+                version,
+                engine,
+                artifact,
+                memory_mib,
+                latency_slo_ms,
+                min_replicas,
+                max_replicas,
+                priority,
+                labels,
+            } => {
+                let spec = ModelSpec {
+                    name,
+                    version,
+                    engine,
+                    artifact_uri: artifact,
+                    memory_mib,
+                    latency_slo_ms,
+                    min_replicas,
+                    max_replicas,
+                    priority,
+                    labels: labels.into_iter().collect(),
+                };
+                let model = client.create_model(spec).await?;
+                if json {
+                    println!("{}", model_json(&model));
+                } else {
+                    print_models(&[model]);
+                }
+            }
+            ModelCmd::Get { name, linearizable } => {
+                let model = client.get_model(&name, linearizable).await?;
+                if json {
+                    println!("{}", model_json(&model));
+                } else {
+                    print_models(std::slice::from_ref(&model));
+                    for (k, v) in &model.labels {
+                        println!("label {k}={v}");
+                    }
+                }
+            }
+            ModelCmd::List { linearizable } => {
+                let models = client.list_models(linearizable).await?;
+                if json {
+                    println!("{}", Value::Array(models.iter().map(model_json).collect()));
+                } else {
+                    print_models(&models);
+                }
+            }
+            ModelCmd::Delete { name, version } => {
+                let revision = client.delete_model(&name, version.as_deref()).await?;
+                if json {
+                    println!("{}", json!({"deleted": name, "version": version, "revision": revision}));
+                } else {
+                    match version {
+                        Some(v) => println!("deleted version {v} of model {name} at revision {revision}"),
+                        None => println!("deleted model {name} at revision {revision}"),
+                    }
+                }
+            }
+            ModelCmd::Label { name, set, remove } => {
+                let set: HashMap<String, String> = set.into_iter().collect();
+                let model = client.update_model_labels(&name, set, remove).await?;
+                if json {
+                    println!("{}", model_json(&model));
+                } else {
+                    for (k, v) in &model.labels {
+                        println!("{k}={v}");
+                    }
+                }
+            }
+        },
+        Command::Audit(AuditCmd::List { after, limit }) => {
+            let entries = client.list_audit(after, limit).await?;
+            if json {
+                println!("{}", Value::Array(entries.iter().map(audit_json).collect()));
+            } else {
+                let rows = entries
+                    .iter()
+                    .map(|a| {
+                        vec![
+                            a.index.to_string(),
+                            a.at_ms.to_string(),
+                            a.actor.clone(),
+                            a.action.clone(),
+                            a.target.clone(),
+                            a.detail.clone(),
+                        ]
+                    })
+                    .collect();
+                table(&["INDEX", "AT_MS", "ACTOR", "ACTION", "TARGET", "DETAIL"], rows);
+            }
+        }
+    }
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match execute(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e @ (ClientError::NoEndpoints | ClientError::BadEndpoint { .. })) => {
+            eprintln!("talon: {e}");
+            ExitCode::from(2)
+        }
+        Err(e) => {
+            eprintln!("talon: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
