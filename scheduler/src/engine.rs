@@ -176,8 +176,14 @@ pub fn filter(n: &NodeState, d: &Demand) -> Result<(), FilterReason> {
 /// Options of one decision.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct DecideOptions {
-    /// Seed for random tie-breaks (only policies that ask for them use it).
+    /// Seed of the random node order used to break ties (only policies
+    /// that ask for random ties use it). Keep it fixed across the decisions
+    /// of one run: the Kubernetes scheduler the FGD artifact ran in takes the
+    /// first top-scored node in its (randomly named, then sorted) node list.
     pub seed: u64,
+    /// Per-decision randomness for policies that are random by design
+    /// (Random's node pick, random GPU selection).
+    pub nonce: u64,
     /// Collect an [`Explanation`].
     pub explain: bool,
 }
@@ -294,7 +300,7 @@ pub fn decide_among(
     opts: DecideOptions,
     allowed: impl Fn(usize) -> bool,
 ) -> Decision {
-    policy.begin(state, d);
+    policy.begin(state, d, opts.nonce);
     let random = policy.random_ties();
     let mut best: Option<Score> = None;
     let mut cands: Vec<Candidate> = Vec::new();
@@ -344,7 +350,7 @@ pub fn decide_among(
         let node = s.node.0 as usize;
         Assignment {
             node: node as NodeId,
-            gpus: policy.assign(state, node, d, opts.seed),
+            gpus: policy.assign(state, node, d, opts.nonce),
         }
     });
     let explanation = opts.explain.then(|| {

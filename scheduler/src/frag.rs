@@ -60,18 +60,30 @@ impl TypicalTasks {
         threshold: f64,
         state: &ClusterState,
     ) -> Arc<TypicalTasks> {
-        let mut counts: HashMap<TaskShape, u64> = HashMap::new();
-        let mut total = 0u64;
+        Self::from_weighted_shapes(shapes, |_| 1.0, threshold, state)
+    }
+
+    /// Like [`Self::from_shapes`], but each task of a shape counts
+    /// `weight(shape)` instead of 1 (popularity by GPU demand, say).
+    pub fn from_weighted_shapes(
+        shapes: impl IntoIterator<Item = TaskShape>,
+        weight: impl Fn(&TaskShape) -> f64,
+        threshold: f64,
+        state: &ClusterState,
+    ) -> Arc<TypicalTasks> {
+        let mut counts: HashMap<TaskShape, f64> = HashMap::new();
+        let mut total = 0.0;
         for s in shapes {
-            *counts.entry(s).or_insert(0) += 1;
-            total += 1;
+            let w = weight(&s);
+            *counts.entry(s).or_insert(0.0) += w;
+            total += w;
         }
-        let mut list: Vec<(TaskShape, u64)> = counts.into_iter().collect();
-        list.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| b.0.cmp(&a.0)));
-        let mut cum = 0u64;
+        let mut list: Vec<(TaskShape, f64)> = counts.into_iter().collect();
+        list.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| b.0.cmp(&a.0)));
+        let mut cum = 0.0;
         let mut chosen = Vec::new();
         for (shape, n) in list {
-            if total > 0 && cum as f64 >= threshold * total as f64 {
+            if total > 0.0 && cum >= threshold * total {
                 break;
             }
             cum += n;
@@ -85,7 +97,7 @@ impl TypicalTasks {
                 milli: s.milli,
                 count: s.count,
                 type_mask: spec_mask(&s.gpu_spec, state),
-                freq: n as f64 / cum as f64,
+                freq: n / cum,
             })
             .collect();
         Arc::new(TypicalTasks { tasks })

@@ -134,7 +134,7 @@ impl Policy for Fgd {
     fn score_fields(&self) -> [&'static str; 3] {
         ["100*sigmoid(-dFrag/1000)", "-", "-"]
     }
-    fn begin(&mut self, state: &ClusterState, _d: &Demand) {
+    fn begin(&mut self, state: &ClusterState, _d: &Demand, _nonce: u64) {
         if self.memo.len() != state.nodes.len() {
             self.memo = vec![NodeMemo::default(); state.nodes.len()];
         }

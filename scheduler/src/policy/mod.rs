@@ -60,8 +60,9 @@ pub trait Policy {
         false
     }
 
-    /// Called once per decision before any [`Policy::score`].
-    fn begin(&mut self, _state: &ClusterState, _d: &Demand) {}
+    /// Called once per decision before any [`Policy::score`]; `nonce` is the
+    /// decision's own randomness (see [`crate::engine::DecideOptions`]).
+    fn begin(&mut self, _state: &ClusterState, _d: &Demand, _nonce: u64) {}
 
     /// Score a node that passed the filter.
     fn score(&mut self, state: &ClusterState, node: usize, d: &Demand) -> PolicyScore;
@@ -221,16 +222,22 @@ impl PolicyKind {
             })
     }
 
-    /// Build the policy; FGD and Talon need the typical-task distribution.
-    pub fn build(self, typical: &Arc<TypicalTasks>) -> Box<dyn Policy> {
+    /// Build the policy; FGD and Talon need a target task distribution
+    /// (FGD's popularity by count; Talon's by GPU demand, see
+    /// [`crate::policy::talon::talon_typical`]).
+    pub fn build(
+        self,
+        typical: &Arc<TypicalTasks>,
+        talon_typical: &Arc<TypicalTasks>,
+    ) -> Box<dyn Policy> {
         match self {
-            PolicyKind::Random => Box::new(random::RandomPolicy),
+            PolicyKind::Random => Box::new(random::RandomPolicy::default()),
             PolicyKind::DotProduct => Box::new(dot_product::DotProduct),
             PolicyKind::GpuClustering => Box::new(gpu_clustering::GpuClustering),
             PolicyKind::GpuPacking => Box::new(gpu_packing::GpuPacking),
             PolicyKind::BestFit => Box::new(best_fit::BestFit),
             PolicyKind::Fgd => Box::new(fgd::Fgd::new(typical.clone())),
-            PolicyKind::Talon => Box::new(talon::Talon::new(typical.clone())),
+            PolicyKind::Talon => Box::new(talon::Talon::new(talon_typical.clone())),
         }
     }
 }

@@ -1,35 +1,82 @@
-//! Talon's placement policy: FGD's fragmentation gradient, measured exactly.
+//! Talon's placement policy: CPU-aware fragmentation gradient.
 //!
-//! (Documented in full in `scheduler/README.md`.) Primary: the exact change
-//! in expected fragmentation (not squashed through a sigmoid and truncated to
-//! 0–100, which makes FGD tie across most nodes and then choose at random).
-//! Secondary: the GPU milli the node has left free after the placement
-//! (pack: fuller nodes first). Tertiary: CPU left. Last: node id.
+//! Documented in full in `scheduler/README.md`. In short, Talon scores a
+//! node by the exact change of
+//!
+//! ```text
+//! F'(node) = F(node) + λ · max(0, gpu_free − cpu_free / ρ)
+//! ```
+//!
+//! where `F` is FGD's expected fragmentation against the target task
+//! distribution ([`crate::frag`]) and the second term counts *CPU-stranded*
+//! GPU capacity: free GPU milli that the node's free CPU cannot feed at the
+//! distribution's CPU-per-GPU ratio `ρ` (scaled by `RHO_SCALE`). FGD only
+//! sees CPU through the typical tasks that fit *now*; a CPU-only task or a
+//! CPU-heavy share that lands on an 8-GPU node with 12 cores per GPU leaves
+//! GPUs that no later task can use, which FGD does not count until it is too
+//! late. Ties (equal exact scores) go to the node that keeps less GPU free
+//! (pack, which keeps whole nodes free for gangs), then less CPU, then the
+//! lowest node id — deterministic, no randomness.
 
 use std::sync::Arc;
 
 use super::fgd::{gpus_after_whole, shape_key, NodeMemo};
 use super::{first_free_gpus, Policy, PolicyScore};
-use crate::frag::TypicalTasks;
+use crate::frag::{TaskShape, TypicalTasks};
 use crate::state::{slice, ClusterState, Demand, DemandKind, NodeState};
 use crate::types::GpuSlice;
 
 /// Fixed-point scale of fragmentation deltas (milli-GPU → micro-GPU).
 const SCALE: f64 = 1000.0;
+/// Weight of CPU-stranded GPU milli relative to FGD's fragment milli.
+pub const LAMBDA: f64 = 0.5;
+/// The stranding threshold assumes tasks bring this much more CPU per GPU
+/// than the distribution's mean (CPU-hungry tasks are the ones that strand).
+pub const RHO_SCALE: f64 = 1.3;
+
+/// Talon's target distribution: FGD's typical tasks (most popular shapes
+/// covering 95 % of tasks, CPU-only included).
+pub fn talon_typical(
+    shapes: impl IntoIterator<Item = TaskShape>,
+    state: &ClusterState,
+) -> Arc<TypicalTasks> {
+    TypicalTasks::from_shapes(shapes, 0.95, state)
+}
 
 pub struct Talon {
     typical: Arc<TypicalTasks>,
+    /// CPU milli per GPU milli that a typical GPU task brings, × RHO_SCALE.
+    cpu_per_gpu: f64,
     memo: Vec<NodeMemo<(PolicyScore, u8)>>,
     tmp: Vec<u32>,
 }
 
 impl Talon {
     pub fn new(typical: Arc<TypicalTasks>) -> Self {
+        let (mut c, mut g) = (0.0, 0.0);
+        for t in &typical.tasks {
+            if t.milli > 0 {
+                c += t.freq * t.cpu_milli as f64;
+                g += t.freq * (t.milli as f64 * t.count as f64);
+            }
+        }
         Talon {
+            cpu_per_gpu: if g > 0.0 { RHO_SCALE * c / g } else { 0.0 },
             typical,
             memo: Vec::new(),
             tmp: Vec::new(),
         }
+    }
+
+    /// `F'`: fragmentation plus CPU-stranded GPU milli.
+    pub fn frag(&self, cpu_left: u64, gpus: &[u32], types: u64) -> f64 {
+        let f = self.typical.node_frag(cpu_left, gpus, types);
+        if self.cpu_per_gpu == 0.0 {
+            return f;
+        }
+        let free: f64 = gpus.iter().map(|&g| g as f64).sum();
+        let fed = cpu_left as f64 / self.cpu_per_gpu;
+        f + LAMBDA * (free - fed).max(0.0)
     }
 
     fn evaluate(&mut self, n: &NodeState, d: &Demand, before: f64) -> (PolicyScore, u8) {
@@ -50,8 +97,8 @@ impl Talon {
                     self.tmp.clear();
                     self.tmp.extend_from_slice(&n.gpu_free);
                     self.tmp[i] -= *milli;
-                    let after = self.typical.node_frag(cpu_after, &self.tmp, n.type_mask);
-                    // among GPUs, prefer the one left with less free (best fit)
+                    let after = self.frag(cpu_after, &self.tmp, n.type_mask);
+                    // between GPUs of equal gradient, the one left fuller (best fit)
                     let s = mk(after, (n.gpu_free[i] - *milli) as i64);
                     if best.is_none_or(|(b, _)| s > b) {
                         best = Some((s, i as u8));
@@ -62,12 +109,12 @@ impl Talon {
             DemandKind::Whole { count } => {
                 let mut tmp = std::mem::take(&mut self.tmp);
                 gpus_after_whole(n, *count, &mut tmp);
-                let after = self.typical.node_frag(cpu_after, &tmp, n.type_mask);
+                let after = self.frag(cpu_after, &tmp, n.type_mask);
                 self.tmp = tmp;
                 (mk(after, 0), 0)
             }
             _ => {
-                let after = self.typical.node_frag(cpu_after, &n.gpu_free, n.type_mask);
+                let after = self.frag(cpu_after, &n.gpu_free, n.type_mask);
                 (mk(after, 0), 0)
             }
         }
@@ -79,9 +126,9 @@ impl Policy for Talon {
         "talon"
     }
     fn score_fields(&self) -> [&'static str; 3] {
-        ["-dFrag (micro-GPU)", "-gpu_left_after", "-cpu_left_after"]
+        ["-dFrag' (micro-GPU)", "-gpu_left_after", "-cpu_left_after"]
     }
-    fn begin(&mut self, state: &ClusterState, _d: &Demand) {
+    fn begin(&mut self, state: &ClusterState, _d: &Demand, _nonce: u64) {
         if self.memo.len() != state.nodes.len() {
             self.memo = vec![NodeMemo::default(); state.nodes.len()];
         }
@@ -90,7 +137,7 @@ impl Policy for Talon {
         let n = &state.nodes[node];
         let key = shape_key(d);
         if self.memo[node].refresh(n.version) {
-            self.memo[node].before = self.typical.node_frag(n.cpu_free, &n.gpu_free, n.type_mask);
+            self.memo[node].before = self.frag(n.cpu_free, &n.gpu_free, n.type_mask);
         } else if let Some((s, _)) = self.memo[node].get(&key) {
             return s;
         }
@@ -104,12 +151,12 @@ impl Policy for Talon {
         state: &ClusterState,
         node: usize,
         d: &Demand,
-        _seed: u64,
+        _nonce: u64,
     ) -> Vec<GpuSlice> {
         let n = &state.nodes[node];
         match &d.kind {
             DemandKind::Share { milli } => {
-                let before = self.typical.node_frag(n.cpu_free, &n.gpu_free, n.type_mask);
+                let before = self.frag(n.cpu_free, &n.gpu_free, n.type_mask);
                 let (_, g) = self.evaluate(n, d, before);
                 vec![slice(g as usize, *milli)]
             }

@@ -92,6 +92,7 @@ pub struct Prepared {
     pub tasks: Vec<OpenbTask>,
     pub demands: Vec<Demand>,
     pub typical: Arc<TypicalTasks>,
+    pub talon_typical: Arc<TypicalTasks>,
     pub capacity: u64,
 }
 
@@ -117,6 +118,8 @@ pub fn prepare_from(
         .map(|t| state0.compile(&t.to_workload()).map_err(|e| e.to_string()))
         .collect::<Result<Vec<_>, _>>()?;
     let typical = TypicalTasks::from_shapes(tasks.iter().map(|t| t.shape()), 0.95, &state0);
+    let talon_typical =
+        crate::policy::talon::talon_typical(tasks.iter().map(|t| t.shape()), &state0);
     let capacity = state0.gpu_capacity_milli();
     if capacity == 0 {
         return Err("cluster has no GPU capacity".into());
@@ -127,6 +130,7 @@ pub fn prepare_from(
         tasks,
         demands,
         typical,
+        talon_typical,
         capacity,
     })
 }
@@ -198,24 +202,33 @@ pub fn run_one(
     seed: u64,
 ) -> Result<RunResult, String> {
     let mut state = prep.state0.clone();
-    let mut policy = kind.build(&prep.typical);
+    let mut policy = kind.build(&prep.typical, &prep.talon_typical);
     let cap = prep.capacity as f64;
     let mut sums = vec![(0.0f64, 0u32); MAX_ARRIVED + 2];
     let mut arrived = 0u64;
     let mut alloc = 0u64;
     let mut failed = 0;
     let mut times = Vec::with_capacity(order.len());
+    // one random node order per run (see DecideOptions::seed); TIES=decision
+    // draws a fresh order per decision instead, for comparison
+    let per_decision = std::env::var("TALON_B1_TIES").is_ok_and(|v| v == "decision");
     let start = Instant::now();
     for (k, &ti) in order.iter().enumerate() {
         let d = &prep.demands[ti];
         arrived += d.total_milli();
+        let tie_seed = if per_decision {
+            mix2(seed, k as u64)
+        } else {
+            mix2(seed, 0x6e6f_6465)
+        };
         let t0 = Instant::now();
         let dec = decide(
             &state,
             d,
             policy.as_mut(),
             DecideOptions {
-                seed: mix2(seed, k as u64),
+                seed: tie_seed,
+                nonce: mix2(seed, k as u64),
                 explain: false,
             },
         );
