@@ -23,6 +23,7 @@ use talon_proto::{ACTOR_METADATA_KEY, LEADER_METADATA_KEY};
 use tonic::transport::{Channel, Endpoint};
 
 pub use talon_proto::v1::{AuditEntry, ClusterStatus, Member, Model, ModelSpec, ModelVersion};
+pub use tonic::Code;
 
 /// What a call can end with besides success.
 #[derive(Debug, thiserror::Error)]
@@ -35,7 +36,11 @@ pub enum ClientError {
     #[error("{}: {}", code_name(.0.code()), .0.message())]
     Status(tonic::Status),
     #[error("no coordinator answered within {elapsed_ms} ms (tried {tried}); last error: {last}")]
-    Unavailable { elapsed_ms: u64, tried: String, last: String },
+    Unavailable {
+        elapsed_ms: u64,
+        tried: String,
+        last: String,
+    },
 }
 
 fn code_name(code: tonic::Code) -> &'static str {
@@ -73,11 +78,16 @@ pub struct Client {
 }
 
 fn validate_endpoint(addr: &str) -> Result<(), ClientError> {
-    let ok = addr.rsplit_once(':').is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok());
+    let ok = addr
+        .rsplit_once(':')
+        .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok());
     if ok {
         Ok(())
     } else {
-        Err(ClientError::BadEndpoint { addr: addr.into(), reason: "expected host:port".into() })
+        Err(ClientError::BadEndpoint {
+            addr: addr.into(),
+            reason: "expected host:port".into(),
+        })
     }
 }
 
@@ -131,7 +141,10 @@ impl Client {
             return Ok(c.clone());
         }
         let endpoint = Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(|e| ClientError::BadEndpoint { addr: addr.into(), reason: e.to_string() })?
+            .map_err(|e| ClientError::BadEndpoint {
+                addr: addr.into(),
+                reason: e.to_string(),
+            })?
             .connect_timeout(Duration::from_secs(1))
             .tcp_nodelay(true);
         let channel = endpoint.connect_lazy();
@@ -181,7 +194,11 @@ impl Client {
             if !tried.contains(&addr) {
                 tried.push(addr.clone());
             }
-            let hint = status.metadata().get(LEADER_METADATA_KEY).and_then(|v| v.to_str().ok()).map(String::from);
+            let hint = status
+                .metadata()
+                .get(LEADER_METADATA_KEY)
+                .and_then(|v| v.to_str().ok())
+                .map(String::from);
             match hint {
                 Some(leader) if leader != addr => *self.current.lock().expect("poisoned") = leader,
                 _ => self.next_endpoint(&addr),
@@ -200,45 +217,81 @@ impl Client {
     }
 
     pub async fn cluster_init(&self, members: Vec<Member>) -> Result<ClusterStatus, ClientError> {
-        self.call(pb::ClusterInitRequest { members }, |mut c, r| async move { c.cluster_init(r).await })
-            .await
+        self.call(pb::ClusterInitRequest { members }, |mut c, r| async move {
+            c.cluster_init(r).await
+        })
+        .await
     }
 
-    pub async fn cluster_join(&self, node_id: u64, addr: &str, learner_only: bool) -> Result<ClusterStatus, ClientError> {
-        let req = pb::ClusterJoinRequest { node_id, addr: addr.into(), learner_only };
-        self.call(req, |mut c, r| async move { c.cluster_join(r).await }).await
+    pub async fn cluster_join(
+        &self,
+        node_id: u64,
+        addr: &str,
+        learner_only: bool,
+    ) -> Result<ClusterStatus, ClientError> {
+        let req = pb::ClusterJoinRequest {
+            node_id,
+            addr: addr.into(),
+            learner_only,
+        };
+        self.call(req, |mut c, r| async move { c.cluster_join(r).await })
+            .await
     }
 
     pub async fn cluster_remove(&self, node_id: u64) -> Result<ClusterStatus, ClientError> {
-        self.call(pb::ClusterRemoveRequest { node_id }, |mut c, r| async move { c.cluster_remove(r).await })
-            .await
+        self.call(
+            pb::ClusterRemoveRequest { node_id },
+            |mut c, r| async move { c.cluster_remove(r).await },
+        )
+        .await
     }
 
     /// The status as the node this client talks to sees it.
     pub async fn cluster_status(&self) -> Result<ClusterStatus, ClientError> {
-        self.call(pb::ClusterStatusRequest {}, |mut c, r| async move { c.cluster_status(r).await }).await
+        self.call(pb::ClusterStatusRequest {}, |mut c, r| async move {
+            c.cluster_status(r).await
+        })
+        .await
     }
 
     pub async fn create_model(&self, spec: ModelSpec) -> Result<Model, ClientError> {
         let req = pb::CreateModelRequest { spec: Some(spec) };
-        self.call(req, |mut c, r| async move { c.create_model(r).await }).await
+        self.call(req, |mut c, r| async move { c.create_model(r).await })
+            .await
     }
 
     pub async fn get_model(&self, name: &str, linearizable: bool) -> Result<Model, ClientError> {
-        let req = pb::GetModelRequest { name: name.into(), linearizable };
-        self.call(req, |mut c, r| async move { c.get_model(r).await }).await
+        let req = pb::GetModelRequest {
+            name: name.into(),
+            linearizable,
+        };
+        self.call(req, |mut c, r| async move { c.get_model(r).await })
+            .await
     }
 
     pub async fn list_models(&self, linearizable: bool) -> Result<Vec<Model>, ClientError> {
         let req = pb::ListModelsRequest { linearizable };
-        Ok(self.call(req, |mut c, r| async move { c.list_models(r).await }).await?.models)
+        Ok(self
+            .call(req, |mut c, r| async move { c.list_models(r).await })
+            .await?
+            .models)
     }
 
     /// Deletes a model (`version: None`) or one version; returns the log
     /// index of the deletion.
-    pub async fn delete_model(&self, name: &str, version: Option<&str>) -> Result<u64, ClientError> {
-        let req = pb::DeleteModelRequest { name: name.into(), version: version.unwrap_or_default().into() };
-        Ok(self.call(req, |mut c, r| async move { c.delete_model(r).await }).await?.revision)
+    pub async fn delete_model(
+        &self,
+        name: &str,
+        version: Option<&str>,
+    ) -> Result<u64, ClientError> {
+        let req = pb::DeleteModelRequest {
+            name: name.into(),
+            version: version.unwrap_or_default().into(),
+        };
+        Ok(self
+            .call(req, |mut c, r| async move { c.delete_model(r).await })
+            .await?
+            .revision)
     }
 
     pub async fn update_model_labels(
@@ -247,18 +300,36 @@ impl Client {
         set: HashMap<String, String>,
         remove: Vec<String>,
     ) -> Result<Model, ClientError> {
-        let req = pb::UpdateModelLabelsRequest { name: name.into(), set, remove };
-        self.call(req, |mut c, r| async move { c.update_model_labels(r).await }).await
+        let req = pb::UpdateModelLabelsRequest {
+            name: name.into(),
+            set,
+            remove,
+        };
+        self.call(
+            req,
+            |mut c, r| async move { c.update_model_labels(r).await },
+        )
+        .await
     }
 
-    pub async fn list_audit(&self, after_index: u64, limit: u32) -> Result<Vec<AuditEntry>, ClientError> {
+    pub async fn list_audit(
+        &self,
+        after_index: u64,
+        limit: u32,
+    ) -> Result<Vec<AuditEntry>, ClientError> {
         let req = pb::ListAuditRequest { after_index, limit };
-        Ok(self.call(req, |mut c, r| async move { c.list_audit(r).await }).await?.entries)
+        Ok(self
+            .call(req, |mut c, r| async move { c.list_audit(r).await })
+            .await?
+            .entries)
     }
 
     /// Test-only: cut the node this client talks to off from its peers.
     pub async fn set_isolated(&self, isolate: bool) -> Result<(), ClientError> {
-        self.call(pb::SetFaultsRequest { isolate }, |mut c, r| async move { c.set_faults(r).await }).await?;
+        self.call(pb::SetFaultsRequest { isolate }, |mut c, r| async move {
+            c.set_faults(r).await
+        })
+        .await?;
         Ok(())
     }
 }

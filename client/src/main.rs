@@ -15,7 +15,13 @@ use talon_client::{AuditEntry, Client, ClientError, ClusterStatus, Member, Model
 #[command(name = "talon", version, about = "Operate a Talon cluster")]
 struct Cli {
     /// Coordinator gRPC addresses, comma-separated; any member will do.
-    #[arg(long, env = "TALON_ENDPOINTS", default_value = "127.0.0.1:7400", value_delimiter = ',', global = true)]
+    #[arg(
+        long,
+        env = "TALON_ENDPOINTS",
+        default_value = "127.0.0.1:7400",
+        value_delimiter = ',',
+        global = true
+    )]
     endpoints: Vec<String>,
     /// Print JSON instead of tables.
     #[arg(long, global = true)]
@@ -134,13 +140,24 @@ enum AuditCmd {
 }
 
 fn parse_member(s: &str) -> Result<Member, String> {
-    let (id, addr) = s.split_once('=').ok_or_else(|| format!("{s:?} is not ID=HOST:PORT"))?;
-    let node_id = id.parse().map_err(|_| format!("node id {id:?} in {s:?} is not a number"))?;
-    Ok(Member { node_id, addr: addr.into(), voter: true, matched_index: None })
+    let (id, addr) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?} is not ID=HOST:PORT"))?;
+    let node_id = id
+        .parse()
+        .map_err(|_| format!("node id {id:?} in {s:?} is not a number"))?;
+    Ok(Member {
+        node_id,
+        addr: addr.into(),
+        voter: true,
+        matched_index: None,
+    })
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {
-    let (k, v) = s.split_once('=').ok_or_else(|| format!("{s:?} is not KEY=VALUE"))?;
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?} is not KEY=VALUE"))?;
     Ok((k.into(), v.into()))
 }
 
@@ -187,7 +204,11 @@ fn table(header: &[&str], rows: Vec<Vec<String>>) {
         }
     }
     let line = |cells: Vec<String>| {
-        let padded: Vec<String> = cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        let padded: Vec<String> = cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
         println!("{}", padded.join("  ").trim_end());
     };
     line(header.iter().map(|h| h.to_string()).collect());
@@ -206,7 +227,8 @@ fn print_status(s: &ClusterStatus) {
         s.node_id,
         s.role,
         s.term,
-        s.leader_id.map_or("none".into(), |l| format!("node {l} at {}", s.leader_addr))
+        s.leader_id
+            .map_or("none".into(), |l| format!("node {l} at {}", s.leader_addr))
     );
     println!(
         "log: last {}  committed {}  applied {}  snapshot {}  purged {}",
@@ -238,7 +260,11 @@ fn print_models(models: &[Model]) {
             let latest = m.versions.last();
             vec![
                 m.name.clone(),
-                m.versions.iter().map(|v| v.version.as_str()).collect::<Vec<_>>().join(","),
+                m.versions
+                    .iter()
+                    .map(|v| v.version.as_str())
+                    .collect::<Vec<_>>()
+                    .join(","),
                 latest.map_or("-".into(), |v| v.engine.clone()),
                 latest.map_or("-".into(), |v| v.memory_mib.to_string()),
                 m.latency_slo_ms.to_string(),
@@ -248,7 +274,19 @@ fn print_models(models: &[Model]) {
             ]
         })
         .collect();
-    table(&["NAME", "VERSIONS", "ENGINE", "MEMORY_MIB", "SLO_MS", "REPLICAS", "PRIORITY", "REVISION"], rows);
+    table(
+        &[
+            "NAME",
+            "VERSIONS",
+            "ENGINE",
+            "MEMORY_MIB",
+            "SLO_MS",
+            "REPLICAS",
+            "PRIORITY",
+            "REVISION",
+        ],
+        rows,
+    );
 }
 
 async fn execute(cli: Cli) -> Result<(), ClientError> {
@@ -259,11 +297,23 @@ async fn execute(cli: Cli) -> Result<(), ClientError> {
         Command::Cluster(cmd) => {
             let status = match cmd {
                 ClusterCmd::Init { members } => {
-                    Client::pinned(cli.endpoints[0].clone())?.with_timeout(timeout).cluster_init(members).await?
+                    Client::pinned(cli.endpoints[0].clone())?
+                        .with_timeout(timeout)
+                        .cluster_init(members)
+                        .await?
                 }
-                ClusterCmd::Join { node_id, addr, learner } => client.cluster_join(node_id, &addr, learner).await?,
+                ClusterCmd::Join {
+                    node_id,
+                    addr,
+                    learner,
+                } => client.cluster_join(node_id, &addr, learner).await?,
                 ClusterCmd::Remove { node_id } => client.cluster_remove(node_id).await?,
-                ClusterCmd::Status => Client::pinned(cli.endpoints[0].clone())?.with_timeout(timeout).cluster_status().await?,
+                ClusterCmd::Status => {
+                    Client::pinned(cli.endpoints[0].clone())?
+                        .with_timeout(timeout)
+                        .cluster_status()
+                        .await?
+                }
             };
             if json {
                 println!("{}", status_json(&status));
@@ -325,10 +375,15 @@ async fn execute(cli: Cli) -> Result<(), ClientError> {
             ModelCmd::Delete { name, version } => {
                 let revision = client.delete_model(&name, version.as_deref()).await?;
                 if json {
-                    println!("{}", json!({"deleted": name, "version": version, "revision": revision}));
+                    println!(
+                        "{}",
+                        json!({"deleted": name, "version": version, "revision": revision})
+                    );
                 } else {
                     match version {
-                        Some(v) => println!("deleted version {v} of model {name} at revision {revision}"),
+                        Some(v) => {
+                            println!("deleted version {v} of model {name} at revision {revision}")
+                        }
                         None => println!("deleted model {name} at revision {revision}"),
                     }
                 }
@@ -363,7 +418,10 @@ async fn execute(cli: Cli) -> Result<(), ClientError> {
                         ]
                     })
                     .collect();
-                table(&["INDEX", "AT_MS", "ACTOR", "ACTION", "TARGET", "DETAIL"], rows);
+                table(
+                    &["INDEX", "AT_MS", "ACTOR", "ACTION", "TARGET", "DETAIL"],
+                    rows,
+                );
             }
         }
     }

@@ -1,1 +1,8 @@
+//! Multi-process integration tests: real coordinator processes on loopback.
+//!
+//! One test binary (faster to link than many). Each test owns its processes
+//! and temporary directories and cleans them up when it ends.
 
+mod bad_input;
+mod cluster;
+mod harness;

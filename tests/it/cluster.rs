@@ -1,0 +1,353 @@
+//! A three-coordinator cluster: formation and replication, leader loss under
+//! load, restart from disk, catch-up through a snapshot, and a node cut off
+//! from its peers.
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::harness::{bin, model_names, spec, wait_for, Cluster};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_forms_replicates_and_follows_the_leader() {
+    let cluster = Cluster::form(3, &[]).await;
+    let leader = cluster.leader(None).await;
+    let follower = cluster
+        .nodes
+        .iter()
+        .find(|n| n.id != leader)
+        .expect("a follower");
+
+    // A write sent to a follower is forwarded to the leader.
+    let model = follower
+        .client()
+        .create_model(spec("llama-8b", "v1"))
+        .await
+        .expect("write through a follower");
+    assert_eq!(model.versions.len(), 1);
+    let model = cluster
+        .client()
+        .create_model(spec("llama-8b", "v2"))
+        .await
+        .expect("second version");
+    assert_eq!(model.versions.len(), 2);
+
+    // Linearizable reads see it from any node; every node applies it.
+    for node in &cluster.nodes {
+        let m = node
+            .client()
+            .get_model("llama-8b", true)
+            .await
+            .expect("linearizable read");
+        assert_eq!(m.versions.len(), 2);
+        wait_for(
+            "replication to every node",
+            Duration::from_secs(10),
+            || async { model_names(node).await.filter(|n| n.contains("llama-8b")) },
+        )
+        .await;
+    }
+
+    let status = follower.client().cluster_status().await.expect("status");
+    assert_eq!(status.members.iter().filter(|m| m.voter).count(), 3);
+    assert_eq!(status.leader_id, Some(leader));
+
+    // The audit log names who did what.
+    let audit = cluster.client().list_audit(0, 100).await.expect("audit");
+    let actions: Vec<&str> = audit.iter().map(|a| a.action.as_str()).collect();
+    assert!(
+        actions.contains(&"cluster.init") && actions.contains(&"model.create"),
+        "{actions:?}"
+    );
+    assert!(
+        audit
+            .iter()
+            .any(|a| a.action == "model.create" && a.actor == "it"),
+        "{audit:?}"
+    );
+    assert!(
+        audit.iter().all(|a| a.at_ms > 0 && !a.actor.is_empty()),
+        "{audit:?}"
+    );
+
+    // The CLI: a table for people and JSON for scripts.
+    let endpoints = cluster
+        .nodes
+        .iter()
+        .map(|n| n.grpc.clone())
+        .collect::<Vec<_>>()
+        .join(",");
+    let out = std::process::Command::new(bin("talon"))
+        .args([
+            "--endpoints",
+            &endpoints,
+            "--json",
+            "model",
+            "get",
+            "llama-8b",
+            "--linearizable",
+        ])
+        .output()
+        .expect("run talon");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json output");
+    assert_eq!(json["versions"].as_array().map(Vec::len), Some(2));
+    let out = std::process::Command::new(bin("talon"))
+        .args(["--endpoints", &endpoints, "model", "list"])
+        .output()
+        .expect("run talon");
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        table.starts_with("NAME") && table.contains("llama-8b  v1,v2"),
+        "{table}"
+    );
+
+    // Metrics are exported.
+    let term = follower
+        .metric("talon_coordinator_raft_term")
+        .await
+        .expect("term metric");
+    assert!(term >= 1.0);
+    let leader_node = cluster
+        .nodes
+        .iter()
+        .find(|n| n.id == leader)
+        .expect("leader");
+    assert_eq!(
+        leader_node.metric("talon_coordinator_raft_is_leader").await,
+        Some(1.0)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leader_killed_under_load_loses_no_acknowledged_write() {
+    let mut cluster = Cluster::form(3, &[]).await;
+    let old_leader = cluster.leader(None).await;
+    let client = Arc::new(cluster.client());
+    let acked = Arc::new(Mutex::new(BTreeSet::new()));
+    let stop = Arc::new(AtomicBool::new(false));
+
+    // A continuous writer: every name that was acknowledged is recorded.
+    let writer = {
+        let (client, acked, stop) = (client.clone(), acked.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut n = 0u64;
+            while !stop.load(Ordering::SeqCst) {
+                let name = format!("m-{n}");
+                if client.create_model(spec(&name, "v1")).await.is_ok() {
+                    acked.lock().unwrap().insert(name);
+                }
+                n += 1;
+            }
+        })
+    };
+    wait_for(
+        "writes before the kill",
+        Duration::from_secs(20),
+        || async { (acked.lock().unwrap().len() >= 30).then_some(()) },
+    )
+    .await;
+    cluster.node(old_leader).kill();
+    let before_kill = acked.lock().unwrap().len();
+    let new_leader = cluster.leader(Some(old_leader)).await;
+    assert_ne!(new_leader, old_leader);
+    wait_for(
+        "writes after the failover",
+        Duration::from_secs(30),
+        || async { (acked.lock().unwrap().len() >= before_kill + 30).then_some(()) },
+    )
+    .await;
+    stop.store(true, Ordering::SeqCst);
+    writer.await.expect("writer");
+    let acked = acked.lock().unwrap().clone();
+
+    // Every acknowledged write is on every survivor.
+    for node in cluster.nodes.iter().filter(|n| n.is_running()) {
+        wait_for(
+            &format!("node {} to hold every acknowledged write", node.id),
+            Duration::from_secs(20),
+            || async {
+                model_names(node)
+                    .await
+                    .filter(|names| acked.is_subset(names))
+            },
+        )
+        .await;
+    }
+
+    // The killed node restarts from its disk and catches up.
+    cluster.node(old_leader).start();
+    let node = cluster
+        .nodes
+        .iter()
+        .find(|n| n.id == old_leader)
+        .expect("restarted node");
+    wait_for(
+        "the restarted node to catch up",
+        Duration::from_secs(30),
+        || async {
+            model_names(node)
+                .await
+                .filter(|names| acked.is_subset(names))
+        },
+    )
+    .await;
+    let status = node.client().cluster_status().await.expect("status");
+    assert_eq!(status.leader_id, Some(new_leader));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lagging_node_catches_up_through_a_snapshot() {
+    let args = ["--snapshot-logs", "40", "--keep-logs-after-snapshot", "5"];
+    let mut cluster = Cluster::form(3, &args).await;
+    let leader = cluster.leader(None).await;
+    let lagging = cluster
+        .nodes
+        .iter()
+        .map(|n| n.id)
+        .find(|id| *id != leader)
+        .expect("a follower");
+    cluster.node(lagging).kill();
+
+    let client = cluster.client();
+    for i in 0..150 {
+        client
+            .create_model(spec(&format!("s-{i}"), "v1"))
+            .await
+            .expect("write while a node is down");
+    }
+    // The leader has snapshotted and purged past anything the lagging node has.
+    let leader_node = cluster
+        .nodes
+        .iter()
+        .find(|n| n.id == leader)
+        .expect("leader");
+    let status = wait_for(
+        "the leader to purge its log",
+        Duration::from_secs(20),
+        || async {
+            let s = leader_node.client().cluster_status().await.ok()?;
+            (s.purged_index.unwrap_or(0) > 100).then_some(s)
+        },
+    )
+    .await;
+    assert!(status.snapshot_index.unwrap_or(0) > 100, "{status:?}");
+
+    cluster.node(lagging).start();
+    let node = cluster
+        .nodes
+        .iter()
+        .find(|n| n.id == lagging)
+        .expect("lagging node");
+    wait_for(
+        "the lagging node to catch up",
+        Duration::from_secs(30),
+        || async {
+            model_names(node)
+                .await
+                .filter(|names| (0..150).all(|i| names.contains(&format!("s-{i}"))))
+        },
+    )
+    .await;
+    let installed = node
+        .metric("talon_coordinator_snapshots_installed_total")
+        .await;
+    assert!(
+        installed.unwrap_or(0.0) >= 1.0,
+        "the node caught up without installing a snapshot: {installed:?}"
+    );
+    // And it keeps following: a later write reaches it through the log.
+    client
+        .create_model(spec("after-snapshot", "v1"))
+        .await
+        .expect("write");
+    wait_for(
+        "a write after the snapshot",
+        Duration::from_secs(10),
+        || async {
+            model_names(node)
+                .await
+                .filter(|n| n.contains("after-snapshot"))
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn isolated_leader_cannot_commit_and_rejoins_cleanly() {
+    let cluster = Cluster::form(3, &["--write-timeout-ms", "1500"]).await;
+    let old = cluster.leader(None).await;
+    let old_node = cluster.nodes.iter().find(|n| n.id == old).expect("leader");
+    cluster
+        .client()
+        .create_model(spec("before", "v1"))
+        .await
+        .expect("write before the partition");
+
+    old_node
+        .client()
+        .set_isolated(true)
+        .await
+        .expect("isolate the leader");
+    // A write on the cut-off leader cannot reach a quorum.
+    let err = old_node
+        .client()
+        .create_model(spec("lost", "v1"))
+        .await
+        .expect_err("no quorum");
+    assert!(
+        matches!(
+            err.code(),
+            Some(talon_client::Code::DeadlineExceeded) | Some(talon_client::Code::Unavailable)
+        ),
+        "{err}"
+    );
+
+    // The majority elects a new leader and keeps committing.
+    let majority: Vec<_> = cluster.nodes.iter().filter(|n| n.id != old).collect();
+    let new = wait_for(
+        "a new leader among the majority",
+        Duration::from_secs(20),
+        || async {
+            let s = majority[0].client().cluster_status().await.ok()?;
+            s.leader_id.filter(|l| *l != old)
+        },
+    )
+    .await;
+    let majority_client =
+        talon_client::Client::new(majority.iter().map(|n| n.grpc.clone())).expect("client");
+    majority_client
+        .create_model(spec("during", "v1"))
+        .await
+        .expect("the majority commits");
+
+    // Healed: the old leader follows the new one and converges; the write it
+    // could not commit is gone.
+    old_node.client().set_isolated(false).await.expect("heal");
+    wait_for(
+        "the old leader to rejoin",
+        Duration::from_secs(20),
+        || async {
+            let s = old_node.client().cluster_status().await.ok()?;
+            let names = model_names(old_node).await?;
+            (s.leader_id == Some(new) && names.contains("during")).then_some(())
+        },
+    )
+    .await;
+    for node in &cluster.nodes {
+        let names = wait_for("convergence", Duration::from_secs(10), || async {
+            model_names(node).await.filter(|n| n.contains("during"))
+        })
+        .await;
+        assert!(
+            names.contains("before") && !names.contains("lost"),
+            "node {}: {names:?}",
+            node.id
+        );
+    }
+}

@@ -1,0 +1,276 @@
+//! Starts real `talon-coordinator` processes on loopback and waits on
+//! conditions with deadlines.
+//!
+//! Binaries come from this workspace's target directory; the first test that
+//! needs them runs `cargo build` for them once, so they are never stale.
+
+use std::future::Future;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use talon_client::{Client, ClusterStatus, ModelSpec};
+
+/// The directory that holds the workspace's binaries (`target/debug`).
+pub fn bin_dir() -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let exe = std::env::current_exe().expect("test executable path");
+            let dir = exe
+                .parent()
+                .and_then(Path::parent)
+                .expect("target/<profile>/deps/<exe>")
+                .to_path_buf();
+            let cargo = option_env!("CARGO").unwrap_or("cargo");
+            let status = Command::new(cargo)
+                .args([
+                    "build",
+                    "-p",
+                    "talon-coordinator",
+                    "-p",
+                    "talon-client",
+                    "--bins",
+                ])
+                .current_dir(env!("CARGO_MANIFEST_DIR"))
+                .status()
+                .expect("run cargo build for the binaries");
+            assert!(status.success(), "cargo build of the binaries failed");
+            dir
+        })
+        .clone()
+}
+
+pub fn bin(name: &str) -> PathBuf {
+    bin_dir().join(name)
+}
+
+/// A port that was free a moment ago.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .expect("bind port 0")
+        .local_addr()
+        .expect("local addr")
+        .port()
+}
+
+/// Polls `check` until it yields a value or `timeout` passes.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    let mut tick = tokio::time::interval(Duration::from_millis(50));
+    loop {
+        tick.tick().await;
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+    }
+}
+
+/// One coordinator process.
+pub struct Node {
+    pub id: u64,
+    pub grpc: String,
+    pub http: String,
+    pub data_dir: PathBuf,
+    pub extra_args: Vec<String>,
+    child: Option<Child>,
+    log_path: PathBuf,
+}
+
+impl Node {
+    pub fn start(&mut self) {
+        assert!(self.child.is_none(), "node {} already runs", self.id);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log_path)
+            .expect("open log");
+        let child = Command::new(bin("talon-coordinator"))
+            .args(["--node-id", &self.id.to_string()])
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .args([
+                "--listen",
+                &self.grpc,
+                "--http-listen",
+                &self.http,
+                "--fault-injection",
+                "true",
+            ])
+            .args(&self.extra_args)
+            .env("RUST_LOG", "info,openraft=warn")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn talon-coordinator");
+        self.child = Some(child);
+    }
+
+    /// SIGKILL: no shutdown, no flush beyond what was already acknowledged.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    /// A client pinned to this node.
+    pub fn client(&self) -> Client {
+        Client::pinned(self.grpc.clone())
+            .expect("valid address")
+            .with_timeout(Duration::from_secs(5))
+    }
+
+    /// This node's `/metrics` value of `name`, if exported.
+    pub async fn metric(&self, name: &str) -> Option<f64> {
+        let http = self.http.clone();
+        let name = name.to_string();
+        tokio::task::spawn_blocking(move || {
+            use std::io::{Read, Write};
+            let mut s = std::net::TcpStream::connect(&http).ok()?;
+            s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+            write!(s, "GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n").ok()?;
+            let mut body = String::new();
+            s.read_to_string(&mut body).ok()?;
+            body.lines().find_map(|l| {
+                l.strip_prefix(&format!("{name} "))
+                    .and_then(|v| v.trim().parse().ok())
+            })
+        })
+        .await
+        .ok()
+        .flatten()
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() {
+            let log = std::fs::read_to_string(&self.log_path).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            eprintln!("--- last lines of node {} ---", self.id);
+            for line in tail.into_iter().rev() {
+                eprintln!("{line}");
+            }
+        }
+    }
+}
+
+/// A set of coordinator processes in temporary directories.
+pub struct Cluster {
+    pub nodes: Vec<Node>,
+    _dir: tempfile::TempDir,
+}
+
+impl Cluster {
+    /// Starts `n` coordinators (not yet a cluster) with `extra_args` each.
+    pub fn start(n: usize, extra_args: &[&str]) -> Cluster {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let nodes = (1..=n as u64)
+            .map(|id| {
+                let mut node = Node {
+                    id,
+                    grpc: format!("127.0.0.1:{}", free_port()),
+                    http: format!("127.0.0.1:{}", free_port()),
+                    data_dir: dir.path().join(format!("node-{id}")),
+                    extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+                    child: None,
+                    log_path: dir.path().join(format!("node-{id}.log")),
+                };
+                node.start();
+                node
+            })
+            .collect();
+        Cluster { nodes, _dir: dir }
+    }
+
+    /// Starts `n` coordinators and forms one cluster: node 1 bootstraps, the
+    /// others join through the SDK.
+    pub async fn form(n: usize, extra_args: &[&str]) -> Cluster {
+        let cluster = Cluster::start(n, extra_args);
+        let first = cluster.nodes[0].client();
+        wait_for("node 1 to accept init", Duration::from_secs(20), || async {
+            first.cluster_init(vec![]).await.ok()
+        })
+        .await;
+        let client = cluster.client();
+        for node in &cluster.nodes[1..] {
+            let grpc = node.grpc.clone();
+            wait_for(
+                &format!("node {} to join", node.id),
+                Duration::from_secs(30),
+                || {
+                    let client = &client;
+                    let grpc = grpc.clone();
+                    async move { client.cluster_join(node.id, &grpc, false).await.ok() }
+                },
+            )
+            .await;
+        }
+        cluster
+    }
+
+    /// A client that knows every node.
+    pub fn client(&self) -> Client {
+        Client::new(self.nodes.iter().map(|n| n.grpc.clone()))
+            .expect("valid addresses")
+            .with_timeout(Duration::from_secs(15))
+            .with_actor("it")
+    }
+
+    pub fn node(&mut self, id: u64) -> &mut Node {
+        self.nodes.iter_mut().find(|n| n.id == id).expect("node id")
+    }
+
+    /// Waits until a running node reports a leader that the running nodes
+    /// agree on, other than `not`.
+    pub async fn leader(&self, not: Option<u64>) -> u64 {
+        wait_for("an agreed leader", Duration::from_secs(30), || async {
+            let mut leaders = Vec::new();
+            for node in self.nodes.iter().filter(|n| n.is_running()) {
+                let status: ClusterStatus = node.client().cluster_status().await.ok()?;
+                leaders.push(status.leader_id?);
+            }
+            let first = *leaders.first()?;
+            (leaders.iter().all(|l| *l == first) && Some(first) != not).then_some(first)
+        })
+        .await
+    }
+}
+
+/// A valid model spec.
+pub fn spec(name: &str, version: &str) -> ModelSpec {
+    ModelSpec {
+        name: name.into(),
+        version: version.into(),
+        engine: "vllm".into(),
+        artifact_uri: format!("hf://talon-tests/{name}"),
+        memory_mib: 16_000,
+        latency_slo_ms: 500,
+        min_replicas: 1,
+        max_replicas: 3,
+        priority: "normal".into(),
+        labels: Default::default(),
+    }
+}
+
+/// The model names a node has applied (local, non-linearizable read).
+pub async fn model_names(node: &Node) -> Option<std::collections::BTreeSet<String>> {
+    let models = node.client().list_models(false).await.ok()?;
+    Some(models.into_iter().map(|m| m.name).collect())
+}
