@@ -68,6 +68,9 @@ pub struct Config {
     pub write_timeout_ms: u64,
     /// Accept the test-only SetFaults admin call.
     pub fault_injection: bool,
+    /// On a node whose log is empty, bootstrap a one-node cluster at start
+    /// (others join it later). Ignored once the node belongs to a cluster.
+    pub bootstrap: bool,
     pub log_format: LogFormat,
     pub raft: RaftSettings,
 }
@@ -82,6 +85,7 @@ impl Default for Config {
             http_listen: "127.0.0.1:7480".parse().expect("valid literal"),
             write_timeout_ms: 5_000,
             fault_injection: false,
+            bootstrap: false,
             log_format: LogFormat::Text,
             raft: RaftSettings::default(),
         }
@@ -114,8 +118,11 @@ pub struct Flags {
     pub http_listen: Option<SocketAddr>,
     #[arg(long, env = "TALON_WRITE_TIMEOUT_MS")]
     pub write_timeout_ms: Option<u64>,
-    #[arg(long, env = "TALON_FAULT_INJECTION")]
+    #[arg(long, env = "TALON_FAULT_INJECTION", num_args = 0..=1, default_missing_value = "true")]
     pub fault_injection: Option<bool>,
+    /// Bootstrap a one-node cluster when this node's log is empty.
+    #[arg(long, env = "TALON_BOOTSTRAP", num_args = 0..=1, default_missing_value = "true")]
+    pub bootstrap: Option<bool>,
     #[arg(long, env = "TALON_LOG_FORMAT")]
     pub log_format: Option<LogFormat>,
     #[arg(long, env = "TALON_HEARTBEAT_MS")]
@@ -170,7 +177,7 @@ impl Config {
         }
         set!(
             node_id => node_id, data_dir => data_dir, listen => listen, http_listen => http_listen,
-            write_timeout_ms => write_timeout_ms, fault_injection => fault_injection, log_format => log_format,
+            write_timeout_ms => write_timeout_ms, fault_injection => fault_injection, bootstrap => bootstrap, log_format => log_format,
             heartbeat_ms => raft.heartbeat_ms, election_timeout_min_ms => raft.election_timeout_min_ms,
             election_timeout_max_ms => raft.election_timeout_max_ms, snapshot_logs => raft.snapshot_logs,
             keep_logs_after_snapshot => raft.keep_logs_after_snapshot,

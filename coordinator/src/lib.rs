@@ -83,6 +83,12 @@ pub async fn run(
         "coordinator started"
     );
 
+    if config.bootstrap && !raft.is_initialized().await? {
+        let addr = config.advertise.clone().unwrap_or_default();
+        let members = std::collections::BTreeMap::from([(config.node_id, openraft::BasicNode::new(&addr))]);
+        raft.initialize(members).await.context("bootstrapping a one-node cluster")?;
+        tracing::info!(node_id = config.node_id, addr, "bootstrapped a one-node cluster");
+    }
     let metrics_task = tokio::spawn(export_raft_metrics(
         raft.clone(),
         log.clone(),
