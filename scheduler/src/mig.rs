@@ -336,6 +336,55 @@ pub fn plan_layout(model: MigModel, profiles: &[u8]) -> LayoutPlan {
         .collect()
 }
 
+/// [`plan_layout`] for tagged instances: returns, per GPU, the tags and the
+/// positions of the instances placed on it.
+pub fn plan_layout_tagged<T: Copy>(
+    model: MigModel,
+    items: &[(T, u8)],
+) -> Vec<Vec<(T, MigInstance)>> {
+    let table = model.profiles();
+    let mut order: Vec<usize> = (0..items.len()).collect();
+    order.sort_by_key(|&k| {
+        let p = &table[items[k].1 as usize];
+        (
+            std::cmp::Reverse(p.compute),
+            std::cmp::Reverse(p.mem_slices),
+            k,
+        )
+    });
+    let mut bins: Vec<Vec<usize>> = Vec::new();
+    'next: for k in order {
+        for bin in bins.iter_mut() {
+            bin.push(k);
+            let profs: Vec<u8> = bin.iter().map(|&j| items[j].1).collect();
+            if pack_gpu(model, &profs).is_some() {
+                continue 'next;
+            }
+            bin.pop();
+        }
+        bins.push(vec![k]);
+    }
+    bins.iter()
+        .map(|bin| {
+            let profs: Vec<u8> = bin.iter().map(|&j| items[j].1).collect();
+            let layout = pack_gpu(model, &profs).expect("bin was checked when filled");
+            // match placed instances back to tags by profile
+            let mut left: Vec<usize> = bin.clone();
+            layout
+                .into_iter()
+                .map(|inst| {
+                    let pos = left
+                        .iter()
+                        .position(|&j| items[j].1 == inst.profile)
+                        .expect("every placed profile came from the bin");
+                    let j = left.remove(pos);
+                    (items[j].0, inst)
+                })
+                .collect()
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
