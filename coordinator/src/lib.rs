@@ -37,6 +37,7 @@ use talon_proto::v1::admin_service_server::AdminServiceServer;
 use talon_proto::v1::raft_service_server::RaftServiceServer;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
+use tokio_stream::StreamExt;
 
 use crate::admin::{Admin, AdminContext};
 use crate::config::Config;
@@ -85,9 +86,16 @@ pub async fn run(
 
     if config.bootstrap && !raft.is_initialized().await? {
         let addr = config.advertise.clone().unwrap_or_default();
-        let members = std::collections::BTreeMap::from([(config.node_id, openraft::BasicNode::new(&addr))]);
-        raft.initialize(members).await.context("bootstrapping a one-node cluster")?;
-        tracing::info!(node_id = config.node_id, addr, "bootstrapped a one-node cluster");
+        let members =
+            std::collections::BTreeMap::from([(config.node_id, openraft::BasicNode::new(&addr))]);
+        raft.initialize(members)
+            .await
+            .context("bootstrapping a one-node cluster")?;
+        tracing::info!(
+            node_id = config.node_id,
+            addr,
+            "bootstrapped a one-node cluster"
+        );
     }
     let metrics_task = tokio::spawn(export_raft_metrics(
         raft.clone(),
@@ -113,6 +121,13 @@ pub async fn run(
         let _ = rx.wait_for(|s| *s).await;
     };
 
+    // Replies are small and latency-bound: no Nagle delay on accepted sockets.
+    let incoming = TcpListenerStream::new(grpc).map(|stream| {
+        if let Ok(s) = &stream {
+            let _ = s.set_nodelay(true);
+        }
+        stream
+    });
     let grpc_server = tonic::transport::Server::builder()
         .add_service(
             RaftServiceServer::new(RaftRpcService::new(raft.clone(), faults))
@@ -120,7 +135,7 @@ pub async fn run(
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
         )
         .add_service(AdminServiceServer::new(Admin::new(ctx)))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), stopped(stop_rx.clone()));
+        .serve_with_incoming_shutdown(incoming, stopped(stop_rx.clone()));
     let http_server = axum::serve(http, http::router(metrics, raft.clone()))
         .with_graceful_shutdown(stopped(stop_rx));
 

@@ -1,0 +1,385 @@
+//! Three-member clusters of real processes on loopback, for benchmarks:
+//! Talon coordinators and etcd members, each with its own data directory,
+//! started, killed with SIGKILL and restarted.
+
+use std::collections::HashMap;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use talon_client::Client;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::etcdserverpb::kv_client::KvClient;
+use crate::etcdserverpb::maintenance_client::MaintenanceClient;
+use crate::etcdserverpb::{PutRequest, StatusRequest};
+
+/// A port that was free a moment ago.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or(0)
+}
+
+/// Which store a cluster runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Talon,
+    Etcd,
+}
+
+impl Kind {
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Talon => "talon",
+            Kind::Etcd => "etcd",
+        }
+    }
+}
+
+struct Member {
+    id: u64,
+    /// Client address (Talon gRPC / etcd client URL host:port).
+    client_addr: String,
+    args: Vec<String>,
+    program: PathBuf,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Member {
+    fn start(&mut self) -> anyhow::Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)?;
+        let child = Command::new(&self.program)
+            .args(&self.args)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {}", self.program.display()))?;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A running three-member cluster.
+pub struct BenchCluster {
+    pub kind: Kind,
+    members: Vec<Member>,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for BenchCluster {
+    fn drop(&mut self) {
+        for m in &mut self.members {
+            m.kill();
+        }
+    }
+}
+
+/// Polls until `f` succeeds or `timeout` passes.
+pub async fn poll<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    let mut tick = tokio::time::interval(Duration::from_millis(20));
+    loop {
+        tick.tick().await;
+        if let Some(v) = f().await {
+            return Ok(v);
+        }
+        if Instant::now() > deadline {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+    }
+}
+
+fn channel(addr: &str) -> anyhow::Result<Channel> {
+    Ok(Endpoint::from_shared(format!("http://{addr}"))?
+        .connect_timeout(Duration::from_millis(500))
+        .tcp_nodelay(true)
+        .connect_lazy())
+}
+
+impl BenchCluster {
+    /// Starts three members of `kind` under `base` (a disk-backed directory).
+    /// `talon_bin` is the directory holding `talon-coordinator`.
+    pub async fn start(kind: Kind, base: &Path, talon_bin: &Path) -> anyhow::Result<BenchCluster> {
+        let dir = tempfile::Builder::new()
+            .prefix(kind.name())
+            .tempdir_in(base)?;
+        let ports: Vec<(u16, u16)> = (0..3).map(|_| (free_port(), free_port())).collect();
+        let mut members = Vec::new();
+        for (i, (client, peer)) in ports.iter().enumerate() {
+            let id = i as u64 + 1;
+            let data = dir.path().join(format!("{}-{id}", kind.name()));
+            let (program, args) = match kind {
+                Kind::Talon => {
+                    let mut args = vec![
+                        "--node-id".to_string(),
+                        id.to_string(),
+                        "--listen".into(),
+                        format!("127.0.0.1:{client}"),
+                        "--http-listen".into(),
+                        format!("127.0.0.1:{peer}"),
+                        "--data-dir".into(),
+                        data.display().to_string(),
+                    ];
+                    if id == 1 {
+                        args.push("--bootstrap".into());
+                    }
+                    (talon_bin.join("talon-coordinator"), args)
+                }
+                Kind::Etcd => {
+                    let initial: Vec<String> = ports
+                        .iter()
+                        .enumerate()
+                        .map(|(j, (_, p))| format!("e{}=http://127.0.0.1:{p}", j + 1))
+                        .collect();
+                    let args = vec![
+                        "--name".to_string(),
+                        format!("e{id}"),
+                        "--data-dir".into(),
+                        data.display().to_string(),
+                        "--listen-client-urls".into(),
+                        format!("http://127.0.0.1:{client}"),
+                        "--advertise-client-urls".into(),
+                        format!("http://127.0.0.1:{client}"),
+                        "--listen-peer-urls".into(),
+                        format!("http://127.0.0.1:{peer}"),
+                        "--initial-advertise-peer-urls".into(),
+                        format!("http://127.0.0.1:{peer}"),
+                        "--initial-cluster".into(),
+                        initial.join(","),
+                        "--initial-cluster-state".into(),
+                        "new".into(),
+                        "--initial-cluster-token".into(),
+                        "talon-bench".into(),
+                        "--log-level".into(),
+                        "warn".into(),
+                    ];
+                    (PathBuf::from("etcd"), args)
+                }
+            };
+            let mut m = Member {
+                id,
+                client_addr: format!("127.0.0.1:{client}"),
+                args,
+                program,
+                child: None,
+                log: dir.path().join(format!("{}-{id}.log", kind.name())),
+            };
+            m.start()?;
+            members.push(m);
+        }
+        let cluster = BenchCluster {
+            kind,
+            members,
+            _dir: dir,
+        };
+        if kind == Kind::Talon {
+            let first = Client::pinned(cluster.members[0].client_addr.clone())?;
+            poll("talon node 1 to lead", Duration::from_secs(30), || async {
+                first
+                    .cluster_status()
+                    .await
+                    .ok()
+                    .filter(|s| s.leader_id == Some(1))
+            })
+            .await?;
+            for m in &cluster.members[1..] {
+                first.cluster_join(m.id, &m.client_addr, false).await?;
+            }
+        }
+        cluster.leader(None).await?;
+        Ok(cluster)
+    }
+
+    /// Client addresses of all members.
+    pub fn addrs(&self) -> Vec<String> {
+        self.members.iter().map(|m| m.client_addr.clone()).collect()
+    }
+
+    /// Client addresses of the running members.
+    pub fn running_addrs(&self) -> Vec<String> {
+        self.members
+            .iter()
+            .filter(|m| m.child.is_some())
+            .map(|m| m.client_addr.clone())
+            .collect()
+    }
+
+    /// The leader's member index as seen by every running member, waiting
+    /// until they agree on one that is not `not`.
+    pub async fn leader(&self, not: Option<usize>) -> anyhow::Result<usize> {
+        let running: Vec<(usize, String)> = self
+            .members
+            .iter()
+            .enumerate()
+            .filter(|(_, m)| m.child.is_some())
+            .map(|(i, m)| (i, m.client_addr.clone()))
+            .collect();
+        let kind = self.kind;
+        poll("an agreed leader", Duration::from_secs(60), || {
+            let running = running.clone();
+            async move {
+                // (member's own id, the leader it names) for each member.
+                let mut views = Vec::new();
+                for (i, addr) in &running {
+                    let (me, leader) = leader_view(kind, addr).await?;
+                    views.push((*i, me, leader));
+                }
+                let leader = views.first()?.2.clone();
+                if !views.iter().all(|v| v.2 == leader) {
+                    return None;
+                }
+                let idx = views.iter().find(|v| v.1 == leader).map(|v| v.0)?;
+                (Some(idx) != not).then_some(idx)
+            }
+        })
+        .await
+    }
+
+    pub fn addr(&self, index: usize) -> String {
+        self.members[index].client_addr.clone()
+    }
+
+    pub fn kill(&mut self, index: usize) {
+        self.members[index].kill();
+    }
+
+    /// Starts a killed member again on its data directory (a Talon node 1
+    /// does not bootstrap again: its log is not empty).
+    pub fn restart(&mut self, index: usize) -> anyhow::Result<()> {
+        self.members[index].start()
+    }
+}
+
+/// How the member at `addr` names itself and its leader (Talon: gRPC
+/// addresses; etcd: member ids), when it knows a leader.
+pub async fn leader_view(kind: Kind, addr: &str) -> Option<(String, String)> {
+    match kind {
+        Kind::Talon => {
+            let s = Client::pinned(addr.to_string())
+                .ok()?
+                .with_timeout(Duration::from_millis(500));
+            let status = s.cluster_status().await.ok()?;
+            status.leader_id?;
+            Some((addr.to_string(), status.leader_addr))
+        }
+        Kind::Etcd => {
+            let mut c = MaintenanceClient::new(channel(addr).ok()?);
+            let mut req = tonic::Request::new(StatusRequest {});
+            req.set_timeout(Duration::from_millis(500));
+            let status = c.status(req).await.ok()?.into_inner();
+            if status.leader == 0 {
+                return None;
+            }
+            Some((
+                status.header?.member_id.to_string(),
+                status.leader.to_string(),
+            ))
+        }
+    }
+}
+
+/// A writer of 256-byte values through the cheapest write that goes
+/// through consensus: a model label update on Talon, a Put on etcd.
+pub enum Writer {
+    Talon {
+        client: Client,
+        model: String,
+    },
+    Etcd {
+        clients: Vec<KvClient<Channel>>,
+        current: usize,
+        key: Vec<u8>,
+    },
+}
+
+impl Writer {
+    /// A writer that talks to `addrs` (any member; the first is tried
+    /// first). On Talon it registers its own model first.
+    pub async fn new(kind: Kind, addrs: &[String], name: &str) -> anyhow::Result<Writer> {
+        match kind {
+            Kind::Talon => {
+                let client = Client::new(addrs.to_vec())?
+                    .with_timeout(Duration::from_secs(5))
+                    .with_actor("bench");
+                let spec = talon_client::ModelSpec {
+                    name: name.to_string(),
+                    version: "v1".into(),
+                    engine: "simulated".into(),
+                    artifact_uri: format!("file:///bench/{name}"),
+                    memory_mib: 1024,
+                    latency_slo_ms: 100,
+                    min_replicas: 0,
+                    max_replicas: 1,
+                    priority: "low".into(),
+                    labels: HashMap::new(),
+                };
+                client.create_model(spec).await?;
+                Ok(Writer::Talon {
+                    client,
+                    model: name.to_string(),
+                })
+            }
+            Kind::Etcd => {
+                let clients = addrs
+                    .iter()
+                    .map(|a| channel(a).map(KvClient::new))
+                    .collect::<Result<_, _>>()?;
+                Ok(Writer::Etcd {
+                    clients,
+                    current: 0,
+                    key: format!("/bench/{name}").into_bytes(),
+                })
+            }
+        }
+    }
+
+    /// One write of `value`; on etcd a failed write moves to the next member.
+    pub async fn write(&mut self, value: &str) -> anyhow::Result<()> {
+        match self {
+            Writer::Talon { client, model } => {
+                let set = HashMap::from([("payload".to_string(), value.to_string())]);
+                client.update_model_labels(model, set, vec![]).await?;
+                Ok(())
+            }
+            Writer::Etcd {
+                clients,
+                current,
+                key,
+            } => {
+                let mut req = tonic::Request::new(PutRequest {
+                    key: key.clone(),
+                    value: value.as_bytes().to_vec(),
+                    ..Default::default()
+                });
+                req.set_timeout(Duration::from_secs(5));
+                let n = clients.len();
+                match clients[*current].put(req).await {
+                    Ok(_) => Ok(()),
+                    Err(e) => {
+                        *current = (*current + 1) % n;
+                        Err(e.into())
+                    }
+                }
+            }
+        }
+    }
+}
