@@ -1,1 +1,268 @@
-//! Re-planning (filled below).
+//! Re-plan: problem + previous solution → new solution that moves little.
+//!
+//! Named phases, each followed by a post-condition check (after Quickwit's
+//! control-plane scheduler):
+//!
+//! 1. **keep** — every workload whose previous assignment is still valid
+//!    (node still there, resources still free, constraints still met) keeps
+//!    it, in the problem's workload order;
+//! 2. **place** — the others (new workloads, and those whose assignment
+//!    became invalid) are placed by the policy, largest GPU demand first;
+//! 3. **check** — the final state has no overcommit and every assignment
+//!    passes [`ClusterState::check_assignment`] against the state without it.
+//!
+//! Re-planning an unchanged problem with its own solution moves nothing.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+
+use crate::engine::{decide, DecideOptions, FilterReason, Outcome};
+use crate::policy::Policy;
+use crate::state::{ClusterState, StateError};
+use crate::types::{Assignment, Node, Workload};
+
+/// What to place, and where.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Problem {
+    pub nodes: Vec<Node>,
+    pub workloads: Vec<Workload>,
+}
+
+/// Where each workload runs, by workload name (absent: not placed).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Solution {
+    pub assignments: BTreeMap<String, Assignment>,
+}
+
+/// The outcome of a re-plan.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Replan {
+    pub solution: Solution,
+    /// Workloads whose assignment changed (moved or newly placed).
+    pub moved: Vec<String>,
+    /// Workloads kept where they were.
+    pub kept: usize,
+    /// Workloads that fit nowhere, with the most common reason.
+    pub unplaced: Vec<(String, String)>,
+}
+
+/// Errors that are bugs or bad input, not "does not fit".
+#[derive(Debug, Clone, PartialEq)]
+pub enum ReplanError {
+    State(StateError),
+    DuplicateWorkload(String),
+    PostCondition(String),
+}
+
+impl std::fmt::Display for ReplanError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ReplanError::State(e) => write!(f, "{e}"),
+            ReplanError::DuplicateWorkload(n) => write!(f, "workload name {n:?} appears twice"),
+            ReplanError::PostCondition(m) => write!(f, "post-condition failed: {m}"),
+        }
+    }
+}
+
+impl std::error::Error for ReplanError {}
+
+impl From<StateError> for ReplanError {
+    fn from(e: StateError) -> Self {
+        ReplanError::State(e)
+    }
+}
+
+/// Solve `problem` starting from `previous`.
+pub fn replan(
+    problem: &Problem,
+    previous: &Solution,
+    policy: &mut dyn Policy,
+    seed: u64,
+) -> Result<Replan, ReplanError> {
+    let mut state = ClusterState::new(&problem.nodes)?;
+    let mut names = std::collections::BTreeSet::new();
+    let mut demands = Vec::with_capacity(problem.workloads.len());
+    for w in &problem.workloads {
+        if !names.insert(w.name.clone()) {
+            return Err(ReplanError::DuplicateWorkload(w.name.clone()));
+        }
+        demands.push(state.compile(w)?);
+    }
+    // phase 1: keep
+    let mut solution = Solution::default();
+    let mut pending = Vec::new();
+    for (k, w) in problem.workloads.iter().enumerate() {
+        match previous.assignments.get(&w.name) {
+            Some(a) if state.check_assignment(a, &demands[k]).is_ok() => {
+                state.apply(a, &demands[k])?;
+                solution.assignments.insert(w.name.clone(), a.clone());
+            }
+            _ => pending.push(k),
+        }
+    }
+    let kept = solution.assignments.len();
+    state
+        .check_consistency()
+        .map_err(ReplanError::PostCondition)?;
+    // phase 2: place, largest first (GPU, then CPU, then name for determinism)
+    pending.sort_by(|&a, &b| {
+        let (da, db) = (&demands[a], &demands[b]);
+        (db.total_milli(), db.cpu_milli, db.memory_mib)
+            .cmp(&(da.total_milli(), da.cpu_milli, da.memory_mib))
+            .then_with(|| problem.workloads[a].name.cmp(&problem.workloads[b].name))
+    });
+    let mut moved = Vec::new();
+    let mut unplaced = Vec::new();
+    for k in pending {
+        let w = &problem.workloads[k];
+        let opts = DecideOptions {
+            seed,
+            nonce: crate::rng::mix2(seed, k as u64),
+            explain: false,
+        };
+        let dec = decide(&state, &demands[k], policy, opts);
+        match dec.assignment {
+            Some(a) => {
+                state.apply(&a, &demands[k])?;
+                solution.assignments.insert(w.name.clone(), a);
+                moved.push(w.name.clone());
+            }
+            None => {
+                let why = decide(
+                    &state,
+                    &demands[k],
+                    policy,
+                    DecideOptions {
+                        explain: true,
+                        ..opts
+                    },
+                )
+                .explanation
+                .map(|e| most_common_reason(&e.candidates))
+                .unwrap_or_default();
+                unplaced.push((w.name.clone(), why));
+            }
+        }
+    }
+    // phase 3: check
+    state
+        .check_consistency()
+        .map_err(ReplanError::PostCondition)?;
+    for (k, w) in problem.workloads.iter().enumerate() {
+        if let Some(a) = solution.assignments.get(&w.name) {
+            let mut without = state.clone();
+            without
+                .release(a, &demands[k])
+                .map_err(|e| ReplanError::PostCondition(e.to_string()))?;
+            without
+                .check_assignment(a, &demands[k])
+                .map_err(|e| ReplanError::PostCondition(format!("{}: {e}", w.name)))?;
+        }
+    }
+    Ok(Replan {
+        solution,
+        moved,
+        kept,
+        unplaced,
+    })
+}
+
+fn most_common_reason(c: &[crate::engine::Candidate]) -> String {
+    let mut counts: Vec<(String, usize)> = Vec::new();
+    for cand in c {
+        if let Outcome::Filtered(r) = &cand.outcome {
+            let key = match r {
+                FilterReason::Cpu { .. } => "cpu",
+                FilterReason::Memory { .. } => "memory",
+                FilterReason::AntiAffinity => "anti-affinity",
+                FilterReason::NoGpus => "no gpus",
+                FilterReason::GpuType => "gpu type",
+                FilterReason::GpuShare { .. } => "gpu share",
+                FilterReason::WholeGpus { .. } => "whole gpus",
+                FilterReason::MigSlot { .. } => "mig slot",
+                FilterReason::Excluded => "excluded",
+            };
+            match counts.iter_mut().find(|(k, _)| k == key) {
+                Some(e) => e.1 += 1,
+                None => counts.push((key.to_string(), 1)),
+            }
+        }
+    }
+    counts.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    counts
+        .first()
+        .map(|(k, n)| format!("{k} ({n} nodes)"))
+        .unwrap_or_else(|| "no nodes".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frag::TypicalTasks;
+    use crate::policy::talon::Talon;
+    use crate::types::{Gpu, GpuRequest};
+    use std::sync::Arc;
+
+    fn problem() -> Problem {
+        let node = |i: usize| Node {
+            name: format!("n{i}"),
+            cpu_milli: 32_000,
+            memory_mib: 65_536,
+            gpus: vec![Gpu::new("A100"); 4],
+            cost_per_hour: 1.0,
+        };
+        let mut ws = Vec::new();
+        for i in 0..6 {
+            let mut w = Workload::new(
+                &format!("w{i}"),
+                4000,
+                8192,
+                GpuRequest::Fraction { milli: 500 },
+            );
+            if i % 2 == 0 {
+                w.anti_affinity = Some("g".into());
+            }
+            ws.push(w);
+        }
+        ws.push(Workload::new(
+            "big",
+            8000,
+            8192,
+            GpuRequest::Whole { count: 4 },
+        ));
+        Problem {
+            nodes: (0..4).map(node).collect(),
+            workloads: ws,
+        }
+    }
+
+    #[test]
+    fn unchanged_problem_moves_nothing() {
+        let p = problem();
+        let mut pol = Talon::new(Arc::new(TypicalTasks::default()));
+        let first = replan(&p, &Solution::default(), &mut pol, 1).unwrap();
+        assert_eq!(first.solution.assignments.len(), 7);
+        assert!(first.unplaced.is_empty());
+        let second = replan(&p, &first.solution, &mut pol, 1).unwrap();
+        assert!(second.moved.is_empty(), "{:?}", second.moved);
+        assert_eq!(second.solution, first.solution);
+    }
+
+    #[test]
+    fn node_loss_moves_only_its_workloads() {
+        let p = problem();
+        let mut pol = Talon::new(Arc::new(TypicalTasks::default()));
+        let first = replan(&p, &Solution::default(), &mut pol, 1).unwrap();
+        let lost = first.solution.assignments["w0"].node;
+        let mut p2 = p.clone();
+        // replace the lost node by an empty-named different node: its id is kept
+        p2.nodes[lost as usize].gpus.clear();
+        let second = replan(&p2, &first.solution, &mut pol, 1).unwrap();
+        for (name, a) in &first.solution.assignments {
+            if a.node != lost {
+                assert!(!second.moved.contains(name), "{name} moved");
+            }
+        }
+    }
+}
