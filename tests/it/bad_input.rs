@@ -221,3 +221,17 @@ async fn foreign_corrupt_or_misassigned_data_dirs_are_refused() {
         "{err}"
     );
 }
+
+#[test]
+fn example_config_in_deploy_is_valid() {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/coordinator.example.toml"
+    );
+    let out = coordinator(&["--config", path, "--check"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -383,3 +383,42 @@ impl Writer {
         }
     }
 }
+
+/// Writers shared by many concurrent writes, for the failover benchmark: one
+/// Talon SDK client that follows the leader, or etcd clients to every member
+/// used in turn (a stock etcd client fails over the same way).
+pub enum WriterPool {
+    Talon { client: Client, model: String },
+    Etcd { clients: Vec<KvClient<Channel>> },
+}
+
+impl WriterPool {
+    pub async fn new(kind: Kind, addrs: &[String]) -> anyhow::Result<WriterPool> {
+        match Writer::new(kind, addrs, "failover").await? {
+            Writer::Talon { client, model } => Ok(WriterPool::Talon { client, model }),
+            Writer::Etcd { clients, .. } => Ok(WriterPool::Etcd { clients }),
+        }
+    }
+
+    /// Write number `n` (a 256-byte value).
+    pub async fn write(&self, n: u64) -> anyhow::Result<()> {
+        let value = format!("{n:0>256}");
+        match self {
+            WriterPool::Talon { client, model } => {
+                let set = HashMap::from([("payload".to_string(), value)]);
+                client.update_model_labels(model, set, vec![]).await?;
+            }
+            WriterPool::Etcd { clients } => {
+                let mut c = clients[n as usize % clients.len()].clone();
+                let mut req = tonic::Request::new(PutRequest {
+                    key: format!("/bench/failover/{}", n % 64).into_bytes(),
+                    value: value.into_bytes(),
+                    ..Default::default()
+                });
+                req.set_timeout(Duration::from_secs(10));
+                c.put(req).await?;
+            }
+        }
+        Ok(())
+    }
+}
