@@ -197,3 +197,182 @@ fn explanation_names_every_node() {
     assert!(text.contains("NoGpus") && text.contains("Cpu"), "{text}");
     state.apply(&dec.assignment.unwrap(), &d).unwrap();
 }
+
+/// A cluster of a few node templates, each repeated (as in a real fleet and
+/// the 10x benchmark cluster), plus a mixed-type node, a node with GPUs of
+/// non-standard capacity and a node with a MIG GPU.
+fn repeated_cluster() -> Vec<Node> {
+    use talon_scheduler::mig::MigModel;
+    let templates: [(u64, u64, usize, &str); 5] = [
+        (96, 384, 8, "G2"),
+        (104, 512, 2, "T4"),
+        (16, 120, 2, "P100"),
+        (32, 128, 4, "V100"),
+        (8, 32, 1, "V100"),
+    ];
+    let mut nodes = Vec::new();
+    for copy in 0..6 {
+        for (t, &(cpu, mem, g, model)) in templates.iter().enumerate() {
+            nodes.push(Node {
+                name: format!("n{t}-{copy}"),
+                cpu_milli: cpu * 1000,
+                memory_mib: mem * 1024,
+                gpus: (0..g).map(|_| Gpu::new(model)).collect(),
+                cost_per_hour: 1.0,
+            });
+        }
+    }
+    let mut mixed = vec![Gpu::new("T4"), Gpu::new("V100"), Gpu::new("T4")];
+    mixed[1].milli = 1000;
+    nodes.push(Node {
+        name: "mixed".into(),
+        cpu_milli: 48_000,
+        memory_mib: 256 * 1024,
+        gpus: mixed,
+        cost_per_hour: 1.0,
+    });
+    // the same GPUs in the other order: "first wholly free GPU" differs
+    for first in [0, 1] {
+        let mut big = vec![Gpu::new("G3"), Gpu::new("G3")];
+        big[first].milli = 2000;
+        nodes.push(Node {
+            name: format!("big{first}"),
+            cpu_milli: 64_000,
+            memory_mib: 256 * 1024,
+            gpus: big,
+            cost_per_hour: 1.0,
+        });
+    }
+    let mut mig = vec![Gpu::new("A100"), Gpu::new("A100")];
+    mig[0].mig = Some(MigModel::A100_40GB);
+    nodes.push(Node {
+        name: "mig".into(),
+        cpu_milli: 64_000,
+        memory_mib: 256 * 1024,
+        gpus: mig,
+        cost_per_hour: 1.0,
+    });
+    nodes
+}
+
+/// Place (and sometimes release) `n` random workloads with FGD or Talon,
+/// with or without the shared score cache; return every decision, with every
+/// node's score or filter reason (the explanation).
+fn run_cached(
+    kind: PolicyKind,
+    cached: bool,
+    nodes: &[Node],
+    n: usize,
+    seed: u64,
+) -> Vec<talon_scheduler::Decision> {
+    use talon_scheduler::policy::{fgd::Fgd, talon::Talon, Policy};
+    use talon_scheduler::rng::Rng;
+    let mut rng = Rng::new(seed);
+    let specs = ["", "T4", "V100", "G2|G3", "P100|V100"];
+    let ws: Vec<Workload> = (0..n)
+        .map(|i| {
+            // a few popular shapes and a long tail, as in the traces
+            let cpu = [4000, 8000, 12_000, 1000, 32_000][rng.below(5) as usize]
+                + if rng.below(4) == 0 {
+                    500 * rng.below(20)
+                } else {
+                    0
+                };
+            let gpu = match rng.below(10) {
+                0 => GpuRequest::None,
+                1..=4 => GpuRequest::Fraction {
+                    milli: [250, 500, 100, 700][rng.below(4) as usize],
+                },
+                5 if rng.below(8) == 0 => GpuRequest::Mig {
+                    profile: "1g.5gb".into(),
+                },
+                9 => GpuRequest::Whole {
+                    count: [2, 4, 8][rng.below(3) as usize],
+                },
+                _ => GpuRequest::Whole { count: 1 },
+            };
+            let mut w = Workload::new(&format!("w{i}"), cpu, 1024 * (1 + rng.below(64)), gpu);
+            if rng.below(6) == 0 {
+                let s = specs[rng.below(specs.len() as u64) as usize];
+                w.gpu_types = s
+                    .split('|')
+                    .filter(|x| !x.is_empty())
+                    .map(String::from)
+                    .collect();
+            }
+            if rng.below(10) == 0 {
+                w.anti_affinity = Some(format!("g{}", rng.below(3)));
+            }
+            w
+        })
+        .collect();
+    let mut state = ClusterState::new(nodes).unwrap();
+    let tt = typical(&state, &ws);
+    let mut pol: Box<dyn Policy> = match kind {
+        PolicyKind::Fgd => Box::new(Fgd::with_cache(tt, cached)),
+        _ => Box::new(Talon::with_cache(tt, cached)),
+    };
+    let mut placed = Vec::new();
+    let mut out = Vec::new();
+    for (k, w) in ws.iter().enumerate() {
+        let d = state.compile(w).unwrap();
+        let dec = decide(
+            &state,
+            &d,
+            pol.as_mut(),
+            DecideOptions {
+                seed,
+                nonce: k as u64,
+                explain: true,
+            },
+        );
+        if let Some(a) = &dec.assignment {
+            state.apply(a, &d).unwrap();
+            placed.push((a.clone(), d));
+        }
+        // departures: nodes return to earlier states (and classes die)
+        if !placed.is_empty() && rng.below(3) == 0 {
+            let i = rng.below(placed.len() as u64) as usize;
+            let (a, d) = placed.swap_remove(i);
+            state.release(&a, &d).unwrap();
+        }
+        out.push(dec);
+    }
+    out
+}
+
+#[test]
+fn cached_decisions_equal_uncached() {
+    let nodes = repeated_cluster();
+    for kind in [PolicyKind::Fgd, PolicyKind::Talon] {
+        for seed in 0..4 {
+            let a = run_cached(kind, true, &nodes, 600, seed);
+            let b = run_cached(kind, false, &nodes, 600, seed);
+            assert_eq!(a.len(), b.len());
+            for (k, (x, y)) in a.iter().zip(&b).enumerate() {
+                assert_eq!(x, y, "{kind:?} seed {seed}: decision {k} differs");
+            }
+            assert!(a.iter().filter(|x| x.assignment.is_some()).count() > 100);
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(24))]
+
+    #[test]
+    fn cache_changes_no_score_on_random_clusters(
+        nodes in prop::collection::vec(arb_node(), 1..10),
+        copies in 1usize..4,
+        talon in any::<bool>(),
+        seed in any::<u64>(),
+    ) {
+        let spec: Vec<_> = (0..copies).flat_map(|_| nodes.iter().copied()).collect();
+        let nodes = build_nodes(&spec);
+        let kind = if talon { PolicyKind::Talon } else { PolicyKind::Fgd };
+        prop_assert_eq!(
+            run_cached(kind, true, &nodes, 80, seed),
+            run_cached(kind, false, &nodes, 80, seed)
+        );
+    }
+}

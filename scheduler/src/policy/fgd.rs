@@ -4,12 +4,16 @@
 //! `⌊100·σ((F_before − F_after)/1000)⌋`; a share goes to the GPU with the
 //! best such score (lowest index on ties); ties between nodes are random.
 //!
-//! Per-node results are memoised by (node version, task shape), so a
-//! decision costs one cache probe per unchanged node.
+//! Scores are memoised per (node resource state, task shape) in a cache
+//! shared by all nodes in the same state ([`super::cache`]), so a decision
+//! costs an array read per node and an evaluation only for states it has
+//! never scored this task shape against.
 
 use std::sync::Arc;
 
+use super::cache::{Probe, ScoreCache};
 use super::{first_free_gpus, Policy, PolicyScore};
+use crate::engine::filter;
 use crate::frag::TypicalTasks;
 use crate::state::{slice, ClusterState, Demand, DemandKind, NodeState};
 use crate::types::{GpuSlice, MILLI};
@@ -20,33 +24,6 @@ pub type ShapeKey = (u64, u32, u32, u64);
 pub fn shape_key(d: &Demand) -> ShapeKey {
     let (m, n) = d.gpu_shape();
     (d.cpu_milli, m, n, d.type_mask)
-}
-
-/// Per-node memo, valid while the node's version is unchanged.
-#[derive(Clone, Debug, Default)]
-pub struct NodeMemo<T: Copy> {
-    pub version: u64,
-    pub valid: bool,
-    pub before: f64,
-    pub entries: Vec<(ShapeKey, T)>,
-}
-
-impl<T: Copy> NodeMemo<T> {
-    /// Reset when the node changed; returns whether `before` must be recomputed.
-    pub fn refresh(&mut self, version: u64) -> bool {
-        if !self.valid || self.version != version {
-            self.version = version;
-            self.valid = true;
-            self.entries.clear();
-            true
-        } else {
-            false
-        }
-    }
-
-    pub fn get(&self, key: &ShapeKey) -> Option<T> {
-        self.entries.iter().find(|(k, _)| k == key).map(|(_, v)| *v)
-    }
 }
 
 /// The node after a task that is not a share lands (the artifact's
@@ -77,16 +54,49 @@ pub fn fgd_score(before: f64, after: f64) -> i64 {
 
 pub struct Fgd {
     typical: Arc<TypicalTasks>,
-    memo: Vec<NodeMemo<i64>>,
+    cache: ScoreCache<i64>,
     tmp: Vec<u32>,
 }
 
 impl Fgd {
     pub fn new(typical: Arc<TypicalTasks>) -> Self {
+        Self::with_cache(typical, true)
+    }
+
+    /// `cached = false` evaluates every node afresh on every decision (the
+    /// reference the shared cache is tested against).
+    pub fn with_cache(typical: Arc<TypicalTasks>, cached: bool) -> Self {
         Fgd {
             typical,
-            memo: Vec::new(),
+            cache: ScoreCache::new(cached),
             tmp: Vec::new(),
+        }
+    }
+
+    /// The score cache (hit and miss counters).
+    pub fn cache(&self) -> &ScoreCache<i64> {
+        &self.cache
+    }
+
+    /// The score of placing `d` on `n`, whose fragmentation is `before`.
+    fn evaluate(&mut self, n: &NodeState, d: &Demand, before: f64) -> i64 {
+        match &d.kind {
+            DemandKind::Share { milli } => self.share_best(n, d, *milli, before).0,
+            DemandKind::Whole { count } => {
+                let mut tmp = std::mem::take(&mut self.tmp);
+                gpus_after_whole(n, *count, &mut tmp);
+                let after = self
+                    .typical
+                    .node_frag(n.cpu_free - d.cpu_milli, &tmp, n.type_mask);
+                self.tmp = tmp;
+                fgd_score(before, after)
+            }
+            DemandKind::None | DemandKind::Mig { .. } => {
+                let after =
+                    self.typical
+                        .node_frag(n.cpu_free - d.cpu_milli, &n.gpu_free, n.type_mask);
+                fgd_score(before, after)
+            }
         }
     }
 
@@ -134,39 +144,38 @@ impl Policy for Fgd {
     fn score_fields(&self) -> [&'static str; 3] {
         ["100*sigmoid(-dFrag/1000)", "-", "-"]
     }
-    fn begin(&mut self, state: &ClusterState, _d: &Demand, _nonce: u64) {
-        if self.memo.len() != state.nodes.len() {
-            self.memo = vec![NodeMemo::default(); state.nodes.len()];
-        }
+    fn begin(&mut self, state: &ClusterState, d: &Demand, _nonce: u64) {
+        self.cache.begin(state.nodes.len(), d);
     }
     fn score(&mut self, state: &ClusterState, node: usize, d: &Demand) -> PolicyScore {
         let n = &state.nodes[node];
-        let key = shape_key(d);
-        if self.memo[node].refresh(n.version) {
-            self.memo[node].before = self.typical.node_frag(n.cpu_free, &n.gpu_free, n.type_mask);
-        } else if let Some(s) = self.memo[node].get(&key) {
-            return PolicyScore::one(s);
-        }
-        let before = self.memo[node].before;
-        let s = match &d.kind {
-            DemandKind::Share { milli } => self.share_best(n, d, *milli, before).0,
-            DemandKind::Whole { count } => {
-                let mut tmp = std::mem::take(&mut self.tmp);
-                gpus_after_whole(n, *count, &mut tmp);
-                let after = self
-                    .typical
-                    .node_frag(n.cpu_free - d.cpu_milli, &tmp, n.type_mask);
-                self.tmp = tmp;
-                fgd_score(before, after)
-            }
-            DemandKind::None | DemandKind::Mig { .. } => {
-                let after =
-                    self.typical
-                        .node_frag(n.cpu_free - d.cpu_milli, &n.gpu_free, n.type_mask);
-                fgd_score(before, after)
+        let (class, fresh) = match self.cache.probe(n, node) {
+            Probe::Hit(s) => return PolicyScore::one(s),
+            Probe::Miss { class, fresh } => (class, fresh),
+        };
+        let before = match self.cache.before(class) {
+            Some(b) => b,
+            None => {
+                let b = self.typical.node_frag(n.cpu_free, &n.gpu_free, n.type_mask);
+                self.cache.set_before(class, b);
+                b
             }
         };
-        self.memo[node].entries.push((key, s));
+        let s = self.evaluate(n, d, before);
+        self.cache.store(class, s);
+        if fresh {
+            // a state not seen before: score it against every shape seen so
+            // far now, so that a rare shape later finds it memoised
+            for id in 0..self.cache.shape_count() {
+                let Some(d2) = self.cache.other_shape(id).cloned() else {
+                    continue;
+                };
+                if filter(n, &d2).is_ok() {
+                    let v = self.evaluate(n, &d2, before);
+                    self.cache.store_shape(class, id, v);
+                }
+            }
+        }
         PolicyScore::one(s)
     }
     fn assign(

@@ -20,6 +20,7 @@ use crate::state::{slice, ClusterState, Demand, DemandKind, NodeState};
 use crate::types::{GpuSlice, MigSlot};
 
 pub mod best_fit;
+pub mod cache;
 pub mod dot_product;
 pub mod fgd;
 pub mod gpu_clustering;

@@ -20,8 +20,10 @@
 
 use std::sync::Arc;
 
-use super::fgd::{gpus_after_whole, shape_key, NodeMemo};
+use super::cache::{Probe, ScoreCache};
+use super::fgd::gpus_after_whole;
 use super::{first_free_gpus, Policy, PolicyScore};
+use crate::engine::filter;
 use crate::frag::{TaskShape, TypicalTasks};
 use crate::state::{slice, ClusterState, Demand, DemandKind, NodeState};
 use crate::types::GpuSlice;
@@ -47,12 +49,18 @@ pub struct Talon {
     typical: Arc<TypicalTasks>,
     /// CPU milli per GPU milli that a typical GPU task brings, × RHO_SCALE.
     cpu_per_gpu: f64,
-    memo: Vec<NodeMemo<(PolicyScore, u8)>>,
+    cache: ScoreCache<PolicyScore>,
     tmp: Vec<u32>,
 }
 
 impl Talon {
     pub fn new(typical: Arc<TypicalTasks>) -> Self {
+        Self::with_cache(typical, true)
+    }
+
+    /// `cached = false` evaluates every node afresh on every decision (the
+    /// reference the shared cache is tested against).
+    pub fn with_cache(typical: Arc<TypicalTasks>, cached: bool) -> Self {
         let (mut c, mut g) = (0.0, 0.0);
         for t in &typical.tasks {
             if t.milli > 0 {
@@ -63,9 +71,14 @@ impl Talon {
         Talon {
             cpu_per_gpu: if g > 0.0 { RHO_SCALE * c / g } else { 0.0 },
             typical,
-            memo: Vec::new(),
+            cache: ScoreCache::new(cached),
             tmp: Vec::new(),
         }
+    }
+
+    /// The score cache (hit and miss counters).
+    pub fn cache(&self) -> &ScoreCache<PolicyScore> {
+        &self.cache
     }
 
     /// `F'`: fragmentation plus CPU-stranded GPU milli.
@@ -128,23 +141,39 @@ impl Policy for Talon {
     fn score_fields(&self) -> [&'static str; 3] {
         ["-dFrag' (micro-GPU)", "-gpu_left_after", "-cpu_left_after"]
     }
-    fn begin(&mut self, state: &ClusterState, _d: &Demand, _nonce: u64) {
-        if self.memo.len() != state.nodes.len() {
-            self.memo = vec![NodeMemo::default(); state.nodes.len()];
-        }
+    fn begin(&mut self, state: &ClusterState, d: &Demand, _nonce: u64) {
+        self.cache.begin(state.nodes.len(), d);
     }
     fn score(&mut self, state: &ClusterState, node: usize, d: &Demand) -> PolicyScore {
         let n = &state.nodes[node];
-        let key = shape_key(d);
-        if self.memo[node].refresh(n.version) {
-            self.memo[node].before = self.frag(n.cpu_free, &n.gpu_free, n.type_mask);
-        } else if let Some((s, _)) = self.memo[node].get(&key) {
-            return s;
+        let (class, fresh) = match self.cache.probe(n, node) {
+            Probe::Hit(s) => return s,
+            Probe::Miss { class, fresh } => (class, fresh),
+        };
+        let before = match self.cache.before(class) {
+            Some(b) => b,
+            None => {
+                let b = self.frag(n.cpu_free, &n.gpu_free, n.type_mask);
+                self.cache.set_before(class, b);
+                b
+            }
+        };
+        let s = self.evaluate(n, d, before).0;
+        self.cache.store(class, s);
+        if fresh {
+            // a state not seen before: score it against every shape seen so
+            // far now, so that a rare shape later finds it memoised
+            for id in 0..self.cache.shape_count() {
+                let Some(d2) = self.cache.other_shape(id).cloned() else {
+                    continue;
+                };
+                if filter(n, &d2).is_ok() {
+                    let v = self.evaluate(n, &d2, before).0;
+                    self.cache.store_shape(class, id, v);
+                }
+            }
         }
-        let before = self.memo[node].before;
-        let r = self.evaluate(n, d, before);
-        self.memo[node].entries.push((key, r));
-        r.0
+        s
     }
     fn assign(
         &mut self,
