@@ -21,7 +21,7 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status};
 
 use crate::config::Config;
-use crate::convert::{audit_to_wire, model_to_wire, spec_from_wire};
+use crate::convert::{audit_to_wire, model_to_wire, node_to_wire, spec_from_wire};
 use crate::error::AdminError;
 use crate::metrics::{Metrics, WriteLabels};
 use crate::network::Faults;
@@ -43,6 +43,75 @@ pub struct AdminContext {
     pub metrics: Arc<Metrics>,
     pub faults: Arc<Faults>,
     pub config: Config,
+    pub telemetry: Arc<crate::telemetry::TelemetryStore>,
+}
+
+impl AdminContext {
+    /// The leader's id and address as this node knows them.
+    pub fn leader(&self) -> (Option<NodeId>, Option<String>) {
+        let metrics = self.raft.metrics().borrow().clone();
+        let leader = metrics.current_leader;
+        let addr = leader.and_then(|id| {
+            metrics
+                .membership_config
+                .membership()
+                .get_node(&id)
+                .map(|n| n.addr.clone())
+        });
+        (leader, addr)
+    }
+
+    /// Whether this node is the leader now.
+    pub fn is_leader(&self) -> bool {
+        self.raft.metrics().borrow().current_leader == Some(self.id)
+    }
+
+    /// Proposes a command on this node (the leader) and waits until it is
+    /// committed and applied.
+    pub async fn write(
+        &self,
+        op: &'static str,
+        actor: String,
+        command: Command,
+    ) -> Result<state::Response, AdminError> {
+        let started = Instant::now();
+        let request = state::Request {
+            at_ms: now_ms(),
+            actor,
+            command,
+        };
+        let timeout_ms = self.config.write_timeout_ms;
+        let outcome = tokio::time::timeout(
+            Duration::from_millis(timeout_ms),
+            self.raft.client_write(request),
+        )
+        .await;
+        let result = match outcome {
+            Err(_) => Err(AdminError::Timeout { timeout_ms }),
+            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
+                Err(AdminError::NotLeader {
+                    leader_addr: f.leader_node.map(|n| n.addr),
+                })
+            }
+            Ok(Err(e)) => Err(AdminError::Internal(e.to_string())),
+            Ok(Ok(reply)) => match reply.data {
+                state::Response::Rejected(r) => Err(AdminError::Rejected(r)),
+                response => Ok(response),
+            },
+        };
+        let label = match &result {
+            Ok(_) => "ok",
+            Err(AdminError::Rejected(_)) => "rejected",
+            Err(_) => "error",
+        };
+        let labels = WriteLabels { op, result: label };
+        self.metrics.writes.get_or_create(&labels).inc();
+        self.metrics
+            .write_duration
+            .get_or_create(&labels)
+            .observe(started.elapsed().as_secs_f64());
+        result
+    }
 }
 
 /// The admin service.
@@ -94,27 +163,13 @@ impl Admin {
         }
     }
 
-    /// The leader's id and address as this node knows them.
-    fn leader(&self) -> (Option<NodeId>, Option<String>) {
-        let metrics = self.ctx.raft.metrics().borrow().clone();
-        let leader = metrics.current_leader;
-        let addr = leader.and_then(|id| {
-            metrics
-                .membership_config
-                .membership()
-                .get_node(&id)
-                .map(|n| n.addr.clone())
-        });
-        (leader, addr)
-    }
-
     /// `None` when this node should serve the call itself; a client for the
     /// leader when the call should be forwarded there.
     fn forward_to<T>(
         &self,
         request: &Request<T>,
     ) -> Result<Option<AdminServiceClient<Channel>>, AdminError> {
-        let (leader, addr) = self.leader();
+        let (leader, addr) = self.ctx.leader();
         if leader == Some(self.ctx.id) {
             return Ok(None);
         }
@@ -152,54 +207,6 @@ impl Admin {
             self.ctx.config.write_timeout_ms + 1_000,
         ));
         out
-    }
-
-    /// Proposes a command on this node (the leader) and waits until it is
-    /// committed and applied.
-    async fn write(
-        &self,
-        op: &'static str,
-        actor: String,
-        command: Command,
-    ) -> Result<state::Response, AdminError> {
-        let started = Instant::now();
-        let request = state::Request {
-            at_ms: now_ms(),
-            actor,
-            command,
-        };
-        let timeout_ms = self.ctx.config.write_timeout_ms;
-        let outcome = tokio::time::timeout(
-            Duration::from_millis(timeout_ms),
-            self.ctx.raft.client_write(request),
-        )
-        .await;
-        let result = match outcome {
-            Err(_) => Err(AdminError::Timeout { timeout_ms }),
-            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
-                Err(AdminError::NotLeader {
-                    leader_addr: f.leader_node.map(|n| n.addr),
-                })
-            }
-            Ok(Err(e)) => Err(AdminError::Internal(e.to_string())),
-            Ok(Ok(reply)) => match reply.data {
-                state::Response::Rejected(r) => Err(AdminError::Rejected(r)),
-                response => Ok(response),
-            },
-        };
-        let label = match &result {
-            Ok(_) => "ok",
-            Err(AdminError::Rejected(_)) => "rejected",
-            Err(_) => "error",
-        };
-        let labels = WriteLabels { op, result: label };
-        self.ctx.metrics.writes.get_or_create(&labels).inc();
-        self.ctx
-            .metrics
-            .write_duration
-            .get_or_create(&labels)
-            .observe(started.elapsed().as_secs_f64());
-        result
     }
 
     async fn linearizable(&self) -> Result<(), AdminError> {
@@ -279,7 +286,7 @@ impl Admin {
             target,
             detail,
         };
-        if let Err(e) = self.write("audit", actor, command).await {
+        if let Err(e) = self.ctx.write("audit", actor, command).await {
             tracing::warn!(error = %e, action, "could not record the audit entry of a membership change");
         }
     }
@@ -466,6 +473,7 @@ impl AdminService for Admin {
         spec.validate().map_err(AdminError::InvalidArgument)?;
         forward!(self, request, create_model);
         match self
+            .ctx
             .write("create_model", actor, Command::CreateModel(spec))
             .await?
         {
@@ -523,7 +531,7 @@ impl AdminService for Admin {
             version,
         };
         forward!(self, request, delete_model);
-        match self.write("delete_model", actor, command).await? {
+        match self.ctx.write("delete_model", actor, command).await? {
             state::Response::Deleted { revision } => {
                 Ok(Response::new(pb::DeleteModelResponse { revision }))
             }
@@ -555,7 +563,11 @@ impl AdminService for Admin {
             remove: req.remove.clone(),
         };
         forward!(self, request, update_model_labels);
-        match self.write("update_model_labels", actor, command).await? {
+        match self
+            .ctx
+            .write("update_model_labels", actor, command)
+            .await?
+        {
             state::Response::Model(m) => Ok(Response::new(model_to_wire(&m))),
             other => {
                 Err(AdminError::Internal(format!("unexpected apply response {other:?}")).into())
@@ -587,6 +599,96 @@ impl AdminService for Admin {
             .map(|(_, a)| audit_to_wire(a))
             .collect();
         Ok(Response::new(pb::ListAuditResponse { entries }))
+    }
+
+    async fn list_nodes(
+        &self,
+        request: Request<pb::ListNodesRequest>,
+    ) -> Result<Response<pb::ListNodesResponse>, Status> {
+        // Telemetry lives on the leader; without one, serve the committed
+        // records alone.
+        if self.ctx.leader().0.is_some() {
+            forward!(self, request, list_nodes);
+        }
+        let now = std::time::Instant::now();
+        let applied = self.ctx.state.read().expect("state lock poisoned");
+        let nodes = applied
+            .state
+            .nodes
+            .values()
+            .map(|n| node_to_wire(n, self.ctx.telemetry.latest(&n.inventory.node_id, now)))
+            .collect();
+        Ok(Response::new(pb::ListNodesResponse { nodes }))
+    }
+
+    async fn get_node(
+        &self,
+        request: Request<pb::GetNodeRequest>,
+    ) -> Result<Response<pb::Node>, Status> {
+        if self.ctx.leader().0.is_some() {
+            forward!(self, request, get_node);
+        }
+        let id = &request.get_ref().node_id;
+        let applied = self.ctx.state.read().expect("state lock poisoned");
+        match applied.state.nodes.get(id) {
+            Some(n) => Ok(Response::new(node_to_wire(
+                n,
+                self.ctx.telemetry.latest(id, std::time::Instant::now()),
+            ))),
+            None => Err(AdminError::NotFound(format!("node {id:?} is not registered")).into()),
+        }
+    }
+
+    async fn set_node_scheduling(
+        &self,
+        request: Request<pb::SetNodeSchedulingRequest>,
+    ) -> Result<Response<pb::Node>, Status> {
+        let actor = actor(&request)?;
+        let req = request.get_ref();
+        state::node::validate_node_id(&req.node_id).map_err(AdminError::InvalidArgument)?;
+        let action = state::Scheduling::parse(&req.action).map_err(AdminError::InvalidArgument)?;
+        let command = Command::SetNodeScheduling {
+            node_id: req.node_id.clone(),
+            action,
+        };
+        forward!(self, request, set_node_scheduling);
+        match self
+            .ctx
+            .write("set_node_scheduling", actor, command)
+            .await?
+        {
+            state::Response::Node(n) => {
+                let telemetry = self
+                    .ctx
+                    .telemetry
+                    .latest(&n.inventory.node_id, std::time::Instant::now());
+                Ok(Response::new(node_to_wire(&n, telemetry)))
+            }
+            other => {
+                Err(AdminError::Internal(format!("unexpected apply response {other:?}")).into())
+            }
+        }
+    }
+
+    async fn fleet_stats(
+        &self,
+        request: Request<pb::FleetStatsRequest>,
+    ) -> Result<Response<pb::FleetStatsResponse>, Status> {
+        forward!(self, request, fleet_stats);
+        let ages = self.ctx.telemetry.ages_ms(std::time::Instant::now());
+        let applied = self.ctx.state.read().expect("state lock poisoned");
+        let registered = applied.state.nodes.len();
+        let telemetry_age_ms: Vec<u32> = ages
+            .iter()
+            .filter(|(id, _)| applied.state.nodes.contains_key(id))
+            .map(|(_, age)| (*age).min(u64::from(u32::MAX)) as u32)
+            .collect();
+        Ok(Response::new(pb::FleetStatsResponse {
+            nodes: registered as u32,
+            nodes_without_telemetry: (registered - telemetry_age_ms.len()) as u32,
+            telemetry_age_ms,
+            reports_received: self.ctx.telemetry.received(),
+        }))
     }
 
     async fn set_faults(

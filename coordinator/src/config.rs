@@ -40,6 +40,60 @@ impl Default for RaftSettings {
     }
 }
 
+/// How node agents join and how their leases run.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AgentSettings {
+    /// Shared secret agents present to register; empty refuses every agent.
+    pub join_token: String,
+    /// Read the join token from this file instead (first line).
+    pub join_token_file: Option<PathBuf>,
+    /// How often agents send telemetry.
+    pub telemetry_interval_ms: u64,
+    /// A node silent this long becomes Suspect (no new work).
+    pub suspect_after_ms: u64,
+    /// A node silent this long becomes Down (its work moves).
+    pub down_after_ms: u64,
+    /// Samples kept per GPU on the leader.
+    pub history_len: usize,
+}
+
+impl Default for AgentSettings {
+    fn default() -> Self {
+        AgentSettings {
+            join_token: String::new(),
+            join_token_file: None,
+            telemetry_interval_ms: 1_000,
+            suspect_after_ms: 5_000,
+            down_after_ms: 15_000,
+            history_len: 120,
+        }
+    }
+}
+
+/// Shortest join token accepted.
+pub const MIN_JOIN_TOKEN: usize = 16;
+
+/// Checks a join token's form: at least 16 characters of letters, digits,
+/// `-`, `_` and `.`.
+pub fn validate_join_token(token: &str) -> Result<(), String> {
+    if token.len() < MIN_JOIN_TOKEN {
+        return Err(format!(
+            "join token is {} characters long; use at least {MIN_JOIN_TOKEN}",
+            token.len()
+        ));
+    }
+    if let Some(bad) = token
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')))
+    {
+        return Err(format!(
+            "join token contains {bad:?}; use letters, digits, '-', '_' and '.'"
+        ));
+    }
+    Ok(())
+}
+
 /// Output format of the logs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -74,6 +128,7 @@ pub struct Config {
     pub bootstrap: bool,
     pub log_format: LogFormat,
     pub raft: RaftSettings,
+    pub agents: AgentSettings,
 }
 
 impl Default for Config {
@@ -89,6 +144,7 @@ impl Default for Config {
             bootstrap: false,
             log_format: LogFormat::Text,
             raft: RaftSettings::default(),
+            agents: AgentSettings::default(),
         }
     }
 }
@@ -136,6 +192,17 @@ pub struct Flags {
     pub snapshot_logs: Option<u64>,
     #[arg(long, env = "TALON_KEEP_LOGS_AFTER_SNAPSHOT")]
     pub keep_logs_after_snapshot: Option<u64>,
+    /// The token node agents present to register.
+    #[arg(long, env = "TALON_JOIN_TOKEN", hide_env_values = true)]
+    pub join_token: Option<String>,
+    #[arg(long, env = "TALON_JOIN_TOKEN_FILE")]
+    pub join_token_file: Option<PathBuf>,
+    #[arg(long, env = "TALON_TELEMETRY_INTERVAL_MS")]
+    pub telemetry_interval_ms: Option<u64>,
+    #[arg(long, env = "TALON_SUSPECT_AFTER_MS")]
+    pub suspect_after_ms: Option<u64>,
+    #[arg(long, env = "TALON_DOWN_AFTER_MS")]
+    pub down_after_ms: Option<u64>,
 }
 
 /// A configuration that cannot be used, with what to change.
@@ -182,7 +249,19 @@ impl Config {
             heartbeat_ms => raft.heartbeat_ms, election_timeout_min_ms => raft.election_timeout_min_ms,
             election_timeout_max_ms => raft.election_timeout_max_ms, snapshot_logs => raft.snapshot_logs,
             keep_logs_after_snapshot => raft.keep_logs_after_snapshot,
+            join_token => agents.join_token, telemetry_interval_ms => agents.telemetry_interval_ms,
+            suspect_after_ms => agents.suspect_after_ms, down_after_ms => agents.down_after_ms,
         );
+        if flags.join_token_file.is_some() {
+            config.agents.join_token_file = flags.join_token_file.clone();
+        }
+        if let Some(path) = &config.agents.join_token_file {
+            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                path: path.clone(),
+                source,
+            })?;
+            config.agents.join_token = text.lines().next().unwrap_or_default().trim().to_string();
+        }
         if flags.advertise.is_some() {
             config.advertise = flags.advertise.clone();
         }
@@ -252,6 +331,35 @@ impl Config {
             return bad(format!(
                 "write_timeout_ms ({}) is shorter than raft.election_timeout_max_ms ({}); a write could time out during an ordinary election: raise it",
                 self.write_timeout_ms, r.election_timeout_max_ms
+            ));
+        }
+        let a = &self.agents;
+        if !a.join_token.is_empty() {
+            validate_join_token(&a.join_token)
+                .map_err(|m| ConfigError::Invalid(format!("agents.join_token: {m}")))?;
+        }
+        if a.telemetry_interval_ms < 10 {
+            return bad(format!(
+                "agents.telemetry_interval_ms is {}; use 10 or more",
+                a.telemetry_interval_ms
+            ));
+        }
+        if a.suspect_after_ms < 2 * a.telemetry_interval_ms {
+            return bad(format!(
+                "agents.suspect_after_ms ({}) must be at least twice agents.telemetry_interval_ms ({}), or one late report marks a node Suspect",
+                a.suspect_after_ms, a.telemetry_interval_ms
+            ));
+        }
+        if a.down_after_ms <= a.suspect_after_ms {
+            return bad(format!(
+                "agents.down_after_ms ({}) must be greater than agents.suspect_after_ms ({})",
+                a.down_after_ms, a.suspect_after_ms
+            ));
+        }
+        if a.history_len == 0 || a.history_len > 100_000 {
+            return bad(format!(
+                "agents.history_len must be between 1 and 100000, got {}",
+                a.history_len
             ));
         }
         Ok(())

@@ -18,15 +18,18 @@
 //! - [`config`], [`metrics`], [`error`].
 
 pub mod admin;
+pub mod agents;
 pub mod config;
 pub mod convert;
 pub mod error;
 pub mod http;
+pub mod leases;
 pub mod metrics;
 pub mod network;
 pub mod raft_types;
 pub mod state;
 pub mod store;
+pub mod telemetry;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -34,6 +37,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use talon_proto::v1::admin_service_server::AdminServiceServer;
+use talon_proto::v1::agent_service_server::AgentServiceServer;
 use talon_proto::v1::raft_service_server::RaftServiceServer;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
@@ -110,6 +114,7 @@ pub async fn run(
         metrics: metrics.clone(),
         faults: faults.clone(),
         config: config.clone(),
+        telemetry: Arc::new(telemetry::TelemetryStore::new(config.agents.history_len)),
     });
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -117,6 +122,7 @@ pub async fn run(
         shutdown.await;
         let _ = stop_tx.send(true);
     });
+    let leases_task = tokio::spawn(leases::run(ctx.clone(), stop_rx.clone()));
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
@@ -134,13 +140,15 @@ pub async fn run(
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
         )
-        .add_service(AdminServiceServer::new(Admin::new(ctx)))
+        .add_service(AdminServiceServer::new(Admin::new(ctx.clone())))
+        .add_service(AgentServiceServer::new(agents::AgentSvc::new(ctx)))
         .serve_with_incoming_shutdown(incoming, stopped(stop_rx.clone()));
     let http_server = axum::serve(http, http::router(metrics, raft.clone()))
         .with_graceful_shutdown(stopped(stop_rx));
 
     let (grpc_result, http_result) = tokio::join!(grpc_server, http_server);
     metrics_task.abort();
+    leases_task.abort();
     raft.shutdown().await.ok();
     grpc_result.context("gRPC server")?;
     http_result.context("HTTP server")?;

@@ -10,15 +10,17 @@
 //! is answered with a [`Rejection`] and changes nothing.
 
 pub mod model;
+pub mod node;
 
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
 pub use model::{Model, ModelSpec, ModelVersion};
+pub use node::{NodeInventory, NodeRecord, NodeState, Scheduling};
 
 /// What a client proposes through Raft.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Request {
     /// Stamped by the coordinator that proposes the entry; `apply` takes all
     /// time from here, never from the clock.
@@ -29,7 +31,7 @@ pub struct Request {
 }
 
 /// The mutations of the replicated state.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum Command {
     /// Create a model, or add a version to an existing one (the model-wide
     /// settings are replaced by the spec's).
@@ -51,6 +53,16 @@ pub enum Command {
         target: String,
         detail: String,
     },
+    /// An agent registered (or re-registered with a changed inventory).
+    RegisterNode(NodeInventory),
+    /// The leader's lease check moved a node to another state.
+    SetNodeState {
+        node_id: String,
+        state: NodeState,
+        reason: String,
+    },
+    /// An operator cordoned, uncordoned or drained a node.
+    SetNodeScheduling { node_id: String, action: Scheduling },
 }
 
 /// Why a request was refused. The state is unchanged.
@@ -68,7 +80,7 @@ pub enum RejectionKind {
 }
 
 /// The answer `apply` gives for one entry.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub enum Response {
     /// Blank and membership entries.
     #[default]
@@ -80,17 +92,8 @@ pub enum Response {
     Audited {
         index: u64,
     },
+    Node(Box<NodeRecord>),
     Rejected(Rejection),
-}
-
-/// A node as registered by its agent. Filled by the node agent work; kept
-/// here so that the key space and snapshot format already hold it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct NodeRecord {
-    pub id: String,
-    pub addr: String,
-    pub labels: BTreeMap<String, String>,
-    pub registered_at_ms: u64,
 }
 
 /// One admin mutation: who, what, when.
@@ -114,7 +117,7 @@ pub enum Change {
 }
 
 /// The replicated state machine's data.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct State {
     pub models: BTreeMap<String, Model>,
     pub nodes: BTreeMap<String, NodeRecord>,
@@ -173,6 +176,42 @@ impl State {
                             changes,
                             ("model.labels", name.clone(), detail),
                         )
+                    }
+                    Err(rejection) => return rejection,
+                }
+            }
+            Command::RegisterNode(inventory) => match self.register_node(index, at, inventory) {
+                Ok(node) => {
+                    let detail = format!("gpus={} probe={}", inventory.gpus.len(), inventory.probe);
+                    let changes = vec![Change::Node(inventory.node_id.clone())];
+                    let audit = ("node.register", inventory.node_id.clone(), detail);
+                    (Response::Node(Box::new(node)), changes, audit)
+                }
+                Err(rejection) => return rejection,
+            },
+            Command::SetNodeState {
+                node_id,
+                state,
+                reason,
+            } => match self.set_node_state(index, at, node_id, *state, reason) {
+                Ok(node) => {
+                    let detail = format!("state={} reason={reason}", state.as_str());
+                    let changes = vec![Change::Node(node_id.clone())];
+                    let audit = ("node.state", node_id.clone(), detail);
+                    (Response::Node(Box::new(node)), changes, audit)
+                }
+                Err(rejection) => return rejection,
+            },
+            Command::SetNodeScheduling { node_id, action } => {
+                match self.set_node_scheduling(index, node_id, *action) {
+                    Ok(node) => {
+                        let changes = vec![Change::Node(node_id.clone())];
+                        let audit = (
+                            "node.scheduling",
+                            node_id.clone(),
+                            action.as_str().to_string(),
+                        );
+                        (Response::Node(Box::new(node)), changes, audit)
                     }
                     Err(rejection) => return rejection,
                 }
@@ -343,6 +382,93 @@ impl State {
         Ok(model.clone())
     }
 
+    fn register_node(
+        &mut self,
+        index: u64,
+        at: u64,
+        inventory: &NodeInventory,
+    ) -> Result<NodeRecord, (Response, Vec<Change>)> {
+        inventory
+            .validate()
+            .map_err(|m| rejected(RejectionKind::Invalid, m))?;
+        let record = match self.nodes.get(&inventory.node_id) {
+            Some(existing) => NodeRecord {
+                inventory: inventory.clone(),
+                state: NodeState::Ready,
+                state_reason: "registered".into(),
+                state_changed_at_ms: if existing.state == NodeState::Ready {
+                    existing.state_changed_at_ms
+                } else {
+                    at
+                },
+                revision: index,
+                ..existing.clone()
+            },
+            None => NodeRecord {
+                inventory: inventory.clone(),
+                state: NodeState::Ready,
+                state_reason: "registered".into(),
+                schedulable: true,
+                draining: false,
+                registered_at_ms: at,
+                state_changed_at_ms: at,
+                revision: index,
+            },
+        };
+        self.nodes.insert(inventory.node_id.clone(), record.clone());
+        Ok(record)
+    }
+
+    fn set_node_state(
+        &mut self,
+        index: u64,
+        at: u64,
+        node_id: &str,
+        state: NodeState,
+        reason: &str,
+    ) -> Result<NodeRecord, (Response, Vec<Change>)> {
+        let Some(node) = self.nodes.get_mut(node_id) else {
+            return Err(rejected(
+                RejectionKind::NotFound,
+                format!("node {node_id:?} is not registered"),
+            ));
+        };
+        if node.state == state {
+            return Err(rejected(
+                RejectionKind::Invalid,
+                format!("node {node_id:?} is already {}", state.as_str()),
+            ));
+        }
+        node.state = state;
+        node.state_reason = reason.to_string();
+        node.state_changed_at_ms = at;
+        node.revision = index;
+        Ok(node.clone())
+    }
+
+    fn set_node_scheduling(
+        &mut self,
+        index: u64,
+        node_id: &str,
+        action: Scheduling,
+    ) -> Result<NodeRecord, (Response, Vec<Change>)> {
+        let Some(node) = self.nodes.get_mut(node_id) else {
+            return Err(rejected(
+                RejectionKind::NotFound,
+                format!("node {node_id:?} is not registered"),
+            ));
+        };
+        let (schedulable, draining) = match action {
+            Scheduling::Cordon => (false, node.draining),
+            Scheduling::Uncordon => (true, false),
+            Scheduling::Drain => (false, true),
+        };
+        node.schedulable = schedulable;
+        node.draining = draining;
+        node.revision = index;
+        Ok(node.clone())
+    }
+
     /// Checks the invariants every reachable state holds; tests call it after
     /// each step. Returns the first broken one.
     pub fn check_consistency(&self) -> Result<(), String> {
@@ -367,6 +493,17 @@ impl State {
             }
             if model.created_at_ms > model.updated_at_ms {
                 return Err(format!("model {name:?} was updated before it was created"));
+            }
+        }
+        for (id, node) in &self.nodes {
+            if id != &node.inventory.node_id {
+                return Err(format!(
+                    "node stored under {id:?} is named {:?}",
+                    node.inventory.node_id
+                ));
+            }
+            if node.draining && node.schedulable {
+                return Err(format!("node {id:?} is draining but schedulable"));
             }
         }
         for (index, entry) in &self.audit {

@@ -1,0 +1,78 @@
+//! The lease check, run by the leader: nodes that stop sending telemetry go
+//! Suspect, then Down; they go back to Ready when telemetry resumes.
+//!
+//! The decision is the pure [`next_lease_state`]; this loop only gathers its
+//! inputs and commits the transitions through Raft (never each heartbeat).
+//! A node's silence is counted from its last report or from the moment this
+//! node became leader, whichever is later, so a failover does not mark the
+//! whole fleet Down before agents had time to reconnect.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::task::JoinSet;
+
+use crate::admin::AdminContext;
+use crate::state::node::next_lease_state;
+use crate::state::{Command, NodeState};
+
+/// Runs until `stop` turns true.
+pub async fn run(ctx: Arc<AdminContext>, mut stop: tokio::sync::watch::Receiver<bool>) {
+    let a = &ctx.config.agents;
+    let (suspect, down) = (a.suspect_after_ms, a.down_after_ms);
+    let mut tick = tokio::time::interval(Duration::from_millis((suspect / 5).clamp(20, 500)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut leader_since: Option<Instant> = None;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.changed() => return,
+        }
+        if !ctx.is_leader() {
+            leader_since = None;
+            continue;
+        }
+        let now = Instant::now();
+        let since = *leader_since.get_or_insert(now);
+        let nodes: Vec<(String, NodeState)> = {
+            let applied = ctx.state.read().expect("state lock poisoned");
+            applied
+                .state
+                .nodes
+                .iter()
+                .map(|(id, n)| (id.clone(), n.state))
+                .collect()
+        };
+        let mut proposals = JoinSet::new();
+        for (id, state) in nodes {
+            let last = ctx
+                .telemetry
+                .last_seen(&id)
+                .map_or(since, |seen| seen.max(since));
+            let silent_ms = now.saturating_duration_since(last).as_millis() as u64;
+            let Some(next) = next_lease_state(state, silent_ms, suspect, down) else {
+                continue;
+            };
+            let reason = match next {
+                NodeState::Ready => "telemetry resumed".to_string(),
+                _ => format!("no telemetry for {silent_ms} ms"),
+            };
+            tracing::info!(node = %id, from = state.as_str(), to = next.as_str(), %reason, "node lease changed");
+            let ctx = ctx.clone();
+            proposals.spawn(async move {
+                let command = Command::SetNodeState {
+                    node_id: id.clone(),
+                    state: next,
+                    reason,
+                };
+                if let Err(e) = ctx
+                    .write("set_node_state", "lease-controller".into(), command)
+                    .await
+                {
+                    tracing::warn!(node = %id, error = %e, "could not commit a node lease change");
+                }
+            });
+        }
+        while proposals.join_next().await.is_some() {}
+    }
+}

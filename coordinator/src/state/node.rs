@@ -1,0 +1,256 @@
+//! Node records: what each node agent registered, and the node's lease
+//! state and scheduling flags.
+//!
+//! The inventory is committed through Raft when an agent registers (and
+//! again only when it changes). Telemetry is not: it is soft state on the
+//! leader. Lease state changes (Ready → Suspect → Down and back) are
+//! committed as they happen, never each heartbeat.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use super::model::validate_labels;
+
+/// Most GPUs one node may register.
+pub const MAX_GPUS: usize = 64;
+/// Most MIG instances on one GPU (7 on every MIG-capable part).
+pub const MAX_MIG_DEVICES: usize = 7;
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MigDevice {
+    pub uuid: String,
+    pub profile: String,
+    pub start: Option<u32>,
+    pub memory_bytes: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Calibration {
+    pub sgemm_tflops: f64,
+    pub hgemm_tflops: f64,
+    pub copy_gbps: f64,
+    pub skipped: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Gpu {
+    pub index: u32,
+    pub uuid: String,
+    pub name: String,
+    pub gpu_type: String,
+    pub memory_bytes: u64,
+    pub compute_capability: (u32, u32),
+    pub mig_enabled: bool,
+    pub mig_devices: Vec<MigDevice>,
+    pub nvlink_peers: Vec<String>,
+    pub pci_bus_id: String,
+    pub ecc_enabled: Option<bool>,
+    pub power_limit_watts: u32,
+    pub calibration: Option<Calibration>,
+}
+
+/// What an agent reports about its host.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct NodeInventory {
+    pub node_id: String,
+    pub addr: String,
+    pub cpu_cores: u32,
+    pub host_memory_bytes: u64,
+    pub labels: BTreeMap<String, String>,
+    pub cost_per_hour: f64,
+    pub probe: String,
+    pub driver_version: String,
+    pub gpus: Vec<Gpu>,
+    pub agent_version: String,
+}
+
+/// A node's lease state, driven by its telemetry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NodeState {
+    Ready,
+    /// Missed telemetry for `suspect_after`: not chosen for new work.
+    Suspect,
+    /// Missed telemetry for `down_after`: its work is to be moved.
+    Down,
+}
+
+impl NodeState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NodeState::Ready => "ready",
+            NodeState::Suspect => "suspect",
+            NodeState::Down => "down",
+        }
+    }
+}
+
+/// A node in the registry.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    pub inventory: NodeInventory,
+    pub state: NodeState,
+    pub state_reason: String,
+    /// False once cordoned: no new work is placed here.
+    pub schedulable: bool,
+    /// Cordoned and its work is to be moved elsewhere.
+    pub draining: bool,
+    pub registered_at_ms: u64,
+    pub state_changed_at_ms: u64,
+    /// Log index of the last change.
+    pub revision: u64,
+}
+
+/// How an operator changes a node's scheduling.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Scheduling {
+    Cordon,
+    Uncordon,
+    Drain,
+}
+
+impl Scheduling {
+    pub fn parse(s: &str) -> Result<Scheduling, String> {
+        match s {
+            "cordon" => Ok(Scheduling::Cordon),
+            "uncordon" => Ok(Scheduling::Uncordon),
+            "drain" => Ok(Scheduling::Drain),
+            other => Err(format!(
+                "scheduling action {other:?} is unknown; use cordon, uncordon or drain"
+            )),
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scheduling::Cordon => "cordon",
+            Scheduling::Uncordon => "uncordon",
+            Scheduling::Drain => "drain",
+        }
+    }
+}
+
+/// Checks a node name: 1 to 63 characters of letters, digits, `-`, `.`
+/// and `_`, starting with a letter or digit (host names fit).
+pub fn validate_node_id(id: &str) -> Result<(), String> {
+    if id.is_empty() || id.len() > 63 {
+        return Err(format!(
+            "node id must be 1 to 63 characters long, got {} characters",
+            id.len()
+        ));
+    }
+    if !id.as_bytes()[0].is_ascii_alphanumeric() {
+        return Err(format!(
+            "node id {id:?} must start with a letter or a digit"
+        ));
+    }
+    if let Some(bad) = id
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_')))
+    {
+        return Err(format!(
+            "node id {id:?} contains {bad:?}; use letters, digits, '-', '.' and '_'"
+        ));
+    }
+    Ok(())
+}
+
+impl NodeInventory {
+    /// Checks what an agent sent; the error names the field.
+    pub fn validate(&self) -> Result<(), String> {
+        validate_node_id(&self.node_id)?;
+        validate_labels(&self.labels)?;
+        if !(self.cost_per_hour.is_finite() && self.cost_per_hour >= 0.0) {
+            return Err(format!(
+                "cost_per_hour must be 0 or more, got {}",
+                self.cost_per_hour
+            ));
+        }
+        if self.cpu_cores == 0 {
+            return Err("cpu_cores must be at least 1".into());
+        }
+        if self.gpus.len() > MAX_GPUS {
+            return Err(format!(
+                "{} GPUs reported; a node may have at most {MAX_GPUS}",
+                self.gpus.len()
+            ));
+        }
+        let mut indices = std::collections::BTreeSet::new();
+        let mut uuids = std::collections::BTreeSet::new();
+        for gpu in &self.gpus {
+            if !indices.insert(gpu.index) {
+                return Err(format!("GPU index {} is reported twice", gpu.index));
+            }
+            if gpu.uuid.is_empty() || !uuids.insert(gpu.uuid.as_str()) {
+                return Err(format!(
+                    "GPU {} has an empty or repeated uuid {:?}",
+                    gpu.index, gpu.uuid
+                ));
+            }
+            if gpu.memory_bytes == 0 {
+                return Err(format!("GPU {} reports no memory", gpu.index));
+            }
+            if gpu.mig_devices.len() > MAX_MIG_DEVICES {
+                return Err(format!(
+                    "GPU {} reports {} MIG devices; a GPU has at most {MAX_MIG_DEVICES}",
+                    gpu.index,
+                    gpu.mig_devices.len()
+                ));
+            }
+            if !gpu.mig_enabled && !gpu.mig_devices.is_empty() {
+                return Err(format!(
+                    "GPU {} reports MIG devices with MIG disabled",
+                    gpu.index
+                ));
+            }
+            let mig_memory: u64 = gpu.mig_devices.iter().map(|m| m.memory_bytes).sum();
+            if mig_memory > gpu.memory_bytes {
+                return Err(format!(
+                    "GPU {}: its MIG devices hold more memory than the GPU has",
+                    gpu.index
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What a lease check decides for one node: the next state, if it changes.
+///
+/// Pure: `silent_ms` is how long the leader has gone without telemetry from
+/// the node (counted from when it became leader, at most). Ready goes to
+/// Suspect, Suspect to Down, one step at a time; any state goes back to
+/// Ready once telemetry is fresh.
+pub fn next_lease_state(
+    current: NodeState,
+    silent_ms: u64,
+    suspect_after_ms: u64,
+    down_after_ms: u64,
+) -> Option<NodeState> {
+    let next = match current {
+        _ if silent_ms < suspect_after_ms => NodeState::Ready,
+        NodeState::Ready => NodeState::Suspect,
+        NodeState::Suspect | NodeState::Down if silent_ms >= down_after_ms => NodeState::Down,
+        other => other,
+    };
+    (next != current).then_some(next)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn leases_step_ready_suspect_down_and_back() {
+        use NodeState::*;
+        assert_eq!(next_lease_state(Ready, 100, 1000, 3000), None);
+        assert_eq!(next_lease_state(Ready, 1000, 1000, 3000), Some(Suspect));
+        // One step at a time, even if the silence is already long.
+        assert_eq!(next_lease_state(Ready, 10_000, 1000, 3000), Some(Suspect));
+        assert_eq!(next_lease_state(Suspect, 2000, 1000, 3000), None);
+        assert_eq!(next_lease_state(Suspect, 3000, 1000, 3000), Some(Down));
+        assert_eq!(next_lease_state(Down, 50_000, 1000, 3000), None);
+        assert_eq!(next_lease_state(Down, 10, 1000, 3000), Some(Ready));
+        assert_eq!(next_lease_state(Suspect, 10, 1000, 3000), Some(Ready));
+    }
+}

@@ -1,0 +1,155 @@
+//! Telemetry: soft state on the leader, never through Raft.
+//!
+//! Each agent streams compact reports (one small record per GPU). The leader
+//! keeps, per node, when it last heard from it and a bounded history of
+//! samples per GPU. After a failover the new leader starts empty and fills
+//! as agents reconnect; the lease check gives every node a grace period from
+//! the moment this node became leader.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Instant;
+
+use talon_proto::v1 as pb;
+
+/// What the leader knows of one node's telemetry.
+pub struct NodeTelemetry {
+    /// When the last report arrived (the leader's clock).
+    pub last_seen: Instant,
+    /// The agent's clock when it sampled the last report.
+    pub sampled_at_ms: u64,
+    pub seq: u64,
+    /// Per GPU (by position in the report), oldest first.
+    pub history: Vec<VecDeque<pb::GpuSample>>,
+}
+
+/// Telemetry of every node, bounded per GPU.
+pub struct TelemetryStore {
+    nodes: Mutex<HashMap<String, NodeTelemetry>>,
+    history_len: usize,
+    received: AtomicU64,
+}
+
+impl TelemetryStore {
+    pub fn new(history_len: usize) -> TelemetryStore {
+        TelemetryStore {
+            nodes: Mutex::new(HashMap::new()),
+            history_len,
+            received: AtomicU64::new(0),
+        }
+    }
+
+    /// Records one report, received now.
+    pub fn record(&self, report: pb::TelemetryReport, now: Instant) {
+        self.received.fetch_add(1, Ordering::Relaxed);
+        let mut nodes = self.nodes.lock().expect("telemetry lock poisoned");
+        let entry = nodes
+            .entry(report.node_id)
+            .or_insert_with(|| NodeTelemetry {
+                last_seen: now,
+                sampled_at_ms: 0,
+                seq: 0,
+                history: Vec::new(),
+            });
+        entry.last_seen = now;
+        entry.sampled_at_ms = report.sampled_at_ms;
+        entry.seq = report.seq;
+        if entry.history.len() != report.gpus.len() {
+            entry.history =
+                vec![VecDeque::with_capacity(self.history_len.min(16)); report.gpus.len()];
+        }
+        for (history, sample) in entry.history.iter_mut().zip(report.gpus) {
+            if history.len() == self.history_len {
+                history.pop_front();
+            }
+            history.push_back(sample);
+        }
+    }
+
+    /// When the node was last heard from, if ever on this leader.
+    pub fn last_seen(&self, node: &str) -> Option<Instant> {
+        self.nodes
+            .lock()
+            .expect("telemetry lock poisoned")
+            .get(node)
+            .map(|t| t.last_seen)
+    }
+
+    /// The newest sample of each GPU and the time since the report arrived.
+    pub fn latest(&self, node: &str, now: Instant) -> Option<(u64, Vec<pb::GpuSample>)> {
+        let nodes = self.nodes.lock().expect("telemetry lock poisoned");
+        let t = nodes.get(node)?;
+        let samples = t.history.iter().filter_map(|h| h.back().cloned()).collect();
+        Some((
+            now.saturating_duration_since(t.last_seen).as_millis() as u64,
+            samples,
+        ))
+    }
+
+    /// Every node's time since its last report, ms.
+    pub fn ages_ms(&self, now: Instant) -> Vec<(String, u64)> {
+        let nodes = self.nodes.lock().expect("telemetry lock poisoned");
+        nodes
+            .iter()
+            .map(|(id, t)| {
+                (
+                    id.clone(),
+                    now.saturating_duration_since(t.last_seen).as_millis() as u64,
+                )
+            })
+            .collect()
+    }
+
+    /// Reports received since start.
+    pub fn received(&self) -> u64 {
+        self.received.load(Ordering::Relaxed)
+    }
+
+    /// Samples kept for one GPU of one node (for tests and `node show`).
+    pub fn history_len(&self, node: &str, gpu: usize) -> usize {
+        let nodes = self.nodes.lock().expect("telemetry lock poisoned");
+        nodes
+            .get(node)
+            .and_then(|t| t.history.get(gpu))
+            .map_or(0, VecDeque::len)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(node: &str, seq: u64, gpus: usize) -> pb::TelemetryReport {
+        pb::TelemetryReport {
+            node_id: node.into(),
+            seq,
+            sampled_at_ms: seq * 1000,
+            gpus: (0..gpus)
+                .map(|i| pb::GpuSample {
+                    index: i as u32,
+                    utilization: seq as u32,
+                    ..Default::default()
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn history_is_bounded_and_latest_is_newest() {
+        let store = TelemetryStore::new(3);
+        let t0 = Instant::now();
+        for seq in 1..=5 {
+            store.record(report("n1", seq, 2), t0);
+        }
+        assert_eq!(store.history_len("n1", 0), 3);
+        let (age, latest) = store.latest("n1", t0).unwrap();
+        assert_eq!(age, 0);
+        assert_eq!(
+            latest.iter().map(|s| s.utilization).collect::<Vec<_>>(),
+            vec![5, 5]
+        );
+        assert!(store.latest("n2", t0).is_none());
+        assert_eq!(store.received(), 5);
+    }
+}

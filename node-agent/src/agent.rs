@@ -1,0 +1,350 @@
+//! The agent's connection to the coordinators: register, then stream
+//! telemetry to the leader, and start over with the new leader whenever the
+//! stream ends.
+//!
+//! Leader discovery: try the address the last answer named (`talon-leader`
+//! metadata), else the next configured coordinator. A refused join token or
+//! an inventory the coordinators reject ends the agent with that error:
+//! retrying cannot fix it.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use talon_proto::v1 as pb;
+use talon_proto::v1::agent_service_client::AgentServiceClient;
+use talon_proto::LEADER_METADATA_KEY;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::calibrate::Calibration;
+use crate::metrics::{AgentMetrics, GpuLabel};
+use crate::probe::{GpuProbe, GpuSample, Inventory, ProbeError};
+
+/// Request metadata key that carries the join token.
+pub const JOIN_TOKEN_METADATA_KEY: &str = "talon-join-token";
+
+/// What the agent says about its host and where it reports.
+#[derive(Clone, Debug)]
+pub struct AgentSettings {
+    pub node_id: String,
+    /// The agent's own endpoint (metrics), as others reach it.
+    pub addr: String,
+    pub coordinators: Vec<String>,
+    pub join_token: String,
+    pub labels: BTreeMap<String, String>,
+    pub cost_per_hour: f64,
+    pub cpu_cores: u32,
+    pub host_memory_bytes: u64,
+    /// Overrides the interval the coordinators ask for.
+    pub telemetry_interval: Option<Duration>,
+    /// Per-GPU calibration measured at start (empty: not run).
+    pub calibrations: Vec<Calibration>,
+}
+
+/// Why the agent stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("the coordinators refused this agent: {0}")]
+    Refused(String),
+    #[error("GPU probe: {0}")]
+    Probe(#[from] ProbeError),
+}
+
+/// How one session with a coordinator ended.
+enum SessionEnd {
+    /// Go to this address next (a leader hint).
+    Leader(String),
+    /// Try the next coordinator after a pause.
+    Retry(String),
+    Fatal(String),
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn classify(status: tonic::Status) -> SessionEnd {
+    if let Some(leader) = status
+        .metadata()
+        .get(LEADER_METADATA_KEY)
+        .and_then(|v| v.to_str().ok())
+    {
+        return SessionEnd::Leader(leader.to_string());
+    }
+    match status.code() {
+        tonic::Code::Unauthenticated
+        | tonic::Code::InvalidArgument
+        | tonic::Code::PermissionDenied => SessionEnd::Fatal(status.message().to_string()),
+        tonic::Code::FailedPrecondition if status.message().contains("accepts no agents") => {
+            SessionEnd::Fatal(status.message().to_string())
+        }
+        _ => SessionEnd::Retry(format!("{:?}: {}", status.code(), status.message())),
+    }
+}
+
+fn inventory_to_wire(
+    settings: &AgentSettings,
+    kind: &str,
+    inventory: &Inventory,
+) -> pb::NodeInventory {
+    pb::NodeInventory {
+        node_id: settings.node_id.clone(),
+        addr: settings.addr.clone(),
+        cpu_cores: settings.cpu_cores,
+        host_memory_bytes: settings.host_memory_bytes,
+        labels: settings
+            .labels
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+        cost_per_hour: settings.cost_per_hour,
+        probe: kind.to_string(),
+        driver_version: inventory.driver_version.clone(),
+        agent_version: env!("CARGO_PKG_VERSION").to_string(),
+        gpus: inventory
+            .gpus
+            .iter()
+            .map(|g| pb::GpuInventory {
+                index: g.index,
+                uuid: g.uuid.clone(),
+                name: g.name.clone(),
+                gpu_type: g.gpu_type.clone(),
+                memory_bytes: g.memory_bytes,
+                compute_major: g.compute_capability.0,
+                compute_minor: g.compute_capability.1,
+                mig_enabled: g.mig_enabled,
+                mig_devices: g
+                    .mig_devices
+                    .iter()
+                    .map(|m| pb::MigDevice {
+                        uuid: m.uuid.clone(),
+                        profile: m.profile.clone(),
+                        start: m.start,
+                        memory_bytes: m.memory_bytes,
+                    })
+                    .collect(),
+                nvlink_peers: g.nvlink_peers.clone(),
+                pci_bus_id: g.pci_bus_id.clone(),
+                ecc_enabled: g.ecc_enabled,
+                power_limit_watts: g.power_limit_watts,
+                calibration: settings
+                    .calibrations
+                    .get(g.index as usize)
+                    .map(|c| pb::Calibration {
+                        sgemm_tflops: c.sgemm_tflops,
+                        hgemm_tflops: c.hgemm_tflops,
+                        copy_gbps: c.copy_gbps,
+                        skipped: c.skipped.clone(),
+                    }),
+            })
+            .collect(),
+    }
+}
+
+fn sample_to_wire(s: &GpuSample) -> pb::GpuSample {
+    pb::GpuSample {
+        index: s.index,
+        memory_used_bytes: s.memory_used_bytes,
+        utilization: s.utilization,
+        temperature_c: s.temperature_c,
+        power_watts: s.power_watts,
+        sm_clock_mhz: s.sm_clock_mhz,
+        ecc_uncorrected: s.ecc_uncorrected,
+        processes: s.processes,
+    }
+}
+
+fn with_token<T>(message: T, token: &str) -> Result<tonic::Request<T>, SessionEnd> {
+    let mut request = tonic::Request::new(message);
+    let value = token
+        .parse()
+        .map_err(|_| SessionEnd::Fatal("the join token is not valid ASCII metadata".into()))?;
+    request
+        .metadata_mut()
+        .insert(JOIN_TOKEN_METADATA_KEY, value);
+    Ok(request)
+}
+
+/// One connection to `addr`: register, then stream telemetry until the
+/// stream ends.
+async fn session(
+    addr: &str,
+    settings: &AgentSettings,
+    probe: &Arc<dyn GpuProbe>,
+    inventory: &pb::NodeInventory,
+    metrics: &Arc<AgentMetrics>,
+) -> SessionEnd {
+    let endpoint = match Endpoint::from_shared(format!("http://{addr}")) {
+        Ok(e) => e
+            .connect_timeout(Duration::from_secs(1))
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(1))
+            .keep_alive_timeout(Duration::from_secs(2)),
+        Err(e) => return SessionEnd::Fatal(format!("coordinator address {addr:?}: {e}")),
+    };
+    let mut client = AgentServiceClient::<Channel>::new(endpoint.connect_lazy());
+    let request = match with_token(
+        pb::RegisterRequest {
+            inventory: Some(inventory.clone()),
+        },
+        &settings.join_token,
+    ) {
+        Ok(mut r) => {
+            r.set_timeout(Duration::from_secs(10));
+            r
+        }
+        Err(end) => return end,
+    };
+    let registered = match client.register(request).await {
+        Ok(r) => r.into_inner(),
+        Err(status) => return classify(status),
+    };
+    metrics.registered.set(1);
+    let interval = settings
+        .telemetry_interval
+        .unwrap_or(Duration::from_millis(u64::from(
+            registered.telemetry_interval_ms.max(10),
+        )));
+    tracing::info!(
+        coordinator = addr,
+        revision = registered.revision,
+        ?interval,
+        "registered; streaming telemetry"
+    );
+
+    let (tx, rx) = mpsc::channel::<pb::TelemetryReport>(4);
+    let producer = {
+        let (probe, metrics, node_id) = (probe.clone(), metrics.clone(), settings.node_id.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut seq = 0u64;
+            loop {
+                tick.tick().await;
+                let probe = probe.clone();
+                let samples = match tokio::task::spawn_blocking(move || probe.sample()).await {
+                    Ok(Ok(s)) => s,
+                    Ok(Err(e)) => {
+                        tracing::warn!(error = %e, "GPU sample failed; skipping this report");
+                        continue;
+                    }
+                    Err(_) => return,
+                };
+                for s in &samples {
+                    let l = GpuLabel { gpu: s.index };
+                    metrics
+                        .memory_used
+                        .get_or_create(&l)
+                        .set(s.memory_used_bytes as i64);
+                    metrics
+                        .utilization
+                        .get_or_create(&l)
+                        .set(f64::from(s.utilization) / 100.0);
+                    metrics
+                        .temperature
+                        .get_or_create(&l)
+                        .set(i64::from(s.temperature_c));
+                    metrics
+                        .power
+                        .get_or_create(&l)
+                        .set(i64::from(s.power_watts));
+                }
+                seq += 1;
+                let report = pb::TelemetryReport {
+                    node_id: node_id.clone(),
+                    seq,
+                    sampled_at_ms: now_ms(),
+                    gpus: samples.iter().map(sample_to_wire).collect(),
+                };
+                if tx.send(report).await.is_err() {
+                    return;
+                }
+                metrics.reports.inc();
+            }
+        })
+    };
+    let request = match with_token(ReceiverStream::new(rx), &settings.join_token) {
+        Ok(r) => r,
+        Err(end) => {
+            producer.abort();
+            return end;
+        }
+    };
+    let outcome = client.report_telemetry(request).await;
+    producer.abort();
+    match outcome {
+        Ok(_) => SessionEnd::Retry("the coordinator closed the telemetry stream".into()),
+        Err(status) => classify(status),
+    }
+}
+
+/// Runs the agent until `shutdown` resolves or the coordinators refuse it.
+pub async fn run(
+    settings: AgentSettings,
+    probe: Arc<dyn GpuProbe>,
+    metrics: Arc<AgentMetrics>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), AgentError> {
+    if settings.coordinators.is_empty() {
+        return Err(AgentError::Refused(
+            "no coordinator address configured".into(),
+        ));
+    }
+    let inventory = {
+        let probe = probe.clone();
+        tokio::task::spawn_blocking(move || probe.inventory())
+            .await
+            .map_err(|e| {
+                AgentError::Probe(ProbeError::Unavailable(format!("probe task failed: {e}")))
+            })??
+    };
+    for gpu in &inventory.gpus {
+        metrics
+            .memory_total
+            .get_or_create(&GpuLabel { gpu: gpu.index })
+            .set(gpu.memory_bytes as i64);
+    }
+    let wire = inventory_to_wire(&settings, probe.kind(), &inventory);
+    tokio::pin!(shutdown);
+    let mut next: Option<String> = None;
+    let mut index = 0usize;
+    let mut pause = Duration::from_millis(50);
+    loop {
+        let addr = next
+            .take()
+            .unwrap_or_else(|| settings.coordinators[index % settings.coordinators.len()].clone());
+        let end = tokio::select! {
+            end = session(&addr, &settings, &probe, &wire, &metrics) => end,
+            _ = &mut shutdown => return Ok(()),
+        };
+        metrics.registered.set(0);
+        metrics.reconnects.inc();
+        match end {
+            SessionEnd::Fatal(why) => return Err(AgentError::Refused(why)),
+            SessionEnd::Leader(leader) if leader != addr => {
+                tracing::info!(from = %addr, to = %leader, "following the leader");
+                next = Some(leader);
+                pause = Duration::from_millis(50);
+                continue;
+            }
+            SessionEnd::Leader(_) => {
+                index += 1;
+            }
+            SessionEnd::Retry(why) => {
+                tracing::warn!(coordinator = %addr, %why, "lost the coordinator; looking for the leader");
+                index += 1;
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(pause) => {}
+            _ = &mut shutdown => return Ok(()),
+        }
+        pause = (pause * 2).min(Duration::from_secs(1));
+    }
+}

@@ -1,0 +1,284 @@
+//! The agent's configuration: defaults, a TOML file, environment (`TALON_*`)
+//! and flags, then [`AgentConfig::validate`]. `--check` stops after probing
+//! the GPUs and prints the inventory.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use clap::Parser;
+use serde::{Deserialize, Serialize};
+
+/// Where the GPU inventory comes from.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum ProbeKind {
+    /// The real GPUs, through NVML.
+    #[default]
+    Nvml,
+    /// A simulated fleet from `fleet` or `sim_gpus`.
+    Simulated,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AgentConfig {
+    /// Unique name of this host; defaults to its hostname.
+    pub node_id: Option<String>,
+    /// Coordinator gRPC addresses (any member; the agent finds the leader).
+    pub coordinators: Vec<String>,
+    pub join_token: String,
+    pub join_token_file: Option<PathBuf>,
+    pub probe: ProbeKind,
+    /// TOML fleet spec for the simulated probe.
+    pub fleet: Option<PathBuf>,
+    /// Compact fleet spec for the simulated probe: `h100-sxm:2,l4:4`.
+    pub sim_gpus: Option<String>,
+    /// HTTP: /metrics.
+    pub http_listen: SocketAddr,
+    /// The address others use for this agent; defaults to http_listen.
+    pub advertise: Option<String>,
+    /// Overrides the telemetry interval the coordinators ask for.
+    pub telemetry_interval_ms: Option<u64>,
+    pub labels: BTreeMap<String, String>,
+    pub cost_per_hour: f64,
+    /// Run the CUDA calibration at start (real GPUs only).
+    pub calibrate: bool,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        AgentConfig {
+            node_id: None,
+            coordinators: vec!["127.0.0.1:7400".into()],
+            join_token: String::new(),
+            join_token_file: None,
+            probe: ProbeKind::Nvml,
+            fleet: None,
+            sim_gpus: None,
+            http_listen: "127.0.0.1:7481".parse().expect("valid literal"),
+            advertise: None,
+            telemetry_interval_ms: None,
+            labels: BTreeMap::new(),
+            cost_per_hour: 0.0,
+            calibrate: true,
+        }
+    }
+}
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "talon-agent",
+    version,
+    about = "Talon node agent: GPU discovery, registration and telemetry"
+)]
+pub struct Flags {
+    #[arg(long, env = "TALON_AGENT_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Validate the configuration, probe the GPUs, print the inventory and exit.
+    #[arg(long)]
+    pub check: bool,
+    #[arg(long, env = "TALON_NODE_ID")]
+    pub node_id: Option<String>,
+    /// Comma-separated coordinator addresses.
+    #[arg(long, env = "TALON_COORDINATORS", value_delimiter = ',')]
+    pub coordinators: Option<Vec<String>>,
+    #[arg(long, env = "TALON_JOIN_TOKEN", hide_env_values = true)]
+    pub join_token: Option<String>,
+    #[arg(long, env = "TALON_JOIN_TOKEN_FILE")]
+    pub join_token_file: Option<PathBuf>,
+    #[arg(long, env = "TALON_PROBE")]
+    pub probe: Option<ProbeKind>,
+    #[arg(long, env = "TALON_FLEET")]
+    pub fleet: Option<PathBuf>,
+    /// e.g. h100-sxm:2:mig=3g.40gb+3g.40gb,l4:4 (implies --probe simulated).
+    #[arg(long, env = "TALON_SIM_GPUS")]
+    pub sim_gpus: Option<String>,
+    #[arg(long, env = "TALON_AGENT_HTTP_LISTEN")]
+    pub http_listen: Option<SocketAddr>,
+    #[arg(long, env = "TALON_AGENT_ADVERTISE")]
+    pub advertise: Option<String>,
+    #[arg(long, env = "TALON_TELEMETRY_INTERVAL_MS")]
+    pub telemetry_interval_ms: Option<u64>,
+    /// KEY=VALUE (repeatable).
+    #[arg(long = "label", value_parser = parse_label)]
+    pub labels: Vec<(String, String)>,
+    #[arg(long, env = "TALON_COST_PER_HOUR")]
+    pub cost_per_hour: Option<f64>,
+    #[arg(long, env = "TALON_CALIBRATE", num_args = 0..=1, default_missing_value = "true")]
+    pub calibrate: Option<bool>,
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?} is not KEY=VALUE"))?;
+    Ok((k.into(), v.into()))
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path} is invalid: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+/// Shortest join token accepted (the coordinators' rule too).
+pub const MIN_JOIN_TOKEN: usize = 16;
+
+fn hostname() -> String {
+    std::fs::read_to_string("/etc/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+impl AgentConfig {
+    pub fn from_file(path: &Path) -> Result<AgentConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })
+    }
+
+    pub fn load(flags: &Flags) -> Result<AgentConfig, ConfigError> {
+        let mut c = match &flags.config {
+            Some(path) => AgentConfig::from_file(path)?,
+            None => AgentConfig::default(),
+        };
+        if let Some(v) = &flags.node_id {
+            c.node_id = Some(v.clone());
+        }
+        if let Some(v) = &flags.coordinators {
+            c.coordinators = v.clone();
+        }
+        if let Some(v) = &flags.join_token {
+            c.join_token = v.clone();
+        }
+        if let Some(v) = &flags.join_token_file {
+            c.join_token_file = Some(v.clone());
+        }
+        if let Some(v) = flags.probe {
+            c.probe = v;
+        }
+        if let Some(v) = &flags.fleet {
+            c.fleet = Some(v.clone());
+            c.probe = flags.probe.unwrap_or(ProbeKind::Simulated);
+        }
+        if let Some(v) = &flags.sim_gpus {
+            c.sim_gpus = Some(v.clone());
+            c.probe = flags.probe.unwrap_or(ProbeKind::Simulated);
+        }
+        if let Some(v) = flags.http_listen {
+            c.http_listen = v;
+        }
+        if let Some(v) = &flags.advertise {
+            c.advertise = Some(v.clone());
+        }
+        if let Some(v) = flags.telemetry_interval_ms {
+            c.telemetry_interval_ms = Some(v);
+        }
+        c.labels.extend(flags.labels.iter().cloned());
+        if let Some(v) = flags.cost_per_hour {
+            c.cost_per_hour = v;
+        }
+        if let Some(v) = flags.calibrate {
+            c.calibrate = v;
+        }
+        if let Some(path) = &c.join_token_file {
+            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                path: path.clone(),
+                source,
+            })?;
+            c.join_token = text.lines().next().unwrap_or_default().trim().to_string();
+        }
+        if c.node_id.is_none() {
+            c.node_id = Some(hostname());
+        }
+        c.validate()?;
+        Ok(c)
+    }
+
+    pub fn node_id(&self) -> &str {
+        self.node_id.as_deref().unwrap_or("localhost")
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        let id = self.node_id();
+        if id.is_empty()
+            || id.len() > 63
+            || !id.as_bytes()[0].is_ascii_alphanumeric()
+            || !id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'))
+        {
+            return bad(format!(
+                "node_id {id:?} must be 1 to 63 letters, digits, '-', '.' or '_', starting with a letter or digit"
+            ));
+        }
+        if self.coordinators.is_empty() {
+            return bad("coordinators is empty; give at least one coordinator host:port".into());
+        }
+        for addr in &self.coordinators {
+            let ok = addr
+                .rsplit_once(':')
+                .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p != 0));
+            if !ok {
+                return bad(format!("coordinator address {addr:?} is not host:port"));
+            }
+        }
+        if self.join_token.is_empty() {
+            return bad("join_token is empty; pass the cluster's join token (--join-token, TALON_JOIN_TOKEN or join_token_file)".into());
+        }
+        if self.join_token.len() < MIN_JOIN_TOKEN {
+            return bad(format!(
+                "join token is {} characters long; the cluster's token has at least {MIN_JOIN_TOKEN}: check that it was copied whole",
+                self.join_token.len()
+            ));
+        }
+        if let Some(bad_char) = self
+            .join_token
+            .chars()
+            .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')))
+        {
+            return bad(format!("join token contains {bad_char:?}; a token has only letters, digits, '-', '_' and '.'"));
+        }
+        match self.probe {
+            ProbeKind::Simulated if self.fleet.is_none() && self.sim_gpus.is_none() => {
+                return bad("probe is simulated but no fleet is given; pass --sim-gpus (e.g. h100-sxm:2,l4:4) or --fleet FILE".into())
+            }
+            ProbeKind::Simulated if self.fleet.is_some() && self.sim_gpus.is_some() => {
+                return bad("both fleet and sim_gpus are given; use one".into())
+            }
+            ProbeKind::Nvml if self.fleet.is_some() || self.sim_gpus.is_some() => {
+                return bad("probe is nvml but a simulated fleet is given; drop --fleet/--sim-gpus or use --probe simulated".into())
+            }
+            _ => {}
+        }
+        if let Some(ms) = self.telemetry_interval_ms {
+            if ms < 10 {
+                return bad(format!("telemetry_interval_ms is {ms}; use 10 or more"));
+            }
+        }
+        if !(self.cost_per_hour.is_finite() && self.cost_per_hour >= 0.0) {
+            return bad(format!(
+                "cost_per_hour must be 0 or more, got {}",
+                self.cost_per_hour
+            ));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,15 @@
+//! Talon's node agent, installed on every GPU host.
+//!
+//! It discovers the host's GPUs through a [`probe::GpuProbe`] (NVML, or a
+//! simulated fleet built from a [`fleet::FleetSpec`] and the [`catalog`]),
+//! optionally [`calibrate`]s them with CUDA, registers the inventory with
+//! the coordinators (committed through Raft) and streams compact telemetry
+//! to the leader ([`agent::run`]), following the leader across failovers.
+
+pub mod agent;
+pub mod calibrate;
+pub mod catalog;
+pub mod config;
+pub mod fleet;
+pub mod metrics;
+pub mod probe;

@@ -1,0 +1,189 @@
+//! `talon-agent`: parses the configuration, opens the GPU probe, calibrates,
+//! serves /metrics and runs the agent.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+use talon_node_agent::agent::{self, AgentSettings};
+use talon_node_agent::calibrate;
+use talon_node_agent::config::{AgentConfig, Flags, ProbeKind};
+use talon_node_agent::fleet::FleetSpec;
+use talon_node_agent::metrics::AgentMetrics;
+use talon_node_agent::probe::nvml::NvmlProbe;
+use talon_node_agent::probe::sim::SimFleet;
+use talon_node_agent::probe::GpuProbe;
+
+fn host_memory_bytes() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// Opens the probe; exit status 2 for a bad spec, 1 for a missing driver.
+fn open_probe(config: &AgentConfig) -> Result<(Arc<dyn GpuProbe>, u32, u64, f64), (u8, String)> {
+    match config.probe {
+        ProbeKind::Nvml => {
+            let probe = NvmlProbe::new().map_err(|e| (1, format!("NVML probe: {e}")))?;
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
+            Ok((
+                Arc::new(probe),
+                cores,
+                host_memory_bytes(),
+                config.cost_per_hour,
+            ))
+        }
+        ProbeKind::Simulated => {
+            let spec = match (&config.fleet, &config.sim_gpus) {
+                (Some(path), _) => FleetSpec::from_file(path),
+                (None, Some(flag)) => FleetSpec::from_flag(flag),
+                (None, None) => unreachable!("validate() requires a fleet for the simulated probe"),
+            }
+            .map_err(|e| (2, e.to_string()))?;
+            let host = spec.host.clone();
+            let fleet = SimFleet::new(config.node_id(), spec).map_err(|e| (2, e.to_string()))?;
+            let cost = if config.cost_per_hour > 0.0 {
+                config.cost_per_hour
+            } else {
+                host.cost_per_hour
+            };
+            Ok((
+                Arc::new(fleet),
+                host.cpu_cores,
+                host.host_memory_gib << 30,
+                cost,
+            ))
+        }
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let flags = Flags::parse();
+    let config = match AgentConfig::load(&flags) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("talon-agent: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let (probe, cpu_cores, host_memory_bytes, cost_per_hour) = match open_probe(&config) {
+        Ok(p) => p,
+        Err((code, message)) => {
+            eprintln!("talon-agent: {message}");
+            return ExitCode::from(code);
+        }
+    };
+    let inventory = match probe.inventory() {
+        Ok(i) => i,
+        Err(e) => {
+            eprintln!("talon-agent: GPU inventory: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let calibrations = if config.probe == ProbeKind::Nvml && config.calibrate {
+        let mig: Vec<bool> = inventory.gpus.iter().map(|g| g.mig_enabled).collect();
+        let count = inventory.gpus.len() as u32;
+        tokio::task::spawn_blocking(move || calibrate::calibrate_all(count, &mig))
+            .await
+            .unwrap_or_default()
+    } else {
+        Vec::new()
+    };
+    if flags.check {
+        println!(
+            "configuration is valid; probe {} sees {} GPU(s), driver {}",
+            probe.kind(),
+            inventory.gpus.len(),
+            inventory.driver_version
+        );
+        for g in &inventory.gpus {
+            println!(
+                "gpu {} {} ({}) {} MiB cc {}.{} mig={} mig_devices={} nvlink_peers={} uuid={}",
+                g.index,
+                g.name,
+                g.gpu_type,
+                g.memory_bytes >> 20,
+                g.compute_capability.0,
+                g.compute_capability.1,
+                g.mig_enabled,
+                g.mig_devices.len(),
+                g.nvlink_peers.len(),
+                g.uuid
+            );
+            if let Some(c) = calibrations.get(g.index as usize) {
+                if c.skipped.is_empty() {
+                    println!(
+                        "  calibration: sgemm {:.1} TFLOP/s, hgemm {:.1} TFLOP/s, copy {:.0} GB/s",
+                        c.sgemm_tflops, c.hgemm_tflops, c.copy_gbps
+                    );
+                } else {
+                    println!("  calibration skipped: {}", c.skipped);
+                }
+            }
+        }
+        return ExitCode::SUCCESS;
+    }
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+
+    let metrics = Arc::new(AgentMetrics::new());
+    let listener = match tokio::net::TcpListener::bind(config.http_listen).await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("talon-agent: cannot bind {}: {e}", config.http_listen);
+            return ExitCode::from(1);
+        }
+    };
+    let addr = config.advertise.clone().unwrap_or_else(|| {
+        listener
+            .local_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_else(|_| config.http_listen.to_string())
+    });
+    let http_metrics = metrics.clone();
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let m = http_metrics.clone();
+            async move { m.encode() }
+        }),
+    );
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "metrics server stopped");
+        }
+    });
+    let settings = AgentSettings {
+        node_id: config.node_id().to_string(),
+        addr,
+        coordinators: config.coordinators.clone(),
+        join_token: config.join_token.clone(),
+        labels: config.labels.clone(),
+        cost_per_hour,
+        cpu_cores,
+        host_memory_bytes,
+        telemetry_interval: config.telemetry_interval_ms.map(Duration::from_millis),
+        calibrations,
+    };
+    let shutdown = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    match agent::run(settings, probe, metrics, shutdown).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("talon-agent: {e}");
+            ExitCode::from(1)
+        }
+    }
+}

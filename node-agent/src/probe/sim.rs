@@ -1,0 +1,244 @@
+//! A simulated fleet: GPUs that behave like the catalog types they stand for.
+//!
+//! Inventory comes from a [`FleetSpec`]: stable UUIDs derived from the node
+//! name, MIG instances at their legal placements, NVLink peers among SXM
+//! parts. Samples follow the work placed on each GPU through
+//! [`SimFleet::set_load`] (executors call it): memory used is what is
+//! allocated, power and temperature rise with utilization between the
+//! type's idle and peak, and the SM clock is the type's boost clock when
+//! busy. Nothing is random, so tests can assert exact values.
+
+use std::sync::Mutex;
+
+use super::{GpuInfo, GpuProbe, GpuSample, Inventory, MigDeviceInfo, ProbeError};
+use crate::fleet::{FleetSpec, ResolvedGroup, SpecError};
+
+/// Memory the driver and context of an idle GPU hold, as seen on real GPUs.
+const IDLE_MEMORY_BYTES: u64 = 512 * 1024 * 1024;
+
+#[derive(Clone, Copy, Debug, Default)]
+struct Load {
+    memory_bytes: u64,
+    utilization: u32,
+    processes: u32,
+}
+
+/// A host's simulated GPUs.
+pub struct SimFleet {
+    inventory: Inventory,
+    loads: Mutex<Vec<Load>>,
+    peaks: Vec<(u32, u32)>,
+    pub spec: FleetSpec,
+}
+
+/// FNV-1a: a stable hash for deriving UUIDs from names.
+fn fnv(data: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in data.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+fn uuid(prefix: &str, seed: &str) -> String {
+    let a = fnv(seed);
+    let b = fnv(&format!("{seed}/2"));
+    format!(
+        "{prefix}-{:08x}-{:04x}-{:04x}-{:04x}-{:012x}",
+        a >> 32,
+        (a >> 16) & 0xffff,
+        a & 0xffff,
+        b >> 48,
+        b & 0xffff_ffff_ffff
+    )
+}
+
+fn mig_memory_bytes(profile: &str) -> u64 {
+    let gb = profile
+        .split('.')
+        .nth(1)
+        .and_then(|m| m.trim_end_matches("gb").parse::<u64>().ok())
+        .unwrap_or(0);
+    gb * 1024 * 1024 * 1024
+}
+
+impl SimFleet {
+    /// Builds the fleet of host `node` from `spec`.
+    pub fn new(node: &str, spec: FleetSpec) -> Result<SimFleet, SpecError> {
+        let groups = spec.resolve()?;
+        let mut gpus = Vec::new();
+        let mut peaks = Vec::new();
+        for (
+            g,
+            ResolvedGroup {
+                gpu_type,
+                count,
+                mig,
+            },
+        ) in groups.iter().enumerate()
+        {
+            let first = gpus.len() as u32;
+            let group_uuids: Vec<String> = (0..*count)
+                .map(|i| uuid("GPU", &format!("{node}/{}", first + i)))
+                .collect();
+            for i in 0..*count {
+                let index = first + i;
+                let id = &group_uuids[i as usize];
+                let mig_devices = mig
+                    .iter()
+                    .map(|(profile, placement)| MigDeviceInfo {
+                        uuid: uuid(
+                            "MIG",
+                            &format!("{node}/{index}/{profile}@{}", placement.start),
+                        ),
+                        profile: profile.clone(),
+                        start: Some(u32::from(placement.start)),
+                        memory_bytes: mig_memory_bytes(profile),
+                    })
+                    .collect();
+                let nvlink_peers = if gpu_type.nvlink {
+                    group_uuids.iter().filter(|u| *u != id).cloned().collect()
+                } else {
+                    Vec::new()
+                };
+                gpus.push(GpuInfo {
+                    index,
+                    uuid: id.clone(),
+                    name: gpu_type.driver_name.to_string(),
+                    gpu_type: gpu_type.key.to_string(),
+                    memory_bytes: gpu_type.memory_mib * 1024 * 1024,
+                    compute_capability: gpu_type.compute_capability,
+                    mig_enabled: !mig.is_empty(),
+                    mig_devices,
+                    nvlink_peers,
+                    pci_bus_id: format!("00000000:{:02X}:00.0", 0x10 + g * 0x10 + i as usize),
+                    ecc_enabled: Some(!gpu_type.key.starts_with("rtx")),
+                    power_limit_watts: gpu_type.power_watts,
+                });
+                peaks.push((gpu_type.idle_watts, gpu_type.power_watts));
+            }
+        }
+        let loads = Mutex::new(vec![Load::default(); gpus.len()]);
+        Ok(SimFleet {
+            inventory: Inventory {
+                driver_version: "simulated".into(),
+                gpus,
+            },
+            loads,
+            peaks,
+            spec,
+        })
+    }
+
+    /// Puts work on GPU `index`: memory it holds, utilization in percent,
+    /// processes running. Replaces what was set before.
+    pub fn set_load(
+        &self,
+        index: u32,
+        memory_bytes: u64,
+        utilization: u32,
+        processes: u32,
+    ) -> Result<(), ProbeError> {
+        let gpu = self
+            .inventory
+            .gpus
+            .get(index as usize)
+            .ok_or(ProbeError::Device {
+                index,
+                message: format!("no such GPU; this host has {}", self.inventory.gpus.len()),
+            })?;
+        if memory_bytes + IDLE_MEMORY_BYTES > gpu.memory_bytes {
+            return Err(ProbeError::Device {
+                index,
+                message: format!(
+                    "{} bytes do not fit in {} bytes of GPU memory",
+                    memory_bytes,
+                    gpu.memory_bytes - IDLE_MEMORY_BYTES
+                ),
+            });
+        }
+        let mut loads = self.loads.lock().expect("load lock poisoned");
+        loads[index as usize] = Load {
+            memory_bytes,
+            utilization: utilization.min(100),
+            processes,
+        };
+        Ok(())
+    }
+}
+
+impl GpuProbe for SimFleet {
+    fn kind(&self) -> &'static str {
+        "simulated"
+    }
+
+    fn inventory(&self) -> Result<Inventory, ProbeError> {
+        Ok(self.inventory.clone())
+    }
+
+    fn sample(&self) -> Result<Vec<GpuSample>, ProbeError> {
+        let loads = self.loads.lock().expect("load lock poisoned");
+        Ok(self
+            .inventory
+            .gpus
+            .iter()
+            .zip(loads.iter())
+            .zip(&self.peaks)
+            .map(|((gpu, load), (idle, peak))| {
+                let u = load.utilization;
+                GpuSample {
+                    index: gpu.index,
+                    memory_used_bytes: IDLE_MEMORY_BYTES + load.memory_bytes,
+                    utilization: u,
+                    temperature_c: 30 + u * 45 / 100,
+                    power_watts: idle + (peak - idle) * u / 100,
+                    sm_clock_mhz: if u > 0 { 1980 } else { 345 },
+                    ecc_uncorrected: 0,
+                    processes: load.processes,
+                }
+            })
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn inventory_is_stable_and_samples_follow_the_load() {
+        let spec = FleetSpec::from_flag("h100-sxm:2:mig=3g.40gb+3g.40gb,l4:1").unwrap();
+        let a = SimFleet::new("node-a", spec.clone()).unwrap();
+        let b = SimFleet::new("node-a", spec.clone()).unwrap();
+        let c = SimFleet::new("node-b", spec).unwrap();
+        let inv = a.inventory().unwrap();
+        assert_eq!(inv, b.inventory().unwrap(), "same node, same inventory");
+        assert_ne!(inv.gpus[0].uuid, c.inventory().unwrap().gpus[0].uuid);
+        assert_eq!(inv.gpus.len(), 3);
+        assert_eq!(inv.gpus[0].mig_devices.len(), 2);
+        assert_eq!(inv.gpus[0].mig_devices[1].start, Some(4));
+        assert_eq!(inv.gpus[0].nvlink_peers, vec![inv.gpus[1].uuid.clone()]);
+        assert!(inv.gpus[2].nvlink_peers.is_empty());
+        assert!(
+            inv.gpus[0].uuid.starts_with("GPU-")
+                && inv.gpus[0].mig_devices[0].uuid.starts_with("MIG-")
+        );
+
+        let idle = a.sample().unwrap();
+        assert_eq!(idle[2].utilization, 0);
+        assert_eq!(idle[2].power_watts, 16);
+        a.set_load(2, 10 << 30, 80, 1).unwrap();
+        let busy = a.sample().unwrap();
+        assert_eq!(busy[2].memory_used_bytes, IDLE_MEMORY_BYTES + (10 << 30));
+        assert_eq!(
+            (busy[2].utilization, busy[2].power_watts, busy[2].processes),
+            (80, 16 + 56 * 80 / 100, 1)
+        );
+        assert!(
+            a.set_load(2, 30 << 30, 10, 1).is_err(),
+            "more memory than an L4 has"
+        );
+        assert!(a.set_load(9, 0, 0, 0).is_err());
+    }
+}
