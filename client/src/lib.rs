@@ -22,7 +22,10 @@ use talon_proto::v1::admin_service_client::AdminServiceClient;
 use talon_proto::{ACTOR_METADATA_KEY, LEADER_METADATA_KEY};
 use tonic::transport::{Channel, Endpoint};
 
-pub use talon_proto::v1::{AuditEntry, ClusterStatus, Member, Model, ModelSpec, ModelVersion};
+pub use talon_proto::v1::{
+    AuditEntry, ClusterStatus, FleetStatsResponse, GpuSample, Member, Model, ModelSpec,
+    ModelVersion, Node,
+};
 pub use tonic::Code;
 
 /// What a call can end with besides success.
@@ -322,6 +325,49 @@ impl Client {
             .call(req, |mut c, r| async move { c.list_audit(r).await })
             .await?
             .entries)
+    }
+
+    /// Every registered node with the leader's latest telemetry.
+    pub async fn list_nodes(&self) -> Result<Vec<Node>, ClientError> {
+        Ok(self
+            .call(pb::ListNodesRequest {}, |mut c, r| async move {
+                c.list_nodes(r).await
+            })
+            .await?
+            .nodes)
+    }
+
+    pub async fn get_node(&self, node_id: &str) -> Result<Node, ClientError> {
+        let req = pb::GetNodeRequest {
+            node_id: node_id.into(),
+        };
+        self.call(req, |mut c, r| async move { c.get_node(r).await })
+            .await
+    }
+
+    /// `action`: cordon, uncordon or drain.
+    pub async fn set_node_scheduling(
+        &self,
+        node_id: &str,
+        action: &str,
+    ) -> Result<Node, ClientError> {
+        let req = pb::SetNodeSchedulingRequest {
+            node_id: node_id.into(),
+            action: action.into(),
+        };
+        self.call(
+            req,
+            |mut c, r| async move { c.set_node_scheduling(r).await },
+        )
+        .await
+    }
+
+    /// Telemetry freshness of every node, as the leader sees it.
+    pub async fn fleet_stats(&self) -> Result<FleetStatsResponse, ClientError> {
+        self.call(pb::FleetStatsRequest {}, |mut c, r| async move {
+            c.fleet_stats(r).await
+        })
+        .await
     }
 
     /// Test-only: cut the node this client talks to off from its peers.

@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use serde_json::{json, Value};
-use talon_client::{AuditEntry, Client, ClientError, ClusterStatus, Member, Model, ModelSpec};
+use talon_client::{
+    AuditEntry, Client, ClientError, ClusterStatus, Member, Model, ModelSpec, Node,
+};
 
 #[derive(Parser)]
 #[command(name = "talon", version, about = "Operate a Talon cluster")]
@@ -44,6 +46,23 @@ enum Command {
     /// The audit log of admin changes.
     #[command(subcommand)]
     Audit(AuditCmd),
+    /// GPU nodes: inventory, state, telemetry, scheduling.
+    #[command(subcommand)]
+    Node(NodeCmd),
+}
+
+#[derive(Subcommand)]
+enum NodeCmd {
+    /// Every node with its GPUs, MIG devices, memory, utilization and state.
+    List,
+    /// One node in detail.
+    Show { node_id: String },
+    /// Place no new work on the node.
+    Cordon { node_id: String },
+    /// Allow new work on the node again (ends a drain).
+    Uncordon { node_id: String },
+    /// Cordon the node and move its work elsewhere.
+    Drain { node_id: String },
 }
 
 #[derive(Subcommand)]
@@ -189,6 +208,167 @@ fn status_json(s: &ClusterStatus) -> Value {
             "node_id": m.node_id, "addr": m.addr, "voter": m.voter, "matched_index": m.matched_index,
         })).collect::<Vec<_>>(),
     })
+}
+
+fn node_json(n: &Node) -> Value {
+    let inv = n.inventory.clone().unwrap_or_default();
+    json!({
+        "node_id": inv.node_id, "addr": inv.addr, "state": n.state, "state_reason": n.state_reason,
+        "schedulable": n.schedulable, "draining": n.draining, "probe": inv.probe,
+        "cpu_cores": inv.cpu_cores, "host_memory_bytes": inv.host_memory_bytes, "cost_per_hour": inv.cost_per_hour,
+        "labels": inv.labels, "driver_version": inv.driver_version, "revision": n.revision,
+        "registered_at_ms": n.registered_at_ms, "state_changed_at_ms": n.state_changed_at_ms,
+        "telemetry_age_ms": n.telemetry_age_ms,
+        "gpus": inv.gpus.iter().map(|g| {
+            let s = n.gpus.iter().find(|s| s.index == g.index);
+            json!({
+                "index": g.index, "uuid": g.uuid, "name": g.name, "type": g.gpu_type,
+                "memory_bytes": g.memory_bytes, "compute_capability": format!("{}.{}", g.compute_major, g.compute_minor),
+                "mig_enabled": g.mig_enabled,
+                "mig_devices": g.mig_devices.iter().map(|m| json!({"uuid": m.uuid, "profile": m.profile, "start": m.start, "memory_bytes": m.memory_bytes})).collect::<Vec<_>>(),
+                "nvlink_peers": g.nvlink_peers, "pci_bus_id": g.pci_bus_id,
+                "calibration": g.calibration.as_ref().map(|c| json!({"sgemm_tflops": c.sgemm_tflops, "hgemm_tflops": c.hgemm_tflops, "copy_gbps": c.copy_gbps, "skipped": c.skipped})),
+                "memory_used_bytes": s.map(|s| s.memory_used_bytes), "utilization": s.map(|s| s.utilization),
+                "temperature_c": s.map(|s| s.temperature_c), "power_watts": s.map(|s| s.power_watts),
+            })
+        }).collect::<Vec<_>>(),
+    })
+}
+
+fn gib(bytes: u64) -> String {
+    format!("{:.1}", bytes as f64 / (1u64 << 30) as f64)
+}
+
+fn scheduling(n: &Node) -> &'static str {
+    match (n.schedulable, n.draining) {
+        (_, true) => "draining",
+        (false, false) => "cordoned",
+        (true, false) => "schedulable",
+    }
+}
+
+fn print_nodes(nodes: &[Node]) {
+    let rows = nodes
+        .iter()
+        .map(|n| {
+            let inv = n.inventory.clone().unwrap_or_default();
+            let mut types: Vec<(String, usize)> = Vec::new();
+            for g in &inv.gpus {
+                match types.iter_mut().find(|(t, _)| *t == g.gpu_type) {
+                    Some((_, c)) => *c += 1,
+                    None => types.push((g.gpu_type.clone(), 1)),
+                }
+            }
+            let gpus = types
+                .iter()
+                .map(|(t, c)| format!("{c}x{t}"))
+                .collect::<Vec<_>>()
+                .join(",");
+            let mig: usize = inv.gpus.iter().map(|g| g.mig_devices.len()).sum();
+            let total: u64 = inv.gpus.iter().map(|g| g.memory_bytes).sum();
+            let used: u64 = n.gpus.iter().map(|s| s.memory_used_bytes).sum();
+            let util = if n.gpus.is_empty() {
+                "-".to_string()
+            } else {
+                format!(
+                    "{}%",
+                    n.gpus.iter().map(|s| s.utilization).sum::<u32>() / n.gpus.len() as u32
+                )
+            };
+            vec![
+                inv.node_id.clone(),
+                n.state.clone(),
+                scheduling(n).into(),
+                if gpus.is_empty() { "-".into() } else { gpus },
+                mig.to_string(),
+                if n.gpus.is_empty() {
+                    format!("-/{}", gib(total))
+                } else {
+                    format!("{}/{}", gib(used), gib(total))
+                },
+                util,
+                n.telemetry_age_ms.map_or("-".into(), |a| format!("{a}ms")),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "NODE",
+            "STATE",
+            "SCHEDULING",
+            "GPUS",
+            "MIG",
+            "MEM_GIB",
+            "UTIL",
+            "SEEN",
+        ],
+        rows,
+    );
+}
+
+fn print_node(n: &Node) {
+    let inv = n.inventory.clone().unwrap_or_default();
+    println!(
+        "node {} ({}): {} since {} ({}), {}",
+        inv.node_id,
+        inv.addr,
+        n.state,
+        n.state_changed_at_ms,
+        n.state_reason,
+        scheduling(n)
+    );
+    println!(
+        "probe {} driver {} | {} CPU cores, {} GiB host memory, cost {}/h | telemetry {}",
+        inv.probe,
+        inv.driver_version,
+        inv.cpu_cores,
+        gib(inv.host_memory_bytes),
+        inv.cost_per_hour,
+        n.telemetry_age_ms
+            .map_or("none on the leader".into(), |a| format!("{a} ms old"))
+    );
+    let rows = inv
+        .gpus
+        .iter()
+        .map(|g| {
+            let s = n.gpus.iter().find(|s| s.index == g.index);
+            vec![
+                g.index.to_string(),
+                g.gpu_type.clone(),
+                g.name.clone(),
+                s.map_or("-".into(), |s| gib(s.memory_used_bytes)) + "/" + &gib(g.memory_bytes),
+                s.map_or("-".into(), |s| format!("{}%", s.utilization)),
+                s.map_or("-".into(), |s| {
+                    format!("{}C {}W", s.temperature_c, s.power_watts)
+                }),
+                if g.mig_enabled {
+                    g.mig_devices
+                        .iter()
+                        .map(|m| m.profile.clone())
+                        .collect::<Vec<_>>()
+                        .join("+")
+                } else {
+                    "off".into()
+                },
+                g.nvlink_peers.len().to_string(),
+                g.uuid.clone(),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "GPU",
+            "TYPE",
+            "NAME",
+            "MEM_GIB",
+            "UTIL",
+            "TEMP/POWER",
+            "MIG",
+            "NVLINK",
+            "UUID",
+        ],
+        rows,
+    );
 }
 
 fn audit_json(a: &AuditEntry) -> Value {
@@ -400,6 +580,32 @@ async fn execute(cli: Cli) -> Result<(), ClientError> {
                 }
             }
         },
+        Command::Node(cmd) => {
+            let node = match cmd {
+                NodeCmd::List => {
+                    let nodes = client.list_nodes().await?;
+                    if json {
+                        println!("{}", Value::Array(nodes.iter().map(node_json).collect()));
+                    } else {
+                        print_nodes(&nodes);
+                    }
+                    return Ok(());
+                }
+                NodeCmd::Show { node_id } => client.get_node(&node_id).await?,
+                NodeCmd::Cordon { node_id } => {
+                    client.set_node_scheduling(&node_id, "cordon").await?
+                }
+                NodeCmd::Uncordon { node_id } => {
+                    client.set_node_scheduling(&node_id, "uncordon").await?
+                }
+                NodeCmd::Drain { node_id } => client.set_node_scheduling(&node_id, "drain").await?,
+            };
+            if json {
+                println!("{}", node_json(&node));
+            } else {
+                print_node(&node);
+            }
+        }
         Command::Audit(AuditCmd::List { after, limit }) => {
             let entries = client.list_audit(after, limit).await?;
             if json {

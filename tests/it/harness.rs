@@ -274,3 +274,31 @@ pub async fn model_names(node: &Node) -> Option<std::collections::BTreeSet<Strin
     let models = node.client().list_models(false).await.ok()?;
     Some(models.into_iter().map(|m| m.name).collect())
 }
+
+/// A child process killed (SIGKILL) when dropped.
+pub struct Proc(pub Option<std::process::Child>);
+
+impl Proc {
+    pub fn spawn(program: &str, args: &[&str]) -> Proc {
+        let child = Command::new(bin(program))
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {program}: {e}"));
+        Proc(Some(child))
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

@@ -3,6 +3,7 @@
 //! One test binary (faster to link than many). Each test owns its processes
 //! and temporary directories and cleans them up when it ends.
 
+mod agents;
 mod bad_input;
 mod cluster;
 mod harness;
