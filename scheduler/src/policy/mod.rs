@@ -9,8 +9,9 @@
 //! picks uniformly among the top-scored nodes. Talon's policy is in
 //! [`talon`].
 //!
-//! Policies may memoise (FGD caches per-node results keyed by the node's
-//! `version`); they are still functions of their inputs.
+//! Policies may memoise (FGD and Talon share scores between nodes in the
+//! same resource state, see [`cache`]); they are still functions of their
+//! inputs.
 
 use std::sync::Arc;
 
