@@ -224,7 +224,7 @@ mod tests {
 
     #[test]
     fn flag_with_mig_resolves_to_legal_placements() {
-        let spec = FleetSpec::from_flag("h100-sxm:2:mig=3g.40gb+3g.40gb+1g.10gb,l4:4").unwrap();
+        let spec = FleetSpec::from_flag("h100-sxm:2:mig=4g.40gb+2g.20gb+1g.10gb,l4:4").unwrap();
         let groups = spec.resolve().unwrap();
         assert_eq!(groups.len(), 2);
         assert_eq!(groups[0].count, 2);
