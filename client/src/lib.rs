@@ -169,7 +169,12 @@ impl Client {
     }
 
     /// Runs one call with leader following, failover and the deadline.
-    async fn call<T, R, F, Fut>(&self, message: T, f: F) -> Result<R, ClientError>
+    ///
+    /// `UNAVAILABLE` (not the leader, or no connection) is always retried:
+    /// the call did not run. A connection lost mid-call (`UNKNOWN`
+    /// transport error, `CANCELLED`) is retried only for `idempotent` calls,
+    /// since the call may have been applied.
+    async fn call<T, R, F, Fut>(&self, idempotent: bool, message: T, f: F) -> Result<R, ClientError>
     where
         T: Clone,
         F: Fn(AdminServiceClient<Channel>, tonic::Request<T>) -> Fut,
@@ -191,7 +196,11 @@ impl Client {
                 Ok(response) => return Ok(response.into_inner()),
                 Err(status) => status,
             };
-            if status.code() != tonic::Code::Unavailable || !self.follow_leader {
+            tracing::debug!(addr = %addr, code = ?status.code(), message = status.message(), "call failed");
+            let lost_mid_call =
+                matches!(status.code(), tonic::Code::Unknown | tonic::Code::Cancelled);
+            let retry = status.code() == tonic::Code::Unavailable || (idempotent && lost_mid_call);
+            if !retry || !self.follow_leader {
                 return Err(ClientError::Status(status));
             }
             if !tried.contains(&addr) {
@@ -220,9 +229,11 @@ impl Client {
     }
 
     pub async fn cluster_init(&self, members: Vec<Member>) -> Result<ClusterStatus, ClientError> {
-        self.call(pb::ClusterInitRequest { members }, |mut c, r| async move {
-            c.cluster_init(r).await
-        })
+        self.call(
+            false,
+            pb::ClusterInitRequest { members },
+            |mut c, r| async move { c.cluster_init(r).await },
+        )
         .await
     }
 
@@ -237,12 +248,13 @@ impl Client {
             addr: addr.into(),
             learner_only,
         };
-        self.call(req, |mut c, r| async move { c.cluster_join(r).await })
+        self.call(true, req, |mut c, r| async move { c.cluster_join(r).await })
             .await
     }
 
     pub async fn cluster_remove(&self, node_id: u64) -> Result<ClusterStatus, ClientError> {
         self.call(
+            true,
             pb::ClusterRemoveRequest { node_id },
             |mut c, r| async move { c.cluster_remove(r).await },
         )
@@ -251,7 +263,7 @@ impl Client {
 
     /// The status as the node this client talks to sees it.
     pub async fn cluster_status(&self) -> Result<ClusterStatus, ClientError> {
-        self.call(pb::ClusterStatusRequest {}, |mut c, r| async move {
+        self.call(true, pb::ClusterStatusRequest {}, |mut c, r| async move {
             c.cluster_status(r).await
         })
         .await
@@ -259,8 +271,12 @@ impl Client {
 
     pub async fn create_model(&self, spec: ModelSpec) -> Result<Model, ClientError> {
         let req = pb::CreateModelRequest { spec: Some(spec) };
-        self.call(req, |mut c, r| async move { c.create_model(r).await })
-            .await
+        self.call(
+            false,
+            req,
+            |mut c, r| async move { c.create_model(r).await },
+        )
+        .await
     }
 
     pub async fn get_model(&self, name: &str, linearizable: bool) -> Result<Model, ClientError> {
@@ -268,14 +284,14 @@ impl Client {
             name: name.into(),
             linearizable,
         };
-        self.call(req, |mut c, r| async move { c.get_model(r).await })
+        self.call(true, req, |mut c, r| async move { c.get_model(r).await })
             .await
     }
 
     pub async fn list_models(&self, linearizable: bool) -> Result<Vec<Model>, ClientError> {
         let req = pb::ListModelsRequest { linearizable };
         Ok(self
-            .call(req, |mut c, r| async move { c.list_models(r).await })
+            .call(true, req, |mut c, r| async move { c.list_models(r).await })
             .await?
             .models)
     }
@@ -292,7 +308,11 @@ impl Client {
             version: version.unwrap_or_default().into(),
         };
         Ok(self
-            .call(req, |mut c, r| async move { c.delete_model(r).await })
+            .call(
+                false,
+                req,
+                |mut c, r| async move { c.delete_model(r).await },
+            )
             .await?
             .revision)
     }
@@ -308,10 +328,9 @@ impl Client {
             set,
             remove,
         };
-        self.call(
-            req,
-            |mut c, r| async move { c.update_model_labels(r).await },
-        )
+        self.call(true, req, |mut c, r| async move {
+            c.update_model_labels(r).await
+        })
         .await
     }
 
@@ -322,7 +341,7 @@ impl Client {
     ) -> Result<Vec<AuditEntry>, ClientError> {
         let req = pb::ListAuditRequest { after_index, limit };
         Ok(self
-            .call(req, |mut c, r| async move { c.list_audit(r).await })
+            .call(true, req, |mut c, r| async move { c.list_audit(r).await })
             .await?
             .entries)
     }
@@ -330,7 +349,7 @@ impl Client {
     /// Every registered node with the leader's latest telemetry.
     pub async fn list_nodes(&self) -> Result<Vec<Node>, ClientError> {
         Ok(self
-            .call(pb::ListNodesRequest {}, |mut c, r| async move {
+            .call(true, pb::ListNodesRequest {}, |mut c, r| async move {
                 c.list_nodes(r).await
             })
             .await?
@@ -341,7 +360,7 @@ impl Client {
         let req = pb::GetNodeRequest {
             node_id: node_id.into(),
         };
-        self.call(req, |mut c, r| async move { c.get_node(r).await })
+        self.call(true, req, |mut c, r| async move { c.get_node(r).await })
             .await
     }
 
@@ -355,16 +374,15 @@ impl Client {
             node_id: node_id.into(),
             action: action.into(),
         };
-        self.call(
-            req,
-            |mut c, r| async move { c.set_node_scheduling(r).await },
-        )
+        self.call(true, req, |mut c, r| async move {
+            c.set_node_scheduling(r).await
+        })
         .await
     }
 
     /// Telemetry freshness of every node, as the leader sees it.
     pub async fn fleet_stats(&self) -> Result<FleetStatsResponse, ClientError> {
-        self.call(pb::FleetStatsRequest {}, |mut c, r| async move {
+        self.call(true, pb::FleetStatsRequest {}, |mut c, r| async move {
             c.fleet_stats(r).await
         })
         .await
@@ -372,9 +390,11 @@ impl Client {
 
     /// Test-only: cut the node this client talks to off from its peers.
     pub async fn set_isolated(&self, isolate: bool) -> Result<(), ClientError> {
-        self.call(pb::SetFaultsRequest { isolate }, |mut c, r| async move {
-            c.set_faults(r).await
-        })
+        self.call(
+            true,
+            pb::SetFaultsRequest { isolate },
+            |mut c, r| async move { c.set_faults(r).await },
+        )
         .await?;
         Ok(())
     }

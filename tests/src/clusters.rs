@@ -262,10 +262,42 @@ impl BenchCluster {
         self.members[index].kill();
     }
 
+    /// Waits until member `index` has applied what the leader had when the
+    /// wait began (a restarted member has caught up).
+    pub async fn caught_up(&self, index: usize) -> anyhow::Result<()> {
+        let leader = self.leader(None).await?;
+        let target = log_index(self.kind, &self.members[leader].client_addr)
+            .await
+            .context("reading the leader's log index")?;
+        let addr = self.members[index].client_addr.clone();
+        let kind = self.kind;
+        poll("the restarted member to catch up", Duration::from_secs(60), || {
+            let addr = addr.clone();
+            async move { log_index(kind, &addr).await.filter(|i| *i >= target).map(|_| ()) }
+        })
+        .await
+    }
+
     /// Starts a killed member again on its data directory (a Talon node 1
     /// does not bootstrap again: its log is not empty).
     pub fn restart(&mut self, index: usize) -> anyhow::Result<()> {
         self.members[index].start()
+    }
+}
+
+/// The member's applied (Talon) or Raft (etcd) log index.
+pub async fn log_index(kind: Kind, addr: &str) -> Option<u64> {
+    match kind {
+        Kind::Talon => {
+            let c = Client::pinned(addr.to_string()).ok()?.with_timeout(Duration::from_millis(500));
+            c.cluster_status().await.ok()?.applied_index
+        }
+        Kind::Etcd => {
+            let mut c = MaintenanceClient::new(channel(addr).ok()?);
+            let mut req = tonic::Request::new(StatusRequest {});
+            req.set_timeout(Duration::from_millis(500));
+            Some(c.status(req).await.ok()?.into_inner().raft_index)
+        }
     }
 }
 

@@ -219,8 +219,12 @@ async fn b5a(cli: &Cli, trials: usize, rate: u64) -> anyhow::Result<()> {
                     let (writers, acks) = (writers.clone(), acks.clone());
                     tokio::spawn(async move {
                         let sent = Instant::now();
-                        if writers.write(n).await.is_ok() {
-                            acks.lock().expect("acks").push((sent, Instant::now()));
+                        match writers.write(n).await {
+                            Ok(()) => acks.lock().expect("acks").push((sent, Instant::now())),
+                            Err(e) if std::env::var_os("TALON_BENCH_DEBUG").is_some() => {
+                                eprintln!("write {n} failed after {:?}: {e:#}", sent.elapsed())
+                            }
+                            Err(_) => {}
                         }
                     });
                 }
@@ -262,8 +266,10 @@ async fn b5a(cli: &Cli, trials: usize, rate: u64) -> anyhow::Result<()> {
             );
             times_ms.push(ms);
             cluster.restart(leader)?;
-            // Wait until all three agree on a leader again before the next kill.
+            // Wait until all three agree on a leader again and the restarted
+            // member has caught up before the next kill.
             cluster.leader(None).await?;
+            cluster.caught_up(leader).await?;
             acks.lock().expect("acks").clear();
         }
         stop.store(true, Ordering::Relaxed);
@@ -303,6 +309,9 @@ fn write_out(cli: &Cli, name: &str, value: serde_json::Value) -> anyhow::Result<
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
     match &cli.command {
         Bench::B2 {
             concurrency,
