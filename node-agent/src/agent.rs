@@ -88,7 +88,8 @@ fn classify(status: tonic::Status) -> SessionEnd {
     }
 }
 
-fn inventory_to_wire(
+/// The inventory as the agent registers it.
+pub fn inventory_to_wire(
     settings: &AgentSettings,
     kind: &str,
     inventory: &Inventory,
@@ -147,7 +148,8 @@ fn inventory_to_wire(
     }
 }
 
-fn sample_to_wire(s: &GpuSample) -> pb::GpuSample {
+/// One GPU sample as the agent reports it.
+pub fn sample_to_wire(s: &GpuSample) -> pb::GpuSample {
     pb::GpuSample {
         index: s.index,
         memory_used_bytes: s.memory_used_bytes,

@@ -119,10 +119,21 @@ impl BenchCluster {
     /// Starts three members of `kind` under `base` (a disk-backed directory).
     /// `talon_bin` is the directory holding `talon-coordinator`.
     pub async fn start(kind: Kind, base: &Path, talon_bin: &Path) -> anyhow::Result<BenchCluster> {
+        BenchCluster::start_n(kind, 3, base, talon_bin, &[]).await
+    }
+
+    /// Starts `n` members; `extra` arguments go to every Talon coordinator.
+    pub async fn start_n(
+        kind: Kind,
+        n: usize,
+        base: &Path,
+        talon_bin: &Path,
+        extra: &[&str],
+    ) -> anyhow::Result<BenchCluster> {
         let dir = tempfile::Builder::new()
             .prefix(kind.name())
             .tempdir_in(base)?;
-        let ports: Vec<(u16, u16)> = (0..3).map(|_| (free_port(), free_port())).collect();
+        let ports: Vec<(u16, u16)> = (0..n).map(|_| (free_port(), free_port())).collect();
         let mut members = Vec::new();
         for (i, (client, peer)) in ports.iter().enumerate() {
             let id = i as u64 + 1;
@@ -142,6 +153,7 @@ impl BenchCluster {
                     if id == 1 {
                         args.push("--bootstrap".into());
                     }
+                    args.extend(extra.iter().map(|a| a.to_string()));
                     (talon_bin.join("talon-coordinator"), args)
                 }
                 Kind::Etcd => {
@@ -254,6 +266,11 @@ impl BenchCluster {
         .await
     }
 
+    /// The process id of member `index`, while it runs.
+    pub fn pid(&self, index: usize) -> Option<u32> {
+        self.members[index].child.as_ref().map(Child::id)
+    }
+
     pub fn addr(&self, index: usize) -> String {
         self.members[index].client_addr.clone()
     }
@@ -271,10 +288,19 @@ impl BenchCluster {
             .context("reading the leader's log index")?;
         let addr = self.members[index].client_addr.clone();
         let kind = self.kind;
-        poll("the restarted member to catch up", Duration::from_secs(60), || {
-            let addr = addr.clone();
-            async move { log_index(kind, &addr).await.filter(|i| *i >= target).map(|_| ()) }
-        })
+        poll(
+            "the restarted member to catch up",
+            Duration::from_secs(60),
+            || {
+                let addr = addr.clone();
+                async move {
+                    log_index(kind, &addr)
+                        .await
+                        .filter(|i| *i >= target)
+                        .map(|_| ())
+                }
+            },
+        )
         .await
     }
 
@@ -289,7 +315,9 @@ impl BenchCluster {
 pub async fn log_index(kind: Kind, addr: &str) -> Option<u64> {
     match kind {
         Kind::Talon => {
-            let c = Client::pinned(addr.to_string()).ok()?.with_timeout(Duration::from_millis(500));
+            let c = Client::pinned(addr.to_string())
+                .ok()?
+                .with_timeout(Duration::from_millis(500));
             c.cluster_status().await.ok()?.applied_index
         }
         Kind::Etcd => {
