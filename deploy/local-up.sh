@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Runs Talon locally: one coordinator (a one-node Raft cluster, state in
+# ./talon-data) and one node agent. The agent uses the real GPUs when NVML
+# works on this host, and otherwise a simulated mixed fleet (H100s with MIG,
+# A100s, L4s). Ctrl-C stops both. `talon up` (one process) will replace this.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+cargo build --quiet -p talon-coordinator -p talon-node-agent -p talon-client --bins
+bin=target/debug
+token=${TALON_JOIN_TOKEN:-local-dev-join-token-0001}
+data=${TALON_DATA_DIR:-./talon-data}
+
+"$bin/talon-coordinator" --bootstrap --data-dir "$data" --join-token "$token" &
+coordinator=$!
+trap 'kill $coordinator ${agent:-} 2>/dev/null; wait' EXIT INT TERM
+
+if "$bin/talon-agent" --join-token "$token" --probe nvml --calibrate false --check >/dev/null 2>&1; then
+  fleet=(--probe nvml)
+  echo "talon: using this host's NVIDIA GPUs"
+else
+  fleet=(--sim-gpus "h100-sxm:2:mig=3g.40gb+3g.40gb,a100-80gb:2,l4:2")
+  echo "talon: no NVIDIA driver here; simulating 2x H100 (MIG 3g.40gb x2), 2x A100-80GB, 2x L4"
+fi
+"$bin/talon-agent" --node-id "$(hostname | tr -c 'A-Za-z0-9._\n-' '-')" --join-token "$token" \
+  --http-listen 127.0.0.1:7481 "${fleet[@]}" &
+agent=$!
+
+for _ in $(seq 100); do
+  "$bin/talon" node list >/dev/null 2>&1 && break
+  sleep 0.1
+done
+echo "talon: coordinator gRPC 127.0.0.1:7400, metrics http://127.0.0.1:7480/metrics; agent metrics http://127.0.0.1:7481/metrics"
+echo "talon: try: $bin/talon node list    $bin/talon cluster status"
+wait "$coordinator"
