@@ -81,10 +81,7 @@ pub struct Client {
 }
 
 fn validate_endpoint(addr: &str) -> Result<(), ClientError> {
-    let ok = addr
-        .rsplit_once(':')
-        .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok());
-    if ok {
+    if talon_proto::is_host_port(addr) {
         Ok(())
     } else {
         Err(ClientError::BadEndpoint {

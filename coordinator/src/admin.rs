@@ -143,10 +143,7 @@ fn actor<T>(request: &Request<T>) -> Result<String, AdminError> {
 }
 
 fn validate_addr(addr: &str) -> Result<(), AdminError> {
-    let ok = addr.rsplit_once(':').is_some_and(|(host, port)| {
-        !host.is_empty() && !host.contains('/') && port.parse::<u16>().is_ok_and(|p| p != 0)
-    });
-    if ok {
+    if talon_proto::is_host_port(addr) {
         Ok(())
     } else {
         Err(AdminError::InvalidArgument(format!(

@@ -288,10 +288,7 @@ impl Config {
             ));
         }
         if let Some(addr) = &self.advertise {
-            let ok = addr.rsplit_once(':').is_some_and(|(host, port)| {
-                !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0)
-            });
-            if !ok {
+            if !talon_proto::is_host_port(addr) {
                 return bad(format!(
                     "advertise {addr:?} is not host:port with a non-zero port"
                 ));

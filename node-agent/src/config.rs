@@ -233,10 +233,7 @@ impl AgentConfig {
             return bad("coordinators is empty; give at least one coordinator host:port".into());
         }
         for addr in &self.coordinators {
-            let ok = addr
-                .rsplit_once(':')
-                .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p != 0));
-            if !ok {
+            if !talon_proto::is_host_port(addr) {
                 return bad(format!("coordinator address {addr:?} is not host:port"));
             }
         }

@@ -21,3 +21,32 @@ pub const FORWARDED_METADATA_KEY: &str = "talon-forwarded";
 /// Request metadata key that names who makes an admin change; recorded in the
 /// audit log.
 pub const ACTOR_METADATA_KEY: &str = "talon-actor";
+
+/// Whether `addr` is `host:port` with a non-empty host (no scheme or path)
+/// and a non-zero port: the form every Talon address takes on the wire.
+pub fn is_host_port(addr: &str) -> bool {
+    addr.rsplit_once(':').is_some_and(|(host, port)| {
+        !host.is_empty() && !host.contains('/') && port.parse::<u16>().is_ok_and(|p| p != 0)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn host_port() {
+        for good in ["127.0.0.1:7400", "talon-0.talon:7400", "[::1]:7400"] {
+            assert!(super::is_host_port(good), "{good}");
+        }
+        for bad in [
+            "",
+            "7400",
+            ":7400",
+            "host:",
+            "host:0",
+            "host:99999",
+            "http://host:1",
+        ] {
+            assert!(!super::is_host_port(bad), "{bad}");
+        }
+    }
+}

@@ -32,6 +32,8 @@ pub fn bin_dir() -> PathBuf {
                     "talon-coordinator",
                     "-p",
                     "talon-client",
+                    "-p",
+                    "talon-node-agent",
                     "--bins",
                 ])
                 .current_dir(env!("CARGO_MANIFEST_DIR"))
