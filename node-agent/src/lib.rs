@@ -12,4 +12,5 @@ pub mod catalog;
 pub mod config;
 pub mod fleet;
 pub mod metrics;
+pub mod perf;
 pub mod probe;
