@@ -39,7 +39,10 @@ impl ModelShape {
     /// weights in FP16, the rest KV cache and activations.
     pub fn from_memory_mib(memory_mib: u64) -> ModelShape {
         let bytes = memory_mib as f64 * 1024.0 * 1024.0 * 0.8;
-        ModelShape { params: bytes / 2.0, bytes_per_param: 2.0 }
+        ModelShape {
+            params: bytes / 2.0,
+            bytes_per_param: 2.0,
+        }
     }
 
     fn weight_bytes(&self) -> f64 {
@@ -64,7 +67,8 @@ pub fn prefill(model: ModelShape, gpu: &GpuType, tp: u32, tokens: u64) -> Durati
 pub fn decode_step(model: ModelShape, gpu: &GpuType, tp: u32, batch: u32) -> Duration {
     let tp = f64::from(tp.max(1));
     let memory = model.weight_bytes() / (tp * gpu.bandwidth_gbps * 1e9 * BANDWIDTH_EFFICIENCY);
-    let compute = 2.0 * model.params * f64::from(batch.max(1)) / (tp * gpu.fp16_tflops * 1e12 * COMPUTE_EFFICIENCY);
+    let compute = 2.0 * model.params * f64::from(batch.max(1))
+        / (tp * gpu.fp16_tflops * 1e12 * COMPUTE_EFFICIENCY);
     Duration::from_secs_f64(memory.max(compute) + overhead(tp))
 }
 
@@ -78,10 +82,17 @@ fn overhead(tp: f64) -> f64 {
 
 /// Time for a whole batch: its prompts, then `output_tokens` decode steps
 /// (the longest sequence in the batch decides).
-pub fn batch_latency(model: ModelShape, gpu: &GpuType, tp: u32, prompt_tokens: &[u64], output_tokens: u64) -> Duration {
+pub fn batch_latency(
+    model: ModelShape,
+    gpu: &GpuType,
+    tp: u32,
+    prompt_tokens: &[u64],
+    output_tokens: u64,
+) -> Duration {
     let batch = prompt_tokens.len().max(1) as u32;
     let total_prompt: u64 = prompt_tokens.iter().sum();
-    prefill(model, gpu, tp, total_prompt) + decode_step(model, gpu, tp, batch) * output_tokens as u32
+    prefill(model, gpu, tp, total_prompt)
+        + decode_step(model, gpu, tp, batch) * output_tokens as u32
 }
 
 /// The online correction: per (model, GPU type), observed / predicted.
@@ -98,7 +109,9 @@ impl Correction {
         }
         let ratio = observed.as_secs_f64() / predicted.as_secs_f64();
         let mut ratios = self.ratios.lock().expect("correction lock poisoned");
-        let r = ratios.entry((model.to_string(), gpu.to_string())).or_insert(ratio);
+        let r = ratios
+            .entry((model.to_string(), gpu.to_string()))
+            .or_insert(ratio);
         *r = (1.0 - CORRECTION_ALPHA) * *r + CORRECTION_ALPHA * ratio;
     }
 
@@ -106,7 +119,10 @@ impl Correction {
     /// observation).
     pub fn corrected(&self, model: &str, gpu: &str, predicted: Duration) -> Duration {
         let ratios = self.ratios.lock().expect("correction lock poisoned");
-        let r = ratios.get(&(model.to_string(), gpu.to_string())).copied().unwrap_or(1.0);
+        let r = ratios
+            .get(&(model.to_string(), gpu.to_string()))
+            .copied()
+            .unwrap_or(1.0);
         predicted.mul_f64(r)
     }
 }
@@ -130,20 +146,32 @@ mod tests {
 
     #[test]
     fn first_principles_land_near_splitwise_measurements() {
-        let llama70 = ModelShape { params: 70e9, bytes_per_param: 2.0 };
+        let llama70 = ModelShape {
+            params: 70e9,
+            bytes_per_param: 2.0,
+        };
         for &(gpu, tp, batch, prompt_ms, token_ms) in MEASURED {
             let g = catalog::by_key(gpu).unwrap();
             let p = prefill(llama70, g, tp, 512 * u64::from(batch)).as_secs_f64() * 1000.0;
             let t = decode_step(llama70, g, tp, batch).as_secs_f64() * 1000.0;
-            assert!((0.5..2.0).contains(&(p / prompt_ms)), "{gpu} tp{tp} b{batch}: prefill {p:.0} vs {prompt_ms}");
-            assert!((0.6..1.6).contains(&(t / token_ms)), "{gpu} tp{tp} b{batch}: token {t:.1} vs {token_ms}");
+            assert!(
+                (0.5..2.0).contains(&(p / prompt_ms)),
+                "{gpu} tp{tp} b{batch}: prefill {p:.0} vs {prompt_ms}"
+            );
+            assert!(
+                (0.6..1.6).contains(&(t / token_ms)),
+                "{gpu} tp{tp} b{batch}: token {t:.1} vs {token_ms}"
+            );
         }
     }
 
     #[test]
     fn faster_gpus_and_bigger_batches_behave() {
         let m = ModelShape::from_memory_mib(16_000);
-        let (l4, h100) = (catalog::by_key("l4").unwrap(), catalog::by_key("h100-sxm").unwrap());
+        let (l4, h100) = (
+            catalog::by_key("l4").unwrap(),
+            catalog::by_key("h100-sxm").unwrap(),
+        );
         assert!(decode_step(m, h100, 1, 1) < decode_step(m, l4, 1, 1));
         // Decode is memory-bound at small batches: 8 sequences cost far less than 8x one.
         assert!(decode_step(m, h100, 1, 8) < decode_step(m, h100, 1, 1) * 2);
@@ -160,6 +188,10 @@ mod tests {
         }
         let corrected = c.corrected("m", "l4", predicted).as_secs_f64();
         assert!((corrected - 0.150).abs() < 0.002, "{corrected}");
-        assert_eq!(c.corrected("m", "h100-sxm", predicted), predicted, "per GPU type");
+        assert_eq!(
+            c.corrected("m", "h100-sxm", predicted),
+            predicted,
+            "per GPU type"
+        );
     }
 }
