@@ -11,6 +11,7 @@ pub mod batcher;
 pub mod calibrate;
 pub mod catalog;
 pub mod config;
+pub mod executor;
 pub mod fleet;
 pub mod metrics;
 pub mod perf;

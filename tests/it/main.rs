@@ -6,4 +6,5 @@
 mod agents;
 mod bad_input;
 mod cluster;
+mod executors;
 mod harness;

@@ -1,0 +1,162 @@
+//! `talon-fake-engine`: a small OpenAI-compatible inference server with a
+//! fixed service time, standing in for vLLM, SGLang, llama.cpp's server or
+//! TGI in tests and benchmarks. It answers deterministically (the reply is
+//! derived from the request), so tests can check what was proxied.
+//!
+//! Endpoints: `GET /health`, `GET /v1/models`, `POST /v1/chat/completions`
+//! (with `"stream": true` as server-sent events), `POST /v1/completions`,
+//! `POST /v1/embeddings`.
+
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::sse::{Event, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use clap::Parser;
+use serde_json::{json, Value};
+
+#[derive(Parser, Clone)]
+#[command(
+    name = "talon-fake-engine",
+    about = "An OpenAI-compatible fake inference engine"
+)]
+struct Args {
+    #[arg(long, default_value_t = 8000)]
+    port: u16,
+    #[arg(long, default_value = "fake-model")]
+    model: String,
+    /// Time each request takes before it is answered.
+    #[arg(long, default_value_t = 0)]
+    service_ms: u64,
+    /// Tokens a streamed reply is split into.
+    #[arg(long, default_value_t = 4)]
+    stream_chunks: usize,
+}
+
+fn reply_text(body: &Value) -> String {
+    let prompt = body["messages"]
+        .as_array()
+        .and_then(|m| m.last())
+        .and_then(|m| m["content"].as_str())
+        .or_else(|| body["prompt"].as_str())
+        .unwrap_or("");
+    let words = prompt.split_whitespace().count();
+    format!(
+        "echo({words} words): {}",
+        prompt.chars().take(64).collect::<String>()
+    )
+}
+
+fn bad_request(message: &str) -> Response {
+    (
+        StatusCode::BAD_REQUEST,
+        Json(json!({"error": {"message": message, "type": "invalid_request_error"}})),
+    )
+        .into_response()
+}
+
+async fn chat(State(args): State<Args>, Json(body): Json<Value>) -> Response {
+    if !body["messages"].is_array() {
+        return bad_request("messages must be an array");
+    }
+    tokio::time::sleep(Duration::from_millis(args.service_ms)).await;
+    let text = reply_text(&body);
+    if body["stream"].as_bool() == Some(true) {
+        let words: Vec<String> = text.split(' ').map(String::from).collect();
+        let chunk = words.len().div_ceil(args.stream_chunks.max(1)).max(1);
+        let model = args.model.clone();
+        let mut events: Vec<Result<Event, std::convert::Infallible>> = words
+            .chunks(chunk)
+            .enumerate()
+            .map(|(i, w)| {
+                let piece = if i == 0 { w.join(" ") } else { format!(" {}", w.join(" ")) };
+                let data = json!({"id": "fake-1", "object": "chat.completion.chunk", "model": model,
+                    "choices": [{"index": 0, "delta": {"role": "assistant", "content": piece}, "finish_reason": null}]});
+                Ok(Event::default().data(data.to_string()))
+            })
+            .collect();
+        let last = json!({"id": "fake-1", "object": "chat.completion.chunk", "model": model,
+            "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]});
+        events.push(Ok(Event::default().data(last.to_string())));
+        events.push(Ok(Event::default().data("[DONE]")));
+        return Sse::new(tokio_stream::iter(events)).into_response();
+    }
+    Json(json!({
+        "id": "fake-1", "object": "chat.completion", "created": 0, "model": args.model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 1, "completion_tokens": text.split_whitespace().count(), "total_tokens": 1 + text.split_whitespace().count()},
+    }))
+    .into_response()
+}
+
+async fn completions(State(args): State<Args>, Json(body): Json<Value>) -> Response {
+    if !body["prompt"].is_string() {
+        return bad_request("prompt must be a string");
+    }
+    tokio::time::sleep(Duration::from_millis(args.service_ms)).await;
+    let text = reply_text(&body);
+    Json(json!({
+        "id": "fake-2", "object": "text_completion", "created": 0, "model": args.model,
+        "choices": [{"index": 0, "text": text, "finish_reason": "stop"}],
+    }))
+    .into_response()
+}
+
+async fn embeddings(State(args): State<Args>, Json(body): Json<Value>) -> Response {
+    let inputs: Vec<String> = match &body["input"] {
+        Value::String(s) => vec![s.clone()],
+        Value::Array(a) => a
+            .iter()
+            .filter_map(|v| v.as_str().map(String::from))
+            .collect(),
+        _ => return bad_request("input must be a string or an array of strings"),
+    };
+    tokio::time::sleep(Duration::from_millis(args.service_ms)).await;
+    let data: Vec<Value> = inputs
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let v: Vec<f64> = (0..8)
+                .map(|k| ((s.len() + k * 7) % 13) as f64 / 13.0)
+                .collect();
+            json!({"object": "embedding", "index": i, "embedding": v})
+        })
+        .collect();
+    Json(json!({"object": "list", "model": args.model, "data": data, "usage": {"prompt_tokens": inputs.len(), "total_tokens": inputs.len()}}))
+        .into_response()
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    let models = json!({"object": "list", "data": [{"id": args.model, "object": "model", "owned_by": "talon-fake-engine"}]});
+    let app = Router::new()
+        .route("/health", get(|| async { "ok" }))
+        .route("/v1/models", get(move || async move { Json(models) }))
+        .route("/v1/chat/completions", post(chat))
+        .route("/v1/completions", post(completions))
+        .route("/v1/embeddings", post(embeddings))
+        .with_state(args.clone());
+    let listener = match tokio::net::TcpListener::bind(("127.0.0.1", args.port)).await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("talon-fake-engine: cannot bind port {}: {e}", args.port);
+            return std::process::ExitCode::from(1);
+        }
+    };
+    let devices = std::env::var("CUDA_VISIBLE_DEVICES").unwrap_or_default();
+    eprintln!(
+        "talon-fake-engine: serving {} on 127.0.0.1:{} CUDA_VISIBLE_DEVICES={devices}",
+        args.model, args.port
+    );
+    match axum::serve(listener, app).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("talon-fake-engine: {e}");
+            std::process::ExitCode::from(1)
+        }
+    }
+}

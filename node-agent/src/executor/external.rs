@@ -1,0 +1,398 @@
+//! The external-engine executor: one inference server process per replica.
+//!
+//! The command comes from a template with placeholders, e.g.
+//! `vllm serve {artifact} --served-model-name {model} --port {port}` or
+//! `llama-server -m {artifact} --port {port}`. The process gets
+//! `CUDA_VISIBLE_DEVICES` set to its GPU or MIG uuids, its stdout and stderr
+//! go to a log file, and a supervisor health-checks it (`GET` the health
+//! path until it answers 200), restarts it with exponential backoff when it
+//! exits, and gives up (state Failed) after too many failures in a row.
+//! Requests are proxied as OpenAI JSON to `127.0.0.1:{port}`.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio::process::{Child, Command};
+use tokio::sync::watch;
+
+use super::{ExecError, Executor, InferRequest, ReplicaState};
+
+/// Placeholders a template may use.
+pub const PLACEHOLDERS: &[&str] = &["model", "artifact", "port", "gpus"];
+
+/// A parsed, validated command template.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CommandTemplate {
+    /// Arguments; each may hold placeholders.
+    args: Vec<String>,
+}
+
+/// What fills a template's placeholders.
+#[derive(Clone, Debug)]
+pub struct Placeholders {
+    pub model: String,
+    pub artifact: String,
+    pub port: u16,
+    /// GPU or MIG uuids, comma-separated.
+    pub gpus: String,
+}
+
+impl CommandTemplate {
+    /// Parses and checks a template: not empty, whitespace-separated
+    /// arguments without quotes, only known placeholders, balanced braces,
+    /// and `{port}` present (the engine must listen where Talon proxies).
+    pub fn parse(template: &str) -> Result<CommandTemplate, String> {
+        let template = template.trim();
+        if template.is_empty() {
+            return Err("the command template is empty; give the engine command, e.g. `vllm serve {artifact} --port {port}`".into());
+        }
+        if template.contains(['"', '\'']) {
+            return Err("the command template contains quotes; they are not supported: write arguments without spaces".into());
+        }
+        let args: Vec<String> = template.split_whitespace().map(String::from).collect();
+        let mut has_port = false;
+        for arg in &args {
+            let mut rest = arg.as_str();
+            loop {
+                match (rest.find('{'), rest.find('}')) {
+                    (None, None) => break,
+                    (Some(open), Some(close)) if open < close => {
+                        let name = &rest[open + 1..close];
+                        if !PLACEHOLDERS.contains(&name) {
+                            return Err(format!(
+                                "unknown placeholder {{{name}}} in {arg:?}; use {}",
+                                PLACEHOLDERS
+                                    .iter()
+                                    .map(|p| format!("{{{p}}}"))
+                                    .collect::<Vec<_>>()
+                                    .join(", ")
+                            ));
+                        }
+                        has_port |= name == "port";
+                        rest = &rest[close + 1..];
+                    }
+                    _ => {
+                        return Err(format!(
+                            "unbalanced braces in {arg:?}; placeholders look like {{port}}"
+                        ))
+                    }
+                }
+            }
+        }
+        if args[0].starts_with('{') {
+            return Err(
+                "the command template must start with the program, not a placeholder".into(),
+            );
+        }
+        if !has_port {
+            return Err("the command template has no {port}: the engine must listen on the port Talon gives it".into());
+        }
+        Ok(CommandTemplate { args })
+    }
+
+    /// The program and its arguments with the placeholders filled.
+    pub fn render(&self, p: &Placeholders) -> Vec<String> {
+        self.args
+            .iter()
+            .map(|a| {
+                a.replace("{model}", &p.model)
+                    .replace("{artifact}", &p.artifact)
+                    .replace("{port}", &p.port.to_string())
+                    .replace("{gpus}", &p.gpus)
+            })
+            .collect()
+    }
+}
+
+/// How the supervisor behaves.
+#[derive(Clone, Debug)]
+pub struct EngineSettings {
+    pub health_path: String,
+    /// How long a (re)started engine may take to answer its health check.
+    pub startup_timeout: Duration,
+    pub first_backoff: Duration,
+    pub max_backoff: Duration,
+    /// Consecutive failed starts before the replica is Failed.
+    pub max_failures: u32,
+    pub request_timeout: Duration,
+}
+
+impl Default for EngineSettings {
+    fn default() -> Self {
+        EngineSettings {
+            health_path: "/health".into(),
+            startup_timeout: Duration::from_secs(600),
+            first_backoff: Duration::from_millis(500),
+            max_backoff: Duration::from_secs(30),
+            max_failures: 5,
+            request_timeout: Duration::from_secs(600),
+        }
+    }
+}
+
+struct Shared {
+    state: Mutex<ReplicaState>,
+    pid: Mutex<Option<u32>>,
+    restarts: Mutex<u32>,
+}
+
+/// A supervised engine process serving one replica.
+pub struct ExternalEngine {
+    port: u16,
+    http: reqwest::Client,
+    shared: Arc<Shared>,
+    stop: watch::Sender<bool>,
+    log_path: PathBuf,
+}
+
+async fn healthy(http: &reqwest::Client, url: &str) -> bool {
+    matches!(http.get(url).timeout(Duration::from_secs(1)).send().await, Ok(r) if r.status().is_success())
+}
+
+impl ExternalEngine {
+    /// Starts the engine and its supervisor. Returns at once: the state is
+    /// Loading until the first health check passes.
+    pub fn start(
+        template: &CommandTemplate,
+        placeholders: Placeholders,
+        settings: EngineSettings,
+        log_dir: &Path,
+    ) -> Result<ExternalEngine, ExecError> {
+        let argv = template.render(&placeholders);
+        std::fs::create_dir_all(log_dir)
+            .map_err(|e| ExecError::Config(format!("log directory {}: {e}", log_dir.display())))?;
+        let log_path = log_dir.join(format!("{}-{}.log", placeholders.model, placeholders.port));
+        let http = reqwest::Client::builder()
+            .timeout(settings.request_timeout)
+            .build()
+            .map_err(|e| ExecError::Config(format!("HTTP client: {e}")))?;
+        let shared = Arc::new(Shared {
+            state: Mutex::new(ReplicaState::Loading),
+            pid: Mutex::new(None),
+            restarts: Mutex::new(0),
+        });
+        let (stop, stop_rx) = watch::channel(false);
+        let port = placeholders.port;
+        tokio::spawn(supervise(
+            argv,
+            placeholders.gpus,
+            settings,
+            log_path.clone(),
+            http.clone(),
+            shared.clone(),
+            stop_rx,
+            port,
+        ));
+        Ok(ExternalEngine {
+            port,
+            http,
+            shared,
+            stop,
+            log_path,
+        })
+    }
+
+    /// The engine process id, while one runs.
+    pub fn pid(&self) -> Option<u32> {
+        *self.shared.pid.lock().expect("pid lock poisoned")
+    }
+
+    /// Times the engine was restarted after exiting.
+    pub fn restarts(&self) -> u32 {
+        *self.shared.restarts.lock().expect("restart lock poisoned")
+    }
+
+    /// Where the engine's stdout and stderr go.
+    pub fn log_path(&self) -> &Path {
+        &self.log_path
+    }
+}
+
+fn set(shared: &Shared, state: ReplicaState) {
+    *shared.state.lock().expect("state lock poisoned") = state;
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn supervise(
+    argv: Vec<String>,
+    gpus: String,
+    settings: EngineSettings,
+    log_path: PathBuf,
+    http: reqwest::Client,
+    shared: Arc<Shared>,
+    mut stop: watch::Receiver<bool>,
+    port: u16,
+) {
+    let health = format!("http://127.0.0.1:{port}{}", settings.health_path);
+    let mut failures = 0u32;
+    let mut backoff = settings.first_backoff;
+    loop {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path);
+        let (out, err) = match log.and_then(|f| Ok((f.try_clone()?, f))) {
+            Ok((a, b)) => (Stdio::from(a), Stdio::from(b)),
+            Err(_) => (Stdio::null(), Stdio::null()),
+        };
+        let spawned: std::io::Result<Child> = Command::new(&argv[0])
+            .args(&argv[1..])
+            .env("CUDA_VISIBLE_DEVICES", &gpus)
+            .stdout(out)
+            .stderr(err)
+            .kill_on_drop(true)
+            .spawn();
+        let mut child = match spawned {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(program = %argv[0], error = %e, "cannot start the engine");
+                set(&shared, ReplicaState::Failed);
+                return;
+            }
+        };
+        *shared.pid.lock().expect("pid lock poisoned") = child.id();
+        // Wait for health, the process to exit, or a stop.
+        let deadline = tokio::time::Instant::now() + settings.startup_timeout;
+        let mut poll = tokio::time::interval(Duration::from_millis(100));
+        let mut up = false;
+        let exited = loop {
+            tokio::select! {
+                status = child.wait() => break Some(status),
+                _ = stop.changed() => {
+                    let _ = child.kill().await;
+                    return;
+                }
+                _ = poll.tick() => {
+                    if !up && healthy(&http, &health).await {
+                        up = true;
+                        failures = 0;
+                        backoff = settings.first_backoff;
+                        set(&shared, ReplicaState::Ready);
+                        tracing::info!(port, "engine is healthy");
+                    }
+                    if !up && tokio::time::Instant::now() > deadline {
+                        tracing::warn!(port, "engine did not become healthy in time; restarting it");
+                        let _ = child.kill().await;
+                        break None;
+                    }
+                }
+            }
+        };
+        *shared.pid.lock().expect("pid lock poisoned") = None;
+        tracing::warn!(port, status = ?exited, "engine exited");
+        failures += 1;
+        if failures > settings.max_failures {
+            set(&shared, ReplicaState::Failed);
+            tracing::error!(port, failures, "engine keeps failing; giving up");
+            return;
+        }
+        set(&shared, ReplicaState::Restarting);
+        *shared.restarts.lock().expect("restart lock poisoned") += 1;
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = stop.changed() => return,
+        }
+        backoff = (backoff * 2).min(settings.max_backoff);
+    }
+}
+
+#[async_trait::async_trait]
+impl Executor for ExternalEngine {
+    fn state(&self) -> ReplicaState {
+        *self.shared.state.lock().expect("state lock poisoned")
+    }
+
+    async fn infer(&self, batch: Vec<InferRequest>) -> Vec<Result<Value, ExecError>> {
+        // The engine batches on its own; requests go in concurrently.
+        let calls = batch.into_iter().map(|r| async move {
+            let state = self.state();
+            if state != ReplicaState::Ready {
+                return Err(ExecError::NotReady(state.as_str()));
+            }
+            let url = format!("http://127.0.0.1:{}{}", self.port, r.endpoint.path());
+            let response = self
+                .http
+                .post(&url)
+                .json(&r.body)
+                .send()
+                .await
+                .map_err(|e| ExecError::Engine(e.to_string()))?;
+            let status = response.status();
+            let body: Value = response
+                .json()
+                .await
+                .map_err(|e| ExecError::Engine(format!("unreadable answer: {e}")))?;
+            if status.is_client_error() {
+                let message = body["error"]["message"]
+                    .as_str()
+                    .unwrap_or("rejected by the engine")
+                    .to_string();
+                return Err(ExecError::BadRequest(message));
+            }
+            if !status.is_success() {
+                return Err(ExecError::Engine(format!("engine answered {status}")));
+            }
+            Ok(body)
+        });
+        let mut out = Vec::new();
+        for call in calls {
+            out.push(call.await);
+        }
+        out
+    }
+
+    async fn stop(&self) {
+        set(&self.shared, ReplicaState::Draining);
+        let _ = self.stop.send(true);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn templates_are_checked_and_rendered() {
+        let t = CommandTemplate::parse(
+            "vllm serve {artifact} --served-model-name {model} --port {port}",
+        )
+        .unwrap();
+        let argv = t.render(&Placeholders {
+            model: "m".into(),
+            artifact: "hf://a/b".into(),
+            port: 9000,
+            gpus: "GPU-1".into(),
+        });
+        assert_eq!(
+            argv,
+            [
+                "vllm",
+                "serve",
+                "hf://a/b",
+                "--served-model-name",
+                "m",
+                "--port",
+                "9000"
+            ]
+        );
+        let cases = [
+            ("", "empty"),
+            ("vllm serve {artifact}", "has no {port}"),
+            (
+                "vllm --port {port} --model {name}",
+                "unknown placeholder {name}",
+            ),
+            ("vllm --port {port", "unbalanced braces"),
+            ("vllm --port }port{", "unbalanced braces"),
+            ("vllm --port {port} --chat-template \"a b\"", "quotes"),
+            ("{model} --port {port}", "must start with the program"),
+        ];
+        for (template, needle) in cases {
+            let err = CommandTemplate::parse(template).unwrap_err();
+            assert!(err.contains(needle), "{template:?}: {err}");
+        }
+    }
+}

@@ -1,0 +1,109 @@
+//! Executors: what runs a replica of a model on the GPUs it was given.
+//!
+//! One trait, [`Executor`], with two implementations:
+//! - [`simulated::SimulatedExecutor`] behaves like the GPU it stands for: it
+//!   holds the model's memory on the simulated GPU, answers after the time
+//!   the performance model gives for that GPU type and batch, moves the
+//!   simulated utilization, and answers deterministically;
+//! - [`external::ExternalEngine`] starts an inference server process per
+//!   replica from a command template (vLLM, SGLang, llama.cpp's server, TGI),
+//!   pinned to its GPUs with `CUDA_VISIBLE_DEVICES`, health-checks and
+//!   restarts it, captures its logs, and proxies OpenAI-style requests to it.
+//!
+//! Requests and answers are OpenAI JSON bodies: the gateway speaks the same
+//! API, so nothing is translated on the way.
+
+pub mod external;
+pub mod simulated;
+
+use serde_json::Value;
+
+/// The OpenAI endpoint a request is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Endpoint {
+    ChatCompletions,
+    Completions,
+    Embeddings,
+}
+
+impl Endpoint {
+    pub fn path(self) -> &'static str {
+        match self {
+            Endpoint::ChatCompletions => "/v1/chat/completions",
+            Endpoint::Completions => "/v1/completions",
+            Endpoint::Embeddings => "/v1/embeddings",
+        }
+    }
+}
+
+/// One inference request.
+#[derive(Clone, Debug)]
+pub struct InferRequest {
+    pub endpoint: Endpoint,
+    /// The OpenAI request body (non-streaming).
+    pub body: Value,
+}
+
+/// A replica's lifecycle, as reported to the coordinators.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReplicaState {
+    Loading,
+    Ready,
+    /// The engine process died and is being restarted.
+    Restarting,
+    Failed,
+    Draining,
+}
+
+impl ReplicaState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReplicaState::Loading => "loading",
+            ReplicaState::Ready => "ready",
+            ReplicaState::Restarting => "restarting",
+            ReplicaState::Failed => "failed",
+            ReplicaState::Draining => "draining",
+        }
+    }
+}
+
+/// Why a request or a replica failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ExecError {
+    /// The replica is not ready (loading, restarting, failed); another
+    /// replica should take the request.
+    #[error("replica is {0}")]
+    NotReady(&'static str),
+    /// The request is malformed; the engine said why.
+    #[error("bad request: {0}")]
+    BadRequest(String),
+    #[error("engine error: {0}")]
+    Engine(String),
+    #[error("{0}")]
+    Config(String),
+}
+
+/// Something that serves a replica.
+#[async_trait::async_trait]
+pub trait Executor: Send + Sync {
+    fn state(&self) -> ReplicaState;
+    /// Serves a batch; one answer per request, in order.
+    async fn infer(&self, batch: Vec<InferRequest>) -> Vec<Result<Value, ExecError>>;
+    /// Stops the replica and releases its GPUs.
+    async fn stop(&self);
+}
+
+/// A rough token count (whitespace words) of the text in a request body,
+/// for the performance model and usage figures.
+pub fn prompt_tokens(body: &Value) -> u64 {
+    let count = |v: &Value| {
+        v.as_str()
+            .map_or(0, |s| s.split_whitespace().count() as u64)
+    };
+    match (&body["messages"], &body["prompt"], &body["input"]) {
+        (Value::Array(m), _, _) => m.iter().map(|m| count(&m["content"])).sum(),
+        (_, p @ Value::String(_), _) => count(p),
+        (_, _, Value::Array(a)) => a.iter().map(count).sum(),
+        (_, _, i) => count(i),
+    }
+}

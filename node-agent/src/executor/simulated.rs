@@ -1,0 +1,243 @@
+//! The simulated executor: a replica on a simulated GPU.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use super::{prompt_tokens, Endpoint, ExecError, Executor, InferRequest, ReplicaState};
+use crate::catalog::GpuType;
+use crate::perf::{self, Correction, ModelShape};
+use crate::probe::sim::SimFleet;
+
+/// A replica of `model` on GPU `gpu` of a simulated fleet.
+pub struct SimulatedExecutor {
+    model: String,
+    shape: ModelShape,
+    memory_bytes: u64,
+    gpu_type: &'static GpuType,
+    gpu: u32,
+    fleet: Arc<SimFleet>,
+    correction: Arc<Correction>,
+    in_flight: AtomicU32,
+    state: Mutex<ReplicaState>,
+}
+
+/// Tokens a reply has when the request does not say (`max_tokens`).
+const DEFAULT_OUTPUT_TOKENS: u64 = 16;
+
+fn fnv(s: &str) -> u64 {
+    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+impl SimulatedExecutor {
+    /// Loads the replica: takes `memory_mib` on the GPU (refused if it does
+    /// not fit).
+    pub fn load(
+        model: &str,
+        memory_mib: u64,
+        fleet: Arc<SimFleet>,
+        gpu: u32,
+        gpu_type: &'static GpuType,
+        correction: Arc<Correction>,
+    ) -> Result<SimulatedExecutor, ExecError> {
+        let memory_bytes = memory_mib << 20;
+        fleet
+            .set_load(gpu, memory_bytes, 0, 1)
+            .map_err(|e| ExecError::Config(e.to_string()))?;
+        Ok(SimulatedExecutor {
+            model: model.to_string(),
+            shape: ModelShape::from_memory_mib(memory_mib),
+            memory_bytes,
+            gpu_type,
+            gpu,
+            fleet,
+            correction,
+            in_flight: AtomicU32::new(0),
+            state: Mutex::new(ReplicaState::Ready),
+        })
+    }
+
+    /// Predicted time for a batch, corrected by what was observed.
+    pub fn predict(&self, batch: &[InferRequest]) -> Duration {
+        let prompts: Vec<u64> = batch
+            .iter()
+            .map(|r| prompt_tokens(&r.body).max(1))
+            .collect();
+        let output = batch.iter().map(output_tokens).max().unwrap_or(0);
+        let predicted = perf::batch_latency(self.shape, self.gpu_type, 1, &prompts, output);
+        self.correction
+            .corrected(&self.model, self.gpu_type.key, predicted)
+    }
+
+    fn answer(&self, request: &InferRequest) -> Value {
+        let prompt = prompt_tokens(&request.body);
+        let seed = fnv(&request.body.to_string());
+        match request.endpoint {
+            Endpoint::Embeddings => {
+                let inputs = match &request.body["input"] {
+                    Value::Array(a) => a.len().max(1),
+                    _ => 1,
+                };
+                let data: Vec<Value> = (0..inputs)
+                    .map(|i| {
+                        let v: Vec<f64> = (0..16)
+                            .map(|k| ((seed >> (k % 60)) as u8 as f64 + i as f64) / 256.0)
+                            .collect();
+                        json!({"object": "embedding", "index": i, "embedding": v})
+                    })
+                    .collect();
+                json!({"object": "list", "model": self.model, "data": data,
+                       "usage": {"prompt_tokens": prompt, "total_tokens": prompt}})
+            }
+            Endpoint::ChatCompletions | Endpoint::Completions => {
+                let n = output_tokens(request);
+                let words: Vec<String> = (0..n)
+                    .map(|i| format!("t{:x}", (seed >> (i % 48)) & 0xfff))
+                    .collect();
+                let text = words.join(" ");
+                let usage = json!({"prompt_tokens": prompt, "completion_tokens": n, "total_tokens": prompt + n});
+                if request.endpoint == Endpoint::ChatCompletions {
+                    json!({"id": format!("chatcmpl-{seed:x}"), "object": "chat.completion", "created": 0, "model": self.model,
+                           "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "length"}],
+                           "usage": usage})
+                } else {
+                    json!({"id": format!("cmpl-{seed:x}"), "object": "text_completion", "created": 0, "model": self.model,
+                           "choices": [{"index": 0, "text": text, "finish_reason": "length"}], "usage": usage})
+                }
+            }
+        }
+    }
+
+    fn set_utilization(&self, busy: bool) {
+        let u = if busy { 95 } else { 0 };
+        // The memory stays held while the replica is loaded.
+        let _ = self.fleet.set_load(self.gpu, self.memory_bytes, u, 1);
+    }
+}
+
+fn output_tokens(r: &InferRequest) -> u64 {
+    if r.endpoint == Endpoint::Embeddings {
+        return 0;
+    }
+    r.body["max_tokens"]
+        .as_u64()
+        .or_else(|| r.body["max_completion_tokens"].as_u64())
+        .unwrap_or(DEFAULT_OUTPUT_TOKENS)
+        .min(4096)
+}
+
+#[async_trait::async_trait]
+impl Executor for SimulatedExecutor {
+    fn state(&self) -> ReplicaState {
+        *self.state.lock().expect("state lock poisoned")
+    }
+
+    async fn infer(&self, batch: Vec<InferRequest>) -> Vec<Result<Value, ExecError>> {
+        let state = self.state();
+        if state != ReplicaState::Ready {
+            return batch
+                .iter()
+                .map(|_| Err(ExecError::NotReady(state.as_str())))
+                .collect();
+        }
+        let latency = self.predict(&batch);
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
+        self.set_utilization(true);
+        tokio::time::sleep(latency).await;
+        if self.in_flight.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.set_utilization(false);
+        }
+        batch
+            .iter()
+            .map(|r| match r.endpoint {
+                Endpoint::ChatCompletions if !r.body["messages"].is_array() => Err(
+                    ExecError::BadRequest("messages must be an array of {role, content}".into()),
+                ),
+                _ => Ok(self.answer(r)),
+            })
+            .collect()
+    }
+
+    async fn stop(&self) {
+        *self.state.lock().expect("state lock poisoned") = ReplicaState::Draining;
+        let _ = self.fleet.set_load(self.gpu, 0, 0, 0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::catalog;
+    use crate::fleet::FleetSpec;
+    use crate::probe::GpuProbe;
+
+    fn chat(text: &str, max_tokens: u64) -> InferRequest {
+        InferRequest {
+            endpoint: Endpoint::ChatCompletions,
+            body: json!({"model": "m", "messages": [{"role": "user", "content": text}], "max_tokens": max_tokens}),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn holds_memory_answers_deterministically_after_the_model_latency() {
+        let fleet =
+            Arc::new(SimFleet::new("n", FleetSpec::from_flag("l4:1,h100-sxm:1").unwrap()).unwrap());
+        let (l4, h100) = (
+            catalog::by_key("l4").unwrap(),
+            catalog::by_key("h100-sxm").unwrap(),
+        );
+        let corr = Arc::new(Correction::default());
+        let slow = SimulatedExecutor::load("m", 8_000, fleet.clone(), 0, l4, corr.clone()).unwrap();
+        let fast =
+            SimulatedExecutor::load("m", 8_000, fleet.clone(), 1, h100, corr.clone()).unwrap();
+        assert_eq!(
+            fleet.sample().unwrap()[0].memory_used_bytes,
+            (512 << 20) + (8_000 << 20)
+        );
+        assert!(
+            SimulatedExecutor::load("big", 30_000, fleet.clone(), 0, l4, corr).is_err(),
+            "an L4 has 24 GiB"
+        );
+
+        let batch = vec![chat("hello there", 8)];
+        assert!(fast.predict(&batch) < slow.predict(&batch));
+        let t = tokio::time::Instant::now();
+        let a = slow.infer(batch.clone()).await;
+        // The timer rounds up to the millisecond.
+        let (took, predicted) = (t.elapsed(), slow.predict(&batch));
+        assert!(
+            took >= predicted && took <= predicted + Duration::from_millis(1),
+            "{took:?} vs {predicted:?}"
+        );
+        let b = slow.infer(batch).await;
+        let (a, b) = (a[0].as_ref().unwrap(), b[0].as_ref().unwrap());
+        assert_eq!(a, b, "same request, same answer");
+        assert_eq!(a["usage"]["completion_tokens"], 8);
+        assert_eq!(
+            a["choices"][0]["message"]["content"]
+                .as_str()
+                .unwrap()
+                .split(' ')
+                .count(),
+            8
+        );
+
+        let bad = slow
+            .infer(vec![InferRequest {
+                endpoint: Endpoint::ChatCompletions,
+                body: json!({"model": "m"}),
+            }])
+            .await;
+        assert!(matches!(bad[0], Err(ExecError::BadRequest(_))));
+        slow.stop().await;
+        assert_eq!(fleet.sample().unwrap()[0].memory_used_bytes, 512 << 20);
+        assert!(matches!(
+            slow.infer(vec![chat("x", 1)]).await[0],
+            Err(ExecError::NotReady("draining"))
+        ));
+    }
+}

@@ -1,0 +1,143 @@
+//! The external-engine executor against the workspace's fake
+//! OpenAI-compatible engine: start, health check, proxy, restart, logs, and
+//! engines that cannot start.
+
+use std::time::Duration;
+
+use serde_json::json;
+use talon_node_agent::executor::external::{
+    CommandTemplate, EngineSettings, ExternalEngine, Placeholders,
+};
+use talon_node_agent::executor::{Endpoint, ExecError, Executor, InferRequest, ReplicaState};
+
+use crate::harness::{bin, free_port, wait_for};
+
+fn settings() -> EngineSettings {
+    EngineSettings {
+        startup_timeout: Duration::from_secs(20),
+        first_backoff: Duration::from_millis(100),
+        max_backoff: Duration::from_millis(400),
+        max_failures: 2,
+        ..EngineSettings::default()
+    }
+}
+
+fn placeholders(port: u16) -> Placeholders {
+    Placeholders {
+        model: "tiny".into(),
+        artifact: "file:///models/tiny".into(),
+        port,
+        gpus: "GPU-test-0,MIG-test-1".into(),
+    }
+}
+
+async fn wait_state(engine: &ExternalEngine, want: ReplicaState) {
+    wait_for(
+        &format!("engine {}", want.as_str()),
+        Duration::from_secs(20),
+        || async { (engine.state() == want).then_some(()) },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn external_engine_starts_proxies_and_restarts() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let template = format!(
+        "{} --port {{port}} --model {{model}}",
+        bin("talon-fake-engine").display()
+    );
+    let template = CommandTemplate::parse(&template).expect("valid template");
+    let engine =
+        ExternalEngine::start(&template, placeholders(free_port()), settings(), dir.path())
+            .expect("start");
+    wait_state(&engine, ReplicaState::Ready).await;
+
+    let chat = InferRequest {
+        endpoint: Endpoint::ChatCompletions,
+        body: json!({"model": "tiny", "messages": [{"role": "user", "content": "hello there"}]}),
+    };
+    let answer = engine
+        .infer(vec![chat.clone()])
+        .await
+        .remove(0)
+        .expect("proxied");
+    assert_eq!(
+        answer["choices"][0]["message"]["content"],
+        "echo(2 words): hello there"
+    );
+    let bad = InferRequest {
+        endpoint: Endpoint::Completions,
+        body: json!({"model": "tiny"}),
+    };
+    let err = engine
+        .infer(vec![bad])
+        .await
+        .remove(0)
+        .expect_err("engine refuses");
+    assert!(
+        matches!(err, ExecError::BadRequest(ref m) if m.contains("prompt must be a string")),
+        "{err}"
+    );
+
+    // The engine dies: the supervisor restarts it and the replica serves again.
+    let pid = engine.pid().expect("pid");
+    let killed = std::process::Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .expect("kill");
+    assert!(killed.success());
+    wait_for("a restart", Duration::from_secs(20), || async {
+        (engine.restarts() >= 1).then_some(())
+    })
+    .await;
+    wait_state(&engine, ReplicaState::Ready).await;
+    assert_ne!(engine.pid(), Some(pid));
+    assert!(engine.infer(vec![chat]).await.remove(0).is_ok());
+
+    // Its logs were captured, with the GPUs it was pinned to.
+    let log = std::fs::read_to_string(engine.log_path()).expect("log");
+    assert_eq!(
+        log.matches("talon-fake-engine: serving tiny").count(),
+        2,
+        "{log}"
+    );
+    assert!(
+        log.contains("CUDA_VISIBLE_DEVICES=GPU-test-0,MIG-test-1"),
+        "{log}"
+    );
+    engine.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn engines_that_cannot_start_end_failed() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    // Exits at once every time (an unknown flag): restarted with backoff, then Failed.
+    let template = format!(
+        "{} --port {{port}} --no-such-flag",
+        bin("talon-fake-engine").display()
+    );
+    let engine = ExternalEngine::start(
+        &CommandTemplate::parse(&template).expect("valid"),
+        placeholders(free_port()),
+        settings(),
+        dir.path(),
+    )
+    .expect("start");
+    wait_state(&engine, ReplicaState::Failed).await;
+    assert_eq!(engine.restarts(), 2);
+    // A program that does not exist fails at once.
+    let missing = CommandTemplate::parse("/nonexistent/engine --port {port}").expect("valid");
+    let engine = ExternalEngine::start(&missing, placeholders(free_port()), settings(), dir.path())
+        .expect("start");
+    wait_state(&engine, ReplicaState::Failed).await;
+    let err = engine
+        .infer(vec![InferRequest {
+            endpoint: Endpoint::Completions,
+            body: json!({"prompt": "x"}),
+        }])
+        .await
+        .remove(0)
+        .expect_err("not ready");
+    assert!(matches!(err, ExecError::NotReady("failed")), "{err}");
+}
