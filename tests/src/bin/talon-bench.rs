@@ -73,6 +73,36 @@ enum Bench {
         #[arg(long, default_value_t = 100)]
         rate: u64,
     },
+    /// The gain of dynamic batching at the same latency target, on a
+    /// simulated GPU (virtual time: runs in seconds).
+    Batching {
+        /// Azure LLM conversation trace (prompt and output tokens per request).
+        #[arg(
+            long,
+            default_value = "../shared/data/azure-llm/AzureLLMInferenceTrace_conv.csv"
+        )]
+        trace: PathBuf,
+        /// GPU types to run on.
+        #[arg(long, value_delimiter = ',', default_value = "h100-sxm,a100-80gb,l4")]
+        gpus: Vec<String>,
+        /// Model footprint, MiB (weights ~80 %).
+        #[arg(long, default_value_t = 16_000)]
+        memory_mib: u64,
+        /// Latency target of a request: time to first token plus this...
+        #[arg(long, default_value_t = 2_000)]
+        ttft_ms: u64,
+        /// ...plus this per output token (the request's deadline).
+        #[arg(long, default_value_t = 100)]
+        tpot_ms: u64,
+        #[arg(long, default_value_t = 16)]
+        max_batch: usize,
+        /// Virtual seconds of arrivals per rate.
+        #[arg(long, default_value_t = 3600)]
+        seconds: u64,
+        /// Share of requests that must meet their target.
+        #[arg(long, default_value_t = 0.95)]
+        attainment: f64,
+    },
     /// Telemetry ingest: N simulated agents (8 GPUs each) at 1 Hz to one
     /// coordinator.
     B4 {
@@ -308,6 +338,229 @@ async fn b5a(cli: &Cli, trials: usize, rate: u64) -> anyhow::Result<()> {
         );
     }
     write_out(cli, "b5a.json", json!({"bench": "B5a", "results": summary}))
+}
+
+/// Reads (prompt tokens, output tokens) from the Azure trace.
+fn read_azure(path: &std::path::Path) -> anyhow::Result<Vec<(u64, u64)>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut out = Vec::new();
+    for (n, line) in text.lines().enumerate().skip(1) {
+        let mut f = line.split(',');
+        let (_, p, o) = (f.next(), f.next(), f.next());
+        let parse = |v: Option<&str>| v.and_then(|v| v.trim().parse::<u64>().ok());
+        match (parse(p), parse(o)) {
+            (Some(p), Some(o)) => out.push((p, o)),
+            _ => anyhow::bail!(
+                "{}:{}: expected TIMESTAMP,ContextTokens,GeneratedTokens",
+                path.display(),
+                n + 1
+            ),
+        }
+    }
+    Ok(out)
+}
+
+/// A small deterministic generator (xorshift64*), so runs repeat exactly.
+struct Rng(u64);
+
+impl Rng {
+    fn next_f64(&mut self) -> f64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        (self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+struct BatchRun {
+    rate: f64,
+    within_slo: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    mean_batch: f64,
+}
+
+/// One open-loop run in virtual time: Poisson arrivals at `rate` per second
+/// for `seconds`, requests drawn from `trace`, served by one simulated
+/// replica through the dynamic batcher.
+fn batching_run(
+    gpu: &str,
+    trace: &[(u64, u64)],
+    memory_mib: u64,
+    (ttft, tpot): (Duration, Duration),
+    limits: talon_node_agent::batcher::Limits,
+    rate: f64,
+    seconds: u64,
+) -> anyhow::Result<BatchRun> {
+    use talon_node_agent::batcher::{Batcher, Priority};
+    use talon_node_agent::executor::simulated::SimulatedExecutor;
+    use talon_node_agent::executor::{Endpoint, Executor, InferRequest};
+    use talon_node_agent::fleet::FleetSpec;
+    use talon_node_agent::perf::Correction;
+    use talon_node_agent::probe::sim::SimFleet;
+
+    let gpu_type = talon_node_agent::catalog::by_key(gpu)
+        .with_context(|| format!("unknown GPU type {gpu}"))?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .start_paused(true)
+        .build()?;
+    let trace = trace.to_vec();
+    runtime.block_on(async move {
+        let fleet = Arc::new(SimFleet::new("bench", FleetSpec::from_flag(&format!("{gpu}:1"))?)?);
+        let exec = Arc::new(SimulatedExecutor::load("bench", memory_mib, fleet, 0, gpu_type, Arc::new(Correction::default()))?);
+        // (latency, its target, batch size) per served request.
+        let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel::<(Duration, Duration, usize)>();
+        let predictor = exec.clone();
+        let service = move |n: usize| {
+            let probe = InferRequest {
+                endpoint: Endpoint::ChatCompletions,
+                body: json!({"messages": [{"role": "user", "content": "x ".repeat(512)}], "max_tokens": 256}),
+            };
+            predictor.predict(&vec![probe; n])
+        };
+        let serving = exec.clone();
+        type Item = (InferRequest, tokio::time::Instant, Duration);
+        let batcher = Batcher::start(limits, service, move |batch: Vec<Item>| {
+            let (serving, done_tx) = (serving.clone(), done_tx.clone());
+            async move {
+                let n = batch.len();
+                let requests = batch.iter().map(|(r, _, _)| r.clone()).collect();
+                serving.infer(requests).await;
+                for (_, arrived, target) in batch {
+                    let _ = done_tx.send((arrived.elapsed(), target, n));
+                }
+            }
+        });
+        let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ rate.to_bits());
+        let end = tokio::time::Instant::now() + Duration::from_secs(seconds);
+        let mut sent = 0usize;
+        while tokio::time::Instant::now() < end {
+            let gap = -rng.next_f64().max(1e-12).ln() / rate;
+            tokio::time::sleep(Duration::from_secs_f64(gap)).await;
+            let (prompt, output) = trace[(rng.next_f64() * trace.len() as f64) as usize % trace.len()];
+            let body = json!({"messages": [{"role": "user", "content": "w ".repeat(prompt as usize)}], "max_tokens": output});
+            let now = tokio::time::Instant::now();
+            let target = ttft + tpot * output as u32;
+            let request = InferRequest { endpoint: Endpoint::ChatCompletions, body };
+            batcher.submit((request, now, target), Priority::Normal, now + target);
+            sent += 1;
+        }
+        let mut latencies = Vec::with_capacity(sent);
+        let mut within = 0usize;
+        let mut batch_sizes = 0usize;
+        // Let the queue drain, but bound the wait: an overloaded run never does.
+        let drain_until = tokio::time::Instant::now() + Duration::from_secs(seconds);
+        while latencies.len() < sent {
+            tokio::select! {
+                Some((latency, target, n)) = done_rx.recv() => {
+                    latencies.push(latency.as_secs_f64() * 1000.0);
+                    within += usize::from(latency <= target);
+                    if latency > target && std::env::var_os("TALON_BENCH_DEBUG").is_some() {
+                        eprintln!("late: {latency:?} > {target:?} (batch {n})");
+                    }
+                    batch_sizes += n;
+                }
+                _ = tokio::time::sleep_until(drain_until) => break,
+            }
+        }
+        let served = latencies.len();
+        // Requests still queued at the end count as late.
+        latencies.extend(std::iter::repeat_n(f64::INFINITY, sent - served));
+        latencies.sort_by(f64::total_cmp);
+        anyhow::Ok(BatchRun {
+            rate,
+            within_slo: within as f64 / sent.max(1) as f64,
+            p50_ms: percentile(&latencies, 50.0),
+            p99_ms: percentile(&latencies, 99.0),
+            mean_batch: batch_sizes as f64 / served.max(1) as f64,
+        })
+    })
+}
+
+fn batching(
+    cli: &Cli,
+    trace_path: &std::path::Path,
+    gpus: &[String],
+    memory_mib: u64,
+    (ttft_ms, tpot_ms): (u64, u64),
+    max_batch: usize,
+    seconds: u64,
+    attainment: f64,
+) -> anyhow::Result<()> {
+    use talon_node_agent::batcher::Limits;
+    let trace = read_azure(trace_path)?;
+    let slo = (
+        Duration::from_millis(ttft_ms),
+        Duration::from_millis(tpot_ms),
+    );
+    // 0.05 req/s upwards in steps of 25 %.
+    let rates: Vec<f64> = (0..40)
+        .map(|k| (0.05 * 1.25f64.powi(k) * 100.0).round() / 100.0)
+        .collect();
+    let modes = [
+        (
+            "no batching",
+            Limits {
+                max_batch: 1,
+                max_wait_ms: 0,
+            },
+        ),
+        (
+            "dynamic batching",
+            Limits {
+                max_batch,
+                max_wait_ms: 50,
+            },
+        ),
+    ];
+    let mut rows = Vec::new();
+    println!(
+        "| GPU | mode | highest rate with ≥{:.0} % within target (req/s) | p50 ms there | p99 ms there | mean batch |",
+        attainment * 100.0
+    );
+    println!("| --- | --- | --- | --- | --- | --- |");
+    for gpu in gpus {
+        let mut best = Vec::new();
+        for (mode, limits) in modes {
+            let mut last_ok: Option<BatchRun> = None;
+            for &rate in &rates {
+                if rate == 0.0 {
+                    continue;
+                }
+                let run = batching_run(gpu, &trace, memory_mib, slo, limits, rate, seconds)?;
+                eprintln!(
+                    "batching: {gpu} {mode} {rate} req/s: {:.1} % within SLO, p50 {:.0} ms, p99 {:.0} ms, batch {:.1}",
+                    run.within_slo * 100.0, run.p50_ms, run.p99_ms, run.mean_batch
+                );
+                rows.push(
+                    json!({"gpu": gpu, "mode": mode, "rate": rate, "within_slo": run.within_slo,
+                    "p50_ms": run.p50_ms, "p99_ms": run.p99_ms, "mean_batch": run.mean_batch}),
+                );
+                if run.within_slo < attainment {
+                    break;
+                }
+                last_ok = Some(run);
+            }
+            match &last_ok {
+                Some(r) => println!(
+                    "| {gpu} | {mode} | {} | {:.0} | {:.0} | {:.1} |",
+                    r.rate, r.p50_ms, r.p99_ms, r.mean_batch
+                ),
+                None => println!("| {gpu} | {mode} | below {} | | | |", rates[0]),
+            }
+            best.push(last_ok.map_or(0.0, |r| r.rate));
+        }
+        if best[0] > 0.0 {
+            println!("| {gpu} | gain | {:.1}× | | | |", best[1] / best[0]);
+        }
+    }
+    write_out(
+        cli,
+        "batching.json",
+        json!({"bench": "batching", "attainment": attainment, "ttft_ms": ttft_ms, "tpot_ms": tpot_ms, "max_batch": max_batch, "memory_mib": memory_mib, "seconds": seconds, "rows": rows}),
+    )
 }
 
 /// utime + stime of a process, in clock ticks (/proc/PID/stat fields 14, 15).
@@ -551,5 +804,33 @@ async fn main() -> anyhow::Result<()> {
             seconds,
             agents_per_connection,
         } => b4(&cli, agents, *seconds, *agents_per_connection).await,
+        Bench::Batching {
+            trace,
+            gpus,
+            memory_mib,
+            ttft_ms,
+            tpot_ms,
+            max_batch,
+            seconds,
+            attainment,
+        } => {
+            // Virtual time needs its own runtime, on a thread outside this one.
+            std::thread::scope(|s| {
+                s.spawn(|| {
+                    batching(
+                        &cli,
+                        trace,
+                        gpus,
+                        *memory_mib,
+                        (*ttft_ms, *tpot_ms),
+                        *max_batch,
+                        *seconds,
+                        *attainment,
+                    )
+                })
+                .join()
+                .unwrap_or_else(|_| Err(anyhow::anyhow!("the batching run panicked")))
+            })
+        }
     }
 }
