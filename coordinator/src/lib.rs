@@ -27,6 +27,7 @@ pub mod leases;
 pub mod metrics;
 pub mod network;
 pub mod raft_types;
+pub mod reconcile;
 pub mod state;
 pub mod store;
 pub mod telemetry;

@@ -11,6 +11,7 @@
 
 pub mod model;
 pub mod node;
+pub mod replica;
 
 use std::collections::BTreeMap;
 
@@ -18,6 +19,7 @@ use serde::{Deserialize, Serialize};
 
 pub use model::{Model, ModelSpec, ModelVersion};
 pub use node::{NodeInventory, NodeRecord, NodeState, Scheduling};
+pub use replica::Replica;
 
 /// What a client proposes through Raft.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -63,6 +65,11 @@ pub enum Command {
     },
     /// An operator cordoned, uncordoned or drained a node.
     SetNodeScheduling { node_id: String, action: Scheduling },
+    /// The reconciler's placement of a model's replicas; replaces the set.
+    SetReplicas {
+        model: String,
+        replicas: Vec<Replica>,
+    },
 }
 
 /// Why a request was refused. The state is unchanged.
@@ -93,6 +100,9 @@ pub enum Response {
         index: u64,
     },
     Node(Box<NodeRecord>),
+    Replicas {
+        count: usize,
+    },
     Rejected(Rejection),
 }
 
@@ -113,6 +123,7 @@ pub struct AuditEntry {
 pub enum Change {
     Model(String),
     Node(String),
+    Replica(String),
     Audit(u64),
 }
 
@@ -122,6 +133,9 @@ pub struct State {
     pub models: BTreeMap<String, Model>,
     pub nodes: BTreeMap<String, NodeRecord>,
     pub audit: BTreeMap<u64, AuditEntry>,
+    /// Placed replicas by id.
+    #[serde(default)]
+    pub replicas: BTreeMap<String, Replica>,
 }
 
 fn rejected(kind: RejectionKind, message: String) -> (Response, Vec<Change>) {
@@ -212,6 +226,19 @@ impl State {
                             action.as_str().to_string(),
                         );
                         (Response::Node(Box::new(node)), changes, audit)
+                    }
+                    Err(rejection) => return rejection,
+                }
+            }
+            Command::SetReplicas { model, replicas } => {
+                match self.set_replicas(index, at, model, replicas) {
+                    Ok((changes, detail)) => {
+                        let count = replicas.len();
+                        (
+                            Response::Replicas { count },
+                            changes,
+                            ("replica.set", model.clone(), detail),
+                        )
                     }
                     Err(rejection) => return rejection,
                 }
@@ -467,6 +494,60 @@ impl State {
         node.draining = draining;
         node.revision = index;
         Ok(node.clone())
+    }
+
+    fn set_replicas(
+        &mut self,
+        index: u64,
+        at: u64,
+        model: &str,
+        replicas: &[Replica],
+    ) -> Result<(Vec<Change>, String), (Response, Vec<Change>)> {
+        for r in replicas {
+            if r.model != model {
+                return Err(rejected(
+                    RejectionKind::Invalid,
+                    format!(
+                        "replica {} belongs to model {:?}, not {model:?}",
+                        r.id, r.model
+                    ),
+                ));
+            }
+            let Some(node) = self.nodes.get(&r.node_id) else {
+                return Err(rejected(
+                    RejectionKind::NotFound,
+                    format!("replica {} names unknown node {:?}", r.id, r.node_id),
+                ));
+            };
+            if !node.inventory.gpus.iter().any(|g| g.index == r.gpu) {
+                return Err(rejected(
+                    RejectionKind::Invalid,
+                    format!("node {:?} has no GPU {}", r.node_id, r.gpu),
+                ));
+            }
+        }
+        let old: Vec<String> = self
+            .replicas
+            .values()
+            .filter(|r| r.model == model)
+            .map(|r| r.id.clone())
+            .collect();
+        let mut changes: Vec<Change> = old.iter().map(|id| Change::Replica(id.clone())).collect();
+        for id in &old {
+            self.replicas.remove(id);
+        }
+        let mut placed = Vec::new();
+        for r in replicas {
+            let mut r = r.clone();
+            r.revision = index;
+            if r.created_at_ms == 0 {
+                r.created_at_ms = at;
+            }
+            placed.push(format!("{}@{}/{}", r.id, r.node_id, r.gpu));
+            changes.push(Change::Replica(r.id.clone()));
+            self.replicas.insert(r.id.clone(), r);
+        }
+        Ok((changes, format!("replicas={}", placed.join(","))))
     }
 
     /// Checks the invariants every reachable state holds; tests call it after

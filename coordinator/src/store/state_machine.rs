@@ -27,6 +27,7 @@ const MEMBERSHIP: &[u8] = b"meta/membership";
 const MODEL: &[u8] = b"model/";
 const NODE: &[u8] = b"node/";
 const AUDIT: &[u8] = b"audit/";
+const REPLICA: &[u8] = b"replica/";
 const SNAPSHOT_META: &str = "current/meta";
 const SNAPSHOT_DATA: &str = "current/data";
 
@@ -87,6 +88,12 @@ impl StateMachineStore {
                     .state
                     .nodes
                     .insert(id, serde_json::from_slice(&v).map_err(read_err)?);
+            } else if let Some(id) = k.strip_prefix(REPLICA) {
+                let id = String::from_utf8_lossy(id).into_owned();
+                applied
+                    .state
+                    .replicas
+                    .insert(id, serde_json::from_slice(&v).map_err(read_err)?);
             } else if k.starts_with(AUDIT) {
                 let entry: crate::state::AuditEntry =
                     serde_json::from_slice(&v).map_err(read_err)?;
@@ -131,6 +138,13 @@ impl StateMachineStore {
                     let key = prefixed(NODE, id.as_bytes());
                     match state.nodes.get(id) {
                         Some(n) => batch.insert(key, serde_json::to_vec(n).map_err(write_err)?),
+                        None => batch.remove(key),
+                    }
+                }
+                Change::Replica(id) => {
+                    let key = prefixed(REPLICA, id.as_bytes());
+                    match state.replicas.get(id) {
+                        Some(r) => batch.insert(key, serde_json::to_vec(r).map_err(write_err)?),
                         None => batch.remove(key),
                     }
                 }
@@ -288,6 +302,12 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             batch.insert(
                 prefixed(NODE, id.as_bytes()),
                 serde_json::to_vec(n).map_err(write_err)?,
+            );
+        }
+        for (id, r) in &incoming.state.replicas {
+            batch.insert(
+                prefixed(REPLICA, id.as_bytes()),
+                serde_json::to_vec(r).map_err(write_err)?,
             );
         }
         for (index, a) in &incoming.state.audit {
