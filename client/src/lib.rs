@@ -385,6 +385,23 @@ impl Client {
         .await
     }
 
+    /// Placed replicas (of `model`, or all when empty) and, from the
+    /// leader, the ones that could not be placed.
+    pub async fn list_replicas(
+        &self,
+        model: &str,
+    ) -> Result<pb::ListReplicasResponse, ClientError> {
+        let req = pb::ListReplicasRequest {
+            model: model.into(),
+        };
+        self.call(
+            true,
+            req,
+            |mut c, r| async move { c.list_replicas(r).await },
+        )
+        .await
+    }
+
     /// Test-only: cut the node this client talks to off from its peers.
     pub async fn set_isolated(&self, isolate: bool) -> Result<(), ClientError> {
         self.call(

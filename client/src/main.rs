@@ -49,6 +49,18 @@ enum Command {
     /// GPU nodes: inventory, state, telemetry, scheduling.
     #[command(subcommand)]
     Node(NodeCmd),
+    /// Where the reconciler placed model replicas.
+    #[command(subcommand)]
+    Replica(ReplicaCmd),
+}
+
+#[derive(Subcommand)]
+enum ReplicaCmd {
+    List {
+        /// Only this model's replicas.
+        #[arg(long, default_value = "")]
+        model: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -604,6 +616,39 @@ async fn execute(cli: Cli) -> Result<(), ClientError> {
                 println!("{}", node_json(&node));
             } else {
                 print_node(&node);
+            }
+        }
+        Command::Replica(ReplicaCmd::List { model }) => {
+            let list = client.list_replicas(&model).await?;
+            if json {
+                let replicas: Vec<Value> = list
+                    .replicas
+                    .iter()
+                    .map(|r| json!({"id": r.id, "model": r.model, "version": r.version, "node_id": r.node_id,
+                        "gpu": r.gpu, "milli": r.milli, "memory_mib": r.memory_mib, "revision": r.revision}))
+                    .collect();
+                println!(
+                    "{}",
+                    json!({"replicas": replicas, "unplaced": list.unplaced})
+                );
+            } else {
+                let rows = list
+                    .replicas
+                    .iter()
+                    .map(|r| {
+                        vec![
+                            r.id.clone(),
+                            r.node_id.clone(),
+                            r.gpu.to_string(),
+                            r.milli.to_string(),
+                            r.memory_mib.to_string(),
+                        ]
+                    })
+                    .collect();
+                table(&["REPLICA", "NODE", "GPU", "MILLI", "MEMORY_MIB"], rows);
+                for u in &list.unplaced {
+                    println!("unplaced: {u}");
+                }
             }
         }
         Command::Audit(AuditCmd::List { after, limit }) => {

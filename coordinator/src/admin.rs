@@ -688,6 +688,45 @@ impl AdminService for Admin {
         }))
     }
 
+    async fn list_replicas(
+        &self,
+        request: Request<pb::ListReplicasRequest>,
+    ) -> Result<Response<pb::ListReplicasResponse>, Status> {
+        let model = &request.get_ref().model;
+        let applied = self.ctx.state.read().expect("state lock poisoned");
+        let replicas = applied
+            .state
+            .replicas
+            .values()
+            .filter(|r| model.is_empty() || r.model == *model)
+            .map(|r| pb::Replica {
+                id: r.id.clone(),
+                model: r.model.clone(),
+                version: r.version.clone(),
+                node_id: r.node_id.clone(),
+                gpu: r.gpu,
+                milli: r.milli,
+                memory_mib: r.memory_mib,
+                created_at_ms: r.created_at_ms,
+                revision: r.revision,
+            })
+            .collect();
+        let unplaced = if self.ctx.is_leader() {
+            crate::reconcile::plan(&applied.state)
+                .unplaced
+                .into_iter()
+                .filter(|(id, _)| model.is_empty() || id.starts_with(&format!("{model}@")))
+                .map(|(id, why)| format!("{id}: {why}"))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        Ok(Response::new(pb::ListReplicasResponse {
+            replicas,
+            unplaced,
+        }))
+    }
+
     async fn set_faults(
         &self,
         request: Request<pb::SetFaultsRequest>,

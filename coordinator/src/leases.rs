@@ -76,3 +76,45 @@ pub async fn run(ctx: Arc<AdminContext>, mut stop: tokio::sync::watch::Receiver<
         while proposals.join_next().await.is_some() {}
     }
 }
+
+/// The reconciler loop, run by the leader: every `period`, plan the replicas
+/// against the committed state and commit what changed.
+pub async fn run_reconciler(
+    ctx: Arc<AdminContext>,
+    period: Duration,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_unplaced = Vec::new();
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.changed() => return,
+        }
+        if !ctx.is_leader() {
+            continue;
+        }
+        let plan = {
+            let applied = ctx.state.read().expect("state lock poisoned");
+            crate::reconcile::plan(&applied.state)
+        };
+        if plan.unplaced != last_unplaced {
+            for (id, why) in &plan.unplaced {
+                tracing::warn!(replica = %id, %why, "replica cannot be placed");
+            }
+            last_unplaced = plan.unplaced;
+        }
+        for command in plan.commands {
+            if let Command::SetReplicas { model, replicas } = &command {
+                tracing::info!(%model, replicas = replicas.len(), "placing replicas");
+            }
+            if let Err(e) = ctx
+                .write("set_replicas", "reconciler".into(), command)
+                .await
+            {
+                tracing::warn!(error = %e, "could not commit a placement");
+            }
+        }
+    }
+}

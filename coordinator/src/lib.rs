@@ -124,6 +124,11 @@ pub async fn run(
         let _ = stop_tx.send(true);
     });
     let leases_task = tokio::spawn(leases::run(ctx.clone(), stop_rx.clone()));
+    let reconciler_task = tokio::spawn(leases::run_reconciler(
+        ctx.clone(),
+        Duration::from_millis(500),
+        stop_rx.clone(),
+    ));
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
@@ -150,6 +155,7 @@ pub async fn run(
     let (grpc_result, http_result) = tokio::join!(grpc_server, http_server);
     metrics_task.abort();
     leases_task.abort();
+    reconciler_task.abort();
     raft.shutdown().await.ok();
     grpc_result.context("gRPC server")?;
     http_result.context("HTTP server")?;

@@ -5,7 +5,8 @@
 //! would close the gap out, plus what could not be placed and why. It hands
 //! the problem to `talon-scheduler`'s re-plan (keep what is still valid,
 //! place the rest; BestFit policy) so that a replica moves only when it
-//! must: its node went Down or was cordoned, or its model changed version.
+//! must: its node went Down or is draining, or its model changed version.
+//! Suspect and cordoned nodes keep their replicas but take no new ones.
 //!
 //! Mapping to the engine: a node's non-MIG GPUs are milli-GPU capacity; a
 //! replica asks for `ceil(memory / smallest eligible GPU memory × 1000)`
@@ -33,25 +34,49 @@ pub struct Plan {
 
 struct Candidate<'a> {
     node_id: &'a str,
-    /// (GPU index on the node, catalog type, memory MiB), non-MIG only.
-    gpus: Vec<(u32, &'a str, u64)>,
+    /// (GPU index on the node, catalog type, memory MiB, milli offered),
+    /// non-MIG only.
+    gpus: Vec<(u32, &'a str, u64, u32)>,
 }
 
 /// Plans the replicas of every model against the committed `state`.
 pub fn plan(state: &State) -> Plan {
+    // Nodes that keep their replicas: not Down and not draining. Only Ready,
+    // schedulable nodes take new ones; on the others a GPU offers exactly
+    // the share its current replicas hold, so nothing new fits there.
     let candidates: Vec<Candidate> = state
         .nodes
         .values()
-        .filter(|n| n.state == NodeState::Ready && n.schedulable)
-        .map(|n| Candidate {
-            node_id: &n.inventory.node_id,
-            gpus: n
-                .inventory
-                .gpus
-                .iter()
-                .filter(|g| !g.mig_enabled)
-                .map(|g| (g.index, g.gpu_type.as_str(), g.memory_bytes >> 20))
-                .collect(),
+        .filter(|n| n.state != NodeState::Down && !n.draining)
+        .map(|n| {
+            let new_work = n.state == NodeState::Ready && n.schedulable;
+            let used = |gpu: u32| -> u32 {
+                let held: u32 = state
+                    .replicas
+                    .values()
+                    .filter(|r| r.node_id == n.inventory.node_id && r.gpu == gpu)
+                    .map(|r| r.milli)
+                    .sum();
+                held.min(MILLI)
+            };
+            Candidate {
+                node_id: &n.inventory.node_id,
+                gpus: n
+                    .inventory
+                    .gpus
+                    .iter()
+                    .filter(|g| !g.mig_enabled)
+                    .map(|g| {
+                        (
+                            g.index,
+                            g.gpu_type.as_str(),
+                            g.memory_bytes >> 20,
+                            if new_work { MILLI } else { used(g.index) },
+                        )
+                    })
+                    .filter(|g| g.3 > 0)
+                    .collect(),
+            }
         })
         .collect();
     let nodes: Vec<Node> = candidates
@@ -63,8 +88,9 @@ pub fn plan(state: &State) -> Plan {
             gpus: c
                 .gpus
                 .iter()
-                .map(|(_, t, mem)| Gpu {
+                .map(|(_, t, mem, milli)| Gpu {
                     memory_mib: *mem,
+                    milli: *milli,
                     ..Gpu::new(t)
                 })
                 .collect(),
@@ -337,6 +363,39 @@ mod tests {
         }
         // Stable: planning again changes nothing.
         assert!(plan(&s).commands.is_empty());
+
+        // Suspect (or cordoned): keeps its replicas, takes no new ones.
+        run(
+            &mut s,
+            &mut i,
+            Command::SetNodeState {
+                node_id: "a".into(),
+                state: NodeState::Suspect,
+                reason: "t".into(),
+            },
+        );
+        assert!(
+            plan(&s).commands.is_empty(),
+            "a suspect node keeps its replicas"
+        );
+        run(&mut s, &mut i, model("more", 1_000, 2));
+        converge(&mut s, &mut i);
+        assert!(
+            s.replicas
+                .values()
+                .filter(|r| r.model == "more")
+                .all(|r| r.node_id == "b"),
+            "no new work on a suspect node"
+        );
+        run(
+            &mut s,
+            &mut i,
+            Command::DeleteModel {
+                name: "more".into(),
+                version: None,
+            },
+        );
+        converge(&mut s, &mut i);
 
         // Node a goes down: its replicas move to b if they fit, the rest wait.
         let before: Vec<String> = s

@@ -372,3 +372,78 @@ async fn bad_tokens_and_specs_are_refused_and_nvml_fails_cleanly() {
         other => panic!("unexpected exit {other:?}: {stderr}"),
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_are_placed_and_move_off_a_down_node() {
+    let args = coordinator_args("200", "1000", "2500");
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let cluster = Cluster::form(1, &args).await;
+    let addrs: Vec<String> = cluster.nodes.iter().map(|n| n.grpc.clone()).collect();
+    let agent_a = spawn_agent("a", "l4:2", addrs.clone());
+    let _agent_b = spawn_agent("b", "h100-sxm:1", addrs.clone());
+    let client = cluster.client();
+    let model = |name: &str, memory_mib: u64, replicas: u32| talon_client::ModelSpec {
+        name: name.into(),
+        version: "v1".into(),
+        engine: "simulated".into(),
+        artifact_uri: format!("file:///models/{name}"),
+        memory_mib,
+        latency_slo_ms: 500,
+        min_replicas: replicas,
+        max_replicas: replicas,
+        priority: "normal".into(),
+        labels: Default::default(),
+    };
+    wait_for("both nodes ready", Duration::from_secs(20), || async {
+        let nodes = client.list_nodes().await.ok()?;
+        (nodes.iter().filter(|n| n.state == "ready").count() == 2).then_some(())
+    })
+    .await;
+    client
+        .create_model(model("small", 10_000, 3))
+        .await
+        .expect("small");
+    client
+        .create_model(model("big", 40_000, 1))
+        .await
+        .expect("big");
+    client
+        .create_model(model("huge", 500_000, 1))
+        .await
+        .expect("huge");
+
+    let placed = wait_for("4 replicas placed", Duration::from_secs(20), || async {
+        let list = client.list_replicas("").await.ok()?;
+        (list.replicas.len() == 4).then_some(list)
+    })
+    .await;
+    let big: Vec<_> = placed
+        .replicas
+        .iter()
+        .filter(|r| r.model == "big")
+        .collect();
+    assert_eq!(big[0].node_id, "b", "only the H100 holds 40 GB: {placed:?}");
+    assert!(
+        placed
+            .unplaced
+            .iter()
+            .any(|u| u.starts_with("huge@v1-0") && u.contains("500000 MiB")),
+        "{placed:?}"
+    );
+
+    // Node a stops reporting: once it is Down its replicas are placed on b.
+    drop(agent_a);
+    let moved = wait_for(
+        "replicas moved off node a",
+        Duration::from_secs(30),
+        || async {
+            let list = client.list_replicas("").await.ok()?;
+            (list.replicas.len() == 4 && list.replicas.iter().all(|r| r.node_id == "b"))
+                .then_some(list)
+        },
+    )
+    .await;
+    let milli: u32 = moved.replicas.iter().map(|r| r.milli).sum();
+    assert!(milli <= 1000, "the H100 is overcommitted: {moved:?}");
+    assert_eq!(client.get_node("a").await.expect("a").state, "down");
+}
