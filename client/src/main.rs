@@ -625,7 +625,7 @@ async fn execute(cli: Cli) -> Result<(), ClientError> {
                     .replicas
                     .iter()
                     .map(|r| json!({"id": r.id, "model": r.model, "version": r.version, "node_id": r.node_id,
-                        "gpu": r.gpu, "milli": r.milli, "memory_mib": r.memory_mib, "revision": r.revision}))
+                        "gpu": r.gpu, "milli": r.milli, "memory_mib": r.memory_mib, "revision": r.revision, "state": r.state}))
                     .collect();
                 println!(
                     "{}",
@@ -642,10 +642,18 @@ async fn execute(cli: Cli) -> Result<(), ClientError> {
                             r.gpu.to_string(),
                             r.milli.to_string(),
                             r.memory_mib.to_string(),
+                            if r.state.is_empty() {
+                                "-".into()
+                            } else {
+                                r.state.clone()
+                            },
                         ]
                     })
                     .collect();
-                table(&["REPLICA", "NODE", "GPU", "MILLI", "MEMORY_MIB"], rows);
+                table(
+                    &["REPLICA", "NODE", "GPU", "MILLI", "MEMORY_MIB", "STATE"],
+                    rows,
+                );
                 for u in &list.unplaced {
                     println!("unplaced: {u}");
                 }

@@ -709,6 +709,11 @@ impl AdminService for Admin {
                 memory_mib: r.memory_mib,
                 created_at_ms: r.created_at_ms,
                 revision: r.revision,
+                state: self
+                    .ctx
+                    .telemetry
+                    .replica_state(&r.node_id, &r.id)
+                    .unwrap_or_default(),
             })
             .collect();
         let unplaced = if self.ctx.is_leader() {

@@ -64,8 +64,94 @@ impl AgentSvc {
     }
 }
 
+/// The replicas placed on `node`, with what an agent needs to run them.
+fn assignments(state: &crate::state::State, node: &str, revision: u64) -> pb::Assignments {
+    let replicas = state
+        .replicas
+        .values()
+        .filter(|r| r.node_id == node)
+        .map(|r| {
+            let version = state
+                .models
+                .get(&r.model)
+                .and_then(|m| m.versions.iter().find(|v| v.version == r.version));
+            pb::AssignedReplica {
+                id: r.id.clone(),
+                model: r.model.clone(),
+                version: r.version.clone(),
+                gpu: r.gpu,
+                milli: r.milli,
+                memory_mib: r.memory_mib,
+                engine: version.map(|v| v.engine.clone()).unwrap_or_default(),
+                artifact_uri: version.map(|v| v.artifact_uri.clone()).unwrap_or_default(),
+            }
+        })
+        .collect();
+    pb::Assignments { revision, replicas }
+}
+
+type AssignmentStream =
+    std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::Assignments, Status>> + Send>>;
+
 #[tonic::async_trait]
 impl AgentService for AgentSvc {
+    type WatchAssignmentsStream = AssignmentStream;
+
+    async fn watch_assignments(
+        &self,
+        request: Request<pb::WatchAssignmentsRequest>,
+    ) -> Result<Response<AssignmentStream>, Status> {
+        self.check_token(&request)?;
+        self.require_leader()?;
+        let node = request.into_inner().node_id;
+        if !self
+            .ctx
+            .state
+            .read()
+            .expect("state lock poisoned")
+            .state
+            .nodes
+            .contains_key(&node)
+        {
+            return Err(Status::failed_precondition(format!(
+                "node {node:?} is not registered; call Register first"
+            )));
+        }
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let ctx = self.ctx.clone();
+        tokio::spawn(async move {
+            let mut changes = ctx.raft.metrics();
+            let mut last: Option<Vec<pb::AssignedReplica>> = None;
+            loop {
+                if !ctx.is_leader() {
+                    let (_, addr) = ctx.leader();
+                    let _ = tx
+                        .send(Err(AdminError::NotLeader { leader_addr: addr }.into()))
+                        .await;
+                    return;
+                }
+                let current = {
+                    let applied = ctx.state.read().expect("state lock poisoned");
+                    let revision = applied.last_applied.map_or(0, |l| l.index);
+                    assignments(&applied.state, &node, revision)
+                };
+                if last.as_ref() != Some(&current.replicas) {
+                    last = Some(current.replicas.clone());
+                    if tx.send(Ok(current)).await.is_err() {
+                        return;
+                    }
+                }
+                tokio::select! {
+                    changed = changes.changed() => if changed.is_err() { return },
+                    _ = tx.closed() => return,
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
     async fn register(
         &self,
         request: Request<pb::RegisterRequest>,

@@ -22,6 +22,8 @@ pub struct NodeTelemetry {
     pub seq: u64,
     /// Per GPU (by position in the report), oldest first.
     pub history: Vec<VecDeque<pb::GpuSample>>,
+    /// Replica id → state, as of the last report.
+    pub replicas: HashMap<String, String>,
 }
 
 /// Telemetry of every node, bounded per GPU.
@@ -51,8 +53,14 @@ impl TelemetryStore {
                 sampled_at_ms: 0,
                 seq: 0,
                 history: Vec::new(),
+                replicas: HashMap::new(),
             });
         entry.last_seen = now;
+        entry.replicas = report
+            .replicas
+            .into_iter()
+            .map(|r| (r.id, r.state))
+            .collect();
         entry.sampled_at_ms = report.sampled_at_ms;
         entry.seq = report.seq;
         if entry.history.len() != report.gpus.len() {
@@ -101,6 +109,12 @@ impl TelemetryStore {
             .collect()
     }
 
+    /// A replica's state as its node last reported it.
+    pub fn replica_state(&self, node: &str, replica: &str) -> Option<String> {
+        let nodes = self.nodes.lock().expect("telemetry lock poisoned");
+        nodes.get(node)?.replicas.get(replica).cloned()
+    }
+
     /// Reports received since start.
     pub fn received(&self) -> u64 {
         self.received.load(Ordering::Relaxed)
@@ -132,6 +146,7 @@ mod tests {
                     ..Default::default()
                 })
                 .collect(),
+            replicas: vec![],
         }
     }
 

@@ -42,6 +42,9 @@ pub struct AgentSettings {
     pub telemetry_interval: Option<Duration>,
     /// Per-GPU calibration measured at start (empty: not run).
     pub calibrations: Vec<Calibration>,
+    /// Runs the replicas the leader assigns here; `None`: this agent runs
+    /// none (they are reported failed by their absence).
+    pub replicas: Option<Arc<crate::replicas::ReplicaManager>>,
 }
 
 /// Why the agent stopped.
@@ -220,9 +223,33 @@ async fn session(
         "registered; streaming telemetry"
     );
 
+    // Assignments: converge to each set the leader sends.
+    let watcher = settings.replicas.clone().map(|manager| {
+        let mut client = client.clone();
+        let request = with_token(
+            pb::WatchAssignmentsRequest {
+                node_id: settings.node_id.clone(),
+            },
+            &settings.join_token,
+        );
+        tokio::spawn(async move {
+            let Ok(request) = request else { return };
+            let mut stream = match client.watch_assignments(request).await {
+                Ok(s) => s.into_inner(),
+                Err(status) => {
+                    tracing::warn!(error = %status.message(), "cannot watch assignments");
+                    return;
+                }
+            };
+            while let Ok(Some(assignments)) = stream.message().await {
+                manager.apply(&assignments).await;
+            }
+        })
+    });
     let (tx, rx) = mpsc::channel::<pb::TelemetryReport>(4);
     let producer = {
         let (probe, metrics, node_id) = (probe.clone(), metrics.clone(), settings.node_id.clone());
+        let manager = settings.replicas.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(interval);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -263,6 +290,7 @@ async fn session(
                     seq,
                     sampled_at_ms: now_ms(),
                     gpus: samples.iter().map(sample_to_wire).collect(),
+                    replicas: manager.as_ref().map(|m| m.statuses()).unwrap_or_default(),
                 };
                 if tx.send(report).await.is_err() {
                     return;
@@ -275,11 +303,17 @@ async fn session(
         Ok(r) => r,
         Err(end) => {
             producer.abort();
+            if let Some(w) = watcher {
+                w.abort();
+            }
             return end;
         }
     };
     let outcome = client.report_telemetry(request).await;
     producer.abort();
+    if let Some(w) = watcher {
+        w.abort();
+    }
     match outcome {
         Ok(_) => SessionEnd::Retry("the coordinator closed the telemetry stream".into()),
         Err(status) => classify(status),

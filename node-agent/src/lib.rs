@@ -16,3 +16,4 @@ pub mod fleet;
 pub mod metrics;
 pub mod perf;
 pub mod probe;
+pub mod replicas;

@@ -11,9 +11,11 @@ use talon_node_agent::calibrate;
 use talon_node_agent::config::{AgentConfig, Flags, ProbeKind};
 use talon_node_agent::fleet::FleetSpec;
 use talon_node_agent::metrics::AgentMetrics;
+use talon_node_agent::perf::Correction;
 use talon_node_agent::probe::nvml::NvmlProbe;
 use talon_node_agent::probe::sim::SimFleet;
 use talon_node_agent::probe::GpuProbe;
+use talon_node_agent::replicas::{ReplicaManager, SimulatedFactory};
 
 fn host_memory_bytes() -> u64 {
     std::fs::read_to_string("/proc/meminfo")
@@ -26,17 +28,30 @@ fn host_memory_bytes() -> u64 {
         .map_or(0, |kb| kb * 1024)
 }
 
+/// The probe, CPU cores, host memory, cost per hour and replica manager.
+type Opened = (
+    Arc<dyn GpuProbe>,
+    u32,
+    u64,
+    f64,
+    Option<Arc<ReplicaManager>>,
+);
+
 /// Opens the probe; exit status 2 for a bad spec, 1 for a missing driver.
-fn open_probe(config: &AgentConfig) -> Result<(Arc<dyn GpuProbe>, u32, u64, f64), (u8, String)> {
+fn open_probe(config: &AgentConfig) -> Result<Opened, (u8, String)> {
     match config.probe {
         ProbeKind::Nvml => {
             let probe = NvmlProbe::new().map_err(|e| (1, format!("NVML probe: {e}")))?;
             let cores = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
+            // Real GPUs run replicas through external engines, which need an
+            // engine command; until the agent is configured with one it
+            // runs none.
             Ok((
                 Arc::new(probe),
                 cores,
                 host_memory_bytes(),
                 config.cost_per_hour,
+                None,
             ))
         }
         ProbeKind::Simulated => {
@@ -47,17 +62,24 @@ fn open_probe(config: &AgentConfig) -> Result<(Arc<dyn GpuProbe>, u32, u64, f64)
             }
             .map_err(|e| (2, e.to_string()))?;
             let host = spec.host.clone();
-            let fleet = SimFleet::new(config.node_id(), spec).map_err(|e| (2, e.to_string()))?;
+            let fleet =
+                Arc::new(SimFleet::new(config.node_id(), spec).map_err(|e| (2, e.to_string()))?);
             let cost = if config.cost_per_hour > 0.0 {
                 config.cost_per_hour
             } else {
                 host.cost_per_hour
             };
+            let factory = SimulatedFactory {
+                fleet: fleet.clone(),
+                correction: Arc::new(Correction::default()),
+            };
+            let manager = Arc::new(ReplicaManager::new(Arc::new(factory)));
             Ok((
-                Arc::new(fleet),
+                fleet,
                 host.cpu_cores,
                 host.host_memory_gib << 30,
                 cost,
+                Some(manager),
             ))
         }
     }
@@ -73,7 +95,7 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let (probe, cpu_cores, host_memory_bytes, cost_per_hour) = match open_probe(&config) {
+    let (probe, cpu_cores, host_memory_bytes, cost_per_hour, replicas) = match open_probe(&config) {
         Ok(p) => p,
         Err((code, message)) => {
             eprintln!("talon-agent: {message}");
@@ -175,6 +197,7 @@ async fn main() -> ExitCode {
         host_memory_bytes,
         telemetry_interval: config.telemetry_interval_ms.map(Duration::from_millis),
         calibrations,
+        replicas,
     };
     let shutdown = async {
         let _ = tokio::signal::ctrl_c().await;

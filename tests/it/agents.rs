@@ -8,7 +8,9 @@ use std::time::Duration;
 use talon_node_agent::agent::{self, AgentSettings};
 use talon_node_agent::fleet::FleetSpec;
 use talon_node_agent::metrics::AgentMetrics;
+use talon_node_agent::perf::Correction;
 use talon_node_agent::probe::sim::SimFleet;
+use talon_node_agent::replicas::{ReplicaManager, SimulatedFactory};
 use tokio::sync::oneshot;
 
 use crate::harness::{bin, wait_for, Cluster, Proc};
@@ -30,6 +32,10 @@ fn spawn_agent(node_id: &str, gpus: &str, coordinators: Vec<String>) -> oneshot:
         host_memory_bytes: 256 << 30,
         telemetry_interval: None,
         calibrations: Vec::new(),
+        replicas: Some(Arc::new(ReplicaManager::new(Arc::new(SimulatedFactory {
+            fleet: fleet.clone(),
+            correction: Arc::new(Correction::default()),
+        })))),
     };
     let (tx, rx) = oneshot::channel::<()>();
     tokio::spawn(async move {

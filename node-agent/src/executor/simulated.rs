@@ -13,6 +13,8 @@ use crate::probe::sim::SimFleet;
 
 /// A replica of `model` on GPU `gpu` of a simulated fleet.
 pub struct SimulatedExecutor {
+    /// Name of this replica's load on the simulated GPU.
+    owner: String,
     model: String,
     shape: ModelShape,
     memory_bytes: u64,
@@ -44,11 +46,14 @@ impl SimulatedExecutor {
         gpu_type: &'static GpuType,
         correction: Arc<Correction>,
     ) -> Result<SimulatedExecutor, ExecError> {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let owner = format!("{model}#{}", NEXT.fetch_add(1, Ordering::Relaxed));
         let memory_bytes = memory_mib << 20;
         fleet
-            .set_load(gpu, memory_bytes, 0, 1)
+            .set_owner_load(gpu, &owner, memory_bytes, 0, 1)
             .map_err(|e| ExecError::Config(e.to_string()))?;
         Ok(SimulatedExecutor {
+            owner,
             model: model.to_string(),
             shape: ModelShape::from_memory_mib(memory_mib),
             memory_bytes,
@@ -115,7 +120,9 @@ impl SimulatedExecutor {
     fn set_utilization(&self, busy: bool) {
         let u = if busy { 95 } else { 0 };
         // The memory stays held while the replica is loaded.
-        let _ = self.fleet.set_load(self.gpu, self.memory_bytes, u, 1);
+        let _ = self
+            .fleet
+            .set_owner_load(self.gpu, &self.owner, self.memory_bytes, u, 1);
     }
 }
 
@@ -164,7 +171,7 @@ impl Executor for SimulatedExecutor {
 
     async fn stop(&self) {
         *self.state.lock().expect("state lock poisoned") = ReplicaState::Draining;
-        let _ = self.fleet.set_load(self.gpu, 0, 0, 0);
+        let _ = self.fleet.set_owner_load(self.gpu, &self.owner, 0, 0, 0);
     }
 }
 

@@ -8,6 +8,7 @@
 //! type's idle and peak, and the SM clock is the type's boost clock when
 //! busy. Nothing is random, so tests can assert exact values.
 
+use std::collections::BTreeMap;
 use std::sync::Mutex;
 
 use super::{GpuInfo, GpuProbe, GpuSample, Inventory, MigDeviceInfo, ProbeError};
@@ -26,7 +27,8 @@ struct Load {
 /// A host's simulated GPUs.
 pub struct SimFleet {
     inventory: Inventory,
-    loads: Mutex<Vec<Load>>,
+    /// Per GPU, the load each owner (a replica, or "manual") puts on it.
+    loads: Mutex<Vec<BTreeMap<String, Load>>>,
     peaks: Vec<(u32, u32)>,
     pub spec: FleetSpec,
 }
@@ -119,7 +121,7 @@ impl SimFleet {
                 peaks.push((gpu_type.idle_watts, gpu_type.power_watts));
             }
         }
-        let loads = Mutex::new(vec![Load::default(); gpus.len()]);
+        let loads = Mutex::new(vec![BTreeMap::new(); gpus.len()]);
         Ok(SimFleet {
             inventory: Inventory {
                 driver_version: "simulated".into(),
@@ -132,10 +134,23 @@ impl SimFleet {
     }
 
     /// Puts work on GPU `index`: memory it holds, utilization in percent,
-    /// processes running. Replaces what was set before.
+    /// processes running. Replaces what was set before with this call.
     pub fn set_load(
         &self,
         index: u32,
+        memory_bytes: u64,
+        utilization: u32,
+        processes: u32,
+    ) -> Result<(), ProbeError> {
+        self.set_owner_load(index, "manual", memory_bytes, utilization, processes)
+    }
+
+    /// Like [`Self::set_load`] for one owner (e.g. a replica): loads of
+    /// different owners on one GPU add up, and must fit its memory together.
+    pub fn set_owner_load(
+        &self,
+        index: u32,
+        owner: &str,
         memory_bytes: u64,
         utilization: u32,
         processes: u32,
@@ -148,22 +163,35 @@ impl SimFleet {
                 index,
                 message: format!("no such GPU; this host has {}", self.inventory.gpus.len()),
             })?;
-        if memory_bytes + IDLE_MEMORY_BYTES > gpu.memory_bytes {
+        let mut loads = self.loads.lock().expect("load lock poisoned");
+        let others: u64 = loads[index as usize]
+            .iter()
+            .filter(|(o, _)| *o != owner)
+            .map(|(_, l)| l.memory_bytes)
+            .sum();
+        if others + memory_bytes + IDLE_MEMORY_BYTES > gpu.memory_bytes {
             return Err(ProbeError::Device {
                 index,
                 message: format!(
-                    "{} bytes do not fit in {} bytes of GPU memory",
+                    "{} bytes do not fit: {} of {} bytes of GPU memory are free",
                     memory_bytes,
-                    gpu.memory_bytes - IDLE_MEMORY_BYTES
+                    gpu.memory_bytes.saturating_sub(IDLE_MEMORY_BYTES + others),
+                    gpu.memory_bytes
                 ),
             });
         }
-        let mut loads = self.loads.lock().expect("load lock poisoned");
-        loads[index as usize] = Load {
-            memory_bytes,
-            utilization: utilization.min(100),
-            processes,
-        };
+        if memory_bytes == 0 && utilization == 0 && processes == 0 {
+            loads[index as usize].remove(owner);
+        } else {
+            loads[index as usize].insert(
+                owner.to_string(),
+                Load {
+                    memory_bytes,
+                    utilization: utilization.min(100),
+                    processes,
+                },
+            );
+        }
         Ok(())
     }
 }
@@ -185,17 +213,19 @@ impl GpuProbe for SimFleet {
             .iter()
             .zip(loads.iter())
             .zip(&self.peaks)
-            .map(|((gpu, load), (idle, peak))| {
-                let u = load.utilization;
+            .map(|((gpu, owners), (idle, peak))| {
+                let u = owners.values().map(|l| l.utilization).sum::<u32>().min(100);
+                let memory: u64 = owners.values().map(|l| l.memory_bytes).sum();
+                let processes: u32 = owners.values().map(|l| l.processes).sum();
                 GpuSample {
                     index: gpu.index,
-                    memory_used_bytes: IDLE_MEMORY_BYTES + load.memory_bytes,
+                    memory_used_bytes: IDLE_MEMORY_BYTES + memory,
                     utilization: u,
                     temperature_c: 30 + u * 45 / 100,
                     power_watts: idle + (peak - idle) * u / 100,
                     sm_clock_mhz: if u > 0 { 1980 } else { 345 },
                     ecc_uncorrected: 0,
-                    processes: load.processes,
+                    processes,
                 }
             })
             .collect())

@@ -647,6 +647,7 @@ async fn b4(
                 host_memory_bytes: 512 << 30,
                 telemetry_interval: None,
                 calibrations: Vec::new(),
+                replicas: None,
             };
             let inventory = inventory_to_wire(&settings, "simulated", &fleet.inventory()?);
             agents.push((node_id, fleet, inventory));
@@ -702,6 +703,7 @@ async fn b4(
                         seq,
                         sampled_at_ms: 0,
                         gpus,
+                        replicas: Vec::new(),
                     };
                     if tx.send(report).await.is_err() {
                         break;

@@ -1,0 +1,162 @@
+//! The replicas this agent runs: converges to the assignments the leader
+//! streams (start what is new, stop what is gone) and reports each
+//! replica's state with the telemetry.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use talon_proto::v1 as pb;
+
+use crate::catalog;
+use crate::executor::simulated::SimulatedExecutor;
+use crate::executor::{ExecError, Executor};
+use crate::perf::Correction;
+use crate::probe::sim::SimFleet;
+
+/// Starts an executor for an assigned replica.
+pub trait ExecutorFactory: Send + Sync {
+    fn start(&self, replica: &pb::AssignedReplica) -> Result<Arc<dyn Executor>, ExecError>;
+}
+
+/// Replicas on a simulated fleet run on the simulated executor, whatever
+/// engine the model names.
+pub struct SimulatedFactory {
+    pub fleet: Arc<SimFleet>,
+    pub correction: Arc<Correction>,
+}
+
+impl ExecutorFactory for SimulatedFactory {
+    fn start(&self, r: &pb::AssignedReplica) -> Result<Arc<dyn Executor>, ExecError> {
+        use crate::probe::GpuProbe;
+        let inventory = self
+            .fleet
+            .inventory()
+            .map_err(|e| ExecError::Config(e.to_string()))?;
+        let gpu = inventory
+            .gpus
+            .iter()
+            .find(|g| g.index == r.gpu)
+            .ok_or_else(|| ExecError::Config(format!("this node has no GPU {}", r.gpu)))?;
+        let gpu_type = catalog::by_key(&gpu.gpu_type).ok_or_else(|| {
+            ExecError::Config(format!("GPU type {} is not in the catalog", gpu.gpu_type))
+        })?;
+        let exec = SimulatedExecutor::load(
+            &r.model,
+            r.memory_mib,
+            self.fleet.clone(),
+            r.gpu,
+            gpu_type,
+            self.correction.clone(),
+        )?;
+        Ok(Arc::new(exec))
+    }
+}
+
+enum Slot {
+    Running(Arc<dyn Executor>),
+    Failed(String),
+}
+
+/// The replicas running here.
+pub struct ReplicaManager {
+    factory: Arc<dyn ExecutorFactory>,
+    replicas: Mutex<HashMap<String, (pb::AssignedReplica, Slot)>>,
+}
+
+impl std::fmt::Debug for ReplicaManager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReplicaManager")
+            .field("replicas", &self.statuses())
+            .finish()
+    }
+}
+
+impl ReplicaManager {
+    pub fn new(factory: Arc<dyn ExecutorFactory>) -> ReplicaManager {
+        ReplicaManager {
+            factory,
+            replicas: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Converges to `assignments`: stops replicas no longer assigned (or
+    /// assigned differently), starts new ones.
+    pub async fn apply(&self, assignments: &pb::Assignments) {
+        let wanted: HashMap<&str, &pb::AssignedReplica> = assignments
+            .replicas
+            .iter()
+            .map(|r| (r.id.as_str(), r))
+            .collect();
+        let stopping: Vec<Arc<dyn Executor>> = {
+            let mut replicas = self.replicas.lock().expect("replica lock poisoned");
+            let gone: Vec<String> = replicas
+                .iter()
+                .filter(|(id, (spec, _))| wanted.get(id.as_str()).is_none_or(|w| *w != spec))
+                .map(|(id, _)| id.clone())
+                .collect();
+            gone.into_iter()
+                .filter_map(|id| match replicas.remove(&id) {
+                    Some((_, Slot::Running(e))) => Some(e),
+                    _ => None,
+                })
+                .collect()
+        };
+        for e in stopping {
+            e.stop().await;
+        }
+        for r in &assignments.replicas {
+            if self
+                .replicas
+                .lock()
+                .expect("replica lock poisoned")
+                .contains_key(&r.id)
+            {
+                continue;
+            }
+            let slot = match self.factory.start(r) {
+                Ok(e) => {
+                    tracing::info!(replica = %r.id, gpu = r.gpu, "replica started");
+                    Slot::Running(e)
+                }
+                Err(e) => {
+                    tracing::warn!(replica = %r.id, error = %e, "replica failed to start");
+                    Slot::Failed(e.to_string())
+                }
+            };
+            self.replicas
+                .lock()
+                .expect("replica lock poisoned")
+                .insert(r.id.clone(), (r.clone(), slot));
+        }
+    }
+
+    /// Every replica's state, for the telemetry report.
+    pub fn statuses(&self) -> Vec<pb::ReplicaStatus> {
+        let replicas = self.replicas.lock().expect("replica lock poisoned");
+        let mut out: Vec<pb::ReplicaStatus> = replicas
+            .iter()
+            .map(|(id, (_, slot))| match slot {
+                Slot::Running(e) => pb::ReplicaStatus {
+                    id: id.clone(),
+                    state: e.state().as_str().into(),
+                    message: String::new(),
+                },
+                Slot::Failed(why) => pb::ReplicaStatus {
+                    id: id.clone(),
+                    state: "failed".into(),
+                    message: why.clone(),
+                },
+            })
+            .collect();
+        out.sort_by(|a, b| a.id.cmp(&b.id));
+        out
+    }
+
+    /// The executor of a running replica (for serving requests).
+    pub fn executor(&self, id: &str) -> Option<Arc<dyn Executor>> {
+        match self.replicas.lock().expect("replica lock poisoned").get(id) {
+            Some((_, Slot::Running(e))) => Some(e.clone()),
+            _ => None,
+        }
+    }
+}
