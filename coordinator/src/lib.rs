@@ -22,6 +22,7 @@ pub mod agents;
 pub mod config;
 pub mod convert;
 pub mod error;
+pub mod gateway;
 pub mod http;
 pub mod leases;
 pub mod metrics;
@@ -123,6 +124,7 @@ pub async fn run(
         shutdown.await;
         let _ = stop_tx.send(true);
     });
+    let ctx_http = ctx.clone();
     let leases_task = tokio::spawn(leases::run(ctx.clone(), stop_rx.clone()));
     let reconciler_task = tokio::spawn(leases::run_reconciler(
         ctx.clone(),
@@ -149,8 +151,8 @@ pub async fn run(
         .add_service(AdminServiceServer::new(Admin::new(ctx.clone())))
         .add_service(AgentServiceServer::new(agents::AgentSvc::new(ctx)))
         .serve_with_incoming_shutdown(incoming, stopped(stop_rx.clone()));
-    let http_server = axum::serve(http, http::router(metrics, raft.clone()))
-        .with_graceful_shutdown(stopped(stop_rx));
+    let app = http::router(metrics, raft.clone()).merge(gateway::Gateway::new(ctx_http).router());
+    let http_server = axum::serve(http, app).with_graceful_shutdown(stopped(stop_rx));
 
     let (grpc_result, http_result) = tokio::join!(grpc_server, http_server);
     metrics_task.abort();

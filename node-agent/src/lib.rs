@@ -17,3 +17,4 @@ pub mod metrics;
 pub mod perf;
 pub mod probe;
 pub mod replicas;
+pub mod serve;

@@ -173,14 +173,7 @@ async fn main() -> ExitCode {
             .map(|a| a.to_string())
             .unwrap_or_else(|_| config.http_listen.to_string())
     });
-    let http_metrics = metrics.clone();
-    let app = axum::Router::new().route(
-        "/metrics",
-        axum::routing::get(move || {
-            let m = http_metrics.clone();
-            async move { m.encode() }
-        }),
-    );
+    let app = talon_node_agent::serve::router(metrics.clone(), replicas.clone());
     tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
             tracing::error!(error = %e, "metrics server stopped");

@@ -7,9 +7,10 @@ use std::sync::{Arc, Mutex};
 
 use talon_proto::v1 as pb;
 
+use crate::batcher::{Batcher, Limits, Priority};
 use crate::catalog;
 use crate::executor::simulated::SimulatedExecutor;
-use crate::executor::{ExecError, Executor};
+use crate::executor::{ExecError, Executor, InferRequest};
 use crate::perf::Correction;
 use crate::probe::sim::SimFleet;
 
@@ -52,9 +53,44 @@ impl ExecutorFactory for SimulatedFactory {
     }
 }
 
+type Answer = tokio::sync::oneshot::Sender<Result<serde_json::Value, ExecError>>;
+
+/// A running replica: its executor and the batcher in front of it.
+struct Running {
+    executor: Arc<dyn Executor>,
+    batcher: Batcher<(InferRequest, Answer)>,
+}
+
 enum Slot {
-    Running(Arc<dyn Executor>),
+    Running(Running),
     Failed(String),
+}
+
+/// Largest batch the agent forms for one replica, and the longest a request
+/// waits for company.
+const BATCH_LIMITS: Limits = Limits {
+    max_batch: 16,
+    max_wait_ms: 5,
+};
+
+fn running(executor: Arc<dyn Executor>) -> Running {
+    let predictor = executor.clone();
+    let serving = executor.clone();
+    let batcher = Batcher::start(
+        BATCH_LIMITS,
+        move |n| predictor.service_time(n),
+        move |batch: Vec<(InferRequest, Answer)>| {
+            let serving = serving.clone();
+            async move {
+                let (requests, answers): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
+                let results = serving.infer(requests).await;
+                for (answer, result) in answers.into_iter().zip(results) {
+                    let _ = answer.send(result);
+                }
+            }
+        },
+    );
+    Running { executor, batcher }
 }
 
 /// The replicas running here.
@@ -96,7 +132,7 @@ impl ReplicaManager {
                 .collect();
             gone.into_iter()
                 .filter_map(|id| match replicas.remove(&id) {
-                    Some((_, Slot::Running(e))) => Some(e),
+                    Some((_, Slot::Running(r))) => Some(r.executor),
                     _ => None,
                 })
                 .collect()
@@ -116,7 +152,7 @@ impl ReplicaManager {
             let slot = match self.factory.start(r) {
                 Ok(e) => {
                     tracing::info!(replica = %r.id, gpu = r.gpu, "replica started");
-                    Slot::Running(e)
+                    Slot::Running(running(e))
                 }
                 Err(e) => {
                     tracing::warn!(replica = %r.id, error = %e, "replica failed to start");
@@ -138,7 +174,7 @@ impl ReplicaManager {
             .map(|(id, (_, slot))| match slot {
                 Slot::Running(e) => pb::ReplicaStatus {
                     id: id.clone(),
-                    state: e.state().as_str().into(),
+                    state: e.executor.state().as_str().into(),
                     message: String::new(),
                 },
                 Slot::Failed(why) => pb::ReplicaStatus {
@@ -152,11 +188,31 @@ impl ReplicaManager {
         out
     }
 
-    /// The executor of a running replica (for serving requests).
-    pub fn executor(&self, id: &str) -> Option<Arc<dyn Executor>> {
-        match self.replicas.lock().expect("replica lock poisoned").get(id) {
-            Some((_, Slot::Running(e))) => Some(e.clone()),
-            _ => None,
+    /// Serves one request on replica `id` through its batcher.
+    pub async fn infer(
+        &self,
+        id: &str,
+        request: InferRequest,
+        priority: Priority,
+        deadline: tokio::time::Instant,
+    ) -> Result<serde_json::Value, ExecError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        {
+            let replicas = self.replicas.lock().expect("replica lock poisoned");
+            match replicas.get(id) {
+                Some((_, Slot::Running(r))) => {
+                    if !r.batcher.submit((request, tx), priority, deadline) {
+                        return Err(ExecError::NotReady("stopped"));
+                    }
+                }
+                Some((_, Slot::Failed(_))) => return Err(ExecError::NotReady("failed")),
+                None => {
+                    return Err(ExecError::Config(format!(
+                        "replica {id:?} does not run on this node"
+                    )))
+                }
+            }
         }
+        rx.await.unwrap_or(Err(ExecError::NotReady("stopped")))
     }
 }

@@ -7,4 +7,5 @@ mod agents;
 mod bad_input;
 mod cluster;
 mod executors;
+mod gateway;
 mod harness;

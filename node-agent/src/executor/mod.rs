@@ -87,6 +87,11 @@ pub enum ExecError {
 #[async_trait::async_trait]
 pub trait Executor: Send + Sync {
     fn state(&self) -> ReplicaState;
+    /// Predicted time to serve a batch of `n` typical requests, for the
+    /// batcher's deadline arithmetic (zero: the engine batches itself).
+    fn service_time(&self, _n: usize) -> std::time::Duration {
+        std::time::Duration::ZERO
+    }
     /// Serves a batch; one answer per request, in order.
     async fn infer(&self, batch: Vec<InferRequest>) -> Vec<Result<Value, ExecError>>;
     /// Stops the replica and releases its GPUs.

@@ -143,6 +143,14 @@ impl Executor for SimulatedExecutor {
         *self.state.lock().expect("state lock poisoned")
     }
 
+    fn service_time(&self, n: usize) -> Duration {
+        let probe = InferRequest {
+            endpoint: Endpoint::ChatCompletions,
+            body: json!({"messages": [{"role": "user", "content": "x ".repeat(512)}], "max_tokens": DEFAULT_OUTPUT_TOKENS}),
+        };
+        self.predict(&vec![probe; n.max(1)])
+    }
+
     async fn infer(&self, batch: Vec<InferRequest>) -> Vec<Result<Value, ExecError>> {
         let state = self.state();
         if state != ReplicaState::Ready {

@@ -1,0 +1,118 @@
+//! The OpenAI-compatible gateway end to end: a coordinator and a simulated
+//! agent (real processes), a registered model placed by the reconciler, and
+//! the official OpenAI Python client (installed from PyPI into a virtualenv
+//! under the target directory) for chat, streaming and embeddings.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use crate::harness::{bin_dir, free_port, wait_for, Cluster, Proc};
+
+const TOKEN: &str = "it-join-token-0123456789";
+
+/// A virtualenv with the `openai` package, made once per target directory.
+fn openai_python() -> PathBuf {
+    let venv = bin_dir().join("openai-venv");
+    let python = venv.join("bin/python");
+    let ready = Command::new(&python)
+        .args(["-c", "import openai"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ready {
+        let made = Command::new("python3")
+            .arg("-m")
+            .arg("venv")
+            .arg(&venv)
+            .status()
+            .expect("python3 -m venv");
+        assert!(
+            made.success(),
+            "could not create a virtualenv at {}",
+            venv.display()
+        );
+        let installed = Command::new(&python)
+            .args(["-m", "pip", "install", "--quiet", "openai"])
+            .status()
+            .expect("pip install openai");
+        assert!(installed.success(), "pip install openai failed");
+    }
+    python
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openai_python_client_chat_stream_embeddings() {
+    let python = tokio::task::spawn_blocking(openai_python)
+        .await
+        .expect("venv");
+    let cluster = Cluster::form(1, &["--join-token", TOKEN]).await;
+    let grpc = cluster.nodes[0].grpc.clone();
+    let agent_http = format!("127.0.0.1:{}", free_port());
+    let _agent = Proc::spawn(
+        "talon-agent",
+        &[
+            "--node-id",
+            "gw-1",
+            "--coordinators",
+            &grpc,
+            "--join-token",
+            TOKEN,
+            "--sim-gpus",
+            "h100-sxm:1,l4:1",
+            "--http-listen",
+            &agent_http,
+        ],
+    );
+    let client = cluster.client();
+    wait_for("the agent", Duration::from_secs(20), || async {
+        client.get_node("gw-1").await.ok()
+    })
+    .await;
+    let spec = talon_client::ModelSpec {
+        name: "demo".into(),
+        version: "v1".into(),
+        engine: "simulated".into(),
+        artifact_uri: "file:///models/demo".into(),
+        memory_mib: 8_000,
+        latency_slo_ms: 1_000,
+        min_replicas: 2,
+        max_replicas: 2,
+        priority: "normal".into(),
+        labels: Default::default(),
+    };
+    client.create_model(spec).await.expect("model");
+    wait_for("2 ready replicas", Duration::from_secs(20), || async {
+        let list = client.list_replicas("demo").await.ok()?;
+        (list.replicas.len() == 2 && list.replicas.iter().all(|r| r.state == "ready")).then_some(())
+    })
+    .await;
+
+    let base_url = format!("http://{}/v1", cluster.nodes[0].http);
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(python)
+            .arg(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/python/openai_client.py"
+            ))
+            .args([&base_url, "demo"])
+            .output()
+            .expect("run python")
+    })
+    .await
+    .expect("python");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for check in [
+        "models ok",
+        "chat ok",
+        "stream ok",
+        "embeddings ok",
+        "unknown model ok",
+    ] {
+        assert!(stdout.contains(check), "{check} missing: {stdout}");
+    }
+}
