@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs Talon locally: one coordinator (a one-node Raft cluster, state in
-# ./talon-data) and one node agent. The agent uses the real GPUs when NVML
+# ./talon-data, OpenAI-compatible API on :7480) and one node agent, with a
+# demo model whose replicas the agent serves. The agent uses the real GPUs when NVML
 # works on this host, and otherwise a simulated mixed fleet (H100s with MIG,
 # A100s, L4s). Ctrl-C stops both. `talon up` (one process) will replace this.
 set -euo pipefail
@@ -29,6 +30,10 @@ for _ in $(seq 100); do
   "$bin/talon" node list >/dev/null 2>&1 && break
   sleep 0.1
 done
-echo "talon: coordinator gRPC 127.0.0.1:7400, metrics http://127.0.0.1:7480/metrics; agent metrics http://127.0.0.1:7481/metrics"
-echo "talon: try: $bin/talon node list    $bin/talon cluster status"
+# A demo model: the reconciler places two replicas, the agent runs them.
+"$bin/talon" model get demo >/dev/null 2>&1 || "$bin/talon" model create demo --version v1 --engine simulated \
+  --artifact file:///models/demo --memory-mib 8000 --latency-slo-ms 1000 --min-replicas 2 --max-replicas 2 >/dev/null
+echo "talon: OpenAI-compatible API at http://127.0.0.1:7480/v1 (model \"demo\"); admin gRPC 127.0.0.1:7400"
+echo "talon: try: curl -s 127.0.0.1:7480/v1/chat/completions -H 'content-type: application/json' -d '{\"model\":\"demo\",\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}]}'"
+echo "talon:      $bin/talon node list    $bin/talon replica list    $bin/talon cluster status"
 wait "$coordinator"
