@@ -13,6 +13,9 @@
 //! # Ok(()) }
 //! ```
 
+#[cfg(feature = "up")]
+pub mod up;
+
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};

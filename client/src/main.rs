@@ -52,6 +52,10 @@ enum Command {
     /// Where the reconciler placed model replicas.
     #[command(subcommand)]
     Replica(ReplicaCmd),
+    /// Run Talon here, in this process: a coordinator, simulated GPU hosts
+    /// and a demo model, serving the OpenAI-compatible API.
+    #[cfg(feature = "up")]
+    Up(talon_client::up::UpArgs),
 }
 
 #[derive(Subcommand)]
@@ -618,6 +622,8 @@ async fn execute(cli: Cli) -> Result<(), ClientError> {
                 print_node(&node);
             }
         }
+        #[cfg(feature = "up")]
+        Command::Up(_) => unreachable!("handled above"),
         Command::Replica(ReplicaCmd::List { model }) => {
             let list = client.list_replicas(&model).await?;
             if json {
@@ -690,6 +696,19 @@ async fn execute(cli: Cli) -> Result<(), ClientError> {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
+    #[cfg(feature = "up")]
+    let cli = match cli.command {
+        Command::Up(args) => {
+            return match talon_client::up::run(args).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("talon up: {e:#}");
+                    ExitCode::from(1)
+                }
+            };
+        }
+        command => Cli { command, ..cli },
+    };
     match execute(cli).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e @ (ClientError::NoEndpoints | ClientError::BadEndpoint { .. })) => {

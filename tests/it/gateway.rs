@@ -116,3 +116,71 @@ async fn openai_python_client_chat_stream_embeddings() {
         assert!(stdout.contains(check), "{check} missing: {stdout}");
     }
 }
+
+/// POSTs `body` to `http://addr/path` and returns the status line and body.
+fn post(addr: &str, path: &str, body: &str) -> Option<(String, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        s,
+        "POST {path} HTTP/1.0\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    let (head, body) = out.split_once("\r\n\r\n")?;
+    Some((head.lines().next()?.to_string(), body.to_string()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn talon_up_serves_a_demo_model_from_one_process() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (grpc, http) = (
+        format!("127.0.0.1:{}", free_port()),
+        format!("127.0.0.1:{}", free_port()),
+    );
+    let data = dir.path().join("data");
+    let _up = Proc::spawn(
+        "talon",
+        &[
+            "up",
+            "--data-dir",
+            data.to_str().expect("utf-8"),
+            "--listen",
+            &grpc,
+            "--http-listen",
+            &http,
+            "--host",
+            "l4:1",
+            "--host",
+            "h100-sxm:1",
+        ],
+    );
+    let body = r#"{"model":"demo","messages":[{"role":"user","content":"hello"}],"max_tokens":3}"#;
+    let (status, answer) = wait_for(
+        "a chat completion from talon up",
+        Duration::from_secs(60),
+        || {
+            let http = http.clone();
+            async move {
+                tokio::task::spawn_blocking(move || post(&http, "/v1/chat/completions", body))
+                    .await
+                    .ok()
+                    .flatten()
+                    .filter(|(status, _)| status.contains(" 200 "))
+            }
+        },
+    )
+    .await;
+    assert!(status.contains("200"), "{status}");
+    let answer: serde_json::Value = serde_json::from_str(&answer).expect("json");
+    assert_eq!(answer["usage"]["completion_tokens"], 3, "{answer}");
+    let nodes = talon_client::Client::pinned(grpc)
+        .expect("client")
+        .list_nodes()
+        .await
+        .expect("nodes");
+    assert_eq!(nodes.len(), 2, "one simulated host per --host");
+}

@@ -1,0 +1,148 @@
+//! `talon up`: Talon on one machine, in one process: a coordinator with
+//! embedded storage (a one-node Raft cluster), simulated node agents for a
+//! mixed fleet, and a demo model whose replicas they serve. It prints the
+//! endpoint to call and runs until Ctrl-C.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use talon_coordinator::config::Config;
+use talon_node_agent::agent::{self, AgentSettings};
+use talon_node_agent::fleet::FleetSpec;
+use talon_node_agent::metrics::AgentMetrics;
+use talon_node_agent::perf::Correction;
+use talon_node_agent::probe::sim::SimFleet;
+use talon_node_agent::replicas::{ReplicaManager, SimulatedFactory};
+
+use crate::{Client, ModelSpec};
+
+/// What `talon up` starts.
+#[derive(Debug, clap::Args)]
+pub struct UpArgs {
+    /// Where the coordinator keeps its state.
+    #[arg(long, default_value = "talon-data")]
+    pub data_dir: std::path::PathBuf,
+    /// gRPC (admin API).
+    #[arg(long, default_value = "127.0.0.1:7400")]
+    pub listen: std::net::SocketAddr,
+    /// HTTP: the OpenAI-compatible API and /metrics.
+    #[arg(long, default_value = "127.0.0.1:7480")]
+    pub http_listen: std::net::SocketAddr,
+    /// One simulated host per value (fleet spec of talon-agent --sim-gpus).
+    #[arg(long = "host", default_values = ["h100-sxm:2:mig=3g.40gb+3g.40gb", "a100-80gb:2", "l4:2"])]
+    pub hosts: Vec<String>,
+    /// Replicas of the demo model.
+    #[arg(long, default_value_t = 2)]
+    pub demo_replicas: u32,
+}
+
+/// Runs until Ctrl-C.
+pub async fn run(args: UpArgs) -> anyhow::Result<()> {
+    let token = format!(
+        "talon-up-{:016x}",
+        (std::process::id() as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15)
+    );
+    let mut config = Config {
+        node_id: 1,
+        data_dir: args.data_dir.clone(),
+        listen: args.listen,
+        http_listen: args.http_listen,
+        bootstrap: true,
+        ..Config::default()
+    };
+    config.agents.join_token = token.clone();
+    config.validate()?;
+    let grpc = tokio::net::TcpListener::bind(args.listen).await?;
+    let http = tokio::net::TcpListener::bind(args.http_listen).await?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let coordinator = tokio::spawn(talon_coordinator::run(
+        grpc,
+        http,
+        config,
+        stopped(stop_rx.clone()),
+    ));
+
+    let endpoint = args.listen.to_string();
+    for (i, spec) in args.hosts.iter().enumerate() {
+        let node_id = format!("sim-{i}");
+        let fleet = Arc::new(SimFleet::new(&node_id, FleetSpec::from_flag(spec)?)?);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?.to_string();
+        let metrics = Arc::new(AgentMetrics::new());
+        let factory = SimulatedFactory {
+            fleet: fleet.clone(),
+            correction: Arc::new(Correction::default()),
+        };
+        let replicas = Arc::new(ReplicaManager::new(Arc::new(factory)));
+        let app = talon_node_agent::serve::router(metrics.clone(), Some(replicas.clone()));
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let host = fleet.spec.host.clone();
+        let settings = AgentSettings {
+            node_id,
+            addr,
+            coordinators: vec![endpoint.clone()],
+            join_token: token.clone(),
+            labels: Default::default(),
+            cost_per_hour: host.cost_per_hour,
+            cpu_cores: host.cpu_cores,
+            host_memory_bytes: host.host_memory_gib << 30,
+            telemetry_interval: None,
+            calibrations: Vec::new(),
+            replicas: Some(replicas),
+        };
+        tokio::spawn(agent::run(
+            settings,
+            fleet,
+            metrics,
+            stopped(stop_rx.clone()),
+        ));
+    }
+
+    let client = Client::new([endpoint.clone()])?
+        .with_timeout(Duration::from_secs(10))
+        .with_actor("talon-up");
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    let mut waited = 0;
+    while client
+        .cluster_status()
+        .await
+        .map(|s| s.leader_id.is_none())
+        .unwrap_or(true)
+    {
+        tick.tick().await;
+        waited += 1;
+        anyhow::ensure!(waited < 300, "the coordinator did not start within 30 s");
+    }
+    if client.get_model("demo", false).await.is_err() {
+        let spec = ModelSpec {
+            name: "demo".into(),
+            version: "v1".into(),
+            engine: "simulated".into(),
+            artifact_uri: "file:///models/demo".into(),
+            memory_mib: 8_000,
+            latency_slo_ms: 1_000,
+            min_replicas: args.demo_replicas,
+            max_replicas: args.demo_replicas.max(1),
+            priority: "normal".into(),
+            labels: Default::default(),
+        };
+        client.create_model(spec).await?;
+    }
+    println!(
+        "talon up: {} simulated host(s) ({})",
+        args.hosts.len(),
+        args.hosts.join("; ")
+    );
+    println!("talon up: OpenAI-compatible API at http://{}/v1 (model \"demo\"), admin gRPC at {endpoint}", args.http_listen);
+    println!(
+        "talon up: curl -s http://{}/v1/chat/completions -H 'content-type: application/json' -d '{{\"model\":\"demo\",\"messages\":[{{\"role\":\"user\",\"content\":\"hi\"}}]}}'",
+        args.http_listen
+    );
+    tokio::signal::ctrl_c().await?;
+    let _ = stop_tx.send(true);
+    coordinator.await??;
+    Ok(())
+}
