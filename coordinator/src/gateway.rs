@@ -8,7 +8,9 @@
 //! which has none, tries every placed replica). A request goes to the ready
 //! replica with the fewest requests in flight from this gateway, and is
 //! retried on the next one if its agent cannot be reached or answers that
-//! the replica is not ready. No ready replica: 503 with `Retry-After`.
+//! the replica is not ready; when none is ready (a node was lost and its
+//! replicas are moving) it waits for one until its deadline
+//! (`x-talon-deadline-ms`, else 30 s), then answers 503 with `Retry-After`.
 //!
 //! Streaming: the answer is fetched whole from the replica, then sent as
 //! chunks; a failure before the first chunk is retried like any request.
@@ -30,6 +32,8 @@ use crate::admin::AdminContext;
 
 /// Longest a request may take end to end unless it says otherwise.
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long a request waits for a ready replica unless it gives a deadline.
+const DEFAULT_WAIT: Duration = Duration::from_secs(30);
 
 #[derive(Clone)]
 pub struct Gateway {
@@ -98,17 +102,21 @@ async fn models(State(g): State<Gateway>) -> Response {
 }
 
 /// (replica id, agent address) candidates for `model`, best first.
-fn candidates(g: &Gateway, model: &str) -> Result<Vec<(String, String)>, Response> {
+/// Err: the response to give, and whether waiting could change it.
+fn candidates(g: &Gateway, model: &str) -> Result<Vec<(String, String)>, (Response, bool)> {
     let applied = g.ctx.state.read().expect("state lock poisoned");
     if !applied.state.models.contains_key(model) {
         let known: Vec<&str> = applied.state.models.keys().map(String::as_str).collect();
-        return Err(error(
-            StatusCode::NOT_FOUND,
-            "model_not_found",
-            format!(
-                "model {model:?} does not exist; registered models: {}",
-                known.join(", ")
+        return Err((
+            error(
+                StatusCode::NOT_FOUND,
+                "model_not_found",
+                format!(
+                    "model {model:?} does not exist; registered models: {}",
+                    known.join(", ")
+                ),
             ),
+            false,
         ));
     }
     let leader = g.ctx.is_leader();
@@ -140,9 +148,8 @@ fn candidates(g: &Gateway, model: &str) -> Result<Vec<(String, String)>, Respons
         } else {
             states.join(", ")
         };
-        return Err(unavailable(format!(
-            "model {model:?} has no ready replica ({placed}); retry shortly"
-        )));
+        let message = format!("model {model:?} has no ready replica ({placed}); retry shortly");
+        return Err((unavailable(message), true));
     }
     out.sort();
     Ok(out.into_iter().map(|(_, id, addr)| (id, addr)).collect())
@@ -162,8 +169,50 @@ async fn forward(
             "the request has no \"model\"; name a registered model".into(),
         ));
     };
+    // A request waits for a ready replica (one may be moving after a node
+    // loss) until its deadline: `x-talon-deadline-ms`, else 30 s.
+    let budget = headers
+        .get("x-talon-deadline-ms")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .map_or(DEFAULT_WAIT, Duration::from_millis);
+    let deadline = tokio::time::Instant::now() + budget;
+    let mut pause = tokio::time::interval(Duration::from_millis(200));
+    loop {
+        let last = match try_replicas(g, path, headers, body, model).await {
+            Ok(answer) => return Ok(answer),
+            Err(Attempt::Final(response)) => return Err(response),
+            Err(Attempt::Retry(response)) => response,
+        };
+        if tokio::time::Instant::now() >= deadline {
+            return Err(last);
+        }
+        pause.tick().await;
+    }
+}
+
+/// How one pass over the replicas ended.
+enum Attempt {
+    /// Give this answer now.
+    Final(Response),
+    /// Nothing answered; this is the answer if waiting does not help.
+    Retry(Response),
+}
+
+async fn try_replicas(
+    g: &Gateway,
+    path: &str,
+    headers: &HeaderMap,
+    body: &Value,
+    model: &str,
+) -> Result<Value, Attempt> {
+    let replicas = match candidates(g, model) {
+        Ok(r) => r,
+        Err((response, true)) => return Err(Attempt::Retry(response)),
+        Err((response, false)) => return Err(Attempt::Final(response)),
+    };
     let mut last = String::new();
-    for (replica, addr) in candidates(g, model)? {
+    for (replica, addr) in replicas {
         let counter = g.counter(&replica);
         counter.fetch_add(1, Ordering::Relaxed);
         let mut request = g
@@ -190,16 +239,15 @@ async fn forward(
                     .json()
                     .await
                     .unwrap_or_else(|_| json!({"error": {"message": "bad request"}}));
-                return Err((status, Json(body)).into_response());
+                return Err(Attempt::Final((status, Json(body)).into_response()));
             }
             Ok(r) => last = format!("replica {replica} answered {}", r.status()),
             Err(e) => last = format!("replica {replica} at {addr} cannot be reached: {e}"),
         }
         tracing::warn!(%replica, error = %last, "retrying on another replica");
     }
-    Err(unavailable(format!(
-        "every replica of {model:?} failed; last: {last}"
-    )))
+    let message = format!("every replica of {model:?} failed; last: {last}");
+    Err(Attempt::Retry(unavailable(message)))
 }
 
 /// The answer as server-sent events in OpenAI's chunk format.

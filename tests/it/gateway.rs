@@ -121,7 +121,7 @@ async fn openai_python_client_chat_stream_embeddings() {
 fn post(addr: &str, path: &str, body: &str) -> Option<(String, String)> {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(addr).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(30))).ok()?;
     write!(
         s,
         "POST {path} HTTP/1.0\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
@@ -183,4 +183,137 @@ async fn talon_up_serves_a_demo_model_from_one_process() {
         .await
         .expect("nodes");
     assert_eq!(nodes.len(), 2, "one simulated host per --host");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_killed_under_load_loses_no_request() {
+    let args = [
+        "--join-token",
+        TOKEN,
+        "--telemetry-interval-ms",
+        "200",
+        "--suspect-after-ms",
+        "1000",
+        "--down-after-ms",
+        "2500",
+    ];
+    let cluster = Cluster::form(1, &args).await;
+    let grpc = cluster.nodes[0].grpc.clone();
+    let http = cluster.nodes[0].http.clone();
+    let mut agents: Vec<(String, Proc)> = ["n1", "n2"]
+        .iter()
+        .map(|id| {
+            let listen = format!("127.0.0.1:{}", free_port());
+            let agent = Proc::spawn(
+                "talon-agent",
+                &[
+                    "--node-id",
+                    id,
+                    "--coordinators",
+                    &grpc,
+                    "--join-token",
+                    TOKEN,
+                    "--sim-gpus",
+                    "h100-sxm:1",
+                    "--http-listen",
+                    &listen,
+                    "--telemetry-interval-ms",
+                    "200",
+                ],
+            );
+            (id.to_string(), agent)
+        })
+        .collect();
+    let client = cluster.client();
+    wait_for("two ready nodes", Duration::from_secs(20), || async {
+        let nodes = client.list_nodes().await.ok()?;
+        (nodes.iter().filter(|n| n.state == "ready").count() == 2).then_some(())
+    })
+    .await;
+    let spec = talon_client::ModelSpec {
+        name: "demo".into(),
+        version: "v1".into(),
+        engine: "simulated".into(),
+        artifact_uri: "file:///models/demo".into(),
+        memory_mib: 8_000,
+        latency_slo_ms: 1_000,
+        min_replicas: 2,
+        max_replicas: 2,
+        priority: "normal".into(),
+        labels: Default::default(),
+    };
+    client.create_model(spec).await.expect("model");
+    let placed = wait_for("2 ready replicas", Duration::from_secs(20), || async {
+        let list = client.list_replicas("demo").await.ok()?;
+        (list.replicas.len() == 2 && list.replicas.iter().all(|r| r.state == "ready"))
+            .then_some(list)
+    })
+    .await;
+
+    // Four clients send requests back to back while the node that runs a
+    // replica is killed.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let served = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let body =
+        r#"{"model":"demo","messages":[{"role":"user","content":"under load"}],"max_tokens":2}"#;
+    let load: Vec<_> = (0..4)
+        .map(|_| {
+            let (http, stop, served) = (http.clone(), stop.clone(), served.clone());
+            std::thread::spawn(move || {
+                let (mut ok, mut failed) = (0u32, Vec::new());
+                while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    match post(&http, "/v1/chat/completions", body) {
+                        Some((status, _)) if status.contains(" 200 ") => {
+                            ok += 1;
+                            served.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        }
+                        other => failed.push(format!("{other:?}")),
+                    }
+                }
+                (ok, failed)
+            })
+        })
+        .collect();
+    let victim = placed.replicas[0].node_id.clone();
+    let survivor = if victim == "n1" { "n2" } else { "n1" };
+    let count = || served.load(std::sync::atomic::Ordering::SeqCst);
+    wait_for("requests flowing", Duration::from_secs(20), || async {
+        (count() >= 20).then_some(())
+    })
+    .await;
+    agents
+        .iter_mut()
+        .find(|(id, _)| *id == victim)
+        .expect("victim")
+        .1
+        .kill();
+    wait_for(
+        "the replicas to serve from the surviving node",
+        Duration::from_secs(30),
+        || async {
+            let list = client.list_replicas("demo").await.ok()?;
+            (list.replicas.len() == 2
+                && list
+                    .replicas
+                    .iter()
+                    .all(|r| r.node_id == survivor && r.state == "ready"))
+            .then_some(())
+        },
+    )
+    .await;
+    let after = count();
+    wait_for(
+        "requests served after the move",
+        Duration::from_secs(20),
+        || async { (count() >= after + 20).then_some(()) },
+    )
+    .await;
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let mut total = 0;
+    for handle in load {
+        let (ok, failed) = handle.join().expect("load thread");
+        assert!(failed.is_empty(), "requests failed: {failed:?}");
+        total += ok;
+    }
+    assert!(total >= 40, "too little load to show anything: {total}");
 }
