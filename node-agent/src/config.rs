@@ -44,6 +44,13 @@ pub struct AgentConfig {
     pub cost_per_hour: f64,
     /// Run the CUDA calibration at start (real GPUs only).
     pub calibrate: bool,
+    /// Command template of the inference engine that serves replicas, e.g.
+    /// `vllm serve {artifact} --served-model-name {model} --port {port}`.
+    /// Unset: replicas run on the simulated executor (simulated fleets) or
+    /// not at all (real GPUs).
+    pub engine_command: Option<String>,
+    /// Directory for the engines' logs.
+    pub engine_log_dir: PathBuf,
 }
 
 impl Default for AgentConfig {
@@ -62,6 +69,8 @@ impl Default for AgentConfig {
             labels: BTreeMap::new(),
             cost_per_hour: 0.0,
             calibrate: true,
+            engine_command: None,
+            engine_log_dir: PathBuf::from("talon-engine-logs"),
         }
     }
 }
@@ -107,6 +116,11 @@ pub struct Flags {
     pub cost_per_hour: Option<f64>,
     #[arg(long, env = "TALON_CALIBRATE", num_args = 0..=1, default_missing_value = "true")]
     pub calibrate: Option<bool>,
+    /// Inference engine command template ({model}, {artifact}, {port}, {gpus}).
+    #[arg(long, env = "TALON_ENGINE_COMMAND")]
+    pub engine_command: Option<String>,
+    #[arg(long, env = "TALON_ENGINE_LOG_DIR")]
+    pub engine_log_dir: Option<PathBuf>,
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {
@@ -197,6 +211,12 @@ impl AgentConfig {
         if let Some(v) = flags.calibrate {
             c.calibrate = v;
         }
+        if let Some(v) = &flags.engine_command {
+            c.engine_command = Some(v.clone());
+        }
+        if let Some(v) = &flags.engine_log_dir {
+            c.engine_log_dir = v.clone();
+        }
         if let Some(path) = &c.join_token_file {
             let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
                 path: path.clone(),
@@ -269,6 +289,10 @@ impl AgentConfig {
             if ms < 10 {
                 return bad(format!("telemetry_interval_ms is {ms}; use 10 or more"));
             }
+        }
+        if let Some(template) = &self.engine_command {
+            crate::executor::external::CommandTemplate::parse(template)
+                .map_err(|m| ConfigError::Invalid(format!("engine_command: {m}")))?;
         }
         if !(self.cost_per_hour.is_finite() && self.cost_per_hour >= 0.0) {
             return bad(format!(

@@ -9,13 +9,14 @@ use clap::Parser;
 use talon_node_agent::agent::{self, AgentSettings};
 use talon_node_agent::calibrate;
 use talon_node_agent::config::{AgentConfig, Flags, ProbeKind};
+use talon_node_agent::executor::external::{CommandTemplate, EngineSettings};
 use talon_node_agent::fleet::FleetSpec;
 use talon_node_agent::metrics::AgentMetrics;
 use talon_node_agent::perf::Correction;
 use talon_node_agent::probe::nvml::NvmlProbe;
 use talon_node_agent::probe::sim::SimFleet;
 use talon_node_agent::probe::GpuProbe;
-use talon_node_agent::replicas::{ReplicaManager, SimulatedFactory};
+use talon_node_agent::replicas::{EngineFactory, ReplicaManager, SimulatedFactory};
 
 fn host_memory_bytes() -> u64 {
     std::fs::read_to_string("/proc/meminfo")
@@ -108,6 +109,31 @@ async fn main() -> ExitCode {
             eprintln!("talon-agent: GPU inventory: {e}");
             return ExitCode::from(1);
         }
+    };
+    // An engine command makes replicas run as engine processes, on real or
+    // simulated GPUs alike.
+    let replicas = match &config.engine_command {
+        Some(template) => {
+            let template = match CommandTemplate::parse(template) {
+                Ok(t) => t,
+                Err(e) => {
+                    eprintln!("talon-agent: engine_command: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let factory = EngineFactory {
+                template,
+                gpu_uuids: inventory
+                    .gpus
+                    .iter()
+                    .map(|g| (g.index, g.uuid.clone()))
+                    .collect(),
+                log_dir: config.engine_log_dir.clone(),
+                settings: EngineSettings::default(),
+            };
+            Some(Arc::new(ReplicaManager::new(Arc::new(factory))))
+        }
+        None => replicas,
     };
     let calibrations = if config.probe == ProbeKind::Nvml && config.calibrate {
         let mig: Vec<bool> = inventory.gpus.iter().map(|g| g.mig_enabled).collect();

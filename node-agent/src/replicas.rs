@@ -61,6 +61,44 @@ struct Running {
     batcher: Batcher<(InferRequest, Answer)>,
 }
 
+/// Replicas run as external engine processes from a command template,
+/// pinned to their GPU with `CUDA_VISIBLE_DEVICES`.
+pub struct EngineFactory {
+    pub template: crate::executor::external::CommandTemplate,
+    /// GPU index → uuid, from the inventory.
+    pub gpu_uuids: HashMap<u32, String>,
+    pub log_dir: std::path::PathBuf,
+    pub settings: crate::executor::external::EngineSettings,
+}
+
+impl ExecutorFactory for EngineFactory {
+    fn start(&self, r: &pb::AssignedReplica) -> Result<Arc<dyn Executor>, ExecError> {
+        use crate::executor::external::{ExternalEngine, Placeholders};
+        let gpus = self
+            .gpu_uuids
+            .get(&r.gpu)
+            .cloned()
+            .ok_or_else(|| ExecError::Config(format!("this node has no GPU {}", r.gpu)))?;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map_err(|e| ExecError::Config(format!("no free port for the engine: {e}")))?
+            .port();
+        let placeholders = Placeholders {
+            model: r.model.clone(),
+            artifact: r.artifact_uri.clone(),
+            port,
+            gpus,
+        };
+        let engine = ExternalEngine::start(
+            &self.template,
+            placeholders,
+            self.settings.clone(),
+            &self.log_dir,
+        )?;
+        Ok(Arc::new(engine))
+    }
+}
+
 enum Slot {
     Running(Running),
     Failed(String),

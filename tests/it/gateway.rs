@@ -317,3 +317,76 @@ async fn agent_killed_under_load_loses_no_request() {
     }
     assert!(total >= 40, "too little load to show anything: {total}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_reaches_an_external_engine_run_by_the_agent() {
+    let cluster = Cluster::form(1, &["--join-token", TOKEN]).await;
+    let grpc = cluster.nodes[0].grpc.clone();
+    let engine = format!(
+        "{} --port {{port}} --model {{model}}",
+        crate::harness::bin("talon-fake-engine").display()
+    );
+    let logs = tempfile::tempdir().expect("temp dir");
+    let listen = format!("127.0.0.1:{}", free_port());
+    let _agent = Proc::spawn(
+        "talon-agent",
+        &[
+            "--node-id",
+            "eng-1",
+            "--coordinators",
+            &grpc,
+            "--join-token",
+            TOKEN,
+            "--sim-gpus",
+            "l4:1",
+            "--http-listen",
+            &listen,
+            "--engine-command",
+            &engine,
+            "--engine-log-dir",
+            logs.path().to_str().expect("utf-8"),
+        ],
+    );
+    let client = cluster.client();
+    wait_for("the agent", Duration::from_secs(20), || async {
+        client.get_node("eng-1").await.ok()
+    })
+    .await;
+    let spec = talon_client::ModelSpec {
+        name: "tiny".into(),
+        version: "v1".into(),
+        engine: "vllm".into(),
+        artifact_uri: "file:///models/tiny".into(),
+        memory_mib: 4_000,
+        latency_slo_ms: 1_000,
+        min_replicas: 1,
+        max_replicas: 1,
+        priority: "normal".into(),
+        labels: Default::default(),
+    };
+    client.create_model(spec).await.expect("model");
+    wait_for(
+        "the engine replica ready",
+        Duration::from_secs(30),
+        || async {
+            let list = client.list_replicas("tiny").await.ok()?;
+            (list.replicas.len() == 1 && list.replicas[0].state == "ready").then_some(())
+        },
+    )
+    .await;
+    let http = cluster.nodes[0].http.clone();
+    let body = r#"{"model":"tiny","messages":[{"role":"user","content":"hello there"}]}"#;
+    let (status, answer) =
+        tokio::task::spawn_blocking(move || post(&http, "/v1/chat/completions", body))
+            .await
+            .expect("post")
+            .expect("answer");
+    assert!(status.contains(" 200 "), "{status}: {answer}");
+    assert!(answer.contains("echo(2 words): hello there"), "{answer}");
+    // The engine was pinned to the node's GPU.
+    let log = std::fs::read_dir(logs.path())
+        .expect("log dir")
+        .filter_map(|e| std::fs::read_to_string(e.ok()?.path()).ok())
+        .collect::<String>();
+    assert!(log.contains("CUDA_VISIBLE_DEVICES=GPU-"), "{log}");
+}

@@ -238,13 +238,25 @@ async fn supervise(
             Ok((a, b)) => (Stdio::from(a), Stdio::from(b)),
             Err(_) => (Stdio::null(), Stdio::null()),
         };
-        let spawned: std::io::Result<Child> = Command::new(&argv[0])
+        let mut command = Command::new(&argv[0]);
+        command
             .args(&argv[1..])
             .env("CUDA_VISIBLE_DEVICES", &gpus)
             .stdout(out)
             .stderr(err)
-            .kill_on_drop(true)
-            .spawn();
+            .kill_on_drop(true);
+        #[cfg(target_os = "linux")]
+        // SAFETY: prctl is async-signal-safe; it only asks the kernel to
+        // kill the engine when the agent dies, so no engine outlives it.
+        unsafe {
+            command.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let spawned: std::io::Result<Child> = command.spawn();
         let mut child = match spawned {
             Ok(c) => c,
             Err(e) => {
