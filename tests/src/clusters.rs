@@ -44,6 +44,8 @@ struct Member {
     id: u64,
     /// Client address (Talon gRPC / etcd client URL host:port).
     client_addr: String,
+    /// Talon: the HTTP address; etcd: the peer address.
+    http_addr: String,
     args: Vec<String>,
     program: PathBuf,
     child: Option<Child>,
@@ -190,6 +192,7 @@ impl BenchCluster {
             let mut m = Member {
                 id,
                 client_addr: format!("127.0.0.1:{client}"),
+                http_addr: format!("127.0.0.1:{peer}"),
                 args,
                 program,
                 child: None,
@@ -264,6 +267,11 @@ impl BenchCluster {
             }
         })
         .await
+    }
+
+    /// The HTTP address of member `index` (Talon: the gateway and /metrics).
+    pub fn http_addr(&self, index: usize) -> String {
+        self.members[index].http_addr.clone()
     }
 
     /// The process id of member `index`, while it runs.

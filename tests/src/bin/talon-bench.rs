@@ -73,6 +73,18 @@ enum Bench {
         #[arg(long, default_value_t = 100)]
         rate: u64,
     },
+    /// Node loss: kill the agent that serves a model's replicas; time until
+    /// they serve from another node, and count failed requests.
+    B5b {
+        #[arg(long, default_value_t = 5)]
+        trials: usize,
+        /// Requests per second of the open-loop load.
+        #[arg(long, default_value_t = 20)]
+        rate: u64,
+        /// Extra coordinator flags, e.g. "--suspect-after-ms 1000 --down-after-ms 3000".
+        #[arg(long, default_value = "")]
+        coordinator_flags: String,
+    },
     /// The gain of dynamic batching at the same latency target, on a
     /// simulated GPU (virtual time: runs in seconds).
     Batching {
@@ -338,6 +350,172 @@ async fn b5a(cli: &Cli, trials: usize, rate: u64) -> anyhow::Result<()> {
         );
     }
     write_out(cli, "b5a.json", json!({"bench": "B5a", "results": summary}))
+}
+
+/// POSTs JSON to `http://addr/path`; the status code, or None when the
+/// connection failed.
+fn http_post(addr: &str, path: &str, body: &str) -> Option<u16> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(60))).ok()?;
+    write!(
+        s,
+        "POST {path} HTTP/1.0\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    out.split_whitespace().nth(1)?.parse().ok()
+}
+
+async fn b5b(cli: &Cli, trials: usize, rate: u64, flags: &str) -> anyhow::Result<()> {
+    const TOKEN: &str = "bench-join-token-0123456789";
+    let mut extra: Vec<&str> = vec!["--join-token", TOKEN];
+    extra.extend(flags.split_whitespace());
+    let bin = talon_bin_dir()?;
+    let mut times_ms = Vec::new();
+    let (mut sent_total, mut failed_total) = (0u64, 0u64);
+    for trial in 0..trials {
+        let cluster = BenchCluster::start_n(Kind::Talon, 1, &cli.base_dir, &bin, &extra).await?;
+        let grpc = cluster.addr(0);
+        let admin = talon_client::Client::pinned(grpc.clone())?;
+        let http = admin
+            .cluster_status()
+            .await
+            .ok()
+            .map(|_| ())
+            .context("coordinator")?;
+        let _ = http;
+        let mut agents = Vec::new();
+        for id in ["n1", "n2"] {
+            let listen = format!("127.0.0.1:{}", talon_tests::clusters::free_port());
+            let child = std::process::Command::new(bin.join("talon-agent"))
+                .args([
+                    "--node-id",
+                    id,
+                    "--coordinators",
+                    &grpc,
+                    "--join-token",
+                    TOKEN,
+                    "--sim-gpus",
+                    "h100-sxm:1",
+                ])
+                .args(["--http-listen", &listen])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .context("starting talon-agent (build it in release too)")?;
+            agents.push((id, child));
+        }
+        poll("two ready nodes", Duration::from_secs(30), || async {
+            let nodes = admin.list_nodes().await.ok()?;
+            (nodes.iter().filter(|n| n.state == "ready").count() == 2).then_some(())
+        })
+        .await?;
+        let spec = talon_client::ModelSpec {
+            name: "demo".into(),
+            version: "v1".into(),
+            engine: "simulated".into(),
+            artifact_uri: "file:///models/demo".into(),
+            memory_mib: 8_000,
+            latency_slo_ms: 1_000,
+            min_replicas: 2,
+            max_replicas: 2,
+            priority: "normal".into(),
+            labels: Default::default(),
+        };
+        admin.create_model(spec).await?;
+        let placed = poll("2 ready replicas", Duration::from_secs(30), || async {
+            let list = admin.list_replicas("demo").await.ok()?;
+            (list.replicas.len() == 2 && list.replicas.iter().all(|r| r.state == "ready"))
+                .then_some(list)
+        })
+        .await?;
+        let http_addr = cluster.http_addr(0);
+        // Open-loop load, one thread per request.
+        let stop = Arc::new(AtomicBool::new(false));
+        let (sent, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let load = {
+            let (stop, sent, failed, http_addr) = (
+                stop.clone(),
+                sent.clone(),
+                failed.clone(),
+                http_addr.clone(),
+            );
+            std::thread::spawn(move || {
+                let mut workers = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    let (sent, failed, http_addr) =
+                        (sent.clone(), failed.clone(), http_addr.clone());
+                    workers.push(std::thread::spawn(move || {
+                        sent.fetch_add(1, Ordering::Relaxed);
+                        let body = r#"{"model":"demo","messages":[{"role":"user","content":"node loss"}],"max_tokens":2}"#;
+                        if http_post(&http_addr, "/v1/chat/completions", body) != Some(200) {
+                            failed.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }));
+                    std::thread::sleep(Duration::from_micros(1_000_000 / rate.max(1)));
+                }
+                for w in workers {
+                    let _ = w.join();
+                }
+            })
+        };
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let victim = placed.replicas[0].node_id.clone();
+        let survivor = if victim == "n1" { "n2" } else { "n1" };
+        let killed_at = Instant::now();
+        for (id, child) in agents.iter_mut() {
+            if *id == victim {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+        poll(
+            "replicas serving from the survivor",
+            Duration::from_secs(300),
+            || async {
+                let list = admin.list_replicas("demo").await.ok()?;
+                (list.replicas.len() == 2
+                    && list
+                        .replicas
+                        .iter()
+                        .all(|r| r.node_id == survivor && r.state == "ready"))
+                .then_some(())
+            },
+        )
+        .await?;
+        let ms = killed_at.elapsed().as_secs_f64() * 1000.0;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        stop.store(true, Ordering::Relaxed);
+        let _ = tokio::task::spawn_blocking(move || load.join()).await;
+        let (s, f) = (sent.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+        eprintln!("b5b: trial {trial}: replicas serving elsewhere after {ms:.0} ms; {f} of {s} requests failed");
+        times_ms.push(ms);
+        sent_total += s;
+        failed_total += f;
+        for (_, mut child) in agents {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+    let mut sorted = times_ms.clone();
+    sorted.sort_by(f64::total_cmp);
+    println!("| coordinator flags | trials | median ms | max ms | requests | failed |");
+    println!("| --- | --- | --- | --- | --- | --- |");
+    println!(
+        "| {} | {trials} | {:.0} | {:.0} | {sent_total} | {failed_total} |",
+        if flags.is_empty() { "defaults" } else { flags },
+        percentile(&sorted, 50.0),
+        sorted.last().copied().unwrap_or(0.0)
+    );
+    write_out(
+        cli,
+        "b5b.json",
+        json!({"bench": "B5b", "flags": flags, "rate": rate, "times_ms": times_ms,
+        "requests": sent_total, "failed": failed_total}),
+    )
 }
 
 /// Reads (prompt tokens, output tokens) from the Azure trace.
@@ -801,6 +979,11 @@ async fn main() -> anyhow::Result<()> {
             value_bytes,
         } => b2(&cli, concurrency, *seconds, *value_bytes).await,
         Bench::B5a { trials, rate } => b5a(&cli, *trials, *rate).await,
+        Bench::B5b {
+            trials,
+            rate,
+            coordinator_flags,
+        } => b5b(&cli, *trials, *rate, coordinator_flags).await,
         Bench::B4 {
             agents,
             seconds,
