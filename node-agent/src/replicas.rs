@@ -235,13 +235,19 @@ impl ReplicaManager {
         deadline: tokio::time::Instant,
     ) -> Result<serde_json::Value, ExecError> {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        {
+        let direct = {
             let replicas = self.replicas.lock().expect("replica lock poisoned");
             match replicas.get(id) {
+                // An engine that batches on its own (no service-time model)
+                // gets each request at once, concurrently.
+                Some((_, Slot::Running(r))) if r.executor.service_time(1).is_zero() => {
+                    Some(r.executor.clone())
+                }
                 Some((_, Slot::Running(r))) => {
-                    if !r.batcher.submit((request, tx), priority, deadline) {
+                    if !r.batcher.submit((request.clone(), tx), priority, deadline) {
                         return Err(ExecError::NotReady("stopped"));
                     }
+                    None
                 }
                 Some((_, Slot::Failed(_))) => return Err(ExecError::NotReady("failed")),
                 None => {
@@ -250,6 +256,13 @@ impl ReplicaManager {
                     )))
                 }
             }
+        };
+        if let Some(executor) = direct {
+            return executor
+                .infer(vec![request])
+                .await
+                .pop()
+                .unwrap_or(Err(ExecError::NotReady("stopped")));
         }
         rx.await.unwrap_or(Err(ExecError::NotReady("stopped")))
     }

@@ -12,6 +12,7 @@
 //! Both print markdown tables and write JSON under `--out-dir`. Build in
 //! release mode: `cargo build --release -p talon-coordinator -p talon-tests`.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -72,6 +73,25 @@ enum Bench {
         /// Writes per second of the open-loop load.
         #[arg(long, default_value_t = 100)]
         rate: u64,
+    },
+    /// Gateway overhead: direct, nginx, LiteLLM and Talon in front of the
+    /// same OpenAI-compatible fake engine, open-loop at fixed rates.
+    /// Run tests/bench/b3-setup.sh first.
+    B3 {
+        /// Engine service time, ms (repeatable).
+        #[arg(long, value_delimiter = ',', default_value = "0,20")]
+        service_ms: Vec<u64>,
+        #[arg(long, value_delimiter = ',', default_value = "200,500,1000,2000,5000")]
+        rates: Vec<u64>,
+        /// Seconds of load per rate.
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "direct,nginx,litellm,talon"
+        )]
+        doors: Vec<String>,
     },
     /// Node loss: kill the agent that serves a model's replicas; time until
     /// they serve from another node, and count failed requests.
@@ -350,6 +370,312 @@ async fn b5a(cli: &Cli, trials: usize, rate: u64) -> anyhow::Result<()> {
         );
     }
     write_out(cli, "b5a.json", json!({"bench": "B5a", "results": summary}))
+}
+
+/// A child process killed when dropped.
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn_quiet(program: &std::path::Path, args: &[&str]) -> anyhow::Result<Child> {
+    let child = std::process::Command::new(program)
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .with_context(|| format!("starting {}", program.display()))?;
+    Ok(Child(child))
+}
+
+/// LiteLLM refuses to start without a master key; every door gets it as a
+/// bearer token (the others ignore it).
+const LITELLM_KEY: &str = "sk-talon-bench-0123456789abcdef";
+
+/// Waits until `url` answers 200 to a chat completion for `model`.
+async fn wait_serving(http: &reqwest::Client, url: &str, model: &str) -> anyhow::Result<()> {
+    let body = json!({"model": model, "messages": [{"role": "user", "content": "warm up"}], "max_tokens": 2});
+    poll(
+        &format!("{url} to serve"),
+        Duration::from_secs(180),
+        || async {
+            let r = http
+                .post(url)
+                .bearer_auth(LITELLM_KEY)
+                .json(&body)
+                .send()
+                .await
+                .ok()?;
+            r.status().is_success().then_some(())
+        },
+    )
+    .await
+}
+
+/// Open-loop load on `url` at `rate` req/s for `seconds`: latencies (ms) of
+/// the answered requests, and how many failed.
+async fn open_loop(
+    http: &reqwest::Client,
+    url: &str,
+    model: &str,
+    rate: u64,
+    seconds: u64,
+) -> (Vec<f64>, u64) {
+    let body = Arc::new(
+        json!({"model": model, "messages": [{"role": "user", "content": "hello from the load generator"}], "max_tokens": 8}),
+    );
+    let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / rate.max(1)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let mut tasks = tokio::task::JoinSet::new();
+    let end = Instant::now() + Duration::from_secs(seconds);
+    while Instant::now() < end {
+        tick.tick().await;
+        let (http, url, body) = (http.clone(), url.to_string(), body.clone());
+        tasks.spawn(async move {
+            let t = Instant::now();
+            match http
+                .post(&url)
+                .bearer_auth(LITELLM_KEY)
+                .json(&*body)
+                .send()
+                .await
+            {
+                Ok(r) if r.status().is_success() => r
+                    .bytes()
+                    .await
+                    .ok()
+                    .map(|_| t.elapsed().as_secs_f64() * 1000.0),
+                _ => None,
+            }
+        });
+    }
+    let (mut latencies, mut failed) = (Vec::new(), 0u64);
+    while let Some(r) = tasks.join_next().await {
+        match r.ok().flatten() {
+            Some(l) => latencies.push(l),
+            None => failed += 1,
+        }
+    }
+    latencies.sort_by(f64::total_cmp);
+    (latencies, failed)
+}
+
+async fn b3(
+    cli: &Cli,
+    service_ms: &[u64],
+    rates: &[u64],
+    seconds: u64,
+    doors: &[String],
+) -> anyhow::Result<()> {
+    const TOKEN: &str = "bench-join-token-0123456789";
+    let bin = talon_bin_dir()?;
+    let dir = tempfile::Builder::new()
+        .prefix("b3")
+        .tempdir_in(&cli.base_dir)?;
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(512)
+        .timeout(Duration::from_secs(30))
+        .build()?;
+    let mut rows = Vec::new();
+    for &svc in service_ms {
+        let engine_port = talon_tests::clusters::free_port();
+        let svc_arg = svc.to_string();
+        let _engine = spawn_quiet(
+            &bin.join("talon-fake-engine"),
+            &[
+                "--port",
+                &engine_port.to_string(),
+                "--model",
+                "bench",
+                "--service-ms",
+                &svc_arg,
+            ],
+        )?;
+        let mut urls: Vec<(String, String)> = Vec::new();
+        let mut keep: Vec<Child> = Vec::new();
+        let mut clusters = Vec::new();
+        for door in doors {
+            match door.as_str() {
+                "direct" => urls.push((
+                    door.clone(),
+                    format!("http://127.0.0.1:{engine_port}/v1/chat/completions"),
+                )),
+                "nginx" => {
+                    let port = talon_tests::clusters::free_port();
+                    let prefix = dir.path().join(format!("nginx-{svc}"));
+                    std::fs::create_dir_all(prefix.join("logs"))?;
+                    let conf = prefix.join("nginx.conf");
+                    std::fs::write(&conf, format!(
+                        "worker_processes 1; daemon off; pid {p}/nginx.pid; error_log {p}/logs/error.log;\n\
+                         events {{ worker_connections 8192; }}\n\
+                         http {{ access_log off; client_body_temp_path {p}/body; proxy_temp_path {p}/proxy;\n\
+                         upstream be {{ server 127.0.0.1:{engine_port}; keepalive 256; }}\n\
+                         server {{ listen 127.0.0.1:{port}; location / {{ proxy_pass http://be; proxy_http_version 1.1; proxy_set_header Connection \"\"; }} }} }}\n",
+                        p = prefix.display()))?;
+                    keep.push(spawn_quiet(
+                        std::path::Path::new("nginx"),
+                        &[
+                            "-c",
+                            conf.to_str().context("utf-8 path")?,
+                            "-p",
+                            prefix.to_str().context("utf-8 path")?,
+                        ],
+                    )?);
+                    urls.push((
+                        door.clone(),
+                        format!("http://127.0.0.1:{port}/v1/chat/completions"),
+                    ));
+                }
+                "litellm" => {
+                    let port = talon_tests::clusters::free_port();
+                    let conf = dir.path().join(format!("litellm-{svc}.yaml"));
+                    std::fs::write(&conf, format!(
+                        "general_settings:\n  master_key: {LITELLM_KEY}\nmodel_list:\n  - model_name: bench\n    litellm_params:\n      model: openai/bench\n      api_base: http://127.0.0.1:{engine_port}/v1\n      api_key: none\n"))?;
+                    let litellm = std::env::current_dir()?.join("target/litellm-venv/bin/litellm");
+                    keep.push(spawn_quiet(
+                        &litellm,
+                        &[
+                            "--config",
+                            conf.to_str().context("utf-8 path")?,
+                            "--port",
+                            &port.to_string(),
+                            "--num_workers",
+                            "1",
+                        ],
+                    )?);
+                    urls.push((
+                        door.clone(),
+                        format!("http://127.0.0.1:{port}/v1/chat/completions"),
+                    ));
+                }
+                "talon" => {
+                    let cluster = BenchCluster::start_n(
+                        Kind::Talon,
+                        1,
+                        &cli.base_dir,
+                        &bin,
+                        &["--join-token", TOKEN],
+                    )
+                    .await?;
+                    let grpc = cluster.addr(0);
+                    let listen = format!("127.0.0.1:{}", talon_tests::clusters::free_port());
+                    let engine = format!(
+                        "{} --port {{port}} --model {{model}} --service-ms {svc}",
+                        bin.join("talon-fake-engine").display()
+                    );
+                    let logs = dir.path().join(format!("engine-logs-{svc}"));
+                    keep.push(spawn_quiet(
+                        &bin.join("talon-agent"),
+                        &[
+                            "--node-id",
+                            "b3",
+                            "--coordinators",
+                            &grpc,
+                            "--join-token",
+                            TOKEN,
+                            "--sim-gpus",
+                            "l4:1",
+                            "--http-listen",
+                            &listen,
+                            "--engine-command",
+                            &engine,
+                            "--engine-log-dir",
+                            logs.to_str().context("utf-8 path")?,
+                        ],
+                    )?);
+                    let admin = talon_client::Client::pinned(grpc)?;
+                    poll("the agent", Duration::from_secs(30), || async {
+                        admin.get_node("b3").await.ok()
+                    })
+                    .await?;
+                    let spec = talon_client::ModelSpec {
+                        name: "bench".into(),
+                        version: "v1".into(),
+                        engine: "vllm".into(),
+                        artifact_uri: "file:///models/bench".into(),
+                        memory_mib: 4_000,
+                        latency_slo_ms: 1_000,
+                        min_replicas: 1,
+                        max_replicas: 1,
+                        priority: "normal".into(),
+                        labels: Default::default(),
+                    };
+                    admin.create_model(spec).await?;
+                    urls.push((
+                        door.clone(),
+                        format!("http://{}/v1/chat/completions", cluster.http_addr(0)),
+                    ));
+                    clusters.push(cluster);
+                }
+                other => anyhow::bail!(
+                    "unknown front door {other:?}; use direct, nginx, litellm or talon"
+                ),
+            }
+        }
+        for (door, url) in &urls {
+            wait_serving(&http, url, "bench")
+                .await
+                .with_context(|| format!("{door} does not serve"))?;
+        }
+        // Side by side: every door at one rate before the next rate. A door
+        // that stops sustaining the load (failures, or p99 over twice its
+        // low-load p99) is not driven harder.
+        let mut low_p99: HashMap<String, f64> = HashMap::new();
+        let mut saturated: Vec<String> = Vec::new();
+        for &rate in rates {
+            for (door, url) in &urls {
+                if saturated.contains(door) {
+                    continue;
+                }
+                let (lat, failed) = open_loop(&http, url, "bench", rate, seconds).await;
+                let p99 = percentile(&lat, 99.0);
+                let base = *low_p99.entry(door.clone()).or_insert(p99);
+                let sustained = failed == 0 && p99 <= 2.0 * base;
+                if !sustained {
+                    saturated.push(door.clone());
+                }
+                let row = json!({"service_ms": svc, "door": door, "rate": rate, "answered": lat.len(), "failed": failed,
+                    "p50_ms": percentile(&lat, 50.0), "p99_ms": p99, "sustained": sustained});
+                eprintln!("b3: {row}");
+                rows.push(row);
+            }
+        }
+        drop(keep);
+        drop(clusters);
+    }
+    println!("| service ms | rate req/s | front door | p50 ms | p99 ms | added p50 ms | added p99 ms | failed | sustained |");
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- |");
+    for r in &rows {
+        let direct = rows.iter().find(|d| {
+            d["door"] == "direct" && d["rate"] == r["rate"] && d["service_ms"] == r["service_ms"]
+        });
+        let added = |k: &str| {
+            direct
+                .and_then(|d| Some(r[k].as_f64()? - d[k].as_f64()?))
+                .map_or("-".to_string(), |v| format!("{v:.2}"))
+        };
+        println!(
+            "| {} | {} | {} | {:.2} | {:.2} | {} | {} | {} | {} |",
+            r["service_ms"],
+            r["rate"],
+            r["door"].as_str().unwrap_or(""),
+            r["p50_ms"].as_f64().unwrap_or(f64::NAN),
+            r["p99_ms"].as_f64().unwrap_or(f64::NAN),
+            added("p50_ms"),
+            added("p99_ms"),
+            r["failed"],
+            r["sustained"]
+        );
+    }
+    write_out(
+        cli,
+        "b3.json",
+        json!({"bench": "B3", "seconds": seconds, "rows": rows}),
+    )
 }
 
 /// POSTs JSON to `http://addr/path`; the status code, or None when the
@@ -979,6 +1305,12 @@ async fn main() -> anyhow::Result<()> {
             value_bytes,
         } => b2(&cli, concurrency, *seconds, *value_bytes).await,
         Bench::B5a { trials, rate } => b5a(&cli, *trials, *rate).await,
+        Bench::B3 {
+            service_ms,
+            rates,
+            seconds,
+            doors,
+        } => b3(&cli, service_ms, rates, *seconds, doors).await,
         Bench::B5b {
             trials,
             rate,
