@@ -372,18 +372,25 @@ async fn b5a(cli: &Cli, trials: usize, rate: u64) -> anyhow::Result<()> {
     write_out(cli, "b5a.json", json!({"bench": "B5a", "results": summary}))
 }
 
-/// A child process killed when dropped.
+/// A child process, in its own process group, killed with the whole group
+/// when dropped (nginx and LiteLLM fork workers).
 struct Child(std::process::Child);
 
 impl Drop for Child {
     fn drop(&mut self) {
+        let group = format!("-{}", self.0.id());
+        let _ = std::process::Command::new("kill")
+            .args(["-9", "--", &group])
+            .status();
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
 }
 
 fn spawn_quiet(program: &std::path::Path, args: &[&str]) -> anyhow::Result<Child> {
+    use std::os::unix::process::CommandExt;
     let child = std::process::Command::new(program)
+        .process_group(0)
         .args(args)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
