@@ -172,7 +172,7 @@ async fn killed_agent_goes_suspect_then_down_and_ready_again() {
                 .map(|_| ())
         }
     };
-    wait_for("box-1 ready", Duration::from_secs(20), || state("ready")).await;
+    wait_for("box-1 ready", Duration::from_secs(40), || state("ready")).await;
     // Cordon and uncordon are committed and shown.
     let n = client
         .set_node_scheduling("box-1", "cordon")
@@ -196,13 +196,13 @@ async fn killed_agent_goes_suspect_then_down_and_ready_again() {
     assert_eq!(err.code(), Some(talon_client::Code::InvalidArgument));
 
     agent.kill();
-    wait_for("box-1 suspect", Duration::from_secs(10), || {
+    wait_for("box-1 suspect", Duration::from_secs(30), || {
         state("suspect")
     })
     .await;
-    wait_for("box-1 down", Duration::from_secs(10), || state("down")).await;
+    wait_for("box-1 down", Duration::from_secs(30), || state("down")).await;
     let _agent = Proc::spawn("talon-agent", &agent_args);
-    wait_for("box-1 ready again", Duration::from_secs(20), || {
+    wait_for("box-1 ready again", Duration::from_secs(40), || {
         state("ready")
     })
     .await;
@@ -257,7 +257,7 @@ async fn agents_follow_a_new_leader_and_telemetry_resumes() {
         .client();
     wait_for(
         "telemetry on the new leader",
-        Duration::from_secs(10),
+        Duration::from_secs(30),
         || async {
             let s = new_client.fleet_stats().await.ok()?;
             (s.nodes == 10
@@ -400,7 +400,7 @@ async fn replicas_are_placed_and_move_off_a_down_node() {
         priority: "normal".into(),
         labels: Default::default(),
     };
-    wait_for("both nodes ready", Duration::from_secs(20), || async {
+    wait_for("both nodes ready", Duration::from_secs(40), || async {
         let nodes = client.list_nodes().await.ok()?;
         (nodes.iter().filter(|n| n.state == "ready").count() == 2).then_some(())
     })
@@ -418,7 +418,7 @@ async fn replicas_are_placed_and_move_off_a_down_node() {
         .await
         .expect("huge");
 
-    let placed = wait_for("4 replicas placed", Duration::from_secs(20), || async {
+    let placed = wait_for("4 replicas placed", Duration::from_secs(40), || async {
         let list = client.list_replicas("").await.ok()?;
         (list.replicas.len() == 4).then_some(list)
     })

@@ -190,7 +190,7 @@ async fn foreign_corrupt_or_misassigned_data_dirs_are_refused() {
     let mut cluster = Cluster::start(1, &[]);
     let node = &cluster.nodes[0];
     let client = node.client();
-    wait_for("init", Duration::from_secs(20), || async {
+    wait_for("init", Duration::from_secs(40), || async {
         client.cluster_init(vec![]).await.ok()
     })
     .await;

@@ -43,7 +43,7 @@ async fn cluster_forms_replicates_and_follows_the_leader() {
         assert_eq!(m.versions.len(), 2);
         wait_for(
             "replication to every node",
-            Duration::from_secs(10),
+            Duration::from_secs(30),
             || async { model_names(node).await.filter(|n| n.contains("llama-8b")) },
         )
         .await;
@@ -148,7 +148,7 @@ async fn leader_killed_under_load_loses_no_acknowledged_write() {
     };
     wait_for(
         "writes before the kill",
-        Duration::from_secs(20),
+        Duration::from_secs(40),
         || async { (acked.lock().unwrap().len() >= 30).then_some(()) },
     )
     .await;
@@ -170,7 +170,7 @@ async fn leader_killed_under_load_loses_no_acknowledged_write() {
     for node in cluster.nodes.iter().filter(|n| n.is_running()) {
         wait_for(
             &format!("node {} to hold every acknowledged write", node.id),
-            Duration::from_secs(20),
+            Duration::from_secs(40),
             || async {
                 model_names(node)
                     .await
@@ -229,7 +229,7 @@ async fn lagging_node_catches_up_through_a_snapshot() {
         .expect("leader");
     let status = wait_for(
         "the leader to purge its log",
-        Duration::from_secs(20),
+        Duration::from_secs(40),
         || async {
             let s = leader_node.client().cluster_status().await.ok()?;
             (s.purged_index.unwrap_or(0) > 100).then_some(s)
@@ -268,7 +268,7 @@ async fn lagging_node_catches_up_through_a_snapshot() {
         .expect("write");
     wait_for(
         "a write after the snapshot",
-        Duration::from_secs(10),
+        Duration::from_secs(30),
         || async {
             model_names(node)
                 .await
@@ -312,7 +312,7 @@ async fn isolated_leader_cannot_commit_and_rejoins_cleanly() {
     let majority: Vec<_> = cluster.nodes.iter().filter(|n| n.id != old).collect();
     let new = wait_for(
         "a new leader among the majority",
-        Duration::from_secs(20),
+        Duration::from_secs(40),
         || async {
             let s = majority[0].client().cluster_status().await.ok()?;
             s.leader_id.filter(|l| *l != old)
@@ -331,7 +331,7 @@ async fn isolated_leader_cannot_commit_and_rejoins_cleanly() {
     old_node.client().set_isolated(false).await.expect("heal");
     wait_for(
         "the old leader to rejoin",
-        Duration::from_secs(20),
+        Duration::from_secs(40),
         || async {
             let s = old_node.client().cluster_status().await.ok()?;
             let names = model_names(old_node).await?;
@@ -340,7 +340,7 @@ async fn isolated_leader_cannot_commit_and_rejoins_cleanly() {
     )
     .await;
     for node in &cluster.nodes {
-        let names = wait_for("convergence", Duration::from_secs(10), || async {
+        let names = wait_for("convergence", Duration::from_secs(30), || async {
             model_names(node).await.filter(|n| n.contains("during"))
         })
         .await;

@@ -14,7 +14,7 @@ use crate::harness::{bin, free_port, wait_for};
 
 fn settings() -> EngineSettings {
     EngineSettings {
-        startup_timeout: Duration::from_secs(20),
+        startup_timeout: Duration::from_secs(40),
         first_backoff: Duration::from_millis(100),
         max_backoff: Duration::from_millis(400),
         max_failures: 2,
@@ -34,7 +34,7 @@ fn placeholders(port: u16) -> Placeholders {
 async fn wait_state(engine: &ExternalEngine, want: ReplicaState) {
     wait_for(
         &format!("engine {}", want.as_str()),
-        Duration::from_secs(20),
+        Duration::from_secs(40),
         || async { (engine.state() == want).then_some(()) },
     )
     .await;
@@ -87,7 +87,7 @@ async fn external_engine_starts_proxies_and_restarts() {
         .status()
         .expect("kill");
     assert!(killed.success());
-    wait_for("a restart", Duration::from_secs(20), || async {
+    wait_for("a restart", Duration::from_secs(40), || async {
         (engine.restarts() >= 1).then_some(())
     })
     .await;

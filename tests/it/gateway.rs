@@ -64,7 +64,7 @@ async fn openai_python_client_chat_stream_embeddings() {
         ],
     );
     let client = cluster.client();
-    wait_for("the agent", Duration::from_secs(20), || async {
+    wait_for("the agent", Duration::from_secs(40), || async {
         client.get_node("gw-1").await.ok()
     })
     .await;
@@ -81,7 +81,7 @@ async fn openai_python_client_chat_stream_embeddings() {
         labels: Default::default(),
     };
     client.create_model(spec).await.expect("model");
-    wait_for("2 ready replicas", Duration::from_secs(20), || async {
+    wait_for("2 ready replicas", Duration::from_secs(40), || async {
         let list = client.list_replicas("demo").await.ok()?;
         (list.replicas.len() == 2 && list.replicas.iter().all(|r| r.state == "ready")).then_some(())
     })
@@ -225,7 +225,7 @@ async fn agent_killed_under_load_loses_no_request() {
         })
         .collect();
     let client = cluster.client();
-    wait_for("two ready nodes", Duration::from_secs(20), || async {
+    wait_for("two ready nodes", Duration::from_secs(40), || async {
         let nodes = client.list_nodes().await.ok()?;
         (nodes.iter().filter(|n| n.state == "ready").count() == 2).then_some(())
     })
@@ -243,7 +243,7 @@ async fn agent_killed_under_load_loses_no_request() {
         labels: Default::default(),
     };
     client.create_model(spec).await.expect("model");
-    let placed = wait_for("2 ready replicas", Duration::from_secs(20), || async {
+    let placed = wait_for("2 ready replicas", Duration::from_secs(40), || async {
         let list = client.list_replicas("demo").await.ok()?;
         (list.replicas.len() == 2 && list.replicas.iter().all(|r| r.state == "ready"))
             .then_some(list)
@@ -277,7 +277,7 @@ async fn agent_killed_under_load_loses_no_request() {
     let victim = placed.replicas[0].node_id.clone();
     let survivor = if victim == "n1" { "n2" } else { "n1" };
     let count = || served.load(std::sync::atomic::Ordering::SeqCst);
-    wait_for("requests flowing", Duration::from_secs(20), || async {
+    wait_for("requests flowing", Duration::from_secs(40), || async {
         (count() >= 20).then_some(())
     })
     .await;
@@ -304,7 +304,7 @@ async fn agent_killed_under_load_loses_no_request() {
     let after = count();
     wait_for(
         "requests served after the move",
-        Duration::from_secs(20),
+        Duration::from_secs(40),
         || async { (count() >= after + 20).then_some(()) },
     )
     .await;
@@ -348,7 +348,7 @@ async fn gateway_reaches_an_external_engine_run_by_the_agent() {
         ],
     );
     let client = cluster.client();
-    wait_for("the agent", Duration::from_secs(20), || async {
+    wait_for("the agent", Duration::from_secs(40), || async {
         client.get_node("eng-1").await.ok()
     })
     .await;
