@@ -388,17 +388,8 @@ async fn replicas_are_placed_and_move_off_a_down_node() {
     let agent_a = spawn_agent("a", "l4:2", addrs.clone());
     let _agent_b = spawn_agent("b", "h100-sxm:1", addrs.clone());
     let client = cluster.client();
-    let model = |name: &str, memory_mib: u64, replicas: u32| talon_client::ModelSpec {
-        name: name.into(),
-        version: "v1".into(),
-        engine: "simulated".into(),
-        artifact_uri: format!("file:///models/{name}"),
-        memory_mib,
-        latency_slo_ms: 500,
-        min_replicas: replicas,
-        max_replicas: replicas,
-        priority: "normal".into(),
-        labels: Default::default(),
+    let model = |name: &str, memory_mib: u64, replicas: u32| {
+        talon_tests::model_spec(name, "simulated", memory_mib, replicas)
     };
     wait_for("both nodes ready", Duration::from_secs(40), || async {
         let nodes = client.list_nodes().await.ok()?;

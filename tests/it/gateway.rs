@@ -7,6 +7,8 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
+use talon_tests::{http_post, model_spec};
+
 use crate::harness::{bin_dir, free_port, wait_for, Cluster, Proc};
 
 const TOKEN: &str = "it-join-token-0123456789";
@@ -68,18 +70,7 @@ async fn openai_python_client_chat_stream_embeddings() {
         client.get_node("gw-1").await.ok()
     })
     .await;
-    let spec = talon_client::ModelSpec {
-        name: "demo".into(),
-        version: "v1".into(),
-        engine: "simulated".into(),
-        artifact_uri: "file:///models/demo".into(),
-        memory_mib: 8_000,
-        latency_slo_ms: 1_000,
-        min_replicas: 2,
-        max_replicas: 2,
-        priority: "normal".into(),
-        labels: Default::default(),
-    };
+    let spec = model_spec("demo", "simulated", 8_000, 2);
     client.create_model(spec).await.expect("model");
     wait_for("2 ready replicas", Duration::from_secs(40), || async {
         let list = client.list_replicas("demo").await.ok()?;
@@ -117,23 +108,6 @@ async fn openai_python_client_chat_stream_embeddings() {
     }
 }
 
-/// POSTs `body` to `http://addr/path` and returns the status line and body.
-fn post(addr: &str, path: &str, body: &str) -> Option<(String, String)> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(30))).ok()?;
-    write!(
-        s,
-        "POST {path} HTTP/1.0\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .ok()?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).ok()?;
-    let (head, body) = out.split_once("\r\n\r\n")?;
-    Some((head.lines().next()?.to_string(), body.to_string()))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn talon_up_serves_a_demo_model_from_one_process() {
     let dir = tempfile::tempdir().expect("temp dir");
@@ -165,16 +139,16 @@ async fn talon_up_serves_a_demo_model_from_one_process() {
         || {
             let http = http.clone();
             async move {
-                tokio::task::spawn_blocking(move || post(&http, "/v1/chat/completions", body))
+                tokio::task::spawn_blocking(move || http_post(&http, "/v1/chat/completions", body))
                     .await
                     .ok()
                     .flatten()
-                    .filter(|(status, _)| status.contains(" 200 "))
+                    .filter(|(status, _)| *status == 200)
             }
         },
     )
     .await;
-    assert!(status.contains("200"), "{status}");
+    assert_eq!(status, 200);
     let answer: serde_json::Value = serde_json::from_str(&answer).expect("json");
     assert_eq!(answer["usage"]["completion_tokens"], 3, "{answer}");
     let nodes = talon_client::Client::pinned(grpc)
@@ -230,18 +204,7 @@ async fn agent_killed_under_load_loses_no_request() {
         (nodes.iter().filter(|n| n.state == "ready").count() == 2).then_some(())
     })
     .await;
-    let spec = talon_client::ModelSpec {
-        name: "demo".into(),
-        version: "v1".into(),
-        engine: "simulated".into(),
-        artifact_uri: "file:///models/demo".into(),
-        memory_mib: 8_000,
-        latency_slo_ms: 1_000,
-        min_replicas: 2,
-        max_replicas: 2,
-        priority: "normal".into(),
-        labels: Default::default(),
-    };
+    let spec = model_spec("demo", "simulated", 8_000, 2);
     client.create_model(spec).await.expect("model");
     let placed = wait_for("2 ready replicas", Duration::from_secs(40), || async {
         let list = client.list_replicas("demo").await.ok()?;
@@ -262,8 +225,8 @@ async fn agent_killed_under_load_loses_no_request() {
             std::thread::spawn(move || {
                 let (mut ok, mut failed) = (0u32, Vec::new());
                 while !stop.load(std::sync::atomic::Ordering::SeqCst) {
-                    match post(&http, "/v1/chat/completions", body) {
-                        Some((status, _)) if status.contains(" 200 ") => {
+                    match http_post(&http, "/v1/chat/completions", body) {
+                        Some((200, _)) => {
                             ok += 1;
                             served.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                         }
@@ -352,18 +315,7 @@ async fn gateway_reaches_an_external_engine_run_by_the_agent() {
         client.get_node("eng-1").await.ok()
     })
     .await;
-    let spec = talon_client::ModelSpec {
-        name: "tiny".into(),
-        version: "v1".into(),
-        engine: "vllm".into(),
-        artifact_uri: "file:///models/tiny".into(),
-        memory_mib: 4_000,
-        latency_slo_ms: 1_000,
-        min_replicas: 1,
-        max_replicas: 1,
-        priority: "normal".into(),
-        labels: Default::default(),
-    };
+    let spec = model_spec("tiny", "vllm", 4_000, 1);
     client.create_model(spec).await.expect("model");
     wait_for(
         "the engine replica ready",
@@ -377,11 +329,11 @@ async fn gateway_reaches_an_external_engine_run_by_the_agent() {
     let http = cluster.nodes[0].http.clone();
     let body = r#"{"model":"tiny","messages":[{"role":"user","content":"hello there"}]}"#;
     let (status, answer) =
-        tokio::task::spawn_blocking(move || post(&http, "/v1/chat/completions", body))
+        tokio::task::spawn_blocking(move || http_post(&http, "/v1/chat/completions", body))
             .await
             .expect("post")
             .expect("answer");
-    assert!(status.contains(" 200 "), "{status}: {answer}");
+    assert_eq!(status, 200, "{answer}");
     assert!(answer.contains("echo(2 words): hello there"), "{answer}");
     // The engine was pinned to the node's GPU.
     let log = std::fs::read_dir(logs.path())

@@ -22,6 +22,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use serde_json::json;
 use talon_tests::clusters::{poll, BenchCluster, Kind, Writer, WriterPool};
+use talon_tests::{http_post, model_spec};
 
 #[derive(Parser)]
 #[command(name = "talon-bench", about = "Talon coordinator benchmarks (B2, B5a)")]
@@ -599,18 +600,7 @@ async fn b3(
                         admin.get_node("b3").await.ok()
                     })
                     .await?;
-                    let spec = talon_client::ModelSpec {
-                        name: "bench".into(),
-                        version: "v1".into(),
-                        engine: "vllm".into(),
-                        artifact_uri: "file:///models/bench".into(),
-                        memory_mib: 4_000,
-                        latency_slo_ms: 1_000,
-                        min_replicas: 1,
-                        max_replicas: 1,
-                        priority: "normal".into(),
-                        labels: Default::default(),
-                    };
+                    let spec = model_spec("bench", "vllm", 4_000, 1);
                     admin.create_model(spec).await?;
                     urls.push((
                         door.clone(),
@@ -685,23 +675,6 @@ async fn b3(
     )
 }
 
-/// POSTs JSON to `http://addr/path`; the status code, or None when the
-/// connection failed.
-fn http_post(addr: &str, path: &str, body: &str) -> Option<u16> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(60))).ok()?;
-    write!(
-        s,
-        "POST {path} HTTP/1.0\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .ok()?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).ok()?;
-    out.split_whitespace().nth(1)?.parse().ok()
-}
-
 async fn b5b(cli: &Cli, trials: usize, rate: u64, flags: &str) -> anyhow::Result<()> {
     const TOKEN: &str = "bench-join-token-0123456789";
     let mut extra: Vec<&str> = vec!["--join-token", TOKEN];
@@ -746,18 +719,7 @@ async fn b5b(cli: &Cli, trials: usize, rate: u64, flags: &str) -> anyhow::Result
             (nodes.iter().filter(|n| n.state == "ready").count() == 2).then_some(())
         })
         .await?;
-        let spec = talon_client::ModelSpec {
-            name: "demo".into(),
-            version: "v1".into(),
-            engine: "simulated".into(),
-            artifact_uri: "file:///models/demo".into(),
-            memory_mib: 8_000,
-            latency_slo_ms: 1_000,
-            min_replicas: 2,
-            max_replicas: 2,
-            priority: "normal".into(),
-            labels: Default::default(),
-        };
+        let spec = model_spec("demo", "simulated", 8_000, 2);
         admin.create_model(spec).await?;
         let placed = poll("2 ready replicas", Duration::from_secs(30), || async {
             let list = admin.list_replicas("demo").await.ok()?;
@@ -784,7 +746,7 @@ async fn b5b(cli: &Cli, trials: usize, rate: u64, flags: &str) -> anyhow::Result
                     workers.push(std::thread::spawn(move || {
                         sent.fetch_add(1, Ordering::Relaxed);
                         let body = r#"{"model":"demo","messages":[{"role":"user","content":"node loss"}],"max_tokens":2}"#;
-                        if http_post(&http_addr, "/v1/chat/completions", body) != Some(200) {
+                        if http_post(&http_addr, "/v1/chat/completions", body).map(|(status, _)| status) != Some(200) {
                             failed.fetch_add(1, Ordering::Relaxed);
                         }
                     }));
