@@ -4,6 +4,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/talon/v1/raft.proto",
         "proto/talon/v1/admin.proto",
         "proto/talon/v1/agent.proto",
+        "proto/talon/v1/inference.proto",
     ];
     let descriptors = protox::compile(files, ["proto"])?;
     tonic_prost_build::configure().compile_fds(descriptors)?;

@@ -1,4 +1,4 @@
-//! Talon's Rust SDK: a gRPC client for the admin API.
+//! Talon's Rust SDK: a gRPC client for the admin and inference APIs.
 //!
 //! Give it the addresses of any coordinators. Calls go to the last node that
 //! answered; when a node says it is not the leader and names the leader
@@ -29,7 +29,22 @@ pub use talon_proto::v1::{
     AuditEntry, ClusterStatus, FleetStatsResponse, GpuSample, Member, Model, ModelSpec,
     ModelVersion, Node,
 };
+pub use talon_proto::v1::{ChatMessage, InferChunk, InferReply, InferRequest, Usage};
 pub use tonic::Code;
+
+use talon_proto::v1::inference_client::InferenceClient;
+
+/// A chat request with one user message.
+pub fn chat(model: &str, text: &str) -> InferRequest {
+    InferRequest {
+        model: model.into(),
+        messages: vec![ChatMessage {
+            role: "user".into(),
+            content: text.into(),
+        }],
+        ..Default::default()
+    }
+}
 
 /// What a call can end with besides success.
 #[derive(Debug, thiserror::Error)]
@@ -180,6 +195,23 @@ impl Client {
         F: Fn(AdminServiceClient<Channel>, tonic::Request<T>) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<R>, tonic::Status>>,
     {
+        self.call_on(AdminServiceClient::new, idempotent, message, f)
+            .await
+    }
+
+    /// [`Client::call`] for any service: `make` builds its client.
+    async fn call_on<C, T, R, F, Fut>(
+        &self,
+        make: fn(Channel) -> C,
+        idempotent: bool,
+        message: T,
+        f: F,
+    ) -> Result<R, ClientError>
+    where
+        T: Clone,
+        F: Fn(C, tonic::Request<T>) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<R>, tonic::Status>>,
+    {
         let started = Instant::now();
         let mut tried = Vec::new();
         let mut attempt = 0u32;
@@ -191,7 +223,7 @@ impl Client {
             if let Ok(actor) = self.actor.parse() {
                 request.metadata_mut().insert(ACTOR_METADATA_KEY, actor);
             }
-            let client = AdminServiceClient::new(self.channel(&addr)?);
+            let client = make(self.channel(&addr)?);
             let status = match f(client, request).await {
                 Ok(response) => return Ok(response.into_inner()),
                 Err(status) => status,
@@ -226,6 +258,39 @@ impl Client {
             }
             tokio::time::sleep(backoff).await;
         }
+    }
+
+    /// Runs one inference on the model's best replica, through any
+    /// coordinator's gateway; the client's timeout is the request's
+    /// deadline. A coordinator that cannot be reached, or that has no ready
+    /// replica, is retried on the next until the deadline.
+    ///
+    /// ```no_run
+    /// # async fn demo() -> Result<(), talon_client::ClientError> {
+    /// let client = talon_client::Client::new(["127.0.0.1:7400"])?;
+    /// let reply = client.infer(talon_client::chat("demo", "Say hello")).await?;
+    /// println!("{} (from {})", reply.text, reply.replica);
+    /// # Ok(()) }
+    /// ```
+    pub async fn infer(&self, request: InferRequest) -> Result<InferReply, ClientError> {
+        self.call_on(InferenceClient::new, true, request, |mut c, r| async move {
+            c.infer(r).await
+        })
+        .await
+    }
+
+    /// Streams an inference: chunks arrive as the replica produces them, the
+    /// last with its finish reason. The timeout bounds the wait for the
+    /// stream to start. A stream whose replica is lost ends with `ABORTED`
+    /// and a message naming the replica; send the request again.
+    pub async fn infer_stream(
+        &self,
+        request: InferRequest,
+    ) -> Result<tonic::Streaming<InferChunk>, ClientError> {
+        self.call_on(InferenceClient::new, true, request, |mut c, r| async move {
+            c.infer_stream(r).await
+        })
+        .await
     }
 
     pub async fn cluster_init(&self, members: Vec<Member>) -> Result<ClusterStatus, ClientError> {

@@ -52,6 +52,23 @@ enum Command {
     /// Where the reconciler placed model replicas.
     #[command(subcommand)]
     Replica(ReplicaCmd),
+    /// Send one request to a model through the gateway (gRPC).
+    Infer {
+        model: String,
+        /// The user message (or the prompt with --completion).
+        text: String,
+        /// Print the answer as it is produced.
+        #[arg(long)]
+        stream: bool,
+        /// A text completion of TEXT instead of a chat.
+        #[arg(long)]
+        completion: bool,
+        #[arg(long, default_value_t = 0)]
+        max_tokens: u32,
+        /// critical, high, normal or low.
+        #[arg(long, default_value = "")]
+        priority: String,
+    },
     /// Run Talon here, in this process: a coordinator, simulated GPU hosts
     /// and a demo model, serving the OpenAI-compatible API.
     #[cfg(feature = "up")]
@@ -662,6 +679,49 @@ async fn execute(cli: Cli) -> Result<(), ClientError> {
                 );
                 for u in &list.unplaced {
                     println!("unplaced: {u}");
+                }
+            }
+        }
+        Command::Infer {
+            model,
+            text,
+            stream,
+            completion,
+            max_tokens,
+            priority,
+        } => {
+            let mut request = if completion {
+                talon_client::InferRequest {
+                    model,
+                    prompt: text,
+                    ..Default::default()
+                }
+            } else {
+                talon_client::chat(&model, &text)
+            };
+            request.max_tokens = max_tokens;
+            request.priority = priority;
+            if stream {
+                use std::io::Write;
+                let mut chunks = client.infer_stream(request).await?;
+                let mut out = std::io::stdout();
+                while let Some(chunk) = chunks.message().await.map_err(ClientError::Status)? {
+                    let _ = write!(out, "{}", chunk.text);
+                    let _ = out.flush();
+                }
+                println!();
+            } else {
+                let reply = client.infer(request).await?;
+                if json {
+                    println!(
+                        "{}",
+                        serde_json::json!({"id": reply.id, "model": reply.model, "text": reply.text,
+                            "finish_reason": reply.finish_reason, "replica": reply.replica,
+                            "usage": reply.usage.map(|u| serde_json::json!({"prompt_tokens": u.prompt_tokens,
+                                "completion_tokens": u.completion_tokens, "total_tokens": u.total_tokens}))})
+                    );
+                } else {
+                    println!("{}", reply.text);
                 }
             }
         }

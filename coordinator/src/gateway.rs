@@ -1,19 +1,29 @@
-//! The OpenAI-compatible gateway, served by every coordinator beside
-//! `/metrics`: `GET /v1/models`, `POST /v1/chat/completions` (with
-//! `"stream": true` as server-sent events), `/v1/completions`,
-//! `/v1/embeddings`.
+//! The inference gateway, served by every coordinator. It never waits on
+//! Raft: models and replica placements come from the local applied state,
+//! replica readiness and load from the leader's telemetry (a follower,
+//! which has none, tries every placed replica, least loaded first).
 //!
-//! It never waits on Raft: the model and its replicas come from the local
-//! applied state, replica readiness from the leader's telemetry (a follower,
-//! which has none, tries every placed replica). A request goes to the ready
-//! replica with the fewest requests in flight from this gateway, and is
-//! retried on the next one if its agent cannot be reached or answers that
-//! the replica is not ready; when none is ready (a node was lost and its
-//! replicas are moving) it waits for one until its deadline
-//! (`x-talon-deadline-ms`, else 30 s), then answers 503 with `Retry-After`.
+//! Three front ends share one core ([`Gateway::complete`] and
+//! [`Gateway::open_stream`]):
+//! - OpenAI-compatible HTTP beside `/metrics`: `GET /v1/models`,
+//!   `POST /v1/chat/completions` and `/v1/completions` (`"stream": true`
+//!   gives server-sent events, token by token as the replica produces
+//!   them), `/v1/embeddings`;
+//! - the gRPC `Inference` service ([`crate::inference`]);
+//! - a WebSocket at `/v1/stream` ([`crate::websocket`]).
 //!
-//! Streaming: the answer is fetched whole from the replica, then sent as
-//! chunks; a failure before the first chunk is retried like any request.
+//! Routing: replicas are tried in order of predicted completion time
+//! ([`crate::routing`]). A request that names a deadline
+//! (`x-talon-deadline-ms`) no replica is predicted to meet is refused at
+//! once with 429. A replica whose queue is full for the request's priority
+//! answers 429 and the next one is tried; when all are full the gateway
+//! answers 429 with the soonest `Retry-After`. A non-streaming request is
+//! retried on the next replica when one cannot be reached or fails; when
+//! none is ready (a node was lost and its replicas are moving) it waits for
+//! one until its deadline (else 30 s), then answers 503 with `Retry-After`.
+//! A stream is retried likewise until its first chunk; once chunks have
+//! gone out, losing the replica ends the stream with an error naming the
+//! replica and its node (a stream cannot be resumed elsewhere).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -26,20 +36,163 @@ use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use eventsource_stream::Eventsource;
+use futures_util::StreamExt;
 use serde_json::{json, Value};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
 
 use crate::admin::AdminContext;
+use crate::routing::{self, ReplicaLoad};
 
-/// Longest a request may take end to end unless it says otherwise.
+/// Longest a non-streaming request may take end to end.
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long a request waits for a ready replica unless it gives a deadline.
 const DEFAULT_WAIT: Duration = Duration::from_secs(30);
+/// A stream with no chunk for this long is taken as lost.
+const STREAM_IDLE: Duration = Duration::from_secs(30);
+
+/// An error for the caller, whatever the front end.
+#[derive(Clone, Debug)]
+pub struct GwError {
+    pub status: StatusCode,
+    pub kind: &'static str,
+    pub message: String,
+    /// Seconds to wait before retrying (429 and 503).
+    pub retry_after_s: Option<u64>,
+}
+
+impl GwError {
+    fn new(status: StatusCode, kind: &'static str, message: String) -> GwError {
+        GwError {
+            status,
+            kind,
+            message,
+            retry_after_s: None,
+        }
+    }
+
+    pub fn bad_request(message: impl Into<String>) -> GwError {
+        GwError::new(StatusCode::BAD_REQUEST, "invalid_request_error", message.into())
+    }
+
+    fn unavailable(message: String) -> GwError {
+        GwError {
+            retry_after_s: Some(1),
+            ..GwError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message)
+        }
+    }
+
+    fn overloaded(message: String, retry_after_s: u64) -> GwError {
+        GwError {
+            retry_after_s: Some(retry_after_s.max(1)),
+            ..GwError::new(StatusCode::TOO_MANY_REQUESTS, "overloaded", message)
+        }
+    }
+
+    /// The OpenAI-style JSON error body.
+    pub fn body(&self) -> Value {
+        json!({"error": {"message": self.message, "type": self.kind, "code": self.status.as_u16()}})
+    }
+}
+
+impl IntoResponse for GwError {
+    fn into_response(self) -> Response {
+        let mut r = (self.status, Json(self.body())).into_response();
+        if let Some(s) = self.retry_after_s {
+            if let Ok(v) = HeaderValue::from_str(&s.to_string()) {
+                r.headers_mut().insert("retry-after", v);
+            }
+        }
+        r
+    }
+}
+
+/// One request as the core sees it, whichever front end it came from.
+#[derive(Clone, Debug)]
+pub struct Call {
+    /// `/chat/completions`, `/completions` or `/embeddings`.
+    pub path: &'static str,
+    /// The OpenAI body, without `stream`.
+    pub body: Value,
+    /// critical, high, normal or low; checked by the agent.
+    pub priority: Option<String>,
+    /// Time the caller gives the request, if it gave one.
+    pub deadline: Option<Duration>,
+}
+
+impl Call {
+    /// A call from an HTTP request's body and Talon headers.
+    pub fn from_http(path: &'static str, headers: &HeaderMap, body: Value) -> Call {
+        let header = |h: &str| headers.get(h).and_then(|v| v.to_str().ok());
+        Call {
+            path,
+            body,
+            priority: header("x-talon-priority").map(str::to_string),
+            deadline: header("x-talon-deadline-ms")
+                .and_then(|v| v.parse().ok())
+                .map(Duration::from_millis),
+        }
+    }
+
+    fn model(&self) -> Result<&str, GwError> {
+        self.body["model"].as_str().ok_or_else(|| {
+            GwError::bad_request("the request has no \"model\"; name a registered model")
+        })
+    }
+}
+
+/// What a stream yields.
+#[derive(Debug)]
+pub enum StreamItem {
+    /// One OpenAI chunk object.
+    Chunk(Value),
+    /// The answer is complete.
+    Done,
+    /// The replica was lost or failed mid-stream; the answer is incomplete.
+    Lost(String),
+}
+
+/// A stream in progress: the replica serving it and its chunks.
+pub struct Streaming {
+    pub replica: String,
+    pub chunks: mpsc::Receiver<StreamItem>,
+}
+
+/// A placed replica the gateway may send to.
+struct Target {
+    replica: String,
+    node: String,
+    addr: String,
+    load: ReplicaLoad,
+}
 
 #[derive(Clone)]
 pub struct Gateway {
     ctx: Arc<AdminContext>,
     http: reqwest::Client,
+    /// No overall timeout: streams last as long as they produce.
+    streams: reqwest::Client,
     in_flight: Arc<Mutex<HashMap<String, Arc<AtomicU32>>>>,
+}
+
+/// Counts a request in flight to a replica until dropped.
+struct InFlight(Arc<AtomicU32>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// How one attempt on one replica ended, short of an answer.
+enum Miss {
+    /// The request is at fault; every replica would say so.
+    Final(GwError),
+    /// The replica's queue is full; retry after this many ms.
+    Full(u64, String),
+    /// The replica failed or cannot be reached.
+    Failed(String),
 }
 
 impl Gateway {
@@ -49,9 +202,14 @@ impl Gateway {
             .timeout(DEFAULT_TIMEOUT)
             .build()
             .unwrap_or_default();
+        let streams = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(1))
+            .build()
+            .unwrap_or_default();
         Gateway {
             ctx,
             http,
+            streams,
             in_flight: Arc::new(Mutex::new(HashMap::new())),
         }
     }
@@ -62,6 +220,7 @@ impl Gateway {
             .route("/v1/chat/completions", post(chat))
             .route("/v1/completions", post(completions))
             .route("/v1/embeddings", post(embeddings))
+            .route("/v1/stream", get(crate::websocket::upgrade))
             .with_state(self)
     }
 
@@ -73,20 +232,296 @@ impl Gateway {
             .or_default()
             .clone()
     }
+
+    fn start(&self, replica: &str) -> InFlight {
+        let c = self.counter(replica);
+        c.fetch_add(1, Ordering::Relaxed);
+        InFlight(c)
+    }
+
+    /// The model's replicas, best first. Err: the error, and whether
+    /// waiting could change it.
+    fn targets(&self, call: &Call) -> Result<Vec<Target>, (GwError, bool)> {
+        let model = call.model().map_err(|e| (e, false))?;
+        let applied = self.ctx.state.read().expect("state lock poisoned");
+        if !applied.state.models.contains_key(model) {
+            let known: Vec<&str> = applied.state.models.keys().map(String::as_str).collect();
+            let message = format!(
+                "model {model:?} does not exist; registered models: {}",
+                known.join(", ")
+            );
+            return Err((
+                GwError::new(StatusCode::NOT_FOUND, "model_not_found", message),
+                false,
+            ));
+        }
+        let leader = self.ctx.is_leader();
+        let mut found = Vec::new();
+        let mut states = Vec::new();
+        for r in applied.state.replicas.values().filter(|r| r.model == model) {
+            let Some(node) = applied.state.nodes.get(&r.node_id) else {
+                continue;
+            };
+            let status = self.ctx.telemetry.replica_status(&r.node_id, &r.id);
+            let state = status.as_ref().map_or("unknown", |s| s.state.as_str());
+            states.push(format!("{}={state}", r.id));
+            // The leader knows readiness; a follower tries what is placed.
+            if leader && state != "ready" {
+                continue;
+            }
+            let local = self.counter(&r.id).load(Ordering::Relaxed);
+            let load = match status {
+                Some(s) => ReplicaLoad {
+                    held: s.held.max(local),
+                    service_ms_one: f64::from(s.service_ms_one),
+                    service_ms_full: f64::from(s.service_ms_full),
+                    max_batch: s.max_batch,
+                },
+                None => ReplicaLoad {
+                    held: local,
+                    ..Default::default()
+                },
+            };
+            let target = Target {
+                replica: r.id.clone(),
+                node: r.node_id.clone(),
+                addr: node.inventory.addr.clone(),
+                load,
+            };
+            found.push((r.id.clone(), load, target));
+        }
+        if found.is_empty() {
+            let placed = if states.is_empty() {
+                "none placed".to_string()
+            } else {
+                states.join(", ")
+            };
+            let message = format!("model {model:?} has no ready replica ({placed}); retry shortly");
+            return Err((GwError::unavailable(message), true));
+        }
+        let ranked: Vec<Target> = routing::rank(found).into_iter().map(|(_, _, t)| t).collect();
+        // A deadline no replica is predicted to meet is refused now rather
+        // than missed later.
+        if let (Some(deadline), Some(best)) = (call.deadline, ranked.first()) {
+            let predicted = best.load.predicted_ms();
+            if best.load.modelled() && predicted > deadline.as_millis() as f64 {
+                let message = format!(
+                    "no replica of {model:?} can answer within the deadline of {} ms: the best, \
+                     {} ({} requests held), is predicted to take {predicted:.0} ms; \
+                     give a longer x-talon-deadline-ms or retry later",
+                    deadline.as_millis(),
+                    best.replica,
+                    best.load.held
+                );
+                let wait = (predicted - deadline.as_millis() as f64) / 1000.0;
+                return Err((GwError::overloaded(message, wait.ceil() as u64), false));
+            }
+        }
+        Ok(ranked)
+    }
+
+    /// Runs `attempt` on the replicas in order until one answers; waits
+    /// for a ready replica (until the deadline) when none is.
+    async fn route<T, F, Fut>(&self, call: &Call, attempt: F) -> Result<T, GwError>
+    where
+        F: Fn(Target) -> Fut,
+        Fut: std::future::Future<Output = Result<T, Miss>>,
+    {
+        let model = call.model()?.to_string();
+        let deadline = Instant::now() + call.deadline.unwrap_or(DEFAULT_WAIT);
+        let mut pause = tokio::time::interval(Duration::from_millis(200));
+        loop {
+            let last = match self.targets(call) {
+                Err((e, false)) => return Err(e),
+                Err((e, true)) => e,
+                Ok(targets) => {
+                    let mut full: Vec<(u64, String)> = Vec::new();
+                    let mut failed = String::new();
+                    for target in targets {
+                        let (replica, addr) = (target.replica.clone(), target.addr.clone());
+                        match attempt(target).await {
+                            Ok(answer) => return Ok(answer),
+                            Err(Miss::Final(e)) => return Err(e),
+                            Err(Miss::Full(ms, why)) => full.push((ms, why)),
+                            Err(Miss::Failed(why)) => {
+                                tracing::warn!(%replica, %addr, error = %why, "trying another replica");
+                                failed = why;
+                            }
+                        }
+                    }
+                    if failed.is_empty() {
+                        // Every ready replica is full: say so now.
+                        let soonest = full.iter().map(|(ms, _)| *ms).min().unwrap_or(1000);
+                        let why: Vec<String> = full.into_iter().map(|(_, w)| w).collect();
+                        let message = format!(
+                            "every replica of {model:?} is at its queue limit ({}); retry after {} s",
+                            why.join("; "),
+                            soonest.div_ceil(1000).max(1)
+                        );
+                        return Err(GwError::overloaded(message, soonest.div_ceil(1000)));
+                    }
+                    GwError::unavailable(format!(
+                        "every replica of {model:?} failed; last: {failed}"
+                    ))
+                }
+            };
+            if Instant::now() >= deadline {
+                return Err(last);
+            }
+            pause.tick().await;
+        }
+    }
+
+    fn request(&self, client: &reqwest::Client, call: &Call, t: &Target, body: &Value) -> reqwest::RequestBuilder {
+        let mut request = client
+            .post(format!("http://{}/v1/replicas/{}{}", t.addr, t.replica, call.path))
+            .json(body);
+        if let Some(p) = &call.priority {
+            request = request.header("x-talon-priority", p);
+        }
+        if let Some(d) = call.deadline {
+            request = request.header("x-talon-deadline-ms", d.as_millis().to_string());
+        }
+        request
+    }
+
+    /// Serves a non-streaming call: the replica that answered and its answer.
+    pub async fn complete(&self, call: &Call) -> Result<(String, Value), GwError> {
+        self.route(call, |t| async move {
+            let _counted = self.start(&t.replica);
+            let response = self
+                .request(&self.http, call, &t, &call.body)
+                .send()
+                .await
+                .map_err(|e| Miss::Failed(format!("replica {} at {} cannot be reached: {e}", t.replica, t.addr)))?;
+            let response = refused(response, &t).await?;
+            match response.json::<Value>().await {
+                Ok(v) => Ok((t.replica, v)),
+                Err(e) => Err(Miss::Failed(format!(
+                    "replica {} sent an unreadable answer: {e}",
+                    t.replica
+                ))),
+            }
+        })
+        .await
+    }
+
+    /// Opens a streaming call: the first chunk has arrived when this
+    /// returns, and the rest follows on the receiver.
+    pub async fn open_stream(&self, call: &Call) -> Result<Streaming, GwError> {
+        let mut body = call.body.clone();
+        if let Some(o) = body.as_object_mut() {
+            o.insert("stream".into(), Value::Bool(true));
+        }
+        let body = &body;
+        self.route(call, |t| async move {
+            let counted = self.start(&t.replica);
+            let response = self
+                .request(&self.streams, call, &t, body)
+                .send()
+                .await
+                .map_err(|e| Miss::Failed(format!("replica {} at {} cannot be reached: {e}", t.replica, t.addr)))?;
+            let response = refused(response, &t).await?;
+            let mut events = response.bytes_stream().eventsource();
+            // Nothing has reached the caller yet: a failure here is retried.
+            let first = match tokio::time::timeout(STREAM_IDLE, events.next()).await {
+                Ok(Some(Ok(e))) => e.data,
+                Ok(Some(Err(e))) => return Err(Miss::Failed(format!("replica {} broke its stream: {e}", t.replica))),
+                Ok(None) => return Err(Miss::Failed(format!("replica {} sent an empty stream", t.replica))),
+                Err(_) => return Err(Miss::Failed(format!("replica {} sent nothing for {} s", t.replica, STREAM_IDLE.as_secs()))),
+            };
+            let first = parse_event(&first).map_err(Miss::Failed)?;
+            let (tx, rx) = mpsc::channel(64);
+            let replica = t.replica.clone();
+            tokio::spawn(async move {
+                let _counted = counted;
+                let mut sent = 0u64;
+                let mut next = Some(first);
+                loop {
+                    let item = match next.take() {
+                        Some(item) => item,
+                        None => match tokio::time::timeout(STREAM_IDLE, events.next()).await {
+                            Ok(Some(Ok(e))) => parse_event(&e.data).unwrap_or_else(StreamItem::Lost),
+                            Ok(Some(Err(e))) => StreamItem::Lost(e.to_string()),
+                            Ok(None) => StreamItem::Lost("the connection closed before [DONE]".into()),
+                            Err(_) => StreamItem::Lost(format!("no chunk for {} s", STREAM_IDLE.as_secs())),
+                        },
+                    };
+                    let item = match item {
+                        StreamItem::Lost(why) => StreamItem::Lost(format!(
+                            "replica {} on node {} ({}) was lost after {sent} chunks: {why}; \
+                             the answer is incomplete and a stream cannot be resumed elsewhere, \
+                             send the request again",
+                            t.replica, t.node, t.addr
+                        )),
+                        other => other,
+                    };
+                    let end = !matches!(item, StreamItem::Chunk(_));
+                    if tx.send(item).await.is_err() || end {
+                        return; // the caller left, or the stream is over
+                    }
+                    sent += 1;
+                }
+            });
+            Ok(Streaming { replica, chunks: rx })
+        })
+        .await
+    }
 }
 
-fn error(status: StatusCode, kind: &str, message: String) -> Response {
-    (
-        status,
-        Json(json!({"error": {"message": message, "type": kind}})),
-    )
-        .into_response()
+/// Turns a refusal by the agent into a [`Miss`]; passes success through.
+async fn refused(response: reqwest::Response, t: &Target) -> Result<reqwest::Response, Miss> {
+    let status = response.status();
+    if status.is_success() {
+        return Ok(response);
+    }
+    let retry_ms = response
+        .headers()
+        .get("retry-after-ms")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let body: Value = response.json().await.unwrap_or(Value::Null);
+    let message = body["error"]["message"]
+        .as_str()
+        .unwrap_or("no reason given")
+        .to_string();
+    if status.as_u16() == 429 {
+        return Err(Miss::Full(retry_ms.unwrap_or(1000), message));
+    }
+    if status.is_client_error() && status.as_u16() != 404 {
+        let status = StatusCode::from_u16(status.as_u16()).unwrap_or(StatusCode::BAD_REQUEST);
+        return Err(Miss::Final(GwError::new(status, "invalid_request_error", message)));
+    }
+    Err(Miss::Failed(format!(
+        "replica {} answered {status}: {message}",
+        t.replica
+    )))
 }
 
-fn unavailable(message: String) -> Response {
-    let mut r = error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message);
-    r.headers_mut()
-        .insert("retry-after", HeaderValue::from_static("1"));
+/// One server-sent event from an agent: a chunk, the end, or an error.
+fn parse_event(data: &str) -> Result<StreamItem, String> {
+    if data.trim() == "[DONE]" {
+        return Ok(StreamItem::Done);
+    }
+    let v: Value = serde_json::from_str(data).map_err(|e| format!("unreadable chunk ({e})"))?;
+    if let Some(m) = v["error"]["message"].as_str() {
+        return Err(m.to_string());
+    }
+    Ok(StreamItem::Chunk(v))
+}
+
+/// The text piece of an OpenAI chunk (chat delta or completion text).
+pub fn chunk_text(chunk: &Value) -> &str {
+    chunk["choices"][0]["delta"]["content"]
+        .as_str()
+        .or_else(|| chunk["choices"][0]["text"].as_str())
+        .unwrap_or_default()
+}
+
+fn replica_header(mut r: Response, replica: &str) -> Response {
+    if let Ok(v) = HeaderValue::from_str(replica) {
+        r.headers_mut().insert("x-talon-replica", v);
+    }
     r
 }
 
@@ -101,265 +536,62 @@ async fn models(State(g): State<Gateway>) -> Response {
     Json(json!({"object": "list", "data": data})).into_response()
 }
 
-/// (replica id, agent address) candidates for `model`, best first.
-/// Err: the response to give, and whether waiting could change it.
-fn candidates(g: &Gateway, model: &str) -> Result<Vec<(String, String)>, (Response, bool)> {
-    let applied = g.ctx.state.read().expect("state lock poisoned");
-    if !applied.state.models.contains_key(model) {
-        let known: Vec<&str> = applied.state.models.keys().map(String::as_str).collect();
-        return Err((
-            error(
-                StatusCode::NOT_FOUND,
-                "model_not_found",
-                format!(
-                    "model {model:?} does not exist; registered models: {}",
-                    known.join(", ")
-                ),
-            ),
-            false,
-        ));
-    }
-    let leader = g.ctx.is_leader();
-    let mut out: Vec<(u32, String, String)> = Vec::new();
-    let mut states = Vec::new();
-    for r in applied.state.replicas.values().filter(|r| r.model == model) {
-        let Some(node) = applied.state.nodes.get(&r.node_id) else {
-            continue;
-        };
-        let state = g.ctx.telemetry.replica_state(&r.node_id, &r.id);
-        states.push(format!(
-            "{}={}",
-            r.id,
-            state.as_deref().unwrap_or("unknown")
-        ));
-        // The leader knows readiness; a follower tries what is placed.
-        if leader && state.as_deref() != Some("ready") {
-            continue;
+/// Checks the parts of a body every replica would refuse, before routing.
+pub fn check_body(path: &str, body: &Value) -> Result<(), GwError> {
+    match path {
+        "/chat/completions" if !body["messages"].is_array() => Err(GwError::bad_request(
+            "\"messages\" must be an array of {role, content}",
+        )),
+        "/completions" if !body["prompt"].is_string() => {
+            Err(GwError::bad_request("\"prompt\" must be a string"))
         }
-        out.push((
-            g.counter(&r.id).load(Ordering::Relaxed),
-            r.id.clone(),
-            node.inventory.addr.clone(),
-        ));
-    }
-    if out.is_empty() {
-        let placed = if states.is_empty() {
-            "none placed".to_string()
-        } else {
-            states.join(", ")
-        };
-        let message = format!("model {model:?} has no ready replica ({placed}); retry shortly");
-        return Err((unavailable(message), true));
-    }
-    out.sort();
-    Ok(out.into_iter().map(|(_, id, addr)| (id, addr)).collect())
-}
-
-/// Sends `body` to the first replica that answers.
-async fn forward(
-    g: &Gateway,
-    path: &str,
-    headers: &HeaderMap,
-    body: &Value,
-) -> Result<Value, Response> {
-    let Some(model) = body["model"].as_str() else {
-        return Err(error(
-            StatusCode::BAD_REQUEST,
-            "invalid_request_error",
-            "the request has no \"model\"; name a registered model".into(),
-        ));
-    };
-    // A request waits for a ready replica (one may be moving after a node
-    // loss) until its deadline: `x-talon-deadline-ms`, else 30 s.
-    let budget = headers
-        .get("x-talon-deadline-ms")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse().ok())
-        .map_or(DEFAULT_WAIT, Duration::from_millis);
-    let deadline = tokio::time::Instant::now() + budget;
-    let mut pause = tokio::time::interval(Duration::from_millis(200));
-    loop {
-        let last = match try_replicas(g, path, headers, body, model).await {
-            Ok(answer) => return Ok(answer),
-            Err(Attempt::Final(response)) => return Err(response),
-            Err(Attempt::Retry(response)) => response,
-        };
-        if tokio::time::Instant::now() >= deadline {
-            return Err(last);
-        }
-        pause.tick().await;
+        "/embeddings" if !(body["input"].is_string() || body["input"].is_array()) => Err(
+            GwError::bad_request("\"input\" must be a string or an array of strings"),
+        ),
+        _ => Ok(()),
     }
 }
 
-/// How one pass over the replicas ended.
-enum Attempt {
-    /// Give this answer now.
-    Final(Response),
-    /// Nothing answered; this is the answer if waiting does not help.
-    Retry(Response),
-}
-
-async fn try_replicas(
-    g: &Gateway,
-    path: &str,
-    headers: &HeaderMap,
-    body: &Value,
-    model: &str,
-) -> Result<Value, Attempt> {
-    let replicas = match candidates(g, model) {
-        Ok(r) => r,
-        Err((response, true)) => return Err(Attempt::Retry(response)),
-        Err((response, false)) => return Err(Attempt::Final(response)),
-    };
-    let mut last = String::new();
-    for (replica, addr) in replicas {
-        let counter = g.counter(&replica);
-        counter.fetch_add(1, Ordering::Relaxed);
-        let mut request = g
-            .http
-            .post(format!("http://{addr}/v1/replicas/{replica}{path}"))
-            .json(body);
-        for h in ["x-talon-priority", "x-talon-deadline-ms"] {
-            if let Some(v) = headers.get(h) {
-                request = request.header(h, v.clone());
-            }
-        }
-        let outcome = request.send().await;
-        counter.fetch_sub(1, Ordering::Relaxed);
-        match outcome {
-            Ok(r) if r.status().is_success() => match r.json::<Value>().await {
-                Ok(v) => return Ok(v),
-                Err(e) => last = format!("replica {replica} sent an unreadable answer: {e}"),
-            },
-            Ok(r) if r.status().is_client_error() && r.status() != StatusCode::NOT_FOUND => {
-                // The request itself is at fault: another replica would say the same.
-                let status =
-                    StatusCode::from_u16(r.status().as_u16()).unwrap_or(StatusCode::BAD_REQUEST);
-                let body: Value = r
-                    .json()
-                    .await
-                    .unwrap_or_else(|_| json!({"error": {"message": "bad request"}}));
-                return Err(Attempt::Final((status, Json(body)).into_response()));
-            }
-            Ok(r) => last = format!("replica {replica} answered {}", r.status()),
-            Err(e) => last = format!("replica {replica} at {addr} cannot be reached: {e}"),
-        }
-        tracing::warn!(%replica, error = %last, "retrying on another replica");
+async fn generate(g: Gateway, path: &'static str, headers: HeaderMap, mut body: Value) -> Response {
+    if let Err(e) = check_body(path, &body) {
+        return e.into_response();
     }
-    let message = format!("every replica of {model:?} failed; last: {last}");
-    Err(Attempt::Retry(unavailable(message)))
-}
-
-/// The answer as server-sent events in OpenAI's chunk format.
-fn stream(answer: Value, chat: bool) -> Response {
-    let id = answer["id"].clone();
-    let model = answer["model"].clone();
-    let text = if chat {
-        answer["choices"][0]["message"]["content"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string()
-    } else {
-        answer["choices"][0]["text"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string()
-    };
-    let finish = answer["choices"][0]["finish_reason"].clone();
-    let object = if chat {
-        "chat.completion.chunk"
-    } else {
-        "text_completion"
-    };
-    let mut events: Vec<Result<Event, std::convert::Infallible>> = Vec::new();
-    for (i, word) in text.split(' ').enumerate() {
-        let piece = if i == 0 {
-            word.to_string()
-        } else {
-            format!(" {word}")
-        };
-        let choice = if chat {
-            json!({"index": 0, "delta": {"role": "assistant", "content": piece}, "finish_reason": null})
-        } else {
-            json!({"index": 0, "text": piece, "finish_reason": null})
-        };
-        events.push(Ok(Event::default().data(
-            json!({"id": id, "object": object, "created": 0, "model": model, "choices": [choice]})
-                .to_string(),
-        )));
-    }
-    let last = if chat {
-        json!({"index": 0, "delta": {}, "finish_reason": finish})
-    } else {
-        json!({"index": 0, "text": "", "finish_reason": finish})
-    };
-    events.push(Ok(Event::default().data(
-        json!({"id": id, "object": object, "created": 0, "model": model, "choices": [last]})
-            .to_string(),
-    )));
-    events.push(Ok(Event::default().data("[DONE]")));
-    Sse::new(tokio_stream::iter(events)).into_response()
-}
-
-async fn generate(g: Gateway, headers: HeaderMap, body: Value, chat: bool) -> Response {
-    let path = if chat {
-        "/chat/completions"
-    } else {
-        "/completions"
-    };
-    let streaming = body["stream"].as_bool() == Some(true);
-    let mut upstream = body.clone();
-    if let Some(o) = upstream.as_object_mut() {
+    let streaming = body["stream"].as_bool() == Some(true) && path != "/embeddings";
+    if let Some(o) = body.as_object_mut() {
         o.remove("stream");
         o.remove("stream_options");
     }
-    match forward(&g, path, &headers, &upstream).await {
-        Ok(answer) if streaming => stream(answer, chat),
-        Ok(answer) => Json(answer).into_response(),
-        Err(r) => r,
+    let call = Call::from_http(path, &headers, body);
+    if !streaming {
+        return match g.complete(&call).await {
+            Ok((replica, answer)) => replica_header(Json(answer).into_response(), &replica),
+            Err(e) => e.into_response(),
+        };
     }
+    let Streaming { replica, chunks } = match g.open_stream(&call).await {
+        Ok(s) => s,
+        Err(e) => return e.into_response(),
+    };
+    let events = tokio_stream::wrappers::ReceiverStream::new(chunks).map(|item| {
+        Ok::<_, std::convert::Infallible>(match item {
+            StreamItem::Chunk(v) => Event::default().data(v.to_string()),
+            StreamItem::Done => Event::default().data("[DONE]"),
+            StreamItem::Lost(message) => Event::default().data(
+                json!({"error": {"message": message, "type": "replica_lost", "code": 502}}).to_string(),
+            ),
+        })
+    });
+    replica_header(Sse::new(events).into_response(), &replica)
 }
 
 async fn chat(State(g): State<Gateway>, headers: HeaderMap, Json(body): Json<Value>) -> Response {
-    if !body["messages"].is_array() {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "invalid_request_error",
-            "\"messages\" must be an array of {role, content}".into(),
-        );
-    }
-    generate(g, headers, body, true).await
+    generate(g, "/chat/completions", headers, body).await
 }
 
-async fn completions(
-    State(g): State<Gateway>,
-    headers: HeaderMap,
-    Json(body): Json<Value>,
-) -> Response {
-    if !body["prompt"].is_string() {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "invalid_request_error",
-            "\"prompt\" must be a string".into(),
-        );
-    }
-    generate(g, headers, body, false).await
+async fn completions(State(g): State<Gateway>, headers: HeaderMap, Json(body): Json<Value>) -> Response {
+    generate(g, "/completions", headers, body).await
 }
 
-async fn embeddings(
-    State(g): State<Gateway>,
-    headers: HeaderMap,
-    Json(body): Json<Value>,
-) -> Response {
-    if !(body["input"].is_string() || body["input"].is_array()) {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "invalid_request_error",
-            "\"input\" must be a string or an array of strings".into(),
-        );
-    }
-    match forward(&g, "/embeddings", &headers, &body).await {
-        Ok(answer) => Json(answer).into_response(),
-        Err(r) => r,
-    }
+async fn embeddings(State(g): State<Gateway>, headers: HeaderMap, Json(body): Json<Value>) -> Response {
+    generate(g, "/embeddings", headers, body).await
 }

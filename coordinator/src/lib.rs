@@ -15,6 +15,10 @@
 //! - [`store`]: log and state machine in sled (openraft's storage-v2 traits);
 //! - [`network`]: Raft RPCs over tonic, with a fault filter for tests;
 //! - [`admin`]: the admin service; [`http`]: metrics and health;
+//! - [`agents`], [`telemetry`], [`leases`]: node agents, their reports and
+//!   health; [`reconcile`]: replicas placed on the leader;
+//! - [`gateway`] (OpenAI HTTP), [`inference`] (gRPC), [`websocket`]: the
+//!   serving path, routed by [`routing`];
 //! - [`config`], [`metrics`], [`error`].
 
 pub mod admin;
@@ -24,14 +28,17 @@ pub mod convert;
 pub mod error;
 pub mod gateway;
 pub mod http;
+pub mod inference;
 pub mod leases;
 pub mod metrics;
 pub mod network;
 pub mod raft_types;
 pub mod reconcile;
+pub mod routing;
 pub mod state;
 pub mod store;
 pub mod telemetry;
+pub mod websocket;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -40,6 +47,7 @@ use std::time::Duration;
 use anyhow::Context;
 use talon_proto::v1::admin_service_server::AdminServiceServer;
 use talon_proto::v1::agent_service_server::AgentServiceServer;
+use talon_proto::v1::inference_server::InferenceServer;
 use talon_proto::v1::raft_service_server::RaftServiceServer;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
@@ -142,6 +150,7 @@ pub async fn run(
         }
         stream
     });
+    let gateway = gateway::Gateway::new(ctx_http);
     let grpc_server = tonic::transport::Server::builder()
         .add_service(
             RaftServiceServer::new(RaftRpcService::new(raft.clone(), faults))
@@ -150,8 +159,11 @@ pub async fn run(
         )
         .add_service(AdminServiceServer::new(Admin::new(ctx.clone())))
         .add_service(AgentServiceServer::new(agents::AgentSvc::new(ctx)))
+        .add_service(InferenceServer::new(inference::InferenceSvc::new(
+            gateway.clone(),
+        )))
         .serve_with_incoming_shutdown(incoming, stopped(stop_rx.clone()));
-    let app = http::router(metrics, raft.clone()).merge(gateway::Gateway::new(ctx_http).router());
+    let app = http::router(metrics, raft.clone()).merge(gateway.router());
     let http_server = axum::serve(http, app).with_graceful_shutdown(stopped(stop_rx));
 
     let (grpc_result, http_result) = tokio::join!(grpc_server, http_server);

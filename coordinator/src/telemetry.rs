@@ -22,8 +22,8 @@ pub struct NodeTelemetry {
     pub seq: u64,
     /// Per GPU (by position in the report), oldest first.
     pub history: Vec<VecDeque<pb::GpuSample>>,
-    /// Replica id → state, as of the last report.
-    pub replicas: HashMap<String, String>,
+    /// Replica id → state and load, as of the last report.
+    pub replicas: HashMap<String, pb::ReplicaStatus>,
 }
 
 /// Telemetry of every node, bounded per GPU.
@@ -59,7 +59,7 @@ impl TelemetryStore {
         entry.replicas = report
             .replicas
             .into_iter()
-            .map(|r| (r.id, r.state))
+            .map(|r| (r.id.clone(), r))
             .collect();
         entry.sampled_at_ms = report.sampled_at_ms;
         entry.seq = report.seq;
@@ -111,6 +111,12 @@ impl TelemetryStore {
 
     /// A replica's state as its node last reported it.
     pub fn replica_state(&self, node: &str, replica: &str) -> Option<String> {
+        let nodes = self.nodes.lock().expect("telemetry lock poisoned");
+        Some(nodes.get(node)?.replicas.get(replica)?.state.clone())
+    }
+
+    /// A replica's state and load as its node last reported them.
+    pub fn replica_status(&self, node: &str, replica: &str) -> Option<pb::ReplicaStatus> {
         let nodes = self.nodes.lock().expect("telemetry lock poisoned");
         nodes.get(node)?.replicas.get(replica).cloned()
     }

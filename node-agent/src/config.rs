@@ -51,6 +51,9 @@ pub struct AgentConfig {
     pub engine_command: Option<String>,
     /// Directory for the engines' logs.
     pub engine_log_dir: PathBuf,
+    /// Most requests one replica holds (queued or served) before it answers
+    /// 429; low-priority requests are refused at half of it.
+    pub max_queue: u32,
 }
 
 impl Default for AgentConfig {
@@ -71,6 +74,7 @@ impl Default for AgentConfig {
             calibrate: true,
             engine_command: None,
             engine_log_dir: PathBuf::from("talon-engine-logs"),
+            max_queue: crate::replicas::DEFAULT_MAX_QUEUE,
         }
     }
 }
@@ -121,6 +125,9 @@ pub struct Flags {
     pub engine_command: Option<String>,
     #[arg(long, env = "TALON_ENGINE_LOG_DIR")]
     pub engine_log_dir: Option<PathBuf>,
+    /// Most requests one replica holds before it answers 429.
+    #[arg(long, env = "TALON_MAX_QUEUE")]
+    pub max_queue: Option<u32>,
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {
@@ -217,6 +224,9 @@ impl AgentConfig {
         if let Some(v) = &flags.engine_log_dir {
             c.engine_log_dir = v.clone();
         }
+        if let Some(v) = flags.max_queue {
+            c.max_queue = v;
+        }
         if let Some(path) = &c.join_token_file {
             let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
                 path: path.clone(),
@@ -293,6 +303,12 @@ impl AgentConfig {
         if let Some(template) = &self.engine_command {
             crate::executor::external::CommandTemplate::parse(template)
                 .map_err(|m| ConfigError::Invalid(format!("engine_command: {m}")))?;
+        }
+        if self.max_queue < 2 {
+            return bad(format!(
+                "max_queue is {}; use 2 or more (low priority gets half)",
+                self.max_queue
+            ));
         }
         if !(self.cost_per_hour.is_finite() && self.cost_per_hour >= 0.0) {
             return bad(format!(

@@ -74,7 +74,8 @@ fn open_probe(config: &AgentConfig) -> Result<Opened, (u8, String)> {
                 fleet: fleet.clone(),
                 correction: Arc::new(Correction::default()),
             };
-            let manager = Arc::new(ReplicaManager::new(Arc::new(factory)));
+            let manager =
+                Arc::new(ReplicaManager::new(Arc::new(factory)).with_max_queue(config.max_queue));
             Ok((
                 fleet,
                 host.cpu_cores,
@@ -131,7 +132,9 @@ async fn main() -> ExitCode {
                 log_dir: config.engine_log_dir.clone(),
                 settings: EngineSettings::default(),
             };
-            Some(Arc::new(ReplicaManager::new(Arc::new(factory))))
+            Some(Arc::new(
+                ReplicaManager::new(Arc::new(factory)).with_max_queue(config.max_queue),
+            ))
         }
         None => replicas,
     };

@@ -3,6 +3,7 @@
 //! replica's state with the telemetry.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
 use talon_proto::v1 as pb;
@@ -55,10 +56,21 @@ impl ExecutorFactory for SimulatedFactory {
 
 type Answer = tokio::sync::oneshot::Sender<Result<serde_json::Value, ExecError>>;
 
-/// A running replica: its executor and the batcher in front of it.
+/// A running replica: its executor, the batcher in front of it, and how
+/// many requests it holds (queued or being served).
 struct Running {
     executor: Arc<dyn Executor>,
     batcher: Batcher<(InferRequest, Answer)>,
+    held: Arc<AtomicU32>,
+}
+
+/// Counts a request as held by a replica until it is dropped.
+struct Held(Arc<AtomicU32>);
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// Replicas run as external engine processes from a command template,
@@ -128,13 +140,33 @@ fn running(executor: Arc<dyn Executor>) -> Running {
             }
         },
     );
-    Running { executor, batcher }
+    Running {
+        executor,
+        batcher,
+        held: Arc::new(AtomicU32::new(0)),
+    }
+}
+
+/// Default bound on the requests one replica holds (queued or served); a
+/// request beyond it is refused with 429.
+pub const DEFAULT_MAX_QUEUE: u32 = 256;
+
+/// How many requests of `priority` a replica holding a queue bounded by
+/// `max_queue` admits: low-priority work is refused first (at half), and
+/// critical work gets a batch of headroom past the bound.
+pub fn admits(priority: Priority, max_queue: u32) -> u32 {
+    match priority {
+        Priority::Low => max_queue / 2,
+        Priority::Normal | Priority::High => max_queue,
+        Priority::Critical => max_queue + BATCH_LIMITS.max_batch as u32,
+    }
 }
 
 /// The replicas running here.
 pub struct ReplicaManager {
     factory: Arc<dyn ExecutorFactory>,
     replicas: Mutex<HashMap<String, (pb::AssignedReplica, Slot)>>,
+    max_queue: u32,
 }
 
 impl std::fmt::Debug for ReplicaManager {
@@ -150,7 +182,14 @@ impl ReplicaManager {
         ReplicaManager {
             factory,
             replicas: Mutex::new(HashMap::new()),
+            max_queue: DEFAULT_MAX_QUEUE,
         }
+    }
+
+    /// Bounds the requests each replica holds (see [`admits`]).
+    pub fn with_max_queue(mut self, max_queue: u32) -> ReplicaManager {
+        self.max_queue = max_queue;
+        self
     }
 
     /// Converges to `assignments`: stops replicas no longer assigned (or
@@ -214,11 +253,20 @@ impl ReplicaManager {
                     id: id.clone(),
                     state: e.executor.state().as_str().into(),
                     message: String::new(),
+                    held: e.held.load(Ordering::Relaxed),
+                    service_ms_one: e.executor.service_time(1).as_secs_f64() as f32 * 1e3,
+                    service_ms_full: e
+                        .executor
+                        .service_time(BATCH_LIMITS.max_batch)
+                        .as_secs_f64() as f32
+                        * 1e3,
+                    max_batch: BATCH_LIMITS.max_batch as u32,
                 },
                 Slot::Failed(why) => pb::ReplicaStatus {
                     id: id.clone(),
                     state: "failed".into(),
                     message: why.clone(),
+                    ..Default::default()
                 },
             })
             .collect();
@@ -226,7 +274,10 @@ impl ReplicaManager {
         out
     }
 
-    /// Serves one request on replica `id` through its batcher.
+    /// Serves one request on replica `id` through its batcher (an engine
+    /// that batches itself gets it directly). Refused with
+    /// [`ExecError::Overloaded`] when the replica already holds as many
+    /// requests as [`admits`] allows for `priority`.
     pub async fn infer(
         &self,
         id: &str,
@@ -235,29 +286,43 @@ impl ReplicaManager {
         deadline: tokio::time::Instant,
     ) -> Result<serde_json::Value, ExecError> {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        let direct = {
+        let (direct, _held) = {
             let replicas = self.replicas.lock().expect("replica lock poisoned");
-            match replicas.get(id) {
-                // An engine that batches on its own (no service-time model)
-                // gets each request at once, concurrently.
-                Some((_, Slot::Running(r))) if r.executor.service_time(1).is_zero() => {
-                    Some(r.executor.clone())
-                }
-                Some((_, Slot::Running(r))) => {
-                    if !r.batcher.submit((request.clone(), tx), priority, deadline) {
-                        return Err(ExecError::NotReady("stopped"));
-                    }
-                    None
-                }
+            let r = match replicas.get(id) {
+                Some((_, Slot::Running(r))) => r,
                 Some((_, Slot::Failed(_))) => return Err(ExecError::NotReady("failed")),
                 None => {
                     return Err(ExecError::Config(format!(
                         "replica {id:?} does not run on this node"
                     )))
                 }
+            };
+            let state = r.executor.state();
+            if state != crate::executor::ReplicaState::Ready {
+                return Err(ExecError::NotReady(state.as_str()));
+            }
+            let held = r.held.load(Ordering::Relaxed);
+            if held >= admits(priority, self.max_queue) {
+                let max_batch = BATCH_LIMITS.max_batch as u32;
+                let waves = held.div_ceil(max_batch).max(1);
+                let drain = r.executor.service_time(BATCH_LIMITS.max_batch) * waves;
+                return Err(ExecError::Overloaded {
+                    queued: held,
+                    retry_after_ms: drain.as_millis().max(1) as u64,
+                });
+            }
+            r.held.fetch_add(1, Ordering::Relaxed);
+            let guard = Held(r.held.clone());
+            if r.executor.service_time(1).is_zero() {
+                (Some((r.executor.clone(), request)), guard)
+            } else {
+                if !r.batcher.submit((request, tx), priority, deadline) {
+                    return Err(ExecError::NotReady("stopped"));
+                }
+                (None, guard)
             }
         };
-        if let Some(executor) = direct {
+        if let Some((executor, request)) = direct {
             return executor
                 .infer(vec![request])
                 .await

@@ -5,11 +5,13 @@
 //! normal, low) and `x-talon-deadline-ms` (time left) set its place and
 //! deadline.
 
+use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -86,20 +88,110 @@ async fn serve(
         .and_then(|v| v.parse().ok())
         .map_or(DEFAULT_DEADLINE, Duration::from_millis);
     let deadline = tokio::time::Instant::now() + left;
+    let streaming = body["stream"].as_bool() == Some(true) && endpoint != Endpoint::Embeddings;
+    let mut body = body;
+    if let Some(o) = body.as_object_mut() {
+        o.remove("stream");
+        o.remove("stream_options");
+    }
+    if streaming {
+        return stream(replicas, id, InferRequest::new(endpoint, body), priority, deadline).await;
+    }
     match replicas
-        .infer(&id, InferRequest { endpoint, body }, priority, deadline)
+        .infer(&id, InferRequest::new(endpoint, body), priority, deadline)
         .await
     {
         Ok(answer) => Json(answer).into_response(),
-        Err(ExecError::NotReady(state)) => error(
+        Err(e) => failure(&id, e),
+    }
+}
+
+/// The response for a request that failed before anything was sent.
+fn failure(id: &str, e: ExecError) -> Response {
+    match e {
+        ExecError::NotReady(state) => error(
             StatusCode::SERVICE_UNAVAILABLE,
             "replica_unavailable",
             format!("replica {id} is {state}"),
         ),
-        Err(ExecError::BadRequest(m)) => error(StatusCode::BAD_REQUEST, "invalid_request_error", m),
-        Err(ExecError::Engine(m)) => error(StatusCode::BAD_GATEWAY, "engine_error", m),
-        Err(ExecError::Config(m)) => error(StatusCode::NOT_FOUND, "not_found", m),
+        ExecError::BadRequest(m) => error(StatusCode::BAD_REQUEST, "invalid_request_error", m),
+        ExecError::Engine(m) => error(StatusCode::BAD_GATEWAY, "engine_error", m),
+        ExecError::Config(m) => error(StatusCode::NOT_FOUND, "not_found", m),
+        ExecError::Overloaded {
+            queued,
+            retry_after_ms,
+        } => {
+            let mut r = error(
+                StatusCode::TOO_MANY_REQUESTS,
+                "overloaded",
+                format!(
+                    "replica {id} holds {queued} requests, its limit for this priority; \
+                     retry after {retry_after_ms} ms or on another replica"
+                ),
+            );
+            let seconds = retry_after_ms.div_ceil(1000).max(1);
+            if let Ok(v) = HeaderValue::from_str(&seconds.to_string()) {
+                r.headers_mut().insert("retry-after", v);
+            }
+            if let Ok(v) = HeaderValue::from_str(&retry_after_ms.to_string()) {
+                r.headers_mut().insert("retry-after-ms", v);
+            }
+            r
+        }
     }
+}
+
+/// A streamed request: chunks go out as server-sent events as the replica
+/// produces them, then `[DONE]`. A failure before the first chunk is an
+/// ordinary error response (the gateway may try another replica); one
+/// after it is an `error` event, and the stream ends without `[DONE]`.
+async fn stream(
+    replicas: Arc<ReplicaManager>,
+    id: String,
+    mut request: InferRequest,
+    priority: Priority,
+    deadline: tokio::time::Instant,
+) -> Response {
+    let (sink, mut chunks) = tokio::sync::mpsc::unbounded_channel();
+    request.stream = Some(sink);
+    let run_id = id.clone();
+    let mut run =
+        tokio::spawn(async move { replicas.infer(&run_id, request, priority, deadline).await });
+    // Wait for the first chunk, or for the end if no chunk comes.
+    let first = tokio::select! {
+        biased;
+        chunk = chunks.recv() => chunk,
+        ended = &mut run => {
+            match ended {
+                Ok(Err(e)) => return failure(&id, e),
+                Err(e) => return failure(&id, ExecError::Engine(format!("replica task failed: {e}"))),
+                Ok(Ok(_)) => chunks.recv().await,
+            }
+        }
+    };
+    let (out, events) = tokio::sync::mpsc::channel::<Result<Event, Infallible>>(64);
+    tokio::spawn(async move {
+        let mut next = first;
+        while let Some(chunk) = next {
+            if out.send(Ok(Event::default().data(chunk.to_string()))).await.is_err() {
+                return; // the caller left
+            }
+            next = chunks.recv().await;
+        }
+        // Every sink is gone: the answer is complete or it failed.
+        let last = match run.await {
+            Ok(Ok(_)) => Event::default().data("[DONE]"),
+            Ok(Err(e)) => error_event(&id, &e.to_string()),
+            Err(e) => error_event(&id, &format!("replica task failed: {e}")),
+        };
+        let _ = out.send(Ok(last)).await;
+    });
+    Sse::new(tokio_stream::wrappers::ReceiverStream::new(events)).into_response()
+}
+
+fn error_event(id: &str, message: &str) -> Event {
+    let message = format!("replica {id} failed mid-stream: {message}; the answer is incomplete");
+    Event::default().data(json!({"error": {"message": message, "type": "replica_failed"}}).to_string())
 }
 
 async fn chat(

@@ -56,6 +56,7 @@ async fn external_engine_starts_proxies_and_restarts() {
     let chat = InferRequest {
         endpoint: Endpoint::ChatCompletions,
         body: json!({"model": "tiny", "messages": [{"role": "user", "content": "hello there"}]}),
+        stream: None,
     };
     let answer = engine
         .infer(vec![chat.clone()])
@@ -69,6 +70,7 @@ async fn external_engine_starts_proxies_and_restarts() {
     let bad = InferRequest {
         endpoint: Endpoint::Completions,
         body: json!({"model": "tiny"}),
+        stream: None,
     };
     let err = engine
         .infer(vec![bad])
@@ -135,6 +137,7 @@ async fn engines_that_cannot_start_end_failed() {
         .infer(vec![InferRequest {
             endpoint: Endpoint::Completions,
             body: json!({"prompt": "x"}),
+            stream: None,
         }])
         .await
         .remove(0)

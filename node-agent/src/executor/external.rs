@@ -311,6 +311,32 @@ async fn supervise(
     }
 }
 
+/// Relays the engine's server-sent events to `sink` until `[DONE]`. The
+/// result says how many chunks went through.
+async fn relay(response: reqwest::Response, sink: &super::ChunkSink) -> Result<Value, ExecError> {
+    use eventsource_stream::Eventsource;
+    use futures_util::StreamExt;
+    let mut events = response.bytes_stream().eventsource();
+    let mut chunks = 0u64;
+    while let Some(event) = events.next().await {
+        let event = event.map_err(|e| {
+            ExecError::Engine(format!("engine stream broke after {chunks} chunks: {e}"))
+        })?;
+        if event.data.trim() == "[DONE]" {
+            return Ok(serde_json::json!({"chunks": chunks}));
+        }
+        let chunk: Value = serde_json::from_str(&event.data).map_err(|e| {
+            ExecError::Engine(format!("engine sent an unreadable chunk ({e}): {}", event.data))
+        })?;
+        chunks += 1;
+        // The client may have gone; the engine's answer is still read out.
+        let _ = sink.send(chunk);
+    }
+    Err(ExecError::Engine(format!(
+        "engine stream ended after {chunks} chunks without [DONE]"
+    )))
+}
+
 #[async_trait::async_trait]
 impl Executor for ExternalEngine {
     fn state(&self) -> ReplicaState {
@@ -325,14 +351,21 @@ impl Executor for ExternalEngine {
                 return Err(ExecError::NotReady(state.as_str()));
             }
             let url = format!("http://127.0.0.1:{}{}", self.port, r.endpoint.path());
+            let mut body = r.body.clone();
+            if let (Some(_), Some(o)) = (&r.stream, body.as_object_mut()) {
+                o.insert("stream".into(), Value::Bool(true));
+            }
             let response = self
                 .http
                 .post(&url)
-                .json(&r.body)
+                .json(&body)
                 .send()
                 .await
                 .map_err(|e| ExecError::Engine(e.to_string()))?;
             let status = response.status();
+            if let (Some(sink), true) = (&r.stream, status.is_success()) {
+                return relay(response, sink).await;
+            }
             let body: Value = response
                 .json()
                 .await

@@ -36,12 +36,30 @@ impl Endpoint {
     }
 }
 
+/// Where a streamed answer's chunks go: OpenAI chunk objects
+/// (`chat.completion.chunk` or `text_completion`), in order. The executor
+/// drops it when the answer is complete.
+pub type ChunkSink = tokio::sync::mpsc::UnboundedSender<Value>;
+
 /// One inference request.
 #[derive(Clone, Debug)]
 pub struct InferRequest {
     pub endpoint: Endpoint,
-    /// The OpenAI request body (non-streaming).
+    /// The OpenAI request body, without `stream`.
     pub body: Value,
+    /// Set for a streamed request: the answer goes here chunk by chunk as it
+    /// is produced, and the final result only says how it ended.
+    pub stream: Option<ChunkSink>,
+}
+
+impl InferRequest {
+    pub fn new(endpoint: Endpoint, body: Value) -> InferRequest {
+        InferRequest {
+            endpoint,
+            body,
+            stream: None,
+        }
+    }
 }
 
 /// A replica's lifecycle, as reported to the coordinators.
@@ -81,6 +99,9 @@ pub enum ExecError {
     Engine(String),
     #[error("{0}")]
     Config(String),
+    /// The replica's queue is full for this priority; come back later.
+    #[error("replica queue is full ({queued} requests); retry after {retry_after_ms} ms")]
+    Overloaded { queued: u32, retry_after_ms: u64 },
 }
 
 /// Something that serves a replica.

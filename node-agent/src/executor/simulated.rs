@@ -117,6 +117,46 @@ impl SimulatedExecutor {
         }
     }
 
+    /// Plays a batch out token by token: the prompts first, then one decode
+    /// step per output token, each streamed request getting its token as the
+    /// step ends. Takes `latency` in all, like the batch unstreamed.
+    async fn stream(&self, batch: &[InferRequest], answers: &[Result<Value, ExecError>], latency: Duration) {
+        let steps = batch.iter().map(output_tokens).max().unwrap_or(0);
+        let prompts: Vec<u64> = batch.iter().map(|r| prompt_tokens(&r.body).max(1)).collect();
+        let prefill = perf::prefill(self.shape, self.gpu_type, 1, prompts.iter().sum());
+        let modelled = perf::batch_latency(self.shape, self.gpu_type, 1, &prompts, steps);
+        // Scale prefill by the same correction as the whole.
+        let scale = latency.as_secs_f64() / modelled.as_secs_f64().max(1e-9);
+        let prefill = prefill.mul_f64(scale).min(latency);
+        let step = (latency - prefill)
+            .checked_div(steps.max(1) as u32)
+            .unwrap_or_default();
+        let start = tokio::time::Instant::now();
+        tokio::time::sleep(prefill).await;
+        let words: Vec<Vec<&str>> = answers
+            .iter()
+            .map(|a| match a {
+                Ok(a) => answer_text(a).split(' ').collect(),
+                Err(_) => Vec::new(),
+            })
+            .collect();
+        for i in 0..steps as usize {
+            tokio::time::sleep_until(start + prefill + step * (i as u32 + 1)).await;
+            for ((r, words), answer) in batch.iter().zip(&words).zip(answers) {
+                let (Some(sink), Some(word), Ok(answer)) = (&r.stream, words.get(i), answer) else {
+                    continue;
+                };
+                let piece = if i == 0 { word.to_string() } else { format!(" {word}") };
+                let _ = sink.send(chunk(r.endpoint, answer, Some(&piece), None));
+            }
+        }
+        for (r, answer) in batch.iter().zip(answers) {
+            if let (Some(sink), Ok(answer)) = (&r.stream, answer) {
+                let _ = sink.send(chunk(r.endpoint, answer, None, Some("length")));
+            }
+        }
+    }
+
     fn set_utilization(&self, busy: bool) {
         let u = if busy { 95 } else { 0 };
         // The memory stays held while the replica is loaded.
@@ -124,6 +164,32 @@ impl SimulatedExecutor {
             .fleet
             .set_owner_load(self.gpu, &self.owner, self.memory_bytes, u, 1);
     }
+}
+
+/// The generated text of a chat or text completion.
+fn answer_text(answer: &Value) -> &str {
+    answer["choices"][0]["message"]["content"]
+        .as_str()
+        .or_else(|| answer["choices"][0]["text"].as_str())
+        .unwrap_or_default()
+}
+
+/// One streamed chunk of `answer` in OpenAI's format: a piece of text, or
+/// the last chunk with the finish reason.
+fn chunk(endpoint: Endpoint, answer: &Value, piece: Option<&str>, finish: Option<&str>) -> Value {
+    let choice = match endpoint {
+        Endpoint::ChatCompletions => {
+            let delta = piece.map_or(json!({}), |p| json!({"role": "assistant", "content": p}));
+            json!({"index": 0, "delta": delta, "finish_reason": finish})
+        }
+        _ => json!({"index": 0, "text": piece.unwrap_or(""), "finish_reason": finish}),
+    };
+    let object = if endpoint == Endpoint::ChatCompletions {
+        "chat.completion.chunk"
+    } else {
+        "text_completion"
+    };
+    json!({"id": answer["id"], "object": object, "created": 0, "model": answer["model"], "choices": [choice]})
 }
 
 fn output_tokens(r: &InferRequest) -> u64 {
@@ -147,6 +213,7 @@ impl Executor for SimulatedExecutor {
         let probe = InferRequest {
             endpoint: Endpoint::ChatCompletions,
             body: json!({"messages": [{"role": "user", "content": "x ".repeat(512)}], "max_tokens": DEFAULT_OUTPUT_TOKENS}),
+            stream: None,
         };
         self.predict(&vec![probe; n.max(1)])
     }
@@ -160,13 +227,7 @@ impl Executor for SimulatedExecutor {
                 .collect();
         }
         let latency = self.predict(&batch);
-        self.in_flight.fetch_add(1, Ordering::SeqCst);
-        self.set_utilization(true);
-        tokio::time::sleep(latency).await;
-        if self.in_flight.fetch_sub(1, Ordering::SeqCst) == 1 {
-            self.set_utilization(false);
-        }
-        batch
+        let answers: Vec<Result<Value, ExecError>> = batch
             .iter()
             .map(|r| match r.endpoint {
                 Endpoint::ChatCompletions if !r.body["messages"].is_array() => Err(
@@ -174,7 +235,18 @@ impl Executor for SimulatedExecutor {
                 ),
                 _ => Ok(self.answer(r)),
             })
-            .collect()
+            .collect();
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
+        self.set_utilization(true);
+        if batch.iter().any(|r| r.stream.is_some()) {
+            self.stream(&batch, &answers, latency).await;
+        } else {
+            tokio::time::sleep(latency).await;
+        }
+        if self.in_flight.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.set_utilization(false);
+        }
+        answers
     }
 
     async fn stop(&self) {
@@ -194,6 +266,7 @@ mod tests {
         InferRequest {
             endpoint: Endpoint::ChatCompletions,
             body: json!({"model": "m", "messages": [{"role": "user", "content": text}], "max_tokens": max_tokens}),
+            stream: None,
         }
     }
 
@@ -245,6 +318,7 @@ mod tests {
             .infer(vec![InferRequest {
                 endpoint: Endpoint::ChatCompletions,
                 body: json!({"model": "m"}),
+                stream: None,
             }])
             .await;
         assert!(matches!(bad[0], Err(ExecError::BadRequest(_))));

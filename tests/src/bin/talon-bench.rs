@@ -890,6 +890,7 @@ fn batching_run(
             let probe = InferRequest {
                 endpoint: Endpoint::ChatCompletions,
                 body: json!({"messages": [{"role": "user", "content": "x ".repeat(512)}], "max_tokens": 256}),
+                stream: None,
             };
             predictor.predict(&vec![probe; n])
         };
@@ -916,7 +917,7 @@ fn batching_run(
             let body = json!({"messages": [{"role": "user", "content": "w ".repeat(prompt as usize)}], "max_tokens": output});
             let now = tokio::time::Instant::now();
             let target = ttft + tpot * output as u32;
-            let request = InferRequest { endpoint: Endpoint::ChatCompletions, body };
+            let request = InferRequest::new(Endpoint::ChatCompletions, body);
             batcher.submit((request, now, target), Priority::Normal, now + target);
             sent += 1;
         }

@@ -1,0 +1,117 @@
+//! Streaming over a WebSocket: `GET /v1/stream` on the gateway's HTTP port.
+//!
+//! The client sends one request per text message, an OpenAI chat
+//! (`messages`) or text completion (`prompt`) body, optionally with
+//! `"priority"` (critical, high, normal, low) and `"deadline_ms"`. The
+//! gateway answers with the OpenAI chunk objects as text messages, as the
+//! replica produces them, then `{"object": "talon.done", "replica": ID}`.
+//! An error is one `{"error": {"message", "type", "code"}}` message; the
+//! connection stays open for the next request. Requests on one connection
+//! are served one after another.
+
+use std::time::Duration;
+
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::State;
+use axum::response::Response;
+use serde_json::{json, Value};
+
+use crate::gateway::{check_body, Call, Gateway, GwError, StreamItem, Streaming};
+
+pub async fn upgrade(State(g): State<Gateway>, ws: WebSocketUpgrade) -> Response {
+    ws.on_upgrade(move |socket| serve(g, socket))
+}
+
+async fn serve(g: Gateway, mut socket: WebSocket) {
+    while let Some(Ok(message)) = socket.recv().await {
+        let text = match message {
+            Message::Text(t) => t.to_string(),
+            Message::Close(_) => return,
+            Message::Binary(_) => {
+                let e = GwError::bad_request("send each request as a JSON text message");
+                if socket.send(text_message(e.body())).await.is_err() {
+                    return;
+                }
+                continue;
+            }
+            _ => continue, // ping and pong are answered by the library
+        };
+        if !answer(&g, &mut socket, &text).await {
+            return;
+        }
+    }
+}
+
+/// Serves one request; false when the socket is gone.
+async fn answer(g: &Gateway, socket: &mut WebSocket, text: &str) -> bool {
+    let call = match call(text) {
+        Ok(c) => c,
+        Err(e) => return socket.send(text_message(e.body())).await.is_ok(),
+    };
+    let Streaming { replica, mut chunks } = match g.open_stream(&call).await {
+        Ok(s) => s,
+        Err(e) => return socket.send(text_message(e.body())).await.is_ok(),
+    };
+    while let Some(item) = chunks.recv().await {
+        let (message, end) = match item {
+            StreamItem::Chunk(v) => (v, false),
+            StreamItem::Done => (json!({"object": "talon.done", "replica": replica}), true),
+            StreamItem::Lost(m) => (
+                json!({"error": {"message": m, "type": "replica_lost", "code": 502}}),
+                true,
+            ),
+        };
+        if socket.send(text_message(message)).await.is_err() {
+            return false;
+        }
+        if end {
+            break;
+        }
+    }
+    true
+}
+
+/// The request in one message.
+fn call(text: &str) -> Result<Call, GwError> {
+    let mut body: Value = serde_json::from_str(text)
+        .map_err(|e| GwError::bad_request(format!("the message is not JSON: {e}")))?;
+    let path = if body.get("messages").is_some() {
+        "/chat/completions"
+    } else if body.get("prompt").is_some() {
+        "/completions"
+    } else {
+        return Err(GwError::bad_request(
+            "the request has neither \"messages\" (chat) nor \"prompt\" (completion)",
+        ));
+    };
+    check_body(path, &body)?;
+    let Some(o) = body.as_object_mut() else {
+        return Err(GwError::bad_request("the request must be a JSON object"));
+    };
+    let priority = match o.remove("priority") {
+        None => None,
+        Some(Value::String(p)) => Some(p),
+        Some(other) => {
+            return Err(GwError::bad_request(format!(
+                "\"priority\" must be critical, high, normal or low, not {other}"
+            )))
+        }
+    };
+    let deadline = match o.remove("deadline_ms") {
+        None => None,
+        Some(v) => Some(Duration::from_millis(v.as_u64().ok_or_else(|| {
+            GwError::bad_request(format!("\"deadline_ms\" must be a whole number of ms, not {v}"))
+        })?)),
+    };
+    o.remove("stream");
+    Ok(Call {
+        path,
+        body,
+        priority,
+        deadline,
+    })
+}
+
+fn text_message(v: Value) -> Message {
+    Message::Text(v.to_string().into())
+}
