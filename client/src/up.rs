@@ -34,6 +34,9 @@ pub struct UpArgs {
     /// Replicas of the demo model.
     #[arg(long, default_value_t = 2)]
     pub demo_replicas: u32,
+    /// Most requests one replica holds before it answers 429.
+    #[arg(long, default_value_t = talon_node_agent::replicas::DEFAULT_MAX_QUEUE)]
+    pub max_queue: u32,
 }
 
 /// Runs until Ctrl-C.
@@ -52,6 +55,11 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     };
     config.agents.join_token = token.clone();
     config.validate()?;
+    anyhow::ensure!(
+        args.max_queue >= 2,
+        "--max-queue is {}; use 2 or more (low priority gets half)",
+        args.max_queue
+    );
     let grpc = tokio::net::TcpListener::bind(args.listen).await?;
     let http = tokio::net::TcpListener::bind(args.http_listen).await?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -76,7 +84,8 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             fleet: fleet.clone(),
             correction: Arc::new(Correction::default()),
         };
-        let replicas = Arc::new(ReplicaManager::new(Arc::new(factory)));
+        let replicas =
+            Arc::new(ReplicaManager::new(Arc::new(factory)).with_max_queue(args.max_queue));
         let app = talon_node_agent::serve::router(metrics.clone(), Some(replicas.clone()));
         tokio::spawn(async move { axum::serve(listener, app).await });
         let host = fleet.spec.host.clone();
@@ -136,7 +145,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         args.hosts.len(),
         args.hosts.join("; ")
     );
-    println!("talon up: OpenAI-compatible API at http://{}/v1 (model \"demo\"), admin gRPC at {endpoint}", args.http_listen);
+    println!("talon up: OpenAI-compatible API at http://{}/v1 (model \"demo\"), WebSocket at ws://{}/v1/stream, admin and inference gRPC at {endpoint}", args.http_listen, args.http_listen);
     println!(
         "talon up: curl -s http://{}/v1/chat/completions -H 'content-type: application/json' -d '{{\"model\":\"demo\",\"messages\":[{{\"role\":\"user\",\"content\":\"hi\"}}]}}'",
         args.http_listen

@@ -73,7 +73,11 @@ impl GwError {
     }
 
     pub fn bad_request(message: impl Into<String>) -> GwError {
-        GwError::new(StatusCode::BAD_REQUEST, "invalid_request_error", message.into())
+        GwError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            message.into(),
+        )
     }
 
     fn unavailable(message: String) -> GwError {
@@ -132,6 +136,16 @@ impl Call {
             deadline: header("x-talon-deadline-ms")
                 .and_then(|v| v.parse().ok())
                 .map(Duration::from_millis),
+        }
+    }
+
+    /// Checks what every replica would refuse.
+    fn check(&self) -> Result<(), GwError> {
+        match self.priority.as_deref() {
+            None | Some("critical" | "high" | "normal" | "low") => Ok(()),
+            Some(p) => Err(GwError::bad_request(format!(
+                "priority {p:?} is unknown; use critical, high, normal or low"
+            ))),
         }
     }
 
@@ -299,7 +313,10 @@ impl Gateway {
             let message = format!("model {model:?} has no ready replica ({placed}); retry shortly");
             return Err((GwError::unavailable(message), true));
         }
-        let ranked: Vec<Target> = routing::rank(found).into_iter().map(|(_, _, t)| t).collect();
+        let ranked: Vec<Target> = routing::rank(found)
+            .into_iter()
+            .map(|(_, _, t)| t)
+            .collect();
         // A deadline no replica is predicted to meet is refused now rather
         // than missed later.
         if let (Some(deadline), Some(best)) = (call.deadline, ranked.first()) {
@@ -327,6 +344,7 @@ impl Gateway {
         F: Fn(Target) -> Fut,
         Fut: std::future::Future<Output = Result<T, Miss>>,
     {
+        call.check()?;
         let model = call.model()?.to_string();
         let deadline = Instant::now() + call.deadline.unwrap_or(DEFAULT_WAIT);
         let mut pause = tokio::time::interval(Duration::from_millis(200));
@@ -372,9 +390,18 @@ impl Gateway {
         }
     }
 
-    fn request(&self, client: &reqwest::Client, call: &Call, t: &Target, body: &Value) -> reqwest::RequestBuilder {
+    fn request(
+        &self,
+        client: &reqwest::Client,
+        call: &Call,
+        t: &Target,
+        body: &Value,
+    ) -> reqwest::RequestBuilder {
         let mut request = client
-            .post(format!("http://{}/v1/replicas/{}{}", t.addr, t.replica, call.path))
+            .post(format!(
+                "http://{}/v1/replicas/{}{}",
+                t.addr, t.replica, call.path
+            ))
             .json(body);
         if let Some(p) = &call.priority {
             request = request.header("x-talon-priority", p);
@@ -393,7 +420,12 @@ impl Gateway {
                 .request(&self.http, call, &t, &call.body)
                 .send()
                 .await
-                .map_err(|e| Miss::Failed(format!("replica {} at {} cannot be reached: {e}", t.replica, t.addr)))?;
+                .map_err(|e| {
+                    Miss::Failed(format!(
+                        "replica {} at {} cannot be reached: {e}",
+                        t.replica, t.addr
+                    ))
+                })?;
             let response = refused(response, &t).await?;
             match response.json::<Value>().await {
                 Ok(v) => Ok((t.replica, v)),
@@ -420,15 +452,36 @@ impl Gateway {
                 .request(&self.streams, call, &t, body)
                 .send()
                 .await
-                .map_err(|e| Miss::Failed(format!("replica {} at {} cannot be reached: {e}", t.replica, t.addr)))?;
+                .map_err(|e| {
+                    Miss::Failed(format!(
+                        "replica {} at {} cannot be reached: {e}",
+                        t.replica, t.addr
+                    ))
+                })?;
             let response = refused(response, &t).await?;
             let mut events = response.bytes_stream().eventsource();
             // Nothing has reached the caller yet: a failure here is retried.
             let first = match tokio::time::timeout(STREAM_IDLE, events.next()).await {
                 Ok(Some(Ok(e))) => e.data,
-                Ok(Some(Err(e))) => return Err(Miss::Failed(format!("replica {} broke its stream: {e}", t.replica))),
-                Ok(None) => return Err(Miss::Failed(format!("replica {} sent an empty stream", t.replica))),
-                Err(_) => return Err(Miss::Failed(format!("replica {} sent nothing for {} s", t.replica, STREAM_IDLE.as_secs()))),
+                Ok(Some(Err(e))) => {
+                    return Err(Miss::Failed(format!(
+                        "replica {} broke its stream: {e}",
+                        t.replica
+                    )))
+                }
+                Ok(None) => {
+                    return Err(Miss::Failed(format!(
+                        "replica {} sent an empty stream",
+                        t.replica
+                    )))
+                }
+                Err(_) => {
+                    return Err(Miss::Failed(format!(
+                        "replica {} sent nothing for {} s",
+                        t.replica,
+                        STREAM_IDLE.as_secs()
+                    )))
+                }
             };
             let first = parse_event(&first).map_err(Miss::Failed)?;
             let (tx, rx) = mpsc::channel(64);
@@ -441,10 +494,17 @@ impl Gateway {
                     let item = match next.take() {
                         Some(item) => item,
                         None => match tokio::time::timeout(STREAM_IDLE, events.next()).await {
-                            Ok(Some(Ok(e))) => parse_event(&e.data).unwrap_or_else(StreamItem::Lost),
+                            Ok(Some(Ok(e))) => {
+                                parse_event(&e.data).unwrap_or_else(StreamItem::Lost)
+                            }
                             Ok(Some(Err(e))) => StreamItem::Lost(e.to_string()),
-                            Ok(None) => StreamItem::Lost("the connection closed before [DONE]".into()),
-                            Err(_) => StreamItem::Lost(format!("no chunk for {} s", STREAM_IDLE.as_secs())),
+                            Ok(None) => {
+                                StreamItem::Lost("the connection closed before [DONE]".into())
+                            }
+                            Err(_) => StreamItem::Lost(format!(
+                                "no chunk for {} s",
+                                STREAM_IDLE.as_secs()
+                            )),
                         },
                     };
                     let item = match item {
@@ -463,7 +523,10 @@ impl Gateway {
                     sent += 1;
                 }
             });
-            Ok(Streaming { replica, chunks: rx })
+            Ok(Streaming {
+                replica,
+                chunks: rx,
+            })
         })
         .await
     }
@@ -490,7 +553,11 @@ async fn refused(response: reqwest::Response, t: &Target) -> Result<reqwest::Res
     }
     if status.is_client_error() && status.as_u16() != 404 {
         let status = StatusCode::from_u16(status.as_u16()).unwrap_or(StatusCode::BAD_REQUEST);
-        return Err(Miss::Final(GwError::new(status, "invalid_request_error", message)));
+        return Err(Miss::Final(GwError::new(
+            status,
+            "invalid_request_error",
+            message,
+        )));
     }
     Err(Miss::Failed(format!(
         "replica {} answered {status}: {message}",
@@ -577,7 +644,8 @@ async fn generate(g: Gateway, path: &'static str, headers: HeaderMap, mut body: 
             StreamItem::Chunk(v) => Event::default().data(v.to_string()),
             StreamItem::Done => Event::default().data("[DONE]"),
             StreamItem::Lost(message) => Event::default().data(
-                json!({"error": {"message": message, "type": "replica_lost", "code": 502}}).to_string(),
+                json!({"error": {"message": message, "type": "replica_lost", "code": 502}})
+                    .to_string(),
             ),
         })
     });
@@ -588,10 +656,18 @@ async fn chat(State(g): State<Gateway>, headers: HeaderMap, Json(body): Json<Val
     generate(g, "/chat/completions", headers, body).await
 }
 
-async fn completions(State(g): State<Gateway>, headers: HeaderMap, Json(body): Json<Value>) -> Response {
+async fn completions(
+    State(g): State<Gateway>,
+    headers: HeaderMap,
+    Json(body): Json<Value>,
+) -> Response {
     generate(g, "/completions", headers, body).await
 }
 
-async fn embeddings(State(g): State<Gateway>, headers: HeaderMap, Json(body): Json<Value>) -> Response {
+async fn embeddings(
+    State(g): State<Gateway>,
+    headers: HeaderMap,
+    Json(body): Json<Value>,
+) -> Response {
     generate(g, "/embeddings", headers, body).await
 }

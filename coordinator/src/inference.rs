@@ -67,7 +67,9 @@ fn to_call(request: &Request<pb::InferRequest>) -> Result<Call, Status> {
         .and_then(parse_grpc_timeout);
     let r = request.get_ref();
     if r.model.is_empty() {
-        return Err(Status::invalid_argument("model is empty; name a registered model"));
+        return Err(Status::invalid_argument(
+            "model is empty; name a registered model",
+        ));
     }
     let mut body = json!({"model": r.model});
     let path = if !r.messages.is_empty() {
@@ -183,7 +185,10 @@ mod tests {
 
     #[test]
     fn grpc_timeouts_parse() {
-        assert_eq!(parse_grpc_timeout("1500m"), Some(Duration::from_millis(1500)));
+        assert_eq!(
+            parse_grpc_timeout("1500m"),
+            Some(Duration::from_millis(1500))
+        );
         assert_eq!(parse_grpc_timeout("2S"), Some(Duration::from_secs(2)));
         assert_eq!(parse_grpc_timeout("1H"), Some(Duration::from_secs(3600)));
         for bad in ["", "m", "12x", "-1S"] {
@@ -193,7 +198,8 @@ mod tests {
 
     #[test]
     fn malformed_requests_name_the_field() {
-        let msg = |r: pb::InferRequest| to_call(&Request::new(r)).unwrap_err().message().to_string();
+        let msg =
+            |r: pb::InferRequest| to_call(&Request::new(r)).unwrap_err().message().to_string();
         assert!(msg(pb::InferRequest::default()).contains("model is empty"));
         let base = pb::InferRequest {
             model: "m".into(),

@@ -111,6 +111,13 @@ pub fn plan(state: &State) -> Plan {
             .flat_map(|c| c.gpus.iter().map(|g| g.2))
             .filter(|m| *m >= mem)
             .collect();
+        // Replicas of a model spread over nodes (a node loss takes one) when
+        // enough schedulable nodes have a GPU big enough; else they stack.
+        let hosts = candidates
+            .iter()
+            .filter(|c| c.gpus.iter().any(|g| g.2 >= mem))
+            .count();
+        let spread = (hosts >= model.min_replicas as usize).then(|| model.name.clone());
         for k in 0..model.min_replicas {
             let id = format!("{}@{}-{k}", model.name, version.version);
             let Some(smallest) = eligible.iter().min() else {
@@ -134,6 +141,7 @@ pub fn plan(state: &State) -> Plan {
                 .collect();
             workloads.push(Workload {
                 gpu_types: types,
+                anti_affinity: spread.clone(),
                 ..Workload::new(&id, 0, 0, gpu)
             });
             wanted.insert(id, (model.name.clone(), version.version.clone(), mem));

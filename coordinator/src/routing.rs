@@ -111,7 +111,11 @@ mod tests {
                 .clone()
         };
         assert_eq!(pick(0, 0), "fast");
-        assert_eq!(pick(15, 0), "fast", "a full batch on the fast GPU still beats the slow one");
+        assert_eq!(
+            pick(15, 0),
+            "fast",
+            "a full batch on the fast GPU still beats the slow one"
+        );
         assert_eq!(pick(40, 0), "slow", "three batches queued on the fast GPU");
         assert_eq!(pick(40, 40), "fast");
     }
@@ -123,9 +127,15 @@ mod tests {
             ..Default::default()
         };
         let known = load(0, 2.0 * UNMODELLED_MS, 2.0 * UNMODELLED_MS);
-        let ranked = rank(vec![("a".to_string(), unknown, ()), ("b".to_string(), known, ())]);
+        let ranked = rank(vec![
+            ("a".to_string(), unknown, ()),
+            ("b".to_string(), known, ()),
+        ]);
         assert_eq!(ranked[0].0, "b");
-        let ranked = rank(vec![("d".to_string(), unknown, ()), ("c".to_string(), unknown, ())]);
+        let ranked = rank(vec![
+            ("d".to_string(), unknown, ()),
+            ("c".to_string(), unknown, ()),
+        ]);
         assert_eq!(ranked[0].0, "c");
     }
 }

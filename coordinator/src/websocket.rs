@@ -48,7 +48,10 @@ async fn answer(g: &Gateway, socket: &mut WebSocket, text: &str) -> bool {
         Ok(c) => c,
         Err(e) => return socket.send(text_message(e.body())).await.is_ok(),
     };
-    let Streaming { replica, mut chunks } = match g.open_stream(&call).await {
+    let Streaming {
+        replica,
+        mut chunks,
+    } = match g.open_stream(&call).await {
         Ok(s) => s,
         Err(e) => return socket.send(text_message(e.body())).await.is_ok(),
     };
@@ -100,7 +103,9 @@ fn call(text: &str) -> Result<Call, GwError> {
     let deadline = match o.remove("deadline_ms") {
         None => None,
         Some(v) => Some(Duration::from_millis(v.as_u64().ok_or_else(|| {
-            GwError::bad_request(format!("\"deadline_ms\" must be a whole number of ms, not {v}"))
+            GwError::bad_request(format!(
+                "\"deadline_ms\" must be a whole number of ms, not {v}"
+            ))
         })?)),
     };
     o.remove("stream");

@@ -95,7 +95,14 @@ async fn serve(
         o.remove("stream_options");
     }
     if streaming {
-        return stream(replicas, id, InferRequest::new(endpoint, body), priority, deadline).await;
+        return stream(
+            replicas,
+            id,
+            InferRequest::new(endpoint, body),
+            priority,
+            deadline,
+        )
+        .await;
     }
     match replicas
         .infer(&id, InferRequest::new(endpoint, body), priority, deadline)
@@ -173,7 +180,11 @@ async fn stream(
     tokio::spawn(async move {
         let mut next = first;
         while let Some(chunk) = next {
-            if out.send(Ok(Event::default().data(chunk.to_string()))).await.is_err() {
+            if out
+                .send(Ok(Event::default().data(chunk.to_string())))
+                .await
+                .is_err()
+            {
                 return; // the caller left
             }
             next = chunks.recv().await;
@@ -191,7 +202,8 @@ async fn stream(
 
 fn error_event(id: &str, message: &str) -> Event {
     let message = format!("replica {id} failed mid-stream: {message}; the answer is incomplete");
-    Event::default().data(json!({"error": {"message": message, "type": "replica_failed"}}).to_string())
+    Event::default()
+        .data(json!({"error": {"message": message, "type": "replica_failed"}}).to_string())
 }
 
 async fn chat(

@@ -1,7 +1,7 @@
-//! The OpenAI-compatible gateway end to end: a coordinator and a simulated
-//! agent (real processes), a registered model placed by the reconciler, and
-//! the official OpenAI Python client (installed from PyPI into a virtualenv
-//! under the target directory) for chat, streaming and embeddings.
+//! The OpenAI-compatible gateway end to end: the official OpenAI Python
+//! client (installed from PyPI into a virtualenv under the target
+//! directory) against `talon up` for chat, streaming and embeddings; an
+//! agent process killed under load; an external engine behind the gateway.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -43,42 +43,19 @@ fn openai_python() -> PathBuf {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn openai_python_client_chat_stream_embeddings() {
+async fn openai_python_client_against_talon_up() {
     let python = tokio::task::spawn_blocking(openai_python)
         .await
         .expect("venv");
-    let cluster = Cluster::form(1, &["--join-token", TOKEN]).await;
-    let grpc = cluster.nodes[0].grpc.clone();
-    let agent_http = format!("127.0.0.1:{}", free_port());
-    let _agent = Proc::spawn(
-        "talon-agent",
-        &[
-            "--node-id",
-            "gw-1",
-            "--coordinators",
-            &grpc,
-            "--join-token",
-            TOKEN,
-            "--sim-gpus",
-            "h100-sxm:1,l4:1",
-            "--http-listen",
-            &agent_http,
-        ],
-    );
-    let client = cluster.client();
-    wait_for("the agent", Duration::from_secs(40), || async {
-        client.get_node("gw-1").await.ok()
-    })
-    .await;
-    let spec = model_spec("demo", "simulated", 8_000, 2);
-    client.create_model(spec).await.expect("model");
-    wait_for("2 ready replicas", Duration::from_secs(40), || async {
-        let list = client.list_replicas("demo").await.ok()?;
-        (list.replicas.len() == 2 && list.replicas.iter().all(|r| r.state == "ready")).then_some(())
-    })
-    .await;
+    let up = crate::serving::talon_up(&["--host", "l4:1", "--host", "h100-sxm:1"]).await;
+    let nodes = talon_client::Client::pinned(up.grpc.clone())
+        .expect("client")
+        .list_nodes()
+        .await
+        .expect("nodes");
+    assert_eq!(nodes.len(), 2, "one simulated host per --host");
 
-    let base_url = format!("http://{}/v1", cluster.nodes[0].http);
+    let base_url = format!("http://{}/v1", up.http);
     let out = tokio::task::spawn_blocking(move || {
         Command::new(python)
             .arg(concat!(
@@ -106,57 +83,6 @@ async fn openai_python_client_chat_stream_embeddings() {
     ] {
         assert!(stdout.contains(check), "{check} missing: {stdout}");
     }
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn talon_up_serves_a_demo_model_from_one_process() {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let (grpc, http) = (
-        format!("127.0.0.1:{}", free_port()),
-        format!("127.0.0.1:{}", free_port()),
-    );
-    let data = dir.path().join("data");
-    let _up = Proc::spawn(
-        "talon",
-        &[
-            "up",
-            "--data-dir",
-            data.to_str().expect("utf-8"),
-            "--listen",
-            &grpc,
-            "--http-listen",
-            &http,
-            "--host",
-            "l4:1",
-            "--host",
-            "h100-sxm:1",
-        ],
-    );
-    let body = r#"{"model":"demo","messages":[{"role":"user","content":"hello"}],"max_tokens":3}"#;
-    let (status, answer) = wait_for(
-        "a chat completion from talon up",
-        Duration::from_secs(60),
-        || {
-            let http = http.clone();
-            async move {
-                tokio::task::spawn_blocking(move || http_post(&http, "/v1/chat/completions", body))
-                    .await
-                    .ok()
-                    .flatten()
-                    .filter(|(status, _)| *status == 200)
-            }
-        },
-    )
-    .await;
-    assert_eq!(status, 200);
-    let answer: serde_json::Value = serde_json::from_str(&answer).expect("json");
-    assert_eq!(answer["usage"]["completion_tokens"], 3, "{answer}");
-    let nodes = talon_client::Client::pinned(grpc)
-        .expect("client")
-        .list_nodes()
-        .await
-        .expect("nodes");
-    assert_eq!(nodes.len(), 2, "one simulated host per --host");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -244,6 +170,49 @@ async fn agent_killed_under_load_loses_no_request() {
         (count() >= 20).then_some(())
     })
     .await;
+
+    // Three clients stream long answers back to back; the kill comes while
+    // one is streaming from the victim.
+    let on_victim: Vec<String> = placed
+        .replicas
+        .iter()
+        .filter(|r| r.node_id == victim)
+        .map(|r| r.id.clone())
+        .collect();
+    let (started_tx, mut started_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let streams: Vec<_> = (0..3)
+        .map(|_| {
+            let (http, stop, started) = (http.clone(), stop.clone(), started_tx.clone());
+            tokio::spawn(async move {
+                let client = reqwest::Client::new();
+                let body = serde_json::json!({"model": "demo", "stream": true, "max_tokens": 600,
+                    "messages": [{"role": "user", "content": "a long story"}]});
+                let mut outcomes = Vec::new();
+                while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    let s = talon_tests::sse_post(
+                        &client,
+                        &http,
+                        "/v1/chat/completions",
+                        &body,
+                        Some(&started),
+                    )
+                    .await;
+                    outcomes.push((s.done, s.error, s.chunks.len()));
+                }
+                outcomes
+            })
+        })
+        .collect();
+    let from_victim = async {
+        while let Some(replica) = started_rx.recv().await {
+            if on_victim.contains(&replica) {
+                return;
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(40), from_victim)
+        .await
+        .expect("a stream from the victim within 40 s");
     agents
         .iter_mut()
         .find(|(id, _)| *id == victim)
@@ -279,6 +248,25 @@ async fn agent_killed_under_load_loses_no_request() {
         total += ok;
     }
     assert!(total >= 40, "too little load to show anything: {total}");
+    // A stream cut by the kill ends with an error naming the lost replica's
+    // node; every other stream completes.
+    let mut lost = 0;
+    for handle in streams {
+        for (done, error, chunks) in handle.await.expect("stream task") {
+            match error {
+                None => assert!(done, "a stream ended without [DONE] or an error"),
+                Some(m) => {
+                    assert!(
+                        m.contains("was lost") && m.contains(&format!("node {victim}")),
+                        "unclear stream error: {m}"
+                    );
+                    assert!(chunks > 0, "a stream failed before its first chunk: {m}");
+                    lost += 1;
+                }
+            }
+        }
+    }
+    assert!(lost >= 1, "no stream was cut by the kill");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -9,3 +9,4 @@ mod cluster;
 mod executors;
 mod gateway;
 mod harness;
+mod serving;

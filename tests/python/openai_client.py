@@ -30,7 +30,7 @@ for chunk in client.chat.completions.create(
     if chunk.choices and chunk.choices[0].delta.content:
         pieces.append(chunk.choices[0].delta.content)
 streamed = "".join(pieces)
-assert len(streamed.split()) == 4, pieces
+assert len(pieces) == 4 and len(streamed.split()) == 4, pieces
 print("stream ok", streamed)
 
 emb = client.embeddings.create(model=model, input=["one", "two"])

@@ -50,3 +50,93 @@ pub fn http_post(addr: &str, path: &str, body: &str) -> Option<(u16, String)> {
     let status = head.split_whitespace().nth(1)?.parse().ok()?;
     Some((status, body.to_string()))
 }
+
+/// How one streamed request (`"stream": true`, server-sent events) went.
+#[derive(Debug, Default)]
+pub struct Streamed {
+    pub status: u16,
+    /// The replica that served it (`x-talon-replica`).
+    pub replica: Option<String>,
+    /// The OpenAI chunk objects, in order.
+    pub chunks: Vec<serde_json::Value>,
+    /// The text of the chunks, joined.
+    pub text: String,
+    /// Whether `[DONE]` arrived.
+    pub done: bool,
+    /// The message of an `error` event, or of an error response.
+    pub error: Option<String>,
+    /// When the first chunk and the end arrived, from the request.
+    pub first_at: Option<std::time::Duration>,
+    pub end_at: std::time::Duration,
+}
+
+/// POSTs a streaming request to `http://addr/path` and reads its events to
+/// the end (or until the connection breaks). `started` hears the serving
+/// replica's id when the first chunk arrives.
+pub async fn sse_post(
+    client: &reqwest::Client,
+    addr: &str,
+    path: &str,
+    body: &serde_json::Value,
+    started: Option<&tokio::sync::mpsc::UnboundedSender<String>>,
+) -> Streamed {
+    use eventsource_stream::Eventsource;
+    use futures_util::StreamExt;
+    let start = std::time::Instant::now();
+    let mut out = Streamed::default();
+    let response = match client
+        .post(format!("http://{addr}{path}"))
+        .json(body)
+        .send()
+        .await
+    {
+        Ok(r) => r,
+        Err(e) => {
+            out.error = Some(format!("request failed: {e}"));
+            out.end_at = start.elapsed();
+            return out;
+        }
+    };
+    out.status = response.status().as_u16();
+    out.replica = response
+        .headers()
+        .get("x-talon-replica")
+        .and_then(|v| v.to_str().ok())
+        .map(String::from);
+    if !response.status().is_success() {
+        let body: serde_json::Value = response.json().await.unwrap_or_default();
+        out.error = body["error"]["message"].as_str().map(String::from);
+        out.end_at = start.elapsed();
+        return out;
+    }
+    let mut events = response.bytes_stream().eventsource();
+    while let Some(event) = events.next().await {
+        let Ok(event) = event else {
+            out.error = Some("the stream broke".into());
+            break;
+        };
+        if event.data == "[DONE]" {
+            out.done = true;
+            break;
+        }
+        let v: serde_json::Value = serde_json::from_str(&event.data).unwrap_or_default();
+        if let Some(m) = v["error"]["message"].as_str() {
+            out.error = Some(m.to_string());
+            break;
+        }
+        if out.first_at.is_none() {
+            out.first_at = Some(start.elapsed());
+            if let Some(tx) = started {
+                let _ = tx.send(out.replica.clone().unwrap_or_default());
+            }
+        }
+        let piece = v["choices"][0]["delta"]["content"]
+            .as_str()
+            .or_else(|| v["choices"][0]["text"].as_str())
+            .unwrap_or_default();
+        out.text.push_str(piece);
+        out.chunks.push(v);
+    }
+    out.end_at = start.elapsed();
+    out
+}

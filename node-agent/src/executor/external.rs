@@ -326,7 +326,10 @@ async fn relay(response: reqwest::Response, sink: &super::ChunkSink) -> Result<V
             return Ok(serde_json::json!({"chunks": chunks}));
         }
         let chunk: Value = serde_json::from_str(&event.data).map_err(|e| {
-            ExecError::Engine(format!("engine sent an unreadable chunk ({e}): {}", event.data))
+            ExecError::Engine(format!(
+                "engine sent an unreadable chunk ({e}): {}",
+                event.data
+            ))
         })?;
         chunks += 1;
         // The client may have gone; the engine's answer is still read out.

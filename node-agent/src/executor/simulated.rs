@@ -120,9 +120,17 @@ impl SimulatedExecutor {
     /// Plays a batch out token by token: the prompts first, then one decode
     /// step per output token, each streamed request getting its token as the
     /// step ends. Takes `latency` in all, like the batch unstreamed.
-    async fn stream(&self, batch: &[InferRequest], answers: &[Result<Value, ExecError>], latency: Duration) {
+    async fn stream(
+        &self,
+        batch: &[InferRequest],
+        answers: &[Result<Value, ExecError>],
+        latency: Duration,
+    ) {
         let steps = batch.iter().map(output_tokens).max().unwrap_or(0);
-        let prompts: Vec<u64> = batch.iter().map(|r| prompt_tokens(&r.body).max(1)).collect();
+        let prompts: Vec<u64> = batch
+            .iter()
+            .map(|r| prompt_tokens(&r.body).max(1))
+            .collect();
         let prefill = perf::prefill(self.shape, self.gpu_type, 1, prompts.iter().sum());
         let modelled = perf::batch_latency(self.shape, self.gpu_type, 1, &prompts, steps);
         // Scale prefill by the same correction as the whole.
@@ -146,7 +154,11 @@ impl SimulatedExecutor {
                 let (Some(sink), Some(word), Ok(answer)) = (&r.stream, words.get(i), answer) else {
                     continue;
                 };
-                let piece = if i == 0 { word.to_string() } else { format!(" {word}") };
+                let piece = if i == 0 {
+                    word.to_string()
+                } else {
+                    format!(" {word}")
+                };
                 let _ = sink.send(chunk(r.endpoint, answer, Some(&piece), None));
             }
         }

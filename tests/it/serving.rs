@@ -1,0 +1,289 @@
+//! The serving path's front ends against `talon up` (one process: a
+//! coordinator, simulated hosts, a demo model): gRPC through the SDK
+//! (unary and streaming), the WebSocket endpoint, token-by-token SSE,
+//! routing by predicted completion time, and overload answers (429 with
+//! Retry-After).
+
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use talon_client::{Client, ClientError, Code, InferRequest};
+use talon_tests::{http_post, sse_post};
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::harness::{free_port, wait_for, Proc};
+
+/// A running `talon up` and its addresses.
+pub struct Up {
+    pub _proc: Proc,
+    pub _dir: tempfile::TempDir,
+    pub grpc: String,
+    pub http: String,
+}
+
+/// Starts `talon up` with `args` and waits until the demo model answers.
+pub async fn talon_up(args: &[&str]) -> Up {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (grpc, http) = (
+        format!("127.0.0.1:{}", free_port()),
+        format!("127.0.0.1:{}", free_port()),
+    );
+    let data = dir.path().join("data");
+    let mut all = vec![
+        "up",
+        "--data-dir",
+        data.to_str().expect("utf-8"),
+        "--listen",
+        &grpc,
+        "--http-listen",
+        &http,
+    ];
+    all.extend_from_slice(args);
+    let proc = Proc::spawn("talon", &all);
+    let body = r#"{"model":"demo","messages":[{"role":"user","content":"ready?"}],"max_tokens":1}"#;
+    wait_for("talon up to answer", Duration::from_secs(60), || {
+        let http = http.clone();
+        async move {
+            tokio::task::spawn_blocking(move || http_post(&http, "/v1/chat/completions", body))
+                .await
+                .ok()
+                .flatten()
+                .filter(|(status, _)| *status == 200)
+        }
+    })
+    .await;
+    Up {
+        _proc: proc,
+        _dir: dir,
+        grpc,
+        http,
+    }
+}
+
+fn status_of(e: ClientError) -> tonic::Status {
+    match e {
+        ClientError::Status(s) => s,
+        other => panic!("expected a gRPC status, got {other}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_websocket_and_sse_stream_the_same_answer_token_by_token() {
+    let up = talon_up(&["--host", "h100-sxm:1", "--host", "l4:1"]).await;
+    let client = Client::new([up.grpc.clone()])
+        .expect("client")
+        .with_timeout(Duration::from_secs(20));
+
+    // Unary over gRPC.
+    let mut request = talon_client::chat("demo", "hello over grpc");
+    request.max_tokens = 5;
+    let reply = client.infer(request.clone()).await.expect("infer");
+    assert_eq!(reply.text.split(' ').count(), 5, "{reply:?}");
+    assert_eq!(reply.usage.expect("usage").completion_tokens, 5);
+    assert!(!reply.replica.is_empty());
+
+    // Streaming over gRPC: the same answer, one chunk per token, then the
+    // finish reason.
+    let mut stream = client.infer_stream(request).await.expect("stream");
+    let mut chunks = Vec::new();
+    while let Some(c) = stream.message().await.expect("chunk") {
+        chunks.push(c);
+    }
+    let text: String = chunks.iter().map(|c| c.text.as_str()).collect();
+    assert_eq!(text, reply.text);
+    assert_eq!(chunks.len(), 6, "{chunks:?}");
+    assert_eq!(chunks.last().expect("last").finish_reason, "length");
+
+    // Errors name what to change.
+    let unknown = status_of(
+        client
+            .infer(talon_client::chat("nope", "x"))
+            .await
+            .expect_err("unknown model"),
+    );
+    assert_eq!(unknown.code(), Code::NotFound);
+    assert!(
+        unknown.message().contains("\"nope\"") && unknown.message().contains("demo"),
+        "{unknown:?}"
+    );
+    let empty = status_of(
+        client
+            .infer(InferRequest {
+                model: "demo".into(),
+                ..Default::default()
+            })
+            .await
+            .expect_err("no input"),
+    );
+    assert_eq!(empty.code(), Code::InvalidArgument);
+    assert!(empty.message().contains("neither messages"), "{empty:?}");
+    let bad_priority = status_of(
+        client
+            .infer(InferRequest {
+                priority: "urgent".into(),
+                ..talon_client::chat("demo", "x")
+            })
+            .await
+            .expect_err("bad priority"),
+    );
+    assert_eq!(bad_priority.code(), Code::InvalidArgument);
+    assert!(
+        bad_priority.message().contains("urgent"),
+        "{bad_priority:?}"
+    );
+
+    // The WebSocket: the same answer, then talon.done; a bad message gets an
+    // error and the connection goes on.
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{}/v1/stream", up.http))
+        .await
+        .expect("websocket");
+    ws.send(Message::text("not json")).await.expect("send");
+    let error: Value = match ws.next().await.expect("answer").expect("message") {
+        Message::Text(t) => serde_json::from_str(&t).expect("json"),
+        other => panic!("unexpected {other:?}"),
+    };
+    assert!(
+        error["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("not JSON")),
+        "{error}"
+    );
+    let body = json!({"model": "demo", "messages": [{"role": "user", "content": "hello over grpc"}], "max_tokens": 5});
+    ws.send(Message::text(body.to_string()))
+        .await
+        .expect("send");
+    let mut ws_text = String::new();
+    let mut ws_chunks = 0;
+    loop {
+        let m = match ws.next().await.expect("answer").expect("message") {
+            Message::Text(t) => serde_json::from_str::<Value>(&t).expect("json"),
+            _ => continue,
+        };
+        assert!(m.get("error").is_none(), "{m}");
+        if m["object"] == "talon.done" {
+            assert!(m["replica"].is_string(), "{m}");
+            break;
+        }
+        ws_chunks += 1;
+        ws_text.push_str(m["choices"][0]["delta"]["content"].as_str().unwrap_or(""));
+    }
+    assert_eq!(ws_text, reply.text);
+    assert_eq!(ws_chunks, 6);
+
+    // SSE over HTTP arrives token by token as the replica decodes: the
+    // first token well before the last (200 decode steps on the simulated
+    // GPU take at least 0.5 s, whichever GPU serves them).
+    let http = reqwest::Client::new();
+    let long = json!({"model": "demo", "messages": [{"role": "user", "content": "a long answer"}], "max_tokens": 200, "stream": true});
+    let s = sse_post(&http, &up.http, "/v1/chat/completions", &long, None).await;
+    assert!(s.done && s.error.is_none(), "{s:?}");
+    assert_eq!(s.chunks.len(), 201);
+    assert_eq!(s.text.split(' ').count(), 200);
+    let first = s.first_at.expect("a first chunk");
+    assert!(
+        s.end_at.saturating_sub(first) >= Duration::from_millis(400),
+        "the chunks came together: first at {first:?}, end at {:?}",
+        s.end_at
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_go_to_the_replica_predicted_to_finish_first() {
+    // One replica on an H100, one on an L4 (a third of its bandwidth): with
+    // both idle, the H100's replica is predicted to finish first.
+    let up = talon_up(&["--host", "h100-sxm:1", "--host", "l4:1"]).await;
+    let client = Client::new([up.grpc.clone()]).expect("client");
+    let list = client.list_replicas("demo").await.expect("replicas");
+    let on = |node: &str| {
+        list.replicas
+            .iter()
+            .find(|r| r.node_id == node)
+            .map(|r| r.id.clone())
+    };
+    let (Some(fast), Some(_slow)) = (on("sim-0"), on("sim-1")) else {
+        panic!("expected one replica per host: {list:?}");
+    };
+    // The leader learns each replica's batch times with the next telemetry.
+    wait_for(
+        "sequential requests to go to the H100's replica",
+        Duration::from_secs(20),
+        || async {
+            let mut request = talon_client::chat("demo", "route me");
+            request.max_tokens = 2;
+            let mut to_fast = 0;
+            for _ in 0..5 {
+                if client.infer(request.clone()).await.ok()?.replica == fast {
+                    to_fast += 1;
+                }
+            }
+            (to_fast == 5).then_some(())
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_queues_and_unmeetable_deadlines_get_429_with_retry_after() {
+    // One replica on an L4 that holds at most 2 requests.
+    let up = talon_up(&["--host", "l4:1", "--demo-replicas", "1", "--max-queue", "2"]).await;
+    let http = reqwest::Client::new();
+    let url = format!("http://{}/v1/chat/completions", up.http);
+    let body = json!({"model": "demo", "messages": [{"role": "user", "content": "busy"}], "max_tokens": 40});
+    let sends: Vec<_> = (0..8)
+        .map(|_| {
+            let (http, url, body) = (http.clone(), url.clone(), body.clone());
+            tokio::spawn(async move {
+                let r = http.post(&url).json(&body).send().await.expect("send");
+                let status = r.status().as_u16();
+                let retry = r
+                    .headers()
+                    .get("retry-after")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse::<u64>().ok());
+                let body: Value = r.json().await.expect("json");
+                (status, retry, body)
+            })
+        })
+        .collect();
+    let mut answers = Vec::new();
+    for s in sends {
+        answers.push(s.await.expect("task"));
+    }
+    let ok = answers.iter().filter(|a| a.0 == 200).count();
+    let refused: Vec<_> = answers.iter().filter(|a| a.0 == 429).collect();
+    assert_eq!(ok + refused.len(), 8, "only 200 or 429: {answers:?}");
+    assert!(ok >= 1, "{answers:?}");
+    assert!(
+        !refused.is_empty(),
+        "8 at once on a queue of 2: {answers:?}"
+    );
+    for (_, retry, body) in &refused {
+        assert!(retry.is_some_and(|s| s >= 1), "Retry-After: {body}");
+        let m = body["error"]["message"].as_str().unwrap_or_default();
+        assert!(
+            m.contains("queue limit") && m.contains("retry after"),
+            "{m}"
+        );
+    }
+
+    // A deadline no replica can meet is refused at once, saying why (once
+    // the leader has the replica's batch times from telemetry).
+    let (status, message) = wait_for("a deadline refusal", Duration::from_secs(20), || async {
+        let r = http
+            .post(&url)
+            .header("x-talon-deadline-ms", "5")
+            .json(&body)
+            .send()
+            .await
+            .ok()?;
+        let status = r.status().as_u16();
+        let has_retry = r.headers().contains_key("retry-after");
+        let body: Value = r.json().await.ok()?;
+        let message = body["error"]["message"].as_str()?.to_string();
+        (status == 429 && has_retry).then_some((status, message))
+    })
+    .await;
+    assert_eq!(status, 429);
+    assert!(message.contains("deadline of 5 ms"), "{message}");
+}
