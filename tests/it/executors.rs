@@ -67,6 +67,26 @@ async fn external_engine_starts_proxies_and_restarts() {
         answer["choices"][0]["message"]["content"],
         "echo(2 words): hello there"
     );
+    // Streamed: the engine's chunks are relayed as they come, then the end.
+    let (sink, mut chunks) = tokio::sync::mpsc::unbounded_channel();
+    let streamed = InferRequest {
+        stream: Some(sink),
+        ..chat.clone()
+    };
+    let ended = engine
+        .infer(vec![streamed])
+        .await
+        .remove(0)
+        .expect("relayed");
+    let mut text = String::new();
+    let mut count = 0;
+    while let Some(c) = chunks.recv().await {
+        text.push_str(c["choices"][0]["delta"]["content"].as_str().unwrap_or(""));
+        count += 1;
+    }
+    assert_eq!(text, "echo(2 words): hello there");
+    assert_eq!(ended["chunks"], count, "{ended}");
+    assert!(count >= 2, "one chunk per piece plus the finish: {count}");
     let bad = InferRequest {
         endpoint: Endpoint::Completions,
         body: json!({"model": "tiny"}),

@@ -341,4 +341,50 @@ mod tests {
             Err(ExecError::NotReady("draining"))
         ));
     }
+
+    #[tokio::test(start_paused = true)]
+    async fn streams_one_token_per_decode_step_in_the_unstreamed_time() {
+        let fleet =
+            Arc::new(SimFleet::new("n", FleetSpec::from_flag("a100-80gb:1").unwrap()).unwrap());
+        let a100 = catalog::by_key("a100-80gb").unwrap();
+        let exec =
+            SimulatedExecutor::load("m", 16_000, fleet, 0, a100, Arc::new(Correction::default()))
+                .unwrap();
+        let whole = exec
+            .infer(vec![chat("tell me", 20)])
+            .await
+            .remove(0)
+            .unwrap();
+        let predicted = exec.predict(&[chat("tell me", 20)]);
+        let (sink, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let streamed = InferRequest {
+            stream: Some(sink),
+            ..chat("tell me", 20)
+        };
+        let start = tokio::time::Instant::now();
+        let run = tokio::spawn(async move { exec.infer(vec![streamed]).await });
+        let mut arrivals = Vec::new();
+        let mut text = String::new();
+        while let Some(c) = rx.recv().await {
+            arrivals.push(start.elapsed());
+            text.push_str(c["choices"][0]["delta"]["content"].as_str().unwrap_or(""));
+            if c["choices"][0]["finish_reason"] == "length" {
+                break;
+            }
+        }
+        let result = run.await.unwrap().remove(0).unwrap();
+        assert_eq!(
+            text,
+            whole["choices"][0]["message"]["content"].as_str().unwrap()
+        );
+        assert_eq!(result, whole, "the same answer, streamed or not");
+        assert_eq!(arrivals.len(), 21, "20 tokens and the finish");
+        // Tokens arrive spread over the decode, the last at the whole time.
+        assert!(arrivals[0] < arrivals[19] / 2, "{arrivals:?}");
+        let last = arrivals[19];
+        assert!(
+            last >= predicted && last <= predicted + Duration::from_millis(2),
+            "{last:?} vs {predicted:?}"
+        );
+    }
 }
