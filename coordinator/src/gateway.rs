@@ -19,8 +19,10 @@
 //! answers 429 and the next one is tried; when all are full the gateway
 //! answers 429 with the soonest `Retry-After`. A non-streaming request is
 //! retried on the next replica when one cannot be reached or fails; when
-//! none is ready (a node was lost and its replicas are moving) it waits for
-//! one until its deadline (else 30 s), then answers 503 with `Retry-After`.
+//! every replica was reached and failed it, the answer is 502 at once; when
+//! none is ready or reachable (a node was lost and its replicas are moving)
+//! it waits for one until its deadline (else 30 s), then answers 503 with
+//! `Retry-After`. Agents get the time left, not the time given.
 //! A stream is retried likewise until its first chunk; once chunks have
 //! gone out, losing the replica ends the stream with an error naming the
 //! replica and its node (a stream cannot be resumed elsewhere).
@@ -45,7 +47,7 @@ use tokio::time::Instant;
 use crate::admin::AdminContext;
 use crate::routing::{self, ReplicaLoad};
 
-/// Longest a non-streaming request may take end to end.
+/// Longest a non-streaming request without a deadline may take.
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long a request waits for a ready replica unless it gives a deadline.
 const DEFAULT_WAIT: Duration = Duration::from_secs(30);
@@ -96,7 +98,12 @@ impl GwError {
 
     /// The OpenAI-style JSON error body.
     pub fn body(&self) -> Value {
-        json!({"error": {"message": self.message, "type": self.kind, "code": self.status.as_u16()}})
+        let mut error =
+            json!({"message": self.message, "type": self.kind, "code": self.status.as_u16()});
+        if let Some(s) = self.retry_after_s {
+            error["retry_after_s"] = json!(s);
+        }
+        json!({"error": error})
     }
 }
 
@@ -163,8 +170,10 @@ pub enum StreamItem {
     Chunk(Value),
     /// The answer is complete.
     Done,
-    /// The replica was lost or failed mid-stream; the answer is incomplete.
+    /// The replica was lost mid-stream; the answer is incomplete.
     Lost(String),
+    /// The replica reported a failure mid-stream; the answer is incomplete.
+    Failed(String),
 }
 
 /// A stream in progress: the replica serving it and its chunks.
@@ -205,7 +214,10 @@ enum Miss {
     Final(GwError),
     /// The replica's queue is full; retry after this many ms.
     Full(u64, String),
-    /// The replica failed or cannot be reached.
+    /// The replica cannot be reached or is not ready: it may be moving, so
+    /// waiting for a ready one can help.
+    Unreachable(String),
+    /// The replica (its engine) failed the request; tried once per replica.
     Failed(String),
 }
 
@@ -213,7 +225,6 @@ impl Gateway {
     pub fn new(ctx: Arc<AdminContext>) -> Gateway {
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(1))
-            .timeout(DEFAULT_TIMEOUT)
             .build()
             .unwrap_or_default();
         let streams = reqwest::Client::builder()
@@ -341,7 +352,7 @@ impl Gateway {
     /// for a ready replica (until the deadline) when none is.
     async fn route<T, F, Fut>(&self, call: &Call, attempt: F) -> Result<T, GwError>
     where
-        F: Fn(Target) -> Fut,
+        F: Fn(Target, Option<Duration>) -> Fut,
         Fut: std::future::Future<Output = Result<T, Miss>>,
     {
         call.check()?;
@@ -354,20 +365,39 @@ impl Gateway {
                 Err((e, true)) => e,
                 Ok(targets) => {
                     let mut full: Vec<(u64, String)> = Vec::new();
-                    let mut failed = String::new();
+                    let (mut unreachable, mut failed) = (String::new(), String::new());
                     for target in targets {
                         let (replica, addr) = (target.replica.clone(), target.addr.clone());
-                        match attempt(target).await {
+                        // The agent gets the time left, not the time given.
+                        let left = call
+                            .deadline
+                            .map(|_| deadline.saturating_duration_since(Instant::now()));
+                        match attempt(target, left).await {
                             Ok(answer) => return Ok(answer),
                             Err(Miss::Final(e)) => return Err(e),
                             Err(Miss::Full(ms, why)) => full.push((ms, why)),
+                            Err(Miss::Unreachable(why)) => {
+                                tracing::warn!(%replica, %addr, error = %why, "trying another replica");
+                                unreachable = why;
+                            }
                             Err(Miss::Failed(why)) => {
                                 tracing::warn!(%replica, %addr, error = %why, "trying another replica");
                                 failed = why;
                             }
                         }
                     }
-                    if failed.is_empty() {
+                    if unreachable.is_empty() && !failed.is_empty() {
+                        // Every replica was reached and failed it (or was
+                        // full): trying them again would fail again.
+                        return Err(GwError::new(
+                            StatusCode::BAD_GATEWAY,
+                            "replica_failed",
+                            format!(
+                                "every replica of {model:?} failed the request; last: {failed}"
+                            ),
+                        ));
+                    }
+                    if unreachable.is_empty() {
                         // Every ready replica is full: say so now.
                         let soonest = full.iter().map(|(ms, _)| *ms).min().unwrap_or(1000);
                         let why: Vec<String> = full.into_iter().map(|(_, w)| w).collect();
@@ -379,7 +409,7 @@ impl Gateway {
                         return Err(GwError::overloaded(message, soonest.div_ceil(1000)));
                     }
                     GwError::unavailable(format!(
-                        "every replica of {model:?} failed; last: {failed}"
+                        "no replica of {model:?} could take the request; last: {unreachable}"
                     ))
                 }
             };
@@ -396,6 +426,7 @@ impl Gateway {
         call: &Call,
         t: &Target,
         body: &Value,
+        left: Option<Duration>,
     ) -> reqwest::RequestBuilder {
         let mut request = client
             .post(format!(
@@ -406,22 +437,26 @@ impl Gateway {
         if let Some(p) = &call.priority {
             request = request.header("x-talon-priority", p);
         }
-        if let Some(d) = call.deadline {
-            request = request.header("x-talon-deadline-ms", d.as_millis().to_string());
+        if let Some(d) = left {
+            request = request.header("x-talon-deadline-ms", d.as_millis().max(1).to_string());
         }
         request
     }
 
     /// Serves a non-streaming call: the replica that answered and its answer.
     pub async fn complete(&self, call: &Call) -> Result<(String, Value), GwError> {
-        self.route(call, |t| async move {
+        self.route(call, |t, left| async move {
             let _counted = self.start(&t.replica);
             let response = self
-                .request(&self.http, call, &t, &call.body)
+                .request(&self.http, call, &t, &call.body, left)
+                .timeout(
+                    left.unwrap_or(DEFAULT_TIMEOUT)
+                        .max(Duration::from_millis(1)),
+                )
                 .send()
                 .await
                 .map_err(|e| {
-                    Miss::Failed(format!(
+                    Miss::Unreachable(format!(
                         "replica {} at {} cannot be reached: {e}",
                         t.replica, t.addr
                     ))
@@ -446,18 +481,32 @@ impl Gateway {
             o.insert("stream".into(), Value::Bool(true));
         }
         let body = &body;
-        self.route(call, |t| async move {
+        self.route(call, |t, left| async move {
             let counted = self.start(&t.replica);
-            let response = self
-                .request(&self.streams, call, &t, body)
-                .send()
-                .await
-                .map_err(|e| {
-                    Miss::Failed(format!(
+            // Until the first chunk the caller has seen nothing; the agent
+            // answers once the replica produced it.
+            let wait = left.map_or(STREAM_IDLE, |l| l.min(STREAM_IDLE));
+            let sent = tokio::time::timeout(
+                wait,
+                self.request(&self.streams, call, &t, body, left).send(),
+            );
+            let response = match sent.await {
+                Ok(Ok(r)) => r,
+                Ok(Err(e)) => {
+                    return Err(Miss::Unreachable(format!(
                         "replica {} at {} cannot be reached: {e}",
                         t.replica, t.addr
-                    ))
-                })?;
+                    )))
+                }
+                Err(_) => {
+                    return Err(Miss::Failed(format!(
+                        "replica {} at {} did not start the stream within {} ms",
+                        t.replica,
+                        t.addr,
+                        wait.as_millis()
+                    )))
+                }
+            };
             let response = refused(response, &t).await?;
             let mut events = response.bytes_stream().eventsource();
             // Nothing has reached the caller yet: a failure here is retried.
@@ -483,7 +532,10 @@ impl Gateway {
                     )))
                 }
             };
-            let first = parse_event(&first).map_err(Miss::Failed)?;
+            let first = match parse_event(&first) {
+                Ok(StreamItem::Failed(why)) | Err(why) => return Err(Miss::Failed(why)),
+                Ok(item) => item,
+            };
             let (tx, rx) = mpsc::channel(64);
             let replica = t.replica.clone();
             tokio::spawn(async move {
@@ -508,6 +560,10 @@ impl Gateway {
                         },
                     };
                     let item = match item {
+                        StreamItem::Failed(why) => StreamItem::Failed(format!(
+                            "{why} (node {}, after {sent} chunks); send the request again",
+                            t.node
+                        )),
                         StreamItem::Lost(why) => StreamItem::Lost(format!(
                             "replica {} on node {} ({}) was lost after {sent} chunks: {why}; \
                              the answer is incomplete and a stream cannot be resumed elsewhere, \
@@ -559,6 +615,11 @@ async fn refused(response: reqwest::Response, t: &Target) -> Result<reqwest::Res
             message,
         )));
     }
+    let why = format!("replica {} answered {status}: {message}", t.replica);
+    if matches!(status.as_u16(), 404 | 503) {
+        // Not (or no longer) on that node, or not ready: it may be moving.
+        return Err(Miss::Unreachable(why));
+    }
     Err(Miss::Failed(format!(
         "replica {} answered {status}: {message}",
         t.replica
@@ -572,7 +633,7 @@ fn parse_event(data: &str) -> Result<StreamItem, String> {
     }
     let v: Value = serde_json::from_str(data).map_err(|e| format!("unreadable chunk ({e})"))?;
     if let Some(m) = v["error"]["message"].as_str() {
-        return Err(m.to_string());
+        return Ok(StreamItem::Failed(m.to_string()));
     }
     Ok(StreamItem::Chunk(v))
 }
@@ -645,6 +706,10 @@ async fn generate(g: Gateway, path: &'static str, headers: HeaderMap, mut body: 
             StreamItem::Done => Event::default().data("[DONE]"),
             StreamItem::Lost(message) => Event::default().data(
                 json!({"error": {"message": message, "type": "replica_lost", "code": 502}})
+                    .to_string(),
+            ),
+            StreamItem::Failed(message) => Event::default().data(
+                json!({"error": {"message": message, "type": "replica_failed", "code": 502}})
                     .to_string(),
             ),
         })

@@ -33,6 +33,7 @@ fn status(e: GwError) -> Status {
         StatusCode::NOT_FOUND => Status::not_found(e.message),
         StatusCode::TOO_MANY_REQUESTS => Status::resource_exhausted(e.message),
         StatusCode::SERVICE_UNAVAILABLE => Status::unavailable(e.message),
+        s if s.is_client_error() => Status::invalid_argument(e.message),
         _ => Status::internal(e.message),
     };
     if let Some(secs) = e.retry_after_s {
@@ -171,7 +172,7 @@ impl pb::inference_server::Inference for InferenceSvc {
                 })),
                 // The channel closes right after.
                 StreamItem::Done => None,
-                StreamItem::Lost(m) => Some(Err(Status::aborted(m))),
+                StreamItem::Lost(m) | StreamItem::Failed(m) => Some(Err(Status::aborted(m))),
             };
             std::future::ready(out)
         });

@@ -63,6 +63,10 @@ async fn answer(g: &Gateway, socket: &mut WebSocket, text: &str) -> bool {
                 json!({"error": {"message": m, "type": "replica_lost", "code": 502}}),
                 true,
             ),
+            StreamItem::Failed(m) => (
+                json!({"error": {"message": m, "type": "replica_failed", "code": 502}}),
+                true,
+            ),
         };
         if socket.send(text_message(message)).await.is_err() {
             return false;

@@ -60,7 +60,7 @@ type Answer = tokio::sync::oneshot::Sender<Result<serde_json::Value, ExecError>>
 /// many requests it holds (queued or being served).
 struct Running {
     executor: Arc<dyn Executor>,
-    batcher: Batcher<(InferRequest, Answer)>,
+    batcher: Batcher<(InferRequest, Answer, Held)>,
     held: Arc<AtomicU32>,
 }
 
@@ -129,12 +129,21 @@ fn running(executor: Arc<dyn Executor>) -> Running {
     let batcher = Batcher::start(
         BATCH_LIMITS,
         move |n| predictor.service_time(n),
-        move |batch: Vec<(InferRequest, Answer)>| {
+        move |batch: Vec<(InferRequest, Answer, Held)>| {
             let serving = serving.clone();
             async move {
-                let (requests, answers): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
+                // A request whose caller left is not served; its hold ends.
+                let (requests, rest): (Vec<_>, Vec<_>) = batch
+                    .into_iter()
+                    .filter(|(_, answer, _)| !answer.is_closed())
+                    .map(|(request, answer, held)| (request, (answer, held)))
+                    .unzip();
+                if requests.is_empty() {
+                    return;
+                }
                 let results = serving.infer(requests).await;
-                for (answer, result) in answers.into_iter().zip(results) {
+                // Each hold ends as its answer goes out.
+                for ((answer, _held), result) in rest.into_iter().zip(results) {
                     let _ = answer.send(result);
                 }
             }
@@ -306,20 +315,28 @@ impl ReplicaManager {
                 let max_batch = BATCH_LIMITS.max_batch as u32;
                 let waves = held.div_ceil(max_batch).max(1);
                 let drain = r.executor.service_time(BATCH_LIMITS.max_batch) * waves;
+                // An engine that batches itself has no model: say 1 s.
+                let drain_ms = if drain.is_zero() {
+                    1000
+                } else {
+                    drain.as_millis().max(1) as u64
+                };
                 return Err(ExecError::Overloaded {
                     queued: held,
-                    retry_after_ms: drain.as_millis().max(1) as u64,
+                    retry_after_ms: drain_ms,
                 });
             }
             r.held.fetch_add(1, Ordering::Relaxed);
             let guard = Held(r.held.clone());
             if r.executor.service_time(1).is_zero() {
-                (Some((r.executor.clone(), request)), guard)
+                (Some((r.executor.clone(), request)), Some(guard))
             } else {
-                if !r.batcher.submit((request, tx), priority, deadline) {
+                // The hold travels with the request: it ends when the
+                // request is served, even if this caller leaves first.
+                if !r.batcher.submit((request, tx, guard), priority, deadline) {
                     return Err(ExecError::NotReady("stopped"));
                 }
-                (None, guard)
+                (None, None)
             }
         };
         if let Some((executor, request)) = direct {

@@ -165,14 +165,19 @@ async fn stream(
     let mut run =
         tokio::spawn(async move { replicas.infer(&run_id, request, priority, deadline).await });
     // Wait for the first chunk, or for the end if no chunk comes.
+    // Wait for the first chunk, or for the end if no chunk comes.
+    let mut ended: Option<Result<serde_json::Value, ExecError>> = None;
     let first = tokio::select! {
         biased;
         chunk = chunks.recv() => chunk,
-        ended = &mut run => {
-            match ended {
+        result = &mut run => {
+            match result {
                 Ok(Err(e)) => return failure(&id, e),
                 Err(e) => return failure(&id, ExecError::Engine(format!("replica task failed: {e}"))),
-                Ok(Ok(_)) => chunks.recv().await,
+                Ok(Ok(v)) => {
+                    ended = Some(Ok(v));
+                    chunks.recv().await
+                }
             }
         }
     };
@@ -190,10 +195,15 @@ async fn stream(
             next = chunks.recv().await;
         }
         // Every sink is gone: the answer is complete or it failed.
-        let last = match run.await {
-            Ok(Ok(_)) => Event::default().data("[DONE]"),
-            Ok(Err(e)) => error_event(&id, &e.to_string()),
-            Err(e) => error_event(&id, &format!("replica task failed: {e}")),
+        let result = match ended {
+            Some(r) => r,
+            None => run
+                .await
+                .unwrap_or_else(|e| Err(ExecError::Engine(format!("replica task failed: {e}")))),
+        };
+        let last = match result {
+            Ok(_) => Event::default().data("[DONE]"),
+            Err(e) => error_event(&id, &e.to_string()),
         };
         let _ = out.send(Ok(last)).await;
     });

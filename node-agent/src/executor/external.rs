@@ -332,8 +332,13 @@ async fn relay(response: reqwest::Response, sink: &super::ChunkSink) -> Result<V
             ))
         })?;
         chunks += 1;
-        // The client may have gone; the engine's answer is still read out.
-        let _ = sink.send(chunk);
+        if sink.send(chunk).is_err() {
+            // The caller left: dropping the response closes the connection,
+            // which tells the engine to stop generating.
+            return Err(ExecError::Engine(format!(
+                "the caller left after {chunks} chunks"
+            )));
+        }
     }
     Err(ExecError::Engine(format!(
         "engine stream ended after {chunks} chunks without [DONE]"
@@ -385,11 +390,7 @@ impl Executor for ExternalEngine {
             }
             Ok(body)
         });
-        let mut out = Vec::new();
-        for call in calls {
-            out.push(call.await);
-        }
-        out
+        futures_util::future::join_all(calls).await
     }
 
     async fn stop(&self) {
