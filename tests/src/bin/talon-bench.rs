@@ -425,14 +425,15 @@ async fn wait_serving(http: &reqwest::Client, url: &str, model: &str) -> anyhow:
 }
 
 /// Open-loop load on `url` at `rate` req/s for `seconds`: latencies (ms) of
-/// the answered requests, and how many failed.
+/// the answered requests, how many failed, and how many of those failures
+/// were overload refusals (429).
 async fn open_loop(
     http: &reqwest::Client,
     url: &str,
     model: &str,
     rate: u64,
     seconds: u64,
-) -> (Vec<f64>, u64) {
+) -> (Vec<f64>, u64, u64) {
     let body = Arc::new(
         json!({"model": model, "messages": [{"role": "user", "content": "hello from the load generator"}], "max_tokens": 8}),
     );
@@ -455,21 +456,26 @@ async fn open_loop(
                 Ok(r) if r.status().is_success() => r
                     .bytes()
                     .await
-                    .ok()
-                    .map(|_| t.elapsed().as_secs_f64() * 1000.0),
-                _ => None,
+                    .map(|_| t.elapsed().as_secs_f64() * 1000.0)
+                    .map_err(|_| false),
+                Ok(r) => Err(r.status().as_u16() == 429),
+                Err(_) => Err(false),
             }
         });
     }
-    let (mut latencies, mut failed) = (Vec::new(), 0u64);
+    let (mut latencies, mut failed, mut refused) = (Vec::new(), 0u64, 0u64);
     while let Some(r) = tasks.join_next().await {
-        match r.ok().flatten() {
-            Some(l) => latencies.push(l),
-            None => failed += 1,
+        match r {
+            Ok(Ok(l)) => latencies.push(l),
+            Ok(Err(overload)) => {
+                failed += 1;
+                refused += u64::from(overload);
+            }
+            Err(_) => failed += 1,
         }
     }
     latencies.sort_by(f64::total_cmp);
-    (latencies, failed)
+    (latencies, failed, refused)
 }
 
 async fn b3(
@@ -628,7 +634,7 @@ async fn b3(
                 if saturated.contains(door) {
                     continue;
                 }
-                let (lat, failed) = open_loop(&http, url, "bench", rate, seconds).await;
+                let (lat, failed, refused) = open_loop(&http, url, "bench", rate, seconds).await;
                 let p99 = percentile(&lat, 99.0);
                 let base = *low_p99.entry(door.clone()).or_insert(p99);
                 let sustained = failed == 0 && p99 <= 2.0 * base;
@@ -636,7 +642,7 @@ async fn b3(
                     saturated.push(door.clone());
                 }
                 let row = json!({"service_ms": svc, "door": door, "rate": rate, "answered": lat.len(), "failed": failed,
-                    "p50_ms": percentile(&lat, 50.0), "p99_ms": p99, "sustained": sustained});
+                    "refused_429": refused, "p50_ms": percentile(&lat, 50.0), "p99_ms": p99, "sustained": sustained});
                 eprintln!("b3: {row}");
                 rows.push(row);
             }
@@ -644,8 +650,8 @@ async fn b3(
         drop(keep);
         drop(clusters);
     }
-    println!("| service ms | rate req/s | front door | p50 ms | p99 ms | added p50 ms | added p99 ms | failed | sustained |");
-    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- |");
+    println!("| service ms | rate req/s | front door | p50 ms | p99 ms | added p50 ms | added p99 ms | failed | of which 429 | sustained |");
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
     for r in &rows {
         let direct = rows.iter().find(|d| {
             d["door"] == "direct" && d["rate"] == r["rate"] && d["service_ms"] == r["service_ms"]
@@ -656,7 +662,7 @@ async fn b3(
                 .map_or("-".to_string(), |v| format!("{v:.2}"))
         };
         println!(
-            "| {} | {} | {} | {:.2} | {:.2} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {:.2} | {:.2} | {} | {} | {} | {} | {} |",
             r["service_ms"],
             r["rate"],
             r["door"].as_str().unwrap_or(""),
@@ -665,6 +671,7 @@ async fn b3(
             added("p50_ms"),
             added("p99_ms"),
             r["failed"],
+            r["refused_429"],
             r["sustained"]
         );
     }
