@@ -106,6 +106,34 @@ enum Bench {
         #[arg(long, default_value = "")]
         coordinator_flags: String,
     },
+    /// Routing by predicted completion time against least-loaded and
+    /// round-robin on a mixed simulated fleet (virtual time).
+    Routing {
+        #[arg(
+            long,
+            default_value = "../shared/data/azure-llm/AzureLLMInferenceTrace_conv.csv"
+        )]
+        trace: PathBuf,
+        /// One replica per GPU, of these types.
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "h100-sxm,a100-80gb,l4,l4"
+        )]
+        gpus: Vec<String>,
+        #[arg(long, default_value_t = 16_000)]
+        memory_mib: u64,
+        #[arg(long, default_value_t = 2_000)]
+        ttft_ms: u64,
+        #[arg(long, default_value_t = 100)]
+        tpot_ms: u64,
+        #[arg(long, default_value_t = 16)]
+        max_batch: usize,
+        #[arg(long, default_value_t = 3600)]
+        seconds: u64,
+        #[arg(long, default_value_t = 0.95)]
+        attainment: f64,
+    },
     /// The gain of dynamic batching at the same latency target, on a
     /// simulated GPU (virtual time: runs in seconds).
     Batching {
@@ -960,6 +988,216 @@ fn batching_run(
     })
 }
 
+/// How the routing bench picks a replica.
+#[derive(Clone, Copy, Debug)]
+enum Policy {
+    /// Talon's: lowest predicted completion time (`talon_coordinator::routing`).
+    Predicted,
+    /// Fewest requests held.
+    LeastLoaded,
+    RoundRobin,
+}
+
+/// One open-loop run in virtual time over a fleet of simulated replicas
+/// (one per GPU in `gpus`), each behind its own dynamic batcher, with
+/// requests routed by `policy`. The router sees each replica's held count
+/// as it is (one gateway, no telemetry lag).
+#[allow(clippy::too_many_arguments)]
+fn routing_run(
+    gpus: &[String],
+    policy: Policy,
+    trace: &[(u64, u64)],
+    memory_mib: u64,
+    (ttft, tpot): (Duration, Duration),
+    limits: talon_node_agent::batcher::Limits,
+    rate: f64,
+    seconds: u64,
+) -> anyhow::Result<BatchRun> {
+    use std::sync::atomic::AtomicU32;
+    use talon_coordinator::routing::{rank, ReplicaLoad};
+    use talon_node_agent::batcher::{Batcher, Priority};
+    use talon_node_agent::executor::simulated::SimulatedExecutor;
+    use talon_node_agent::executor::{Endpoint, Executor, InferRequest};
+    use talon_node_agent::fleet::FleetSpec;
+    use talon_node_agent::perf::Correction;
+    use talon_node_agent::probe::sim::SimFleet;
+
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .start_paused(true)
+        .build()?;
+    let trace = trace.to_vec();
+    runtime.block_on(async move {
+        type Item = (InferRequest, tokio::time::Instant, Duration);
+        let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel::<(Duration, Duration, usize)>();
+        let mut replicas = Vec::new();
+        for gpu in gpus {
+            let gpu_type = talon_node_agent::catalog::by_key(gpu)
+                .with_context(|| format!("unknown GPU type {gpu}"))?;
+            let fleet = Arc::new(SimFleet::new("bench", FleetSpec::from_flag(&format!("{gpu}:1"))?)?);
+            let exec = Arc::new(SimulatedExecutor::load("bench", memory_mib, fleet, 0, gpu_type, Arc::new(Correction::default()))?);
+            let held = Arc::new(AtomicU32::new(0));
+            let (serving, predictor, done, counted) = (exec.clone(), exec.clone(), done_tx.clone(), held.clone());
+            let batcher = Batcher::start(limits, move |n| predictor.service_time(n), move |batch: Vec<Item>| {
+                let (serving, done, counted) = (serving.clone(), done.clone(), counted.clone());
+                async move {
+                    let n = batch.len();
+                    let requests = batch.iter().map(|(r, _, _)| r.clone()).collect();
+                    serving.infer(requests).await;
+                    for (_, arrived, target) in batch {
+                        counted.fetch_sub(1, Ordering::Relaxed);
+                        let _ = done.send((arrived.elapsed(), target, n));
+                    }
+                }
+            });
+            let load = ReplicaLoad {
+                held: 0,
+                service_ms_one: exec.service_time(1).as_secs_f64() * 1e3,
+                service_ms_full: exec.service_time(limits.max_batch).as_secs_f64() * 1e3,
+                max_batch: limits.max_batch as u32,
+            };
+            replicas.push((batcher, held, load));
+        }
+        let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ rate.to_bits());
+        let end = tokio::time::Instant::now() + Duration::from_secs(seconds);
+        let (mut sent, mut turn) = (0usize, 0usize);
+        while tokio::time::Instant::now() < end {
+            let gap = -rng.next_f64().max(1e-12).ln() / rate;
+            tokio::time::sleep(Duration::from_secs_f64(gap)).await;
+            let (prompt, output) = trace[(rng.next_f64() * trace.len() as f64) as usize % trace.len()];
+            let body = json!({"messages": [{"role": "user", "content": "w ".repeat(prompt as usize)}], "max_tokens": output});
+            let now = tokio::time::Instant::now();
+            let target = ttft + tpot * output as u32;
+            let pick = match policy {
+                Policy::Predicted => {
+                    let loads = replicas
+                        .iter()
+                        .enumerate()
+                        .map(|(i, (_, held, load))| (format!("{i:03}"), ReplicaLoad { held: held.load(Ordering::Relaxed), ..*load }, i))
+                        .collect();
+                    rank(loads)[0].2
+                }
+                Policy::LeastLoaded => (0..replicas.len())
+                    .min_by_key(|&i| (replicas[i].1.load(Ordering::Relaxed), i))
+                    .unwrap_or(0),
+                Policy::RoundRobin => {
+                    turn += 1;
+                    turn % replicas.len()
+                }
+            };
+            let (batcher, held, _) = &replicas[pick];
+            held.fetch_add(1, Ordering::Relaxed);
+            let request = InferRequest::new(Endpoint::ChatCompletions, body);
+            batcher.submit((request, now, target), Priority::Normal, now + target);
+            sent += 1;
+        }
+        let mut latencies = Vec::with_capacity(sent);
+        let (mut within, mut batch_sizes) = (0usize, 0usize);
+        let drain_until = tokio::time::Instant::now() + Duration::from_secs(seconds);
+        while latencies.len() < sent {
+            tokio::select! {
+                Some((latency, target, n)) = done_rx.recv() => {
+                    latencies.push(latency.as_secs_f64() * 1000.0);
+                    within += usize::from(latency <= target);
+                    batch_sizes += n;
+                }
+                _ = tokio::time::sleep_until(drain_until) => break,
+            }
+        }
+        let served = latencies.len();
+        latencies.extend(std::iter::repeat_n(f64::INFINITY, sent - served));
+        latencies.sort_by(f64::total_cmp);
+        anyhow::Ok(BatchRun {
+            rate,
+            within_slo: within as f64 / sent.max(1) as f64,
+            p50_ms: percentile(&latencies, 50.0),
+            p99_ms: percentile(&latencies, 99.0),
+            mean_batch: batch_sizes as f64 / served.max(1) as f64,
+        })
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn routing(
+    cli: &Cli,
+    trace_path: &std::path::Path,
+    gpus: &[String],
+    memory_mib: u64,
+    (ttft_ms, tpot_ms): (u64, u64),
+    max_batch: usize,
+    seconds: u64,
+    attainment: f64,
+) -> anyhow::Result<()> {
+    let trace = read_azure(trace_path)?;
+    let slo = (
+        Duration::from_millis(ttft_ms),
+        Duration::from_millis(tpot_ms),
+    );
+    let limits = talon_node_agent::batcher::Limits {
+        max_batch,
+        max_wait_ms: 50,
+    };
+    let rates: Vec<f64> = (0..40)
+        .map(|k| (0.05 * 1.15f64.powi(k) * 100.0).round() / 100.0)
+        .collect();
+    let policies = [
+        ("predicted completion (Talon)", Policy::Predicted),
+        ("least loaded", Policy::LeastLoaded),
+        ("round robin", Policy::RoundRobin),
+    ];
+    let mut rows = Vec::new();
+    println!(
+        "| fleet | routing | highest rate with ≥{:.0} % within target (req/s) | p50 ms there | p99 ms there |",
+        attainment * 100.0
+    );
+    println!("| --- | --- | --- | --- | --- |");
+    let fleet = gpus.join("+");
+    let mut best = Vec::new();
+    for (name, policy) in policies {
+        let mut last_ok: Option<BatchRun> = None;
+        for &rate in &rates {
+            let run = routing_run(gpus, policy, &trace, memory_mib, slo, limits, rate, seconds)?;
+            eprintln!(
+                "routing: {name} {rate} req/s: {:.1} % within SLO, p50 {:.0} ms, p99 {:.0} ms",
+                run.within_slo * 100.0,
+                run.p50_ms,
+                run.p99_ms
+            );
+            rows.push(
+                json!({"fleet": fleet, "policy": name, "rate": rate, "within_slo": run.within_slo,
+                "p50_ms": run.p50_ms, "p99_ms": run.p99_ms}),
+            );
+            if run.within_slo < attainment {
+                break;
+            }
+            last_ok = Some(run);
+        }
+        match &last_ok {
+            Some(r) => println!(
+                "| {fleet} | {name} | {} | {:.0} | {:.0} |",
+                r.rate, r.p50_ms, r.p99_ms
+            ),
+            None => println!("| {fleet} | {name} | below {} | | |", rates[0]),
+        }
+        best.push(last_ok.map_or(0.0, |r| r.rate));
+    }
+    for (i, (name, _)) in policies.iter().enumerate().skip(1) {
+        if best[i] > 0.0 {
+            println!(
+                "| {fleet} | Talon vs {name} | {:.2}× | | |",
+                best[0] / best[i]
+            );
+        }
+    }
+    write_out(
+        cli,
+        "routing.json",
+        json!({"bench": "routing", "attainment": attainment, "ttft_ms": ttft_ms, "tpot_ms": tpot_ms,
+               "max_batch": max_batch, "memory_mib": memory_mib, "seconds": seconds, "rows": rows}),
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
 fn batching(
     cli: &Cli,
     trace_path: &std::path::Path,
@@ -1298,6 +1536,31 @@ async fn main() -> anyhow::Result<()> {
             seconds,
             agents_per_connection,
         } => b4(&cli, agents, *seconds, *agents_per_connection).await,
+        Bench::Routing {
+            trace,
+            gpus,
+            memory_mib,
+            ttft_ms,
+            tpot_ms,
+            max_batch,
+            seconds,
+            attainment,
+        } => std::thread::scope(|s| {
+            s.spawn(|| {
+                routing(
+                    &cli,
+                    trace,
+                    gpus,
+                    *memory_mib,
+                    (*ttft_ms, *tpot_ms),
+                    *max_batch,
+                    *seconds,
+                    *attainment,
+                )
+            })
+            .join()
+            .unwrap_or_else(|_| Err(anyhow::anyhow!("the routing run panicked")))
+        }),
         Bench::Batching {
             trace,
             gpus,
