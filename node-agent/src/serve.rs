@@ -3,7 +3,9 @@
 //! `/embeddings`), which the coordinators' gateway calls. Each request goes
 //! through the replica's batcher; `x-talon-priority` (critical, high,
 //! normal, low) and `x-talon-deadline-ms` (time left) set its place and
-//! deadline.
+//! deadline. A replica at its queue limit answers 429 with `Retry-After`
+//! (and `retry-after-ms`). `"stream": true` answers with server-sent
+//! events, each chunk as the replica produces it.
 
 use std::convert::Infallible;
 use std::sync::Arc;
