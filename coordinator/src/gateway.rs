@@ -455,12 +455,7 @@ impl Gateway {
                 )
                 .send()
                 .await
-                .map_err(|e| {
-                    Miss::Unreachable(format!(
-                        "replica {} at {} cannot be reached: {e}",
-                        t.replica, t.addr
-                    ))
-                })?;
+                .map_err(|e| unreachable(&t, e))?;
             let response = refused(response, &t).await?;
             match response.json::<Value>().await {
                 Ok(v) => Ok((t.replica, v)),
@@ -492,12 +487,7 @@ impl Gateway {
             );
             let response = match sent.await {
                 Ok(Ok(r)) => r,
-                Ok(Err(e)) => {
-                    return Err(Miss::Unreachable(format!(
-                        "replica {} at {} cannot be reached: {e}",
-                        t.replica, t.addr
-                    )))
-                }
+                Ok(Err(e)) => return Err(unreachable(&t, e)),
                 Err(_) => {
                     return Err(Miss::Failed(format!(
                         "replica {} at {} did not start the stream within {} ms",
@@ -588,6 +578,13 @@ impl Gateway {
     }
 }
 
+fn unreachable(t: &Target, e: reqwest::Error) -> Miss {
+    Miss::Unreachable(format!(
+        "replica {} at {} cannot be reached: {e}",
+        t.replica, t.addr
+    ))
+}
+
 /// Turns a refusal by the agent into a [`Miss`]; passes success through.
 async fn refused(response: reqwest::Response, t: &Target) -> Result<reqwest::Response, Miss> {
     let status = response.status();
@@ -620,13 +617,11 @@ async fn refused(response: reqwest::Response, t: &Target) -> Result<reqwest::Res
         // Not (or no longer) on that node, or not ready: it may be moving.
         return Err(Miss::Unreachable(why));
     }
-    Err(Miss::Failed(format!(
-        "replica {} answered {status}: {message}",
-        t.replica
-    )))
+    Err(Miss::Failed(why))
 }
 
-/// One server-sent event from an agent: a chunk, the end, or an error.
+/// One server-sent event from an agent: a chunk, the end, or the
+/// replica's own failure report; Err: the event is unreadable.
 fn parse_event(data: &str) -> Result<StreamItem, String> {
     if data.trim() == "[DONE]" {
         return Ok(StreamItem::Done);

@@ -889,6 +889,139 @@ struct BatchRun {
     mean_batch: f64,
 }
 
+/// A queued request in the virtual-time benches: the request, when it
+/// arrived, and its latency target.
+type SimItem = (
+    talon_node_agent::executor::InferRequest,
+    tokio::time::Instant,
+    Duration,
+);
+/// A served request: (latency, its target, the size of its batch).
+type SimDone = (Duration, Duration, usize);
+
+/// A simulated replica of a `memory_mib` model on one GPU of type `gpu`.
+fn sim_replica(
+    gpu: &str,
+    memory_mib: u64,
+) -> anyhow::Result<Arc<talon_node_agent::executor::simulated::SimulatedExecutor>> {
+    use talon_node_agent::fleet::FleetSpec;
+    use talon_node_agent::perf::Correction;
+    use talon_node_agent::probe::sim::SimFleet;
+    let gpu_type = talon_node_agent::catalog::by_key(gpu)
+        .with_context(|| format!("unknown GPU type {gpu}"))?;
+    let fleet = Arc::new(SimFleet::new(
+        "bench",
+        FleetSpec::from_flag(&format!("{gpu}:1"))?,
+    )?);
+    Ok(Arc::new(
+        talon_node_agent::executor::simulated::SimulatedExecutor::load(
+            "bench",
+            memory_mib,
+            fleet,
+            0,
+            gpu_type,
+            Arc::new(Correction::default()),
+        )?,
+    ))
+}
+
+/// The dynamic batcher in front of `exec`: each served request goes to
+/// `done`, and, when given, leaves the replica's `held` count.
+fn sim_batcher(
+    exec: Arc<talon_node_agent::executor::simulated::SimulatedExecutor>,
+    limits: talon_node_agent::batcher::Limits,
+    service: impl Fn(usize) -> Duration + Send + 'static,
+    done: tokio::sync::mpsc::UnboundedSender<SimDone>,
+    held: Option<Arc<std::sync::atomic::AtomicU32>>,
+) -> talon_node_agent::batcher::Batcher<SimItem> {
+    use talon_node_agent::executor::Executor;
+    talon_node_agent::batcher::Batcher::start(limits, service, move |batch: Vec<SimItem>| {
+        let (exec, done, held) = (exec.clone(), done.clone(), held.clone());
+        async move {
+            let n = batch.len();
+            let requests = batch.iter().map(|(r, _, _)| r.clone()).collect();
+            exec.infer(requests).await;
+            for (_, arrived, target) in batch {
+                if let Some(h) = &held {
+                    h.fetch_sub(1, Ordering::Relaxed);
+                }
+                let _ = done.send((arrived.elapsed(), target, n));
+            }
+        }
+    })
+}
+
+/// Poisson arrivals at `rate` per second for `seconds` of virtual time,
+/// prompt and output lengths drawn from `trace`; each request goes to
+/// `submit`. Returns how many were sent.
+async fn sim_arrivals(
+    trace: &[(u64, u64)],
+    rate: f64,
+    seconds: u64,
+    (ttft, tpot): (Duration, Duration),
+    mut submit: impl FnMut(SimItem),
+) -> usize {
+    use talon_node_agent::executor::{Endpoint, InferRequest};
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ rate.to_bits());
+    let end = tokio::time::Instant::now() + Duration::from_secs(seconds);
+    let mut sent = 0usize;
+    while tokio::time::Instant::now() < end {
+        let gap = -rng.next_f64().max(1e-12).ln() / rate;
+        tokio::time::sleep(Duration::from_secs_f64(gap)).await;
+        let (prompt, output) = trace[(rng.next_f64() * trace.len() as f64) as usize % trace.len()];
+        let body = json!({"messages": [{"role": "user", "content": "w ".repeat(prompt as usize)}], "max_tokens": output});
+        let target = ttft + tpot * output as u32;
+        let request = InferRequest::new(Endpoint::ChatCompletions, body);
+        submit((request, tokio::time::Instant::now(), target));
+        sent += 1;
+    }
+    sent
+}
+
+/// Collects the answers to `sent` requests, waiting at most `seconds` more
+/// (an overloaded run never drains); requests not served count as late.
+async fn sim_results(
+    done: &mut tokio::sync::mpsc::UnboundedReceiver<SimDone>,
+    sent: usize,
+    seconds: u64,
+    rate: f64,
+) -> BatchRun {
+    let mut latencies = Vec::with_capacity(sent);
+    let (mut within, mut batch_sizes) = (0usize, 0usize);
+    let drain_until = tokio::time::Instant::now() + Duration::from_secs(seconds);
+    while latencies.len() < sent {
+        tokio::select! {
+            Some((latency, target, n)) = done.recv() => {
+                latencies.push(latency.as_secs_f64() * 1000.0);
+                within += usize::from(latency <= target);
+                if latency > target && std::env::var_os("TALON_BENCH_DEBUG").is_some() {
+                    eprintln!("late: {latency:?} > {target:?} (batch {n})");
+                }
+                batch_sizes += n;
+            }
+            _ = tokio::time::sleep_until(drain_until) => break,
+        }
+    }
+    let served = latencies.len();
+    latencies.extend(std::iter::repeat_n(f64::INFINITY, sent - served));
+    latencies.sort_by(f64::total_cmp);
+    BatchRun {
+        rate,
+        within_slo: within as f64 / sent.max(1) as f64,
+        p50_ms: percentile(&latencies, 50.0),
+        p99_ms: percentile(&latencies, 99.0),
+        mean_batch: batch_sizes as f64 / served.max(1) as f64,
+    }
+}
+
+/// A current-thread runtime on a paused clock: virtual time.
+fn virtual_time() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .start_paused(true)
+        .build()?)
+}
+
 /// One open-loop run in virtual time: Poisson arrivals at `rate` per second
 /// for `seconds`, requests drawn from `trace`, served by one simulated
 /// replica through the dynamic batcher.
@@ -896,95 +1029,31 @@ fn batching_run(
     gpu: &str,
     trace: &[(u64, u64)],
     memory_mib: u64,
-    (ttft, tpot): (Duration, Duration),
+    slo: (Duration, Duration),
     limits: talon_node_agent::batcher::Limits,
     rate: f64,
     seconds: u64,
 ) -> anyhow::Result<BatchRun> {
-    use talon_node_agent::batcher::{Batcher, Priority};
-    use talon_node_agent::executor::simulated::SimulatedExecutor;
-    use talon_node_agent::executor::{Endpoint, Executor, InferRequest};
-    use talon_node_agent::fleet::FleetSpec;
-    use talon_node_agent::perf::Correction;
-    use talon_node_agent::probe::sim::SimFleet;
-
-    let gpu_type = talon_node_agent::catalog::by_key(gpu)
-        .with_context(|| format!("unknown GPU type {gpu}"))?;
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_time()
-        .start_paused(true)
-        .build()?;
-    let trace = trace.to_vec();
-    runtime.block_on(async move {
-        let fleet = Arc::new(SimFleet::new("bench", FleetSpec::from_flag(&format!("{gpu}:1"))?)?);
-        let exec = Arc::new(SimulatedExecutor::load("bench", memory_mib, fleet, 0, gpu_type, Arc::new(Correction::default()))?);
-        // (latency, its target, batch size) per served request.
-        let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel::<(Duration, Duration, usize)>();
+    use talon_node_agent::batcher::Priority;
+    use talon_node_agent::executor::{Endpoint, InferRequest};
+    virtual_time()?.block_on(async move {
+        let exec = sim_replica(gpu, memory_mib)?;
+        let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel();
         let predictor = exec.clone();
         let service = move |n: usize| {
-            let probe = InferRequest {
-                endpoint: Endpoint::ChatCompletions,
-                body: json!({"messages": [{"role": "user", "content": "x ".repeat(512)}], "max_tokens": 256}),
-                stream: None,
-            };
+            let probe = InferRequest::new(
+                Endpoint::ChatCompletions,
+                json!({"messages": [{"role": "user", "content": "x ".repeat(512)}], "max_tokens": 256}),
+            );
             predictor.predict(&vec![probe; n])
         };
-        let serving = exec.clone();
-        type Item = (InferRequest, tokio::time::Instant, Duration);
-        let batcher = Batcher::start(limits, service, move |batch: Vec<Item>| {
-            let (serving, done_tx) = (serving.clone(), done_tx.clone());
-            async move {
-                let n = batch.len();
-                let requests = batch.iter().map(|(r, _, _)| r.clone()).collect();
-                serving.infer(requests).await;
-                for (_, arrived, target) in batch {
-                    let _ = done_tx.send((arrived.elapsed(), target, n));
-                }
-            }
-        });
-        let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ rate.to_bits());
-        let end = tokio::time::Instant::now() + Duration::from_secs(seconds);
-        let mut sent = 0usize;
-        while tokio::time::Instant::now() < end {
-            let gap = -rng.next_f64().max(1e-12).ln() / rate;
-            tokio::time::sleep(Duration::from_secs_f64(gap)).await;
-            let (prompt, output) = trace[(rng.next_f64() * trace.len() as f64) as usize % trace.len()];
-            let body = json!({"messages": [{"role": "user", "content": "w ".repeat(prompt as usize)}], "max_tokens": output});
-            let now = tokio::time::Instant::now();
-            let target = ttft + tpot * output as u32;
-            let request = InferRequest::new(Endpoint::ChatCompletions, body);
-            batcher.submit((request, now, target), Priority::Normal, now + target);
-            sent += 1;
-        }
-        let mut latencies = Vec::with_capacity(sent);
-        let mut within = 0usize;
-        let mut batch_sizes = 0usize;
-        // Let the queue drain, but bound the wait: an overloaded run never does.
-        let drain_until = tokio::time::Instant::now() + Duration::from_secs(seconds);
-        while latencies.len() < sent {
-            tokio::select! {
-                Some((latency, target, n)) = done_rx.recv() => {
-                    latencies.push(latency.as_secs_f64() * 1000.0);
-                    within += usize::from(latency <= target);
-                    if latency > target && std::env::var_os("TALON_BENCH_DEBUG").is_some() {
-                        eprintln!("late: {latency:?} > {target:?} (batch {n})");
-                    }
-                    batch_sizes += n;
-                }
-                _ = tokio::time::sleep_until(drain_until) => break,
-            }
-        }
-        let served = latencies.len();
-        // Requests still queued at the end count as late.
-        latencies.extend(std::iter::repeat_n(f64::INFINITY, sent - served));
-        latencies.sort_by(f64::total_cmp);
-        anyhow::Ok(BatchRun {
-            rate,
-            within_slo: within as f64 / sent.max(1) as f64,
-            p50_ms: percentile(&latencies, 50.0),
-            p99_ms: percentile(&latencies, 99.0),
-            mean_batch: batch_sizes as f64 / served.max(1) as f64,
+        let batcher = sim_batcher(exec, limits, service, done_tx, None);
+        let sent = sim_arrivals(trace, rate, seconds, slo, |item| {
+            let deadline = item.1 + item.2;
+            batcher.submit(item, Priority::Normal, deadline);
         })
+        .await;
+        anyhow::Ok(sim_results(&mut done_rx, sent, seconds, rate).await)
     })
 }
 
@@ -1008,72 +1077,49 @@ fn routing_run(
     policy: Policy,
     trace: &[(u64, u64)],
     memory_mib: u64,
-    (ttft, tpot): (Duration, Duration),
+    slo: (Duration, Duration),
     limits: talon_node_agent::batcher::Limits,
     rate: f64,
     seconds: u64,
 ) -> anyhow::Result<BatchRun> {
     use std::sync::atomic::AtomicU32;
     use talon_coordinator::routing::{rank, ReplicaLoad};
-    use talon_node_agent::batcher::{Batcher, Priority};
-    use talon_node_agent::executor::simulated::SimulatedExecutor;
-    use talon_node_agent::executor::{Endpoint, Executor, InferRequest};
-    use talon_node_agent::fleet::FleetSpec;
-    use talon_node_agent::perf::Correction;
-    use talon_node_agent::probe::sim::SimFleet;
-
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_time()
-        .start_paused(true)
-        .build()?;
-    let trace = trace.to_vec();
-    runtime.block_on(async move {
-        type Item = (InferRequest, tokio::time::Instant, Duration);
-        let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel::<(Duration, Duration, usize)>();
+    use talon_node_agent::batcher::Priority;
+    use talon_node_agent::executor::Executor;
+    virtual_time()?.block_on(async move {
+        let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel();
         let mut replicas = Vec::new();
         for gpu in gpus {
-            let gpu_type = talon_node_agent::catalog::by_key(gpu)
-                .with_context(|| format!("unknown GPU type {gpu}"))?;
-            let fleet = Arc::new(SimFleet::new("bench", FleetSpec::from_flag(&format!("{gpu}:1"))?)?);
-            let exec = Arc::new(SimulatedExecutor::load("bench", memory_mib, fleet, 0, gpu_type, Arc::new(Correction::default()))?);
+            let exec = sim_replica(gpu, memory_mib)?;
             let held = Arc::new(AtomicU32::new(0));
-            let (serving, predictor, done, counted) = (exec.clone(), exec.clone(), done_tx.clone(), held.clone());
-            let batcher = Batcher::start(limits, move |n| predictor.service_time(n), move |batch: Vec<Item>| {
-                let (serving, done, counted) = (serving.clone(), done.clone(), counted.clone());
-                async move {
-                    let n = batch.len();
-                    let requests = batch.iter().map(|(r, _, _)| r.clone()).collect();
-                    serving.infer(requests).await;
-                    for (_, arrived, target) in batch {
-                        counted.fetch_sub(1, Ordering::Relaxed);
-                        let _ = done.send((arrived.elapsed(), target, n));
-                    }
-                }
-            });
             let load = ReplicaLoad {
                 held: 0,
                 service_ms_one: exec.service_time(1).as_secs_f64() * 1e3,
                 service_ms_full: exec.service_time(limits.max_batch).as_secs_f64() * 1e3,
                 max_batch: limits.max_batch as u32,
             };
+            let predictor = exec.clone();
+            let service = move |n| predictor.service_time(n);
+            let batcher = sim_batcher(exec, limits, service, done_tx.clone(), Some(held.clone()));
             replicas.push((batcher, held, load));
         }
-        let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ rate.to_bits());
-        let end = tokio::time::Instant::now() + Duration::from_secs(seconds);
-        let (mut sent, mut turn) = (0usize, 0usize);
-        while tokio::time::Instant::now() < end {
-            let gap = -rng.next_f64().max(1e-12).ln() / rate;
-            tokio::time::sleep(Duration::from_secs_f64(gap)).await;
-            let (prompt, output) = trace[(rng.next_f64() * trace.len() as f64) as usize % trace.len()];
-            let body = json!({"messages": [{"role": "user", "content": "w ".repeat(prompt as usize)}], "max_tokens": output});
-            let now = tokio::time::Instant::now();
-            let target = ttft + tpot * output as u32;
+        let mut turn = 0usize;
+        let sent = sim_arrivals(trace, rate, seconds, slo, |item| {
             let pick = match policy {
                 Policy::Predicted => {
                     let loads = replicas
                         .iter()
                         .enumerate()
-                        .map(|(i, (_, held, load))| (format!("{i:03}"), ReplicaLoad { held: held.load(Ordering::Relaxed), ..*load }, i))
+                        .map(|(i, (_, held, load))| {
+                            (
+                                format!("{i:03}"),
+                                ReplicaLoad {
+                                    held: held.load(Ordering::Relaxed),
+                                    ..*load
+                                },
+                                i,
+                            )
+                        })
                         .collect();
                     rank(loads)[0].2
                 }
@@ -1087,33 +1133,11 @@ fn routing_run(
             };
             let (batcher, held, _) = &replicas[pick];
             held.fetch_add(1, Ordering::Relaxed);
-            let request = InferRequest::new(Endpoint::ChatCompletions, body);
-            batcher.submit((request, now, target), Priority::Normal, now + target);
-            sent += 1;
-        }
-        let mut latencies = Vec::with_capacity(sent);
-        let (mut within, mut batch_sizes) = (0usize, 0usize);
-        let drain_until = tokio::time::Instant::now() + Duration::from_secs(seconds);
-        while latencies.len() < sent {
-            tokio::select! {
-                Some((latency, target, n)) = done_rx.recv() => {
-                    latencies.push(latency.as_secs_f64() * 1000.0);
-                    within += usize::from(latency <= target);
-                    batch_sizes += n;
-                }
-                _ = tokio::time::sleep_until(drain_until) => break,
-            }
-        }
-        let served = latencies.len();
-        latencies.extend(std::iter::repeat_n(f64::INFINITY, sent - served));
-        latencies.sort_by(f64::total_cmp);
-        anyhow::Ok(BatchRun {
-            rate,
-            within_slo: within as f64 / sent.max(1) as f64,
-            p50_ms: percentile(&latencies, 50.0),
-            p99_ms: percentile(&latencies, 99.0),
-            mean_batch: batch_sizes as f64 / served.max(1) as f64,
+            let deadline = item.1 + item.2;
+            batcher.submit(item, Priority::Normal, deadline);
         })
+        .await;
+        anyhow::Ok(sim_results(&mut done_rx, sent, seconds, rate).await)
     })
 }
 
