@@ -3,11 +3,14 @@
 //! Give it the addresses of any coordinators. Calls go to the last node that
 //! answered; when a node says it is not the leader and names the leader
 //! (`talon-leader` metadata), the client follows; when a node cannot be
-//! reached it tries the next. Every call has a deadline.
+//! reached it tries the next. Every call has a deadline and carries the
+//! client's API key (`authorization: Bearer <key>`); the audit log records
+//! the key's principal.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), talon_client::ClientError> {
-//! let client = talon_client::Client::new(["127.0.0.1:7400", "127.0.0.1:7401"])?;
+//! let client = talon_client::Client::new(["127.0.0.1:7400", "127.0.0.1:7401"])?
+//!     .with_key(std::env::var("TALON_KEY").unwrap_or_default());
 //! let status = client.cluster_status().await?;
 //! println!("leader is {:?}", status.leader_id);
 //! # Ok(()) }
@@ -22,12 +25,13 @@ use std::time::{Duration, Instant};
 
 use talon_proto::v1 as pb;
 use talon_proto::v1::admin_service_client::AdminServiceClient;
-use talon_proto::{ACTOR_METADATA_KEY, LEADER_METADATA_KEY};
+use talon_proto::LEADER_METADATA_KEY;
 use tonic::transport::{Channel, Endpoint};
 
 pub use talon_proto::v1::{
-    AuditEntry, ClusterStatus, FleetStatsResponse, GpuSample, Member, Model, ModelSpec,
-    ModelVersion, Node,
+    AuditEntry, ClusterInitResponse, ClusterStatusResponse as ClusterStatus,
+    CreateCredentialResponse, Credential, FleetStatsResponse, GpuSample, Member, Model, ModelSpec,
+    ModelVersion, Node, WhoAmIResponse,
 };
 pub use talon_proto::v1::{ChatMessage, InferChunk, InferReply, InferRequest, Usage};
 pub use tonic::Code;
@@ -73,6 +77,8 @@ fn code_name(code: tonic::Code) -> &'static str {
         tonic::Code::DeadlineExceeded => "deadline exceeded",
         tonic::Code::Unavailable => "unavailable",
         tonic::Code::Internal => "internal error",
+        tonic::Code::Unauthenticated => "unauthenticated",
+        tonic::Code::PermissionDenied => "permission denied",
         _ => "error",
     }
 }
@@ -94,7 +100,8 @@ pub struct Client {
     current: Mutex<String>,
     channels: Mutex<HashMap<String, Channel>>,
     follow_leader: bool,
-    actor: String,
+    /// `Bearer <key>`, when the client has a key.
+    authorization: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
     timeout: Duration,
 }
 
@@ -128,7 +135,7 @@ impl Client {
             current: Mutex::new(first),
             channels: Mutex::new(HashMap::new()),
             follow_leader: true,
-            actor: std::env::var("USER").unwrap_or_else(|_| "sdk".into()),
+            authorization: None,
             timeout: Duration::from_secs(10),
         })
     }
@@ -141,9 +148,16 @@ impl Client {
         Ok(client)
     }
 
-    /// Who the audit log records as making changes.
-    pub fn with_actor(mut self, actor: impl Into<String>) -> Client {
-        self.actor = actor.into();
+    /// The API key every call carries (`talon_<id>_<secret>`); an empty
+    /// key means none. The coordinators authenticate it and record its
+    /// principal in the audit log.
+    pub fn with_key(mut self, key: impl AsRef<str>) -> Client {
+        let key = key.as_ref().trim();
+        self.authorization = if key.is_empty() {
+            None
+        } else {
+            format!("Bearer {key}").parse().ok()
+        };
         self
     }
 
@@ -220,8 +234,8 @@ impl Client {
             let remaining = self.timeout.saturating_sub(started.elapsed());
             let mut request = tonic::Request::new(message.clone());
             request.set_timeout(remaining.max(Duration::from_millis(1)));
-            if let Ok(actor) = self.actor.parse() {
-                request.metadata_mut().insert(ACTOR_METADATA_KEY, actor);
+            if let Some(value) = &self.authorization {
+                request.metadata_mut().insert("authorization", value.clone());
             }
             let client = make(self.channel(&addr)?);
             let status = match f(client, request).await {
@@ -293,7 +307,12 @@ impl Client {
         .await
     }
 
-    pub async fn cluster_init(&self, members: Vec<Member>) -> Result<ClusterStatus, ClientError> {
+    /// Bootstraps a cluster; the reply carries the first admin key, which
+    /// is shown this once.
+    pub async fn cluster_init(
+        &self,
+        members: Vec<Member>,
+    ) -> Result<ClusterInitResponse, ClientError> {
         self.call(
             false,
             pb::ClusterInitRequest { members },
@@ -468,6 +487,64 @@ impl Client {
             |mut c, r| async move { c.list_replicas(r).await },
         )
         .await
+    }
+
+    /// Creates a credential; the reply carries its key, shown this once.
+    pub async fn create_credential(
+        &self,
+        principal: &str,
+        role: &str,
+        node_id: Option<&str>,
+    ) -> Result<CreateCredentialResponse, ClientError> {
+        let message = pb::CreateCredentialRequest {
+            principal: principal.into(),
+            role: role.into(),
+            node_id: node_id.unwrap_or_default().into(),
+        };
+        self.call(false, message, |mut c, r| async move {
+            c.create_credential(r).await
+        })
+        .await
+    }
+
+    pub async fn list_credentials(&self) -> Result<Vec<Credential>, ClientError> {
+        let reply = self
+            .call(true, pb::ListCredentialsRequest {}, |mut c, r| async move {
+                c.list_credentials(r).await
+            })
+            .await?;
+        Ok(reply.credentials)
+    }
+
+    /// Revokes a credential on every coordinator (as each applies it).
+    pub async fn revoke_credential(&self, id: &str) -> Result<u64, ClientError> {
+        let message = pb::RevokeCredentialRequest { id: id.into() };
+        let reply = self
+            .call(true, message, |mut c, r| async move {
+                c.revoke_credential(r).await
+            })
+            .await?;
+        Ok(reply.revision)
+    }
+
+    /// The principal and role of this client's key.
+    pub async fn who_am_i(&self) -> Result<WhoAmIResponse, ClientError> {
+        self.call(true, pb::WhoAmIRequest {}, |mut c, r| async move {
+            c.who_am_i(r).await
+        })
+        .await
+    }
+
+    /// Forgets a node that is down or drained: its record, replicas and
+    /// agent credentials.
+    pub async fn remove_node(&self, node_id: &str) -> Result<u64, ClientError> {
+        let message = pb::RemoveNodeRequest {
+            node_id: node_id.into(),
+        };
+        let reply = self
+            .call(true, message, |mut c, r| async move { c.remove_node(r).await })
+            .await?;
+        Ok(reply.revision)
     }
 
     /// Test-only: cut the node this client talks to off from its peers.

@@ -3,6 +3,8 @@
 //! Tables for people, `--json` for scripts. Exit status: 0 on success, 1 when
 //! the cluster refused or failed the call, 2 on a usage error.
 
+mod keys;
+
 use std::collections::HashMap;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -31,6 +33,12 @@ struct Cli {
     /// Deadline of the call, retries included.
     #[arg(long, default_value_t = 10_000, global = true)]
     timeout_ms: u64,
+    /// API key (talon_<id>_<secret>).
+    #[arg(long, env = "TALON_KEY", hide_env_values = true, global = true)]
+    key: Option<String>,
+    /// Read the API key from this file (default: ~/.config/talon/key if it exists).
+    #[arg(long, env = "TALON_KEY_FILE", global = true)]
+    key_file: Option<std::path::PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -52,6 +60,11 @@ enum Command {
     /// Where the reconciler placed model replicas.
     #[command(subcommand)]
     Replica(ReplicaCmd),
+    /// API keys and their roles (admin).
+    #[command(subcommand)]
+    Credential(keys::CredentialCmd),
+    /// The principal and role of the key in use.
+    Whoami,
     /// Send one request to a model through the gateway (gRPC).
     Infer {
         model: String,
@@ -96,6 +109,9 @@ enum NodeCmd {
     Uncordon { node_id: String },
     /// Cordon the node and move its work elsewhere.
     Drain { node_id: String },
+    /// Forget a node that is down or drained: its record, replicas and
+    /// agent credential (it must join again to come back).
+    Remove { node_id: String },
 }
 
 #[derive(Subcommand)]
@@ -105,6 +121,10 @@ enum ClusterCmd {
         /// Other initial voters, as ID=HOST:PORT (repeatable).
         #[arg(long = "member", value_parser = parse_member)]
         members: Vec<Member>,
+        /// Write the first admin key to this file (mode 0600) instead of
+        /// printing it.
+        #[arg(long)]
+        save_key: Option<std::path::PathBuf>,
     },
     /// Add a node: it catches up as a learner, then becomes a voter.
     Join {
@@ -505,15 +525,35 @@ fn print_models(models: &[Model]) {
 async fn execute(cli: Cli) -> Result<(), ClientError> {
     let json = cli.json;
     let timeout = Duration::from_millis(cli.timeout_ms);
-    let client = Client::new(cli.endpoints.clone())?.with_timeout(timeout);
+    let key = keys::resolve(cli.key.clone(), cli.key_file.clone())
+        .map_err(|e| ClientError::Status(tonic::Status::invalid_argument(e)))?;
+    let client = Client::new(cli.endpoints.clone())?
+        .with_timeout(timeout)
+        .with_key(&key);
     match cli.command {
+        Command::Credential(cmd) => keys::run(&client, cmd, json).await?,
+        Command::Whoami => {
+            let me = client.who_am_i().await?;
+            if json {
+                println!("{}", json!({"credential_id": me.credential_id, "principal": me.principal, "role": me.role, "authenticated": me.authenticated}));
+            } else if me.authenticated {
+                println!("{} ({}), role {}", me.principal, me.credential_id, me.role);
+            } else {
+                println!("authentication is off on this cluster: every caller is an anonymous admin");
+            }
+        }
         Command::Cluster(cmd) => {
             let status = match cmd {
-                ClusterCmd::Init { members } => {
-                    Client::pinned(cli.endpoints[0].clone())?
+                ClusterCmd::Init { members, save_key } => {
+                    let reply = Client::pinned(cli.endpoints[0].clone())?
                         .with_timeout(timeout)
                         .cluster_init(members)
-                        .await?
+                        .await?;
+                    if let Err(e) = keys::hand_out(&reply.admin_key, "the first admin", save_key.as_deref()) {
+                        eprintln!("talon: {e}; printing the key instead:");
+                        println!("{}", reply.admin_key);
+                    }
+                    reply.status.unwrap_or_default()
                 }
                 ClusterCmd::Join {
                     node_id,
@@ -632,6 +672,11 @@ async fn execute(cli: Cli) -> Result<(), ClientError> {
                     client.set_node_scheduling(&node_id, "uncordon").await?
                 }
                 NodeCmd::Drain { node_id } => client.set_node_scheduling(&node_id, "drain").await?,
+                NodeCmd::Remove { node_id } => {
+                    let revision = client.remove_node(&node_id).await?;
+                    println!("removed node {node_id} (revision {revision})");
+                    return Ok(());
+                }
             };
             if json {
                 println!("{}", node_json(&node));

@@ -86,7 +86,17 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         };
         let replicas =
             Arc::new(ReplicaManager::new(Arc::new(factory)).with_max_queue(args.max_queue));
-        let app = talon_node_agent::serve::router(metrics.clone(), Some(replicas.clone()));
+        let guard = talon_node_agent::identity::ServeGuard::default();
+        let identity = Arc::new(
+            talon_node_agent::identity::IdentityStore::open(
+                Some(args.data_dir.join("agents").join(format!("{node_id}.credential"))),
+                &node_id,
+                guard.clone(),
+            )
+            .map_err(anyhow::Error::msg)?,
+        );
+        let app =
+            talon_node_agent::serve::router(metrics.clone(), Some(replicas.clone()), guard);
         tokio::spawn(async move { axum::serve(listener, app).await });
         let host = fleet.spec.host.clone();
         let settings = AgentSettings {
@@ -94,6 +104,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             addr,
             coordinators: vec![endpoint.clone()],
             join_token: token.clone(),
+            identity,
             labels: Default::default(),
             cost_per_hour: host.cost_per_hour,
             cpu_cores: host.cpu_cores,
@@ -110,21 +121,26 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         ));
     }
 
-    let client = Client::new([endpoint.clone()])?
-        .with_timeout(Duration::from_secs(10))
-        .with_actor("talon-up");
+    // The coordinator bootstraps with authentication on and writes the
+    // first admin key to <data dir>/admin.key; wait until it is recorded.
+    let key_path = args.data_dir.join("admin.key");
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     let mut waited = 0;
-    while client
-        .cluster_status()
-        .await
-        .map(|s| s.leader_id.is_none())
-        .unwrap_or(true)
-    {
+    let client = loop {
         tick.tick().await;
         waited += 1;
         anyhow::ensure!(waited < 300, "the coordinator did not start within 30 s");
-    }
+        let Ok(text) = std::fs::read_to_string(&key_path) else {
+            continue;
+        };
+        let client = Client::new([endpoint.clone()])?
+            .with_timeout(Duration::from_secs(10))
+            .with_key(text.trim());
+        if client.who_am_i().await.is_ok() {
+            break client;
+        }
+    };
+    let key = std::fs::read_to_string(&key_path)?.trim().to_string();
     if client.get_model("demo", false).await.is_err() {
         let spec = ModelSpec {
             name: "demo".into(),
@@ -147,7 +163,11 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     );
     println!("talon up: OpenAI-compatible API at http://{}/v1 (model \"demo\"), WebSocket at ws://{}/v1/stream, admin and inference gRPC at {endpoint}", args.http_listen, args.http_listen);
     println!(
-        "talon up: curl -s http://{}/v1/chat/completions -H 'content-type: application/json' -d '{{\"model\":\"demo\",\"messages\":[{{\"role\":\"user\",\"content\":\"hi\"}}]}}'",
+        "talon up: admin key (also in {}; every API call needs it):\n  export TALON_KEY={key}",
+        key_path.display()
+    );
+    println!(
+        "talon up: curl -s http://{}/v1/chat/completions -H \"authorization: Bearer $TALON_KEY\" -H 'content-type: application/json' -d '{{\"model\":\"demo\",\"messages\":[{{\"role\":\"user\",\"content\":\"hi\"}}]}}'",
         args.http_listen
     );
     tokio::signal::ctrl_c().await?;

@@ -16,21 +16,20 @@ use openraft::{BasicNode, ChangeMembers, ServerState};
 use talon_proto::v1 as pb;
 use talon_proto::v1::admin_service_client::AdminServiceClient;
 use talon_proto::v1::admin_service_server::AdminService;
-use talon_proto::{ACTOR_METADATA_KEY, FORWARDED_METADATA_KEY};
+use talon_proto::FORWARDED_METADATA_KEY;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status};
 
+use crate::auth::{self, AuthError, Principal};
 use crate::config::Config;
 use crate::convert::{audit_to_wire, model_to_wire, node_to_wire, spec_from_wire};
 use crate::error::AdminError;
 use crate::metrics::{Metrics, WriteLabels};
 use crate::network::Faults;
 use crate::raft_types::{NodeId, Raft};
-use crate::state::{self, Command};
+use crate::state::{self, Command, Credential, Permission, Role};
 use crate::store::{LogStore, SharedState};
 
-/// Longest actor name recorded in the audit log.
-const MAX_ACTOR: usize = 128;
 /// How long a joining learner may take to catch up before the join fails.
 const JOIN_CATCH_UP: Duration = Duration::from_secs(120);
 
@@ -59,6 +58,38 @@ impl AdminContext {
                 .map(|n| n.addr.clone())
         });
         (leader, addr)
+    }
+
+    /// Authenticates a call's key and checks that its role allows `p`.
+    /// With authentication off every caller is an anonymous admin, except
+    /// that agents always present their node's credential.
+    pub fn authorize(
+        &self,
+        key: Result<&str, AuthError>,
+        p: Permission,
+        what: &str,
+    ) -> Result<Principal, AuthError> {
+        if !self.config.auth.enabled && p != Permission::Agent {
+            return Ok(Principal::anonymous());
+        }
+        let key = key?;
+        let principal = {
+            let applied = self.state.read().expect("state lock poisoned");
+            auth::authenticate(&applied.state, key)?
+        };
+        principal.require(p, what)?;
+        Ok(principal)
+    }
+
+    /// [`authorize`](Self::authorize) for a gRPC request.
+    pub fn authorize_grpc<T>(
+        &self,
+        request: &Request<T>,
+        p: Permission,
+        what: &str,
+    ) -> Result<Principal, Status> {
+        self.authorize(auth::grpc_key(request), p, what)
+            .map_err(Status::from)
     }
 
     /// Whether this node is the leader now.
@@ -127,19 +158,37 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-fn actor<T>(request: &Request<T>) -> Result<String, AdminError> {
-    let Some(value) = request.metadata().get(ACTOR_METADATA_KEY) else {
-        return Ok("unknown".into());
-    };
-    let actor = value.to_str().map_err(|_| {
-        AdminError::InvalidArgument(format!("{ACTOR_METADATA_KEY} metadata must be ASCII"))
-    })?;
-    if actor.is_empty() || actor.len() > MAX_ACTOR {
-        return Err(AdminError::InvalidArgument(format!(
-            "{ACTOR_METADATA_KEY} metadata must be 1 to {MAX_ACTOR} characters"
-        )));
+fn credential_to_wire(c: &Credential) -> pb::Credential {
+    pb::Credential {
+        id: c.id.clone(),
+        principal: c.principal.clone(),
+        role: c.role.as_str().into(),
+        node_id: c.node_id.clone().unwrap_or_default(),
+        created_at_ms: c.created_at_ms,
+        created_by: c.created_by.clone(),
+        revision: c.revision,
     }
-    Ok(actor.to_string())
+}
+
+/// A new credential for `principal` with `role`, and its key.
+pub fn new_credential(
+    principal: &str,
+    role: Role,
+    node_id: Option<String>,
+    created_by: &str,
+) -> (Credential, String) {
+    let key = auth::generate();
+    let credential = Credential {
+        id: key.id,
+        principal: principal.into(),
+        role,
+        secret_sha256: key.secret_sha256,
+        node_id,
+        created_at_ms: 0,
+        created_by: created_by.into(),
+        revision: 0,
+    };
+    (credential, key.key)
 }
 
 fn validate_addr(addr: &str) -> Result<(), AdminError> {
@@ -191,12 +240,13 @@ impl Admin {
         Ok(Some(client))
     }
 
-    /// The request to send to the leader: the same message and actor, marked
-    /// as forwarded, with the write deadline.
+    /// The request to send to the leader: the same message and credential
+    /// (the leader authenticates it again), marked as forwarded, with the
+    /// write deadline.
     fn forwarded<T: Clone>(&self, request: &Request<T>) -> Request<T> {
         let mut out = Request::new(request.get_ref().clone());
-        if let Some(actor) = request.metadata().get(ACTOR_METADATA_KEY) {
-            out.metadata_mut().insert(ACTOR_METADATA_KEY, actor.clone());
+        if let Some(key) = request.metadata().get(auth::AUTHORIZATION) {
+            out.metadata_mut().insert(auth::AUTHORIZATION, key.clone());
         }
         out.metadata_mut()
             .insert(FORWARDED_METADATA_KEY, "1".parse().expect("ascii"));
@@ -222,7 +272,7 @@ impl Admin {
             })
     }
 
-    fn status(&self) -> pb::ClusterStatus {
+    fn status(&self) -> pb::ClusterStatusResponse {
         let m = self.ctx.raft.metrics().borrow().clone();
         let membership = m.membership_config.membership();
         let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
@@ -247,7 +297,7 @@ impl Admin {
             .current_leader
             .and_then(|id| membership.get_node(&id).map(|n| n.addr.clone()))
             .unwrap_or_default();
-        pb::ClusterStatus {
+        pb::ClusterStatusResponse {
             node_id: self.ctx.id,
             role: role.into(),
             leader_id: m.current_leader,
@@ -302,8 +352,26 @@ impl AdminService for Admin {
     async fn cluster_init(
         &self,
         request: Request<pb::ClusterInitRequest>,
-    ) -> Result<Response<pb::ClusterStatus>, Status> {
-        let actor = actor(&request)?;
+    ) -> Result<Response<pb::ClusterInitResponse>, Status> {
+        // Accepted without a credential only while the cluster has no admin
+        // yet (the bootstrap window); afterwards it needs an admin key and
+        // still cannot re-initialize.
+        let auth_initialized = self
+            .ctx
+            .state
+            .read()
+            .expect("state lock poisoned")
+            .state
+            .cluster_secret
+            .is_some();
+        if auth_initialized {
+            self.ctx
+                .authorize_grpc(&request, Permission::Admin, "cluster init")?;
+            return Err(AdminError::FailedPrecondition(
+                "this node already belongs to an initialized cluster; use `cluster join` to add nodes".into(),
+            )
+            .into());
+        }
         let mut nodes = BTreeMap::new();
         let own_addr = self
             .ctx
@@ -335,13 +403,16 @@ impl AdminService for Admin {
             .map(|(id, n)| format!("{id}={}", n.addr))
             .collect::<Vec<_>>()
             .join(",");
-        self.ctx.raft.initialize(nodes).await.map_err(|e| match e {
-            RaftError::APIError(openraft::error::InitializeError::NotAllowed(_)) => AdminError::FailedPrecondition(
-                "this node already belongs to a cluster (its log is not empty); use `cluster join` to add nodes".into(),
-            ),
-            other => AdminError::Internal(other.to_string()),
-        })?;
-        // Record the bootstrap once a leader exists, if it is this node.
+        // A node initialized before it could record its first admin (it
+        // restarted in between) resumes here instead of refusing.
+        if !self.ctx.raft.is_initialized().await.map_err(|e| AdminError::Internal(e.to_string()))? {
+            self.ctx.raft.initialize(nodes).await.map_err(|e| match e {
+                RaftError::APIError(openraft::error::InitializeError::NotAllowed(_)) => AdminError::FailedPrecondition(
+                    "this node already belongs to a cluster (its log is not empty); use `cluster join` to add nodes".into(),
+                ),
+                other => AdminError::Internal(other.to_string()),
+            })?;
+        }
         let waited = self
             .ctx
             .raft
@@ -350,19 +421,46 @@ impl AdminService for Admin {
             )))
             .metrics(|m| m.current_leader.is_some(), "a leader after init")
             .await;
-        if waited.is_ok_and(|m| m.current_leader == Some(self.ctx.id)) {
-            self.audit(actor, "cluster.init", self.ctx.id.to_string(), detail)
-                .await;
+        if waited.is_err() {
+            return Err(AdminError::Timeout {
+                timeout_ms: self.ctx.config.write_timeout_ms,
+            }
+            .into());
         }
-        Ok(Response::new(self.status()))
+        // The first admin is created on the leader, wherever init arrived.
+        forward!(self, request, cluster_init);
+        let (admin, key) = new_credential("admin", Role::Admin, None, "cluster-init");
+        let id = admin.id.clone();
+        let command = Command::InitAuth {
+            admin,
+            cluster_secret: auth::random_bytes::<32>(),
+        };
+        self.ctx
+            .write("init_auth", "cluster-init".into(), command)
+            .await?;
+        self.audit(
+            format!("admin ({id})"),
+            "cluster.init",
+            self.ctx.id.to_string(),
+            detail,
+        )
+        .await;
+        Ok(Response::new(pb::ClusterInitResponse {
+            status: Some(self.status()),
+            admin_key: key,
+            admin_credential_id: id,
+        }))
     }
 
     async fn cluster_join(
         &self,
         request: Request<pb::ClusterJoinRequest>,
-    ) -> Result<Response<pb::ClusterStatus>, Status> {
+    ) -> Result<Response<pb::ClusterStatusResponse>, Status> {
+        let actor = self
+            .ctx
+            .authorize_grpc(&request, Permission::Admin, "cluster join")?
+            .actor();
         forward!(self, request, cluster_join);
-        let actor = actor(&request)?;
         let req = request.into_inner();
         if req.node_id == 0 {
             return Err(AdminError::InvalidArgument("node_id must be 1 or more".into()).into());
@@ -414,9 +512,12 @@ impl AdminService for Admin {
     async fn cluster_remove(
         &self,
         request: Request<pb::ClusterRemoveRequest>,
-    ) -> Result<Response<pb::ClusterStatus>, Status> {
+    ) -> Result<Response<pb::ClusterStatusResponse>, Status> {
+        let actor = self
+            .ctx
+            .authorize_grpc(&request, Permission::Admin, "cluster remove")?
+            .actor();
         forward!(self, request, cluster_remove);
-        let actor = actor(&request)?;
         let id = request.get_ref().node_id;
         let membership = self.ctx.raft.metrics().borrow().membership_config.clone();
         let voters: BTreeSet<NodeId> = membership.membership().voter_ids().collect();
@@ -456,7 +557,9 @@ impl AdminService for Admin {
     async fn cluster_status(
         &self,
         _request: Request<pb::ClusterStatusRequest>,
-    ) -> Result<Response<pb::ClusterStatus>, Status> {
+    ) -> Result<Response<pb::ClusterStatusResponse>, Status> {
+        // Open, like /healthz: readiness probes and peers read it. It shows
+        // membership, addresses and Raft indices, nothing of the registry.
         Ok(Response::new(self.status()))
     }
 
@@ -464,7 +567,10 @@ impl AdminService for Admin {
         &self,
         request: Request<pb::CreateModelRequest>,
     ) -> Result<Response<pb::Model>, Status> {
-        let actor = actor(&request)?;
+        let actor = self
+            .ctx
+            .authorize_grpc(&request, Permission::Write, "model create")?
+            .actor();
         let spec =
             spec_from_wire(request.get_ref().spec.clone()).map_err(AdminError::InvalidArgument)?;
         spec.validate().map_err(AdminError::InvalidArgument)?;
@@ -485,6 +591,8 @@ impl AdminService for Admin {
         &self,
         request: Request<pb::GetModelRequest>,
     ) -> Result<Response<pb::Model>, Status> {
+        self.ctx
+            .authorize_grpc(&request, Permission::Read, "model get")?;
         if request.get_ref().linearizable {
             forward!(self, request, get_model);
             self.linearizable().await?;
@@ -501,6 +609,8 @@ impl AdminService for Admin {
         &self,
         request: Request<pb::ListModelsRequest>,
     ) -> Result<Response<pb::ListModelsResponse>, Status> {
+        self.ctx
+            .authorize_grpc(&request, Permission::Read, "model list")?;
         if request.get_ref().linearizable {
             forward!(self, request, list_models);
             self.linearizable().await?;
@@ -514,7 +624,10 @@ impl AdminService for Admin {
         &self,
         request: Request<pb::DeleteModelRequest>,
     ) -> Result<Response<pb::DeleteModelResponse>, Status> {
-        let actor = actor(&request)?;
+        let actor = self
+            .ctx
+            .authorize_grpc(&request, Permission::Write, "model delete")?
+            .actor();
         let req = request.get_ref();
         state::model::validate_name(&req.name).map_err(AdminError::InvalidArgument)?;
         let version = if req.version.is_empty() {
@@ -542,7 +655,10 @@ impl AdminService for Admin {
         &self,
         request: Request<pb::UpdateModelLabelsRequest>,
     ) -> Result<Response<pb::Model>, Status> {
-        let actor = actor(&request)?;
+        let actor = self
+            .ctx
+            .authorize_grpc(&request, Permission::Write, "model label")?
+            .actor();
         let req = request.get_ref();
         state::model::validate_name(&req.name).map_err(AdminError::InvalidArgument)?;
         let set: BTreeMap<String, String> = req
@@ -576,6 +692,8 @@ impl AdminService for Admin {
         &self,
         request: Request<pb::ListAuditRequest>,
     ) -> Result<Response<pb::ListAuditResponse>, Status> {
+        self.ctx
+            .authorize_grpc(&request, Permission::Read, "audit list")?;
         let req = request.into_inner();
         let limit = match req.limit {
             0 => 100,
@@ -602,6 +720,8 @@ impl AdminService for Admin {
         &self,
         request: Request<pb::ListNodesRequest>,
     ) -> Result<Response<pb::ListNodesResponse>, Status> {
+        self.ctx
+            .authorize_grpc(&request, Permission::Read, "node list")?;
         // Telemetry lives on the leader; without one, serve the committed
         // records alone.
         if self.ctx.leader().0.is_some() {
@@ -622,6 +742,8 @@ impl AdminService for Admin {
         &self,
         request: Request<pb::GetNodeRequest>,
     ) -> Result<Response<pb::Node>, Status> {
+        self.ctx
+            .authorize_grpc(&request, Permission::Read, "node show")?;
         if self.ctx.leader().0.is_some() {
             forward!(self, request, get_node);
         }
@@ -640,7 +762,10 @@ impl AdminService for Admin {
         &self,
         request: Request<pb::SetNodeSchedulingRequest>,
     ) -> Result<Response<pb::Node>, Status> {
-        let actor = actor(&request)?;
+        let actor = self
+            .ctx
+            .authorize_grpc(&request, Permission::Write, "node scheduling")?
+            .actor();
         let req = request.get_ref();
         state::node::validate_node_id(&req.node_id).map_err(AdminError::InvalidArgument)?;
         let action = state::Scheduling::parse(&req.action).map_err(AdminError::InvalidArgument)?;
@@ -671,6 +796,8 @@ impl AdminService for Admin {
         &self,
         request: Request<pb::FleetStatsRequest>,
     ) -> Result<Response<pb::FleetStatsResponse>, Status> {
+        self.ctx
+            .authorize_grpc(&request, Permission::Read, "fleet stats")?;
         forward!(self, request, fleet_stats);
         let ages = self.ctx.telemetry.ages_ms(std::time::Instant::now());
         let applied = self.ctx.state.read().expect("state lock poisoned");
@@ -692,6 +819,8 @@ impl AdminService for Admin {
         &self,
         request: Request<pb::ListReplicasRequest>,
     ) -> Result<Response<pb::ListReplicasResponse>, Status> {
+        self.ctx
+            .authorize_grpc(&request, Permission::Read, "replica list")?;
         let model = &request.get_ref().model;
         let applied = self.ctx.state.read().expect("state lock poisoned");
         let replicas = applied
@@ -736,6 +865,8 @@ impl AdminService for Admin {
         &self,
         request: Request<pb::SetFaultsRequest>,
     ) -> Result<Response<pb::SetFaultsResponse>, Status> {
+        self.ctx
+            .authorize_grpc(&request, Permission::Admin, "set faults")?;
         if !self.ctx.config.fault_injection {
             return Err(AdminError::FailedPrecondition(
                 "fault injection is disabled on this coordinator; start it with --fault-injection true (tests only)".into(),
@@ -746,5 +877,144 @@ impl AdminService for Admin {
         self.ctx.faults.set_isolated(isolate);
         tracing::warn!(isolate, "transport faults changed");
         Ok(Response::new(pb::SetFaultsResponse {}))
+    }
+
+    async fn create_credential(
+        &self,
+        request: Request<pb::CreateCredentialRequest>,
+    ) -> Result<Response<pb::CreateCredentialResponse>, Status> {
+        let principal =
+            self.ctx
+                .authorize_grpc(&request, Permission::Admin, "credential create")?;
+        let req = request.get_ref();
+        state::credential::validate_principal(&req.principal)
+            .map_err(AdminError::InvalidArgument)?;
+        let role = Role::parse(&req.role).map_err(AdminError::InvalidArgument)?;
+        let node_id = match (role, req.node_id.as_str()) {
+            (Role::Agent, "") => {
+                return Err(AdminError::InvalidArgument(
+                    "an agent credential needs --node <node id>".into(),
+                )
+                .into())
+            }
+            (Role::Agent, node) => {
+                state::node::validate_node_id(node).map_err(AdminError::InvalidArgument)?;
+                Some(node.to_string())
+            }
+            (_, "") => None,
+            (role, _) => {
+                return Err(AdminError::InvalidArgument(format!(
+                    "only agent credentials are bound to a node; drop --node for a {} credential",
+                    role.as_str()
+                ))
+                .into())
+            }
+        };
+        forward!(self, request, create_credential);
+        let (credential, key) = new_credential(&req.principal, role, node_id, &principal.name);
+        match self
+            .ctx
+            .write(
+                "create_credential",
+                principal.actor(),
+                Command::CreateCredential(credential),
+            )
+            .await?
+        {
+            state::Response::Credential(c) => Ok(Response::new(pb::CreateCredentialResponse {
+                credential: Some(credential_to_wire(&c)),
+                key,
+            })),
+            other => {
+                Err(AdminError::Internal(format!("unexpected apply response {other:?}")).into())
+            }
+        }
+    }
+
+    async fn list_credentials(
+        &self,
+        request: Request<pb::ListCredentialsRequest>,
+    ) -> Result<Response<pb::ListCredentialsResponse>, Status> {
+        self.ctx
+            .authorize_grpc(&request, Permission::Admin, "credential list")?;
+        let applied = self.ctx.state.read().expect("state lock poisoned");
+        let credentials = applied
+            .state
+            .credentials
+            .values()
+            .map(credential_to_wire)
+            .collect();
+        Ok(Response::new(pb::ListCredentialsResponse { credentials }))
+    }
+
+    async fn revoke_credential(
+        &self,
+        request: Request<pb::RevokeCredentialRequest>,
+    ) -> Result<Response<pb::RevokeCredentialResponse>, Status> {
+        let actor = self
+            .ctx
+            .authorize_grpc(&request, Permission::Admin, "credential revoke")?
+            .actor();
+        let id = request.get_ref().id.clone();
+        state::credential::validate_id(&id).map_err(AdminError::InvalidArgument)?;
+        forward!(self, request, revoke_credential);
+        match self
+            .ctx
+            .write("revoke_credential", actor, Command::RevokeCredential { id })
+            .await?
+        {
+            state::Response::Revoked { revision } => {
+                Ok(Response::new(pb::RevokeCredentialResponse { revision }))
+            }
+            other => {
+                Err(AdminError::Internal(format!("unexpected apply response {other:?}")).into())
+            }
+        }
+    }
+
+    async fn who_am_i(
+        &self,
+        request: Request<pb::WhoAmIRequest>,
+    ) -> Result<Response<pb::WhoAmIResponse>, Status> {
+        let authenticated = self.ctx.config.auth.enabled;
+        let principal = if authenticated {
+            let applied = self.ctx.state.read().expect("state lock poisoned");
+            auth::grpc_key(&request)
+                .and_then(|key| auth::authenticate(&applied.state, key))
+                .map_err(Status::from)?
+        } else {
+            Principal::anonymous()
+        };
+        Ok(Response::new(pb::WhoAmIResponse {
+            credential_id: principal.credential,
+            principal: principal.name,
+            role: principal.role.as_str().into(),
+            authenticated,
+        }))
+    }
+
+    async fn remove_node(
+        &self,
+        request: Request<pb::RemoveNodeRequest>,
+    ) -> Result<Response<pb::RemoveNodeResponse>, Status> {
+        let actor = self
+            .ctx
+            .authorize_grpc(&request, Permission::Write, "node remove")?
+            .actor();
+        let node_id = request.get_ref().node_id.clone();
+        state::node::validate_node_id(&node_id).map_err(AdminError::InvalidArgument)?;
+        forward!(self, request, remove_node);
+        match self
+            .ctx
+            .write("remove_node", actor, Command::RemoveNode { node_id })
+            .await?
+        {
+            state::Response::NodeRemoved { revision } => {
+                Ok(Response::new(pb::RemoveNodeResponse { revision }))
+            }
+            other => {
+                Err(AdminError::Internal(format!("unexpected apply response {other:?}")).into())
+            }
+        }
     }
 }

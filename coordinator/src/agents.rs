@@ -1,8 +1,12 @@
 //! The agent service: registration (through Raft) and telemetry streams
 //! (soft state), both on the leader only.
 //!
-//! Every call carries the join token; a missing or wrong token is refused
-//! with UNAUTHENTICATED and changes nothing. A follower answers UNAVAILABLE
+//! An agent presents the join token once, to `Join`, and receives a
+//! credential bound to its node id; every other call carries that
+//! credential and may act only as that node (a credential of node A cannot
+//! register, report or watch as node B). A missing or wrong token or
+//! credential is refused with UNAUTHENTICATED (PERMISSION_DENIED for another
+//! node's id) and changes nothing. A follower answers UNAVAILABLE
 //! with the leader's address; a leader that loses its leadership ends every
 //! telemetry stream the same way, and agents move to the new leader.
 
@@ -13,10 +17,11 @@ use talon_proto::v1 as pb;
 use talon_proto::v1::agent_service_server::AgentService;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::admin::AdminContext;
+use crate::admin::{new_credential, AdminContext};
+use crate::auth::{self, Principal};
 use crate::convert::inventory_from_wire;
 use crate::error::AdminError;
-use crate::state::{self, Command, NodeState};
+use crate::state::{self, Command, NodeState, Permission, Role};
 
 /// Request metadata key that carries the join token.
 pub const JOIN_TOKEN_METADATA_KEY: &str = "talon-join-token";
@@ -25,10 +30,7 @@ pub struct AgentSvc {
     ctx: Arc<AdminContext>,
 }
 
-/// Compares without leaking where the first difference is.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
+use auth::constant_time_eq;
 
 impl AgentSvc {
     pub fn new(ctx: Arc<AdminContext>) -> AgentSvc {
@@ -53,6 +55,21 @@ impl AgentSvc {
             ));
         }
         Ok(())
+    }
+
+    /// The agent credential a call carries, which must be bound to `node`.
+    fn as_node<T>(&self, request: &Request<T>, node: &str) -> Result<Principal, Status> {
+        let principal = self
+            .ctx
+            .authorize_grpc(request, Permission::Agent, "agent call")?;
+        if principal.node_id.as_deref() != Some(node) {
+            return Err(Status::permission_denied(format!(
+                "credential {} belongs to node {:?} and cannot act as node {node:?}",
+                principal.credential,
+                principal.node_id.as_deref().unwrap_or("")
+            )));
+        }
+        Ok(principal)
     }
 
     fn require_leader(&self) -> Result<(), Status> {
@@ -90,6 +107,69 @@ fn assignments(state: &crate::state::State, node: &str, revision: u64) -> pb::As
     pb::Assignments { revision, replicas }
 }
 
+/// Longest replica message and most replica statuses in one report.
+const MAX_REPLICA_MESSAGE: usize = 2048;
+const MAX_REPLICAS_PER_REPORT: usize = 4096;
+const REPLICA_STATES: &[&str] = &["loading", "ready", "restarting", "failed", "draining", "stopped"];
+
+/// Checks what a telemetry report carries beyond its node id: counts,
+/// percentages and the floats routing relies on (finite, not negative).
+fn validate_report(report: &pb::TelemetryReport) -> Result<(), String> {
+    if report.gpus.len() > state::node::MAX_GPUS {
+        return Err(format!(
+            "{} GPU samples in one report; at most {}",
+            report.gpus.len(),
+            state::node::MAX_GPUS
+        ));
+    }
+    for g in &report.gpus {
+        if g.utilization > 100 {
+            return Err(format!(
+                "GPU {} utilization is {} %; it must be 0 to 100",
+                g.index, g.utilization
+            ));
+        }
+    }
+    if report.replicas.len() > MAX_REPLICAS_PER_REPORT {
+        return Err(format!(
+            "{} replica statuses in one report; at most {MAX_REPLICAS_PER_REPORT}",
+            report.replicas.len()
+        ));
+    }
+    for r in &report.replicas {
+        if r.id.is_empty() || r.id.len() > 200 {
+            return Err(format!("replica id {:?} must be 1 to 200 bytes long", r.id));
+        }
+        if !REPLICA_STATES.contains(&r.state.as_str()) {
+            return Err(format!(
+                "replica {} state {:?} is unknown; use one of {}",
+                r.id,
+                r.state,
+                REPLICA_STATES.join(", ")
+            ));
+        }
+        if r.message.len() > MAX_REPLICA_MESSAGE {
+            return Err(format!(
+                "replica {} message is {} bytes; at most {MAX_REPLICA_MESSAGE}",
+                r.id,
+                r.message.len()
+            ));
+        }
+        for (field, v) in [("service_ms_one", r.service_ms_one), ("service_ms_full", r.service_ms_full)] {
+            if !v.is_finite() || !(0.0..=3_600_000.0).contains(&v) {
+                return Err(format!(
+                    "replica {} {field} must be a finite number of ms between 0 and 3600000, got {v}",
+                    r.id
+                ));
+            }
+        }
+        if r.max_batch > 65_536 {
+            return Err(format!("replica {} max_batch {} is more than 65536", r.id, r.max_batch));
+        }
+    }
+    Ok(())
+}
+
 type AssignmentStream =
     std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::Assignments, Status>> + Send>>;
 
@@ -97,13 +177,60 @@ type AssignmentStream =
 impl AgentService for AgentSvc {
     type WatchAssignmentsStream = AssignmentStream;
 
+    async fn join(
+        &self,
+        request: Request<pb::JoinRequest>,
+    ) -> Result<Response<pb::JoinResponse>, Status> {
+        self.check_token(&request)?;
+        self.require_leader()?;
+        let node_id = request.into_inner().node_id;
+        state::node::validate_node_id(&node_id).map_err(AdminError::InvalidArgument)?;
+        let Some(cluster_secret) = self
+            .ctx
+            .state
+            .read()
+            .expect("state lock poisoned")
+            .state
+            .cluster_secret
+        else {
+            return Err(Status::failed_precondition(
+                "the cluster is not initialized yet: run `talon cluster init` (or start a coordinator with --bootstrap) first",
+            ));
+        };
+        let principal = format!("node:{node_id}");
+        let (credential, key) =
+            new_credential(&principal, Role::Agent, Some(node_id.clone()), "join-token");
+        let id = credential.id.clone();
+        match self
+            .ctx
+            .write(
+                "join_node",
+                format!("join-token ({node_id})"),
+                Command::CreateCredential(credential),
+            )
+            .await?
+        {
+            state::Response::Credential(_) => {
+                tracing::info!(node = %node_id, credential = %id, "agent joined");
+                Ok(Response::new(pb::JoinResponse {
+                    key,
+                    credential_id: id,
+                    serve_secret: auth::serve_secret(&cluster_secret, &node_id),
+                }))
+            }
+            other => {
+                Err(AdminError::Internal(format!("unexpected apply response {other:?}")).into())
+            }
+        }
+    }
+
     async fn watch_assignments(
         &self,
         request: Request<pb::WatchAssignmentsRequest>,
     ) -> Result<Response<AssignmentStream>, Status> {
-        self.check_token(&request)?;
+        let node = request.get_ref().node_id.clone();
+        self.as_node(&request, &node)?;
         self.require_leader()?;
-        let node = request.into_inner().node_id;
         if !self
             .ctx
             .state
@@ -156,10 +283,10 @@ impl AgentService for AgentSvc {
         &self,
         request: Request<pb::RegisterRequest>,
     ) -> Result<Response<pb::RegisterResponse>, Status> {
-        self.check_token(&request)?;
-        self.require_leader()?;
-        let inventory = inventory_from_wire(request.into_inner().inventory)
+        let inventory = inventory_from_wire(request.get_ref().inventory.clone())
             .map_err(AdminError::InvalidArgument)?;
+        let principal = self.as_node(&request, &inventory.node_id)?;
+        self.require_leader()?;
         inventory.validate().map_err(AdminError::InvalidArgument)?;
         let interval = self.ctx.config.agents.telemetry_interval_ms as u32;
         let existing = {
@@ -175,7 +302,7 @@ impl AgentService for AgentSvc {
                 revision: node.revision,
             }));
         }
-        let actor = format!("agent:{}", inventory.node_id);
+        let actor = principal.actor();
         let node_id = inventory.node_id.clone();
         match self
             .ctx
@@ -199,8 +326,11 @@ impl AgentService for AgentSvc {
         &self,
         request: Request<Streaming<pb::TelemetryReport>>,
     ) -> Result<Response<pb::TelemetryAck>, Status> {
-        self.check_token(&request)?;
+        let principal = self
+            .ctx
+            .authorize_grpc(&request, Permission::Agent, "report telemetry")?;
         self.require_leader()?;
+        let bound = principal.node_id.clone().unwrap_or_default();
         let mut stream = request.into_inner();
         let mut node: Option<String> = None;
         let mut received = 0u64;
@@ -216,6 +346,13 @@ impl AgentService for AgentSvc {
             let Some(report) = message else {
                 return Ok(Response::new(pb::TelemetryAck { received }));
             };
+            if report.node_id != bound {
+                return Err(Status::permission_denied(format!(
+                    "credential {} belongs to node {bound:?} and cannot report for node {:?}",
+                    principal.credential, report.node_id
+                )));
+            }
+            validate_report(&report).map_err(Status::invalid_argument)?;
             match &node {
                 None => {
                     let known = self
@@ -241,13 +378,6 @@ impl AgentService for AgentSvc {
                     )));
                 }
                 Some(_) => {}
-            }
-            if report.gpus.len() > state::node::MAX_GPUS {
-                return Err(Status::invalid_argument(format!(
-                    "{} GPU samples in one report; at most {}",
-                    report.gpus.len(),
-                    state::node::MAX_GPUS
-                )));
             }
             self.ctx.telemetry.record(report, Instant::now());
             received += 1;

@@ -71,6 +71,28 @@ impl Default for AgentSettings {
     }
 }
 
+/// Who may call the admin and inference APIs.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthSettings {
+    /// Authenticate every admin and inference call with an API key (the
+    /// default). Off: every caller is an anonymous admin, for experiments on
+    /// a machine nobody else can reach. Agents authenticate either way.
+    pub enabled: bool,
+    /// Where `--bootstrap` reads the first admin key from, or writes the one
+    /// it makes (mode 0600); default `<data_dir>/admin.key`.
+    pub admin_key_file: Option<PathBuf>,
+}
+
+impl Default for AuthSettings {
+    fn default() -> Self {
+        AuthSettings {
+            enabled: true,
+            admin_key_file: None,
+        }
+    }
+}
+
 /// Shortest join token accepted.
 pub const MIN_JOIN_TOKEN: usize = 16;
 
@@ -129,6 +151,7 @@ pub struct Config {
     pub log_format: LogFormat,
     pub raft: RaftSettings,
     pub agents: AgentSettings,
+    pub auth: AuthSettings,
 }
 
 impl Default for Config {
@@ -145,6 +168,7 @@ impl Default for Config {
             log_format: LogFormat::Text,
             raft: RaftSettings::default(),
             agents: AgentSettings::default(),
+            auth: AuthSettings::default(),
         }
     }
 }
@@ -203,6 +227,13 @@ pub struct Flags {
     pub suspect_after_ms: Option<u64>,
     #[arg(long, env = "TALON_DOWN_AFTER_MS")]
     pub down_after_ms: Option<u64>,
+    /// Authenticate admin and inference calls (default true); `false` makes
+    /// every caller an anonymous admin.
+    #[arg(long, env = "TALON_AUTH")]
+    pub auth: Option<bool>,
+    /// Where --bootstrap reads or writes the first admin key.
+    #[arg(long, env = "TALON_ADMIN_KEY_FILE")]
+    pub admin_key_file: Option<PathBuf>,
 }
 
 /// A configuration that cannot be used, with what to change.
@@ -251,7 +282,11 @@ impl Config {
             keep_logs_after_snapshot => raft.keep_logs_after_snapshot,
             join_token => agents.join_token, telemetry_interval_ms => agents.telemetry_interval_ms,
             suspect_after_ms => agents.suspect_after_ms, down_after_ms => agents.down_after_ms,
+            auth => auth.enabled,
         );
+        if flags.admin_key_file.is_some() {
+            config.auth.admin_key_file = flags.admin_key_file.clone();
+        }
         if flags.join_token_file.is_some() {
             config.agents.join_token_file = flags.join_token_file.clone();
         }
@@ -360,6 +395,14 @@ impl Config {
             ));
         }
         Ok(())
+    }
+
+    /// Where `--bootstrap` keeps the first admin key.
+    pub fn admin_key_path(&self) -> PathBuf {
+        self.auth
+            .admin_key_file
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("admin.key"))
     }
 
     /// openraft's configuration for these settings.

@@ -187,6 +187,8 @@ struct Target {
     replica: String,
     node: String,
     addr: String,
+    /// What the node's agent expects from coordinators (Bearer).
+    serve_secret: Option<String>,
     load: ReplicaLoad,
 }
 
@@ -246,7 +248,16 @@ impl Gateway {
             .route("/v1/completions", post(completions))
             .route("/v1/embeddings", post(embeddings))
             .route("/v1/stream", get(crate::websocket::upgrade))
+            .layer(axum::middleware::from_fn_with_state(
+                self.clone(),
+                crate::gateway_auth::require_inference,
+            ))
             .with_state(self)
+    }
+
+    /// The coordinator's shared handles.
+    pub fn context(&self) -> &Arc<AdminContext> {
+        &self.ctx
     }
 
     fn counter(&self, replica: &str) -> Arc<AtomicU32> {
@@ -311,6 +322,10 @@ impl Gateway {
                 replica: r.id.clone(),
                 node: r.node_id.clone(),
                 addr: node.inventory.addr.clone(),
+                serve_secret: applied
+                    .state
+                    .cluster_secret
+                    .map(|secret| crate::auth::serve_secret(&secret, &r.node_id)),
                 load,
             };
             found.push((r.id.clone(), load, target));
@@ -434,6 +449,9 @@ impl Gateway {
                 t.addr, t.replica, call.path
             ))
             .json(body);
+        if let Some(secret) = &t.serve_secret {
+            request = request.bearer_auth(secret);
+        }
         if let Some(p) = &call.priority {
             request = request.header("x-talon-priority", p);
         }

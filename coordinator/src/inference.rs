@@ -14,6 +14,7 @@ use serde_json::{json, Value};
 use talon_proto::v1 as pb;
 use tonic::{Request, Response, Status};
 
+use crate::state::Permission;
 use crate::gateway::{chunk_text, Call, Gateway, GwError, StreamItem, Streaming};
 
 pub struct InferenceSvc {
@@ -131,6 +132,9 @@ impl pb::inference_server::Inference for InferenceSvc {
         &self,
         request: Request<pb::InferRequest>,
     ) -> Result<Response<pb::InferReply>, Status> {
+        self.gateway
+            .context()
+            .authorize_grpc(&request, Permission::Infer, "inference")?;
         let call = to_call(&request)?;
         let (replica, answer) = self.gateway.complete(&call).await.map_err(status)?;
         let usage = &answer["usage"];
@@ -157,6 +161,9 @@ impl pb::inference_server::Inference for InferenceSvc {
         &self,
         request: Request<pb::InferRequest>,
     ) -> Result<Response<ChunkStream>, Status> {
+        self.gateway
+            .context()
+            .authorize_grpc(&request, Permission::Infer, "inference")?;
         let call = to_call(&request)?;
         let Streaming { replica, chunks } =
             self.gateway.open_stream(&call).await.map_err(status)?;

@@ -23,10 +23,12 @@
 
 pub mod admin;
 pub mod agents;
+pub mod auth;
 pub mod config;
 pub mod convert;
 pub mod error;
 pub mod gateway;
+pub mod gateway_auth;
 pub mod http;
 pub mod inference;
 pub mod leases;
@@ -133,12 +135,21 @@ pub async fn run(
         let _ = stop_tx.send(true);
     });
     let ctx_http = ctx.clone();
-    let leases_task = tokio::spawn(leases::run(ctx.clone(), stop_rx.clone()));
-    let reconciler_task = tokio::spawn(leases::run_reconciler(
-        ctx.clone(),
-        Duration::from_millis(500),
-        stop_rx.clone(),
-    ));
+    let leases_task = {
+        let (ctx, stop) = (ctx.clone(), stop_rx.clone());
+        tokio::spawn(supervise("leases", stop_rx.clone(), move || {
+            leases::run(ctx.clone(), stop.clone())
+        }))
+    };
+    let reconciler_task = {
+        let (ctx, stop) = (ctx.clone(), stop_rx.clone());
+        tokio::spawn(supervise("reconciler", stop_rx.clone(), move || {
+            leases::run_reconciler(ctx.clone(), Duration::from_millis(500), stop.clone())
+        }))
+    };
+    let auth_task = config
+        .bootstrap
+        .then(|| tokio::spawn(bootstrap_auth(ctx.clone(), stop_rx.clone())));
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
@@ -170,11 +181,121 @@ pub async fn run(
     metrics_task.abort();
     leases_task.abort();
     reconciler_task.abort();
+    if let Some(t) = auth_task {
+        t.abort();
+    }
     raft.shutdown().await.ok();
     grpc_result.context("gRPC server")?;
     http_result.context("HTTP server")?;
     tracing::info!("coordinator stopped");
     Ok(())
+}
+
+/// Runs a control loop and starts it again if it panics: a bug in one loop
+/// is logged and counted, never a silent end of leases or placement.
+async fn supervise<F, Fut>(name: &'static str, mut stop: tokio::sync::watch::Receiver<bool>, start: F)
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    loop {
+        let task = tokio::spawn(start());
+        match task.await {
+            Ok(()) => return,
+            Err(e) if e.is_panic() => {
+                tracing::error!(control_loop = name, error = %e, "control loop panicked; restarting it in 1 s");
+            }
+            Err(_) => return,
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+    }
+}
+
+/// The first admin key of a cluster bootstrapped with `--bootstrap`: read
+/// from `auth.admin_key_file` when that file exists (so operators can
+/// provision it, e.g. from a Kubernetes secret), else made here and written
+/// there with mode 0600. Recorded once this node leads and the cluster has
+/// no admin yet; a cluster that has one is left alone.
+async fn bootstrap_auth(ctx: Arc<AdminContext>, mut stop: tokio::sync::watch::Receiver<bool>) {
+    let path = ctx.config.admin_key_path();
+    loop {
+        let initialized = ctx
+            .state
+            .read()
+            .expect("state lock poisoned")
+            .state
+            .cluster_secret
+            .is_some();
+        if initialized {
+            return;
+        }
+        if ctx.is_leader() {
+            match admin_key_from(&path) {
+                Ok((credential, made)) => {
+                    let id = credential.id.clone();
+                    let command = state::Command::InitAuth {
+                        admin: credential,
+                        cluster_secret: auth::random_bytes::<32>(),
+                    };
+                    match ctx.write("init_auth", "bootstrap".into(), command).await {
+                        Ok(_) => {
+                            tracing::info!(path = %path.display(), credential = %id, made, "first admin credential recorded; its key is in the admin key file");
+                            return;
+                        }
+                        Err(e) => tracing::warn!(error = %e, "could not record the first admin credential; retrying"),
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(path = %path.display(), error = %e, "cannot read or write the admin key file; the cluster has no admin until this is fixed");
+                }
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+    }
+}
+
+/// The admin credential whose key is in `path`, making the key (and the
+/// file) when there is none; `true` when it was made now.
+fn admin_key_from(path: &std::path::Path) -> anyhow::Result<(state::Credential, bool)> {
+    use std::io::Write;
+    let (id, secret_sha256, made) = match std::fs::read_to_string(path) {
+        Ok(text) => {
+            let key = text.lines().next().unwrap_or_default().trim();
+            let (id, digest) = auth::parse(key).map_err(|e| anyhow::anyhow!("{e}"))?;
+            (id, digest, false)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let new = auth::generate();
+            let mut options = std::fs::OpenOptions::new();
+            options.write(true).create_new(true);
+            #[cfg(unix)]
+            std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+            let mut file = options
+                .open(path)
+                .with_context(|| format!("creating {}", path.display()))?;
+            writeln!(file, "{}", new.key)?;
+            file.sync_all()?;
+            (new.id, new.secret_sha256, true)
+        }
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    let credential = state::Credential {
+        id,
+        principal: "admin".into(),
+        role: state::Role::Admin,
+        secret_sha256,
+        node_id: None,
+        created_at_ms: 0,
+        created_by: "bootstrap".into(),
+        revision: 0,
+    };
+    Ok((credential, made))
 }
 
 /// Copies openraft's metrics into the Prometheus gauges as they change.

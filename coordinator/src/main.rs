@@ -49,8 +49,27 @@ async fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(1);
         }
     };
+    // SIGINT or SIGTERM (what Kubernetes and systemd send): stop serving,
+    // finish what is in flight, shut Raft down, exit 0.
     let shutdown = async {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            match signal(SignalKind::terminate()) {
+                Ok(mut term) => {
+                    tokio::select! {
+                        _ = tokio::signal::ctrl_c() => {}
+                        _ = term.recv() => {}
+                    }
+                }
+                Err(_) => {
+                    let _ = tokio::signal::ctrl_c().await;
+                }
+            }
+        }
+        #[cfg(not(unix))]
         let _ = tokio::signal::ctrl_c().await;
+        tracing::info!("shutdown signal received; stopping");
     };
     match talon_coordinator::run(grpc, http, config, shutdown).await {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -2,8 +2,10 @@
 //! server side (`RaftService`), plus the fault filter tests use to cut a node
 //! off.
 //!
-//! openraft's messages travel as JSON inside a protobuf `bytes` field (see
-//! `proto/talon/v1/raft.proto`). Every call carries the deadline openraft
+//! openraft's messages travel in the binary envelope of
+//! [`codec`](crate::store::codec) inside a protobuf `bytes` field (see
+//! `proto/talon/v1/raft.proto`); a payload that does not decode whole is
+//! refused. Every call carries the deadline openraft
 //! gives it; an unreachable peer is reported as `Unreachable` so that openraft
 //! backs off instead of spinning.
 
@@ -27,6 +29,7 @@ use talon_proto::v1::RaftPayload;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::raft_types::{Node, NodeId, Raft, TypeConfig};
+use crate::store::codec;
 
 /// Largest gRPC message a coordinator accepts or sends (snapshot chunks are
 /// far smaller).
@@ -124,8 +127,8 @@ impl PeerConnection {
         if self.faults.is_isolated() {
             return Err(RPCError::Unreachable(Unreachable::new(&Isolated)));
         }
-        let json = serde_json::to_vec(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
-        let mut request = tonic::Request::new(RaftPayload { json });
+        let data = codec::encode(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let mut request = tonic::Request::new(RaftPayload { data });
         request.set_timeout(ttl);
         let mut client = self.client()?;
         let reply = match rpc {
@@ -142,7 +145,7 @@ impl PeerConnection {
             }
             Err(status) => return Err(RPCError::Network(NetworkError::new(&status))),
         };
-        let result: Result<Resp, RaftError<NodeId, E>> = serde_json::from_slice(&reply.json)
+        let result: Result<Resp, RaftError<NodeId, E>> = codec::decode(&reply.data)
             .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         result.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
     }
@@ -195,15 +198,15 @@ impl RaftRpcService {
                 "node is isolated by fault injection",
             ));
         }
-        serde_json::from_slice(&request.into_inner().json)
+        codec::decode(&request.into_inner().data)
             .map_err(|e| tonic::Status::invalid_argument(format!("malformed raft message: {e}")))
     }
 }
 
 fn reply<T: Serialize>(result: &T) -> Result<tonic::Response<RaftPayload>, tonic::Status> {
-    let json = serde_json::to_vec(result)
+    let data = codec::encode(result)
         .map_err(|e| tonic::Status::internal(format!("encoding raft reply: {e}")))?;
-    Ok(tonic::Response::new(RaftPayload { json }))
+    Ok(tonic::Response::new(RaftPayload { data }))
 }
 
 #[tonic::async_trait]

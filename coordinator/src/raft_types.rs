@@ -3,7 +3,7 @@
 //! Node ids are `u64`; a node is known by its gRPC address (`BasicNode`).
 //! Log entries carry a [`Request`](crate::state::Request) and `apply`
 //! answers with a [`Response`](crate::state::Response). Snapshots are whole
-//! JSON documents held in memory: the registry is small (megabytes).
+//! binary envelopes held in memory: the registry is small (megabytes).
 
 use std::io::Cursor;
 

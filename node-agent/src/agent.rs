@@ -33,7 +33,11 @@ pub struct AgentSettings {
     /// The agent's own endpoint (metrics), as others reach it.
     pub addr: String,
     pub coordinators: Vec<String>,
+    /// Spent once, on `Join`, for the node's credential.
     pub join_token: String,
+    /// The node's credential and serve secret (kept across restarts when it
+    /// has a file).
+    pub identity: Arc<crate::identity::IdentityStore>,
     pub labels: BTreeMap<String, String>,
     pub cost_per_hour: f64,
     pub cpu_cores: u32,
@@ -165,6 +169,53 @@ pub fn sample_to_wire(s: &GpuSample) -> pb::GpuSample {
     }
 }
 
+fn with_key<T>(message: T, key: &str) -> Result<tonic::Request<T>, SessionEnd> {
+    let mut request = tonic::Request::new(message);
+    let value = format!("Bearer {key}")
+        .parse()
+        .map_err(|_| SessionEnd::Fatal("the node credential is not valid ASCII metadata".into()))?;
+    request.metadata_mut().insert("authorization", value);
+    Ok(request)
+}
+
+/// The node's credential: the stored one, else one bought with the join
+/// token.
+async fn identity(
+    client: &mut AgentServiceClient<Channel>,
+    settings: &AgentSettings,
+) -> Result<crate::identity::NodeIdentity, SessionEnd> {
+    if let Some(id) = settings.identity.get() {
+        return Ok(id);
+    }
+    let mut request = with_token(
+        pb::JoinRequest {
+            node_id: settings.node_id.clone(),
+        },
+        &settings.join_token,
+    )?;
+    request.set_timeout(Duration::from_secs(10));
+    let joined = match client.join(request).await {
+        Ok(r) => r.into_inner(),
+        Err(status) if status.code() == tonic::Code::AlreadyExists => {
+            return Err(SessionEnd::Fatal(format!(
+                "cannot join as node {:?}: {} (the credential this agent had is lost: keep --credential-file across restarts)",
+                settings.node_id,
+                status.message()
+            )))
+        }
+        Err(status) => return Err(classify(status)),
+    };
+    let id = crate::identity::NodeIdentity {
+        node_id: settings.node_id.clone(),
+        credential_id: joined.credential_id,
+        key: joined.key,
+        serve_secret: joined.serve_secret,
+    };
+    settings.identity.store(id.clone()).map_err(SessionEnd::Fatal)?;
+    tracing::info!(node = %settings.node_id, credential = %id.credential_id, "joined the cluster");
+    Ok(id)
+}
+
 fn with_token<T>(message: T, token: &str) -> Result<tonic::Request<T>, SessionEnd> {
     let mut request = tonic::Request::new(message);
     let value = token
@@ -194,11 +245,15 @@ async fn session(
         Err(e) => return SessionEnd::Fatal(format!("coordinator address {addr:?}: {e}")),
     };
     let mut client = AgentServiceClient::<Channel>::new(endpoint.connect_lazy());
-    let request = match with_token(
+    let me = match identity(&mut client, settings).await {
+        Ok(me) => me,
+        Err(end) => return end,
+    };
+    let request = match with_key(
         pb::RegisterRequest {
             inventory: Some(inventory.clone()),
         },
-        &settings.join_token,
+        &me.key,
     ) {
         Ok(mut r) => {
             r.set_timeout(Duration::from_secs(10));
@@ -208,6 +263,16 @@ async fn session(
     };
     let registered = match client.register(request).await {
         Ok(r) => r.into_inner(),
+        // The cluster does not know this credential (revoked, or another
+        // cluster's): join again with the token.
+        Err(status)
+            if status.code() == tonic::Code::Unauthenticated
+                && status.metadata().get(LEADER_METADATA_KEY).is_none() =>
+        {
+            tracing::warn!(credential = %me.credential_id, error = %status.message(), "the stored node credential was refused; joining again");
+            settings.identity.forget();
+            return SessionEnd::Retry(format!("credential refused: {}", status.message()));
+        }
         Err(status) => return classify(status),
     };
     metrics.registered.set(1);
@@ -226,11 +291,11 @@ async fn session(
     // Assignments: converge to each set the leader sends.
     let watcher = settings.replicas.clone().map(|manager| {
         let mut client = client.clone();
-        let request = with_token(
+        let request = with_key(
             pb::WatchAssignmentsRequest {
                 node_id: settings.node_id.clone(),
             },
-            &settings.join_token,
+            &me.key,
         );
         tokio::spawn(async move {
             let Ok(request) = request else { return };
@@ -299,7 +364,7 @@ async fn session(
             }
         })
     };
-    let request = match with_token(ReceiverStream::new(rx), &settings.join_token) {
+    let request = match with_key(ReceiverStream::new(rx), &me.key) {
         Ok(r) => r,
         Err(end) => {
             producer.abort();

@@ -29,6 +29,10 @@ pub struct AgentConfig {
     pub coordinators: Vec<String>,
     pub join_token: String,
     pub join_token_file: Option<PathBuf>,
+    /// Where the node's credential is kept (mode 0600) so that a restarted
+    /// agent is the same node; default `$STATE_DIRECTORY/credential` under
+    /// systemd, else `talon-agent-<node id>.credential` here.
+    pub credential_file: Option<PathBuf>,
     pub probe: ProbeKind,
     /// TOML fleet spec for the simulated probe.
     pub fleet: Option<PathBuf>,
@@ -63,6 +67,7 @@ impl Default for AgentConfig {
             coordinators: vec!["127.0.0.1:7400".into()],
             join_token: String::new(),
             join_token_file: None,
+            credential_file: None,
             probe: ProbeKind::Nvml,
             fleet: None,
             sim_gpus: None,
@@ -100,6 +105,9 @@ pub struct Flags {
     pub join_token: Option<String>,
     #[arg(long, env = "TALON_JOIN_TOKEN_FILE")]
     pub join_token_file: Option<PathBuf>,
+    /// Where the node's credential is kept across restarts.
+    #[arg(long, env = "TALON_AGENT_CREDENTIAL_FILE")]
+    pub credential_file: Option<PathBuf>,
     #[arg(long, env = "TALON_PROBE")]
     pub probe: Option<ProbeKind>,
     #[arg(long, env = "TALON_FLEET")]
@@ -163,6 +171,17 @@ fn hostname() -> String {
 }
 
 impl AgentConfig {
+    /// Where the node's credential lives.
+    pub fn credential_path(&self) -> PathBuf {
+        if let Some(p) = &self.credential_file {
+            return p.clone();
+        }
+        match std::env::var_os("STATE_DIRECTORY") {
+            Some(dir) => PathBuf::from(dir).join("credential"),
+            None => PathBuf::from(format!("talon-agent-{}.credential", self.node_id())),
+        }
+    }
+
     pub fn from_file(path: &Path) -> Result<AgentConfig, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_path_buf(),
@@ -190,6 +209,9 @@ impl AgentConfig {
         }
         if let Some(v) = &flags.join_token_file {
             c.join_token_file = Some(v.clone());
+        }
+        if let Some(v) = &flags.credential_file {
+            c.credential_file = Some(v.clone());
         }
         if let Some(v) = flags.probe {
             c.probe = v;

@@ -13,6 +13,7 @@ pub mod catalog;
 pub mod config;
 pub mod executor;
 pub mod fleet;
+pub mod identity;
 pub mod metrics;
 pub mod perf;
 pub mod probe;

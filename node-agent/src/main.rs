@@ -202,7 +202,19 @@ async fn main() -> ExitCode {
             .map(|a| a.to_string())
             .unwrap_or_else(|_| config.http_listen.to_string())
     });
-    let app = talon_node_agent::serve::router(metrics.clone(), replicas.clone());
+    let guard = talon_node_agent::identity::ServeGuard::default();
+    let identity = match talon_node_agent::identity::IdentityStore::open(
+        Some(config.credential_path()),
+        config.node_id(),
+        guard.clone(),
+    ) {
+        Ok(i) => Arc::new(i),
+        Err(e) => {
+            eprintln!("talon-agent: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let app = talon_node_agent::serve::router(metrics.clone(), replicas.clone(), guard);
     tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
             tracing::error!(error = %e, "metrics server stopped");
@@ -213,6 +225,7 @@ async fn main() -> ExitCode {
         addr,
         coordinators: config.coordinators.clone(),
         join_token: config.join_token.clone(),
+        identity,
         labels: config.labels.clone(),
         cost_per_hour,
         cpu_cores,
@@ -222,6 +235,16 @@ async fn main() -> ExitCode {
         replicas,
     };
     let shutdown = async {
+        #[cfg(unix)]
+        if let Ok(mut term) =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            return;
+        }
         let _ = tokio::signal::ctrl_c().await;
     };
     match agent::run(settings, probe, metrics, shutdown).await {

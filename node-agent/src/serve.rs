@@ -6,6 +6,10 @@
 //! deadline. A replica at its queue limit answers 429 with `Retry-After`
 //! (and `retry-after-ms`). `"stream": true` answers with server-sent
 //! events, each chunk as the replica produces it.
+//!
+//! The replica routes accept only the coordinators: each request must carry
+//! `authorization: Bearer <serve secret>`, the secret this node received
+//! when it joined ([`ServeGuard`]). `/metrics` is open, for scrapers.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -20,6 +24,7 @@ use axum::{Json, Router};
 use serde_json::{json, Value};
 
 use crate::batcher::Priority;
+use crate::identity::{Refusal, ServeGuard};
 use crate::executor::{Endpoint, ExecError, InferRequest};
 use crate::metrics::AgentMetrics;
 use crate::replicas::ReplicaManager;
@@ -31,19 +36,60 @@ const DEFAULT_DEADLINE: Duration = Duration::from_secs(60);
 struct AgentHttp {
     metrics: Arc<AgentMetrics>,
     replicas: Option<Arc<ReplicaManager>>,
+    guard: ServeGuard,
 }
 
 /// The agent's router.
-pub fn router(metrics: Arc<AgentMetrics>, replicas: Option<Arc<ReplicaManager>>) -> Router {
+pub fn router(
+    metrics: Arc<AgentMetrics>,
+    replicas: Option<Arc<ReplicaManager>>,
+    guard: ServeGuard,
+) -> Router {
+    let state = AgentHttp {
+        metrics,
+        replicas,
+        guard,
+    };
+    let replica_routes = Router::new()
+        .route("/v1/replicas/{id}/chat/completions", post(chat))
+        .route("/v1/replicas/{id}/completions", post(completions))
+        .route("/v1/replicas/{id}/embeddings", post(embeddings))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            only_coordinators,
+        ));
     Router::new()
         .route(
             "/metrics",
             get(|State(s): State<AgentHttp>| async move { s.metrics.encode() }),
         )
-        .route("/v1/replicas/{id}/chat/completions", post(chat))
-        .route("/v1/replicas/{id}/completions", post(completions))
-        .route("/v1/replicas/{id}/embeddings", post(embeddings))
-        .with_state(AgentHttp { metrics, replicas })
+        .merge(replica_routes)
+        .with_state(state)
+}
+
+/// Refuses every caller of a replica route but the coordinators.
+async fn only_coordinators(
+    State(s): State<AgentHttp>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let header = request
+        .headers()
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    match s.guard.check(header) {
+        Ok(()) => next.run(request).await,
+        Err(Refusal::NotJoined) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "this agent has not joined its cluster yet".into(),
+        ),
+        Err(Refusal::Unauthorized) => error(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "replica routes accept only this node's coordinators (authorization: Bearer <serve secret>)".into(),
+        ),
+    }
 }
 
 fn error(status: StatusCode, kind: &str, message: String) -> Response {

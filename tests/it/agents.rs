@@ -26,6 +26,10 @@ fn spawn_agent(node_id: &str, gpus: &str, coordinators: Vec<String>) -> oneshot:
         addr: format!("{node_id}:7481"),
         coordinators,
         join_token: TOKEN.into(),
+        identity: Arc::new(
+            talon_node_agent::identity::IdentityStore::open(None, node_id, Default::default())
+                .expect("identity"),
+        ),
         labels: BTreeMap::from([("rack".to_string(), "r1".to_string())]),
         cost_per_hour: 2.5,
         cpu_cores: 32,

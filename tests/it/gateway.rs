@@ -50,19 +50,21 @@ async fn openai_python_client_against_talon_up() {
     let up = crate::serving::talon_up(&["--host", "l4:1", "--host", "h100-sxm:1"]).await;
     let nodes = talon_client::Client::pinned(up.grpc.clone())
         .expect("client")
+        .with_key(&up.key)
         .list_nodes()
         .await
         .expect("nodes");
     assert_eq!(nodes.len(), 2, "one simulated host per --host");
 
     let base_url = format!("http://{}/v1", up.http);
+    let key = up.key.clone();
     let out = tokio::task::spawn_blocking(move || {
         Command::new(python)
             .arg(concat!(
                 env!("CARGO_MANIFEST_DIR"),
                 "/python/openai_client.py"
             ))
-            .args([&base_url, "demo"])
+            .args([&base_url, "demo", &key])
             .output()
             .expect("run python")
     })
@@ -75,6 +77,7 @@ async fn openai_python_client_against_talon_up() {
         String::from_utf8_lossy(&out.stderr)
     );
     for check in [
+        "unauthenticated ok",
         "models ok",
         "chat ok",
         "stream ok",
@@ -145,13 +148,14 @@ async fn agent_killed_under_load_loses_no_request() {
     let served = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
     let body =
         r#"{"model":"demo","messages":[{"role":"user","content":"under load"}],"max_tokens":2}"#;
+    let key = cluster.admin_key();
     let load: Vec<_> = (0..4)
         .map(|_| {
-            let (http, stop, served) = (http.clone(), stop.clone(), served.clone());
+            let (http, stop, served, key) = (http.clone(), stop.clone(), served.clone(), key.clone());
             std::thread::spawn(move || {
                 let (mut ok, mut failed) = (0u32, Vec::new());
                 while !stop.load(std::sync::atomic::Ordering::SeqCst) {
-                    match http_post(&http, "/v1/chat/completions", body) {
+                    match http_post(&http, "/v1/chat/completions", body, &key) {
                         Some((200, _)) => {
                             ok += 1;
                             served.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
@@ -183,8 +187,8 @@ async fn agent_killed_under_load_loses_no_request() {
     let streams: Vec<_> = (0..3)
         .map(|_| {
             let (http, stop, started) = (http.clone(), stop.clone(), started_tx.clone());
+            let client = talon_tests::http_client(&key);
             tokio::spawn(async move {
-                let client = reqwest::Client::new();
                 let body = serde_json::json!({"model": "demo", "stream": true, "max_tokens": 600,
                     "messages": [{"role": "user", "content": "a long story"}]});
                 let mut outcomes = Vec::new();
@@ -316,8 +320,9 @@ async fn gateway_reaches_an_external_engine_run_by_the_agent() {
     .await;
     let http = cluster.nodes[0].http.clone();
     let body = r#"{"model":"tiny","messages":[{"role":"user","content":"hello there"}]}"#;
+    let key = cluster.admin_key();
     let (status, answer) =
-        tokio::task::spawn_blocking(move || http_post(&http, "/v1/chat/completions", body))
+        tokio::task::spawn_blocking(move || http_post(&http, "/v1/chat/completions", body, &key))
             .await
             .expect("post")
             .expect("answer");

@@ -8,7 +8,7 @@ use std::future::Future;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::OnceLock;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use talon_client::{Client, ClusterStatus, ModelSpec};
@@ -85,6 +85,8 @@ pub struct Node {
     pub http: String,
     pub data_dir: PathBuf,
     pub extra_args: Vec<String>,
+    /// The cluster's admin key, once `cluster init` printed it.
+    pub key: Arc<Mutex<String>>,
     child: Option<Child>,
     log_path: PathBuf,
 }
@@ -130,11 +132,18 @@ impl Node {
         self.child.is_some()
     }
 
-    /// A client pinned to this node.
+    /// A client pinned to this node, with the cluster's admin key.
     pub fn client(&self) -> Client {
+        self.client_as("")
+            .with_key(self.key.lock().expect("key lock").as_str())
+    }
+
+    /// A client pinned to this node with `key` (none when empty).
+    pub fn client_as(&self, key: &str) -> Client {
         Client::pinned(self.grpc.clone())
             .expect("valid address")
             .with_timeout(Duration::from_secs(5))
+            .with_key(key)
     }
 
     /// This node's `/metrics` value of `name`, if exported.
@@ -176,6 +185,8 @@ impl Drop for Node {
 /// A set of coordinator processes in temporary directories.
 pub struct Cluster {
     pub nodes: Vec<Node>,
+    /// The admin key `cluster init` printed (empty before).
+    pub key: Arc<Mutex<String>>,
     _dir: tempfile::TempDir,
 }
 
@@ -183,6 +194,7 @@ impl Cluster {
     /// Starts `n` coordinators (not yet a cluster) with `extra_args` each.
     pub fn start(n: usize, extra_args: &[&str]) -> Cluster {
         let dir = tempfile::tempdir().expect("temp dir");
+        let key = Arc::new(Mutex::new(String::new()));
         let nodes = (1..=n as u64)
             .map(|id| {
                 let mut node = Node {
@@ -191,6 +203,7 @@ impl Cluster {
                     http: format!("127.0.0.1:{}", free_port()),
                     data_dir: dir.path().join(format!("node-{id}")),
                     extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+                    key: key.clone(),
                     child: None,
                     log_path: dir.path().join(format!("node-{id}.log")),
                 };
@@ -198,7 +211,11 @@ impl Cluster {
                 node
             })
             .collect();
-        Cluster { nodes, _dir: dir }
+        Cluster {
+            nodes,
+            key,
+            _dir: dir,
+        }
     }
 
     /// Starts `n` coordinators and forms one cluster: node 1 bootstraps, the
@@ -206,10 +223,11 @@ impl Cluster {
     pub async fn form(n: usize, extra_args: &[&str]) -> Cluster {
         let cluster = Cluster::start(n, extra_args);
         let first = cluster.nodes[0].client();
-        wait_for("node 1 to accept init", Duration::from_secs(20), || async {
+        let init = wait_for("node 1 to accept init", Duration::from_secs(20), || async {
             first.cluster_init(vec![]).await.ok()
         })
         .await;
+        *cluster.key.lock().expect("key lock") = init.admin_key;
         let client = cluster.client();
         for node in &cluster.nodes[1..] {
             let grpc = node.grpc.clone();
@@ -227,12 +245,21 @@ impl Cluster {
         cluster
     }
 
-    /// A client that knows every node.
+    /// A client that knows every node, with the admin key.
     pub fn client(&self) -> Client {
+        self.client_as(&self.admin_key())
+    }
+
+    /// A client that knows every node, with `key`.
+    pub fn client_as(&self, key: &str) -> Client {
         Client::new(self.nodes.iter().map(|n| n.grpc.clone()))
             .expect("valid addresses")
             .with_timeout(Duration::from_secs(15))
-            .with_actor("it")
+            .with_key(key)
+    }
+
+    pub fn admin_key(&self) -> String {
+        self.key.lock().expect("key lock").clone()
     }
 
     pub fn node(&mut self, id: u64) -> &mut Node {
@@ -281,8 +308,13 @@ pub async fn model_names(node: &Node) -> Option<std::collections::BTreeSet<Strin
 pub struct Proc(pub Option<std::process::Child>);
 
 impl Proc {
+    /// Agents keep their credential files in a directory of the test run,
+    /// not in the source tree.
     pub fn spawn(program: &str, args: &[&str]) -> Proc {
+        static WORK: OnceLock<tempfile::TempDir> = OnceLock::new();
+        let work = WORK.get_or_init(|| tempfile::tempdir().expect("temp dir"));
         let child = Command::new(bin(program))
+            .current_dir(work.path())
             .args(args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())

@@ -20,6 +20,8 @@ pub struct Up {
     pub _dir: tempfile::TempDir,
     pub grpc: String,
     pub http: String,
+    /// The admin key `talon up` made (in its data directory).
+    pub key: String,
 }
 
 /// Starts `talon up` with `args` and waits until the demo model answers.
@@ -41,11 +43,17 @@ pub async fn talon_up(args: &[&str]) -> Up {
     ];
     all.extend_from_slice(args);
     let proc = Proc::spawn("talon", &all);
+    let key_file = data.join("admin.key");
+    let key = wait_for("talon up's admin key", Duration::from_secs(60), || {
+        let key_file = key_file.clone();
+        async move { Some(std::fs::read_to_string(&key_file).ok()?.trim().to_string()) }
+    })
+    .await;
     let body = r#"{"model":"demo","messages":[{"role":"user","content":"ready?"}],"max_tokens":1}"#;
     wait_for("talon up to answer", Duration::from_secs(60), || {
-        let http = http.clone();
+        let (http, key) = (http.clone(), key.clone());
         async move {
-            tokio::task::spawn_blocking(move || http_post(&http, "/v1/chat/completions", body))
+            tokio::task::spawn_blocking(move || http_post(&http, "/v1/chat/completions", body, &key))
                 .await
                 .ok()
                 .flatten()
@@ -58,6 +66,7 @@ pub async fn talon_up(args: &[&str]) -> Up {
         _dir: dir,
         grpc,
         http,
+        key,
     }
 }
 
@@ -73,7 +82,8 @@ async fn grpc_websocket_and_sse_stream_the_same_answer_token_by_token() {
     let up = talon_up(&["--host", "h100-sxm:1", "--host", "l4:1"]).await;
     let client = Client::new([up.grpc.clone()])
         .expect("client")
-        .with_timeout(Duration::from_secs(20));
+        .with_timeout(Duration::from_secs(20))
+        .with_key(&up.key);
 
     // Unary over gRPC.
     let mut request = talon_client::chat("demo", "hello over grpc");
@@ -135,7 +145,21 @@ async fn grpc_websocket_and_sse_stream_the_same_answer_token_by_token() {
 
     // The WebSocket: the same answer, then talon.done; a bad message gets an
     // error and the connection goes on.
-    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{}/v1/stream", up.http))
+    // Without a key the upgrade is refused with 401.
+    let refused = tokio_tungstenite::connect_async(format!("ws://{}/v1/stream", up.http)).await;
+    match refused {
+        Err(tokio_tungstenite::tungstenite::Error::Http(r)) => assert_eq!(r.status(), 401),
+        other => panic!("a WebSocket without a key was not refused: {other:?}"),
+    }
+    let mut upgrade = tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(
+        format!("ws://{}/v1/stream", up.http),
+    )
+    .expect("request");
+    upgrade.headers_mut().insert(
+        "authorization",
+        format!("Bearer {}", up.key).parse().expect("header"),
+    );
+    let (mut ws, _) = tokio_tungstenite::connect_async(upgrade)
         .await
         .expect("websocket");
     ws.send(Message::text("not json")).await.expect("send");
@@ -174,7 +198,7 @@ async fn grpc_websocket_and_sse_stream_the_same_answer_token_by_token() {
     // SSE over HTTP arrives token by token as the replica decodes: the
     // first token well before the last (200 decode steps on the simulated
     // GPU take at least 0.5 s, whichever GPU serves them).
-    let http = reqwest::Client::new();
+    let http = talon_tests::http_client(&up.key);
     let long = json!({"model": "demo", "messages": [{"role": "user", "content": "a long answer"}], "max_tokens": 200, "stream": true});
     let s = sse_post(&http, &up.http, "/v1/chat/completions", &long, None).await;
     assert!(s.done && s.error.is_none(), "{s:?}");
@@ -193,7 +217,9 @@ async fn requests_go_to_the_replica_predicted_to_finish_first() {
     // One replica on an H100, one on an L4 (a third of its bandwidth): with
     // both idle, the H100's replica is predicted to finish first.
     let up = talon_up(&["--host", "h100-sxm:1", "--host", "l4:1"]).await;
-    let client = Client::new([up.grpc.clone()]).expect("client");
+    let client = Client::new([up.grpc.clone()])
+        .expect("client")
+        .with_key(&up.key);
     let list = client.list_replicas("demo").await.expect("replicas");
     let on = |node: &str| {
         list.replicas
@@ -227,7 +253,7 @@ async fn requests_go_to_the_replica_predicted_to_finish_first() {
 async fn full_queues_and_unmeetable_deadlines_get_429_with_retry_after() {
     // One replica on an L4 that holds at most 2 requests.
     let up = talon_up(&["--host", "l4:1", "--demo-replicas", "1", "--max-queue", "2"]).await;
-    let http = reqwest::Client::new();
+    let http = talon_tests::http_client(&up.key);
     let url = format!("http://{}/v1/chat/completions", up.http);
     let body = json!({"model": "demo", "messages": [{"role": "user", "content": "busy"}], "max_tokens": 40});
     let sends: Vec<_> = (0..8)

@@ -1,14 +1,28 @@
 """Talon's gateway through the official OpenAI Python client.
 
-Usage: python openai_client.py BASE_URL MODEL
+Usage: python openai_client.py BASE_URL MODEL API_KEY
 Prints one line per check; exits non-zero on the first failure.
 """
 import sys
 
+import openai
 from openai import OpenAI
 
-base_url, model = sys.argv[1], sys.argv[2]
-client = OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=30)
+base_url, model, api_key = sys.argv[1], sys.argv[2], sys.argv[3]
+
+# Without the key (and with a wrong one): 401 with an OpenAI-style body.
+for bad in ["", "talon_0000000000000000_" + "0" * 64]:
+    anonymous = OpenAI(base_url=base_url, api_key=bad or "none", max_retries=0, timeout=30)
+    try:
+        anonymous.chat.completions.create(model=model, messages=[{"role": "user", "content": "x"}])
+        raise SystemExit("a request without a valid key was served")
+    except openai.AuthenticationError as e:
+        assert e.status_code == 401, e
+        assert e.body["code"] == "invalid_api_key", e.body
+        assert e.body["message"], e.body
+print("unauthenticated ok")
+
+client = OpenAI(base_url=base_url, api_key=api_key, max_retries=0, timeout=30)
 
 models = [m.id for m in client.models.list().data]
 assert model in models, models

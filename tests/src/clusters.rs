@@ -80,6 +80,7 @@ impl Member {
 pub struct BenchCluster {
     pub kind: Kind,
     members: Vec<Member>,
+    data_dirs: Vec<PathBuf>,
     _dir: tempfile::TempDir,
 }
 
@@ -137,9 +138,11 @@ impl BenchCluster {
             .tempdir_in(base)?;
         let ports: Vec<(u16, u16)> = (0..n).map(|_| (free_port(), free_port())).collect();
         let mut members = Vec::new();
+        let mut data_dirs = Vec::new();
         for (i, (client, peer)) in ports.iter().enumerate() {
             let id = i as u64 + 1;
             let data = dir.path().join(format!("{}-{id}", kind.name()));
+            data_dirs.push(data.clone());
             let (program, args) = match kind {
                 Kind::Talon => {
                     let mut args = vec![
@@ -204,10 +207,12 @@ impl BenchCluster {
         let cluster = BenchCluster {
             kind,
             members,
+            data_dirs,
             _dir: dir,
         };
         if kind == Kind::Talon {
-            let first = Client::pinned(cluster.members[0].client_addr.clone())?;
+            let key = cluster.admin_key().await?;
+            let first = Client::pinned(cluster.members[0].client_addr.clone())?.with_key(&key);
             poll("talon node 1 to lead", Duration::from_secs(30), || async {
                 first
                     .cluster_status()
@@ -312,6 +317,26 @@ impl BenchCluster {
         .await
     }
 
+    /// The first admin key (Talon): written by the bootstrapping member 1
+    /// into its data directory; waits until the cluster has recorded it.
+    pub async fn admin_key(&self) -> anyhow::Result<String> {
+        if self.kind != Kind::Talon {
+            return Ok(String::new());
+        }
+        let path = self.data_dirs[0].join("admin.key");
+        let addr = self.members[0].client_addr.clone();
+        poll("the first admin key", Duration::from_secs(30), || {
+            let path = path.clone();
+            let addr = addr.clone();
+            async move {
+                let key = std::fs::read_to_string(&path).ok()?.trim().to_string();
+                let client = Client::pinned(addr).ok()?.with_key(&key);
+                client.who_am_i().await.ok().map(|_| key)
+            }
+        })
+        .await
+    }
+
     /// Starts a killed member again on its data directory (a Talon node 1
     /// does not bootstrap again: its log is not empty).
     pub fn restart(&mut self, index: usize) -> anyhow::Result<()> {
@@ -382,12 +407,17 @@ pub enum Writer {
 impl Writer {
     /// A writer that talks to `addrs` (any member; the first is tried
     /// first). On Talon it registers its own model first.
-    pub async fn new(kind: Kind, addrs: &[String], name: &str) -> anyhow::Result<Writer> {
+    pub async fn new(
+        kind: Kind,
+        addrs: &[String],
+        name: &str,
+        key: &str,
+    ) -> anyhow::Result<Writer> {
         match kind {
             Kind::Talon => {
                 let client = Client::new(addrs.to_vec())?
                     .with_timeout(Duration::from_secs(5))
-                    .with_actor("bench");
+                    .with_key(key);
                 let spec = talon_client::ModelSpec {
                     name: name.to_string(),
                     version: "v1".into(),
@@ -461,8 +491,8 @@ pub enum WriterPool {
 }
 
 impl WriterPool {
-    pub async fn new(kind: Kind, addrs: &[String]) -> anyhow::Result<WriterPool> {
-        match Writer::new(kind, addrs, "failover").await? {
+    pub async fn new(kind: Kind, addrs: &[String], key: &str) -> anyhow::Result<WriterPool> {
+        match Writer::new(kind, addrs, "failover", key).await? {
             Writer::Talon { client, model } => Ok(WriterPool::Talon { client, model }),
             Writer::Etcd { clients, .. } => Ok(WriterPool::Etcd { clients }),
         }

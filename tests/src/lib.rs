@@ -31,16 +31,22 @@ pub fn model_spec(
 }
 
 /// POSTs a JSON `body` to `http://addr/path` over HTTP/1.0 (the connection
-/// closes after the answer): the status code and the body, or `None` when
-/// the connection failed or nothing came back within 60 s.
-pub fn http_post(addr: &str, path: &str, body: &str) -> Option<(u16, String)> {
+/// closes after the answer) with `key` as its Bearer credential (none when
+/// empty): the status code and the body, or `None` when the connection
+/// failed or nothing came back within 60 s.
+pub fn http_post(addr: &str, path: &str, body: &str, key: &str) -> Option<(u16, String)> {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(addr).ok()?;
     s.set_read_timeout(Some(std::time::Duration::from_secs(60)))
         .ok()?;
+    let auth = if key.is_empty() {
+        String::new()
+    } else {
+        format!("Authorization: Bearer {key}\r\n")
+    };
     write!(
         s,
-        "POST {path} HTTP/1.0\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        "POST {path} HTTP/1.0\r\nHost: x\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     )
     .ok()?;
@@ -49,6 +55,19 @@ pub fn http_post(addr: &str, path: &str, body: &str) -> Option<(u16, String)> {
     let (head, body) = out.split_once("\r\n\r\n")?;
     let status = head.split_whitespace().nth(1)?.parse().ok()?;
     Some((status, body.to_string()))
+}
+
+/// An HTTP client that sends `key` as its Bearer credential on every
+/// request.
+pub fn http_client(key: &str) -> reqwest::Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    if let Ok(v) = format!("Bearer {key}").parse() {
+        headers.insert(reqwest::header::AUTHORIZATION, v);
+    }
+    reqwest::Client::builder()
+        .default_headers(headers)
+        .build()
+        .expect("an HTTP client")
 }
 
 /// How one streamed request (`"stream": true`, server-sent events) went.

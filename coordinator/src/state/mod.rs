@@ -9,6 +9,7 @@
 //! A request that breaks a rule (a bad spec, a model that does not exist)
 //! is answered with a [`Rejection`] and changes nothing.
 
+pub mod credential;
 pub mod model;
 pub mod node;
 pub mod replica;
@@ -17,6 +18,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+pub use credential::{Credential, Permission, Role};
 pub use model::{Model, ModelSpec, ModelVersion};
 pub use node::{NodeInventory, NodeRecord, NodeState, Scheduling};
 pub use replica::Replica;
@@ -70,6 +72,25 @@ pub enum Command {
         model: String,
         replicas: Vec<Replica>,
     },
+    /// The cluster's first admin credential and the secret agents' serve
+    /// secrets derive from; accepted once.
+    InitAuth {
+        admin: Credential,
+        cluster_secret: [u8; 32],
+    },
+    CreateCredential(Credential),
+    RevokeCredential {
+        id: String,
+    },
+    /// Forget a node: its record, its replicas and its agent credentials.
+    RemoveNode {
+        node_id: String,
+    },
+    /// Drop audit entries below `before_index` (deterministic retention:
+    /// the same cut on every replica).
+    TrimAudit {
+        before_index: u64,
+    },
 }
 
 /// Why a request was refused. The state is unchanged.
@@ -103,6 +124,16 @@ pub enum Response {
     Replicas {
         count: usize,
     },
+    Credential(Box<Credential>),
+    Revoked {
+        revision: u64,
+    },
+    NodeRemoved {
+        revision: u64,
+    },
+    Trimmed {
+        removed: u64,
+    },
     Rejected(Rejection),
 }
 
@@ -125,6 +156,9 @@ pub enum Change {
     Node(String),
     Replica(String),
     Audit(u64),
+    Credential(String),
+    /// The cluster secret.
+    Auth,
 }
 
 /// The replicated state machine's data.
@@ -136,6 +170,25 @@ pub struct State {
     /// Placed replicas by id.
     #[serde(default)]
     pub replicas: BTreeMap<String, Replica>,
+    /// Credentials by id (hashes only).
+    #[serde(default)]
+    pub credentials: BTreeMap<String, Credential>,
+    /// Set once, with the first admin credential.
+    #[serde(default)]
+    pub cluster_secret: Option<[u8; 32]>,
+}
+
+/// Longest free-text field accepted in a command (audit detail, reasons).
+pub const MAX_TEXT: usize = 4096;
+
+fn check_text(field: &str, value: &str) -> Result<(), (Response, Vec<Change>)> {
+    if value.len() > MAX_TEXT {
+        return Err(rejected(
+            RejectionKind::Invalid,
+            format!("{field} is {} bytes long; the most is {MAX_TEXT}", value.len()),
+        ));
+    }
+    Ok(())
 }
 
 fn rejected(kind: RejectionKind, message: String) -> (Response, Vec<Change>) {
@@ -146,6 +199,9 @@ impl State {
     /// Applies one request committed at log `index`.
     pub fn apply(&mut self, index: u64, request: &Request) -> (Response, Vec<Change>) {
         let at = request.at_ms;
+        if let Err(r) = check_text("actor", &request.actor) {
+            return r;
+        }
         let (response, mut changes, audit) = match &request.command {
             Command::CreateModel(spec) => match self.create_model(index, at, spec) {
                 Ok(model) => {
@@ -247,11 +303,82 @@ impl State {
                 action,
                 target,
                 detail,
-            } => (
-                Response::Audited { index },
-                Vec::new(),
-                (action.as_str(), target.clone(), detail.clone()),
-            ),
+            } => {
+                for (field, value) in [("action", action), ("target", target), ("detail", detail)] {
+                    if let Err(r) = check_text(field, value) {
+                        return r;
+                    }
+                }
+                (
+                    Response::Audited { index },
+                    Vec::new(),
+                    (action.as_str(), target.clone(), detail.clone()),
+                )
+            }
+            Command::InitAuth {
+                admin,
+                cluster_secret,
+            } => match self.init_auth(index, at, admin, cluster_secret) {
+                Ok(c) => {
+                    let detail = format!("principal={} role=admin", c.principal);
+                    let changes = vec![Change::Credential(c.id.clone()), Change::Auth];
+                    let target = c.id.clone();
+                    (Response::Credential(Box::new(c)), changes, ("auth.init", target, detail))
+                }
+                Err(rejection) => return rejection,
+            },
+            Command::CreateCredential(credential) => {
+                match self.create_credential(index, at, credential) {
+                    Ok(c) => {
+                        let mut detail = format!("principal={} role={}", c.principal, c.role.as_str());
+                        if let Some(node) = &c.node_id {
+                            detail.push_str(&format!(" node={node}"));
+                        }
+                        let changes = vec![Change::Credential(c.id.clone())];
+                        let target = c.id.clone();
+                        (
+                            Response::Credential(Box::new(c)),
+                            changes,
+                            ("credential.create", target, detail),
+                        )
+                    }
+                    Err(rejection) => return rejection,
+                }
+            }
+            Command::RevokeCredential { id } => match self.credentials.remove(id) {
+                Some(c) => (
+                    Response::Revoked { revision: index },
+                    vec![Change::Credential(id.clone())],
+                    (
+                        "credential.revoke",
+                        id.clone(),
+                        format!("principal={} role={}", c.principal, c.role.as_str()),
+                    ),
+                ),
+                None => {
+                    return rejected(
+                        RejectionKind::NotFound,
+                        format!("credential {id:?} does not exist (or was already revoked)"),
+                    )
+                }
+            },
+            Command::RemoveNode { node_id } => match self.remove_node(node_id) {
+                Ok((changes, detail)) => (
+                    Response::NodeRemoved { revision: index },
+                    changes,
+                    ("node.remove", node_id.clone(), detail),
+                ),
+                Err(rejection) => return rejection,
+            },
+            Command::TrimAudit { before_index } => {
+                // Retention is not itself audited: the trim would otherwise
+                // leave one entry per trim forever.
+                let keep = self.audit.split_off(before_index);
+                let removed: Vec<u64> = std::mem::replace(&mut self.audit, keep).into_keys().collect();
+                let count = removed.len() as u64;
+                let changes = removed.into_iter().map(Change::Audit).collect();
+                return (Response::Trimmed { removed: count }, changes);
+            }
         };
         let (action, target, detail) = audit;
         self.audit.insert(
@@ -418,6 +545,24 @@ impl State {
         inventory
             .validate()
             .map_err(|m| rejected(RejectionKind::Invalid, m))?;
+        let mut types: std::collections::BTreeSet<&str> = self
+            .nodes
+            .values()
+            .filter(|n| n.inventory.node_id != inventory.node_id)
+            .flat_map(|n| n.inventory.gpus.iter().map(|g| g.gpu_type.as_str()))
+            .collect();
+        types.extend(inventory.gpus.iter().map(|g| g.gpu_type.as_str()));
+        if types.len() > node::MAX_GPU_TYPES {
+            return Err(rejected(
+                RejectionKind::Invalid,
+                format!(
+                    "registering node {:?} would bring the fleet to {} distinct GPU types; the most is {}: report catalog types (or \"unknown\")",
+                    inventory.node_id,
+                    types.len(),
+                    node::MAX_GPU_TYPES
+                ),
+            ));
+        }
         let record = match self.nodes.get(&inventory.node_id) {
             Some(existing) => NodeRecord {
                 inventory: inventory.clone(),
@@ -454,6 +599,7 @@ impl State {
         state: NodeState,
         reason: &str,
     ) -> Result<NodeRecord, (Response, Vec<Change>)> {
+        check_text("reason", reason)?;
         let Some(node) = self.nodes.get_mut(node_id) else {
             return Err(rejected(
                 RejectionKind::NotFound,
@@ -503,7 +649,49 @@ impl State {
         model: &str,
         replicas: &[Replica],
     ) -> Result<(Vec<Change>, String), (Response, Vec<Change>)> {
+        // An empty set clears the replicas of a deleted model.
+        let versions: Vec<&str> = match self.models.get(model) {
+            Some(m) => m.versions.iter().map(|v| v.version.as_str()).collect(),
+            None if replicas.is_empty() => Vec::new(),
+            None => {
+                return Err(rejected(
+                    RejectionKind::NotFound,
+                    format!("model {model:?} does not exist"),
+                ))
+            }
+        };
+        if replicas.len() > model::MAX_REPLICAS as usize {
+            return Err(rejected(
+                RejectionKind::Invalid,
+                format!(
+                    "{} replicas for model {model:?}; the most is {}",
+                    replicas.len(),
+                    model::MAX_REPLICAS
+                ),
+            ));
+        }
         for r in replicas {
+            if r.id.is_empty() || r.id.len() > 200 {
+                return Err(rejected(
+                    RejectionKind::Invalid,
+                    format!("replica id {:?} must be 1 to 200 bytes long", r.id),
+                ));
+            }
+            if !versions.contains(&r.version.as_str()) {
+                return Err(rejected(
+                    RejectionKind::Invalid,
+                    format!("replica {} names version {:?}, which model {model:?} does not have", r.id, r.version),
+                ));
+            }
+            if r.milli == 0 || r.milli > 1000 || r.memory_mib > model::MAX_MEMORY_MIB {
+                return Err(rejected(
+                    RejectionKind::Invalid,
+                    format!(
+                        "replica {} holds {} milli-GPU and {} MiB; the share must be 1 to 1000 and the memory at most {}",
+                        r.id, r.milli, r.memory_mib, model::MAX_MEMORY_MIB
+                    ),
+                ));
+            }
             if r.model != model {
                 return Err(rejected(
                     RejectionKind::Invalid,
@@ -550,6 +738,124 @@ impl State {
         Ok((changes, format!("replicas={}", placed.join(","))))
     }
 
+    fn init_auth(
+        &mut self,
+        index: u64,
+        at: u64,
+        admin: &Credential,
+        cluster_secret: &[u8; 32],
+    ) -> Result<Credential, (Response, Vec<Change>)> {
+        if self.cluster_secret.is_some() {
+            return Err(rejected(
+                RejectionKind::AlreadyExists,
+                "authentication is already initialized; use an admin key to create credentials".into(),
+            ));
+        }
+        if admin.role != Role::Admin {
+            return Err(rejected(
+                RejectionKind::Invalid,
+                "the first credential must have the admin role".into(),
+            ));
+        }
+        let c = self.create_credential(index, at, admin)?;
+        self.cluster_secret = Some(*cluster_secret);
+        Ok(c)
+    }
+
+    fn create_credential(
+        &mut self,
+        index: u64,
+        at: u64,
+        credential: &Credential,
+    ) -> Result<Credential, (Response, Vec<Change>)> {
+        credential
+            .validate()
+            .map_err(|m| rejected(RejectionKind::Invalid, m))?;
+        if self.credentials.contains_key(&credential.id) {
+            return Err(rejected(
+                RejectionKind::AlreadyExists,
+                format!("credential {:?} already exists", credential.id),
+            ));
+        }
+        if self.credentials.len() >= credential::MAX_CREDENTIALS {
+            return Err(rejected(
+                RejectionKind::Invalid,
+                format!(
+                    "the registry holds {} credentials, the most it keeps; revoke unused ones first",
+                    credential::MAX_CREDENTIALS
+                ),
+            ));
+        }
+        if let Some(node) = &credential.node_id {
+            if let Some(existing) = self
+                .credentials
+                .values()
+                .find(|c| c.node_id.as_ref() == Some(node))
+            {
+                return Err(rejected(
+                    RejectionKind::AlreadyExists,
+                    format!(
+                        "node {node:?} already holds agent credential {}; revoke it (talon credential revoke {}) or remove the node before it joins again",
+                        existing.id, existing.id
+                    ),
+                ));
+            }
+        }
+        let c = Credential {
+            created_at_ms: at,
+            revision: index,
+            ..credential.clone()
+        };
+        self.credentials.insert(c.id.clone(), c.clone());
+        Ok(c)
+    }
+
+    fn remove_node(&mut self, node_id: &str) -> Result<(Vec<Change>, String), (Response, Vec<Change>)> {
+        let Some(node) = self.nodes.get(node_id) else {
+            return Err(rejected(
+                RejectionKind::NotFound,
+                format!("node {node_id:?} is not registered"),
+            ));
+        };
+        if node.state != NodeState::Down && !node.draining {
+            return Err(rejected(
+                RejectionKind::Invalid,
+                format!(
+                    "node {node_id:?} is {} and not draining; drain it (talon node drain {node_id}) or wait until it is down before removing it",
+                    node.state.as_str()
+                ),
+            ));
+        }
+        self.nodes.remove(node_id);
+        let mut changes = vec![Change::Node(node_id.to_string())];
+        let replicas: Vec<String> = self
+            .replicas
+            .values()
+            .filter(|r| r.node_id == node_id)
+            .map(|r| r.id.clone())
+            .collect();
+        for id in &replicas {
+            self.replicas.remove(id);
+            changes.push(Change::Replica(id.clone()));
+        }
+        let credentials: Vec<String> = self
+            .credentials
+            .values()
+            .filter(|c| c.node_id.as_deref() == Some(node_id))
+            .map(|c| c.id.clone())
+            .collect();
+        for id in &credentials {
+            self.credentials.remove(id);
+            changes.push(Change::Credential(id.clone()));
+        }
+        let detail = format!(
+            "replicas={} credentials={}",
+            replicas.len(),
+            credentials.len()
+        );
+        Ok((changes, detail))
+    }
+
     /// Checks the invariants every reachable state holds; tests call it after
     /// each step. Returns the first broken one.
     pub fn check_consistency(&self) -> Result<(), String> {
@@ -585,6 +891,17 @@ impl State {
             }
             if node.draining && node.schedulable {
                 return Err(format!("node {id:?} is draining but schedulable"));
+            }
+        }
+        let mut bound = std::collections::BTreeSet::new();
+        for (id, c) in &self.credentials {
+            if id != &c.id {
+                return Err(format!("credential stored under {id:?} is {:?}", c.id));
+            }
+            if let Some(node) = &c.node_id {
+                if !bound.insert(node) {
+                    return Err(format!("node {node:?} holds two agent credentials"));
+                }
             }
         }
         for (index, entry) in &self.audit {
@@ -696,6 +1013,136 @@ mod tests {
             assert!(changes.is_empty());
             assert_eq!(state, before, "{command:?} changed the state");
         }
+    }
+
+    fn node(id: &str) -> NodeInventory {
+        NodeInventory {
+            node_id: id.into(),
+            addr: "10.0.0.1:7600".into(),
+            cpu_cores: 8,
+            host_memory_bytes: 1 << 34,
+            labels: BTreeMap::new(),
+            cost_per_hour: 1.0,
+            probe: "simulated".into(),
+            driver_version: String::new(),
+            gpus: vec![node::Gpu {
+                index: 0,
+                uuid: format!("GPU-{id}"),
+                name: "NVIDIA L4".into(),
+                gpu_type: "l4".into(),
+                memory_bytes: 24 << 30,
+                compute_capability: (8, 9),
+                mig_enabled: false,
+                mig_devices: vec![],
+                nvlink_peers: vec![],
+                pci_bus_id: String::new(),
+                ecc_enabled: None,
+                power_limit_watts: 72,
+                calibration: Some(node::Calibration {
+                    sgemm_tflops: 30.0,
+                    hgemm_tflops: 120.0,
+                    copy_gbps: 300.0,
+                    skipped: String::new(),
+                }),
+            }],
+            agent_version: "0.1.0".into(),
+        }
+    }
+
+    #[test]
+    fn poisonous_registrations_are_refused_naming_the_field() {
+        let mut state = State::default();
+        let cases: Vec<(Box<dyn Fn(&mut NodeInventory)>, &str)> = vec![
+            (Box::new(|n| n.gpus[0].calibration.as_mut().unwrap().sgemm_tflops = f64::NAN), "calibration.sgemm_tflops"),
+            (Box::new(|n| n.gpus[0].calibration.as_mut().unwrap().hgemm_tflops = f64::INFINITY), "calibration.hgemm_tflops"),
+            (Box::new(|n| n.gpus[0].calibration.as_mut().unwrap().copy_gbps = -1.0), "calibration.copy_gbps"),
+            (Box::new(|n| n.gpus[0].calibration.as_mut().unwrap().copy_gbps = 1e300), "calibration.copy_gbps"),
+            (Box::new(|n| n.cost_per_hour = f64::NAN), "cost_per_hour"),
+            (Box::new(|n| n.addr = "not an address".into()), "addr"),
+            (Box::new(|n| n.gpus[0].name = "x".repeat(10_000)), "name"),
+            (Box::new(|n| n.gpus[0].gpu_type = "H100 SXM".into()), "gpu_type"),
+            (Box::new(|n| n.gpus[0].memory_bytes = u64::MAX), "memory"),
+            (Box::new(|n| n.gpus[0].nvlink_peers = vec!["p".into(); 1000]), "NVLink peers"),
+            (Box::new(|n| n.cpu_cores = u32::MAX), "cpu_cores"),
+        ];
+        for (i, (poison, field)) in cases.iter().enumerate() {
+            let mut inventory = node("n1");
+            poison(&mut inventory);
+            let (r, changes) = state.apply(i as u64 + 1, &req(1, Command::RegisterNode(inventory)));
+            let Response::Rejected(rejection) = r else { panic!("case {i} accepted") };
+            assert!(rejection.message.contains(field), "case {i}: {}", rejection.message);
+            assert!(changes.is_empty());
+        }
+        assert_eq!(state, State::default());
+    }
+
+    #[test]
+    fn gpu_types_in_the_fleet_are_bounded() {
+        let mut state = State::default();
+        for i in 0..node::MAX_GPU_TYPES {
+            let mut n = node(&format!("n{i}"));
+            n.gpus[0].gpu_type = format!("type-{i}");
+            let (r, _) = state.apply(i as u64 + 1, &req(1, Command::RegisterNode(n)));
+            assert!(matches!(r, Response::Node(_)), "{r:?}");
+        }
+        let mut n = node("one-too-many");
+        n.gpus[0].gpu_type = "type-new".into();
+        let (r, _) = state.apply(1000, &req(1, Command::RegisterNode(n)));
+        assert!(matches!(r, Response::Rejected(ref x) if x.message.contains("distinct GPU types")), "{r:?}");
+    }
+
+    fn credential(id: &str, role: Role, node: Option<&str>) -> Credential {
+        Credential {
+            id: id.into(),
+            principal: "p".into(),
+            role,
+            secret_sha256: [1; 32],
+            node_id: node.map(Into::into),
+            created_at_ms: 0,
+            created_by: "t".into(),
+            revision: 0,
+        }
+    }
+
+    #[test]
+    fn credentials_init_once_bind_one_node_and_go_with_it() {
+        let mut state = State::default();
+        let admin = credential("00000000000000aa", Role::Admin, None);
+        let init = Command::InitAuth { admin: admin.clone(), cluster_secret: [9; 32] };
+        assert!(matches!(state.apply(1, &req(5, init.clone())).0, Response::Credential(_)));
+        assert!(matches!(state.apply(2, &req(5, init)).0, Response::Rejected(ref r) if r.kind == RejectionKind::AlreadyExists));
+        let agent = credential("00000000000000bb", Role::Agent, Some("n1"));
+        assert!(matches!(state.apply(3, &req(5, Command::CreateCredential(agent))).0, Response::Credential(_)));
+        let twice = credential("00000000000000cc", Role::Agent, Some("n1"));
+        let (r, _) = state.apply(4, &req(5, Command::CreateCredential(twice)));
+        assert!(matches!(r, Response::Rejected(ref x) if x.message.contains("already holds agent credential")), "{r:?}");
+        let unbound = credential("00000000000000dd", Role::Agent, None);
+        assert!(matches!(state.apply(5, &req(5, Command::CreateCredential(unbound))).0, Response::Rejected(_)));
+        // A node is removed only when down or draining; its credential goes with it.
+        state.apply(6, &req(5, Command::RegisterNode(node("n1"))));
+        let remove = Command::RemoveNode { node_id: "n1".into() };
+        assert!(matches!(state.apply(7, &req(5, remove.clone())).0, Response::Rejected(_)));
+        state.apply(8, &req(5, Command::SetNodeScheduling { node_id: "n1".into(), action: Scheduling::Drain }));
+        assert!(matches!(state.apply(9, &req(5, remove)).0, Response::NodeRemoved { .. }));
+        assert!(state.nodes.is_empty());
+        assert_eq!(state.credentials.keys().collect::<Vec<_>>(), vec!["00000000000000aa"]);
+        state.check_consistency().unwrap();
+    }
+
+    #[test]
+    fn audit_retention_cuts_the_same_everywhere() {
+        let mut state = State::default();
+        for i in 1..=10 {
+            state.apply(i, &req(i, Command::Audit { action: "a".into(), target: "t".into(), detail: String::new() }));
+        }
+        let mut other = state.clone();
+        let trim = req(11, Command::TrimAudit { before_index: 8 });
+        let (r, changes) = state.apply(11, &trim);
+        assert_eq!(r, Response::Trimmed { removed: 7 });
+        assert_eq!(changes.len(), 7);
+        other.apply(11, &trim);
+        assert_eq!(state, other);
+        assert_eq!(state.audit.keys().copied().collect::<Vec<_>>(), vec![8, 9, 10]);
     }
 
     fn arb_command() -> impl Strategy<Value = Command> {

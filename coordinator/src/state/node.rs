@@ -16,6 +16,120 @@ use super::model::validate_labels;
 pub const MAX_GPUS: usize = 64;
 /// Most MIG instances on one GPU (7 on every MIG-capable part).
 pub const MAX_MIG_DEVICES: usize = 7;
+/// Most memory one GPU may report: 4 TiB.
+pub const MAX_GPU_MEMORY_BYTES: u64 = 4 << 40;
+/// Most host memory one node may report: 256 TiB.
+pub const MAX_HOST_MEMORY_BYTES: u64 = 256 << 40;
+/// Most distinct GPU types the fleet may hold (each one gets metrics,
+/// performance-model entries and placement classes).
+pub const MAX_GPU_TYPES: usize = 64;
+/// Most NVLink peers one GPU may report.
+pub const MAX_NVLINK_PEERS: usize = 64;
+
+/// Checks a string field: at most `max` bytes, no control characters.
+fn bounded(field: &str, value: &str, max: usize) -> Result<(), String> {
+    if value.len() > max {
+        return Err(format!(
+            "{field} is {} bytes long; the most is {max}",
+            value.len()
+        ));
+    }
+    if value.chars().any(char::is_control) {
+        return Err(format!("{field} {value:?} contains a control character"));
+    }
+    Ok(())
+}
+
+/// Checks a float field: finite and within `[0, max]`.
+fn finite(field: &str, value: f64, max: f64) -> Result<(), String> {
+    if !value.is_finite() || !(0.0..=max).contains(&value) {
+        return Err(format!(
+            "{field} must be a finite number between 0 and {max}, got {value}"
+        ));
+    }
+    Ok(())
+}
+
+/// Checks a GPU type name: 1 to 64 characters of lowercase letters,
+/// digits, `-`, `_` and `.` (catalog keys such as `h100-sxm`, or `unknown`).
+pub fn validate_gpu_type(t: &str) -> Result<(), String> {
+    if t.is_empty()
+        || t.len() > 64
+        || !t
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'_' | b'.'))
+    {
+        return Err(format!(
+            "gpu_type {t:?} must be 1 to 64 characters of lowercase letters, digits, '-', '_' and '.'"
+        ));
+    }
+    Ok(())
+}
+
+impl Calibration {
+    /// Checks the measured figures: finite, not negative, below any real
+    /// device's peak.
+    pub fn validate(&self, gpu: u32) -> Result<(), String> {
+        let f = |name: &str| format!("GPU {gpu} calibration.{name}");
+        finite(&f("sgemm_tflops"), self.sgemm_tflops, 100_000.0)?;
+        finite(&f("hgemm_tflops"), self.hgemm_tflops, 100_000.0)?;
+        finite(&f("copy_gbps"), self.copy_gbps, 1_000_000.0)?;
+        bounded(&f("skipped"), &self.skipped, 512)
+    }
+}
+
+impl Gpu {
+    fn validate(&self) -> Result<(), String> {
+        let i = self.index;
+        let f = |name: &str| format!("GPU {i} {name}");
+        if i >= MAX_GPUS as u32 * 4 {
+            return Err(format!("GPU index {i} is out of range; indices run below {}", MAX_GPUS * 4));
+        }
+        bounded(&f("uuid"), &self.uuid, 96)?;
+        bounded(&f("name"), &self.name, 128)?;
+        validate_gpu_type(&self.gpu_type).map_err(|m| format!("GPU {i}: {m}"))?;
+        bounded(&f("pci_bus_id"), &self.pci_bus_id, 32)?;
+        if self.memory_bytes > MAX_GPU_MEMORY_BYTES {
+            return Err(format!(
+                "GPU {i} reports {} bytes of memory; the most accepted is {MAX_GPU_MEMORY_BYTES} (4 TiB)",
+                self.memory_bytes
+            ));
+        }
+        if self.compute_capability.0 > 100 || self.compute_capability.1 > 100 {
+            return Err(format!(
+                "GPU {i} compute capability {}.{} is out of range",
+                self.compute_capability.0, self.compute_capability.1
+            ));
+        }
+        if self.power_limit_watts > 100_000 {
+            return Err(format!(
+                "GPU {i} power_limit_watts {} is out of range (at most 100000)",
+                self.power_limit_watts
+            ));
+        }
+        if self.nvlink_peers.len() > MAX_NVLINK_PEERS {
+            return Err(format!(
+                "GPU {i} reports {} NVLink peers; at most {MAX_NVLINK_PEERS}",
+                self.nvlink_peers.len()
+            ));
+        }
+        for peer in &self.nvlink_peers {
+            bounded(&f("nvlink peer"), peer, 96)?;
+        }
+        for m in &self.mig_devices {
+            bounded(&f("MIG device uuid"), &m.uuid, 96)?;
+            bounded(&f("MIG profile"), &m.profile, 32)?;
+            if m.start.is_some_and(|s| s > 16) {
+                return Err(format!("GPU {i} MIG device {:?} starts at slice {:?}; a GPU has at most 8 slices", m.uuid, m.start));
+            }
+        }
+        if let Some(c) = &self.calibration {
+            c.validate(i)?;
+        }
+        Ok(())
+    }
+}
+
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct MigDevice {
@@ -160,15 +274,28 @@ impl NodeInventory {
     pub fn validate(&self) -> Result<(), String> {
         validate_node_id(&self.node_id)?;
         validate_labels(&self.labels)?;
-        if !(self.cost_per_hour.is_finite() && self.cost_per_hour >= 0.0) {
+        if !talon_proto::is_host_port(&self.addr) || self.addr.len() > 255 {
             return Err(format!(
-                "cost_per_hour must be 0 or more, got {}",
-                self.cost_per_hour
+                "addr {:?} is not host:port with a non-zero port (e.g. 10.0.0.7:7600)",
+                self.addr
             ));
         }
-        if self.cpu_cores == 0 {
-            return Err("cpu_cores must be at least 1".into());
+        finite("cost_per_hour", self.cost_per_hour, 100_000.0)?;
+        if self.cpu_cores == 0 || self.cpu_cores > 1 << 16 {
+            return Err(format!(
+                "cpu_cores must be between 1 and 65536, got {}",
+                self.cpu_cores
+            ));
         }
+        if self.host_memory_bytes > MAX_HOST_MEMORY_BYTES {
+            return Err(format!(
+                "host_memory_bytes {} is more than the most accepted, {MAX_HOST_MEMORY_BYTES} (256 TiB)",
+                self.host_memory_bytes
+            ));
+        }
+        bounded("probe", &self.probe, 32)?;
+        bounded("driver_version", &self.driver_version, 64)?;
+        bounded("agent_version", &self.agent_version, 64)?;
         if self.gpus.len() > MAX_GPUS {
             return Err(format!(
                 "{} GPUs reported; a node may have at most {MAX_GPUS}",
@@ -178,6 +305,7 @@ impl NodeInventory {
         let mut indices = std::collections::BTreeSet::new();
         let mut uuids = std::collections::BTreeSet::new();
         for gpu in &self.gpus {
+            gpu.validate()?;
             if !indices.insert(gpu.index) {
                 return Err(format!("GPU index {} is reported twice", gpu.index));
             }

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use openraft::storage::{LogFlushed, RaftLogStorage};
 use openraft::{LogState, RaftLogReader, StorageIOError};
 
-use super::{any, DataDir};
+use super::{any, codec, DataDir};
 use crate::raft_types::{Entry, LogId, StorageError, TypeConfig, Vote};
 
 const VOTE: &str = "vote";
@@ -61,12 +61,12 @@ impl LogStore {
         else {
             return Ok(None);
         };
-        let value = serde_json::from_slice(&bytes).map_err(|e| StorageIOError::read(any(e)))?;
+        let value = codec::decode(&bytes).map_err(|e| StorageIOError::read(any(e)))?;
         Ok(Some(value))
     }
 
     fn write_meta<T: serde::Serialize>(&self, key: &str, value: &T) -> Result<(), StorageError> {
-        let bytes = serde_json::to_vec(value).map_err(|e| StorageIOError::write(any(e)))?;
+        let bytes = codec::encode(value).map_err(|e| StorageIOError::write(any(e)))?;
         self.dir
             .meta
             .insert(key, bytes)
@@ -84,7 +84,7 @@ fn key(index: u64) -> [u8; 8] {
 }
 
 fn decode(bytes: &[u8]) -> Result<Entry, StorageError> {
-    serde_json::from_slice(bytes).map_err(|e| StorageIOError::read_logs(any(e)).into())
+    codec::decode(bytes).map_err(|e| StorageIOError::read_logs(any(e)).into())
 }
 
 impl RaftLogReader<TypeConfig> for LogStore {
@@ -172,8 +172,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     {
         let mut batch = sled::Batch::default();
         for entry in entries {
-            let bytes =
-                serde_json::to_vec(&entry).map_err(|e| StorageIOError::write_logs(any(e)))?;
+            let bytes = codec::encode(&entry).map_err(|e| StorageIOError::write_logs(any(e)))?;
             batch.insert(&key(entry.log_id.index), bytes);
         }
         self.dir

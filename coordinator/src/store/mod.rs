@@ -7,27 +7,37 @@
 //!
 //! | tree       | keys                                   | values                       |
 //! |------------|----------------------------------------|------------------------------|
-//! | `meta`     | `format`, `vote`, `committed`, `purged`| JSON                         |
-//! | `log`      | log index, u64 big-endian              | JSON `Entry`                 |
-//! | `sm`       | `model/<name>`, `node/<id>`, `audit/<u64 BE>`, `meta/applied`, `meta/membership` | JSON |
-//! | `snapshot` | `current`                              | JSON `StoredSnapshot`        |
+//! | `meta`     | `format` (JSON number), `vote`, `committed`, `purged` | envelope      |
+//! | `log`      | log index, u64 big-endian              | envelope: `Entry`            |
+//! | `sm`       | `model/<name>`, `node/<id>`, `replica/<id>`, `credential/<id>`, `audit/<u64 BE>`, `meta/applied`, `meta/membership`, `meta/auth` | envelope |
+//! | `snapshot` | `current/meta`, `current/data`         | envelope: meta, `Applied`    |
+//!
+//! Values are in the strict binary envelope of [`codec`] (format 2). A
+//! format-1 directory (every value JSON) is migrated in place at start, by
+//! [`migrate`]; golden copies of a format-1 directory are tested to decode.
 //!
 //! A directory that is not empty and has no marker, a marker of another
 //! format or node, or a database that sled cannot open is refused at start
 //! with a message that says what to do, never silently reused.
 
+pub mod codec;
 mod log_store;
+mod migrate;
 mod state_machine;
+#[cfg(test)]
+mod format_tests;
 
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
 pub use log_store::LogStore;
-pub use state_machine::{SharedState, StateMachineStore};
+pub use state_machine::{Applied, SharedState, StateMachineStore};
 
-/// Version of the on-disk format this build reads and writes.
-pub const FORMAT_VERSION: u32 = 1;
+/// Version of the on-disk format this build writes (2: binary envelope).
+pub const FORMAT_VERSION: u32 = 2;
+/// The older format this build migrates from (1: JSON values).
+pub const MIGRATES_FROM: u32 = 1;
 const MARKER_FILE: &str = "talon-coordinator.json";
 const MARKER_KIND: &str = "talon-coordinator-data";
 
@@ -38,7 +48,7 @@ pub enum OpenError {
     Foreign { path: PathBuf, entry: String },
     #[error("data directory {path} has a corrupted marker {MARKER_FILE}: {reason}; restore the directory from a backup or start this node from an empty directory and re-join it")]
     CorruptMarker { path: PathBuf, reason: String },
-    #[error("data directory {path} holds format version {found}, this build reads version {FORMAT_VERSION}; run the matching release or migrate the directory")]
+    #[error("data directory {path} holds format version {found}, this build reads versions {MIGRATES_FROM} and {FORMAT_VERSION}; run the matching release")]
     Version { path: PathBuf, found: u32 },
     #[error("data directory {path} belongs to node {found}, but this coordinator is configured as node {configured}; fix node_id or data_dir")]
     WrongNode {
@@ -48,6 +58,8 @@ pub enum OpenError {
     },
     #[error("data directory {path} cannot be opened: {reason}; the database may be corrupted: restore it from a backup or start this node from an empty directory and re-join it")]
     Corrupt { path: PathBuf, reason: String },
+    #[error("data directory {path} could not be migrated from format {MIGRATES_FROM} to {FORMAT_VERSION}: {reason}; nothing was lost (the migration resumes at the next start), but fix the cause or restore a backup")]
+    Migration { path: PathBuf, reason: String },
     #[error("data directory {path}: {source}")]
     Io {
         path: PathBuf,
@@ -95,7 +107,9 @@ impl DataDir {
                         reason: format!("kind is {:?}, expected {MARKER_KIND:?}", marker.kind),
                     });
                 }
-                if marker.format_version != FORMAT_VERSION {
+                if marker.format_version != FORMAT_VERSION
+                    && marker.format_version != MIGRATES_FROM
+                {
                     return Err(OpenError::Version {
                         path: path.to_path_buf(),
                         found: marker.format_version,
@@ -121,15 +135,7 @@ impl DataDir {
                         entry: entry.file_name().to_string_lossy().into_owned(),
                     });
                 }
-                let marker = Marker {
-                    kind: MARKER_KIND.into(),
-                    format_version: FORMAT_VERSION,
-                    node_id,
-                };
-                let bytes = serde_json::to_vec_pretty(&marker).expect("marker serializes");
-                let tmp = path.join(format!("{MARKER_FILE}.tmp"));
-                std::fs::write(&tmp, bytes).map_err(io)?;
-                std::fs::rename(&tmp, &marker_path).map_err(io)?;
+                write_marker(path, node_id).map_err(io)?;
             }
             Err(e) => return Err(io(e)),
         }
@@ -148,12 +154,25 @@ impl DataDir {
                     path: path.to_path_buf(),
                     reason: format!("format key is unreadable: {e}"),
                 })?;
-                if found != FORMAT_VERSION {
+                if found == MIGRATES_FROM {
+                    let converted = migrate::v1_to_v2(&db).map_err(|reason| OpenError::Migration {
+                        path: path.to_path_buf(),
+                        reason,
+                    })?;
+                    meta.insert(
+                        "format",
+                        serde_json::to_vec(&FORMAT_VERSION).expect("u32 serializes"),
+                    )
+                    .map_err(corrupt)?;
+                    db.flush().map_err(corrupt)?;
+                    tracing::info!(path = %path.display(), converted, "data directory migrated from format 1 (JSON) to format 2 (binary)");
+                } else if found != FORMAT_VERSION {
                     return Err(OpenError::Version {
                         path: path.to_path_buf(),
                         found,
                     });
                 }
+                write_marker(path, node_id).map_err(io)?;
             }
             None => {
                 meta.insert(
@@ -172,6 +191,20 @@ impl DataDir {
             db,
         })
     }
+}
+
+/// Writes the marker file of the current format (atomically: a temporary
+/// file renamed over it).
+fn write_marker(path: &Path, node_id: u64) -> std::io::Result<()> {
+    let marker = Marker {
+        kind: MARKER_KIND.into(),
+        format_version: FORMAT_VERSION,
+        node_id,
+    };
+    let bytes = serde_json::to_vec_pretty(&marker).expect("marker serializes");
+    let tmp = path.join(format!("{MARKER_FILE}.tmp"));
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, path.join(MARKER_FILE))
 }
 
 /// Wraps a sled or serde error for openraft's storage errors.

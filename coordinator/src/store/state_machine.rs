@@ -4,7 +4,7 @@
 //! one record per key in the `sm` tree. `apply` runs the pure
 //! [`State::apply`], then writes exactly the records it changed together with
 //! the applied log id, in one atomic sled batch. Snapshots are the whole state
-//! as one JSON document, kept in the `snapshot` tree so that a restarted node
+//! as one binary envelope ([`codec`]), kept in the `snapshot` tree so that a restarted node
 //! can serve it to a lagging follower.
 
 use std::io::Cursor;
@@ -15,7 +15,7 @@ use openraft::storage::RaftStateMachine;
 use openraft::{EntryPayload, RaftSnapshotBuilder, StorageIOError};
 use serde::{Deserialize, Serialize};
 
-use super::{any, DataDir};
+use super::{any, codec, DataDir};
 use crate::metrics::Metrics;
 use crate::raft_types::{
     Entry, LogId, Snapshot, SnapshotMeta, StorageError, StoredMembership, TypeConfig,
@@ -28,6 +28,8 @@ const MODEL: &[u8] = b"model/";
 const NODE: &[u8] = b"node/";
 const AUDIT: &[u8] = b"audit/";
 const REPLICA: &[u8] = b"replica/";
+const CREDENTIAL: &[u8] = b"credential/";
+const AUTH: &[u8] = b"meta/auth";
 const SNAPSHOT_META: &str = "current/meta";
 const SNAPSHOT_DATA: &str = "current/data";
 
@@ -73,30 +75,38 @@ impl StateMachineStore {
         for item in dir.sm.iter() {
             let (k, v) = item.map_err(read_err)?;
             if k.as_ref() == APPLIED {
-                applied.last_applied = serde_json::from_slice(&v).map_err(read_err)?;
+                applied.last_applied = codec::decode(&v).map_err(read_err)?;
             } else if k.as_ref() == MEMBERSHIP {
-                applied.membership = serde_json::from_slice(&v).map_err(read_err)?;
+                applied.membership = codec::decode(&v).map_err(read_err)?;
             } else if let Some(name) = k.strip_prefix(MODEL) {
                 let name = String::from_utf8_lossy(name).into_owned();
                 applied
                     .state
                     .models
-                    .insert(name, serde_json::from_slice(&v).map_err(read_err)?);
+                    .insert(name, codec::decode(&v).map_err(read_err)?);
             } else if let Some(id) = k.strip_prefix(NODE) {
                 let id = String::from_utf8_lossy(id).into_owned();
                 applied
                     .state
                     .nodes
-                    .insert(id, serde_json::from_slice(&v).map_err(read_err)?);
+                    .insert(id, codec::decode(&v).map_err(read_err)?);
             } else if let Some(id) = k.strip_prefix(REPLICA) {
                 let id = String::from_utf8_lossy(id).into_owned();
                 applied
                     .state
                     .replicas
-                    .insert(id, serde_json::from_slice(&v).map_err(read_err)?);
+                    .insert(id, codec::decode(&v).map_err(read_err)?);
+            } else if let Some(id) = k.strip_prefix(CREDENTIAL) {
+                let id = String::from_utf8_lossy(id).into_owned();
+                applied
+                    .state
+                    .credentials
+                    .insert(id, codec::decode(&v).map_err(read_err)?);
+            } else if k.as_ref() == AUTH {
+                applied.state.cluster_secret = Some(codec::decode(&v).map_err(read_err)?);
             } else if k.starts_with(AUDIT) {
                 let entry: crate::state::AuditEntry =
-                    serde_json::from_slice(&v).map_err(read_err)?;
+                    codec::decode(&v).map_err(read_err)?;
                 applied.state.audit.insert(entry.index, entry);
             } else {
                 let key = String::from_utf8_lossy(&k).into_owned();
@@ -130,28 +140,39 @@ impl StateMachineStore {
                 Change::Model(name) => {
                     let key = prefixed(MODEL, name.as_bytes());
                     match state.models.get(name) {
-                        Some(m) => batch.insert(key, serde_json::to_vec(m).map_err(write_err)?),
+                        Some(m) => batch.insert(key, codec::encode(m).map_err(write_err)?),
                         None => batch.remove(key),
                     }
                 }
                 Change::Node(id) => {
                     let key = prefixed(NODE, id.as_bytes());
                     match state.nodes.get(id) {
-                        Some(n) => batch.insert(key, serde_json::to_vec(n).map_err(write_err)?),
+                        Some(n) => batch.insert(key, codec::encode(n).map_err(write_err)?),
                         None => batch.remove(key),
                     }
                 }
                 Change::Replica(id) => {
                     let key = prefixed(REPLICA, id.as_bytes());
                     match state.replicas.get(id) {
-                        Some(r) => batch.insert(key, serde_json::to_vec(r).map_err(write_err)?),
+                        Some(r) => batch.insert(key, codec::encode(r).map_err(write_err)?),
                         None => batch.remove(key),
                     }
                 }
+                Change::Credential(id) => {
+                    let key = prefixed(CREDENTIAL, id.as_bytes());
+                    match state.credentials.get(id) {
+                        Some(c) => batch.insert(key, codec::encode(c).map_err(write_err)?),
+                        None => batch.remove(key),
+                    }
+                }
+                Change::Auth => match &state.cluster_secret {
+                    Some(secret) => batch.insert(AUTH, codec::encode(secret).map_err(write_err)?),
+                    None => batch.remove(AUTH),
+                },
                 Change::Audit(index) => {
                     let key = prefixed(AUDIT, &index.to_be_bytes());
                     match state.audit.get(index) {
-                        Some(a) => batch.insert(key, serde_json::to_vec(a).map_err(write_err)?),
+                        Some(a) => batch.insert(key, codec::encode(a).map_err(write_err)?),
                         None => batch.remove(key),
                     }
                 }
@@ -173,7 +194,7 @@ impl StateMachineStore {
         let mut batch = sled::Batch::default();
         batch.insert(
             SNAPSHOT_META,
-            serde_json::to_vec(meta).map_err(|e| err(&e))?,
+            codec::encode(meta).map_err(|e| err(&e))?,
         );
         batch.insert(SNAPSHOT_DATA, data);
         self.dir.snapshot.apply_batch(batch).map_err(|e| err(&e))?;
@@ -185,7 +206,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
     async fn build_snapshot(&mut self) -> Result<Snapshot, StorageError> {
         let (data, meta) = {
             let applied = self.applied.read().expect("state lock poisoned");
-            let data = serde_json::to_vec(&*applied)
+            let data = codec::encode(&*applied)
                 .map_err(|e| StorageIOError::write_snapshot(None, any(e)))?;
             let n = self.snapshots_built.fetch_add(1, Ordering::Relaxed);
             let snapshot_id = match applied.last_applied {
@@ -254,12 +275,12 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             }
             batch.insert(
                 APPLIED,
-                serde_json::to_vec(&applied.last_applied).map_err(write_err)?,
+                codec::encode(&applied.last_applied).map_err(write_err)?,
             );
             if membership_changed {
                 batch.insert(
                     MEMBERSHIP,
-                    serde_json::to_vec(&applied.membership).map_err(write_err)?,
+                    codec::encode(&applied.membership).map_err(write_err)?,
                 );
             }
         }
@@ -282,7 +303,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     ) -> Result<(), StorageError> {
         let data = snapshot.into_inner();
         let signature = Some(meta.signature());
-        let mut incoming: Applied = serde_json::from_slice(&data)
+        let mut incoming: Applied = codec::decode(&data)
             .map_err(|e| StorageIOError::read_snapshot(signature.clone(), any(e)))?;
         incoming.last_applied = meta.last_log_id;
         incoming.membership = meta.last_membership.clone();
@@ -295,34 +316,43 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         for (name, m) in &incoming.state.models {
             batch.insert(
                 prefixed(MODEL, name.as_bytes()),
-                serde_json::to_vec(m).map_err(write_err)?,
+                codec::encode(m).map_err(write_err)?,
             );
         }
         for (id, n) in &incoming.state.nodes {
             batch.insert(
                 prefixed(NODE, id.as_bytes()),
-                serde_json::to_vec(n).map_err(write_err)?,
+                codec::encode(n).map_err(write_err)?,
             );
         }
         for (id, r) in &incoming.state.replicas {
             batch.insert(
                 prefixed(REPLICA, id.as_bytes()),
-                serde_json::to_vec(r).map_err(write_err)?,
+                codec::encode(r).map_err(write_err)?,
             );
+        }
+        for (id, c) in &incoming.state.credentials {
+            batch.insert(
+                prefixed(CREDENTIAL, id.as_bytes()),
+                codec::encode(c).map_err(write_err)?,
+            );
+        }
+        if let Some(secret) = &incoming.state.cluster_secret {
+            batch.insert(AUTH, codec::encode(secret).map_err(write_err)?);
         }
         for (index, a) in &incoming.state.audit {
             batch.insert(
                 prefixed(AUDIT, &index.to_be_bytes()),
-                serde_json::to_vec(a).map_err(write_err)?,
+                codec::encode(a).map_err(write_err)?,
             );
         }
         batch.insert(
             APPLIED,
-            serde_json::to_vec(&incoming.last_applied).map_err(write_err)?,
+            codec::encode(&incoming.last_applied).map_err(write_err)?,
         );
         batch.insert(
             MEMBERSHIP,
-            serde_json::to_vec(&incoming.membership).map_err(write_err)?,
+            codec::encode(&incoming.membership).map_err(write_err)?,
         );
         self.dir.sm.apply_batch(batch).map_err(write_err)?;
 
@@ -346,7 +376,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         ) else {
             return Ok(None);
         };
-        let meta: SnapshotMeta = serde_json::from_slice(&meta)
+        let meta: SnapshotMeta = codec::decode(&meta)
             .map_err(|e| StorageIOError::read_snapshot(None, any(e)))?;
         Ok(Some(Snapshot {
             meta,

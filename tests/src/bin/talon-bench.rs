@@ -208,10 +208,11 @@ async fn run_load(
     clients: usize,
     seconds: u64,
     value: &str,
+    key: &str,
 ) -> anyhow::Result<LoadResult> {
     let mut writers = Vec::new();
     for i in 0..clients {
-        writers.push(Writer::new(kind, addrs, &format!("bench-{tag}-{i}")).await?);
+        writers.push(Writer::new(kind, addrs, &format!("bench-{tag}-{i}"), key).await?);
     }
     let start = Instant::now();
     let end = start + Duration::from_secs(seconds);
@@ -261,9 +262,10 @@ async fn b2(
         let leader_addr = cluster.addr(leader);
         let mut addrs = vec![leader_addr.clone()];
         addrs.extend(cluster.addrs().into_iter().filter(|a| *a != leader_addr));
+        let key = cluster.admin_key().await?;
         for &c in concurrency {
             eprintln!("b2: {} with {c} clients for {seconds} s", kind.name());
-            let r = run_load(kind, &addrs, &format!("c{c}"), c, seconds, &value).await?;
+            let r = run_load(kind, &addrs, &format!("c{c}"), c, seconds, &value, &key).await?;
             rows.push(json!({
                 "system": kind.name(), "clients": c, "writes": r.writes, "errors": r.errors,
                 "seconds": r.seconds, "writes_per_s": r.writes as f64 / r.seconds,
@@ -307,7 +309,8 @@ async fn b5a(cli: &Cli, trials: usize, rate: u64) -> anyhow::Result<()> {
         let mut cluster = BenchCluster::start(kind, &cli.base_dir, &talon_bin_dir()?).await?;
         // Open-loop load: a new write every 1/rate s, each in its own task,
         // so a write stuck on the dead leader does not hold back the next.
-        let writers = Arc::new(WriterPool::new(kind, &cluster.addrs()).await?);
+        let key = cluster.admin_key().await?;
+        let writers = Arc::new(WriterPool::new(kind, &cluster.addrs(), &key).await?);
         let acks: Arc<Mutex<Vec<(Instant, Instant)>>> = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
         let load = {
@@ -433,7 +436,12 @@ fn spawn_quiet(program: &std::path::Path, args: &[&str]) -> anyhow::Result<Child
 const LITELLM_KEY: &str = "sk-talon-bench-0123456789abcdef";
 
 /// Waits until `url` answers 200 to a chat completion for `model`.
-async fn wait_serving(http: &reqwest::Client, url: &str, model: &str) -> anyhow::Result<()> {
+async fn wait_serving(
+    http: &reqwest::Client,
+    url: &str,
+    key: &str,
+    model: &str,
+) -> anyhow::Result<()> {
     let body = json!({"model": model, "messages": [{"role": "user", "content": "warm up"}], "max_tokens": 2});
     poll(
         &format!("{url} to serve"),
@@ -441,7 +449,7 @@ async fn wait_serving(http: &reqwest::Client, url: &str, model: &str) -> anyhow:
         || async {
             let r = http
                 .post(url)
-                .bearer_auth(LITELLM_KEY)
+                .bearer_auth(key)
                 .json(&body)
                 .send()
                 .await
@@ -458,6 +466,7 @@ async fn wait_serving(http: &reqwest::Client, url: &str, model: &str) -> anyhow:
 async fn open_loop(
     http: &reqwest::Client,
     url: &str,
+    key: &str,
     model: &str,
     rate: u64,
     seconds: u64,
@@ -471,12 +480,12 @@ async fn open_loop(
     let end = Instant::now() + Duration::from_secs(seconds);
     while Instant::now() < end {
         tick.tick().await;
-        let (http, url, body) = (http.clone(), url.to_string(), body.clone());
+        let (http, url, body, key) = (http.clone(), url.to_string(), body.clone(), key.to_string());
         tasks.spawn(async move {
             let t = Instant::now();
             match http
                 .post(&url)
-                .bearer_auth(LITELLM_KEY)
+                .bearer_auth(&key)
                 .json(&*body)
                 .send()
                 .await
@@ -537,7 +546,8 @@ async fn b3(
                 &svc_arg,
             ],
         )?;
-        let mut urls: Vec<(String, String)> = Vec::new();
+        // (door, URL, the key the door wants)
+        let mut urls: Vec<(String, String, String)> = Vec::new();
         let mut keep: Vec<Child> = Vec::new();
         let mut clusters = Vec::new();
         for door in doors {
@@ -545,6 +555,7 @@ async fn b3(
                 "direct" => urls.push((
                     door.clone(),
                     format!("http://127.0.0.1:{engine_port}/v1/chat/completions"),
+                    LITELLM_KEY.to_string(),
                 )),
                 "nginx" => {
                     let port = talon_tests::clusters::free_port();
@@ -570,6 +581,7 @@ async fn b3(
                     urls.push((
                         door.clone(),
                         format!("http://127.0.0.1:{port}/v1/chat/completions"),
+                        LITELLM_KEY.to_string(),
                     ));
                 }
                 "litellm" => {
@@ -592,6 +604,7 @@ async fn b3(
                     urls.push((
                         door.clone(),
                         format!("http://127.0.0.1:{port}/v1/chat/completions"),
+                        LITELLM_KEY.to_string(),
                     ));
                 }
                 "talon" => {
@@ -615,6 +628,8 @@ async fn b3(
                         &[
                             "--node-id",
                             "b3",
+                            "--credential-file",
+                            dir.path().join(format!("b3-{svc}.credential")).to_str().context("utf-8 path")?,
                             "--coordinators",
                             &grpc,
                             "--join-token",
@@ -629,16 +644,20 @@ async fn b3(
                             logs.to_str().context("utf-8 path")?,
                         ],
                     )?);
-                    let admin = talon_client::Client::pinned(grpc)?;
+                    let admin = talon_client::Client::pinned(grpc)?
+                        .with_key(cluster.admin_key().await?);
                     poll("the agent", Duration::from_secs(30), || async {
                         admin.get_node("b3").await.ok()
                     })
                     .await?;
                     let spec = model_spec("bench", "vllm", 4_000, 1);
                     admin.create_model(spec).await?;
+                    // The load comes with an inference key, as applications' does.
+                    let app = admin.create_credential("b3-load", "inference", None).await?;
                     urls.push((
                         door.clone(),
                         format!("http://{}/v1/chat/completions", cluster.http_addr(0)),
+                        app.key,
                     ));
                     clusters.push(cluster);
                 }
@@ -647,8 +666,8 @@ async fn b3(
                 ),
             }
         }
-        for (door, url) in &urls {
-            wait_serving(&http, url, "bench")
+        for (door, url, key) in &urls {
+            wait_serving(&http, url, key, "bench")
                 .await
                 .with_context(|| format!("{door} does not serve"))?;
         }
@@ -658,11 +677,12 @@ async fn b3(
         let mut low_p99: HashMap<String, f64> = HashMap::new();
         let mut saturated: Vec<String> = Vec::new();
         for &rate in rates {
-            for (door, url) in &urls {
+            for (door, url, key) in &urls {
                 if saturated.contains(door) {
                     continue;
                 }
-                let (lat, failed, refused) = open_loop(&http, url, "bench", rate, seconds).await;
+                let (lat, failed, refused) =
+                    open_loop(&http, url, key, "bench", rate, seconds).await;
                 let p99 = percentile(&lat, 99.0);
                 let base = *low_p99.entry(door.clone()).or_insert(p99);
                 let sustained = failed == 0 && p99 <= 2.0 * base;
@@ -720,7 +740,8 @@ async fn b5b(cli: &Cli, trials: usize, rate: u64, flags: &str) -> anyhow::Result
     for trial in 0..trials {
         let cluster = BenchCluster::start_n(Kind::Talon, 1, &cli.base_dir, &bin, &extra).await?;
         let grpc = cluster.addr(0);
-        let admin = talon_client::Client::pinned(grpc.clone())?;
+        let key = cluster.admin_key().await?;
+        let admin = talon_client::Client::pinned(grpc.clone())?.with_key(&key);
         let http = admin
             .cluster_status()
             .await
@@ -729,8 +750,10 @@ async fn b5b(cli: &Cli, trials: usize, rate: u64, flags: &str) -> anyhow::Result
             .context("coordinator")?;
         let _ = http;
         let mut agents = Vec::new();
+        let credentials = tempfile::tempdir_in(&cli.base_dir)?;
         for id in ["n1", "n2"] {
             let listen = format!("127.0.0.1:{}", talon_tests::clusters::free_port());
+            let credential = credentials.path().join(format!("{id}.credential"));
             let child = std::process::Command::new(bin.join("talon-agent"))
                 .args([
                     "--node-id",
@@ -742,6 +765,8 @@ async fn b5b(cli: &Cli, trials: usize, rate: u64, flags: &str) -> anyhow::Result
                     "--sim-gpus",
                     "h100-sxm:1",
                 ])
+                .arg("--credential-file")
+                .arg(&credential)
                 .args(["--http-listen", &listen])
                 .stdout(std::process::Stdio::null())
                 .stderr(std::process::Stdio::null())
@@ -767,21 +792,22 @@ async fn b5b(cli: &Cli, trials: usize, rate: u64, flags: &str) -> anyhow::Result
         let stop = Arc::new(AtomicBool::new(false));
         let (sent, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
         let load = {
-            let (stop, sent, failed, http_addr) = (
+            let (stop, sent, failed, http_addr, key) = (
                 stop.clone(),
                 sent.clone(),
                 failed.clone(),
                 http_addr.clone(),
+                key.clone(),
             );
             std::thread::spawn(move || {
                 let mut workers = Vec::new();
                 while !stop.load(Ordering::Relaxed) {
-                    let (sent, failed, http_addr) =
-                        (sent.clone(), failed.clone(), http_addr.clone());
+                    let (sent, failed, http_addr, key) =
+                        (sent.clone(), failed.clone(), http_addr.clone(), key.clone());
                     workers.push(std::thread::spawn(move || {
                         sent.fetch_add(1, Ordering::Relaxed);
                         let body = r#"{"model":"demo","messages":[{"role":"user","content":"node loss"}],"max_tokens":2}"#;
-                        if http_post(&http_addr, "/v1/chat/completions", body).map(|(status, _)| status) != Some(200) {
+                        if http_post(&http_addr, "/v1/chat/completions", body, &key).map(|(status, _)| status) != Some(200) {
                             failed.fetch_add(1, Ordering::Relaxed);
                         }
                     }));
@@ -1384,6 +1410,14 @@ async fn b4(
                 addr: format!("{node_id}:7481"),
                 coordinators: vec![addr.clone()],
                 join_token: TOKEN.into(),
+                identity: Arc::new(
+                    talon_node_agent::identity::IdentityStore::open(
+                        None,
+                        &node_id,
+                        Default::default(),
+                    )
+                    .map_err(anyhow::Error::msg)?,
+                ),
                 labels: Default::default(),
                 cost_per_hour: 0.0,
                 cpu_cores: 64,
@@ -1395,23 +1429,39 @@ async fn b4(
             let inventory = inventory_to_wire(&settings, "simulated", &fleet.inventory()?);
             agents.push((node_id, fleet, inventory));
         }
-        // Register with bounded concurrency: each registration is a Raft write.
+        // Join (the token buys each node its credential) and register, with
+        // bounded concurrency: each is a Raft write.
         let mut set = tokio::task::JoinSet::new();
-        for (i, (_, _, inventory)) in agents.iter().enumerate() {
+        let mut keys: HashMap<String, tonic::metadata::MetadataValue<_>> = HashMap::new();
+        let mut joined = |r: anyhow::Result<(String, String)>| -> anyhow::Result<()> {
+            let (node, key) = r?;
+            keys.insert(node, format!("Bearer {key}").parse()?);
+            Ok(())
+        };
+        for (i, (node_id, _, inventory)) in agents.iter().enumerate() {
             if set.len() >= 64 {
-                set.join_next().await.context("join")???;
+                joined(set.join_next().await.context("join")??)?;
             }
             let mut client = connections[i % connections.len()].clone();
-            let mut request = tonic::Request::new(pb::RegisterRequest {
-                inventory: Some(inventory.clone()),
+            let (node_id, inventory, token) = (node_id.clone(), inventory.clone(), token.clone());
+            set.spawn(async move {
+                let mut join = tonic::Request::new(pb::JoinRequest {
+                    node_id: node_id.clone(),
+                });
+                join.metadata_mut().insert("talon-join-token", token);
+                let key = client.join(join).await?.into_inner().key;
+                let mut request = tonic::Request::new(pb::RegisterRequest {
+                    inventory: Some(inventory),
+                });
+                request
+                    .metadata_mut()
+                    .insert("authorization", format!("Bearer {key}").parse()?);
+                client.register(request).await?;
+                anyhow::Ok((node_id, key))
             });
-            request
-                .metadata_mut()
-                .insert("talon-join-token", token.clone());
-            set.spawn(async move { anyhow::Ok(client.register(request).await.map(|_| ())?) });
         }
         while let Some(r) = set.join_next().await {
-            r??;
+            joined(r?)?;
         }
         eprintln!(
             "b4: {n} agents registered in {:.1} s; streaming",
@@ -1423,13 +1473,14 @@ async fn b4(
         let mut streams = Vec::new();
         for (i, (node_id, fleet, _)) in agents.into_iter().enumerate() {
             let mut client = connections[i % connections.len()].clone();
-            let (stop, token) = (stop.clone(), token.clone());
+            let stop = stop.clone();
+            let key = keys.get(&node_id).context("agent key")?.clone();
             let phase = Duration::from_micros((i as u64 * 1_000_000) / n as u64);
             streams.push(tokio::spawn(async move {
                 let (tx, rx) = tokio::sync::mpsc::channel::<pb::TelemetryReport>(2);
                 let mut request =
                     tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
-                request.metadata_mut().insert("talon-join-token", token);
+                request.metadata_mut().insert("authorization", key);
                 let call = tokio::spawn(async move { client.report_telemetry(request).await });
                 tokio::time::sleep(phase).await;
                 let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -1456,7 +1507,7 @@ async fn b4(
                 let _ = call.await;
             }));
         }
-        let admin = talon_client::Client::pinned(addr.clone())?;
+        let admin = talon_client::Client::pinned(addr.clone())?.with_key(cluster.admin_key().await?);
         // Warm up until every node has reported, then measure.
         poll(
             "every agent reporting",

@@ -1,0 +1,111 @@
+//! The strict, versioned binary encoding of everything a coordinator writes
+//! to disk or sends to another coordinator: log entries, the vote, state
+//! machine records, snapshots and Raft RPC payloads.
+//!
+//! Every value is an envelope: the two magic bytes `TL`, one byte of format
+//! version, then the value in postcard. Decoding refuses another magic, a
+//! version this build does not read, and trailing bytes, so a value either
+//! decodes to exactly what was encoded or fails with a message that says
+//! which. Postcard has no way to spell a float as `null`, so the JSON trap
+//! (a NaN written as `null` that can never be read back) cannot recur; the
+//! validators keep non-finite numbers out anyway.
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+/// First bytes of every encoded value.
+pub const MAGIC: [u8; 2] = *b"TL";
+/// Version of the envelope's payload encoding (postcard, serde field order).
+pub const ENCODING_VERSION: u8 = 1;
+const HEADER: usize = MAGIC.len() + 1;
+
+/// Why bytes could not be decoded.
+#[derive(Debug, thiserror::Error)]
+pub enum CodecError {
+    #[error("value is {0} bytes, shorter than the {HEADER}-byte envelope header")]
+    Short(usize),
+    #[error("value does not start with the Talon envelope (found {found:02x?}); it was written by another program or an older release without migration")]
+    Magic { found: Vec<u8> },
+    #[error("value has encoding version {found}; this build reads version {ENCODING_VERSION}: run the matching release")]
+    Version { found: u8 },
+    #[error("value is malformed: {0}")]
+    Malformed(postcard::Error),
+    #[error("value has {0} unexpected bytes after its end")]
+    Trailing(usize),
+    #[error("value cannot be encoded: {0}")]
+    Encode(postcard::Error),
+}
+
+/// Encodes `value` in the envelope.
+pub fn encode<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, CodecError> {
+    let mut out = Vec::with_capacity(64);
+    out.extend_from_slice(&MAGIC);
+    out.push(ENCODING_VERSION);
+    postcard::to_extend(value, out).map_err(CodecError::Encode)
+}
+
+/// Decodes a value written by [`encode`], refusing anything else.
+pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
+    if bytes.len() < HEADER {
+        return Err(CodecError::Short(bytes.len()));
+    }
+    if bytes[..MAGIC.len()] != MAGIC {
+        return Err(CodecError::Magic {
+            found: bytes[..MAGIC.len()].to_vec(),
+        });
+    }
+    if bytes[MAGIC.len()] != ENCODING_VERSION {
+        return Err(CodecError::Version {
+            found: bytes[MAGIC.len()],
+        });
+    }
+    let (value, rest) =
+        postcard::take_from_bytes(&bytes[HEADER..]).map_err(CodecError::Malformed)?;
+    if !rest.is_empty() {
+        return Err(CodecError::Trailing(rest.len()));
+    }
+    Ok(value)
+}
+
+/// Whether `bytes` already carry the envelope (the migration skips those).
+pub fn is_encoded(bytes: &[u8]) -> bool {
+    bytes.len() >= HEADER && bytes[..MAGIC.len()] == MAGIC
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refuses_what_it_did_not_write() {
+        let bytes = encode(&(7u64, "x".to_string())).unwrap();
+        assert_eq!(
+            decode::<(u64, String)>(&bytes).unwrap(),
+            (7, "x".to_string())
+        );
+        assert!(matches!(
+            decode::<u64>(b"{}"),
+            Err(CodecError::Short(2))
+        ));
+        assert!(matches!(
+            decode::<u64>(b"{\"a\":1}"),
+            Err(CodecError::Magic { .. })
+        ));
+        let mut other = bytes.clone();
+        other[2] = 9;
+        assert!(matches!(
+            decode::<(u64, String)>(&other),
+            Err(CodecError::Version { found: 9 })
+        ));
+        let mut longer = bytes.clone();
+        longer.push(0);
+        assert!(matches!(
+            decode::<(u64, String)>(&longer),
+            Err(CodecError::Trailing(1))
+        ));
+        assert!(matches!(
+            decode::<(u64, String)>(&bytes[..bytes.len() - 1]),
+            Err(CodecError::Malformed(_))
+        ));
+    }
+}
