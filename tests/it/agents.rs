@@ -127,7 +127,7 @@ async fn fifty_simulated_agents_register_and_report() {
     // The CLI shows them.
     let endpoints = addrs.join(",");
     let out = std::process::Command::new(bin("talon"))
-        .args(["--endpoints", &endpoints, "node", "list"])
+        .args(["--endpoints", &endpoints, "--key", &cluster.admin_key(), "node", "list"])
         .output()
         .expect("run talon");
     let table = String::from_utf8_lossy(&out.stdout);

@@ -63,7 +63,7 @@ async fn cluster_forms_replicates_and_follows_the_leader() {
     assert!(
         audit
             .iter()
-            .any(|a| a.action == "model.create" && a.actor == "it"),
+            .any(|a| a.action == "model.create" && a.actor.starts_with("admin (")),
         "{audit:?}"
     );
     assert!(
@@ -78,6 +78,7 @@ async fn cluster_forms_replicates_and_follows_the_leader() {
         .map(|n| n.grpc.clone())
         .collect::<Vec<_>>()
         .join(",");
+    // The key from the environment, then from a file.
     let out = std::process::Command::new(bin("talon"))
         .args([
             "--endpoints",
@@ -88,6 +89,7 @@ async fn cluster_forms_replicates_and_follows_the_leader() {
             "llama-8b",
             "--linearizable",
         ])
+        .env("TALON_KEY", cluster.admin_key())
         .output()
         .expect("run talon");
     assert!(
@@ -97,8 +99,13 @@ async fn cluster_forms_replicates_and_follows_the_leader() {
     );
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json output");
     assert_eq!(json["versions"].as_array().map(Vec::len), Some(2));
+    let key_dir = tempfile::tempdir().expect("temp dir");
+    let key_file = key_dir.path().join("key");
+    std::fs::write(&key_file, format!("{}\n", cluster.admin_key())).expect("key file");
     let out = std::process::Command::new(bin("talon"))
-        .args(["--endpoints", &endpoints, "model", "list"])
+        .args(["--endpoints", &endpoints, "model", "list", "--key-file"])
+        .arg(&key_file)
+        .env_remove("TALON_KEY")
         .output()
         .expect("run talon");
     let table = String::from_utf8_lossy(&out.stdout);
@@ -320,7 +327,9 @@ async fn isolated_leader_cannot_commit_and_rejoins_cleanly() {
     )
     .await;
     let majority_client =
-        talon_client::Client::new(majority.iter().map(|n| n.grpc.clone())).expect("client");
+        talon_client::Client::new(majority.iter().map(|n| n.grpc.clone()))
+            .expect("client")
+            .with_key(cluster.admin_key());
     majority_client
         .create_model(spec("during", "v1"))
         .await

@@ -10,3 +10,4 @@ mod executors;
 mod gateway;
 mod harness;
 mod serving;
+mod trust;
