@@ -148,6 +148,14 @@ pub struct Config {
     /// On a node whose log is empty, bootstrap a one-node cluster at start
     /// (others join it later). Ignored once the node belongs to a cluster.
     pub bootstrap: bool,
+    /// Other coordinators (host:port) a bootstrapping node asks first: if
+    /// one already belongs to a cluster, this node does not form another.
+    pub bootstrap_peers: Vec<String>,
+    /// How long to wait for bootstrap peers to answer.
+    pub bootstrap_wait_ms: u64,
+    /// Audit entries kept; older ones are trimmed by the leader (the same
+    /// cut on every replica).
+    pub audit_keep: u64,
     pub log_format: LogFormat,
     pub raft: RaftSettings,
     pub agents: AgentSettings,
@@ -165,6 +173,9 @@ impl Default for Config {
             write_timeout_ms: 5_000,
             fault_injection: false,
             bootstrap: false,
+            bootstrap_peers: Vec::new(),
+            bootstrap_wait_ms: 10_000,
+            audit_keep: 100_000,
             log_format: LogFormat::Text,
             raft: RaftSettings::default(),
             agents: AgentSettings::default(),
@@ -204,6 +215,13 @@ pub struct Flags {
     /// Bootstrap a one-node cluster when this node's log is empty.
     #[arg(long, env = "TALON_BOOTSTRAP", num_args = 0..=1, default_missing_value = "true")]
     pub bootstrap: Option<bool>,
+    /// Comma-separated coordinators a bootstrapping node asks first.
+    #[arg(long, env = "TALON_BOOTSTRAP_PEERS", value_delimiter = ',')]
+    pub bootstrap_peers: Option<Vec<String>>,
+    #[arg(long, env = "TALON_BOOTSTRAP_WAIT_MS")]
+    pub bootstrap_wait_ms: Option<u64>,
+    #[arg(long, env = "TALON_AUDIT_KEEP")]
+    pub audit_keep: Option<u64>,
     #[arg(long, env = "TALON_LOG_FORMAT")]
     pub log_format: Option<LogFormat>,
     #[arg(long, env = "TALON_HEARTBEAT_MS")]
@@ -282,7 +300,8 @@ impl Config {
             keep_logs_after_snapshot => raft.keep_logs_after_snapshot,
             join_token => agents.join_token, telemetry_interval_ms => agents.telemetry_interval_ms,
             suspect_after_ms => agents.suspect_after_ms, down_after_ms => agents.down_after_ms,
-            auth => auth.enabled,
+            auth => auth.enabled, bootstrap_peers => bootstrap_peers,
+            bootstrap_wait_ms => bootstrap_wait_ms, audit_keep => audit_keep,
         );
         if flags.admin_key_file.is_some() {
             config.auth.admin_key_file = flags.admin_key_file.clone();
@@ -333,6 +352,21 @@ impl Config {
             return bad(format!(
                 "listen and http_listen are both {}; give them different ports",
                 self.listen
+            ));
+        }
+        if let Some(peer) = self
+            .bootstrap_peers
+            .iter()
+            .find(|p| !talon_proto::is_host_port(p))
+        {
+            return bad(format!(
+                "bootstrap_peers entry {peer:?} is not host:port with a non-zero port"
+            ));
+        }
+        if self.audit_keep < 100 {
+            return bad(format!(
+                "audit_keep is {}; keep at least 100 audit entries",
+                self.audit_keep
             ));
         }
         if r.heartbeat_ms < 10 {

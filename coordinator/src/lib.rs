@@ -24,6 +24,7 @@
 pub mod admin;
 pub mod agents;
 pub mod auth;
+pub mod bootstrap;
 pub mod config;
 pub mod convert;
 pub mod error;
@@ -36,6 +37,7 @@ pub mod metrics;
 pub mod network;
 pub mod raft_types;
 pub mod reconcile;
+pub mod retention;
 pub mod routing;
 pub mod state;
 pub mod store;
@@ -101,17 +103,7 @@ pub async fn run(
     );
 
     if config.bootstrap && !raft.is_initialized().await? {
-        let addr = config.advertise.clone().unwrap_or_default();
-        let members =
-            std::collections::BTreeMap::from([(config.node_id, openraft::BasicNode::new(&addr))]);
-        raft.initialize(members)
-            .await
-            .context("bootstrapping a one-node cluster")?;
-        tracing::info!(
-            node_id = config.node_id,
-            addr,
-            "bootstrapped a one-node cluster"
-        );
+        bootstrap::bootstrap_alone(&raft, &config).await?;
     }
     let metrics_task = tokio::spawn(export_raft_metrics(
         raft.clone(),
@@ -147,9 +139,15 @@ pub async fn run(
             leases::run_reconciler(ctx.clone(), Duration::from_millis(500), stop.clone())
         }))
     };
+    let retention_task = {
+        let (ctx, stop) = (ctx.clone(), stop_rx.clone());
+        tokio::spawn(supervise("audit retention", stop_rx.clone(), move || {
+            retention::run(ctx.clone(), stop.clone())
+        }))
+    };
     let auth_task = config
         .bootstrap
-        .then(|| tokio::spawn(bootstrap_auth(ctx.clone(), stop_rx.clone())));
+        .then(|| tokio::spawn(bootstrap::first_admin(ctx.clone(), stop_rx.clone())));
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
@@ -181,6 +179,7 @@ pub async fn run(
     metrics_task.abort();
     leases_task.abort();
     reconciler_task.abort();
+    retention_task.abort();
     if let Some(t) = auth_task {
         t.abort();
     }
@@ -212,90 +211,6 @@ where
             _ = stop.wait_for(|s| *s) => return,
         }
     }
-}
-
-/// The first admin key of a cluster bootstrapped with `--bootstrap`: read
-/// from `auth.admin_key_file` when that file exists (so operators can
-/// provision it, e.g. from a Kubernetes secret), else made here and written
-/// there with mode 0600. Recorded once this node leads and the cluster has
-/// no admin yet; a cluster that has one is left alone.
-async fn bootstrap_auth(ctx: Arc<AdminContext>, mut stop: tokio::sync::watch::Receiver<bool>) {
-    let path = ctx.config.admin_key_path();
-    loop {
-        let initialized = ctx
-            .state
-            .read()
-            .expect("state lock poisoned")
-            .state
-            .cluster_secret
-            .is_some();
-        if initialized {
-            return;
-        }
-        if ctx.is_leader() {
-            match admin_key_from(&path) {
-                Ok((credential, made)) => {
-                    let id = credential.id.clone();
-                    let command = state::Command::InitAuth {
-                        admin: credential,
-                        cluster_secret: auth::random_bytes::<32>(),
-                    };
-                    match ctx.write("init_auth", "bootstrap".into(), command).await {
-                        Ok(_) => {
-                            tracing::info!(path = %path.display(), credential = %id, made, "first admin credential recorded; its key is in the admin key file");
-                            return;
-                        }
-                        Err(e) => tracing::warn!(error = %e, "could not record the first admin credential; retrying"),
-                    }
-                }
-                Err(e) => {
-                    tracing::error!(path = %path.display(), error = %e, "cannot read or write the admin key file; the cluster has no admin until this is fixed");
-                }
-            }
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
-            _ = stop.wait_for(|s| *s) => return,
-        }
-    }
-}
-
-/// The admin credential whose key is in `path`, making the key (and the
-/// file) when there is none; `true` when it was made now.
-fn admin_key_from(path: &std::path::Path) -> anyhow::Result<(state::Credential, bool)> {
-    use std::io::Write;
-    let (id, secret_sha256, made) = match std::fs::read_to_string(path) {
-        Ok(text) => {
-            let key = text.lines().next().unwrap_or_default().trim();
-            let (id, digest) = auth::parse(key).map_err(|e| anyhow::anyhow!("{e}"))?;
-            (id, digest, false)
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let new = auth::generate();
-            let mut options = std::fs::OpenOptions::new();
-            options.write(true).create_new(true);
-            #[cfg(unix)]
-            std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-            let mut file = options
-                .open(path)
-                .with_context(|| format!("creating {}", path.display()))?;
-            writeln!(file, "{}", new.key)?;
-            file.sync_all()?;
-            (new.id, new.secret_sha256, true)
-        }
-        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
-    };
-    let credential = state::Credential {
-        id,
-        principal: "admin".into(),
-        role: state::Role::Admin,
-        secret_sha256,
-        node_id: None,
-        created_at_ms: 0,
-        created_by: "bootstrap".into(),
-        revision: 0,
-    };
-    Ok((credential, made))
 }
 
 /// Copies openraft's metrics into the Prometheus gauges as they change.

@@ -283,15 +283,15 @@ async fn gateway_reaches_an_external_engine_run_by_the_agent() {
     );
     let logs = tempfile::tempdir().expect("temp dir");
     let listen = format!("127.0.0.1:{}", free_port());
-    let _agent = Proc::spawn(
+    // The join token comes through the environment, which the engine must
+    // not inherit.
+    let _agent = Proc::spawn_with_env(
         "talon-agent",
         &[
             "--node-id",
             "eng-1",
             "--coordinators",
             &grpc,
-            "--join-token",
-            TOKEN,
             "--sim-gpus",
             "l4:1",
             "--http-listen",
@@ -301,6 +301,7 @@ async fn gateway_reaches_an_external_engine_run_by_the_agent() {
             "--engine-log-dir",
             logs.path().to_str().expect("utf-8"),
         ],
+        &[("TALON_JOIN_TOKEN", TOKEN)],
     );
     let client = cluster.client();
     wait_for("the agent", Duration::from_secs(40), || async {
@@ -334,4 +335,6 @@ async fn gateway_reaches_an_external_engine_run_by_the_agent() {
         .filter_map(|e| std::fs::read_to_string(e.ok()?.path()).ok())
         .collect::<String>();
     assert!(log.contains("CUDA_VISIBLE_DEVICES=GPU-"), "{log}");
+    assert!(log.contains("inherited_talon_vars=[]"), "{log}");
+    assert!(!log.contains(TOKEN), "{log}");
 }

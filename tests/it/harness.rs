@@ -258,6 +258,24 @@ impl Cluster {
             .with_key(key)
     }
 
+    /// Starts one more coordinator (not a member yet) with `extra_args`.
+    pub fn add_node(&mut self, extra_args: &[&str]) -> &mut Node {
+        let id = self.nodes.iter().map(|n| n.id).max().unwrap_or(0) + 1;
+        let mut node = Node {
+            id,
+            grpc: format!("127.0.0.1:{}", free_port()),
+            http: format!("127.0.0.1:{}", free_port()),
+            data_dir: self._dir.path().join(format!("node-{id}")),
+            extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+            key: self.key.clone(),
+            child: None,
+            log_path: self._dir.path().join(format!("node-{id}.log")),
+        };
+        node.start();
+        self.nodes.push(node);
+        self.nodes.last_mut().expect("just pushed")
+    }
+
     pub fn admin_key(&self) -> String {
         self.key.lock().expect("key lock").clone()
     }
@@ -311,10 +329,16 @@ impl Proc {
     /// Agents keep their credential files in a directory of the test run,
     /// not in the source tree.
     pub fn spawn(program: &str, args: &[&str]) -> Proc {
+        Proc::spawn_with_env(program, args, &[])
+    }
+
+    /// [`Proc::spawn`] with extra environment variables.
+    pub fn spawn_with_env(program: &str, args: &[&str], env: &[(&str, &str)]) -> Proc {
         static WORK: OnceLock<tempfile::TempDir> = OnceLock::new();
         let work = WORK.get_or_init(|| tempfile::tempdir().expect("temp dir"));
         let child = Command::new(bin(program))
             .current_dir(work.path())
+            .envs(env.iter().copied())
             .args(args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())

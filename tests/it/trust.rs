@@ -426,3 +426,27 @@ async fn revocation_holds_on_every_coordinator_and_the_audit_names_the_principal
     let listed = admin.list_credentials().await.expect("list");
     assert!(listed.iter().all(|c| c.id != carol.id));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bootstrapping_node_beside_a_cluster_does_not_form_a_second_one() {
+    let mut cluster = Cluster::form(1, &[]).await;
+    let peer = cluster.nodes[0].grpc.clone();
+    // Node 2 has an empty data directory and --bootstrap, as a coordinator
+    // that lost its disk and restarted with its usual flags.
+    let node = cluster.add_node(&["--bootstrap", "--bootstrap-peers", &peer]);
+    let stray = node.client_as("");
+    let (id, grpc) = (node.id, node.grpc.clone());
+    let status = wait_for("node 2 to answer", Duration::from_secs(30), || async {
+        stray.cluster_status().await.ok()
+    })
+    .await;
+    assert!(!status.initialized, "node 2 formed a cluster of its own: {status:?}");
+    assert_eq!(status.leader_id, None);
+    // It can still be joined to the real cluster.
+    let joined = cluster
+        .client()
+        .cluster_join(id, &grpc, false)
+        .await
+        .expect("join");
+    assert_eq!(joined.members.iter().filter(|m| m.voter).count(), 2);
+}

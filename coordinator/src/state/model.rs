@@ -175,9 +175,20 @@ impl ModelSpec {
                 ENGINES.join(", ")
             ));
         }
+        if self.artifact_uri.len() > 1024
+            || self
+                .artifact_uri
+                .chars()
+                .any(|c| c.is_control() || c.is_whitespace())
+        {
+            return Err(format!(
+                "artifact_uri must be at most 1024 characters without whitespace or control characters, got {} characters",
+                self.artifact_uri.len()
+            ));
+        }
         match self.artifact_uri.split_once("://") {
             Some((scheme, rest))
-                if !scheme.is_empty()
+                if scheme.starts_with(|c: char| c.is_ascii_alphabetic())
                     && scheme.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))
                     && !rest.is_empty() => {}
             _ => {

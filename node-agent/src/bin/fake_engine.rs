@@ -148,8 +148,13 @@ async fn main() -> std::process::ExitCode {
         }
     };
     let devices = std::env::var("CUDA_VISIBLE_DEVICES").unwrap_or_default();
+    // What the agent let through, for tests: no TALON_* variable should be.
+    let talon: Vec<String> = std::env::vars()
+        .map(|(k, _)| k)
+        .filter(|k| k.starts_with("TALON"))
+        .collect();
     eprintln!(
-        "talon-fake-engine: serving {} on 127.0.0.1:{} CUDA_VISIBLE_DEVICES={devices}",
+        "talon-fake-engine: serving {} on 127.0.0.1:{} CUDA_VISIBLE_DEVICES={devices} inherited_talon_vars={talon:?}",
         args.model, args.port
     );
     match axum::serve(listener, app).await {

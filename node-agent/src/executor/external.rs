@@ -8,6 +8,11 @@
 //! path until it answers 200), restarts it with exponential backoff when it
 //! exits, and gives up (state Failed) after too many failures in a row.
 //! Requests are proxied as OpenAI JSON to `127.0.0.1:{port}`.
+//!
+//! What an engine inherits is bounded: its environment is cleared down to
+//! [`PASSED_ENV`] (no join token, no credentials of the agent), `{host}`
+//! is the loopback address for templates to bind to, and an artifact that
+//! could read as a command-line option is refused before anything runs.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -21,7 +26,49 @@ use tokio::sync::watch;
 use super::{ExecError, Executor, InferRequest, ReplicaState};
 
 /// Placeholders a template may use.
-pub const PLACEHOLDERS: &[&str] = &["model", "artifact", "port", "gpus"];
+pub const PLACEHOLDERS: &[&str] = &["model", "artifact", "port", "gpus", "host"];
+
+/// The address engines are to listen on (`{host}`): loopback, so that only
+/// the agent reaches them.
+pub const ENGINE_HOST: &str = "127.0.0.1";
+
+/// The agent's environment variables an engine keeps; everything else
+/// (TALON_* among them) is cleared.
+pub const PASSED_ENV: &[&str] = &[
+    "PATH",
+    "HOME",
+    "USER",
+    "LANG",
+    "LC_ALL",
+    "TZ",
+    "TMPDIR",
+    "LD_LIBRARY_PATH",
+    "CUDA_HOME",
+    "CUDA_PATH",
+    "HF_HOME",
+    "HF_HUB_CACHE",
+    "HF_HUB_OFFLINE",
+    "TRANSFORMERS_CACHE",
+    "XDG_CACHE_HOME",
+    "VIRTUAL_ENV",
+    "PYTHONPATH",
+];
+
+/// Refuses an artifact that an engine could take for an option or that
+/// holds characters no path or URI needs.
+pub fn check_artifact(artifact: &str) -> Result<(), String> {
+    if artifact.starts_with('-') {
+        return Err(format!(
+            "artifact {artifact:?} starts with '-' and would read as a command-line option"
+        ));
+    }
+    if artifact.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        return Err(format!(
+            "artifact {artifact:?} contains whitespace or a control character"
+        ));
+    }
+    Ok(())
+}
 
 /// A parsed, validated command template.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -87,6 +134,12 @@ impl CommandTemplate {
                 "the command template must start with the program, not a placeholder".into(),
             );
         }
+        if !template.contains("{host}") {
+            tracing::warn!(
+                template,
+                "the engine command has no {{host}}: unless the engine binds to loopback by itself, replicas are reachable from the network, bypassing the gateway; add e.g. --host {{host}}"
+            );
+        }
         if !has_port {
             return Err("the command template has no {port}: the engine must listen on the port Talon gives it".into());
         }
@@ -102,6 +155,7 @@ impl CommandTemplate {
                     .replace("{artifact}", &p.artifact)
                     .replace("{port}", &p.port.to_string())
                     .replace("{gpus}", &p.gpus)
+                    .replace("{host}", ENGINE_HOST)
             })
             .collect()
     }
@@ -161,6 +215,7 @@ impl ExternalEngine {
         settings: EngineSettings,
         log_dir: &Path,
     ) -> Result<ExternalEngine, ExecError> {
+        check_artifact(&placeholders.artifact).map_err(ExecError::Config)?;
         let argv = template.render(&placeholders);
         std::fs::create_dir_all(log_dir)
             .map_err(|e| ExecError::Config(format!("log directory {}: {e}", log_dir.display())))?;
@@ -239,8 +294,13 @@ async fn supervise(
             Err(_) => (Stdio::null(), Stdio::null()),
         };
         let mut command = Command::new(&argv[0]);
+        command.args(&argv[1..]).env_clear();
+        for name in PASSED_ENV {
+            if let Some(value) = std::env::var_os(name) {
+                command.env(name, value);
+            }
+        }
         command
-            .args(&argv[1..])
             .env("CUDA_VISIBLE_DEVICES", &gpus)
             .stdout(out)
             .stderr(err)
