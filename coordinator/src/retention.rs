@@ -55,9 +55,10 @@ mod tests {
 
     #[test]
     fn trims_past_the_hysteresis_to_exactly_keep() {
-        assert_eq!(cutoff(1..=110u64, 100), None);
+        let log = |n: u64| (1..=n).collect::<Vec<u64>>();
+        assert_eq!(cutoff(log(110).into_iter(), 100), None);
         // 111 entries, keep 100: drop below the 100th newest (index 12).
-        assert_eq!(cutoff(1..=111u64, 100), Some(12));
+        assert_eq!(cutoff(log(111).into_iter(), 100), Some(12));
         let kept = (1..=111u64).filter(|i| *i >= 12).count();
         assert_eq!(kept, 100);
     }
