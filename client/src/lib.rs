@@ -102,6 +102,8 @@ pub struct Client {
     follow_leader: bool,
     /// `Bearer <key>`, when the client has a key.
     authorization: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
+    /// The cluster CA (PEM) when the coordinators speak TLS.
+    tls: Option<Vec<u8>>,
     timeout: Duration,
 }
 
@@ -136,6 +138,7 @@ impl Client {
             channels: Mutex::new(HashMap::new()),
             follow_leader: true,
             authorization: None,
+            tls: None,
             timeout: Duration::from_secs(10),
         })
     }
@@ -161,6 +164,14 @@ impl Client {
         self
     }
 
+    /// Speak TLS to the coordinators, trusting the cluster CA `ca_pem`
+    /// (`talon cert init` made it).
+    pub fn with_tls(mut self, ca_pem: impl Into<Vec<u8>>) -> Client {
+        self.tls = Some(ca_pem.into());
+        self.channels.lock().expect("channel cache poisoned").clear();
+        self
+    }
+
     /// The deadline of each call, retries included.
     pub fn with_timeout(mut self, timeout: Duration) -> Client {
         self.timeout = timeout;
@@ -172,13 +183,25 @@ impl Client {
         if let Some(c) = channels.get(addr) {
             return Ok(c.clone());
         }
-        let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let mut endpoint = Endpoint::from_shared(format!("{scheme}://{addr}"))
             .map_err(|e| ClientError::BadEndpoint {
                 addr: addr.into(),
                 reason: e.to_string(),
             })?
             .connect_timeout(Duration::from_secs(1))
             .tcp_nodelay(true);
+        if let Some(ca) = &self.tls {
+            endpoint = endpoint
+                .tls_config(
+                    tonic::transport::ClientTlsConfig::new()
+                        .ca_certificate(tonic::transport::Certificate::from_pem(ca)),
+                )
+                .map_err(|e| ClientError::BadEndpoint {
+                    addr: addr.into(),
+                    reason: format!("TLS: {e}"),
+                })?;
+        }
         let channel = endpoint.connect_lazy();
         channels.insert(addr.into(), channel.clone());
         Ok(channel)

@@ -3,6 +3,7 @@
 //! Tables for people, `--json` for scripts. Exit status: 0 on success, 1 when
 //! the cluster refused or failed the call, 2 on a usage error.
 
+mod cert;
 mod keys;
 
 use std::collections::HashMap;
@@ -39,6 +40,9 @@ struct Cli {
     /// Read the API key from this file (default: ~/.config/talon/key if it exists).
     #[arg(long, env = "TALON_KEY_FILE", global = true)]
     key_file: Option<std::path::PathBuf>,
+    /// The cluster CA (PEM): speak TLS to the coordinators.
+    #[arg(long, env = "TALON_CA_FILE", global = true)]
+    ca_file: Option<std::path::PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -65,6 +69,9 @@ enum Command {
     Credential(keys::CredentialCmd),
     /// The principal and role of the key in use.
     Whoami,
+    /// A cluster CA and certificates for coordinators, nodes and clients.
+    #[command(subcommand)]
+    Cert(cert::CertCmd),
     /// Send one request to a model through the gateway (gRPC).
     Infer {
         model: String,
@@ -223,6 +230,7 @@ fn parse_member(s: &str) -> Result<Member, String> {
         addr: addr.into(),
         voter: true,
         matched_index: None,
+        raft_addr: String::new(),
     })
 }
 
@@ -527,10 +535,26 @@ async fn execute(cli: Cli) -> Result<(), ClientError> {
     let timeout = Duration::from_millis(cli.timeout_ms);
     let key = keys::resolve(cli.key.clone(), cli.key_file.clone())
         .map_err(|e| ClientError::Status(tonic::Status::invalid_argument(e)))?;
-    let client = Client::new(cli.endpoints.clone())?
+    let ca = match &cli.ca_file {
+        Some(path) => Some(std::fs::read(path).map_err(|e| {
+            ClientError::Status(tonic::Status::invalid_argument(format!(
+                "cannot read --ca-file {}: {e}",
+                path.display()
+            )))
+        })?),
+        None => None,
+    };
+    let connect = |client: Client| match &ca {
+        Some(ca) => client.with_tls(ca.clone()),
+        None => client,
+    };
+    let client = connect(Client::new(cli.endpoints.clone())?)
         .with_timeout(timeout)
         .with_key(&key);
     match cli.command {
+        Command::Cert(cmd) => {
+            cert::run(cmd).map_err(|e| ClientError::Status(tonic::Status::invalid_argument(e)))?
+        }
         Command::Credential(cmd) => keys::run(&client, cmd, json).await?,
         Command::Whoami => {
             let me = client.who_am_i().await?;
@@ -545,7 +569,7 @@ async fn execute(cli: Cli) -> Result<(), ClientError> {
         Command::Cluster(cmd) => {
             let status = match cmd {
                 ClusterCmd::Init { members, save_key } => {
-                    let reply = Client::pinned(cli.endpoints[0].clone())?
+                    let reply = connect(Client::pinned(cli.endpoints[0].clone())?)
                         .with_timeout(timeout)
                         .cluster_init(members)
                         .await?;
@@ -562,7 +586,7 @@ async fn execute(cli: Cli) -> Result<(), ClientError> {
                 } => client.cluster_join(node_id, &addr, learner).await?,
                 ClusterCmd::Remove { node_id } => client.cluster_remove(node_id).await?,
                 ClusterCmd::Status => {
-                    Client::pinned(cli.endpoints[0].clone())?
+                    connect(Client::pinned(cli.endpoints[0].clone())?)
                         .with_timeout(timeout)
                         .cluster_status()
                         .await?

@@ -105,6 +105,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             coordinators: vec![endpoint.clone()],
             join_token: token.clone(),
             identity,
+            coordinator_ca: None,
             labels: Default::default(),
             cost_per_hour: host.cost_per_hour,
             cpu_cores: host.cpu_cores,

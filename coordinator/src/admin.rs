@@ -12,12 +12,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use openraft::error::{ClientWriteError, RaftError};
-use openraft::{BasicNode, ChangeMembers, ServerState};
+use openraft::{ChangeMembers, ServerState};
 use talon_proto::v1 as pb;
 use talon_proto::v1::admin_service_client::AdminServiceClient;
 use talon_proto::v1::admin_service_server::AdminService;
 use talon_proto::FORWARDED_METADATA_KEY;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
 use crate::auth::{self, AuthError, Principal};
@@ -26,7 +26,7 @@ use crate::convert::{audit_to_wire, model_to_wire, node_to_wire, spec_from_wire}
 use crate::error::AdminError;
 use crate::metrics::{Metrics, WriteLabels};
 use crate::network::Faults;
-use crate::raft_types::{NodeId, Raft};
+use crate::raft_types::{CoordinatorNode, NodeId, Raft};
 use crate::state::{self, Command, Credential, Permission, Role};
 use crate::store::{LogStore, SharedState};
 
@@ -35,6 +35,8 @@ const JOIN_CATCH_UP: Duration = Duration::from_secs(120);
 
 /// Everything the admin service needs from its coordinator.
 pub struct AdminContext {
+    /// TLS material for calls to other coordinators; `None`: plaintext.
+    pub tls: Option<crate::tls::TlsMaterial>,
     pub id: NodeId,
     pub raft: Raft,
     pub state: SharedState,
@@ -231,7 +233,7 @@ impl Admin {
         if let Some(client) = leaders.get(&addr) {
             return Ok(Some(client.clone()));
         }
-        let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+        let endpoint = crate::tls::peer_endpoint(&addr, self.ctx.tls.as_ref())
             .map_err(|e| AdminError::Internal(format!("leader address {addr:?}: {e}")))?
             .connect_timeout(Duration::from_secs(1))
             .tcp_nodelay(true);
@@ -284,6 +286,7 @@ impl Admin {
                 addr: node.addr.clone(),
                 voter: voters.contains(id),
                 matched_index: matched.get(id).and_then(|l| l.map(|l| l.index)),
+                raft_addr: node.raft_addr.clone(),
             })
             .collect();
         let role = match m.state {
@@ -310,10 +313,11 @@ impl Admin {
             purged_index: m.purged.map(|l| l.index),
             members,
             initialized: m.membership_config.log_id().is_some() || !voters.is_empty(),
+            raft_addr: self.ctx.config.raft_advertise_addr(),
         }
     }
 
-    fn membership_error(e: RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>) -> AdminError {
+    fn membership_error(e: RaftError<NodeId, ClientWriteError<NodeId, CoordinatorNode>>) -> AdminError {
         match e {
             RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => AdminError::NotLeader {
                 leader_addr: f.leader_node.map(|n| n.addr),
@@ -323,6 +327,35 @@ impl Admin {
             }
             other => AdminError::Internal(other.to_string()),
         }
+    }
+
+    /// Asks the coordinator at `addr` (its API port) where its Raft
+    /// listener is, and checks that it is node `id`.
+    async fn peer_raft_addr(&self, id: NodeId, addr: &str) -> Result<String, AdminError> {
+        use talon_proto::v1::admin_service_client::AdminServiceClient;
+        let endpoint = crate::tls::peer_endpoint(addr, self.ctx.tls.as_ref())
+            .map_err(|e| AdminError::InvalidArgument(format!("address {addr:?}: {e}")))?
+            .connect_timeout(Duration::from_secs(2));
+        let mut client = AdminServiceClient::new(endpoint.connect_lazy());
+        let mut request = Request::new(pb::ClusterStatusRequest {});
+        request.set_timeout(Duration::from_secs(5));
+        let status = client
+            .cluster_status(request)
+            .await
+            .map_err(|e| {
+                AdminError::FailedPrecondition(format!(
+                    "cannot reach node {id} at {addr}: {}; check that it runs and that addr is its API address",
+                    e.message()
+                ))
+            })?
+            .into_inner();
+        if status.node_id != id {
+            return Err(AdminError::FailedPrecondition(format!(
+                "the coordinator at {addr} is node {}, not node {id}; fix --node-id or --addr",
+                status.node_id
+            )));
+        }
+        Ok(status.raft_addr)
     }
 
     /// Records a membership change in the audit log. The change itself is
@@ -379,7 +412,10 @@ impl AdminService for Admin {
             .advertise
             .clone()
             .unwrap_or_else(|| self.ctx.config.listen.to_string());
-        nodes.insert(self.ctx.id, BasicNode::new(&own_addr));
+        nodes.insert(
+            self.ctx.id,
+            CoordinatorNode::new(&own_addr, self.ctx.config.raft_advertise_addr()),
+        );
         for member in &request.get_ref().members {
             validate_addr(&member.addr)?;
             if member.node_id == 0 {
@@ -387,8 +423,9 @@ impl AdminService for Admin {
                     AdminError::InvalidArgument("member node_id must be 1 or more".into()).into(),
                 );
             }
+            let raft_addr = self.peer_raft_addr(member.node_id, &member.addr).await?;
             if nodes
-                .insert(member.node_id, BasicNode::new(&member.addr))
+                .insert(member.node_id, CoordinatorNode::new(&member.addr, raft_addr))
                 .is_some()
             {
                 return Err(AdminError::InvalidArgument(format!(
@@ -476,9 +513,12 @@ impl AdminService for Admin {
                 .into());
             }
         }
+        let raft_addr = self.peer_raft_addr(req.node_id, &req.addr).await?;
         let add = tokio::time::timeout(
             JOIN_CATCH_UP,
-            self.ctx.raft.add_learner(req.node_id, BasicNode::new(&req.addr), true),
+            self.ctx
+                .raft
+                .add_learner(req.node_id, CoordinatorNode::new(&req.addr, raft_addr), true),
         )
         .await
         .map_err(|_| {

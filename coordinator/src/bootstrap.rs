@@ -31,8 +31,10 @@ pub async fn bootstrap_alone(raft: &Raft, config: &Config) -> anyhow::Result<()>
         return Ok(());
     }
     let addr = config.advertise.clone().unwrap_or_default();
-    let members =
-        std::collections::BTreeMap::from([(config.node_id, openraft::BasicNode::new(&addr))]);
+    let members = std::collections::BTreeMap::from([(
+        config.node_id,
+        crate::raft_types::CoordinatorNode::new(&addr, config.raft_advertise_addr()),
+    )]);
     raft.initialize(members)
         .await
         .context("bootstrapping a one-node cluster")?;
@@ -57,7 +59,7 @@ async fn initialized_peer(config: &Config) -> Option<String> {
             if answered.contains(peer.as_str()) {
                 continue;
             }
-            match peer_initialized(peer).await {
+            match peer_initialized(peer, config).await {
                 Some(true) => return Some(peer.to_string()),
                 Some(false) => {
                     answered.insert(peer.to_string());
@@ -80,9 +82,10 @@ async fn initialized_peer(config: &Config) -> Option<String> {
 
 /// Whether the coordinator at `addr` belongs to a cluster; `None` when it
 /// cannot be asked.
-async fn peer_initialized(addr: &str) -> Option<bool> {
+async fn peer_initialized(addr: &str, config: &Config) -> Option<bool> {
     use talon_proto::v1::admin_service_client::AdminServiceClient;
-    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+    let tls = config.tls_material().ok().flatten();
+    let endpoint = crate::tls::peer_endpoint(addr, tls.as_ref())
         .ok()?
         .connect_timeout(Duration::from_millis(500));
     let mut client = AdminServiceClient::new(endpoint.connect_lazy());

@@ -93,6 +93,17 @@ impl Default for AuthSettings {
     }
 }
 
+/// TLS for every port (see `tls.rs`): all three files, or none.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsSettings {
+    /// The cluster CA certificate (PEM).
+    pub ca_file: Option<PathBuf>,
+    /// This coordinator's certificate (PEM, common name talon-coordinator-…).
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+}
+
 /// Shortest join token accepted.
 pub const MIN_JOIN_TOKEN: usize = 16;
 
@@ -160,6 +171,12 @@ pub struct Config {
     pub raft: RaftSettings,
     pub agents: AgentSettings,
     pub auth: AuthSettings,
+    pub tls: TlsSettings,
+    /// Raft on its own listener (required with TLS: mutual TLS there).
+    /// Unset: Raft shares the API port.
+    pub raft_listen: Option<SocketAddr>,
+    /// The Raft address peers use; defaults to `raft_listen`.
+    pub raft_advertise: Option<String>,
 }
 
 impl Default for Config {
@@ -180,6 +197,9 @@ impl Default for Config {
             raft: RaftSettings::default(),
             agents: AgentSettings::default(),
             auth: AuthSettings::default(),
+            tls: TlsSettings::default(),
+            raft_listen: None,
+            raft_advertise: None,
         }
     }
 }
@@ -252,6 +272,17 @@ pub struct Flags {
     /// Where --bootstrap reads or writes the first admin key.
     #[arg(long, env = "TALON_ADMIN_KEY_FILE")]
     pub admin_key_file: Option<PathBuf>,
+    #[arg(long, env = "TALON_TLS_CA_FILE")]
+    pub tls_ca_file: Option<PathBuf>,
+    #[arg(long, env = "TALON_TLS_CERT_FILE")]
+    pub tls_cert_file: Option<PathBuf>,
+    #[arg(long, env = "TALON_TLS_KEY_FILE")]
+    pub tls_key_file: Option<PathBuf>,
+    /// Raft's own listener (mutual TLS when TLS is on).
+    #[arg(long, env = "TALON_RAFT_LISTEN")]
+    pub raft_listen: Option<SocketAddr>,
+    #[arg(long, env = "TALON_RAFT_ADVERTISE")]
+    pub raft_advertise: Option<String>,
 }
 
 /// A configuration that cannot be used, with what to change.
@@ -306,6 +337,15 @@ impl Config {
         if flags.admin_key_file.is_some() {
             config.auth.admin_key_file = flags.admin_key_file.clone();
         }
+        macro_rules! set_opt {
+            ($($flag:ident => $($field:ident).+),* $(,)?) => {
+                $(if let Some(v) = flags.$flag.clone() { config.$($field).+ = Some(v); })*
+            };
+        }
+        set_opt!(
+            tls_ca_file => tls.ca_file, tls_cert_file => tls.cert_file, tls_key_file => tls.key_file,
+            raft_listen => raft_listen, raft_advertise => raft_advertise,
+        );
         if flags.join_token_file.is_some() {
             config.agents.join_token_file = flags.join_token_file.clone();
         }
@@ -320,7 +360,28 @@ impl Config {
             config.advertise = flags.advertise.clone();
         }
         config.validate()?;
+        config.tls_material()?;
         Ok(config)
+    }
+
+    /// The TLS files, read and checked; `None` when TLS is off.
+    pub fn tls_material(&self) -> Result<Option<crate::tls::TlsMaterial>, ConfigError> {
+        match (&self.tls.ca_file, &self.tls.cert_file, &self.tls.key_file) {
+            (Some(ca), Some(cert), Some(key)) => crate::tls::TlsMaterial::load(ca, cert, key)
+                .map(Some)
+                .map_err(ConfigError::Invalid),
+            _ => Ok(None),
+        }
+    }
+
+    /// The Raft address this node advertises ("" when Raft shares the API
+    /// port).
+    pub fn raft_advertise_addr(&self) -> String {
+        match (&self.raft_advertise, &self.raft_listen) {
+            (Some(a), _) => a.clone(),
+            (None, Some(l)) => l.to_string(),
+            (None, None) => String::new(),
+        }
     }
 
     /// Refuses values that cannot work together.
@@ -362,6 +423,36 @@ impl Config {
             return bad(format!(
                 "bootstrap_peers entry {peer:?} is not host:port with a non-zero port"
             ));
+        }
+        let t = &self.tls;
+        let given = [&t.ca_file, &t.cert_file, &t.key_file]
+            .iter()
+            .filter(|f| f.is_some())
+            .count();
+        if given != 0 && given != 3 {
+            return bad("tls needs all three of ca_file, cert_file and key_file (or none of them)".into());
+        }
+        if given == 3 && self.raft_listen.is_none() {
+            return bad("tls is on but raft_listen is not set: with TLS, Raft runs on its own listener with mutual TLS; set raft_listen (e.g. 127.0.0.1:7410)".into());
+        }
+        if let Some(raft) = self.raft_listen {
+            if raft.port() != 0 && (raft == self.listen || raft == self.http_listen) {
+                return bad(format!(
+                    "raft_listen {raft} is also listen or http_listen; give Raft a port of its own"
+                ));
+            }
+            if raft.ip().is_unspecified() && self.raft_advertise.is_none() {
+                return bad(format!(
+                    "raft_listen is {raft} (all interfaces) but raft_advertise is not set; set it to the host:port peers use"
+                ));
+            }
+        }
+        if let Some(addr) = &self.raft_advertise {
+            if !talon_proto::is_host_port(addr) {
+                return bad(format!(
+                    "raft_advertise {addr:?} is not host:port with a non-zero port"
+                ));
+            }
         }
         if self.audit_keep < 100 {
             return bad(format!(

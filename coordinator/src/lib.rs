@@ -42,6 +42,7 @@ pub mod routing;
 pub mod state;
 pub mod store;
 pub mod telemetry;
+pub mod tls;
 pub mod websocket;
 
 use std::future::Future;
@@ -66,9 +67,12 @@ use crate::store::{DataDir, LogStore, StateMachineStore};
 
 /// Runs a coordinator until `shutdown` resolves.
 ///
-/// `grpc` serves Raft and the admin API; `http` serves `/metrics` and
-/// `/healthz`. When `config.advertise` is unset the bound gRPC address is
-/// advertised.
+/// `grpc` serves the admin, agent and inference APIs (and Raft, unless
+/// `config.raft_listen` gives Raft a listener of its own, which `run`
+/// binds); `http` serves the OpenAI-compatible gateway, `/metrics` and
+/// `/healthz`. With `config.tls` every port speaks TLS and the Raft port
+/// demands coordinator certificates. When `config.advertise` is unset the
+/// bound gRPC address is advertised.
 pub async fn run(
     grpc: TcpListener,
     http: TcpListener,
@@ -78,6 +82,19 @@ pub async fn run(
     if config.advertise.is_none() {
         config.advertise = Some(grpc.local_addr()?.to_string());
     }
+    let tls = config.tls_material()?;
+    let raft_listener = match config.raft_listen {
+        Some(addr) => {
+            let l = TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding raft_listen {addr}"))?;
+            if config.raft_advertise.is_none() {
+                config.raft_advertise = Some(l.local_addr()?.to_string());
+            }
+            Some(l)
+        }
+        None => None,
+    };
     let dir = DataDir::open(&config.data_dir, config.node_id)?;
     let metrics = Arc::new(Metrics::new());
     let log = LogStore::new(dir.clone());
@@ -88,6 +105,7 @@ pub async fn run(
     let network = Network::new(
         faults.clone(),
         Duration::from_millis(config.raft.heartbeat_ms.max(200)),
+        tls.clone(),
     );
     let raft_config = Arc::new(config.openraft()?);
     let raft = Raft::new(config.node_id, raft_config, network, log.clone(), sm)
@@ -111,6 +129,7 @@ pub async fn run(
         metrics.clone(),
     ));
     let ctx = Arc::new(AdminContext {
+        tls: tls.clone(),
         id: config.node_id,
         raft: raft.clone(),
         state,
@@ -153,29 +172,68 @@ pub async fn run(
     };
 
     // Replies are small and latency-bound: no Nagle delay on accepted sockets.
-    let incoming = TcpListenerStream::new(grpc).map(|stream| {
-        if let Ok(s) = &stream {
-            let _ = s.set_nodelay(true);
-        }
-        stream
-    });
+    let incoming = |listener: TcpListener| {
+        TcpListenerStream::new(listener).map(|stream| {
+            if let Ok(s) = &stream {
+                let _ = s.set_nodelay(true);
+            }
+            stream
+        })
+    };
+    let raft_service = || {
+        RaftServiceServer::new(RaftRpcService::new(
+            raft.clone(),
+            faults.clone(),
+            tls.is_some(),
+        ))
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES)
+    };
     let gateway = gateway::Gateway::new(ctx_http);
-    let grpc_server = tonic::transport::Server::builder()
-        .add_service(
-            RaftServiceServer::new(RaftRpcService::new(raft.clone(), faults))
-                .max_decoding_message_size(MAX_MESSAGE_BYTES)
-                .max_encoding_message_size(MAX_MESSAGE_BYTES),
-        )
+    let mut api = tonic::transport::Server::builder();
+    if let Some(m) = &tls {
+        api = api.tls_config(m.api_server()).context("API TLS")?;
+    }
+    let api = api
+        .add_optional_service(raft_listener.is_none().then(raft_service))
         .add_service(AdminServiceServer::new(Admin::new(ctx.clone())))
         .add_service(AgentServiceServer::new(agents::AgentSvc::new(ctx)))
         .add_service(InferenceServer::new(inference::InferenceSvc::new(
             gateway.clone(),
         )))
-        .serve_with_incoming_shutdown(incoming, stopped(stop_rx.clone()));
+        .serve_with_incoming_shutdown(incoming(grpc), stopped(stop_rx.clone()));
+    let raft_stop = stopped(stop_rx.clone());
+    let raft_server = async {
+        let Some(listener) = raft_listener else {
+            return Ok(());
+        };
+        let mut server = tonic::transport::Server::builder();
+        if let Some(m) = &tls {
+            server = server.tls_config(m.raft_server()).context("Raft TLS")?;
+        }
+        server
+            .add_service(raft_service())
+            .serve_with_incoming_shutdown(incoming(listener), raft_stop)
+            .await
+            .context("Raft server")
+    };
     let app = http::router(metrics, raft.clone()).merge(gateway.router());
-    let http_server = axum::serve(http, app).with_graceful_shutdown(stopped(stop_rx));
+    let http_server: std::pin::Pin<Box<dyn Future<Output = std::io::Result<()>> + Send>> =
+        match &tls {
+            Some(m) => {
+                let acceptor = m.acceptor().map_err(anyhow::Error::msg)?;
+                Box::pin(std::future::IntoFuture::into_future(
+                    axum::serve(tls::TlsListener::new(http, acceptor), app)
+                        .with_graceful_shutdown(stopped(stop_rx)),
+                ))
+            }
+            None => Box::pin(std::future::IntoFuture::into_future(
+                axum::serve(http, app).with_graceful_shutdown(stopped(stop_rx)),
+            )),
+        };
 
-    let (grpc_result, http_result) = tokio::join!(grpc_server, http_server);
+    let (grpc_result, raft_result, http_result) = tokio::join!(api, raft_server, http_server);
+    raft_result?;
     metrics_task.abort();
     leases_task.abort();
     reconciler_task.abort();

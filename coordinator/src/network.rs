@@ -26,10 +26,11 @@ use serde::Serialize;
 use talon_proto::v1::raft_service_client::RaftServiceClient;
 use talon_proto::v1::raft_service_server::RaftService;
 use talon_proto::v1::RaftPayload;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use crate::raft_types::{Node, NodeId, Raft, TypeConfig};
 use crate::store::codec;
+use crate::tls::TlsMaterial;
 
 /// Largest gRPC message a coordinator accepts or sends (snapshot chunks are
 /// far smaller).
@@ -59,13 +60,19 @@ impl Faults {
 pub struct Network {
     faults: Arc<Faults>,
     connect_timeout: Duration,
+    tls: Option<TlsMaterial>,
 }
 
 impl Network {
-    pub fn new(faults: Arc<Faults>, connect_timeout: Duration) -> Network {
+    pub fn new(
+        faults: Arc<Faults>,
+        connect_timeout: Duration,
+        tls: Option<TlsMaterial>,
+    ) -> Network {
         Network {
             faults,
             connect_timeout,
+            tls,
         }
     }
 }
@@ -77,6 +84,7 @@ pub struct PeerConnection {
     client: Option<RaftServiceClient<Channel>>,
     faults: Arc<Faults>,
     connect_timeout: Duration,
+    tls: Option<TlsMaterial>,
 }
 
 #[derive(Clone, Copy)]
@@ -92,10 +100,11 @@ impl RaftNetworkFactory<TypeConfig> for Network {
     async fn new_client(&mut self, target: NodeId, node: &Node) -> PeerConnection {
         PeerConnection {
             target,
-            addr: node.addr.clone(),
+            addr: node.raft().to_string(),
             client: None,
             faults: self.faults.clone(),
             connect_timeout: self.connect_timeout,
+            tls: self.tls.clone(),
         }
     }
 }
@@ -107,7 +116,7 @@ impl PeerConnection {
         if let Some(client) = &self.client {
             return Ok(client.clone());
         }
-        let endpoint = Endpoint::from_shared(format!("http://{}", self.addr))
+        let endpoint = crate::tls::peer_endpoint(&self.addr, self.tls.as_ref())
             .map_err(|e| Unreachable::new(&e))?
             .connect_timeout(self.connect_timeout)
             .tcp_nodelay(true);
@@ -182,11 +191,18 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
 pub struct RaftRpcService {
     raft: Raft,
     faults: Arc<Faults>,
+    /// With TLS: only callers with a coordinator certificate of the
+    /// cluster CA get through.
+    require_coordinator: bool,
 }
 
 impl RaftRpcService {
-    pub fn new(raft: Raft, faults: Arc<Faults>) -> RaftRpcService {
-        RaftRpcService { raft, faults }
+    pub fn new(raft: Raft, faults: Arc<Faults>, require_coordinator: bool) -> RaftRpcService {
+        RaftRpcService {
+            raft,
+            faults,
+            require_coordinator,
+        }
     }
 
     fn decode<T: DeserializeOwned>(
@@ -197,6 +213,14 @@ impl RaftRpcService {
             return Err(tonic::Status::unavailable(
                 "node is isolated by fault injection",
             ));
+        }
+        if self.require_coordinator {
+            let certs = request.peer_certs();
+            if !certs.as_deref().is_some_and(|c| crate::tls::is_coordinator(c)) {
+                return Err(tonic::Status::permission_denied(
+                    "the Raft port accepts only coordinators: present a talon-coordinator certificate of the cluster CA",
+                ));
+            }
         }
         codec::decode(&request.into_inner().data)
             .map_err(|e| tonic::Status::invalid_argument(format!("malformed raft message: {e}")))

@@ -38,6 +38,8 @@ pub struct AgentSettings {
     /// The node's credential and serve secret (kept across restarts when it
     /// has a file).
     pub identity: Arc<crate::identity::IdentityStore>,
+    /// The cluster CA (PEM) when the coordinators speak TLS.
+    pub coordinator_ca: Option<Vec<u8>>,
     pub labels: BTreeMap<String, String>,
     pub cost_per_hour: f64,
     pub cpu_cores: u32,
@@ -236,13 +238,28 @@ async fn session(
     inventory: &pb::NodeInventory,
     metrics: &Arc<AgentMetrics>,
 ) -> SessionEnd {
-    let endpoint = match Endpoint::from_shared(format!("http://{addr}")) {
+    let scheme = if settings.coordinator_ca.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    let endpoint = match Endpoint::from_shared(format!("{scheme}://{addr}")) {
         Ok(e) => e
             .connect_timeout(Duration::from_secs(1))
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(1))
             .keep_alive_timeout(Duration::from_secs(2)),
         Err(e) => return SessionEnd::Fatal(format!("coordinator address {addr:?}: {e}")),
+    };
+    let endpoint = match &settings.coordinator_ca {
+        Some(ca) => match endpoint.tls_config(
+            tonic::transport::ClientTlsConfig::new()
+                .ca_certificate(tonic::transport::Certificate::from_pem(ca)),
+        ) {
+            Ok(e) => e,
+            Err(e) => return SessionEnd::Fatal(format!("TLS to {addr}: {e}")),
+        },
+        None => endpoint,
     };
     let mut client = AgentServiceClient::<Channel>::new(endpoint.connect_lazy());
     let me = match identity(&mut client, settings).await {

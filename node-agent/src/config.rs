@@ -33,6 +33,8 @@ pub struct AgentConfig {
     /// agent is the same node; default `$STATE_DIRECTORY/credential` under
     /// systemd, else `talon-agent-<node id>.credential` here.
     pub credential_file: Option<PathBuf>,
+    /// The cluster CA (PEM): speak TLS to the coordinators.
+    pub coordinator_ca_file: Option<PathBuf>,
     pub probe: ProbeKind,
     /// TOML fleet spec for the simulated probe.
     pub fleet: Option<PathBuf>,
@@ -68,6 +70,7 @@ impl Default for AgentConfig {
             join_token: String::new(),
             join_token_file: None,
             credential_file: None,
+            coordinator_ca_file: None,
             probe: ProbeKind::Nvml,
             fleet: None,
             sim_gpus: None,
@@ -108,6 +111,9 @@ pub struct Flags {
     /// Where the node's credential is kept across restarts.
     #[arg(long, env = "TALON_AGENT_CREDENTIAL_FILE")]
     pub credential_file: Option<PathBuf>,
+    /// The cluster CA (PEM): speak TLS to the coordinators.
+    #[arg(long, env = "TALON_CA_FILE")]
+    pub ca_file: Option<PathBuf>,
     #[arg(long, env = "TALON_PROBE")]
     pub probe: Option<ProbeKind>,
     #[arg(long, env = "TALON_FLEET")]
@@ -212,6 +218,9 @@ impl AgentConfig {
         }
         if let Some(v) = &flags.credential_file {
             c.credential_file = Some(v.clone());
+        }
+        if let Some(v) = &flags.ca_file {
+            c.coordinator_ca_file = Some(v.clone());
         }
         if let Some(v) = flags.probe {
             c.probe = v;

@@ -215,6 +215,16 @@ async fn main() -> ExitCode {
         }
     };
     let app = talon_node_agent::serve::router(metrics.clone(), replicas.clone(), guard);
+    let coordinator_ca = match &config.coordinator_ca_file {
+        Some(path) => match std::fs::read(path) {
+            Ok(pem) => Some(pem),
+            Err(e) => {
+                eprintln!("talon-agent: cannot read the CA file {}: {e}", path.display());
+                return ExitCode::from(2);
+            }
+        },
+        None => None,
+    };
     tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
             tracing::error!(error = %e, "metrics server stopped");
@@ -226,6 +236,7 @@ async fn main() -> ExitCode {
         coordinators: config.coordinators.clone(),
         join_token: config.join_token.clone(),
         identity,
+        coordinator_ca,
         labels: config.labels.clone(),
         cost_per_hour,
         cpu_cores,

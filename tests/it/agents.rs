@@ -30,6 +30,7 @@ fn spawn_agent(node_id: &str, gpus: &str, coordinators: Vec<String>) -> oneshot:
             talon_node_agent::identity::IdentityStore::open(None, node_id, Default::default())
                 .expect("identity"),
         ),
+                coordinator_ca: None,
         labels: BTreeMap::from([("rack".to_string(), "r1".to_string())]),
         cost_per_hour: 2.5,
         cpu_cores: 32,

@@ -10,4 +10,5 @@ mod executors;
 mod gateway;
 mod harness;
 mod serving;
+mod tls;
 mod trust;

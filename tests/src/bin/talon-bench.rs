@@ -1418,6 +1418,7 @@ async fn b4(
                     )
                     .map_err(anyhow::Error::msg)?,
                 ),
+                coordinator_ca: None,
                 labels: Default::default(),
                 cost_per_hour: 0.0,
                 cpu_cores: 64,
