@@ -23,17 +23,20 @@ else
   echo "talon: no NVIDIA driver here; simulating 2x H100 (MIG 3g.40gb x2), 2x A100-80GB, 2x L4"
 fi
 "$bin/talon-agent" --node-id "$(hostname | tr -c 'A-Za-z0-9._\n-' '-')" --join-token "$token" \
-  --http-listen 127.0.0.1:7481 "${fleet[@]}" &
+  --http-listen 127.0.0.1:7481 --credential-file "$data/agent.credential" "${fleet[@]}" &
 agent=$!
 
+# The bootstrapped coordinator writes the first admin key here (mode 0600).
+export TALON_KEY_FILE="$data/admin.key"
 for _ in $(seq 100); do
-  "$bin/talon" node list >/dev/null 2>&1 && break
+  [ -f "$TALON_KEY_FILE" ] && "$bin/talon" node list >/dev/null 2>&1 && break
   sleep 0.1
 done
 # A demo model: the reconciler places two replicas, the agent runs them.
 "$bin/talon" model get demo >/dev/null 2>&1 || "$bin/talon" model create demo --version v1 --engine simulated \
   --artifact file:///models/demo --memory-mib 8000 --latency-slo-ms 1000 --min-replicas 2 --max-replicas 2 >/dev/null
 echo "talon: OpenAI-compatible API at http://127.0.0.1:7480/v1 (model \"demo\"); admin gRPC 127.0.0.1:7400"
-echo "talon: try: curl -s 127.0.0.1:7480/v1/chat/completions -H 'content-type: application/json' -d '{\"model\":\"demo\",\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}]}'"
+echo "talon: admin key in $TALON_KEY_FILE; export TALON_KEY_FILE=$TALON_KEY_FILE for the CLI"
+echo "talon: try: curl -s 127.0.0.1:7480/v1/chat/completions -H \"authorization: Bearer \$(cat $TALON_KEY_FILE)\" -H 'content-type: application/json' -d '{\"model\":\"demo\",\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}]}'"
 echo "talon:      $bin/talon node list    $bin/talon replica list    $bin/talon cluster status"
 wait "$coordinator"

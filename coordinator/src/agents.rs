@@ -283,6 +283,10 @@ impl AgentService for AgentSvc {
         &self,
         request: Request<pb::RegisterRequest>,
     ) -> Result<Response<pb::RegisterResponse>, Status> {
+        // Who asks comes first: nothing about the input is said to a
+        // caller without an agent credential.
+        self.ctx
+            .authorize_grpc(&request, Permission::Agent, "register")?;
         let inventory = inventory_from_wire(request.get_ref().inventory.clone())
             .map_err(AdminError::InvalidArgument)?;
         let principal = self.as_node(&request, &inventory.node_id)?;

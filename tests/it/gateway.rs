@@ -9,37 +9,13 @@ use std::time::Duration;
 
 use talon_tests::{http_post, model_spec};
 
-use crate::harness::{bin_dir, free_port, wait_for, Cluster, Proc};
+use crate::harness::{free_port, wait_for, Cluster, Proc};
 
 const TOKEN: &str = "it-join-token-0123456789";
 
 /// A virtualenv with the `openai` package, made once per target directory.
 fn openai_python() -> PathBuf {
-    let venv = bin_dir().join("openai-venv");
-    let python = venv.join("bin/python");
-    let ready = Command::new(&python)
-        .args(["-c", "import openai"])
-        .status()
-        .is_ok_and(|s| s.success());
-    if !ready {
-        let made = Command::new("python3")
-            .arg("-m")
-            .arg("venv")
-            .arg(&venv)
-            .status()
-            .expect("python3 -m venv");
-        assert!(
-            made.success(),
-            "could not create a virtualenv at {}",
-            venv.display()
-        );
-        let installed = Command::new(&python)
-            .args(["-m", "pip", "install", "--quiet", "openai"])
-            .status()
-            .expect("pip install openai");
-        assert!(installed.success(), "pip install openai failed");
-    }
-    python
+    crate::harness::python_venv("openai-venv", "openai", &["openai"])
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

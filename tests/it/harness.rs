@@ -360,3 +360,34 @@ impl Drop for Proc {
         self.kill();
     }
 }
+
+/// A virtualenv under the target directory (made once, reused by later
+/// runs) in which `import` works, after `pip install packages`.
+pub fn python_venv(name: &str, import: &str, packages: &[&str]) -> PathBuf {
+    let venv = bin_dir().join(name);
+    let python = venv.join("bin/python");
+    let ready = Command::new(&python)
+        .args(["-c", &format!("import {import}")])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ready {
+        let made = Command::new("python3")
+            .arg("-m")
+            .arg("venv")
+            .arg(&venv)
+            .status()
+            .expect("python3 -m venv");
+        assert!(
+            made.success(),
+            "could not create a virtualenv at {}",
+            venv.display()
+        );
+        let installed = Command::new(&python)
+            .args(["-m", "pip", "install", "--quiet"])
+            .args(packages)
+            .status()
+            .expect("pip install");
+        assert!(installed.success(), "pip install {packages:?} failed");
+    }
+    python
+}
