@@ -94,6 +94,15 @@ impl AdminContext {
             .map_err(Status::from)
     }
 
+    /// The cluster secret, once the first admin credential is recorded.
+    pub fn cluster_secret(&self) -> Option<[u8; 32]> {
+        self.state
+            .read()
+            .expect("state lock poisoned")
+            .state
+            .cluster_secret
+    }
+
     /// Whether this node is the leader now.
     pub fn is_leader(&self) -> bool {
         self.raft.metrics().borrow().current_leader == Some(self.id)
@@ -389,15 +398,7 @@ impl AdminService for Admin {
         // Accepted without a credential only while the cluster has no admin
         // yet (the bootstrap window); afterwards it needs an admin key and
         // still cannot re-initialize.
-        let auth_initialized = self
-            .ctx
-            .state
-            .read()
-            .expect("state lock poisoned")
-            .state
-            .cluster_secret
-            .is_some();
-        if auth_initialized {
+        if self.ctx.cluster_secret().is_some() {
             self.ctx
                 .authorize_grpc(&request, Permission::Admin, "cluster init")?;
             return Err(AdminError::FailedPrecondition(

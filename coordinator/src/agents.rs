@@ -185,14 +185,7 @@ impl AgentService for AgentSvc {
         self.require_leader()?;
         let node_id = request.into_inner().node_id;
         state::node::validate_node_id(&node_id).map_err(AdminError::InvalidArgument)?;
-        let Some(cluster_secret) = self
-            .ctx
-            .state
-            .read()
-            .expect("state lock poisoned")
-            .state
-            .cluster_secret
-        else {
+        let Some(cluster_secret) = self.ctx.cluster_secret() else {
             return Err(Status::failed_precondition(
                 "the cluster is not initialized yet: run `talon cluster init` (or start a coordinator with --bootstrap) first",
             ));

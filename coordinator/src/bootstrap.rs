@@ -103,14 +103,7 @@ async fn peer_initialized(addr: &str, config: &Config) -> Option<bool> {
 pub async fn first_admin(ctx: Arc<AdminContext>, mut stop: tokio::sync::watch::Receiver<bool>) {
     let path = ctx.config.admin_key_path();
     loop {
-        let initialized = ctx
-            .state
-            .read()
-            .expect("state lock poisoned")
-            .state
-            .cluster_secret
-            .is_some();
-        if initialized {
+        if ctx.cluster_secret().is_some() {
             return;
         }
         if ctx.is_leader() {

@@ -305,3 +305,27 @@ async fn export_raft_metrics(raft: Raft, log: LogStore, metrics: Arc<Metrics>) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::sync::Arc;
+
+    /// A control loop that panics is started again; one that returns is not.
+    #[tokio::test(start_paused = true)]
+    async fn a_panicking_control_loop_is_restarted() {
+        let starts = Arc::new(AtomicU32::new(0));
+        let (_stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let counted = starts.clone();
+        super::supervise("test", stop_rx, move || {
+            let n = counted.fetch_add(1, Ordering::SeqCst);
+            async move {
+                if n < 2 {
+                    panic!("a bug in the loop");
+                }
+            }
+        })
+        .await;
+        assert_eq!(starts.load(Ordering::SeqCst), 3);
+    }
+}

@@ -111,11 +111,73 @@ where
     }
 }
 
+/// Certificates for TLS runs: one CA and a certificate per member name
+/// (`c1`.. for Talon, `e1`.. for etcd), all for 127.0.0.1.
+pub struct TlsFiles {
+    pub dir: PathBuf,
+    pub ca: Vec<u8>,
+}
+
+static TLS: std::sync::OnceLock<TlsFiles> = std::sync::OnceLock::new();
+
+/// Turns TLS on for every cluster this process starts afterwards: makes the
+/// CA and certificates with `talon cert` in `dir`.
+pub fn enable_tls(talon_bin: &Path, dir: &Path) -> anyhow::Result<()> {
+    let talon = talon_bin.join("talon");
+    let run = |args: &[&str]| -> anyhow::Result<()> {
+        let out = Command::new(&talon).args(args).output()?;
+        if !out.status.success() {
+            bail!("talon {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(())
+    };
+    let d = dir.to_str().context("utf-8 path")?;
+    run(&["cert", "init", "--dir", d])?;
+    for prefix in ["c", "e"] {
+        for i in 1..=5 {
+            run(&["cert", "issue", "--dir", d, "--kind", "coordinator", "--name", &format!("{prefix}{i}"), "--host", "127.0.0.1", "--host", "localhost"])?;
+        }
+    }
+    let ca = std::fs::read(dir.join("ca.pem"))?;
+    let _ = TLS.set(TlsFiles {
+        dir: dir.to_path_buf(),
+        ca,
+    });
+    Ok(())
+}
+
+/// The TLS files, when TLS is on.
+pub fn tls() -> Option<&'static TlsFiles> {
+    TLS.get()
+}
+
+/// `client` with TLS when it is on.
+pub fn talon_client(client: Client) -> Client {
+    match tls() {
+        Some(t) => client.with_tls(t.ca.clone()),
+        None => client,
+    }
+}
+
+fn scheme() -> &'static str {
+    if tls().is_some() {
+        "https"
+    } else {
+        "http"
+    }
+}
+
 fn channel(addr: &str) -> anyhow::Result<Channel> {
-    Ok(Endpoint::from_shared(format!("http://{addr}"))?
+    let mut endpoint = Endpoint::from_shared(format!("{}://{addr}", scheme()))?
         .connect_timeout(Duration::from_millis(500))
-        .tcp_nodelay(true)
-        .connect_lazy())
+        .tcp_nodelay(true);
+    if let Some(t) = tls() {
+        endpoint = endpoint.tls_config(
+            tonic::transport::ClientTlsConfig::new()
+                .ca_certificate(tonic::transport::Certificate::from_pem(&t.ca)),
+        )?;
+    }
+    Ok(endpoint.connect_lazy())
 }
 
 impl BenchCluster {
@@ -158,6 +220,19 @@ impl BenchCluster {
                     if id == 1 {
                         args.push("--bootstrap".into());
                     }
+                    if let Some(t) = tls() {
+                        let file = |ext: &str| t.dir.join(format!("c{id}.{ext}")).display().to_string();
+                        args.extend([
+                            "--tls-ca-file".to_string(),
+                            t.dir.join("ca.pem").display().to_string(),
+                            "--tls-cert-file".into(),
+                            file("pem"),
+                            "--tls-key-file".into(),
+                            file("key"),
+                            "--raft-listen".into(),
+                            format!("127.0.0.1:{}", free_port()),
+                        ]);
+                    }
                     args.extend(extra.iter().map(|a| a.to_string()));
                     (talon_bin.join("talon-coordinator"), args)
                 }
@@ -165,21 +240,22 @@ impl BenchCluster {
                     let initial: Vec<String> = ports
                         .iter()
                         .enumerate()
-                        .map(|(j, (_, p))| format!("e{}=http://127.0.0.1:{p}", j + 1))
+                        .map(|(j, (_, p))| format!("e{}={}://127.0.0.1:{p}", j + 1, scheme()))
                         .collect();
-                    let args = vec![
+                    let sch = scheme();
+                    let mut args = vec![
                         "--name".to_string(),
                         format!("e{id}"),
                         "--data-dir".into(),
                         data.display().to_string(),
                         "--listen-client-urls".into(),
-                        format!("http://127.0.0.1:{client}"),
+                        format!("{sch}://127.0.0.1:{client}"),
                         "--advertise-client-urls".into(),
-                        format!("http://127.0.0.1:{client}"),
+                        format!("{sch}://127.0.0.1:{client}"),
                         "--listen-peer-urls".into(),
-                        format!("http://127.0.0.1:{peer}"),
+                        format!("{sch}://127.0.0.1:{peer}"),
                         "--initial-advertise-peer-urls".into(),
-                        format!("http://127.0.0.1:{peer}"),
+                        format!("{sch}://127.0.0.1:{peer}"),
                         "--initial-cluster".into(),
                         initial.join(","),
                         "--initial-cluster-state".into(),
@@ -189,6 +265,25 @@ impl BenchCluster {
                         "--log-level".into(),
                         "warn".into(),
                     ];
+                    // The TLS row: clients over TLS, members over mutual TLS,
+                    // as Talon's coordinators are.
+                    if let Some(t) = tls() {
+                        let file = |ext: &str| t.dir.join(format!("e{id}.{ext}")).display().to_string();
+                        let ca = t.dir.join("ca.pem").display().to_string();
+                        args.extend([
+                            "--cert-file".to_string(),
+                            file("pem"),
+                            "--key-file".into(),
+                            file("key"),
+                            "--peer-cert-file".into(),
+                            file("pem"),
+                            "--peer-key-file".into(),
+                            file("key"),
+                            "--peer-trusted-ca-file".into(),
+                            ca,
+                            "--peer-client-cert-auth".into(),
+                        ]);
+                    }
                     (PathBuf::from("etcd"), args)
                 }
             };
@@ -212,7 +307,7 @@ impl BenchCluster {
         };
         if kind == Kind::Talon {
             let key = cluster.admin_key().await?;
-            let first = Client::pinned(cluster.members[0].client_addr.clone())?.with_key(&key);
+            let first = talon_client(Client::pinned(cluster.members[0].client_addr.clone())?).with_key(&key);
             poll("talon node 1 to lead", Duration::from_secs(30), || async {
                 first
                     .cluster_status()
@@ -330,7 +425,7 @@ impl BenchCluster {
             let addr = addr.clone();
             async move {
                 let key = std::fs::read_to_string(&path).ok()?.trim().to_string();
-                let client = Client::pinned(addr).ok()?.with_key(&key);
+                let client = talon_client(Client::pinned(addr).ok()?).with_key(&key);
                 client.who_am_i().await.ok().map(|_| key)
             }
         })
@@ -348,8 +443,7 @@ impl BenchCluster {
 pub async fn log_index(kind: Kind, addr: &str) -> Option<u64> {
     match kind {
         Kind::Talon => {
-            let c = Client::pinned(addr.to_string())
-                .ok()?
+            let c = talon_client(Client::pinned(addr.to_string()).ok()?)
                 .with_timeout(Duration::from_millis(500));
             c.cluster_status().await.ok()?.applied_index
         }
@@ -367,8 +461,7 @@ pub async fn log_index(kind: Kind, addr: &str) -> Option<u64> {
 pub async fn leader_view(kind: Kind, addr: &str) -> Option<(String, String)> {
     match kind {
         Kind::Talon => {
-            let s = Client::pinned(addr.to_string())
-                .ok()?
+            let s = talon_client(Client::pinned(addr.to_string()).ok()?)
                 .with_timeout(Duration::from_millis(500));
             let status = s.cluster_status().await.ok()?;
             status.leader_id?;
@@ -415,7 +508,7 @@ impl Writer {
     ) -> anyhow::Result<Writer> {
         match kind {
             Kind::Talon => {
-                let client = Client::new(addrs.to_vec())?
+                let client = talon_client(Client::new(addrs.to_vec())?)
                     .with_timeout(Duration::from_secs(5))
                     .with_key(key);
                 let spec = talon_client::ModelSpec {

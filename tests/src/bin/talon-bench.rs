@@ -37,6 +37,11 @@ struct Cli {
     /// Systems to measure, side by side.
     #[arg(long, value_delimiter = ',', default_value = "talon,etcd")]
     systems: Vec<System>,
+    /// TLS everywhere (B2, B5a): a CA from `talon cert`; Talon with TLS on
+    /// every port and mutual TLS between coordinators, etcd with client TLS
+    /// and mutual peer TLS.
+    #[arg(long)]
+    tls: bool,
     #[command(subcommand)]
     command: Bench,
 }
@@ -297,8 +302,8 @@ async fn b2(
     }
     write_out(
         cli,
-        "b2.json",
-        json!({"bench": "B2", "value_bytes": value_bytes, "seconds": seconds, "rows": rows}),
+        if cli.tls { "b2-tls.json" } else { "b2.json" },
+        json!({"bench": "B2", "tls": cli.tls, "value_bytes": value_bytes, "seconds": seconds, "rows": rows}),
     )
 }
 
@@ -401,7 +406,11 @@ async fn b5a(cli: &Cli, trials: usize, rate: u64) -> anyhow::Result<()> {
             s["max_ms"].as_f64().unwrap_or(0.0)
         );
     }
-    write_out(cli, "b5a.json", json!({"bench": "B5a", "results": summary}))
+    write_out(
+        cli,
+        if cli.tls { "b5a-tls.json" } else { "b5a.json" },
+        json!({"bench": "B5a", "tls": cli.tls, "results": summary}),
+    )
 }
 
 /// A child process, in its own process group, killed with the whole group
@@ -1589,6 +1598,14 @@ async fn main() -> anyhow::Result<()> {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
+    let _tls_dir = if cli.tls {
+        let dir = tempfile::Builder::new().prefix("tls").tempdir_in(&cli.base_dir)?;
+        talon_tests::clusters::enable_tls(&talon_bin_dir()?, dir.path())?;
+        eprintln!("talon-bench: TLS on (certificates in {})", dir.path().display());
+        Some(dir)
+    } else {
+        None
+    };
     match &cli.command {
         Bench::B2 {
             concurrency,
