@@ -49,13 +49,22 @@ pub fn bin(name: &str) -> PathBuf {
     bin_dir().join(name)
 }
 
-/// A port that was free a moment ago.
+/// A port that was free a moment ago and that this test process has not
+/// handed out before (so that two nodes picked before either binds never get
+/// the same one).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .expect("bind port 0")
-        .local_addr()
-        .expect("local addr")
-        .port()
+    static GIVEN: Mutex<Option<std::collections::HashSet<u16>>> = Mutex::new(None);
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .expect("bind port 0")
+            .local_addr()
+            .expect("local addr")
+            .port();
+        let mut given = GIVEN.lock().expect("port set");
+        if given.get_or_insert_with(Default::default).insert(port) {
+            return port;
+        }
+    }
 }
 
 /// Polls `check` until it yields a value or `timeout` passes.

@@ -16,12 +16,21 @@ use crate::etcdserverpb::kv_client::KvClient;
 use crate::etcdserverpb::maintenance_client::MaintenanceClient;
 use crate::etcdserverpb::{PutRequest, StatusRequest};
 
-/// A port that was free a moment ago.
+/// A port that was free a moment ago and that this process has not handed
+/// out before.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap_or(0)
+    static GIVEN: std::sync::Mutex<Option<std::collections::HashSet<u16>>> =
+        std::sync::Mutex::new(None);
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .unwrap_or(0);
+        let mut given = GIVEN.lock().expect("port set");
+        if port == 0 || given.get_or_insert_with(Default::default).insert(port) {
+            return port;
+        }
+    }
 }
 
 /// Which store a cluster runs.
