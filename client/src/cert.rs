@@ -148,8 +148,13 @@ pub fn run(cmd: CertCmd) -> Result<(), String> {
                     "a {kind} certificate needs at least one --host (the names and addresses others dial)"
                 ));
             }
-            let ca_pem = std::fs::read_to_string(dir.join("ca.pem"))
-                .map_err(|e| format!("cannot read {}/ca.pem: {e}; run `talon cert init --dir {}` first", dir.display(), dir.display()))?;
+            let ca_pem = std::fs::read_to_string(dir.join("ca.pem")).map_err(|e| {
+                format!(
+                    "cannot read {}/ca.pem: {e}; run `talon cert init --dir {}` first",
+                    dir.display(),
+                    dir.display()
+                )
+            })?;
             let ca_key = std::fs::read_to_string(dir.join("ca.key"))
                 .map_err(|e| format!("cannot read {}/ca.key: {e}", dir.display()))?;
             let ca_key = KeyPair::from_pem(&ca_key).map_err(|e| format!("ca.key: {e}"))?;
@@ -182,8 +187,16 @@ pub fn run(cmd: CertCmd) -> Result<(), String> {
             let cert = params
                 .signed_by(&key, &ca, &ca_key)
                 .map_err(|e| e.to_string())?;
-            write_file(&dir.join(format!("{name}.key")), key.serialize_pem().as_bytes(), true)?;
-            write_file(&dir.join(format!("{name}.pem")), cert.pem().as_bytes(), false)?;
+            write_file(
+                &dir.join(format!("{name}.key")),
+                key.serialize_pem().as_bytes(),
+                true,
+            )?;
+            write_file(
+                &dir.join(format!("{name}.pem")),
+                cert.pem().as_bytes(),
+                false,
+            )?;
             println!(
                 "wrote {dir}/{name}.pem and {dir}/{name}.key for {cn} ({hosts})",
                 dir = dir.display(),

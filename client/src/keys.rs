@@ -106,7 +106,10 @@ pub async fn run(client: &Client, cmd: CredentialCmd, json: bool) -> Result<(), 
             let c = made.credential.unwrap_or_default();
             eprintln!("credential {} for {} ({})", c.id, c.principal, c.role);
             if let Err(e) = hand_out(&made.key, "the new", save_key.as_deref()) {
-                eprintln!("talon: {e}; the key was not saved: revoke credential {} and make another", c.id);
+                eprintln!(
+                    "talon: {e}; the key was not saved: revoke credential {} and make another",
+                    c.id
+                );
                 return Err(ClientError::Status(tonic::Status::aborted(e)));
             }
         }
@@ -116,9 +119,16 @@ pub async fn run(client: &Client, cmd: CredentialCmd, json: bool) -> Result<(), 
                 let all: Vec<_> = list.iter().map(credential_json).collect();
                 println!("{}", serde_json::Value::Array(all));
             } else {
-                println!("{:<18} {:<24} {:<10} {:<16} CREATED_BY", "ID", "PRINCIPAL", "ROLE", "NODE");
+                println!(
+                    "{:<18} {:<24} {:<10} {:<16} CREATED_BY",
+                    "ID", "PRINCIPAL", "ROLE", "NODE"
+                );
                 for c in &list {
-                    let node = if c.node_id.is_empty() { "-" } else { &c.node_id };
+                    let node = if c.node_id.is_empty() {
+                        "-"
+                    } else {
+                        &c.node_id
+                    };
                     println!(
                         "{:<18} {:<24} {:<10} {:<16} {}",
                         c.id, c.principal, c.role, node, c.created_by

@@ -168,7 +168,10 @@ impl Client {
     /// (`talon cert init` made it).
     pub fn with_tls(mut self, ca_pem: impl Into<Vec<u8>>) -> Client {
         self.tls = Some(ca_pem.into());
-        self.channels.lock().expect("channel cache poisoned").clear();
+        self.channels
+            .lock()
+            .expect("channel cache poisoned")
+            .clear();
         self
     }
 
@@ -258,7 +261,9 @@ impl Client {
             let mut request = tonic::Request::new(message.clone());
             request.set_timeout(remaining.max(Duration::from_millis(1)));
             if let Some(value) = &self.authorization {
-                request.metadata_mut().insert("authorization", value.clone());
+                request
+                    .metadata_mut()
+                    .insert("authorization", value.clone());
             }
             let client = make(self.channel(&addr)?);
             let status = match f(client, request).await {
@@ -565,7 +570,11 @@ impl Client {
             node_id: node_id.into(),
         };
         let reply = self
-            .call(true, message, |mut c, r| async move { c.remove_node(r).await })
+            .call(
+                true,
+                message,
+                |mut c, r| async move { c.remove_node(r).await },
+            )
             .await?;
         Ok(reply.revision)
     }

@@ -559,11 +559,16 @@ async fn execute(cli: Cli) -> Result<(), ClientError> {
         Command::Whoami => {
             let me = client.who_am_i().await?;
             if json {
-                println!("{}", json!({"credential_id": me.credential_id, "principal": me.principal, "role": me.role, "authenticated": me.authenticated}));
+                println!(
+                    "{}",
+                    json!({"credential_id": me.credential_id, "principal": me.principal, "role": me.role, "authenticated": me.authenticated})
+                );
             } else if me.authenticated {
                 println!("{} ({}), role {}", me.principal, me.credential_id, me.role);
             } else {
-                println!("authentication is off on this cluster: every caller is an anonymous admin");
+                println!(
+                    "authentication is off on this cluster: every caller is an anonymous admin"
+                );
             }
         }
         Command::Cluster(cmd) => {
@@ -573,7 +578,9 @@ async fn execute(cli: Cli) -> Result<(), ClientError> {
                         .with_timeout(timeout)
                         .cluster_init(members)
                         .await?;
-                    if let Err(e) = keys::hand_out(&reply.admin_key, "the first admin", save_key.as_deref()) {
+                    if let Err(e) =
+                        keys::hand_out(&reply.admin_key, "the first admin", save_key.as_deref())
+                    {
                         eprintln!("talon: {e}; printing the key instead:");
                         println!("{}", reply.admin_key);
                     }

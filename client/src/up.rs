@@ -89,14 +89,17 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         let guard = talon_node_agent::identity::ServeGuard::default();
         let identity = Arc::new(
             talon_node_agent::identity::IdentityStore::open(
-                Some(args.data_dir.join("agents").join(format!("{node_id}.credential"))),
+                Some(
+                    args.data_dir
+                        .join("agents")
+                        .join(format!("{node_id}.credential")),
+                ),
                 &node_id,
                 guard.clone(),
             )
             .map_err(anyhow::Error::msg)?,
         );
-        let app =
-            talon_node_agent::serve::router(metrics.clone(), Some(replicas.clone()), guard);
+        let app = talon_node_agent::serve::router(metrics.clone(), Some(replicas.clone()), guard);
         tokio::spawn(async move { axum::serve(listener, app).await });
         let host = fleet.spec.host.clone();
         let settings = AgentSettings {

@@ -110,7 +110,14 @@ fn assignments(state: &crate::state::State, node: &str, revision: u64) -> pb::As
 /// Longest replica message and most replica statuses in one report.
 const MAX_REPLICA_MESSAGE: usize = 2048;
 const MAX_REPLICAS_PER_REPORT: usize = 4096;
-const REPLICA_STATES: &[&str] = &["loading", "ready", "restarting", "failed", "draining", "stopped"];
+const REPLICA_STATES: &[&str] = &[
+    "loading",
+    "ready",
+    "restarting",
+    "failed",
+    "draining",
+    "stopped",
+];
 
 /// Checks what a telemetry report carries beyond its node id: counts,
 /// percentages and the floats routing relies on (finite, not negative).
@@ -155,7 +162,10 @@ fn validate_report(report: &pb::TelemetryReport) -> Result<(), String> {
                 r.message.len()
             ));
         }
-        for (field, v) in [("service_ms_one", r.service_ms_one), ("service_ms_full", r.service_ms_full)] {
+        for (field, v) in [
+            ("service_ms_one", r.service_ms_one),
+            ("service_ms_full", r.service_ms_full),
+        ] {
             if !v.is_finite() || !(0.0..=3_600_000.0).contains(&v) {
                 return Err(format!(
                     "replica {} {field} must be a finite number of ms between 0 and 3600000, got {v}",
@@ -164,7 +174,10 @@ fn validate_report(report: &pb::TelemetryReport) -> Result<(), String> {
             }
         }
         if r.max_batch > 65_536 {
-            return Err(format!("replica {} max_batch {} is more than 65536", r.id, r.max_batch));
+            return Err(format!(
+                "replica {} max_batch {} is more than 65536",
+                r.id, r.max_batch
+            ));
         }
     }
     Ok(())

@@ -236,9 +236,19 @@ mod tests {
         ));
         // Same id, other secret.
         let other = generate();
-        let forged = format!("{KEY_PREFIX}{}_{}", new.id, &other.key[KEY_PREFIX.len() + 17..]);
+        let forged = format!(
+            "{KEY_PREFIX}{}_{}",
+            new.id,
+            &other.key[KEY_PREFIX.len() + 17..]
+        );
         assert!(authenticate(&state, &forged).is_err());
-        for bad in ["", "talon_", "talon_zz_00", &new.key[..new.key.len() - 1], "Bearer x"] {
+        for bad in [
+            "",
+            "talon_",
+            "talon_zz_00",
+            &new.key[..new.key.len() - 1],
+            "Bearer x",
+        ] {
             assert!(parse(bad).is_err(), "{bad:?}");
         }
     }

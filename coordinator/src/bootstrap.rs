@@ -38,7 +38,11 @@ pub async fn bootstrap_alone(raft: &Raft, config: &Config) -> anyhow::Result<()>
     raft.initialize(members)
         .await
         .context("bootstrapping a one-node cluster")?;
-    tracing::info!(node_id = config.node_id, addr, "bootstrapped a one-node cluster");
+    tracing::info!(
+        node_id = config.node_id,
+        addr,
+        "bootstrapped a one-node cluster"
+    );
     Ok(())
 }
 
@@ -119,7 +123,9 @@ pub async fn first_admin(ctx: Arc<AdminContext>, mut stop: tokio::sync::watch::R
                             tracing::info!(path = %path.display(), credential = %id, made, "first admin credential recorded; its key is in the admin key file");
                             return;
                         }
-                        Err(e) => tracing::warn!(error = %e, "could not record the first admin credential; retrying"),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "could not record the first admin credential; retrying")
+                        }
                     }
                 }
                 Err(e) => {
@@ -171,4 +177,3 @@ fn admin_key_from(path: &std::path::Path) -> anyhow::Result<(state::Credential, 
     };
     Ok((credential, made))
 }
-

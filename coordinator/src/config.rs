@@ -430,7 +430,9 @@ impl Config {
             .filter(|f| f.is_some())
             .count();
         if given != 0 && given != 3 {
-            return bad("tls needs all three of ca_file, cert_file and key_file (or none of them)".into());
+            return bad(
+                "tls needs all three of ca_file, cert_file and key_file (or none of them)".into(),
+            );
         }
         if given == 3 && self.raft_listen.is_none() {
             return bad("tls is on but raft_listen is not set: with TLS, Raft runs on its own listener with mutual TLS; set raft_listen (e.g. 127.0.0.1:7410)".into());

@@ -14,8 +14,8 @@ use serde_json::{json, Value};
 use talon_proto::v1 as pb;
 use tonic::{Request, Response, Status};
 
-use crate::state::Permission;
 use crate::gateway::{chunk_text, Call, Gateway, GwError, StreamItem, Streaming};
+use crate::state::Permission;
 
 pub struct InferenceSvc {
     gateway: Gateway,

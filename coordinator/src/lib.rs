@@ -26,6 +26,7 @@ pub mod agents;
 pub mod auth;
 pub mod bootstrap;
 pub mod config;
+pub mod context;
 pub mod convert;
 pub mod error;
 pub mod gateway;
@@ -250,8 +251,11 @@ pub async fn run(
 
 /// Runs a control loop and starts it again if it panics: a bug in one loop
 /// is logged and counted, never a silent end of leases or placement.
-async fn supervise<F, Fut>(name: &'static str, mut stop: tokio::sync::watch::Receiver<bool>, start: F)
-where
+async fn supervise<F, Fut>(
+    name: &'static str,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+    start: F,
+) where
     F: Fn() -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {

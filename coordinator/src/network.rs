@@ -154,8 +154,8 @@ impl PeerConnection {
             }
             Err(status) => return Err(RPCError::Network(NetworkError::new(&status))),
         };
-        let result: Result<Resp, RaftError<NodeId, E>> = codec::decode(&reply.data)
-            .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let result: Result<Resp, RaftError<NodeId, E>> =
+            codec::decode(&reply.data).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         result.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
     }
 }
@@ -216,7 +216,10 @@ impl RaftRpcService {
         }
         if self.require_coordinator {
             let certs = request.peer_certs();
-            if !certs.as_deref().is_some_and(|c| crate::tls::is_coordinator(c)) {
+            if !certs
+                .as_deref()
+                .is_some_and(|c| crate::tls::is_coordinator(c))
+            {
                 return Err(tonic::Status::permission_denied(
                     "the Raft port accepts only coordinators: present a talon-coordinator certificate of the cluster CA",
                 ));

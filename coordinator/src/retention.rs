@@ -15,7 +15,10 @@ use crate::state::Command;
 
 /// The index below which entries are dropped to keep `keep` of them, when
 /// the log holds more than `keep` plus a tenth.
-pub fn cutoff(indices: impl DoubleEndedIterator<Item = u64> + ExactSizeIterator, keep: u64) -> Option<u64> {
+pub fn cutoff(
+    indices: impl DoubleEndedIterator<Item = u64> + ExactSizeIterator,
+    keep: u64,
+) -> Option<u64> {
     let len = indices.len() as u64;
     if len <= keep + keep / 10 {
         return None;
@@ -39,7 +42,11 @@ pub async fn run(ctx: Arc<AdminContext>, mut stop: tokio::sync::watch::Receiver<
         };
         if let Some(before_index) = cut {
             match ctx
-                .write("trim_audit", "retention".into(), Command::TrimAudit { before_index })
+                .write(
+                    "trim_audit",
+                    "retention".into(),
+                    Command::TrimAudit { before_index },
+                )
                 .await
             {
                 Ok(_) => tracing::info!(before_index, keep, "audit log trimmed"),

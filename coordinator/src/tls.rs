@@ -140,8 +140,7 @@ pub fn peer_endpoint(
     addr: &str,
     tls: Option<&TlsMaterial>,
 ) -> Result<tonic::transport::Endpoint, tonic::transport::Error> {
-    let endpoint =
-        tonic::transport::Endpoint::from_shared(format!("{}://{addr}", scheme(tls)))?;
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("{}://{addr}", scheme(tls)))?;
     match tls {
         Some(m) => endpoint.tls_config(m.peer_client()),
         None => Ok(endpoint),
@@ -176,7 +175,10 @@ pub struct TlsListener {
 }
 
 impl TlsListener {
-    pub fn new(listener: tokio::net::TcpListener, acceptor: tokio_rustls::TlsAcceptor) -> TlsListener {
+    pub fn new(
+        listener: tokio::net::TcpListener,
+        acceptor: tokio_rustls::TlsAcceptor,
+    ) -> TlsListener {
         let addr = listener
             .local_addr()
             .unwrap_or_else(|_| std::net::SocketAddr::from(([0, 0, 0, 0], 0)));

@@ -213,7 +213,10 @@ async fn identity(
         key: joined.key,
         serve_secret: joined.serve_secret,
     };
-    settings.identity.store(id.clone()).map_err(SessionEnd::Fatal)?;
+    settings
+        .identity
+        .store(id.clone())
+        .map_err(SessionEnd::Fatal)?;
     tracing::info!(node = %settings.node_id, credential = %id.credential_id, "joined the cluster");
     Ok(id)
 }

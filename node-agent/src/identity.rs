@@ -143,8 +143,11 @@ impl IdentityStore {
     /// credential the cluster has already recorded).
     pub fn store(&self, identity: NodeIdentity) -> Result<(), String> {
         if let Some(p) = &self.path {
-            write_private(p, &serde_json::to_vec_pretty(&identity).expect("identity serializes"))
-                .map_err(|e| format!("cannot write credential file {}: {e}", p.display()))?;
+            write_private(
+                p,
+                &serde_json::to_vec_pretty(&identity).expect("identity serializes"),
+            )
+            .map_err(|e| format!("cannot write credential file {}: {e}", p.display()))?;
         }
         self.guard.set(&identity.serve_secret);
         *self.current.lock().expect("identity poisoned") = Some(identity);
@@ -199,9 +202,14 @@ mod tests {
         let again = IdentityStore::open(Some(path.clone()), "n1", ServeGuard::default()).unwrap();
         assert_eq!(again.get(), Some(id));
         assert_eq!(again.guard.check(Some("Bearer s3cret")), Ok(()));
-        assert_eq!(again.guard.check(Some("Bearer s3creT")), Err(Refusal::Unauthorized));
+        assert_eq!(
+            again.guard.check(Some("Bearer s3creT")),
+            Err(Refusal::Unauthorized)
+        );
         assert_eq!(again.guard.check(None), Err(Refusal::Unauthorized));
-        let err = IdentityStore::open(Some(path.clone()), "n2", ServeGuard::default()).err().unwrap();
+        let err = IdentityStore::open(Some(path.clone()), "n2", ServeGuard::default())
+            .err()
+            .unwrap();
         assert!(err.contains("belongs to node"), "{err}");
         again.forget();
         assert!(!path.exists());

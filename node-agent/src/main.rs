@@ -219,7 +219,10 @@ async fn main() -> ExitCode {
         Some(path) => match std::fs::read(path) {
             Ok(pem) => Some(pem),
             Err(e) => {
-                eprintln!("talon-agent: cannot read the CA file {}: {e}", path.display());
+                eprintln!(
+                    "talon-agent: cannot read the CA file {}: {e}",
+                    path.display()
+                );
                 return ExitCode::from(2);
             }
         },

@@ -24,8 +24,8 @@ use axum::{Json, Router};
 use serde_json::{json, Value};
 
 use crate::batcher::Priority;
-use crate::identity::{Refusal, ServeGuard};
 use crate::executor::{Endpoint, ExecError, InferRequest};
+use crate::identity::{Refusal, ServeGuard};
 use crate::metrics::AgentMetrics;
 use crate::replicas::ReplicaManager;
 

@@ -30,7 +30,7 @@ fn spawn_agent(node_id: &str, gpus: &str, coordinators: Vec<String>) -> oneshot:
             talon_node_agent::identity::IdentityStore::open(None, node_id, Default::default())
                 .expect("identity"),
         ),
-                coordinator_ca: None,
+        coordinator_ca: None,
         labels: BTreeMap::from([("rack".to_string(), "r1".to_string())]),
         cost_per_hour: 2.5,
         cpu_cores: 32,
@@ -128,7 +128,14 @@ async fn fifty_simulated_agents_register_and_report() {
     // The CLI shows them.
     let endpoints = addrs.join(",");
     let out = std::process::Command::new(bin("talon"))
-        .args(["--endpoints", &endpoints, "--key", &cluster.admin_key(), "node", "list"])
+        .args([
+            "--endpoints",
+            &endpoints,
+            "--key",
+            &cluster.admin_key(),
+            "node",
+            "list",
+        ])
         .output()
         .expect("run talon");
     let table = String::from_utf8_lossy(&out.stdout);

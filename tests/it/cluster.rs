@@ -326,10 +326,9 @@ async fn isolated_leader_cannot_commit_and_rejoins_cleanly() {
         },
     )
     .await;
-    let majority_client =
-        talon_client::Client::new(majority.iter().map(|n| n.grpc.clone()))
-            .expect("client")
-            .with_key(cluster.admin_key());
+    let majority_client = talon_client::Client::new(majority.iter().map(|n| n.grpc.clone()))
+        .expect("client")
+        .with_key(cluster.admin_key());
     majority_client
         .create_model(spec("during", "v1"))
         .await

@@ -127,7 +127,8 @@ async fn agent_killed_under_load_loses_no_request() {
     let key = cluster.admin_key();
     let load: Vec<_> = (0..4)
         .map(|_| {
-            let (http, stop, served, key) = (http.clone(), stop.clone(), served.clone(), key.clone());
+            let (http, stop, served, key) =
+                (http.clone(), stop.clone(), served.clone(), key.clone());
             std::thread::spawn(move || {
                 let (mut ok, mut failed) = (0u32, Vec::new());
                 while !stop.load(std::sync::atomic::Ordering::SeqCst) {

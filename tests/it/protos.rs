@@ -11,7 +11,11 @@ const TOKEN: &str = "it-join-token-protos-0123";
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_python_client_generated_by_protoc_calls_every_service() {
     let python = tokio::task::spawn_blocking(|| {
-        python_venv("grpc-venv", "grpc_tools", &["grpcio", "grpcio-tools", "protobuf"])
+        python_venv(
+            "grpc-venv",
+            "grpc_tools",
+            &["grpcio", "grpcio-tools", "protobuf"],
+        )
     })
     .await
     .expect("venv");
@@ -21,7 +25,10 @@ async fn a_python_client_generated_by_protoc_calls_every_service() {
     let out_path = out_dir.path().to_path_buf();
     let out = tokio::task::spawn_blocking(move || {
         Command::new(python)
-            .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/python/grpc_client.py"))
+            .arg(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/python/grpc_client.py"
+            ))
             .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/../proto/proto"))
             .arg(&out_path)
             .args([&addr, &key, TOKEN])
@@ -36,7 +43,13 @@ async fn a_python_client_generated_by_protoc_calls_every_service() {
         "{stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    for check in ["protoc ok", "unauthenticated ok", "admin ok", "agent ok", "inference ok"] {
+    for check in [
+        "protoc ok",
+        "unauthenticated ok",
+        "admin ok",
+        "agent ok",
+        "inference ok",
+    ] {
         assert!(stdout.contains(check), "{check} missing: {stdout}");
     }
 }

@@ -53,11 +53,13 @@ pub async fn talon_up(args: &[&str]) -> Up {
     wait_for("talon up to answer", Duration::from_secs(60), || {
         let (http, key) = (http.clone(), key.clone());
         async move {
-            tokio::task::spawn_blocking(move || http_post(&http, "/v1/chat/completions", body, &key))
-                .await
-                .ok()
-                .flatten()
-                .filter(|(status, _)| *status == 200)
+            tokio::task::spawn_blocking(move || {
+                http_post(&http, "/v1/chat/completions", body, &key)
+            })
+            .await
+            .ok()
+            .flatten()
+            .filter(|(status, _)| *status == 200)
         }
     })
     .await;
@@ -151,10 +153,12 @@ async fn grpc_websocket_and_sse_stream_the_same_answer_token_by_token() {
         Err(tokio_tungstenite::tungstenite::Error::Http(r)) => assert_eq!(r.status(), 401),
         other => panic!("a WebSocket without a key was not refused: {other:?}"),
     }
-    let mut upgrade = tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(
-        format!("ws://{}/v1/stream", up.http),
-    )
-    .expect("request");
+    let mut upgrade =
+        tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(format!(
+            "ws://{}/v1/stream",
+            up.http
+        ))
+        .expect("request");
     upgrade.headers_mut().insert(
         "authorization",
         format!("Bearer {}", up.key).parse().expect("header"),

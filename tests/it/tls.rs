@@ -25,7 +25,11 @@ fn talon(args: &[&str]) {
 
 /// What the Raft port says to a caller with `identity` (none: no client
 /// certificate) over TLS, or over plaintext when `ca` is `None`.
-async fn raft_call(addr: &str, ca: Option<&[u8]>, identity: Option<Identity>) -> Result<(), tonic::Status> {
+async fn raft_call(
+    addr: &str,
+    ca: Option<&[u8]>,
+    identity: Option<Identity>,
+) -> Result<(), tonic::Status> {
     let endpoint = match ca {
         Some(ca) => {
             let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca));
@@ -39,8 +43,14 @@ async fn raft_call(addr: &str, ca: Option<&[u8]>, identity: Option<Identity>) ->
         }
         None => Endpoint::from_shared(format!("http://{addr}")).expect("endpoint"),
     };
-    let mut client = RaftServiceClient::new(endpoint.connect_timeout(Duration::from_secs(2)).connect_lazy());
-    let mut request = tonic::Request::new(pb::RaftPayload { data: b"not a raft message".to_vec() });
+    let mut client = RaftServiceClient::new(
+        endpoint
+            .connect_timeout(Duration::from_secs(2))
+            .connect_lazy(),
+    );
+    let mut request = tonic::Request::new(pb::RaftPayload {
+        data: b"not a raft message".to_vec(),
+    });
     request.set_timeout(Duration::from_secs(5));
     client.vote(request).await.map(|_| ())
 }
@@ -51,9 +61,33 @@ async fn tls_on_every_port_and_mutual_tls_between_coordinators() {
     let dir = certs.path().to_str().expect("utf-8").to_string();
     talon(&["cert", "init", "--dir", &dir]);
     for i in 1..=3 {
-        talon(&["cert", "issue", "--dir", &dir, "--kind", "coordinator", "--name", &format!("c{i}"), "--host", "127.0.0.1", "--host", "localhost"]);
+        talon(&[
+            "cert",
+            "issue",
+            "--dir",
+            &dir,
+            "--kind",
+            "coordinator",
+            "--name",
+            &format!("c{i}"),
+            "--host",
+            "127.0.0.1",
+            "--host",
+            "localhost",
+        ]);
     }
-    talon(&["cert", "issue", "--dir", &dir, "--kind", "node", "--name", "gpu-1", "--host", "127.0.0.1"]);
+    talon(&[
+        "cert",
+        "issue",
+        "--dir",
+        &dir,
+        "--kind",
+        "node",
+        "--name",
+        "gpu-1",
+        "--host",
+        "127.0.0.1",
+    ]);
     let ca = std::fs::read(certs.path().join("ca.pem")).expect("ca");
 
     let mut cluster = Cluster::start(0, &[]);
@@ -62,18 +96,26 @@ async fn tls_on_every_port_and_mutual_tls_between_coordinators() {
         let raft = format!("127.0.0.1:{}", free_port());
         let (cert, key) = (format!("{dir}/c{i}.pem"), format!("{dir}/c{i}.key"));
         cluster.add_node(&[
-            "--tls-ca-file", &format!("{dir}/ca.pem"),
-            "--tls-cert-file", &cert,
-            "--tls-key-file", &key,
-            "--raft-listen", &raft,
+            "--tls-ca-file",
+            &format!("{dir}/ca.pem"),
+            "--tls-cert-file",
+            &cert,
+            "--tls-key-file",
+            &key,
+            "--raft-listen",
+            &raft,
         ]);
         raft_ports.push(raft);
     }
     let addrs: Vec<String> = cluster.nodes.iter().map(|n| n.grpc.clone()).collect();
-    let first = Client::pinned(addrs[0].clone()).expect("client").with_tls(ca.clone());
-    let init = wait_for("node 1 to accept init over TLS", Duration::from_secs(30), || async {
-        first.cluster_init(vec![]).await.ok()
-    })
+    let first = Client::pinned(addrs[0].clone())
+        .expect("client")
+        .with_tls(ca.clone());
+    let init = wait_for(
+        "node 1 to accept init over TLS",
+        Duration::from_secs(30),
+        || async { first.cluster_init(vec![]).await.ok() },
+    )
     .await;
     let key = init.admin_key;
     let admin = Client::new(addrs.clone())
@@ -83,15 +125,22 @@ async fn tls_on_every_port_and_mutual_tls_between_coordinators() {
         .with_timeout(Duration::from_secs(15));
     for node in &cluster.nodes[1..] {
         let (id, grpc) = (node.id, node.grpc.clone());
-        wait_for(&format!("node {id} to join"), Duration::from_secs(30), || {
-            let (admin, grpc) = (&admin, grpc.clone());
-            async move { admin.cluster_join(id, &grpc, false).await.ok() }
-        })
+        wait_for(
+            &format!("node {id} to join"),
+            Duration::from_secs(30),
+            || {
+                let (admin, grpc) = (&admin, grpc.clone());
+                async move { admin.cluster_join(id, &grpc, false).await.ok() }
+            },
+        )
         .await;
     }
     let status = admin.cluster_status().await.expect("status");
     assert_eq!(status.members.len(), 3);
-    assert!(status.members.iter().all(|m| !m.raft_addr.is_empty()), "{status:?}");
+    assert!(
+        status.members.iter().all(|m| !m.raft_addr.is_empty()),
+        "{status:?}"
+    );
 
     // Replication runs over the mutual-TLS Raft port.
     admin
@@ -99,18 +148,36 @@ async fn tls_on_every_port_and_mutual_tls_between_coordinators() {
         .await
         .expect("write");
     for addr in &addrs {
-        let c = Client::pinned(addr.clone()).expect("client").with_tls(ca.clone()).with_key(&key);
-        wait_for("the write on every node", Duration::from_secs(20), || async {
-            c.list_models(false).await.ok()?.iter().any(|m| m.name == "over-tls").then_some(())
-        })
+        let c = Client::pinned(addr.clone())
+            .expect("client")
+            .with_tls(ca.clone())
+            .with_key(&key);
+        wait_for(
+            "the write on every node",
+            Duration::from_secs(20),
+            || async {
+                c.list_models(false)
+                    .await
+                    .ok()?
+                    .iter()
+                    .any(|m| m.name == "over-tls")
+                    .then_some(())
+            },
+        )
         .await;
     }
 
     // The Raft port: no plaintext, no TLS without a client certificate,
     // and a node certificate of the same CA is not a coordinator's.
     let raft = &raft_ports[0];
-    assert!(raft_call(raft, None, None).await.is_err(), "plaintext reached Raft");
-    assert!(raft_call(raft, Some(&ca), None).await.is_err(), "no client certificate reached Raft");
+    assert!(
+        raft_call(raft, None, None).await.is_err(),
+        "plaintext reached Raft"
+    );
+    assert!(
+        raft_call(raft, Some(&ca), None).await.is_err(),
+        "no client certificate reached Raft"
+    );
     let node_id = Identity::from_pem(
         std::fs::read(format!("{dir}/gpu-1.pem")).expect("pem"),
         std::fs::read(format!("{dir}/gpu-1.key")).expect("key"),
@@ -122,10 +189,18 @@ async fn tls_on_every_port_and_mutual_tls_between_coordinators() {
     assert_eq!(api_raft.code(), Code::Unimplemented, "{api_raft:?}");
 
     // The API port speaks only TLS; over TLS a key is still needed.
-    let plain = Client::pinned(addrs[0].clone()).expect("client").with_key(&key).with_timeout(Duration::from_secs(2));
+    let plain = Client::pinned(addrs[0].clone())
+        .expect("client")
+        .with_key(&key)
+        .with_timeout(Duration::from_secs(2));
     assert!(plain.list_models(false).await.is_err());
-    let anonymous = Client::pinned(addrs[0].clone()).expect("client").with_tls(ca.clone());
-    assert_eq!(anonymous.list_models(false).await.unwrap_err().code(), Some(Code::Unauthenticated));
+    let anonymous = Client::pinned(addrs[0].clone())
+        .expect("client")
+        .with_tls(ca.clone());
+    assert_eq!(
+        anonymous.list_models(false).await.unwrap_err().code(),
+        Some(Code::Unauthenticated)
+    );
 
     // The HTTP gateway over HTTPS, trusting the cluster CA.
     let https = reqwest::Client::builder()
@@ -133,7 +208,12 @@ async fn tls_on_every_port_and_mutual_tls_between_coordinators() {
         .build()
         .expect("client");
     let url = format!("https://{}/v1/models", cluster.nodes[0].http);
-    let r = https.get(&url).bearer_auth(&key).send().await.expect("https");
+    let r = https
+        .get(&url)
+        .bearer_auth(&key)
+        .send()
+        .await
+        .expect("https");
     assert_eq!(r.status(), 200);
     let r = https.get(&url).send().await.expect("https");
     assert_eq!(r.status(), 401);
@@ -142,7 +222,10 @@ async fn tls_on_every_port_and_mutual_tls_between_coordinators() {
         .bearer_auth(&key)
         .send()
         .await;
-    assert!(plain_http.map(|r| !r.status().is_success()).unwrap_or(true), "plaintext HTTP was served");
+    assert!(
+        plain_http.map(|r| !r.status().is_success()).unwrap_or(true),
+        "plaintext HTTP was served"
+    );
 
     // A whole-cluster restart keeps the data, still over TLS.
     for id in 1..=3 {
@@ -151,9 +234,11 @@ async fn tls_on_every_port_and_mutual_tls_between_coordinators() {
     for id in 1..=3 {
         cluster.node(id).start();
     }
-    let models = wait_for("the cluster back over TLS", Duration::from_secs(40), || async {
-        admin.list_models(true).await.ok()
-    })
+    let models = wait_for(
+        "the cluster back over TLS",
+        Duration::from_secs(40),
+        || async { admin.list_models(true).await.ok() },
+    )
     .await;
     assert!(models.iter().any(|m| m.name == "over-tls"));
 }

@@ -16,7 +16,8 @@ use crate::harness::{wait_for, Cluster};
 const TOKEN: &str = "it-join-token-trust-0123";
 
 fn code(e: ClientError) -> Code {
-    e.code().unwrap_or_else(|| panic!("expected a gRPC status, got {e}"))
+    e.code()
+        .unwrap_or_else(|| panic!("expected a gRPC status, got {e}"))
 }
 
 fn agents(addr: &str) -> AgentServiceClient<Channel> {
@@ -29,8 +30,10 @@ fn agents(addr: &str) -> AgentServiceClient<Channel> {
 fn with_bearer<T>(message: T, key: &str) -> tonic::Request<T> {
     let mut r = tonic::Request::new(message);
     if !key.is_empty() {
-        r.metadata_mut()
-            .insert("authorization", format!("Bearer {key}").parse().expect("ascii"));
+        r.metadata_mut().insert(
+            "authorization",
+            format!("Bearer {key}").parse().expect("ascii"),
+        );
     }
     r
 }
@@ -96,9 +99,17 @@ async fn every_service_refuses_missing_credentials_and_wrong_roles() {
 
     // Admin API: nothing without a key, a garbled or unknown key is refused.
     let anonymous = node.client_as("");
-    assert_eq!(code(anonymous.list_models(false).await.unwrap_err()), Code::Unauthenticated);
     assert_eq!(
-        code(node.client_as("talon_0123456789abcdef_00").list_models(false).await.unwrap_err()),
+        code(anonymous.list_models(false).await.unwrap_err()),
+        Code::Unauthenticated
+    );
+    assert_eq!(
+        code(
+            node.client_as("talon_0123456789abcdef_00")
+                .list_models(false)
+                .await
+                .unwrap_err()
+        ),
         Code::Unauthenticated
     );
     assert_eq!(
@@ -115,28 +126,71 @@ async fn every_service_refuses_missing_credentials_and_wrong_roles() {
 
     // A viewer reads but cannot write; an operator writes models but cannot
     // mint credentials; an inference key cannot use the admin API at all.
-    let viewer = admin.create_credential("val", "viewer", None).await.expect("viewer").key;
-    let operator = admin.create_credential("oscar", "operator", None).await.expect("op").key;
-    let app = admin.create_credential("app", "inference", None).await.expect("app").key;
+    let viewer = admin
+        .create_credential("val", "viewer", None)
+        .await
+        .expect("viewer")
+        .key;
+    let operator = admin
+        .create_credential("oscar", "operator", None)
+        .await
+        .expect("op")
+        .key;
+    let app = admin
+        .create_credential("app", "inference", None)
+        .await
+        .expect("app")
+        .key;
     let as_viewer = node.client_as(&viewer);
-    assert_eq!(as_viewer.list_models(false).await.expect("viewer reads").len(), 1);
+    assert_eq!(
+        as_viewer
+            .list_models(false)
+            .await
+            .expect("viewer reads")
+            .len(),
+        1
+    );
     let denied = as_viewer
         .create_model(talon_tests::model_spec("v", "simulated", 1_000, 0))
         .await
         .unwrap_err();
     assert_eq!(code(denied), Code::PermissionDenied);
-    assert_eq!(code(as_viewer.set_node_scheduling("x", "cordon").await.unwrap_err()), Code::PermissionDenied);
+    assert_eq!(
+        code(
+            as_viewer
+                .set_node_scheduling("x", "cordon")
+                .await
+                .unwrap_err()
+        ),
+        Code::PermissionDenied
+    );
     let as_operator = node.client_as(&operator);
     as_operator
         .create_model(talon_tests::model_spec("o", "simulated", 1_000, 0))
         .await
         .expect("operator writes models");
     assert_eq!(
-        code(as_operator.create_credential("x", "admin", None).await.unwrap_err()),
+        code(
+            as_operator
+                .create_credential("x", "admin", None)
+                .await
+                .unwrap_err()
+        ),
         Code::PermissionDenied
     );
-    assert_eq!(code(as_operator.cluster_join(9, "127.0.0.1:1", false).await.unwrap_err()), Code::PermissionDenied);
-    assert_eq!(code(node.client_as(&app).list_models(false).await.unwrap_err()), Code::PermissionDenied);
+    assert_eq!(
+        code(
+            as_operator
+                .cluster_join(9, "127.0.0.1:1", false)
+                .await
+                .unwrap_err()
+        ),
+        Code::PermissionDenied
+    );
+    assert_eq!(
+        code(node.client_as(&app).list_models(false).await.unwrap_err()),
+        Code::PermissionDenied
+    );
 
     // Inference over gRPC: no key → UNAUTHENTICATED, a viewer → PERMISSION_DENIED.
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", node.grpc))
@@ -144,13 +198,22 @@ async fn every_service_refuses_missing_credentials_and_wrong_roles() {
         .connect_lazy();
     let mut inference = InferenceClient::new(channel);
     let ask = talon_client::chat("m", "hi");
-    let e = inference.infer(with_bearer(ask.clone(), "")).await.unwrap_err();
+    let e = inference
+        .infer(with_bearer(ask.clone(), ""))
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
-    let e = inference.infer(with_bearer(ask.clone(), &viewer)).await.unwrap_err();
+    let e = inference
+        .infer(with_bearer(ask.clone(), &viewer))
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
     // With the inference key the call gets past the door (no replica runs).
     let e = inference.infer(with_bearer(ask, &app)).await.unwrap_err();
-    assert!(!matches!(e.code(), Code::Unauthenticated | Code::PermissionDenied), "{e:?}");
+    assert!(
+        !matches!(e.code(), Code::Unauthenticated | Code::PermissionDenied),
+        "{e:?}"
+    );
 
     // OpenAI HTTP: 401 with an OpenAI-style body, 403 for a viewer.
     let http = node.http.clone();
@@ -197,7 +260,12 @@ async fn every_service_refuses_missing_credentials_and_wrong_roles() {
         .unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
     let e = agents(&node.grpc)
-        .join(with_token(pb::JoinRequest { node_id: "a".into() }, "wrong-token-0123456789"))
+        .join(with_token(
+            pb::JoinRequest {
+                node_id: "a".into(),
+            },
+            "wrong-token-0123456789",
+        ))
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
@@ -241,7 +309,10 @@ async fn an_agent_acts_only_as_its_own_node() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
-    assert!(e.message().contains("cannot act as node \"node-b\""), "{e:?}");
+    assert!(
+        e.message().contains("cannot act as node \"node-b\""),
+        "{e:?}"
+    );
     let e = client
         .watch_assignments(with_bearer(
             pb::WatchAssignmentsRequest {
@@ -276,7 +347,12 @@ async fn an_agent_acts_only_as_its_own_node() {
     // A node id that holds a credential cannot join again; once an admin
     // revokes it, it can.
     let e = agents(&grpc)
-        .join(with_token(pb::JoinRequest { node_id: "node-a".into() }, TOKEN))
+        .join(with_token(
+            pb::JoinRequest {
+                node_id: "node-a".into(),
+            },
+            TOKEN,
+        ))
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::AlreadyExists, "{e:?}");
@@ -322,7 +398,12 @@ async fn poisonous_registrations_are_refused_and_the_cluster_restarts_cleanly() 
         let mut inv = inventory("poison", "127.0.0.1:9100");
         poison(&mut inv);
         let e = client
-            .register(with_bearer(pb::RegisterRequest { inventory: Some(inv) }, &me.key))
+            .register(with_bearer(
+                pb::RegisterRequest {
+                    inventory: Some(inv),
+                },
+                &me.key,
+            ))
             .await
             .unwrap_err();
         assert_eq!(e.code(), Code::InvalidArgument, "{field}: {e:?}");
@@ -371,11 +452,16 @@ async fn poisonous_registrations_are_refused_and_the_cluster_restarts_cleanly() 
     }
     cluster.leader(None).await;
     let admin = cluster.client();
-    let models = wait_for("the model after a full restart", Duration::from_secs(30), || async {
-        admin.list_models(true).await.ok()
-    })
+    let models = wait_for(
+        "the model after a full restart",
+        Duration::from_secs(30),
+        || async { admin.list_models(true).await.ok() },
+    )
     .await;
-    assert!(models.iter().any(|m| m.name == "after-poison"), "{models:?}");
+    assert!(
+        models.iter().any(|m| m.name == "after-poison"),
+        "{models:?}"
+    );
     let nodes = admin.list_nodes().await.expect("nodes");
     assert_eq!(nodes.len(), 1, "{nodes:?}");
 }
@@ -408,7 +494,10 @@ async fn revocation_holds_on_every_coordinator_and_the_audit_names_the_principal
         .find(|a| a.action == "credential.create" && a.target == carol.id)
         .expect("credential creation audited");
     assert!(created.detail.contains("role=operator"), "{created:?}");
-    assert!(!created.detail.contains(&made.key[20..]), "the secret never reaches the audit log");
+    assert!(
+        !created.detail.contains(&made.key[20..]),
+        "the secret never reaches the audit log"
+    );
 
     admin.revoke_credential(&carol.id).await.expect("revoke");
     for node in &cluster.nodes {
@@ -440,7 +529,10 @@ async fn a_bootstrapping_node_beside_a_cluster_does_not_form_a_second_one() {
         stray.cluster_status().await.ok()
     })
     .await;
-    assert!(!status.initialized, "node 2 formed a cluster of its own: {status:?}");
+    assert!(
+        !status.initialized,
+        "node 2 formed a cluster of its own: {status:?}"
+    );
     assert_eq!(status.leader_id, None);
     // It can still be joined to the real cluster.
     let joined = cluster

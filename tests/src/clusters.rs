@@ -144,7 +144,20 @@ pub fn enable_tls(talon_bin: &Path, dir: &Path) -> anyhow::Result<()> {
     run(&["cert", "init", "--dir", d])?;
     for prefix in ["c", "e"] {
         for i in 1..=5 {
-            run(&["cert", "issue", "--dir", d, "--kind", "coordinator", "--name", &format!("{prefix}{i}"), "--host", "127.0.0.1", "--host", "localhost"])?;
+            run(&[
+                "cert",
+                "issue",
+                "--dir",
+                d,
+                "--kind",
+                "coordinator",
+                "--name",
+                &format!("{prefix}{i}"),
+                "--host",
+                "127.0.0.1",
+                "--host",
+                "localhost",
+            ])?;
         }
     }
     let ca = std::fs::read(dir.join("ca.pem"))?;
@@ -230,7 +243,8 @@ impl BenchCluster {
                         args.push("--bootstrap".into());
                     }
                     if let Some(t) = tls() {
-                        let file = |ext: &str| t.dir.join(format!("c{id}.{ext}")).display().to_string();
+                        let file =
+                            |ext: &str| t.dir.join(format!("c{id}.{ext}")).display().to_string();
                         args.extend([
                             "--tls-ca-file".to_string(),
                             t.dir.join("ca.pem").display().to_string(),
@@ -277,7 +291,8 @@ impl BenchCluster {
                     // The TLS row: clients over TLS, members over mutual TLS,
                     // as Talon's coordinators are.
                     if let Some(t) = tls() {
-                        let file = |ext: &str| t.dir.join(format!("e{id}.{ext}")).display().to_string();
+                        let file =
+                            |ext: &str| t.dir.join(format!("e{id}.{ext}")).display().to_string();
                         let ca = t.dir.join("ca.pem").display().to_string();
                         args.extend([
                             "--cert-file".to_string(),
@@ -316,7 +331,8 @@ impl BenchCluster {
         };
         if kind == Kind::Talon {
             let key = cluster.admin_key().await?;
-            let first = talon_client(Client::pinned(cluster.members[0].client_addr.clone())?).with_key(&key);
+            let first = talon_client(Client::pinned(cluster.members[0].client_addr.clone())?)
+                .with_key(&key);
             poll("talon node 1 to lead", Duration::from_secs(30), || async {
                 first
                     .cluster_status()

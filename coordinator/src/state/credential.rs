@@ -108,7 +108,11 @@ pub struct Credential {
 
 /// Checks a credential id: exactly [`ID_LEN`] lowercase hex characters.
 pub fn validate_id(id: &str) -> Result<(), String> {
-    if id.len() != ID_LEN || !id.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+    if id.len() != ID_LEN
+        || !id
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    {
         return Err(format!(
             "credential id {id:?} is not {ID_LEN} lowercase hex characters"
         ));
@@ -141,8 +145,7 @@ impl Credential {
     pub fn validate(&self) -> Result<(), String> {
         validate_id(&self.id)?;
         validate_principal(&self.principal)?;
-        validate_principal(&self.created_by)
-            .map_err(|m| format!("created_by: {m}"))?;
+        validate_principal(&self.created_by).map_err(|m| format!("created_by: {m}"))?;
         match (&self.node_id, self.role) {
             (Some(node), Role::Agent) => super::node::validate_node_id(node)?,
             (None, Role::Agent) => {

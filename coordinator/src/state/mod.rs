@@ -66,7 +66,10 @@ pub enum Command {
         reason: String,
     },
     /// An operator cordoned, uncordoned or drained a node.
-    SetNodeScheduling { node_id: String, action: Scheduling },
+    SetNodeScheduling {
+        node_id: String,
+        action: Scheduling,
+    },
     /// The reconciler's placement of a model's replicas; replaces the set.
     SetReplicas {
         model: String,
@@ -185,7 +188,10 @@ fn check_text(field: &str, value: &str) -> Result<(), (Response, Vec<Change>)> {
     if value.len() > MAX_TEXT {
         return Err(rejected(
             RejectionKind::Invalid,
-            format!("{field} is {} bytes long; the most is {MAX_TEXT}", value.len()),
+            format!(
+                "{field} is {} bytes long; the most is {MAX_TEXT}",
+                value.len()
+            ),
         ));
     }
     Ok(())
@@ -323,14 +329,19 @@ impl State {
                     let detail = format!("principal={} role=admin", c.principal);
                     let changes = vec![Change::Credential(c.id.clone()), Change::Auth];
                     let target = c.id.clone();
-                    (Response::Credential(Box::new(c)), changes, ("auth.init", target, detail))
+                    (
+                        Response::Credential(Box::new(c)),
+                        changes,
+                        ("auth.init", target, detail),
+                    )
                 }
                 Err(rejection) => return rejection,
             },
             Command::CreateCredential(credential) => {
                 match self.create_credential(index, at, credential) {
                     Ok(c) => {
-                        let mut detail = format!("principal={} role={}", c.principal, c.role.as_str());
+                        let mut detail =
+                            format!("principal={} role={}", c.principal, c.role.as_str());
                         if let Some(node) = &c.node_id {
                             detail.push_str(&format!(" node={node}"));
                         }
@@ -374,7 +385,9 @@ impl State {
                 // Retention is not itself audited: the trim would otherwise
                 // leave one entry per trim forever.
                 let keep = self.audit.split_off(before_index);
-                let removed: Vec<u64> = std::mem::replace(&mut self.audit, keep).into_keys().collect();
+                let removed: Vec<u64> = std::mem::replace(&mut self.audit, keep)
+                    .into_keys()
+                    .collect();
                 let count = removed.len() as u64;
                 let changes = removed.into_iter().map(Change::Audit).collect();
                 return (Response::Trimmed { removed: count }, changes);
@@ -680,7 +693,10 @@ impl State {
             if !versions.contains(&r.version.as_str()) {
                 return Err(rejected(
                     RejectionKind::Invalid,
-                    format!("replica {} names version {:?}, which model {model:?} does not have", r.id, r.version),
+                    format!(
+                        "replica {} names version {:?}, which model {model:?} does not have",
+                        r.id, r.version
+                    ),
                 ));
             }
             if r.milli == 0 || r.milli > 1000 || r.memory_mib > model::MAX_MEMORY_MIB {
@@ -748,7 +764,8 @@ impl State {
         if self.cluster_secret.is_some() {
             return Err(rejected(
                 RejectionKind::AlreadyExists,
-                "authentication is already initialized; use an admin key to create credentials".into(),
+                "authentication is already initialized; use an admin key to create credentials"
+                    .into(),
             ));
         }
         if admin.role != Role::Admin {
@@ -810,7 +827,10 @@ impl State {
         Ok(c)
     }
 
-    fn remove_node(&mut self, node_id: &str) -> Result<(Vec<Change>, String), (Response, Vec<Change>)> {
+    fn remove_node(
+        &mut self,
+        node_id: &str,
+    ) -> Result<(Vec<Change>, String), (Response, Vec<Change>)> {
         let Some(node) = self.nodes.get(node_id) else {
             return Err(rejected(
                 RejectionKind::NotFound,
@@ -917,287 +937,4 @@ impl State {
 }
 
 #[cfg(test)]
-mod tests {
-    use proptest::prelude::*;
-
-    use super::*;
-
-    fn spec(name: &str, version: &str) -> ModelSpec {
-        ModelSpec {
-            name: name.into(),
-            version: version.into(),
-            engine: "vllm".into(),
-            artifact_uri: "hf://org/model".into(),
-            memory_mib: 1000,
-            latency_slo_ms: 200,
-            min_replicas: 0,
-            max_replicas: 2,
-            priority: "normal".into(),
-            labels: BTreeMap::new(),
-        }
-    }
-
-    fn req(at_ms: u64, command: Command) -> Request {
-        Request {
-            at_ms,
-            actor: "test".into(),
-            command,
-        }
-    }
-
-    #[test]
-    fn create_then_new_version_then_delete_version() {
-        let mut state = State::default();
-        let (r, changes) = state.apply(3, &req(1000, Command::CreateModel(spec("m", "v1"))));
-        assert!(matches!(r, Response::Model(ref m) if m.revision == 3 && m.created_at_ms == 1000));
-        assert_eq!(changes, vec![Change::Model("m".into()), Change::Audit(3)]);
-        let (r, _) = state.apply(4, &req(2000, Command::CreateModel(spec("m", "v2"))));
-        let Response::Model(m) = r else {
-            panic!("{r:?}")
-        };
-        assert_eq!(m.versions.len(), 2);
-        assert_eq!((m.created_at_ms, m.updated_at_ms), (1000, 2000));
-        let (r, _) = state.apply(
-            5,
-            &req(
-                3000,
-                Command::DeleteModel {
-                    name: "m".into(),
-                    version: Some("v1".into()),
-                },
-            ),
-        );
-        assert_eq!(r, Response::Deleted { revision: 5 });
-        assert_eq!(state.models["m"].versions[0].version, "v2");
-        assert_eq!(state.audit.len(), 3);
-        state.check_consistency().unwrap();
-    }
-
-    #[test]
-    fn rejections_change_nothing() {
-        let mut state = State::default();
-        state.apply(1, &req(10, Command::CreateModel(spec("m", "v1"))));
-        let before = state.clone();
-        let bad = [
-            Command::CreateModel(spec("m", "v1")),
-            Command::CreateModel(ModelSpec {
-                min_replicas: 5,
-                ..spec("n", "v1")
-            }),
-            Command::DeleteModel {
-                name: "nope".into(),
-                version: None,
-            },
-            Command::DeleteModel {
-                name: "m".into(),
-                version: Some("v9".into()),
-            },
-            Command::DeleteModel {
-                name: "m".into(),
-                version: Some("v1".into()),
-            },
-            Command::UpdateModelLabels {
-                name: "m".into(),
-                set: BTreeMap::new(),
-                remove: vec![],
-            },
-            Command::UpdateModelLabels {
-                name: "m".into(),
-                set: [("a".to_string(), "1".to_string())].into(),
-                remove: vec!["a".into()],
-            },
-        ];
-        for (i, command) in bad.into_iter().enumerate() {
-            let (r, changes) = state.apply(2 + i as u64, &req(20, command.clone()));
-            assert!(matches!(r, Response::Rejected(_)), "{command:?} gave {r:?}");
-            assert!(changes.is_empty());
-            assert_eq!(state, before, "{command:?} changed the state");
-        }
-    }
-
-    fn node(id: &str) -> NodeInventory {
-        NodeInventory {
-            node_id: id.into(),
-            addr: "10.0.0.1:7600".into(),
-            cpu_cores: 8,
-            host_memory_bytes: 1 << 34,
-            labels: BTreeMap::new(),
-            cost_per_hour: 1.0,
-            probe: "simulated".into(),
-            driver_version: String::new(),
-            gpus: vec![node::Gpu {
-                index: 0,
-                uuid: format!("GPU-{id}"),
-                name: "NVIDIA L4".into(),
-                gpu_type: "l4".into(),
-                memory_bytes: 24 << 30,
-                compute_capability: (8, 9),
-                mig_enabled: false,
-                mig_devices: vec![],
-                nvlink_peers: vec![],
-                pci_bus_id: String::new(),
-                ecc_enabled: None,
-                power_limit_watts: 72,
-                calibration: Some(node::Calibration {
-                    sgemm_tflops: 30.0,
-                    hgemm_tflops: 120.0,
-                    copy_gbps: 300.0,
-                    skipped: String::new(),
-                }),
-            }],
-            agent_version: "0.1.0".into(),
-        }
-    }
-
-    #[test]
-    fn poisonous_registrations_are_refused_naming_the_field() {
-        let mut state = State::default();
-        let cases: Vec<(Box<dyn Fn(&mut NodeInventory)>, &str)> = vec![
-            (Box::new(|n| n.gpus[0].calibration.as_mut().unwrap().sgemm_tflops = f64::NAN), "calibration.sgemm_tflops"),
-            (Box::new(|n| n.gpus[0].calibration.as_mut().unwrap().hgemm_tflops = f64::INFINITY), "calibration.hgemm_tflops"),
-            (Box::new(|n| n.gpus[0].calibration.as_mut().unwrap().copy_gbps = -1.0), "calibration.copy_gbps"),
-            (Box::new(|n| n.gpus[0].calibration.as_mut().unwrap().copy_gbps = 1e300), "calibration.copy_gbps"),
-            (Box::new(|n| n.cost_per_hour = f64::NAN), "cost_per_hour"),
-            (Box::new(|n| n.addr = "not an address".into()), "addr"),
-            (Box::new(|n| n.gpus[0].name = "x".repeat(10_000)), "name"),
-            (Box::new(|n| n.gpus[0].gpu_type = "H100 SXM".into()), "gpu_type"),
-            (Box::new(|n| n.gpus[0].memory_bytes = u64::MAX), "memory"),
-            (Box::new(|n| n.gpus[0].nvlink_peers = vec!["p".into(); 1000]), "NVLink peers"),
-            (Box::new(|n| n.cpu_cores = u32::MAX), "cpu_cores"),
-        ];
-        for (i, (poison, field)) in cases.iter().enumerate() {
-            let mut inventory = node("n1");
-            poison(&mut inventory);
-            let (r, changes) = state.apply(i as u64 + 1, &req(1, Command::RegisterNode(inventory)));
-            let Response::Rejected(rejection) = r else { panic!("case {i} accepted") };
-            assert!(rejection.message.contains(field), "case {i}: {}", rejection.message);
-            assert!(changes.is_empty());
-        }
-        assert_eq!(state, State::default());
-    }
-
-    #[test]
-    fn gpu_types_in_the_fleet_are_bounded() {
-        let mut state = State::default();
-        for i in 0..node::MAX_GPU_TYPES {
-            let mut n = node(&format!("n{i}"));
-            n.gpus[0].gpu_type = format!("type-{i}");
-            let (r, _) = state.apply(i as u64 + 1, &req(1, Command::RegisterNode(n)));
-            assert!(matches!(r, Response::Node(_)), "{r:?}");
-        }
-        let mut n = node("one-too-many");
-        n.gpus[0].gpu_type = "type-new".into();
-        let (r, _) = state.apply(1000, &req(1, Command::RegisterNode(n)));
-        assert!(matches!(r, Response::Rejected(ref x) if x.message.contains("distinct GPU types")), "{r:?}");
-    }
-
-    fn credential(id: &str, role: Role, node: Option<&str>) -> Credential {
-        Credential {
-            id: id.into(),
-            principal: "p".into(),
-            role,
-            secret_sha256: [1; 32],
-            node_id: node.map(Into::into),
-            created_at_ms: 0,
-            created_by: "t".into(),
-            revision: 0,
-        }
-    }
-
-    #[test]
-    fn credentials_init_once_bind_one_node_and_go_with_it() {
-        let mut state = State::default();
-        let admin = credential("00000000000000aa", Role::Admin, None);
-        let init = Command::InitAuth { admin: admin.clone(), cluster_secret: [9; 32] };
-        assert!(matches!(state.apply(1, &req(5, init.clone())).0, Response::Credential(_)));
-        assert!(matches!(state.apply(2, &req(5, init)).0, Response::Rejected(ref r) if r.kind == RejectionKind::AlreadyExists));
-        let agent = credential("00000000000000bb", Role::Agent, Some("n1"));
-        assert!(matches!(state.apply(3, &req(5, Command::CreateCredential(agent))).0, Response::Credential(_)));
-        let twice = credential("00000000000000cc", Role::Agent, Some("n1"));
-        let (r, _) = state.apply(4, &req(5, Command::CreateCredential(twice)));
-        assert!(matches!(r, Response::Rejected(ref x) if x.message.contains("already holds agent credential")), "{r:?}");
-        let unbound = credential("00000000000000dd", Role::Agent, None);
-        assert!(matches!(state.apply(5, &req(5, Command::CreateCredential(unbound))).0, Response::Rejected(_)));
-        // A node is removed only when down or draining; its credential goes with it.
-        state.apply(6, &req(5, Command::RegisterNode(node("n1"))));
-        let remove = Command::RemoveNode { node_id: "n1".into() };
-        assert!(matches!(state.apply(7, &req(5, remove.clone())).0, Response::Rejected(_)));
-        state.apply(8, &req(5, Command::SetNodeScheduling { node_id: "n1".into(), action: Scheduling::Drain }));
-        assert!(matches!(state.apply(9, &req(5, remove)).0, Response::NodeRemoved { .. }));
-        assert!(state.nodes.is_empty());
-        assert_eq!(state.credentials.keys().collect::<Vec<_>>(), vec!["00000000000000aa"]);
-        state.check_consistency().unwrap();
-    }
-
-    #[test]
-    fn audit_retention_cuts_the_same_everywhere() {
-        let mut state = State::default();
-        for i in 1..=10 {
-            state.apply(i, &req(i, Command::Audit { action: "a".into(), target: "t".into(), detail: String::new() }));
-        }
-        let mut other = state.clone();
-        let trim = req(11, Command::TrimAudit { before_index: 8 });
-        let (r, changes) = state.apply(11, &trim);
-        assert_eq!(r, Response::Trimmed { removed: 7 });
-        assert_eq!(changes.len(), 7);
-        other.apply(11, &trim);
-        assert_eq!(state, other);
-        assert_eq!(state.audit.keys().copied().collect::<Vec<_>>(), vec![8, 9, 10]);
-    }
-
-    fn arb_command() -> impl Strategy<Value = Command> {
-        let name = prop::sample::select(vec!["a", "b", "c", "Bad"]);
-        let version = prop::sample::select(vec!["v1", "v2", "v3"]);
-        prop_oneof![
-            (name.clone(), version.clone(), 0u32..4, 0u32..4).prop_map(|(n, v, min, max)| {
-                Command::CreateModel(ModelSpec {
-                    min_replicas: min,
-                    max_replicas: max,
-                    ..spec(n, v)
-                })
-            }),
-            (name.clone(), prop::option::of(version)).prop_map(|(n, v)| Command::DeleteModel {
-                name: n.into(),
-                version: v.map(Into::into)
-            }),
-            (name, prop::sample::select(vec!["x", "y"]), any::<bool>()).prop_map(|(n, k, set)| {
-                if set {
-                    Command::UpdateModelLabels {
-                        name: n.into(),
-                        set: [(k.to_string(), "1".into())].into(),
-                        remove: vec![],
-                    }
-                } else {
-                    Command::UpdateModelLabels {
-                        name: n.into(),
-                        set: BTreeMap::new(),
-                        remove: vec![k.into()],
-                    }
-                }
-            }),
-        ]
-    }
-
-    proptest! {
-        /// Any sequence of commands keeps the invariants, a rejected command
-        /// changes nothing, and replaying the same log gives the same state.
-        #[test]
-        fn apply_is_deterministic_and_consistent(commands in prop::collection::vec(arb_command(), 0..60)) {
-            let mut state = State::default();
-            for (i, command) in commands.iter().enumerate() {
-                let before = state.clone();
-                let (response, changes) = state.apply(i as u64 + 1, &req(i as u64 * 7, command.clone()));
-                if matches!(response, Response::Rejected(_)) {
-                    prop_assert_eq!(&state, &before);
-                    prop_assert!(changes.is_empty());
-                }
-                prop_assert!(state.check_consistency().is_ok(), "{:?}", state.check_consistency());
-            }
-            let mut again = State::default();
-            for (i, command) in commands.iter().enumerate() {
-                again.apply(i as u64 + 1, &req(i as u64 * 7, command.clone()));
-            }
-            prop_assert_eq!(state, again);
-        }
-    }
-}
+mod tests;

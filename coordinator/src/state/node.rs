@@ -55,9 +55,9 @@ fn finite(field: &str, value: f64, max: f64) -> Result<(), String> {
 pub fn validate_gpu_type(t: &str) -> Result<(), String> {
     if t.is_empty()
         || t.len() > 64
-        || !t
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'_' | b'.'))
+        || !t.bytes().all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'_' | b'.')
+        })
     {
         return Err(format!(
             "gpu_type {t:?} must be 1 to 64 characters of lowercase letters, digits, '-', '_' and '.'"
@@ -83,7 +83,10 @@ impl Gpu {
         let i = self.index;
         let f = |name: &str| format!("GPU {i} {name}");
         if i >= MAX_GPUS as u32 * 4 {
-            return Err(format!("GPU index {i} is out of range; indices run below {}", MAX_GPUS * 4));
+            return Err(format!(
+                "GPU index {i} is out of range; indices run below {}",
+                MAX_GPUS * 4
+            ));
         }
         bounded(&f("uuid"), &self.uuid, 96)?;
         bounded(&f("name"), &self.name, 128)?;
@@ -120,7 +123,10 @@ impl Gpu {
             bounded(&f("MIG device uuid"), &m.uuid, 96)?;
             bounded(&f("MIG profile"), &m.profile, 32)?;
             if m.start.is_some_and(|s| s > 16) {
-                return Err(format!("GPU {i} MIG device {:?} starts at slice {:?}; a GPU has at most 8 slices", m.uuid, m.start));
+                return Err(format!(
+                    "GPU {i} MIG device {:?} starts at slice {:?}; a GPU has at most 8 slices",
+                    m.uuid, m.start
+                ));
             }
         }
         if let Some(c) = &self.calibration {
@@ -129,7 +135,6 @@ impl Gpu {
         Ok(())
     }
 }
-
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct MigDevice {

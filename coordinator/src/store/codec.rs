@@ -83,10 +83,7 @@ mod tests {
             decode::<(u64, String)>(&bytes).unwrap(),
             (7, "x".to_string())
         );
-        assert!(matches!(
-            decode::<u64>(b"{}"),
-            Err(CodecError::Short(2))
-        ));
+        assert!(matches!(decode::<u64>(b"{}"), Err(CodecError::Short(2))));
         assert!(matches!(
             decode::<u64>(b"{\"a\":1}"),
             Err(CodecError::Magic { .. })

@@ -35,13 +35,17 @@ fn golden_v1_dir() -> tempfile::TempDir {
         r#"{"kind":"talon-coordinator-data","format_version":1,"node_id":1}"#,
     )
     .unwrap();
-    let db = sled::Config::new().path(dir.path().join("db")).open().unwrap();
+    let db = sled::Config::new()
+        .path(dir.path().join("db"))
+        .open()
+        .unwrap();
     let trees: serde_json::Value = serde_json::from_str(GOLDEN_DIR).unwrap();
     for (name, rows) in trees.as_object().unwrap() {
         let tree = db.open_tree(name).unwrap();
         for row in rows.as_array().unwrap() {
             let key = unhex(row[0].as_str().unwrap());
-            tree.insert(key, row[1].as_str().unwrap().as_bytes()).unwrap();
+            tree.insert(key, row[1].as_str().unwrap().as_bytes())
+                .unwrap();
         }
     }
     db.flush().unwrap();
@@ -66,7 +70,14 @@ async fn format_1_directory_migrates_and_reads_the_same() {
             let applied = applied.read().unwrap();
             assert_eq!(applied.state, expected, "round {round}");
             assert_eq!(applied.last_applied.map(|l| l.index), Some(13));
-            assert_eq!(applied.membership.membership().voter_ids().collect::<Vec<_>>(), vec![1]);
+            assert_eq!(
+                applied
+                    .membership
+                    .membership()
+                    .voter_ids()
+                    .collect::<Vec<_>>(),
+                vec![1]
+            );
         }
         let mut log = LogStore::new(data.clone());
         let entries = log.try_get_log_entries(0..100).await.unwrap();
@@ -76,11 +87,21 @@ async fn format_1_directory_migrates_and_reads_the_same() {
             &entries[5].payload,
             EntryPayload::Normal(r) if matches!(&r.command, Command::RegisterNode(inv) if inv.gpus[0].calibration.as_ref().unwrap().hgemm_tflops == 700.25)
         ));
-        assert_eq!(log.read_vote().await.unwrap(), Some(openraft::Vote::new_committed(2, 1)));
-        assert_eq!(log.read_committed().await.unwrap().map(|l| l.index), Some(13));
+        assert_eq!(
+            log.read_vote().await.unwrap(),
+            Some(openraft::Vote::new_committed(2, 1))
+        );
+        assert_eq!(
+            log.read_committed().await.unwrap().map(|l| l.index),
+            Some(13)
+        );
         let state = log.get_log_state().await.unwrap();
         assert_eq!(state.last_log_id.map(|l| l.index), Some(13));
-        let snapshot = sm.get_current_snapshot().await.unwrap().expect("snapshot kept");
+        let snapshot = sm
+            .get_current_snapshot()
+            .await
+            .unwrap()
+            .expect("snapshot kept");
         let snap: super::Applied = codec::decode(snapshot.snapshot.get_ref()).unwrap();
         assert_eq!(snap.state, expected);
         for tree in [&data.log, &data.sm, &data.snapshot] {
@@ -114,8 +135,15 @@ fn text() -> impl Strategy<Value = String> {
 }
 
 fn arb_inventory() -> impl Strategy<Value = NodeInventory> {
-    (text(), finite(), finite(), 1u32..64, prop::option::of(0u32..8), any::<bool>()).prop_map(
-        |(id, cost, tflops, cores, start, mig)| NodeInventory {
+    (
+        text(),
+        finite(),
+        finite(),
+        1u32..64,
+        prop::option::of(0u32..8),
+        any::<bool>(),
+    )
+        .prop_map(|(id, cost, tflops, cores, start, mig)| NodeInventory {
             node_id: format!("n{id}"),
             addr: "10.0.0.1:7600".into(),
             cpu_cores: cores,
@@ -154,13 +182,17 @@ fn arb_inventory() -> impl Strategy<Value = NodeInventory> {
                 }),
             }],
             agent_version: "0.1.0".into(),
-        },
-    )
+        })
 }
 
 fn arb_credential() -> impl Strategy<Value = Credential> {
-    ("[0-9a-f]{16}", any::<[u8; 32]>(), 0usize..5, prop::option::of(text())).prop_map(
-        |(id, secret_sha256, role, node)| {
+    (
+        "[0-9a-f]{16}",
+        any::<[u8; 32]>(),
+        0usize..5,
+        prop::option::of(text()),
+    )
+        .prop_map(|(id, secret_sha256, role, node)| {
             let role = Role::ALL[role];
             Credential {
                 id,
@@ -172,8 +204,7 @@ fn arb_credential() -> impl Strategy<Value = Credential> {
                 created_by: "admin".into(),
                 revision: 0,
             }
-        },
-    )
+        })
 }
 
 /// Every kind of command, with names drawn from small sets so that
@@ -194,8 +225,12 @@ fn arb_command() -> impl Strategy<Value = Command> {
             priority: "normal".into(),
             labels: BTreeMap::new(),
         })),
-        (model.clone(), prop::option::of(version.clone()))
-            .prop_map(|(m, v)| Command::DeleteModel { name: m.into(), version: v.map(Into::into) }),
+        (model.clone(), prop::option::of(version.clone())).prop_map(|(m, v)| {
+            Command::DeleteModel {
+                name: m.into(),
+                version: v.map(Into::into),
+            }
+        }),
         model.clone().prop_map(|m| Command::UpdateModelLabels {
             name: m.into(),
             set: [("x".to_string(), "1".to_string())].into(),
@@ -211,34 +246,50 @@ fn arb_command() -> impl Strategy<Value = Command> {
             node_id: format!("n{n}"),
             action: [Scheduling::Cordon, Scheduling::Uncordon, Scheduling::Drain][a],
         }),
-        (model.clone(), version, text(), 1u32..1001).prop_map(|(m, v, n, milli)| Command::SetReplicas {
-            model: m.into(),
-            replicas: vec![Replica {
-                id: format!("{m}@{v}-0"),
+        (model.clone(), version, text(), 1u32..1001).prop_map(|(m, v, n, milli)| {
+            Command::SetReplicas {
                 model: m.into(),
-                version: v.into(),
-                node_id: format!("n{n}"),
-                gpu: 0,
-                milli,
-                memory_mib: 100,
-                created_at_ms: 0,
-                revision: 0,
-            }],
+                replicas: vec![Replica {
+                    id: format!("{m}@{v}-0"),
+                    model: m.into(),
+                    version: v.into(),
+                    node_id: format!("n{n}"),
+                    gpu: 0,
+                    milli,
+                    memory_mib: 100,
+                    created_at_ms: 0,
+                    revision: 0,
+                }],
+            }
         }),
-        (arb_credential(), any::<[u8; 32]>())
-            .prop_map(|(admin, cluster_secret)| Command::InitAuth { admin, cluster_secret }),
+        (arb_credential(), any::<[u8; 32]>()).prop_map(|(admin, cluster_secret)| {
+            Command::InitAuth {
+                admin,
+                cluster_secret,
+            }
+        }),
         arb_credential().prop_map(Command::CreateCredential),
         "[0-9a-f]{16}".prop_map(|id| Command::RevokeCredential { id }),
-        text().prop_map(|n| Command::RemoveNode { node_id: format!("n{n}") }),
+        text().prop_map(|n| Command::RemoveNode {
+            node_id: format!("n{n}")
+        }),
         (0u64..40).prop_map(|before_index| Command::TrimAudit { before_index }),
-        text().prop_map(|t| Command::Audit { action: "a".into(), target: t, detail: "d".into() }),
+        text().prop_map(|t| Command::Audit {
+            action: "a".into(),
+            target: t,
+            detail: "d".into()
+        }),
     ]
 }
 
 fn entry(index: u64, command: Command) -> Entry {
     Entry {
         log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
-        payload: EntryPayload::Normal(Request { at_ms: index * 10, actor: "t".into(), command }),
+        payload: EntryPayload::Normal(Request {
+            at_ms: index * 10,
+            actor: "t".into(),
+            command,
+        }),
     }
 }
 
@@ -294,22 +345,39 @@ async fn snapshots_round_trip() {
     let mut sm = StateMachineStore::open(data, Arc::new(Metrics::new())).unwrap();
     let (admin, _) = crate::admin::new_credential("admin", Role::Admin, None, "t");
     sm.apply(vec![
-        entry(1, Command::InitAuth { admin, cluster_secret: [3; 32] }),
-        entry(2, Command::RegisterNode(NodeInventory {
-            node_id: "n1".into(),
-            ..arb_inventory_fixed()
-        })),
+        entry(
+            1,
+            Command::InitAuth {
+                admin,
+                cluster_secret: [3; 32],
+            },
+        ),
+        entry(
+            2,
+            Command::RegisterNode(NodeInventory {
+                node_id: "n1".into(),
+                ..arb_inventory_fixed()
+            }),
+        ),
     ])
     .await
     .unwrap();
-    let snapshot = sm.get_snapshot_builder().await.build_snapshot().await.unwrap();
+    let snapshot = sm
+        .get_snapshot_builder()
+        .await
+        .build_snapshot()
+        .await
+        .unwrap();
     let other_dir = tempfile::tempdir().unwrap();
     let mut other = StateMachineStore::open(
         DataDir::open(other_dir.path(), 2).unwrap(),
         Arc::new(Metrics::new()),
     )
     .unwrap();
-    other.install_snapshot(&snapshot.meta, snapshot.snapshot).await.unwrap();
+    other
+        .install_snapshot(&snapshot.meta, snapshot.snapshot)
+        .await
+        .unwrap();
     let a = sm.shared().read().unwrap().state.clone();
     let b = other.shared().read().unwrap().state.clone();
     assert_eq!(a, b);

@@ -21,11 +21,11 @@
 //! with a message that says what to do, never silently reused.
 
 pub mod codec;
+#[cfg(test)]
+mod format_tests;
 mod log_store;
 mod migrate;
 mod state_machine;
-#[cfg(test)]
-mod format_tests;
 
 use std::path::{Path, PathBuf};
 
@@ -107,8 +107,7 @@ impl DataDir {
                         reason: format!("kind is {:?}, expected {MARKER_KIND:?}", marker.kind),
                     });
                 }
-                if marker.format_version != FORMAT_VERSION
-                    && marker.format_version != MIGRATES_FROM
+                if marker.format_version != FORMAT_VERSION && marker.format_version != MIGRATES_FROM
                 {
                     return Err(OpenError::Version {
                         path: path.to_path_buf(),
@@ -155,10 +154,11 @@ impl DataDir {
                     reason: format!("format key is unreadable: {e}"),
                 })?;
                 if found == MIGRATES_FROM {
-                    let converted = migrate::v1_to_v2(&db).map_err(|reason| OpenError::Migration {
-                        path: path.to_path_buf(),
-                        reason,
-                    })?;
+                    let converted =
+                        migrate::v1_to_v2(&db).map_err(|reason| OpenError::Migration {
+                            path: path.to_path_buf(),
+                            reason,
+                        })?;
                     meta.insert(
                         "format",
                         serde_json::to_vec(&FORMAT_VERSION).expect("u32 serializes"),

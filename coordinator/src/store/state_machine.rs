@@ -105,8 +105,7 @@ impl StateMachineStore {
             } else if k.as_ref() == AUTH {
                 applied.state.cluster_secret = Some(codec::decode(&v).map_err(read_err)?);
             } else if k.starts_with(AUDIT) {
-                let entry: crate::state::AuditEntry =
-                    codec::decode(&v).map_err(read_err)?;
+                let entry: crate::state::AuditEntry = codec::decode(&v).map_err(read_err)?;
                 applied.state.audit.insert(entry.index, entry);
             } else {
                 let key = String::from_utf8_lossy(&k).into_owned();
@@ -192,10 +191,7 @@ impl StateMachineStore {
             )
         };
         let mut batch = sled::Batch::default();
-        batch.insert(
-            SNAPSHOT_META,
-            codec::encode(meta).map_err(|e| err(&e))?,
-        );
+        batch.insert(SNAPSHOT_META, codec::encode(meta).map_err(|e| err(&e))?);
         batch.insert(SNAPSHOT_DATA, data);
         self.dir.snapshot.apply_batch(batch).map_err(|e| err(&e))?;
         Ok(())
@@ -376,8 +372,8 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         ) else {
             return Ok(None);
         };
-        let meta: SnapshotMeta = codec::decode(&meta)
-            .map_err(|e| StorageIOError::read_snapshot(None, any(e)))?;
+        let meta: SnapshotMeta =
+            codec::decode(&meta).map_err(|e| StorageIOError::read_snapshot(None, any(e)))?;
         Ok(Some(Snapshot {
             meta,
             snapshot: Box::new(Cursor::new(data.to_vec())),

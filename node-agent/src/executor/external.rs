@@ -62,7 +62,10 @@ pub fn check_artifact(artifact: &str) -> Result<(), String> {
             "artifact {artifact:?} starts with '-' and would read as a command-line option"
         ));
     }
-    if artifact.chars().any(|c| c.is_control() || c.is_whitespace()) {
+    if artifact
+        .chars()
+        .any(|c| c.is_control() || c.is_whitespace())
+    {
         return Err(format!(
             "artifact {artifact:?} contains whitespace or a control character"
         ));

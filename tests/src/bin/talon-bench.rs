@@ -492,13 +492,7 @@ async fn open_loop(
         let (http, url, body, key) = (http.clone(), url.to_string(), body.clone(), key.to_string());
         tasks.spawn(async move {
             let t = Instant::now();
-            match http
-                .post(&url)
-                .bearer_auth(&key)
-                .json(&*body)
-                .send()
-                .await
-            {
+            match http.post(&url).bearer_auth(&key).json(&*body).send().await {
                 Ok(r) if r.status().is_success() => r
                     .bytes()
                     .await
@@ -638,7 +632,10 @@ async fn b3(
                             "--node-id",
                             "b3",
                             "--credential-file",
-                            dir.path().join(format!("b3-{svc}.credential")).to_str().context("utf-8 path")?,
+                            dir.path()
+                                .join(format!("b3-{svc}.credential"))
+                                .to_str()
+                                .context("utf-8 path")?,
                             "--coordinators",
                             &grpc,
                             "--join-token",
@@ -653,8 +650,8 @@ async fn b3(
                             logs.to_str().context("utf-8 path")?,
                         ],
                     )?);
-                    let admin = talon_client::Client::pinned(grpc)?
-                        .with_key(cluster.admin_key().await?);
+                    let admin =
+                        talon_client::Client::pinned(grpc)?.with_key(cluster.admin_key().await?);
                     poll("the agent", Duration::from_secs(30), || async {
                         admin.get_node("b3").await.ok()
                     })
@@ -662,7 +659,9 @@ async fn b3(
                     let spec = model_spec("bench", "vllm", 4_000, 1);
                     admin.create_model(spec).await?;
                     // The load comes with an inference key, as applications' does.
-                    let app = admin.create_credential("b3-load", "inference", None).await?;
+                    let app = admin
+                        .create_credential("b3-load", "inference", None)
+                        .await?;
                     urls.push((
                         door.clone(),
                         format!("http://{}/v1/chat/completions", cluster.http_addr(0)),
@@ -1517,7 +1516,8 @@ async fn b4(
                 let _ = call.await;
             }));
         }
-        let admin = talon_client::Client::pinned(addr.clone())?.with_key(cluster.admin_key().await?);
+        let admin =
+            talon_client::Client::pinned(addr.clone())?.with_key(cluster.admin_key().await?);
         // Warm up until every node has reported, then measure.
         poll(
             "every agent reporting",
@@ -1599,9 +1599,14 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let _tls_dir = if cli.tls {
-        let dir = tempfile::Builder::new().prefix("tls").tempdir_in(&cli.base_dir)?;
+        let dir = tempfile::Builder::new()
+            .prefix("tls")
+            .tempdir_in(&cli.base_dir)?;
         talon_tests::clusters::enable_tls(&talon_bin_dir()?, dir.path())?;
-        eprintln!("talon-bench: TLS on (certificates in {})", dir.path().display());
+        eprintln!(
+            "talon-bench: TLS on (certificates in {})",
+            dir.path().display()
+        );
         Some(dir)
     } else {
         None

@@ -9,7 +9,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use openraft::error::{ClientWriteError, RaftError};
 use openraft::{ChangeMembers, ServerState};
@@ -20,153 +20,21 @@ use talon_proto::FORWARDED_METADATA_KEY;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
-use crate::auth::{self, AuthError, Principal};
-use crate::config::Config;
+use crate::auth;
 use crate::convert::{audit_to_wire, model_to_wire, node_to_wire, spec_from_wire};
 use crate::error::AdminError;
-use crate::metrics::{Metrics, WriteLabels};
-use crate::network::Faults;
-use crate::raft_types::{CoordinatorNode, NodeId, Raft};
+use crate::raft_types::{CoordinatorNode, NodeId};
 use crate::state::{self, Command, Credential, Permission, Role};
-use crate::store::{LogStore, SharedState};
 
 /// How long a joining learner may take to catch up before the join fails.
 const JOIN_CATCH_UP: Duration = Duration::from_secs(120);
 
-/// Everything the admin service needs from its coordinator.
-pub struct AdminContext {
-    /// TLS material for calls to other coordinators; `None`: plaintext.
-    pub tls: Option<crate::tls::TlsMaterial>,
-    pub id: NodeId,
-    pub raft: Raft,
-    pub state: SharedState,
-    pub log: LogStore,
-    pub metrics: Arc<Metrics>,
-    pub faults: Arc<Faults>,
-    pub config: Config,
-    pub telemetry: Arc<crate::telemetry::TelemetryStore>,
-}
-
-impl AdminContext {
-    /// The leader's id and address as this node knows them.
-    pub fn leader(&self) -> (Option<NodeId>, Option<String>) {
-        let metrics = self.raft.metrics().borrow().clone();
-        let leader = metrics.current_leader;
-        let addr = leader.and_then(|id| {
-            metrics
-                .membership_config
-                .membership()
-                .get_node(&id)
-                .map(|n| n.addr.clone())
-        });
-        (leader, addr)
-    }
-
-    /// Authenticates a call's key and checks that its role allows `p`.
-    /// With authentication off every caller is an anonymous admin, except
-    /// that agents always present their node's credential.
-    pub fn authorize(
-        &self,
-        key: Result<&str, AuthError>,
-        p: Permission,
-        what: &str,
-    ) -> Result<Principal, AuthError> {
-        if !self.config.auth.enabled && p != Permission::Agent {
-            return Ok(Principal::anonymous());
-        }
-        let key = key?;
-        let principal = {
-            let applied = self.state.read().expect("state lock poisoned");
-            auth::authenticate(&applied.state, key)?
-        };
-        principal.require(p, what)?;
-        Ok(principal)
-    }
-
-    /// [`authorize`](Self::authorize) for a gRPC request.
-    pub fn authorize_grpc<T>(
-        &self,
-        request: &Request<T>,
-        p: Permission,
-        what: &str,
-    ) -> Result<Principal, Status> {
-        self.authorize(auth::grpc_key(request), p, what)
-            .map_err(Status::from)
-    }
-
-    /// The cluster secret, once the first admin credential is recorded.
-    pub fn cluster_secret(&self) -> Option<[u8; 32]> {
-        self.state
-            .read()
-            .expect("state lock poisoned")
-            .state
-            .cluster_secret
-    }
-
-    /// Whether this node is the leader now.
-    pub fn is_leader(&self) -> bool {
-        self.raft.metrics().borrow().current_leader == Some(self.id)
-    }
-
-    /// Proposes a command on this node (the leader) and waits until it is
-    /// committed and applied.
-    pub async fn write(
-        &self,
-        op: &'static str,
-        actor: String,
-        command: Command,
-    ) -> Result<state::Response, AdminError> {
-        let started = Instant::now();
-        let request = state::Request {
-            at_ms: now_ms(),
-            actor,
-            command,
-        };
-        let timeout_ms = self.config.write_timeout_ms;
-        let outcome = tokio::time::timeout(
-            Duration::from_millis(timeout_ms),
-            self.raft.client_write(request),
-        )
-        .await;
-        let result = match outcome {
-            Err(_) => Err(AdminError::Timeout { timeout_ms }),
-            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
-                Err(AdminError::NotLeader {
-                    leader_addr: f.leader_node.map(|n| n.addr),
-                })
-            }
-            Ok(Err(e)) => Err(AdminError::Internal(e.to_string())),
-            Ok(Ok(reply)) => match reply.data {
-                state::Response::Rejected(r) => Err(AdminError::Rejected(r)),
-                response => Ok(response),
-            },
-        };
-        let label = match &result {
-            Ok(_) => "ok",
-            Err(AdminError::Rejected(_)) => "rejected",
-            Err(_) => "error",
-        };
-        let labels = WriteLabels { op, result: label };
-        self.metrics.writes.get_or_create(&labels).inc();
-        self.metrics
-            .write_duration
-            .get_or_create(&labels)
-            .observe(started.elapsed().as_secs_f64());
-        result
-    }
-}
+pub use crate::context::AdminContext;
 
 /// The admin service.
 pub struct Admin {
     ctx: Arc<AdminContext>,
     leaders: Mutex<HashMap<String, AdminServiceClient<Channel>>>,
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 fn credential_to_wire(c: &Credential) -> pb::Credential {
@@ -326,7 +194,9 @@ impl Admin {
         }
     }
 
-    fn membership_error(e: RaftError<NodeId, ClientWriteError<NodeId, CoordinatorNode>>) -> AdminError {
+    fn membership_error(
+        e: RaftError<NodeId, ClientWriteError<NodeId, CoordinatorNode>>,
+    ) -> AdminError {
         match e {
             RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => AdminError::NotLeader {
                 leader_addr: f.leader_node.map(|n| n.addr),
@@ -389,6 +259,8 @@ macro_rules! forward {
     };
 }
 
+mod credentials;
+
 #[tonic::async_trait]
 impl AdminService for Admin {
     async fn cluster_init(
@@ -426,7 +298,10 @@ impl AdminService for Admin {
             }
             let raft_addr = self.peer_raft_addr(member.node_id, &member.addr).await?;
             if nodes
-                .insert(member.node_id, CoordinatorNode::new(&member.addr, raft_addr))
+                .insert(
+                    member.node_id,
+                    CoordinatorNode::new(&member.addr, raft_addr),
+                )
                 .is_some()
             {
                 return Err(AdminError::InvalidArgument(format!(
@@ -443,7 +318,13 @@ impl AdminService for Admin {
             .join(",");
         // A node initialized before it could record its first admin (it
         // restarted in between) resumes here instead of refusing.
-        if !self.ctx.raft.is_initialized().await.map_err(|e| AdminError::Internal(e.to_string()))? {
+        if !self
+            .ctx
+            .raft
+            .is_initialized()
+            .await
+            .map_err(|e| AdminError::Internal(e.to_string()))?
+        {
             self.ctx.raft.initialize(nodes).await.map_err(|e| match e {
                 RaftError::APIError(openraft::error::InitializeError::NotAllowed(_)) => AdminError::FailedPrecondition(
                     "this node already belongs to a cluster (its log is not empty); use `cluster join` to add nodes".into(),
@@ -924,138 +805,34 @@ impl AdminService for Admin {
         &self,
         request: Request<pb::CreateCredentialRequest>,
     ) -> Result<Response<pb::CreateCredentialResponse>, Status> {
-        let principal =
-            self.ctx
-                .authorize_grpc(&request, Permission::Admin, "credential create")?;
-        let req = request.get_ref();
-        state::credential::validate_principal(&req.principal)
-            .map_err(AdminError::InvalidArgument)?;
-        let role = Role::parse(&req.role).map_err(AdminError::InvalidArgument)?;
-        let node_id = match (role, req.node_id.as_str()) {
-            (Role::Agent, "") => {
-                return Err(AdminError::InvalidArgument(
-                    "an agent credential needs --node <node id>".into(),
-                )
-                .into())
-            }
-            (Role::Agent, node) => {
-                state::node::validate_node_id(node).map_err(AdminError::InvalidArgument)?;
-                Some(node.to_string())
-            }
-            (_, "") => None,
-            (role, _) => {
-                return Err(AdminError::InvalidArgument(format!(
-                    "only agent credentials are bound to a node; drop --node for a {} credential",
-                    role.as_str()
-                ))
-                .into())
-            }
-        };
-        forward!(self, request, create_credential);
-        let (credential, key) = new_credential(&req.principal, role, node_id, &principal.name);
-        match self
-            .ctx
-            .write(
-                "create_credential",
-                principal.actor(),
-                Command::CreateCredential(credential),
-            )
-            .await?
-        {
-            state::Response::Credential(c) => Ok(Response::new(pb::CreateCredentialResponse {
-                credential: Some(credential_to_wire(&c)),
-                key,
-            })),
-            other => {
-                Err(AdminError::Internal(format!("unexpected apply response {other:?}")).into())
-            }
-        }
+        credentials::create(self, request).await
     }
 
     async fn list_credentials(
         &self,
         request: Request<pb::ListCredentialsRequest>,
     ) -> Result<Response<pb::ListCredentialsResponse>, Status> {
-        self.ctx
-            .authorize_grpc(&request, Permission::Admin, "credential list")?;
-        let applied = self.ctx.state.read().expect("state lock poisoned");
-        let credentials = applied
-            .state
-            .credentials
-            .values()
-            .map(credential_to_wire)
-            .collect();
-        Ok(Response::new(pb::ListCredentialsResponse { credentials }))
+        credentials::list(self, request).await
     }
 
     async fn revoke_credential(
         &self,
         request: Request<pb::RevokeCredentialRequest>,
     ) -> Result<Response<pb::RevokeCredentialResponse>, Status> {
-        let actor = self
-            .ctx
-            .authorize_grpc(&request, Permission::Admin, "credential revoke")?
-            .actor();
-        let id = request.get_ref().id.clone();
-        state::credential::validate_id(&id).map_err(AdminError::InvalidArgument)?;
-        forward!(self, request, revoke_credential);
-        match self
-            .ctx
-            .write("revoke_credential", actor, Command::RevokeCredential { id })
-            .await?
-        {
-            state::Response::Revoked { revision } => {
-                Ok(Response::new(pb::RevokeCredentialResponse { revision }))
-            }
-            other => {
-                Err(AdminError::Internal(format!("unexpected apply response {other:?}")).into())
-            }
-        }
+        credentials::revoke(self, request).await
     }
 
     async fn who_am_i(
         &self,
         request: Request<pb::WhoAmIRequest>,
     ) -> Result<Response<pb::WhoAmIResponse>, Status> {
-        let authenticated = self.ctx.config.auth.enabled;
-        let principal = if authenticated {
-            let applied = self.ctx.state.read().expect("state lock poisoned");
-            auth::grpc_key(&request)
-                .and_then(|key| auth::authenticate(&applied.state, key))
-                .map_err(Status::from)?
-        } else {
-            Principal::anonymous()
-        };
-        Ok(Response::new(pb::WhoAmIResponse {
-            credential_id: principal.credential,
-            principal: principal.name,
-            role: principal.role.as_str().into(),
-            authenticated,
-        }))
+        credentials::who_am_i(self, request).await
     }
 
     async fn remove_node(
         &self,
         request: Request<pb::RemoveNodeRequest>,
     ) -> Result<Response<pb::RemoveNodeResponse>, Status> {
-        let actor = self
-            .ctx
-            .authorize_grpc(&request, Permission::Write, "node remove")?
-            .actor();
-        let node_id = request.get_ref().node_id.clone();
-        state::node::validate_node_id(&node_id).map_err(AdminError::InvalidArgument)?;
-        forward!(self, request, remove_node);
-        match self
-            .ctx
-            .write("remove_node", actor, Command::RemoveNode { node_id })
-            .await?
-        {
-            state::Response::NodeRemoved { revision } => {
-                Ok(Response::new(pb::RemoveNodeResponse { revision }))
-            }
-            other => {
-                Err(AdminError::Internal(format!("unexpected apply response {other:?}")).into())
-            }
-        }
+        credentials::remove_node(self, request).await
     }
 }

@@ -1,0 +1,150 @@
+//! The shared handles of one coordinator: Raft, the applied state, the log,
+//! telemetry, metrics, configuration and TLS material. The admin, agent and
+//! inference APIs, the gateway and the leader's control loops all take an
+//! `Arc<AdminContext>`; the helpers here (who leads, propose a write, who is
+//! calling) are what they share.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use openraft::error::{ClientWriteError, RaftError};
+use tonic::{Request, Status};
+
+use crate::auth::{self, AuthError, Principal};
+use crate::config::Config;
+use crate::error::AdminError;
+use crate::metrics::{Metrics, WriteLabels};
+use crate::network::Faults;
+use crate::raft_types::{NodeId, Raft};
+use crate::state::{self, Command, Permission};
+use crate::store::{LogStore, SharedState};
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Everything the admin service needs from its coordinator.
+pub struct AdminContext {
+    /// TLS material for calls to other coordinators; `None`: plaintext.
+    pub tls: Option<crate::tls::TlsMaterial>,
+    pub id: NodeId,
+    pub raft: Raft,
+    pub state: SharedState,
+    pub log: LogStore,
+    pub metrics: Arc<Metrics>,
+    pub faults: Arc<Faults>,
+    pub config: Config,
+    pub telemetry: Arc<crate::telemetry::TelemetryStore>,
+}
+
+impl AdminContext {
+    /// The leader's id and address as this node knows them.
+    pub fn leader(&self) -> (Option<NodeId>, Option<String>) {
+        let metrics = self.raft.metrics().borrow().clone();
+        let leader = metrics.current_leader;
+        let addr = leader.and_then(|id| {
+            metrics
+                .membership_config
+                .membership()
+                .get_node(&id)
+                .map(|n| n.addr.clone())
+        });
+        (leader, addr)
+    }
+
+    /// Authenticates a call's key and checks that its role allows `p`.
+    /// With authentication off every caller is an anonymous admin, except
+    /// that agents always present their node's credential.
+    pub fn authorize(
+        &self,
+        key: Result<&str, AuthError>,
+        p: Permission,
+        what: &str,
+    ) -> Result<Principal, AuthError> {
+        if !self.config.auth.enabled && p != Permission::Agent {
+            return Ok(Principal::anonymous());
+        }
+        let key = key?;
+        let principal = {
+            let applied = self.state.read().expect("state lock poisoned");
+            auth::authenticate(&applied.state, key)?
+        };
+        principal.require(p, what)?;
+        Ok(principal)
+    }
+
+    /// [`authorize`](Self::authorize) for a gRPC request.
+    pub fn authorize_grpc<T>(
+        &self,
+        request: &Request<T>,
+        p: Permission,
+        what: &str,
+    ) -> Result<Principal, Status> {
+        self.authorize(auth::grpc_key(request), p, what)
+            .map_err(Status::from)
+    }
+
+    /// The cluster secret, once the first admin credential is recorded.
+    pub fn cluster_secret(&self) -> Option<[u8; 32]> {
+        self.state
+            .read()
+            .expect("state lock poisoned")
+            .state
+            .cluster_secret
+    }
+
+    /// Whether this node is the leader now.
+    pub fn is_leader(&self) -> bool {
+        self.raft.metrics().borrow().current_leader == Some(self.id)
+    }
+
+    /// Proposes a command on this node (the leader) and waits until it is
+    /// committed and applied.
+    pub async fn write(
+        &self,
+        op: &'static str,
+        actor: String,
+        command: Command,
+    ) -> Result<state::Response, AdminError> {
+        let started = Instant::now();
+        let request = state::Request {
+            at_ms: now_ms(),
+            actor,
+            command,
+        };
+        let timeout_ms = self.config.write_timeout_ms;
+        let outcome = tokio::time::timeout(
+            Duration::from_millis(timeout_ms),
+            self.raft.client_write(request),
+        )
+        .await;
+        let result = match outcome {
+            Err(_) => Err(AdminError::Timeout { timeout_ms }),
+            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
+                Err(AdminError::NotLeader {
+                    leader_addr: f.leader_node.map(|n| n.addr),
+                })
+            }
+            Ok(Err(e)) => Err(AdminError::Internal(e.to_string())),
+            Ok(Ok(reply)) => match reply.data {
+                state::Response::Rejected(r) => Err(AdminError::Rejected(r)),
+                response => Ok(response),
+            },
+        };
+        let label = match &result {
+            Ok(_) => "ok",
+            Err(AdminError::Rejected(_)) => "rejected",
+            Err(_) => "error",
+        };
+        let labels = WriteLabels { op, result: label };
+        self.metrics.writes.get_or_create(&labels).inc();
+        self.metrics
+            .write_duration
+            .get_or_create(&labels)
+            .observe(started.elapsed().as_secs_f64());
+        result
+    }
+}
