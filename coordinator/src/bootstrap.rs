@@ -19,11 +19,16 @@ use anyhow::Context;
 use crate::admin::AdminContext;
 use crate::config::Config;
 use crate::raft_types::Raft;
+use crate::tls::TlsMaterial;
 use crate::{auth, state};
 
 /// Bootstraps a one-node cluster unless a peer already belongs to one.
-pub async fn bootstrap_alone(raft: &Raft, config: &Config) -> anyhow::Result<()> {
-    if let Some(peer) = initialized_peer(config).await {
+pub async fn bootstrap_alone(
+    raft: &Raft,
+    config: &Config,
+    tls: Option<&TlsMaterial>,
+) -> anyhow::Result<()> {
+    if let Some(peer) = initialized_peer(config, tls).await {
         tracing::error!(
             %peer,
             "not bootstrapping: peer {peer} already belongs to a cluster and this node's data directory is empty; join this node from the cluster (talon cluster join) instead"
@@ -47,7 +52,7 @@ pub async fn bootstrap_alone(raft: &Raft, config: &Config) -> anyhow::Result<()>
 }
 
 /// The first of `bootstrap_peers` that answers as a member of a cluster.
-async fn initialized_peer(config: &Config) -> Option<String> {
+async fn initialized_peer(config: &Config, tls: Option<&TlsMaterial>) -> Option<String> {
     let peers: Vec<&String> = config
         .bootstrap_peers
         .iter()
@@ -63,7 +68,7 @@ async fn initialized_peer(config: &Config) -> Option<String> {
             if answered.contains(peer.as_str()) {
                 continue;
             }
-            match peer_initialized(peer, config).await {
+            match peer_initialized(peer, tls).await {
                 Some(true) => return Some(peer.to_string()),
                 Some(false) => {
                     answered.insert(peer.to_string());
@@ -86,10 +91,9 @@ async fn initialized_peer(config: &Config) -> Option<String> {
 
 /// Whether the coordinator at `addr` belongs to a cluster; `None` when it
 /// cannot be asked.
-async fn peer_initialized(addr: &str, config: &Config) -> Option<bool> {
+async fn peer_initialized(addr: &str, tls: Option<&TlsMaterial>) -> Option<bool> {
     use talon_proto::v1::admin_service_client::AdminServiceClient;
-    let tls = config.tls_material().ok().flatten();
-    let endpoint = crate::tls::peer_endpoint(addr, tls.as_ref())
+    let endpoint = crate::tls::peer_endpoint(addr, tls)
         .ok()?
         .connect_timeout(Duration::from_millis(500));
     let mut client = AdminServiceClient::new(endpoint.connect_lazy());

@@ -122,7 +122,7 @@ pub async fn run(
     );
 
     if config.bootstrap && !raft.is_initialized().await? {
-        bootstrap::bootstrap_alone(&raft, &config).await?;
+        bootstrap::bootstrap_alone(&raft, &config, tls.as_ref()).await?;
     }
     let metrics_task = tokio::spawn(export_raft_metrics(
         raft.clone(),

@@ -4,7 +4,6 @@
 //! agent process killed under load; an external engine behind the gateway.
 
 use std::path::PathBuf;
-use std::process::Command;
 use std::time::Duration;
 
 use talon_tests::{http_post, model_spec};
@@ -33,35 +32,20 @@ async fn openai_python_client_against_talon_up() {
     assert_eq!(nodes.len(), 2, "one simulated host per --host");
 
     let base_url = format!("http://{}/v1", up.http);
-    let key = up.key.clone();
-    let out = tokio::task::spawn_blocking(move || {
-        Command::new(python)
-            .arg(concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/python/openai_client.py"
-            ))
-            .args([&base_url, "demo", &key])
-            .output()
-            .expect("run python")
-    })
-    .await
-    .expect("python");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    for check in [
-        "unauthenticated ok",
-        "models ok",
-        "chat ok",
-        "stream ok",
-        "embeddings ok",
-        "unknown model ok",
-    ] {
-        assert!(stdout.contains(check), "{check} missing: {stdout}");
-    }
+    crate::harness::run_python_checks(
+        python,
+        "openai_client.py",
+        vec![base_url, "demo".into(), up.key.clone()],
+        &[
+            "unauthenticated ok",
+            "models ok",
+            "chat ok",
+            "stream ok",
+            "embeddings ok",
+            "unknown model ok",
+        ],
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

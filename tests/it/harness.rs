@@ -400,3 +400,30 @@ pub fn python_venv(name: &str, import: &str, packages: &[&str]) -> PathBuf {
     }
     python
 }
+
+/// Runs `script` (under `tests/python/`) with `python` and `args` off the
+/// async runtime; asserts that it succeeded and printed every line of
+/// `checks`.
+pub async fn run_python_checks(python: PathBuf, script: &str, args: Vec<String>, checks: &[&str]) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("python")
+        .join(script);
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(python)
+            .arg(script)
+            .args(args)
+            .output()
+            .expect("run python")
+    })
+    .await
+    .expect("python");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for check in checks {
+        assert!(stdout.contains(check), "{check} missing: {stdout}");
+    }
+}

@@ -2,8 +2,6 @@
 //! (Python's grpcio-tools) compiles them, and the generated Python client
 //! calls every service with and without credentials.
 
-use std::process::Command;
-
 use crate::harness::{python_venv, Cluster};
 
 const TOKEN: &str = "it-join-token-protos-0123";
@@ -22,34 +20,19 @@ async fn a_python_client_generated_by_protoc_calls_every_service() {
     let cluster = Cluster::form(1, &["--join-token", TOKEN]).await;
     let out_dir = tempfile::tempdir().expect("temp dir");
     let (addr, key) = (cluster.nodes[0].grpc.clone(), cluster.admin_key());
-    let out_path = out_dir.path().to_path_buf();
-    let out = tokio::task::spawn_blocking(move || {
-        Command::new(python)
-            .arg(concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/python/grpc_client.py"
-            ))
-            .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/../proto/proto"))
-            .arg(&out_path)
-            .args([&addr, &key, TOKEN])
-            .output()
-            .expect("run python")
-    })
-    .await
-    .expect("python");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    for check in [
-        "protoc ok",
-        "unauthenticated ok",
-        "admin ok",
-        "agent ok",
-        "inference ok",
-    ] {
-        assert!(stdout.contains(check), "{check} missing: {stdout}");
-    }
+    let proto = concat!(env!("CARGO_MANIFEST_DIR"), "/../proto/proto");
+    let out_path = out_dir.path().to_str().expect("utf-8").to_string();
+    crate::harness::run_python_checks(
+        python,
+        "grpc_client.py",
+        vec![proto.into(), out_path, addr, key, TOKEN.into()],
+        &[
+            "protoc ok",
+            "unauthenticated ok",
+            "admin ok",
+            "agent ok",
+            "inference ok",
+        ],
+    )
+    .await;
 }

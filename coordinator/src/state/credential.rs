@@ -9,6 +9,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::{rejected, Change, NodeState, RejectionKind, Response, State};
+
 /// Most credentials the registry holds (one per agent plus people and apps).
 pub const MAX_CREDENTIALS: usize = 100_000;
 /// Length of a credential id: 16 lowercase hex characters (64 random bits).
@@ -160,5 +162,131 @@ impl Credential {
             (None, _) => {}
         }
         Ok(())
+    }
+}
+
+/// The credential commands of [`State::apply`], and node removal (which
+/// takes the node's agent credential with it).
+impl State {
+    pub(super) fn init_auth(
+        &mut self,
+        index: u64,
+        at: u64,
+        admin: &Credential,
+        cluster_secret: &[u8; 32],
+    ) -> Result<Credential, (Response, Vec<Change>)> {
+        if self.cluster_secret.is_some() {
+            return Err(rejected(
+                RejectionKind::AlreadyExists,
+                "authentication is already initialized; use an admin key to create credentials"
+                    .into(),
+            ));
+        }
+        if admin.role != Role::Admin {
+            return Err(rejected(
+                RejectionKind::Invalid,
+                "the first credential must have the admin role".into(),
+            ));
+        }
+        let c = self.create_credential(index, at, admin)?;
+        self.cluster_secret = Some(*cluster_secret);
+        Ok(c)
+    }
+
+    pub(super) fn create_credential(
+        &mut self,
+        index: u64,
+        at: u64,
+        credential: &Credential,
+    ) -> Result<Credential, (Response, Vec<Change>)> {
+        credential
+            .validate()
+            .map_err(|m| rejected(RejectionKind::Invalid, m))?;
+        if self.credentials.contains_key(&credential.id) {
+            return Err(rejected(
+                RejectionKind::AlreadyExists,
+                format!("credential {:?} already exists", credential.id),
+            ));
+        }
+        if self.credentials.len() >= MAX_CREDENTIALS {
+            return Err(rejected(
+                RejectionKind::Invalid,
+                format!(
+                    "the registry holds {} credentials, the most it keeps; revoke unused ones first",
+                    MAX_CREDENTIALS
+                ),
+            ));
+        }
+        if let Some(node) = &credential.node_id {
+            if let Some(existing) = self
+                .credentials
+                .values()
+                .find(|c| c.node_id.as_ref() == Some(node))
+            {
+                return Err(rejected(
+                    RejectionKind::AlreadyExists,
+                    format!(
+                        "node {node:?} already holds agent credential {}; revoke it (talon credential revoke {}) or remove the node before it joins again",
+                        existing.id, existing.id
+                    ),
+                ));
+            }
+        }
+        let c = Credential {
+            created_at_ms: at,
+            revision: index,
+            ..credential.clone()
+        };
+        self.credentials.insert(c.id.clone(), c.clone());
+        Ok(c)
+    }
+
+    pub(super) fn remove_node(
+        &mut self,
+        node_id: &str,
+    ) -> Result<(Vec<Change>, String), (Response, Vec<Change>)> {
+        let Some(node) = self.nodes.get(node_id) else {
+            return Err(rejected(
+                RejectionKind::NotFound,
+                format!("node {node_id:?} is not registered"),
+            ));
+        };
+        if node.state != NodeState::Down && !node.draining {
+            return Err(rejected(
+                RejectionKind::Invalid,
+                format!(
+                    "node {node_id:?} is {} and not draining; drain it (talon node drain {node_id}) or wait until it is down before removing it",
+                    node.state.as_str()
+                ),
+            ));
+        }
+        self.nodes.remove(node_id);
+        let mut changes = vec![Change::Node(node_id.to_string())];
+        let replicas: Vec<String> = self
+            .replicas
+            .values()
+            .filter(|r| r.node_id == node_id)
+            .map(|r| r.id.clone())
+            .collect();
+        for id in &replicas {
+            self.replicas.remove(id);
+            changes.push(Change::Replica(id.clone()));
+        }
+        let credentials: Vec<String> = self
+            .credentials
+            .values()
+            .filter(|c| c.node_id.as_deref() == Some(node_id))
+            .map(|c| c.id.clone())
+            .collect();
+        for id in &credentials {
+            self.credentials.remove(id);
+            changes.push(Change::Credential(id.clone()));
+        }
+        let detail = format!(
+            "replicas={} credentials={}",
+            replicas.len(),
+            credentials.len()
+        );
+        Ok((changes, detail))
     }
 }

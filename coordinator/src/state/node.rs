@@ -11,6 +11,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use super::model::validate_labels;
+use super::{check_text, rejected, Change, RejectionKind, Response, State};
 
 /// Most GPUs one node may register.
 pub const MAX_GPUS: usize = 64;
@@ -367,6 +368,116 @@ pub fn next_lease_state(
         other => other,
     };
     (next != current).then_some(next)
+}
+
+/// The node commands of [`State::apply`]: registration, lease state,
+/// scheduling flags.
+impl State {
+    pub(super) fn register_node(
+        &mut self,
+        index: u64,
+        at: u64,
+        inventory: &NodeInventory,
+    ) -> Result<NodeRecord, (Response, Vec<Change>)> {
+        inventory
+            .validate()
+            .map_err(|m| rejected(RejectionKind::Invalid, m))?;
+        let mut types: std::collections::BTreeSet<&str> = self
+            .nodes
+            .values()
+            .filter(|n| n.inventory.node_id != inventory.node_id)
+            .flat_map(|n| n.inventory.gpus.iter().map(|g| g.gpu_type.as_str()))
+            .collect();
+        types.extend(inventory.gpus.iter().map(|g| g.gpu_type.as_str()));
+        if types.len() > MAX_GPU_TYPES {
+            return Err(rejected(
+                RejectionKind::Invalid,
+                format!(
+                    "registering node {:?} would bring the fleet to {} distinct GPU types; the most is {}: report catalog types (or \"unknown\")",
+                    inventory.node_id,
+                    types.len(),
+                    MAX_GPU_TYPES
+                ),
+            ));
+        }
+        let record = match self.nodes.get(&inventory.node_id) {
+            Some(existing) => NodeRecord {
+                inventory: inventory.clone(),
+                state: NodeState::Ready,
+                state_reason: "registered".into(),
+                state_changed_at_ms: if existing.state == NodeState::Ready {
+                    existing.state_changed_at_ms
+                } else {
+                    at
+                },
+                revision: index,
+                ..existing.clone()
+            },
+            None => NodeRecord {
+                inventory: inventory.clone(),
+                state: NodeState::Ready,
+                state_reason: "registered".into(),
+                schedulable: true,
+                draining: false,
+                registered_at_ms: at,
+                state_changed_at_ms: at,
+                revision: index,
+            },
+        };
+        self.nodes.insert(inventory.node_id.clone(), record.clone());
+        Ok(record)
+    }
+
+    pub(super) fn set_node_state(
+        &mut self,
+        index: u64,
+        at: u64,
+        node_id: &str,
+        state: NodeState,
+        reason: &str,
+    ) -> Result<NodeRecord, (Response, Vec<Change>)> {
+        check_text("reason", reason)?;
+        let Some(node) = self.nodes.get_mut(node_id) else {
+            return Err(rejected(
+                RejectionKind::NotFound,
+                format!("node {node_id:?} is not registered"),
+            ));
+        };
+        if node.state == state {
+            return Err(rejected(
+                RejectionKind::Invalid,
+                format!("node {node_id:?} is already {}", state.as_str()),
+            ));
+        }
+        node.state = state;
+        node.state_reason = reason.to_string();
+        node.state_changed_at_ms = at;
+        node.revision = index;
+        Ok(node.clone())
+    }
+
+    pub(super) fn set_node_scheduling(
+        &mut self,
+        index: u64,
+        node_id: &str,
+        action: Scheduling,
+    ) -> Result<NodeRecord, (Response, Vec<Change>)> {
+        let Some(node) = self.nodes.get_mut(node_id) else {
+            return Err(rejected(
+                RejectionKind::NotFound,
+                format!("node {node_id:?} is not registered"),
+            ));
+        };
+        let (schedulable, draining) = match action {
+            Scheduling::Cordon => (false, node.draining),
+            Scheduling::Uncordon => (true, false),
+            Scheduling::Drain => (false, true),
+        };
+        node.schedulable = schedulable;
+        node.draining = draining;
+        node.revision = index;
+        Ok(node.clone())
+    }
 }
 
 #[cfg(test)]
