@@ -4,10 +4,22 @@
 //! [`ClusterState::apply`] (a workload lands) and [`ClusterState::release`]
 //! (it leaves). Names are interned (GPU types to bit positions, anti-affinity
 //! groups to hashes) so that the engine's hot loop compares integers. Every
-//! change bumps the node's `version`, which policies use to invalidate what
-//! they memoised about that node.
+//! change gives the node a new `version`, which policies use to invalidate
+//! what they memoised about that node. Versions are drawn from one
+//! process-wide counter, so a version names one node state across every
+//! `ClusterState`: a policy reused on another state (or on a clone that has
+//! since diverged) can never mistake a node there for one it scored here.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Source of node versions (see the module docs); 0 is never handed out.
+static NEXT_VERSION: AtomicU64 = AtomicU64::new(1);
+
+/// A node version never handed out before in this process.
+fn next_version() -> u64 {
+    NEXT_VERSION.fetch_add(1, Ordering::Relaxed)
+}
 
 use crate::mig::{MigModel, MigOccupancy};
 use crate::types::{Assignment, GpuRequest, GpuSlice, Node, NodeId, Workload, MILLI};
@@ -90,7 +102,7 @@ pub struct NodeState {
     pub groups: Vec<(u64, u32)>,
     /// GPU shape tags of the workloads present (GpuClustering), with counts.
     pub tags: Vec<(u32, u32)>,
-    /// Bumped on every change.
+    /// New on every change, unique across all states of the process.
     pub version: u64,
     /// Number of workloads on the node.
     pub workloads: u32,
@@ -219,7 +231,7 @@ impl ClusterState {
                 mig: Vec::with_capacity(n.gpus.len()),
                 groups: Vec::new(),
                 tags: Vec::new(),
-                version: 0,
+                version: next_version(),
                 workloads: 0,
             };
             for g in &n.gpus {
@@ -339,7 +351,7 @@ impl ClusterState {
             n.bump_tag(tag, true);
         }
         n.workloads += 1;
-        n.version += 1;
+        n.version = next_version();
         Ok(())
     }
 
@@ -372,7 +384,7 @@ impl ClusterState {
             n.bump_tag(tag, false);
         }
         n.workloads -= 1;
-        n.version += 1;
+        n.version = next_version();
         Ok(())
     }
 

@@ -88,7 +88,7 @@ fn typical(state: &ClusterState, ws: &[Workload]) -> Arc<TypicalTasks> {
 fn run(kind: PolicyKind, nodes: &[Node], ws: &[Workload], seed: u64) -> Vec<Option<u32>> {
     let mut state = ClusterState::new(nodes).unwrap();
     let tt = typical(&state, ws);
-    let mut pol = kind.build(&tt, &tt);
+    let mut pol = kind.build(&tt, &tt, Default::default());
     let mut out = Vec::new();
     for (k, w) in ws.iter().enumerate() {
         let d = state.compile(w).unwrap();
@@ -165,7 +165,7 @@ proptest! {
         let problem = Problem { nodes: build_nodes(&nodes), workloads: build_workloads(&ws) };
         let state = ClusterState::new(&problem.nodes).unwrap();
         let tt = typical(&state, &problem.workloads);
-        let mut pol = PolicyKind::Talon.build(&tt, &tt);
+        let mut pol = PolicyKind::Talon.build(&tt, &tt, Default::default());
         let first = replan(&problem, &Solution::default(), pol.as_mut(), seed).unwrap();
         let second = replan(&problem, &first.solution, pol.as_mut(), seed).unwrap();
         prop_assert!(second.moved.is_empty());
@@ -180,7 +180,7 @@ fn explanation_names_every_node() {
     let w = Workload::new("w", 4000, 1024, GpuRequest::Fraction { milli: 500 });
     let d = state.compile(&w).unwrap();
     let tt = Arc::new(TypicalTasks::default());
-    let mut pol = PolicyKind::Talon.build(&tt, &tt);
+    let mut pol = PolicyKind::Talon.build(&tt, &tt, Default::default());
     let dec = decide(
         &state,
         &d,

@@ -3,6 +3,7 @@
 //! ```text
 //! talon-sim b1 [--trace default ...|all] [--seeds 10] [--policies all] [--out DIR] [--scale 10]
 //! talon-sim b7 [--out DIR]
+//! talon-sim variant --from default --name gpuspec33-s7 --gpu-spec 0.33 [--multi-gpu 0.2] --seed 7 --out DIR
 //! ```
 
 use std::path::PathBuf;
@@ -10,6 +11,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+use talon_scheduler::policy::talon::TalonConfig;
 use talon_scheduler::policy::PolicyKind;
 use talon_scheduler::sim::b1::{self, B1Config, RunResult};
 
@@ -48,9 +50,39 @@ enum Cmd {
         /// Worker threads.
         #[arg(long, default_value_t = 1)]
         jobs: usize,
+        /// Talon's ingredients as key=value,... over the default (`fgd` first
+        /// starts from FGD's choices): exact, pack_ties, coverage, lambda,
+        /// kappa, alpha. For the ablation.
+        #[arg(long, default_value = "")]
+        talon: String,
         /// Write b1_runs.csv, b1_curves.csv and b1_summary.json here.
         #[arg(long)]
         out: Option<PathBuf>,
+    },
+    /// Derive a trace variant (gpu_spec constraints, more gangs) for B1.
+    Variant {
+        #[arg(long, default_value = "../shared/data")]
+        data_dir: PathBuf,
+        /// Trace to derive from (openb_pod_list_<FROM>.csv).
+        #[arg(long, default_value = "default")]
+        from: String,
+        /// Name of the new trace (openb_pod_list_<NAME>.csv under OUT/openb).
+        #[arg(long)]
+        name: String,
+        /// Fraction of GPU tasks that get a gpu_spec.
+        #[arg(long, default_value_t = 0.0)]
+        gpu_spec: f64,
+        /// Fraction of those whose gpu_spec names two types.
+        #[arg(long, default_value_t = 0.3)]
+        spec_pair: f64,
+        /// Fraction of single-GPU tasks turned into 2/4/8-GPU gangs.
+        #[arg(long, default_value_t = 0.0)]
+        multi_gpu: f64,
+        #[arg(long, default_value_t = 7)]
+        seed: u64,
+        /// Data directory to write (gets openb/ with the node list and the trace).
+        #[arg(long)]
+        out: PathBuf,
     },
     /// B7: MIG plans for the ParvaGPU scenarios.
     B7 {
@@ -74,9 +106,33 @@ fn main() -> ExitCode {
             scale,
             ratio,
             jobs,
+            talon,
             out,
-        } => run_b1(
-            data_dir, trace, seeds, seed_base, &policies, scale, ratio, jobs, out,
+        } => TalonConfig::parse(&talon).and_then(|talon| {
+            run_b1(
+                data_dir, trace, seeds, seed_base, &policies, scale, ratio, jobs, talon, out,
+            )
+        }),
+        Cmd::Variant {
+            data_dir,
+            from,
+            name,
+            gpu_spec,
+            spec_pair,
+            multi_gpu,
+            seed,
+            out,
+        } => talon_scheduler::sim::variants::run_cli(
+            &data_dir,
+            &from,
+            &name,
+            &talon_scheduler::sim::variants::VariantSpec {
+                gpu_spec,
+                spec_pair,
+                multi_gpu,
+                seed,
+            },
+            &out,
         ),
         Cmd::B7 { data_dir, out } => talon_scheduler::sim::b7::run_cli(&data_dir, out.as_deref()),
     };
@@ -99,6 +155,7 @@ fn run_b1(
     scale: usize,
     ratio: f64,
     jobs: usize,
+    talon: TalonConfig,
     out: Option<PathBuf>,
 ) -> Result<(), String> {
     let policies: Vec<PolicyKind> = if policies == "all" {
@@ -137,6 +194,7 @@ fn run_b1(
         scale: scale.max(1),
         ratio,
         jobs,
+        talon,
     };
     eprintln!(
         "b1: {} trace(s) x {} policies x {} seeds, cluster x{}",

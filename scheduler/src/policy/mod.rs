@@ -225,12 +225,13 @@ impl PolicyKind {
     }
 
     /// Build the policy; FGD and Talon need a target task distribution
-    /// (FGD's popularity by count; Talon's by GPU demand, see
-    /// [`crate::policy::talon::talon_typical`]).
+    /// (FGD's: the popular shapes by count; Talon's from
+    /// [`crate::policy::talon::typical_for`] with the same `talon` config).
     pub fn build(
         self,
         typical: &Arc<TypicalTasks>,
         talon_typical: &Arc<TypicalTasks>,
+        talon: talon::TalonConfig,
     ) -> Box<dyn Policy> {
         match self {
             PolicyKind::Random => Box::new(random::RandomPolicy::default()),
@@ -239,7 +240,9 @@ impl PolicyKind {
             PolicyKind::GpuPacking => Box::new(gpu_packing::GpuPacking),
             PolicyKind::BestFit => Box::new(best_fit::BestFit),
             PolicyKind::Fgd => Box::new(fgd::Fgd::new(typical.clone())),
-            PolicyKind::Talon => Box::new(talon::Talon::new(talon_typical.clone())),
+            PolicyKind::Talon => {
+                Box::new(talon::Talon::configured(talon_typical.clone(), talon, true))
+            }
         }
     }
 }

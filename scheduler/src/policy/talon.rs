@@ -1,4 +1,4 @@
-//! Talon's placement policy: CPU-aware fragmentation gradient.
+//! Talon's placement policy: CPU- and type-aware fragmentation gradient.
 //!
 //! Documented in full in `scheduler/README.md`. In short, Talon scores a
 //! node by the exact change of
@@ -7,21 +7,28 @@
 //! F'(node) = F(node) + λ · max(0, gpu_free − cpu_free / ρ)
 //! ```
 //!
-//! where `F` is FGD's expected fragmentation against the target task
-//! distribution ([`crate::frag`]) and the second term counts *CPU-stranded*
-//! GPU capacity: free GPU milli that the node's free CPU cannot feed at the
-//! distribution's CPU-per-GPU ratio `ρ` (scaled by `RHO_SCALE`). FGD only
-//! sees CPU through the typical tasks that fit *now*; a CPU-only task or a
-//! CPU-heavy share that lands on an 8-GPU node with 12 cores per GPU leaves
-//! GPUs that no later task can use, which FGD does not count until it is too
-//! late. Ties (equal exact scores) go to the node that keeps less GPU free
-//! (pack, which keeps whole nodes free for gangs), then less CPU, then the
-//! lowest node id — deterministic, no randomness.
+//! plus a *type-pressure* charge `κ · P_T · milli` for taking `milli` of GPU
+//! type `T` with a task that could have gone elsewhere. `F` is FGD's expected
+//! fragmentation against the target task distribution ([`crate::frag`]):
+//! every observed shape, gangs weighted up by `count^α`. The second term of
+//! `F'` counts *CPU-stranded* GPU capacity: free GPU milli that the node's
+//! free CPU cannot feed at the distribution's CPU-per-GPU ratio `ρ` (scaled
+//! by `RHO_SCALE`). `P_T` is the share of the distribution's GPU demand that
+//! only type `T` (or a set of types including `T`) may serve, divided by
+//! `T`'s share of the free GPU capacity: FGD and the fragmentation measure
+//! see a type-constrained task only when it no longer fits, so unconstrained
+//! work fills the types constrained work needs; the charge sends it to the
+//! types nobody else asks for while they last.
+//!
+//! Ties (equal exact scores) go to the node that keeps less GPU free (pack,
+//! which keeps whole nodes free for gangs), then less CPU, then the lowest
+//! node id — deterministic, no randomness. Every ingredient can be switched
+//! off ([`TalonConfig`]) for the ablation in docs/benchmarks.md.
 
 use std::sync::Arc;
 
 use super::cache::{Probe, ScoreCache};
-use super::fgd::gpus_after_whole;
+use super::fgd::{fgd_score, gpus_after_whole};
 use super::{first_free_gpus, Policy, PolicyScore};
 use crate::engine::filter;
 use crate::frag::{TaskShape, TypicalTasks};
@@ -35,6 +42,10 @@ pub const LAMBDA: f64 = 0.5;
 /// The stranding threshold assumes tasks bring this much more CPU per GPU
 /// than the distribution's mean (CPU-hungry tasks are the ones that strand).
 pub const RHO_SCALE: f64 = 1.3;
+/// Weight of the type-pressure charge, per milli taken.
+pub const KAPPA: f64 = 0.5;
+/// A gang of `n` GPUs counts `n^ALPHA` tasks in the target distribution.
+pub const ALPHA: f64 = 0.5;
 
 /// Share of the observed tasks whose shapes form Talon's target
 /// distribution: all of them. FGD truncates at the most popular shapes
@@ -43,31 +54,154 @@ pub const RHO_SCALE: f64 = 1.3;
 /// score cache makes the longer list cheap).
 pub const COVERAGE: f64 = 1.0;
 
-/// Talon's target distribution: every observed task shape (CPU-only
-/// included), weighted by popularity.
+/// Talon's ingredients, each of which can be switched off (the ablation).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct TalonConfig {
+    /// Score the exact change (false: FGD's `⌊100·σ(Δ/1000)⌋`).
+    pub exact: bool,
+    /// Equal scores go to the node left with less free GPU, then CPU, then
+    /// the lowest id (false: a seeded random node order, as FGD).
+    pub pack_ties: bool,
+    /// Share of tasks whose shapes form the distribution (FGD: 0.95).
+    pub coverage: f64,
+    /// Weight of CPU-stranded GPU milli (0: off).
+    pub lambda: f64,
+    /// Weight of the type-pressure charge (0: off).
+    pub kappa: f64,
+    /// Gang popularity exponent (0: by count, as FGD).
+    pub alpha: f64,
+}
+
+impl Default for TalonConfig {
+    fn default() -> Self {
+        TalonConfig {
+            exact: true,
+            pack_ties: true,
+            coverage: COVERAGE,
+            lambda: LAMBDA,
+            kappa: KAPPA,
+            alpha: ALPHA,
+        }
+    }
+}
+
+impl TalonConfig {
+    /// FGD's choices expressed as a Talon configuration (the ablation base).
+    pub fn fgd_like() -> Self {
+        TalonConfig {
+            exact: false,
+            pack_ties: false,
+            coverage: 0.95,
+            lambda: 0.0,
+            kappa: 0.0,
+            alpha: 0.0,
+        }
+    }
+
+    /// Parse `key=value,...` over [`TalonConfig::default`]; keys `exact`,
+    /// `pack_ties`, `coverage`, `lambda`, `kappa`, `alpha`; `fgd` alone
+    /// starts from [`TalonConfig::fgd_like`] instead.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let mut c = TalonConfig::default();
+        for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            if part == "fgd" {
+                c = TalonConfig::fgd_like();
+                continue;
+            }
+            let (k, v) = part
+                .split_once('=')
+                .ok_or_else(|| format!("talon config {part:?}: expected key=value"))?;
+            let num = || {
+                v.parse::<f64>()
+                    .ok()
+                    .filter(|x| x.is_finite() && *x >= 0.0)
+                    .ok_or_else(|| format!("talon config {k}: {v:?} is not a number >= 0"))
+            };
+            let flag = || match v {
+                "true" | "1" | "on" => Ok(true),
+                "false" | "0" | "off" => Ok(false),
+                _ => Err(format!("talon config {k}: {v:?} is not true/false")),
+            };
+            match k {
+                "exact" => c.exact = flag()?,
+                "pack_ties" => c.pack_ties = flag()?,
+                "coverage" => c.coverage = num()?.min(1.0),
+                "lambda" => c.lambda = num()?,
+                "kappa" => c.kappa = num()?,
+                "alpha" => c.alpha = num()?,
+                _ => {
+                    return Err(format!(
+                    "talon config: unknown key {k:?}; use exact, pack_ties, coverage, lambda, kappa, alpha"
+                ))
+                }
+            }
+        }
+        Ok(c)
+    }
+}
+
+/// Talon's target distribution with the default configuration.
 pub fn talon_typical(
     shapes: impl IntoIterator<Item = TaskShape>,
     state: &ClusterState,
 ) -> Arc<TypicalTasks> {
-    TypicalTasks::from_shapes(shapes, COVERAGE, state)
+    typical_for(&TalonConfig::default(), shapes, state)
+}
+
+/// The target distribution of a configuration: shapes covering
+/// `coverage` of the tasks, a gang of `n` counting `n^alpha`.
+pub fn typical_for(
+    cfg: &TalonConfig,
+    shapes: impl IntoIterator<Item = TaskShape>,
+    state: &ClusterState,
+) -> Arc<TypicalTasks> {
+    let alpha = cfg.alpha;
+    TypicalTasks::from_weighted_shapes(
+        shapes,
+        |s| {
+            if s.count >= 2 {
+                (s.count as f64).powf(alpha)
+            } else {
+                1.0
+            }
+        },
+        cfg.coverage,
+        state,
+    )
 }
 
 pub struct Talon {
+    cfg: TalonConfig,
     typical: Arc<TypicalTasks>,
     /// CPU milli per GPU milli that a typical GPU task brings, × RHO_SCALE.
     cpu_per_gpu: f64,
     cache: ScoreCache<PolicyScore>,
     tmp: Vec<u32>,
+    /// Per GPU type id: share of the distribution's GPU demand that is
+    /// constrained to it (split over a spec's types by capacity), for the
+    /// state whose type table it was computed on (`dedicated_for`).
+    dedicated: Vec<f64>,
+    dedicated_for: Vec<String>,
+    /// Per type id, this decision: dedicated share / free share.
+    pressure: Vec<f64>,
+    /// This decision's demand may use more than one type and takes GPU.
+    charge: bool,
 }
 
 impl Talon {
     pub fn new(typical: Arc<TypicalTasks>) -> Self {
-        Self::with_cache(typical, true)
+        Self::configured(typical, TalonConfig::default(), true)
     }
 
     /// `cached = false` evaluates every node afresh on every decision (the
     /// reference the shared cache is tested against).
     pub fn with_cache(typical: Arc<TypicalTasks>, cached: bool) -> Self {
+        Self::configured(typical, TalonConfig::default(), cached)
+    }
+
+    /// A policy with the ingredients of `cfg`; `typical` should come from
+    /// [`typical_for`] with the same `cfg`.
+    pub fn configured(typical: Arc<TypicalTasks>, cfg: TalonConfig, cached: bool) -> Self {
         let (mut c, mut g) = (0.0, 0.0);
         for t in &typical.tasks {
             if t.milli > 0 {
@@ -76,10 +210,15 @@ impl Talon {
             }
         }
         Talon {
+            cfg,
             cpu_per_gpu: if g > 0.0 { RHO_SCALE * c / g } else { 0.0 },
             typical,
             cache: ScoreCache::new(cached),
             tmp: Vec::new(),
+            dedicated: Vec::new(),
+            dedicated_for: Vec::new(),
+            pressure: Vec::new(),
+            charge: false,
         }
     }
 
@@ -91,21 +230,32 @@ impl Talon {
     /// `F'`: fragmentation plus CPU-stranded GPU milli.
     pub fn frag(&self, cpu_left: u64, gpus: &[u32], types: u64) -> f64 {
         let f = self.typical.node_frag(cpu_left, gpus, types);
-        if self.cpu_per_gpu == 0.0 {
+        if self.cpu_per_gpu == 0.0 || self.cfg.lambda == 0.0 {
             return f;
         }
         let free: f64 = gpus.iter().map(|&g| g as f64).sum();
         let fed = cpu_left as f64 / self.cpu_per_gpu;
-        f + LAMBDA * (free - fed).max(0.0)
+        f + self.cfg.lambda * (free - fed).max(0.0)
     }
 
     fn evaluate(&mut self, n: &NodeState, d: &Demand, before: f64) -> (PolicyScore, u8) {
         let cpu_after = n.cpu_free - d.cpu_milli;
         let gpu_left = n.gpu_free_total() as i64 - d.total_milli() as i64;
+        let cfg = self.cfg;
         let mk = |after: f64, gpu_pick_free: i64| PolicyScore {
-            primary: (-(after - before) * SCALE).round() as i64,
-            secondary: -gpu_left * 1000 - gpu_pick_free,
-            tertiary: -(cpu_after as i64),
+            primary: if cfg.exact {
+                (-(after - before) * SCALE).round() as i64
+            } else {
+                fgd_score(before, after)
+            },
+            // the GPU left fullest inside the node, always (best fit); the
+            // node left fullest only with packing ties
+            secondary: if cfg.pack_ties { -gpu_left * 1000 } else { 0 } - gpu_pick_free,
+            tertiary: if cfg.pack_ties {
+                -(cpu_after as i64)
+            } else {
+                0
+            },
         };
         match &d.kind {
             DemandKind::Share { milli } => {
@@ -118,7 +268,6 @@ impl Talon {
                     self.tmp.extend_from_slice(&n.gpu_free);
                     self.tmp[i] -= *milli;
                     let after = self.frag(cpu_after, &self.tmp, n.type_mask);
-                    // between GPUs of equal gradient, the one left fuller (best fit)
                     let s = mk(after, (n.gpu_free[i] - *milli) as i64);
                     if best.is_none_or(|(b, _)| s > b) {
                         best = Some((s, i as u8));
@@ -139,19 +288,68 @@ impl Talon {
             }
         }
     }
-}
 
-impl Policy for Talon {
-    fn name(&self) -> &'static str {
-        "talon"
+    /// The distribution's constrained GPU demand per type of `state`.
+    fn dedicated_demand(&self, state: &ClusterState) -> Vec<f64> {
+        let types = state.gpu_types.len();
+        let mut cap = vec![0f64; types];
+        for n in &state.nodes {
+            for (i, c) in n.gpu_cap.iter().enumerate() {
+                cap[n.gpu_type[i] as usize] += *c as f64;
+            }
+        }
+        let mut dedicated = vec![0f64; types];
+        let mut total = 0.0;
+        for t in &self.typical.tasks {
+            let demand = t.freq * t.milli as f64 * t.count as f64;
+            total += demand;
+            if t.milli == 0 || t.type_mask == u64::MAX {
+                continue;
+            }
+            let allowed = |k: usize| (t.type_mask >> k) & 1 == 1;
+            let within: f64 = (0..types).filter(|&k| allowed(k)).map(|k| cap[k]).sum();
+            if within > 0.0 {
+                for k in (0..types).filter(|&k| allowed(k)) {
+                    dedicated[k] += demand * cap[k] / within;
+                }
+            }
+        }
+        if total > 0.0 {
+            dedicated.iter_mut().for_each(|x| *x /= total);
+        }
+        dedicated
     }
-    fn score_fields(&self) -> [&'static str; 3] {
-        ["-dFrag' (micro-GPU)", "-gpu_left_after", "-cpu_left_after"]
+
+    /// This decision's pressure per type: dedicated share / free share.
+    fn update_pressure(&mut self, state: &ClusterState, d: &Demand) {
+        self.charge = false;
+        if self.cfg.kappa == 0.0 || d.total_milli() == 0 || d.type_mask.count_ones() < 2 {
+            return;
+        }
+        if self.dedicated_for != state.gpu_types {
+            self.dedicated = self.dedicated_demand(state);
+            self.dedicated_for = state.gpu_types.clone();
+        }
+        if self.dedicated.iter().all(|&x| x == 0.0) {
+            return;
+        }
+        let mut free = vec![0f64; self.dedicated.len()];
+        for n in &state.nodes {
+            for (i, f) in n.gpu_free.iter().enumerate() {
+                free[n.gpu_type[i] as usize] += *f as f64;
+            }
+        }
+        let all: f64 = free.iter().sum();
+        self.pressure = free
+            .iter()
+            .zip(&self.dedicated)
+            .map(|(f, ded)| if *f > 0.0 { ded * all / f } else { 0.0 })
+            .collect();
+        self.charge = true;
     }
-    fn begin(&mut self, state: &ClusterState, d: &Demand, _nonce: u64) {
-        self.cache.begin(state.nodes.len(), d);
-    }
-    fn score(&mut self, state: &ClusterState, node: usize, d: &Demand) -> PolicyScore {
+
+    /// The node's score for this decision's shape, memoised per state.
+    fn base_score(&mut self, state: &ClusterState, node: usize, d: &Demand) -> PolicyScore {
         let n = &state.nodes[node];
         let (class, fresh) = match self.cache.probe(n, node) {
             Probe::Hit(s) => return s,
@@ -182,6 +380,38 @@ impl Policy for Talon {
         }
         s
     }
+}
+
+impl Policy for Talon {
+    fn name(&self) -> &'static str {
+        "talon"
+    }
+    fn score_fields(&self) -> [&'static str; 3] {
+        [
+            "-dFrag' - type pressure (micro-GPU)",
+            "-gpu_left_after",
+            "-cpu_left_after",
+        ]
+    }
+    fn random_ties(&self) -> bool {
+        !self.cfg.pack_ties
+    }
+    fn begin(&mut self, state: &ClusterState, d: &Demand, _nonce: u64) {
+        self.cache.begin(state.nodes.len(), d);
+        self.update_pressure(state, d);
+    }
+    fn score(&mut self, state: &ClusterState, node: usize, d: &Demand) -> PolicyScore {
+        let mut s = self.base_score(state, node, d);
+        if self.charge {
+            // the node's type among those the demand allows (nodes of one
+            // type: the only one; mixed nodes: the lowest id)
+            let n = &state.nodes[node];
+            let t = (n.type_mask & d.type_mask).trailing_zeros() as usize;
+            let p = self.pressure.get(t).copied().unwrap_or(0.0);
+            s.primary -= (self.cfg.kappa * p * d.total_milli() as f64 * SCALE).round() as i64;
+        }
+        s
+    }
     fn assign(
         &mut self,
         state: &ClusterState,
@@ -199,5 +429,95 @@ impl Policy for Talon {
             DemandKind::Whole { count } => first_free_gpus(n, d, *count),
             _ => super::best_fit_gpus(n, d),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::{decide, DecideOptions};
+    use crate::types::{Gpu, GpuRequest, Node, Workload};
+
+    fn node(name: &str, model: &str, gpus: usize) -> Node {
+        Node {
+            name: name.into(),
+            cpu_milli: 64_000,
+            memory_mib: 1 << 20,
+            gpus: (0..gpus).map(|_| Gpu::new(model)).collect(),
+            cost_per_hour: 0.0,
+        }
+    }
+
+    fn shape(milli: u32, spec: &str) -> TaskShape {
+        TaskShape {
+            cpu_milli: 4000,
+            milli,
+            count: 1,
+            gpu_spec: spec.into(),
+        }
+    }
+
+    #[test]
+    fn unconstrained_work_avoids_the_type_constrained_work_needs() {
+        // half of the demand may only run on A; B is free for anyone
+        let nodes = [node("a", "A", 4), node("b", "B", 4)];
+        let st = ClusterState::new(&nodes).unwrap();
+        let shapes = vec![shape(500, "A"), shape(500, "")];
+        let tt = talon_typical(shapes.clone(), &st);
+        let w = Workload::new("w", 4000, 0, GpuRequest::Fraction { milli: 500 });
+        let d = st.compile(&w).unwrap();
+        let pick = |cfg: TalonConfig| {
+            let mut p = Talon::configured(typical_for(&cfg, shapes.clone(), &st), cfg, true);
+            decide(&st, &d, &mut p, DecideOptions::default())
+                .assignment
+                .unwrap()
+                .node
+        };
+        assert_eq!(pick(TalonConfig::default()), 1, "goes to B");
+        // the charge: A carries all the constrained demand, B none
+        let mut p = Talon::new(tt);
+        p.begin(&st, &d, 0);
+        let (a, b) = (st.type_id("A").unwrap(), st.type_id("B").unwrap());
+        assert!(
+            (p.pressure[a as usize] - 1.0).abs() < 1e-9,
+            "{:?}",
+            p.pressure
+        );
+        assert_eq!(p.pressure[b as usize], 0.0);
+        let (sa, sb) = (p.score(&st, 0, &d), p.score(&st, 1, &d));
+        assert!(sb.primary - sa.primary >= 250_000, "{sa:?} {sb:?}");
+    }
+
+    #[test]
+    fn a_policy_reused_on_another_state_scores_that_state() {
+        // same node count, different contents: the cache must not carry
+        // the first state's scores over (versions are process-unique)
+        let shapes = vec![shape(500, ""), shape(1000, "")];
+        let s1 = ClusterState::new(&[node("x", "T4", 2), node("y", "T4", 1)]).unwrap();
+        let s2 = ClusterState::new(&[node("x", "T4", 1), node("y", "T4", 2)]).unwrap();
+        let w = Workload::new("w", 4000, 0, GpuRequest::Whole { count: 2 });
+        let tt = talon_typical(shapes, &s1);
+        let mut reused = Talon::new(tt.clone());
+        let d1 = s1.compile(&w).unwrap();
+        let first = decide(&s1, &d1, &mut reused, DecideOptions::default());
+        assert_eq!(first.assignment.unwrap().node, 0);
+        let d2 = s2.compile(&w).unwrap();
+        let again = decide(&s2, &d2, &mut reused, DecideOptions::default());
+        let fresh = decide(&s2, &d2, &mut Talon::new(tt), DecideOptions::default());
+        assert_eq!(again.assignment, fresh.assignment);
+        assert_eq!(again.assignment.unwrap().node, 1);
+    }
+
+    #[test]
+    fn config_parses_and_refuses_nonsense() {
+        let c = TalonConfig::parse("fgd,exact=true,lambda=0.5").unwrap();
+        assert!(c.exact && !c.pack_ties && c.lambda == 0.5 && c.coverage == 0.95);
+        assert_eq!(TalonConfig::parse("").unwrap(), TalonConfig::default());
+        assert!(TalonConfig::parse("lambda=-1")
+            .unwrap_err()
+            .contains("lambda"));
+        assert!(TalonConfig::parse("mu=1")
+            .unwrap_err()
+            .contains("unknown key"));
     }
 }

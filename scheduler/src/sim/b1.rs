@@ -22,6 +22,7 @@ use super::csv::LoadError;
 use super::openb::{load_nodes, load_tasks, scale_nodes, OpenbTask};
 use crate::engine::{decide, DecideOptions};
 use crate::frag::TypicalTasks;
+use crate::policy::talon::{typical_for, TalonConfig};
 use crate::policy::PolicyKind;
 use crate::rng::{mix2, Rng};
 use crate::state::{ClusterState, Demand};
@@ -93,17 +94,23 @@ pub struct Prepared {
     pub demands: Vec<Demand>,
     pub typical: Arc<TypicalTasks>,
     pub talon_typical: Arc<TypicalTasks>,
+    pub talon: TalonConfig,
     pub capacity: u64,
 }
 
 /// Load the cluster (scaled `scale` times) and a trace.
-pub fn prepare(data_dir: &Path, trace: &str, scale: usize) -> Result<Prepared, LoadError> {
+pub fn prepare(
+    data_dir: &Path,
+    trace: &str,
+    scale: usize,
+    talon: TalonConfig,
+) -> Result<Prepared, LoadError> {
     let nodes = load_nodes(&data_dir.join("openb/openb_node_list_gpu_node.csv"))?;
     let nodes = scale_nodes(&nodes, scale);
     let path = data_dir.join(format!("openb/openb_pod_list_{trace}.csv"));
     let mut tasks = load_tasks(&path)?;
     tasks.sort_by(|a, b| a.name.cmp(&b.name));
-    prepare_from(trace, &nodes, tasks).map_err(|msg| LoadError { path, line: 0, msg })
+    prepare_from(trace, &nodes, tasks, talon).map_err(|msg| LoadError { path, line: 0, msg })
 }
 
 /// Build a [`Prepared`] from in-memory nodes and tasks (tests use this).
@@ -111,6 +118,7 @@ pub fn prepare_from(
     trace: &str,
     nodes: &[crate::types::Node],
     tasks: Vec<OpenbTask>,
+    talon: TalonConfig,
 ) -> Result<Prepared, String> {
     let state0 = ClusterState::new(nodes).map_err(|e| e.to_string())?;
     let demands = tasks
@@ -118,8 +126,7 @@ pub fn prepare_from(
         .map(|t| state0.compile(&t.to_workload()).map_err(|e| e.to_string()))
         .collect::<Result<Vec<_>, _>>()?;
     let typical = TypicalTasks::from_shapes(tasks.iter().map(|t| t.shape()), 0.95, &state0);
-    let talon_typical =
-        crate::policy::talon::talon_typical(tasks.iter().map(|t| t.shape()), &state0);
+    let talon_typical = typical_for(&talon, tasks.iter().map(|t| t.shape()), &state0);
     let capacity = state0.gpu_capacity_milli();
     if capacity == 0 {
         return Err("cluster has no GPU capacity".into());
@@ -131,6 +138,7 @@ pub fn prepare_from(
         demands,
         typical,
         talon_typical,
+        talon,
         capacity,
     })
 }
@@ -202,7 +210,7 @@ pub fn run_one(
     seed: u64,
 ) -> Result<RunResult, String> {
     let mut state = prep.state0.clone();
-    let mut policy = kind.build(&prep.typical, &prep.talon_typical);
+    let mut policy = kind.build(&prep.typical, &prep.talon_typical, prep.talon);
     let cap = prep.capacity as f64;
     let mut sums = vec![(0.0f64, 0u32); MAX_ARRIVED + 2];
     let mut arrived = 0u64;
@@ -289,6 +297,8 @@ pub struct B1Config {
     pub scale: usize,
     pub ratio: f64,
     pub jobs: usize,
+    /// Talon's ingredients (the default, or an ablation step).
+    pub talon: TalonConfig,
 }
 
 /// Median of the present values.
@@ -313,7 +323,8 @@ pub fn run_all(
 ) -> Result<Vec<RunResult>, String> {
     let mut results = Vec::new();
     for trace in &cfg.traces {
-        let prep = prepare(&cfg.data_dir, trace, cfg.scale).map_err(|e| e.to_string())?;
+        let prep =
+            prepare(&cfg.data_dir, trace, cfg.scale, cfg.talon).map_err(|e| e.to_string())?;
         let orders: Vec<(u64, Vec<usize>)> = (0..cfg.seeds)
             .map(|s| {
                 let seed = cfg.seed_base + s;

@@ -10,3 +10,4 @@ pub mod b7;
 pub mod csv;
 pub mod openb;
 pub mod parvagpu;
+pub mod variants;
