@@ -51,10 +51,16 @@ pub enum FilterReason {
         need: u32,
         best: u32,
     },
-    /// Fewer than `need` allowed GPUs are wholly free.
+    /// Fewer than `need` allowed GPUs are wholly free in one NVLink domain.
     WholeGpus {
         need: u32,
         free: u32,
+    },
+    /// No allowed GPU has `need` MiB of memory with its share free; `best`
+    /// is the largest memory of an allowed GPU.
+    GpuMemory {
+        need: u64,
+        best: u64,
     },
     /// No allowed MIG GPU has a legal free position for the profile.
     MigSlot {
@@ -81,8 +87,15 @@ impl std::fmt::Display for FilterReason {
                 )
             }
             FilterReason::WholeGpus { need, free } => {
-                write!(f, "whole gpus: needs {need}, {free} wholly free")
+                write!(
+                    f,
+                    "whole gpus: needs {need} in one NVLink domain, {free} wholly free there"
+                )
             }
+            FilterReason::GpuMemory { need, best } => write!(
+                f,
+                "gpu memory: needs {need} MiB on one GPU, none with its share free (largest allowed GPU {best} MiB)"
+            ),
             FilterReason::MigSlot { profile } => {
                 write!(f, "mig: no legal free position for {profile}")
             }
@@ -138,17 +151,32 @@ pub fn filter(n: &NodeState, d: &Demand) -> Result<(), FilterReason> {
             if n.type_mask & d.type_mask == 0 {
                 return Err(FilterReason::GpuType);
             }
-            let mut free = 0;
-            for i in 0..n.gpu_free.len() {
-                if n.gpu_allowed(i, d.type_mask) && n.gpu_free[i] == n.gpu_cap[i] {
-                    free += 1;
-                }
-            }
+            let free = n.whole_free_in_domain(d.type_mask);
             if free >= *count {
                 Ok(())
             } else {
                 Err(FilterReason::WholeGpus { need: *count, free })
             }
+        }
+        DemandKind::Memory { mib } => {
+            if n.gpu_free.is_empty() {
+                return Err(FilterReason::NoGpus);
+            }
+            if n.type_mask & d.type_mask == 0 {
+                return Err(FilterReason::GpuType);
+            }
+            let mut best = 0;
+            for i in 0..n.gpu_free.len() {
+                if n.gpu_allowed(i, d.type_mask) {
+                    best = best.max(n.gpu_mem[i]);
+                }
+                if let Some(m) = d.milli_on(n, i) {
+                    if n.gpu_free[i] >= m {
+                        return Ok(());
+                    }
+                }
+            }
+            Err(FilterReason::GpuMemory { need: *mib, best })
         }
         DemandKind::Mig { profile } => {
             if n.mig.is_empty() {

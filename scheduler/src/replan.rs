@@ -169,7 +169,8 @@ pub fn replan(
 }
 
 fn most_common_reason(c: &[crate::engine::Candidate]) -> String {
-    let mut counts: Vec<(String, usize)> = Vec::new();
+    // (kind, nodes filtered for it, the first such node's full reason)
+    let mut counts: Vec<(String, usize, String)> = Vec::new();
     for cand in c {
         if let Outcome::Filtered(r) = &cand.outcome {
             let key = match r {
@@ -180,19 +181,20 @@ fn most_common_reason(c: &[crate::engine::Candidate]) -> String {
                 FilterReason::GpuType => "gpu type",
                 FilterReason::GpuShare { .. } => "gpu share",
                 FilterReason::WholeGpus { .. } => "whole gpus",
+                FilterReason::GpuMemory { .. } => "gpu memory",
                 FilterReason::MigSlot { .. } => "mig slot",
                 FilterReason::Excluded => "excluded",
             };
-            match counts.iter_mut().find(|(k, _)| k == key) {
+            match counts.iter_mut().find(|(k, _, _)| k == key) {
                 Some(e) => e.1 += 1,
-                None => counts.push((key.to_string(), 1)),
+                None => counts.push((key.to_string(), 1, r.to_string())),
             }
         }
     }
     counts.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
     counts
         .first()
-        .map(|(k, n)| format!("{k} ({n} nodes)"))
+        .map(|(_, n, why)| format!("{why} ({n} nodes)"))
         .unwrap_or_else(|| "no nodes".into())
 }
 

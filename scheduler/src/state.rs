@@ -52,13 +52,17 @@ pub enum DemandKind {
     Mig {
         profile: String,
     },
+    /// `mib` of device memory on one GPU (see [`Demand::milli_on`]).
+    Memory {
+        mib: u64,
+    },
 }
 
 impl Demand {
     /// Milli-GPU per GPU used and number of GPUs (FGD's `PodResource` view).
     pub fn gpu_shape(&self) -> (u32, u32) {
         match &self.kind {
-            DemandKind::None | DemandKind::Mig { .. } => (0, 0),
+            DemandKind::None | DemandKind::Mig { .. } | DemandKind::Memory { .. } => (0, 0),
             DemandKind::Share { milli } => (*milli, 1),
             DemandKind::Whole { count } => (MILLI, *count),
         }
@@ -70,11 +74,33 @@ impl Demand {
         m as u64 * n as u64
     }
 
+    /// Milli this demand takes on GPU `i` of `n`, if it can use that GPU at
+    /// all (allowed type, not MIG; for memory demands a known memory at
+    /// least `mib`). Free capacity is not checked.
+    pub fn milli_on(&self, n: &NodeState, i: usize) -> Option<u32> {
+        if !n.gpu_allowed(i, self.type_mask) {
+            return None;
+        }
+        match &self.kind {
+            DemandKind::Share { milli } => Some(*milli),
+            DemandKind::Whole { .. } => Some(n.gpu_cap[i]),
+            DemandKind::Memory { mib } => {
+                let mem = n.gpu_mem[i];
+                if mem == 0 || *mib > mem {
+                    return None;
+                }
+                let cap = n.gpu_cap[i] as u64;
+                Some((mib * cap).div_ceil(mem).clamp(1, cap) as u32)
+            }
+            DemandKind::None | DemandKind::Mig { .. } => None,
+        }
+    }
+
     /// GpuClustering's "affinity tag": 0 no GPU, 1 shared, 1+n for n whole.
     pub fn shape_tag(&self) -> u32 {
         match &self.kind {
             DemandKind::None => 0,
-            DemandKind::Share { .. } => 1,
+            DemandKind::Share { .. } | DemandKind::Memory { .. } => 1,
             DemandKind::Whole { count } => 1 + count,
             DemandKind::Mig { .. } => 100,
         }
@@ -94,6 +120,10 @@ pub struct NodeState {
     pub gpu_free: Vec<u32>,
     /// Type id of each GPU.
     pub gpu_type: Vec<u8>,
+    /// Device memory of each GPU, MiB (0: unknown).
+    pub gpu_mem: Vec<u64>,
+    /// NVLink domain of each GPU (gangs stay inside one).
+    pub gpu_domain: Vec<u32>,
     /// Union of `1 << type` over the node's GPUs.
     pub type_mask: u64,
     /// MIG model and occupancy of each GPU in MIG mode.
@@ -121,6 +151,25 @@ impl NodeState {
             .zip(&self.gpu_cap)
             .filter(|(f, c)| **c > 0 && f == c)
             .count() as u32
+    }
+
+    /// The largest number of wholly free allowed GPUs in one NVLink domain.
+    pub fn whole_free_in_domain(&self, type_mask: u64) -> u32 {
+        let mut best = 0;
+        for (k, &dom) in self.gpu_domain.iter().enumerate() {
+            if self.gpu_domain[..k].contains(&dom) {
+                continue;
+            }
+            let free = (0..self.gpu_free.len())
+                .filter(|&i| {
+                    self.gpu_domain[i] == dom
+                        && self.gpu_allowed(i, type_mask)
+                        && self.gpu_free[i] == self.gpu_cap[i]
+                })
+                .count() as u32;
+            best = best.max(free);
+        }
+        best
     }
 
     /// Whether GPU `i` may serve a demand with `type_mask`.
@@ -227,6 +276,8 @@ impl ClusterState {
                 gpu_cap: Vec::with_capacity(n.gpus.len()),
                 gpu_free: Vec::with_capacity(n.gpus.len()),
                 gpu_type: Vec::with_capacity(n.gpus.len()),
+                gpu_mem: n.gpus.iter().map(|g| g.memory_mib).collect(),
+                gpu_domain: n.gpus.iter().map(|g| g.nvlink_domain).collect(),
                 type_mask: 0,
                 mig: Vec::with_capacity(n.gpus.len()),
                 groups: Vec::new(),
@@ -319,6 +370,7 @@ impl ClusterState {
             GpuRequest::Mig { profile } => DemandKind::Mig {
                 profile: profile.clone(),
             },
+            GpuRequest::Memory { mib } => DemandKind::Memory { mib: *mib },
         };
         Ok(Demand {
             cpu_milli: w.cpu_milli,
@@ -446,7 +498,13 @@ impl ClusterState {
                         s.mig.is_none()
                             && s.milli == n.gpu_cap[s.gpu as usize]
                             && n.gpu_free[s.gpu as usize] == n.gpu_cap[s.gpu as usize]
+                            && n.gpu_domain[s.gpu as usize] == n.gpu_domain[a.gpus[0].gpu as usize]
                     })
+            }
+            DemandKind::Memory { .. } => {
+                a.gpus.len() == 1
+                    && a.gpus[0].mig.is_none()
+                    && d.milli_on(n, a.gpus[0].gpu as usize) == Some(a.gpus[0].milli)
             }
             DemandKind::Mig { profile } => {
                 a.gpus.len() == 1

@@ -28,7 +28,9 @@ pub struct Gpu {
     pub memory_mib: u64,
     /// `Some` when the GPU runs in MIG mode; it then serves only MIG requests.
     pub mig: Option<MigModel>,
-    /// GPUs of a node with the same domain id share an NVLink/NVSwitch fabric.
+    /// GPUs of a node with the same domain id share an NVLink/NVSwitch
+    /// fabric; a gang of whole GPUs stays inside one domain. PCIe cards
+    /// that share no NVLink each get a domain of their own.
     pub nvlink_domain: u32,
 }
 
@@ -69,6 +71,10 @@ pub enum GpuRequest {
     Whole { count: u32 },
     /// One MIG instance of the named profile (e.g. "3g.40gb").
     Mig { profile: String },
+    /// `mib` of device memory on one GPU: on a GPU of `M` MiB it takes
+    /// `⌈mib · 1000 / M⌉` milli (a replica asks for the memory it needs on
+    /// the GPU it lands on). GPUs of unknown memory cannot serve it.
+    Memory { mib: u64 },
 }
 
 impl GpuRequest {
@@ -78,7 +84,7 @@ impl GpuRequest {
             GpuRequest::None => 0,
             GpuRequest::Fraction { milli } => *milli as u64,
             GpuRequest::Whole { count } => *count as u64 * MILLI as u64,
-            GpuRequest::Mig { .. } => 0,
+            GpuRequest::Mig { .. } | GpuRequest::Memory { .. } => 0,
         }
     }
 }
@@ -118,6 +124,10 @@ impl Workload {
             )),
             GpuRequest::Whole { count } if *count == 0 => Err(format!(
                 "workload {}: whole-GPU request of 0 GPUs; use GpuRequest::None",
+                self.name
+            )),
+            GpuRequest::Memory { mib: 0 } => Err(format!(
+                "workload {}: GPU memory request of 0 MiB; use GpuRequest::None",
                 self.name
             )),
             GpuRequest::Mig { profile } if crate::mig::profile_by_name_any(profile).is_none() => {

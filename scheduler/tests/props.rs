@@ -12,6 +12,7 @@ use talon_scheduler::state::ClusterState;
 use talon_scheduler::types::{Gpu, GpuRequest, Node, Workload};
 
 const TYPES: [&str; 3] = ["A100", "T4", "V100"];
+const MEMORY: [u64; 3] = [81_920, 16_384, 32_768];
 
 fn arb_node() -> impl Strategy<Value = (u64, u64, usize, usize)> {
     (1u64..=16, 1u64..=64, 0usize..=8, 0usize..3)
@@ -21,7 +22,7 @@ fn arb_workload() -> impl Strategy<Value = (u64, u64, u32, u32, u8, bool)> {
     (
         0u64..=8,
         0u64..=16,
-        0u32..4,
+        0u32..5,
         1u32..1000,
         0u8..4,
         any::<bool>(),
@@ -35,7 +36,14 @@ fn build_nodes(spec: &[(u64, u64, usize, usize)]) -> Vec<Node> {
             name: format!("n{i}"),
             cpu_milli: cpu * 1000,
             memory_mib: mem * 1024,
-            gpus: (0..g).map(|_| Gpu::new(TYPES[t])).collect(),
+            // odd nodes: NVLink pairs (domains 0,0,1,1,..); even: one domain
+            gpus: (0..g)
+                .map(|k| Gpu {
+                    memory_mib: MEMORY[t],
+                    nvlink_domain: if i % 2 == 1 { k as u32 / 2 } else { 0 },
+                    ..Gpu::new(TYPES[t])
+                })
+                .collect(),
             cost_per_hour: 1.0,
         })
         .collect()
@@ -48,6 +56,9 @@ fn build_workloads(spec: &[(u64, u64, u32, u32, u8, bool)]) -> Vec<Workload> {
             let gpu = match kind {
                 0 => GpuRequest::None,
                 1 => GpuRequest::Fraction { milli },
+                4 => GpuRequest::Memory {
+                    mib: milli as u64 * 40,
+                },
                 _ => GpuRequest::Whole {
                     count: 1 + milli % 4,
                 },
@@ -111,6 +122,21 @@ fn run(kind: PolicyKind, nodes: &[Node], ws: &[Workload], seed: u64) -> Vec<Opti
                 let n = &state.nodes[a.node as usize];
                 for s in &a.gpus {
                     assert!(d.type_mask >> n.gpu_type[s.gpu as usize] & 1 == 1);
+                }
+                match w.gpu {
+                    // a gang inside one NVLink domain
+                    GpuRequest::Whole { count } => {
+                        assert_eq!(a.gpus.len(), count as usize);
+                        let dom = n.gpu_domain[a.gpus[0].gpu as usize];
+                        assert!(a.gpus.iter().all(|s| n.gpu_domain[s.gpu as usize] == dom));
+                    }
+                    // the memory asked for, as a share of that GPU's memory
+                    GpuRequest::Memory { mib } => {
+                        let g = a.gpus[0].gpu as usize;
+                        assert!(n.gpu_mem[g] >= mib);
+                        assert_eq!(a.gpus[0].milli as u64, (mib * 1000).div_ceil(n.gpu_mem[g]));
+                    }
+                    _ => {}
                 }
                 if let Some(g) = d.group {
                     assert!(!n.groups.iter().any(|(k, _)| *k == g));

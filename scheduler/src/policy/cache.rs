@@ -20,7 +20,8 @@
 //! all memoised scores stay valid, so there is nothing to invalidate: the old
 //! class still describes any other node in that state.
 //!
-//! The key covers everything the cached scores read. GPUs are sorted in the
+//! The key covers everything the cached scores read (per GPU: type, NVLink
+//! domain, capacity, free milli). GPUs are sorted in the
 //! key (the scores are symmetric in the GPU order) when every GPU has
 //! capacity 0 (MIG) or exactly 1000 milli; otherwise the GPU order is kept,
 //! since "the first wholly free GPUs" then depends on it. Memory is not in
@@ -180,14 +181,24 @@ impl<T: Copy> ScoreCache<T> {
         self.key.push(n.cpu_free);
         self.key.push(n.type_mask);
         let start = self.key.len();
+        // type (6 bits), NVLink domain (16), capacity (20), free (20): the
+        // multiset of these words fixes the node up to a relabelling of
+        // GPUs and domains, which no score depends on
+        let wide_domain = n.gpu_domain.iter().any(|&d| d >= 1 << 16);
         for i in 0..n.gpu_free.len() {
             self.key.push(
-                ((n.gpu_type[i] as u64) << 48)
-                    | ((n.gpu_cap[i] as u64) << 24)
+                ((n.gpu_type[i] as u64) << 56)
+                    | (((n.gpu_domain[i] & 0xffff) as u64) << 40)
+                    | ((n.gpu_cap[i] as u64) << 20)
                     | n.gpu_free[i] as u64,
             );
         }
-        if n.gpu_cap.iter().all(|&c| c == 0 || c == MILLI) {
+        if wide_domain {
+            // domain ids past 16 bits: keep them whole, in GPU order
+            self.key.push(u64::MAX - 1);
+            self.key.extend(n.gpu_domain.iter().map(|&d| d as u64));
+        }
+        if !wide_domain && n.gpu_cap.iter().all(|&c| c == 0 || c == MILLI) {
             self.key[start..].sort_unstable();
         } else {
             // order matters: mark the key as ordered so it never equals a sorted one

@@ -22,15 +22,39 @@ use crate::types::{GpuSlice, MILLI};
 pub type ShapeKey = (u64, u32, u32, u64);
 
 pub fn shape_key(d: &Demand) -> ShapeKey {
+    if let DemandKind::Memory { mib } = d.kind {
+        // never equal to a share's or a CPU-only task's key
+        return (
+            d.cpu_milli,
+            u32::MAX,
+            mib.min(u32::MAX as u64) as u32,
+            d.type_mask,
+        );
+    }
     let (m, n) = d.gpu_shape();
     (d.cpu_milli, m, n, d.type_mask)
 }
 
 /// The node after a task that is not a share lands (the artifact's
-/// `NodeResource.Sub`: whole GPUs come from the wholly free ones).
+/// `NodeResource.Sub`: whole GPUs come from the wholly free ones, inside
+/// one NVLink domain where the node has several).
 pub fn gpus_after_whole(n: &NodeState, count: u32, out: &mut Vec<u32>) {
     out.clear();
     out.extend_from_slice(&n.gpu_free);
+    let one_domain = n.gpu_domain.iter().all(|&d| d == n.gpu_domain[0]);
+    if !one_domain {
+        let d = Demand {
+            cpu_milli: 0,
+            memory_mib: 0,
+            kind: DemandKind::Whole { count },
+            type_mask: u64::MAX,
+            group: None,
+        };
+        for s in super::first_free_gpus(n, &d, count) {
+            out[s.gpu as usize] -= s.milli;
+        }
+        return;
+    }
     let mut need = count;
     for (g, c) in out.iter_mut().zip(&n.gpu_cap) {
         if need == 0 {
@@ -91,7 +115,9 @@ impl Fgd {
                 self.tmp = tmp;
                 fgd_score(before, after)
             }
-            DemandKind::None | DemandKind::Mig { .. } => {
+            // memory demands are scored as if they took no GPU (only Talon
+            // and BestFit size them per GPU); the filter has checked the fit
+            DemandKind::None | DemandKind::Mig { .. } | DemandKind::Memory { .. } => {
                 let after =
                     self.typical
                         .node_frag(n.cpu_free - d.cpu_milli, &n.gpu_free, n.type_mask);

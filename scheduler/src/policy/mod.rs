@@ -103,13 +103,43 @@ pub fn best_fit_gpus(n: &NodeState, d: &Demand) -> Vec<GpuSlice> {
         }
         DemandKind::Whole { count } => first_free_gpus(n, d, *count),
         DemandKind::Mig { profile } => mig_best_fit(n, d, profile),
+        DemandKind::Memory { .. } => {
+            // the GPU left with the least free milli (best fit)
+            let mut best: Option<(u32, usize, u32)> = None;
+            for i in 0..n.gpu_free.len() {
+                let Some(m) = d.milli_on(n, i) else { continue };
+                if n.gpu_free[i] >= m && best.is_none_or(|b| n.gpu_free[i] - m < b.0) {
+                    best = Some((n.gpu_free[i] - m, i, m));
+                }
+            }
+            best.map(|(_, i, m)| vec![slice(i, m)]).unwrap_or_default()
+        }
     }
 }
 
-/// The `count` lowest-indexed wholly free allowed GPUs.
+/// `count` wholly free allowed GPUs inside one NVLink domain: the domain
+/// with the fewest such GPUs that still has `count` (best fit, keeping
+/// larger domains whole for larger gangs), its lowest-indexed GPUs. On a
+/// node with one domain: the `count` lowest-indexed wholly free GPUs.
 pub fn first_free_gpus(n: &NodeState, d: &Demand, count: u32) -> Vec<GpuSlice> {
+    let free = |i: usize| n.gpu_allowed(i, d.type_mask) && n.gpu_free[i] == n.gpu_cap[i];
+    let mut best: Option<(u32, u32)> = None;
+    for (k, &dom) in n.gpu_domain.iter().enumerate() {
+        if n.gpu_domain[..k].contains(&dom) {
+            continue;
+        }
+        let here = (0..n.gpu_free.len())
+            .filter(|&i| n.gpu_domain[i] == dom && free(i))
+            .count() as u32;
+        if here >= count && best.is_none_or(|b| here < b.1) {
+            best = Some((dom, here));
+        }
+    }
+    let Some((dom, _)) = best else {
+        return Vec::new();
+    };
     (0..n.gpu_free.len())
-        .filter(|&i| n.gpu_allowed(i, d.type_mask) && n.gpu_free[i] == n.gpu_cap[i])
+        .filter(|&i| n.gpu_domain[i] == dom && free(i))
         .take(count as usize)
         .map(|i| slice(i, n.gpu_cap[i]))
         .collect()

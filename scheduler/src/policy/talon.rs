@@ -258,17 +258,22 @@ impl Talon {
             },
         };
         match &d.kind {
-            DemandKind::Share { milli } => {
+            DemandKind::Share { .. } | DemandKind::Memory { .. } => {
                 let mut best: Option<(PolicyScore, u8)> = None;
                 for i in 0..n.gpu_free.len() {
-                    if !n.gpu_allowed(i, d.type_mask) || n.gpu_free[i] < *milli {
+                    let Some(milli) = d.milli_on(n, i).filter(|m| n.gpu_free[i] >= *m) else {
                         continue;
-                    }
+                    };
                     self.tmp.clear();
                     self.tmp.extend_from_slice(&n.gpu_free);
-                    self.tmp[i] -= *milli;
+                    self.tmp[i] -= milli;
                     let after = self.frag(cpu_after, &self.tmp, n.type_mask);
-                    let s = mk(after, (n.gpu_free[i] - *milli) as i64);
+                    let mut s = mk(after, (n.gpu_free[i] - milli) as i64);
+                    if cfg.pack_ties && matches!(d.kind, DemandKind::Memory { .. }) {
+                        // gpu_left counted 0 taken (total_milli() does not
+                        // know the GPU); it is `milli` on this one
+                        s.secondary += milli as i64 * 1000;
+                    }
                     if best.is_none_or(|(b, _)| s > b) {
                         best = Some((s, i as u8));
                     }
@@ -401,6 +406,13 @@ impl Policy for Talon {
         self.update_pressure(state, d);
     }
     fn score(&mut self, state: &ClusterState, node: usize, d: &Demand) -> PolicyScore {
+        if let DemandKind::Memory { .. } = d.kind {
+            // the share depends on each GPU's memory, which the cache's key
+            // does not hold: evaluate afresh
+            let n = &state.nodes[node];
+            let before = self.frag(n.cpu_free, &n.gpu_free, n.type_mask);
+            return self.evaluate(n, d, before).0;
+        }
         let mut s = self.base_score(state, node, d);
         if self.charge {
             // the node's type among those the demand allows (nodes of one
@@ -421,10 +433,13 @@ impl Policy for Talon {
     ) -> Vec<GpuSlice> {
         let n = &state.nodes[node];
         match &d.kind {
-            DemandKind::Share { milli } => {
+            DemandKind::Share { .. } | DemandKind::Memory { .. } => {
                 let before = self.frag(n.cpu_free, &n.gpu_free, n.type_mask);
                 let (_, g) = self.evaluate(n, d, before);
-                vec![slice(g as usize, *milli)]
+                match d.milli_on(n, g as usize) {
+                    Some(milli) => vec![slice(g as usize, milli)],
+                    None => Vec::new(),
+                }
             }
             DemandKind::Whole { count } => first_free_gpus(n, d, *count),
             _ => super::best_fit_gpus(n, d),
