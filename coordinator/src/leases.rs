@@ -95,10 +95,13 @@ pub async fn run_reconciler(
         if !ctx.is_leader() {
             continue;
         }
-        let plan = {
+        // plan on a copy of what planning reads, off the state lock
+        let snapshot = {
             let applied = ctx.state.read().expect("state lock poisoned");
-            crate::reconcile::plan(&applied.state)
+            crate::reconcile::planning_view(&applied.state)
         };
+        let failed = crate::reconcile::failed_replicas(&snapshot, &ctx.telemetry);
+        let plan = crate::reconcile::plan_with(&snapshot, &failed);
         if plan.unplaced != last_unplaced {
             for (id, why) in &plan.unplaced {
                 tracing::warn!(replica = %id, %why, "replica cannot be placed");
@@ -106,7 +109,10 @@ pub async fn run_reconciler(
             last_unplaced = plan.unplaced;
         }
         for command in plan.commands {
-            if let Command::SetReplicas { model, replicas } = &command {
+            if let Command::SetReplicasChecked {
+                model, replicas, ..
+            } = &command
+            {
                 tracing::info!(%model, replicas = replicas.len(), "placing replicas");
             }
             if let Err(e) = ctx

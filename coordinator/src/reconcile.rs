@@ -1,25 +1,34 @@
 //! The replica reconciler: desired replicas per model (from the registry)
 //! → placements from the placement engine → commands for Raft.
 //!
-//! [`plan`] is pure: the committed state in, the `SetReplicas` commands that
-//! would close the gap out, plus what could not be placed and why. It hands
-//! the problem to `talon-scheduler`'s re-plan (keep what is still valid,
-//! place the rest; BestFit policy) so that a replica moves only when it
-//! must: its node went Down or is draining, or its model changed version.
-//! Suspect and cordoned nodes keep their replicas but take no new ones.
+//! [`plan`] is pure: the committed state (and the replicas agents report
+//! failed) in, the `SetReplicasChecked` commands that would close the gap
+//! out, plus what could not be placed and why. It hands the problem to
+//! `talon-scheduler`'s re-plan (keep what is still valid, place the rest;
+//! Talon's policy) so that a replica moves only when it must: its node went
+//! Down or is draining, its model changed version, or its agent reports it
+//! failed (it is then placed on another node, if one fits). Suspect and
+//! cordoned nodes keep their replicas but take no new ones.
 //!
-//! Mapping to the engine: a node's non-MIG GPUs are milli-GPU capacity; a
-//! replica asks for `ceil(memory / smallest eligible GPU memory × 1000)`
-//! milli on one GPU of a type with at least its memory. The engine does not
-//! model GPU memory per type yet, so a replica's share is sized against the
-//! smallest eligible type: conservative (never more memory than a GPU has),
-//! at the price of under-packing bigger GPUs. MIG instances and models
-//! larger than any GPU (sharding) are not placed here yet.
+//! Mapping to the engine: a node's non-MIG GPUs are milli-GPU capacity with
+//! their memory; a replica asks for its memory on one GPU
+//! (`GpuRequest::Memory`), which on a GPU of `M` MiB takes
+//! `⌈memory · 1000 / M⌉` milli — the memory it needs on the GPU it lands on,
+//! so a small GPU joining the fleet changes nobody's share. Each command
+//! carries the model's revision at planning time; the state machine refuses
+//! it if the model changed since. Planning is linear in nodes + GPUs +
+//! replicas. Replicas span one GPU here: multi-GPU (tensor-parallel),
+//! pipelined and MIG replicas are planned by `talon_scheduler::sharding` and
+//! the engine but not yet carried by the replica record (see
+//! docs/architecture.md).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 
-use talon_scheduler::policy::best_fit::BestFit;
+use talon_scheduler::frag::TaskShape;
+use talon_scheduler::policy::talon::{talon_typical, Talon};
 use talon_scheduler::replan::{replan, Problem, Solution};
+use talon_scheduler::state::ClusterState;
 use talon_scheduler::types::{Assignment, Gpu, GpuRequest, GpuSlice, Node, Workload, MILLI};
 
 use crate::state::{Command, NodeState, Replica, State};
@@ -39,8 +48,43 @@ struct Candidate<'a> {
     gpus: Vec<(u32, &'a str, u64, u32)>,
 }
 
+/// The part of the state planning reads (models, nodes, replicas), copied
+/// so that the leader plans without holding the state lock.
+pub fn planning_view(state: &State) -> State {
+    State {
+        models: state.models.clone(),
+        nodes: state.nodes.clone(),
+        replicas: state.replicas.clone(),
+        ..State::default()
+    }
+}
+
+/// Replicas whose node's agent reports them failed (id → node).
+pub fn failed_replicas(
+    state: &State,
+    telemetry: &crate::telemetry::TelemetryStore,
+) -> BTreeMap<String, String> {
+    state
+        .replicas
+        .values()
+        .filter(|r| telemetry.replica_state(&r.node_id, &r.id).as_deref() == Some("failed"))
+        .map(|r| (r.id.clone(), r.node_id.clone()))
+        .collect()
+}
+
 /// Plans the replicas of every model against the committed `state`.
 pub fn plan(state: &State) -> Plan {
+    plan_with(state, &BTreeMap::new())
+}
+
+/// [`plan`], with the replicas agents report failed (replica id → node id):
+/// each is placed anew on another node.
+pub fn plan_with(state: &State, failed: &BTreeMap<String, String>) -> Plan {
+    // Milli held per (node, GPU), in one pass over the replicas.
+    let mut held: HashMap<(&str, u32), u32> = HashMap::new();
+    for r in state.replicas.values() {
+        *held.entry((r.node_id.as_str(), r.gpu)).or_default() += r.milli;
+    }
     // Nodes that keep their replicas: not Down and not draining. Only Ready,
     // schedulable nodes take new ones; on the others a GPU offers exactly
     // the share its current replicas hold, so nothing new fits there.
@@ -50,28 +94,21 @@ pub fn plan(state: &State) -> Plan {
         .filter(|n| n.state != NodeState::Down && !n.draining)
         .map(|n| {
             let new_work = n.state == NodeState::Ready && n.schedulable;
-            let used = |gpu: u32| -> u32 {
-                let held: u32 = state
-                    .replicas
-                    .values()
-                    .filter(|r| r.node_id == n.inventory.node_id && r.gpu == gpu)
-                    .map(|r| r.milli)
-                    .sum();
-                held.min(MILLI)
-            };
+            let id = n.inventory.node_id.as_str();
             Candidate {
-                node_id: &n.inventory.node_id,
+                node_id: id,
                 gpus: n
                     .inventory
                     .gpus
                     .iter()
                     .filter(|g| !g.mig_enabled)
                     .map(|g| {
+                        let used = held.get(&(id, g.index)).copied().unwrap_or(0).min(MILLI);
                         (
                             g.index,
                             g.gpu_type.as_str(),
                             g.memory_bytes >> 20,
-                            if new_work { MILLI } else { used(g.index) },
+                            if new_work { MILLI } else { used },
                         )
                     })
                     .filter(|g| g.3 > 0)
@@ -89,7 +126,9 @@ pub fn plan(state: &State) -> Plan {
                 .gpus
                 .iter()
                 .map(|(_, t, mem, milli)| Gpu {
-                    memory_mib: *mem,
+                    // a GPU offering only part of itself (a node taking no
+                    // new work) has that part of its memory to give
+                    memory_mib: mem * u64::from(*milli) / u64::from(MILLI),
                     milli: *milli,
                     ..Gpu::new(t)
                 })
@@ -97,6 +136,11 @@ pub fn plan(state: &State) -> Plan {
             cost_per_hour: 0.0,
         })
         .collect();
+    let largest_gpu = candidates
+        .iter()
+        .flat_map(|c| c.gpus.iter().map(|g| g.2))
+        .max()
+        .unwrap_or(0);
 
     let mut workloads = Vec::new();
     let mut wanted: BTreeMap<String, (String, String, u64)> = BTreeMap::new();
@@ -105,12 +149,7 @@ pub fn plan(state: &State) -> Plan {
         let Some(version) = model.versions.last() else {
             continue;
         };
-        let mem = version.memory_mib;
-        let eligible: Vec<u64> = candidates
-            .iter()
-            .flat_map(|c| c.gpus.iter().map(|g| g.2))
-            .filter(|m| *m >= mem)
-            .collect();
+        let mem = version.memory_mib.max(1);
         // Replicas of a model spread over nodes (a node loss takes one) when
         // enough schedulable nodes have a GPU big enough; else they stack.
         let hosts = candidates
@@ -120,61 +159,96 @@ pub fn plan(state: &State) -> Plan {
         let spread = (hosts >= model.min_replicas as usize).then(|| model.name.clone());
         for k in 0..model.min_replicas {
             let id = format!("{}@{}-{k}", model.name, version.version);
-            let Some(smallest) = eligible.iter().min() else {
-                unplaced.push((id, format!("no Ready, schedulable GPU has {mem} MiB")));
+            if mem > largest_gpu {
+                unplaced.push((
+                    id,
+                    format!(
+                        "needs {mem} MiB on one GPU; the largest Ready, schedulable GPU has {largest_gpu} MiB (a model this large needs a multi-GPU plan, not carried by replicas yet)"
+                    ),
+                ));
                 continue;
-            };
-            let milli =
-                ((mem * u64::from(MILLI)).div_ceil(*smallest)).clamp(1, u64::from(MILLI)) as u32;
-            let gpu = if milli >= MILLI {
-                GpuRequest::Whole { count: 1 }
-            } else {
-                GpuRequest::Fraction { milli }
-            };
-            let types = candidates
-                .iter()
-                .flat_map(|c| c.gpus.iter())
-                .filter(|g| g.2 >= mem)
-                .map(|g| g.1.to_string())
-                .collect::<std::collections::BTreeSet<_>>()
-                .into_iter()
-                .collect();
+            }
             workloads.push(Workload {
-                gpu_types: types,
                 anti_affinity: spread.clone(),
-                ..Workload::new(&id, 0, 0, gpu)
+                ..Workload::new(&id, 0, 0, GpuRequest::Memory { mib: mem })
             });
             wanted.insert(id, (model.name.clone(), version.version.clone(), mem));
         }
     }
 
-    // The previous solution: current replicas still on a candidate GPU.
+    // The previous solution: current replicas still on a candidate GPU,
+    // holding the share their memory takes on that GPU (a record written by
+    // an older reconciler may hold another share: it is re-sized in place).
+    let index: HashMap<&str, usize> = candidates
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (c.node_id, i))
+        .collect();
     let mut previous = Solution::default();
     for r in state.replicas.values() {
-        let Some((n, c)) = candidates
-            .iter()
-            .enumerate()
-            .find(|(_, c)| c.node_id == r.node_id)
-        else {
+        let Some(&n) = index.get(r.node_id.as_str()) else {
             continue;
         };
+        let c = &candidates[n];
         let Some(pos) = c.gpus.iter().position(|g| g.0 == r.gpu) else {
             continue;
         };
-        let milli = if r.milli >= MILLI { MILLI } else { r.milli };
-        let assignment = Assignment {
-            node: n as u32,
-            gpus: vec![GpuSlice {
-                gpu: pos as u8,
-                milli,
-                mig: None,
-            }],
+        let gpu = &nodes[n].gpus[pos];
+        let milli = match wanted.get(&r.id) {
+            Some((_, _, mem)) if gpu.memory_mib > 0 => (mem * u64::from(gpu.milli))
+                .div_ceil(gpu.memory_mib)
+                .clamp(1, u64::from(gpu.milli))
+                as u32,
+            _ => r.milli.min(MILLI),
         };
-        previous.assignments.insert(r.id.clone(), assignment);
+        previous.assignments.insert(
+            r.id.clone(),
+            Assignment {
+                node: n as u32,
+                gpus: vec![GpuSlice {
+                    gpu: pos as u8,
+                    milli,
+                    mig: None,
+                }],
+            },
+        );
     }
 
-    let problem = Problem { nodes, workloads };
-    let solved = match replan(&problem, &previous, &mut BestFit, 0) {
+    // Replicas their agent reports failed: placed anew, elsewhere.
+    let avoid: BTreeMap<String, Vec<String>> = failed
+        .iter()
+        .filter(|(id, _)| wanted.contains_key(*id))
+        .map(|(id, node)| (id.clone(), vec![node.clone()]))
+        .collect();
+
+    // Talon's policy, its target distribution the replicas themselves
+    // (their share of the largest GPU).
+    let shapes: Vec<TaskShape> = wanted
+        .values()
+        .map(|(_, _, mem)| TaskShape {
+            cpu_milli: 0,
+            milli: ((mem * u64::from(MILLI)).div_ceil(largest_gpu.max(1))).clamp(1, 1000) as u32,
+            count: 1,
+            gpu_spec: String::new(),
+        })
+        .collect();
+    let problem = Problem {
+        nodes,
+        workloads,
+        avoid,
+    };
+    let typical = match ClusterState::new(&problem.nodes) {
+        Ok(st) => talon_typical(shapes, &st),
+        Err(e) => {
+            unplaced.push(("*".into(), format!("placement engine error: {e}")));
+            return Plan {
+                commands: Vec::new(),
+                unplaced,
+            };
+        }
+    };
+    let mut policy = Talon::new(Arc::clone(&typical));
+    let solved = match replan(&problem, &previous, &mut policy, 0) {
         Ok(s) => s,
         Err(e) => {
             unplaced.push(("*".into(), format!("placement engine error: {e}")));
@@ -216,23 +290,26 @@ pub fn plan(state: &State) -> Plan {
             revision: 0,
         });
     }
+    let mut current: BTreeMap<&str, Vec<&Replica>> = BTreeMap::new();
     for r in state.replicas.values() {
         desired.entry(r.model.clone()).or_default();
+        current.entry(r.model.as_str()).or_default().push(r);
     }
     let mut commands = Vec::new();
     for (model, mut replicas) in desired {
         replicas.sort_by(|a, b| a.id.cmp(&b.id));
-        let current: Vec<&Replica> = state
-            .replicas
-            .values()
-            .filter(|r| r.model == model)
-            .collect();
-        let same = current.len() == replicas.len()
-            && current.iter().zip(&replicas).all(|(c, r)| {
+        let now = current.get(model.as_str()).map_or(&[][..], Vec::as_slice);
+        let same = now.len() == replicas.len()
+            && now.iter().zip(&replicas).all(|(c, r)| {
                 c.id == r.id && c.node_id == r.node_id && c.gpu == r.gpu && c.milli == r.milli
             });
         if !same {
-            commands.push(Command::SetReplicas { model, replicas });
+            let model_revision = state.models.get(&model).map_or(0, |m| m.revision);
+            commands.push(Command::SetReplicasChecked {
+                model,
+                model_revision,
+                replicas,
+            });
         }
     }
     Plan { commands, unplaced }
@@ -443,5 +520,129 @@ mod tests {
         );
         converge(&mut s, &mut i);
         assert!(!s.replicas.values().any(|r| r.model == "big"));
+    }
+
+    #[test]
+    fn a_share_is_the_memory_on_the_gpu_it_lands_on_and_a_small_node_moves_nobody() {
+        let (mut s, mut i) = (State::default(), 0);
+        run(
+            &mut s,
+            &mut i,
+            Command::RegisterNode(inventory("big", &[("h100-sxm", 80)])),
+        );
+        run(&mut s, &mut i, model("m", 20_480, 4));
+        converge(&mut s, &mut i);
+        // 20 GiB of an 80 GiB GPU: 250 milli each (sizing against a smaller
+        // GPU elsewhere in the fleet would have taken more)
+        assert!(
+            s.replicas.values().all(|r| r.milli == 250),
+            "{:?}",
+            s.replicas
+        );
+        let before = s.replicas.clone();
+        run(
+            &mut s,
+            &mut i,
+            Command::RegisterNode(inventory("small", &[("l4", 24)])),
+        );
+        assert!(
+            plan(&s).commands.is_empty(),
+            "a small GPU joining changes no replica's share or place"
+        );
+        // another model's replica: only the L4 has room, at its own share
+        run(&mut s, &mut i, model("n", 20_480, 1));
+        converge(&mut s, &mut i);
+        for (id, r) in &before {
+            assert_eq!(
+                (&s.replicas[id].node_id, s.replicas[id].milli),
+                (&r.node_id, r.milli)
+            );
+        }
+        let on_small: Vec<_> = s
+            .replicas
+            .values()
+            .filter(|r| r.node_id == "small")
+            .collect();
+        assert_eq!(on_small.len(), 1);
+        assert_eq!(on_small[0].milli, 834, "ceil(20480 * 1000 / 24576)");
+    }
+
+    #[test]
+    fn a_replica_its_agent_reports_failed_is_placed_on_another_node() {
+        let (mut s, mut i) = (State::default(), 0);
+        for n in ["a", "b"] {
+            run(
+                &mut s,
+                &mut i,
+                Command::RegisterNode(inventory(n, &[("l4", 24)])),
+            );
+        }
+        run(&mut s, &mut i, model("m", 10_000, 1));
+        converge(&mut s, &mut i);
+        let r = s.replicas.values().next().unwrap().clone();
+        let failed = BTreeMap::from([(r.id.clone(), r.node_id.clone())]);
+        let p = plan_with(&s, &failed);
+        assert_eq!(p.commands.len(), 1, "{p:?}");
+        for c in p.commands {
+            run(&mut s, &mut i, c);
+        }
+        let moved = s.replicas[&r.id].clone();
+        assert_ne!(moved.node_id, r.node_id, "placed elsewhere");
+        // with nowhere else to go it stays unplaced, with the reason
+        run(
+            &mut s,
+            &mut i,
+            Command::SetNodeState {
+                node_id: r.node_id.clone(),
+                state: NodeState::Down,
+                reason: "t".into(),
+            },
+        );
+        let failed = BTreeMap::from([(r.id.clone(), moved.node_id.clone())]);
+        let p = plan_with(&s, &failed);
+        assert!(
+            p.unplaced.iter().any(|(id, _)| *id == r.id),
+            "{:?}",
+            p.unplaced
+        );
+    }
+
+    #[test]
+    fn a_plan_made_before_the_model_changed_is_refused() {
+        let (mut s, mut i) = (State::default(), 0);
+        run(
+            &mut s,
+            &mut i,
+            Command::RegisterNode(inventory("a", &[("l4", 24)])),
+        );
+        run(&mut s, &mut i, model("m", 10_000, 1));
+        let stale = plan(&s);
+        assert_eq!(stale.commands.len(), 1);
+        // a new version lands before the plan commits
+        let mut v2 = model("m", 10_000, 1);
+        if let Command::CreateModel(spec) = &mut v2 {
+            spec.version = "v2".into();
+        }
+        run(&mut s, &mut i, v2);
+        let before = s.replicas.clone();
+        i += 1;
+        let response = s.apply(
+            i,
+            &Request {
+                at_ms: i,
+                actor: "reconciler".into(),
+                command: stale.commands[0].clone(),
+            },
+        );
+        match response.0 {
+            crate::state::Response::Rejected(r) => {
+                assert!(r.message.contains("stale placement"), "{}", r.message)
+            }
+            other => panic!("stale plan applied: {other:?}"),
+        }
+        assert_eq!(s.replicas, before, "nothing changed");
+        // planning again places the new version
+        converge(&mut s, &mut i);
+        assert!(s.replicas.values().all(|r| r.version == "v2"));
     }
 }

@@ -17,7 +17,7 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
-use crate::engine::{decide, DecideOptions, FilterReason, Outcome};
+use crate::engine::{decide_among, DecideOptions, FilterReason, Outcome};
 use crate::policy::Policy;
 use crate::state::{ClusterState, StateError};
 use crate::types::{Assignment, Node, Workload};
@@ -27,6 +27,9 @@ use crate::types::{Assignment, Node, Workload};
 pub struct Problem {
     pub nodes: Vec<Node>,
     pub workloads: Vec<Workload>,
+    /// Nodes (by name) a workload must not be placed on anew, e.g. the node
+    /// where it failed. A previous assignment there is not kept either.
+    pub avoid: BTreeMap<String, Vec<String>>,
 }
 
 /// Where each workload runs, by workload name (absent: not placed).
@@ -93,8 +96,14 @@ pub fn replan(
     let mut solution = Solution::default();
     let mut pending = Vec::new();
     for (k, w) in problem.workloads.iter().enumerate() {
+        let avoided = |a: &Assignment| {
+            problem.avoid.get(&w.name).is_some_and(|v| {
+                v.iter()
+                    .any(|n| state.names.get(a.node as usize) == Some(n))
+            })
+        };
         match previous.assignments.get(&w.name) {
-            Some(a) if state.check_assignment(a, &demands[k]).is_ok() => {
+            Some(a) if !avoided(a) && state.check_assignment(a, &demands[k]).is_ok() => {
                 state.apply(a, &demands[k])?;
                 solution.assignments.insert(w.name.clone(), a.clone());
             }
@@ -106,10 +115,14 @@ pub fn replan(
         .check_consistency()
         .map_err(ReplanError::PostCondition)?;
     // phase 2: place, largest first (GPU, then CPU, then name for determinism)
+    let gpu_mib = |d: &crate::state::Demand| match d.kind {
+        crate::state::DemandKind::Memory { mib } => mib,
+        _ => 0,
+    };
     pending.sort_by(|&a, &b| {
         let (da, db) = (&demands[a], &demands[b]);
-        (db.total_milli(), db.cpu_milli, db.memory_mib)
-            .cmp(&(da.total_milli(), da.cpu_milli, da.memory_mib))
+        (db.total_milli(), gpu_mib(db), db.cpu_milli, db.memory_mib)
+            .cmp(&(da.total_milli(), gpu_mib(da), da.cpu_milli, da.memory_mib))
             .then_with(|| problem.workloads[a].name.cmp(&problem.workloads[b].name))
     });
     let mut moved = Vec::new();
@@ -121,7 +134,10 @@ pub fn replan(
             nonce: crate::rng::mix2(seed, k as u64),
             explain: false,
         };
-        let dec = decide(&state, &demands[k], policy, opts);
+        let avoid = problem.avoid.get(&w.name);
+        let dec = decide_among(&state, &demands[k], policy, opts, |i| {
+            avoid.is_none_or(|v| !v.iter().any(|n| *n == state.names[i]))
+        });
         match dec.assignment {
             Some(a) => {
                 state.apply(&a, &demands[k])?;
@@ -129,7 +145,7 @@ pub fn replan(
                 moved.push(w.name.clone());
             }
             None => {
-                let why = decide(
+                let why = crate::engine::decide(
                     &state,
                     &demands[k],
                     policy,
@@ -236,6 +252,7 @@ mod tests {
         Problem {
             nodes: (0..4).map(node).collect(),
             workloads: ws,
+            avoid: BTreeMap::new(),
         }
     }
 

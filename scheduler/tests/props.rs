@@ -188,7 +188,11 @@ proptest! {
         ws in prop::collection::vec(arb_workload(), 1..30),
         seed in any::<u64>(),
     ) {
-        let problem = Problem { nodes: build_nodes(&nodes), workloads: build_workloads(&ws) };
+        let problem = Problem {
+            nodes: build_nodes(&nodes),
+            workloads: build_workloads(&ws),
+            avoid: Default::default(),
+        };
         let state = ClusterState::new(&problem.nodes).unwrap();
         let tt = typical(&state, &problem.workloads);
         let mut pol = PolicyKind::Talon.build(&tt, &tt, Default::default());

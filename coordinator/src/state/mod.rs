@@ -94,6 +94,16 @@ pub enum Command {
     TrimAudit {
         before_index: u64,
     },
+    /// [`Command::SetReplicas`] planned against the model record at
+    /// `model_revision` (0: the model did not exist). Refused when the
+    /// model changed since, so that a plan made on a stale state (a slow
+    /// proposal, a leader change) cannot undo a newer one. Appended last:
+    /// the encoding of every older command is unchanged.
+    SetReplicasChecked {
+        model: String,
+        model_revision: u64,
+        replicas: Vec<Replica>,
+    },
 }
 
 /// Why a request was refused. The state is unchanged.
@@ -288,6 +298,32 @@ impl State {
                             action.as_str().to_string(),
                         );
                         (Response::Node(Box::new(node)), changes, audit)
+                    }
+                    Err(rejection) => return rejection,
+                }
+            }
+            Command::SetReplicasChecked {
+                model,
+                model_revision,
+                replicas,
+            } => {
+                let now = self.models.get(model).map_or(0, |m| m.revision);
+                if now != *model_revision {
+                    return rejected(
+                        RejectionKind::Invalid,
+                        format!(
+                            "stale placement for model {model:?}: planned at model revision {model_revision}, the model is now at {now}; the reconciler plans again"
+                        ),
+                    );
+                }
+                match self.set_replicas(index, at, model, replicas) {
+                    Ok((changes, detail)) => {
+                        let count = replicas.len();
+                        (
+                            Response::Replicas { count },
+                            changes,
+                            ("replica.set", model.clone(), detail),
+                        )
                     }
                     Err(rejection) => return rejection,
                 }

@@ -246,7 +246,7 @@ fn arb_command() -> impl Strategy<Value = Command> {
             node_id: format!("n{n}"),
             action: [Scheduling::Cordon, Scheduling::Uncordon, Scheduling::Drain][a],
         }),
-        (model.clone(), version, text(), 1u32..1001).prop_map(|(m, v, n, milli)| {
+        (model.clone(), version.clone(), text(), 1u32..1001).prop_map(|(m, v, n, milli)| {
             Command::SetReplicas {
                 model: m.into(),
                 replicas: vec![Replica {
@@ -256,6 +256,23 @@ fn arb_command() -> impl Strategy<Value = Command> {
                     node_id: format!("n{n}"),
                     gpu: 0,
                     milli,
+                    memory_mib: 100,
+                    created_at_ms: 0,
+                    revision: 0,
+                }],
+            }
+        }),
+        (model.clone(), version, text(), 0u64..20).prop_map(|(m, v, n, model_revision)| {
+            Command::SetReplicasChecked {
+                model: m.into(),
+                model_revision,
+                replicas: vec![Replica {
+                    id: format!("{m}@{v}-0"),
+                    model: m.into(),
+                    version: v.into(),
+                    node_id: format!("n{n}"),
+                    gpu: 0,
+                    milli: 250,
                     memory_mib: 100,
                     created_at_ms: 0,
                     revision: 0,
