@@ -28,6 +28,7 @@ use std::sync::Arc;
 use talon_scheduler::frag::TaskShape;
 use talon_scheduler::policy::talon::{talon_typical, Talon};
 use talon_scheduler::replan::{replan, Problem, Solution};
+use talon_scheduler::sharding;
 use talon_scheduler::state::ClusterState;
 use talon_scheduler::types::{Assignment, Gpu, GpuRequest, GpuSlice, Node, Workload, MILLI};
 
@@ -69,6 +70,106 @@ pub fn failed_replicas(
         .values()
         .filter(|r| telemetry.replica_state(&r.node_id, &r.id).as_deref() == Some("failed"))
         .map(|r| (r.id.clone(), r.node_id.clone()))
+        .collect()
+}
+
+/// What the sharding planner would do with a model no single GPU holds:
+/// its preferred shape on the fleet's Ready, schedulable GPUs, or why none
+/// exists. Layers come from the model's `layers` label (default 32).
+fn shard_hint(model: &crate::state::Model, mem: u64, state: &State) -> String {
+    let layers = model
+        .labels
+        .get("layers")
+        .and_then(|v| v.parse().ok())
+        .filter(|l| *l > 0)
+        .unwrap_or(32);
+    let fleet: Vec<Node> = state
+        .nodes
+        .values()
+        .filter(|n| n.state == NodeState::Ready && n.schedulable && !n.draining)
+        .map(|n| {
+            let domains = nvlink_domains(&n.inventory.gpus);
+            Node {
+                name: n.inventory.node_id.clone(),
+                cpu_milli: 0,
+                memory_mib: 0,
+                gpus: n
+                    .inventory
+                    .gpus
+                    .iter()
+                    .zip(domains)
+                    .filter(|(g, _)| !g.mig_enabled)
+                    .map(|(g, domain)| Gpu {
+                        memory_mib: g.memory_bytes >> 20,
+                        nvlink_domain: domain,
+                        ..Gpu::new(&g.gpu_type)
+                    })
+                    .collect(),
+                cost_per_hour: n.inventory.cost_per_hour,
+            }
+        })
+        .collect();
+    let spec = sharding::ModelSpec::from_memory(&model.name, mem, layers);
+    match sharding::replica_shapes(&spec, &fleet, &sharding::ShardOptions::default()) {
+        Ok(shapes) if !shapes.is_empty() => {
+            let stages: Vec<String> = shapes[0]
+                .stages
+                .iter()
+                .map(|st| {
+                    format!(
+                        "layers {}..{} on TP{} × {} ({} MiB per GPU)",
+                        st.first_layer,
+                        st.first_layer + st.layers,
+                        st.tensor_parallel,
+                        st.gpu_type,
+                        st.mib_per_gpu
+                    )
+                })
+                .collect();
+            format!(
+                "The sharding planner would serve it as {:?}: {}; replicas over several GPUs are not carried by the replica record yet",
+                shapes[0].layout,
+                stages.join(", then ")
+            )
+        }
+        Ok(_) => "The sharding planner finds no shape for it on this fleet".into(),
+        Err(e) => format!("Sharding cannot help: {e}"),
+    }
+}
+
+/// NVLink domains of a node's GPUs: two GPUs share one when they are
+/// linked, directly (one lists the other's PCI bus id among its peers) or
+/// through a common peer that is no GPU of the node (an NVSwitch). A GPU
+/// without NVLink peers is a domain of its own (PCIe only).
+pub fn nvlink_domains(gpus: &[crate::state::node::Gpu]) -> Vec<u32> {
+    let mut parent: Vec<usize> = (0..gpus.len()).collect();
+    fn root(parent: &mut [usize], mut i: usize) -> usize {
+        while parent[i] != i {
+            parent[i] = parent[parent[i]];
+            i = parent[i];
+        }
+        i
+    }
+    let mut via: HashMap<&str, usize> = HashMap::new();
+    for (i, g) in gpus.iter().enumerate() {
+        for peer in &g.nvlink_peers {
+            let other = gpus
+                .iter()
+                .position(|o| !o.pci_bus_id.is_empty() && o.pci_bus_id == *peer)
+                .or_else(|| via.get(peer.as_str()).copied());
+            match other {
+                Some(j) => {
+                    let (a, b) = (root(&mut parent, i), root(&mut parent, j));
+                    parent[a] = b;
+                }
+                None => {
+                    via.insert(peer.as_str(), i);
+                }
+            }
+        }
+    }
+    (0..gpus.len())
+        .map(|i| root(&mut parent, i) as u32)
         .collect()
 }
 
@@ -163,7 +264,8 @@ pub fn plan_with(state: &State, failed: &BTreeMap<String, String>) -> Plan {
                 unplaced.push((
                     id,
                     format!(
-                        "needs {mem} MiB on one GPU; the largest Ready, schedulable GPU has {largest_gpu} MiB (a model this large needs a multi-GPU plan, not carried by replicas yet)"
+                        "needs {mem} MiB on one GPU; the largest Ready, schedulable GPU has {largest_gpu} MiB. {}",
+                        shard_hint(model, mem, state)
                     ),
                 ));
                 continue;
@@ -644,5 +746,52 @@ mod tests {
         // planning again places the new version
         converge(&mut s, &mut i);
         assert!(s.replicas.values().all(|r| r.version == "v2"));
+    }
+
+    #[test]
+    fn nvlink_domains_follow_links_and_switches() {
+        let mut inv = inventory("n", &[("h100", 80), ("h100", 80), ("l4", 24), ("l4", 24)]);
+        for (i, g) in inv.gpus.iter_mut().enumerate() {
+            g.pci_bus_id = format!("0000:0{i}:00.0");
+        }
+        // the two H100s reach one NVSwitch; the L4s have no NVLink
+        inv.gpus[0].nvlink_peers = vec!["0000:f0:00.0".into()];
+        inv.gpus[1].nvlink_peers = vec!["0000:f0:00.0".into()];
+        let d = nvlink_domains(&inv.gpus);
+        assert_eq!(d[0], d[1]);
+        assert!(d[2] != d[0] && d[3] != d[0] && d[2] != d[3], "{d:?}");
+        // a direct bridge between the L4s joins them
+        inv.gpus[2].nvlink_peers = vec!["0000:03:00.0".into()];
+        let d = nvlink_domains(&inv.gpus);
+        assert_eq!(d[2], d[3]);
+    }
+
+    #[test]
+    fn a_model_no_gpu_holds_is_explained_with_the_sharding_plan() {
+        let (mut s, mut i) = (State::default(), 0);
+        let mut inv = inventory("a", &[("h100", 80), ("h100", 80)]);
+        for g in &mut inv.gpus {
+            g.nvlink_peers = vec!["switch".into()];
+        }
+        run(&mut s, &mut i, Command::RegisterNode(inv));
+        run(&mut s, &mut i, model("big", 120_000, 1));
+        let p = plan(&s);
+        let (_, why) = p
+            .unplaced
+            .iter()
+            .find(|(id, _)| id.starts_with("big"))
+            .unwrap();
+        assert!(
+            why.contains("120000 MiB") && why.contains("TP2 × h100"),
+            "{why}"
+        );
+        run(&mut s, &mut i, model("huge", 900_000, 1));
+        let p = plan(&s);
+        let (_, why) = p
+            .unplaced
+            .iter()
+            .find(|(id, _)| id.starts_with("huge"))
+            .unwrap();
+        assert!(why.contains("Sharding cannot help"), "{why}");
     }
 }
