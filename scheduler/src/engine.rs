@@ -151,7 +151,14 @@ pub fn filter(n: &NodeState, d: &Demand) -> Result<(), FilterReason> {
             if n.type_mask & d.type_mask == 0 {
                 return Err(FilterReason::GpuType);
             }
-            let free = n.whole_free_in_domain(d.type_mask);
+            let free = if *count <= 1 {
+                // one GPU is always inside one domain
+                (0..n.gpu_free.len())
+                    .filter(|&i| n.gpu_allowed(i, d.type_mask) && n.gpu_free[i] == n.gpu_cap[i])
+                    .count() as u32
+            } else {
+                n.whole_free_in_domain(d.type_mask)
+            };
             if free >= *count {
                 Ok(())
             } else {

@@ -124,6 +124,8 @@ pub struct NodeState {
     pub gpu_mem: Vec<u64>,
     /// NVLink domain of each GPU (gangs stay inside one).
     pub gpu_domain: Vec<u32>,
+    /// Every GPU in one domain (the common case: no per-domain search).
+    pub one_domain: bool,
     /// Union of `1 << type` over the node's GPUs.
     pub type_mask: u64,
     /// MIG model and occupancy of each GPU in MIG mode.
@@ -155,6 +157,10 @@ impl NodeState {
 
     /// The largest number of wholly free allowed GPUs in one NVLink domain.
     pub fn whole_free_in_domain(&self, type_mask: u64) -> u32 {
+        let free = |i: usize| self.gpu_allowed(i, type_mask) && self.gpu_free[i] == self.gpu_cap[i];
+        if self.one_domain {
+            return (0..self.gpu_free.len()).filter(|&i| free(i)).count() as u32;
+        }
         let mut best = 0;
         for (k, &dom) in self.gpu_domain.iter().enumerate() {
             if self.gpu_domain[..k].contains(&dom) {
@@ -278,6 +284,10 @@ impl ClusterState {
                 gpu_type: Vec::with_capacity(n.gpus.len()),
                 gpu_mem: n.gpus.iter().map(|g| g.memory_mib).collect(),
                 gpu_domain: n.gpus.iter().map(|g| g.nvlink_domain).collect(),
+                one_domain: n
+                    .gpus
+                    .windows(2)
+                    .all(|w| w[0].nvlink_domain == w[1].nvlink_domain),
                 type_mask: 0,
                 mig: Vec::with_capacity(n.gpus.len()),
                 groups: Vec::new(),

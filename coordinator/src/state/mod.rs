@@ -317,27 +317,13 @@ impl State {
                     );
                 }
                 match self.set_replicas(index, at, model, replicas) {
-                    Ok((changes, detail)) => {
-                        let count = replicas.len();
-                        (
-                            Response::Replicas { count },
-                            changes,
-                            ("replica.set", model.clone(), detail),
-                        )
-                    }
+                    Ok(done) => done,
                     Err(rejection) => return rejection,
                 }
             }
             Command::SetReplicas { model, replicas } => {
                 match self.set_replicas(index, at, model, replicas) {
-                    Ok((changes, detail)) => {
-                        let count = replicas.len();
-                        (
-                            Response::Replicas { count },
-                            changes,
-                            ("replica.set", model.clone(), detail),
-                        )
-                    }
+                    Ok(done) => done,
                     Err(rejection) => return rejection,
                 }
             }
@@ -591,7 +577,8 @@ impl State {
         at: u64,
         model: &str,
         replicas: &[Replica],
-    ) -> Result<(Vec<Change>, String), (Response, Vec<Change>)> {
+    ) -> Result<(Response, Vec<Change>, (&'static str, String, String)), (Response, Vec<Change>)>
+    {
         // An empty set clears the replicas of a deleted model.
         let versions: Vec<&str> = match self.models.get(model) {
             Some(m) => m.versions.iter().map(|v| v.version.as_str()).collect(),
@@ -681,7 +668,14 @@ impl State {
             changes.push(Change::Replica(r.id.clone()));
             self.replicas.insert(r.id.clone(), r);
         }
-        Ok((changes, format!("replicas={}", placed.join(","))))
+        let detail = format!("replicas={}", placed.join(","));
+        Ok((
+            Response::Replicas {
+                count: replicas.len(),
+            },
+            changes,
+            ("replica.set", model.to_string(), detail),
+        ))
     }
 
     /// Checks the invariants every reachable state holds; tests call it after

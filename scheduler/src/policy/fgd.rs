@@ -41,8 +41,7 @@ pub fn shape_key(d: &Demand) -> ShapeKey {
 pub fn gpus_after_whole(n: &NodeState, count: u32, out: &mut Vec<u32>) {
     out.clear();
     out.extend_from_slice(&n.gpu_free);
-    let one_domain = n.gpu_domain.iter().all(|&d| d == n.gpu_domain[0]);
-    if !one_domain {
+    if !n.one_domain && count > 1 {
         let d = Demand {
             cpu_milli: 0,
             memory_mib: 0,

@@ -7,18 +7,25 @@
 //! F'(node) = F(node) + λ · max(0, gpu_free − cpu_free / ρ)
 //! ```
 //!
-//! plus a *type-pressure* charge `κ · P_T · milli` for taking `milli` of GPU
-//! type `T` with a task that could have gone elsewhere. `F` is FGD's expected
+//! plus a *host-pressure* charge for taking GPU and CPU on a node that the
+//! distribution's hard-to-host tasks need. `F` is FGD's expected
 //! fragmentation against the target task distribution ([`crate::frag`]):
 //! every observed shape, gangs weighted up by `count^α`. The second term of
 //! `F'` counts *CPU-stranded* GPU capacity: free GPU milli that the node's
 //! free CPU cannot feed at the distribution's CPU-per-GPU ratio `ρ` (scaled
-//! by `RHO_SCALE`). `P_T` is the share of the distribution's GPU demand that
-//! only type `T` (or a set of types including `T`) may serve, divided by
-//! `T`'s share of the free GPU capacity: FGD and the fragmentation measure
-//! see a type-constrained task only when it no longer fits, so unconstrained
-//! work fills the types constrained work needs; the charge sends it to the
-//! types nobody else asks for while they last.
+//! by `RHO_SCALE`).
+//!
+//! Host pressure: nodes fall into classes by what they can host (GPU types,
+//! GPU count, CPU). A task shape that only some classes can host when empty
+//! — it names GPU types, or needs 8 GPUs and 120 cores that only one node
+//! model has — is *dedicated* demand on those classes (split by capacity,
+//! weighted by the share of the fleet that cannot host it). Per decision,
+//! a class's pressure is its dedicated share of the GPU (and CPU) demand
+//! divided by its share of the free GPU (CPU) capacity, and a task pays
+//! `κ · (P_gpu · milli + P_cpu · cpu · G/C)` for landing there (G/C: the
+//! fleet's GPU milli per CPU milli). FGD's measure sees such a task only
+//! once it no longer fits anywhere; the charge sends flexible work to the
+//! classes nobody else needs while they have room.
 //!
 //! Ties (equal exact scores) go to the node that keeps less GPU free (pack,
 //! which keeps whole nodes free for gangs), then less CPU, then the lowest
@@ -42,7 +49,7 @@ pub const LAMBDA: f64 = 0.5;
 /// The stranding threshold assumes tasks bring this much more CPU per GPU
 /// than the distribution's mean (CPU-hungry tasks are the ones that strand).
 pub const RHO_SCALE: f64 = 1.3;
-/// Weight of the type-pressure charge, per milli taken.
+/// Weight of the host-pressure charge, per milli taken.
 pub const KAPPA: f64 = 0.5;
 /// A gang of `n` GPUs counts `n^ALPHA` tasks in the target distribution.
 pub const ALPHA: f64 = 0.5;
@@ -66,7 +73,7 @@ pub struct TalonConfig {
     pub coverage: f64,
     /// Weight of CPU-stranded GPU milli (0: off).
     pub lambda: f64,
-    /// Weight of the type-pressure charge (0: off).
+    /// Weight of the host-pressure charge (0: off).
     pub kappa: f64,
     /// Gang popularity exponent (0: by count, as FGD).
     pub alpha: f64,
@@ -177,15 +184,33 @@ pub struct Talon {
     cpu_per_gpu: f64,
     cache: ScoreCache<PolicyScore>,
     tmp: Vec<u32>,
-    /// Per GPU type id: share of the distribution's GPU demand that is
-    /// constrained to it (split over a spec's types by capacity), for the
-    /// state whose type table it was computed on (`dedicated_for`).
-    dedicated: Vec<f64>,
-    dedicated_for: Vec<String>,
-    /// Per type id, this decision: dedicated share / free share.
-    pressure: Vec<f64>,
-    /// This decision's demand may use more than one type and takes GPU.
+    /// Node classes and the demand only some of them can host, for the
+    /// state they were computed on.
+    hosts: Option<Hosts>,
+    /// This decision pays the host-pressure charge.
     charge: bool,
+}
+
+/// Nodes grouped by what they can host (GPU types, GPU count, CPU), and
+/// per class the share of the distribution's GPU and CPU demand that only
+/// some classes, this one among them, can host (split by capacity).
+#[derive(Clone, Debug)]
+struct Hosts {
+    nodes: usize,
+    types: Vec<String>,
+    class_of: Vec<u32>,
+    ded_gpu: Vec<f64>,
+    ded_cpu: Vec<f64>,
+    /// Cluster GPU milli per CPU milli (prices CPU taken in GPU milli).
+    gpu_per_cpu: f64,
+    /// This decision, per class: dedicated share / free share.
+    gpu_pressure: Vec<f64>,
+    cpu_pressure: Vec<f64>,
+    /// Free GPU milli and CPU milli per class, and per node the version,
+    /// free GPU and free CPU they were last counted at.
+    free_gpu: Vec<u64>,
+    free_cpu: Vec<u64>,
+    seen: Vec<(u64, u64, u64)>,
 }
 
 impl Talon {
@@ -215,9 +240,7 @@ impl Talon {
             typical,
             cache: ScoreCache::new(cached),
             tmp: Vec::new(),
-            dedicated: Vec::new(),
-            dedicated_for: Vec::new(),
-            pressure: Vec::new(),
+            hosts: None,
             charge: false,
         }
     }
@@ -294,63 +317,160 @@ impl Talon {
         }
     }
 
-    /// The distribution's constrained GPU demand per type of `state`.
-    fn dedicated_demand(&self, state: &ClusterState) -> Vec<f64> {
-        let types = state.gpu_types.len();
-        let mut cap = vec![0f64; types];
-        for n in &state.nodes {
-            for (i, c) in n.gpu_cap.iter().enumerate() {
-                cap[n.gpu_type[i] as usize] += *c as f64;
-            }
+    /// Node classes of `state` and the distribution's demand that only
+    /// some classes can host.
+    fn host_classes(&self, state: &ClusterState) -> Hosts {
+        let mut keys: Vec<(u64, u32, u64)> = Vec::new();
+        let mut class_of = Vec::with_capacity(state.nodes.len());
+        let mut rep: Vec<usize> = Vec::new();
+        for (i, n) in state.nodes.iter().enumerate() {
+            let key = (n.type_mask, n.gpu_cap.len() as u32, n.cpu_total);
+            let c = match keys.iter().position(|k| *k == key) {
+                Some(c) => c,
+                None => {
+                    keys.push(key);
+                    rep.push(i);
+                    keys.len() - 1
+                }
+            };
+            class_of.push(c as u32);
         }
-        let mut dedicated = vec![0f64; types];
-        let mut total = 0.0;
+        let classes = keys.len();
+        let (mut gcap, mut ccap) = (vec![0f64; classes], vec![0f64; classes]);
+        for (i, n) in state.nodes.iter().enumerate() {
+            let c = class_of[i] as usize;
+            gcap[c] += n.gpu_cap.iter().map(|&g| g as f64).sum::<f64>();
+            ccap[c] += n.cpu_total as f64;
+        }
+        let total_gpu: f64 = gcap.iter().sum();
+        let total_cpu: f64 = ccap.iter().sum();
+        let (mut ded_gpu, mut ded_cpu) = (vec![0f64; classes], vec![0f64; classes]);
+        let (mut all_gpu, mut all_cpu) = (0.0, 0.0);
         for t in &self.typical.tasks {
-            let demand = t.freq * t.milli as f64 * t.count as f64;
-            total += demand;
-            if t.milli == 0 || t.type_mask == u64::MAX {
+            let g = t.freq * t.milli as f64 * t.count as f64;
+            let u = t.freq * t.cpu_milli as f64;
+            all_gpu += g;
+            all_cpu += u;
+            // the classes whose (empty) node could host t
+            let hosts: Vec<usize> = (0..classes)
+                .filter(|&c| {
+                    let n = &state.nodes[rep[c]];
+                    if n.cpu_total < t.cpu_milli {
+                        return false;
+                    }
+                    if t.milli == 0 {
+                        return true;
+                    }
+                    let fit = (0..n.gpu_cap.len())
+                        .filter(|&k| n.gpu_allowed(k, t.type_mask) && n.gpu_cap[k] >= t.milli)
+                        .count() as u32;
+                    fit >= t.count
+                })
+                .collect();
+            if hosts.is_empty() || hosts.len() == classes {
                 continue;
             }
-            let allowed = |k: usize| (t.type_mask >> k) & 1 == 1;
-            let within: f64 = (0..types).filter(|&k| allowed(k)).map(|k| cap[k]).sum();
-            if within > 0.0 {
-                for k in (0..types).filter(|&k| allowed(k)) {
-                    dedicated[k] += demand * cap[k] / within;
+            let (hg, hc): (f64, f64) = hosts
+                .iter()
+                .fold((0.0, 0.0), |(a, b), &c| (a + gcap[c], b + ccap[c]));
+            // a shape most of the fleet can host is hardly dedicated: weigh
+            // it by the share of the capacity that cannot host it
+            let (xg, xc) = (1.0 - hg / total_gpu.max(1.0), 1.0 - hc / total_cpu.max(1.0));
+            for &c in &hosts {
+                if hg > 0.0 {
+                    ded_gpu[c] += xg * g * gcap[c] / hg;
+                }
+                if hc > 0.0 {
+                    ded_cpu[c] += xc * u * ccap[c] / hc;
                 }
             }
         }
-        if total > 0.0 {
-            dedicated.iter_mut().for_each(|x| *x /= total);
-        }
-        dedicated
-    }
-
-    /// This decision's pressure per type: dedicated share / free share.
-    fn update_pressure(&mut self, state: &ClusterState, d: &Demand) {
-        self.charge = false;
-        if self.cfg.kappa == 0.0 || d.total_milli() == 0 || d.type_mask.count_ones() < 2 {
-            return;
-        }
-        if self.dedicated_for != state.gpu_types {
-            self.dedicated = self.dedicated_demand(state);
-            self.dedicated_for = state.gpu_types.clone();
-        }
-        if self.dedicated.iter().all(|&x| x == 0.0) {
-            return;
-        }
-        let mut free = vec![0f64; self.dedicated.len()];
-        for n in &state.nodes {
-            for (i, f) in n.gpu_free.iter().enumerate() {
-                free[n.gpu_type[i] as usize] += *f as f64;
+        for (d, all) in [(&mut ded_gpu, all_gpu), (&mut ded_cpu, all_cpu)] {
+            if all > 0.0 {
+                d.iter_mut().for_each(|x| *x /= all);
             }
         }
-        let all: f64 = free.iter().sum();
-        self.pressure = free
-            .iter()
-            .zip(&self.dedicated)
-            .map(|(f, ded)| if *f > 0.0 { ded * all / f } else { 0.0 })
-            .collect();
+        Hosts {
+            nodes: state.nodes.len(),
+            types: state.gpu_types.clone(),
+            class_of,
+            ded_gpu,
+            ded_cpu,
+            gpu_per_cpu: if total_cpu > 0.0 {
+                total_gpu / total_cpu
+            } else {
+                0.0
+            },
+            gpu_pressure: Vec::new(),
+            cpu_pressure: Vec::new(),
+            free_gpu: Vec::new(),
+            free_cpu: Vec::new(),
+            seen: Vec::new(),
+        }
+    }
+
+    /// This decision's pressure per class: dedicated share / free share.
+    fn update_pressure(&mut self, state: &ClusterState, d: &Demand) {
+        self.charge = false;
+        if self.cfg.kappa == 0.0 || (d.total_milli() == 0 && d.cpu_milli == 0) {
+            return;
+        }
+        let stale = self
+            .hosts
+            .as_ref()
+            .is_none_or(|h| h.nodes != state.nodes.len() || h.types != state.gpu_types);
+        if stale {
+            self.hosts = Some(self.host_classes(state));
+        }
+        let Some(h) = self.hosts.as_mut() else {
+            return;
+        };
+        if h.ded_gpu.iter().chain(&h.ded_cpu).all(|&x| x == 0.0) {
+            return;
+        }
+        // free capacity per class, updated for the nodes whose version
+        // changed since the last decision (versions are process-unique)
+        let classes = h.ded_gpu.len();
+        if h.free_gpu.len() != classes {
+            h.free_gpu = vec![0; classes];
+            h.free_cpu = vec![0; classes];
+            h.seen = vec![(0, 0, 0); state.nodes.len()];
+        }
+        for (i, n) in state.nodes.iter().enumerate() {
+            let (ver, g, c) = h.seen[i];
+            if ver == n.version {
+                continue;
+            }
+            let k = h.class_of[i] as usize;
+            let g2 = n.gpu_free_total();
+            h.free_gpu[k] = h.free_gpu[k] + g2 - g;
+            h.free_cpu[k] = h.free_cpu[k] + n.cpu_free - c;
+            h.seen[i] = (n.version, g2, n.cpu_free);
+        }
+        let fg: Vec<f64> = h.free_gpu.iter().map(|&x| x as f64).collect();
+        let fc: Vec<f64> = h.free_cpu.iter().map(|&x| x as f64).collect();
+        let (ag, ac): (f64, f64) = (fg.iter().sum(), fc.iter().sum());
+        let ratio = |ded: &[f64], free: &[f64], all: f64| -> Vec<f64> {
+            free.iter()
+                .zip(ded)
+                .map(|(f, x)| if *f > 0.0 { x * all / f } else { 0.0 })
+                .collect()
+        };
+        h.gpu_pressure = ratio(&h.ded_gpu, &fg, ag);
+        h.cpu_pressure = ratio(&h.ded_cpu, &fc, ac);
         self.charge = true;
+    }
+
+    /// The charge for `d` landing on `node` (micro-GPU).
+    fn pressure_charge(&self, node: usize, d: &Demand) -> i64 {
+        let Some(h) = self.hosts.as_ref() else {
+            return 0;
+        };
+        let c = h.class_of[node] as usize;
+        let p = h.gpu_pressure.get(c).copied().unwrap_or(0.0);
+        let q = h.cpu_pressure.get(c).copied().unwrap_or(0.0);
+        let taken = p * d.total_milli() as f64 + q * d.cpu_milli as f64 * h.gpu_per_cpu;
+        (self.cfg.kappa * taken * SCALE).round() as i64
     }
 
     /// The node's score for this decision's shape, memoised per state.
@@ -393,7 +513,7 @@ impl Policy for Talon {
     }
     fn score_fields(&self) -> [&'static str; 3] {
         [
-            "-dFrag' - type pressure (micro-GPU)",
+            "-dFrag' - host pressure (micro-GPU)",
             "-gpu_left_after",
             "-cpu_left_after",
         ]
@@ -415,12 +535,7 @@ impl Policy for Talon {
         }
         let mut s = self.base_score(state, node, d);
         if self.charge {
-            // the node's type among those the demand allows (nodes of one
-            // type: the only one; mixed nodes: the lowest id)
-            let n = &state.nodes[node];
-            let t = (n.type_mask & d.type_mask).trailing_zeros() as usize;
-            let p = self.pressure.get(t).copied().unwrap_or(0.0);
-            s.primary -= (self.cfg.kappa * p * d.total_milli() as f64 * SCALE).round() as i64;
+            s.primary -= self.pressure_charge(node, d);
         }
         s
     }
@@ -492,15 +607,18 @@ mod tests {
         // the charge: A carries all the constrained demand, B none
         let mut p = Talon::new(tt);
         p.begin(&st, &d, 0);
-        let (a, b) = (st.type_id("A").unwrap(), st.type_id("B").unwrap());
+        let h = p.hosts.as_ref().unwrap();
+        let (a, b) = (h.class_of[0], h.class_of[1]);
         assert!(
-            (p.pressure[a as usize] - 1.0).abs() < 1e-9,
+            // half the demand dedicated, half the fleet unable to host it,
+            // A half the free capacity: 0.5 · 0.5 / 0.5
+            (h.gpu_pressure[a as usize] - 0.5).abs() < 1e-9,
             "{:?}",
-            p.pressure
+            h.gpu_pressure
         );
-        assert_eq!(p.pressure[b as usize], 0.0);
+        assert_eq!(h.gpu_pressure[b as usize], 0.0);
         let (sa, sb) = (p.score(&st, 0, &d), p.score(&st, 1, &d));
-        assert!(sb.primary - sa.primary >= 250_000, "{sa:?} {sb:?}");
+        assert!(sb.primary - sa.primary >= 100_000, "{sa:?} {sb:?}");
     }
 
     #[test]
@@ -534,5 +652,39 @@ mod tests {
         assert!(TalonConfig::parse("mu=1")
             .unwrap_err()
             .contains("unknown key"));
+    }
+
+    #[test]
+    fn flexible_work_leaves_the_only_nodes_that_host_a_big_gang() {
+        // 8-GPU gangs needing 120 cores fit only the 128-core node; shares
+        // fit anywhere: a share goes to a 96-core node
+        let big = |name: &str, cpu: u64| Node {
+            cpu_milli: cpu,
+            ..node(name, "G", 8)
+        };
+        let nodes = [big("g3", 128_000), big("g2a", 96_000), big("g2b", 96_000)];
+        let st = ClusterState::new(&nodes).unwrap();
+        let gang = TaskShape {
+            cpu_milli: 120_000,
+            milli: 1000,
+            count: 8,
+            gpu_spec: String::new(),
+        };
+        let shapes = vec![gang, shape(500, ""), shape(500, ""), shape(500, "")];
+        let w = Workload::new("w", 4000, 0, GpuRequest::Fraction { milli: 500 });
+        let d = st.compile(&w).unwrap();
+        let mut p = Talon::new(talon_typical(shapes.clone(), &st));
+        let chosen = decide(&st, &d, &mut p, DecideOptions::default());
+        assert_ne!(
+            chosen.assignment.unwrap().node,
+            0,
+            "the 128-core node is kept"
+        );
+        // the charge falls on the 128-core node only
+        let mut p = Talon::new(talon_typical(shapes.clone(), &st));
+        p.begin(&st, &d, 0);
+        assert!(p.pressure_charge(0, &d) > 0);
+        assert_eq!(p.pressure_charge(1, &d), 0);
+        assert_eq!(p.pressure_charge(2, &d), 0);
     }
 }
