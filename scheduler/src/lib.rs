@@ -12,7 +12,9 @@
 //! * [`frag`] — FGD's fragmentation measure and typical tasks.
 //! * [`replan`] — problem + previous solution → new solution that moves little.
 //! * [`mig`] — MIG profile tables, legal placements, packer, layout planner.
-//! * [`sharding`] — tensor/pipeline plans for models that fit no one device.
+//! * [`sharding`] — how a model spreads over GPUs: memory from the architecture,
+//!   smallest tensor-parallel degree inside NVLink domains, pipelines only when
+//!   needed, replica sets for a target, shapes for the live engine.
 //! * [`sim`] — the B1 and B7 benchmark harnesses (the crate's only I/O).
 //!
 //! The algorithms are explained in `scheduler/README.md`.
