@@ -299,3 +299,80 @@ async fn gateway_reaches_an_external_engine_run_by_the_agent() {
     assert!(log.contains("inherited_talon_vars=[]"), "{log}");
     assert!(!log.contains(TOKEN), "{log}");
 }
+
+/// An agent whose engine cannot start reports its replica failed; the
+/// leader's reconciler places it on another node, where it serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_fails_on_its_node_is_placed_on_another() {
+    let cluster = Cluster::form(1, &["--join-token", TOKEN]).await;
+    let grpc = cluster.nodes[0].grpc.clone();
+    let logs = tempfile::tempdir().expect("temp dir");
+    let agent = |id: &str, engine: &str| {
+        let listen = format!("127.0.0.1:{}", free_port());
+        Proc::spawn_with_env(
+            "talon-agent",
+            &[
+                "--node-id",
+                id,
+                "--coordinators",
+                &grpc,
+                "--sim-gpus",
+                "l4:1",
+                "--http-listen",
+                &listen,
+                "--engine-command",
+                engine,
+                "--engine-log-dir",
+                logs.path().to_str().expect("utf-8"),
+            ],
+            &[("TALON_JOIN_TOKEN", TOKEN)],
+        )
+    };
+    // The first node's engine does not exist: its replica ends Failed.
+    let _broken = agent("broken-1", "/nonexistent/engine --port {port}");
+    let client = cluster.client();
+    wait_for("the broken agent", Duration::from_secs(40), || async {
+        client.get_node("broken-1").await.ok()
+    })
+    .await;
+    client
+        .create_model(model_spec("tiny", "vllm", 4_000, 1))
+        .await
+        .expect("model");
+    wait_for("the replica failed", Duration::from_secs(60), || async {
+        let list = client.list_replicas("tiny").await.ok()?;
+        (list.replicas.len() == 1
+            && list.replicas[0].node_id == "broken-1"
+            && list.replicas[0].state == "failed")
+            .then_some(())
+    })
+    .await;
+    // A healthy node joins: the failed replica moves there and serves.
+    let engine = format!(
+        "{} --port {{port}} --model {{model}}",
+        crate::harness::bin("talon-fake-engine").display()
+    );
+    let _healthy = agent("healthy-1", &engine);
+    wait_for(
+        "the replica ready on the healthy node",
+        Duration::from_secs(60),
+        || async {
+            let list = client.list_replicas("tiny").await.ok()?;
+            (list.replicas.len() == 1
+                && list.replicas[0].node_id == "healthy-1"
+                && list.replicas[0].state == "ready")
+                .then_some(())
+        },
+    )
+    .await;
+    let http = cluster.nodes[0].http.clone();
+    let body = r#"{"model":"tiny","messages":[{"role":"user","content":"hello again"}]}"#;
+    let key = cluster.admin_key();
+    let (status, answer) =
+        tokio::task::spawn_blocking(move || http_post(&http, "/v1/chat/completions", body, &key))
+            .await
+            .expect("post")
+            .expect("answer");
+    assert_eq!(status, 200, "{answer}");
+    assert!(answer.contains("hello again"), "{answer}");
+}
