@@ -475,8 +475,16 @@ impl AdminService for Admin {
                     .unwrap_or_default(),
             })
             .collect();
-        let unplaced = if self.ctx.is_leader() {
-            crate::reconcile::plan(&applied.state)
+        let view = self
+            .ctx
+            .is_leader()
+            .then(|| crate::reconcile::planning_view(&applied.state));
+        drop(applied);
+        // planned off the state lock, with the failed replicas the
+        // reconciler itself sees
+        let unplaced = if let Some(view) = view {
+            let failed = crate::reconcile::failed_replicas(&view, &self.ctx.telemetry);
+            crate::reconcile::plan_with(&view, &failed)
                 .unplaced
                 .into_iter()
                 .filter(|(id, _)| model.is_empty() || id.starts_with(&format!("{model}@")))
