@@ -255,6 +255,9 @@ pub fn name_hash(s: &str) -> u64 {
 /// Every node's free resources, plus the interned GPU type names.
 #[derive(Clone, Debug)]
 pub struct ClusterState {
+    /// Names this cluster (its nodes and their totals) across the process;
+    /// clones share it. Policies key what they derive from the node list on it.
+    pub uid: u64,
     pub names: Vec<String>,
     pub nodes: Vec<NodeState>,
     pub gpu_types: Vec<String>,
@@ -326,6 +329,7 @@ impl ClusterState {
             out.push(st);
         }
         Ok(ClusterState {
+            uid: next_version(),
             names: nodes.iter().map(|n| n.name.clone()).collect(),
             nodes: out,
             gpu_types,

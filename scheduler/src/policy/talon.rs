@@ -196,8 +196,8 @@ pub struct Talon {
 /// some classes, this one among them, can host (split by capacity).
 #[derive(Clone, Debug)]
 struct Hosts {
-    nodes: usize,
-    types: Vec<String>,
+    /// The [`ClusterState::uid`] the classes were computed for.
+    state: u64,
     class_of: Vec<u32>,
     ded_gpu: Vec<f64>,
     ded_cpu: Vec<f64>,
@@ -391,8 +391,7 @@ impl Talon {
             }
         }
         Hosts {
-            nodes: state.nodes.len(),
-            types: state.gpu_types.clone(),
+            state: state.uid,
             class_of,
             ded_gpu,
             ded_cpu,
@@ -415,10 +414,7 @@ impl Talon {
         if self.cfg.kappa == 0.0 || (d.total_milli() == 0 && d.cpu_milli == 0) {
             return;
         }
-        let stale = self
-            .hosts
-            .as_ref()
-            .is_none_or(|h| h.nodes != state.nodes.len() || h.types != state.gpu_types);
+        let stale = self.hosts.as_ref().is_none_or(|h| h.state != state.uid);
         if stale {
             self.hosts = Some(self.host_classes(state));
         }
@@ -686,5 +682,43 @@ mod tests {
         assert!(p.pressure_charge(0, &d) > 0);
         assert_eq!(p.pressure_charge(1, &d), 0);
         assert_eq!(p.pressure_charge(2, &d), 0);
+    }
+
+    #[test]
+    fn host_classes_follow_the_state_a_reused_policy_decides_on() {
+        let big = |name: &str, cpu: u64| Node {
+            cpu_milli: cpu,
+            ..node(name, "G", 8)
+        };
+        let gang = TaskShape {
+            cpu_milli: 120_000,
+            milli: 1000,
+            count: 8,
+            gpu_spec: String::new(),
+        };
+        let shapes = vec![gang, shape(500, ""), shape(500, "")];
+        // the same two node kinds, in the other order
+        let s1 = ClusterState::new(&[big("g3", 128_000), big("g2", 96_000)]).unwrap();
+        let s2 = ClusterState::new(&[big("g2", 96_000), big("g3", 128_000)]).unwrap();
+        let w = Workload::new("w", 4000, 0, GpuRequest::Fraction { milli: 500 });
+        let tt = talon_typical(shapes, &s1);
+        let mut reused = Talon::new(tt.clone());
+        let first = decide(
+            &s1,
+            &s1.compile(&w).unwrap(),
+            &mut reused,
+            DecideOptions::default(),
+        );
+        assert_eq!(first.assignment.unwrap().node, 1, "the 96-core node");
+        let d2 = s2.compile(&w).unwrap();
+        let explain = DecideOptions {
+            explain: true,
+            ..DecideOptions::default()
+        };
+        let again = decide(&s2, &d2, &mut reused, explain);
+        let fresh = decide(&s2, &d2, &mut Talon::new(tt), explain);
+        // every node's score, not only the winner, is the fresh policy's
+        assert_eq!(again.explanation, fresh.explanation);
+        assert_eq!(again.assignment.unwrap().node, 0, "the 96-core node");
     }
 }
