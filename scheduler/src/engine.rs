@@ -104,6 +104,17 @@ impl std::fmt::Display for FilterReason {
     }
 }
 
+/// The node has GPUs, and some of a type the demand allows.
+fn gpus_of_allowed_type(n: &NodeState, d: &Demand) -> Result<(), FilterReason> {
+    if n.gpu_free.is_empty() {
+        return Err(FilterReason::NoGpus);
+    }
+    if n.type_mask & d.type_mask == 0 {
+        return Err(FilterReason::GpuType);
+    }
+    Ok(())
+}
+
 /// Hard constraints. Cheap: O(GPUs on the node).
 pub fn filter(n: &NodeState, d: &Demand) -> Result<(), FilterReason> {
     if n.cpu_free < d.cpu_milli {
@@ -126,12 +137,7 @@ pub fn filter(n: &NodeState, d: &Demand) -> Result<(), FilterReason> {
     match &d.kind {
         DemandKind::None => Ok(()),
         DemandKind::Share { milli } => {
-            if n.gpu_free.is_empty() {
-                return Err(FilterReason::NoGpus);
-            }
-            if n.type_mask & d.type_mask == 0 {
-                return Err(FilterReason::GpuType);
-            }
+            gpus_of_allowed_type(n, d)?;
             let mut best = 0;
             for i in 0..n.gpu_free.len() {
                 if n.gpu_allowed(i, d.type_mask) {
@@ -145,17 +151,10 @@ pub fn filter(n: &NodeState, d: &Demand) -> Result<(), FilterReason> {
             Err(FilterReason::GpuShare { need: *milli, best })
         }
         DemandKind::Whole { count } => {
-            if n.gpu_free.is_empty() {
-                return Err(FilterReason::NoGpus);
-            }
-            if n.type_mask & d.type_mask == 0 {
-                return Err(FilterReason::GpuType);
-            }
+            gpus_of_allowed_type(n, d)?;
             let free = if *count <= 1 {
                 // one GPU is always inside one domain
-                (0..n.gpu_free.len())
-                    .filter(|&i| n.gpu_allowed(i, d.type_mask) && n.gpu_free[i] == n.gpu_cap[i])
-                    .count() as u32
+                n.whole_free(d.type_mask)
             } else {
                 n.whole_free_in_domain(d.type_mask)
             };
@@ -166,12 +165,7 @@ pub fn filter(n: &NodeState, d: &Demand) -> Result<(), FilterReason> {
             }
         }
         DemandKind::Memory { mib } => {
-            if n.gpu_free.is_empty() {
-                return Err(FilterReason::NoGpus);
-            }
-            if n.type_mask & d.type_mask == 0 {
-                return Err(FilterReason::GpuType);
-            }
+            gpus_of_allowed_type(n, d)?;
             let mut best = 0;
             for i in 0..n.gpu_free.len() {
                 if n.gpu_allowed(i, d.type_mask) {

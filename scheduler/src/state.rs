@@ -155,11 +155,17 @@ impl NodeState {
             .count() as u32
     }
 
+    /// Number of wholly free GPUs of an allowed type.
+    pub fn whole_free(&self, type_mask: u64) -> u32 {
+        (0..self.gpu_free.len())
+            .filter(|&i| self.gpu_allowed(i, type_mask) && self.gpu_free[i] == self.gpu_cap[i])
+            .count() as u32
+    }
+
     /// The largest number of wholly free allowed GPUs in one NVLink domain.
     pub fn whole_free_in_domain(&self, type_mask: u64) -> u32 {
-        let free = |i: usize| self.gpu_allowed(i, type_mask) && self.gpu_free[i] == self.gpu_cap[i];
         if self.one_domain {
-            return (0..self.gpu_free.len()).filter(|&i| free(i)).count() as u32;
+            return self.whole_free(type_mask);
         }
         let mut best = 0;
         for (k, &dom) in self.gpu_domain.iter().enumerate() {

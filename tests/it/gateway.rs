@@ -234,6 +234,30 @@ async fn agent_killed_under_load_loses_no_request() {
     assert!(lost >= 1, "no stream was cut by the kill");
 }
 
+/// An agent with one simulated L4 that runs `engine` for its replicas,
+/// joining with the cluster's token (passed in its environment).
+fn engine_agent(grpc: &str, id: &str, engine: &str, logs: &std::path::Path) -> Proc {
+    let listen = format!("127.0.0.1:{}", free_port());
+    Proc::spawn_with_env(
+        "talon-agent",
+        &[
+            "--node-id",
+            id,
+            "--coordinators",
+            grpc,
+            "--sim-gpus",
+            "l4:1",
+            "--http-listen",
+            &listen,
+            "--engine-command",
+            engine,
+            "--engine-log-dir",
+            logs.to_str().expect("utf-8"),
+        ],
+        &[("TALON_JOIN_TOKEN", TOKEN)],
+    )
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gateway_reaches_an_external_engine_run_by_the_agent() {
     let cluster = Cluster::form(1, &["--join-token", TOKEN]).await;
@@ -243,27 +267,9 @@ async fn gateway_reaches_an_external_engine_run_by_the_agent() {
         crate::harness::bin("talon-fake-engine").display()
     );
     let logs = tempfile::tempdir().expect("temp dir");
-    let listen = format!("127.0.0.1:{}", free_port());
     // The join token comes through the environment, which the engine must
     // not inherit.
-    let _agent = Proc::spawn_with_env(
-        "talon-agent",
-        &[
-            "--node-id",
-            "eng-1",
-            "--coordinators",
-            &grpc,
-            "--sim-gpus",
-            "l4:1",
-            "--http-listen",
-            &listen,
-            "--engine-command",
-            &engine,
-            "--engine-log-dir",
-            logs.path().to_str().expect("utf-8"),
-        ],
-        &[("TALON_JOIN_TOKEN", TOKEN)],
-    );
+    let _agent = engine_agent(&grpc, "eng-1", &engine, logs.path());
     let client = cluster.client();
     wait_for("the agent", Duration::from_secs(40), || async {
         client.get_node("eng-1").await.ok()
@@ -307,29 +313,13 @@ async fn a_replica_that_fails_on_its_node_is_placed_on_another() {
     let cluster = Cluster::form(1, &["--join-token", TOKEN]).await;
     let grpc = cluster.nodes[0].grpc.clone();
     let logs = tempfile::tempdir().expect("temp dir");
-    let agent = |id: &str, engine: &str| {
-        let listen = format!("127.0.0.1:{}", free_port());
-        Proc::spawn_with_env(
-            "talon-agent",
-            &[
-                "--node-id",
-                id,
-                "--coordinators",
-                &grpc,
-                "--sim-gpus",
-                "l4:1",
-                "--http-listen",
-                &listen,
-                "--engine-command",
-                engine,
-                "--engine-log-dir",
-                logs.path().to_str().expect("utf-8"),
-            ],
-            &[("TALON_JOIN_TOKEN", TOKEN)],
-        )
-    };
     // The first node's engine does not exist: its replica ends Failed.
-    let _broken = agent("broken-1", "/nonexistent/engine --port {port}");
+    let _broken = engine_agent(
+        &grpc,
+        "broken-1",
+        "/nonexistent/engine --port {port}",
+        logs.path(),
+    );
     let client = cluster.client();
     wait_for("the broken agent", Duration::from_secs(40), || async {
         client.get_node("broken-1").await.ok()
@@ -352,7 +342,7 @@ async fn a_replica_that_fails_on_its_node_is_placed_on_another() {
         "{} --port {{port}} --model {{model}}",
         crate::harness::bin("talon-fake-engine").display()
     );
-    let _healthy = agent("healthy-1", &engine);
+    let _healthy = engine_agent(&grpc, "healthy-1", &engine, logs.path());
     wait_for(
         "the replica ready on the healthy node",
         Duration::from_secs(60),

@@ -443,17 +443,20 @@ impl Talon {
             h.free_cpu[k] = h.free_cpu[k] + n.cpu_free - c;
             h.seen[i] = (n.version, g2, n.cpu_free);
         }
-        let fg: Vec<f64> = h.free_gpu.iter().map(|&x| x as f64).collect();
-        let fc: Vec<f64> = h.free_cpu.iter().map(|&x| x as f64).collect();
-        let (ag, ac): (f64, f64) = (fg.iter().sum(), fc.iter().sum());
-        let ratio = |ded: &[f64], free: &[f64], all: f64| -> Vec<f64> {
-            free.iter()
-                .zip(ded)
-                .map(|(f, x)| if *f > 0.0 { x * all / f } else { 0.0 })
-                .collect()
-        };
-        h.gpu_pressure = ratio(&h.ded_gpu, &fg, ag);
-        h.cpu_pressure = ratio(&h.ded_cpu, &fc, ac);
+        // pressure = dedicated share / free share, in place (no allocation)
+        fn ratio(out: &mut Vec<f64>, ded: &[f64], free: &[u64]) {
+            let all: u64 = free.iter().sum();
+            out.clear();
+            out.extend(free.iter().zip(ded).map(|(&f, x)| {
+                if f > 0 {
+                    x * all as f64 / f as f64
+                } else {
+                    0.0
+                }
+            }));
+        }
+        ratio(&mut h.gpu_pressure, &h.ded_gpu, &h.free_gpu);
+        ratio(&mut h.cpu_pressure, &h.ded_cpu, &h.free_cpu);
         self.charge = true;
     }
 
