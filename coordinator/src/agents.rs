@@ -101,6 +101,8 @@ fn assignments(state: &crate::state::State, node: &str, revision: u64) -> pb::As
                 memory_mib: r.memory_mib,
                 engine: version.map(|v| v.engine.clone()).unwrap_or_default(),
                 artifact_uri: version.map(|v| v.artifact_uri.clone()).unwrap_or_default(),
+                gpus: r.gpus.clone(),
+                mig_device: r.mig_device.clone(),
             }
         })
         .collect();

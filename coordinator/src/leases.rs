@@ -109,7 +109,7 @@ pub async fn run_reconciler(
             last_unplaced = plan.unplaced;
         }
         for command in plan.commands {
-            if let Command::SetReplicasChecked {
+            if let Command::PlaceReplicas {
                 model, replicas, ..
             } = &command
             {

@@ -468,6 +468,8 @@ impl AdminService for Admin {
                 memory_mib: r.memory_mib,
                 created_at_ms: r.created_at_ms,
                 revision: r.revision,
+                gpus: r.gpus.clone(),
+                mig_device: r.mig_device.clone(),
                 state: self
                     .ctx
                     .telemetry

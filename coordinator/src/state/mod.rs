@@ -104,6 +104,16 @@ pub enum Command {
         model_revision: u64,
         replicas: Vec<Replica>,
     },
+    /// [`Command::SetReplicasChecked`] for replicas that may span several
+    /// GPUs or sit on a MIG device (format 3): each names GPUs and a MIG
+    /// device its node has, a MIG device exactly on a GPU in MIG mode. The
+    /// older commands keep the rules they were applied under (one GPU, as
+    /// their replicas were), so an old log replays to the same state.
+    PlaceReplicas {
+        model: String,
+        model_revision: u64,
+        replicas: Vec<Replica>,
+    },
 }
 
 /// Why a request was refused. The state is unchanged.
@@ -306,6 +316,11 @@ impl State {
                 model,
                 model_revision,
                 replicas,
+            }
+            | Command::PlaceReplicas {
+                model,
+                model_revision,
+                replicas,
             } => {
                 let now = self.models.get(model).map_or(0, |m| m.revision);
                 if now != *model_revision {
@@ -316,13 +331,14 @@ impl State {
                         ),
                     );
                 }
-                match self.set_replicas(index, at, model, replicas) {
+                let placed = matches!(request.command, Command::PlaceReplicas { .. });
+                match self.set_replicas(index, at, model, replicas, placed) {
                     Ok(done) => done,
                     Err(rejection) => return rejection,
                 }
             }
             Command::SetReplicas { model, replicas } => {
-                match self.set_replicas(index, at, model, replicas) {
+                match self.set_replicas(index, at, model, replicas, false) {
                     Ok(done) => done,
                     Err(rejection) => return rejection,
                 }
@@ -577,6 +593,7 @@ impl State {
         at: u64,
         model: &str,
         replicas: &[Replica],
+        multi_gpu: bool,
     ) -> Result<(Response, Vec<Change>, (&'static str, String, String)), (Response, Vec<Change>)>
     {
         // An empty set clears the replicas of a deleted model.
@@ -640,10 +657,22 @@ impl State {
                     format!("replica {} names unknown node {:?}", r.id, r.node_id),
                 ));
             };
-            if !node.inventory.gpus.iter().any(|g| g.index == r.gpu) {
+            let fits = if multi_gpu {
+                replica_fits_node(r, &node.inventory)
+            } else if r.gpus != [r.gpu] || !r.mig_device.is_empty() {
+                Err(
+                    "replicas over several GPUs or on a MIG device are placed with PlaceReplicas"
+                        .into(),
+                )
+            } else if node.inventory.gpus.iter().any(|g| g.index == r.gpu) {
+                Ok(())
+            } else {
+                Err(format!("node {:?} has no GPU {}", r.node_id, r.gpu))
+            };
+            if let Err(why) = fits {
                 return Err(rejected(
                     RejectionKind::Invalid,
-                    format!("node {:?} has no GPU {}", r.node_id, r.gpu),
+                    format!("replica {}: {why}", r.id),
                 ));
             }
         }
@@ -664,7 +693,7 @@ impl State {
             if r.created_at_ms == 0 {
                 r.created_at_ms = at;
             }
-            placed.push(format!("{}@{}/{}", r.id, r.node_id, r.gpu));
+            placed.push(format!("{}@{}", r.id, r.place()));
             changes.push(Change::Replica(r.id.clone()));
             self.replicas.insert(r.id.clone(), r);
         }
@@ -736,6 +765,60 @@ impl State {
         }
         Ok(())
     }
+}
+
+/// Most GPUs one replica holds (a tensor-parallel group of one node).
+pub const MAX_REPLICA_GPUS: usize = 16;
+
+/// Whether replica `r` names resources node `inventory` has: its GPUs
+/// (`gpu` first, none twice, whole GPUs for a group), and a MIG device of
+/// its GPU exactly when that GPU is in MIG mode.
+fn replica_fits_node(r: &Replica, inventory: &NodeInventory) -> Result<(), String> {
+    let node = &inventory.node_id;
+    if r.gpus.first() != Some(&r.gpu) || r.gpus.len() > MAX_REPLICA_GPUS {
+        return Err(format!(
+            "its GPU list {:?} must start with its GPU {} and hold at most {MAX_REPLICA_GPUS} GPUs",
+            r.gpus, r.gpu
+        ));
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    for index in &r.gpus {
+        if !seen.insert(index) {
+            return Err(format!("it names GPU {index} twice"));
+        }
+        let Some(gpu) = inventory.gpus.iter().find(|g| g.index == *index) else {
+            return Err(format!("node {node:?} has no GPU {index}"));
+        };
+        match (gpu.mig_enabled, r.mig_device.is_empty()) {
+            (true, true) => {
+                return Err(format!(
+                    "GPU {index} of node {node:?} is in MIG mode; name one of its MIG devices"
+                ))
+            }
+            (false, false) => {
+                return Err(format!(
+                    "GPU {index} of node {node:?} is not in MIG mode, but the replica names MIG device {:?}",
+                    r.mig_device
+                ))
+            }
+            (true, false) if !gpu.mig_devices.iter().any(|m| m.uuid == r.mig_device) => {
+                return Err(format!(
+                    "GPU {index} of node {node:?} has no MIG device {:?}",
+                    r.mig_device
+                ))
+            }
+            _ => {}
+        }
+    }
+    if r.gpus.len() > 1 && (r.milli != 1000 || !r.mig_device.is_empty()) {
+        return Err(format!(
+            "a replica over {} GPUs holds each of them whole (1000 milli, no MIG device), not {} milli{}",
+            r.gpus.len(),
+            r.milli,
+            if r.mig_device.is_empty() { "" } else { " on a MIG device" }
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

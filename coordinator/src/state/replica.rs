@@ -1,21 +1,187 @@
 //! Replicas: where the reconciler placed each copy of a model.
 
-use serde::{Deserialize, Serialize};
+use std::cell::Cell;
 
-/// One placed replica of a model version on one GPU of a node.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// One placed replica of a model version: one GPU or a share of it, a
+/// tensor-parallel group of whole GPUs of one node, or one MIG device.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Replica {
     /// Stable name: `<model>@<version>-<n>`.
     pub id: String,
     pub model: String,
     pub version: String,
     pub node_id: String,
-    /// GPU index on the node.
+    /// Index of the replica's first GPU on the node (the parent GPU of its
+    /// MIG device, if it has one).
     pub gpu: u32,
-    /// Share of the GPU held, milli-GPU (1000 = all of it).
+    /// Share of each of its GPUs held, milli-GPU (1000 = all of it).
     pub milli: u32,
+    /// Device memory it takes on each of its GPUs.
     pub memory_mib: u64,
     /// From the log entry that first placed it here.
     pub created_at_ms: u64,
     pub revision: u64,
+    /// Every GPU it holds, `gpu` first: more than one for a tensor-parallel
+    /// group (format 3; a format-2 record holds `[gpu]`).
+    pub gpus: Vec<u32>,
+    /// UUID of the MIG device it runs on; empty when it runs on whole GPUs
+    /// or shares of them (format 3).
+    pub mig_device: String,
+}
+
+impl Replica {
+    /// A replica on one GPU (or a share of it).
+    pub fn on_gpu(id: &str, model: &str, version: &str, node_id: &str, gpu: u32) -> Replica {
+        Replica {
+            id: id.into(),
+            model: model.into(),
+            version: version.into(),
+            node_id: node_id.into(),
+            gpu,
+            milli: 1000,
+            memory_mib: 0,
+            created_at_ms: 0,
+            revision: 0,
+            gpus: vec![gpu],
+            mig_device: String::new(),
+        }
+    }
+
+    /// Where it runs, for messages and the audit: `node/0`, `node/0+1` (a
+    /// group of GPUs 0 and 1), `node/0:MIG-…` (a MIG device of GPU 0).
+    pub fn place(&self) -> String {
+        let gpus: Vec<String> = self.gpus.iter().map(u32::to_string).collect();
+        let mut place = format!("{}/{}", self.node_id, gpus.join("+"));
+        if !self.mig_device.is_empty() {
+            place.push(':');
+            place.push_str(&self.mig_device);
+        }
+        place
+    }
+
+    /// Whether it holds the same resources as `other` (node, GPUs, share,
+    /// MIG device): a replica that does needs no restart.
+    pub fn same_place(&self, other: &Replica) -> bool {
+        self.node_id == other.node_id
+            && self.gpus == other.gpus
+            && self.milli == other.milli
+            && self.mig_device == other.mig_device
+    }
+}
+
+/// The format-2 layout (before multi-GPU and MIG replicas).
+#[derive(Deserialize)]
+struct ReplicaV2 {
+    id: String,
+    model: String,
+    version: String,
+    node_id: String,
+    gpu: u32,
+    milli: u32,
+    memory_mib: u64,
+    created_at_ms: u64,
+    revision: u64,
+}
+
+/// The format-3 layout. The new fields default when absent, so format-1
+/// JSON (which predates them) reads as one-GPU replicas.
+#[derive(Deserialize)]
+struct ReplicaV3 {
+    id: String,
+    model: String,
+    version: String,
+    node_id: String,
+    gpu: u32,
+    milli: u32,
+    memory_mib: u64,
+    created_at_ms: u64,
+    revision: u64,
+    #[serde(default)]
+    gpus: Vec<u32>,
+    #[serde(default)]
+    mig_device: String,
+}
+
+thread_local! {
+    static FORMAT_2: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Runs `f` with replicas read and written in the format-2 layout: the
+/// migration decodes format-2 values (log entries, records, snapshots,
+/// whatever holds a replica) through the current types inside it, and
+/// tests write genuine format-2 bytes with it. Scoped to this thread.
+pub fn in_format_2<R>(f: impl FnOnce() -> R) -> R {
+    struct Reset(bool);
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            FORMAT_2.with(|c| c.set(self.0));
+        }
+    }
+    let _reset = Reset(FORMAT_2.with(|c| c.replace(true)));
+    f()
+}
+
+impl Serialize for Replica {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        // Field for field the layouts of `ReplicaV2` / `ReplicaV3`.
+        let v2 = FORMAT_2.with(Cell::get);
+        let mut st = s.serialize_struct("Replica", if v2 { 9 } else { 11 })?;
+        st.serialize_field("id", &self.id)?;
+        st.serialize_field("model", &self.model)?;
+        st.serialize_field("version", &self.version)?;
+        st.serialize_field("node_id", &self.node_id)?;
+        st.serialize_field("gpu", &self.gpu)?;
+        st.serialize_field("milli", &self.milli)?;
+        st.serialize_field("memory_mib", &self.memory_mib)?;
+        st.serialize_field("created_at_ms", &self.created_at_ms)?;
+        st.serialize_field("revision", &self.revision)?;
+        if !v2 {
+            st.serialize_field("gpus", &self.gpus)?;
+            st.serialize_field("mig_device", &self.mig_device)?;
+        }
+        st.end()
+    }
+}
+
+impl<'de> Deserialize<'de> for Replica {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Replica, D::Error> {
+        let r = if FORMAT_2.with(Cell::get) {
+            let r = ReplicaV2::deserialize(d)?;
+            ReplicaV3 {
+                id: r.id,
+                model: r.model,
+                version: r.version,
+                node_id: r.node_id,
+                gpu: r.gpu,
+                milli: r.milli,
+                memory_mib: r.memory_mib,
+                created_at_ms: r.created_at_ms,
+                revision: r.revision,
+                gpus: Vec::new(),
+                mig_device: String::new(),
+            }
+        } else {
+            ReplicaV3::deserialize(d)?
+        };
+        Ok(Replica {
+            gpus: if r.gpus.is_empty() {
+                vec![r.gpu]
+            } else {
+                r.gpus
+            },
+            id: r.id,
+            model: r.model,
+            version: r.version,
+            node_id: r.node_id,
+            gpu: r.gpu,
+            milli: r.milli,
+            memory_mib: r.memory_mib,
+            created_at_ms: r.created_at_ms,
+            revision: r.revision,
+            mig_device: r.mig_device,
+        })
+    }
 }

@@ -15,8 +15,11 @@ use serde::Serialize;
 
 /// First bytes of every encoded value.
 pub const MAGIC: [u8; 2] = *b"TL";
-/// Version of the envelope's payload encoding (postcard, serde field order).
-pub const ENCODING_VERSION: u8 = 1;
+/// Version of the envelope's payload encoding (postcard, serde field order):
+/// 2 since replicas carry their GPU list and MIG device (data format 3).
+pub const ENCODING_VERSION: u8 = 2;
+/// The envelope version of data format 2, which only the migration reads.
+pub const FORMAT_2_ENCODING: u8 = 1;
 const HEADER: usize = MAGIC.len() + 1;
 
 /// Why bytes could not be decoded.
@@ -46,6 +49,30 @@ pub fn encode<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, CodecError> {
 
 /// Decodes a value written by [`encode`], refusing anything else.
 pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
+    decode_version(bytes, ENCODING_VERSION)
+}
+
+/// The envelope version of `bytes`, if they carry the envelope.
+pub fn version_of(bytes: &[u8]) -> Option<u8> {
+    is_encoded(bytes).then(|| bytes[MAGIC.len()])
+}
+
+/// Decodes a value of data format 2 (envelope version 1), reading every
+/// replica in it in the format-2 layout; for the migration.
+pub fn decode_format_2<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
+    crate::state::replica::in_format_2(|| decode_version(bytes, FORMAT_2_ENCODING))
+}
+
+/// Encodes `value` as data format 2 wrote it (tests build format-2
+/// directories with it).
+#[cfg(test)]
+pub fn encode_format_2<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, CodecError> {
+    let mut out = crate::state::replica::in_format_2(|| encode(value))?;
+    out[MAGIC.len()] = FORMAT_2_ENCODING;
+    Ok(out)
+}
+
+fn decode_version<T: DeserializeOwned>(bytes: &[u8], version: u8) -> Result<T, CodecError> {
     if bytes.len() < HEADER {
         return Err(CodecError::Short(bytes.len()));
     }
@@ -54,7 +81,7 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
             found: bytes[..MAGIC.len()].to_vec(),
         });
     }
-    if bytes[MAGIC.len()] != ENCODING_VERSION {
+    if bytes[MAGIC.len()] != version {
         return Err(CodecError::Version {
             found: bytes[MAGIC.len()],
         });

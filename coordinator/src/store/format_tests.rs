@@ -18,6 +18,7 @@ use crate::state::*;
 
 const GOLDEN_DIR: &str = include_str!("golden/format-v1-datadir.json");
 const GOLDEN_STATE: &str = include_str!("golden/format-v1-state.json");
+const GOLDEN_V2_DIR: &str = include_str!("golden/format-v2-datadir.json");
 
 fn unhex(s: &str) -> Vec<u8> {
     (0..s.len())
@@ -52,9 +53,61 @@ fn golden_v1_dir() -> tempfile::TempDir {
     dir
 }
 
+/// A format-2 data directory as the previous release left it: the golden
+/// format-1 directory migrated by that release, dumped byte for byte.
+fn golden_v2_dir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("talon-coordinator.json"),
+        r#"{"kind":"talon-coordinator-data","format_version":2,"node_id":1}"#,
+    )
+    .unwrap();
+    let db = sled::Config::new()
+        .path(dir.path().join("db"))
+        .open()
+        .unwrap();
+    let trees: serde_json::Value = serde_json::from_str(GOLDEN_V2_DIR).unwrap();
+    for (name, rows) in trees.as_object().unwrap() {
+        let tree = db.open_tree(name).unwrap();
+        for row in rows.as_array().unwrap() {
+            let key = unhex(row[0].as_str().unwrap());
+            tree.insert(key, unhex(row[1].as_str().unwrap())).unwrap();
+        }
+    }
+    db.flush().unwrap();
+    dir
+}
+
 #[tokio::test]
 async fn format_1_directory_migrates_and_reads_the_same() {
-    let dir = golden_v1_dir();
+    reads_the_golden_state(golden_v1_dir()).await;
+}
+
+#[tokio::test]
+async fn format_2_directory_migrates_and_reads_the_same() {
+    let dir = golden_v2_dir();
+    // format-2 values do not decode as format 3 (the replica layout grew)
+    let data = sled::Config::new()
+        .path(dir.path().join("db"))
+        .open()
+        .unwrap();
+    let replica = data
+        .open_tree("sm")
+        .unwrap()
+        .scan_prefix("replica/")
+        .next()
+        .unwrap()
+        .unwrap()
+        .1;
+    assert!(codec::decode::<Replica>(&replica).is_err());
+    drop(data);
+    reads_the_golden_state(dir).await;
+}
+
+/// Opens an old golden directory (migrating it) twice and checks that it
+/// holds the golden state, log, vote and snapshot, all in the current
+/// envelope; one-GPU replicas read with their GPU list.
+async fn reads_the_golden_state(dir: tempfile::TempDir) {
     let expected: State = serde_json::from_str(GOLDEN_STATE).unwrap();
     for round in 0..2 {
         // The second round opens the migrated directory again: nothing to do.
@@ -104,10 +157,18 @@ async fn format_1_directory_migrates_and_reads_the_same() {
             .expect("snapshot kept");
         let snap: super::Applied = codec::decode(snapshot.snapshot.get_ref()).unwrap();
         assert_eq!(snap.state, expected);
+        assert!(entries.iter().any(|e| matches!(
+            &e.payload,
+            EntryPayload::Normal(r) if matches!(&r.command, Command::SetReplicas { replicas, .. } if replicas.iter().all(|x| x.gpus == vec![x.gpu]) && !replicas.is_empty())
+        )));
         for tree in [&data.log, &data.sm, &data.snapshot] {
             for item in tree.iter() {
                 let (_, v) = item.unwrap();
-                assert!(codec::is_encoded(&v), "a value left in JSON");
+                assert_eq!(
+                    codec::version_of(&v),
+                    Some(codec::ENCODING_VERSION),
+                    "a value left in an old format"
+                );
             }
         }
     }
@@ -259,6 +320,8 @@ fn arb_command() -> impl Strategy<Value = Command> {
                     memory_mib: 100,
                     created_at_ms: 0,
                     revision: 0,
+                    gpus: vec![0],
+                    mig_device: format!("MIG-{n}"),
                 }],
             }
         }),
@@ -272,10 +335,12 @@ fn arb_command() -> impl Strategy<Value = Command> {
                     version: v.into(),
                     node_id: format!("n{n}"),
                     gpu: 0,
-                    milli: 250,
+                    milli: 1000,
                     memory_mib: 100,
                     created_at_ms: 0,
                     revision: 0,
+                    gpus: vec![0, 1],
+                    mig_device: String::new(),
                 }],
             }
         }),

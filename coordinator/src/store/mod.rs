@@ -12,9 +12,11 @@
 //! | `sm`       | `model/<name>`, `node/<id>`, `replica/<id>`, `credential/<id>`, `audit/<u64 BE>`, `meta/applied`, `meta/membership`, `meta/auth` | envelope |
 //! | `snapshot` | `current/meta`, `current/data`         | envelope: meta, `Applied`    |
 //!
-//! Values are in the strict binary envelope of [`codec`] (format 2). A
-//! format-1 directory (every value JSON) is migrated in place at start, by
-//! [`migrate`]; golden copies of a format-1 directory are tested to decode.
+//! Values are in the strict binary envelope of [`codec`] (format 3: since
+//! format 2, replicas carry their GPU list and MIG device). A format-1
+//! directory (every value JSON) or a format-2 one (envelope version 1) is
+//! migrated in place at start, by [`migrate`]; golden copies of a format-1
+//! and a format-2 directory are tested to decode.
 //!
 //! A directory that is not empty and has no marker, a marker of another
 //! format or node, or a database that sled cannot open is refused at start
@@ -34,9 +36,11 @@ use serde::{Deserialize, Serialize};
 pub use log_store::LogStore;
 pub use state_machine::{Applied, SharedState, StateMachineStore};
 
-/// Version of the on-disk format this build writes (2: binary envelope).
-pub const FORMAT_VERSION: u32 = 2;
-/// The older format this build migrates from (1: JSON values).
+/// Version of the on-disk format this build writes (3: binary envelope,
+/// replicas over several GPUs or on a MIG device).
+pub const FORMAT_VERSION: u32 = 3;
+/// The oldest format this build migrates from (1: JSON values; 2: the
+/// envelope with one-GPU replicas).
 pub const MIGRATES_FROM: u32 = 1;
 const MARKER_FILE: &str = "talon-coordinator.json";
 const MARKER_KIND: &str = "talon-coordinator-data";
@@ -48,7 +52,7 @@ pub enum OpenError {
     Foreign { path: PathBuf, entry: String },
     #[error("data directory {path} has a corrupted marker {MARKER_FILE}: {reason}; restore the directory from a backup or start this node from an empty directory and re-join it")]
     CorruptMarker { path: PathBuf, reason: String },
-    #[error("data directory {path} holds format version {found}, this build reads versions {MIGRATES_FROM} and {FORMAT_VERSION}; run the matching release")]
+    #[error("data directory {path} holds format version {found}, this build reads versions {MIGRATES_FROM} to {FORMAT_VERSION}; run the matching release")]
     Version { path: PathBuf, found: u32 },
     #[error("data directory {path} belongs to node {found}, but this coordinator is configured as node {configured}; fix node_id or data_dir")]
     WrongNode {
@@ -58,8 +62,12 @@ pub enum OpenError {
     },
     #[error("data directory {path} cannot be opened: {reason}; the database may be corrupted: restore it from a backup or start this node from an empty directory and re-join it")]
     Corrupt { path: PathBuf, reason: String },
-    #[error("data directory {path} could not be migrated from format {MIGRATES_FROM} to {FORMAT_VERSION}: {reason}; nothing was lost (the migration resumes at the next start), but fix the cause or restore a backup")]
-    Migration { path: PathBuf, reason: String },
+    #[error("data directory {path} could not be migrated from format {from} to {FORMAT_VERSION}: {reason}; nothing was lost (the migration resumes at the next start), but fix the cause or restore a backup")]
+    Migration {
+        path: PathBuf,
+        from: u32,
+        reason: String,
+    },
     #[error("data directory {path}: {source}")]
     Io {
         path: PathBuf,
@@ -107,8 +115,7 @@ impl DataDir {
                         reason: format!("kind is {:?}, expected {MARKER_KIND:?}", marker.kind),
                     });
                 }
-                if marker.format_version != FORMAT_VERSION && marker.format_version != MIGRATES_FROM
-                {
+                if !(MIGRATES_FROM..=FORMAT_VERSION).contains(&marker.format_version) {
                     return Err(OpenError::Version {
                         path: path.to_path_buf(),
                         found: marker.format_version,
@@ -153,10 +160,11 @@ impl DataDir {
                     path: path.to_path_buf(),
                     reason: format!("format key is unreadable: {e}"),
                 })?;
-                if found == MIGRATES_FROM {
+                if (MIGRATES_FROM..FORMAT_VERSION).contains(&found) {
                     let converted =
-                        migrate::v1_to_v2(&db).map_err(|reason| OpenError::Migration {
+                        migrate::to_current(&db).map_err(|reason| OpenError::Migration {
                             path: path.to_path_buf(),
+                            from: found,
                             reason,
                         })?;
                     meta.insert(
@@ -165,7 +173,7 @@ impl DataDir {
                     )
                     .map_err(corrupt)?;
                     db.flush().map_err(corrupt)?;
-                    tracing::info!(path = %path.display(), converted, "data directory migrated from format 1 (JSON) to format 2 (binary)");
+                    tracing::info!(path = %path.display(), converted, from = found, to = FORMAT_VERSION, "data directory migrated");
                 } else if found != FORMAT_VERSION {
                     return Err(OpenError::Version {
                         path: path.to_path_buf(),

@@ -1,0 +1,295 @@
+//! The fleet as the placement engine sees it: each node's GPUs and MIG
+//! devices as slots with their memory, share offered and NVLink domain, and
+//! what a model needs of them (one GPU's memory, or a tensor-parallel group
+//! the sharding planner sizes).
+
+use std::collections::{BTreeMap, HashMap};
+
+use talon_scheduler::sharding;
+use talon_scheduler::types::{Gpu, Node, MILLI};
+
+use crate::state::{Model, NodeState, State};
+
+/// One GPU, or one MIG device of a GPU in MIG mode, as the engine sees it.
+pub(super) struct Slot<'a> {
+    /// The GPU's index on its node (the parent GPU of a MIG device).
+    pub gpu: u32,
+    /// The GPU's type, or `<type>/<profile>` for a MIG device, so that a
+    /// type constraint for whole GPUs never matches a slice.
+    pub gpu_type: String,
+    pub memory_mib: u64,
+    /// Milli-GPU offered: all of it on a node taking new work, else what its
+    /// replicas hold now (so nothing new fits there).
+    pub milli: u32,
+    /// UUID of the MIG device; empty for a whole GPU.
+    pub mig_device: &'a str,
+    /// NVLink domain on the node; every MIG device is a domain of its own
+    /// (a tensor-parallel group never spans slices).
+    pub domain: u32,
+}
+
+/// A node that keeps its replicas (not Down, not draining).
+pub(super) struct Candidate<'a> {
+    pub node_id: &'a str,
+    /// Ready and schedulable: takes new replicas.
+    pub new_work: bool,
+    /// Slots offering something, in inventory order.
+    pub slots: Vec<Slot<'a>>,
+}
+
+impl Candidate<'_> {
+    /// The engine's view of this node: unbounded CPU and host memory (the
+    /// reconciler places GPU work), a slot offering part of itself has that
+    /// part of its memory to give.
+    pub fn engine_node(&self) -> Node {
+        Node {
+            name: self.node_id.to_string(),
+            cpu_milli: u64::MAX / 4,
+            memory_mib: u64::MAX / 4,
+            gpus: self
+                .slots
+                .iter()
+                .map(|s| Gpu {
+                    memory_mib: s.memory_mib * u64::from(s.milli) / u64::from(MILLI),
+                    milli: s.milli,
+                    nvlink_domain: s.domain,
+                    ..Gpu::new(&s.gpu_type)
+                })
+                .collect(),
+            cost_per_hour: 0.0,
+        }
+    }
+
+    /// Position of the slot that is GPU `gpu` (MIG device `mig`, if any).
+    pub fn slot_of(&self, gpu: u32, mig: &str) -> Option<usize> {
+        self.slots
+            .iter()
+            .position(|s| s.gpu == gpu && s.mig_device == mig)
+    }
+}
+
+/// The nodes that keep their replicas, with their slots: one pass over the
+/// replicas for what each slot holds.
+pub(super) fn candidates(state: &State) -> Vec<Candidate<'_>> {
+    let mut held: HashMap<(&str, u32, &str), u32> = HashMap::new();
+    for r in state.replicas.values() {
+        for gpu in &r.gpus {
+            *held
+                .entry((r.node_id.as_str(), *gpu, r.mig_device.as_str()))
+                .or_default() += r.milli;
+        }
+    }
+    state
+        .nodes
+        .values()
+        .filter(|n| n.state != NodeState::Down && !n.draining)
+        .map(|n| {
+            let new_work = n.state == NodeState::Ready && n.schedulable;
+            let id = n.inventory.node_id.as_str();
+            let offered = |gpu: u32, mig: &str| {
+                if new_work {
+                    MILLI
+                } else {
+                    held.get(&(id, gpu, mig)).copied().unwrap_or(0).min(MILLI)
+                }
+            };
+            let gpus = &n.inventory.gpus;
+            let domains = nvlink_domains(gpus);
+            let mut slots = Vec::new();
+            let mut next_domain = gpus.len() as u32;
+            for (g, domain) in gpus.iter().zip(domains) {
+                if g.mig_enabled {
+                    for m in &g.mig_devices {
+                        slots.push(Slot {
+                            gpu: g.index,
+                            gpu_type: format!("{}/{}", g.gpu_type, m.profile),
+                            memory_mib: m.memory_bytes >> 20,
+                            milli: offered(g.index, &m.uuid),
+                            mig_device: &m.uuid,
+                            domain: next_domain,
+                        });
+                        next_domain += 1;
+                    }
+                } else {
+                    slots.push(Slot {
+                        gpu: g.index,
+                        gpu_type: g.gpu_type.clone(),
+                        memory_mib: g.memory_bytes >> 20,
+                        milli: offered(g.index, ""),
+                        mig_device: "",
+                        domain,
+                    });
+                }
+            }
+            slots.retain(|s| s.milli > 0);
+            Candidate {
+                node_id: id,
+                new_work,
+                slots,
+            }
+        })
+        .collect()
+}
+
+/// NVLink domains of a node's GPUs: two GPUs share one when they are
+/// linked, directly (one lists the other's PCI bus id among its peers) or
+/// through a common peer that is no GPU of the node (an NVSwitch). A GPU
+/// without NVLink peers is a domain of its own (PCIe only).
+pub fn nvlink_domains(gpus: &[crate::state::node::Gpu]) -> Vec<u32> {
+    let mut parent: Vec<usize> = (0..gpus.len()).collect();
+    fn root(parent: &mut [usize], mut i: usize) -> usize {
+        while parent[i] != i {
+            parent[i] = parent[parent[i]];
+            i = parent[i];
+        }
+        i
+    }
+    let mut via: HashMap<&str, usize> = HashMap::new();
+    for (i, g) in gpus.iter().enumerate() {
+        for peer in &g.nvlink_peers {
+            let other = gpus
+                .iter()
+                .position(|o| {
+                    (!o.pci_bus_id.is_empty() && o.pci_bus_id == *peer) || o.uuid == *peer
+                })
+                .or_else(|| via.get(peer.as_str()).copied());
+            match other {
+                Some(j) => {
+                    let (a, b) = (root(&mut parent, i), root(&mut parent, j));
+                    parent[a] = b;
+                }
+                None => {
+                    via.insert(peer.as_str(), i);
+                }
+            }
+        }
+    }
+    (0..gpus.len())
+        .map(|i| root(&mut parent, i) as u32)
+        .collect()
+}
+
+/// What one replica of a model asks of the fleet.
+#[derive(Clone, Debug, PartialEq)]
+pub(super) enum Need {
+    /// Its memory on one GPU or MIG device.
+    OneGpu { mib: u64 },
+    /// A tensor-parallel group of `tp` whole GPUs of one NVLink domain, of
+    /// one of `gpu_types`, `mib_per_gpu` on each.
+    Group {
+        tp: u32,
+        mib_per_gpu: u64,
+        gpu_types: Vec<String>,
+    },
+}
+
+impl Need {
+    /// Device memory it takes on each of its GPUs.
+    pub fn mib_per_gpu(&self) -> u64 {
+        match self {
+            Need::OneGpu { mib } => *mib,
+            Need::Group { mib_per_gpu, .. } => *mib_per_gpu,
+        }
+    }
+}
+
+/// Layers of a model, from its `layers` label (default 32): how the
+/// sharding planner splits it.
+fn layers_of(model: &Model) -> u32 {
+    model
+        .labels
+        .get("layers")
+        .and_then(|v| v.parse().ok())
+        .filter(|l| *l > 0)
+        .unwrap_or(32)
+}
+
+/// The whole GPUs of the nodes taking new work, as the sharding planner
+/// sees them (every GPU free: it sizes a replica, the engine places it).
+pub(super) fn sharding_fleet(candidates: &[Candidate]) -> Vec<Node> {
+    candidates
+        .iter()
+        .filter(|c| c.new_work)
+        .map(|c| Node {
+            name: c.node_id.to_string(),
+            cpu_milli: 0,
+            memory_mib: 0,
+            gpus: c
+                .slots
+                .iter()
+                .filter(|s| s.mig_device.is_empty())
+                .map(|s| Gpu {
+                    memory_mib: s.memory_mib,
+                    nvlink_domain: s.domain,
+                    ..Gpu::new(&s.gpu_type)
+                })
+                .collect(),
+            cost_per_hour: 0.0,
+        })
+        .collect()
+}
+
+/// What each replica of `model` (its newest version needs `mem` MiB) asks
+/// for: one GPU when some slot of the fleet holds it, else the smallest
+/// tensor-parallel group the sharding planner finds in one NVLink domain
+/// (any GPU type that holds it at that degree). An error says why no
+/// replica can be placed, with the planner's shape when it is a pipeline
+/// (which the live path does not run yet).
+pub(super) fn need_of(
+    model: &Model,
+    mem: u64,
+    largest_slot: u64,
+    fleet: &[Node],
+) -> Result<Need, String> {
+    if mem <= largest_slot {
+        return Ok(Need::OneGpu { mib: mem });
+    }
+    let spec = sharding::ModelSpec::from_memory(&model.name, mem, layers_of(model));
+    let shapes = sharding::replica_shapes(&spec, fleet, &sharding::ShardOptions::default())
+        .map_err(|e| {
+            format!(
+                "needs {mem} MiB; the largest Ready, schedulable GPU has {largest_slot} MiB. Sharding cannot help: {e}"
+            )
+        })?;
+    let groups: Vec<&sharding::ReplicaShape> = shapes
+        .iter()
+        .filter(|s| s.layout == sharding::Layout::SingleDomain)
+        .collect();
+    let Some(first) = groups.first() else {
+        let stages: Vec<String> = shapes[0]
+            .stages
+            .iter()
+            .map(|st| {
+                format!(
+                    "layers {}..{} on TP{} × {} ({} MiB per GPU)",
+                    st.first_layer,
+                    st.first_layer + st.layers,
+                    st.tensor_parallel,
+                    st.gpu_type,
+                    st.mib_per_gpu
+                )
+            })
+            .collect();
+        return Err(format!(
+            "needs {mem} MiB and no NVLink domain of a Ready, schedulable node holds it; the sharding planner would pipeline it ({:?}): {}, which the live path does not run yet",
+            shapes[0].layout,
+            stages.join(", then ")
+        ));
+    };
+    let tp = first.stages[0].tensor_parallel;
+    let mut by_type: BTreeMap<&str, u64> = BTreeMap::new();
+    for shape in groups.iter().filter(|s| s.stages[0].tensor_parallel == tp) {
+        by_type
+            .entry(shape.stages[0].gpu_type.as_str())
+            .or_insert(shape.stages[0].mib_per_gpu);
+    }
+    Ok(Need::Group {
+        tp,
+        mib_per_gpu: by_type
+            .values()
+            .copied()
+            .max()
+            .unwrap_or(mem.div_ceil(u64::from(tp))),
+        gpu_types: by_type.keys().map(|t| t.to_string()).collect(),
+    })
+}

@@ -1,0 +1,308 @@
+//! The replica reconciler: desired replicas per model (from the registry)
+//! → placements from the placement engine → commands for Raft.
+//!
+//! [`plan`] is pure: the committed state (and the replicas agents report
+//! failed) in, the `PlaceReplicas` commands that would close the gap out,
+//! plus what could not be placed and why. It hands the problem to
+//! `talon-scheduler`'s re-plan (keep what is still valid, place the rest;
+//! Talon's policy) so that a replica moves only when it must: its node went
+//! Down or is draining, its model changed version, its slot is gone (a MIG
+//! layout changed), or its agent reports it failed (it is then placed on
+//! another node, if one fits). Suspect and cordoned nodes keep their
+//! replicas but take no new ones.
+//!
+//! Mapping to the engine ([`fleet`]): a whole GPU, and each MIG device of a
+//! GPU in MIG mode, is a slot with its memory and NVLink domain. A replica
+//! of a model that some slot holds asks for its memory on one slot
+//! (`GpuRequest::Memory`: on a slot of `M` MiB it takes `⌈memory · 1000 /
+//! M⌉` milli — the memory it needs where it lands, so a small GPU joining
+//! the fleet changes nobody's share). A model no slot holds is sized by
+//! `talon_scheduler::sharding`: the smallest tensor-parallel degree that
+//! holds it in one NVLink domain, asked of the engine as a gang of whole
+//! GPUs of the types that hold it at that degree. Pipelines (a model no
+//! domain holds) are reported unplaced with the planner's shape: the agents
+//! do not run them yet. Each command carries the model's revision at
+//! planning time; the state machine refuses it if the model changed since.
+//! Planning is linear in nodes + slots + replicas (plus the sharding
+//! planner for each model no slot holds).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+mod fleet;
+
+use talon_scheduler::frag::TaskShape;
+use talon_scheduler::policy::talon::{talon_typical, Talon};
+use talon_scheduler::replan::{replan, Problem, Solution};
+use talon_scheduler::state::ClusterState;
+use talon_scheduler::types::{Assignment, GpuRequest, GpuSlice, Node, Workload, MILLI};
+
+use crate::state::{Command, Replica, State};
+pub use fleet::nvlink_domains;
+use fleet::{Candidate, Need};
+
+/// What the reconciler wants, and what it could not do.
+#[derive(Debug, Default, PartialEq)]
+pub struct Plan {
+    pub commands: Vec<Command>,
+    /// (replica id, why it has no place).
+    pub unplaced: Vec<(String, String)>,
+}
+
+/// The part of the state planning reads (models, nodes, replicas), copied
+/// so that the leader plans without holding the state lock.
+pub fn planning_view(state: &State) -> State {
+    State {
+        models: state.models.clone(),
+        nodes: state.nodes.clone(),
+        replicas: state.replicas.clone(),
+        ..State::default()
+    }
+}
+
+/// Replicas whose node's agent reports them failed (id → node).
+pub fn failed_replicas(
+    state: &State,
+    telemetry: &crate::telemetry::TelemetryStore,
+) -> BTreeMap<String, String> {
+    state
+        .replicas
+        .values()
+        .filter(|r| telemetry.replica_state(&r.node_id, &r.id).as_deref() == Some("failed"))
+        .map(|r| (r.id.clone(), r.node_id.clone()))
+        .collect()
+}
+
+/// Plans the replicas of every model against the committed `state`.
+pub fn plan(state: &State) -> Plan {
+    plan_with(state, &BTreeMap::new())
+}
+
+/// [`plan`], with the replicas agents report failed (replica id → node id):
+/// each is placed anew on another node.
+pub fn plan_with(state: &State, failed: &BTreeMap<String, String>) -> Plan {
+    let candidates = fleet::candidates(state);
+    let nodes: Vec<Node> = candidates.iter().map(Candidate::engine_node).collect();
+    let largest_slot = candidates
+        .iter()
+        .filter(|c| c.new_work)
+        .flat_map(|c| c.slots.iter().map(|s| s.memory_mib))
+        .max()
+        .unwrap_or(0);
+    let sharding_fleet = fleet::sharding_fleet(&candidates);
+
+    let mut workloads = Vec::new();
+    // replica id → (model, version, what it needs)
+    let mut wanted: BTreeMap<String, (String, String, Need)> = BTreeMap::new();
+    let mut unplaced = Vec::new();
+    for model in state.models.values() {
+        let Some(version) = model.versions.last() else {
+            continue;
+        };
+        let mem = version.memory_mib.max(1);
+        let need = fleet::need_of(model, mem, largest_slot, &sharding_fleet);
+        // Replicas of a model spread over nodes (a node loss takes one) when
+        // enough nodes could hold one; else they stack.
+        let hosts = match &need {
+            Ok(need) => candidates.iter().filter(|c| could_host(c, need)).count(),
+            Err(_) => 0,
+        };
+        let spread = (hosts >= model.min_replicas as usize).then(|| model.name.clone());
+        for k in 0..model.min_replicas {
+            let id = format!("{}@{}-{k}", model.name, version.version);
+            let need = match &need {
+                Ok(need) => need.clone(),
+                Err(why) => {
+                    unplaced.push((id, why.clone()));
+                    continue;
+                }
+            };
+            let (request, gpu_types) = match &need {
+                Need::OneGpu { mib } => (GpuRequest::Memory { mib: *mib }, Vec::new()),
+                Need::Group { tp, gpu_types, .. } => {
+                    (GpuRequest::Whole { count: *tp }, gpu_types.clone())
+                }
+            };
+            workloads.push(Workload {
+                anti_affinity: spread.clone(),
+                gpu_types,
+                ..Workload::new(&id, 0, 0, request)
+            });
+            wanted.insert(id, (model.name.clone(), version.version.clone(), need));
+        }
+    }
+
+    // The previous solution: current replicas still on slots of a candidate,
+    // holding the share their memory takes there (a record written by an
+    // older reconciler may hold another share: it is re-sized in place).
+    // The re-plan keeps each one that still meets its workload's demand.
+    let index: HashMap<&str, usize> = candidates
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (c.node_id, i))
+        .collect();
+    let mut previous = Solution::default();
+    for r in state.replicas.values() {
+        let Some(&n) = index.get(r.node_id.as_str()) else {
+            continue;
+        };
+        let c = &candidates[n];
+        let Some(slots) = r
+            .gpus
+            .iter()
+            .map(|g| c.slot_of(*g, &r.mig_device))
+            .collect::<Option<Vec<usize>>>()
+        else {
+            continue;
+        };
+        let gpus = slots
+            .iter()
+            .map(|&pos| {
+                let gpu = &nodes[n].gpus[pos];
+                let milli = match wanted.get(&r.id) {
+                    Some((_, _, Need::OneGpu { mib })) if gpu.memory_mib > 0 => {
+                        (mib * u64::from(gpu.milli))
+                            .div_ceil(gpu.memory_mib)
+                            .clamp(1, u64::from(gpu.milli)) as u32
+                    }
+                    _ => r.milli.min(MILLI),
+                };
+                GpuSlice {
+                    gpu: pos as u8,
+                    milli,
+                    mig: None,
+                }
+            })
+            .collect();
+        previous.assignments.insert(
+            r.id.clone(),
+            Assignment {
+                node: n as u32,
+                gpus,
+            },
+        );
+    }
+
+    // Replicas their agent reports failed: placed anew, elsewhere.
+    let avoid: BTreeMap<String, Vec<String>> = failed
+        .iter()
+        .filter(|(id, _)| wanted.contains_key(*id))
+        .map(|(id, node)| (id.clone(), vec![node.clone()]))
+        .collect();
+
+    // Talon's policy, its target distribution the replicas themselves
+    // (a share of the largest GPU, or a group of whole GPUs).
+    let shapes: Vec<TaskShape> = wanted
+        .values()
+        .map(|(_, _, need)| match need {
+            Need::OneGpu { mib } => TaskShape {
+                cpu_milli: 0,
+                milli: ((mib * u64::from(MILLI)).div_ceil(largest_slot.max(1))).clamp(1, 1000)
+                    as u32,
+                count: 1,
+                gpu_spec: String::new(),
+            },
+            Need::Group { tp, .. } => TaskShape {
+                cpu_milli: 0,
+                milli: MILLI,
+                count: *tp,
+                gpu_spec: String::new(),
+            },
+        })
+        .collect();
+    let problem = Problem {
+        nodes,
+        workloads,
+        avoid,
+    };
+    let engine_error = |e: String, mut unplaced: Vec<(String, String)>| {
+        unplaced.push(("*".into(), format!("placement engine error: {e}")));
+        Plan {
+            commands: Vec::new(),
+            unplaced,
+        }
+    };
+    let typical = match ClusterState::new(&problem.nodes) {
+        Ok(st) => talon_typical(shapes, &st),
+        Err(e) => return engine_error(e.to_string(), unplaced),
+    };
+    let mut policy = Talon::new(Arc::clone(&typical));
+    let solved = match replan(&problem, &previous, &mut policy, 0) {
+        Ok(s) => s,
+        Err(e) => return engine_error(e.to_string(), unplaced),
+    };
+    unplaced.extend(solved.unplaced.iter().cloned());
+
+    // Group the new placement by model and compare with what is committed.
+    let mut desired: BTreeMap<String, Vec<Replica>> = state
+        .models
+        .keys()
+        .map(|m| (m.clone(), Vec::new()))
+        .collect();
+    for (id, a) in &solved.solution.assignments {
+        let Some((model, version, need)) = wanted.get(id) else {
+            continue;
+        };
+        let c = &candidates[a.node as usize];
+        let slots: Vec<&fleet::Slot> = a.gpus.iter().map(|s| &c.slots[s.gpu as usize]).collect();
+        let mut replica = Replica::on_gpu(id, model, version, c.node_id, slots[0].gpu);
+        replica.gpus = slots.iter().map(|s| s.gpu).collect();
+        replica.mig_device = slots[0].mig_device.to_string();
+        replica.milli = a.gpus[0].milli;
+        replica.memory_mib = need.mib_per_gpu();
+        replica.created_at_ms = state
+            .replicas
+            .get(id)
+            .filter(|r| r.same_place(&replica))
+            .map_or(0, |r| r.created_at_ms);
+        desired.entry(model.clone()).or_default().push(replica);
+    }
+    let mut current: BTreeMap<&str, Vec<&Replica>> = BTreeMap::new();
+    for r in state.replicas.values() {
+        desired.entry(r.model.clone()).or_default();
+        current.entry(r.model.as_str()).or_default().push(r);
+    }
+    let mut commands = Vec::new();
+    for (model, mut replicas) in desired {
+        replicas.sort_by(|a, b| a.id.cmp(&b.id));
+        let now = current.get(model.as_str()).map_or(&[][..], Vec::as_slice);
+        let same = now.len() == replicas.len()
+            && now
+                .iter()
+                .zip(&replicas)
+                .all(|(c, r)| c.id == r.id && c.same_place(r));
+        if !same {
+            let model_revision = state.models.get(&model).map_or(0, |m| m.revision);
+            commands.push(Command::PlaceReplicas {
+                model,
+                model_revision,
+                replicas,
+            });
+        }
+    }
+    Plan { commands, unplaced }
+}
+
+/// Whether node `c` could hold one replica that needs `need` (taken as
+/// empty): a slot with the memory, or a domain with enough GPUs of an
+/// allowed type.
+fn could_host(c: &Candidate, need: &Need) -> bool {
+    if !c.new_work {
+        return false;
+    }
+    match need {
+        Need::OneGpu { mib } => c.slots.iter().any(|s| s.memory_mib >= *mib),
+        Need::Group { tp, gpu_types, .. } => {
+            let mut per_domain: HashMap<u32, u32> = HashMap::new();
+            for s in &c.slots {
+                if s.mig_device.is_empty() && gpu_types.contains(&s.gpu_type) {
+                    *per_domain.entry(s.domain).or_default() += 1;
+                }
+            }
+            per_domain.values().any(|n| n >= tp)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
