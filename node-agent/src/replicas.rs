@@ -34,23 +34,76 @@ impl ExecutorFactory for SimulatedFactory {
             .fleet
             .inventory()
             .map_err(|e| ExecError::Config(e.to_string()))?;
-        let gpu = inventory
-            .gpus
-            .iter()
-            .find(|g| g.index == r.gpu)
-            .ok_or_else(|| ExecError::Config(format!("this node has no GPU {}", r.gpu)))?;
-        let gpu_type = catalog::by_key(&gpu.gpu_type).ok_or_else(|| {
-            ExecError::Config(format!("GPU type {} is not in the catalog", gpu.gpu_type))
-        })?;
+        let placement = Placement::of(r)?;
+        let mut types = placement.gpus.iter().map(|index| {
+            inventory
+                .gpus
+                .iter()
+                .find(|g| g.index == *index)
+                .map(|g| g.gpu_type.as_str())
+                .ok_or_else(|| ExecError::Config(format!("this node has no GPU {index}")))
+        });
+        let first = types.next().expect("a placement has a GPU")?;
+        for other in types {
+            if other? != first {
+                return Err(ExecError::Config(format!(
+                    "GPUs {:?} are not all of one type; a tensor-parallel group is",
+                    placement.gpus
+                )));
+            }
+        }
+        let gpu_type = catalog::by_key(first)
+            .ok_or_else(|| ExecError::Config(format!("GPU type {first} is not in the catalog")))?;
         let exec = SimulatedExecutor::load(
             &r.model,
             r.memory_mib,
             self.fleet.clone(),
-            r.gpu,
+            placement,
             gpu_type,
             self.correction.clone(),
         )?;
         Ok(Arc::new(exec))
+    }
+}
+
+/// Where an assigned replica runs on this node: its GPUs (one, or a
+/// tensor-parallel group) or one MIG device of its GPU.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Placement {
+    pub gpus: Vec<u32>,
+    pub mig_device: Option<String>,
+}
+
+impl Placement {
+    /// One whole GPU (or a share of it).
+    pub fn gpu(index: u32) -> Placement {
+        Placement {
+            gpus: vec![index],
+            mig_device: None,
+        }
+    }
+
+    /// The placement an assignment names (an older coordinator sends no GPU
+    /// list: the replica's one GPU), refused when it is inconsistent.
+    pub fn of(r: &pb::AssignedReplica) -> Result<Placement, ExecError> {
+        let gpus = if r.gpus.is_empty() {
+            vec![r.gpu]
+        } else {
+            r.gpus.clone()
+        };
+        if gpus[0] != r.gpu {
+            return Err(ExecError::Config(format!(
+                "the GPU list {gpus:?} does not start with the replica's GPU {}",
+                r.gpu
+            )));
+        }
+        let mig_device = (!r.mig_device.is_empty()).then(|| r.mig_device.clone());
+        if mig_device.is_some() && gpus.len() > 1 {
+            return Err(ExecError::Config(format!(
+                "a replica on a MIG device runs on one GPU, not {gpus:?}"
+            )));
+        }
+        Ok(Placement { gpus, mig_device })
     }
 }
 
@@ -74,7 +127,7 @@ impl Drop for Held {
 }
 
 /// Replicas run as external engine processes from a command template,
-/// pinned to their GPU with `CUDA_VISIBLE_DEVICES`.
+/// pinned to their GPUs or MIG device with `CUDA_VISIBLE_DEVICES`.
 pub struct EngineFactory {
     pub template: crate::executor::external::CommandTemplate,
     /// GPU index → uuid, from the inventory.
@@ -86,11 +139,22 @@ pub struct EngineFactory {
 impl ExecutorFactory for EngineFactory {
     fn start(&self, r: &pb::AssignedReplica) -> Result<Arc<dyn Executor>, ExecError> {
         use crate::executor::external::{ExternalEngine, Placeholders};
-        let gpus = self
-            .gpu_uuids
-            .get(&r.gpu)
-            .cloned()
-            .ok_or_else(|| ExecError::Config(format!("this node has no GPU {}", r.gpu)))?;
+        let placement = Placement::of(r)?;
+        // the engine sees its MIG device, or its GPUs, and nothing else
+        let gpus = match &placement.mig_device {
+            Some(uuid) => uuid.clone(),
+            None => placement
+                .gpus
+                .iter()
+                .map(|g| {
+                    self.gpu_uuids
+                        .get(g)
+                        .cloned()
+                        .ok_or_else(|| ExecError::Config(format!("this node has no GPU {g}")))
+                })
+                .collect::<Result<Vec<_>, _>>()?
+                .join(","),
+        };
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .map_err(|e| ExecError::Config(format!("no free port for the engine: {e}")))?
@@ -100,6 +164,7 @@ impl ExecutorFactory for EngineFactory {
             artifact: r.artifact_uri.clone(),
             port,
             gpus,
+            tp: placement.gpus.len() as u32,
         };
         let engine = ExternalEngine::start(
             &self.template,

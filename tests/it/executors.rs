@@ -28,6 +28,7 @@ fn placeholders(port: u16) -> Placeholders {
         artifact: "file:///models/tiny".into(),
         port,
         gpus: "GPU-test-0,MIG-test-1".into(),
+        tp: 2,
     }
 }
 

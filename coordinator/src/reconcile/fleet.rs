@@ -172,8 +172,8 @@ pub fn nvlink_domains(gpus: &[crate::state::node::Gpu]) -> Vec<u32> {
 /// What one replica of a model asks of the fleet.
 #[derive(Clone, Debug, PartialEq)]
 pub(super) enum Need {
-    /// Its memory on one GPU or MIG device.
-    OneGpu { mib: u64 },
+    /// Its memory on one GPU or MIG device (of one of `gpu_types`, if any).
+    OneGpu { mib: u64, gpu_types: Vec<String> },
     /// A tensor-parallel group of `tp` whole GPUs of one NVLink domain, of
     /// one of `gpu_types`, `mib_per_gpu` on each.
     Group {
@@ -187,7 +187,7 @@ impl Need {
     /// Device memory it takes on each of its GPUs.
     pub fn mib_per_gpu(&self) -> u64 {
         match self {
-            Need::OneGpu { mib } => *mib,
+            Need::OneGpu { mib, .. } => *mib,
             Need::Group { mib_per_gpu, .. } => *mib_per_gpu,
         }
     }
@@ -204,9 +204,24 @@ fn layers_of(model: &Model) -> u32 {
         .unwrap_or(32)
 }
 
-/// The whole GPUs of the nodes taking new work, as the sharding planner
-/// sees them (every GPU free: it sizes a replica, the engine places it).
-pub(super) fn sharding_fleet(candidates: &[Candidate]) -> Vec<Node> {
+/// GPU types a model may run on, from its `gpu-types` label: comma-separated
+/// GPU types (`h100-sxm`) or MIG slot types (`a100-80gb/3g.40gb`); `None`
+/// (any) without the label.
+pub(super) fn allowed_types(model: &Model) -> Option<Vec<String>> {
+    let label = model.labels.get("gpu-types")?;
+    Some(
+        label
+            .split(',')
+            .map(|t| t.trim().to_string())
+            .filter(|t| !t.is_empty())
+            .collect(),
+    )
+}
+
+/// The whole GPUs of the nodes taking new work, of the allowed types, as
+/// the sharding planner sees them (every GPU free: it sizes a replica, the
+/// engine places it).
+fn sharding_fleet(candidates: &[Candidate], allowed: &Option<Vec<String>>) -> Vec<Node> {
     candidates
         .iter()
         .filter(|c| c.new_work)
@@ -217,7 +232,7 @@ pub(super) fn sharding_fleet(candidates: &[Candidate]) -> Vec<Node> {
             gpus: c
                 .slots
                 .iter()
-                .filter(|s| s.mig_device.is_empty())
+                .filter(|s| s.mig_device.is_empty() && permits(allowed, &s.gpu_type))
                 .map(|s| Gpu {
                     memory_mib: s.memory_mib,
                     nvlink_domain: s.domain,
@@ -229,28 +244,46 @@ pub(super) fn sharding_fleet(candidates: &[Candidate]) -> Vec<Node> {
         .collect()
 }
 
+fn permits(allowed: &Option<Vec<String>>, gpu_type: &str) -> bool {
+    allowed
+        .as_ref()
+        .is_none_or(|types| types.iter().any(|t| t == gpu_type))
+}
+
 /// What each replica of `model` (its newest version needs `mem` MiB) asks
-/// for: one GPU when some slot of the fleet holds it, else the smallest
-/// tensor-parallel group the sharding planner finds in one NVLink domain
-/// (any GPU type that holds it at that degree). An error says why no
-/// replica can be placed, with the planner's shape when it is a pipeline
-/// (which the live path does not run yet).
-pub(super) fn need_of(
-    model: &Model,
-    mem: u64,
-    largest_slot: u64,
-    fleet: &[Node],
-) -> Result<Need, String> {
+/// for, on slots of the types its `gpu-types` label allows: one slot when
+/// one of the nodes taking new work has a slot that holds it, else the
+/// smallest tensor-parallel group the sharding planner finds in one NVLink
+/// domain (any allowed GPU type that holds it at that degree). An error
+/// says why no replica can be placed, with the planner's shape when it is
+/// a pipeline (which the live path does not run yet).
+pub(super) fn need_of(model: &Model, mem: u64, candidates: &[Candidate]) -> Result<Need, String> {
+    let allowed = allowed_types(model);
+    let largest_slot = candidates
+        .iter()
+        .filter(|c| c.new_work)
+        .flat_map(|c| c.slots.iter())
+        .filter(|s| permits(&allowed, &s.gpu_type))
+        .map(|s| s.memory_mib)
+        .max()
+        .unwrap_or(0);
     if mem <= largest_slot {
-        return Ok(Need::OneGpu { mib: mem });
+        return Ok(Need::OneGpu {
+            mib: mem,
+            gpu_types: allowed.unwrap_or_default(),
+        });
     }
+    let largest = match &allowed {
+        None => format!("the largest Ready, schedulable GPU has {largest_slot} MiB"),
+        Some(types) => format!(
+            "the largest Ready, schedulable GPU of its gpu-types ({}) has {largest_slot} MiB",
+            types.join(",")
+        ),
+    };
+    let fleet = sharding_fleet(candidates, &allowed);
     let spec = sharding::ModelSpec::from_memory(&model.name, mem, layers_of(model));
-    let shapes = sharding::replica_shapes(&spec, fleet, &sharding::ShardOptions::default())
-        .map_err(|e| {
-            format!(
-                "needs {mem} MiB; the largest Ready, schedulable GPU has {largest_slot} MiB. Sharding cannot help: {e}"
-            )
-        })?;
+    let shapes = sharding::replica_shapes(&spec, &fleet, &sharding::ShardOptions::default())
+        .map_err(|e| format!("needs {mem} MiB; {largest}. Sharding cannot help: {e}"))?;
     let groups: Vec<&sharding::ReplicaShape> = shapes
         .iter()
         .filter(|s| s.layout == sharding::Layout::SingleDomain)

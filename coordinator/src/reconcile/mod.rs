@@ -89,7 +89,6 @@ pub fn plan_with(state: &State, failed: &BTreeMap<String, String>) -> Plan {
         .flat_map(|c| c.slots.iter().map(|s| s.memory_mib))
         .max()
         .unwrap_or(0);
-    let sharding_fleet = fleet::sharding_fleet(&candidates);
 
     let mut workloads = Vec::new();
     // replica id → (model, version, what it needs)
@@ -100,7 +99,7 @@ pub fn plan_with(state: &State, failed: &BTreeMap<String, String>) -> Plan {
             continue;
         };
         let mem = version.memory_mib.max(1);
-        let need = fleet::need_of(model, mem, largest_slot, &sharding_fleet);
+        let need = fleet::need_of(model, mem, &candidates);
         // Replicas of a model spread over nodes (a node loss takes one) when
         // enough nodes could hold one; else they stack.
         let hosts = match &need {
@@ -118,7 +117,9 @@ pub fn plan_with(state: &State, failed: &BTreeMap<String, String>) -> Plan {
                 }
             };
             let (request, gpu_types) = match &need {
-                Need::OneGpu { mib } => (GpuRequest::Memory { mib: *mib }, Vec::new()),
+                Need::OneGpu { mib, gpu_types } => {
+                    (GpuRequest::Memory { mib: *mib }, gpu_types.clone())
+                }
                 Need::Group { tp, gpu_types, .. } => {
                     (GpuRequest::Whole { count: *tp }, gpu_types.clone())
                 }
@@ -160,7 +161,7 @@ pub fn plan_with(state: &State, failed: &BTreeMap<String, String>) -> Plan {
             .map(|&pos| {
                 let gpu = &nodes[n].gpus[pos];
                 let milli = match wanted.get(&r.id) {
-                    Some((_, _, Need::OneGpu { mib })) if gpu.memory_mib > 0 => {
+                    Some((_, _, Need::OneGpu { mib, .. })) if gpu.memory_mib > 0 => {
                         (mib * u64::from(gpu.milli))
                             .div_ceil(gpu.memory_mib)
                             .clamp(1, u64::from(gpu.milli)) as u32
@@ -195,7 +196,7 @@ pub fn plan_with(state: &State, failed: &BTreeMap<String, String>) -> Plan {
     let shapes: Vec<TaskShape> = wanted
         .values()
         .map(|(_, _, need)| match need {
-            Need::OneGpu { mib } => TaskShape {
+            Need::OneGpu { mib, .. } => TaskShape {
                 cpu_milli: 0,
                 milli: ((mib * u64::from(MILLI)).div_ceil(largest_slot.max(1))).clamp(1, 1000)
                     as u32,
@@ -291,7 +292,9 @@ fn could_host(c: &Candidate, need: &Need) -> bool {
         return false;
     }
     match need {
-        Need::OneGpu { mib } => c.slots.iter().any(|s| s.memory_mib >= *mib),
+        Need::OneGpu { mib, gpu_types } => c.slots.iter().any(|s| {
+            s.memory_mib >= *mib && (gpu_types.is_empty() || gpu_types.contains(&s.gpu_type))
+        }),
         Need::Group { tp, gpu_types, .. } => {
             let mut per_domain: HashMap<u32, u32> = HashMap::new();
             for s in &c.slots {

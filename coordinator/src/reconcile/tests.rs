@@ -598,3 +598,46 @@ fn place_replicas_refuses_gpus_and_devices_the_node_lacks() {
         matches!(response, crate::state::Response::Rejected(r) if r.message.contains("PlaceReplicas"))
     );
 }
+
+#[test]
+fn the_gpu_types_label_keeps_replicas_to_those_types() {
+    let (mut s, mut i) = (State::default(), 0);
+    run(&mut s, &mut i, Command::RegisterNode(mig_node("m")));
+    run(&mut s, &mut i, Command::RegisterNode(h100_pair("n", true)));
+    let labelled = |name: &str, mem: u64, replicas: u32, types: &str| {
+        let mut c = model(name, mem, replicas);
+        if let Command::CreateModel(spec) = &mut c {
+            spec.labels.insert("gpu-types".into(), types.into());
+        }
+        c
+    };
+    run(
+        &mut s,
+        &mut i,
+        labelled("on-mig", 10_000, 2, "a100-80gb/3g.40gb"),
+    );
+    run(&mut s, &mut i, labelled("on-h100", 10_000, 1, "h100, l4"));
+    converge(&mut s, &mut i);
+    for r in s.replicas.values() {
+        match r.model.as_str() {
+            "on-mig" => assert!(r.node_id == "m" && !r.mig_device.is_empty(), "{r:?}"),
+            _ => assert!(r.node_id == "n" && r.mig_device.is_empty(), "{r:?}"),
+        }
+    }
+    // no allowed slot is large enough: the reason names the label
+    run(
+        &mut s,
+        &mut i,
+        labelled("too-big", 50_000, 1, "a100-80gb/3g.40gb"),
+    );
+    let p = plan(&s);
+    let (_, why) = p
+        .unplaced
+        .iter()
+        .find(|(id, _)| id.starts_with("too-big"))
+        .unwrap();
+    assert!(
+        why.contains("of its gpu-types (a100-80gb/3g.40gb) has 40960 MiB"),
+        "{why}"
+    );
+}

@@ -2,7 +2,8 @@
 //!
 //! The command comes from a template with placeholders, e.g.
 //! `vllm serve {artifact} --served-model-name {model} --port {port}` or
-//! `llama-server -m {artifact} --port {port}`. The process gets
+//! `llama-server -m {artifact} --port {port}` (`{tp}`: how many GPUs the
+//! replica holds, for a tensor-parallel flag). The process gets
 //! `CUDA_VISIBLE_DEVICES` set to its GPU or MIG uuids, its stdout and stderr
 //! go to a log file, and a supervisor health-checks it (`GET` the health
 //! path until it answers 200), restarts it with exponential backoff when it
@@ -26,7 +27,7 @@ use tokio::sync::watch;
 use super::{ExecError, Executor, InferRequest, ReplicaState};
 
 /// Placeholders a template may use.
-pub const PLACEHOLDERS: &[&str] = &["model", "artifact", "port", "gpus", "host"];
+pub const PLACEHOLDERS: &[&str] = &["model", "artifact", "port", "gpus", "tp", "host"];
 
 /// The address engines are to listen on (`{host}`): loopback, so that only
 /// the agent reaches them.
@@ -88,6 +89,9 @@ pub struct Placeholders {
     pub port: u16,
     /// GPU or MIG uuids, comma-separated.
     pub gpus: String,
+    /// Tensor-parallel degree: how many GPUs the replica holds (e.g.
+    /// `vllm serve … --tensor-parallel-size {tp}`).
+    pub tp: u32,
 }
 
 impl CommandTemplate {
@@ -158,6 +162,7 @@ impl CommandTemplate {
                     .replace("{artifact}", &p.artifact)
                     .replace("{port}", &p.port.to_string())
                     .replace("{gpus}", &p.gpus)
+                    .replace("{tp}", &p.tp.to_string())
                     .replace("{host}", ENGINE_HOST)
             })
             .collect()
@@ -469,14 +474,15 @@ mod tests {
     #[test]
     fn templates_are_checked_and_rendered() {
         let t = CommandTemplate::parse(
-            "vllm serve {artifact} --served-model-name {model} --port {port}",
+            "vllm serve {artifact} --served-model-name {model} --port {port} -tp {tp}",
         )
         .unwrap();
         let argv = t.render(&Placeholders {
             model: "m".into(),
             artifact: "hf://a/b".into(),
             port: 9000,
-            gpus: "GPU-1".into(),
+            gpus: "GPU-1,GPU-2".into(),
+            tp: 2,
         });
         assert_eq!(
             argv,
@@ -487,7 +493,9 @@ mod tests {
                 "--served-model-name",
                 "m",
                 "--port",
-                "9000"
+                "9000",
+                "-tp",
+                "2"
             ]
         );
         let cases = [

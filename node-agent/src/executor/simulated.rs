@@ -10,16 +10,22 @@ use super::{prompt_tokens, Endpoint, ExecError, Executor, InferRequest, ReplicaS
 use crate::catalog::GpuType;
 use crate::perf::{self, Correction, ModelShape};
 use crate::probe::sim::SimFleet;
+use crate::replicas::Placement;
 
-/// A replica of `model` on GPU `gpu` of a simulated fleet.
+/// A replica of `model` on simulated GPUs: one, a tensor-parallel group
+/// (its weights and KV split across them, each step `tp`-way parallel), or
+/// one MIG device (a slice of the GPU's compute).
 pub struct SimulatedExecutor {
-    /// Name of this replica's load on the simulated GPU.
+    /// Name of this replica's load on the simulated GPUs.
     owner: String,
     model: String,
     shape: ModelShape,
+    /// Memory it holds on each of its GPUs.
     memory_bytes: u64,
     gpu_type: &'static GpuType,
-    gpu: u32,
+    placement: Placement,
+    /// Share of a GPU's compute it runs on (`g/7` for a MIG profile `<g>g.*`).
+    compute_share: f64,
     fleet: Arc<SimFleet>,
     correction: Arc<Correction>,
     in_flight: AtomicU32,
@@ -29,6 +35,17 @@ pub struct SimulatedExecutor {
 /// Tokens a reply has when the request does not say (`max_tokens`).
 const DEFAULT_OUTPUT_TOKENS: u64 = 16;
 
+/// Share of a GPU's compute a MIG device of `profile` (`<g>g.<mem>gb`)
+/// gets: `g` of the GPU's 7 compute slices.
+fn mig_compute_share(profile: &str) -> f64 {
+    let slices = profile
+        .split('g')
+        .next()
+        .and_then(|g| g.parse::<u32>().ok())
+        .unwrap_or(1);
+    f64::from(slices.clamp(1, 7)) / 7.0
+}
+
 fn fnv(s: &str) -> u64 {
     s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
         (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
@@ -36,34 +53,84 @@ fn fnv(s: &str) -> u64 {
 }
 
 impl SimulatedExecutor {
-    /// Loads the replica: takes `memory_mib` on the GPU (refused if it does
-    /// not fit).
+    /// Loads the replica: takes `memory_mib` on each of its GPUs (on its
+    /// MIG device, if it has one), refused — with nothing held — if it does
+    /// not fit.
     pub fn load(
         model: &str,
         memory_mib: u64,
         fleet: Arc<SimFleet>,
-        gpu: u32,
+        placement: Placement,
         gpu_type: &'static GpuType,
         correction: Arc<Correction>,
     ) -> Result<SimulatedExecutor, ExecError> {
         static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let owner = format!("{model}#{}", NEXT.fetch_add(1, Ordering::Relaxed));
         let memory_bytes = memory_mib << 20;
-        fleet
-            .set_owner_load(gpu, &owner, memory_bytes, 0, 1)
-            .map_err(|e| ExecError::Config(e.to_string()))?;
-        Ok(SimulatedExecutor {
+        let compute_share = match &placement.mig_device {
+            None => 1.0,
+            Some(uuid) => {
+                use crate::probe::GpuProbe;
+                let inventory = fleet
+                    .inventory()
+                    .map_err(|e| ExecError::Config(e.to_string()))?;
+                let profile = inventory
+                    .gpus
+                    .iter()
+                    .flat_map(|g| &g.mig_devices)
+                    .find(|m| m.uuid == *uuid)
+                    .map(|m| m.profile.clone())
+                    .ok_or_else(|| {
+                        ExecError::Config(format!("this node has no MIG device {uuid}"))
+                    })?;
+                mig_compute_share(&profile)
+            }
+        };
+        let executor = SimulatedExecutor {
             owner,
             model: model.to_string(),
-            shape: ModelShape::from_memory_mib(memory_mib),
+            shape: ModelShape::from_memory_mib(memory_mib * placement.gpus.len() as u64),
             memory_bytes,
             gpu_type,
-            gpu,
+            placement,
+            compute_share,
             fleet,
             correction,
             in_flight: AtomicU32::new(0),
             state: Mutex::new(ReplicaState::Ready),
-        })
+        };
+        if let Err(e) = executor.hold(memory_bytes, 0) {
+            executor.release();
+            return Err(ExecError::Config(e.to_string()));
+        }
+        Ok(executor)
+    }
+
+    /// Tensor-parallel degree: how many GPUs it runs on.
+    fn tp(&self) -> u32 {
+        self.placement.gpus.len() as u32
+    }
+
+    /// Puts its load on each of its GPUs (or its MIG device).
+    fn hold(&self, memory_bytes: u64, utilization: u32) -> Result<(), crate::probe::ProbeError> {
+        for gpu in &self.placement.gpus {
+            self.fleet.set_owner_load_on(
+                *gpu,
+                self.placement.mig_device.as_deref(),
+                &self.owner,
+                memory_bytes,
+                utilization,
+                1,
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Takes its load off every GPU.
+    fn release(&self) {
+        for gpu in &self.placement.gpus {
+            let _ = self.fleet.set_owner_load(*gpu, &self.owner, 0, 0, 0);
+        }
     }
 
     /// Predicted time for a batch, corrected by what was observed.
@@ -73,7 +140,8 @@ impl SimulatedExecutor {
             .map(|r| prompt_tokens(&r.body).max(1))
             .collect();
         let output = batch.iter().map(output_tokens).max().unwrap_or(0);
-        let predicted = perf::batch_latency(self.shape, self.gpu_type, 1, &prompts, output);
+        let predicted = perf::batch_latency(self.shape, self.gpu_type, self.tp(), &prompts, output)
+            .div_f64(self.compute_share);
         self.correction
             .corrected(&self.model, self.gpu_type.key, predicted)
     }
@@ -131,8 +199,8 @@ impl SimulatedExecutor {
             .iter()
             .map(|r| prompt_tokens(&r.body).max(1))
             .collect();
-        let prefill = perf::prefill(self.shape, self.gpu_type, 1, prompts.iter().sum());
-        let modelled = perf::batch_latency(self.shape, self.gpu_type, 1, &prompts, steps);
+        let prefill = perf::prefill(self.shape, self.gpu_type, self.tp(), prompts.iter().sum());
+        let modelled = perf::batch_latency(self.shape, self.gpu_type, self.tp(), &prompts, steps);
         // Scale prefill by the same correction as the whole.
         let scale = latency.as_secs_f64() / modelled.as_secs_f64().max(1e-9);
         let prefill = prefill.mul_f64(scale).min(latency);
@@ -172,9 +240,7 @@ impl SimulatedExecutor {
     fn set_utilization(&self, busy: bool) {
         let u = if busy { 95 } else { 0 };
         // The memory stays held while the replica is loaded.
-        let _ = self
-            .fleet
-            .set_owner_load(self.gpu, &self.owner, self.memory_bytes, u, 1);
+        let _ = self.hold(self.memory_bytes, u);
     }
 }
 
@@ -263,7 +329,7 @@ impl Executor for SimulatedExecutor {
 
     async fn stop(&self) {
         *self.state.lock().expect("state lock poisoned") = ReplicaState::Draining;
-        let _ = self.fleet.set_owner_load(self.gpu, &self.owner, 0, 0, 0);
+        self.release();
     }
 }
 
@@ -291,15 +357,31 @@ mod tests {
             catalog::by_key("h100-sxm").unwrap(),
         );
         let corr = Arc::new(Correction::default());
-        let slow = SimulatedExecutor::load("m", 8_000, fleet.clone(), 0, l4, corr.clone()).unwrap();
-        let fast =
-            SimulatedExecutor::load("m", 8_000, fleet.clone(), 1, h100, corr.clone()).unwrap();
+        let slow = SimulatedExecutor::load(
+            "m",
+            8_000,
+            fleet.clone(),
+            Placement::gpu(0),
+            l4,
+            corr.clone(),
+        )
+        .unwrap();
+        let fast = SimulatedExecutor::load(
+            "m",
+            8_000,
+            fleet.clone(),
+            Placement::gpu(1),
+            h100,
+            corr.clone(),
+        )
+        .unwrap();
         assert_eq!(
             fleet.sample().unwrap()[0].memory_used_bytes,
             (512 << 20) + (8_000 << 20)
         );
         assert!(
-            SimulatedExecutor::load("big", 30_000, fleet.clone(), 0, l4, corr).is_err(),
+            SimulatedExecutor::load("big", 30_000, fleet.clone(), Placement::gpu(0), l4, corr)
+                .is_err(),
             "an L4 has 24 GiB"
         );
 
@@ -343,13 +425,119 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_group_holds_memory_on_each_gpu_and_a_mig_replica_its_device() {
+        let fleet = Arc::new(
+            SimFleet::new(
+                "n",
+                FleetSpec::from_flag("h100-sxm:2,a100-80gb:1:mig=3g.40gb+3g.40gb").unwrap(),
+            )
+            .unwrap(),
+        );
+        let h100 = catalog::by_key("h100-sxm").unwrap();
+        let corr = Arc::new(Correction::default());
+        let group = Placement {
+            gpus: vec![0, 1],
+            mig_device: None,
+        };
+        let tp2 = SimulatedExecutor::load("big", 60_000, fleet.clone(), group, h100, corr.clone())
+            .unwrap();
+        let used: Vec<u64> = fleet
+            .sample()
+            .unwrap()
+            .iter()
+            .map(|g| g.memory_used_bytes)
+            .collect();
+        assert_eq!(&used[..2], &[(512 << 20) + (60_000 << 20); 2]);
+        // GPU 0 holds its 60 GB share of the group: another 60 GB does not fit
+        let one = SimulatedExecutor::load(
+            "half",
+            60_000,
+            fleet.clone(),
+            Placement::gpu(0),
+            h100,
+            corr.clone(),
+        );
+        assert!(one.is_err(), "GPU 0 holds 60 GB of the group already");
+        let inv = fleet.inventory().unwrap();
+        let devices: Vec<String> = inv.gpus[2]
+            .mig_devices
+            .iter()
+            .map(|m| m.uuid.clone())
+            .collect();
+        let a100 = catalog::by_key("a100-80gb").unwrap();
+        let on = |uuid: &str| Placement {
+            gpus: vec![2],
+            mig_device: Some(uuid.to_string()),
+        };
+        let slice = SimulatedExecutor::load(
+            "s",
+            30_000,
+            fleet.clone(),
+            on(&devices[0]),
+            a100,
+            corr.clone(),
+        )
+        .unwrap();
+        // a device holds 40 GiB: a second 30 GB replica does not fit on it,
+        // but does on the other device
+        assert!(SimulatedExecutor::load(
+            "t",
+            30_000,
+            fleet.clone(),
+            on(&devices[0]),
+            a100,
+            corr.clone()
+        )
+        .is_err());
+        let other = SimulatedExecutor::load(
+            "t",
+            30_000,
+            fleet.clone(),
+            on(&devices[1]),
+            a100,
+            corr.clone(),
+        )
+        .unwrap();
+        assert!(
+            SimulatedExecutor::load("u", 1, fleet.clone(), on("MIG-none"), a100, corr.clone())
+                .is_err()
+        );
+        // 3 of 7 slices: slower than the whole A100 would be
+        let whole_fleet =
+            Arc::new(SimFleet::new("w", FleetSpec::from_flag("a100-80gb:1").unwrap()).unwrap());
+        let whole =
+            SimulatedExecutor::load("s", 30_000, whole_fleet, Placement::gpu(0), a100, corr)
+                .unwrap();
+        let batch = vec![chat("hello", 8)];
+        let ratio = slice.predict(&batch).as_secs_f64() / whole.predict(&batch).as_secs_f64();
+        assert!((ratio - 7.0 / 3.0).abs() < 1e-6, "{ratio}");
+        // stopping takes the load off every GPU
+        tp2.stop().await;
+        slice.stop().await;
+        other.stop().await;
+        let used: Vec<u64> = fleet
+            .sample()
+            .unwrap()
+            .iter()
+            .map(|g| g.memory_used_bytes)
+            .collect();
+        assert_eq!(used, vec![512 << 20; 3]);
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn streams_one_token_per_decode_step_in_the_unstreamed_time() {
         let fleet =
             Arc::new(SimFleet::new("n", FleetSpec::from_flag("a100-80gb:1").unwrap()).unwrap());
         let a100 = catalog::by_key("a100-80gb").unwrap();
-        let exec =
-            SimulatedExecutor::load("m", 16_000, fleet, 0, a100, Arc::new(Correction::default()))
-                .unwrap();
+        let exec = SimulatedExecutor::load(
+            "m",
+            16_000,
+            fleet,
+            Placement::gpu(0),
+            a100,
+            Arc::new(Correction::default()),
+        )
+        .unwrap();
         let whole = exec
             .infer(vec![chat("tell me", 20)])
             .await

@@ -17,11 +17,14 @@ use crate::fleet::{FleetSpec, ResolvedGroup, SpecError};
 /// Memory the driver and context of an idle GPU hold, as seen on real GPUs.
 const IDLE_MEMORY_BYTES: u64 = 512 * 1024 * 1024;
 
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Debug, Default)]
 struct Load {
     memory_bytes: u64,
     utilization: u32,
     processes: u32,
+    /// The MIG device it runs on, if any: its memory is bounded by the
+    /// device's as well as the GPU's.
+    mig_device: Option<String>,
 }
 
 /// A host's simulated GPUs.
@@ -155,6 +158,21 @@ impl SimFleet {
         utilization: u32,
         processes: u32,
     ) -> Result<(), ProbeError> {
+        self.set_owner_load_on(index, None, owner, memory_bytes, utilization, processes)
+    }
+
+    /// [`Self::set_owner_load`] on MIG device `mig_device` of GPU `index`
+    /// (`None`: the whole GPU): loads on one device must also fit the
+    /// device's memory together.
+    pub fn set_owner_load_on(
+        &self,
+        index: u32,
+        mig_device: Option<&str>,
+        owner: &str,
+        memory_bytes: u64,
+        utilization: u32,
+        processes: u32,
+    ) -> Result<(), ProbeError> {
         let gpu = self
             .inventory
             .gpus
@@ -163,22 +181,47 @@ impl SimFleet {
                 index,
                 message: format!("no such GPU; this host has {}", self.inventory.gpus.len()),
             })?;
+        let device_memory = match mig_device {
+            None => None,
+            Some(uuid) => Some(
+                gpu.mig_devices
+                    .iter()
+                    .find(|m| m.uuid == uuid)
+                    .ok_or_else(|| ProbeError::Device {
+                        index,
+                        message: format!("GPU {index} has no MIG device {uuid}"),
+                    })?
+                    .memory_bytes,
+            ),
+        };
         let mut loads = self.loads.lock().expect("load lock poisoned");
-        let others: u64 = loads[index as usize]
-            .iter()
-            .filter(|(o, _)| *o != owner)
-            .map(|(_, l)| l.memory_bytes)
-            .sum();
-        if others + memory_bytes + IDLE_MEMORY_BYTES > gpu.memory_bytes {
+        let others = loads[index as usize].iter().filter(|(o, _)| *o != owner);
+        let on_gpu: u64 = others.clone().map(|(_, l)| l.memory_bytes).sum();
+        if on_gpu + memory_bytes + IDLE_MEMORY_BYTES > gpu.memory_bytes {
             return Err(ProbeError::Device {
                 index,
                 message: format!(
                     "{} bytes do not fit: {} of {} bytes of GPU memory are free",
                     memory_bytes,
-                    gpu.memory_bytes.saturating_sub(IDLE_MEMORY_BYTES + others),
+                    gpu.memory_bytes.saturating_sub(IDLE_MEMORY_BYTES + on_gpu),
                     gpu.memory_bytes
                 ),
             });
+        }
+        if let (Some(uuid), Some(limit)) = (mig_device, device_memory) {
+            let on_device: u64 = others
+                .filter(|(_, l)| l.mig_device.as_deref() == Some(uuid))
+                .map(|(_, l)| l.memory_bytes)
+                .sum();
+            if on_device + memory_bytes > limit {
+                return Err(ProbeError::Device {
+                    index,
+                    message: format!(
+                        "{memory_bytes} bytes do not fit on MIG device {uuid}: {} of {limit} bytes are free",
+                        limit.saturating_sub(on_device)
+                    ),
+                });
+            }
         }
         if memory_bytes == 0 && utilization == 0 && processes == 0 {
             loads[index as usize].remove(owner);
@@ -189,6 +232,7 @@ impl SimFleet {
                     memory_bytes,
                     utilization: utilization.min(100),
                     processes,
+                    mig_device: mig_device.map(str::to_string),
                 },
             );
         }

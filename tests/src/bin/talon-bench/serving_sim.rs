@@ -73,7 +73,7 @@ fn sim_replica(
             "bench",
             memory_mib,
             fleet,
-            0,
+            talon_node_agent::replicas::Placement::gpu(0),
             gpu_type,
             Arc::new(Correction::default()),
         )?,
