@@ -436,7 +436,8 @@ async fn execute(cli: Cli) -> Result<(), ClientError> {
                     .replicas
                     .iter()
                     .map(|r| json!({"id": r.id, "model": r.model, "version": r.version, "node_id": r.node_id,
-                        "gpu": r.gpu, "milli": r.milli, "memory_mib": r.memory_mib, "revision": r.revision, "state": r.state}))
+                        "gpu": r.gpu, "gpus": r.gpus, "mig_device": r.mig_device, "milli": r.milli, "memory_mib": r.memory_mib,
+                        "revision": r.revision, "state": r.state}))
                     .collect();
                 println!(
                     "{}",
@@ -450,7 +451,7 @@ async fn execute(cli: Cli) -> Result<(), ClientError> {
                         vec![
                             r.id.clone(),
                             r.node_id.clone(),
-                            r.gpu.to_string(),
+                            gpus_cell(r),
                             r.milli.to_string(),
                             r.memory_mib.to_string(),
                             if r.state.is_empty() {
@@ -462,7 +463,7 @@ async fn execute(cli: Cli) -> Result<(), ClientError> {
                     })
                     .collect();
                 table(
-                    &["REPLICA", "NODE", "GPU", "MILLI", "MEMORY_MIB", "STATE"],
+                    &["REPLICA", "NODE", "GPUS", "MILLI", "MEMORY_MIB", "STATE"],
                     rows,
                 );
                 for u in &list.unplaced {
@@ -568,4 +569,20 @@ async fn main() -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+/// A replica's GPUs for the table: `0`, `0+1` (a tensor-parallel group),
+/// `0:MIG-…` (a MIG device of GPU 0).
+fn gpus_cell(r: &talon_proto::v1::Replica) -> String {
+    let gpus: Vec<String> = if r.gpus.is_empty() {
+        vec![r.gpu.to_string()]
+    } else {
+        r.gpus.iter().map(u32::to_string).collect()
+    };
+    let mut cell = gpus.join("+");
+    if !r.mig_device.is_empty() {
+        cell.push(':');
+        cell.push_str(&r.mig_device);
+    }
+    cell
 }

@@ -9,6 +9,7 @@ mod cluster;
 mod executors;
 mod gateway;
 mod harness;
+mod placement;
 mod protos;
 mod serving;
 mod tls;

@@ -1,0 +1,186 @@
+//! Placement for real models end to end: a model no GPU holds runs as a
+//! tensor-parallel group over two NVLinked GPUs, one model runs on MIG
+//! devices, and both move off drained nodes while clients keep sending
+//! requests, none of which fails.
+
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use talon_proto::v1 as pb;
+use talon_tests::{http_post, model_spec};
+
+use crate::harness::{free_port, wait_for, Cluster, Proc};
+
+const TOKEN: &str = "it-join-token-0123456789";
+
+fn agent(grpc: &str, id: &str, gpus: &str) -> Proc {
+    let listen = format!("127.0.0.1:{}", free_port());
+    Proc::spawn(
+        "talon-agent",
+        &[
+            "--node-id",
+            id,
+            "--coordinators",
+            grpc,
+            "--join-token",
+            TOKEN,
+            "--sim-gpus",
+            gpus,
+            "--http-listen",
+            &listen,
+            "--telemetry-interval-ms",
+            "200",
+        ],
+    )
+}
+
+fn ready(list: &pb::ListReplicasResponse, n: usize) -> bool {
+    list.replicas.len() == n && list.replicas.iter().all(|r| r.state == "ready")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn groups_and_mig_replicas_move_off_drained_nodes_with_no_failed_request() {
+    let cluster = Cluster::form(
+        1,
+        &["--join-token", TOKEN, "--telemetry-interval-ms", "200"],
+    )
+    .await;
+    let grpc = cluster.nodes[0].grpc.clone();
+    let http = cluster.nodes[0].http.clone();
+    let _agents: Vec<Proc> = [
+        ("g1", "h100-sxm:2"),
+        ("g2", "h100-sxm:2"),
+        ("m1", "a100-80gb:1:mig=3g.40gb+3g.40gb"),
+        ("m2", "a100-80gb:1:mig=3g.40gb+3g.40gb"),
+    ]
+    .iter()
+    .map(|(id, gpus)| agent(&grpc, id, gpus))
+    .collect();
+    let client = cluster.client();
+    wait_for("four ready nodes", Duration::from_secs(60), || async {
+        let nodes = client.list_nodes().await.ok()?;
+        (nodes.iter().filter(|n| n.state == "ready").count() == 4).then_some(())
+    })
+    .await;
+
+    // 120,000 MiB: more than one 80 GB H100, so a TP2 group of one node
+    client
+        .create_model(model_spec("big", "simulated", 120_000, 1))
+        .await
+        .expect("big");
+    let mut slice = model_spec("slice", "simulated", 30_000, 2);
+    slice
+        .labels
+        .insert("gpu-types".into(), "a100-80gb/3g.40gb".into());
+    client.create_model(slice).await.expect("slice");
+    let big = wait_for("the TP2 replica ready", Duration::from_secs(60), || async {
+        let list = client.list_replicas("big").await.ok()?;
+        ready(&list, 1).then(|| list.replicas[0].clone())
+    })
+    .await;
+    assert_eq!(
+        (big.gpus.as_slice(), big.milli),
+        (&[0, 1][..], 1000),
+        "{big:?}"
+    );
+    assert_eq!(big.memory_mib, 60_000, "half of it on each GPU");
+    let slices = wait_for(
+        "two MIG replicas ready",
+        Duration::from_secs(60),
+        || async {
+            let list = client.list_replicas("slice").await.ok()?;
+            ready(&list, 2).then_some(list.replicas)
+        },
+    )
+    .await;
+    for r in &slices {
+        assert!(r.mig_device.starts_with("MIG-"), "{r:?}");
+    }
+    assert_ne!(
+        slices[0].node_id, slices[1].node_id,
+        "spread over the MIG nodes"
+    );
+
+    // Clients send to both models back to back through the moves.
+    let stop = Arc::new(AtomicBool::new(false));
+    let served = Arc::new(AtomicU32::new(0));
+    let key = cluster.admin_key();
+    let load: Vec<_> = ["big", "slice", "big", "slice"]
+        .iter()
+        .map(|model| {
+            let body = format!(
+                r#"{{"model":"{model}","messages":[{{"role":"user","content":"moving"}}],"max_tokens":2}}"#
+            );
+            let (http, stop, served, key) = (http.clone(), stop.clone(), served.clone(), key.clone());
+            std::thread::spawn(move || {
+                let mut failed = Vec::new();
+                while !stop.load(Ordering::SeqCst) {
+                    match http_post(&http, "/v1/chat/completions", &body, &key) {
+                        Some((200, _)) => {
+                            served.fetch_add(1, Ordering::SeqCst);
+                        }
+                        other => failed.push(format!("{other:?}")),
+                    }
+                }
+                failed
+            })
+        })
+        .collect();
+    let count = || served.load(Ordering::SeqCst);
+    wait_for("requests flowing", Duration::from_secs(40), || async {
+        (count() >= 20).then_some(())
+    })
+    .await;
+
+    // Drain the group's node: it moves, whole, to the other H100 node.
+    let other = if big.node_id == "g1" { "g2" } else { "g1" };
+    client
+        .set_node_scheduling(&big.node_id, "drain")
+        .await
+        .expect("drain");
+    let moved = wait_for(
+        "the group on the other node",
+        Duration::from_secs(60),
+        || async {
+            let list = client.list_replicas("big").await.ok()?;
+            (ready(&list, 1) && list.replicas[0].node_id == other)
+                .then(|| list.replicas[0].clone())
+        },
+    )
+    .await;
+    assert_eq!(moved.gpus, vec![0, 1]);
+    // Drain a MIG node: its replica joins the other on the second node's
+    // other device.
+    let drained = slices[0].node_id.clone();
+    client
+        .set_node_scheduling(&drained, "drain")
+        .await
+        .expect("drain");
+    let stacked = wait_for(
+        "both MIG replicas on one node",
+        Duration::from_secs(60),
+        || async {
+            let list = client.list_replicas("slice").await.ok()?;
+            (ready(&list, 2) && list.replicas.iter().all(|r| r.node_id != drained))
+                .then_some(list.replicas)
+        },
+    )
+    .await;
+    assert_ne!(
+        stacked[0].mig_device, stacked[1].mig_device,
+        "one per device"
+    );
+    let after = count();
+    wait_for(
+        "requests served after the moves",
+        Duration::from_secs(40),
+        || async { (count() >= after + 20).then_some(()) },
+    )
+    .await;
+    stop.store(true, Ordering::SeqCst);
+    for handle in load {
+        let failed = handle.join().expect("load thread");
+        assert!(failed.is_empty(), "requests failed: {failed:?}");
+    }
+}
