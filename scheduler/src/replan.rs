@@ -134,9 +134,14 @@ pub fn replan(
             nonce: crate::rng::mix2(seed, k as u64),
             explain: false,
         };
-        let avoid = problem.avoid.get(&w.name);
+        let avoid: Option<std::collections::HashSet<&str>> = problem
+            .avoid
+            .get(&w.name)
+            .map(|v| v.iter().map(String::as_str).collect());
         let dec = decide_among(&state, &demands[k], policy, opts, |i| {
-            avoid.is_none_or(|v| !v.iter().any(|n| *n == state.names[i]))
+            avoid
+                .as_ref()
+                .is_none_or(|v| !v.contains(state.names[i].as_str()))
         });
         match dec.assignment {
             Some(a) => {

@@ -144,8 +144,7 @@ async fn groups_and_mig_replicas_move_off_drained_nodes_with_no_failed_request()
         Duration::from_secs(60),
         || async {
             let list = client.list_replicas("big").await.ok()?;
-            (ready(&list, 1) && list.replicas[0].node_id == other)
-                .then(|| list.replicas[0].clone())
+            (ready(&list, 1) && list.replicas[0].node_id == other).then(|| list.replicas[0].clone())
         },
     )
     .await;

@@ -31,6 +31,7 @@ pub(super) struct Slot<'a> {
 /// A node that keeps its replicas (not Down, not draining).
 pub(super) struct Candidate<'a> {
     pub node_id: &'a str,
+    pub labels: &'a BTreeMap<String, String>,
     /// Ready and schedulable: takes new replicas.
     pub new_work: bool,
     /// Slots offering something, in inventory order.
@@ -124,6 +125,7 @@ pub(super) fn candidates(state: &State) -> Vec<Candidate<'_>> {
             slots.retain(|s| s.milli > 0);
             Candidate {
                 node_id: id,
+                labels: &n.inventory.labels,
                 new_work,
                 slots,
             }
@@ -218,10 +220,37 @@ pub(super) fn allowed_types(model: &Model) -> Option<Vec<String>> {
     )
 }
 
+/// The node labels a model's replicas require, from its `node-selector`
+/// label: comma-separated `key=value` pairs, all of which a node must have.
+pub(super) fn node_selector(model: &Model) -> Result<Vec<(String, String)>, String> {
+    let Some(label) = model.labels.get("node-selector") else {
+        return Ok(Vec::new());
+    };
+    label
+        .split(',')
+        .filter(|pair| !pair.trim().is_empty())
+        .map(|pair| match pair.split_once('=') {
+            Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_string(), v.trim().to_string())),
+            _ => Err(format!(
+                "its node-selector label {label:?} must be key=value pairs separated by commas (e.g. zone=a,tier=gold); fix the label"
+            )),
+        })
+        .collect()
+}
+
+impl Candidate<'_> {
+    /// Whether this node has every label of `selector`.
+    pub fn matches(&self, selector: &[(String, String)]) -> bool {
+        selector
+            .iter()
+            .all(|(k, v)| self.labels.get(k).is_some_and(|have| have == v))
+    }
+}
+
 /// The whole GPUs of the nodes taking new work, of the allowed types, as
 /// the sharding planner sees them (every GPU free: it sizes a replica, the
 /// engine places it).
-fn sharding_fleet(candidates: &[Candidate], allowed: &Option<Vec<String>>) -> Vec<Node> {
+fn sharding_fleet(candidates: &[&Candidate], allowed: &Option<Vec<String>>) -> Vec<Node> {
     candidates
         .iter()
         .filter(|c| c.new_work)
@@ -257,7 +286,7 @@ fn permits(allowed: &Option<Vec<String>>, gpu_type: &str) -> bool {
 /// domain (any allowed GPU type that holds it at that degree). An error
 /// says why no replica can be placed, with the planner's shape when it is
 /// a pipeline (which the live path does not run yet).
-pub(super) fn need_of(model: &Model, mem: u64, candidates: &[Candidate]) -> Result<Need, String> {
+pub(super) fn need_of(model: &Model, mem: u64, candidates: &[&Candidate]) -> Result<Need, String> {
     let allowed = allowed_types(model);
     let largest_slot = candidates
         .iter()

@@ -94,18 +94,34 @@ pub fn plan_with(state: &State, failed: &BTreeMap<String, String>) -> Plan {
     // replica id → (model, version, what it needs)
     let mut wanted: BTreeMap<String, (String, String, Need)> = BTreeMap::new();
     let mut unplaced = Vec::new();
+    // Replicas kept off nodes: their node-selector, or their agent reported
+    // them failed there.
+    let mut avoid: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for model in state.models.values() {
         let Some(version) = model.versions.last() else {
             continue;
         };
         let mem = version.memory_mib.max(1);
-        let need = fleet::need_of(model, mem, &candidates);
+        let selector = fleet::node_selector(model);
+        let (eligible, excluded): (Vec<&Candidate>, Vec<&Candidate>) = match &selector {
+            Ok(sel) => candidates.iter().partition(|c| c.matches(sel)),
+            Err(_) => (Vec::new(), candidates.iter().collect()),
+        };
+        let need = match &selector {
+            Err(why) => Err(why.clone()),
+            Ok(sel) if !sel.is_empty() && !eligible.iter().any(|c| c.new_work) => Err(format!(
+                "no Ready, schedulable node has every label of its node-selector ({})",
+                model.labels.get("node-selector").map_or("", String::as_str)
+            )),
+            Ok(_) => fleet::need_of(model, mem, &eligible),
+        };
         // Replicas of a model spread over nodes (a node loss takes one) when
         // enough nodes could hold one; else they stack.
         let hosts = match &need {
-            Ok(need) => candidates.iter().filter(|c| could_host(c, need)).count(),
+            Ok(need) => eligible.iter().filter(|c| could_host(c, need)).count(),
             Err(_) => 0,
         };
+        let excluded: Vec<String> = excluded.iter().map(|c| c.node_id.to_string()).collect();
         let spread = (hosts >= model.min_replicas as usize).then(|| model.name.clone());
         for k in 0..model.min_replicas {
             let id = format!("{}@{}-{k}", model.name, version.version);
@@ -129,6 +145,9 @@ pub fn plan_with(state: &State, failed: &BTreeMap<String, String>) -> Plan {
                 gpu_types,
                 ..Workload::new(&id, 0, 0, request)
             });
+            if !excluded.is_empty() {
+                avoid.insert(id.clone(), excluded.clone());
+            }
             wanted.insert(id, (model.name.clone(), version.version.clone(), need));
         }
     }
@@ -185,11 +204,11 @@ pub fn plan_with(state: &State, failed: &BTreeMap<String, String>) -> Plan {
     }
 
     // Replicas their agent reports failed: placed anew, elsewhere.
-    let avoid: BTreeMap<String, Vec<String>> = failed
-        .iter()
-        .filter(|(id, _)| wanted.contains_key(*id))
-        .map(|(id, node)| (id.clone(), vec![node.clone()]))
-        .collect();
+    for (id, node) in failed {
+        if wanted.contains_key(id) {
+            avoid.entry(id.clone()).or_default().push(node.clone());
+        }
+    }
 
     // Talon's policy, its target distribution the replicas themselves
     // (a share of the largest GPU, or a group of whole GPUs).

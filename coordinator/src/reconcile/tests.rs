@@ -641,3 +641,45 @@ fn the_gpu_types_label_keeps_replicas_to_those_types() {
         "{why}"
     );
 }
+
+#[test]
+fn the_node_selector_label_keeps_replicas_on_matching_nodes() {
+    let (mut s, mut i) = (State::default(), 0);
+    for (id, zone) in [("a", "east"), ("b", "west"), ("c", "west")] {
+        let mut inv = inventory(id, &[("l4", 24)]);
+        inv.labels.insert("zone".into(), zone.into());
+        run(&mut s, &mut i, Command::RegisterNode(inv));
+    }
+    let selected = |name: &str, replicas: u32, selector: &str| {
+        let mut c = model(name, 10_000, replicas);
+        if let Command::CreateModel(spec) = &mut c {
+            spec.labels.insert("node-selector".into(), selector.into());
+        }
+        c
+    };
+    run(&mut s, &mut i, selected("west", 2, "zone=west"));
+    run(&mut s, &mut i, selected("nowhere", 1, "zone=north"));
+    run(&mut s, &mut i, selected("broken", 1, "zone"));
+    converge(&mut s, &mut i);
+    let west: Vec<&str> = s.replicas.values().map(|r| r.node_id.as_str()).collect();
+    assert_eq!(west.len(), 2);
+    assert!(west.iter().all(|n| *n == "b" || *n == "c"), "{west:?}");
+    let p = plan(&s);
+    let why = |m: &str| {
+        p.unplaced
+            .iter()
+            .find(|(id, _)| id.starts_with(m))
+            .map(|(_, w)| w.clone())
+            .unwrap()
+    };
+    assert!(
+        why("nowhere").contains("node-selector (zone=north)"),
+        "{}",
+        why("nowhere")
+    );
+    assert!(
+        why("broken").contains("must be key=value pairs"),
+        "{}",
+        why("broken")
+    );
+}
