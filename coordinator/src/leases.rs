@@ -100,8 +100,8 @@ pub async fn run_reconciler(
             let applied = ctx.state.read().expect("state lock poisoned");
             crate::reconcile::planning_view(&applied.state)
         };
-        let failed = crate::reconcile::failed_replicas(&snapshot, &ctx.telemetry);
-        let plan = crate::reconcile::plan_with(&snapshot, &failed);
+        let observed = crate::reconcile::observe(&snapshot, &ctx.telemetry);
+        let plan = crate::reconcile::plan_with(&snapshot, &observed);
         if plan.unplaced != last_unplaced {
             for (id, why) in &plan.unplaced {
                 tracing::warn!(replica = %id, %why, "replica cannot be placed");

@@ -109,6 +109,25 @@ impl TelemetryStore {
             .collect()
     }
 
+    /// Per GPU of `node` (index, bytes): the least memory used over its
+    /// last `n` samples — what stayed in use, not a spike. Empty before
+    /// `n` samples arrived.
+    pub fn sustained_memory_used(&self, node: &str, n: usize) -> Vec<(u32, u64)> {
+        let nodes = self.nodes.lock().expect("telemetry lock poisoned");
+        let Some(t) = nodes.get(node) else {
+            return Vec::new();
+        };
+        t.history
+            .iter()
+            .filter(|h| h.len() >= n.max(1))
+            .filter_map(|h| {
+                let recent = h.iter().rev().take(n.max(1));
+                let index = h.back()?.index;
+                Some((index, recent.map(|g| g.memory_used_bytes).min()?))
+            })
+            .collect()
+    }
+
     /// A replica's state as its node last reported it.
     pub fn replica_state(&self, node: &str, replica: &str) -> Option<String> {
         let nodes = self.nodes.lock().expect("telemetry lock poisoned");

@@ -19,6 +19,15 @@ const TOKEN: &str = "it-join-token-0123456789";
 
 /// Starts an in-process agent for a simulated host; drop the sender to stop it.
 fn spawn_agent(node_id: &str, gpus: &str, coordinators: Vec<String>) -> oneshot::Sender<()> {
+    spawn_agent_on(node_id, gpus, coordinators).0
+}
+
+/// [`spawn_agent`], also handing out the simulated GPUs (to put load on).
+pub(crate) fn spawn_agent_on(
+    node_id: &str,
+    gpus: &str,
+    coordinators: Vec<String>,
+) -> (oneshot::Sender<()>, Arc<SimFleet>) {
     let spec = FleetSpec::from_flag(gpus).expect("valid spec");
     let fleet = Arc::new(SimFleet::new(node_id, spec).expect("valid fleet"));
     let settings = AgentSettings {
@@ -43,6 +52,7 @@ fn spawn_agent(node_id: &str, gpus: &str, coordinators: Vec<String>) -> oneshot:
         })))),
     };
     let (tx, rx) = oneshot::channel::<()>();
+    let handle = fleet.clone();
     tokio::spawn(async move {
         let shutdown = async move {
             let _ = rx.await;
@@ -51,7 +61,7 @@ fn spawn_agent(node_id: &str, gpus: &str, coordinators: Vec<String>) -> oneshot:
             panic!("agent stopped: {e}");
         }
     });
-    tx
+    (tx, handle)
 }
 
 fn coordinator_args(interval: &str, suspect: &str, down: &str) -> Vec<String> {

@@ -183,3 +183,65 @@ async fn groups_and_mig_replicas_move_off_drained_nodes_with_no_failed_request()
         assert!(failed.is_empty(), "requests failed: {failed:?}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_on_a_gpu_running_short_of_memory_moves_before_it_fails() {
+    let cluster = Cluster::form(
+        1,
+        &["--join-token", TOKEN, "--telemetry-interval-ms", "200"],
+    )
+    .await;
+    let grpc = cluster.nodes[0].grpc.clone();
+    let (_a, fleet_a) = crate::agents::spawn_agent_on("a", "l4:1", vec![grpc.clone()]);
+    let (_b, fleet_b) = crate::agents::spawn_agent_on("b", "l4:1", vec![grpc.clone()]);
+    let client = cluster.client();
+    wait_for("two ready nodes", Duration::from_secs(40), || async {
+        let nodes = client.list_nodes().await.ok()?;
+        (nodes.iter().filter(|n| n.state == "ready").count() == 2).then_some(())
+    })
+    .await;
+    client
+        .create_model(model_spec("m", "simulated", 10_000, 1))
+        .await
+        .expect("model");
+    let placed = wait_for("the replica ready", Duration::from_secs(40), || async {
+        let list = client.list_replicas("m").await.ok()?;
+        ready(&list, 1).then(|| list.replicas[0].clone())
+    })
+    .await;
+    let (fleet, other) = if placed.node_id == "a" {
+        (fleet_a, "b")
+    } else {
+        (fleet_b, "a")
+    };
+    // Another process takes 14 GB of the L4: the replica still runs, but
+    // less than the headroom would be left for it.
+    fleet
+        .set_load(0, 14_000 << 20, 10, 1)
+        .expect("the load fits the GPU");
+    let moved = wait_for(
+        "the replica on the other node",
+        Duration::from_secs(40),
+        || async {
+            let list = client.list_replicas("m").await.ok()?;
+            (ready(&list, 1) && list.replicas[0].node_id == other).then(|| list.replicas[0].clone())
+        },
+    )
+    .await;
+    assert_eq!(moved.id, placed.id);
+    // and nothing new lands on the short GPU
+    client
+        .create_model(model_spec("n", "simulated", 12_000, 1))
+        .await
+        .expect("model");
+    let n = wait_for(
+        "the second model placed",
+        Duration::from_secs(40),
+        || async {
+            let list = client.list_replicas("n").await.ok()?;
+            ready(&list, 1).then(|| list.replicas[0].clone())
+        },
+    )
+    .await;
+    assert_eq!(n.node_id, other);
+}

@@ -485,8 +485,8 @@ impl AdminService for Admin {
         // planned off the state lock, with the failed replicas the
         // reconciler itself sees
         let unplaced = if let Some(view) = view {
-            let failed = crate::reconcile::failed_replicas(&view, &self.ctx.telemetry);
-            crate::reconcile::plan_with(&view, &failed)
+            let observed = crate::reconcile::observe(&view, &self.ctx.telemetry);
+            crate::reconcile::plan_with(&view, &observed)
                 .unplaced
                 .into_iter()
                 .filter(|(id, _)| model.is_empty() || id.starts_with(&format!("{model}@")))

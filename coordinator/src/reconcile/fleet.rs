@@ -69,9 +69,21 @@ impl Candidate<'_> {
     }
 }
 
+/// Memory kept free on a GPU that has memory in use its replicas do not
+/// account for: 5 % of it, at least 1 GiB.
+pub fn headroom_mib(memory_mib: u64) -> u64 {
+    (memory_mib / 20).max(1024)
+}
+
 /// The nodes that keep their replicas, with their slots: one pass over the
-/// replicas for what each slot holds.
-pub(super) fn candidates(state: &State) -> Vec<Candidate<'_>> {
+/// replicas for what each slot holds. A GPU with `foreign` memory in use
+/// ((node, GPU) → MiB that no replica accounts for) offers at most the
+/// share that leaves [`headroom_mib`] free, and leaves its NVLink domain
+/// (a tensor-parallel group needs its GPUs' memory whole).
+pub(super) fn candidates<'a>(
+    state: &'a State,
+    foreign: &BTreeMap<(String, u32), u64>,
+) -> Vec<Candidate<'a>> {
     let mut held: HashMap<(&str, u32, &str), u32> = HashMap::new();
     for r in state.replicas.values() {
         for gpu in &r.gpus {
@@ -112,14 +124,25 @@ pub(super) fn candidates(state: &State) -> Vec<Candidate<'_>> {
                         next_domain += 1;
                     }
                 } else {
-                    slots.push(Slot {
+                    let memory_mib = g.memory_bytes >> 20;
+                    let mut slot = Slot {
                         gpu: g.index,
                         gpu_type: g.gpu_type.clone(),
-                        memory_mib: g.memory_bytes >> 20,
+                        memory_mib,
                         milli: offered(g.index, ""),
                         mig_device: "",
                         domain,
-                    });
+                    };
+                    if let Some(used) = foreign.get(&(id.to_string(), g.index)) {
+                        let free = memory_mib.saturating_sub(used + headroom_mib(memory_mib));
+                        let cap = (free * u64::from(MILLI))
+                            .checked_div(memory_mib)
+                            .unwrap_or(0) as u32;
+                        slot.milli = slot.milli.min(cap);
+                        slot.domain = next_domain;
+                        next_domain += 1;
+                    }
+                    slots.push(slot);
                 }
             }
             slots.retain(|s| s.milli > 0);

@@ -60,28 +60,76 @@ pub fn planning_view(state: &State) -> State {
     }
 }
 
-/// Replicas whose node's agent reports them failed (id → node).
-pub fn failed_replicas(
-    state: &State,
-    telemetry: &crate::telemetry::TelemetryStore,
-) -> BTreeMap<String, String> {
-    state
-        .replicas
-        .values()
-        .filter(|r| telemetry.replica_state(&r.node_id, &r.id).as_deref() == Some("failed"))
-        .map(|r| (r.id.clone(), r.node_id.clone()))
-        .collect()
+/// What the leader observed of the replicas and GPUs (from the agents'
+/// telemetry) that planning takes into account.
+#[derive(Debug, Default)]
+pub struct Observed {
+    /// Replicas whose agent reports them failed (id → node): each is
+    /// placed anew on another node.
+    pub failed: BTreeMap<String, String>,
+    /// Device memory in use on a GPU beyond what its replicas were planned
+    /// to take — another process, or replicas that outgrew their plan —
+    /// sustained over the last samples: (node, GPU index) → MiB.
+    pub foreign_mib: BTreeMap<(String, u32), u64>,
+}
+
+/// Samples over which a GPU's memory use must stay up to count.
+pub const SUSTAINED_SAMPLES: usize = 5;
+/// Memory in use on a GPU that no replica accounts for below which the GPU
+/// is taken as clean (CUDA contexts, the driver).
+pub const BASELINE_MIB: u64 = 1024;
+
+/// What the telemetry says about `state`'s replicas and GPUs.
+pub fn observe(state: &State, telemetry: &crate::telemetry::TelemetryStore) -> Observed {
+    let mut observed = Observed::default();
+    // Planned memory of the replicas each GPU's agent reports loaded.
+    let mut loaded: HashMap<(&str, u32), u64> = HashMap::new();
+    for r in state.replicas.values() {
+        match telemetry.replica_state(&r.node_id, &r.id).as_deref() {
+            Some("failed") => {
+                observed.failed.insert(r.id.clone(), r.node_id.clone());
+            }
+            Some(_) => {
+                for gpu in &r.gpus {
+                    *loaded.entry((r.node_id.as_str(), *gpu)).or_default() += r.memory_mib;
+                }
+            }
+            None => {}
+        }
+    }
+    for node in state.nodes.values() {
+        let id = node.inventory.node_id.as_str();
+        for (index, used) in telemetry.sustained_memory_used(id, SUSTAINED_SAMPLES) {
+            let in_mig_mode = node
+                .inventory
+                .gpus
+                .iter()
+                .any(|g| g.index == index && g.mig_enabled);
+            let planned = loaded.get(&(id, index)).copied().unwrap_or(0);
+            let foreign = (used >> 20).saturating_sub(planned);
+            if !in_mig_mode && foreign > BASELINE_MIB {
+                observed
+                    .foreign_mib
+                    .insert((id.to_string(), index), foreign);
+            }
+        }
+    }
+    observed
 }
 
 /// Plans the replicas of every model against the committed `state`.
 pub fn plan(state: &State) -> Plan {
-    plan_with(state, &BTreeMap::new())
+    plan_with(state, &Observed::default())
 }
 
-/// [`plan`], with the replicas agents report failed (replica id → node id):
-/// each is placed anew on another node.
-pub fn plan_with(state: &State, failed: &BTreeMap<String, String>) -> Plan {
-    let candidates = fleet::candidates(state);
+/// [`plan`], with what the telemetry showed: replicas their agent reports
+/// failed are placed anew on another node; a GPU with memory in use that
+/// its replicas do not account for offers only what keeps a headroom free
+/// ([`fleet::headroom_mib`]), so the replicas that no longer fit move
+/// before they run out of memory.
+pub fn plan_with(state: &State, observed: &Observed) -> Plan {
+    let failed = &observed.failed;
+    let candidates = fleet::candidates(state, &observed.foreign_mib);
     let nodes: Vec<Node> = candidates.iter().map(Candidate::engine_node).collect();
     let largest_slot = candidates
         .iter()

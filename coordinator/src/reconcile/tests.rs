@@ -264,7 +264,13 @@ fn a_replica_its_agent_reports_failed_is_placed_on_another_node() {
     converge(&mut s, &mut i);
     let r = s.replicas.values().next().unwrap().clone();
     let failed = BTreeMap::from([(r.id.clone(), r.node_id.clone())]);
-    let p = plan_with(&s, &failed);
+    let p = plan_with(
+        &s,
+        &Observed {
+            failed,
+            ..Default::default()
+        },
+    );
     assert_eq!(p.commands.len(), 1, "{p:?}");
     for c in p.commands {
         run(&mut s, &mut i, c);
@@ -282,7 +288,13 @@ fn a_replica_its_agent_reports_failed_is_placed_on_another_node() {
         },
     );
     let failed = BTreeMap::from([(r.id.clone(), moved.node_id.clone())]);
-    let p = plan_with(&s, &failed);
+    let p = plan_with(
+        &s,
+        &Observed {
+            failed,
+            ..Default::default()
+        },
+    );
     assert!(
         p.unplaced.iter().any(|(id, _)| *id == r.id),
         "{:?}",
@@ -681,5 +693,48 @@ fn the_node_selector_label_keeps_replicas_on_matching_nodes() {
         why("broken").contains("must be key=value pairs"),
         "{}",
         why("broken")
+    );
+}
+
+#[test]
+fn a_gpu_running_short_of_memory_sheds_the_replicas_that_no_longer_fit() {
+    let (mut s, mut i) = (State::default(), 0);
+    for n in ["a", "b"] {
+        run(
+            &mut s,
+            &mut i,
+            Command::RegisterNode(inventory(n, &[("l4", 24)])),
+        );
+    }
+    run(&mut s, &mut i, model("m", 10_000, 1));
+    converge(&mut s, &mut i);
+    let r = s.replicas.values().next().unwrap().clone();
+    let short = |mib: u64| Observed {
+        foreign_mib: BTreeMap::from([((r.node_id.clone(), 0), mib)]),
+        ..Default::default()
+    };
+    // 10 GB more in use: 24576 - 10000 - 1228 headroom = 13348 MiB for it
+    assert!(
+        plan_with(&s, &short(10_000)).commands.is_empty(),
+        "still fits"
+    );
+    // 14 GB more: it would leave less than the headroom free, so it moves
+    let p = plan_with(&s, &short(14_000));
+    assert_eq!(p.commands.len(), 1, "{p:?}");
+    for c in p.commands {
+        run(&mut s, &mut i, c);
+    }
+    assert_ne!(s.replicas[&r.id].node_id, r.node_id);
+    // nor does a new replica land on the short GPU, and with nowhere to go
+    // the second one waits
+    run(&mut s, &mut i, model("n", 12_000, 2));
+    let p = plan_with(&s, &short(14_000));
+    for c in p.commands {
+        run(&mut s, &mut i, c);
+    }
+    assert!(
+        s.replicas.values().all(|x| x.node_id != r.node_id),
+        "{:?}",
+        s.replicas
     );
 }
