@@ -31,6 +31,15 @@ pub struct MigProfile {
 }
 
 impl MigProfile {
+    /// Memory of an instance, GB, from the name (`3g.40gb` → 40).
+    pub fn memory_gb(&self) -> u32 {
+        self.name
+            .rsplit('.')
+            .next()
+            .and_then(|m| m.trim_end_matches("gb").parse().ok())
+            .unwrap_or(0)
+    }
+
     /// Bit mask of the memory slices this profile occupies when started at `start`.
     pub fn mask_at(&self, start: u8) -> u8 {
         let run: u16 = (1u16 << self.mem_slices) - 1;
@@ -148,6 +157,44 @@ impl MigModel {
         }
     }
 
+    /// The MIG model of a GPU, from its type as the fleet names it
+    /// (`a100-80gb`, `h100-sxm`, `H200`, …) and its memory; `None` for GPUs
+    /// without MIG.
+    pub fn for_gpu(gpu_type: &str, memory_mib: u64) -> Option<MigModel> {
+        let t = gpu_type.to_ascii_lowercase();
+        let gib = memory_mib / 1024;
+        if t.contains("a30") {
+            Some(MigModel::A30)
+        } else if t.contains("a100") {
+            Some(if gib <= 48 {
+                MigModel::A100_40GB
+            } else {
+                MigModel::A100_80GB
+            })
+        } else if t.contains("h100") {
+            Some(if gib >= 90 {
+                MigModel::H100_94GB
+            } else {
+                MigModel::H100_80GB
+            })
+        } else if t.contains("h200") {
+            Some(MigModel::H200_141GB)
+        } else {
+            None
+        }
+    }
+
+    /// The smallest profile (fewest memory slices, then fewest GPCs) whose
+    /// memory holds `mib`.
+    pub fn profile_for_memory(self, mib: u64) -> Option<u8> {
+        self.profiles()
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| u64::from(p.memory_gb()) * 1024 >= mib)
+            .min_by_key(|(_, p)| (p.mem_slices, p.compute))
+            .map(|(i, _)| i as u8)
+    }
+
     /// Index of a profile by name.
     pub fn profile_index(self, name: &str) -> Option<u8> {
         self.profiles()
@@ -206,6 +253,37 @@ impl MigOccupancy {
             .iter()
             .copied()
             .find(|s| self.can_place(model, profile, *s))
+    }
+
+    /// The legal start for `profile` that keeps the most instances
+    /// placeable afterwards (every profile at every start still legal,
+    /// counted), lowest start on ties: e.g. on an empty A100 a 3g instance
+    /// goes to slice 4, leaving 0-3 for two 2g or four 1g instances, where
+    /// slice 0 would leave room for one 2g only.
+    pub fn best_fit(&self, model: MigModel, profile: u8) -> Option<u8> {
+        let p = &model.profiles()[profile as usize];
+        let options = |occ: &MigOccupancy| -> usize {
+            (0..model.profiles().len() as u8)
+                .map(|q| {
+                    model.profiles()[q as usize]
+                        .starts
+                        .iter()
+                        .filter(|s| occ.can_place(model, q, **s))
+                        .count()
+                })
+                .sum()
+        };
+        p.starts
+            .iter()
+            .copied()
+            .filter(|s| self.can_place(model, profile, *s))
+            .map(|s| {
+                let mut after = *self;
+                after.place(model, profile, s);
+                (options(&after), s)
+            })
+            .max_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)))
+            .map(|(_, s)| s)
     }
 
     /// Occupy `profile` at `start`; the caller checked [`Self::can_place`].
@@ -449,5 +527,50 @@ mod tests {
         }
         let n: usize = plan.iter().map(|g| g.len()).sum();
         assert_eq!(n, 6);
+    }
+}
+
+#[cfg(test)]
+mod lookup_tests {
+    use super::*;
+
+    #[test]
+    fn gpus_map_to_their_mig_tables_and_memory_to_the_smallest_profile() {
+        assert_eq!(
+            MigModel::for_gpu("a100-80gb", 81_920),
+            Some(MigModel::A100_80GB)
+        );
+        assert_eq!(
+            MigModel::for_gpu("NVIDIA A100-SXM4-40GB", 40_960),
+            Some(MigModel::A100_40GB)
+        );
+        assert_eq!(
+            MigModel::for_gpu("h100-sxm", 81_920),
+            Some(MigModel::H100_80GB)
+        );
+        assert_eq!(MigModel::for_gpu("l4", 24_576), None);
+        let m = MigModel::A100_80GB;
+        let name = |i: Option<u8>| i.map(|i| m.profiles()[i as usize].name);
+        assert_eq!(name(m.profile_for_memory(8_000)), Some("1g.10gb"));
+        assert_eq!(name(m.profile_for_memory(30_000)), Some("3g.40gb"));
+        assert_eq!(name(m.profile_for_memory(50_000)), Some("7g.80gb"));
+        assert_eq!(m.profile_for_memory(90_000), None);
+    }
+
+    #[test]
+    fn best_fit_keeps_room_for_more_instances() {
+        let m = MigModel::A100_80GB;
+        let idx = |n: &str| m.profile_index(n).unwrap();
+        let mut occ = MigOccupancy::default();
+        assert_eq!(occ.best_fit(m, idx("3g.40gb")), Some(4));
+        occ.place(m, idx("3g.40gb"), 4);
+        for _ in 0..2 {
+            let s = occ
+                .best_fit(m, idx("2g.20gb"))
+                .expect("two 2g fit beside it");
+            occ.place(m, idx("2g.20gb"), s);
+        }
+        assert_eq!(occ.compute, 7);
+        assert_eq!(occ.best_fit(m, idx("1g.10gb")), None);
     }
 }

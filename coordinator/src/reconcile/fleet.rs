@@ -5,6 +5,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
+use talon_scheduler::mig::MigModel;
 use talon_scheduler::sharding;
 use talon_scheduler::types::{Gpu, Node, MILLI};
 
@@ -26,6 +27,9 @@ pub(super) struct Slot<'a> {
     /// NVLink domain on the node; every MIG device is a domain of its own
     /// (a tensor-parallel group never spans slices).
     pub domain: u32,
+    /// For a GPU in MIG mode whose layout Talon manages: its MIG table. The
+    /// engine then places MIG instances on it (profile and start slice).
+    pub mig_model: Option<MigModel>,
 }
 
 /// A node that keeps its replicas (not Down, not draining).
@@ -54,6 +58,7 @@ impl Candidate<'_> {
                     memory_mib: s.memory_mib * u64::from(s.milli) / u64::from(MILLI),
                     milli: s.milli,
                     nvlink_domain: s.domain,
+                    mig: s.mig_model,
                     ..Gpu::new(&s.gpu_type)
                 })
                 .collect(),
@@ -110,8 +115,22 @@ pub(super) fn candidates<'a>(
             let domains = nvlink_domains(gpus);
             let mut slots = Vec::new();
             let mut next_domain = gpus.len() as u32;
+            let managed = n.inventory.manages_mig();
             for (g, domain) in gpus.iter().zip(domains) {
-                if g.mig_enabled {
+                let mig_model = MigModel::for_gpu(&g.gpu_type, g.memory_bytes >> 20)
+                    .filter(|_| managed && g.mig_enabled);
+                if let Some(model) = mig_model {
+                    slots.push(Slot {
+                        gpu: g.index,
+                        gpu_type: g.gpu_type.clone(),
+                        memory_mib: g.memory_bytes >> 20,
+                        milli: MILLI,
+                        mig_device: "",
+                        domain: next_domain,
+                        mig_model: Some(model),
+                    });
+                    next_domain += 1;
+                } else if g.mig_enabled {
                     for m in &g.mig_devices {
                         slots.push(Slot {
                             gpu: g.index,
@@ -120,6 +139,7 @@ pub(super) fn candidates<'a>(
                             milli: offered(g.index, &m.uuid),
                             mig_device: &m.uuid,
                             domain: next_domain,
+                            mig_model: None,
                         });
                         next_domain += 1;
                     }
@@ -132,6 +152,7 @@ pub(super) fn candidates<'a>(
                         milli: offered(g.index, ""),
                         mig_device: "",
                         domain,
+                        mig_model: None,
                     };
                     if let Some(used) = foreign.get(&(id.to_string(), g.index)) {
                         let free = memory_mib.saturating_sub(used + headroom_mib(memory_mib));
@@ -199,6 +220,13 @@ pub fn nvlink_domains(gpus: &[crate::state::node::Gpu]) -> Vec<u32> {
 pub(super) enum Need {
     /// Its memory on one GPU or MIG device (of one of `gpu_types`, if any).
     OneGpu { mib: u64, gpu_types: Vec<String> },
+    /// A MIG instance of `profile` on a managed GPU of `gpu_type`, holding
+    /// `mib`.
+    Mig {
+        profile: String,
+        gpu_type: String,
+        mib: u64,
+    },
     /// A tensor-parallel group of `tp` whole GPUs of one NVLink domain, of
     /// one of `gpu_types`, `mib_per_gpu` on each.
     Group {
@@ -212,7 +240,7 @@ impl Need {
     /// Device memory it takes on each of its GPUs.
     pub fn mib_per_gpu(&self) -> u64 {
         match self {
-            Need::OneGpu { mib, .. } => *mib,
+            Need::OneGpu { mib, .. } | Need::Mig { mib, .. } => *mib,
             Need::Group { mib_per_gpu, .. } => *mib_per_gpu,
         }
     }
@@ -270,13 +298,12 @@ impl Candidate<'_> {
     }
 }
 
-/// The whole GPUs of the nodes taking new work, of the allowed types, as
+/// The whole GPUs of the nodes that keep replicas, of the allowed types, as
 /// the sharding planner sees them (every GPU free: it sizes a replica, the
-/// engine places it).
+/// engine places it where there is room).
 fn sharding_fleet(candidates: &[&Candidate], allowed: &Option<Vec<String>>) -> Vec<Node> {
     candidates
         .iter()
-        .filter(|c| c.new_work)
         .map(|c| Node {
             name: c.node_id.to_string(),
             cpu_milli: 0,
@@ -284,7 +311,11 @@ fn sharding_fleet(candidates: &[&Candidate], allowed: &Option<Vec<String>>) -> V
             gpus: c
                 .slots
                 .iter()
-                .filter(|s| s.mig_device.is_empty() && permits(allowed, &s.gpu_type))
+                .filter(|s| {
+                    s.mig_device.is_empty()
+                        && s.mig_model.is_none()
+                        && permits(allowed, &s.gpu_type)
+                })
                 .map(|s| Gpu {
                     memory_mib: s.memory_mib,
                     nvlink_domain: s.domain,
@@ -304,18 +335,47 @@ fn permits(allowed: &Option<Vec<String>>, gpu_type: &str) -> bool {
 
 /// What each replica of `model` (its newest version needs `mem` MiB) asks
 /// for, on slots of the types its `gpu-types` label allows: one slot when
-/// one of the nodes taking new work has a slot that holds it, else the
+/// a node that keeps replicas has a slot that holds it, else the
 /// smallest tensor-parallel group the sharding planner finds in one NVLink
 /// domain (any allowed GPU type that holds it at that degree). An error
 /// says why no replica can be placed, with the planner's shape when it is
 /// a pipeline (which the live path does not run yet).
 pub(super) fn need_of(model: &Model, mem: u64, candidates: &[&Candidate]) -> Result<Need, String> {
     let allowed = allowed_types(model);
+    // A MIG slot type the label names (`<gpu>/<profile>`) that a managed
+    // GPU of a node taking new work can hold: the agent creates it.
+    for t in allowed.iter().flatten() {
+        let Some((gpu_type, profile)) = t.split_once('/') else {
+            continue;
+        };
+        let managed = candidates
+            .iter()
+            .flat_map(|c| c.slots.iter())
+            .filter(|s| s.gpu_type == gpu_type)
+            .find_map(|s| s.mig_model);
+        if let Some(mig) = managed {
+            let Some(p) = mig.profile_index(profile) else {
+                return Err(format!(
+                    "its gpu-types label names MIG profile {profile:?}, which {gpu_type} ({mig:?}) does not have"
+                ));
+            };
+            let gb = mig.profiles()[p as usize].memory_gb();
+            if u64::from(gb) * 1024 < mem {
+                return Err(format!(
+                    "needs {mem} MiB; a {profile} instance of {gpu_type} has {gb} GB: name a larger profile in its gpu-types label"
+                ));
+            }
+            return Ok(Need::Mig {
+                profile: profile.to_string(),
+                gpu_type: gpu_type.to_string(),
+                mib: mem,
+            });
+        }
+    }
     let largest_slot = candidates
         .iter()
-        .filter(|c| c.new_work)
         .flat_map(|c| c.slots.iter())
-        .filter(|s| permits(&allowed, &s.gpu_type))
+        .filter(|s| s.mig_model.is_none() && permits(&allowed, &s.gpu_type))
         .map(|s| s.memory_mib)
         .max()
         .unwrap_or(0);
@@ -326,9 +386,9 @@ pub(super) fn need_of(model: &Model, mem: u64, candidates: &[&Candidate]) -> Res
         });
     }
     let largest = match &allowed {
-        None => format!("the largest Ready, schedulable GPU has {largest_slot} MiB"),
+        None => format!("the largest GPU of a live node has {largest_slot} MiB"),
         Some(types) => format!(
-            "the largest Ready, schedulable GPU of its gpu-types ({}) has {largest_slot} MiB",
+            "the largest GPU of its gpu-types ({}) on a live node has {largest_slot} MiB",
             types.join(",")
         ),
     };
@@ -356,7 +416,7 @@ pub(super) fn need_of(model: &Model, mem: u64, candidates: &[&Candidate]) -> Res
             })
             .collect();
         return Err(format!(
-            "needs {mem} MiB and no NVLink domain of a Ready, schedulable node holds it; the sharding planner would pipeline it ({:?}): {}, which the live path does not run yet",
+            "needs {mem} MiB and no NVLink domain of a live node holds it; the sharding planner would pipeline it ({:?}): {}, which the live path does not run yet",
             shapes[0].layout,
             stages.join(", then ")
         ));

@@ -133,8 +133,9 @@ pub fn plan_with(state: &State, observed: &Observed) -> Plan {
     let nodes: Vec<Node> = candidates.iter().map(Candidate::engine_node).collect();
     let largest_slot = candidates
         .iter()
-        .filter(|c| c.new_work)
-        .flat_map(|c| c.slots.iter().map(|s| s.memory_mib))
+        .flat_map(|c| c.slots.iter())
+        .filter(|s| s.mig_model.is_none())
+        .map(|s| s.memory_mib)
         .max()
         .unwrap_or(0);
 
@@ -187,6 +188,26 @@ pub fn plan_with(state: &State, observed: &Observed) -> Plan {
                 Need::Group { tp, gpu_types, .. } => {
                     (GpuRequest::Whole { count: *tp }, gpu_types.clone())
                 }
+                Need::Mig {
+                    profile, gpu_type, ..
+                } => {
+                    // no new instance on a node taking no new work
+                    let current = state.replicas.get(&id).map(|r| r.node_id.as_str());
+                    let closed: Vec<String> = candidates
+                        .iter()
+                        .filter(|c| !c.new_work && Some(c.node_id) != current)
+                        .map(|c| c.node_id.to_string())
+                        .collect();
+                    if !closed.is_empty() {
+                        avoid.entry(id.clone()).or_default().extend(closed);
+                    }
+                    (
+                        GpuRequest::Mig {
+                            profile: profile.clone(),
+                        },
+                        vec![gpu_type.clone()],
+                    )
+                }
             };
             workloads.push(Workload {
                 anti_affinity: spread.clone(),
@@ -194,7 +215,10 @@ pub fn plan_with(state: &State, observed: &Observed) -> Plan {
                 ..Workload::new(&id, 0, 0, request)
             });
             if !excluded.is_empty() {
-                avoid.insert(id.clone(), excluded.clone());
+                avoid
+                    .entry(id.clone())
+                    .or_default()
+                    .extend(excluded.iter().cloned());
             }
             wanted.insert(id, (model.name.clone(), version.version.clone(), need));
         }
@@ -223,6 +247,29 @@ pub fn plan_with(state: &State, observed: &Observed) -> Plan {
         else {
             continue;
         };
+        if let (Some(model), Some((profile, start))) =
+            (c.slots[slots[0]].mig_model, r.mig_instance())
+        {
+            // a managed MIG instance: its profile and start slice
+            let Some(profile) = model.profile_index(profile) else {
+                continue;
+            };
+            previous.assignments.insert(
+                r.id.clone(),
+                Assignment {
+                    node: n as u32,
+                    gpus: vec![GpuSlice {
+                        gpu: slots[0] as u8,
+                        milli: 0,
+                        mig: Some(talon_scheduler::types::MigSlot {
+                            profile,
+                            start: start as u8,
+                        }),
+                    }],
+                },
+            );
+            continue;
+        }
         let gpus = slots
             .iter()
             .map(|&pos| {
@@ -264,6 +311,13 @@ pub fn plan_with(state: &State, observed: &Observed) -> Plan {
         .values()
         .map(|(_, _, need)| match need {
             Need::OneGpu { mib, .. } => TaskShape {
+                cpu_milli: 0,
+                milli: ((mib * u64::from(MILLI)).div_ceil(largest_slot.max(1))).clamp(1, 1000)
+                    as u32,
+                count: 1,
+                gpu_spec: String::new(),
+            },
+            Need::Mig { mib, .. } => TaskShape {
                 cpu_milli: 0,
                 milli: ((mib * u64::from(MILLI)).div_ceil(largest_slot.max(1))).clamp(1, 1000)
                     as u32,
@@ -318,6 +372,13 @@ pub fn plan_with(state: &State, observed: &Observed) -> Plan {
         replica.mig_device = slots[0].mig_device.to_string();
         replica.milli = a.gpus[0].milli;
         replica.memory_mib = need.mib_per_gpu();
+        if let (Some(model), Some(slot)) = (slots[0].mig_model, a.gpus[0].mig) {
+            let p = &model.profiles()[slot.profile as usize];
+            replica.mig_slice = format!("{}@{}", p.name, slot.start);
+            // its share of the GPU's compute
+            replica.milli =
+                (u32::from(p.compute) * MILLI / u32::from(model.compute_slices())).max(1);
+        }
         replica.created_at_ms = state
             .replicas
             .get(id)
@@ -359,6 +420,10 @@ fn could_host(c: &Candidate, need: &Need) -> bool {
         return false;
     }
     match need {
+        Need::Mig { gpu_type, .. } => c
+            .slots
+            .iter()
+            .any(|s| s.mig_model.is_some() && s.gpu_type == *gpu_type),
         Need::OneGpu { mib, gpu_types } => c.slots.iter().any(|s| {
             s.memory_mib >= *mib && (gpu_types.is_empty() || gpu_types.contains(&s.gpu_type))
         }),

@@ -649,7 +649,7 @@ fn the_gpu_types_label_keeps_replicas_to_those_types() {
         .find(|(id, _)| id.starts_with("too-big"))
         .unwrap();
     assert!(
-        why.contains("of its gpu-types (a100-80gb/3g.40gb) has 40960 MiB"),
+        why.contains("of its gpu-types (a100-80gb/3g.40gb) on a live node has 40960 MiB"),
         "{why}"
     );
 }
@@ -737,4 +737,135 @@ fn a_gpu_running_short_of_memory_sheds_the_replicas_that_no_longer_fit() {
         "{:?}",
         s.replicas
     );
+}
+
+/// An A100 in MIG mode on a node whose agent manages MIG, with one unused
+/// instance the operator left.
+fn managed_mig_node(id: &str) -> NodeInventory {
+    let mut inv = mig_node(id);
+    inv.labels.insert(
+        crate::state::node::MANAGED_MIG_LABEL.0.into(),
+        crate::state::node::MANAGED_MIG_LABEL.1.into(),
+    );
+    inv.gpus[0].mig_devices.truncate(1);
+    inv
+}
+
+#[test]
+fn on_a_managed_mig_gpu_the_plan_lays_out_instances() {
+    let (mut s, mut i) = (State::default(), 0);
+    run(&mut s, &mut i, Command::RegisterNode(managed_mig_node("m")));
+    let sliced = |name: &str, mem: u64, replicas: u32, types: &str| {
+        let mut c = model(name, mem, replicas);
+        if let Command::CreateModel(spec) = &mut c {
+            spec.labels.insert("gpu-types".into(), types.into());
+        }
+        c
+    };
+    run(
+        &mut s,
+        &mut i,
+        sliced("three", 30_000, 1, "a100-80gb/3g.40gb"),
+    );
+    run(
+        &mut s,
+        &mut i,
+        sliced("twos", 15_000, 2, "a100-80gb/2g.20gb"),
+    );
+    converge(&mut s, &mut i);
+    let mut slices: Vec<String> = s.replicas.values().map(|r| r.mig_slice.clone()).collect();
+    slices.sort();
+    // 3g takes slices 0-3 or 4-7; the two 2g the other half
+    assert_eq!(slices.len(), 3, "{:?}", s.replicas);
+    let three = s
+        .replicas
+        .values()
+        .find(|r| r.model == "three")
+        .unwrap()
+        .clone();
+    assert!(
+        three.mig_slice == "3g.40gb@0" || three.mig_slice == "3g.40gb@4",
+        "{three:?}"
+    );
+    assert_eq!(three.milli, 428, "3 of 7 GPCs");
+    assert!(s
+        .replicas
+        .values()
+        .all(|r| r.mig_device.is_empty() && r.node_id == "m"));
+    assert!(plan(&s).commands.is_empty(), "stable");
+    // a fourth instance does not fit: 3 + 2 + 2 GPCs of 7 are taken
+    run(&mut s, &mut i, sliced("one", 5_000, 1, "a100-80gb/1g.10gb"));
+    let p = plan(&s);
+    assert!(
+        p.unplaced.iter().any(|(id, _)| id.starts_with("one")),
+        "{p:?}"
+    );
+    // a profile the GPU lacks, and too little memory, are explained
+    run(&mut s, &mut i, sliced("odd", 5_000, 1, "a100-80gb/3g.47gb"));
+    run(
+        &mut s,
+        &mut i,
+        sliced("small", 30_000, 1, "a100-80gb/1g.10gb"),
+    );
+    let p = plan(&s);
+    let why = |m: &str| {
+        p.unplaced
+            .iter()
+            .find(|(id, _)| id.starts_with(m))
+            .map(|(_, w)| w.clone())
+            .unwrap()
+    };
+    assert!(why("odd").contains("does not have"), "{}", why("odd"));
+    assert!(
+        why("small").contains("name a larger profile"),
+        "{}",
+        why("small")
+    );
+    // overlapping instances are refused by the state machine
+    let mut clash = three.clone();
+    clash.id = "twos@v1-9".into();
+    clash.model = "twos".into();
+    i += 1;
+    let (response, _) = s.apply(
+        i,
+        &Request {
+            at_ms: i,
+            actor: "t".into(),
+            command: Command::PlaceReplicas {
+                model: "twos".into(),
+                model_revision: s.models["twos"].revision,
+                replicas: vec![clash],
+            },
+        },
+    );
+    assert!(
+        matches!(&response, crate::state::Response::Rejected(r) if r.message.contains("overlaps")),
+        "{response:?}"
+    );
+    // a cordoned node keeps its instances but gets no new one
+    run(
+        &mut s,
+        &mut i,
+        Command::SetNodeScheduling {
+            node_id: "m".into(),
+            action: crate::state::Scheduling::Cordon,
+        },
+    );
+    run(
+        &mut s,
+        &mut i,
+        Command::DeleteModel {
+            name: "one".into(),
+            version: None,
+        },
+    );
+    run(
+        &mut s,
+        &mut i,
+        sliced("late", 5_000, 1, "a100-80gb/1g.10gb"),
+    );
+    let before = s.replicas.clone();
+    converge(&mut s, &mut i);
+    assert_eq!(s.replicas, before);
+    s.check_consistency().unwrap();
 }

@@ -205,6 +205,17 @@ impl NodeState {
     }
 }
 
+/// The node label (key, value) an agent run with `--manage-mig` carries:
+/// Talon creates and destroys the MIG instances of its GPUs in MIG mode.
+pub const MANAGED_MIG_LABEL: (&str, &str) = ("talon-mig", "managed");
+
+impl NodeInventory {
+    /// Whether Talon manages the MIG layouts of this node's GPUs.
+    pub fn manages_mig(&self) -> bool {
+        self.labels.get(MANAGED_MIG_LABEL.0).map(String::as_str) == Some(MANAGED_MIG_LABEL.1)
+    }
+}
+
 /// A node in the registry.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct NodeRecord {

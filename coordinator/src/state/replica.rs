@@ -29,6 +29,10 @@ pub struct Replica {
     /// UUID of the MIG device it runs on; empty when it runs on whole GPUs
     /// or shares of them (format 3).
     pub mig_device: String,
+    /// The MIG instance it runs on, `<profile>@<start slice>` (e.g.
+    /// `3g.40gb@4`), on a GPU whose MIG layout Talon manages: the agent
+    /// creates the instance if it does not exist. Empty otherwise (format 3).
+    pub mig_slice: String,
 }
 
 impl Replica {
@@ -46,17 +50,27 @@ impl Replica {
             revision: 0,
             gpus: vec![gpu],
             mig_device: String::new(),
+            mig_slice: String::new(),
         }
     }
 
+    /// The profile and start slice of its managed MIG instance, if any.
+    pub fn mig_instance(&self) -> Option<(&str, u32)> {
+        let (profile, start) = self.mig_slice.split_once('@')?;
+        Some((profile, start.parse().ok()?))
+    }
+
     /// Where it runs, for messages and the audit: `node/0`, `node/0+1` (a
-    /// group of GPUs 0 and 1), `node/0:MIG-…` (a MIG device of GPU 0).
+    /// group of GPUs 0 and 1), `node/0:MIG-…` (a MIG device of GPU 0),
+    /// `node/0:3g.40gb@4` (a managed MIG instance).
     pub fn place(&self) -> String {
         let gpus: Vec<String> = self.gpus.iter().map(u32::to_string).collect();
         let mut place = format!("{}/{}", self.node_id, gpus.join("+"));
-        if !self.mig_device.is_empty() {
-            place.push(':');
-            place.push_str(&self.mig_device);
+        for mig in [&self.mig_device, &self.mig_slice] {
+            if !mig.is_empty() {
+                place.push(':');
+                place.push_str(mig);
+            }
         }
         place
     }
@@ -68,6 +82,7 @@ impl Replica {
             && self.gpus == other.gpus
             && self.milli == other.milli
             && self.mig_device == other.mig_device
+            && self.mig_slice == other.mig_slice
     }
 }
 
@@ -102,6 +117,8 @@ struct ReplicaV3 {
     gpus: Vec<u32>,
     #[serde(default)]
     mig_device: String,
+    #[serde(default)]
+    mig_slice: String,
 }
 
 thread_local! {
@@ -128,7 +145,7 @@ impl Serialize for Replica {
         use serde::ser::SerializeStruct;
         // Field for field the layouts of `ReplicaV2` / `ReplicaV3`.
         let v2 = FORMAT_2.with(Cell::get);
-        let mut st = s.serialize_struct("Replica", if v2 { 9 } else { 11 })?;
+        let mut st = s.serialize_struct("Replica", if v2 { 9 } else { 12 })?;
         st.serialize_field("id", &self.id)?;
         st.serialize_field("model", &self.model)?;
         st.serialize_field("version", &self.version)?;
@@ -141,6 +158,7 @@ impl Serialize for Replica {
         if !v2 {
             st.serialize_field("gpus", &self.gpus)?;
             st.serialize_field("mig_device", &self.mig_device)?;
+            st.serialize_field("mig_slice", &self.mig_slice)?;
         }
         st.end()
     }
@@ -162,6 +180,7 @@ impl<'de> Deserialize<'de> for Replica {
                 revision: r.revision,
                 gpus: Vec::new(),
                 mig_device: String::new(),
+                mig_slice: String::new(),
             }
         } else {
             ReplicaV3::deserialize(d)?
@@ -182,6 +201,7 @@ impl<'de> Deserialize<'de> for Replica {
             created_at_ms: r.created_at_ms,
             revision: r.revision,
             mig_device: r.mig_device,
+            mig_slice: r.mig_slice,
         })
     }
 }

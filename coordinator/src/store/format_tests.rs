@@ -322,6 +322,7 @@ fn arb_command() -> impl Strategy<Value = Command> {
                     revision: 0,
                     gpus: vec![0],
                     mig_device: format!("MIG-{n}"),
+                    mig_slice: String::new(),
                 }],
             }
         }),
@@ -339,8 +340,9 @@ fn arb_command() -> impl Strategy<Value = Command> {
                     memory_mib: 100,
                     created_at_ms: 0,
                     revision: 0,
-                    gpus: vec![0, 1],
+                    gpus: vec![0],
                     mig_device: String::new(),
+                    mig_slice: format!("3g.40gb@{}", 4 * (model_revision % 2)),
                 }],
             }
         }),

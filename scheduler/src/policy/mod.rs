@@ -153,7 +153,8 @@ pub fn first_free_gpus(n: &NodeState, d: &Demand, count: u32) -> Vec<GpuSlice> {
 }
 
 /// MIG: the GPU with the most GPCs already in use that still has a legal
-/// position for the profile; its first legal start.
+/// position for the profile; the start that keeps the most room
+/// ([`crate::mig::MigOccupancy::best_fit`]).
 pub fn mig_best_fit(n: &NodeState, d: &Demand, profile: &str) -> Vec<GpuSlice> {
     let mut best: Option<(u8, usize, u8, u8)> = None;
     for (i, m) in n.mig.iter().enumerate() {
@@ -164,7 +165,7 @@ pub fn mig_best_fit(n: &NodeState, d: &Demand, profile: &str) -> Vec<GpuSlice> {
         let Some(p) = model.profile_index(profile) else {
             continue;
         };
-        if let Some(start) = occ.first_fit(*model, p) {
+        if let Some(start) = occ.best_fit(*model, p) {
             if best.is_none_or(|b| occ.compute > b.0) {
                 best = Some((occ.compute, i, p, start));
             }
