@@ -436,7 +436,7 @@ async fn execute(cli: Cli) -> Result<(), ClientError> {
                     .replicas
                     .iter()
                     .map(|r| json!({"id": r.id, "model": r.model, "version": r.version, "node_id": r.node_id,
-                        "gpu": r.gpu, "gpus": r.gpus, "mig_device": r.mig_device, "milli": r.milli, "memory_mib": r.memory_mib,
+                        "gpu": r.gpu, "gpus": r.gpus, "mig_device": r.mig_device, "mig_slice": r.mig_slice, "milli": r.milli, "memory_mib": r.memory_mib,
                         "revision": r.revision, "state": r.state}))
                     .collect();
                 println!(
@@ -580,9 +580,11 @@ fn gpus_cell(r: &talon_proto::v1::Replica) -> String {
         r.gpus.iter().map(u32::to_string).collect()
     };
     let mut cell = gpus.join("+");
-    if !r.mig_device.is_empty() {
-        cell.push(':');
-        cell.push_str(&r.mig_device);
+    for mig in [&r.mig_device, &r.mig_slice] {
+        if !mig.is_empty() {
+            cell.push(':');
+            cell.push_str(mig);
+        }
     }
     cell
 }

@@ -103,6 +103,7 @@ fn assignments(state: &crate::state::State, node: &str, revision: u64) -> pb::As
                 artifact_uri: version.map(|v| v.artifact_uri.clone()).unwrap_or_default(),
                 gpus: r.gpus.clone(),
                 mig_device: r.mig_device.clone(),
+                mig_slice: r.mig_slice.clone(),
             }
         })
         .collect();

@@ -20,6 +20,10 @@ pub enum ProbeKind {
     Simulated,
 }
 
+/// The label (key, value) an agent that manages MIG layouts advertises
+/// (the coordinator's `state::node::MANAGED_MIG_LABEL`).
+pub const MANAGED_MIG_LABEL: (&str, &str) = ("talon-mig", "managed");
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AgentConfig {
@@ -47,6 +51,11 @@ pub struct AgentConfig {
     /// Overrides the telemetry interval the coordinators ask for.
     pub telemetry_interval_ms: Option<u64>,
     pub labels: BTreeMap<String, String>,
+    /// Let Talon lay out the MIG instances of the GPUs in MIG mode: the
+    /// agent creates the instance a replica is assigned (destroying unused
+    /// ones in its way) and advertises it with the label
+    /// `talon-mig=managed`. Simulated fleets only in this release.
+    pub manage_mig: bool,
     pub cost_per_hour: f64,
     /// Run the CUDA calibration at start (real GPUs only).
     pub calibrate: bool,
@@ -78,6 +87,7 @@ impl Default for AgentConfig {
             advertise: None,
             telemetry_interval_ms: None,
             labels: BTreeMap::new(),
+            manage_mig: false,
             cost_per_hour: 0.0,
             calibrate: true,
             engine_command: None,
@@ -130,6 +140,9 @@ pub struct Flags {
     /// KEY=VALUE (repeatable).
     #[arg(long = "label", value_parser = parse_label)]
     pub labels: Vec<(String, String)>,
+    /// Let Talon create and destroy the MIG instances of GPUs in MIG mode.
+    #[arg(long, env = "TALON_MANAGE_MIG", num_args = 0..=1, default_missing_value = "true")]
+    pub manage_mig: Option<bool>,
     #[arg(long, env = "TALON_COST_PER_HOUR")]
     pub cost_per_hour: Option<f64>,
     #[arg(long, env = "TALON_CALIBRATE", num_args = 0..=1, default_missing_value = "true")]
@@ -177,6 +190,16 @@ fn hostname() -> String {
 }
 
 impl AgentConfig {
+    /// The labels the agent registers with: the configured ones, plus
+    /// [`MANAGED_MIG_LABEL`] with `manage_mig`.
+    pub fn advertised_labels(&self) -> BTreeMap<String, String> {
+        let mut labels = self.labels.clone();
+        if self.manage_mig {
+            labels.insert(MANAGED_MIG_LABEL.0.into(), MANAGED_MIG_LABEL.1.into());
+        }
+        labels
+    }
+
     /// Where the node's credential lives.
     pub fn credential_path(&self) -> PathBuf {
         if let Some(p) = &self.credential_file {
@@ -243,6 +266,9 @@ impl AgentConfig {
             c.telemetry_interval_ms = Some(v);
         }
         c.labels.extend(flags.labels.iter().cloned());
+        if let Some(v) = flags.manage_mig {
+            c.manage_mig = v;
+        }
         if let Some(v) = flags.cost_per_hour {
             c.cost_per_hour = v;
         }
@@ -325,6 +351,15 @@ impl AgentConfig {
                 return bad("probe is nvml but a simulated fleet is given; drop --fleet/--sim-gpus or use --probe simulated".into())
             }
             _ => {}
+        }
+        if self.manage_mig && self.probe == ProbeKind::Nvml {
+            return bad("manage_mig is set, but this release creates MIG instances on simulated fleets only (not through NVML); partition the GPUs with `nvidia-smi mig -cgi … -C` and run the agent without --manage-mig: replicas then use the instances it has".into());
+        }
+        if self.labels.contains_key(MANAGED_MIG_LABEL.0) {
+            return bad(format!(
+                "label {} is Talon's own; set --manage-mig instead",
+                MANAGED_MIG_LABEL.0
+            ));
         }
         if let Some(ms) = self.telemetry_interval_ms {
             if ms < 10 {

@@ -240,7 +240,7 @@ async fn main() -> ExitCode {
         join_token: config.join_token.clone(),
         identity,
         coordinator_ca,
-        labels: config.labels.clone(),
+        labels: config.advertised_labels(),
         cost_per_hour,
         cpu_cores,
         host_memory_bytes,

@@ -30,11 +30,18 @@ pub struct SimulatedFactory {
 impl ExecutorFactory for SimulatedFactory {
     fn start(&self, r: &pb::AssignedReplica) -> Result<Arc<dyn Executor>, ExecError> {
         use crate::probe::GpuProbe;
+        let mut placement = Placement::of(r)?;
+        if let Some((profile, start)) = &placement.mig_slice {
+            let uuid = self
+                .fleet
+                .ensure_mig_instance(placement.gpus[0], profile, *start)
+                .map_err(|e| ExecError::Config(e.to_string()))?;
+            placement.mig_device = Some(uuid);
+        }
         let inventory = self
             .fleet
             .inventory()
             .map_err(|e| ExecError::Config(e.to_string()))?;
-        let placement = Placement::of(r)?;
         let mut types = placement.gpus.iter().map(|index| {
             inventory
                 .gpus
@@ -72,6 +79,9 @@ impl ExecutorFactory for SimulatedFactory {
 pub struct Placement {
     pub gpus: Vec<u32>,
     pub mig_device: Option<String>,
+    /// A MIG instance (profile, start slice) to run on, created if the GPU
+    /// has none there (the agent manages the GPU's layout).
+    pub mig_slice: Option<(String, u32)>,
 }
 
 impl Placement {
@@ -80,6 +90,7 @@ impl Placement {
         Placement {
             gpus: vec![index],
             mig_device: None,
+            mig_slice: None,
         }
     }
 
@@ -103,7 +114,30 @@ impl Placement {
                 "a replica on a MIG device runs on one GPU, not {gpus:?}"
             )));
         }
-        Ok(Placement { gpus, mig_device })
+        let mig_slice = match r.mig_slice.split_once('@') {
+            _ if r.mig_slice.is_empty() => None,
+            Some((profile, start)) if !profile.is_empty() => match start.parse() {
+                Ok(start) => Some((profile.to_string(), start)),
+                Err(_) => None,
+            },
+            _ => None,
+        };
+        if !r.mig_slice.is_empty() && mig_slice.is_none() {
+            return Err(ExecError::Config(format!(
+                "MIG slice {:?} is not <profile>@<start slice>",
+                r.mig_slice
+            )));
+        }
+        if mig_slice.is_some() && (mig_device.is_some() || gpus.len() > 1) {
+            return Err(ExecError::Config(
+                "a replica on a MIG slice names one GPU and no MIG device".into(),
+            ));
+        }
+        Ok(Placement {
+            gpus,
+            mig_device,
+            mig_slice,
+        })
     }
 }
 
@@ -140,6 +174,11 @@ impl ExecutorFactory for EngineFactory {
     fn start(&self, r: &pb::AssignedReplica) -> Result<Arc<dyn Executor>, ExecError> {
         use crate::executor::external::{ExternalEngine, Placeholders};
         let placement = Placement::of(r)?;
+        if placement.mig_slice.is_some() {
+            return Err(ExecError::Config(
+                "this release creates MIG instances on simulated fleets only; partition the GPU with nvidia-smi and run the agent without --manage-mig".into(),
+            ));
+        }
         // the engine sees its MIG device, or its GPUs, and nothing else
         let gpus = match &placement.mig_device {
             Some(uuid) => uuid.clone(),

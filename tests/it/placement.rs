@@ -15,24 +15,27 @@ use crate::harness::{free_port, wait_for, Cluster, Proc};
 const TOKEN: &str = "it-join-token-0123456789";
 
 fn agent(grpc: &str, id: &str, gpus: &str) -> Proc {
+    agent_with(grpc, id, gpus, &[])
+}
+
+fn agent_with(grpc: &str, id: &str, gpus: &str, extra: &[&str]) -> Proc {
     let listen = format!("127.0.0.1:{}", free_port());
-    Proc::spawn(
-        "talon-agent",
-        &[
-            "--node-id",
-            id,
-            "--coordinators",
-            grpc,
-            "--join-token",
-            TOKEN,
-            "--sim-gpus",
-            gpus,
-            "--http-listen",
-            &listen,
-            "--telemetry-interval-ms",
-            "200",
-        ],
-    )
+    let mut args = vec![
+        "--node-id",
+        id,
+        "--coordinators",
+        grpc,
+        "--join-token",
+        TOKEN,
+        "--sim-gpus",
+        gpus,
+        "--http-listen",
+        &listen,
+        "--telemetry-interval-ms",
+        "200",
+    ];
+    args.extend_from_slice(extra);
+    Proc::spawn("talon-agent", &args)
 }
 
 fn ready(list: &pb::ListReplicasResponse, n: usize) -> bool {
@@ -103,35 +106,12 @@ async fn groups_and_mig_replicas_move_off_drained_nodes_with_no_failed_request()
     );
 
     // Clients send to both models back to back through the moves.
-    let stop = Arc::new(AtomicBool::new(false));
-    let served = Arc::new(AtomicU32::new(0));
-    let key = cluster.admin_key();
-    let load: Vec<_> = ["big", "slice", "big", "slice"]
-        .iter()
-        .map(|model| {
-            let body = format!(
-                r#"{{"model":"{model}","messages":[{{"role":"user","content":"moving"}}],"max_tokens":2}}"#
-            );
-            let (http, stop, served, key) = (http.clone(), stop.clone(), served.clone(), key.clone());
-            std::thread::spawn(move || {
-                let mut failed = Vec::new();
-                while !stop.load(Ordering::SeqCst) {
-                    match http_post(&http, "/v1/chat/completions", &body, &key) {
-                        Some((200, _)) => {
-                            served.fetch_add(1, Ordering::SeqCst);
-                        }
-                        other => failed.push(format!("{other:?}")),
-                    }
-                }
-                failed
-            })
-        })
-        .collect();
-    let count = || served.load(Ordering::SeqCst);
-    wait_for("requests flowing", Duration::from_secs(40), || async {
-        (count() >= 20).then_some(())
-    })
-    .await;
+    let load = Load::start(
+        &http,
+        &cluster.admin_key(),
+        &["big", "slice", "big", "slice"],
+    );
+    load.flowing(20).await;
 
     // Drain the group's node: it moves, whole, to the other H100 node.
     let other = if big.node_id == "g1" { "g2" } else { "g1" };
@@ -170,18 +150,161 @@ async fn groups_and_mig_replicas_move_off_drained_nodes_with_no_failed_request()
         stacked[0].mig_device, stacked[1].mig_device,
         "one per device"
     );
-    let after = count();
-    wait_for(
-        "requests served after the moves",
-        Duration::from_secs(40),
-        || async { (count() >= after + 20).then_some(()) },
+    load.flowing(20).await;
+    load.stop_with_no_failure();
+}
+
+/// Clients sending chat requests back to back, one thread per model named.
+struct Load {
+    stop: Arc<AtomicBool>,
+    served: Arc<AtomicU32>,
+    threads: Vec<std::thread::JoinHandle<Vec<String>>>,
+}
+
+impl Load {
+    fn start(http: &str, key: &str, models: &[&str]) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let served = Arc::new(AtomicU32::new(0));
+        let threads = models
+            .iter()
+            .map(|model| {
+                let body = format!(
+                    r#"{{"model":"{model}","messages":[{{"role":"user","content":"moving"}}],"max_tokens":2}}"#
+                );
+                let (http, stop, served, key) =
+                    (http.to_string(), stop.clone(), served.clone(), key.to_string());
+                std::thread::spawn(move || {
+                    let mut failed = Vec::new();
+                    while !stop.load(Ordering::SeqCst) {
+                        match http_post(&http, "/v1/chat/completions", &body, &key) {
+                            Some((200, _)) => {
+                                served.fetch_add(1, Ordering::SeqCst);
+                            }
+                            other => failed.push(format!("{other:?}")),
+                        }
+                    }
+                    failed
+                })
+            })
+            .collect();
+        Load {
+            stop,
+            served,
+            threads,
+        }
+    }
+
+    /// Waits until `n` more requests were served.
+    async fn flowing(&self, n: u32) {
+        let from = self.served.load(Ordering::SeqCst);
+        wait_for("requests served", Duration::from_secs(40), || async {
+            (self.served.load(Ordering::SeqCst) >= from + n).then_some(())
+        })
+        .await;
+    }
+
+    fn stop_with_no_failure(self) {
+        self.stop.store(true, Ordering::SeqCst);
+        for handle in self.threads {
+            let failed = handle.join().expect("load thread");
+            assert!(failed.is_empty(), "requests failed: {failed:?}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn talon_lays_out_mig_instances_and_moves_them_off_a_drained_node() {
+    let cluster = Cluster::form(
+        1,
+        &["--join-token", TOKEN, "--telemetry-interval-ms", "200"],
     )
     .await;
-    stop.store(true, Ordering::SeqCst);
-    for handle in load {
-        let failed = handle.join().expect("load thread");
-        assert!(failed.is_empty(), "requests failed: {failed:?}");
+    let grpc = cluster.nodes[0].grpc.clone();
+    let http = cluster.nodes[0].http.clone();
+    // one unused 1g instance each, left by an operator
+    let _agents: Vec<Proc> = ["m1", "m2"]
+        .iter()
+        .map(|id| agent_with(&grpc, id, "a100-80gb:1:mig=1g.10gb", &["--manage-mig"]))
+        .collect();
+    let client = cluster.client();
+    wait_for("two ready nodes", Duration::from_secs(60), || async {
+        let nodes = client.list_nodes().await.ok()?;
+        (nodes.iter().filter(|n| n.state == "ready").count() == 2).then_some(())
+    })
+    .await;
+    for (name, mem, replicas, profile) in [
+        ("three", 30_000, 1, "3g.40gb"),
+        ("twos", 15_000, 2, "2g.20gb"),
+    ] {
+        let mut spec = model_spec(name, "simulated", mem, replicas);
+        spec.labels
+            .insert("gpu-types".into(), format!("a100-80gb/{profile}"));
+        client.create_model(spec).await.expect("model");
     }
+    let all = || async {
+        let mut replicas = client.list_replicas("three").await.ok()?.replicas;
+        replicas.extend(client.list_replicas("twos").await.ok()?.replicas);
+        Some(replicas)
+    };
+    let placed = wait_for(
+        "three MIG instances serving",
+        Duration::from_secs(60),
+        || async {
+            let replicas = all().await?;
+            (replicas.len() == 3 && replicas.iter().all(|r| r.state == "ready")).then_some(replicas)
+        },
+    )
+    .await;
+    for r in &placed {
+        assert!(
+            r.mig_slice.contains('@') && r.mig_device.is_empty(),
+            "{r:?}"
+        );
+    }
+    let load = Load::start(&http, &cluster.admin_key(), &["three", "twos", "twos"]);
+    load.flowing(20).await;
+    // Drain the node with the 3g instance: all three end up on the other,
+    // whose GPU is laid out again for 3g + 2g + 2g (the 2g instance there
+    // moves if it sits in the way; the unused 1g one is destroyed).
+    let drained = placed
+        .iter()
+        .find(|r| r.model == "three")
+        .unwrap()
+        .node_id
+        .clone();
+    client
+        .set_node_scheduling(&drained, "drain")
+        .await
+        .expect("drain");
+    let moved = wait_for(
+        "all three on the other node",
+        Duration::from_secs(60),
+        || async {
+            let replicas = all().await?;
+            (replicas.len() == 3
+                && replicas
+                    .iter()
+                    .all(|r| r.state == "ready" && r.node_id != drained))
+            .then_some(replicas)
+        },
+    )
+    .await;
+    let mut profiles: Vec<&str> = moved
+        .iter()
+        .filter_map(|r| r.mig_slice.split('@').next())
+        .collect();
+    profiles.sort();
+    assert_eq!(profiles, vec!["2g.20gb", "2g.20gb", "3g.40gb"], "{moved:?}");
+    let nodes = client.list_nodes().await.expect("nodes");
+    let labels = nodes
+        .iter()
+        .filter_map(|n| n.inventory.as_ref())
+        .find(|inv| inv.node_id != drained)
+        .map(|inv| inv.labels.clone())
+        .expect("the other node");
+    assert_eq!(labels.get("talon-mig").map(String::as_str), Some("managed"));
+    load.flowing(20).await;
+    load.stop_with_no_failure();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

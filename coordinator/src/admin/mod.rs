@@ -470,6 +470,7 @@ impl AdminService for Admin {
                 revision: r.revision,
                 gpus: r.gpus.clone(),
                 mig_device: r.mig_device.clone(),
+                mig_slice: r.mig_slice.clone(),
                 state: self
                     .ctx
                     .telemetry

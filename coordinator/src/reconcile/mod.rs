@@ -30,6 +30,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 mod fleet;
+mod mig;
 
 use talon_scheduler::frag::TaskShape;
 use talon_scheduler::policy::talon::{talon_typical, Talon};
@@ -349,10 +350,11 @@ pub fn plan_with(state: &State, observed: &Observed) -> Plan {
         Err(e) => return engine_error(e.to_string(), unplaced),
     };
     let mut policy = Talon::new(Arc::clone(&typical));
-    let solved = match replan(&problem, &previous, &mut policy, 0) {
+    let mut solved = match replan(&problem, &previous, &mut policy, 0) {
         Ok(s) => s,
         Err(e) => return engine_error(e.to_string(), unplaced),
     };
+    let relaid = mig::relayout(&mut solved, &problem, &candidates, &wanted);
     unplaced.extend(solved.unplaced.iter().cloned());
 
     // Group the new placement by model and compare with what is committed.
@@ -408,6 +410,9 @@ pub fn plan_with(state: &State, observed: &Observed) -> Plan {
                 replicas,
             });
         }
+    }
+    if relaid {
+        commands = mig::in_applicable_order(state, commands);
     }
     Plan { commands, unplaced }
 }

@@ -869,3 +869,49 @@ fn on_a_managed_mig_gpu_the_plan_lays_out_instances() {
     assert_eq!(s.replicas, before);
     s.check_consistency().unwrap();
 }
+
+#[test]
+fn instances_in_the_way_move_to_other_slices_when_a_new_layout_holds_them_all() {
+    let (mut s, mut i) = (State::default(), 0);
+    run(&mut s, &mut i, Command::RegisterNode(managed_mig_node("m")));
+    let sliced = |name: &str, mem: u64, profile: &str| {
+        let mut c = model(name, mem, 1);
+        if let Command::CreateModel(spec) = &mut c {
+            spec.labels
+                .insert("gpu-types".into(), format!("a100-80gb/{profile}"));
+        }
+        c
+    };
+    run(&mut s, &mut i, sliced("a", 15_000, "2g.20gb"));
+    // an instance at slice 4: a 3g then fits only at 0, and a second 2g
+    // nowhere, unless the first one moves
+    let mut r = Replica::on_gpu("a@v1-0", "a", "v1", "m", 0);
+    r.mig_slice = "2g.20gb@4".into();
+    r.milli = 285;
+    r.memory_mib = 15_000;
+    let model_revision = s.models["a"].revision;
+    run(
+        &mut s,
+        &mut i,
+        Command::PlaceReplicas {
+            model: "a".into(),
+            model_revision,
+            replicas: vec![r],
+        },
+    );
+    assert_eq!(s.replicas["a@v1-0"].mig_slice, "2g.20gb@4");
+    run(&mut s, &mut i, sliced("b", 30_000, "3g.40gb"));
+    converge(&mut s, &mut i);
+    run(&mut s, &mut i, sliced("c", 15_000, "2g.20gb"));
+    converge(&mut s, &mut i);
+    let mut slices: Vec<String> = s.replicas.values().map(|r| r.mig_slice.clone()).collect();
+    slices.sort();
+    assert_eq!(
+        slices,
+        vec!["2g.20gb@0", "2g.20gb@2", "3g.40gb@4"],
+        "{:?}",
+        s.replicas
+    );
+    assert!(plan(&s).commands.is_empty(), "stable");
+    s.check_consistency().unwrap();
+}

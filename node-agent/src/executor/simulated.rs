@@ -438,6 +438,7 @@ mod tests {
         let group = Placement {
             gpus: vec![0, 1],
             mig_device: None,
+            mig_slice: None,
         };
         let tp2 = SimulatedExecutor::load("big", 60_000, fleet.clone(), group, h100, corr.clone())
             .unwrap();
@@ -468,6 +469,7 @@ mod tests {
         let on = |uuid: &str| Placement {
             gpus: vec![2],
             mig_device: Some(uuid.to_string()),
+            mig_slice: None,
         };
         let slice = SimulatedExecutor::load(
             "s",

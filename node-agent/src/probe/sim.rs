@@ -29,7 +29,9 @@ struct Load {
 
 /// A host's simulated GPUs.
 pub struct SimFleet {
-    inventory: Inventory,
+    node: String,
+    /// Changes only when a managed MIG layout does.
+    inventory: std::sync::RwLock<Inventory>,
     /// Per GPU, the load each owner (a replica, or "manual") puts on it.
     loads: Mutex<Vec<BTreeMap<String, Load>>>,
     peaks: Vec<(u32, u32)>,
@@ -126,10 +128,11 @@ impl SimFleet {
         }
         let loads = Mutex::new(vec![BTreeMap::new(); gpus.len()]);
         Ok(SimFleet {
-            inventory: Inventory {
+            node: node.to_string(),
+            inventory: std::sync::RwLock::new(Inventory {
                 driver_version: "simulated".into(),
                 gpus,
-            },
+            }),
             loads,
             peaks,
             spec,
@@ -173,13 +176,13 @@ impl SimFleet {
         utilization: u32,
         processes: u32,
     ) -> Result<(), ProbeError> {
-        let gpu = self
-            .inventory
+        let inventory = self.inventory.read().expect("inventory lock poisoned");
+        let gpu = inventory
             .gpus
             .get(index as usize)
             .ok_or(ProbeError::Device {
                 index,
-                message: format!("no such GPU; this host has {}", self.inventory.gpus.len()),
+                message: format!("no such GPU; this host has {}", inventory.gpus.len()),
             })?;
         let device_memory = match mig_device {
             None => None,
@@ -238,6 +241,84 @@ impl SimFleet {
         }
         Ok(())
     }
+    /// The MIG instance `profile@start` of GPU `index` (its UUID), created
+    /// when it does not exist: instances in its way that no replica uses
+    /// are destroyed first. Refused — with the layout unchanged — when an
+    /// instance in its way is in use, the GPU is not in MIG mode, or the
+    /// layout would not be legal.
+    pub fn ensure_mig_instance(
+        &self,
+        index: u32,
+        profile: &str,
+        start: u32,
+    ) -> Result<String, ProbeError> {
+        use talon_scheduler::mig::{validate_layout, MigInstance};
+        let device = |message: String| ProbeError::Device { index, message };
+        let mut inventory = self.inventory.write().expect("inventory lock poisoned");
+        let gpu = inventory
+            .gpus
+            .get_mut(index as usize)
+            .ok_or_else(|| device("no such GPU".into()))?;
+        if !gpu.mig_enabled {
+            return Err(device(
+                "not in MIG mode; enable it (nvidia-smi -mig 1) first".into(),
+            ));
+        }
+        let model = crate::catalog::by_key(&gpu.gpu_type)
+            .and_then(|t| t.mig)
+            .ok_or_else(|| device(format!("{} has no MIG profiles", gpu.gpu_type)))?;
+        let slot = |name: &str, at: u32| -> Option<MigInstance> {
+            Some(MigInstance {
+                profile: model.profile_index(name)?,
+                start: u8::try_from(at).ok()?,
+            })
+        };
+        let wanted = slot(profile, start)
+            .ok_or_else(|| device(format!("{profile}@{start} is no MIG instance of {model:?}")))?;
+        if let Some(d) = gpu
+            .mig_devices
+            .iter()
+            .find(|d| d.profile == profile && d.start == Some(start))
+        {
+            return Ok(d.uuid.clone());
+        }
+        let mask = |i: &MigInstance| model.profiles()[i.profile as usize].mask_at(i.start);
+        let loads = self.loads.lock().expect("load lock poisoned");
+        let in_use = |uuid: &str| {
+            loads[index as usize]
+                .values()
+                .any(|l| l.mig_device.as_deref() == Some(uuid))
+        };
+        let mut keep = Vec::new();
+        let mut instances = vec![wanted];
+        for d in &gpu.mig_devices {
+            let existing = d.start.and_then(|at| slot(&d.profile, at));
+            let overlaps = existing.is_none_or(|e| mask(&e) & mask(&wanted) != 0);
+            if !overlaps {
+                keep.push(d.clone());
+                instances.extend(existing);
+            } else if in_use(&d.uuid) {
+                return Err(device(format!(
+                    "MIG instance {profile}@{start} overlaps instance {} ({}) that a replica uses",
+                    d.uuid, d.profile
+                )));
+            }
+        }
+        validate_layout(model, &instances).map_err(|e| {
+            device(format!(
+                "{profile}@{start} does not fit beside the instances kept: {e}"
+            ))
+        })?;
+        let uuid = uuid("MIG", &format!("{}/{index}/{profile}@{start}", self.node));
+        keep.push(MigDeviceInfo {
+            uuid: uuid.clone(),
+            profile: profile.to_string(),
+            start: Some(start),
+            memory_bytes: mig_memory_bytes(profile),
+        });
+        gpu.mig_devices = keep;
+        Ok(uuid)
+    }
 }
 
 impl GpuProbe for SimFleet {
@@ -246,13 +327,17 @@ impl GpuProbe for SimFleet {
     }
 
     fn inventory(&self) -> Result<Inventory, ProbeError> {
-        Ok(self.inventory.clone())
+        Ok(self
+            .inventory
+            .read()
+            .expect("inventory lock poisoned")
+            .clone())
     }
 
     fn sample(&self) -> Result<Vec<GpuSample>, ProbeError> {
         let loads = self.loads.lock().expect("load lock poisoned");
-        Ok(self
-            .inventory
+        let inventory = self.inventory.read().expect("inventory lock poisoned");
+        Ok(inventory
             .gpus
             .iter()
             .zip(loads.iter())
@@ -278,6 +363,71 @@ impl GpuProbe for SimFleet {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn managed_mig_instances_are_created_reused_and_never_taken_from_a_replica() {
+        let fleet = SimFleet::new(
+            "n",
+            FleetSpec::from_flag("a100-80gb:1:mig=1g.10gb").unwrap(),
+        )
+        .unwrap();
+        let old = fleet.inventory().unwrap().gpus[0].mig_devices[0]
+            .uuid
+            .clone();
+        // 3g@0 needs the unused 1g@0's slice: it goes
+        let three = fleet.ensure_mig_instance(0, "3g.40gb", 0).unwrap();
+        let devices = fleet.inventory().unwrap().gpus[0].mig_devices.clone();
+        assert_eq!(devices.len(), 1);
+        assert_eq!(
+            (devices[0].uuid.as_str(), devices[0].memory_bytes),
+            (three.as_str(), 40 << 30)
+        );
+        assert_ne!(three, old);
+        assert_eq!(
+            fleet.ensure_mig_instance(0, "3g.40gb", 0).unwrap(),
+            three,
+            "reused"
+        );
+        // in use, it is never destroyed for another instance
+        fleet
+            .set_owner_load_on(0, Some(&three), "r", 1 << 30, 0, 1)
+            .unwrap();
+        let err = fleet
+            .ensure_mig_instance(0, "4g.40gb", 0)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("that a replica uses"), "{err}");
+        // beside it, fine; an illegal start or unknown profile is refused
+        let two = fleet.ensure_mig_instance(0, "2g.20gb", 4).unwrap();
+        assert!(fleet.ensure_mig_instance(0, "2g.20gb", 5).is_err());
+        assert!(fleet.ensure_mig_instance(0, "3g.47gb", 4).is_err());
+        // an unused instance in the way goes; a used one stays
+        let three_b = fleet.ensure_mig_instance(0, "3g.40gb", 4).unwrap();
+        let uuids: Vec<String> = fleet.inventory().unwrap().gpus[0]
+            .mig_devices
+            .iter()
+            .map(|d| d.uuid.clone())
+            .collect();
+        assert_eq!(
+            uuids,
+            vec![three.clone(), three_b.clone()],
+            "2g@4 ({two}) was unused"
+        );
+        fleet
+            .set_owner_load_on(0, Some(&three_b), "s", 1 << 30, 0, 1)
+            .unwrap();
+        assert!(fleet
+            .ensure_mig_instance(0, "2g.20gb", 4)
+            .unwrap_err()
+            .to_string()
+            .contains("that a replica uses"));
+        let plain = SimFleet::new("p", FleetSpec::from_flag("a100-80gb:1").unwrap()).unwrap();
+        assert!(plain
+            .ensure_mig_instance(0, "3g.40gb", 0)
+            .unwrap_err()
+            .to_string()
+            .contains("not in MIG mode"));
+    }
+
     use super::*;
 
     #[test]
