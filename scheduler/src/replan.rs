@@ -13,7 +13,8 @@
 //!
 //! Re-planning an unchanged problem with its own solution moves nothing.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
 
 use serde::Serialize;
 
@@ -28,8 +29,10 @@ pub struct Problem {
     pub nodes: Vec<Node>,
     pub workloads: Vec<Workload>,
     /// Nodes (by name) a workload must not be placed on anew, e.g. the node
-    /// where it failed. A previous assignment there is not kept either.
-    pub avoid: BTreeMap<String, Vec<String>>,
+    /// where it failed, or those its node selector rules out (one set shared
+    /// by the workloads it applies to). A previous assignment there is not
+    /// kept either.
+    pub avoid: BTreeMap<String, Arc<HashSet<String>>>,
 }
 
 /// Where each workload runs, by workload name (absent: not placed).
@@ -98,8 +101,10 @@ pub fn replan(
     for (k, w) in problem.workloads.iter().enumerate() {
         let avoided = |a: &Assignment| {
             problem.avoid.get(&w.name).is_some_and(|v| {
-                v.iter()
-                    .any(|n| state.names.get(a.node as usize) == Some(n))
+                state
+                    .names
+                    .get(a.node as usize)
+                    .is_some_and(|n| v.contains(n))
             })
         };
         match previous.assignments.get(&w.name) {
@@ -134,14 +139,9 @@ pub fn replan(
             nonce: crate::rng::mix2(seed, k as u64),
             explain: false,
         };
-        let avoid: Option<std::collections::HashSet<&str>> = problem
-            .avoid
-            .get(&w.name)
-            .map(|v| v.iter().map(String::as_str).collect());
+        let avoid = problem.avoid.get(&w.name);
         let dec = decide_among(&state, &demands[k], policy, opts, |i| {
-            avoid
-                .as_ref()
-                .is_none_or(|v| !v.contains(state.names[i].as_str()))
+            avoid.is_none_or(|v| !v.contains(&state.names[i]))
         });
         match dec.assignment {
             Some(a) => {
@@ -170,15 +170,20 @@ pub fn replan(
     state
         .check_consistency()
         .map_err(ReplanError::PostCondition)?;
+    // each assignment must be valid on the state without it: released,
+    // checked and applied again in place (a copy of the state per workload
+    // would make this quadratic in the fleet)
     for (k, w) in problem.workloads.iter().enumerate() {
         if let Some(a) = solution.assignments.get(&w.name) {
-            let mut without = state.clone();
-            without
+            state
                 .release(a, &demands[k])
                 .map_err(|e| ReplanError::PostCondition(e.to_string()))?;
-            without
+            state
                 .check_assignment(a, &demands[k])
                 .map_err(|e| ReplanError::PostCondition(format!("{}: {e}", w.name)))?;
+            state
+                .apply(a, &demands[k])
+                .map_err(|e| ReplanError::PostCondition(e.to_string()))?;
         }
     }
     Ok(Replan {

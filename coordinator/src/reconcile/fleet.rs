@@ -301,14 +301,15 @@ impl Candidate<'_> {
 /// The whole GPUs of the nodes that keep replicas, of the allowed types, as
 /// the sharding planner sees them (every GPU free: it sizes a replica, the
 /// engine places it where there is room).
+/// One node per distinct GPU configuration: the shapes a replica can take
+/// depend on which configurations exist, not on how many nodes share one,
+/// so the planner's cost does not grow with the fleet.
 fn sharding_fleet(candidates: &[&Candidate], allowed: &Option<Vec<String>>) -> Vec<Node> {
+    let mut seen = std::collections::BTreeSet::new();
     candidates
         .iter()
-        .map(|c| Node {
-            name: c.node_id.to_string(),
-            cpu_milli: 0,
-            memory_mib: 0,
-            gpus: c
+        .filter_map(|c| {
+            let gpus: Vec<Gpu> = c
                 .slots
                 .iter()
                 .filter(|s| {
@@ -321,8 +322,18 @@ fn sharding_fleet(candidates: &[&Candidate], allowed: &Option<Vec<String>>) -> V
                     nvlink_domain: s.domain,
                     ..Gpu::new(&s.gpu_type)
                 })
-                .collect(),
-            cost_per_hour: 0.0,
+                .collect();
+            let class: Vec<(String, u64, u32)> = gpus
+                .iter()
+                .map(|g| (g.model.clone(), g.memory_mib, g.nvlink_domain))
+                .collect();
+            seen.insert(class).then(|| Node {
+                name: c.node_id.to_string(),
+                cpu_milli: 0,
+                memory_mib: 0,
+                gpus,
+                cost_per_hour: 0.0,
+            })
         })
         .collect()
 }

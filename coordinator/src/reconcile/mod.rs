@@ -26,7 +26,7 @@
 //! Planning is linear in nodes + slots + replicas (plus the sharding
 //! planner for each model no slot holds).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
 mod fleet;
@@ -146,32 +146,58 @@ pub fn plan_with(state: &State, observed: &Observed) -> Plan {
     let mut unplaced = Vec::new();
     // Replicas kept off nodes: their node-selector, or their agent reported
     // them failed there.
-    let mut avoid: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let mut avoid: BTreeMap<String, Arc<HashSet<String>>> = BTreeMap::new();
+    // Models that ask alike (memory, layers, GPU types, node selector) have
+    // one need, worked out once: planning stays linear in models, not
+    // models × nodes.
+    type Asked<'s> = (
+        u64,
+        Option<&'s String>,
+        Option<&'s String>,
+        Option<&'s String>,
+    );
+    let mut selections: HashMap<Option<&String>, Selection> = HashMap::new();
+    let mut needs: HashMap<Asked, (Result<Need, String>, usize)> = HashMap::new();
     for model in state.models.values() {
         let Some(version) = model.versions.last() else {
             continue;
         };
         let mem = version.memory_mib.max(1);
-        let selector = fleet::node_selector(model);
-        let (eligible, excluded): (Vec<&Candidate>, Vec<&Candidate>) = match &selector {
-            Ok(sel) => candidates.iter().partition(|c| c.matches(sel)),
-            Err(_) => (Vec::new(), candidates.iter().collect()),
-        };
-        let need = match &selector {
-            Err(why) => Err(why.clone()),
-            Ok(sel) if !sel.is_empty() && !eligible.iter().any(|c| c.new_work) => Err(format!(
-                "no Ready, schedulable node has every label of its node-selector ({})",
-                model.labels.get("node-selector").map_or("", String::as_str)
-            )),
-            Ok(_) => fleet::need_of(model, mem, &eligible),
-        };
-        // Replicas of a model spread over nodes (a node loss takes one) when
-        // enough nodes could hold one; else they stack.
-        let hosts = match &need {
-            Ok(need) => eligible.iter().filter(|c| could_host(c, need)).count(),
-            Err(_) => 0,
-        };
-        let excluded: Vec<String> = excluded.iter().map(|c| c.node_id.to_string()).collect();
+        let selector_label = model.labels.get("node-selector");
+        let selection = selections
+            .entry(selector_label)
+            .or_insert_with(|| Selection::of(model, &candidates));
+        let asked = (
+            mem,
+            model.labels.get("layers"),
+            model.labels.get("gpu-types"),
+            selector_label,
+        );
+        let (need, hosts) = needs
+            .entry(asked)
+            .or_insert_with(|| {
+                let eligible: Vec<&Candidate> =
+                    selection.eligible.iter().map(|&i| &candidates[i]).collect();
+                let need = match &selection.selector {
+                    Err(why) => Err(why.clone()),
+                    Ok(sel) if !sel.is_empty() && !eligible.iter().any(|c| c.new_work) => {
+                        Err(format!(
+                            "no Ready, schedulable node has every label of its node-selector ({})",
+                            selector_label.map_or("", String::as_str)
+                        ))
+                    }
+                    Ok(_) => fleet::need_of(model, mem, &eligible),
+                };
+                // Replicas of a model spread over nodes (a node loss takes
+                // one) when enough nodes could hold one; else they stack.
+                let hosts = match &need {
+                    Ok(need) => eligible.iter().filter(|c| could_host(c, need)).count(),
+                    Err(_) => 0,
+                };
+                (need, hosts)
+            })
+            .clone();
+        let excluded = &selection.excluded;
         let spread = (hosts >= model.min_replicas as usize).then(|| model.name.clone());
         for k in 0..model.min_replicas {
             let id = format!("{}@{}-{k}", model.name, version.version);
@@ -200,7 +226,7 @@ pub fn plan_with(state: &State, observed: &Observed) -> Plan {
                         .map(|c| c.node_id.to_string())
                         .collect();
                     if !closed.is_empty() {
-                        avoid.entry(id.clone()).or_default().extend(closed);
+                        avoid_more(&mut avoid, &id, closed);
                     }
                     (
                         GpuRequest::Mig {
@@ -216,10 +242,12 @@ pub fn plan_with(state: &State, observed: &Observed) -> Plan {
                 ..Workload::new(&id, 0, 0, request)
             });
             if !excluded.is_empty() {
-                avoid
-                    .entry(id.clone())
-                    .or_default()
-                    .extend(excluded.iter().cloned());
+                match avoid.get(&id) {
+                    None => {
+                        avoid.insert(id.clone(), Arc::clone(excluded));
+                    }
+                    Some(_) => avoid_more(&mut avoid, &id, excluded.iter().cloned()),
+                }
             }
             wanted.insert(id, (model.name.clone(), version.version.clone(), need));
         }
@@ -302,7 +330,7 @@ pub fn plan_with(state: &State, observed: &Observed) -> Plan {
     // Replicas their agent reports failed: placed anew, elsewhere.
     for (id, node) in failed {
         if wanted.contains_key(id) {
-            avoid.entry(id.clone()).or_default().push(node.clone());
+            avoid_more(&mut avoid, id, [node.clone()]);
         }
     }
 
@@ -415,6 +443,53 @@ pub fn plan_with(state: &State, observed: &Observed) -> Plan {
         commands = mig::in_applicable_order(state, commands);
     }
     Plan { commands, unplaced }
+}
+
+/// Adds `nodes` to the nodes replica `id` is kept off (a copy of a shared
+/// set is made only for the few replicas that need more).
+fn avoid_more(
+    avoid: &mut BTreeMap<String, Arc<HashSet<String>>>,
+    id: &str,
+    nodes: impl IntoIterator<Item = String>,
+) {
+    let set = avoid.entry(id.to_string()).or_default();
+    Arc::make_mut(set).extend(nodes);
+}
+
+/// The nodes a node-selector label admits (positions in the candidates)
+/// and the names of those it keeps a model off.
+struct Selection {
+    selector: Result<Vec<(String, String)>, String>,
+    eligible: Vec<usize>,
+    /// Shared by every replica of the models it applies to.
+    excluded: Arc<HashSet<String>>,
+}
+
+impl Selection {
+    fn of(model: &crate::state::Model, candidates: &[Candidate]) -> Selection {
+        let selector = fleet::node_selector(model);
+        let (eligible, excluded): (Vec<usize>, HashSet<String>) = match &selector {
+            Ok(sel) if sel.is_empty() => ((0..candidates.len()).collect(), HashSet::new()),
+            Ok(sel) => {
+                let (yes, no): (Vec<usize>, Vec<usize>) =
+                    (0..candidates.len()).partition(|&i| candidates[i].matches(sel));
+                let names = no
+                    .iter()
+                    .map(|&i| candidates[i].node_id.to_string())
+                    .collect();
+                (yes, names)
+            }
+            Err(_) => (
+                Vec::new(),
+                candidates.iter().map(|c| c.node_id.to_string()).collect(),
+            ),
+        };
+        Selection {
+            selector,
+            eligible,
+            excluded: Arc::new(excluded),
+        }
+    }
 }
 
 /// Whether node `c` could hold one replica that needs `need` (taken as

@@ -26,6 +26,7 @@ use talon_tests::{http_post, model_spec};
 
 mod gateway;
 mod ingest;
+mod plan;
 mod raft;
 mod serving_sim;
 
@@ -73,6 +74,15 @@ impl From<System> for Kind {
 
 #[derive(Subcommand)]
 enum Bench {
+    /// The reconciler's planning time on simulated fleets of each size (no
+    /// processes): from empty until stable, then the steady plan the leader
+    /// makes every 500 ms.
+    Plan {
+        #[arg(long, value_delimiter = ',', default_value = "100,400,1600")]
+        nodes: Vec<usize>,
+        #[arg(long, default_value_t = 21)]
+        rounds: usize,
+    },
     /// Write throughput and latency at several client counts.
     B2 {
         #[arg(long, value_delimiter = ',', default_value = "1,16,64")]
@@ -267,6 +277,7 @@ async fn main() -> anyhow::Result<()> {
         None
     };
     match &cli.command {
+        Bench::Plan { nodes, rounds } => plan::plan_bench(&cli, nodes, (*rounds).max(1)),
         Bench::B2 {
             concurrency,
             seconds,
