@@ -84,6 +84,20 @@ enum Cmd {
         #[arg(long)]
         out: PathBuf,
     },
+    /// The engine's MIG start-slice choice on an online stream of MIG
+    /// requests and departures: first legal start against best fit.
+    MigStarts {
+        #[arg(long, default_value_t = 20)]
+        seeds: u64,
+        #[arg(long, default_value_t = 1)]
+        seed_base: u64,
+        #[arg(long, default_value_t = 8)]
+        gpus: usize,
+        #[arg(long, default_value_t = 2000)]
+        events: usize,
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// B7: MIG plans for the ParvaGPU scenarios.
     B7 {
         #[arg(long, default_value = "../shared/data")]
@@ -133,6 +147,19 @@ fn main() -> ExitCode {
                 seed,
             },
             &out,
+        ),
+        Cmd::MigStarts {
+            seeds,
+            seed_base,
+            gpus,
+            events,
+            out,
+        } => talon_scheduler::sim::mig_starts::run_cli(
+            seeds,
+            seed_base,
+            gpus,
+            events,
+            out.as_deref(),
         ),
         Cmd::B7 { data_dir, out } => talon_scheduler::sim::b7::run_cli(&data_dir, out.as_deref()),
     };

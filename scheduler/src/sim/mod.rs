@@ -8,6 +8,7 @@ pub mod b1;
 pub mod b1_report;
 pub mod b7;
 pub mod csv;
+pub mod mig_starts;
 pub mod openb;
 pub mod parvagpu;
 pub mod variants;
