@@ -436,7 +436,7 @@ async fn execute(cli: Cli) -> Result<(), ClientError> {
                     .replicas
                     .iter()
                     .map(|r| json!({"id": r.id, "model": r.model, "version": r.version, "node_id": r.node_id,
-                        "gpu": r.gpu, "gpus": r.gpus, "mig_device": r.mig_device, "mig_slice": r.mig_slice, "milli": r.milli, "memory_mib": r.memory_mib,
+                        "gpu": r.gpu, "gpus": r.gpus, "mig_device": r.mig_device, "mig_slice": r.mig_slice, "stages": r.stages, "milli": r.milli, "memory_mib": r.memory_mib,
                         "revision": r.revision, "state": r.state}))
                     .collect();
                 println!(
@@ -572,6 +572,7 @@ async fn main() -> ExitCode {
 }
 
 /// A replica's GPUs for the table: `0`, `0+1` (a tensor-parallel group),
+/// `0>1` (a pipeline from GPU 0 to GPU 1),
 /// `0:MIG-…` (a MIG device of GPU 0).
 fn gpus_cell(r: &talon_proto::v1::Replica) -> String {
     let gpus: Vec<String> = if r.gpus.is_empty() {
@@ -579,7 +580,7 @@ fn gpus_cell(r: &talon_proto::v1::Replica) -> String {
     } else {
         r.gpus.iter().map(u32::to_string).collect()
     };
-    let mut cell = gpus.join("+");
+    let mut cell = gpus.join(if r.stages > 1 { ">" } else { "+" });
     for mig in [&r.mig_device, &r.mig_slice] {
         if !mig.is_empty() {
             cell.push(':');

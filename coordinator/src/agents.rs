@@ -104,6 +104,7 @@ fn assignments(state: &crate::state::State, node: &str, revision: u64) -> pb::As
                 gpus: r.gpus.clone(),
                 mig_device: r.mig_device.clone(),
                 mig_slice: r.mig_slice.clone(),
+                stages: r.stages,
             }
         })
         .collect();

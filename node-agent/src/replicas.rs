@@ -82,6 +82,9 @@ pub struct Placement {
     /// A MIG instance (profile, start slice) to run on, created if the GPU
     /// has none there (the agent manages the GPU's layout).
     pub mig_slice: Option<(String, u32)>,
+    /// Pipeline stages over `gpus`, one per GPU (1: none — one GPU or a
+    /// tensor-parallel group).
+    pub stages: u32,
 }
 
 impl Placement {
@@ -91,6 +94,7 @@ impl Placement {
             gpus: vec![index],
             mig_device: None,
             mig_slice: None,
+            stages: 1,
         }
     }
 
@@ -133,10 +137,21 @@ impl Placement {
                 "a replica on a MIG slice names one GPU and no MIG device".into(),
             ));
         }
+        let stages = match r.stages {
+            0 | 1 => 1,
+            k if k as usize == gpus.len() => k,
+            k => {
+                return Err(ExecError::Config(format!(
+                "a pipeline of {k} stages runs one stage per GPU, but the replica names {} GPUs",
+                gpus.len()
+            )))
+            }
+        };
         Ok(Placement {
             gpus,
             mig_device,
             mig_slice,
+            stages,
         })
     }
 }
@@ -203,7 +218,8 @@ impl ExecutorFactory for EngineFactory {
             artifact: r.artifact_uri.clone(),
             port,
             gpus,
-            tp: placement.gpus.len() as u32,
+            tp: placement.gpus.len() as u32 / placement.stages,
+            pp: placement.stages,
         };
         let engine = ExternalEngine::start(
             &self.template,

@@ -152,8 +152,8 @@ pub fn filter(n: &NodeState, d: &Demand) -> Result<(), FilterReason> {
         }
         DemandKind::Whole { count } => {
             gpus_of_allowed_type(n, d)?;
-            let free = if *count <= 1 {
-                // one GPU is always inside one domain
+            let free = if *count <= 1 || d.any_domain {
+                // one GPU is always inside one domain; stages need none
                 n.whole_free(d.type_mask)
             } else {
                 n.whole_free_in_domain(d.type_mask)

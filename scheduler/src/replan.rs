@@ -267,6 +267,43 @@ mod tests {
     }
 
     #[test]
+    fn stages_span_pcie_gpus_where_a_gang_cannot() {
+        // four PCIe cards: each its own NVLink domain
+        let gpus = (0..4)
+            .map(|d| Gpu {
+                nvlink_domain: d,
+                ..Gpu::new("L4")
+            })
+            .collect();
+        let p = Problem {
+            nodes: vec![Node {
+                name: "pcie".into(),
+                cpu_milli: 32_000,
+                memory_mib: 65_536,
+                gpus,
+                cost_per_hour: 1.0,
+            }],
+            workloads: vec![
+                Workload::new("gang", 0, 0, GpuRequest::Whole { count: 2 }),
+                Workload::new("pipe", 0, 0, GpuRequest::Stages { count: 3 }),
+            ],
+            avoid: BTreeMap::new(),
+        };
+        let mut pol = Talon::new(Arc::new(TypicalTasks::default()));
+        let r = replan(&p, &Solution::default(), &mut pol, 1).unwrap();
+        assert_eq!(r.unplaced.len(), 1, "{:?}", r.unplaced);
+        assert_eq!(r.unplaced[0].0, "gang");
+        let pipe = &r.solution.assignments["pipe"];
+        let mut used: Vec<u8> = pipe.gpus.iter().map(|s| s.gpu).collect();
+        used.dedup();
+        assert_eq!(used.len(), 3);
+        assert!(pipe.gpus.iter().all(|s| s.milli == 1000));
+        // kept as it is on a second plan
+        let again = replan(&p, &r.solution, &mut pol, 1).unwrap();
+        assert_eq!(again.solution.assignments["pipe"], *pipe);
+    }
+
+    #[test]
     fn unchanged_problem_moves_nothing() {
         let p = problem();
         let mut pol = Talon::new(Arc::new(TypicalTasks::default()));

@@ -34,6 +34,8 @@ pub struct Demand {
     pub type_mask: u64,
     /// Hash of the anti-affinity group name.
     pub group: Option<u64>,
+    /// Whole GPUs that need not share an NVLink domain (pipeline stages).
+    pub any_domain: bool,
 }
 
 /// The GPU side of a [`Demand`].
@@ -386,7 +388,9 @@ impl ClusterState {
         let kind = match &w.gpu {
             GpuRequest::None => DemandKind::None,
             GpuRequest::Fraction { milli } => DemandKind::Share { milli: *milli },
-            GpuRequest::Whole { count } => DemandKind::Whole { count: *count },
+            GpuRequest::Whole { count } | GpuRequest::Stages { count } => {
+                DemandKind::Whole { count: *count }
+            }
             GpuRequest::Mig { profile } => DemandKind::Mig {
                 profile: profile.clone(),
             },
@@ -398,6 +402,7 @@ impl ClusterState {
             kind,
             type_mask,
             group: w.anti_affinity.as_deref().map(name_hash),
+            any_domain: matches!(w.gpu, GpuRequest::Stages { .. }),
         })
     }
 
@@ -518,7 +523,9 @@ impl ClusterState {
                         s.mig.is_none()
                             && s.milli == n.gpu_cap[s.gpu as usize]
                             && n.gpu_free[s.gpu as usize] == n.gpu_cap[s.gpu as usize]
-                            && n.gpu_domain[s.gpu as usize] == n.gpu_domain[a.gpus[0].gpu as usize]
+                            && (d.any_domain
+                                || n.gpu_domain[s.gpu as usize]
+                                    == n.gpu_domain[a.gpus[0].gpu as usize])
                     })
             }
             DemandKind::Memory { .. } => {

@@ -67,8 +67,12 @@ pub enum GpuRequest {
     None,
     /// A share of one GPU, `0 < milli < 1000`.
     Fraction { milli: u32 },
-    /// `count` whole GPUs on one node, allocated as one gang.
+    /// `count` whole GPUs on one node, allocated as one gang inside one
+    /// NVLink domain (tensor parallel).
     Whole { count: u32 },
+    /// `count` whole GPUs on one node, in any NVLink domains: pipeline
+    /// stages, one per GPU, whose activations may cross PCIe.
+    Stages { count: u32 },
     /// One MIG instance of the named profile (e.g. "3g.40gb").
     Mig { profile: String },
     /// `mib` of device memory on one GPU: on a GPU of `M` MiB it takes
@@ -83,7 +87,9 @@ impl GpuRequest {
         match self {
             GpuRequest::None => 0,
             GpuRequest::Fraction { milli } => *milli as u64,
-            GpuRequest::Whole { count } => *count as u64 * MILLI as u64,
+            GpuRequest::Whole { count } | GpuRequest::Stages { count } => {
+                *count as u64 * MILLI as u64
+            }
             GpuRequest::Mig { .. } | GpuRequest::Memory { .. } => 0,
         }
     }
@@ -122,10 +128,12 @@ impl Workload {
                 "workload {}: fractional GPU request must be in 1..=999 milli, got {milli}",
                 self.name
             )),
-            GpuRequest::Whole { count } if *count == 0 => Err(format!(
-                "workload {}: whole-GPU request of 0 GPUs; use GpuRequest::None",
-                self.name
-            )),
+            GpuRequest::Whole { count } | GpuRequest::Stages { count } if *count == 0 => {
+                Err(format!(
+                    "workload {}: whole-GPU request of 0 GPUs; use GpuRequest::None",
+                    self.name
+                ))
+            }
             GpuRequest::Memory { mib: 0 } => Err(format!(
                 "workload {}: GPU memory request of 0 MiB; use GpuRequest::None",
                 self.name

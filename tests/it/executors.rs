@@ -29,6 +29,7 @@ fn placeholders(port: u16) -> Placeholders {
         port,
         gpus: "GPU-test-0,MIG-test-1".into(),
         tp: 2,
+        pp: 1,
     }
 }
 

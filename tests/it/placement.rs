@@ -368,3 +368,44 @@ async fn a_replica_on_a_gpu_running_short_of_memory_moves_before_it_fails() {
     .await;
     assert_eq!(n.node_id, other);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_no_pcie_card_holds_is_served_as_a_pipeline_over_several() {
+    let cluster = Cluster::form(
+        1,
+        &["--join-token", TOKEN, "--telemetry-interval-ms", "200"],
+    )
+    .await;
+    let grpc = cluster.nodes[0].grpc.clone();
+    let _agent = agent(&grpc, "pcie", "l4:4");
+    let client = cluster.client();
+    wait_for("a ready node", Duration::from_secs(40), || async {
+        let nodes = client.list_nodes().await.ok()?;
+        (nodes.iter().filter(|n| n.state == "ready").count() == 1).then_some(())
+    })
+    .await;
+    // 40,000 MiB: more than a 24 GB L4, and L4s share no NVLink
+    client
+        .create_model(model_spec("wide", "simulated", 40_000, 1))
+        .await
+        .expect("model");
+    let r = wait_for("the pipeline ready", Duration::from_secs(40), || async {
+        let list = client.list_replicas("wide").await.ok()?;
+        ready(&list, 1).then(|| list.replicas[0].clone())
+    })
+    .await;
+    assert_eq!(
+        (r.stages, r.gpus.len(), r.memory_mib),
+        (2, 2, 20_000),
+        "{r:?}"
+    );
+    let body = r#"{"model":"wide","messages":[{"role":"user","content":"hi"}],"max_tokens":3}"#;
+    let (status, answer) = http_post(
+        &cluster.nodes[0].http,
+        "/v1/chat/completions",
+        body,
+        &cluster.admin_key(),
+    )
+    .expect("an answer");
+    assert_eq!(status, 200, "{answer}");
+}

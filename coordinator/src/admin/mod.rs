@@ -471,6 +471,7 @@ impl AdminService for Admin {
                 gpus: r.gpus.clone(),
                 mig_device: r.mig_device.clone(),
                 mig_slice: r.mig_slice.clone(),
+                stages: r.stages,
                 state: self
                     .ctx
                     .telemetry

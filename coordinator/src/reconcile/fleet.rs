@@ -227,6 +227,13 @@ pub(super) enum Need {
         gpu_type: String,
         mib: u64,
     },
+    /// A pipeline of `count` stages, one whole GPU each, on one node (any
+    /// NVLink domains), of `gpu_types`, `mib_per_gpu` on each.
+    Stages {
+        count: u32,
+        mib_per_gpu: u64,
+        gpu_types: Vec<String>,
+    },
     /// A tensor-parallel group of `tp` whole GPUs of one NVLink domain, of
     /// one of `gpu_types`, `mib_per_gpu` on each.
     Group {
@@ -241,7 +248,7 @@ impl Need {
     pub fn mib_per_gpu(&self) -> u64 {
         match self {
             Need::OneGpu { mib, .. } | Need::Mig { mib, .. } => *mib,
-            Need::Group { mib_per_gpu, .. } => *mib_per_gpu,
+            Need::Group { mib_per_gpu, .. } | Need::Stages { mib_per_gpu, .. } => *mib_per_gpu,
         }
     }
 }
@@ -411,6 +418,27 @@ pub(super) fn need_of(model: &Model, mem: u64, candidates: &[&Candidate]) -> Res
         .iter()
         .filter(|s| s.layout == sharding::Layout::SingleDomain)
         .collect();
+    // a pipeline of one GPU per stage on one node (PCIe cards): run as one
+    // replica over those GPUs
+    let node_pipeline = shapes.iter().find(|s| {
+        s.layout == sharding::Layout::SingleNode
+            && s.stages.iter().all(|st| st.tensor_parallel == 1)
+    });
+    if let (None, Some(pipe)) = (groups.first(), node_pipeline) {
+        let mut gpu_types: Vec<String> = pipe.stages.iter().map(|st| st.gpu_type.clone()).collect();
+        gpu_types.sort();
+        gpu_types.dedup();
+        return Ok(Need::Stages {
+            count: pipe.stages.len() as u32,
+            mib_per_gpu: pipe
+                .stages
+                .iter()
+                .map(|st| st.mib_per_gpu)
+                .max()
+                .unwrap_or(mem),
+            gpu_types,
+        });
+    }
     let Some(first) = groups.first() else {
         let stages: Vec<String> = shapes[0]
             .stages
@@ -427,7 +455,7 @@ pub(super) fn need_of(model: &Model, mem: u64, candidates: &[&Candidate]) -> Res
             })
             .collect();
         return Err(format!(
-            "needs {mem} MiB and no NVLink domain of a live node holds it; the sharding planner would pipeline it ({:?}): {}, which the live path does not run yet",
+            "needs {mem} MiB and no NVLink domain of a live node holds it; the sharding planner would pipeline it ({:?}): {}, which the live path does not run yet (it runs pipelines of one GPU per stage on one node)",
             shapes[0].layout,
             stages.join(", then ")
         ));

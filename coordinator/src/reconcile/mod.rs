@@ -215,6 +215,9 @@ pub fn plan_with(state: &State, observed: &Observed) -> Plan {
                 Need::Group { tp, gpu_types, .. } => {
                     (GpuRequest::Whole { count: *tp }, gpu_types.clone())
                 }
+                Need::Stages {
+                    count, gpu_types, ..
+                } => (GpuRequest::Stages { count: *count }, gpu_types.clone()),
                 Need::Mig {
                     profile, gpu_type, ..
                 } => {
@@ -353,10 +356,10 @@ pub fn plan_with(state: &State, observed: &Observed) -> Plan {
                 count: 1,
                 gpu_spec: String::new(),
             },
-            Need::Group { tp, .. } => TaskShape {
+            Need::Group { tp: count, .. } | Need::Stages { count, .. } => TaskShape {
                 cpu_milli: 0,
                 milli: MILLI,
-                count: *tp,
+                count: *count,
                 gpu_spec: String::new(),
             },
         })
@@ -402,6 +405,9 @@ pub fn plan_with(state: &State, observed: &Observed) -> Plan {
         replica.mig_device = slots[0].mig_device.to_string();
         replica.milli = a.gpus[0].milli;
         replica.memory_mib = need.mib_per_gpu();
+        if let Need::Stages { count, .. } = need {
+            replica.stages = *count;
+        }
         if let (Some(model), Some(slot)) = (slots[0].mig_model, a.gpus[0].mig) {
             let p = &model.profiles()[slot.profile as usize];
             replica.mig_slice = format!("{}@{}", p.name, slot.start);
@@ -515,6 +521,19 @@ fn could_host(c: &Candidate, need: &Need) -> bool {
                 }
             }
             per_domain.values().any(|n| n >= tp)
+        }
+        Need::Stages {
+            count, gpu_types, ..
+        } => {
+            c.slots
+                .iter()
+                .filter(|s| {
+                    s.mig_model.is_none()
+                        && s.mig_device.is_empty()
+                        && gpu_types.contains(&s.gpu_type)
+                })
+                .count() as u32
+                >= *count
         }
     }
 }

@@ -379,19 +379,21 @@ fn a_model_no_gpu_holds_runs_as_a_tensor_parallel_group_in_one_nvlink_domain() {
         Command::RegisterNode(h100_pair("pcie", false)),
     );
     run(&mut s, &mut i, model("big", 120_000, 1));
-    // no NVLink: the planner's shape is a pipeline, which is explained
-    let p = plan(&s);
-    let (_, why) = p
-        .unplaced
-        .iter()
-        .find(|(id, _)| id.starts_with("big"))
-        .unwrap();
-    assert!(
-        why.contains("120000 MiB") && why.contains("pipeline") && why.contains("TP1 × h100"),
-        "{why}"
+    // no NVLink: a pipeline of two stages, one per PCIe card
+    converge(&mut s, &mut i);
+    let r = s
+        .replicas
+        .values()
+        .find(|r| r.model == "big")
+        .unwrap()
+        .clone();
+    assert_eq!(
+        (r.node_id.as_str(), r.gpus.as_slice(), r.stages, r.milli),
+        ("pcie", &[0, 1][..], 2, 1000),
+        "{r:?}"
     );
-    assert!(p.commands.iter().all(|c| !matches!(c, Command::PlaceReplicas { model, replicas, .. } if model == "big" && !replicas.is_empty())));
-
+    assert_eq!(r.place(), "pcie/0>1");
+    // an NVLink pair joins: the model runs better as a TP2 group and moves
     run(
         &mut s,
         &mut i,
@@ -407,6 +409,7 @@ fn a_model_no_gpu_holds_runs_as_a_tensor_parallel_group_in_one_nvlink_domain() {
         "{r:?}"
     );
     assert_eq!(r.memory_mib, 60_000, "half the model on each GPU");
+    assert_eq!(r.stages, 0);
     // a small model fills the PCIe node, never a GPU of the group
     run(&mut s, &mut i, model("small", 30_000, 2));
     converge(&mut s, &mut i);

@@ -659,7 +659,11 @@ impl State {
             };
             let fits = if multi_gpu {
                 replica_fits_node(r, &node.inventory)
-            } else if r.gpus != [r.gpu] || !r.mig_device.is_empty() || !r.mig_slice.is_empty() {
+            } else if r.gpus != [r.gpu]
+                || !r.mig_device.is_empty()
+                || !r.mig_slice.is_empty()
+                || r.stages != 0
+            {
                 Err(
                     "replicas over several GPUs or on a MIG device are placed with PlaceReplicas"
                         .into(),
@@ -897,6 +901,13 @@ fn replica_fits_node(r: &Replica, inventory: &NodeInventory) -> Result<(), Strin
             }
             _ => {}
         }
+    }
+    if r.stages > 0 && (r.stages as usize != r.gpus.len() || r.stages < 2) {
+        return Err(format!(
+            "a pipeline of {} stages runs one stage per GPU and has at least 2; it names {} GPUs",
+            r.stages,
+            r.gpus.len()
+        ));
     }
     if r.gpus.len() > 1 && (r.milli != 1000 || !r.mig_device.is_empty()) {
         return Err(format!(

@@ -33,6 +33,9 @@ pub struct Replica {
     /// `3g.40gb@4`), on a GPU whose MIG layout Talon manages: the agent
     /// creates the instance if it does not exist. Empty otherwise (format 3).
     pub mig_slice: String,
+    /// Pipeline stages over its GPUs, one per GPU, layers split evenly (0:
+    /// no pipeline — one GPU, or a tensor-parallel group) (format 3).
+    pub stages: u32,
 }
 
 impl Replica {
@@ -51,6 +54,7 @@ impl Replica {
             gpus: vec![gpu],
             mig_device: String::new(),
             mig_slice: String::new(),
+            stages: 0,
         }
     }
 
@@ -61,11 +65,13 @@ impl Replica {
     }
 
     /// Where it runs, for messages and the audit: `node/0`, `node/0+1` (a
-    /// group of GPUs 0 and 1), `node/0:MIG-…` (a MIG device of GPU 0),
+    /// group of GPUs 0 and 1), `node/0>1` (a pipeline from GPU 0 to GPU 1),
+    /// `node/0:MIG-…` (a MIG device of GPU 0),
     /// `node/0:3g.40gb@4` (a managed MIG instance).
     pub fn place(&self) -> String {
         let gpus: Vec<String> = self.gpus.iter().map(u32::to_string).collect();
-        let mut place = format!("{}/{}", self.node_id, gpus.join("+"));
+        let joint = if self.stages > 1 { ">" } else { "+" };
+        let mut place = format!("{}/{}", self.node_id, gpus.join(joint));
         for mig in [&self.mig_device, &self.mig_slice] {
             if !mig.is_empty() {
                 place.push(':');
@@ -83,6 +89,7 @@ impl Replica {
             && self.milli == other.milli
             && self.mig_device == other.mig_device
             && self.mig_slice == other.mig_slice
+            && self.stages == other.stages
     }
 }
 
@@ -119,6 +126,8 @@ struct ReplicaV3 {
     mig_device: String,
     #[serde(default)]
     mig_slice: String,
+    #[serde(default)]
+    stages: u32,
 }
 
 thread_local! {
@@ -145,7 +154,7 @@ impl Serialize for Replica {
         use serde::ser::SerializeStruct;
         // Field for field the layouts of `ReplicaV2` / `ReplicaV3`.
         let v2 = FORMAT_2.with(Cell::get);
-        let mut st = s.serialize_struct("Replica", if v2 { 9 } else { 12 })?;
+        let mut st = s.serialize_struct("Replica", if v2 { 9 } else { 13 })?;
         st.serialize_field("id", &self.id)?;
         st.serialize_field("model", &self.model)?;
         st.serialize_field("version", &self.version)?;
@@ -159,6 +168,7 @@ impl Serialize for Replica {
             st.serialize_field("gpus", &self.gpus)?;
             st.serialize_field("mig_device", &self.mig_device)?;
             st.serialize_field("mig_slice", &self.mig_slice)?;
+            st.serialize_field("stages", &self.stages)?;
         }
         st.end()
     }
@@ -181,6 +191,7 @@ impl<'de> Deserialize<'de> for Replica {
                 gpus: Vec::new(),
                 mig_device: String::new(),
                 mig_slice: String::new(),
+                stages: 0,
             }
         } else {
             ReplicaV3::deserialize(d)?
@@ -202,6 +213,7 @@ impl<'de> Deserialize<'de> for Replica {
             revision: r.revision,
             mig_device: r.mig_device,
             mig_slice: r.mig_slice,
+            stages: r.stages,
         })
     }
 }

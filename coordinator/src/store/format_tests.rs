@@ -323,6 +323,7 @@ fn arb_command() -> impl Strategy<Value = Command> {
                     gpus: vec![0],
                     mig_device: format!("MIG-{n}"),
                     mig_slice: String::new(),
+                    stages: 0,
                 }],
             }
         }),
@@ -343,6 +344,7 @@ fn arb_command() -> impl Strategy<Value = Command> {
                     gpus: vec![0],
                     mig_device: String::new(),
                     mig_slice: format!("3g.40gb@{}", 4 * (model_revision % 2)),
+                    stages: (model_revision % 3) as u32,
                 }],
             }
         }),

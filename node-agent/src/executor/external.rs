@@ -2,8 +2,9 @@
 //!
 //! The command comes from a template with placeholders, e.g.
 //! `vllm serve {artifact} --served-model-name {model} --port {port}` or
-//! `llama-server -m {artifact} --port {port}` (`{tp}`: how many GPUs the
-//! replica holds, for a tensor-parallel flag). The process gets
+//! `llama-server -m {artifact} --port {port}` (`{tp}` and `{pp}`: the
+//! replica's tensor-parallel degree and pipeline stages, for the engine's
+//! flags). The process gets
 //! `CUDA_VISIBLE_DEVICES` set to its GPU or MIG uuids, its stdout and stderr
 //! go to a log file, and a supervisor health-checks it (`GET` the health
 //! path until it answers 200), restarts it with exponential backoff when it
@@ -27,7 +28,7 @@ use tokio::sync::watch;
 use super::{ExecError, Executor, InferRequest, ReplicaState};
 
 /// Placeholders a template may use.
-pub const PLACEHOLDERS: &[&str] = &["model", "artifact", "port", "gpus", "tp", "host"];
+pub const PLACEHOLDERS: &[&str] = &["model", "artifact", "port", "gpus", "tp", "pp", "host"];
 
 /// The address engines are to listen on (`{host}`): loopback, so that only
 /// the agent reaches them.
@@ -92,6 +93,8 @@ pub struct Placeholders {
     /// Tensor-parallel degree: how many GPUs the replica holds (e.g.
     /// `vllm serve … --tensor-parallel-size {tp}`).
     pub tp: u32,
+    /// Pipeline stages (`--pipeline-parallel-size {pp}`); 1 for none.
+    pub pp: u32,
 }
 
 impl CommandTemplate {
@@ -163,6 +166,7 @@ impl CommandTemplate {
                     .replace("{port}", &p.port.to_string())
                     .replace("{gpus}", &p.gpus)
                     .replace("{tp}", &p.tp.to_string())
+                    .replace("{pp}", &p.pp.to_string())
                     .replace("{host}", ENGINE_HOST)
             })
             .collect()
@@ -483,6 +487,7 @@ mod tests {
             port: 9000,
             gpus: "GPU-1,GPU-2".into(),
             tp: 2,
+            pp: 1,
         });
         assert_eq!(
             argv,

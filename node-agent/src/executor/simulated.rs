@@ -32,6 +32,9 @@ pub struct SimulatedExecutor {
     state: Mutex<ReplicaState>,
 }
 
+/// Handing one step's activations to the next pipeline stage (PCIe).
+const PIPELINE_HOP: Duration = Duration::from_micros(200);
+
 /// Tokens a reply has when the request does not say (`max_tokens`).
 const DEFAULT_OUTPUT_TOKENS: u64 = 16;
 
@@ -106,9 +109,9 @@ impl SimulatedExecutor {
         Ok(executor)
     }
 
-    /// Tensor-parallel degree: how many GPUs it runs on.
+    /// Tensor-parallel degree: its GPUs, or one per pipeline stage.
     fn tp(&self) -> u32 {
-        self.placement.gpus.len() as u32
+        self.placement.gpus.len() as u32 / self.placement.stages.max(1)
     }
 
     /// Puts its load on each of its GPUs (or its MIG device).
@@ -140,8 +143,13 @@ impl SimulatedExecutor {
             .map(|r| prompt_tokens(&r.body).max(1))
             .collect();
         let output = batch.iter().map(output_tokens).max().unwrap_or(0);
-        let predicted = perf::batch_latency(self.shape, self.gpu_type, self.tp(), &prompts, output)
-            .div_f64(self.compute_share);
+        let mut predicted =
+            perf::batch_latency(self.shape, self.gpu_type, self.tp(), &prompts, output)
+                .div_f64(self.compute_share);
+        // a pipeline streams the same weights (a share on each stage), and
+        // each step crosses to the next stage once per stage boundary
+        let hops = self.placement.stages.saturating_sub(1);
+        predicted += PIPELINE_HOP * hops * (output as u32 + 1);
         self.correction
             .corrected(&self.model, self.gpu_type.key, predicted)
     }
@@ -439,6 +447,7 @@ mod tests {
             gpus: vec![0, 1],
             mig_device: None,
             mig_slice: None,
+            stages: 1,
         };
         let tp2 = SimulatedExecutor::load("big", 60_000, fleet.clone(), group, h100, corr.clone())
             .unwrap();
@@ -470,6 +479,7 @@ mod tests {
             gpus: vec![2],
             mig_device: Some(uuid.to_string()),
             mig_slice: None,
+            stages: 1,
         };
         let slice = SimulatedExecutor::load(
             "s",
@@ -507,12 +517,41 @@ mod tests {
         // 3 of 7 slices: slower than the whole A100 would be
         let whole_fleet =
             Arc::new(SimFleet::new("w", FleetSpec::from_flag("a100-80gb:1").unwrap()).unwrap());
-        let whole =
-            SimulatedExecutor::load("s", 30_000, whole_fleet, Placement::gpu(0), a100, corr)
-                .unwrap();
+        let whole = SimulatedExecutor::load(
+            "s",
+            30_000,
+            whole_fleet,
+            Placement::gpu(0),
+            a100,
+            corr.clone(),
+        )
+        .unwrap();
         let batch = vec![chat("hello", 8)];
         let ratio = slice.predict(&batch).as_secs_f64() / whole.predict(&batch).as_secs_f64();
         assert!((ratio - 7.0 / 3.0).abs() < 1e-6, "{ratio}");
+        // the same model as a two-stage pipeline on two other GPUs: memory
+        // on each, slower per token than the TP2 group (no parallel step,
+        // one hop per step)
+        let pcie =
+            Arc::new(SimFleet::new("p", FleetSpec::from_flag("h100-sxm:2").unwrap()).unwrap());
+        let pipe = Placement {
+            gpus: vec![0, 1],
+            mig_device: None,
+            mig_slice: None,
+            stages: 2,
+        };
+        let pp2 =
+            SimulatedExecutor::load("big", 60_000, pcie.clone(), pipe, h100, corr.clone()).unwrap();
+        let used: Vec<u64> = pcie
+            .sample()
+            .unwrap()
+            .iter()
+            .map(|g| g.memory_used_bytes)
+            .collect();
+        assert_eq!(used, vec![(512 << 20) + (60_000 << 20); 2]);
+        let long = vec![chat("tell me", 64)];
+        assert!(pp2.predict(&long) > tp2.predict(&long));
+        pp2.stop().await;
         // stopping takes the load off every GPU
         tp2.stop().await;
         slice.stop().await;

@@ -165,6 +165,7 @@ impl<T: Copy> ScoreCache<T> {
                     kind: d.kind.clone(),
                     type_mask: d.type_mask,
                     group: None,
+                    any_domain: d.any_domain,
                 }));
             self.scores.push(vec![None; self.refs.len()]);
         }

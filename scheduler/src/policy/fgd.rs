@@ -32,22 +32,25 @@ pub fn shape_key(d: &Demand) -> ShapeKey {
         );
     }
     let (m, n) = d.gpu_shape();
+    // stages never share a key with a gang of as many GPUs
+    let m = if d.any_domain { u32::MAX - 1 } else { m };
     (d.cpu_milli, m, n, d.type_mask)
 }
 
 /// The node after a task that is not a share lands (the artifact's
 /// `NodeResource.Sub`: whole GPUs come from the wholly free ones, inside
 /// one NVLink domain where the node has several).
-pub fn gpus_after_whole(n: &NodeState, count: u32, out: &mut Vec<u32>) {
+pub fn gpus_after_whole(n: &NodeState, count: u32, any_domain: bool, out: &mut Vec<u32>) {
     out.clear();
     out.extend_from_slice(&n.gpu_free);
-    if !n.one_domain && count > 1 {
+    if !n.one_domain && count > 1 && !any_domain {
         let d = Demand {
             cpu_milli: 0,
             memory_mib: 0,
             kind: DemandKind::Whole { count },
             type_mask: u64::MAX,
             group: None,
+            any_domain: false,
         };
         for s in super::first_free_gpus(n, &d, count) {
             out[s.gpu as usize] -= s.milli;
@@ -107,7 +110,7 @@ impl Fgd {
             DemandKind::Share { milli } => self.share_best(n, d, *milli, before).0,
             DemandKind::Whole { count } => {
                 let mut tmp = std::mem::take(&mut self.tmp);
-                gpus_after_whole(n, *count, &mut tmp);
+                gpus_after_whole(n, *count, d.any_domain, &mut tmp);
                 let after = self
                     .typical
                     .node_frag(n.cpu_free - d.cpu_milli, &tmp, n.type_mask);

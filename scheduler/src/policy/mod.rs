@@ -123,7 +123,7 @@ pub fn best_fit_gpus(n: &NodeState, d: &Demand) -> Vec<GpuSlice> {
 /// node with one domain: the `count` lowest-indexed wholly free GPUs.
 pub fn first_free_gpus(n: &NodeState, d: &Demand, count: u32) -> Vec<GpuSlice> {
     let free = |i: usize| n.gpu_allowed(i, d.type_mask) && n.gpu_free[i] == n.gpu_cap[i];
-    if n.one_domain || count <= 1 {
+    if n.one_domain || count <= 1 || d.any_domain {
         return (0..n.gpu_free.len())
             .filter(|&i| free(i))
             .take(count as usize)

@@ -305,7 +305,7 @@ impl Talon {
             }
             DemandKind::Whole { count } => {
                 let mut tmp = std::mem::take(&mut self.tmp);
-                gpus_after_whole(n, *count, &mut tmp);
+                gpus_after_whole(n, *count, d.any_domain, &mut tmp);
                 let after = self.frag(cpu_after, &tmp, n.type_mask);
                 self.tmp = tmp;
                 (mk(after, 0), 0)
