@@ -335,12 +335,26 @@ async fn session(
     let producer = {
         let (probe, metrics, node_id) = (probe.clone(), metrics.clone(), settings.node_id.clone());
         let manager = settings.replicas.clone();
+        let registered = inventory.clone();
+        let kind = probe.kind();
+        let settings = settings.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(interval);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             let mut seq = 0u64;
             loop {
                 tick.tick().await;
+                // The inventory changed (a MIG layout, a GPU lost): end the
+                // stream, so that the agent registers it again.
+                if seq % INVENTORY_CHECK_EVERY == INVENTORY_CHECK_EVERY - 1 {
+                    let p = probe.clone();
+                    if let Ok(Ok(now)) = tokio::task::spawn_blocking(move || p.inventory()).await {
+                        if inventory_to_wire(&settings, kind, &now) != registered {
+                            tracing::info!("the GPU inventory changed; registering it again");
+                            return;
+                        }
+                    }
+                }
                 let probe = probe.clone();
                 let samples = match tokio::task::spawn_blocking(move || probe.sample()).await {
                     Ok(Ok(s)) => s,
@@ -405,6 +419,16 @@ async fn session(
     }
 }
 
+/// Telemetry ticks between two looks at the inventory.
+const INVENTORY_CHECK_EVERY: u64 = 10;
+
+async fn inventory_now(probe: &Arc<dyn GpuProbe>) -> Result<Inventory, ProbeError> {
+    let probe = probe.clone();
+    tokio::task::spawn_blocking(move || probe.inventory())
+        .await
+        .map_err(|e| ProbeError::Unavailable(format!("probe task failed: {e}")))?
+}
+
 /// Runs the agent until `shutdown` resolves or the coordinators refuse it.
 pub async fn run(
     settings: AgentSettings,
@@ -431,7 +455,6 @@ pub async fn run(
             .get_or_create(&GpuLabel { gpu: gpu.index })
             .set(gpu.memory_bytes as i64);
     }
-    let wire = inventory_to_wire(&settings, probe.kind(), &inventory);
     tokio::pin!(shutdown);
     let mut next: Option<String> = None;
     let mut index = 0usize;
@@ -440,6 +463,14 @@ pub async fn run(
         let addr = next
             .take()
             .unwrap_or_else(|| settings.coordinators[index % settings.coordinators.len()].clone());
+        // what the probe sees now: a changed inventory is registered anew
+        let wire = match inventory_now(&probe).await {
+            Ok(inventory) => inventory_to_wire(&settings, probe.kind(), &inventory),
+            Err(e) => {
+                tracing::warn!(error = %e, "GPU inventory failed; registering the last one");
+                inventory_to_wire(&settings, probe.kind(), &inventory)
+            }
+        };
         let end = tokio::select! {
             end = session(&addr, &settings, &probe, &wire, &metrics) => end,
             _ = &mut shutdown => return Ok(()),

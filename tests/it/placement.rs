@@ -303,6 +303,27 @@ async fn talon_lays_out_mig_instances_and_moves_them_off_a_drained_node() {
         .map(|inv| inv.labels.clone())
         .expect("the other node");
     assert_eq!(labels.get("talon-mig").map(String::as_str), Some("managed"));
+    // the agent registers its new layout: the node list shows the instances
+    // it made (and not the 1g one it destroyed)
+    wait_for(
+        "the new layout registered",
+        Duration::from_secs(30),
+        || async {
+            let nodes = client.list_nodes().await.ok()?;
+            let inv = nodes
+                .iter()
+                .filter_map(|n| n.inventory.as_ref())
+                .find(|inv| inv.node_id != drained)?;
+            let mut profiles: Vec<String> = inv.gpus[0]
+                .mig_devices
+                .iter()
+                .map(|m| m.profile.clone())
+                .collect();
+            profiles.sort();
+            (profiles == ["2g.20gb", "2g.20gb", "3g.40gb"]).then_some(())
+        },
+    )
+    .await;
     load.flowing(20).await;
     load.stop_with_no_failure();
 }
