@@ -658,7 +658,7 @@ impl State {
                 ));
             };
             let fits = if multi_gpu {
-                replica_fits_node(r, &node.inventory)
+                replica::fits_node(r, &node.inventory)
             } else if r.gpus != [r.gpu]
                 || !r.mig_device.is_empty()
                 || !r.mig_slice.is_empty()
@@ -681,7 +681,9 @@ impl State {
             }
         }
         let others = self.replicas.values().filter(|r| r.model != model);
-        if let Some((a, b)) = overlapping_mig_instances(others.chain(replicas), &self.nodes) {
+        if let Some((a, b)) =
+            replica::overlapping_mig_instances(others.chain(replicas), &self.nodes)
+        {
             return Err(rejected(
                 RejectionKind::Invalid,
                 format!("replica {b}'s MIG slice overlaps replica {a}'s on the same GPU; place it elsewhere"),
@@ -776,148 +778,6 @@ impl State {
         }
         Ok(())
     }
-}
-
-/// Whether managed MIG instance `profile@start` can exist on `gpu`.
-fn mig_instance_fits(
-    r: &Replica,
-    inventory: &NodeInventory,
-    gpu: &node::Gpu,
-    profile: &str,
-    start: u32,
-) -> Result<(), String> {
-    let node = &inventory.node_id;
-    if !gpu.mig_enabled || !inventory.manages_mig() || !r.mig_device.is_empty() || r.gpus.len() > 1
-    {
-        return Err(format!(
-            "a MIG slice ({}) is for one GPU in MIG mode on a node whose agent manages MIG (--manage-mig), naming no MIG device; GPU {} of node {node:?} is not one",
-            r.mig_slice, gpu.index
-        ));
-    }
-    let model = talon_scheduler::mig::MigModel::for_gpu(&gpu.gpu_type, gpu.memory_bytes >> 20)
-        .ok_or_else(|| {
-            format!(
-                "GPU {} of node {node:?} ({}) has no MIG profiles",
-                gpu.index, gpu.gpu_type
-            )
-        })?;
-    let legal = model.profile_index(profile).is_some_and(|p| {
-        let p = &model.profiles()[p as usize];
-        u8::try_from(start).is_ok_and(|s| p.starts.contains(&s))
-            && start + u32::from(p.mem_slices) <= u32::from(model.memory_slices())
-    });
-    if !legal {
-        return Err(format!(
-            "MIG slice {} is no legal instance of {model:?} (profile and start slice must be in its table)",
-            r.mig_slice
-        ));
-    }
-    Ok(())
-}
-
-/// The first two replicas whose managed MIG instances on one GPU cannot be
-/// laid out together, if any.
-fn overlapping_mig_instances<'a>(
-    replicas: impl Iterator<Item = &'a Replica>,
-    nodes: &BTreeMap<String, NodeRecord>,
-) -> Option<(String, String)> {
-    use talon_scheduler::mig::{MigModel, MigOccupancy};
-    let mut per_gpu: BTreeMap<(&str, u32), (MigOccupancy, Vec<&str>)> = BTreeMap::new();
-    for r in replicas {
-        let Some((profile, start)) = r.mig_instance() else {
-            continue;
-        };
-        let gpu = nodes
-            .get(&r.node_id)?
-            .inventory
-            .gpus
-            .iter()
-            .find(|g| g.index == r.gpu)?;
-        let model = MigModel::for_gpu(&gpu.gpu_type, gpu.memory_bytes >> 20)?;
-        let p = model.profile_index(profile)?;
-        let (occ, ids) = per_gpu.entry((r.node_id.as_str(), r.gpu)).or_default();
-        let start = start as u8;
-        if !occ.can_place(model, p, start) {
-            return Some((
-                ids.last().map_or(String::new(), |s| s.to_string()),
-                r.id.clone(),
-            ));
-        }
-        occ.place(model, p, start);
-        ids.push(&r.id);
-    }
-    None
-}
-
-/// Most GPUs one replica holds (a tensor-parallel group of one node).
-pub const MAX_REPLICA_GPUS: usize = 16;
-
-/// Whether replica `r` names resources node `inventory` has: its GPUs
-/// (`gpu` first, none twice, whole GPUs for a group), and a MIG device of
-/// its GPU exactly when that GPU is in MIG mode.
-fn replica_fits_node(r: &Replica, inventory: &NodeInventory) -> Result<(), String> {
-    let node = &inventory.node_id;
-    if r.gpus.first() != Some(&r.gpu) || r.gpus.len() > MAX_REPLICA_GPUS {
-        return Err(format!(
-            "its GPU list {:?} must start with its GPU {} and hold at most {MAX_REPLICA_GPUS} GPUs",
-            r.gpus, r.gpu
-        ));
-    }
-    let mut seen = std::collections::BTreeSet::new();
-    for index in &r.gpus {
-        if !seen.insert(index) {
-            return Err(format!("it names GPU {index} twice"));
-        }
-        let Some(gpu) = inventory.gpus.iter().find(|g| g.index == *index) else {
-            return Err(format!("node {node:?} has no GPU {index}"));
-        };
-        if let Some((profile, start)) = r.mig_instance() {
-            mig_instance_fits(r, inventory, gpu, profile, start)?;
-            continue;
-        }
-        if !r.mig_slice.is_empty() {
-            return Err(format!(
-                "its MIG slice {:?} must be <profile>@<start slice>, e.g. 3g.40gb@4",
-                r.mig_slice
-            ));
-        }
-        match (gpu.mig_enabled, r.mig_device.is_empty()) {
-            (true, true) => {
-                return Err(format!(
-                    "GPU {index} of node {node:?} is in MIG mode; name one of its MIG devices"
-                ))
-            }
-            (false, false) => {
-                return Err(format!(
-                    "GPU {index} of node {node:?} is not in MIG mode, but the replica names MIG device {:?}",
-                    r.mig_device
-                ))
-            }
-            (true, false) if !gpu.mig_devices.iter().any(|m| m.uuid == r.mig_device) => {
-                return Err(format!(
-                    "GPU {index} of node {node:?} has no MIG device {:?}",
-                    r.mig_device
-                ))
-            }
-            _ => {}
-        }
-    }
-    if r.stages > 0 && (r.stages as usize != r.gpus.len() || r.stages < 2) {
-        return Err(format!(
-            "a pipeline of {} stages runs one stage per GPU and has at least 2; it names {} GPUs",
-            r.stages,
-            r.gpus.len()
-        ));
-    }
-    if r.gpus.len() > 1 && (r.milli != 1000 || !r.mig_device.is_empty()) {
-        return Err(format!(
-            "a replica over {} GPUs holds each of them whole (1000 milli, no MIG device), not {} milli{}",
-            r.gpus.len(),
-            r.milli,
-            if r.mig_device.is_empty() { "" } else { " on a MIG device" }
-        ));
-    }
-    Ok(())
 }
 
 #[cfg(test)]
