@@ -48,17 +48,9 @@ pub(super) fn relayout(
             c.new_work
                 && c.slots.iter().enumerate().any(|(pos, slot)| {
                     slot.gpu_type == *gpu_type
-                        && slot.mig_model.is_some()
-                        && try_gpu(
-                            solved,
-                            &groups,
-                            group,
-                            &id,
-                            profile,
-                            n,
-                            pos,
-                            slot.mig_model.unwrap(),
-                        )
+                        && slot.mig_model.is_some_and(|model| {
+                            try_gpu(solved, &groups, group, &id, profile, n, pos, model)
+                        })
                 })
         });
         if !placed {

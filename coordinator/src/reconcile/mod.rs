@@ -23,8 +23,9 @@
 //! domain holds) are reported unplaced with the planner's shape: the agents
 //! do not run them yet. Each command carries the model's revision at
 //! planning time; the state machine refuses it if the model changed since.
-//! Planning is linear in nodes + slots + replicas (plus the sharding
-//! planner for each model no slot holds).
+//! Planning is linear in nodes + slots + replicas: a need is worked out
+//! once per kind of ask (memory, layers, labels), the sharding planner sees
+//! one node per GPU configuration (`talon-bench plan`, docs/benchmarks.md).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;

@@ -432,6 +432,17 @@ mod tests {
         ));
     }
 
+    /// Whole GPUs `gpus`, as a tensor-parallel group (`stages` 1) or a
+    /// pipeline of one stage per GPU.
+    fn on_gpus(gpus: &[u32], stages: u32) -> Placement {
+        Placement {
+            gpus: gpus.to_vec(),
+            mig_device: None,
+            mig_slice: None,
+            stages,
+        }
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_group_holds_memory_on_each_gpu_and_a_mig_replica_its_device() {
         let fleet = Arc::new(
@@ -443,12 +454,7 @@ mod tests {
         );
         let h100 = catalog::by_key("h100-sxm").unwrap();
         let corr = Arc::new(Correction::default());
-        let group = Placement {
-            gpus: vec![0, 1],
-            mig_device: None,
-            mig_slice: None,
-            stages: 1,
-        };
+        let group = on_gpus(&[0, 1], 1);
         let tp2 = SimulatedExecutor::load("big", 60_000, fleet.clone(), group, h100, corr.clone())
             .unwrap();
         let used: Vec<u64> = fleet
@@ -534,12 +540,7 @@ mod tests {
         // one hop per step)
         let pcie =
             Arc::new(SimFleet::new("p", FleetSpec::from_flag("h100-sxm:2").unwrap()).unwrap());
-        let pipe = Placement {
-            gpus: vec![0, 1],
-            mig_device: None,
-            mig_slice: None,
-            stages: 2,
-        };
+        let pipe = on_gpus(&[0, 1], 2);
         let pp2 =
             SimulatedExecutor::load("big", 60_000, pcie.clone(), pipe, h100, corr.clone()).unwrap();
         let used: Vec<u64> = pcie

@@ -1,0 +1,297 @@
+//! Placing, keeping and moving one-GPU replicas: shares, down and failed nodes, stale plans, GPUs running short.
+
+use super::*;
+
+#[test]
+fn places_replicas_without_overcommit_and_moves_them_off_down_nodes() {
+    let (mut s, mut i) = (State::default(), 0);
+    run(
+        &mut s,
+        &mut i,
+        Command::RegisterNode(inventory("a", &[("l4", 24), ("l4", 24)])),
+    );
+    run(
+        &mut s,
+        &mut i,
+        Command::RegisterNode(inventory("b", &[("h100-sxm", 80)])),
+    );
+    run(&mut s, &mut i, model("small", 10_000, 4));
+    run(&mut s, &mut i, model("big", 40_000, 1));
+    run(&mut s, &mut i, model("huge", 200_000, 1));
+    converge(&mut s, &mut i);
+    assert_eq!(
+        s.replicas.values().filter(|r| r.model == "small").count(),
+        4
+    );
+    let big: Vec<_> = s.replicas.values().filter(|r| r.model == "big").collect();
+    assert_eq!(
+        (big.len(), big[0].node_id.as_str()),
+        (1, "b"),
+        "only the H100 holds 40 GB"
+    );
+    assert!(!s.replicas.values().any(|r| r.model == "huge"));
+    assert!(plan(&s)
+        .unplaced
+        .iter()
+        .any(|(id, why)| id.starts_with("huge") && why.contains("200000 MiB")));
+    for ((node, gpu), (milli, mem)) in gpu_load(&s) {
+        let g = &s.nodes[&node].inventory.gpus[gpu as usize];
+        assert!(
+            milli <= 1000 && mem <= g.memory_bytes >> 20,
+            "{node}/{gpu} overcommitted: {milli} milli, {mem} MiB"
+        );
+    }
+    // Stable: planning again changes nothing.
+    assert!(plan(&s).commands.is_empty());
+
+    // Suspect (or cordoned): keeps its replicas, takes no new ones.
+    run(
+        &mut s,
+        &mut i,
+        Command::SetNodeState {
+            node_id: "a".into(),
+            state: NodeState::Suspect,
+            reason: "t".into(),
+        },
+    );
+    assert!(
+        plan(&s).commands.is_empty(),
+        "a suspect node keeps its replicas"
+    );
+    run(&mut s, &mut i, model("more", 1_000, 2));
+    converge(&mut s, &mut i);
+    assert!(
+        s.replicas
+            .values()
+            .filter(|r| r.model == "more")
+            .all(|r| r.node_id == "b"),
+        "no new work on a suspect node"
+    );
+    run(
+        &mut s,
+        &mut i,
+        Command::DeleteModel {
+            name: "more".into(),
+            version: None,
+        },
+    );
+    converge(&mut s, &mut i);
+
+    // Node a goes down: its replicas move to b if they fit, the rest wait.
+    let before: Vec<String> = s
+        .replicas
+        .values()
+        .filter(|r| r.node_id == "b")
+        .map(|r| r.id.clone())
+        .collect();
+    run(
+        &mut s,
+        &mut i,
+        Command::SetNodeState {
+            node_id: "a".into(),
+            state: NodeState::Down,
+            reason: "t".into(),
+        },
+    );
+    converge(&mut s, &mut i);
+    assert!(s.replicas.values().all(|r| r.node_id == "b"));
+    for id in before {
+        assert_eq!(
+            s.replicas[&id].node_id, "b",
+            "{id} was on a healthy node and must not move"
+        );
+    }
+    for ((_, _), (milli, _)) in gpu_load(&s) {
+        assert!(milli <= 1000);
+    }
+    // A deleted model loses its replicas.
+    run(
+        &mut s,
+        &mut i,
+        Command::DeleteModel {
+            name: "big".into(),
+            version: None,
+        },
+    );
+    converge(&mut s, &mut i);
+    assert!(!s.replicas.values().any(|r| r.model == "big"));
+}
+
+#[test]
+fn a_share_is_the_memory_on_the_gpu_it_lands_on_and_a_small_node_moves_nobody() {
+    let (mut s, mut i) = (State::default(), 0);
+    run(
+        &mut s,
+        &mut i,
+        Command::RegisterNode(inventory("big", &[("h100-sxm", 80)])),
+    );
+    run(&mut s, &mut i, model("m", 20_480, 4));
+    converge(&mut s, &mut i);
+    // 20 GiB of an 80 GiB GPU: 250 milli each (sizing against a smaller
+    // GPU elsewhere in the fleet would have taken more)
+    assert!(
+        s.replicas.values().all(|r| r.milli == 250),
+        "{:?}",
+        s.replicas
+    );
+    let before = s.replicas.clone();
+    run(
+        &mut s,
+        &mut i,
+        Command::RegisterNode(inventory("small", &[("l4", 24)])),
+    );
+    assert!(
+        plan(&s).commands.is_empty(),
+        "a small GPU joining changes no replica's share or place"
+    );
+    // another model's replica: only the L4 has room, at its own share
+    run(&mut s, &mut i, model("n", 20_480, 1));
+    converge(&mut s, &mut i);
+    for (id, r) in &before {
+        assert_eq!(
+            (&s.replicas[id].node_id, s.replicas[id].milli),
+            (&r.node_id, r.milli)
+        );
+    }
+    let on_small: Vec<_> = s
+        .replicas
+        .values()
+        .filter(|r| r.node_id == "small")
+        .collect();
+    assert_eq!(on_small.len(), 1);
+    assert_eq!(on_small[0].milli, 834, "ceil(20480 * 1000 / 24576)");
+}
+
+#[test]
+fn a_replica_its_agent_reports_failed_is_placed_on_another_node() {
+    let (mut s, mut i) = (State::default(), 0);
+    for n in ["a", "b"] {
+        run(
+            &mut s,
+            &mut i,
+            Command::RegisterNode(inventory(n, &[("l4", 24)])),
+        );
+    }
+    run(&mut s, &mut i, model("m", 10_000, 1));
+    converge(&mut s, &mut i);
+    let r = s.replicas.values().next().unwrap().clone();
+    let failed = BTreeMap::from([(r.id.clone(), r.node_id.clone())]);
+    let p = plan_with(
+        &s,
+        &Observed {
+            failed,
+            ..Default::default()
+        },
+    );
+    assert_eq!(p.commands.len(), 1, "{p:?}");
+    for c in p.commands {
+        run(&mut s, &mut i, c);
+    }
+    let moved = s.replicas[&r.id].clone();
+    assert_ne!(moved.node_id, r.node_id, "placed elsewhere");
+    // with nowhere else to go it stays unplaced, with the reason
+    run(
+        &mut s,
+        &mut i,
+        Command::SetNodeState {
+            node_id: r.node_id.clone(),
+            state: NodeState::Down,
+            reason: "t".into(),
+        },
+    );
+    let failed = BTreeMap::from([(r.id.clone(), moved.node_id.clone())]);
+    let p = plan_with(
+        &s,
+        &Observed {
+            failed,
+            ..Default::default()
+        },
+    );
+    assert!(
+        p.unplaced.iter().any(|(id, _)| *id == r.id),
+        "{:?}",
+        p.unplaced
+    );
+}
+
+#[test]
+fn a_plan_made_before_the_model_changed_is_refused() {
+    let (mut s, mut i) = (State::default(), 0);
+    run(
+        &mut s,
+        &mut i,
+        Command::RegisterNode(inventory("a", &[("l4", 24)])),
+    );
+    run(&mut s, &mut i, model("m", 10_000, 1));
+    let stale = plan(&s);
+    assert_eq!(stale.commands.len(), 1);
+    // a new version lands before the plan commits
+    let mut v2 = model("m", 10_000, 1);
+    if let Command::CreateModel(spec) = &mut v2 {
+        spec.version = "v2".into();
+    }
+    run(&mut s, &mut i, v2);
+    let before = s.replicas.clone();
+    i += 1;
+    let response = s.apply(
+        i,
+        &Request {
+            at_ms: i,
+            actor: "reconciler".into(),
+            command: stale.commands[0].clone(),
+        },
+    );
+    match response.0 {
+        crate::state::Response::Rejected(r) => {
+            assert!(r.message.contains("stale placement"), "{}", r.message)
+        }
+        other => panic!("stale plan applied: {other:?}"),
+    }
+    assert_eq!(s.replicas, before, "nothing changed");
+    // planning again places the new version
+    converge(&mut s, &mut i);
+    assert!(s.replicas.values().all(|r| r.version == "v2"));
+}
+
+#[test]
+fn a_gpu_running_short_of_memory_sheds_the_replicas_that_no_longer_fit() {
+    let (mut s, mut i) = (State::default(), 0);
+    for n in ["a", "b"] {
+        run(
+            &mut s,
+            &mut i,
+            Command::RegisterNode(inventory(n, &[("l4", 24)])),
+        );
+    }
+    run(&mut s, &mut i, model("m", 10_000, 1));
+    converge(&mut s, &mut i);
+    let r = s.replicas.values().next().unwrap().clone();
+    let short = |mib: u64| Observed {
+        foreign_mib: BTreeMap::from([((r.node_id.clone(), 0), mib)]),
+        ..Default::default()
+    };
+    // 10 GB more in use: 24576 - 10000 - 1228 headroom = 13348 MiB for it
+    assert!(
+        plan_with(&s, &short(10_000)).commands.is_empty(),
+        "still fits"
+    );
+    // 14 GB more: it would leave less than the headroom free, so it moves
+    let p = plan_with(&s, &short(14_000));
+    assert_eq!(p.commands.len(), 1, "{p:?}");
+    for c in p.commands {
+        run(&mut s, &mut i, c);
+    }
+    assert_ne!(s.replicas[&r.id].node_id, r.node_id);
+    // nor does a new replica land on the short GPU, and with nowhere to go
+    // the second one waits
+    run(&mut s, &mut i, model("n", 12_000, 2));
+    let p = plan_with(&s, &short(14_000));
+    for c in p.commands {
+        run(&mut s, &mut i, c);
+    }
+    assert!(
+        s.replicas.values().all(|x| x.node_id != r.node_id),
+        "{:?}",
+        s.replicas
+    );
+}
