@@ -241,6 +241,29 @@ pub(super) enum Need {
         mib_per_gpu: u64,
         gpu_types: Vec<String>,
     },
+    /// A pipeline of stages, each a gang on one node (nodes may differ),
+    /// in layer order: what a model needs when no node holds it. Each
+    /// replica's stages are placed as [`Need::PipelineStage`]s.
+    Pipeline { stages: Vec<StageNeed> },
+    /// Stage `index` of the pipeline of `count` stages whose first stage
+    /// is replica `head`.
+    PipelineStage {
+        head: String,
+        index: u32,
+        count: u32,
+        stage: StageNeed,
+    },
+}
+
+/// One stage of a pipeline: `tp` whole GPUs of `gpu_type` in one NVLink
+/// domain, `mib_per_gpu` on each, running `layers` from `first_layer`.
+#[derive(Clone, Debug, PartialEq)]
+pub(super) struct StageNeed {
+    pub tp: u32,
+    pub mib_per_gpu: u64,
+    pub gpu_type: String,
+    pub first_layer: u32,
+    pub layers: u32,
 }
 
 impl Need {
@@ -249,6 +272,8 @@ impl Need {
         match self {
             Need::OneGpu { mib, .. } | Need::Mig { mib, .. } => *mib,
             Need::Group { mib_per_gpu, .. } | Need::Stages { mib_per_gpu, .. } => *mib_per_gpu,
+            Need::PipelineStage { stage, .. } => stage.mib_per_gpu,
+            Need::Pipeline { stages } => stages.iter().map(|s| s.mib_per_gpu).max().unwrap_or(0),
         }
     }
 }
@@ -312,7 +337,9 @@ impl Candidate<'_> {
 /// depend on which configurations exist, not on how many nodes share one,
 /// so the planner's cost does not grow with the fleet.
 fn sharding_fleet(candidates: &[&Candidate], allowed: &Option<Vec<String>>) -> Vec<Node> {
-    let mut seen = std::collections::BTreeSet::new();
+    // as many nodes of a configuration as a pipeline could use, no more
+    let most = sharding::ShardOptions::default().max_stages;
+    let mut seen: HashMap<Vec<(String, u64, u32)>, u32> = HashMap::new();
     candidates
         .iter()
         .filter_map(|c| {
@@ -334,7 +361,9 @@ fn sharding_fleet(candidates: &[&Candidate], allowed: &Option<Vec<String>>) -> V
                 .iter()
                 .map(|g| (g.model.clone(), g.memory_mib, g.nvlink_domain))
                 .collect();
-            seen.insert(class).then(|| Node {
+            let n = seen.entry(class).or_default();
+            *n += 1;
+            (*n <= most).then(|| Node {
                 name: c.node_id.to_string(),
                 cpu_milli: 0,
                 memory_mib: 0,
@@ -355,9 +384,9 @@ fn permits(allowed: &Option<Vec<String>>, gpu_type: &str) -> bool {
 /// for, on slots of the types its `gpu-types` label allows: one slot when
 /// a node that keeps replicas has a slot that holds it, else the
 /// smallest tensor-parallel group the sharding planner finds in one NVLink
-/// domain (any allowed GPU type that holds it at that degree). An error
-/// says why no replica can be placed, with the planner's shape when it is
-/// a pipeline (which the live path does not run yet).
+/// domain (any allowed GPU type that holds it at that degree), else a
+/// pipeline of one GPU per stage on one node, else the planner's pipeline
+/// of gangs (across nodes). An error says why no replica can be placed.
 pub(super) fn need_of(model: &Model, mem: u64, candidates: &[&Candidate]) -> Result<Need, String> {
     let allowed = allowed_types(model);
     // A MIG slot type the label names (`<gpu>/<profile>`) that a managed
@@ -440,25 +469,20 @@ pub(super) fn need_of(model: &Model, mem: u64, candidates: &[&Candidate]) -> Res
         });
     }
     let Some(first) = groups.first() else {
-        let stages: Vec<String> = shapes[0]
-            .stages
-            .iter()
-            .map(|st| {
-                format!(
-                    "layers {}..{} on TP{} × {} ({} MiB per GPU)",
-                    st.first_layer,
-                    st.first_layer + st.layers,
-                    st.tensor_parallel,
-                    st.gpu_type,
-                    st.mib_per_gpu
-                )
-            })
-            .collect();
-        return Err(format!(
-            "needs {mem} MiB and no NVLink domain of a live node holds it; the sharding planner would pipeline it ({:?}): {}, which the live path does not run yet (it runs pipelines of one GPU per stage on one node)",
-            shapes[0].layout,
-            stages.join(", then ")
-        ));
+        // stages of gangs, each on one node, handing activations on
+        return Ok(Need::Pipeline {
+            stages: shapes[0]
+                .stages
+                .iter()
+                .map(|st| StageNeed {
+                    tp: st.tensor_parallel,
+                    mib_per_gpu: st.mib_per_gpu,
+                    gpu_type: st.gpu_type.clone(),
+                    first_layer: st.first_layer,
+                    layers: st.layers,
+                })
+                .collect(),
+        });
     };
     let tp = first.stages[0].tensor_parallel;
     let mut by_type: BTreeMap<&str, u64> = BTreeMap::new();

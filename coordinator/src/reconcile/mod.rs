@@ -19,9 +19,11 @@
 //! the fleet changes nobody's share). A model no slot holds is sized by
 //! `talon_scheduler::sharding`: the smallest tensor-parallel degree that
 //! holds it in one NVLink domain, asked of the engine as a gang of whole
-//! GPUs of the types that hold it at that degree. Pipelines (a model no
-//! domain holds) are reported unplaced with the planner's shape: the agents
-//! do not run them yet. Each command carries the model's revision at
+//! GPUs of the types that hold it at that degree. A model no domain holds
+//! runs as a pipeline: of one GPU per stage on one node when a node's
+//! GPUs hold it, else as the planner's stages of gangs, each stage its own
+//! replica record (`<id>`, `<id>.stage1`, …) on whichever node takes it;
+//! a pipeline is placed whole or not at all. Each command carries the model's revision at
 //! planning time; the state machine refuses it if the model changed since.
 //! Planning is linear in nodes + slots + replicas: a need is worked out
 //! once per kind of ask (memory, layers, labels), the sharding planner sees
@@ -201,59 +203,73 @@ pub fn plan_with(state: &State, observed: &Observed) -> Plan {
         let excluded = &selection.excluded;
         let spread = (hosts >= model.min_replicas as usize).then(|| model.name.clone());
         for k in 0..model.min_replicas {
-            let id = format!("{}@{}-{k}", model.name, version.version);
+            let head = format!("{}@{}-{k}", model.name, version.version);
             let need = match &need {
                 Ok(need) => need.clone(),
                 Err(why) => {
-                    unplaced.push((id, why.clone()));
+                    unplaced.push((head, why.clone()));
                     continue;
                 }
             };
-            let (request, gpu_types) = match &need {
-                Need::OneGpu { mib, gpu_types } => {
-                    (GpuRequest::Memory { mib: *mib }, gpu_types.clone())
-                }
-                Need::Group { tp, gpu_types, .. } => {
-                    (GpuRequest::Whole { count: *tp }, gpu_types.clone())
-                }
-                Need::Stages {
-                    count, gpu_types, ..
-                } => (GpuRequest::Stages { count: *count }, gpu_types.clone()),
-                Need::Mig {
-                    profile, gpu_type, ..
-                } => {
-                    // no new instance on a node taking no new work
-                    let current = state.replicas.get(&id).map(|r| r.node_id.as_str());
-                    let closed: Vec<String> = candidates
-                        .iter()
-                        .filter(|c| !c.new_work && Some(c.node_id) != current)
-                        .map(|c| c.node_id.to_string())
-                        .collect();
-                    if !closed.is_empty() {
-                        avoid_more(&mut avoid, &id, closed);
+            for (id, need) in parts(head, need) {
+                let (request, gpu_types) = match &need {
+                    Need::OneGpu { mib, gpu_types } => {
+                        (GpuRequest::Memory { mib: *mib }, gpu_types.clone())
                     }
-                    (
-                        GpuRequest::Mig {
-                            profile: profile.clone(),
-                        },
-                        vec![gpu_type.clone()],
-                    )
-                }
-            };
-            workloads.push(Workload {
-                anti_affinity: spread.clone(),
-                gpu_types,
-                ..Workload::new(&id, 0, 0, request)
-            });
-            if !excluded.is_empty() {
-                match avoid.get(&id) {
-                    None => {
-                        avoid.insert(id.clone(), Arc::clone(excluded));
+                    Need::Group { tp, gpu_types, .. } => {
+                        (GpuRequest::Whole { count: *tp }, gpu_types.clone())
                     }
-                    Some(_) => avoid_more(&mut avoid, &id, excluded.iter().cloned()),
+                    Need::Stages {
+                        count, gpu_types, ..
+                    } => (GpuRequest::Stages { count: *count }, gpu_types.clone()),
+                    Need::PipelineStage { stage, .. } => (
+                        GpuRequest::Whole { count: stage.tp },
+                        vec![stage.gpu_type.clone()],
+                    ),
+                    Need::Pipeline { .. } => {
+                        unreachable!("parts() splits a pipeline into its stages")
+                    }
+                    Need::Mig {
+                        profile, gpu_type, ..
+                    } => {
+                        // no new instance on a node taking no new work
+                        let current = state.replicas.get(&id).map(|r| r.node_id.as_str());
+                        let closed: Vec<String> = candidates
+                            .iter()
+                            .filter(|c| !c.new_work && Some(c.node_id) != current)
+                            .map(|c| c.node_id.to_string())
+                            .collect();
+                        if !closed.is_empty() {
+                            avoid_more(&mut avoid, &id, closed);
+                        }
+                        (
+                            GpuRequest::Mig {
+                                profile: profile.clone(),
+                            },
+                            vec![gpu_type.clone()],
+                        )
+                    }
+                };
+                // the stages of a pipeline may share a node; its replicas spread
+                let anti_affinity = match &need {
+                    Need::PipelineStage { .. } => None,
+                    _ => spread.clone(),
+                };
+                workloads.push(Workload {
+                    anti_affinity,
+                    gpu_types,
+                    ..Workload::new(&id, 0, 0, request)
+                });
+                if !excluded.is_empty() {
+                    match avoid.get(&id) {
+                        None => {
+                            avoid.insert(id.clone(), Arc::clone(excluded));
+                        }
+                        Some(_) => avoid_more(&mut avoid, &id, excluded.iter().cloned()),
+                    }
                 }
+                wanted.insert(id, (model.name.clone(), version.version.clone(), need));
             }
-            wanted.insert(id, (model.name.clone(), version.version.clone(), need));
         }
     }
 
@@ -357,12 +373,18 @@ pub fn plan_with(state: &State, observed: &Observed) -> Plan {
                 count: 1,
                 gpu_spec: String::new(),
             },
-            Need::Group { tp: count, .. } | Need::Stages { count, .. } => TaskShape {
+            Need::Group { tp: count, .. }
+            | Need::Stages { count, .. }
+            | Need::PipelineStage {
+                stage: fleet::StageNeed { tp: count, .. },
+                ..
+            } => TaskShape {
                 cpu_milli: 0,
                 milli: MILLI,
                 count: *count,
                 gpu_spec: String::new(),
             },
+            Need::Pipeline { .. } => unreachable!("wanted holds stages, not pipelines"),
         })
         .collect();
     let problem = Problem {
@@ -406,8 +428,23 @@ pub fn plan_with(state: &State, observed: &Observed) -> Plan {
         replica.mig_device = slots[0].mig_device.to_string();
         replica.milli = a.gpus[0].milli;
         replica.memory_mib = need.mib_per_gpu();
-        if let Need::Stages { count, .. } = need {
-            replica.stages = *count;
+        match need {
+            Need::Stages { count, .. } => replica.stages = *count,
+            Need::PipelineStage {
+                head,
+                index,
+                count,
+                stage,
+            } => {
+                replica.pipeline = Some(crate::state::PipelineStage {
+                    head: head.clone(),
+                    index: *index,
+                    count: *count,
+                    first_layer: stage.first_layer,
+                    layers: stage.layers,
+                });
+            }
+            _ => {}
         }
         if let (Some(model), Some(slot)) = (slots[0].mig_model, a.gpus[0].mig) {
             let p = &model.profiles()[slot.profile as usize];
@@ -422,6 +459,49 @@ pub fn plan_with(state: &State, observed: &Observed) -> Plan {
             .filter(|r| r.same_place(&replica))
             .map_or(0, |r| r.created_at_ms);
         desired.entry(model.clone()).or_default().push(replica);
+    }
+    // a pipeline runs whole or not at all: a stage left without a place
+    // takes its other stages out of the plan
+    for replicas in desired.values_mut() {
+        let mut placed: HashMap<&str, u32> = HashMap::new();
+        for r in replicas.iter() {
+            if let Some(p) = &r.pipeline {
+                *placed.entry(p.head.as_str()).or_default() += 1;
+            }
+        }
+        let broken: HashSet<String> = replicas
+            .iter()
+            .filter_map(|r| r.pipeline.as_ref())
+            .filter(|p| placed[p.head.as_str()] < p.count)
+            .map(|p| p.head.clone())
+            .collect();
+        if broken.is_empty() {
+            continue;
+        }
+        for head in &broken {
+            let missing: Vec<&String> = wanted
+                .iter()
+                .filter(|(id, (_, _, need))| {
+                    matches!(need, Need::PipelineStage { head: h, .. } if h == head)
+                        && !solved.solution.assignments.contains_key(*id)
+                })
+                .map(|(id, _)| id)
+                .collect();
+            if !missing
+                .iter()
+                .any(|id| unplaced.iter().any(|(u, _)| u == *id))
+            {
+                unplaced.push((
+                    head.clone(),
+                    format!("its pipeline stages {missing:?} have no place"),
+                ));
+            }
+        }
+        replicas.retain(|r| {
+            r.pipeline
+                .as_ref()
+                .is_none_or(|p| !broken.contains(&p.head))
+        });
     }
     let mut current: BTreeMap<&str, Vec<&Replica>> = BTreeMap::new();
     for r in state.replicas.values() {
@@ -450,6 +530,33 @@ pub fn plan_with(state: &State, observed: &Observed) -> Plan {
         commands = mig::in_applicable_order(state, commands);
     }
     Plan { commands, unplaced }
+}
+
+/// What replica `head` places: itself, or — a pipeline — one part per
+/// stage: `head` for the first, `<head>.stage<i>` for the others.
+fn parts(head: String, need: Need) -> Vec<(String, Need)> {
+    let Need::Pipeline { stages } = need else {
+        return vec![(head, need)];
+    };
+    let count = stages.len() as u32;
+    stages
+        .into_iter()
+        .enumerate()
+        .map(|(i, stage)| {
+            let id = if i == 0 {
+                head.clone()
+            } else {
+                format!("{head}.stage{i}")
+            };
+            let need = Need::PipelineStage {
+                head: head.clone(),
+                index: i as u32,
+                count,
+                stage,
+            };
+            (id, need)
+        })
+        .collect()
 }
 
 /// Adds `nodes` to the nodes replica `id` is kept off (a copy of a shared
@@ -523,6 +630,24 @@ fn could_host(c: &Candidate, need: &Need) -> bool {
             }
             per_domain.values().any(|n| n >= tp)
         }
+        Need::Pipeline { stages } => stages.iter().any(|stage| {
+            could_host(
+                c,
+                &Need::Group {
+                    tp: stage.tp,
+                    mib_per_gpu: stage.mib_per_gpu,
+                    gpu_types: vec![stage.gpu_type.clone()],
+                },
+            )
+        }),
+        Need::PipelineStage { stage, .. } => could_host(
+            c,
+            &Need::Group {
+                tp: stage.tp,
+                mib_per_gpu: stage.mib_per_gpu,
+                gpu_types: vec![stage.gpu_type.clone()],
+            },
+        ),
         Need::Stages {
             count, gpu_types, ..
         } => {

@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 pub use credential::{Credential, Permission, Role};
 pub use model::{Model, ModelSpec, ModelVersion};
 pub use node::{NodeInventory, NodeRecord, NodeState, Scheduling};
-pub use replica::Replica;
+pub use replica::{PipelineStage, Replica};
 
 /// What a client proposes through Raft.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -663,9 +663,10 @@ impl State {
                 || !r.mig_device.is_empty()
                 || !r.mig_slice.is_empty()
                 || r.stages != 0
+                || r.pipeline.is_some()
             {
                 Err(
-                    "replicas over several GPUs or on a MIG device are placed with PlaceReplicas"
+                    "replicas over several GPUs, on a MIG device or in a pipeline are placed with PlaceReplicas"
                         .into(),
                 )
             } else if node.inventory.gpus.iter().any(|g| g.index == r.gpu) {
@@ -679,6 +680,9 @@ impl State {
                     format!("replica {}: {why}", r.id),
                 ));
             }
+        }
+        if let Err(why) = replica::pipelines_complete(replicas) {
+            return Err(rejected(RejectionKind::Invalid, why));
         }
         let others = self.replicas.values().filter(|r| r.model != model);
         if let Some((a, b)) =

@@ -39,6 +39,26 @@ pub struct Replica {
     /// Pipeline stages over its GPUs, one per GPU, layers split evenly (0:
     /// no pipeline — one GPU, or a tensor-parallel group) (format 3).
     pub stages: u32,
+    /// The stage of a pipeline across nodes it is, if it is one (format 4).
+    pub pipeline: Option<PipelineStage>,
+}
+
+/// One stage of a pipeline that spans nodes: its own GPUs (one, or a
+/// tensor-parallel group) run a contiguous range of the model's layers and
+/// hand their activations to the next stage's agent. Requests go to the
+/// first stage, the *head*, whose replica id names the pipeline.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PipelineStage {
+    /// Id of the pipeline's first stage.
+    pub head: String,
+    /// Position in the pipeline, from 0 (the head).
+    pub index: u32,
+    /// Stages in the pipeline (at least 2).
+    pub count: u32,
+    /// First model layer it runs.
+    pub first_layer: u32,
+    /// Layers it runs, from `first_layer`.
+    pub layers: u32,
 }
 
 impl Replica {
@@ -58,7 +78,13 @@ impl Replica {
             mig_device: String::new(),
             mig_slice: String::new(),
             stages: 0,
+            pipeline: None,
         }
+    }
+
+    /// Whether requests go to it: it is no pipeline stage but the first.
+    pub fn takes_requests(&self) -> bool {
+        self.pipeline.as_ref().is_none_or(|p| p.index == 0)
     }
 
     /// The profile and start slice of its managed MIG instance, if any.
@@ -75,6 +101,15 @@ impl Replica {
         let gpus: Vec<String> = self.gpus.iter().map(u32::to_string).collect();
         let joint = if self.stages > 1 { ">" } else { "+" };
         let mut place = format!("{}/{}", self.node_id, gpus.join(joint));
+        if let Some(p) = &self.pipeline {
+            place = format!(
+                "stage {}/{} (layers {}..{}) {place}",
+                p.index + 1,
+                p.count,
+                p.first_layer,
+                p.first_layer + p.layers
+            );
+        }
         for mig in [&self.mig_device, &self.mig_slice] {
             if !mig.is_empty() {
                 place.push(':');
@@ -93,6 +128,7 @@ impl Replica {
             && self.mig_device == other.mig_device
             && self.mig_slice == other.mig_slice
             && self.stages == other.stages
+            && self.pipeline == other.pipeline
     }
 }
 
@@ -110,10 +146,28 @@ struct ReplicaV2 {
     revision: u64,
 }
 
-/// The format-3 layout. The new fields default when absent, so format-1
-/// JSON (which predates them) reads as one-GPU replicas.
+/// The format-3 layout (before pipelines across nodes).
 #[derive(Deserialize)]
 struct ReplicaV3 {
+    id: String,
+    model: String,
+    version: String,
+    node_id: String,
+    gpu: u32,
+    milli: u32,
+    memory_mib: u64,
+    created_at_ms: u64,
+    revision: u64,
+    gpus: Vec<u32>,
+    mig_device: String,
+    mig_slice: String,
+    stages: u32,
+}
+
+/// The format-4 layout. The fields since format 1 default when absent, so
+/// format-1 JSON (which predates them) reads as one-GPU replicas.
+#[derive(Deserialize)]
+struct ReplicaV4 {
     id: String,
     model: String,
     version: String,
@@ -131,10 +185,31 @@ struct ReplicaV3 {
     mig_slice: String,
     #[serde(default)]
     stages: u32,
+    #[serde(default)]
+    pipeline: Option<PipelineStage>,
+}
+
+/// The layout replicas are read and written in.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Layout {
+    Current,
+    Format2,
+    Format3,
 }
 
 thread_local! {
-    static FORMAT_2: Cell<bool> = const { Cell::new(false) };
+    static LAYOUT: Cell<Layout> = const { Cell::new(Layout::Current) };
+}
+
+fn in_layout<R>(layout: Layout, f: impl FnOnce() -> R) -> R {
+    struct Reset(Layout);
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            LAYOUT.with(|c| c.set(self.0));
+        }
+    }
+    let _reset = Reset(LAYOUT.with(|c| c.replace(layout)));
+    f()
 }
 
 /// Runs `f` with replicas read and written in the format-2 layout: the
@@ -142,22 +217,26 @@ thread_local! {
 /// whatever holds a replica) through the current types inside it, and
 /// tests write genuine format-2 bytes with it. Scoped to this thread.
 pub fn in_format_2<R>(f: impl FnOnce() -> R) -> R {
-    struct Reset(bool);
-    impl Drop for Reset {
-        fn drop(&mut self) {
-            FORMAT_2.with(|c| c.set(self.0));
-        }
-    }
-    let _reset = Reset(FORMAT_2.with(|c| c.replace(true)));
-    f()
+    in_layout(Layout::Format2, f)
+}
+
+/// [`in_format_2`] for the format-3 layout (no pipeline stage).
+pub fn in_format_3<R>(f: impl FnOnce() -> R) -> R {
+    in_layout(Layout::Format3, f)
 }
 
 impl Serialize for Replica {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeStruct;
-        // Field for field the layouts of `ReplicaV2` / `ReplicaV3`.
-        let v2 = FORMAT_2.with(Cell::get);
-        let mut st = s.serialize_struct("Replica", if v2 { 9 } else { 13 })?;
+        // Field for field the layouts of `ReplicaV2` / `ReplicaV3` /
+        // `ReplicaV4`.
+        let layout = LAYOUT.with(Cell::get);
+        let fields = match layout {
+            Layout::Format2 => 9,
+            Layout::Format3 => 13,
+            Layout::Current => 14,
+        };
+        let mut st = s.serialize_struct("Replica", fields)?;
         st.serialize_field("id", &self.id)?;
         st.serialize_field("model", &self.model)?;
         st.serialize_field("version", &self.version)?;
@@ -167,11 +246,14 @@ impl Serialize for Replica {
         st.serialize_field("memory_mib", &self.memory_mib)?;
         st.serialize_field("created_at_ms", &self.created_at_ms)?;
         st.serialize_field("revision", &self.revision)?;
-        if !v2 {
+        if layout != Layout::Format2 {
             st.serialize_field("gpus", &self.gpus)?;
             st.serialize_field("mig_device", &self.mig_device)?;
             st.serialize_field("mig_slice", &self.mig_slice)?;
             st.serialize_field("stages", &self.stages)?;
+        }
+        if layout == Layout::Current {
+            st.serialize_field("pipeline", &self.pipeline)?;
         }
         st.end()
     }
@@ -179,25 +261,46 @@ impl Serialize for Replica {
 
 impl<'de> Deserialize<'de> for Replica {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Replica, D::Error> {
-        let r = if FORMAT_2.with(Cell::get) {
-            let r = ReplicaV2::deserialize(d)?;
-            ReplicaV3 {
-                id: r.id,
-                model: r.model,
-                version: r.version,
-                node_id: r.node_id,
-                gpu: r.gpu,
-                milli: r.milli,
-                memory_mib: r.memory_mib,
-                created_at_ms: r.created_at_ms,
-                revision: r.revision,
-                gpus: Vec::new(),
-                mig_device: String::new(),
-                mig_slice: String::new(),
-                stages: 0,
+        let r = match LAYOUT.with(Cell::get) {
+            Layout::Format2 => {
+                let r = ReplicaV2::deserialize(d)?;
+                ReplicaV4 {
+                    id: r.id,
+                    model: r.model,
+                    version: r.version,
+                    node_id: r.node_id,
+                    gpu: r.gpu,
+                    milli: r.milli,
+                    memory_mib: r.memory_mib,
+                    created_at_ms: r.created_at_ms,
+                    revision: r.revision,
+                    gpus: Vec::new(),
+                    mig_device: String::new(),
+                    mig_slice: String::new(),
+                    stages: 0,
+                    pipeline: None,
+                }
             }
-        } else {
-            ReplicaV3::deserialize(d)?
+            Layout::Format3 => {
+                let r = ReplicaV3::deserialize(d)?;
+                ReplicaV4 {
+                    id: r.id,
+                    model: r.model,
+                    version: r.version,
+                    node_id: r.node_id,
+                    gpu: r.gpu,
+                    milli: r.milli,
+                    memory_mib: r.memory_mib,
+                    created_at_ms: r.created_at_ms,
+                    revision: r.revision,
+                    gpus: r.gpus,
+                    mig_device: r.mig_device,
+                    mig_slice: r.mig_slice,
+                    stages: r.stages,
+                    pipeline: None,
+                }
+            }
+            Layout::Current => ReplicaV4::deserialize(d)?,
         };
         Ok(Replica {
             gpus: if r.gpus.is_empty() {
@@ -217,6 +320,7 @@ impl<'de> Deserialize<'de> for Replica {
             mig_device: r.mig_device,
             mig_slice: r.mig_slice,
             stages: r.stages,
+            pipeline: r.pipeline,
         })
     }
 }
@@ -359,6 +463,69 @@ pub(super) fn fits_node(r: &Replica, inventory: &NodeInventory) -> Result<(), St
             r.milli,
             if r.mig_device.is_empty() { "" } else { " on a MIG device" }
         ));
+    }
+    Ok(())
+}
+
+/// Most stages a pipeline may have.
+pub const MAX_STAGES: u32 = 64;
+
+/// Checks that the pipeline stages among `replicas` (one model's whole set)
+/// form complete pipelines: each head names itself as stage 0, and stages
+/// 0..count are there once each, covering the layers from 0 without gap or
+/// overlap.
+pub(super) fn pipelines_complete(replicas: &[Replica]) -> Result<(), String> {
+    let mut pipelines: BTreeMap<&str, Vec<(&Replica, &PipelineStage)>> = BTreeMap::new();
+    for r in replicas {
+        let Some(p) = &r.pipeline else { continue };
+        if p.count < 2 || p.count > MAX_STAGES || p.index >= p.count || p.layers == 0 {
+            return Err(format!(
+                "replica {} is stage {} of {} with {} layers; a pipeline has 2 to {MAX_STAGES} stages, numbered from 0, each with at least one layer",
+                r.id, p.index, p.count, p.layers
+            ));
+        }
+        if (p.index == 0) != (p.head == r.id) {
+            return Err(format!(
+                "replica {} is stage {} of pipeline {:?}; the first stage, and only it, is the replica the pipeline is named after",
+                r.id, p.index, p.head
+            ));
+        }
+        pipelines.entry(&p.head).or_default().push((r, p));
+    }
+    for (head, mut stages) in pipelines {
+        stages.sort_by_key(|(_, p)| p.index);
+        let count = stages[0].1.count;
+        let mut next_layer = 0u32;
+        for (i, (r, p)) in stages.iter().enumerate() {
+            if p.index != i as u32 || p.count != count {
+                return Err(format!(
+                    "pipeline {head:?} must have stages 0 to {} once each, every one of {count}; replica {} is stage {} of {}",
+                    count - 1,
+                    r.id,
+                    p.index,
+                    p.count
+                ));
+            }
+            if p.first_layer != next_layer {
+                return Err(format!(
+                    "pipeline {head:?}: stage {i} ({}) starts at layer {}, not {next_layer}; stages run contiguous layer ranges from 0",
+                    r.id, p.first_layer
+                ));
+            }
+            next_layer = p.first_layer.checked_add(p.layers).ok_or_else(|| {
+                format!(
+                    "pipeline {head:?}: stage {i} ({}) runs past layer {}",
+                    r.id,
+                    u32::MAX
+                )
+            })?;
+        }
+        if stages.len() as u32 != count {
+            return Err(format!(
+                "pipeline {head:?} has {} of its {count} stages; place them all in one command",
+                stages.len()
+            ));
+        }
     }
     Ok(())
 }

@@ -16,10 +16,13 @@ use serde::Serialize;
 /// First bytes of every encoded value.
 pub const MAGIC: [u8; 2] = *b"TL";
 /// Version of the envelope's payload encoding (postcard, serde field order):
-/// 2 since replicas carry their GPU list and MIG device (data format 3).
-pub const ENCODING_VERSION: u8 = 2;
+/// 3 since replicas can be stages of a pipeline across nodes (data format
+/// 4; 2 added their GPU list and MIG device, format 3).
+pub const ENCODING_VERSION: u8 = 3;
 /// The envelope version of data format 2, which only the migration reads.
 pub const FORMAT_2_ENCODING: u8 = 1;
+/// The envelope version of data format 3, which only the migration reads.
+pub const FORMAT_3_ENCODING: u8 = 2;
 const HEADER: usize = MAGIC.len() + 1;
 
 /// Why bytes could not be decoded.
@@ -61,6 +64,12 @@ pub fn version_of(bytes: &[u8]) -> Option<u8> {
 /// replica in it in the format-2 layout; for the migration.
 pub fn decode_format_2<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
     crate::state::replica::in_format_2(|| decode_version(bytes, FORMAT_2_ENCODING))
+}
+
+/// Decodes a value of data format 3 (envelope version 2), reading every
+/// replica in it in the format-3 layout; for the migration.
+pub fn decode_format_3<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
+    crate::state::replica::in_format_3(|| decode_version(bytes, FORMAT_3_ENCODING))
 }
 
 /// Encodes `value` as data format 2 wrote it (tests build format-2

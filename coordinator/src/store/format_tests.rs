@@ -19,6 +19,7 @@ use crate::state::*;
 const GOLDEN_DIR: &str = include_str!("golden/format-v1-datadir.json");
 const GOLDEN_STATE: &str = include_str!("golden/format-v1-state.json");
 const GOLDEN_V2_DIR: &str = include_str!("golden/format-v2-datadir.json");
+const GOLDEN_V3_DIR: &str = include_str!("golden/format-v3-datadir.json");
 
 fn unhex(s: &str) -> Vec<u8> {
     (0..s.len())
@@ -53,20 +54,30 @@ fn golden_v1_dir() -> tempfile::TempDir {
     dir
 }
 
-/// A format-2 data directory as the previous release left it: the golden
-/// format-1 directory migrated by that release, dumped byte for byte.
+/// A format-2 data directory as the release that wrote format 2 left it:
+/// the golden format-1 directory migrated by that release, dumped byte for
+/// byte.
 fn golden_v2_dir() -> tempfile::TempDir {
+    golden_dump_dir(2, GOLDEN_V2_DIR)
+}
+
+/// The same for format 3.
+fn golden_v3_dir() -> tempfile::TempDir {
+    golden_dump_dir(3, GOLDEN_V3_DIR)
+}
+
+fn golden_dump_dir(format: u32, dump: &str) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(
         dir.path().join("talon-coordinator.json"),
-        r#"{"kind":"talon-coordinator-data","format_version":2,"node_id":1}"#,
+        format!(r#"{{"kind":"talon-coordinator-data","format_version":{format},"node_id":1}}"#),
     )
     .unwrap();
     let db = sled::Config::new()
         .path(dir.path().join("db"))
         .open()
         .unwrap();
-    let trees: serde_json::Value = serde_json::from_str(GOLDEN_V2_DIR).unwrap();
+    let trees: serde_json::Value = serde_json::from_str(dump).unwrap();
     for (name, rows) in trees.as_object().unwrap() {
         let tree = db.open_tree(name).unwrap();
         for row in rows.as_array().unwrap() {
@@ -86,7 +97,20 @@ async fn format_1_directory_migrates_and_reads_the_same() {
 #[tokio::test]
 async fn format_2_directory_migrates_and_reads_the_same() {
     let dir = golden_v2_dir();
-    // format-2 values do not decode as format 3 (the replica layout grew)
+    refuses_its_replicas(&dir);
+    reads_the_golden_state(dir).await;
+}
+
+#[tokio::test]
+async fn format_3_directory_migrates_and_reads_the_same() {
+    let dir = golden_v3_dir();
+    refuses_its_replicas(&dir);
+    reads_the_golden_state(dir).await;
+}
+
+/// An old directory's replicas do not decode as the current format (the
+/// replica layout grew): the migration is needed.
+fn refuses_its_replicas(dir: &tempfile::TempDir) {
     let data = sled::Config::new()
         .path(dir.path().join("db"))
         .open()
@@ -100,8 +124,6 @@ async fn format_2_directory_migrates_and_reads_the_same() {
         .unwrap()
         .1;
     assert!(codec::decode::<Replica>(&replica).is_err());
-    drop(data);
-    reads_the_golden_state(dir).await;
 }
 
 /// Opens an old golden directory (migrating it) twice and checks that it
@@ -324,6 +346,7 @@ fn arb_command() -> impl Strategy<Value = Command> {
                     mig_device: format!("MIG-{n}"),
                     mig_slice: String::new(),
                     stages: 0,
+                    pipeline: None,
                 }],
             }
         }),
@@ -345,6 +368,13 @@ fn arb_command() -> impl Strategy<Value = Command> {
                     mig_device: String::new(),
                     mig_slice: format!("3g.40gb@{}", 4 * (model_revision % 2)),
                     stages: (model_revision % 3) as u32,
+                    pipeline: (model_revision % 2 == 1).then(|| PipelineStage {
+                        head: format!("{m}@{v}-0"),
+                        index: (model_revision % 3) as u32,
+                        count: 3,
+                        first_layer: 40,
+                        layers: 40,
+                    }),
                 }],
             }
         }),

@@ -12,11 +12,12 @@
 //! | `sm`       | `model/<name>`, `node/<id>`, `replica/<id>`, `credential/<id>`, `audit/<u64 BE>`, `meta/applied`, `meta/membership`, `meta/auth` | envelope |
 //! | `snapshot` | `current/meta`, `current/data`         | envelope: meta, `Applied`    |
 //!
-//! Values are in the strict binary envelope of [`codec`] (format 3: since
+//! Values are in the strict binary envelope of [`codec`] (format 4: since
+//! format 3, a replica can be a stage of a pipeline across nodes; since
 //! format 2, replicas carry their GPU list and MIG device). A format-1
-//! directory (every value JSON) or a format-2 one (envelope version 1) is
-//! migrated in place at start, by [`migrate`]; golden copies of a format-1
-//! and a format-2 directory are tested to decode.
+//! directory (every value JSON), a format-2 one (envelope version 1) or a
+//! format-3 one (envelope version 2) is migrated in place at start, by
+//! [`migrate`]; golden copies of each are tested to decode.
 //!
 //! A directory that is not empty and has no marker, a marker of another
 //! format or node, or a database that sled cannot open is refused at start
@@ -36,11 +37,11 @@ use serde::{Deserialize, Serialize};
 pub use log_store::LogStore;
 pub use state_machine::{Applied, SharedState, StateMachineStore};
 
-/// Version of the on-disk format this build writes (3: binary envelope,
-/// replicas over several GPUs or on a MIG device).
-pub const FORMAT_VERSION: u32 = 3;
+/// Version of the on-disk format this build writes (4: binary envelope,
+/// replicas over several GPUs, on a MIG device, or a pipeline stage).
+pub const FORMAT_VERSION: u32 = 4;
 /// The oldest format this build migrates from (1: JSON values; 2: the
-/// envelope with one-GPU replicas).
+/// envelope with one-GPU replicas; 3: no pipeline stages).
 pub const MIGRATES_FROM: u32 = 1;
 const MARKER_FILE: &str = "talon-coordinator.json";
 const MARKER_KIND: &str = "talon-coordinator-data";

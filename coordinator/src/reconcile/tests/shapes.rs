@@ -278,3 +278,152 @@ fn the_node_selector_label_keeps_replicas_on_matching_nodes() {
         why("broken")
     );
 }
+
+#[test]
+fn a_model_no_node_holds_runs_as_a_pipeline_across_nodes_or_not_at_all() {
+    let (mut s, mut i) = (State::default(), 0);
+    for id in ["a", "b"] {
+        run(&mut s, &mut i, Command::RegisterNode(h100_pair(id, true)));
+    }
+    // 250 GB: more than one node's 2 × 80 GB, so two stages of TP2
+    run(
+        &mut s,
+        &mut i,
+        with_label(model("huge", 250_000, 1), "layers", "80"),
+    );
+    converge(&mut s, &mut i);
+    let mut stages: Vec<&Replica> = s.replicas.values().collect();
+    stages.sort_by_key(|r| r.pipeline.as_ref().map(|p| p.index));
+    assert_eq!(stages.len(), 2, "{stages:?}");
+    let (head, tail) = (stages[0], stages[1]);
+    assert_eq!(head.id, "huge@v1-0");
+    assert_eq!(tail.id, "huge@v1-0.stage1");
+    assert_ne!(head.node_id, tail.node_id, "one node holds no stage pair");
+    let (hp, tp) = (
+        head.pipeline.clone().unwrap(),
+        tail.pipeline.clone().unwrap(),
+    );
+    assert_eq!((hp.index, hp.count, hp.head.as_str()), (0, 2, "huge@v1-0"));
+    assert_eq!((tp.index, tp.count, tp.head.as_str()), (1, 2, "huge@v1-0"));
+    assert_eq!(hp.first_layer, 0);
+    assert_eq!(tp.first_layer, hp.layers);
+    assert_eq!(hp.layers + tp.layers, 80, "every layer once");
+    for r in [head, tail] {
+        assert_eq!((r.gpus.as_slice(), r.milli), (&[0, 1][..], 1000), "{r:?}");
+        assert!(r.memory_mib < 80 * 1024, "{r:?}");
+    }
+    assert!(head.takes_requests() && !tail.takes_requests());
+    assert!(plan(&s).commands.is_empty(), "stable");
+    s.check_consistency().unwrap();
+
+    // a stage's node drains and no other can take it: the whole pipeline
+    // leaves, named, rather than half of it holding GPUs
+    let tail_node = tail.node_id.clone();
+    run(
+        &mut s,
+        &mut i,
+        Command::SetNodeScheduling {
+            node_id: tail_node.clone(),
+            action: crate::state::Scheduling::Drain,
+        },
+    );
+    let p = plan(&s);
+    assert!(
+        p.unplaced.iter().any(|(id, _)| id.starts_with("huge@v1-0")),
+        "{:?}",
+        p.unplaced
+    );
+    converge(&mut s, &mut i);
+    assert!(s.replicas.is_empty(), "{:?}", s.replicas);
+    // another node joins: the pipeline runs again
+    run(&mut s, &mut i, Command::RegisterNode(h100_pair("c", true)));
+    converge(&mut s, &mut i);
+    assert_eq!(s.replicas.len(), 2);
+    assert!(s.replicas.values().all(|r| r.node_id != tail_node));
+    s.check_consistency().unwrap();
+}
+
+#[test]
+fn place_replicas_refuses_an_incomplete_pipeline() {
+    let (mut s, mut i) = (State::default(), 0);
+    for id in ["a", "b"] {
+        run(&mut s, &mut i, Command::RegisterNode(h100_pair(id, true)));
+    }
+    run(&mut s, &mut i, model("x", 1_000, 1));
+    let revision = s.models["x"].revision;
+    let stage = |id: &str, node: &str, index: u32, first_layer: u32, layers: u32| Replica {
+        pipeline: Some(crate::state::PipelineStage {
+            head: "x@v1-0".into(),
+            index,
+            count: 2,
+            first_layer,
+            layers,
+        }),
+        ..Replica::on_gpu(id, "x", "v1", node, 0)
+    };
+    let cases: Vec<(Vec<Replica>, &str)> = vec![
+        (
+            vec![stage("x@v1-0", "a", 0, 0, 16)],
+            "has 1 of its 2 stages",
+        ),
+        (
+            vec![
+                stage("x@v1-0", "a", 0, 0, 16),
+                stage("x@v1-0.stage1", "b", 1, 20, 12),
+            ],
+            "starts at layer 20, not 16",
+        ),
+        (
+            vec![
+                stage("x@v1-0", "a", 0, 0, 16),
+                stage("x@v1-0.stage1", "b", 0, 16, 16),
+            ],
+            "the first stage, and only it",
+        ),
+        (
+            vec![
+                stage("x@v1-0", "a", 0, 0, 0),
+                stage("x@v1-0.stage1", "b", 1, 0, 16),
+            ],
+            "each with at least one layer",
+        ),
+    ];
+    for (replicas, expected) in cases {
+        let before = s.clone();
+        i += 1;
+        let (response, _) = s.apply(
+            i,
+            &Request {
+                at_ms: i,
+                actor: "t".into(),
+                command: Command::PlaceReplicas {
+                    model: "x".into(),
+                    model_revision: revision,
+                    replicas,
+                },
+            },
+        );
+        match response {
+            crate::state::Response::Rejected(r) => {
+                assert!(r.message.contains(expected), "{expected}: {}", r.message)
+            }
+            other => panic!("{expected}: applied {other:?}"),
+        }
+        assert_eq!(s.replicas, before.replicas);
+    }
+    // complete, it applies
+    run(
+        &mut s,
+        &mut i,
+        Command::PlaceReplicas {
+            model: "x".into(),
+            model_revision: revision,
+            replicas: vec![
+                stage("x@v1-0", "a", 0, 0, 16),
+                stage("x@v1-0.stage1", "b", 1, 16, 16),
+            ],
+        },
+    );
+    assert_eq!(s.replicas.len(), 2);
+    s.check_consistency().unwrap();
+}
