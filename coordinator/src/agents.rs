@@ -105,10 +105,53 @@ fn assignments(state: &crate::state::State, node: &str, revision: u64) -> pb::As
                 mig_device: r.mig_device.clone(),
                 mig_slice: r.mig_slice.clone(),
                 stages: r.stages,
+                pipeline: r.pipeline.as_ref().map(|p| stage_of(state, r, p)),
             }
         })
         .collect();
     pb::Assignments { revision, replicas }
+}
+
+/// What a pipeline stage's agent needs: its layers, the token it accepts,
+/// and where the next stage takes activations (that stage's agent address
+/// and token).
+fn stage_of(
+    state: &crate::state::State,
+    r: &crate::state::Replica,
+    p: &crate::state::PipelineStage,
+) -> pb::PipelineStage {
+    let token = |id: &str| {
+        state
+            .cluster_secret
+            .map(|secret| crate::auth::stage_token(&secret, id))
+            .unwrap_or_default()
+    };
+    let next = state.replicas.values().find(|n| {
+        n.pipeline
+            .as_ref()
+            .is_some_and(|q| q.head == p.head && q.index == p.index + 1)
+    });
+    let (next_url, next_token) = match next {
+        Some(n) => (
+            state
+                .nodes
+                .get(&n.node_id)
+                .map(|node| format!("http://{}/v1/stages/{}/forward", node.inventory.addr, n.id))
+                .unwrap_or_default(),
+            token(&n.id),
+        ),
+        None => (String::new(), String::new()),
+    };
+    pb::PipelineStage {
+        head: p.head.clone(),
+        index: p.index,
+        count: p.count,
+        first_layer: p.first_layer,
+        layers: p.layers,
+        next_url,
+        next_token,
+        token: token(&r.id),
+    }
 }
 
 /// Longest replica message and most replica statuses in one report.

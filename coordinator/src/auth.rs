@@ -200,6 +200,16 @@ pub fn serve_secret(cluster_secret: &[u8; 32], node_id: &str) -> String {
     hex(&mac.finalize().into_bytes())
 }
 
+/// The token a pipeline stage's agent expects from the stage before it:
+/// bound to that one stage replica, so an agent holds tokens only for the
+/// stages next to its own.
+pub fn stage_token(cluster_secret: &[u8; 32], replica_id: &str) -> String {
+    let mut mac = Hmac::<Sha256>::new_from_slice(cluster_secret).expect("HMAC takes any key");
+    mac.update(b"talon pipeline stage token\0");
+    mac.update(replica_id.as_bytes());
+    hex(&mac.finalize().into_bytes())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

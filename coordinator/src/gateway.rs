@@ -294,12 +294,39 @@ impl Gateway {
         let leader = self.ctx.is_leader();
         let mut found = Vec::new();
         let mut states = Vec::new();
-        for r in applied.state.replicas.values().filter(|r| r.model == model) {
+        let of_model: Vec<&crate::state::Replica> = applied
+            .state
+            .replicas
+            .values()
+            .filter(|r| r.model == model)
+            .collect();
+        // a pipeline takes requests at its first stage, when every stage is
+        // ready
+        for r in of_model.iter().filter(|r| r.takes_requests()) {
             let Some(node) = applied.state.nodes.get(&r.node_id) else {
                 continue;
             };
             let status = self.ctx.telemetry.replica_status(&r.node_id, &r.id);
-            let state = status.as_ref().map_or("unknown", |s| s.state.as_str());
+            let mut state = status.as_ref().map_or("unknown", |s| s.state.as_str());
+            if state == "ready" && r.pipeline.is_some() {
+                let stage_not_ready = of_model
+                    .iter()
+                    .filter(|s| {
+                        s.pipeline
+                            .as_ref()
+                            .is_some_and(|p| p.head == r.id && p.index > 0)
+                    })
+                    .any(|s| {
+                        self.ctx
+                            .telemetry
+                            .replica_state(&s.node_id, &s.id)
+                            .as_deref()
+                            != Some("ready")
+                    });
+                if stage_not_ready {
+                    state = "stages-not-ready";
+                }
+            }
             states.push(format!("{}={state}", r.id));
             // The leader knows readiness; a follower tries what is placed.
             if leader && state != "ready" {

@@ -66,21 +66,25 @@ impl ServeGuard {
         let Some(expected) = expected.as_deref() else {
             return Err(Refusal::NotJoined);
         };
-        let given = authorization
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .ok_or(Refusal::Unauthorized)?;
-        let same = given.len() == expected.len()
-            && given
-                .bytes()
-                .zip(expected.bytes())
-                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-                == 0;
-        if same {
-            Ok(())
-        } else {
-            Err(Refusal::Unauthorized)
-        }
+        bearer_matches(authorization, expected)
+            .then_some(())
+            .ok_or(Refusal::Unauthorized)
     }
+}
+
+/// Whether an `authorization` header value is `Bearer <expected>`, compared
+/// in constant time; never for an empty `expected`.
+pub fn bearer_matches(authorization: Option<&str>, expected: &str) -> bool {
+    let Some(given) = authorization.and_then(|v| v.strip_prefix("Bearer ")) else {
+        return false;
+    };
+    !expected.is_empty()
+        && given.len() == expected.len()
+        && given
+            .bytes()
+            .zip(expected.bytes())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
 }
 
 /// The identity in memory and, when a path is set, on disk.

@@ -12,6 +12,11 @@ pub struct GpuLabel {
     pub gpu: u32,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReplicaLabel {
+    pub replica: String,
+}
+
 pub struct AgentMetrics {
     registry: Registry,
     pub memory_used: Family<GpuLabel, Gauge>,
@@ -22,6 +27,8 @@ pub struct AgentMetrics {
     pub reports: Counter,
     pub reconnects: Counter,
     pub registered: Gauge,
+    /// Pipeline steps a later stage here served, per stage replica.
+    pub pipeline_steps: Family<ReplicaLabel, Counter>,
 }
 
 impl Default for AgentMetrics {
@@ -42,6 +49,7 @@ impl AgentMetrics {
             reports: Counter::default(),
             reconnects: Counter::default(),
             registered: Gauge::default(),
+            pipeline_steps: Family::default(),
             registry: Registry::default(),
         };
         registry.register_with_unit(
@@ -88,6 +96,11 @@ impl AgentMetrics {
             "registered",
             "1 once the coordinator committed this node's inventory",
             m.registered.clone(),
+        );
+        registry.register(
+            "pipeline_steps",
+            "Pipeline steps (a prefill or a decode step of a batch) a later stage on this node ran and handed on",
+            m.pipeline_steps.clone(),
         );
         AgentMetrics { registry, ..m }
     }

@@ -85,6 +85,8 @@ pub struct Placement {
     /// Pipeline stages over `gpus`, one per GPU (1: none — one GPU or a
     /// tensor-parallel group).
     pub stages: u32,
+    /// The stage of a pipeline across nodes it is, if it is one.
+    pub pipeline: Option<crate::executor::pipeline::Stage>,
 }
 
 impl Placement {
@@ -95,6 +97,7 @@ impl Placement {
             mig_device: None,
             mig_slice: None,
             stages: 1,
+            pipeline: None,
         }
     }
 
@@ -147,11 +150,17 @@ impl Placement {
             )))
             }
         };
+        let pipeline = r
+            .pipeline
+            .as_ref()
+            .map(crate::executor::pipeline::Stage::of)
+            .transpose()?;
         Ok(Placement {
             gpus,
             mig_device,
             mig_slice,
             stages,
+            pipeline,
         })
     }
 }
@@ -192,6 +201,11 @@ impl ExecutorFactory for EngineFactory {
         if placement.mig_slice.is_some() {
             return Err(ExecError::Config(
                 "this release creates MIG instances on simulated fleets only; partition the GPU with nvidia-smi and run the agent without --manage-mig".into(),
+            ));
+        }
+        if placement.pipeline.is_some() {
+            return Err(ExecError::Config(
+                "engine processes do not run pipeline stages across nodes in this release (the simulated executor does); give the model a node whose GPUs hold it".into(),
             ));
         }
         // the engine sees its MIG device, or its GPUs, and nothing else
@@ -369,6 +383,19 @@ impl ReplicaManager {
                 .lock()
                 .expect("replica lock poisoned")
                 .insert(r.id.clone(), (r.clone(), slot));
+        }
+    }
+
+    /// The running replica `id`, if it is a later stage of a pipeline:
+    /// the token its callers must present, and its executor.
+    pub fn stage(&self, id: &str) -> Option<(String, Arc<dyn Executor>)> {
+        let replicas = self.replicas.lock().expect("replica lock poisoned");
+        match replicas.get(id) {
+            Some((_, Slot::Running(r))) => {
+                let stage = r.executor.stage()?;
+                (stage.index > 0).then(|| (stage.token.clone(), r.executor.clone()))
+            }
+            _ => None,
         }
     }
 

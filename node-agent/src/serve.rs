@@ -10,6 +10,11 @@
 //! The replica routes accept only the coordinators: each request must carry
 //! `authorization: Bearer <serve secret>`, the secret this node received
 //! when it joined ([`ServeGuard`]). `/metrics` is open, for scrapers.
+//!
+//! `POST /v1/stages/{id}/forward` takes one step of a pipeline whose later
+//! stage `id` runs here, from the agent of the stage before it
+//! ([`crate::executor::pipeline`]); it accepts only the bearer token the
+//! coordinator minted for that stage.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -58,7 +63,13 @@ pub fn router(
             state.clone(),
             only_coordinators,
         ));
+    let stage_routes = Router::new()
+        .route("/v1/stages/{id}/forward", post(forward))
+        .layer(axum::extract::DefaultBodyLimit::max(
+            crate::executor::pipeline::MAX_ACTIVATION_BYTES + 1,
+        ));
     Router::new()
+        .merge(stage_routes)
         .route(
             "/metrics",
             get(|State(s): State<AgentHttp>| async move { s.metrics.encode() }),
@@ -89,6 +100,52 @@ async fn only_coordinators(
             "unauthorized",
             "replica routes accept only this node's coordinators (authorization: Bearer <serve secret>)".into(),
         ),
+    }
+}
+
+/// One pipeline step for a later stage running here.
+async fn forward(
+    State(s): State<AgentHttp>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    use crate::executor::pipeline::Step;
+    let stage = s.replicas.as_ref().and_then(|r| r.stage(&id));
+    let Some((token, executor)) = stage else {
+        return error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("replica {id:?} is no later pipeline stage running on this node"),
+        );
+    };
+    let authorization = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    if !crate::identity::bearer_matches(authorization, &token) {
+        return error(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            format!("stage {id:?} accepts only the stage before it (authorization: Bearer <stage token>)"),
+        );
+    }
+    let step = match Step::from_headers(&headers) {
+        Ok(step) => step,
+        Err(why) => return error(StatusCode::BAD_REQUEST, "invalid_request_error", why),
+    };
+    match executor.forward(step, body.to_vec()).await {
+        Ok(answer) => {
+            s.metrics
+                .pipeline_steps
+                .get_or_create(&crate::metrics::ReplicaLabel { replica: id })
+                .inc();
+            (
+                [(axum::http::header::CONTENT_TYPE, "application/octet-stream")],
+                answer,
+            )
+                .into_response()
+        }
+        Err(e) => failure(&id, e),
     }
 }
 

@@ -14,6 +14,7 @@
 //! API, so nothing is translated on the way.
 
 pub mod external;
+pub mod pipeline;
 pub mod simulated;
 
 use serde_json::Value;
@@ -117,6 +118,22 @@ pub trait Executor: Send + Sync {
     async fn infer(&self, batch: Vec<InferRequest>) -> Vec<Result<Value, ExecError>>;
     /// Stops the replica and releases its GPUs.
     async fn stop(&self);
+    /// The pipeline stage it is, if it is one.
+    fn stage(&self) -> Option<&pipeline::Stage> {
+        None
+    }
+    /// Runs one step of a pipeline it is a later stage of: its layers on
+    /// the previous stage's `activations`, handed on to the next stage;
+    /// answers the step's next-token ids. Refused by any other replica.
+    async fn forward(
+        &self,
+        _step: pipeline::Step,
+        _activations: Vec<u8>,
+    ) -> Result<Vec<u8>, ExecError> {
+        Err(ExecError::BadRequest(
+            "this replica is no later stage of a pipeline".into(),
+        ))
+    }
 }
 
 /// A rough token count (whitespace words) of the text in a request body,
@@ -133,3 +150,6 @@ pub fn prompt_tokens(body: &Value) -> u64 {
         (_, _, i) => count(i),
     }
 }
+
+#[cfg(test)]
+mod pipeline_tests;

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
+use super::pipeline::{self, Stage, Step};
 use super::{prompt_tokens, Endpoint, ExecError, Executor, InferRequest, ReplicaState};
 use crate::catalog::GpuType;
 use crate::perf::{self, Correction, ModelShape};
@@ -30,6 +31,8 @@ pub struct SimulatedExecutor {
     correction: Arc<Correction>,
     in_flight: AtomicU32,
     state: Mutex<ReplicaState>,
+    /// Hands activations to the next pipeline stage.
+    hops: reqwest::Client,
 }
 
 /// Handing one step's activations to the next pipeline stage (PCIe).
@@ -101,6 +104,10 @@ impl SimulatedExecutor {
             correction,
             in_flight: AtomicU32::new(0),
             state: Mutex::new(ReplicaState::Ready),
+            hops: reqwest::Client::builder()
+                .connect_timeout(Duration::from_secs(5))
+                .build()
+                .map_err(|e| ExecError::Config(format!("no HTTP client for pipeline hops: {e}")))?,
         };
         if let Err(e) = executor.hold(memory_bytes, 0) {
             executor.release();
@@ -136,22 +143,59 @@ impl SimulatedExecutor {
         }
     }
 
-    /// Predicted time for a batch, corrected by what was observed.
+    /// Predicted time for a batch, corrected by what was observed: on a
+    /// pipeline's first stage, the whole pipeline's (its stages were split
+    /// to take about as long as each other).
     pub fn predict(&self, batch: &[InferRequest]) -> Duration {
         let prompts: Vec<u64> = batch
             .iter()
             .map(|r| prompt_tokens(&r.body).max(1))
             .collect();
         let output = batch.iter().map(output_tokens).max().unwrap_or(0);
-        let mut predicted =
-            perf::batch_latency(self.shape, self.gpu_type, self.tp(), &prompts, output)
-                .div_f64(self.compute_share);
-        // a pipeline streams the same weights (a share on each stage), and
-        // each step crosses to the next stage once per stage boundary
-        let hops = self.placement.stages.saturating_sub(1);
-        predicted += PIPELINE_HOP * hops * (output as u32 + 1);
+        let own = self.own_time(&prompts, output);
+        let predicted = match &self.placement.pipeline {
+            Some(stage) => (own + PIPELINE_HOP * (output as u32 + 1)) * stage.count - PIPELINE_HOP,
+            None => own,
+        };
         self.correction
             .corrected(&self.model, self.gpu_type.key, predicted)
+    }
+
+    /// Time its own GPUs take for a batch (uncorrected).
+    fn own_time(&self, prompts: &[u64], output: u64) -> Duration {
+        let mut own = perf::batch_latency(self.shape, self.gpu_type, self.tp(), prompts, output)
+            .div_f64(self.compute_share);
+        // a pipeline over its GPUs streams the same weights (a share on each
+        // stage), and each step crosses to the next stage once per boundary
+        let hops = self.placement.stages.saturating_sub(1);
+        own += PIPELINE_HOP * hops * (output as u32 + 1);
+        own
+    }
+
+    /// How its own time for a batch splits: the prefill, then each decode
+    /// step.
+    fn step_times(&self, prompts: &[u64], output: u64, latency: Duration) -> (Duration, Duration) {
+        let prefill = perf::prefill(self.shape, self.gpu_type, self.tp(), prompts.iter().sum());
+        let modelled = perf::batch_latency(self.shape, self.gpu_type, self.tp(), prompts, output);
+        // Scale prefill by the same correction as the whole.
+        let scale = latency.as_secs_f64() / modelled.as_secs_f64().max(1e-9);
+        let prefill = prefill.mul_f64(scale).min(latency);
+        let step = (latency - prefill)
+            .checked_div(output.max(1) as u32)
+            .unwrap_or_default();
+        (prefill, step)
+    }
+
+    /// Hands step `step` on to the next stage, if it has one.
+    async fn hand_off(&self, step: &Step, input: &[u8]) -> Result<Vec<u8>, ExecError> {
+        let Some(stage) = &self.placement.pipeline else {
+            return Ok(Vec::new());
+        };
+        let activations = pipeline::activations(input, stage, step);
+        match &stage.next {
+            Some(next) => pipeline::hand_off(&self.hops, next, step, activations).await,
+            None => Ok(pipeline::next_tokens(&activations, step)),
+        }
     }
 
     fn answer(&self, request: &InferRequest) -> Value {
@@ -195,28 +239,33 @@ impl SimulatedExecutor {
 
     /// Plays a batch out token by token: the prompts first, then one decode
     /// step per output token, each streamed request getting its token as the
-    /// step ends. Takes `latency` in all, like the batch unstreamed.
+    /// step ends. Takes `latency` in all on its own GPUs, like the batch
+    /// unstreamed; a pipeline's first stage hands each step on to the next
+    /// stage and waits for its answer before the token goes out.
     async fn stream(
         &self,
         batch: &[InferRequest],
         answers: &[Result<Value, ExecError>],
         latency: Duration,
-    ) {
+    ) -> Result<(), ExecError> {
         let steps = batch.iter().map(output_tokens).max().unwrap_or(0);
         let prompts: Vec<u64> = batch
             .iter()
             .map(|r| prompt_tokens(&r.body).max(1))
             .collect();
-        let prefill = perf::prefill(self.shape, self.gpu_type, self.tp(), prompts.iter().sum());
-        let modelled = perf::batch_latency(self.shape, self.gpu_type, self.tp(), &prompts, steps);
-        // Scale prefill by the same correction as the whole.
-        let scale = latency.as_secs_f64() / modelled.as_secs_f64().max(1e-9);
-        let prefill = prefill.mul_f64(scale).min(latency);
-        let step = (latency - prefill)
-            .checked_div(steps.max(1) as u32)
-            .unwrap_or_default();
-        let start = tokio::time::Instant::now();
-        tokio::time::sleep(prefill).await;
+        let (prefill, step) = self.step_times(&prompts, steps, latency);
+        let mut hop = Step {
+            step: 0,
+            prompts,
+            output: steps,
+        };
+        let mut carried = fnv(&format!("{:?}", hop.prompts)).to_le_bytes().to_vec();
+        let mut mark = tokio::time::Instant::now() + prefill;
+        tokio::time::sleep_until(mark).await;
+        if self.placement.pipeline.is_some() {
+            carried = self.hand_off(&hop, &carried).await?;
+            mark = tokio::time::Instant::now();
+        }
         let words: Vec<Vec<&str>> = answers
             .iter()
             .map(|a| match a {
@@ -225,7 +274,13 @@ impl SimulatedExecutor {
             })
             .collect();
         for i in 0..steps as usize {
-            tokio::time::sleep_until(start + prefill + step * (i as u32 + 1)).await;
+            mark += step;
+            tokio::time::sleep_until(mark).await;
+            if self.placement.pipeline.is_some() {
+                hop.step = i as u64 + 1;
+                carried = self.hand_off(&hop, &carried).await?;
+                mark = tokio::time::Instant::now();
+            }
             for ((r, words), answer) in batch.iter().zip(&words).zip(answers) {
                 let (Some(sink), Some(word), Ok(answer)) = (&r.stream, words.get(i), answer) else {
                     continue;
@@ -243,6 +298,7 @@ impl SimulatedExecutor {
                 let _ = sink.send(chunk(r.endpoint, answer, None, Some("length")));
             }
         }
+        Ok(())
     }
 
     fn set_utilization(&self, busy: bool) {
@@ -312,8 +368,19 @@ impl Executor for SimulatedExecutor {
                 .map(|_| Err(ExecError::NotReady(state.as_str())))
                 .collect();
         }
-        let latency = self.predict(&batch);
-        let answers: Vec<Result<Value, ExecError>> = batch
+        let prompts: Vec<u64> = batch
+            .iter()
+            .map(|r| prompt_tokens(&r.body).max(1))
+            .collect();
+        let output = batch.iter().map(output_tokens).max().unwrap_or(0);
+        // its own share: the stages after it take theirs as the steps reach
+        // them
+        let latency = self.correction.corrected(
+            &self.model,
+            self.gpu_type.key,
+            self.own_time(&prompts, output),
+        );
+        let mut answers: Vec<Result<Value, ExecError>> = batch
             .iter()
             .map(|r| match r.endpoint {
                 Endpoint::ChatCompletions if !r.body["messages"].is_array() => Err(
@@ -324,8 +391,14 @@ impl Executor for SimulatedExecutor {
             .collect();
         self.in_flight.fetch_add(1, Ordering::SeqCst);
         self.set_utilization(true);
-        if batch.iter().any(|r| r.stream.is_some()) {
-            self.stream(&batch, &answers, latency).await;
+        if batch.iter().any(|r| r.stream.is_some()) || self.placement.pipeline.is_some() {
+            if let Err(e) = self.stream(&batch, &answers, latency).await {
+                let why = e.to_string();
+                answers = batch
+                    .iter()
+                    .map(|_| Err(ExecError::Engine(why.clone())))
+                    .collect();
+            }
         } else {
             tokio::time::sleep(latency).await;
         }
@@ -338,6 +411,50 @@ impl Executor for SimulatedExecutor {
     async fn stop(&self) {
         *self.state.lock().expect("state lock poisoned") = ReplicaState::Draining;
         self.release();
+    }
+
+    fn stage(&self) -> Option<&Stage> {
+        self.placement.pipeline.as_ref()
+    }
+
+    async fn forward(&self, step: Step, activations: Vec<u8>) -> Result<Vec<u8>, ExecError> {
+        let state = self.state();
+        if state != ReplicaState::Ready {
+            return Err(ExecError::NotReady(state.as_str()));
+        }
+        if !self
+            .placement
+            .pipeline
+            .as_ref()
+            .is_some_and(|s| s.index > 0)
+        {
+            return Err(ExecError::BadRequest(
+                "this replica is no later stage of a pipeline".into(),
+            ));
+        }
+        if activations.len() != step.activation_bytes() {
+            return Err(ExecError::BadRequest(format!(
+                "step {} carries {} activation bytes; {} tokens take {}",
+                step.step,
+                activations.len(),
+                step.tokens(),
+                step.activation_bytes()
+            )));
+        }
+        let latency = self.correction.corrected(
+            &self.model,
+            self.gpu_type.key,
+            self.own_time(&step.prompts, step.output),
+        );
+        let (prefill, decode) = self.step_times(&step.prompts, step.output, latency);
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
+        self.set_utilization(true);
+        tokio::time::sleep(if step.step == 0 { prefill } else { decode }).await;
+        let answer = self.hand_off(&step, &activations).await;
+        if self.in_flight.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.set_utilization(false);
+        }
+        answer
     }
 }
 
@@ -440,6 +557,7 @@ mod tests {
             mig_device: None,
             mig_slice: None,
             stages,
+            pipeline: None,
         }
     }
 
@@ -486,6 +604,7 @@ mod tests {
             mig_device: Some(uuid.to_string()),
             mig_slice: None,
             stages: 1,
+            pipeline: None,
         };
         let slice = SimulatedExecutor::load(
             "s",
