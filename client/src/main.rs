@@ -436,7 +436,9 @@ async fn execute(cli: Cli) -> Result<(), ClientError> {
                     .replicas
                     .iter()
                     .map(|r| json!({"id": r.id, "model": r.model, "version": r.version, "node_id": r.node_id,
-                        "gpu": r.gpu, "gpus": r.gpus, "mig_device": r.mig_device, "mig_slice": r.mig_slice, "stages": r.stages, "milli": r.milli, "memory_mib": r.memory_mib,
+                        "gpu": r.gpu, "gpus": r.gpus, "mig_device": r.mig_device, "mig_slice": r.mig_slice, "stages": r.stages,
+                        "pipeline": r.pipeline.as_ref().map(|p| json!({"head": p.head, "index": p.index, "count": p.count, "first_layer": p.first_layer, "layers": p.layers})),
+                        "milli": r.milli, "memory_mib": r.memory_mib,
                         "revision": r.revision, "state": r.state}))
                     .collect();
                 println!(
@@ -573,7 +575,8 @@ async fn main() -> ExitCode {
 
 /// A replica's GPUs for the table: `0`, `0+1` (a tensor-parallel group),
 /// `0>1` (a pipeline from GPU 0 to GPU 1),
-/// `0:MIG-…` (a MIG device of GPU 0).
+/// `0:MIG-…` (a MIG device of GPU 0); a stage of a pipeline across nodes
+/// leads with its place in it: `2/3 L40-79 0+1`.
 fn gpus_cell(r: &talon_proto::v1::Replica) -> String {
     let gpus: Vec<String> = if r.gpus.is_empty() {
         vec![r.gpu.to_string()]
@@ -581,6 +584,15 @@ fn gpus_cell(r: &talon_proto::v1::Replica) -> String {
         r.gpus.iter().map(u32::to_string).collect()
     };
     let mut cell = gpus.join(if r.stages > 1 { ">" } else { "+" });
+    if let Some(p) = &r.pipeline {
+        cell = format!(
+            "{}/{} L{}-{} {cell}",
+            p.index + 1,
+            p.count,
+            p.first_layer,
+            (p.first_layer + p.layers).saturating_sub(1)
+        );
+    }
     for mig in [&r.mig_device, &r.mig_slice] {
         if !mig.is_empty() {
             cell.push(':');

@@ -228,6 +228,11 @@ fn failure(id: &str, e: ExecError) -> Response {
         ),
         ExecError::BadRequest(m) => error(StatusCode::BAD_REQUEST, "invalid_request_error", m),
         ExecError::Engine(m) => error(StatusCode::BAD_GATEWAY, "engine_error", m),
+        ExecError::StageLost(m) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "pipeline_stage_unavailable",
+            format!("replica {id}: {m}"),
+        ),
         ExecError::Config(m) => error(StatusCode::NOT_FOUND, "not_found", m),
         ExecError::Overloaded {
             queued,

@@ -472,6 +472,13 @@ impl AdminService for Admin {
                 mig_device: r.mig_device.clone(),
                 mig_slice: r.mig_slice.clone(),
                 stages: r.stages,
+                pipeline: r.pipeline.as_ref().map(|p| pb::ReplicaStage {
+                    head: p.head.clone(),
+                    index: p.index,
+                    count: p.count,
+                    first_layer: p.first_layer,
+                    layers: p.layers,
+                }),
                 state: self
                     .ctx
                     .telemetry

@@ -98,6 +98,11 @@ pub enum ExecError {
     BadRequest(String),
     #[error("engine error: {0}")]
     Engine(String),
+    /// The next stage of its pipeline cannot be reached (it is moving, or
+    /// its node is gone); another replica, or this one later, should take
+    /// the request.
+    #[error("{0}")]
+    StageLost(String),
     #[error("{0}")]
     Config(String),
     /// The replica's queue is full for this priority; come back later.

@@ -6,8 +6,9 @@
 //! stage's agent over HTTP (`POST /v1/stages/<replica>/forward`, with the
 //! bearer token the coordinator minted for that stage); the last stage
 //! answers with the step's next-token ids, which travel back along the
-//! chain. A stage that cannot be reached fails the step, and so the batch:
-//! the gateway then retries on another replica.
+//! chain. A stage that cannot be reached (gone, moving, not ready) fails
+//! the step, and so the batch, as unavailable (503): the gateway retries
+//! it on another replica, or on this one when its next stage is back.
 //!
 //! On the wire a step is its headers (`x-talon-step`, `x-talon-prompts`,
 //! `x-talon-output`) and the activations as the body: [`HIDDEN_SKETCH`]
@@ -215,19 +216,25 @@ pub async fn hand_off(
         .send()
         .await
         .map_err(|e| {
-            ExecError::Engine(format!("next pipeline stage {} unreachable: {e}", next.url))
+            ExecError::StageLost(format!("next pipeline stage {} unreachable: {e}", next.url))
         })?;
     let status = response.status();
     let body = response
         .bytes()
         .await
-        .map_err(|e| ExecError::Engine(format!("next pipeline stage {}: {e}", next.url)))?;
+        .map_err(|e| ExecError::StageLost(format!("next pipeline stage {}: {e}", next.url)))?;
     if !status.is_success() {
-        return Err(ExecError::Engine(format!(
+        let why = format!(
             "next pipeline stage {} answered {status}: {}",
             next.url,
             String::from_utf8_lossy(&body[..body.len().min(512)])
-        )));
+        );
+        // gone or not ready (moving): worth retrying; anything else is not
+        return Err(if matches!(status.as_u16(), 404 | 503) {
+            ExecError::StageLost(why)
+        } else {
+            ExecError::Engine(why)
+        });
     }
     let expected = step.prompts.len() * 4;
     if body.len() != expected {

@@ -125,7 +125,7 @@ async fn each_step_crosses_to_the_next_stage_and_a_lost_stage_fails_the_batch() 
     tail.apply(&pb::Assignments::default()).await;
     let lost = head.infer(vec![chat(2)]).await;
     assert!(
-        matches!(&lost[0], Err(ExecError::Engine(m)) if m.contains("404") && m.contains("no later pipeline stage")),
+        matches!(&lost[0], Err(ExecError::StageLost(m)) if m.contains("404") && m.contains("no later pipeline stage")),
         "{lost:?}"
     );
 }

@@ -394,9 +394,16 @@ impl Executor for SimulatedExecutor {
         if batch.iter().any(|r| r.stream.is_some()) || self.placement.pipeline.is_some() {
             if let Err(e) = self.stream(&batch, &answers, latency).await {
                 let why = e.to_string();
+                let lost = matches!(e, ExecError::StageLost(_));
                 answers = batch
                     .iter()
-                    .map(|_| Err(ExecError::Engine(why.clone())))
+                    .map(|_| {
+                        Err(if lost {
+                            ExecError::StageLost(why.clone())
+                        } else {
+                            ExecError::Engine(why.clone())
+                        })
+                    })
                     .collect();
             }
         } else {
