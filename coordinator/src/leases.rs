@@ -115,10 +115,14 @@ pub async fn run_reconciler(
             {
                 tracing::info!(%model, replicas = replicas.len(), "placing replicas");
             }
-            if let Err(e) = ctx
-                .write("set_replicas", "reconciler".into(), command)
-                .await
-            {
+            let op = match &command {
+                Command::UpdateModelLabels { name, set, .. } => {
+                    tracing::warn!(model = %name, labels = ?set, "replicas outgrew their planned memory; recording what they need");
+                    "update_labels"
+                }
+                _ => "set_replicas",
+            };
+            if let Err(e) = ctx.write(op, "reconciler".into(), command).await {
                 tracing::warn!(error = %e, "could not commit a placement");
             }
         }

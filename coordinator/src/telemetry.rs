@@ -24,6 +24,10 @@ pub struct NodeTelemetry {
     pub history: Vec<VecDeque<pb::GpuSample>>,
     /// Replica id → state and load, as of the last report.
     pub replicas: HashMap<String, pb::ReplicaStatus>,
+    /// Replica id → the device memory it was measured to use, oldest
+    /// first, bounded like the GPU history (replicas no longer reported
+    /// are dropped).
+    pub replica_memory: HashMap<String, VecDeque<u64>>,
 }
 
 /// Telemetry of every node, bounded per GPU.
@@ -54,8 +58,22 @@ impl TelemetryStore {
                 seq: 0,
                 history: Vec::new(),
                 replicas: HashMap::new(),
+                replica_memory: HashMap::new(),
             });
         entry.last_seen = now;
+        let mut memory = std::mem::take(&mut entry.replica_memory);
+        entry.replica_memory = report
+            .replicas
+            .iter()
+            .map(|r| {
+                let mut h = memory.remove(&r.id).unwrap_or_default();
+                if h.len() >= self.history_len.max(1) {
+                    h.pop_front();
+                }
+                h.push_back(r.memory_used_bytes);
+                (r.id.clone(), h)
+            })
+            .collect();
         entry.replicas = report
             .replicas
             .into_iter()
@@ -126,6 +144,17 @@ impl TelemetryStore {
                 Some((index, recent.map(|g| g.memory_used_bytes).min()?))
             })
             .collect()
+    }
+
+    /// The least device memory replica `id` of `node` was measured to use
+    /// over the last `n` reports (bytes), once `n` reports measured it.
+    pub fn sustained_replica_memory(&self, node: &str, id: &str, n: usize) -> Option<u64> {
+        let nodes = self.nodes.lock().expect("telemetry lock poisoned");
+        let h = nodes.get(node)?.replica_memory.get(id)?;
+        let recent: Vec<u64> = h.iter().rev().take(n.max(1)).copied().collect();
+        (recent.len() >= n.max(1) && recent.iter().all(|b| *b > 0))
+            .then(|| recent.into_iter().min())
+            .flatten()
     }
 
     /// A replica's state as its node last reported it.

@@ -356,7 +356,14 @@ async fn session(
                     }
                 }
                 let probe = probe.clone();
-                let samples = match tokio::task::spawn_blocking(move || probe.sample()).await {
+                let sampled = tokio::task::spawn_blocking(move || {
+                    let samples = probe.sample()?;
+                    // per-process figures are best effort
+                    let processes = probe.process_memory().unwrap_or_default();
+                    Ok::<_, crate::probe::ProbeError>((samples, processes))
+                })
+                .await;
+                let (samples, processes) = match sampled {
                     Ok(Ok(s)) => s,
                     Ok(Err(e)) => {
                         tracing::warn!(error = %e, "GPU sample failed; skipping this report");
@@ -389,7 +396,10 @@ async fn session(
                     seq,
                     sampled_at_ms: now_ms(),
                     gpus: samples.iter().map(sample_to_wire).collect(),
-                    replicas: manager.as_ref().map(|m| m.statuses()).unwrap_or_default(),
+                    replicas: manager
+                        .as_ref()
+                        .map(|m| m.statuses_with(&processes))
+                        .unwrap_or_default(),
                 };
                 if tx.send(report).await.is_err() {
                     return;

@@ -401,6 +401,22 @@ impl ReplicaManager {
 
     /// Every replica's state, for the telemetry report.
     pub fn statuses(&self) -> Vec<pb::ReplicaStatus> {
+        self.statuses_with(&HashMap::new())
+    }
+
+    /// [`Self::statuses`], an engine process's memory taken from the
+    /// driver's per-process figures (`pid → bytes`): its own and its
+    /// workers'.
+    pub fn statuses_with(&self, process_memory: &HashMap<u32, u64>) -> Vec<pb::ReplicaStatus> {
+        let measured = |e: &Arc<dyn Executor>| {
+            e.memory_used().unwrap_or_else(|| match e.process_id() {
+                Some(pid) if !process_memory.is_empty() => crate::probe::process_tree(pid)
+                    .iter()
+                    .filter_map(|p| process_memory.get(p))
+                    .sum(),
+                _ => 0,
+            })
+        };
         let replicas = self.replicas.lock().expect("replica lock poisoned");
         let mut out: Vec<pb::ReplicaStatus> = replicas
             .iter()
@@ -417,6 +433,7 @@ impl ReplicaManager {
                         .as_secs_f64() as f32
                         * 1e3,
                     max_batch: BATCH_LIMITS.max_batch as u32,
+                    memory_used_bytes: measured(&e.executor),
                 },
                 Slot::Failed(why) => pb::ReplicaStatus {
                     id: id.clone(),

@@ -563,3 +563,56 @@ async fn a_model_no_node_holds_runs_as_a_pipeline_across_nodes_and_a_stage_moves
         "the moved stage serves"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_outgrows_its_gpu_is_planned_again_as_a_tensor_parallel_group() {
+    let cluster = Cluster::form(
+        1,
+        &["--join-token", TOKEN, "--telemetry-interval-ms", "200"],
+    )
+    .await;
+    let grpc = cluster.nodes[0].grpc.clone();
+    let (_stop, fleet) = crate::agents::spawn_agent_on("n", "h100-sxm:2", vec![grpc]);
+    let client = cluster.client();
+    wait_for("a ready node", Duration::from_secs(40), || async {
+        let nodes = client.list_nodes().await.ok()?;
+        (nodes.iter().filter(|n| n.state == "ready").count() == 1).then_some(())
+    })
+    .await;
+    client
+        .create_model(model_spec("grow", "simulated", 60_000, 1))
+        .await
+        .expect("model");
+    let placed = wait_for("the replica ready", Duration::from_secs(40), || async {
+        let list = client.list_replicas("grow").await.ok()?;
+        ready(&list, 1).then(|| list.replicas[0].clone())
+    })
+    .await;
+    assert_eq!(placed.gpus.len(), 1);
+    // its engine grows to 78 GB of the 80 GB GPU (the simulated driver's
+    // per-process figure)
+    let gpu = placed.gpu;
+    let (owner, _) = fleet
+        .owners(gpu)
+        .into_iter()
+        .find(|(o, _)| o.starts_with("grow#"))
+        .expect("the replica's memory on its GPU");
+    fleet
+        .set_owner_load(gpu, &owner, 78_000 << 20, 0, 1)
+        .expect("fits the GPU");
+    let regrouped = wait_for(
+        "the replica as a TP2 group",
+        Duration::from_secs(60),
+        || async {
+            let list = client.list_replicas("grow").await.ok()?;
+            (ready(&list, 1) && list.replicas[0].gpus.len() == 2).then(|| list.replicas[0].clone())
+        },
+    )
+    .await;
+    assert_eq!(regrouped.memory_mib, 42_900, "{regrouped:?}");
+    let model = client.get_model("grow", true).await.expect("model");
+    assert_eq!(
+        model.labels.get("observed-memory-mib").map(String::as_str),
+        Some("v1:85800")
+    );
+}

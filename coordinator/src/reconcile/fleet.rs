@@ -278,6 +278,20 @@ impl Need {
     }
 }
 
+/// Device memory a replica of `version` of `model` needs: its
+/// `memory_mib`, or what its replicas were measured to need (the
+/// [`super::OBSERVED_MEMORY_LABEL`] label, for this version) when more.
+pub(super) fn memory_need(model: &Model, version: &crate::state::ModelVersion) -> u64 {
+    let observed = model
+        .labels
+        .get(super::OBSERVED_MEMORY_LABEL)
+        .and_then(|v| v.split_once(':'))
+        .filter(|(v, _)| *v == version.version)
+        .and_then(|(_, mib)| mib.parse::<u64>().ok())
+        .unwrap_or(0);
+    version.memory_mib.max(observed)
+}
+
 /// Layers of a model, from its `layers` label (default 32): how the
 /// sharding planner splits it.
 fn layers_of(model: &Model) -> u32 {

@@ -75,7 +75,24 @@ pub struct Observed {
     /// to take — another process, or replicas that outgrew their plan —
     /// sustained over the last samples: (node, GPU index) → MiB.
     pub foreign_mib: BTreeMap<(String, u32), u64>,
+    /// Models a replica of which was measured, sustained, to use more
+    /// memory than planned: model → (version, MiB a replica needs, with a
+    /// margin).
+    pub outgrown: BTreeMap<String, (String, u64)>,
 }
+
+/// The label in which the reconciler records what a model's replicas were
+/// measured to need: `<version>:<MiB>`. Planning takes the larger of it and
+/// the version's `memory_mib` while the version is the newest; an operator
+/// removes it to plan from the spec again.
+pub const OBSERVED_MEMORY_LABEL: &str = "observed-memory-mib";
+/// Memory a replica must use beyond its plan, sustained, to count as
+/// outgrowing it: the larger of this and [`OUTGROWN_FRACTION`] of the plan.
+pub const OUTGROWN_MIN_MIB: u64 = 1024;
+pub const OUTGROWN_FRACTION: f64 = 0.05;
+/// A replica that outgrew its plan is planned again with what it used and
+/// this much more.
+pub const OUTGROWN_MARGIN: f64 = 1.10;
 
 /// Samples over which a GPU's memory use must stay up to count.
 pub const SUSTAINED_SAMPLES: usize = 5;
@@ -86,7 +103,8 @@ pub const BASELINE_MIB: u64 = 1024;
 /// What the telemetry says about `state`'s replicas and GPUs.
 pub fn observe(state: &State, telemetry: &crate::telemetry::TelemetryStore) -> Observed {
     let mut observed = Observed::default();
-    // Planned memory of the replicas each GPU's agent reports loaded.
+    // Memory of the replicas each GPU's agent reports loaded: what they
+    // were measured to use, or were planned to take when more.
     let mut loaded: HashMap<(&str, u32), u64> = HashMap::new();
     for r in state.replicas.values() {
         match telemetry.replica_state(&r.node_id, &r.id).as_deref() {
@@ -94,8 +112,24 @@ pub fn observe(state: &State, telemetry: &crate::telemetry::TelemetryStore) -> O
                 observed.failed.insert(r.id.clone(), r.node_id.clone());
             }
             Some(_) => {
+                let planned = r.memory_mib * r.gpus.len().max(1) as u64;
+                let measured = telemetry
+                    .sustained_replica_memory(&r.node_id, &r.id, SUSTAINED_SAMPLES)
+                    .map_or(0, |b| b >> 20);
+                let slack = OUTGROWN_MIN_MIB.max((planned as f64 * OUTGROWN_FRACTION) as u64);
+                if measured > planned + slack {
+                    let need = (measured as f64 * OUTGROWN_MARGIN).ceil() as u64;
+                    let entry = observed
+                        .outgrown
+                        .entry(r.model.clone())
+                        .or_insert((r.version.clone(), 0));
+                    if entry.0 == r.version {
+                        entry.1 = entry.1.max(need);
+                    }
+                }
+                let per_gpu = r.memory_mib.max(measured / r.gpus.len().max(1) as u64);
                 for gpu in &r.gpus {
-                    *loaded.entry((r.node_id.as_str(), *gpu)).or_default() += r.memory_mib;
+                    *loaded.entry((r.node_id.as_str(), *gpu)).or_default() += per_gpu;
                 }
             }
             None => {}
@@ -132,6 +166,35 @@ pub fn plan(state: &State) -> Plan {
 /// ([`fleet::headroom_mib`]), so the replicas that no longer fit move
 /// before they run out of memory.
 pub fn plan_with(state: &State, observed: &Observed) -> Plan {
+    // A model whose replicas outgrew what it is planned with: record the
+    // need first (a label, through Raft, so a new leader plans the same);
+    // the next round places it with more shards or on a larger GPU.
+    let mut recorded = Vec::new();
+    for (name, (version, need)) in &observed.outgrown {
+        let Some(model) = state.models.get(name) else {
+            continue;
+        };
+        let Some(newest) = model.versions.last() else {
+            continue;
+        };
+        if newest.version != *version || *need <= fleet::memory_need(model, newest) {
+            continue;
+        }
+        recorded.push(Command::UpdateModelLabels {
+            name: name.clone(),
+            set: BTreeMap::from([(
+                OBSERVED_MEMORY_LABEL.to_string(),
+                format!("{version}:{need}"),
+            )]),
+            remove: Vec::new(),
+        });
+    }
+    if !recorded.is_empty() {
+        return Plan {
+            commands: recorded,
+            unplaced: Vec::new(),
+        };
+    }
     let failed = &observed.failed;
     let candidates = fleet::candidates(state, &observed.foreign_mib);
     let nodes: Vec<Node> = candidates.iter().map(Candidate::engine_node).collect();
@@ -165,7 +228,7 @@ pub fn plan_with(state: &State, observed: &Observed) -> Plan {
         let Some(version) = model.versions.last() else {
             continue;
         };
-        let mem = version.memory_mib.max(1);
+        let mem = fleet::memory_need(model, version).max(1);
         let selector_label = model.labels.get("node-selector");
         let selection = selections
             .entry(selector_label)

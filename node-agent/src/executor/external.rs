@@ -423,6 +423,10 @@ impl Executor for ExternalEngine {
         *self.shared.state.lock().expect("state lock poisoned")
     }
 
+    fn process_id(&self) -> Option<u32> {
+        self.pid()
+    }
+
     async fn infer(&self, batch: Vec<InferRequest>) -> Vec<Result<Value, ExecError>> {
         // The engine batches on its own; requests go in concurrently.
         let calls = batch.into_iter().map(|r| async move {

@@ -123,6 +123,15 @@ pub trait Executor: Send + Sync {
     async fn infer(&self, batch: Vec<InferRequest>) -> Vec<Result<Value, ExecError>>;
     /// Stops the replica and releases its GPUs.
     async fn stop(&self);
+    /// Device memory it uses on all its GPUs, where the executor measures
+    /// it itself (the simulated one does).
+    fn memory_used(&self) -> Option<u64> {
+        None
+    }
+    /// The engine process it runs, for the driver's per-process figures.
+    fn process_id(&self) -> Option<u32> {
+        None
+    }
     /// The pipeline stage it is, if it is one.
     fn stage(&self) -> Option<&pipeline::Stage> {
         None

@@ -21,8 +21,6 @@ pub struct SimulatedExecutor {
     owner: String,
     model: String,
     shape: ModelShape,
-    /// Memory it holds on each of its GPUs.
-    memory_bytes: u64,
     gpu_type: &'static GpuType,
     placement: Placement,
     /// Share of a GPU's compute it runs on (`g/7` for a MIG profile `<g>g.*`).
@@ -96,7 +94,6 @@ impl SimulatedExecutor {
             owner,
             model: model.to_string(),
             shape: ModelShape::from_memory_mib(memory_mib * placement.gpus.len() as u64),
-            memory_bytes,
             gpu_type,
             placement,
             compute_share,
@@ -303,8 +300,10 @@ impl SimulatedExecutor {
 
     fn set_utilization(&self, busy: bool) {
         let u = if busy { 95 } else { 0 };
-        // The memory stays held while the replica is loaded.
-        let _ = self.hold(self.memory_bytes, u);
+        // The memory stays as it is while the replica is loaded.
+        for gpu in &self.placement.gpus {
+            self.fleet.set_owner_utilization(*gpu, &self.owner, u);
+        }
     }
 }
 
@@ -422,6 +421,16 @@ impl Executor for SimulatedExecutor {
 
     fn stage(&self) -> Option<&Stage> {
         self.placement.pipeline.as_ref()
+    }
+
+    fn memory_used(&self) -> Option<u64> {
+        Some(
+            self.placement
+                .gpus
+                .iter()
+                .map(|gpu| self.fleet.owner_memory(*gpu, &self.owner))
+                .sum(),
+        )
     }
 
     async fn forward(&self, step: Step, activations: Vec<u8>) -> Result<Vec<u8>, ExecError> {

@@ -72,4 +72,43 @@ pub trait GpuProbe: Send + Sync {
     fn kind(&self) -> &'static str;
     fn inventory(&self) -> Result<Inventory, ProbeError>;
     fn sample(&self) -> Result<Vec<GpuSample>, ProbeError>;
+    /// Device memory each process uses, summed over the GPUs: pid →
+    /// bytes. Empty where the probe has no processes (the simulated one:
+    /// its replicas measure themselves).
+    fn process_memory(&self) -> Result<std::collections::HashMap<u32, u64>, ProbeError> {
+        Ok(std::collections::HashMap::new())
+    }
+}
+
+/// `pid` and every process descended from it (an engine's workers: vLLM
+/// runs one per GPU of a tensor-parallel group), from `/proc`; `[pid]`
+/// where `/proc` cannot be read.
+pub fn process_tree(pid: u32) -> Vec<u32> {
+    let mut parents: Vec<(u32, u32)> = Vec::new();
+    if let Ok(entries) = std::fs::read_dir("/proc") {
+        for e in entries.flatten() {
+            let Some(child) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+                continue;
+            };
+            // `pid (comm) state ppid …`; comm may hold spaces and parens
+            let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
+                continue;
+            };
+            let ppid = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+                .and_then(|p| p.parse::<u32>().ok());
+            if let Some(ppid) = ppid {
+                parents.push((child, ppid));
+            }
+        }
+    }
+    let mut tree = vec![pid];
+    let mut i = 0;
+    while i < tree.len() {
+        let p = tree[i];
+        tree.extend(parents.iter().filter(|(_, pp)| *pp == p).map(|(c, _)| *c));
+        i += 1;
+    }
+    tree
 }

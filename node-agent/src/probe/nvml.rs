@@ -158,4 +158,26 @@ impl GpuProbe for NvmlProbe {
         }
         Ok(samples)
     }
+
+    fn process_memory(&self) -> Result<std::collections::HashMap<u32, u64>, ProbeError> {
+        use nvml_wrapper::enums::device::UsedGpuMemory;
+        let count = self
+            .nvml
+            .device_count()
+            .map_err(|e| ProbeError::Unavailable(format!("NVML device count: {e}")))?;
+        let mut used = std::collections::HashMap::new();
+        for index in 0..count {
+            let d = self
+                .nvml
+                .device_by_index(index)
+                .map_err(device_err(index))?;
+            for p in d.running_compute_processes().map_err(device_err(index))? {
+                // unavailable per process under MIG without privileges
+                if let UsedGpuMemory::Used(bytes) = p.used_gpu_memory {
+                    *used.entry(p.pid).or_insert(0u64) += bytes;
+                }
+            }
+        }
+        Ok(used)
+    }
 }

@@ -164,6 +164,31 @@ impl SimFleet {
         self.set_owner_load_on(index, None, owner, memory_bytes, utilization, processes)
     }
 
+    /// Device memory `owner` holds on GPU `index` (0: none).
+    pub fn owner_memory(&self, index: u32, owner: &str) -> u64 {
+        let loads = self.loads.lock().expect("load lock poisoned");
+        loads
+            .get(index as usize)
+            .and_then(|l| l.get(owner))
+            .map_or(0, |l| l.memory_bytes)
+    }
+
+    /// Every owner's memory on GPU `index`: (owner, bytes).
+    pub fn owners(&self, index: u32) -> Vec<(String, u64)> {
+        let loads = self.loads.lock().expect("load lock poisoned");
+        loads.get(index as usize).map_or_else(Vec::new, |l| {
+            l.iter().map(|(o, l)| (o.clone(), l.memory_bytes)).collect()
+        })
+    }
+
+    /// Sets `owner`'s utilization on GPU `index`, its memory as it is.
+    pub fn set_owner_utilization(&self, index: u32, owner: &str, utilization: u32) {
+        let mut loads = self.loads.lock().expect("load lock poisoned");
+        if let Some(l) = loads.get_mut(index as usize).and_then(|l| l.get_mut(owner)) {
+            l.utilization = utilization.min(100);
+        }
+    }
+
     /// [`Self::set_owner_load`] on MIG device `mig_device` of GPU `index`
     /// (`None`: the whole GPU): loads on one device must also fit the
     /// device's memory together.

@@ -295,3 +295,76 @@ fn a_gpu_running_short_of_memory_sheds_the_replicas_that_no_longer_fit() {
         s.replicas
     );
 }
+
+#[test]
+fn a_replica_that_outgrows_one_gpu_is_planned_again_with_more_shards() {
+    let (mut s, mut i) = (State::default(), 0);
+    run(&mut s, &mut i, Command::RegisterNode(h100_pair("n", true)));
+    run(&mut s, &mut i, model("grow", 60_000, 1));
+    converge(&mut s, &mut i);
+    let before = s.replicas["grow@v1-0"].clone();
+    assert_eq!(before.gpus, vec![0]);
+
+    // the agent measures 78 GB in use, sustained: the model's record gets
+    // what a replica needs (with a 10 % margin), and nothing is placed
+    // until it is committed
+    let telemetry = crate::telemetry::TelemetryStore::new(16);
+    for seq in 0..SUSTAINED_SAMPLES as u64 {
+        telemetry.record(
+            talon_proto::v1::TelemetryReport {
+                node_id: "n".into(),
+                seq,
+                sampled_at_ms: seq,
+                gpus: vec![],
+                replicas: vec![talon_proto::v1::ReplicaStatus {
+                    id: before.id.clone(),
+                    state: "ready".into(),
+                    memory_used_bytes: 78_000 << 20,
+                    ..Default::default()
+                }],
+            },
+            std::time::Instant::now(),
+        );
+    }
+    let observed = observe(&s, &telemetry);
+    assert_eq!(
+        observed.outgrown.get("grow"),
+        Some(&("v1".to_string(), 85_800))
+    );
+    let p = plan_with(&s, &observed);
+    assert!(
+        matches!(&p.commands[..], [Command::UpdateModelLabels { set, .. }] if set[OBSERVED_MEMORY_LABEL] == "v1:85800"),
+        "{p:?}"
+    );
+    for c in p.commands {
+        run(&mut s, &mut i, c);
+    }
+    // more than one 80 GB GPU: a TP2 group over the NVLinked pair
+    converge(&mut s, &mut i);
+    let after = &s.replicas["grow@v1-0"];
+    assert_eq!(
+        (after.gpus.as_slice(), after.milli),
+        (&[0, 1][..], 1000),
+        "{after:?}"
+    );
+    assert_eq!(after.memory_mib, 42_900, "half of what it needs on each");
+    // once recorded, the same measurement asks nothing more
+    assert!(plan_with(&s, &observed).commands.is_empty());
+
+    // a measurement within the slack, or of an older version, is no growth
+    let within = Observed {
+        outgrown: BTreeMap::from([("grow".to_string(), ("v0".to_string(), 200_000))]),
+        ..Default::default()
+    };
+    assert!(plan_with(&s, &within).commands.is_empty());
+    // a new version is planned from its own spec
+    let Command::CreateModel(mut spec) = model("grow", 60_000, 1) else {
+        unreachable!()
+    };
+    spec.version = "v2".into();
+    spec.labels = s.models["grow"].labels.clone();
+    run(&mut s, &mut i, Command::CreateModel(spec));
+    converge(&mut s, &mut i);
+    let v2 = s.replicas.values().find(|r| r.model == "grow").unwrap();
+    assert_eq!((v2.version.as_str(), v2.gpus.len()), ("v2", 1), "{v2:?}");
+}
