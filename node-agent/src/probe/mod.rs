@@ -5,6 +5,7 @@
 //! [`sim::SimFleet`] stands for a fleet described by a spec. Probe calls
 //! block (NVML is a C library); the agent runs them off the async threads.
 
+pub mod mig;
 pub mod nvml;
 pub mod sim;
 

@@ -36,6 +36,8 @@ pub struct SimFleet {
     loads: Mutex<Vec<BTreeMap<String, Load>>>,
     peaks: Vec<(u32, u32)>,
     pub spec: FleetSpec,
+    /// The next MIG instance creation fails with this (a test's fault).
+    mig_fault: Mutex<Option<String>>,
 }
 
 /// FNV-1a: a stable hash for deriving UUIDs from names.
@@ -136,6 +138,7 @@ impl SimFleet {
             loads,
             peaks,
             spec,
+            mig_fault: Mutex::new(None),
         })
     }
 
@@ -268,30 +271,91 @@ impl SimFleet {
     }
     /// The MIG instance `profile@start` of GPU `index` (its UUID), created
     /// when it does not exist: instances in its way that no replica uses
-    /// are destroyed first. Refused — with the layout unchanged — when an
-    /// instance in its way is in use, the GPU is not in MIG mode, or the
-    /// layout would not be legal.
+    /// are destroyed first, and created again if it cannot be made
+    /// ([`super::mig::ensure_instance`]). Refused — with the layout
+    /// unchanged — when an instance in its way is in use, the GPU is not in
+    /// MIG mode, or the layout would not be legal.
     pub fn ensure_mig_instance(
         &self,
         index: u32,
         profile: &str,
         start: u32,
     ) -> Result<String, ProbeError> {
-        use talon_scheduler::mig::{validate_layout, MigInstance};
+        super::mig::ensure_instance(self, index, profile, start)
+    }
+
+    /// Makes the next MIG instance creation fail with `message` (the
+    /// driver refusing, as it may on hardware), to exercise the rollback.
+    pub fn fail_next_mig_create(&self, message: &str) {
+        *self.mig_fault.lock().expect("fault lock poisoned") = Some(message.to_string());
+    }
+
+    fn mig_model(&self, index: u32) -> Result<talon_scheduler::mig::MigModel, ProbeError> {
         let device = |message: String| ProbeError::Device { index, message };
-        let mut inventory = self.inventory.write().expect("inventory lock poisoned");
+        let inventory = self.inventory.read().expect("inventory lock poisoned");
         let gpu = inventory
             .gpus
-            .get_mut(index as usize)
+            .get(index as usize)
             .ok_or_else(|| device("no such GPU".into()))?;
         if !gpu.mig_enabled {
             return Err(device(
                 "not in MIG mode; enable it (nvidia-smi -mig 1) first".into(),
             ));
         }
-        let model = crate::catalog::by_key(&gpu.gpu_type)
+        crate::catalog::by_key(&gpu.gpu_type)
             .and_then(|t| t.mig)
-            .ok_or_else(|| device(format!("{} has no MIG profiles", gpu.gpu_type)))?;
+            .ok_or_else(|| device(format!("{} has no MIG profiles", gpu.gpu_type)))
+    }
+}
+
+impl super::mig::MigDriver for SimFleet {
+    fn instances(&self, index: u32) -> Result<Vec<super::mig::Instance>, ProbeError> {
+        let model = self.mig_model(index)?;
+        let inventory = self.inventory.read().expect("inventory lock poisoned");
+        let loads = self.loads.lock().expect("load lock poisoned");
+        Ok(inventory.gpus[index as usize]
+            .mig_devices
+            .iter()
+            .map(|d| super::mig::Instance {
+                profile: d.profile.clone(),
+                start: d.start.unwrap_or(0),
+                size: model
+                    .profile_index(&d.profile)
+                    .map_or(8, |p| u32::from(model.profiles()[p as usize].mem_slices)),
+                uuid: d.uuid.clone(),
+                in_use: loads[index as usize]
+                    .values()
+                    .any(|l| l.mig_device.as_deref() == Some(d.uuid.as_str())),
+            })
+            .collect())
+    }
+
+    fn profile_size(&self, index: u32, profile: &str) -> Result<u32, ProbeError> {
+        let model = self.mig_model(index)?;
+        let p = model
+            .profile_index(profile)
+            .ok_or_else(|| ProbeError::Device {
+                index,
+                message: format!("{profile} is no MIG profile of {model:?}"),
+            })?;
+        Ok(u32::from(model.profiles()[p as usize].mem_slices))
+    }
+
+    fn destroy(&self, index: u32, instance: &super::mig::Instance) -> Result<(), ProbeError> {
+        let mut inventory = self.inventory.write().expect("inventory lock poisoned");
+        inventory.gpus[index as usize]
+            .mig_devices
+            .retain(|d| d.uuid != instance.uuid);
+        Ok(())
+    }
+
+    fn create(&self, index: u32, profile: &str, start: u32) -> Result<String, ProbeError> {
+        use talon_scheduler::mig::{validate_layout, MigInstance};
+        let device = |message: String| ProbeError::Device { index, message };
+        if let Some(fault) = self.mig_fault.lock().expect("fault lock poisoned").take() {
+            return Err(device(fault));
+        }
+        let model = self.mig_model(index)?;
         let slot = |name: &str, at: u32| -> Option<MigInstance> {
             Some(MigInstance {
                 profile: model.profile_index(name)?,
@@ -300,48 +364,27 @@ impl SimFleet {
         };
         let wanted = slot(profile, start)
             .ok_or_else(|| device(format!("{profile}@{start} is no MIG instance of {model:?}")))?;
-        if let Some(d) = gpu
-            .mig_devices
-            .iter()
-            .find(|d| d.profile == profile && d.start == Some(start))
-        {
-            return Ok(d.uuid.clone());
-        }
-        let mask = |i: &MigInstance| model.profiles()[i.profile as usize].mask_at(i.start);
-        let loads = self.loads.lock().expect("load lock poisoned");
-        let in_use = |uuid: &str| {
-            loads[index as usize]
-                .values()
-                .any(|l| l.mig_device.as_deref() == Some(uuid))
-        };
-        let mut keep = Vec::new();
+        let mut inventory = self.inventory.write().expect("inventory lock poisoned");
+        let gpu = &mut inventory.gpus[index as usize];
         let mut instances = vec![wanted];
-        for d in &gpu.mig_devices {
-            let existing = d.start.and_then(|at| slot(&d.profile, at));
-            let overlaps = existing.is_none_or(|e| mask(&e) & mask(&wanted) != 0);
-            if !overlaps {
-                keep.push(d.clone());
-                instances.extend(existing);
-            } else if in_use(&d.uuid) {
-                return Err(device(format!(
-                    "MIG instance {profile}@{start} overlaps instance {} ({}) that a replica uses",
-                    d.uuid, d.profile
-                )));
-            }
-        }
+        instances.extend(
+            gpu.mig_devices
+                .iter()
+                .filter_map(|d| d.start.and_then(|at| slot(&d.profile, at))),
+        );
         validate_layout(model, &instances).map_err(|e| {
             device(format!(
-                "{profile}@{start} does not fit beside the instances kept: {e}"
+                "{profile}@{start} does not fit beside the instances there: {e}"
             ))
         })?;
         let uuid = uuid("MIG", &format!("{}/{index}/{profile}@{start}", self.node));
-        keep.push(MigDeviceInfo {
+        gpu.mig_devices.push(MigDeviceInfo {
             uuid: uuid.clone(),
             profile: profile.to_string(),
             start: Some(start),
             memory_bytes: mig_memory_bytes(profile),
         });
-        gpu.mig_devices = keep;
+        gpu.mig_devices.sort_by_key(|d| d.start);
         Ok(uuid)
     }
 }
@@ -420,7 +463,7 @@ mod tests {
             .ensure_mig_instance(0, "4g.40gb", 0)
             .unwrap_err()
             .to_string();
-        assert!(err.contains("that a replica uses"), "{err}");
+        assert!(err.contains("which a process uses"), "{err}");
         // beside it, fine; an illegal start or unknown profile is refused
         let two = fleet.ensure_mig_instance(0, "2g.20gb", 4).unwrap();
         assert!(fleet.ensure_mig_instance(0, "2g.20gb", 5).is_err());
@@ -444,7 +487,7 @@ mod tests {
             .ensure_mig_instance(0, "2g.20gb", 4)
             .unwrap_err()
             .to_string()
-            .contains("that a replica uses"));
+            .contains("which a process uses"));
         let plain = SimFleet::new("p", FleetSpec::from_flag("a100-80gb:1").unwrap()).unwrap();
         assert!(plain
             .ensure_mig_instance(0, "3g.40gb", 0)
