@@ -352,8 +352,8 @@ impl AgentConfig {
             }
             _ => {}
         }
-        if self.manage_mig && self.probe == ProbeKind::Nvml {
-            return bad("manage_mig is set, but this release creates MIG instances on simulated fleets only (not through NVML); partition the GPUs with `nvidia-smi mig -cgi … -C` and run the agent without --manage-mig: replicas then use the instances it has".into());
+        if self.manage_mig && self.probe == ProbeKind::Nvml && self.engine_command.is_none() {
+            return bad("manage_mig is set with the NVML probe but no engine_command: real GPUs run replicas through an engine; give --engine-command".into());
         }
         if self.labels.contains_key(MANAGED_MIG_LABEL.0) {
             return bad(format!(

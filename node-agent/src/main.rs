@@ -13,6 +13,7 @@ use talon_node_agent::executor::external::{CommandTemplate, EngineSettings};
 use talon_node_agent::fleet::FleetSpec;
 use talon_node_agent::metrics::AgentMetrics;
 use talon_node_agent::perf::Correction;
+use talon_node_agent::probe::mig::MigDriver;
 use talon_node_agent::probe::nvml::NvmlProbe;
 use talon_node_agent::probe::sim::SimFleet;
 use talon_node_agent::probe::GpuProbe;
@@ -29,30 +30,36 @@ fn host_memory_bytes() -> u64 {
         .map_or(0, |kb| kb * 1024)
 }
 
-/// The probe, CPU cores, host memory, cost per hour and replica manager.
+/// The probe, CPU cores, host memory, cost per hour, replica manager, and
+/// the driver that lays out MIG instances (with `--manage-mig`).
 type Opened = (
     Arc<dyn GpuProbe>,
     u32,
     u64,
     f64,
     Option<Arc<ReplicaManager>>,
+    Option<Arc<dyn MigDriver>>,
 );
 
 /// Opens the probe; exit status 2 for a bad spec, 1 for a missing driver.
 fn open_probe(config: &AgentConfig) -> Result<Opened, (u8, String)> {
     match config.probe {
         ProbeKind::Nvml => {
-            let probe = NvmlProbe::new().map_err(|e| (1, format!("NVML probe: {e}")))?;
+            let probe = Arc::new(NvmlProbe::new().map_err(|e| (1, format!("NVML probe: {e}")))?);
             let cores = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
             // Real GPUs run replicas through external engines, which need an
             // engine command; until the agent is configured with one it
             // runs none.
+            let mig = config
+                .manage_mig
+                .then(|| probe.clone() as Arc<dyn MigDriver>);
             Ok((
-                Arc::new(probe),
+                probe,
                 cores,
                 host_memory_bytes(),
                 config.cost_per_hour,
                 None,
+                mig,
             ))
         }
         ProbeKind::Simulated => {
@@ -76,12 +83,16 @@ fn open_probe(config: &AgentConfig) -> Result<Opened, (u8, String)> {
             };
             let manager =
                 Arc::new(ReplicaManager::new(Arc::new(factory)).with_max_queue(config.max_queue));
+            let mig = config
+                .manage_mig
+                .then(|| fleet.clone() as Arc<dyn MigDriver>);
             Ok((
                 fleet,
                 host.cpu_cores,
                 host.host_memory_gib << 30,
                 cost,
                 Some(manager),
+                mig,
             ))
         }
     }
@@ -97,13 +108,14 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let (probe, cpu_cores, host_memory_bytes, cost_per_hour, replicas) = match open_probe(&config) {
-        Ok(p) => p,
-        Err((code, message)) => {
-            eprintln!("talon-agent: {message}");
-            return ExitCode::from(code);
-        }
-    };
+    let (probe, cpu_cores, host_memory_bytes, cost_per_hour, replicas, mig) =
+        match open_probe(&config) {
+            Ok(p) => p,
+            Err((code, message)) => {
+                eprintln!("talon-agent: {message}");
+                return ExitCode::from(code);
+            }
+        };
     let inventory = match probe.inventory() {
         Ok(i) => i,
         Err(e) => {
@@ -131,6 +143,7 @@ async fn main() -> ExitCode {
                     .collect(),
                 log_dir: config.engine_log_dir.clone(),
                 settings: EngineSettings::default(),
+                mig,
             };
             Some(Arc::new(
                 ReplicaManager::new(Arc::new(factory)).with_max_queue(config.max_queue),

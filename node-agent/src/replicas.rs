@@ -192,16 +192,29 @@ pub struct EngineFactory {
     pub gpu_uuids: HashMap<u32, String>,
     pub log_dir: std::path::PathBuf,
     pub settings: crate::executor::external::EngineSettings,
+    /// Lays out MIG instances on the GPUs the agent manages
+    /// (`--manage-mig`); none: replicas use the instances there are.
+    pub mig: Option<Arc<dyn crate::probe::mig::MigDriver>>,
 }
 
 impl ExecutorFactory for EngineFactory {
     fn start(&self, r: &pb::AssignedReplica) -> Result<Arc<dyn Executor>, ExecError> {
         use crate::executor::external::{ExternalEngine, Placeholders};
-        let placement = Placement::of(r)?;
-        if placement.mig_slice.is_some() {
-            return Err(ExecError::Config(
-                "this release creates MIG instances on simulated fleets only; partition the GPU with nvidia-smi and run the agent without --manage-mig".into(),
-            ));
+        let mut placement = Placement::of(r)?;
+        if let Some((profile, start)) = &placement.mig_slice {
+            let Some(driver) = &self.mig else {
+                return Err(ExecError::Config(format!(
+                    "the replica is assigned MIG instance {profile}@{start}, but this agent does not manage MIG (run it with --manage-mig)"
+                )));
+            };
+            let uuid = crate::probe::mig::ensure_instance(
+                driver.as_ref(),
+                placement.gpus[0],
+                profile,
+                *start,
+            )
+            .map_err(|e| ExecError::Config(e.to_string()))?;
+            placement.mig_device = Some(uuid);
         }
         if placement.pipeline.is_some() {
             return Err(ExecError::Config(

@@ -9,6 +9,7 @@ mod cluster;
 mod executors;
 mod gateway;
 mod harness;
+mod pipelines;
 mod placement;
 mod protos;
 mod serving;

@@ -12,7 +12,7 @@ use talon_tests::{http_post, model_spec};
 
 use crate::harness::{free_port, wait_for, Cluster, Proc};
 
-const TOKEN: &str = "it-join-token-0123456789";
+pub(crate) const TOKEN: &str = "it-join-token-0123456789";
 
 fn agent(grpc: &str, id: &str, gpus: &str) -> Proc {
     agent_with(grpc, id, gpus, &[])
@@ -38,7 +38,7 @@ fn agent_with(grpc: &str, id: &str, gpus: &str, extra: &[&str]) -> Proc {
     Proc::spawn("talon-agent", &args)
 }
 
-fn ready(list: &pb::ListReplicasResponse, n: usize) -> bool {
+pub(crate) fn ready(list: &pb::ListReplicasResponse, n: usize) -> bool {
     list.replicas.len() == n && list.replicas.iter().all(|r| r.state == "ready")
 }
 
@@ -155,14 +155,14 @@ async fn groups_and_mig_replicas_move_off_drained_nodes_with_no_failed_request()
 }
 
 /// Clients sending chat requests back to back, one thread per model named.
-struct Load {
+pub(crate) struct Load {
     stop: Arc<AtomicBool>,
     served: Arc<AtomicU32>,
     threads: Vec<std::thread::JoinHandle<Vec<String>>>,
 }
 
 impl Load {
-    fn start(http: &str, key: &str, models: &[&str]) -> Load {
+    pub(crate) fn start(http: &str, key: &str, models: &[&str]) -> Load {
         let stop = Arc::new(AtomicBool::new(false));
         let served = Arc::new(AtomicU32::new(0));
         let threads = models
@@ -195,7 +195,7 @@ impl Load {
     }
 
     /// Waits until `n` more requests were served.
-    async fn flowing(&self, n: u32) {
+    pub(crate) async fn flowing(&self, n: u32) {
         let from = self.served.load(Ordering::SeqCst);
         wait_for("requests served", Duration::from_secs(40), || async {
             (self.served.load(Ordering::SeqCst) >= from + n).then_some(())
@@ -203,7 +203,7 @@ impl Load {
         .await;
     }
 
-    fn stop_with_no_failure(self) {
+    pub(crate) fn stop_with_no_failure(self) {
         self.stop.store(true, Ordering::SeqCst);
         for handle in self.threads {
             let failed = handle.join().expect("load thread");
@@ -432,139 +432,6 @@ async fn a_model_no_pcie_card_holds_is_served_as_a_pipeline_over_several() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_model_no_node_holds_runs_as_a_pipeline_across_nodes_and_a_stage_moves_with_no_failed_request(
-) {
-    let cluster = Cluster::form(
-        1,
-        &["--join-token", TOKEN, "--telemetry-interval-ms", "200"],
-    )
-    .await;
-    let grpc = cluster.nodes[0].grpc.clone();
-    let http = cluster.nodes[0].http.clone();
-    // three nodes of two NVLinked H100s; the agents' HTTP addresses known
-    let listens: Vec<(String, String)> = ["p1", "p2", "p3"]
-        .iter()
-        .map(|id| (id.to_string(), format!("127.0.0.1:{}", free_port())))
-        .collect();
-    let _agents: Vec<Proc> = listens
-        .iter()
-        .map(|(id, listen)| {
-            Proc::spawn(
-                "talon-agent",
-                &[
-                    "--node-id",
-                    id,
-                    "--coordinators",
-                    &grpc,
-                    "--join-token",
-                    TOKEN,
-                    "--sim-gpus",
-                    "h100-sxm:2",
-                    "--http-listen",
-                    listen,
-                    "--telemetry-interval-ms",
-                    "200",
-                ],
-            )
-        })
-        .collect();
-    let client = cluster.client();
-    wait_for("three ready nodes", Duration::from_secs(60), || async {
-        let nodes = client.list_nodes().await.ok()?;
-        (nodes.iter().filter(|n| n.state == "ready").count() == 3).then_some(())
-    })
-    .await;
-
-    // 250,000 MiB of 80 layers: more than one node's 2 × 80 GB, so two
-    // stages of a TP2 group each, on two nodes
-    let mut spec = model_spec("huge", "simulated", 250_000, 1);
-    spec.labels.insert("layers".into(), "80".into());
-    client.create_model(spec).await.expect("model");
-    let stages = |list: &pb::ListReplicasResponse| {
-        let mut stages = list.replicas.clone();
-        stages.sort_by_key(|r| r.pipeline.as_ref().map(|p| p.index));
-        stages
-    };
-    let placed = wait_for("both stages ready", Duration::from_secs(60), || async {
-        let list = client.list_replicas("huge").await.ok()?;
-        ready(&list, 2).then(|| stages(&list))
-    })
-    .await;
-    let (head, tail) = (&placed[0], &placed[1]);
-    let (hp, tp) = (
-        head.pipeline.clone().unwrap(),
-        tail.pipeline.clone().unwrap(),
-    );
-    assert_eq!((head.id.as_str(), hp.index, hp.count), ("huge@v1-0", 0, 2));
-    assert_eq!(
-        (tail.id.as_str(), tp.index, tp.head.as_str()),
-        ("huge@v1-0.stage1", 1, "huge@v1-0")
-    );
-    assert_eq!(
-        (hp.first_layer, tp.first_layer, hp.layers + tp.layers),
-        (0, hp.layers, 80)
-    );
-    assert_ne!(head.node_id, tail.node_id, "no node holds both stages");
-    for r in &placed {
-        assert_eq!((r.gpus.as_slice(), r.milli), (&[0, 1][..], 1000), "{r:?}");
-    }
-
-    // a request crosses both agents: the later stage counts its steps
-    let body = r#"{"model":"huge","messages":[{"role":"user","content":"across"}],"max_tokens":3}"#;
-    let (status, answer) =
-        http_post(&http, "/v1/chat/completions", body, &cluster.admin_key()).expect("an answer");
-    assert_eq!(status, 200, "{answer}");
-    let steps_on = |node: &str| {
-        let listen = listens.iter().find(|(id, _)| id == node).unwrap().1.clone();
-        async move {
-            let text = reqwest::get(format!("http://{listen}/metrics"))
-                .await
-                .ok()?
-                .text()
-                .await
-                .ok()?;
-            text.lines()
-                .find(|l| {
-                    l.starts_with("talon_agent_pipeline_steps_total{replica=\"huge@v1-0.stage1\"}")
-                })
-                .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-        }
-    };
-    let counted = steps_on(&tail.node_id)
-        .await
-        .expect("the stage's step counter");
-    assert!(counted >= 4, "a prefill and three decode steps: {counted}");
-
-    // Clients keep sending while the later stage's node drains: the stage
-    // moves to the third node and the pipeline serves again; a request
-    // caught mid-move waits in the gateway and none fails.
-    let load = Load::start(&http, &cluster.admin_key(), &["huge", "huge"]);
-    load.flowing(10).await;
-    client
-        .set_node_scheduling(&tail.node_id, "drain")
-        .await
-        .expect("drain");
-    let moved = wait_for(
-        "the later stage on another node",
-        Duration::from_secs(60),
-        || async {
-            let list = client.list_replicas("huge").await.ok()?;
-            let now = stages(&list);
-            (ready(&list, 2) && now[1].node_id != tail.node_id).then_some(now)
-        },
-    )
-    .await;
-    assert_eq!(moved[1].id, tail.id);
-    assert_ne!(moved[1].node_id, moved[0].node_id);
-    load.flowing(10).await;
-    load.stop_with_no_failure();
-    assert!(
-        steps_on(&moved[1].node_id).await.unwrap_or(0) > 0,
-        "the moved stage serves"
-    );
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_that_outgrows_its_gpu_is_planned_again_as_a_tensor_parallel_group() {
     let cluster = Cluster::form(
         1,
@@ -615,4 +482,74 @@ async fn a_replica_that_outgrows_its_gpu_is_planned_again_as_a_tensor_parallel_g
         model.labels.get("observed-memory-mib").map(String::as_str),
         Some("v1:85800")
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_engine_replica_gets_the_mig_instance_its_agent_lays_out() {
+    let cluster = Cluster::form(
+        1,
+        &["--join-token", TOKEN, "--telemetry-interval-ms", "200"],
+    )
+    .await;
+    let grpc = cluster.nodes[0].grpc.clone();
+    let engine = format!(
+        "{} --port {{port}} --model {{model}}",
+        crate::harness::bin("talon-fake-engine").display()
+    );
+    let logs = tempfile::tempdir().expect("temp dir");
+    let listen = format!("127.0.0.1:{}", free_port());
+    // one unused 1g instance where the 3g one must go
+    let _agent = Proc::spawn_with_env(
+        "talon-agent",
+        &[
+            "--node-id",
+            "mig-eng",
+            "--coordinators",
+            &grpc,
+            "--sim-gpus",
+            "a100-80gb:1:mig=1g.10gb",
+            "--manage-mig",
+            "--http-listen",
+            &listen,
+            "--engine-command",
+            &engine,
+            "--engine-log-dir",
+            logs.path().to_str().expect("utf-8"),
+        ],
+        &[("TALON_JOIN_TOKEN", TOKEN)],
+    );
+    let client = cluster.client();
+    wait_for("the agent", Duration::from_secs(40), || async {
+        client.get_node("mig-eng").await.ok()
+    })
+    .await;
+    let mut spec = model_spec("sliced", "vllm", 30_000, 1);
+    spec.labels
+        .insert("gpu-types".into(), "a100-80gb/3g.40gb".into());
+    client.create_model(spec).await.expect("model");
+    let r = wait_for(
+        "the engine on its instance",
+        Duration::from_secs(40),
+        || async {
+            let list = client.list_replicas("sliced").await.ok()?;
+            ready(&list, 1).then(|| list.replicas[0].clone())
+        },
+    )
+    .await;
+    assert!(r.mig_slice.starts_with("3g.40gb@"), "{r:?}");
+    // the engine sees the instance the agent made, and nothing else
+    let log = std::fs::read_dir(logs.path())
+        .expect("log dir")
+        .filter_map(|e| std::fs::read_to_string(e.ok()?.path()).ok())
+        .collect::<String>();
+    assert!(log.contains("CUDA_VISIBLE_DEVICES=MIG-"), "{log}");
+    let body = r#"{"model":"sliced","messages":[{"role":"user","content":"on a slice"}]}"#;
+    let (status, answer) = http_post(
+        &cluster.nodes[0].http,
+        "/v1/chat/completions",
+        body,
+        &cluster.admin_key(),
+    )
+    .expect("an answer");
+    assert_eq!(status, 200, "{answer}");
 }

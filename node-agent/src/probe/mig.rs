@@ -31,7 +31,7 @@ impl Instance {
 }
 
 /// What re-partitioning needs of a driver.
-pub trait MigDriver {
+pub trait MigDriver: Send + Sync {
     /// The instances of GPU `gpu`.
     fn instances(&self, gpu: u32) -> Result<Vec<Instance>, ProbeError>;
     /// Memory slices an instance of `profile` spans on GPU `gpu`.

@@ -7,6 +7,7 @@
 
 pub mod mig;
 pub mod nvml;
+mod nvml_mig;
 pub mod sim;
 
 /// A MIG instance on a GPU.

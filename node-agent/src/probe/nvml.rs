@@ -48,6 +48,10 @@ impl NvmlProbe {
         Ok(NvmlProbe { nvml })
     }
 
+    pub(super) fn nvml(&self) -> &Nvml {
+        &self.nvml
+    }
+
     fn gpu_info(&self, index: u32, device: &Device) -> Result<GpuInfo, ProbeError> {
         let err = device_err(index);
         let name = device.name().map_err(&err)?;
