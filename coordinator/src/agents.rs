@@ -226,6 +226,24 @@ fn validate_report(report: &pb::TelemetryReport) -> Result<(), String> {
                 r.id, r.max_batch
             ));
         }
+        if r.engine_running > 1_000_000 || r.engine_waiting > 1_000_000 {
+            return Err(format!(
+                "replica {} reports {} running and {} waiting requests; at most 1000000 each",
+                r.id, r.engine_running, r.engine_waiting
+            ));
+        }
+        if !r.kv_cache_usage.is_finite() || r.kv_cache_usage > 1.0 {
+            return Err(format!(
+                "replica {} kv_cache_usage must be a fraction up to 1 (negative: not reported), got {}",
+                r.id, r.kv_cache_usage
+            ));
+        }
+        if r.memory_used_bytes > 1 << 50 {
+            return Err(format!(
+                "replica {} memory_used_bytes {} is more than a GPU fleet node holds",
+                r.id, r.memory_used_bytes
+            ));
+        }
     }
     Ok(())
 }

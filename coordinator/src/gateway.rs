@@ -335,7 +335,11 @@ impl Gateway {
             let local = self.counter(&r.id).load(Ordering::Relaxed);
             let load = match status {
                 Some(s) => ReplicaLoad {
-                    held: s.held.max(local),
+                    // an engine's own queue counts when it says more
+                    held: s
+                        .held
+                        .max(local)
+                        .max(s.engine_running.saturating_add(s.engine_waiting)),
                     service_ms_one: f64::from(s.service_ms_one),
                     service_ms_full: f64::from(s.service_ms_full),
                     max_batch: s.max_batch,

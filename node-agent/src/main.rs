@@ -144,6 +144,12 @@ async fn main() -> ExitCode {
                 log_dir: config.engine_log_dir.clone(),
                 settings: EngineSettings::default(),
                 mig,
+                gpu_types: inventory
+                    .gpus
+                    .iter()
+                    .map(|g| (g.index, g.gpu_type.clone()))
+                    .collect(),
+                correction: Arc::new(Correction::default()),
             };
             Some(Arc::new(
                 ReplicaManager::new(Arc::new(factory)).with_max_queue(config.max_queue),

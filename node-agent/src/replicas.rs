@@ -195,6 +195,10 @@ pub struct EngineFactory {
     /// Lays out MIG instances on the GPUs the agent manages
     /// (`--manage-mig`); none: replicas use the instances there are.
     pub mig: Option<Arc<dyn crate::probe::mig::MigDriver>>,
+    /// GPU index → catalog type, from the inventory: what the replicas'
+    /// service-time models are for.
+    pub gpu_types: HashMap<u32, String>,
+    pub correction: Arc<Correction>,
 }
 
 impl ExecutorFactory for EngineFactory {
@@ -248,12 +252,29 @@ impl ExecutorFactory for EngineFactory {
             tp: placement.gpus.len() as u32 / placement.stages,
             pp: placement.stages,
         };
-        let engine = ExternalEngine::start(
+        let tp = placement.gpus.len() as u32 / placement.stages;
+        let mut engine = ExternalEngine::start(
             &self.template,
             placeholders,
             self.settings.clone(),
             &self.log_dir,
         )?;
+        // a service-time model for GPUs of a type in the catalog
+        let gpu_type = self
+            .gpu_types
+            .get(&placement.gpus[0])
+            .and_then(|t| catalog::by_key(t));
+        if let Some(gpu_type) = gpu_type {
+            engine = engine.with_service_model(crate::executor::signals::ServiceModel {
+                model: r.model.clone(),
+                shape: crate::perf::ModelShape::from_memory_mib(
+                    r.memory_mib * placement.gpus.len() as u64,
+                ),
+                gpu_type,
+                tp,
+                correction: self.correction.clone(),
+            });
+        }
         Ok(Arc::new(engine))
     }
 }
@@ -447,6 +468,19 @@ impl ReplicaManager {
                         * 1e3,
                     max_batch: BATCH_LIMITS.max_batch as u32,
                     memory_used_bytes: measured(&e.executor),
+                    engine_running: e
+                        .executor
+                        .engine_load()
+                        .map_or(0, |l| l.running.round() as u32),
+                    engine_waiting: e
+                        .executor
+                        .engine_load()
+                        .map_or(0, |l| l.waiting.round() as u32),
+                    kv_cache_usage: e
+                        .executor
+                        .engine_load()
+                        .and_then(|l| l.kv_cache_usage)
+                        .map_or(-1.0, |k| k as f32),
                 },
                 Slot::Failed(why) => pb::ReplicaStatus {
                     id: id.clone(),
@@ -505,7 +539,7 @@ impl ReplicaManager {
             }
             r.held.fetch_add(1, Ordering::Relaxed);
             let guard = Held(r.held.clone());
-            if r.executor.service_time(1).is_zero() {
+            if r.executor.batches_itself() || r.executor.service_time(1).is_zero() {
                 (Some((r.executor.clone(), request)), Some(guard))
             } else {
                 // The hold travels with the request: it ends when the

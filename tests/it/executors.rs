@@ -166,3 +166,108 @@ async fn engines_that_cannot_start_end_failed() {
         .expect_err("not ready");
     assert!(matches!(err, ExecError::NotReady("failed")), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_engines_queue_and_service_time_are_read_and_learned() {
+    use std::sync::Arc;
+    use talon_node_agent::executor::signals::ServiceModel;
+    let dir = tempfile::tempdir().expect("temp dir");
+    // one request at a time, 300 ms each: the others queue inside it
+    let template = format!(
+        "{} --port {{port}} --model {{model}} --service-ms 300 --max-running 1",
+        bin("talon-fake-engine").display()
+    );
+    let template = CommandTemplate::parse(&template).expect("valid template");
+    let fast_checks = EngineSettings {
+        check_every: Duration::from_millis(50),
+        ..settings()
+    };
+    let engine = Arc::new(
+        ExternalEngine::start(
+            &template,
+            placeholders(free_port()),
+            fast_checks,
+            dir.path(),
+        )
+        .expect("start")
+        .with_service_model(ServiceModel {
+            model: "tiny".into(),
+            shape: talon_node_agent::perf::ModelShape::from_memory_mib(16_000),
+            gpu_type: talon_node_agent::catalog::by_key("l4").unwrap(),
+            tp: 1,
+            correction: Arc::new(talon_node_agent::perf::Correction::default()),
+        }),
+    );
+    wait_state(&engine, ReplicaState::Ready).await;
+    assert!(engine.batches_itself());
+    let modelled = engine.service_time(1);
+    let chat = |text: &str| InferRequest {
+        endpoint: Endpoint::ChatCompletions,
+        body: json!({"model": "tiny", "messages": [{"role": "user", "content": text}], "max_tokens": 16}),
+        stream: None,
+    };
+    let batch = {
+        let engine = engine.clone();
+        let requests = vec![chat("a"), chat("b"), chat("c")];
+        tokio::spawn(async move { engine.infer(requests).await })
+    };
+    // its metrics show one running and the others waiting
+    wait_for(
+        "the engine's queue read",
+        Duration::from_secs(10),
+        || async {
+            let load = engine.engine_load()?;
+            (load.running == 1.0 && load.waiting >= 1.0).then_some(())
+        },
+    )
+    .await;
+    for answer in batch.await.expect("batch") {
+        answer.expect("served");
+    }
+    // what the requests took corrected the model (0.3 to 0.9 s each,
+    // queueing included), whatever the performance model first said
+    let learned = engine.service_time(1);
+    assert_ne!(learned, modelled);
+    assert!(
+        learned > Duration::from_millis(100) && learned < Duration::from_secs(3),
+        "{modelled:?} → {learned:?}"
+    );
+    engine.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wedged_engine_is_detected_and_restarted() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    // answers one request, then hangs, health check included
+    let template = format!(
+        "{} --port {{port}} --model {{model}} --wedge-after 1",
+        bin("talon-fake-engine").display()
+    );
+    let template = CommandTemplate::parse(&template).expect("valid template");
+    let quick = EngineSettings {
+        check_every: Duration::from_millis(100),
+        wedged_after: 3,
+        ..settings()
+    };
+    let engine = ExternalEngine::start(&template, placeholders(free_port()), quick, dir.path())
+        .expect("start");
+    wait_state(&engine, ReplicaState::Ready).await;
+    let chat = InferRequest {
+        endpoint: Endpoint::ChatCompletions,
+        body: json!({"model": "tiny", "messages": [{"role": "user", "content": "once"}]}),
+        stream: None,
+    };
+    engine
+        .infer(vec![chat])
+        .await
+        .pop()
+        .unwrap()
+        .expect("the first answer");
+    // its health check hangs now: after three missed checks it is restarted
+    wait_for("the engine restarted", Duration::from_secs(30), || async {
+        (engine.restarts() >= 1).then_some(())
+    })
+    .await;
+    wait_state(&engine, ReplicaState::Ready).await;
+    engine.stop().await;
+}

@@ -3,10 +3,16 @@
 //! TGI in tests and benchmarks. It answers deterministically (the reply is
 //! derived from the request), so tests can check what was proxied.
 //!
-//! Endpoints: `GET /health`, `GET /v1/models`, `POST /v1/chat/completions`
-//! (with `"stream": true` as server-sent events), `POST /v1/completions`,
-//! `POST /v1/embeddings`.
+//! Endpoints: `GET /health`, `GET /metrics` (vLLM's gauge names: requests
+//! running and waiting, KV cache in use), `GET /v1/models`, `POST
+//! /v1/chat/completions` (with `"stream": true` as server-sent events),
+//! `POST /v1/completions`, `POST /v1/embeddings`. `--max-running N` serves
+//! at most N requests at a time (the rest wait, as in an engine's queue);
+//! `--wedge-after N` stops answering anything, health included, after N
+//! requests (an engine that hangs).
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::State;
@@ -34,6 +40,53 @@ struct Args {
     /// Tokens a streamed reply is split into.
     #[arg(long, default_value_t = 4)]
     stream_chunks: usize,
+    /// Requests served at once; the others wait (0: no limit).
+    #[arg(long, default_value_t = 0)]
+    max_running: usize,
+    /// Hang (health included) once this many requests came (0: never).
+    #[arg(long, default_value_t = 0)]
+    wedge_after: u64,
+}
+
+/// What the engine is doing, for `/metrics`.
+#[derive(Default)]
+struct Counters {
+    running: AtomicU64,
+    waiting: AtomicU64,
+    served: AtomicU64,
+}
+
+#[derive(Clone)]
+struct Engine {
+    args: Args,
+    counters: Arc<Counters>,
+    slots: Option<Arc<tokio::sync::Semaphore>>,
+}
+
+impl Engine {
+    /// Waits for a slot (counted as waiting), then sleeps the service time
+    /// counted as running; hangs for good once wedged.
+    async fn serve(&self) {
+        let c = &self.counters;
+        let n = c.served.fetch_add(1, Ordering::SeqCst) + 1;
+        if self.args.wedge_after > 0 && n > self.args.wedge_after {
+            std::future::pending::<()>().await;
+        }
+        c.waiting.fetch_add(1, Ordering::SeqCst);
+        let _permit = match &self.slots {
+            Some(s) => s.clone().acquire_owned().await.ok(),
+            None => None,
+        };
+        c.waiting.fetch_sub(1, Ordering::SeqCst);
+        c.running.fetch_add(1, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(self.args.service_ms)).await;
+        c.running.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    fn wedged(&self) -> bool {
+        self.args.wedge_after > 0
+            && self.counters.served.load(Ordering::SeqCst) >= self.args.wedge_after
+    }
 }
 
 fn reply_text(body: &Value) -> String {
@@ -58,11 +111,12 @@ fn bad_request(message: &str) -> Response {
         .into_response()
 }
 
-async fn chat(State(args): State<Args>, Json(body): Json<Value>) -> Response {
+async fn chat(State(engine): State<Engine>, Json(body): Json<Value>) -> Response {
     if !body["messages"].is_array() {
         return bad_request("messages must be an array");
     }
-    tokio::time::sleep(Duration::from_millis(args.service_ms)).await;
+    engine.serve().await;
+    let args = &engine.args;
     let text = reply_text(&body);
     if body["stream"].as_bool() == Some(true) {
         let words: Vec<String> = text.split(' ').map(String::from).collect();
@@ -92,11 +146,12 @@ async fn chat(State(args): State<Args>, Json(body): Json<Value>) -> Response {
     .into_response()
 }
 
-async fn completions(State(args): State<Args>, Json(body): Json<Value>) -> Response {
+async fn completions(State(engine): State<Engine>, Json(body): Json<Value>) -> Response {
     if !body["prompt"].is_string() {
         return bad_request("prompt must be a string");
     }
-    tokio::time::sleep(Duration::from_millis(args.service_ms)).await;
+    engine.serve().await;
+    let args = &engine.args;
     let text = reply_text(&body);
     Json(json!({
         "id": "fake-2", "object": "text_completion", "created": 0, "model": args.model,
@@ -105,7 +160,8 @@ async fn completions(State(args): State<Args>, Json(body): Json<Value>) -> Respo
     .into_response()
 }
 
-async fn embeddings(State(args): State<Args>, Json(body): Json<Value>) -> Response {
+async fn embeddings(State(engine): State<Engine>, Json(body): Json<Value>) -> Response {
+    let args = &engine.args;
     let inputs: Vec<String> = match &body["input"] {
         Value::String(s) => vec![s.clone()],
         Value::Array(a) => a
@@ -114,7 +170,7 @@ async fn embeddings(State(args): State<Args>, Json(body): Json<Value>) -> Respon
             .collect(),
         _ => return bad_request("input must be a string or an array of strings"),
     };
-    tokio::time::sleep(Duration::from_millis(args.service_ms)).await;
+    engine.serve().await;
     let data: Vec<Value> = inputs
         .iter()
         .enumerate()
@@ -129,17 +185,51 @@ async fn embeddings(State(args): State<Args>, Json(body): Json<Value>) -> Respon
         .into_response()
 }
 
+async fn metrics(State(e): State<Engine>) -> String {
+    let c = &e.counters;
+    let (running, waiting) = (
+        c.running.load(Ordering::SeqCst),
+        c.waiting.load(Ordering::SeqCst),
+    );
+    let cap = e.args.max_running.max(1) as f64;
+    let model = &e.args.model;
+    format!(
+        "# TYPE vllm:num_requests_running gauge\n\
+         vllm:num_requests_running{{model_name=\"{model}\"}} {running}\n\
+         # TYPE vllm:num_requests_waiting gauge\n\
+         vllm:num_requests_waiting{{model_name=\"{model}\"}} {waiting}\n\
+         # TYPE vllm:kv_cache_usage_perc gauge\n\
+         vllm:kv_cache_usage_perc{{model_name=\"{model}\"}} {}\n",
+        (running as f64 / cap).min(1.0)
+    )
+}
+
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let args = Args::parse();
     let models = json!({"object": "list", "data": [{"id": args.model, "object": "model", "owned_by": "talon-fake-engine"}]});
+    let engine = Engine {
+        args: args.clone(),
+        counters: Arc::new(Counters::default()),
+        slots: (args.max_running > 0)
+            .then(|| Arc::new(tokio::sync::Semaphore::new(args.max_running))),
+    };
     let app = Router::new()
-        .route("/health", get(|| async { "ok" }))
+        .route(
+            "/health",
+            get(|State(e): State<Engine>| async move {
+                if e.wedged() {
+                    std::future::pending::<()>().await;
+                }
+                "ok"
+            }),
+        )
+        .route("/metrics", get(metrics))
         .route("/v1/models", get(move || async move { Json(models) }))
         .route("/v1/chat/completions", post(chat))
         .route("/v1/completions", post(completions))
         .route("/v1/embeddings", post(embeddings))
-        .with_state(args.clone());
+        .with_state(engine);
     let listener = match tokio::net::TcpListener::bind(("127.0.0.1", args.port)).await {
         Ok(l) => l,
         Err(e) => {

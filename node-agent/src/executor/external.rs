@@ -9,7 +9,13 @@
 //! go to a log file, and a supervisor health-checks it (`GET` the health
 //! path until it answers 200), restarts it with exponential backoff when it
 //! exits, and gives up (state Failed) after too many failures in a row.
-//! Requests are proxied as OpenAI JSON to `127.0.0.1:{port}`.
+//! Once healthy it is checked every [`EngineSettings::check_every`] for its
+//! whole life: an engine that stops answering its health check
+//! [`EngineSettings::wedged_after`] times in a row is wedged, and is killed
+//! and restarted. Each check also scrapes its metrics
+//! ([`super::signals`]): running and waiting requests, KV cache in use.
+//! Requests are proxied as OpenAI JSON to `127.0.0.1:{port}`, each timed
+//! to correct the replica's service-time model.
 //!
 //! What an engine inherits is bounded: its environment is cleared down to
 //! [`PASSED_ENV`] (no join token, no credentials of the agent), `{host}`
@@ -25,6 +31,7 @@ use serde_json::Value;
 use tokio::process::{Child, Command};
 use tokio::sync::watch;
 
+use super::signals::{parse_engine_metrics, EngineLoad, ServiceModel};
 use super::{ExecError, Executor, InferRequest, ReplicaState};
 
 /// Placeholders a template may use.
@@ -184,6 +191,13 @@ pub struct EngineSettings {
     /// Consecutive failed starts before the replica is Failed.
     pub max_failures: u32,
     pub request_timeout: Duration,
+    /// Where the engine exports Prometheus metrics.
+    pub metrics_path: String,
+    /// How often a running engine is health-checked and scraped.
+    pub check_every: Duration,
+    /// Failed health checks in a row after which a running engine is
+    /// taken as wedged and restarted.
+    pub wedged_after: u32,
 }
 
 impl Default for EngineSettings {
@@ -195,6 +209,9 @@ impl Default for EngineSettings {
             max_backoff: Duration::from_secs(30),
             max_failures: 5,
             request_timeout: Duration::from_secs(600),
+            metrics_path: "/metrics".into(),
+            check_every: Duration::from_secs(1),
+            wedged_after: 3,
         }
     }
 }
@@ -203,6 +220,8 @@ struct Shared {
     state: Mutex<ReplicaState>,
     pid: Mutex<Option<u32>>,
     restarts: Mutex<u32>,
+    /// What its metrics said last (none before, or when it exports none).
+    load: Mutex<Option<EngineLoad>>,
 }
 
 /// A supervised engine process serving one replica.
@@ -212,6 +231,9 @@ pub struct ExternalEngine {
     shared: Arc<Shared>,
     stop: watch::Sender<bool>,
     log_path: PathBuf,
+    /// Service-time model, when the agent knows the replica's GPUs.
+    service: Option<ServiceModel>,
+    in_flight: std::sync::atomic::AtomicUsize,
 }
 
 async fn healthy(http: &reqwest::Client, url: &str) -> bool {
@@ -240,6 +262,7 @@ impl ExternalEngine {
             state: Mutex::new(ReplicaState::Loading),
             pid: Mutex::new(None),
             restarts: Mutex::new(0),
+            load: Mutex::new(None),
         });
         let (stop, stop_rx) = watch::channel(false);
         let port = placeholders.port;
@@ -259,7 +282,15 @@ impl ExternalEngine {
             shared,
             stop,
             log_path,
+            service: None,
+            in_flight: std::sync::atomic::AtomicUsize::new(0),
         })
+    }
+
+    /// Gives the replica a service-time model, corrected by its requests.
+    pub fn with_service_model(mut self, model: ServiceModel) -> ExternalEngine {
+        self.service = Some(model);
+        self
     }
 
     /// The engine process id, while one runs.
@@ -294,6 +325,7 @@ async fn supervise(
     port: u16,
 ) {
     let health = format!("http://127.0.0.1:{port}{}", settings.health_path);
+    let metrics = format!("http://127.0.0.1:{port}{}", settings.metrics_path);
     let mut failures = 0u32;
     let mut backoff = settings.first_backoff;
     loop {
@@ -342,6 +374,8 @@ async fn supervise(
         let deadline = tokio::time::Instant::now() + settings.startup_timeout;
         let mut poll = tokio::time::interval(Duration::from_millis(100));
         let mut up = false;
+        let mut last_check = tokio::time::Instant::now();
+        let mut missed = 0u32;
         let exited = loop {
             tokio::select! {
                 status = child.wait() => break Some(status),
@@ -362,10 +396,25 @@ async fn supervise(
                         let _ = child.kill().await;
                         break None;
                     }
+                    if up && last_check.elapsed() >= settings.check_every {
+                        last_check = tokio::time::Instant::now();
+                        if healthy(&http, &health).await {
+                            missed = 0;
+                        } else {
+                            missed += 1;
+                            if missed >= settings.wedged_after {
+                                tracing::warn!(port, missed, "engine stopped answering its health check; restarting it");
+                                let _ = child.kill().await;
+                                break None;
+                            }
+                        }
+                        *shared.load.lock().expect("load lock poisoned") = scrape(&http, &metrics).await;
+                    }
                 }
             }
         };
         *shared.pid.lock().expect("pid lock poisoned") = None;
+        *shared.load.lock().expect("load lock poisoned") = None;
         tracing::warn!(port, status = ?exited, "engine exited");
         failures += 1;
         if failures > settings.max_failures {
@@ -381,6 +430,22 @@ async fn supervise(
         }
         backoff = (backoff * 2).min(settings.max_backoff);
     }
+}
+
+/// The engine's load gauges, if it exports any we know.
+async fn scrape(http: &reqwest::Client, url: &str) -> Option<EngineLoad> {
+    let response = http
+        .get(url)
+        .timeout(Duration::from_secs(1))
+        .send()
+        .await
+        .ok()?;
+    if !response.status().is_success() {
+        return None;
+    }
+    // a metrics page is small; a huge one is not read whole
+    let text = response.text().await.ok()?;
+    parse_engine_metrics(&text[..text.len().min(4 << 20)])
 }
 
 /// Relays the engine's server-sent events to `sink` until `[DONE]`. The
@@ -427,9 +492,53 @@ impl Executor for ExternalEngine {
         self.pid()
     }
 
+    fn batches_itself(&self) -> bool {
+        true
+    }
+
+    fn service_time(&self, n: usize) -> Duration {
+        self.service
+            .as_ref()
+            .map_or(Duration::ZERO, |m| m.predict(n))
+    }
+
+    fn engine_load(&self) -> Option<EngineLoad> {
+        *self.shared.load.lock().expect("load lock poisoned")
+    }
+
     async fn infer(&self, batch: Vec<InferRequest>) -> Vec<Result<Value, ExecError>> {
-        // The engine batches on its own; requests go in concurrently.
+        use std::sync::atomic::Ordering;
+        // The engine batches on its own; requests go in concurrently, each
+        // timed.
         let calls = batch.into_iter().map(|r| async move {
+            let concurrent = self.in_flight.fetch_add(1, Ordering::SeqCst);
+            let started = tokio::time::Instant::now();
+            let prompt = super::prompt_tokens(&r.body);
+            let asked = r.body["max_tokens"].as_u64().unwrap_or(16);
+            let answer = self.call(r).await;
+            self.in_flight.fetch_sub(1, Ordering::SeqCst);
+            if let (Ok(body), Some(model)) = (&answer, &self.service) {
+                let output = body["usage"]["completion_tokens"]
+                    .as_u64()
+                    .or_else(|| body["chunks"].as_u64())
+                    .unwrap_or(asked);
+                model.observe(prompt, output, concurrent, started.elapsed());
+            }
+            answer
+        });
+        futures_util::future::join_all(calls).await
+    }
+
+    async fn stop(&self) {
+        set(&self.shared, ReplicaState::Draining);
+        let _ = self.stop.send(true);
+    }
+}
+
+impl ExternalEngine {
+    /// Proxies one request to the engine.
+    async fn call(&self, r: InferRequest) -> Result<Value, ExecError> {
+        {
             let state = self.state();
             if state != ReplicaState::Ready {
                 return Err(ExecError::NotReady(state.as_str()));
@@ -465,13 +574,7 @@ impl Executor for ExternalEngine {
                 return Err(ExecError::Engine(format!("engine answered {status}")));
             }
             Ok(body)
-        });
-        futures_util::future::join_all(calls).await
-    }
-
-    async fn stop(&self) {
-        set(&self.shared, ReplicaState::Draining);
-        let _ = self.stop.send(true);
+        }
     }
 }
 

@@ -15,6 +15,7 @@
 
 pub mod external;
 pub mod pipeline;
+pub mod signals;
 pub mod simulated;
 
 use serde_json::Value;
@@ -123,6 +124,16 @@ pub trait Executor: Send + Sync {
     async fn infer(&self, batch: Vec<InferRequest>) -> Vec<Result<Value, ExecError>>;
     /// Stops the replica and releases its GPUs.
     async fn stop(&self);
+    /// Whether it forms its own batches (an engine process batching
+    /// continuously): requests then go to it as they come, not through the
+    /// agent's batcher.
+    fn batches_itself(&self) -> bool {
+        false
+    }
+    /// What the engine's own metrics say about its queue, if it has any.
+    fn engine_load(&self) -> Option<signals::EngineLoad> {
+        None
+    }
     /// Device memory it uses on all its GPUs, where the executor measures
     /// it itself (the simulated one does).
     fn memory_used(&self) -> Option<u64> {
