@@ -7,6 +7,7 @@
 //! to the leader ([`agent::run`]), following the leader across failovers.
 
 pub mod agent;
+pub mod artifacts;
 pub mod batcher;
 pub mod calibrate;
 pub mod catalog;

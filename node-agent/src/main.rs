@@ -150,6 +150,7 @@ async fn main() -> ExitCode {
                     .map(|g| (g.index, g.gpu_type.clone()))
                     .collect(),
                 correction: Arc::new(Correction::default()),
+                hf_cache: talon_node_agent::artifacts::hf_cache_dir(),
             };
             Some(Arc::new(
                 ReplicaManager::new(Arc::new(factory)).with_max_queue(config.max_queue),

@@ -198,6 +198,8 @@ pub struct EngineFactory {
     /// GPU index → catalog type, from the inventory: what the replicas'
     /// service-time models are for.
     pub gpu_types: HashMap<u32, String>,
+    /// The Hugging Face cache `hf://` artifacts are looked up in.
+    pub hf_cache: Option<std::path::PathBuf>,
     pub correction: Arc<Correction>,
 }
 
@@ -244,9 +246,11 @@ impl ExecutorFactory for EngineFactory {
             .and_then(|l| l.local_addr())
             .map_err(|e| ExecError::Config(format!("no free port for the engine: {e}")))?
             .port();
+        let artifact = crate::artifacts::resolve(&r.artifact_uri, self.hf_cache.as_deref())
+            .map_err(ExecError::Config)?;
         let placeholders = Placeholders {
             model: r.model.clone(),
-            artifact: r.artifact_uri.clone(),
+            artifact: artifact.display().to_string(),
             port,
             gpus,
             tp: placement.gpus.len() as u32 / placement.stages,

@@ -8,6 +8,19 @@ pub mod etcdserverpb {
     tonic::include_proto!("etcdserverpb");
 }
 
+/// A `file://` artifact for model `name` that exists on this machine (a
+/// small placeholder file under the temp directory, made on first use):
+/// agents resolve artifacts before an engine starts.
+pub fn artifact_file(name: &str) -> String {
+    let dir = std::env::temp_dir().join("talon-test-models");
+    let path = dir.join(format!("{name}.gguf"));
+    if !path.exists() {
+        let _ = std::fs::create_dir_all(&dir);
+        let _ = std::fs::write(&path, b"GGUF placeholder for tests");
+    }
+    format!("file://{}", path.display())
+}
+
 /// A model spec for tests and benchmarks: one version `v1` of `name` with
 /// `replicas` replicas of `memory_mib` each.
 pub fn model_spec(
@@ -20,7 +33,7 @@ pub fn model_spec(
         name: name.into(),
         version: "v1".into(),
         engine: engine.into(),
-        artifact_uri: format!("file:///models/{name}"),
+        artifact_uri: artifact_file(name),
         memory_mib,
         latency_slo_ms: 1_000,
         min_replicas: replicas,
