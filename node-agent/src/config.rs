@@ -54,8 +54,12 @@ pub struct AgentConfig {
     /// Let Talon lay out the MIG instances of the GPUs in MIG mode: the
     /// agent creates the instance a replica is assigned (destroying unused
     /// ones in its way) and advertises it with the label
-    /// `talon-mig=managed`. Simulated fleets only in this release.
+    /// `talon-mig=managed`.
     pub manage_mig: bool,
+    /// Give engine replicas a service-time model learned from their
+    /// requests, reported for predictive routing (off: the gateway ranks
+    /// them by held requests only, as before there was one).
+    pub engine_signals: bool,
     pub cost_per_hour: f64,
     /// Run the CUDA calibration at start (real GPUs only).
     pub calibrate: bool,
@@ -88,6 +92,7 @@ impl Default for AgentConfig {
             telemetry_interval_ms: None,
             labels: BTreeMap::new(),
             manage_mig: false,
+            engine_signals: true,
             cost_per_hour: 0.0,
             calibrate: true,
             engine_command: None,
@@ -143,6 +148,9 @@ pub struct Flags {
     /// Let Talon create and destroy the MIG instances of GPUs in MIG mode.
     #[arg(long, env = "TALON_MANAGE_MIG", num_args = 0..=1, default_missing_value = "true")]
     pub manage_mig: Option<bool>,
+    /// Report engine replicas' learned service times (default true).
+    #[arg(long, env = "TALON_ENGINE_SIGNALS", num_args = 0..=1, default_missing_value = "true")]
+    pub engine_signals: Option<bool>,
     #[arg(long, env = "TALON_COST_PER_HOUR")]
     pub cost_per_hour: Option<f64>,
     #[arg(long, env = "TALON_CALIBRATE", num_args = 0..=1, default_missing_value = "true")]
@@ -268,6 +276,9 @@ impl AgentConfig {
         c.labels.extend(flags.labels.iter().cloned());
         if let Some(v) = flags.manage_mig {
             c.manage_mig = v;
+        }
+        if let Some(v) = flags.engine_signals {
+            c.engine_signals = v;
         }
         if let Some(v) = flags.cost_per_hour {
             c.cost_per_hour = v;

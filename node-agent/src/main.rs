@@ -151,6 +151,7 @@ async fn main() -> ExitCode {
                     .collect(),
                 correction: Arc::new(Correction::default()),
                 hf_cache: talon_node_agent::artifacts::hf_cache_dir(),
+                service_models: config.engine_signals,
             };
             Some(Arc::new(
                 ReplicaManager::new(Arc::new(factory)).with_max_queue(config.max_queue),

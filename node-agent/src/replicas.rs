@@ -200,6 +200,8 @@ pub struct EngineFactory {
     pub gpu_types: HashMap<u32, String>,
     /// The Hugging Face cache `hf://` artifacts are looked up in.
     pub hf_cache: Option<std::path::PathBuf>,
+    /// Give replicas a learned service-time model (`--engine-signals`).
+    pub service_models: bool,
     pub correction: Arc<Correction>,
 }
 
@@ -267,7 +269,8 @@ impl ExecutorFactory for EngineFactory {
         let gpu_type = self
             .gpu_types
             .get(&placement.gpus[0])
-            .and_then(|t| catalog::by_key(t));
+            .and_then(|t| catalog::by_key(t))
+            .filter(|_| self.service_models);
         if let Some(gpu_type) = gpu_type {
             engine = engine.with_service_model(crate::executor::signals::ServiceModel {
                 model: r.model.clone(),

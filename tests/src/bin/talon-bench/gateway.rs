@@ -34,7 +34,7 @@ async fn wait_serving(
 /// Open-loop load on `url` at `rate` req/s for `seconds`: latencies (ms) of
 /// the answered requests, how many failed, and how many of those failures
 /// were overload refusals (429).
-async fn open_loop(
+pub(super) async fn open_loop(
     http: &reqwest::Client,
     url: &str,
     key: &str,

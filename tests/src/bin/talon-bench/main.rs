@@ -24,6 +24,7 @@ use serde_json::json;
 use talon_tests::clusters::{poll, BenchCluster, Kind, Writer, WriterPool};
 use talon_tests::{http_post, model_spec};
 
+mod engine_routing;
 mod gateway;
 mod ingest;
 mod plan;
@@ -130,6 +131,20 @@ enum Bench {
         /// Extra coordinator flags, e.g. "--suspect-after-ms 1000 --down-after-ms 3000".
         #[arg(long, default_value = "")]
         coordinator_flags: String,
+    },
+    /// Routing engine processes: a fast and a slow replica (fake engines
+    /// behind two agents), open-loop through the gateway, with the agents'
+    /// learned service times and without (real time).
+    EngineRouting {
+        #[arg(long, default_value_t = 40)]
+        fast_ms: u64,
+        #[arg(long, default_value_t = 320)]
+        slow_ms: u64,
+        #[arg(long, value_delimiter = ',', default_value = "5,10,20,40")]
+        rates: Vec<u64>,
+        /// Seconds of load per rate.
+        #[arg(long, default_value_t = 20)]
+        seconds: u64,
     },
     /// Routing by predicted completion time against least-loaded and
     /// round-robin on a mixed simulated fleet (virtual time).
@@ -277,6 +292,12 @@ async fn main() -> anyhow::Result<()> {
         None
     };
     match &cli.command {
+        Bench::EngineRouting {
+            fast_ms,
+            slow_ms,
+            rates,
+            seconds,
+        } => engine_routing::engine_routing(&cli, *fast_ms, *slow_ms, rates, *seconds).await,
         Bench::Plan { nodes, rounds } => plan::plan_bench(&cli, nodes, (*rounds).max(1)),
         Bench::B2 {
             concurrency,
