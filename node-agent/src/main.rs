@@ -152,6 +152,17 @@ async fn main() -> ExitCode {
                 correction: Arc::new(Correction::default()),
                 hf_cache: talon_node_agent::artifacts::hf_cache_dir(),
                 service_models: config.engine_signals,
+                device_memory_mib: inventory
+                    .gpus
+                    .iter()
+                    .flat_map(|g| {
+                        std::iter::once((g.index.to_string(), g.memory_bytes >> 20)).chain(
+                            g.mig_devices
+                                .iter()
+                                .map(|m| (m.uuid.clone(), m.memory_bytes >> 20)),
+                        )
+                    })
+                    .collect(),
             };
             Some(Arc::new(
                 ReplicaManager::new(Arc::new(factory)).with_max_queue(config.max_queue),

@@ -202,6 +202,9 @@ pub struct EngineFactory {
     pub hf_cache: Option<std::path::PathBuf>,
     /// Give replicas a learned service-time model (`--engine-signals`).
     pub service_models: bool,
+    /// GPU index → its memory, and MIG device UUID → its memory, MiB:
+    /// what `{memory_fraction}` is a share of.
+    pub device_memory_mib: HashMap<String, u64>,
     pub correction: Arc<Correction>,
 }
 
@@ -250,6 +253,24 @@ impl ExecutorFactory for EngineFactory {
             .port();
         let artifact = crate::artifacts::resolve(&r.artifact_uri, self.hf_cache.as_deref())
             .map_err(ExecError::Config)?;
+        let device = placement
+            .mig_device
+            .clone()
+            .unwrap_or_else(|| placement.gpus[0].to_string());
+        // an instance made for this replica: its profile says its memory
+        let made = placement.mig_slice.as_ref().and_then(|(profile, _)| {
+            let gb = profile
+                .split('.')
+                .nth(1)?
+                .trim_end_matches("gb")
+                .parse::<u64>()
+                .ok()?;
+            Some(gb * 1024)
+        });
+        let memory_fraction = match made.or_else(|| self.device_memory_mib.get(&device).copied()) {
+            Some(total) if total > 0 => (r.memory_mib as f64 / total as f64).clamp(0.01, 1.0),
+            _ => 0.9,
+        };
         let placeholders = Placeholders {
             model: r.model.clone(),
             artifact: artifact.display().to_string(),
@@ -257,6 +278,7 @@ impl ExecutorFactory for EngineFactory {
             gpus,
             tp: placement.gpus.len() as u32 / placement.stages,
             pp: placement.stages,
+            memory_fraction,
         };
         let tp = placement.gpus.len() as u32 / placement.stages;
         let mut engine = ExternalEngine::start(

@@ -30,6 +30,7 @@ fn placeholders(port: u16) -> Placeholders {
         gpus: "GPU-test-0,MIG-test-1".into(),
         tp: 2,
         pp: 1,
+        memory_fraction: 0.25,
     }
 }
 

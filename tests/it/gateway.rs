@@ -263,7 +263,7 @@ async fn gateway_reaches_an_external_engine_run_by_the_agent() {
     let cluster = Cluster::form(1, &["--join-token", TOKEN]).await;
     let grpc = cluster.nodes[0].grpc.clone();
     let engine = format!(
-        "{} --port {{port}} --model {{model}}",
+        "{} --port {{port}} --model {{model}} --gpu-memory-utilization {{memory_fraction}}",
         crate::harness::bin("talon-fake-engine").display()
     );
     let logs = tempfile::tempdir().expect("temp dir");
@@ -302,6 +302,8 @@ async fn gateway_reaches_an_external_engine_run_by_the_agent() {
         .filter_map(|e| std::fs::read_to_string(e.ok()?.path()).ok())
         .collect::<String>();
     assert!(log.contains("CUDA_VISIBLE_DEVICES=GPU-"), "{log}");
+    // 4,000 MiB of the L4's 24 GiB: the engine is told to take that share
+    assert!(log.contains("gpu_memory_utilization=Some(0.16)"), "{log}");
     assert!(log.contains("inherited_talon_vars=[]"), "{log}");
     assert!(!log.contains(TOKEN), "{log}");
 }

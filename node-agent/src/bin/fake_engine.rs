@@ -43,6 +43,10 @@ struct Args {
     /// Requests served at once; the others wait (0: no limit).
     #[arg(long, default_value_t = 0)]
     max_running: usize,
+    /// The share of GPU memory it is to take, as vLLM's flag of this name
+    /// (logged, for tests).
+    #[arg(long)]
+    gpu_memory_utilization: Option<f64>,
     /// Hang (health included) once this many requests came (0: never).
     #[arg(long, default_value_t = 0)]
     wedge_after: u64,
@@ -244,8 +248,8 @@ async fn main() -> std::process::ExitCode {
         .filter(|k| k.starts_with("TALON"))
         .collect();
     eprintln!(
-        "talon-fake-engine: serving {} on 127.0.0.1:{} CUDA_VISIBLE_DEVICES={devices} inherited_talon_vars={talon:?}",
-        args.model, args.port
+        "talon-fake-engine: serving {} on 127.0.0.1:{} CUDA_VISIBLE_DEVICES={devices} gpu_memory_utilization={:?} inherited_talon_vars={talon:?}",
+        args.model, args.port, args.gpu_memory_utilization
     );
     match axum::serve(listener, app).await {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -35,7 +35,16 @@ use super::signals::{parse_engine_metrics, EngineLoad, ServiceModel};
 use super::{ExecError, Executor, InferRequest, ReplicaState};
 
 /// Placeholders a template may use.
-pub const PLACEHOLDERS: &[&str] = &["model", "artifact", "port", "gpus", "tp", "pp", "host"];
+pub const PLACEHOLDERS: &[&str] = &[
+    "model",
+    "artifact",
+    "port",
+    "gpus",
+    "tp",
+    "pp",
+    "host",
+    "memory_fraction",
+];
 
 /// The address engines are to listen on (`{host}`): loopback, so that only
 /// the agent reaches them.
@@ -102,6 +111,12 @@ pub struct Placeholders {
     pub tp: u32,
     /// Pipeline stages (`--pipeline-parallel-size {pp}`); 1 for none.
     pub pp: u32,
+    /// The share of each GPU's (or the MIG device's) memory the plan gives
+    /// the replica, 0.01 to 1, two decimals (`vllm serve …
+    /// --gpu-memory-utilization {memory_fraction}`, SGLang's
+    /// `--mem-fraction-static`): an engine that preallocates then takes
+    /// what was planned, not 90 % of the GPU.
+    pub memory_fraction: f64,
 }
 
 impl CommandTemplate {
@@ -174,6 +189,7 @@ impl CommandTemplate {
                     .replace("{gpus}", &p.gpus)
                     .replace("{tp}", &p.tp.to_string())
                     .replace("{pp}", &p.pp.to_string())
+                    .replace("{memory_fraction}", &format!("{:.2}", p.memory_fraction))
                     .replace("{host}", ENGINE_HOST)
             })
             .collect()
@@ -585,7 +601,7 @@ mod tests {
     #[test]
     fn templates_are_checked_and_rendered() {
         let t = CommandTemplate::parse(
-            "vllm serve {artifact} --served-model-name {model} --port {port} -tp {tp}",
+            "vllm serve {artifact} --served-model-name {model} --port {port} -tp {tp} --gpu-memory-utilization {memory_fraction}",
         )
         .unwrap();
         let argv = t.render(&Placeholders {
@@ -594,6 +610,7 @@ mod tests {
             port: 9000,
             gpus: "GPU-1,GPU-2".into(),
             tp: 2,
+            memory_fraction: 0.5,
             pp: 1,
         });
         assert_eq!(
@@ -607,7 +624,9 @@ mod tests {
                 "--port",
                 "9000",
                 "-tp",
-                "2"
+                "2",
+                "--gpu-memory-utilization",
+                "0.50"
             ]
         );
         let cases = [

@@ -75,8 +75,7 @@ async fn run_mode(
         .await?;
     poll("two ready replicas", Duration::from_secs(60), || async {
         let list = admin.list_replicas("bench").await.ok()?;
-        (list.replicas.len() == 2 && list.replicas.iter().all(|r| r.state == "ready"))
-            .then_some(())
+        (list.replicas.len() == 2 && list.replicas.iter().all(|r| r.state == "ready")).then_some(())
     })
     .await?;
     let app = admin
