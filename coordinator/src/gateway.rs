@@ -729,9 +729,25 @@ async fn generate(g: Gateway, path: &'static str, headers: HeaderMap, mut body: 
         return e.into_response();
     }
     let streaming = body["stream"].as_bool() == Some(true) && path != "/embeddings";
+    // stream_options travels with a stream (include_usage: a last chunk
+    // with the usage); it means nothing without one
+    match &body["stream_options"] {
+        Value::Null => {}
+        Value::Object(o)
+            if o.iter()
+                .all(|(k, v)| k == "include_usage" && v.is_boolean()) => {}
+        other => {
+            return GwError::bad_request(&format!(
+                "\"stream_options\" must be an object with at most \"include_usage\": true or false, got {other}"
+            ))
+            .into_response()
+        }
+    }
     if let Some(o) = body.as_object_mut() {
         o.remove("stream");
-        o.remove("stream_options");
+        if !streaming {
+            o.remove("stream_options");
+        }
     }
     let call = Call::from_http(path, &headers, body);
     if !streaming {

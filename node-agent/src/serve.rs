@@ -197,7 +197,9 @@ async fn serve(
     let mut body = body;
     if let Some(o) = body.as_object_mut() {
         o.remove("stream");
-        o.remove("stream_options");
+        if !streaming {
+            o.remove("stream_options");
+        }
     }
     if streaming {
         return stream(

@@ -296,6 +296,23 @@ async fn gateway_reaches_an_external_engine_run_by_the_agent() {
             .expect("answer");
     assert_eq!(status, 200, "{answer}");
     assert!(answer.contains("echo(2 words): hello there"), "{answer}");
+    // a stream asking for its usage gets the engine's usage chunk
+    let streamed = talon_tests::sse_post(
+        &talon_tests::http_client(&cluster.admin_key()),
+        &cluster.nodes[0].http,
+        "/v1/chat/completions",
+        &serde_json::json!({"model": "tiny", "messages": [{"role": "user", "content": "count this"}],
+            "stream": true, "stream_options": {"include_usage": true}}),
+        None,
+    )
+    .await;
+    assert!(streamed.done, "{streamed:?}");
+    let usage = streamed.chunks.last().expect("chunks");
+    assert_eq!(usage["choices"], serde_json::json!([]), "{usage}");
+    assert!(
+        usage["usage"]["completion_tokens"].as_u64() > Some(0),
+        "{usage}"
+    );
     // The engine was pinned to the node's GPU.
     let log = std::fs::read_dir(logs.path())
         .expect("log dir")

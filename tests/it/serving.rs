@@ -214,6 +214,24 @@ async fn grpc_websocket_and_sse_stream_the_same_answer_token_by_token() {
         "the chunks came together: first at {first:?}, end at {:?}",
         s.end_at
     );
+
+    // stream_options.include_usage: one more chunk, with the usage
+    let counted = json!({"model": "demo", "messages": [{"role": "user", "content": "count me"}], "max_tokens": 5,
+        "stream": true, "stream_options": {"include_usage": true}});
+    let s = sse_post(&http, &up.http, "/v1/chat/completions", &counted, None).await;
+    assert!(s.done && s.error.is_none(), "{s:?}");
+    let last = s.chunks.last().expect("chunks");
+    assert_eq!(last["choices"], json!([]), "{last}");
+    assert_eq!(last["usage"]["completion_tokens"], 5, "{last}");
+    assert_eq!(s.chunks.len(), 7, "5 tokens, the finish, the usage");
+    let bad = json!({"model": "demo", "messages": [{"role": "user", "content": "x"}], "stream": true,
+        "stream_options": {"include_usage": "yes"}});
+    let s = sse_post(&http, &up.http, "/v1/chat/completions", &bad, None).await;
+    assert_eq!(s.status, 400, "{s:?}");
+    assert!(
+        s.error.as_deref().unwrap_or("").contains("include_usage"),
+        "{s:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -139,6 +139,12 @@ async fn chat(State(engine): State<Engine>, Json(body): Json<Value>) -> Response
         let last = json!({"id": "fake-1", "object": "chat.completion.chunk", "model": model,
             "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]});
         events.push(Ok(Event::default().data(last.to_string())));
+        if body["stream_options"]["include_usage"].as_bool() == Some(true) {
+            let n = text.split_whitespace().count();
+            let usage = json!({"id": "fake-1", "object": "chat.completion.chunk", "model": args.model, "choices": [],
+                "usage": {"prompt_tokens": 1, "completion_tokens": n, "total_tokens": 1 + n}});
+            events.push(Ok(Event::default().data(usage.to_string())));
+        }
         events.push(Ok(Event::default().data("[DONE]")));
         return Sse::new(tokio_stream::iter(events)).into_response();
     }

@@ -293,6 +293,13 @@ impl SimulatedExecutor {
         for (r, answer) in batch.iter().zip(answers) {
             if let (Some(sink), Ok(answer)) = (&r.stream, answer) {
                 let _ = sink.send(chunk(r.endpoint, answer, None, Some("length")));
+                // as OpenAI: one more chunk, no choices, the usage
+                if r.body["stream_options"]["include_usage"].as_bool() == Some(true) {
+                    let mut usage = chunk(r.endpoint, answer, None, None);
+                    usage["choices"] = json!([]);
+                    usage["usage"] = answer["usage"].clone();
+                    let _ = sink.send(usage);
+                }
             }
         }
         Ok(())
