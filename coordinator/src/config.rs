@@ -167,6 +167,9 @@ pub struct Config {
     /// Audit entries kept; older ones are trimmed by the leader (the same
     /// cut on every replica).
     pub audit_keep: u64,
+    /// Largest inference request body the gateway reads; a larger one is
+    /// refused with 413.
+    pub max_body_bytes: usize,
     pub log_format: LogFormat,
     pub raft: RaftSettings,
     pub agents: AgentSettings,
@@ -193,6 +196,7 @@ impl Default for Config {
             bootstrap_peers: Vec::new(),
             bootstrap_wait_ms: 10_000,
             audit_keep: 100_000,
+            max_body_bytes: 4 << 20,
             log_format: LogFormat::Text,
             raft: RaftSettings::default(),
             agents: AgentSettings::default(),
@@ -242,6 +246,9 @@ pub struct Flags {
     pub bootstrap_wait_ms: Option<u64>,
     #[arg(long, env = "TALON_AUDIT_KEEP")]
     pub audit_keep: Option<u64>,
+    /// Largest inference request body, bytes (default 4 MiB).
+    #[arg(long, env = "TALON_MAX_BODY_BYTES")]
+    pub max_body_bytes: Option<usize>,
     #[arg(long, env = "TALON_LOG_FORMAT")]
     pub log_format: Option<LogFormat>,
     #[arg(long, env = "TALON_HEARTBEAT_MS")]
@@ -333,6 +340,7 @@ impl Config {
             suspect_after_ms => agents.suspect_after_ms, down_after_ms => agents.down_after_ms,
             auth => auth.enabled, bootstrap_peers => bootstrap_peers,
             bootstrap_wait_ms => bootstrap_wait_ms, audit_keep => audit_keep,
+            max_body_bytes => max_body_bytes,
         );
         if flags.admin_key_file.is_some() {
             config.auth.admin_key_file = flags.admin_key_file.clone();
@@ -455,6 +463,12 @@ impl Config {
                     "raft_advertise {addr:?} is not host:port with a non-zero port"
                 ));
             }
+        }
+        if !(1024..=256 << 20).contains(&self.max_body_bytes) {
+            return bad(format!(
+                "max_body_bytes is {}; give 1024 (1 KiB) to 268435456 (256 MiB)",
+                self.max_body_bytes
+            ));
         }
         if self.audit_keep < 100 {
             return bad(format!(

@@ -242,11 +242,14 @@ impl Gateway {
     }
 
     pub fn router(self) -> Router {
+        let limit = self.ctx.config.max_body_bytes;
         Router::new()
             .route("/v1/models", get(models))
+            .route("/v1/models/{id}", get(model))
             .route("/v1/chat/completions", post(chat))
             .route("/v1/completions", post(completions))
             .route("/v1/embeddings", post(embeddings))
+            .layer(axum::extract::DefaultBodyLimit::max(limit))
             .route("/v1/stream", get(crate::websocket::upgrade))
             .layer(axum::middleware::from_fn_with_state(
                 self.clone(),
@@ -504,7 +507,7 @@ impl Gateway {
                 )
                 .send()
                 .await
-                .map_err(|e| unreachable(&t, e))?;
+                .map_err(|e| timed_out(&t, e))?;
             let response = refused(response, &t).await?;
             match response.json::<Value>().await {
                 Ok(v) => Ok((t.replica, v)),
@@ -627,6 +630,23 @@ impl Gateway {
     }
 }
 
+/// [`unreachable`], except a request that ran out of time: it may still
+/// be running on the replica, so it is answered 504 rather than run again
+/// elsewhere.
+fn timed_out(t: &Target, e: reqwest::Error) -> Miss {
+    if e.is_timeout() {
+        return Miss::Final(GwError::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            "timeout",
+            format!(
+                "replica {} did not answer in time; the request was not run again elsewhere (give a longer x-talon-deadline-ms)",
+                t.replica
+            ),
+        ));
+    }
+    unreachable(t, e)
+}
+
 fn unreachable(t: &Target, e: reqwest::Error) -> Miss {
     Miss::Unreachable(format!(
         "replica {} at {} cannot be reached: {e}",
@@ -708,15 +728,41 @@ async fn models(State(g): State<Gateway>) -> Response {
     Json(json!({"object": "list", "data": data})).into_response()
 }
 
+/// Most tokens a request may ask to generate.
+pub const MAX_OUTPUT_TOKENS: u64 = 1 << 20;
+
 /// Checks the parts of a body every replica would refuse, before routing.
 pub fn check_body(path: &str, body: &Value) -> Result<(), GwError> {
+    if !body.is_object() {
+        return Err(GwError::bad_request(
+            "the request body must be a JSON object",
+        ));
+    }
+    for field in ["max_tokens", "max_completion_tokens"] {
+        match &body[field] {
+            Value::Null => {}
+            v if v
+                .as_u64()
+                .is_some_and(|n| (1..=MAX_OUTPUT_TOKENS).contains(&n)) => {}
+            v => {
+                return Err(GwError::bad_request(format!(
+                    "\"{field}\" is {v}; give a whole number from 1 to {MAX_OUTPUT_TOKENS}"
+                )))
+            }
+        }
+    }
+    let prompt_ok = |p: &Value| {
+        p.is_string()
+            || p.as_array()
+                .is_some_and(|a| !a.is_empty() && a.iter().all(Value::is_string))
+    };
     match path {
         "/chat/completions" if !body["messages"].is_array() => Err(GwError::bad_request(
             "\"messages\" must be an array of {role, content}",
         )),
-        "/completions" if !body["prompt"].is_string() => {
-            Err(GwError::bad_request("\"prompt\" must be a string"))
-        }
+        "/completions" if !prompt_ok(&body["prompt"]) => Err(GwError::bad_request(
+            "\"prompt\" must be a string or a non-empty array of strings",
+        )),
         "/embeddings" if !(body["input"].is_string() || body["input"].is_array()) => Err(
             GwError::bad_request("\"input\" must be a string or an array of strings"),
         ),
@@ -777,22 +823,58 @@ async fn generate(g: Gateway, path: &'static str, headers: HeaderMap, mut body: 
     replica_header(Sse::new(events).into_response(), &replica)
 }
 
-async fn chat(State(g): State<Gateway>, headers: HeaderMap, Json(body): Json<Value>) -> Response {
-    generate(g, "/chat/completions", headers, body).await
+/// A JSON body, or the OpenAI-shaped error that says what is wrong with
+/// it (413 past the body limit, 415 without a JSON content type, 400 for
+/// JSON that does not parse).
+type Body = Result<Json<Value>, axum::extract::rejection::JsonRejection>;
+
+fn body_error(rejection: axum::extract::rejection::JsonRejection) -> Response {
+    let status = rejection.status();
+    let (kind, message) = if status == StatusCode::PAYLOAD_TOO_LARGE {
+        (
+            "request_too_large",
+            "the request body is larger than this gateway accepts (max_body_bytes); send a smaller one".to_string(),
+        )
+    } else {
+        ("invalid_request_error", rejection.body_text())
+    };
+    GwError::new(status, kind, message).into_response()
 }
 
-async fn completions(
-    State(g): State<Gateway>,
-    headers: HeaderMap,
-    Json(body): Json<Value>,
-) -> Response {
-    generate(g, "/completions", headers, body).await
+async fn chat(State(g): State<Gateway>, headers: HeaderMap, body: Body) -> Response {
+    match body {
+        Ok(Json(body)) => generate(g, "/chat/completions", headers, body).await,
+        Err(e) => body_error(e),
+    }
 }
 
-async fn embeddings(
+async fn completions(State(g): State<Gateway>, headers: HeaderMap, body: Body) -> Response {
+    match body {
+        Ok(Json(body)) => generate(g, "/completions", headers, body).await,
+        Err(e) => body_error(e),
+    }
+}
+
+async fn embeddings(State(g): State<Gateway>, headers: HeaderMap, body: Body) -> Response {
+    match body {
+        Ok(Json(body)) => generate(g, "/embeddings", headers, body).await,
+        Err(e) => body_error(e),
+    }
+}
+
+async fn model(
     State(g): State<Gateway>,
-    headers: HeaderMap,
-    Json(body): Json<Value>,
+    axum::extract::Path(id): axum::extract::Path<String>,
 ) -> Response {
-    generate(g, "/embeddings", headers, body).await
+    let applied = g.ctx.state.read().expect("state lock poisoned");
+    match applied.state.models.get(&id) {
+        Some(m) => Json(json!({"id": m.name, "object": "model", "created": m.created_at_ms / 1000, "owned_by": "talon"}))
+            .into_response(),
+        None => GwError::new(
+            StatusCode::NOT_FOUND,
+            "model_not_found",
+            format!("model {id:?} does not exist; GET /v1/models lists the models"),
+        )
+        .into_response(),
+    }
 }

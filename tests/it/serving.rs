@@ -335,3 +335,83 @@ async fn full_queues_and_unmeetable_deadlines_get_429_with_retry_after() {
     assert_eq!(status, 429);
     assert!(message.contains("deadline of 5 ms"), "{message}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_openai_api_edges_answer_as_openai_does() {
+    let up = talon_up(&[]).await;
+    let http = talon_tests::http_client(&up.key);
+    let url = |path: &str| format!("http://{}{path}", up.http);
+    let error_of = |v: &Value| v["error"]["message"].as_str().unwrap_or("").to_string();
+
+    // one model by id, and a precise 404 for an unknown one
+    let r = http.get(url("/v1/models/demo")).send().await.expect("get");
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.json::<Value>().await.unwrap()["id"], "demo");
+    let r = http.get(url("/v1/models/nope")).send().await.expect("get");
+    assert_eq!(r.status(), 404);
+    let v: Value = r.json().await.unwrap();
+    assert!(error_of(&v).contains("\"nope\" does not exist"), "{v}");
+
+    // absurd max_tokens are refused before any replica sees them
+    for bad in [
+        json!(-1),
+        json!(0),
+        json!(1_000_000_000u64),
+        json!("10"),
+        json!(2.5),
+    ] {
+        let body = json!({"model": "demo", "messages": [{"role": "user", "content": "x"}], "max_tokens": bad});
+        let r = http
+            .post(url("/v1/chat/completions"))
+            .json(&body)
+            .send()
+            .await
+            .expect("post");
+        assert_eq!(r.status(), 400, "{bad}");
+        let v: Value = r.json().await.unwrap();
+        assert!(error_of(&v).contains("max_tokens"), "{bad}: {v}");
+    }
+
+    // JSON that does not parse, and a body past the limit: OpenAI-shaped
+    let r = http
+        .post(url("/v1/chat/completions"))
+        .header("content-type", "application/json")
+        .body("{\"model\": \"demo\", ")
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(r.status(), 400);
+    let v: Value = r.json().await.expect("a JSON error");
+    assert_eq!(v["error"]["type"], "invalid_request_error", "{v}");
+    let huge =
+        json!({"model": "demo", "messages": [{"role": "user", "content": "x".repeat(5 << 20)}]});
+    let r = http
+        .post(url("/v1/chat/completions"))
+        .json(&huge)
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(r.status(), 413);
+    let v: Value = r.json().await.expect("a JSON error");
+    assert!(error_of(&v).contains("max_body_bytes"), "{v}");
+
+    // a completion of an array of prompts: one choice per prompt
+    let body = json!({"model": "demo", "prompt": ["one two", "three"], "max_tokens": 3});
+    let r = http
+        .post(url("/v1/completions"))
+        .json(&body)
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["choices"].as_array().map(Vec::len), Some(2), "{v}");
+    assert_eq!(v["choices"][1]["index"], 1, "{v}");
+    let r = http
+        .post(url("/v1/completions"))
+        .json(&json!({"model": "demo", "prompt": []}))
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(r.status(), 400);
+}

@@ -579,6 +579,13 @@ impl ExternalEngine {
                 .json()
                 .await
                 .map_err(|e| ExecError::Engine(format!("unreadable answer: {e}")))?;
+            if status.as_u16() == 429 {
+                // the engine's own queue is full: another replica may take it
+                return Err(ExecError::Overloaded {
+                    queued: self.in_flight.load(std::sync::atomic::Ordering::SeqCst) as u32,
+                    retry_after_ms: 1000,
+                });
+            }
             if status.is_client_error() {
                 let message = body["error"]["message"]
                     .as_str()

@@ -171,6 +171,7 @@ pub fn prompt_tokens(body: &Value) -> u64 {
     match (&body["messages"], &body["prompt"], &body["input"]) {
         (Value::Array(m), _, _) => m.iter().map(|m| count(&m["content"])).sum(),
         (_, p @ Value::String(_), _) => count(p),
+        (_, Value::Array(prompts), _) => prompts.iter().map(count).sum(),
         (_, _, Value::Array(a)) => a.iter().map(count).sum(),
         (_, _, i) => count(i),
     }

@@ -227,8 +227,17 @@ impl SimulatedExecutor {
                            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "length"}],
                            "usage": usage})
                 } else {
+                    // one choice per prompt of an array
+                    let prompts = request.body["prompt"]
+                        .as_array()
+                        .map_or(1, |a| a.len().max(1));
+                    let choices: Vec<Value> = (0..prompts)
+                        .map(|i| json!({"index": i, "text": text, "finish_reason": "length"}))
+                        .collect();
+                    let usage = json!({"prompt_tokens": prompt, "completion_tokens": n * prompts as u64,
+                        "total_tokens": prompt + n * prompts as u64});
                     json!({"id": format!("cmpl-{seed:x}"), "object": "text_completion", "created": 0, "model": self.model,
-                           "choices": [{"index": 0, "text": text, "finish_reason": "length"}], "usage": usage})
+                           "choices": choices, "usage": usage})
                 }
             }
         }
