@@ -12,6 +12,7 @@ mod harness;
 mod pipelines;
 mod placement;
 mod protos;
+mod rollout;
 mod serving;
 mod tls;
 mod trust;

@@ -14,7 +14,7 @@ use crate::harness::{free_port, wait_for, Cluster, Proc};
 
 pub(crate) const TOKEN: &str = "it-join-token-0123456789";
 
-fn agent(grpc: &str, id: &str, gpus: &str) -> Proc {
+pub(crate) fn agent(grpc: &str, id: &str, gpus: &str) -> Proc {
     agent_with(grpc, id, gpus, &[])
 }
 

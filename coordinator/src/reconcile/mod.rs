@@ -79,6 +79,9 @@ pub struct Observed {
     /// memory than planned: model → (version, MiB a replica needs, with a
     /// margin).
     pub outgrown: BTreeMap<String, (String, u64)>,
+    /// Replicas their agent reports ready; `None`: not known (then a new
+    /// version replaces the old replicas at once).
+    pub ready: Option<HashSet<String>>,
 }
 
 /// The label in which the reconciler records what a model's replicas were
@@ -102,7 +105,10 @@ pub const BASELINE_MIB: u64 = 1024;
 
 /// What the telemetry says about `state`'s replicas and GPUs.
 pub fn observe(state: &State, telemetry: &crate::telemetry::TelemetryStore) -> Observed {
-    let mut observed = Observed::default();
+    let mut observed = Observed {
+        ready: Some(HashSet::new()),
+        ..Observed::default()
+    };
     // Memory of the replicas each GPU's agent reports loaded: what they
     // were measured to use, or were planned to take when more.
     let mut loaded: HashMap<(&str, u32), u64> = HashMap::new();
@@ -111,7 +117,12 @@ pub fn observe(state: &State, telemetry: &crate::telemetry::TelemetryStore) -> O
             Some("failed") => {
                 observed.failed.insert(r.id.clone(), r.node_id.clone());
             }
-            Some(_) => {
+            Some(state_now) => {
+                if state_now == "ready" {
+                    if let Some(ready) = observed.ready.as_mut() {
+                        ready.insert(r.id.clone());
+                    }
+                }
                 let planned = r.memory_mib * r.gpus.len().max(1) as u64;
                 let measured = telemetry
                     .sustained_replica_memory(&r.node_id, &r.id, SUSTAINED_SAMPLES)
@@ -224,114 +235,127 @@ pub fn plan_with(state: &State, observed: &Observed) -> Plan {
     );
     let mut selections: HashMap<Option<&String>, Selection> = HashMap::new();
     let mut needs: HashMap<Asked, (Result<Need, String>, usize)> = HashMap::new();
+    // Replicas of older versions kept while the newest one rolls out:
+    // model → their ids.
+    let mut kept_old: HashMap<&str, Vec<String>> = HashMap::new();
     for model in state.models.values() {
-        let Some(version) = model.versions.last() else {
+        let Some(newest) = model.versions.last() else {
             continue;
         };
-        let mem = fleet::memory_need(model, version).max(1);
-        let selector_label = model.labels.get("node-selector");
-        let selection = selections
-            .entry(selector_label)
-            .or_insert_with(|| Selection::of(model, &candidates));
-        let asked = (
-            mem,
-            model.labels.get("layers"),
-            model.labels.get("gpu-types"),
-            selector_label,
-        );
-        let (need, hosts) = needs
-            .entry(asked)
-            .or_insert_with(|| {
-                let eligible: Vec<&Candidate> =
-                    selection.eligible.iter().map(|&i| &candidates[i]).collect();
-                let need = match &selection.selector {
-                    Err(why) => Err(why.clone()),
-                    Ok(sel) if !sel.is_empty() && !eligible.iter().any(|c| c.new_work) => {
-                        Err(format!(
+        for (version, heads) in versions_to_place(model, newest, state, observed.ready.as_ref()) {
+            let mem = fleet::memory_need(model, version).max(1);
+            let selector_label = model.labels.get("node-selector");
+            let selection = selections
+                .entry(selector_label)
+                .or_insert_with(|| Selection::of(model, &candidates));
+            let asked = (
+                mem,
+                model.labels.get("layers"),
+                model.labels.get("gpu-types"),
+                selector_label,
+            );
+            let (need, hosts) = needs
+                .entry(asked)
+                .or_insert_with(|| {
+                    let eligible: Vec<&Candidate> =
+                        selection.eligible.iter().map(|&i| &candidates[i]).collect();
+                    let need = match &selection.selector {
+                        Err(why) => Err(why.clone()),
+                        Ok(sel) if !sel.is_empty() && !eligible.iter().any(|c| c.new_work) => {
+                            Err(format!(
                             "no Ready, schedulable node has every label of its node-selector ({})",
                             selector_label.map_or("", String::as_str)
                         ))
-                    }
-                    Ok(_) => fleet::need_of(model, mem, &eligible),
-                };
-                // Replicas of a model spread over nodes (a node loss takes
-                // one) when enough nodes could hold one; else they stack.
-                let hosts = match &need {
-                    Ok(need) => eligible.iter().filter(|c| could_host(c, need)).count(),
-                    Err(_) => 0,
-                };
-                (need, hosts)
-            })
-            .clone();
-        let excluded = &selection.excluded;
-        let spread = (hosts >= model.min_replicas as usize).then(|| model.name.clone());
-        for k in 0..model.min_replicas {
-            let head = format!("{}@{}-{k}", model.name, version.version);
-            let need = match &need {
-                Ok(need) => need.clone(),
-                Err(why) => {
-                    unplaced.push((head, why.clone()));
-                    continue;
-                }
-            };
-            for (id, need) in parts(head, need) {
-                let (request, gpu_types) = match &need {
-                    Need::OneGpu { mib, gpu_types } => {
-                        (GpuRequest::Memory { mib: *mib }, gpu_types.clone())
-                    }
-                    Need::Group { tp, gpu_types, .. } => {
-                        (GpuRequest::Whole { count: *tp }, gpu_types.clone())
-                    }
-                    Need::Stages {
-                        count, gpu_types, ..
-                    } => (GpuRequest::Stages { count: *count }, gpu_types.clone()),
-                    Need::PipelineStage { stage, .. } => (
-                        GpuRequest::Whole { count: stage.tp },
-                        vec![stage.gpu_type.clone()],
-                    ),
-                    Need::Pipeline { .. } => {
-                        unreachable!("parts() splits a pipeline into its stages")
-                    }
-                    Need::Mig {
-                        profile, gpu_type, ..
-                    } => {
-                        // no new instance on a node taking no new work
-                        let current = state.replicas.get(&id).map(|r| r.node_id.as_str());
-                        let closed: Vec<String> = candidates
-                            .iter()
-                            .filter(|c| !c.new_work && Some(c.node_id) != current)
-                            .map(|c| c.node_id.to_string())
-                            .collect();
-                        if !closed.is_empty() {
-                            avoid_more(&mut avoid, &id, closed);
                         }
-                        (
-                            GpuRequest::Mig {
-                                profile: profile.clone(),
-                            },
-                            vec![gpu_type.clone()],
-                        )
+                        Ok(_) => fleet::need_of(model, mem, &eligible),
+                    };
+                    // Replicas of a model spread over nodes (a node loss takes
+                    // one) when enough nodes could hold one; else they stack.
+                    let hosts = match &need {
+                        Ok(need) => eligible.iter().filter(|c| could_host(c, need)).count(),
+                        Err(_) => 0,
+                    };
+                    (need, hosts)
+                })
+                .clone();
+            let excluded = &selection.excluded;
+            // per version: a rolling version's replicas may sit beside the old
+            let spread = (hosts >= model.min_replicas as usize)
+                .then(|| format!("{}@{}", model.name, version.version));
+            let old = version.version != newest.version;
+            for head in heads {
+                let need = match &need {
+                    Ok(need) => need.clone(),
+                    Err(why) => {
+                        unplaced.push((head, why.clone()));
+                        continue;
                     }
                 };
-                // the stages of a pipeline may share a node; its replicas spread
-                let anti_affinity = match &need {
-                    Need::PipelineStage { .. } => None,
-                    _ => spread.clone(),
-                };
-                workloads.push(Workload {
-                    anti_affinity,
-                    gpu_types,
-                    ..Workload::new(&id, 0, 0, request)
-                });
-                if !excluded.is_empty() {
-                    match avoid.get(&id) {
-                        None => {
-                            avoid.insert(id.clone(), Arc::clone(excluded));
+                for (id, need) in parts(head, need) {
+                    let (request, gpu_types) = match &need {
+                        Need::OneGpu { mib, gpu_types } => {
+                            (GpuRequest::Memory { mib: *mib }, gpu_types.clone())
                         }
-                        Some(_) => avoid_more(&mut avoid, &id, excluded.iter().cloned()),
+                        Need::Group { tp, gpu_types, .. } => {
+                            (GpuRequest::Whole { count: *tp }, gpu_types.clone())
+                        }
+                        Need::Stages {
+                            count, gpu_types, ..
+                        } => (GpuRequest::Stages { count: *count }, gpu_types.clone()),
+                        Need::PipelineStage { stage, .. } => (
+                            GpuRequest::Whole { count: stage.tp },
+                            vec![stage.gpu_type.clone()],
+                        ),
+                        Need::Pipeline { .. } => {
+                            unreachable!("parts() splits a pipeline into its stages")
+                        }
+                        Need::Mig {
+                            profile, gpu_type, ..
+                        } => {
+                            // no new instance on a node taking no new work
+                            let current = state.replicas.get(&id).map(|r| r.node_id.as_str());
+                            let closed: Vec<String> = candidates
+                                .iter()
+                                .filter(|c| !c.new_work && Some(c.node_id) != current)
+                                .map(|c| c.node_id.to_string())
+                                .collect();
+                            if !closed.is_empty() {
+                                avoid_more(&mut avoid, &id, closed);
+                            }
+                            (
+                                GpuRequest::Mig {
+                                    profile: profile.clone(),
+                                },
+                                vec![gpu_type.clone()],
+                            )
+                        }
+                    };
+                    // the stages of a pipeline may share a node; its replicas spread
+                    let anti_affinity = match &need {
+                        Need::PipelineStage { .. } => None,
+                        _ => spread.clone(),
+                    };
+                    workloads.push(Workload {
+                        anti_affinity,
+                        gpu_types,
+                        ..Workload::new(&id, 0, 0, request)
+                    });
+                    if !excluded.is_empty() {
+                        match avoid.get(&id) {
+                            None => {
+                                avoid.insert(id.clone(), Arc::clone(excluded));
+                            }
+                            Some(_) => avoid_more(&mut avoid, &id, excluded.iter().cloned()),
+                        }
                     }
+                    if old {
+                        kept_old
+                            .entry(model.name.as_str())
+                            .or_default()
+                            .push(id.clone());
+                    }
+                    wanted.insert(id, (model.name.clone(), version.version.clone(), need));
                 }
-                wanted.insert(id, (model.name.clone(), version.version.clone(), need));
             }
         }
     }
@@ -467,10 +491,30 @@ pub fn plan_with(state: &State, observed: &Observed) -> Plan {
         Err(e) => return engine_error(e.to_string(), unplaced),
     };
     let mut policy = Talon::new(Arc::clone(&typical));
+    let mut problem = problem;
     let mut solved = match replan(&problem, &previous, &mut policy, 0) {
         Ok(s) => s,
         Err(e) => return engine_error(e.to_string(), unplaced),
     };
+    // A rolling model whose new replicas found no room beside the old
+    // ones: its old replicas make way (break before make) — planned again
+    // without them.
+    let blocked: HashSet<&str> = solved
+        .unplaced
+        .iter()
+        .filter_map(|(id, _)| wanted.get(id))
+        .map(|(model, _, _)| model.as_str())
+        .filter(|m| kept_old.contains_key(m))
+        .collect();
+    if !blocked.is_empty() {
+        let dropped: HashSet<&String> = blocked.iter().flat_map(|m| kept_old[m].iter()).collect();
+        problem.workloads.retain(|w| !dropped.contains(&w.name));
+        let mut policy = Talon::new(Arc::clone(&typical));
+        solved = match replan(&problem, &previous, &mut policy, 0) {
+            Ok(s) => s,
+            Err(e) => return engine_error(e.to_string(), unplaced),
+        };
+    }
     let relaid = mig::relayout(&mut solved, &problem, &candidates, &wanted);
     unplaced.extend(solved.unplaced.iter().cloned());
 
@@ -593,6 +637,48 @@ pub fn plan_with(state: &State, observed: &Observed) -> Plan {
         commands = mig::in_applicable_order(state, commands);
     }
     Plan { commands, unplaced }
+}
+
+/// The versions of `model` to place and the replica ids (heads) of each:
+/// the newest version's `min_replicas`; and, while they are not all placed
+/// and reported ready (`ready`: the replicas agents report ready; `None`:
+/// not known, so no version is kept), the replicas of older versions that
+/// are still placed — a version change then loses no capacity until the
+/// new replicas serve.
+fn versions_to_place<'m>(
+    model: &'m crate::state::Model,
+    newest: &'m crate::state::ModelVersion,
+    state: &State,
+    ready: Option<&HashSet<String>>,
+) -> Vec<(&'m crate::state::ModelVersion, Vec<String>)> {
+    let heads: Vec<String> = (0..model.min_replicas)
+        .map(|k| format!("{}@{}-{k}", model.name, newest.version))
+        .collect();
+    let mut out = Vec::new();
+    if let Some(ready) = ready {
+        let of_model = || state.replicas.values().filter(|r| r.model == model.name);
+        let rolled = heads.iter().all(|h| state.replicas.contains_key(h))
+            && of_model()
+                .filter(|r| r.version == newest.version)
+                .all(|r| ready.contains(&r.id));
+        if !rolled {
+            for v in model
+                .versions
+                .iter()
+                .filter(|v| v.version != newest.version)
+            {
+                let old: Vec<String> = of_model()
+                    .filter(|r| r.version == v.version && r.takes_requests())
+                    .map(|r| r.id.clone())
+                    .collect();
+                if !old.is_empty() {
+                    out.push((v, old));
+                }
+            }
+        }
+    }
+    out.insert(0, (newest, heads));
+    out
 }
 
 /// What replica `head` places: itself, or — a pipeline — one part per

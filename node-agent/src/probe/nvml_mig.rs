@@ -86,6 +86,18 @@ impl NvmlProbe {
         Ok(out)
     }
 
+    /// The NVML id and compute slices of GPU instance profile `profile`.
+    fn profile_id(&self, index: u32, profile: &str) -> Result<(c_uint, c_uint), ProbeError> {
+        self.gpu_instance_profiles(index)?
+            .into_iter()
+            .find(|(_, _, name)| name == profile)
+            .map(|(id, slices, _)| (id, slices))
+            .ok_or_else(|| ProbeError::Device {
+                index,
+                message: format!("this GPU has no MIG profile {profile}"),
+            })
+    }
+
     fn device(&self, index: u32) -> Result<nvml_wrapper::Device<'_>, ProbeError> {
         self.nvml()
             .device_by_index(index)
@@ -184,14 +196,7 @@ impl MigDriver for NvmlProbe {
         let lib = self.nvml().lib();
         let device = self.device(index)?;
         let placements = call!(lib, index, nvmlDeviceGetGpuInstancePossiblePlacements_v2);
-        let (id, _, _) = self
-            .gpu_instance_profiles(index)?
-            .into_iter()
-            .find(|(_, _, name)| name == profile)
-            .ok_or_else(|| ProbeError::Device {
-                index,
-                message: format!("this GPU has no MIG profile {profile}"),
-            })?;
+        let (id, _) = self.profile_id(index, profile)?;
         let mut list = [sys::nvmlGpuInstancePlacement_t { start: 0, size: 0 }; 8];
         let mut count: c_uint = list.len() as c_uint;
         // SAFETY: `list` holds `count` entries for NVML to fill.
@@ -259,14 +264,7 @@ impl MigDriver for NvmlProbe {
         let create_ci = call!(lib, index, nvmlGpuInstanceCreateComputeInstance);
         let destroy_gi = call!(lib, index, nvmlGpuInstanceDestroy);
         let info_of = call!(lib, index, nvmlGpuInstanceGetInfo);
-        let (id, slices, _) = self
-            .gpu_instance_profiles(index)?
-            .into_iter()
-            .find(|(_, _, name)| name == profile)
-            .ok_or_else(|| ProbeError::Device {
-                index,
-                message: format!("this GPU has no MIG profile {profile}"),
-            })?;
+        let (id, slices) = self.profile_id(index, profile)?;
         let size = self.profile_size(index, profile)?;
         let placement = sys::nvmlGpuInstancePlacement_t { start, size };
         let mut gi: sys::nvmlGpuInstance_t = ptr::null_mut();

@@ -368,3 +368,61 @@ fn a_replica_that_outgrows_one_gpu_is_planned_again_with_more_shards() {
     let v2 = s.replicas.values().find(|r| r.model == "grow").unwrap();
     assert_eq!((v2.version.as_str(), v2.gpus.len()), ("v2", 1), "{v2:?}");
 }
+
+#[test]
+fn a_new_version_rolls_out_beside_the_old_one_until_it_serves() {
+    let (mut s, mut i) = (State::default(), 0);
+    for n in ["a", "b"] {
+        run(
+            &mut s,
+            &mut i,
+            Command::RegisterNode(inventory(n, &[("l4", 24)])),
+        );
+    }
+    run(&mut s, &mut i, model("m", 10_000, 2));
+    converge(&mut s, &mut i);
+    let v1: HashSet<String> = s.replicas.keys().cloned().collect();
+    assert_eq!(v1.len(), 2);
+    let Command::CreateModel(mut spec) = model("m", 10_000, 2) else {
+        unreachable!()
+    };
+    spec.version = "v2".into();
+    run(&mut s, &mut i, Command::CreateModel(spec));
+    let ready = |ids: &HashSet<String>| Observed {
+        ready: Some(ids.clone()),
+        ..Default::default()
+    };
+    // v2 is placed beside v1, which keeps serving
+    for c in plan_with(&s, &ready(&v1)).commands {
+        run(&mut s, &mut i, c);
+    }
+    let versions = |s: &State| {
+        let mut v: Vec<String> = s.replicas.values().map(|r| r.version.clone()).collect();
+        v.sort();
+        v
+    };
+    assert_eq!(versions(&s), ["v1", "v1", "v2", "v2"], "{:?}", s.replicas);
+    // until v2 is ready nothing changes
+    assert!(plan_with(&s, &ready(&v1)).commands.is_empty());
+    let one_v2: HashSet<String> = v1.iter().cloned().chain(["m@v2-0".to_string()]).collect();
+    assert!(plan_with(&s, &ready(&one_v2)).commands.is_empty());
+    // both v2 replicas ready: v1 goes
+    let all: HashSet<String> = s.replicas.keys().cloned().collect();
+    for c in plan_with(&s, &ready(&all)).commands {
+        run(&mut s, &mut i, c);
+    }
+    assert_eq!(versions(&s), ["v2", "v2"]);
+    s.check_consistency().unwrap();
+
+    // no room beside the old replicas: they make way at once
+    let Command::CreateModel(mut spec) = model("m", 20_000, 2) else {
+        unreachable!()
+    };
+    spec.version = "v3".into();
+    run(&mut s, &mut i, Command::CreateModel(spec));
+    let all: HashSet<String> = s.replicas.keys().cloned().collect();
+    for c in plan_with(&s, &ready(&all)).commands {
+        run(&mut s, &mut i, c);
+    }
+    assert_eq!(versions(&s), ["v3", "v3"], "{:?}", s.replicas);
+}

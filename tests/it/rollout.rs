@@ -1,0 +1,69 @@
+//! A model's new version rolls out under load: its replicas are placed
+//! beside the old ones, the old ones go only once the new ones serve, and
+//! no request fails.
+
+use std::time::Duration;
+
+use talon_tests::model_spec;
+
+use crate::harness::{wait_for, Cluster};
+use crate::placement::{Load, TOKEN};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_change_under_load_keeps_capacity_and_fails_no_request() {
+    let cluster = Cluster::form(
+        1,
+        &["--join-token", TOKEN, "--telemetry-interval-ms", "200"],
+    )
+    .await;
+    let grpc = cluster.nodes[0].grpc.clone();
+    let http = cluster.nodes[0].http.clone();
+    let _agents = [
+        crate::placement::agent(&grpc, "ra", "l4:1"),
+        crate::placement::agent(&grpc, "rb", "l4:1"),
+    ];
+    let client = cluster.client();
+    wait_for("two ready nodes", Duration::from_secs(40), || async {
+        let nodes = client.list_nodes().await.ok()?;
+        (nodes.iter().filter(|n| n.state == "ready").count() == 2).then_some(())
+    })
+    .await;
+    client
+        .create_model(model_spec("roll", "simulated", 8_000, 2))
+        .await
+        .expect("v1");
+    let client = &client;
+    let ready_of = |version: &'static str| async move {
+        let list = client.list_replicas("roll").await.ok()?;
+        Some(
+            list.replicas
+                .iter()
+                .filter(|r| r.version == version && r.state == "ready")
+                .count(),
+        )
+    };
+    wait_for("two v1 replicas ready", Duration::from_secs(40), || async {
+        (ready_of("v1").await? == 2).then_some(())
+    })
+    .await;
+    let load = Load::start(&http, &cluster.admin_key(), &["roll", "roll"]);
+    load.flowing(10).await;
+
+    let mut v2 = model_spec("roll", "simulated", 8_000, 2);
+    v2.version = "v2".into();
+    client.create_model(v2).await.expect("v2");
+    // Until both v2 replicas serve, both v1 replicas stay ready; then v1
+    // goes. Watched every 50 ms.
+    let least_ready = std::sync::atomic::AtomicUsize::new(usize::MAX);
+    wait_for("only v2, ready", Duration::from_secs(60), || async {
+        let (v1, v2) = (ready_of("v1").await?, ready_of("v2").await?);
+        least_ready.fetch_min(v1 + v2, std::sync::atomic::Ordering::SeqCst);
+        let list = client.list_replicas("roll").await.ok()?;
+        (v2 == 2 && list.replicas.len() == 2).then_some(())
+    })
+    .await;
+    let least = least_ready.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(least >= 2, "capacity fell to {least} ready replicas");
+    load.flowing(10).await;
+    load.stop_with_no_failure();
+}
