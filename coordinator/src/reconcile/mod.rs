@@ -9,7 +9,11 @@
 //! Down or is draining, its model changed version, its slot is gone (a MIG
 //! layout changed), or its agent reports it failed (it is then placed on
 //! another node, if one fits). Suspect and cordoned nodes keep their
-//! replicas but take no new ones.
+//! replicas but take no new ones. A new version rolls out beside the old
+//! one: with the agents' readiness known ([`Observed::ready`]), the old
+//! version's replicas stay planned until every replica of the new version
+//! reports ready, unless the new ones find no room beside them (then the
+//! old ones make way at once).
 //!
 //! Mapping to the engine ([`fleet`]): a whole GPU, and each MIG device of a
 //! GPU in MIG mode, is a slot with its memory and NVLink domain. A replica
