@@ -242,11 +242,18 @@ pub fn plan_with(state: &State, observed: &Observed) -> Plan {
     // Replicas of older versions kept while the newest one rolls out:
     // model → their ids.
     let mut kept_old: HashMap<&str, Vec<String>> = HashMap::new();
+    let mut replicas_of: HashMap<&str, Vec<&Replica>> = HashMap::new();
+    for r in state.replicas.values() {
+        replicas_of.entry(r.model.as_str()).or_default().push(r);
+    }
     for model in state.models.values() {
         let Some(newest) = model.versions.last() else {
             continue;
         };
-        for (version, heads) in versions_to_place(model, newest, state, observed.ready.as_ref()) {
+        let placed = replicas_of
+            .get(model.name.as_str())
+            .map_or(&[][..], Vec::as_slice);
+        for (version, heads) in versions_to_place(model, newest, placed, observed.ready.as_ref()) {
             let mem = fleet::memory_need(model, version).max(1);
             let selector_label = model.labels.get("node-selector");
             let selection = selections
@@ -652,7 +659,7 @@ pub fn plan_with(state: &State, observed: &Observed) -> Plan {
 fn versions_to_place<'m>(
     model: &'m crate::state::Model,
     newest: &'m crate::state::ModelVersion,
-    state: &State,
+    placed: &[&Replica],
     ready: Option<&HashSet<String>>,
 ) -> Vec<(&'m crate::state::ModelVersion, Vec<String>)> {
     let heads: Vec<String> = (0..model.min_replicas)
@@ -660,8 +667,8 @@ fn versions_to_place<'m>(
         .collect();
     let mut out = Vec::new();
     if let Some(ready) = ready {
-        let of_model = || state.replicas.values().filter(|r| r.model == model.name);
-        let rolled = heads.iter().all(|h| state.replicas.contains_key(h))
+        let of_model = || placed.iter().copied();
+        let rolled = heads.iter().all(|h| placed.iter().any(|r| r.id == *h))
             && of_model()
                 .filter(|r| r.version == newest.version)
                 .all(|r| ready.contains(&r.id));
