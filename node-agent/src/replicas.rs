@@ -420,9 +420,8 @@ impl ReplicaManager {
                 })
                 .collect()
         };
-        for e in stopping {
-            e.stop().await;
-        }
+        // each drains its requests; new replicas start once they are gone
+        futures_util::future::join_all(stopping.iter().map(|e| e.stop())).await;
         for r in &assignments.replicas {
             if self
                 .replicas

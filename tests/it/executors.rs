@@ -272,3 +272,65 @@ async fn a_wedged_engine_is_detected_and_restarted() {
     wait_state(&engine, ReplicaState::Ready).await;
     engine.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stopping_an_engine_drains_its_requests_then_terminates_it() {
+    use std::sync::Arc;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let template = format!(
+        "{} --port {{port}} --model {{model}} --service-ms 800",
+        bin("talon-fake-engine").display()
+    );
+    let template = CommandTemplate::parse(&template).expect("valid template");
+    let quick = EngineSettings {
+        check_every: Duration::from_millis(50),
+        ..settings()
+    };
+    let engine = Arc::new(
+        ExternalEngine::start(&template, placeholders(free_port()), quick, dir.path())
+            .expect("start"),
+    );
+    wait_state(&engine, ReplicaState::Ready).await;
+    let pid = engine.pid().expect("a running engine");
+    let chat = |text: &str| InferRequest {
+        endpoint: Endpoint::ChatCompletions,
+        body: json!({"model": "tiny", "messages": [{"role": "user", "content": text}]}),
+        stream: None,
+    };
+    let in_flight = {
+        let (engine, request) = (engine.clone(), chat("finish me"));
+        tokio::spawn(async move { engine.infer(vec![request]).await.pop().unwrap() })
+    };
+    wait_for(
+        "the request at the engine",
+        Duration::from_secs(10),
+        || async { (engine.engine_load()?.running == 1.0).then_some(()) },
+    )
+    .await;
+    let stopping = {
+        let engine = engine.clone();
+        tokio::spawn(async move { engine.stop().await })
+    };
+    wait_state(&engine, ReplicaState::Draining).await;
+    // new requests are refused at once (the gateway sends them elsewhere)
+    assert!(matches!(
+        engine.infer(vec![chat("too late")]).await.pop().unwrap(),
+        Err(ExecError::NotReady("draining"))
+    ));
+    // the one in flight finishes, then the engine is gone
+    let answer = in_flight
+        .await
+        .expect("task")
+        .expect("answered while draining");
+    assert!(answer["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap_or("")
+        .contains("finish me"));
+    stopping.await.expect("stopped");
+    wait_for(
+        "the engine process gone",
+        Duration::from_secs(20),
+        || async { (!std::path::Path::new(&format!("/proc/{pid}")).exists()).then_some(()) },
+    )
+    .await;
+}

@@ -214,6 +214,11 @@ pub struct EngineSettings {
     /// Failed health checks in a row after which a running engine is
     /// taken as wedged and restarted.
     pub wedged_after: u32,
+    /// On stop, how long requests in flight may take to finish (new ones
+    /// are refused at once).
+    pub drain_grace: Duration,
+    /// After SIGTERM, how long the engine may take to exit before SIGKILL.
+    pub term_grace: Duration,
 }
 
 impl Default for EngineSettings {
@@ -228,6 +233,8 @@ impl Default for EngineSettings {
             metrics_path: "/metrics".into(),
             check_every: Duration::from_secs(1),
             wedged_after: 3,
+            drain_grace: Duration::from_secs(30),
+            term_grace: Duration::from_secs(10),
         }
     }
 }
@@ -250,6 +257,7 @@ pub struct ExternalEngine {
     /// Service-time model, when the agent knows the replica's GPUs.
     service: Option<ServiceModel>,
     in_flight: std::sync::atomic::AtomicUsize,
+    drain_grace: Duration,
 }
 
 async fn healthy(http: &reqwest::Client, url: &str) -> bool {
@@ -282,6 +290,7 @@ impl ExternalEngine {
         });
         let (stop, stop_rx) = watch::channel(false);
         let port = placeholders.port;
+        let drain_grace = settings.drain_grace;
         tokio::spawn(supervise(
             argv,
             placeholders.gpus,
@@ -300,6 +309,7 @@ impl ExternalEngine {
             log_path,
             service: None,
             in_flight: std::sync::atomic::AtomicUsize::new(0),
+            drain_grace,
         })
     }
 
@@ -396,7 +406,7 @@ async fn supervise(
             tokio::select! {
                 status = child.wait() => break Some(status),
                 _ = stop.changed() => {
-                    let _ = child.kill().await;
+                    terminate(&mut child, settings.term_grace).await;
                     return;
                 }
                 _ = poll.tick() => {
@@ -446,6 +456,23 @@ async fn supervise(
         }
         backoff = (backoff * 2).min(settings.max_backoff);
     }
+}
+
+/// Asks the engine to exit (SIGTERM, so it can finish cleanly) and kills it
+/// if it has not within `grace`.
+async fn terminate(child: &mut Child, grace: Duration) {
+    if let Some(pid) = child.id() {
+        // SAFETY: signalling our own child by the pid tokio reports while
+        // it has not been reaped.
+        unsafe {
+            libc::kill(pid as libc::pid_t, libc::SIGTERM);
+        }
+        if tokio::time::timeout(grace, child.wait()).await.is_ok() {
+            return;
+        }
+        tracing::warn!(pid, "engine did not exit on SIGTERM in time; killing it");
+    }
+    let _ = child.kill().await;
 }
 
 /// The engine's load gauges, if it exports any we know.
@@ -545,8 +572,16 @@ impl Executor for ExternalEngine {
         futures_util::future::join_all(calls).await
     }
 
+    /// Drains: new requests are refused (the gateway sends them
+    /// elsewhere), those in flight get up to the drain grace to finish, then
+    /// the engine gets SIGTERM, and SIGKILL after the term grace.
     async fn stop(&self) {
+        use std::sync::atomic::Ordering;
         set(&self.shared, ReplicaState::Draining);
+        let until = tokio::time::Instant::now() + self.drain_grace;
+        while self.in_flight.load(Ordering::SeqCst) > 0 && tokio::time::Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         let _ = self.stop.send(true);
     }
 }
