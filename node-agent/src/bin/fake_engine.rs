@@ -40,6 +40,9 @@ struct Args {
     /// Tokens a streamed reply is split into.
     #[arg(long, default_value_t = 4)]
     stream_chunks: usize,
+    /// Time before it listens, as a model load takes.
+    #[arg(long, default_value_t = 0)]
+    startup_ms: u64,
     /// Requests served at once; the others wait (0: no limit).
     #[arg(long, default_value_t = 0)]
     max_running: usize,
@@ -240,6 +243,7 @@ async fn main() -> std::process::ExitCode {
         .route("/v1/completions", post(completions))
         .route("/v1/embeddings", post(embeddings))
         .with_state(engine);
+    tokio::time::sleep(Duration::from_millis(args.startup_ms)).await;
     let listener = match tokio::net::TcpListener::bind(("127.0.0.1", args.port)).await {
         Ok(l) => l,
         Err(e) => {

@@ -29,6 +29,7 @@ mod gateway;
 mod ingest;
 mod plan;
 mod raft;
+mod rollout;
 mod serving_sim;
 
 use gateway::{b3, b5b};
@@ -145,6 +146,20 @@ enum Bench {
         /// Seconds of load per rate.
         #[arg(long, default_value_t = 20)]
         seconds: u64,
+    },
+    /// Hot swap: a version change under steady load (engine processes with
+    /// a model-load delay behind two agents): failures and latency before,
+    /// during and after it (real time).
+    Rollout {
+        #[arg(long, default_value_t = 20)]
+        rate: u64,
+        #[arg(long, default_value_t = 30)]
+        seconds: u64,
+        /// How long an engine takes to load before it listens.
+        #[arg(long, default_value_t = 3000)]
+        startup_ms: u64,
+        #[arg(long, default_value_t = 50)]
+        service_ms: u64,
     },
     /// Routing by predicted completion time against least-loaded and
     /// round-robin on a mixed simulated fleet (virtual time).
@@ -298,6 +313,12 @@ async fn main() -> anyhow::Result<()> {
             rates,
             seconds,
         } => engine_routing::engine_routing(&cli, *fast_ms, *slow_ms, rates, *seconds).await,
+        Bench::Rollout {
+            rate,
+            seconds,
+            startup_ms,
+            service_ms,
+        } => rollout::rollout(&cli, *rate, *seconds, *startup_ms, *service_ms).await,
         Bench::Plan { nodes, rounds } => plan::plan_bench(&cli, nodes, (*rounds).max(1)),
         Bench::B2 {
             concurrency,
