@@ -5,6 +5,7 @@
 //! then ranks by held requests alone, as it did before engines reported
 //! service times). Real processes, real time, loopback.
 
+use super::engine_fleet::{EngineAgent, EngineFleet};
 use super::*;
 
 /// One run: the agents' `--engine-signals` setting, then each rate's
@@ -17,59 +18,20 @@ async fn run_mode(
     rates: &[u64],
     seconds: u64,
 ) -> anyhow::Result<Vec<serde_json::Value>> {
-    const TOKEN: &str = "bench-join-token-0123456789";
-    let bin = talon_bin_dir()?;
-    let cluster = BenchCluster::start_n(
-        Kind::Talon,
-        1,
-        &cli.base_dir,
-        &bin,
-        &["--join-token", TOKEN, "--telemetry-interval-ms", "500"],
+    let signals_flag = if signals { "true" } else { "false" };
+    let fleet = EngineFleet::start(
+        cli,
+        &[("fast", "h100-sxm:1", fast_ms), ("slow", "l4:1", slow_ms)].map(|(id, gpus, svc)| {
+            EngineAgent {
+                id,
+                gpus,
+                engine_flags: format!("--service-ms {svc} --max-running 4"),
+                agent_flags: vec!["--engine-signals", signals_flag],
+            }
+        }),
     )
     .await?;
-    let grpc = cluster.addr(0);
-    let admin = talon_client::Client::pinned(grpc.clone())?.with_key(cluster.admin_key().await?);
-    let dir = tempfile::tempdir_in(&cli.base_dir)?;
-    let mut keep = Vec::new();
-    for (id, gpus, svc) in [("fast", "h100-sxm:1", fast_ms), ("slow", "l4:1", slow_ms)] {
-        let listen = format!("127.0.0.1:{}", talon_tests::clusters::free_port());
-        let engine = format!(
-            "{} --port {{port}} --model {{model}} --service-ms {svc} --max-running 4",
-            bin.join("talon-fake-engine").display()
-        );
-        let credential = dir.path().join(format!("{id}.credential"));
-        let logs = dir.path().join(format!("logs-{id}"));
-        keep.push(spawn_quiet(
-            &bin.join("talon-agent"),
-            &[
-                "--node-id",
-                id,
-                "--credential-file",
-                credential.to_str().context("utf-8 path")?,
-                "--coordinators",
-                &grpc,
-                "--join-token",
-                TOKEN,
-                "--sim-gpus",
-                gpus,
-                "--http-listen",
-                &listen,
-                "--engine-command",
-                &engine,
-                "--engine-log-dir",
-                logs.to_str().context("utf-8 path")?,
-                "--telemetry-interval-ms",
-                "500",
-                "--engine-signals",
-                if signals { "true" } else { "false" },
-            ],
-        )?);
-    }
-    poll("both agents", Duration::from_secs(60), || async {
-        let nodes = admin.list_nodes().await.ok()?;
-        (nodes.iter().filter(|n| n.state == "ready").count() == 2).then_some(())
-    })
-    .await?;
+    let (cluster, admin) = (&fleet.cluster, &fleet.admin);
     admin
         .create_model(model_spec("bench", "vllm", 8_000, 2))
         .await?;
@@ -96,8 +58,7 @@ async fn run_mode(
         eprintln!("engine-routing: {row}");
         rows.push(row);
     }
-    drop(keep);
-    drop(cluster);
+    drop(fleet);
     Ok(rows)
 }
 

@@ -24,6 +24,7 @@ use serde_json::json;
 use talon_tests::clusters::{poll, BenchCluster, Kind, Writer, WriterPool};
 use talon_tests::{http_post, model_spec};
 
+mod engine_fleet;
 mod engine_routing;
 mod gateway;
 mod ingest;

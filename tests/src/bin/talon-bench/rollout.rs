@@ -5,6 +5,7 @@
 //! the new version's creation until only its replicas are placed and ready)
 //! and after the change. Real processes, real time, loopback.
 
+use super::engine_fleet::{EngineAgent, EngineFleet};
 use super::*;
 
 pub(super) async fn rollout(
@@ -14,68 +15,25 @@ pub(super) async fn rollout(
     startup_ms: u64,
     service_ms: u64,
 ) -> anyhow::Result<()> {
-    const TOKEN: &str = "bench-join-token-0123456789";
-    let bin = talon_bin_dir()?;
-    let cluster = BenchCluster::start_n(
-        Kind::Talon,
-        1,
-        &cli.base_dir,
-        &bin,
-        &["--join-token", TOKEN, "--telemetry-interval-ms", "500"],
+    let fleet = EngineFleet::start(
+        cli,
+        &["r1", "r2"].map(|id| EngineAgent {
+            id,
+            gpus: "l4:1",
+            engine_flags: format!("--service-ms {service_ms} --startup-ms {startup_ms}"),
+            agent_flags: Vec::new(),
+        }),
     )
     .await?;
-    let grpc = cluster.addr(0);
-    let admin = talon_client::Client::pinned(grpc.clone())?.with_key(cluster.admin_key().await?);
-    let dir = tempfile::tempdir_in(&cli.base_dir)?;
-    let mut keep = Vec::new();
-    let engine = format!(
-        "{} --port {{port}} --model {{model}} --service-ms {service_ms} --startup-ms {startup_ms}",
-        bin.join("talon-fake-engine").display()
-    );
-    for id in ["r1", "r2"] {
-        let listen = format!("127.0.0.1:{}", talon_tests::clusters::free_port());
-        let credential = dir.path().join(format!("{id}.credential"));
-        let logs = dir.path().join(format!("logs-{id}"));
-        keep.push(spawn_quiet(
-            &bin.join("talon-agent"),
-            &[
-                "--node-id",
-                id,
-                "--credential-file",
-                credential.to_str().context("utf-8 path")?,
-                "--coordinators",
-                &grpc,
-                "--join-token",
-                TOKEN,
-                "--sim-gpus",
-                "l4:1",
-                "--http-listen",
-                &listen,
-                "--engine-command",
-                &engine,
-                "--engine-log-dir",
-                logs.to_str().context("utf-8 path")?,
-                "--telemetry-interval-ms",
-                "500",
-            ],
-        )?);
-    }
-    poll("both agents", Duration::from_secs(60), || async {
-        let nodes = admin.list_nodes().await.ok()?;
-        (nodes.iter().filter(|n| n.state == "ready").count() == 2).then_some(())
-    })
-    .await?;
-    let all_ready = |version: &'static str| {
-        let admin = &admin;
-        async move {
-            let list = admin.list_replicas("roll").await.ok()?;
-            (list.replicas.len() == 2
-                && list
-                    .replicas
-                    .iter()
-                    .all(|r| r.version == version && r.state == "ready"))
-            .then_some(())
-        }
+    let (cluster, admin) = (&fleet.cluster, &fleet.admin);
+    let all_ready = |version: &'static str| async move {
+        let list = admin.list_replicas("roll").await.ok()?;
+        (list.replicas.len() == 2
+            && list
+                .replicas
+                .iter()
+                .all(|r| r.version == version && r.state == "ready"))
+        .then_some(())
     };
     admin
         .create_model(model_spec("roll", "vllm", 4_000, 2))
@@ -134,8 +92,7 @@ pub(super) async fn rollout(
     };
     let (samples, window) = tokio::join!(load, change);
     let (from, to) = window?;
-    drop(keep);
-    drop(cluster);
+    drop(fleet);
     let part = |name: &str, keep: &dyn Fn(f64) -> bool| {
         let mut lat: Vec<f64> = samples
             .iter()
