@@ -32,20 +32,21 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
-use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use eventsource_stream::Eventsource;
-use futures_util::StreamExt;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
+mod openai;
+mod stream;
+
 use crate::admin::AdminContext;
 use crate::routing::{self, ReplicaLoad};
+pub use openai::{check_body, MAX_OUTPUT_TOKENS};
+pub use stream::chunk_text;
 
 /// Longest a non-streaming request without a deadline may take.
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(120);
@@ -244,11 +245,11 @@ impl Gateway {
     pub fn router(self) -> Router {
         let limit = self.ctx.config.max_body_bytes;
         Router::new()
-            .route("/v1/models", get(models))
-            .route("/v1/models/{id}", get(model))
-            .route("/v1/chat/completions", post(chat))
-            .route("/v1/completions", post(completions))
-            .route("/v1/embeddings", post(embeddings))
+            .route("/v1/models", get(openai::models))
+            .route("/v1/models/{id}", get(openai::model))
+            .route("/v1/chat/completions", post(openai::chat))
+            .route("/v1/completions", post(openai::completions))
+            .route("/v1/embeddings", post(openai::embeddings))
             .layer(axum::extract::DefaultBodyLimit::max(limit))
             .route("/v1/stream", get(crate::websocket::upgrade))
             .layer(axum::middleware::from_fn_with_state(
@@ -519,115 +520,6 @@ impl Gateway {
         })
         .await
     }
-
-    /// Opens a streaming call: the first chunk has arrived when this
-    /// returns, and the rest follows on the receiver.
-    pub async fn open_stream(&self, call: &Call) -> Result<Streaming, GwError> {
-        let mut body = call.body.clone();
-        if let Some(o) = body.as_object_mut() {
-            o.insert("stream".into(), Value::Bool(true));
-        }
-        let body = &body;
-        self.route(call, |t, left| async move {
-            let counted = self.start(&t.replica);
-            // Until the first chunk the caller has seen nothing; the agent
-            // answers once the replica produced it.
-            let wait = left.map_or(STREAM_IDLE, |l| l.min(STREAM_IDLE));
-            let sent = tokio::time::timeout(
-                wait,
-                self.request(&self.streams, call, &t, body, left).send(),
-            );
-            let response = match sent.await {
-                Ok(Ok(r)) => r,
-                Ok(Err(e)) => return Err(unreachable(&t, e)),
-                Err(_) => {
-                    return Err(Miss::Failed(format!(
-                        "replica {} at {} did not start the stream within {} ms",
-                        t.replica,
-                        t.addr,
-                        wait.as_millis()
-                    )))
-                }
-            };
-            let response = refused(response, &t).await?;
-            let mut events = response.bytes_stream().eventsource();
-            // Nothing has reached the caller yet: a failure here is retried.
-            let first = match tokio::time::timeout(STREAM_IDLE, events.next()).await {
-                Ok(Some(Ok(e))) => e.data,
-                Ok(Some(Err(e))) => {
-                    return Err(Miss::Failed(format!(
-                        "replica {} broke its stream: {e}",
-                        t.replica
-                    )))
-                }
-                Ok(None) => {
-                    return Err(Miss::Failed(format!(
-                        "replica {} sent an empty stream",
-                        t.replica
-                    )))
-                }
-                Err(_) => {
-                    return Err(Miss::Failed(format!(
-                        "replica {} sent nothing for {} s",
-                        t.replica,
-                        STREAM_IDLE.as_secs()
-                    )))
-                }
-            };
-            let first = match parse_event(&first) {
-                Ok(StreamItem::Failed(why)) | Err(why) => return Err(Miss::Failed(why)),
-                Ok(item) => item,
-            };
-            let (tx, rx) = mpsc::channel(64);
-            let replica = t.replica.clone();
-            tokio::spawn(async move {
-                let _counted = counted;
-                let mut sent = 0u64;
-                let mut next = Some(first);
-                loop {
-                    let item = match next.take() {
-                        Some(item) => item,
-                        None => match tokio::time::timeout(STREAM_IDLE, events.next()).await {
-                            Ok(Some(Ok(e))) => {
-                                parse_event(&e.data).unwrap_or_else(StreamItem::Lost)
-                            }
-                            Ok(Some(Err(e))) => StreamItem::Lost(e.to_string()),
-                            Ok(None) => {
-                                StreamItem::Lost("the connection closed before [DONE]".into())
-                            }
-                            Err(_) => StreamItem::Lost(format!(
-                                "no chunk for {} s",
-                                STREAM_IDLE.as_secs()
-                            )),
-                        },
-                    };
-                    let item = match item {
-                        StreamItem::Failed(why) => StreamItem::Failed(format!(
-                            "{why} (node {}, after {sent} chunks); send the request again",
-                            t.node
-                        )),
-                        StreamItem::Lost(why) => StreamItem::Lost(format!(
-                            "replica {} on node {} ({}) was lost after {sent} chunks: {why}; \
-                             the answer is incomplete and a stream cannot be resumed elsewhere, \
-                             send the request again",
-                            t.replica, t.node, t.addr
-                        )),
-                        other => other,
-                    };
-                    let end = !matches!(item, StreamItem::Chunk(_));
-                    if tx.send(item).await.is_err() || end {
-                        return; // the caller left, or the stream is over
-                    }
-                    sent += 1;
-                }
-            });
-            Ok(Streaming {
-                replica,
-                chunks: rx,
-            })
-        })
-        .await
-    }
 }
 
 /// [`unreachable`], except a request that ran out of time: it may still
@@ -687,194 +579,4 @@ async fn refused(response: reqwest::Response, t: &Target) -> Result<reqwest::Res
         return Err(Miss::Unreachable(why));
     }
     Err(Miss::Failed(why))
-}
-
-/// One server-sent event from an agent: a chunk, the end, or the
-/// replica's own failure report; Err: the event is unreadable.
-fn parse_event(data: &str) -> Result<StreamItem, String> {
-    if data.trim() == "[DONE]" {
-        return Ok(StreamItem::Done);
-    }
-    let v: Value = serde_json::from_str(data).map_err(|e| format!("unreadable chunk ({e})"))?;
-    if let Some(m) = v["error"]["message"].as_str() {
-        return Ok(StreamItem::Failed(m.to_string()));
-    }
-    Ok(StreamItem::Chunk(v))
-}
-
-/// The text piece of an OpenAI chunk (chat delta or completion text).
-pub fn chunk_text(chunk: &Value) -> &str {
-    chunk["choices"][0]["delta"]["content"]
-        .as_str()
-        .or_else(|| chunk["choices"][0]["text"].as_str())
-        .unwrap_or_default()
-}
-
-fn replica_header(mut r: Response, replica: &str) -> Response {
-    if let Ok(v) = HeaderValue::from_str(replica) {
-        r.headers_mut().insert("x-talon-replica", v);
-    }
-    r
-}
-
-async fn models(State(g): State<Gateway>) -> Response {
-    let applied = g.ctx.state.read().expect("state lock poisoned");
-    let data: Vec<Value> = applied
-        .state
-        .models
-        .values()
-        .map(|m| json!({"id": m.name, "object": "model", "created": m.created_at_ms / 1000, "owned_by": "talon"}))
-        .collect();
-    Json(json!({"object": "list", "data": data})).into_response()
-}
-
-/// Most tokens a request may ask to generate.
-pub const MAX_OUTPUT_TOKENS: u64 = 1 << 20;
-
-/// Checks the parts of a body every replica would refuse, before routing.
-pub fn check_body(path: &str, body: &Value) -> Result<(), GwError> {
-    if !body.is_object() {
-        return Err(GwError::bad_request(
-            "the request body must be a JSON object",
-        ));
-    }
-    for field in ["max_tokens", "max_completion_tokens"] {
-        match &body[field] {
-            Value::Null => {}
-            v if v
-                .as_u64()
-                .is_some_and(|n| (1..=MAX_OUTPUT_TOKENS).contains(&n)) => {}
-            v => {
-                return Err(GwError::bad_request(format!(
-                    "\"{field}\" is {v}; give a whole number from 1 to {MAX_OUTPUT_TOKENS}"
-                )))
-            }
-        }
-    }
-    let prompt_ok = |p: &Value| {
-        p.is_string()
-            || p.as_array()
-                .is_some_and(|a| !a.is_empty() && a.iter().all(Value::is_string))
-    };
-    match path {
-        "/chat/completions" if !body["messages"].is_array() => Err(GwError::bad_request(
-            "\"messages\" must be an array of {role, content}",
-        )),
-        "/completions" if !prompt_ok(&body["prompt"]) => Err(GwError::bad_request(
-            "\"prompt\" must be a string or a non-empty array of strings",
-        )),
-        "/embeddings" if !(body["input"].is_string() || body["input"].is_array()) => Err(
-            GwError::bad_request("\"input\" must be a string or an array of strings"),
-        ),
-        _ => Ok(()),
-    }
-}
-
-async fn generate(g: Gateway, path: &'static str, headers: HeaderMap, mut body: Value) -> Response {
-    if let Err(e) = check_body(path, &body) {
-        return e.into_response();
-    }
-    let streaming = body["stream"].as_bool() == Some(true) && path != "/embeddings";
-    // stream_options travels with a stream (include_usage: a last chunk
-    // with the usage); it means nothing without one
-    match &body["stream_options"] {
-        Value::Null => {}
-        Value::Object(o)
-            if o.iter()
-                .all(|(k, v)| k == "include_usage" && v.is_boolean()) => {}
-        other => {
-            return GwError::bad_request(&format!(
-                "\"stream_options\" must be an object with at most \"include_usage\": true or false, got {other}"
-            ))
-            .into_response()
-        }
-    }
-    if let Some(o) = body.as_object_mut() {
-        o.remove("stream");
-        if !streaming {
-            o.remove("stream_options");
-        }
-    }
-    let call = Call::from_http(path, &headers, body);
-    if !streaming {
-        return match g.complete(&call).await {
-            Ok((replica, answer)) => replica_header(Json(answer).into_response(), &replica),
-            Err(e) => e.into_response(),
-        };
-    }
-    let Streaming { replica, chunks } = match g.open_stream(&call).await {
-        Ok(s) => s,
-        Err(e) => return e.into_response(),
-    };
-    let events = tokio_stream::wrappers::ReceiverStream::new(chunks).map(|item| {
-        Ok::<_, std::convert::Infallible>(match item {
-            StreamItem::Chunk(v) => Event::default().data(v.to_string()),
-            StreamItem::Done => Event::default().data("[DONE]"),
-            StreamItem::Lost(message) => Event::default().data(
-                json!({"error": {"message": message, "type": "replica_lost", "code": 502}})
-                    .to_string(),
-            ),
-            StreamItem::Failed(message) => Event::default().data(
-                json!({"error": {"message": message, "type": "replica_failed", "code": 502}})
-                    .to_string(),
-            ),
-        })
-    });
-    replica_header(Sse::new(events).into_response(), &replica)
-}
-
-/// A JSON body, or the OpenAI-shaped error that says what is wrong with
-/// it (413 past the body limit, 415 without a JSON content type, 400 for
-/// JSON that does not parse).
-type Body = Result<Json<Value>, axum::extract::rejection::JsonRejection>;
-
-fn body_error(rejection: axum::extract::rejection::JsonRejection) -> Response {
-    let status = rejection.status();
-    let (kind, message) = if status == StatusCode::PAYLOAD_TOO_LARGE {
-        (
-            "request_too_large",
-            "the request body is larger than this gateway accepts (max_body_bytes); send a smaller one".to_string(),
-        )
-    } else {
-        ("invalid_request_error", rejection.body_text())
-    };
-    GwError::new(status, kind, message).into_response()
-}
-
-async fn chat(State(g): State<Gateway>, headers: HeaderMap, body: Body) -> Response {
-    match body {
-        Ok(Json(body)) => generate(g, "/chat/completions", headers, body).await,
-        Err(e) => body_error(e),
-    }
-}
-
-async fn completions(State(g): State<Gateway>, headers: HeaderMap, body: Body) -> Response {
-    match body {
-        Ok(Json(body)) => generate(g, "/completions", headers, body).await,
-        Err(e) => body_error(e),
-    }
-}
-
-async fn embeddings(State(g): State<Gateway>, headers: HeaderMap, body: Body) -> Response {
-    match body {
-        Ok(Json(body)) => generate(g, "/embeddings", headers, body).await,
-        Err(e) => body_error(e),
-    }
-}
-
-async fn model(
-    State(g): State<Gateway>,
-    axum::extract::Path(id): axum::extract::Path<String>,
-) -> Response {
-    let applied = g.ctx.state.read().expect("state lock poisoned");
-    match applied.state.models.get(&id) {
-        Some(m) => Json(json!({"id": m.name, "object": "model", "created": m.created_at_ms / 1000, "owned_by": "talon"}))
-            .into_response(),
-        None => GwError::new(
-            StatusCode::NOT_FOUND,
-            "model_not_found",
-            format!("model {id:?} does not exist; GET /v1/models lists the models"),
-        )
-        .into_response(),
-    }
 }

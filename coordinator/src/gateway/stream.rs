@@ -1,0 +1,142 @@
+//! Streaming calls: the first chunk from a replica (retried on the next
+//! replica until one starts), then the rest relayed as the replica sends
+//! them; a replica lost mid-stream ends the stream with an error.
+
+use eventsource_stream::Eventsource;
+use futures_util::StreamExt;
+use serde_json::Value;
+use tokio::sync::mpsc;
+
+use super::*;
+
+impl Gateway {
+    /// Opens a streaming call: the first chunk has arrived when this
+    /// returns, and the rest follows on the receiver.
+    pub async fn open_stream(&self, call: &Call) -> Result<Streaming, GwError> {
+        let mut body = call.body.clone();
+        if let Some(o) = body.as_object_mut() {
+            o.insert("stream".into(), Value::Bool(true));
+        }
+        let body = &body;
+        self.route(call, |t, left| async move {
+            let counted = self.start(&t.replica);
+            // Until the first chunk the caller has seen nothing; the agent
+            // answers once the replica produced it.
+            let wait = left.map_or(STREAM_IDLE, |l| l.min(STREAM_IDLE));
+            let sent = tokio::time::timeout(
+                wait,
+                self.request(&self.streams, call, &t, body, left).send(),
+            );
+            let response = match sent.await {
+                Ok(Ok(r)) => r,
+                Ok(Err(e)) => return Err(unreachable(&t, e)),
+                Err(_) => {
+                    return Err(Miss::Failed(format!(
+                        "replica {} at {} did not start the stream within {} ms",
+                        t.replica,
+                        t.addr,
+                        wait.as_millis()
+                    )))
+                }
+            };
+            let response = refused(response, &t).await?;
+            let mut events = response.bytes_stream().eventsource();
+            // Nothing has reached the caller yet: a failure here is retried.
+            let first = match tokio::time::timeout(STREAM_IDLE, events.next()).await {
+                Ok(Some(Ok(e))) => e.data,
+                Ok(Some(Err(e))) => {
+                    return Err(Miss::Failed(format!(
+                        "replica {} broke its stream: {e}",
+                        t.replica
+                    )))
+                }
+                Ok(None) => {
+                    return Err(Miss::Failed(format!(
+                        "replica {} sent an empty stream",
+                        t.replica
+                    )))
+                }
+                Err(_) => {
+                    return Err(Miss::Failed(format!(
+                        "replica {} sent nothing for {} s",
+                        t.replica,
+                        STREAM_IDLE.as_secs()
+                    )))
+                }
+            };
+            let first = match parse_event(&first) {
+                Ok(StreamItem::Failed(why)) | Err(why) => return Err(Miss::Failed(why)),
+                Ok(item) => item,
+            };
+            let (tx, rx) = mpsc::channel(64);
+            let replica = t.replica.clone();
+            tokio::spawn(async move {
+                let _counted = counted;
+                let mut sent = 0u64;
+                let mut next = Some(first);
+                loop {
+                    let item = match next.take() {
+                        Some(item) => item,
+                        None => match tokio::time::timeout(STREAM_IDLE, events.next()).await {
+                            Ok(Some(Ok(e))) => {
+                                parse_event(&e.data).unwrap_or_else(StreamItem::Lost)
+                            }
+                            Ok(Some(Err(e))) => StreamItem::Lost(e.to_string()),
+                            Ok(None) => {
+                                StreamItem::Lost("the connection closed before [DONE]".into())
+                            }
+                            Err(_) => StreamItem::Lost(format!(
+                                "no chunk for {} s",
+                                STREAM_IDLE.as_secs()
+                            )),
+                        },
+                    };
+                    let item = match item {
+                        StreamItem::Failed(why) => StreamItem::Failed(format!(
+                            "{why} (node {}, after {sent} chunks); send the request again",
+                            t.node
+                        )),
+                        StreamItem::Lost(why) => StreamItem::Lost(format!(
+                            "replica {} on node {} ({}) was lost after {sent} chunks: {why}; \
+                             the answer is incomplete and a stream cannot be resumed elsewhere, \
+                             send the request again",
+                            t.replica, t.node, t.addr
+                        )),
+                        other => other,
+                    };
+                    let end = !matches!(item, StreamItem::Chunk(_));
+                    if tx.send(item).await.is_err() || end {
+                        return; // the caller left, or the stream is over
+                    }
+                    sent += 1;
+                }
+            });
+            Ok(Streaming {
+                replica,
+                chunks: rx,
+            })
+        })
+        .await
+    }
+}
+
+/// One server-sent event from an agent: a chunk, the end, or the
+/// replica's own failure report; Err: the event is unreadable.
+fn parse_event(data: &str) -> Result<StreamItem, String> {
+    if data.trim() == "[DONE]" {
+        return Ok(StreamItem::Done);
+    }
+    let v: Value = serde_json::from_str(data).map_err(|e| format!("unreadable chunk ({e})"))?;
+    if let Some(m) = v["error"]["message"].as_str() {
+        return Ok(StreamItem::Failed(m.to_string()));
+    }
+    Ok(StreamItem::Chunk(v))
+}
+
+/// The text piece of an OpenAI chunk (chat delta or completion text).
+pub fn chunk_text(chunk: &Value) -> &str {
+    chunk["choices"][0]["delta"]["content"]
+        .as_str()
+        .or_else(|| chunk["choices"][0]["text"].as_str())
+        .unwrap_or_default()
+}
