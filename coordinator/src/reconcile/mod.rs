@@ -38,6 +38,8 @@ use std::sync::Arc;
 
 mod fleet;
 mod mig;
+mod observe;
+mod wants;
 
 use talon_scheduler::frag::TaskShape;
 use talon_scheduler::policy::talon::{talon_typical, Talon};
@@ -48,6 +50,11 @@ use talon_scheduler::types::{Assignment, GpuRequest, GpuSlice, Node, Workload, M
 use crate::state::{Command, Replica, State};
 pub use fleet::nvlink_domains;
 use fleet::{Candidate, Need};
+pub use observe::{
+    observe, Observed, BASELINE_MIB, OBSERVED_MEMORY_LABEL, OUTGROWN_FRACTION, OUTGROWN_MARGIN,
+    OUTGROWN_MIN_MIB, SUSTAINED_SAMPLES,
+};
+use wants::{avoid_more, could_host, parts, versions_to_place, Selection};
 
 /// What the reconciler wants, and what it could not do.
 #[derive(Debug, Default, PartialEq)]
@@ -68,108 +75,6 @@ pub fn planning_view(state: &State) -> State {
     }
 }
 
-/// What the leader observed of the replicas and GPUs (from the agents'
-/// telemetry) that planning takes into account.
-#[derive(Debug, Default)]
-pub struct Observed {
-    /// Replicas whose agent reports them failed (id → node): each is
-    /// placed anew on another node.
-    pub failed: BTreeMap<String, String>,
-    /// Device memory in use on a GPU beyond what its replicas were planned
-    /// to take — another process, or replicas that outgrew their plan —
-    /// sustained over the last samples: (node, GPU index) → MiB.
-    pub foreign_mib: BTreeMap<(String, u32), u64>,
-    /// Models a replica of which was measured, sustained, to use more
-    /// memory than planned: model → (version, MiB a replica needs, with a
-    /// margin).
-    pub outgrown: BTreeMap<String, (String, u64)>,
-    /// Replicas their agent reports ready; `None`: not known (then a new
-    /// version replaces the old replicas at once).
-    pub ready: Option<HashSet<String>>,
-}
-
-/// The label in which the reconciler records what a model's replicas were
-/// measured to need: `<version>:<MiB>`. Planning takes the larger of it and
-/// the version's `memory_mib` while the version is the newest; an operator
-/// removes it to plan from the spec again.
-pub const OBSERVED_MEMORY_LABEL: &str = "observed-memory-mib";
-/// Memory a replica must use beyond its plan, sustained, to count as
-/// outgrowing it: the larger of this and [`OUTGROWN_FRACTION`] of the plan.
-pub const OUTGROWN_MIN_MIB: u64 = 1024;
-pub const OUTGROWN_FRACTION: f64 = 0.05;
-/// A replica that outgrew its plan is planned again with what it used and
-/// this much more.
-pub const OUTGROWN_MARGIN: f64 = 1.10;
-
-/// Samples over which a GPU's memory use must stay up to count.
-pub const SUSTAINED_SAMPLES: usize = 5;
-/// Memory in use on a GPU that no replica accounts for below which the GPU
-/// is taken as clean (CUDA contexts, the driver).
-pub const BASELINE_MIB: u64 = 1024;
-
-/// What the telemetry says about `state`'s replicas and GPUs.
-pub fn observe(state: &State, telemetry: &crate::telemetry::TelemetryStore) -> Observed {
-    let mut observed = Observed {
-        ready: Some(HashSet::new()),
-        ..Observed::default()
-    };
-    // Memory of the replicas each GPU's agent reports loaded: what they
-    // were measured to use, or were planned to take when more.
-    let mut loaded: HashMap<(&str, u32), u64> = HashMap::new();
-    for r in state.replicas.values() {
-        match telemetry.replica_state(&r.node_id, &r.id).as_deref() {
-            Some("failed") => {
-                observed.failed.insert(r.id.clone(), r.node_id.clone());
-            }
-            Some(state_now) => {
-                if state_now == "ready" {
-                    if let Some(ready) = observed.ready.as_mut() {
-                        ready.insert(r.id.clone());
-                    }
-                }
-                let planned = r.memory_mib * r.gpus.len().max(1) as u64;
-                let measured = telemetry
-                    .sustained_replica_memory(&r.node_id, &r.id, SUSTAINED_SAMPLES)
-                    .map_or(0, |b| b >> 20);
-                let slack = OUTGROWN_MIN_MIB.max((planned as f64 * OUTGROWN_FRACTION) as u64);
-                if measured > planned + slack {
-                    let need = (measured as f64 * OUTGROWN_MARGIN).ceil() as u64;
-                    let entry = observed
-                        .outgrown
-                        .entry(r.model.clone())
-                        .or_insert((r.version.clone(), 0));
-                    if entry.0 == r.version {
-                        entry.1 = entry.1.max(need);
-                    }
-                }
-                let per_gpu = r.memory_mib.max(measured / r.gpus.len().max(1) as u64);
-                for gpu in &r.gpus {
-                    *loaded.entry((r.node_id.as_str(), *gpu)).or_default() += per_gpu;
-                }
-            }
-            None => {}
-        }
-    }
-    for node in state.nodes.values() {
-        let id = node.inventory.node_id.as_str();
-        for (index, used) in telemetry.sustained_memory_used(id, SUSTAINED_SAMPLES) {
-            let in_mig_mode = node
-                .inventory
-                .gpus
-                .iter()
-                .any(|g| g.index == index && g.mig_enabled);
-            let planned = loaded.get(&(id, index)).copied().unwrap_or(0);
-            let foreign = (used >> 20).saturating_sub(planned);
-            if !in_mig_mode && foreign > BASELINE_MIB {
-                observed
-                    .foreign_mib
-                    .insert((id.to_string(), index), foreign);
-            }
-        }
-    }
-    observed
-}
-
 /// Plans the replicas of every model against the committed `state`.
 pub fn plan(state: &State) -> Plan {
     plan_with(state, &Observed::default())
@@ -181,29 +86,7 @@ pub fn plan(state: &State) -> Plan {
 /// ([`fleet::headroom_mib`]), so the replicas that no longer fit move
 /// before they run out of memory.
 pub fn plan_with(state: &State, observed: &Observed) -> Plan {
-    // A model whose replicas outgrew what it is planned with: record the
-    // need first (a label, through Raft, so a new leader plans the same);
-    // the next round places it with more shards or on a larger GPU.
-    let mut recorded = Vec::new();
-    for (name, (version, need)) in &observed.outgrown {
-        let Some(model) = state.models.get(name) else {
-            continue;
-        };
-        let Some(newest) = model.versions.last() else {
-            continue;
-        };
-        if newest.version != *version || *need <= fleet::memory_need(model, newest) {
-            continue;
-        }
-        recorded.push(Command::UpdateModelLabels {
-            name: name.clone(),
-            set: BTreeMap::from([(
-                OBSERVED_MEMORY_LABEL.to_string(),
-                format!("{version}:{need}"),
-            )]),
-            remove: Vec::new(),
-        });
-    }
+    let recorded = observe::outgrown_labels(state, observed);
     if !recorded.is_empty() {
         return Plan {
             commands: recorded,
@@ -648,180 +531,6 @@ pub fn plan_with(state: &State, observed: &Observed) -> Plan {
         commands = mig::in_applicable_order(state, commands);
     }
     Plan { commands, unplaced }
-}
-
-/// The versions of `model` to place and the replica ids (heads) of each:
-/// the newest version's `min_replicas`; and, while they are not all placed
-/// and reported ready (`ready`: the replicas agents report ready; `None`:
-/// not known, so no version is kept), the replicas of older versions that
-/// are still placed — a version change then loses no capacity until the
-/// new replicas serve.
-fn versions_to_place<'m>(
-    model: &'m crate::state::Model,
-    newest: &'m crate::state::ModelVersion,
-    placed: &[&Replica],
-    ready: Option<&HashSet<String>>,
-) -> Vec<(&'m crate::state::ModelVersion, Vec<String>)> {
-    let heads: Vec<String> = (0..model.min_replicas)
-        .map(|k| format!("{}@{}-{k}", model.name, newest.version))
-        .collect();
-    let mut out = Vec::new();
-    if let Some(ready) = ready {
-        let of_model = || placed.iter().copied();
-        let rolled = heads.iter().all(|h| placed.iter().any(|r| r.id == *h))
-            && of_model()
-                .filter(|r| r.version == newest.version)
-                .all(|r| ready.contains(&r.id));
-        if !rolled {
-            for v in model
-                .versions
-                .iter()
-                .filter(|v| v.version != newest.version)
-            {
-                let old: Vec<String> = of_model()
-                    .filter(|r| r.version == v.version && r.takes_requests())
-                    .map(|r| r.id.clone())
-                    .collect();
-                if !old.is_empty() {
-                    out.push((v, old));
-                }
-            }
-        }
-    }
-    out.insert(0, (newest, heads));
-    out
-}
-
-/// What replica `head` places: itself, or — a pipeline — one part per
-/// stage: `head` for the first, `<head>.stage<i>` for the others.
-fn parts(head: String, need: Need) -> Vec<(String, Need)> {
-    let Need::Pipeline { stages } = need else {
-        return vec![(head, need)];
-    };
-    let count = stages.len() as u32;
-    stages
-        .into_iter()
-        .enumerate()
-        .map(|(i, stage)| {
-            let id = if i == 0 {
-                head.clone()
-            } else {
-                format!("{head}.stage{i}")
-            };
-            let need = Need::PipelineStage {
-                head: head.clone(),
-                index: i as u32,
-                count,
-                stage,
-            };
-            (id, need)
-        })
-        .collect()
-}
-
-/// Adds `nodes` to the nodes replica `id` is kept off (a copy of a shared
-/// set is made only for the few replicas that need more).
-fn avoid_more(
-    avoid: &mut BTreeMap<String, Arc<HashSet<String>>>,
-    id: &str,
-    nodes: impl IntoIterator<Item = String>,
-) {
-    let set = avoid.entry(id.to_string()).or_default();
-    Arc::make_mut(set).extend(nodes);
-}
-
-/// The nodes a node-selector label admits (positions in the candidates)
-/// and the names of those it keeps a model off.
-struct Selection {
-    selector: Result<Vec<(String, String)>, String>,
-    eligible: Vec<usize>,
-    /// Shared by every replica of the models it applies to.
-    excluded: Arc<HashSet<String>>,
-}
-
-impl Selection {
-    fn of(model: &crate::state::Model, candidates: &[Candidate]) -> Selection {
-        let selector = fleet::node_selector(model);
-        let (eligible, excluded): (Vec<usize>, HashSet<String>) = match &selector {
-            Ok(sel) if sel.is_empty() => ((0..candidates.len()).collect(), HashSet::new()),
-            Ok(sel) => {
-                let (yes, no): (Vec<usize>, Vec<usize>) =
-                    (0..candidates.len()).partition(|&i| candidates[i].matches(sel));
-                let names = no
-                    .iter()
-                    .map(|&i| candidates[i].node_id.to_string())
-                    .collect();
-                (yes, names)
-            }
-            Err(_) => (
-                Vec::new(),
-                candidates.iter().map(|c| c.node_id.to_string()).collect(),
-            ),
-        };
-        Selection {
-            selector,
-            eligible,
-            excluded: Arc::new(excluded),
-        }
-    }
-}
-
-/// Whether node `c` could hold one replica that needs `need` (taken as
-/// empty): a slot with the memory, or a domain with enough GPUs of an
-/// allowed type.
-fn could_host(c: &Candidate, need: &Need) -> bool {
-    if !c.new_work {
-        return false;
-    }
-    match need {
-        Need::Mig { gpu_type, .. } => c
-            .slots
-            .iter()
-            .any(|s| s.mig_model.is_some() && s.gpu_type == *gpu_type),
-        Need::OneGpu { mib, gpu_types } => c.slots.iter().any(|s| {
-            s.memory_mib >= *mib && (gpu_types.is_empty() || gpu_types.contains(&s.gpu_type))
-        }),
-        Need::Group { tp, gpu_types, .. } => {
-            let mut per_domain: HashMap<u32, u32> = HashMap::new();
-            for s in &c.slots {
-                if s.mig_device.is_empty() && gpu_types.contains(&s.gpu_type) {
-                    *per_domain.entry(s.domain).or_default() += 1;
-                }
-            }
-            per_domain.values().any(|n| n >= tp)
-        }
-        Need::Pipeline { stages } => stages.iter().any(|stage| {
-            could_host(
-                c,
-                &Need::Group {
-                    tp: stage.tp,
-                    mib_per_gpu: stage.mib_per_gpu,
-                    gpu_types: vec![stage.gpu_type.clone()],
-                },
-            )
-        }),
-        Need::PipelineStage { stage, .. } => could_host(
-            c,
-            &Need::Group {
-                tp: stage.tp,
-                mib_per_gpu: stage.mib_per_gpu,
-                gpu_types: vec![stage.gpu_type.clone()],
-            },
-        ),
-        Need::Stages {
-            count, gpu_types, ..
-        } => {
-            c.slots
-                .iter()
-                .filter(|s| {
-                    s.mig_model.is_none()
-                        && s.mig_device.is_empty()
-                        && gpu_types.contains(&s.gpu_type)
-                })
-                .count() as u32
-                >= *count
-        }
-    }
 }
 
 #[cfg(test)]

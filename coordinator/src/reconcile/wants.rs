@@ -1,0 +1,183 @@
+//! What each model asks of the placement engine beyond its need: which
+//! versions to place during a rollout, a pipeline's parts, the nodes its
+//! node-selector admits, and which nodes could host one of its replicas.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+
+use super::fleet::{self, Candidate, Need};
+use crate::state::Replica;
+
+/// The versions of `model` to place and the replica ids (heads) of each:
+/// the newest version's `min_replicas`; and, while they are not all placed
+/// and reported ready (`ready`: the replicas agents report ready; `None`:
+/// not known, so no version is kept), the replicas of older versions that
+/// are still placed — a version change then loses no capacity until the
+/// new replicas serve.
+pub(super) fn versions_to_place<'m>(
+    model: &'m crate::state::Model,
+    newest: &'m crate::state::ModelVersion,
+    placed: &[&Replica],
+    ready: Option<&HashSet<String>>,
+) -> Vec<(&'m crate::state::ModelVersion, Vec<String>)> {
+    let heads: Vec<String> = (0..model.min_replicas)
+        .map(|k| format!("{}@{}-{k}", model.name, newest.version))
+        .collect();
+    let mut out = Vec::new();
+    if let Some(ready) = ready {
+        let of_model = || placed.iter().copied();
+        let rolled = heads.iter().all(|h| placed.iter().any(|r| r.id == *h))
+            && of_model()
+                .filter(|r| r.version == newest.version)
+                .all(|r| ready.contains(&r.id));
+        if !rolled {
+            for v in model
+                .versions
+                .iter()
+                .filter(|v| v.version != newest.version)
+            {
+                let old: Vec<String> = of_model()
+                    .filter(|r| r.version == v.version && r.takes_requests())
+                    .map(|r| r.id.clone())
+                    .collect();
+                if !old.is_empty() {
+                    out.push((v, old));
+                }
+            }
+        }
+    }
+    out.insert(0, (newest, heads));
+    out
+}
+
+/// What replica `head` places: itself, or — a pipeline — one part per
+/// stage: `head` for the first, `<head>.stage<i>` for the others.
+pub(super) fn parts(head: String, need: Need) -> Vec<(String, Need)> {
+    let Need::Pipeline { stages } = need else {
+        return vec![(head, need)];
+    };
+    let count = stages.len() as u32;
+    stages
+        .into_iter()
+        .enumerate()
+        .map(|(i, stage)| {
+            let id = if i == 0 {
+                head.clone()
+            } else {
+                format!("{head}.stage{i}")
+            };
+            let need = Need::PipelineStage {
+                head: head.clone(),
+                index: i as u32,
+                count,
+                stage,
+            };
+            (id, need)
+        })
+        .collect()
+}
+
+/// Adds `nodes` to the nodes replica `id` is kept off (a copy of a shared
+/// set is made only for the few replicas that need more).
+pub(super) fn avoid_more(
+    avoid: &mut BTreeMap<String, Arc<HashSet<String>>>,
+    id: &str,
+    nodes: impl IntoIterator<Item = String>,
+) {
+    let set = avoid.entry(id.to_string()).or_default();
+    Arc::make_mut(set).extend(nodes);
+}
+
+/// The nodes a node-selector label admits (positions in the candidates)
+/// and the names of those it keeps a model off.
+pub(super) struct Selection {
+    pub(super) selector: Result<Vec<(String, String)>, String>,
+    pub(super) eligible: Vec<usize>,
+    /// Shared by every replica of the models it applies to.
+    pub(super) excluded: Arc<HashSet<String>>,
+}
+
+impl Selection {
+    pub(super) fn of(model: &crate::state::Model, candidates: &[Candidate]) -> Selection {
+        let selector = fleet::node_selector(model);
+        let (eligible, excluded): (Vec<usize>, HashSet<String>) = match &selector {
+            Ok(sel) if sel.is_empty() => ((0..candidates.len()).collect(), HashSet::new()),
+            Ok(sel) => {
+                let (yes, no): (Vec<usize>, Vec<usize>) =
+                    (0..candidates.len()).partition(|&i| candidates[i].matches(sel));
+                let names = no
+                    .iter()
+                    .map(|&i| candidates[i].node_id.to_string())
+                    .collect();
+                (yes, names)
+            }
+            Err(_) => (
+                Vec::new(),
+                candidates.iter().map(|c| c.node_id.to_string()).collect(),
+            ),
+        };
+        Selection {
+            selector,
+            eligible,
+            excluded: Arc::new(excluded),
+        }
+    }
+}
+
+/// Whether node `c` could hold one replica that needs `need` (taken as
+/// empty): a slot with the memory, or a domain with enough GPUs of an
+/// allowed type.
+pub(super) fn could_host(c: &Candidate, need: &Need) -> bool {
+    if !c.new_work {
+        return false;
+    }
+    match need {
+        Need::Mig { gpu_type, .. } => c
+            .slots
+            .iter()
+            .any(|s| s.mig_model.is_some() && s.gpu_type == *gpu_type),
+        Need::OneGpu { mib, gpu_types } => c.slots.iter().any(|s| {
+            s.memory_mib >= *mib && (gpu_types.is_empty() || gpu_types.contains(&s.gpu_type))
+        }),
+        Need::Group { tp, gpu_types, .. } => {
+            let mut per_domain: HashMap<u32, u32> = HashMap::new();
+            for s in &c.slots {
+                if s.mig_device.is_empty() && gpu_types.contains(&s.gpu_type) {
+                    *per_domain.entry(s.domain).or_default() += 1;
+                }
+            }
+            per_domain.values().any(|n| n >= tp)
+        }
+        Need::Pipeline { stages } => stages.iter().any(|stage| {
+            could_host(
+                c,
+                &Need::Group {
+                    tp: stage.tp,
+                    mib_per_gpu: stage.mib_per_gpu,
+                    gpu_types: vec![stage.gpu_type.clone()],
+                },
+            )
+        }),
+        Need::PipelineStage { stage, .. } => could_host(
+            c,
+            &Need::Group {
+                tp: stage.tp,
+                mib_per_gpu: stage.mib_per_gpu,
+                gpu_types: vec![stage.gpu_type.clone()],
+            },
+        ),
+        Need::Stages {
+            count, gpu_types, ..
+        } => {
+            c.slots
+                .iter()
+                .filter(|s| {
+                    s.mig_model.is_none()
+                        && s.mig_device.is_empty()
+                        && gpu_types.contains(&s.gpu_type)
+                })
+                .count() as u32
+                >= *count
+        }
+    }
+}
