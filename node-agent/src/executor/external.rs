@@ -257,6 +257,8 @@ pub struct ExternalEngine {
     /// Service-time model, when the agent knows the replica's GPUs.
     service: Option<ServiceModel>,
     in_flight: std::sync::atomic::AtomicUsize,
+    /// Told when the last request in flight ends (a drain waits on it).
+    idle: tokio::sync::Notify,
     drain_grace: Duration,
 }
 
@@ -309,6 +311,7 @@ impl ExternalEngine {
             log_path,
             service: None,
             in_flight: std::sync::atomic::AtomicUsize::new(0),
+            idle: tokio::sync::Notify::new(),
             drain_grace,
         })
     }
@@ -559,7 +562,9 @@ impl Executor for ExternalEngine {
             let prompt = super::prompt_tokens(&r.body);
             let asked = r.body["max_tokens"].as_u64().unwrap_or(16);
             let answer = self.call(r).await;
-            self.in_flight.fetch_sub(1, Ordering::SeqCst);
+            if self.in_flight.fetch_sub(1, Ordering::SeqCst) == 1 {
+                self.idle.notify_waiters();
+            }
             if let (Ok(body), Some(model)) = (&answer, &self.service) {
                 let output = body["usage"]["completion_tokens"]
                     .as_u64()
@@ -579,8 +584,18 @@ impl Executor for ExternalEngine {
         use std::sync::atomic::Ordering;
         set(&self.shared, ReplicaState::Draining);
         let until = tokio::time::Instant::now() + self.drain_grace;
-        while self.in_flight.load(Ordering::SeqCst) > 0 && tokio::time::Instant::now() < until {
-            tokio::time::sleep(Duration::from_millis(20)).await;
+        loop {
+            // registered before the count is read: no end is missed
+            let idle = self.idle.notified();
+            tokio::pin!(idle);
+            idle.as_mut().enable();
+            if self.in_flight.load(Ordering::SeqCst) == 0 {
+                break;
+            }
+            tokio::select! {
+                _ = idle => {}
+                _ = tokio::time::sleep_until(until) => break,
+            }
         }
         let _ = self.stop.send(true);
     }
