@@ -88,10 +88,8 @@ fn assignments(state: &crate::state::State, node: &str, revision: u64) -> pb::As
         .values()
         .filter(|r| r.node_id == node)
         .map(|r| {
-            let version = state
-                .models
-                .get(&r.model)
-                .and_then(|m| m.versions.iter().find(|v| v.version == r.version));
+            let model = state.models.get(&r.model);
+            let version = model.and_then(|m| m.versions.iter().find(|v| v.version == r.version));
             pb::AssignedReplica {
                 id: r.id.clone(),
                 model: r.model.clone(),
@@ -106,6 +104,9 @@ fn assignments(state: &crate::state::State, node: &str, revision: u64) -> pb::As
                 mig_slice: r.mig_slice.clone(),
                 stages: r.stages,
                 pipeline: r.pipeline.as_ref().map(|p| stage_of(state, r, p)),
+                engine_options: model
+                    .map(|m| crate::state::model::engine_options(&m.labels).into_iter().collect())
+                    .unwrap_or_default(),
             }
         })
         .collect();

@@ -24,6 +24,15 @@ pub enum ProbeKind {
 /// (the coordinator's `state::node::MANAGED_MIG_LABEL`).
 pub const MANAGED_MIG_LABEL: (&str, &str) = ("talon-mig", "managed");
 
+/// The label that lists the engines the agent runs (the coordinator's
+/// `state::node::ENGINES_LABEL`): its profiles' names, `*` for any.
+pub const ENGINES_LABEL: &str = "talon-engines";
+
+/// Engines a model spec can name that an agent may have a profile for
+/// (the coordinator's `state::model::ENGINES`, less `simulated`, which the
+/// simulated executor serves).
+pub const PROFILE_NAMES: &[&str] = &["vllm", "sglang", "llamacpp", "tgi", "triton", "native", "test"];
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AgentConfig {
@@ -68,8 +77,19 @@ pub struct AgentConfig {
     /// Unset: replicas run on the simulated executor (simulated fleets) or
     /// not at all (real GPUs).
     pub engine_command: Option<String>,
+    /// Engine profiles (`[engines.vllm]`, `[engines.llamacpp]` …): each
+    /// replica runs with the profile of the engine its model names, and the
+    /// agent advertises these names ([`ENGINES_LABEL`]) so that the
+    /// coordinators place only models it can run here. A profile named
+    /// after a built-in one needs no field; see
+    /// [`crate::executor::profiles`].
+    pub engines: BTreeMap<String, crate::executor::profiles::ProfileConfig>,
     /// Directory for the engines' logs.
     pub engine_log_dir: PathBuf,
+    /// Size at which an engine's log is rotated, MiB.
+    pub engine_log_max_mib: u64,
+    /// Rotated logs kept per engine beside the live one.
+    pub engine_log_keep: u32,
     /// Most requests one replica holds (queued or served) before it answers
     /// 429; low-priority requests are refused at half of it.
     pub max_queue: u32,
@@ -96,7 +116,10 @@ impl Default for AgentConfig {
             cost_per_hour: 0.0,
             calibrate: true,
             engine_command: None,
+            engines: BTreeMap::new(),
             engine_log_dir: PathBuf::from("talon-engine-logs"),
+            engine_log_max_mib: crate::executor::logs::DEFAULT_MAX_BYTES >> 20,
+            engine_log_keep: crate::executor::logs::DEFAULT_KEEP,
             max_queue: crate::replicas::DEFAULT_MAX_QUEUE,
         }
     }
@@ -158,11 +181,23 @@ pub struct Flags {
     /// Inference engine command template ({model}, {artifact}, {port}, {gpus}).
     #[arg(long, env = "TALON_ENGINE_COMMAND")]
     pub engine_command: Option<String>,
+    /// An engine profile: `NAME` (a built-in one: vllm, sglang, llamacpp,
+    /// tgi, test) or `NAME=COMMAND TEMPLATE` (repeatable; other fields in
+    /// the configuration file's [engines.NAME]).
+    #[arg(long = "engine", value_parser = parse_engine)]
+    pub engines: Vec<(String, Option<String>)>,
     #[arg(long, env = "TALON_ENGINE_LOG_DIR")]
     pub engine_log_dir: Option<PathBuf>,
     /// Most requests one replica holds before it answers 429.
     #[arg(long, env = "TALON_MAX_QUEUE")]
     pub max_queue: Option<u32>,
+}
+
+fn parse_engine(s: &str) -> Result<(String, Option<String>), String> {
+    match s.split_once('=') {
+        Some((name, command)) => Ok((name.trim().to_string(), Some(command.to_string()))),
+        None => Ok((s.trim().to_string(), None)),
+    }
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {
@@ -205,7 +240,21 @@ impl AgentConfig {
         if self.manage_mig {
             labels.insert(MANAGED_MIG_LABEL.0.into(), MANAGED_MIG_LABEL.1.into());
         }
+        labels.insert(ENGINES_LABEL.into(), self.engine_names().join(","));
         labels
+    }
+
+    /// The engines this agent runs replicas of: its profiles, `*` for an
+    /// engine command that runs every model, or `*` for the simulated
+    /// executor (which stands in for any engine). Empty on real GPUs
+    /// without an engine: nothing is placed there.
+    pub fn engine_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.engines.keys().cloned().collect();
+        let simulated = self.probe == ProbeKind::Simulated && self.engines.is_empty();
+        if self.engine_command.is_some() || simulated {
+            names.push(crate::replicas::ANY_ENGINE.into());
+        }
+        names
     }
 
     /// Where the node's credential lives.
@@ -289,6 +338,12 @@ impl AgentConfig {
         if let Some(v) = &flags.engine_command {
             c.engine_command = Some(v.clone());
         }
+        for (name, command) in &flags.engines {
+            let profile = c.engines.entry(name.clone()).or_default();
+            if command.is_some() {
+                profile.command = command.clone();
+            }
+        }
         if let Some(v) = &flags.engine_log_dir {
             c.engine_log_dir = v.clone();
         }
@@ -363,14 +418,35 @@ impl AgentConfig {
             }
             _ => {}
         }
-        if self.manage_mig && self.probe == ProbeKind::Nvml && self.engine_command.is_none() {
-            return bad("manage_mig is set with the NVML probe but no engine_command: real GPUs run replicas through an engine; give --engine-command".into());
+        if self.manage_mig
+            && self.probe == ProbeKind::Nvml
+            && self.engine_command.is_none()
+            && self.engines.is_empty()
+        {
+            return bad("manage_mig is set with the NVML probe but no engine: real GPUs run replicas through an engine; give --engine NAME (or [engines.NAME])".into());
         }
         if self.labels.contains_key(MANAGED_MIG_LABEL.0) {
             return bad(format!(
                 "label {} is Talon's own; set --manage-mig instead",
                 MANAGED_MIG_LABEL.0
             ));
+        }
+        if self.labels.contains_key(ENGINES_LABEL) {
+            return bad(format!(
+                "label {ENGINES_LABEL} is Talon's own; it lists the agent's engine profiles ([engines.NAME], --engine)"
+            ));
+        }
+        for name in self.engines.keys() {
+            if !PROFILE_NAMES.contains(&name.as_str()) {
+                return bad(format!(
+                    "engine profile {name:?} is not an engine a model can name; use one of: {}",
+                    PROFILE_NAMES.join(", ")
+                ));
+            }
+        }
+        crate::executor::profiles::build_all(&self.engines).map_err(ConfigError::Invalid)?;
+        if self.engine_log_max_mib == 0 {
+            return bad("engine_log_max_mib is 0; give the size in MiB at which engine logs rotate (1 or more)".into());
         }
         if let Some(ms) = self.telemetry_interval_ms {
             if ms < 10 {

@@ -9,7 +9,7 @@ use clap::Parser;
 use talon_node_agent::agent::{self, AgentSettings};
 use talon_node_agent::calibrate;
 use talon_node_agent::config::{AgentConfig, Flags, ProbeKind};
-use talon_node_agent::executor::external::{CommandTemplate, EngineSettings};
+use talon_node_agent::executor::profiles;
 use talon_node_agent::fleet::FleetSpec;
 use talon_node_agent::metrics::AgentMetrics;
 use talon_node_agent::perf::Correction;
@@ -17,7 +17,7 @@ use talon_node_agent::probe::mig::MigDriver;
 use talon_node_agent::probe::nvml::NvmlProbe;
 use talon_node_agent::probe::sim::SimFleet;
 use talon_node_agent::probe::GpuProbe;
-use talon_node_agent::replicas::{EngineFactory, ReplicaManager, SimulatedFactory};
+use talon_node_agent::replicas::{EngineFactory, ReplicaManager, SimulatedFactory, ANY_ENGINE};
 
 fn host_memory_bytes() -> u64 {
     std::fs::read_to_string("/proc/meminfo")
@@ -123,26 +123,42 @@ async fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    // An engine command makes replicas run as engine processes, on real or
-    // simulated GPUs alike.
-    let replicas = match &config.engine_command {
-        Some(template) => {
-            let template = match CommandTemplate::parse(template) {
-                Ok(t) => t,
-                Err(e) => {
-                    eprintln!("talon-agent: engine_command: {e}");
-                    return ExitCode::from(2);
-                }
-            };
+    // Engine profiles (or one engine command) make replicas run as engine
+    // processes, on real or simulated GPUs alike.
+    let mut profiles = match profiles::build_all(&config.engines) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("talon-agent: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if let Some(template) = &config.engine_command {
+        let any = profiles::ProfileConfig {
+            command: Some(template.clone()),
+            ..profiles::ProfileConfig::default()
+        };
+        match profiles::EngineProfile::build(ANY_ENGINE, &any) {
+            Ok(p) => _ = profiles.insert(ANY_ENGINE.into(), p),
+            Err(e) => {
+                eprintln!("talon-agent: engine_command: {e}");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    for profile in profiles.values_mut() {
+        profile.settings.log_max_bytes = config.engine_log_max_mib << 20;
+        profile.settings.log_keep = config.engine_log_keep;
+    }
+    let replicas = match profiles.is_empty() {
+        false => {
             let factory = EngineFactory {
-                template,
+                profiles,
                 gpu_uuids: inventory
                     .gpus
                     .iter()
                     .map(|g| (g.index, g.uuid.clone()))
                     .collect(),
                 log_dir: config.engine_log_dir.clone(),
-                settings: EngineSettings::default(),
                 mig,
                 gpu_types: inventory
                     .gpus
@@ -168,7 +184,7 @@ async fn main() -> ExitCode {
                 ReplicaManager::new(Arc::new(factory)).with_max_queue(config.max_queue),
             ))
         }
-        None => replicas,
+        true => replicas,
     };
     let calibrations = if config.probe == ProbeKind::Nvml && config.calibrate {
         let mig: Vec<bool> = inventory.gpus.iter().map(|g| g.mig_enabled).collect();

@@ -184,14 +184,16 @@ impl Drop for Held {
     }
 }
 
-/// Replicas run as external engine processes from a command template,
-/// pinned to their GPUs or MIG device with `CUDA_VISIBLE_DEVICES`.
+/// Replicas run as external engine processes, each with the engine profile
+/// its model names, pinned to their GPUs or MIG device with
+/// `CUDA_VISIBLE_DEVICES`.
 pub struct EngineFactory {
-    pub template: crate::executor::external::CommandTemplate,
+    /// Engine name → its profile; under [`ANY_ENGINE`], the one that runs
+    /// models of every other engine (`engine_command`).
+    pub profiles: std::collections::BTreeMap<String, crate::executor::profiles::EngineProfile>,
     /// GPU index → uuid, from the inventory.
     pub gpu_uuids: HashMap<u32, String>,
     pub log_dir: std::path::PathBuf,
-    pub settings: crate::executor::external::EngineSettings,
     /// Lays out MIG instances on the GPUs the agent manages
     /// (`--manage-mig`); none: replicas use the instances there are.
     pub mig: Option<Arc<dyn crate::probe::mig::MigDriver>>,
@@ -208,9 +210,29 @@ pub struct EngineFactory {
     pub correction: Arc<Correction>,
 }
 
+/// The profile name that stands for every engine (an agent's single
+/// `engine_command`, or the simulated executor), as advertised.
+pub const ANY_ENGINE: &str = "*";
+
+impl EngineFactory {
+    /// The profile that runs models of `engine`.
+    fn profile(&self, engine: &str) -> Result<&crate::executor::profiles::EngineProfile, ExecError> {
+        self.profiles
+            .get(engine)
+            .or_else(|| self.profiles.get(ANY_ENGINE))
+            .ok_or_else(|| {
+                ExecError::Config(format!(
+                    "this agent has no engine profile {engine:?} (it runs: {}); add [engines.{engine}] to its configuration",
+                    self.profiles.keys().cloned().collect::<Vec<_>>().join(", ")
+                ))
+            })
+    }
+}
+
 impl ExecutorFactory for EngineFactory {
     fn start(&self, r: &pb::AssignedReplica) -> Result<Arc<dyn Executor>, ExecError> {
         use crate::executor::external::{ExternalEngine, Placeholders};
+        let profile = self.profile(&r.engine)?;
         let mut placement = Placement::of(r)?;
         if let Some((profile, start)) = &placement.mig_slice {
             let Some(driver) = &self.mig else {
@@ -281,10 +303,19 @@ impl ExecutorFactory for EngineFactory {
             memory_fraction,
         };
         let tp = placement.gpus.len() as u32 / placement.stages;
-        let mut engine = ExternalEngine::start(
-            &self.template,
+        let options = r
+            .engine_options
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let argv = profile
+            .argv(&placeholders, &options)
+            .map_err(ExecError::Config)?;
+        let mut engine = ExternalEngine::launch(
+            argv,
+            profile.env.clone(),
             placeholders,
-            self.settings.clone(),
+            profile.settings.clone(),
             &self.log_dir,
         )?;
         // a service-time model for GPUs of a type in the catalog

@@ -6,6 +6,7 @@
 mod agents;
 mod bad_input;
 mod cluster;
+mod engines;
 mod executors;
 mod gateway;
 mod harness;

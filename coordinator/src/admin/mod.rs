@@ -204,6 +204,7 @@ impl AdminService for Admin {
         let spec =
             spec_from_wire(request.get_ref().spec.clone()).map_err(AdminError::InvalidArgument)?;
         spec.validate().map_err(AdminError::InvalidArgument)?;
+        state::model::validate_engine_options(&spec.labels).map_err(AdminError::InvalidArgument)?;
         forward!(self, request, create_model);
         match self
             .ctx
@@ -297,6 +298,7 @@ impl AdminService for Admin {
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
         state::model::validate_labels(&set).map_err(AdminError::InvalidArgument)?;
+        state::model::validate_engine_options(&set).map_err(AdminError::InvalidArgument)?;
         for key in &req.remove {
             state::model::validate_label_key(key).map_err(AdminError::InvalidArgument)?;
         }

@@ -119,8 +119,9 @@ pub fn plan_with(state: &State, observed: &Observed) -> Plan {
         Option<&'s String>,
         Option<&'s String>,
         Option<&'s String>,
+        &'s str,
     );
-    let mut selections: HashMap<Option<&String>, Selection> = HashMap::new();
+    let mut selections: HashMap<(Option<&String>, &str), Selection> = HashMap::new();
     let mut needs: HashMap<Asked, (Result<Need, String>, usize)> = HashMap::new();
     // Replicas of older versions kept while the newest one rolls out:
     // model → their ids.
@@ -139,14 +140,16 @@ pub fn plan_with(state: &State, observed: &Observed) -> Plan {
         for (version, heads) in versions_to_place(model, newest, placed, observed.ready.as_ref()) {
             let mem = fleet::memory_need(model, version).max(1);
             let selector_label = model.labels.get("node-selector");
+            let engine = version.engine.as_str();
             let selection = selections
-                .entry(selector_label)
-                .or_insert_with(|| Selection::of(model, &candidates));
+                .entry((selector_label, engine))
+                .or_insert_with(|| Selection::of(model, engine, &candidates));
             let asked = (
                 mem,
                 model.labels.get("layers"),
                 model.labels.get("gpu-types"),
                 selector_label,
+                engine,
             );
             let (need, hosts) = needs
                 .entry(asked)
@@ -155,6 +158,18 @@ pub fn plan_with(state: &State, observed: &Observed) -> Plan {
                         selection.eligible.iter().map(|&i| &candidates[i]).collect();
                     let need = match &selection.selector {
                         Err(why) => Err(why.clone()),
+                        Ok(_)
+                            if !eligible.iter().any(|c| c.new_work)
+                                && candidates.iter().any(|c| {
+                                    c.new_work && !crate::state::node::runs_engine(c.labels, engine)
+                                }) =>
+                        {
+                            Err(format!(
+                                "no Ready, schedulable node runs engine {engine:?}{}: agents list the engines they run in their {} label; start an agent with an engine profile for {engine:?}",
+                                selector_label.map_or(String::new(), |l| format!(" and has every label of its node-selector ({l})")),
+                                crate::state::node::ENGINES_LABEL,
+                            ))
+                        }
                         Ok(sel) if !sel.is_empty() && !eligible.iter().any(|c| c.new_work) => {
                             Err(format!(
                             "no Ready, schedulable node has every label of its node-selector ({})",

@@ -98,13 +98,22 @@ pub(super) struct Selection {
 }
 
 impl Selection {
-    pub(super) fn of(model: &crate::state::Model, candidates: &[Candidate]) -> Selection {
+    /// The nodes that have every label of the model's node-selector and run
+    /// `engine` (the engine of the version being placed).
+    pub(super) fn of(
+        model: &crate::state::Model,
+        engine: &str,
+        candidates: &[Candidate],
+    ) -> Selection {
         let selector = fleet::node_selector(model);
+        let runs = |c: &Candidate| crate::state::node::runs_engine(c.labels, engine);
         let (eligible, excluded): (Vec<usize>, HashSet<String>) = match &selector {
-            Ok(sel) if sel.is_empty() => ((0..candidates.len()).collect(), HashSet::new()),
+            Ok(sel) if sel.is_empty() && candidates.iter().all(runs) => {
+                ((0..candidates.len()).collect(), HashSet::new())
+            }
             Ok(sel) => {
-                let (yes, no): (Vec<usize>, Vec<usize>) =
-                    (0..candidates.len()).partition(|&i| candidates[i].matches(sel));
+                let (yes, no): (Vec<usize>, Vec<usize>) = (0..candidates.len())
+                    .partition(|&i| candidates[i].matches(sel) && runs(&candidates[i]));
                 let names = no
                     .iter()
                     .map(|&i| candidates[i].node_id.to_string())

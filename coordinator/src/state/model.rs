@@ -18,6 +18,8 @@ pub const ENGINES: &[&str] = &[
     "tgi",
     "triton",
     "native",
+    // talon-fake-engine, the engine of Talon's own tests and benchmarks
+    "test",
 ];
 
 /// Priority classes, highest first.
@@ -156,6 +158,81 @@ pub fn validate_labels(labels: &BTreeMap<String, String>) -> Result<(), String> 
             return Err(format!(
                 "label {key:?} has a value of {} bytes; the most is {MAX_LABEL_VALUE}",
                 value.len()
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Model labels `engine.<option>` are options for the engine serving it
+/// (`engine.context-length=8192`); each agent's engine profile turns them
+/// into that engine's flags.
+pub const ENGINE_OPTION_PREFIX: &str = "engine.";
+
+/// The engine options a model may set, and what each takes.
+pub const ENGINE_OPTIONS: &[(&str, &str)] = &[
+    ("context-length", "a number of tokens from 1 to 16777216"),
+    (
+        "quantization",
+        "a method name such as awq, gptq or fp8: 1 to 32 letters, digits, '_' or '-'",
+    ),
+    (
+        "chat-template",
+        "a template name or a path on the agents' hosts, without whitespace",
+    ),
+    ("embedding", "true or false"),
+    (
+        "dtype",
+        "a type name such as auto, float16 or bfloat16: 1 to 32 letters, digits or '_'",
+    ),
+];
+
+/// The engine options among a model's labels, keyed without the prefix.
+pub fn engine_options(labels: &BTreeMap<String, String>) -> BTreeMap<String, String> {
+    labels
+        .iter()
+        .filter_map(|(k, v)| Some((k.strip_prefix(ENGINE_OPTION_PREFIX)?.to_string(), v.clone())))
+        .collect()
+}
+
+/// Checks the engine options among `labels`: known names, values of the
+/// right kind, and nothing an engine could read as a flag of its own.
+/// Checked where a model is created or labelled (not when the log is
+/// replayed, so that entries from before keep their meaning).
+pub fn validate_engine_options(labels: &BTreeMap<String, String>) -> Result<(), String> {
+    for (name, value) in engine_options(labels) {
+        let Some((_, takes)) = ENGINE_OPTIONS.iter().find(|(n, _)| *n == name) else {
+            return Err(format!(
+                "label {ENGINE_OPTION_PREFIX}{name} is not an engine option; use one of: {}",
+                ENGINE_OPTIONS
+                    .iter()
+                    .map(|(n, _)| format!("{ENGINE_OPTION_PREFIX}{n}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        };
+        let word = |extra: &[char]| {
+            (1..=32).contains(&value.len())
+                && value
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || extra.contains(&c))
+        };
+        let ok = match name.as_str() {
+            "context-length" => value
+                .parse::<u32>()
+                .is_ok_and(|n| (1..=16_777_216).contains(&n)),
+            "quantization" => word(&['_', '-']),
+            "dtype" => word(&['_']),
+            "embedding" => value == "true" || value == "false",
+            _ => {
+                !value.is_empty()
+                    && !value.starts_with('-')
+                    && !value.chars().any(|c| c.is_whitespace() || c.is_control())
+            }
+        };
+        if !ok {
+            return Err(format!(
+                "label {ENGINE_OPTION_PREFIX}{name} is {value:?}; it takes {takes}"
             ));
         }
     }

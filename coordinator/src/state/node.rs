@@ -209,10 +209,32 @@ impl NodeState {
 /// Talon creates and destroys the MIG instances of its GPUs in MIG mode.
 pub const MANAGED_MIG_LABEL: (&str, &str) = ("talon-mig", "managed");
 
+/// The node label that lists the engines an agent runs, comma-separated
+/// (`vllm,llamacpp`); `*` where it runs any (the simulated executor, or one
+/// engine command for every model). A node without it is an agent from
+/// before engine profiles, which ran one command for every model: any.
+pub const ENGINES_LABEL: &str = "talon-engines";
+
 impl NodeInventory {
+    /// Whether the node's agent runs replicas of models served by `engine`.
+    pub fn runs_engine(&self, engine: &str) -> bool {
+        runs_engine(&self.labels, engine)
+    }
+
     /// Whether Talon manages the MIG layouts of this node's GPUs.
     pub fn manages_mig(&self) -> bool {
         self.labels.get(MANAGED_MIG_LABEL.0).map(String::as_str) == Some(MANAGED_MIG_LABEL.1)
+    }
+}
+
+/// Whether node labels say its agent runs `engine` ([`ENGINES_LABEL`]).
+pub fn runs_engine(labels: &BTreeMap<String, String>, engine: &str) -> bool {
+    match labels.get(ENGINES_LABEL) {
+        None => true,
+        Some(list) => list
+            .split(',')
+            .map(str::trim)
+            .any(|e| e == "*" || e == engine),
     }
 }
 

@@ -32,6 +32,12 @@ use serde_json::{json, Value};
 struct Args {
     #[arg(long, default_value_t = 8000)]
     port: u16,
+    #[arg(long, default_value = "127.0.0.1")]
+    host: std::net::IpAddr,
+    /// The longest context it is to take, as vLLM's flag of this name
+    /// (reported by `/v1/models`, for tests).
+    #[arg(long)]
+    max_model_len: Option<u32>,
     #[arg(long, default_value = "fake-model")]
     model: String,
     /// Time each request takes before it is answered.
@@ -220,7 +226,12 @@ async fn metrics(State(e): State<Engine>) -> String {
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let args = Args::parse();
-    let models = json!({"object": "list", "data": [{"id": args.model, "object": "model", "owned_by": "talon-fake-engine"}]});
+    let models = json!({"object": "list", "data": [{
+        "id": args.model,
+        "object": "model",
+        "owned_by": "talon-fake-engine",
+        "max_model_len": args.max_model_len,
+    }]});
     let engine = Engine {
         args: args.clone(),
         counters: Arc::new(Counters::default()),
@@ -244,7 +255,7 @@ async fn main() -> std::process::ExitCode {
         .route("/v1/embeddings", post(embeddings))
         .with_state(engine);
     tokio::time::sleep(Duration::from_millis(args.startup_ms)).await;
-    let listener = match tokio::net::TcpListener::bind(("127.0.0.1", args.port)).await {
+    let listener = match tokio::net::TcpListener::bind((args.host, args.port)).await {
         Ok(l) => l,
         Err(e) => {
             eprintln!("talon-fake-engine: cannot bind port {}: {e}", args.port);
@@ -258,8 +269,13 @@ async fn main() -> std::process::ExitCode {
         .filter(|k| k.starts_with("TALON"))
         .collect();
     eprintln!(
-        "talon-fake-engine: serving {} on 127.0.0.1:{} CUDA_VISIBLE_DEVICES={devices} gpu_memory_utilization={:?} inherited_talon_vars={talon:?}",
-        args.model, args.port, args.gpu_memory_utilization
+        "talon-fake-engine: serving {} on {}:{} CUDA_VISIBLE_DEVICES={devices} gpu_memory_utilization={:?} max_model_len={:?} inherited_talon_vars={talon:?} fake_engine_note={:?}",
+        args.model,
+        args.host,
+        args.port,
+        args.gpu_memory_utilization,
+        args.max_model_len,
+        std::env::var("FAKE_ENGINE_NOTE").ok()
     );
     match axum::serve(listener, app).await {
         Ok(()) => std::process::ExitCode::SUCCESS,

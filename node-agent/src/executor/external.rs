@@ -4,9 +4,10 @@
 //! `vllm serve {artifact} --served-model-name {model} --port {port}` or
 //! `llama-server -m {artifact} --port {port}` (`{tp}` and `{pp}`: the
 //! replica's tensor-parallel degree and pipeline stages, for the engine's
-//! flags). The process gets
-//! `CUDA_VISIBLE_DEVICES` set to its GPU or MIG uuids, its stdout and stderr
-//! go to a log file, and a supervisor health-checks it (`GET` the health
+//! flags), usually an engine profile's ([`super::profiles`]). The process
+//! gets `CUDA_VISIBLE_DEVICES` set to its GPU or MIG uuids, its stdout and
+//! stderr go through the agent to a log rotated by size
+//! ([`super::logs`]), and a supervisor health-checks it (`GET` the health
 //! path until it answers 200), restarts it with exponential backoff when it
 //! exits, and gives up (state Failed) after too many failures in a row.
 //! Once healthy it is checked every [`EngineSettings::check_every`] for its
@@ -22,6 +23,7 @@
 //! is the loopback address for templates to bind to, and an artifact that
 //! could read as a command-line option is refused before anything runs.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
@@ -31,6 +33,7 @@ use serde_json::Value;
 use tokio::process::{Child, Command};
 use tokio::sync::watch;
 
+use super::logs::RotatingLog;
 use super::signals::{parse_engine_metrics, EngineLoad, ServiceModel};
 use super::{ExecError, Executor, InferRequest, ReplicaState};
 
@@ -219,6 +222,10 @@ pub struct EngineSettings {
     pub drain_grace: Duration,
     /// After SIGTERM, how long the engine may take to exit before SIGKILL.
     pub term_grace: Duration,
+    /// Size at which the engine's log is rotated, bytes.
+    pub log_max_bytes: u64,
+    /// Rotated logs kept beside the live one.
+    pub log_keep: u32,
 }
 
 impl Default for EngineSettings {
@@ -235,6 +242,8 @@ impl Default for EngineSettings {
             wedged_after: 3,
             drain_grace: Duration::from_secs(30),
             term_grace: Duration::from_secs(10),
+            log_max_bytes: super::logs::DEFAULT_MAX_BYTES,
+            log_keep: super::logs::DEFAULT_KEEP,
         }
     }
 }
@@ -275,8 +284,23 @@ impl ExternalEngine {
         settings: EngineSettings,
         log_dir: &Path,
     ) -> Result<ExternalEngine, ExecError> {
-        check_artifact(&placeholders.artifact).map_err(ExecError::Config)?;
         let argv = template.render(&placeholders);
+        Self::launch(argv, BTreeMap::new(), placeholders, settings, log_dir)
+    }
+
+    /// Starts the engine `argv` (a rendered template, e.g. an engine
+    /// profile's) with `env` beside what it inherits.
+    pub fn launch(
+        argv: Vec<String>,
+        env: BTreeMap<String, String>,
+        placeholders: Placeholders,
+        settings: EngineSettings,
+        log_dir: &Path,
+    ) -> Result<ExternalEngine, ExecError> {
+        check_artifact(&placeholders.artifact).map_err(ExecError::Config)?;
+        if argv.is_empty() {
+            return Err(ExecError::Config("the engine command is empty".into()));
+        }
         std::fs::create_dir_all(log_dir)
             .map_err(|e| ExecError::Config(format!("log directory {}: {e}", log_dir.display())))?;
         let log_path = log_dir.join(format!("{}-{}.log", placeholders.model, placeholders.port));
@@ -295,6 +319,7 @@ impl ExternalEngine {
         let drain_grace = settings.drain_grace;
         tokio::spawn(supervise(
             argv,
+            env,
             placeholders.gpus,
             settings,
             log_path.clone(),
@@ -345,6 +370,7 @@ fn set(shared: &Shared, state: ReplicaState) {
 #[allow(clippy::too_many_arguments)]
 async fn supervise(
     argv: Vec<String>,
+    env: BTreeMap<String, String>,
     gpus: String,
     settings: EngineSettings,
     log_path: PathBuf,
@@ -357,15 +383,15 @@ async fn supervise(
     let metrics = format!("http://127.0.0.1:{port}{}", settings.metrics_path);
     let mut failures = 0u32;
     let mut backoff = settings.first_backoff;
+    // one log for every run of the engine, rotated by size
+    let log = match RotatingLog::open(&log_path, settings.log_max_bytes, settings.log_keep) {
+        Ok(l) => Some(Arc::new(Mutex::new(l))),
+        Err(e) => {
+            tracing::warn!(path = %log_path.display(), error = %e, "cannot open the engine log; its output is dropped");
+            None
+        }
+    };
     loop {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log_path);
-        let (out, err) = match log.and_then(|f| Ok((f.try_clone()?, f))) {
-            Ok((a, b)) => (Stdio::from(a), Stdio::from(b)),
-            Err(_) => (Stdio::null(), Stdio::null()),
-        };
         let mut command = Command::new(&argv[0]);
         command.args(&argv[1..]).env_clear();
         for name in PASSED_ENV {
@@ -373,10 +399,18 @@ async fn supervise(
                 command.env(name, value);
             }
         }
+        let output = || {
+            if log.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            }
+        };
         command
+            .envs(&env)
             .env("CUDA_VISIBLE_DEVICES", &gpus)
-            .stdout(out)
-            .stderr(err)
+            .stdout(output())
+            .stderr(output())
             .kill_on_drop(true);
         #[cfg(target_os = "linux")]
         // SAFETY: prctl is async-signal-safe; it only asks the kernel to
@@ -399,6 +433,14 @@ async fn supervise(
             }
         };
         *shared.pid.lock().expect("pid lock poisoned") = child.id();
+        if let Some(log) = &log {
+            if let Some(out) = child.stdout.take() {
+                tokio::spawn(super::logs::pump(out, log.clone()));
+            }
+            if let Some(err) = child.stderr.take() {
+                tokio::spawn(super::logs::pump(err, log.clone()));
+            }
+        }
         // Wait for health, the process to exit, or a stop.
         let deadline = tokio::time::Instant::now() + settings.startup_timeout;
         let mut poll = tokio::time::interval(Duration::from_millis(100));
@@ -494,19 +536,62 @@ async fn scrape(http: &reqwest::Client, url: &str) -> Option<EngineLoad> {
     parse_engine_metrics(&text[..text.len().min(4 << 20)])
 }
 
+/// Whether an answer chunk carries generated text (a token, in the
+/// engines Talon runs, which stream one token per chunk).
+fn carries_text(chunk: &Value) -> bool {
+    chunk["choices"].as_array().is_some_and(|choices| {
+        choices.iter().any(|c| {
+            c["delta"]["content"].as_str().is_some_and(|t| !t.is_empty())
+                || c["text"].as_str().is_some_and(|t| !t.is_empty())
+        })
+    })
+}
+
+/// The usage chunk for a stream whose engine sent none although the
+/// caller asked (`stream_options.include_usage`; llama-cpp-python's server
+/// ignores it): completion tokens counted from the chunks, prompt tokens
+/// the agent's estimate, marked `"talon_estimated": true`.
+fn usage_chunk(last: &Value, completion_tokens: u64, prompt_tokens: u64) -> Value {
+    serde_json::json!({
+        "id": last["id"],
+        "object": last["object"],
+        "created": last["created"],
+        "model": last["model"],
+        "choices": [],
+        "usage": {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+            "talon_estimated": true,
+        },
+    })
+}
+
 /// Relays the engine's server-sent events to `sink` until `[DONE]`. The
-/// result says how many chunks went through.
-async fn relay(response: reqwest::Response, sink: &super::ChunkSink) -> Result<Value, ExecError> {
+/// result says how many chunks went through. `usage`: the caller asked for
+/// a usage chunk, and the prompt's estimated tokens.
+async fn relay(
+    response: reqwest::Response,
+    sink: &super::ChunkSink,
+    usage: Option<u64>,
+) -> Result<Value, ExecError> {
     use eventsource_stream::Eventsource;
     use futures_util::StreamExt;
     let mut events = response.bytes_stream().eventsource();
     let mut chunks = 0u64;
+    let mut tokens = 0u64;
+    let mut usage_seen = false;
+    let mut last = Value::Null;
     while let Some(event) = events.next().await {
         let event = event.map_err(|e| {
             ExecError::Engine(format!("engine stream broke after {chunks} chunks: {e}"))
         })?;
         if event.data.trim() == "[DONE]" {
-            return Ok(serde_json::json!({"chunks": chunks}));
+            if let (Some(prompt), false, false) = (usage, usage_seen, last.is_null()) {
+                // a caller that left already is no error here
+                let _ = sink.send(usage_chunk(&last, tokens, prompt));
+            }
+            return Ok(serde_json::json!({"chunks": chunks, "usage": {"completion_tokens": tokens}}));
         }
         let chunk: Value = serde_json::from_str(&event.data).map_err(|e| {
             ExecError::Engine(format!(
@@ -515,6 +600,14 @@ async fn relay(response: reqwest::Response, sink: &super::ChunkSink) -> Result<V
             ))
         })?;
         chunks += 1;
+        tokens += u64::from(carries_text(&chunk));
+        usage_seen |= chunk["usage"].is_object();
+        last = serde_json::json!({
+            "id": chunk["id"],
+            "object": chunk["object"],
+            "created": chunk["created"],
+            "model": chunk["model"],
+        });
         if sink.send(chunk).is_err() {
             // The caller left: dropping the response closes the connection,
             // which tells the engine to stop generating.
@@ -623,7 +716,9 @@ impl ExternalEngine {
                 .map_err(|e| ExecError::Engine(e.to_string()))?;
             let status = response.status();
             if let (Some(sink), true) = (&r.stream, status.is_success()) {
-                return relay(response, sink).await;
+                let usage = (r.body["stream_options"]["include_usage"] == Value::Bool(true))
+                    .then(|| super::prompt_tokens(&r.body));
+                return relay(response, sink, usage).await;
             }
             let body: Value = response
                 .json()

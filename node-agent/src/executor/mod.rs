@@ -14,7 +14,9 @@
 //! API, so nothing is translated on the way.
 
 pub mod external;
+pub mod logs;
 pub mod pipeline;
+pub mod profiles;
 pub mod signals;
 pub mod simulated;
 
