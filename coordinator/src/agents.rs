@@ -105,7 +105,11 @@ fn assignments(state: &crate::state::State, node: &str, revision: u64) -> pb::As
                 stages: r.stages,
                 pipeline: r.pipeline.as_ref().map(|p| stage_of(state, r, p)),
                 engine_options: model
-                    .map(|m| crate::state::model::engine_options(&m.labels).into_iter().collect())
+                    .map(|m| {
+                        crate::state::model::engine_options(&m.labels)
+                            .into_iter()
+                            .collect()
+                    })
                     .unwrap_or_default(),
             }
         })

@@ -31,7 +31,9 @@ pub const ENGINES_LABEL: &str = "talon-engines";
 /// Engines a model spec can name that an agent may have a profile for
 /// (the coordinator's `state::model::ENGINES`, less `simulated`, which the
 /// simulated executor serves).
-pub const PROFILE_NAMES: &[&str] = &["vllm", "sglang", "llamacpp", "tgi", "triton", "native", "test"];
+pub const PROFILE_NAMES: &[&str] = &[
+    "vllm", "sglang", "llamacpp", "tgi", "triton", "native", "test",
+];
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -470,5 +472,98 @@ impl AgentConfig {
             ));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn simulated() -> AgentConfig {
+        AgentConfig {
+            probe: ProbeKind::Simulated,
+            sim_gpus: Some("l4:1".into()),
+            join_token: "a-join-token-of-32-characters-xx".into(),
+            ..AgentConfig::default()
+        }
+    }
+
+    #[test]
+    fn engine_profiles_come_from_the_file_and_are_advertised() {
+        let config: AgentConfig = toml::from_str(
+            r#"
+probe = "simulated"
+sim_gpus = "l4:1"
+join_token = "a-join-token-of-32-characters-xx"
+[engines.vllm]
+[engines.llamacpp]
+command = "llama-server -m {artifact} --host {host} --port {port}"
+health_path = "/health"
+[engines.llamacpp.options]
+context-length = "-c {value}"
+"#,
+        )
+        .expect("parses");
+        config.validate().expect("valid");
+        assert_eq!(config.engine_names(), ["llamacpp", "vllm"]);
+        assert_eq!(
+            config
+                .advertised_labels()
+                .get(ENGINES_LABEL)
+                .map(String::as_str),
+            Some("llamacpp,vllm")
+        );
+        // the simulated executor stands in for any engine; real GPUs with no
+        // engine run nothing
+        assert_eq!(simulated().engine_names(), ["*"]);
+        assert!(AgentConfig::default().engine_names().is_empty());
+        let one_command = AgentConfig {
+            engine_command: Some("e --port {port} --host {host}".into()),
+            ..AgentConfig::default()
+        };
+        assert_eq!(one_command.engine_names(), ["*"]);
+    }
+
+    #[test]
+    fn bad_engine_settings_are_refused_with_the_fix() {
+        let with = |name: &str, profile: crate::executor::profiles::ProfileConfig| AgentConfig {
+            engines: BTreeMap::from([(name.to_string(), profile)]),
+            ..simulated()
+        };
+        let cases = [
+            (
+                with("vllm2", Default::default()),
+                "is not an engine a model can name",
+            ),
+            (
+                with(
+                    "vllm",
+                    crate::executor::profiles::ProfileConfig {
+                        command: Some("vllm serve {artifact}".into()),
+                        ..Default::default()
+                    },
+                ),
+                "{port}",
+            ),
+            (
+                AgentConfig {
+                    labels: BTreeMap::from([(ENGINES_LABEL.to_string(), "vllm".to_string())]),
+                    ..simulated()
+                },
+                "Talon's own",
+            ),
+            (
+                AgentConfig {
+                    engine_log_max_mib: 0,
+                    ..simulated()
+                },
+                "engine_log_max_mib",
+            ),
+        ];
+        for (config, says) in cases {
+            let err = config.validate().expect_err(says).to_string();
+            assert!(err.contains(says), "{says}: {err}");
+        }
+        assert!(toml::from_str::<AgentConfig>("[engines.vllm]\nhealth = \"/h\"\n").is_err());
     }
 }

@@ -216,7 +216,10 @@ pub const ANY_ENGINE: &str = "*";
 
 impl EngineFactory {
     /// The profile that runs models of `engine`.
-    fn profile(&self, engine: &str) -> Result<&crate::executor::profiles::EngineProfile, ExecError> {
+    fn profile(
+        &self,
+        engine: &str,
+    ) -> Result<&crate::executor::profiles::EngineProfile, ExecError> {
         self.profiles
             .get(engine)
             .or_else(|| self.profiles.get(ANY_ENGINE))

@@ -8,44 +8,14 @@
 //! engine killed and restarted, the engine wedged and restarted, and a
 //! version rolled under load with no failed request.
 
-use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use talon_tests::{http_post, model_spec};
+use talon_tests::{http_post, llama, model_spec};
 
 use crate::harness::{free_port, wait_for, Cluster, Proc};
 use crate::placement::{Load, TOKEN};
-
-/// The python of the venv with llama-cpp-python (built on first use).
-fn llama_python() -> PathBuf {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("python/setup-llama.sh");
-    let out = Command::new("bash")
-        .arg(&script)
-        .output()
-        .expect("run setup-llama.sh");
-    assert!(
-        out.status.success(),
-        "building llama-cpp-python failed (needs python3 and a C++ compiler):\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
-}
-
-/// Writes a tiny Llama GGUF with weights from `seed` into `dir`.
-fn tiny_gguf(python: &Path, dir: &Path, seed: u32) -> PathBuf {
-    let path = dir.join(format!("tiny-seed{seed}.gguf"));
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("python/make_tiny_gguf.py");
-    let status = Command::new(python)
-        .arg(script)
-        .arg(&path)
-        .args(["--seed", &seed.to_string()])
-        .status()
-        .expect("run make_tiny_gguf.py");
-    assert!(status.success(), "make_tiny_gguf.py failed");
-    path
-}
 
 /// Pids of the processes whose command line holds `needle`.
 fn pids_with(needle: &str) -> Vec<u32> {
@@ -72,12 +42,11 @@ fn signal(pid: u32, sig: &str) {
 
 async fn post(http: &str, key: &str, path: &'static str, body: Value) -> (u16, Value) {
     let (http, key) = (http.to_string(), key.to_string());
-    let (status, text) = tokio::task::spawn_blocking(move || {
-        http_post(&http, path, &body.to_string(), &key)
-    })
-    .await
-    .expect("post")
-    .expect("an answer");
+    let (status, text) =
+        tokio::task::spawn_blocking(move || http_post(&http, path, &body.to_string(), &key))
+            .await
+            .expect("post")
+            .expect("an answer");
     let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
     (status, body)
 }
@@ -85,13 +54,14 @@ async fn post(http: &str, key: &str, path: &'static str, body: Value) -> (u16, V
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_real_llama_cpp_engine_serves_through_talon_and_survives_kills_wedges_and_a_version_roll()
 {
-    let python = tokio::task::spawn_blocking(llama_python)
+    let python = tokio::task::spawn_blocking(llama::python)
         .await
-        .expect("setup");
+        .expect("setup")
+        .expect("llama-cpp-python");
     let models = tempfile::tempdir().expect("temp dir");
     let (v1, v2) = (
-        tiny_gguf(&python, models.path(), 1),
-        tiny_gguf(&python, models.path(), 2),
+        llama::tiny_gguf(&python, models.path(), 1).expect("v1 weights"),
+        llama::tiny_gguf(&python, models.path(), 2).expect("v2 weights"),
     );
     let cluster = Cluster::form(
         1,
@@ -108,19 +78,9 @@ async fn a_real_llama_cpp_engine_serves_through_talon_and_survives_kills_wedges_
     let config = logs.path().join("llama-agent.toml");
     std::fs::write(
         &config,
-        format!(
-            r#"
-[engines.llamacpp]
-command = "{python} -m llama_cpp.server --model {{artifact}} --model_alias {{model}} --host {{host}} --port {{port}} --n_threads 1"
-health_path = "/v1/models"
-check_every_ms = 300
-wedged_after = 2
-startup_timeout_s = 120
-
-[engines.llamacpp.options]
-context-length = "--n_ctx {{value}}"
-"#,
-            python = python.display()
+        llama::agent_profile(
+            &python,
+            "check_every_ms = 300\nwedged_after = 2\nstartup_timeout_s = 120",
         ),
     )
     .expect("agent config");
@@ -184,7 +144,10 @@ context-length = "--n_ctx {{value}}"
         .insert("engine.chat-template".into(), "--trust-remote-code".into());
     let err = client.create_model(bad).await.expect_err("refused");
     assert!(err.to_string().contains("engine.chat-template"), "{err}");
-    assert!(client.get_model("tiny", true).await.is_err(), "nothing was created");
+    assert!(
+        client.get_model("tiny", true).await.is_err(),
+        "nothing was created"
+    );
 
     let mut tiny = model_spec("tiny", "llamacpp", 1_000, 1);
     tiny.artifact_uri = format!("file://{}", v1.display());
@@ -208,7 +171,10 @@ context-length = "--n_ctx {{value}}"
                 .then(|| list.replicas[0].clone())
         }
     };
-    let r = wait_for("tiny ready", Duration::from_secs(120), || replica_of("tiny")).await;
+    let r = wait_for("tiny ready", Duration::from_secs(120), || {
+        replica_of("tiny")
+    })
+    .await;
     assert_eq!(r.node_id, "llama");
     let e = wait_for("echo ready", Duration::from_secs(60), || replica_of("echo")).await;
     assert_eq!(e.node_id, "fake");
@@ -227,11 +193,26 @@ context-length = "--n_ctx {{value}}"
         "max_tokens": 8, "temperature": 0});
     let (status, answer) = post(&http, &key, "/v1/chat/completions", chat.clone()).await;
     assert_eq!(status, 200, "{answer}");
-    assert!(answer["choices"][0]["message"]["content"].is_string(), "{answer}");
-    assert!(answer["id"].as_str().is_some_and(|id| id.starts_with("chatcmpl")), "{answer}");
-    let completion = answer["usage"]["completion_tokens"].as_u64().expect("usage");
+    assert!(
+        answer["choices"][0]["message"]["content"].is_string(),
+        "{answer}"
+    );
+    assert!(
+        answer["id"]
+            .as_str()
+            .is_some_and(|id| id.starts_with("chatcmpl")),
+        "{answer}"
+    );
+    let completion = answer["usage"]["completion_tokens"]
+        .as_u64()
+        .expect("usage");
     assert!((1..=8).contains(&completion), "{answer}");
-    assert!(answer["usage"]["prompt_tokens"].as_u64().is_some_and(|n| n > 0), "{answer}");
+    assert!(
+        answer["usage"]["prompt_tokens"]
+            .as_u64()
+            .is_some_and(|n| n > 0),
+        "{answer}"
+    );
     // The fake engine got the other model's context length.
     let (status, answer) = post(
         &http,
@@ -276,7 +257,11 @@ context-length = "--n_ctx {{value}}"
                 .is_some_and(|t| !t.is_empty())
         })
         .count() as u64;
-    assert_eq!(usage["completion_tokens"].as_u64(), Some(streamed_tokens), "{usage}");
+    assert_eq!(
+        usage["completion_tokens"].as_u64(),
+        Some(streamed_tokens),
+        "{usage}"
+    );
     assert!(streamed_tokens >= 1, "{streamed:?}");
 
     // Killed: the agent restarts it and it serves again.
@@ -284,39 +269,47 @@ context-length = "--n_ctx {{value}}"
     let pids = pids_with(&artifact);
     assert_eq!(pids.len(), 1, "one engine process: {pids:?}");
     signal(pids[0], "KILL");
-    let restarted = wait_for("a new engine process, serving", Duration::from_secs(120), || {
-        let chat = chat.clone();
-        let (http, key) = (http.clone(), key.clone());
-        let old = pids[0];
-        let artifact = artifact.clone();
-        async move {
-            let now = pids_with(&artifact);
-            if now.is_empty() || now.contains(&old) {
-                return None;
+    let restarted = wait_for(
+        "a new engine process, serving",
+        Duration::from_secs(120),
+        || {
+            let chat = chat.clone();
+            let (http, key) = (http.clone(), key.clone());
+            let old = pids[0];
+            let artifact = artifact.clone();
+            async move {
+                let now = pids_with(&artifact);
+                if now.is_empty() || now.contains(&old) {
+                    return None;
+                }
+                let (status, _) = post(&http, &key, "/v1/chat/completions", chat).await;
+                (status == 200).then_some(now[0])
             }
-            let (status, _) = post(&http, &key, "/v1/chat/completions", chat).await;
-            (status == 200).then_some(now[0])
-        }
-    })
+        },
+    )
     .await;
 
     // Wedged (stopped: alive, answering nothing): found by its health
     // checks, killed and restarted.
     signal(restarted, "STOP");
     let artifact = v1.display().to_string();
-    wait_for("the wedged engine replaced", Duration::from_secs(120), || {
-        let chat = chat.clone();
-        let (http, key) = (http.clone(), key.clone());
-        let artifact = artifact.clone();
-        async move {
-            let now = pids_with(&artifact);
-            if now.is_empty() || now.contains(&restarted) {
-                return None;
+    wait_for(
+        "the wedged engine replaced",
+        Duration::from_secs(120),
+        || {
+            let chat = chat.clone();
+            let (http, key) = (http.clone(), key.clone());
+            let artifact = artifact.clone();
+            async move {
+                let now = pids_with(&artifact);
+                if now.is_empty() || now.contains(&restarted) {
+                    return None;
+                }
+                let (status, _) = post(&http, &key, "/v1/chat/completions", chat).await;
+                (status == 200).then_some(())
             }
-            let (status, _) = post(&http, &key, "/v1/chat/completions", chat).await;
-            (status == 200).then_some(())
-        }
-    })
+        },
+    )
     .await;
 
     // A version rolled under load: v2 (other weights) is ready before v1
@@ -329,7 +322,9 @@ context-length = "--n_ctx {{value}}"
     client.create_model(next).await.expect("v2");
     wait_for("only v2, ready", Duration::from_secs(120), || async {
         let list = client.list_replicas("tiny").await.ok()?;
-        (list.replicas.len() == 1 && list.replicas[0].version == "v2" && list.replicas[0].state == "ready")
+        (list.replicas.len() == 1
+            && list.replicas[0].version == "v2"
+            && list.replicas[0].state == "ready")
             .then_some(())
     })
     .await;
@@ -338,7 +333,9 @@ context-length = "--n_ctx {{value}}"
     let v2_engines = pids_with(&v2.display().to_string());
     assert_eq!(v2_engines.len(), 1, "v2 runs on llama.cpp: {v2_engines:?}");
     wait_for("v1's engine gone", Duration::from_secs(60), || async {
-        pids_with(&v1.display().to_string()).is_empty().then_some(())
+        pids_with(&v1.display().to_string())
+            .is_empty()
+            .then_some(())
     })
     .await;
 }

@@ -372,4 +372,43 @@ mod tests {
             );
         }
     }
+
+    #[test]
+    fn engine_options_are_checked_where_models_are_made() {
+        let labels = |k: &str, v: &str| BTreeMap::from([(k.to_string(), v.to_string())]);
+        for (k, v) in [
+            ("engine.context-length", "8192"),
+            ("engine.quantization", "awq"),
+            ("engine.chat-template", "/etc/templates/chatml.jinja"),
+            ("engine.embedding", "true"),
+            ("engine.dtype", "bfloat16"),
+            ("zone", "--not-an-engine-option"),
+        ] {
+            validate_engine_options(&labels(k, v)).unwrap_or_else(|e| panic!("{k}={v}: {e}"));
+        }
+        for (k, v, says) in [
+            ("engine.temperature", "1", "not an engine option"),
+            ("engine.context-length", "0", "1 to 16777216"),
+            ("engine.context-length", "lots", "1 to 16777216"),
+            (
+                "engine.quantization",
+                "--load-format=dummy",
+                "engine.quantization",
+            ),
+            ("engine.chat-template", "-x", "engine.chat-template"),
+            ("engine.embedding", "yes", "true or false"),
+            ("engine.dtype", "float16;rm", "engine.dtype"),
+        ] {
+            let err = validate_engine_options(&labels(k, v)).expect_err(k);
+            assert!(err.contains(says), "{k}={v}: {err}");
+        }
+        let options = engine_options(&BTreeMap::from([
+            ("engine.context-length".to_string(), "512".to_string()),
+            ("zone".to_string(), "a".to_string()),
+        ]));
+        assert_eq!(
+            options,
+            BTreeMap::from([("context-length".to_string(), "512".to_string())])
+        );
+    }
 }

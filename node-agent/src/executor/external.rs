@@ -541,7 +541,9 @@ async fn scrape(http: &reqwest::Client, url: &str) -> Option<EngineLoad> {
 fn carries_text(chunk: &Value) -> bool {
     chunk["choices"].as_array().is_some_and(|choices| {
         choices.iter().any(|c| {
-            c["delta"]["content"].as_str().is_some_and(|t| !t.is_empty())
+            c["delta"]["content"]
+                .as_str()
+                .is_some_and(|t| !t.is_empty())
                 || c["text"].as_str().is_some_and(|t| !t.is_empty())
         })
     })
@@ -591,7 +593,9 @@ async fn relay(
                 // a caller that left already is no error here
                 let _ = sink.send(usage_chunk(&last, tokens, prompt));
             }
-            return Ok(serde_json::json!({"chunks": chunks, "usage": {"completion_tokens": tokens}}));
+            return Ok(
+                serde_json::json!({"chunks": chunks, "usage": {"completion_tokens": tokens}}),
+            );
         }
         let chunk: Value = serde_json::from_str(&event.data).map_err(|e| {
             ExecError::Engine(format!(

@@ -123,14 +123,19 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("engine.log");
         let mut log = RotatingLog::open(&path, 10, 2).expect("opens");
-        for line in ["aaaa\n", "bbbb\n", "cccc\n", "dddd\n", "eeee\n", "ffff\n", "gggg\n"] {
+        for line in [
+            "aaaa\n", "bbbb\n", "cccc\n", "dddd\n", "eeee\n", "ffff\n", "gggg\n",
+        ] {
             log.write(line.as_bytes()).expect("writes");
         }
         let read = |p: PathBuf| std::fs::read_to_string(p).unwrap_or_default();
         assert_eq!(read(path.clone()), "gggg\n");
         assert_eq!(read(dir.path().join("engine.log.1")), "eeee\nffff\n");
         assert_eq!(read(dir.path().join("engine.log.2")), "cccc\ndddd\n");
-        assert!(!dir.path().join("engine.log.3").exists(), "only `keep` rotated files");
+        assert!(
+            !dir.path().join("engine.log.3").exists(),
+            "only `keep` rotated files"
+        );
         // a write larger than the limit is kept whole
         log.write(&[b'x'; 25]).expect("writes");
         assert_eq!(read(path).len(), 25);

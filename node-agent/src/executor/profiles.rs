@@ -182,7 +182,12 @@ impl EngineProfile {
             .map(|p| {
                 p.options
                     .iter()
-                    .map(|(o, a)| (o.to_string(), a.split_whitespace().map(String::from).collect()))
+                    .map(|(o, a)| {
+                        (
+                            o.to_string(),
+                            a.split_whitespace().map(String::from).collect(),
+                        )
+                    })
                     .collect()
             })
             .unwrap_or_default();
@@ -229,16 +234,17 @@ impl EngineProfile {
             }
         }
         let defaults = EngineSettings::default();
-        let health_path = config
-            .health_path
-            .clone()
-            .unwrap_or_else(|| preset.map_or(defaults.health_path.clone(), |p| p.health_path.into()));
+        let health_path = config.health_path.clone().unwrap_or_else(|| {
+            preset.map_or(defaults.health_path.clone(), |p| p.health_path.into())
+        });
         check_path(&format!("engine profile {name}: health_path"), &health_path)?;
-        let metrics_path = config
-            .metrics_path
-            .clone()
-            .unwrap_or_else(|| preset.map_or(defaults.metrics_path.clone(), |p| p.metrics_path.into()));
-        check_path(&format!("engine profile {name}: metrics_path"), &metrics_path)?;
+        let metrics_path = config.metrics_path.clone().unwrap_or_else(|| {
+            preset.map_or(defaults.metrics_path.clone(), |p| p.metrics_path.into())
+        });
+        check_path(
+            &format!("engine profile {name}: metrics_path"),
+            &metrics_path,
+        )?;
         let positive = |field: &str, v: Option<u64>| match v {
             Some(0) => Err(format!("engine profile {name}: {field} must be at least 1")),
             _ => Ok(v),
@@ -365,7 +371,11 @@ mod tests {
         let argv = vllm
             .argv(
                 &placeholders(),
-                &opts(&[("context-length", "8192"), ("embedding", "true"), ("dtype", "bfloat16")]),
+                &opts(&[
+                    ("context-length", "8192"),
+                    ("embedding", "true"),
+                    ("dtype", "bfloat16"),
+                ]),
             )
             .expect("renders");
         let line = argv.join(" ");
@@ -396,7 +406,10 @@ mod tests {
         let err = llama
             .argv(&placeholders(), &opts(&[("quantization", "awq")]))
             .expect_err("llama.cpp takes quantization from the file");
-        assert!(err.contains("no flag for") && err.contains("engine.quantization"), "{err}");
+        assert!(
+            err.contains("no flag for") && err.contains("engine.quantization"),
+            "{err}"
+        );
         let vllm = EngineProfile::build("vllm", &ProfileConfig::default()).expect("preset");
         for (option, value) in [
             ("chat-template", "--trust-remote-code"),
@@ -413,7 +426,9 @@ mod tests {
     #[test]
     fn configuration_overrides_the_preset() {
         let config = ProfileConfig {
-            command: Some("python -m llama_cpp.server --model {artifact} --host {host} --port {port}".into()),
+            command: Some(
+                "python -m llama_cpp.server --model {artifact} --host {host} --port {port}".into(),
+            ),
             options: opts(&[("context-length", "--n_ctx {value}"), ("embedding", "")]),
             env: opts(&[("OMP_NUM_THREADS", "2")]),
             health_path: Some("/v1/models".into()),

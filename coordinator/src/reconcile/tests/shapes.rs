@@ -279,6 +279,84 @@ fn the_node_selector_label_keeps_replicas_on_matching_nodes() {
     );
 }
 
+/// `model(...)` served by `engine`.
+fn on_engine(name: &str, replicas: u32, engine: &str) -> Command {
+    let mut c = model(name, 10_000, replicas);
+    if let Command::CreateModel(spec) = &mut c {
+        spec.engine = engine.into();
+    }
+    c
+}
+
+#[test]
+fn replicas_go_only_to_nodes_whose_agent_runs_their_engine() {
+    let (mut s, mut i) = (State::default(), 0);
+    // "old" has no talon-engines label (an agent from before profiles: any)
+    for (id, engines) in [
+        ("llama", Some("llamacpp")),
+        ("both", Some("vllm,llamacpp")),
+        ("sim", Some("*")),
+        ("none", Some("")),
+        ("old", None),
+    ] {
+        let mut inv = inventory(id, &[("l4", 24)]);
+        if let Some(e) = engines {
+            inv.labels.insert("talon-engines".into(), e.into());
+        }
+        run(&mut s, &mut i, Command::RegisterNode(inv));
+    }
+    run(&mut s, &mut i, on_engine("gguf", 3, "llamacpp"));
+    run(&mut s, &mut i, on_engine("hf", 3, "vllm"));
+    run(&mut s, &mut i, on_engine("tgi-only", 1, "tgi"));
+    converge(&mut s, &mut i);
+    let nodes_of = |m: &str| {
+        let mut n: Vec<&str> = s
+            .replicas
+            .values()
+            .filter(|r| r.model == m)
+            .map(|r| r.node_id.as_str())
+            .collect();
+        n.sort();
+        n
+    };
+    assert!(
+        nodes_of("gguf")
+            .iter()
+            .all(|n| ["llama", "both", "sim", "old"].contains(n)),
+        "{:?}",
+        nodes_of("gguf")
+    );
+    assert!(
+        nodes_of("hf")
+            .iter()
+            .all(|n| ["both", "sim", "old"].contains(n)),
+        "{:?}",
+        nodes_of("hf")
+    );
+    assert_eq!(nodes_of("gguf").len(), 3);
+    assert_eq!(nodes_of("hf").len(), 3);
+    assert!(!nodes_of("tgi-only").contains(&"none"));
+
+    // With only nodes that do not run it, a model is unplaced and told why.
+    let (mut s, mut i) = (State::default(), 0);
+    let mut inv = inventory("llama", &[("l4", 24)]);
+    inv.labels.insert("talon-engines".into(), "llamacpp".into());
+    run(&mut s, &mut i, Command::RegisterNode(inv));
+    run(&mut s, &mut i, on_engine("hf", 1, "vllm"));
+    converge(&mut s, &mut i);
+    assert!(s.replicas.is_empty());
+    let p = plan(&s);
+    let (_, why) = p
+        .unplaced
+        .iter()
+        .find(|(id, _)| id.starts_with("hf@"))
+        .unwrap();
+    assert!(
+        why.contains("runs engine \"vllm\"") && why.contains("talon-engines"),
+        "{why}"
+    );
+}
+
 #[test]
 fn a_model_no_node_holds_runs_as_a_pipeline_across_nodes_or_not_at_all() {
     let (mut s, mut i) = (State::default(), 0);

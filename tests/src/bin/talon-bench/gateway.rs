@@ -86,12 +86,25 @@ pub(super) async fn b3(
     rates: &[u64],
     seconds: u64,
     doors: &[String],
+    engine: &str,
 ) -> anyhow::Result<()> {
     const TOKEN: &str = "bench-join-token-0123456789";
     let bin = talon_bin_dir()?;
     let dir = tempfile::Builder::new()
         .prefix("b3")
         .tempdir_in(&cli.base_dir)?;
+    // The real engine: llama.cpp's server (llama-cpp-python) on a tiny
+    // Llama; its service time is its own, so one pass.
+    let llama = match engine {
+        "fake" => None,
+        "llama" => {
+            let python = talon_tests::llama::python()?;
+            let gguf = talon_tests::llama::tiny_gguf(&python, dir.path(), 7)?;
+            Some((python, gguf))
+        }
+        other => anyhow::bail!("unknown engine {other:?}; use fake or llama"),
+    };
+    let service_ms: &[u64] = if llama.is_some() { &[0] } else { service_ms };
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(512)
         .timeout(Duration::from_secs(30))
@@ -100,17 +113,24 @@ pub(super) async fn b3(
     for &svc in service_ms {
         let engine_port = talon_tests::clusters::free_port();
         let svc_arg = svc.to_string();
-        let _engine = spawn_quiet(
-            &bin.join("talon-fake-engine"),
-            &[
-                "--port",
-                &engine_port.to_string(),
-                "--model",
-                "bench",
-                "--service-ms",
-                &svc_arg,
-            ],
-        )?;
+        let _engine = match &llama {
+            Some((python, gguf)) => {
+                let args = talon_tests::llama::server_args(gguf, "bench", engine_port);
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                spawn_quiet(python, &args)?
+            }
+            None => spawn_quiet(
+                &bin.join("talon-fake-engine"),
+                &[
+                    "--port",
+                    &engine_port.to_string(),
+                    "--model",
+                    "bench",
+                    "--service-ms",
+                    &svc_arg,
+                ],
+            )?,
+        };
         // (door, URL, the key the door wants)
         let mut urls: Vec<(String, String, String)> = Vec::new();
         let mut keep: Vec<Child> = Vec::new();
@@ -188,37 +208,48 @@ pub(super) async fn b3(
                         bin.join("talon-fake-engine").display()
                     );
                     let logs = dir.path().join(format!("engine-logs-{svc}"));
-                    keep.push(spawn_quiet(
-                        &bin.join("talon-agent"),
-                        &[
-                            "--node-id",
-                            "b3",
-                            "--credential-file",
-                            dir.path()
-                                .join(format!("b3-{svc}.credential"))
-                                .to_str()
-                                .context("utf-8 path")?,
-                            "--coordinators",
-                            &grpc,
-                            "--join-token",
-                            TOKEN,
-                            "--sim-gpus",
-                            "l4:1",
-                            "--http-listen",
-                            &listen,
-                            "--engine-command",
-                            &engine,
-                            "--engine-log-dir",
-                            logs.to_str().context("utf-8 path")?,
-                        ],
-                    )?);
+                    // the same engine, run by the agent through its profile
+                    let profile = dir.path().join("llama-agent.toml");
+                    let engine_flags: Vec<String> = match &llama {
+                        Some((python, _)) => {
+                            std::fs::write(
+                                &profile,
+                                talon_tests::llama::agent_profile(python, ""),
+                            )?;
+                            vec!["--config".into(), profile.display().to_string()]
+                        }
+                        None => vec!["--engine-command".into(), engine],
+                    };
+                    let credential = dir.path().join(format!("b3-{svc}.credential"));
+                    let mut agent_args = vec![
+                        "--node-id",
+                        "b3",
+                        "--credential-file",
+                        credential.to_str().context("utf-8 path")?,
+                        "--coordinators",
+                        &grpc,
+                        "--join-token",
+                        TOKEN,
+                        "--sim-gpus",
+                        "l4:1",
+                        "--http-listen",
+                        &listen,
+                        "--engine-log-dir",
+                        logs.to_str().context("utf-8 path")?,
+                    ];
+                    agent_args.extend(engine_flags.iter().map(String::as_str));
+                    keep.push(spawn_quiet(&bin.join("talon-agent"), &agent_args)?);
                     let admin =
                         talon_client::Client::pinned(grpc)?.with_key(cluster.admin_key().await?);
                     poll("the agent", Duration::from_secs(30), || async {
                         admin.get_node("b3").await.ok()
                     })
                     .await?;
-                    let spec = model_spec("bench", "vllm", 4_000, 1);
+                    let mut spec = model_spec("bench", "vllm", 4_000, 1);
+                    if let Some((_, gguf)) = &llama {
+                        spec.engine = "llamacpp".into();
+                        spec.artifact_uri = format!("file://{}", gguf.display());
+                    }
                     admin.create_model(spec).await?;
                     // The load comes with an inference key, as applications' does.
                     let app = admin
@@ -259,7 +290,7 @@ pub(super) async fn b3(
                 if !sustained {
                     saturated.push(door.clone());
                 }
-                let row = json!({"service_ms": svc, "door": door, "rate": rate, "answered": lat.len(), "failed": failed,
+                let row = json!({"engine": engine, "service_ms": svc, "door": door, "rate": rate, "answered": lat.len(), "failed": failed,
                     "refused_429": refused, "p50_ms": percentile(&lat, 50.0), "p99_ms": p99, "sustained": sustained});
                 eprintln!("b3: {row}");
                 rows.push(row);
@@ -296,7 +327,7 @@ pub(super) async fn b3(
     write_out(
         cli,
         "b3.json",
-        json!({"bench": "B3", "seconds": seconds, "rows": rows}),
+        json!({"bench": "B3", "engine": engine, "seconds": seconds, "rows": rows}),
     )
 }
 

@@ -121,6 +121,11 @@ enum Bench {
             default_value = "direct,nginx,litellm,talon"
         )]
         doors: Vec<String>,
+        /// The engine behind every door: `fake` (talon-fake-engine, at each
+        /// service time) or `llama` (llama.cpp's server from
+        /// llama-cpp-python on a tiny Llama GGUF; built on first use).
+        #[arg(long, default_value = "fake")]
+        engine: String,
     },
     /// Node loss: kill the agent that serves a model's replicas; time until
     /// they serve from another node, and count failed requests.
@@ -332,7 +337,8 @@ async fn main() -> anyhow::Result<()> {
             rates,
             seconds,
             doors,
-        } => b3(&cli, service_ms, rates, *seconds, doors).await,
+            engine,
+        } => b3(&cli, service_ms, rates, *seconds, doors, engine).await,
         Bench::B5b {
             trials,
             rate,
