@@ -9,8 +9,13 @@
 //!   `~/.cache/huggingface/hub`), the revision `main` unless given. Nothing
 //!   is downloaded: a model that is not in the cache is an error that says
 //!   how to put it there;
-//! - anything else (`s3://`, `http(s)://`, relative paths) is refused with
-//!   what to use instead.
+//! - `http://` and `https://` URLs of one file (a GGUF, say): downloaded
+//!   into the agent's artifact cache (`artifact_cache_dir`) before the
+//!   engine starts, while the replica is Loading, under a name derived from
+//!   the URL, so that a later replica of the same artifact finds it there;
+//!   a partial download is never taken for the file;
+//! - anything else (`s3://`, `gs://`, relative paths) is refused with what
+//!   to use instead (a presigned `https://` URL for an object store).
 //!
 //! The resolved path is checked like any artifact: it can never read as an
 //! engine option.
@@ -26,6 +31,149 @@ pub fn hf_cache_dir() -> Option<PathBuf> {
         return Some(PathBuf::from(home).join("hub"));
     }
     std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/huggingface/hub"))
+}
+
+/// Where an artifact is on this node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Artifact {
+    /// There already.
+    Local(PathBuf),
+    /// To be downloaded from `url` to `path` (see [`fetch`]).
+    Fetch { url: String, path: PathBuf },
+}
+
+impl Artifact {
+    /// The path the engine is given.
+    pub fn path(&self) -> &Path {
+        match self {
+            Artifact::Local(p) | Artifact::Fetch { path: p, .. } => p,
+        }
+    }
+}
+
+/// Where `uri` is, or is to be downloaded to: [`resolve`] for local and
+/// `hf://` artifacts, a path under `download_cache` for `http(s)://` ones.
+pub fn locate(
+    uri: &str,
+    hf_cache: Option<&Path>,
+    download_cache: Option<&Path>,
+) -> Result<Artifact, String> {
+    if !(uri.starts_with("http://") || uri.starts_with("https://")) {
+        return resolve(uri, hf_cache).map(Artifact::Local);
+    }
+    let url = reqwest::Url::parse(uri)
+        .map_err(|e| format!("artifact {uri:?} is not a valid URL: {e}"))?;
+    if url.host_str().is_none_or(str::is_empty)
+        || !url.username().is_empty()
+        || url.password().is_some()
+    {
+        return Err(format!(
+            "artifact {uri:?} must name a host and carry no user or password in the URL"
+        ));
+    }
+    let Some(cache) = download_cache else {
+        return Err(format!(
+            "artifact {uri:?}: this agent has no artifact cache to download into; set artifact_cache_dir"
+        ));
+    };
+    // the last path segment, kept as the file name (engines look at the
+    // extension), made safe
+    let name: String = url
+        .path_segments()
+        .and_then(|mut s| s.next_back())
+        .unwrap_or("")
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "-_.".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let name = match name.trim_start_matches('.') {
+        "" => "artifact".to_string(),
+        n => n.to_string(),
+    };
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(uri.as_bytes());
+    let dir: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+    let path = cache.join(dir).join(name);
+    if path.is_file() {
+        return Ok(Artifact::Local(path));
+    }
+    Ok(Artifact::Fetch {
+        url: uri.to_string(),
+        path,
+    })
+}
+
+/// Downloads `url` to `path` (through `<path>.partial`, renamed when whole:
+/// a download cut short is never taken for the file). One download per
+/// path at a time; one that finds the file there already returns at once.
+pub async fn fetch(http: &reqwest::Client, url: &str, path: &Path) -> Result<(), String> {
+    use futures_util::StreamExt;
+    use tokio::io::AsyncWriteExt;
+    static FETCHING: std::sync::Mutex<
+        Option<std::collections::HashMap<PathBuf, std::sync::Arc<tokio::sync::Mutex<()>>>>,
+    > = std::sync::Mutex::new(None);
+    let lock = FETCHING
+        .lock()
+        .expect("fetch lock poisoned")
+        .get_or_insert_with(Default::default)
+        .entry(path.to_path_buf())
+        .or_default()
+        .clone();
+    let _one = lock.lock().await;
+    if path.is_file() {
+        return Ok(());
+    }
+    let dir = path.parent().unwrap_or(Path::new("."));
+    tokio::fs::create_dir_all(dir)
+        .await
+        .map_err(|e| format!("artifact cache {}: {e}", dir.display()))?;
+    let response = http
+        .get(url)
+        .send()
+        .await
+        .map_err(|e| format!("downloading artifact {url}: {e}"))?;
+    if !response.status().is_success() {
+        return Err(format!(
+            "downloading artifact {url}: the server answered {}",
+            response.status()
+        ));
+    }
+    let expected = response.content_length();
+    let mut partial = path.as_os_str().to_owned();
+    partial.push(".partial");
+    let partial = PathBuf::from(partial);
+    let mut file = tokio::fs::File::create(&partial)
+        .await
+        .map_err(|e| format!("artifact cache {}: {e}", partial.display()))?;
+    let mut body = response.bytes_stream();
+    let mut got = 0u64;
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk
+            .map_err(|e| format!("downloading artifact {url}: cut off after {got} bytes: {e}"))?;
+        got += chunk.len() as u64;
+        file.write_all(&chunk)
+            .await
+            .map_err(|e| format!("artifact cache {}: {e}", partial.display()))?;
+    }
+    file.sync_all()
+        .await
+        .map_err(|e| format!("artifact cache {}: {e}", partial.display()))?;
+    if let Some(n) = expected {
+        if n != got {
+            let _ = tokio::fs::remove_file(&partial).await;
+            return Err(format!(
+                "downloading artifact {url}: got {got} of {n} bytes"
+            ));
+        }
+    }
+    tokio::fs::rename(&partial, path)
+        .await
+        .map_err(|e| format!("artifact cache {}: {e}", path.display()))
 }
 
 /// The local path of `uri`, looked up in `hf_cache` for `hf://` URIs.
@@ -44,8 +192,8 @@ pub fn resolve(uri: &str, hf_cache: Option<&Path>) -> Result<PathBuf, String> {
     } else {
         let scheme = uri.split_once("://").map_or("", |(s, _)| s);
         return Err(match scheme {
-            "s3" | "http" | "https" | "gs" => format!(
-                "artifact {uri:?}: this agent does not download {scheme}:// artifacts; copy the model onto the node and name it file:///path, or put it in the Hugging Face cache and name it hf://org/name"
+            "s3" | "gs" => format!(
+                "artifact {uri:?}: this agent does not sign {scheme}:// requests; give a presigned https:// URL of the object, copy the model onto the node and name it file:///path, or put it in the Hugging Face cache and name it hf://org/name"
             ),
             _ => format!(
                 "artifact {uri:?} is neither file:///absolute/path, an absolute path nor hf://org/name"
@@ -195,8 +343,7 @@ mod tests {
             ("hf://org/tiny/../../etc/passwd", "plain relative path"),
             ("hf://org", "is not hf://org/name"),
             ("hf://-rf/x", "is not in the Hugging Face cache"),
-            ("s3://bucket/m", "does not download s3://"),
-            ("https://host/m.gguf", "does not download https://"),
+            ("s3://bucket/m", "presigned https:// URL"),
             ("models/m.gguf", "neither"),
         ] {
             let e = resolve(uri, c).unwrap_err();
@@ -204,5 +351,53 @@ mod tests {
         }
         let e = resolve("hf://org/tiny", None).unwrap_err();
         assert!(e.contains("HF_HUB_CACHE"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn http_artifacts_are_downloaded_once_into_the_cache() {
+        use axum::routing::get;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let app = axum::Router::new()
+            .route("/models/tiny.gguf", get(|| async { "GGUF weights" }))
+            .route(
+                "/gone.gguf",
+                get(|| async { (axum::http::StatusCode::NOT_FOUND, "no") }),
+            );
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let cache = tempfile::tempdir().unwrap();
+        let url = format!("http://{addr}/models/tiny.gguf?sig=abc");
+        let Artifact::Fetch { url: u, path } = locate(&url, None, Some(cache.path())).unwrap()
+        else {
+            panic!("not in the cache yet");
+        };
+        assert_eq!(path.file_name().unwrap(), "tiny.gguf");
+        let http = reqwest::Client::new();
+        fetch(&http, &u, &path).await.unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "GGUF weights");
+        // found there the next time, nothing partial left beside it
+        assert_eq!(
+            locate(&url, None, Some(cache.path())).unwrap(),
+            Artifact::Local(path.clone())
+        );
+        let files: Vec<_> = std::fs::read_dir(path.parent().unwrap()).unwrap().collect();
+        assert_eq!(files.len(), 1);
+
+        let gone = format!("http://{addr}/gone.gguf");
+        let Artifact::Fetch { path, .. } = locate(&gone, None, Some(cache.path())).unwrap() else {
+            panic!("not there");
+        };
+        let e = fetch(&http, &gone, &path).await.unwrap_err();
+        assert!(e.contains("404"), "{e}");
+        assert!(!path.exists());
+        for (uri, says) in [
+            ("https://user:pw@host/m.gguf", "no user or password"),
+            ("http://", "not a valid URL"),
+        ] {
+            let e = locate(uri, None, Some(cache.path())).unwrap_err();
+            assert!(e.contains(says), "{uri}: {e}");
+        }
+        let e = locate("https://host/m.gguf", None, None).unwrap_err();
+        assert!(e.contains("artifact_cache_dir"), "{e}");
     }
 }

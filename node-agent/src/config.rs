@@ -90,6 +90,8 @@ pub struct AgentConfig {
     pub engine_log_dir: PathBuf,
     /// Size at which an engine's log is rotated, MiB.
     pub engine_log_max_mib: u64,
+    /// Where `http(s)://` artifacts are downloaded to, and found again.
+    pub artifact_cache_dir: PathBuf,
     /// Rotated logs kept per engine beside the live one.
     pub engine_log_keep: u32,
     /// Most requests one replica holds (queued or served) before it answers
@@ -121,6 +123,7 @@ impl Default for AgentConfig {
             engines: BTreeMap::new(),
             engine_log_dir: PathBuf::from("talon-engine-logs"),
             engine_log_max_mib: crate::executor::logs::DEFAULT_MAX_BYTES >> 20,
+            artifact_cache_dir: PathBuf::from("talon-artifacts"),
             engine_log_keep: crate::executor::logs::DEFAULT_KEEP,
             max_queue: crate::replicas::DEFAULT_MAX_QUEUE,
         }
@@ -190,6 +193,9 @@ pub struct Flags {
     pub engines: Vec<(String, Option<String>)>,
     #[arg(long, env = "TALON_ENGINE_LOG_DIR")]
     pub engine_log_dir: Option<PathBuf>,
+    /// Where http(s) artifacts are downloaded to.
+    #[arg(long, env = "TALON_ARTIFACT_CACHE_DIR")]
+    pub artifact_cache_dir: Option<PathBuf>,
     /// Most requests one replica holds before it answers 429.
     #[arg(long, env = "TALON_MAX_QUEUE")]
     pub max_queue: Option<u32>,
@@ -348,6 +354,9 @@ impl AgentConfig {
         }
         if let Some(v) = &flags.engine_log_dir {
             c.engine_log_dir = v.clone();
+        }
+        if let Some(v) = &flags.artifact_cache_dir {
+            c.artifact_cache_dir = v.clone();
         }
         if let Some(v) = flags.max_queue {
             c.max_queue = v;

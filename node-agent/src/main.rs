@@ -167,6 +167,7 @@ async fn main() -> ExitCode {
                     .collect(),
                 correction: Arc::new(Correction::default()),
                 hf_cache: talon_node_agent::artifacts::hf_cache_dir(),
+                artifact_cache: Some(config.artifact_cache_dir.clone()),
                 service_models: config.engine_signals,
                 device_memory_mib: inventory
                     .gpus

@@ -202,6 +202,8 @@ pub struct EngineFactory {
     pub gpu_types: HashMap<u32, String>,
     /// The Hugging Face cache `hf://` artifacts are looked up in.
     pub hf_cache: Option<std::path::PathBuf>,
+    /// Where `http(s)://` artifacts are downloaded to.
+    pub artifact_cache: Option<std::path::PathBuf>,
     /// Give replicas a learned service-time model (`--engine-signals`).
     pub service_models: bool,
     /// GPU index → its memory, and MIG device UUID → its memory, MiB:
@@ -276,8 +278,12 @@ impl ExecutorFactory for EngineFactory {
             .and_then(|l| l.local_addr())
             .map_err(|e| ExecError::Config(format!("no free port for the engine: {e}")))?
             .port();
-        let artifact = crate::artifacts::resolve(&r.artifact_uri, self.hf_cache.as_deref())
-            .map_err(ExecError::Config)?;
+        let artifact = crate::artifacts::locate(
+            &r.artifact_uri,
+            self.hf_cache.as_deref(),
+            self.artifact_cache.as_deref(),
+        )
+        .map_err(ExecError::Config)?;
         let device = placement
             .mig_device
             .clone()
@@ -298,7 +304,7 @@ impl ExecutorFactory for EngineFactory {
         };
         let placeholders = Placeholders {
             model: r.model.clone(),
-            artifact: artifact.display().to_string(),
+            artifact: artifact.path().display().to_string(),
             port,
             gpus,
             tp: placement.gpus.len() as u32 / placement.stages,
@@ -314,12 +320,17 @@ impl ExecutorFactory for EngineFactory {
         let argv = profile
             .argv(&placeholders, &options)
             .map_err(ExecError::Config)?;
+        let fetch = match artifact {
+            crate::artifacts::Artifact::Fetch { url, path } => Some((url, path)),
+            crate::artifacts::Artifact::Local(_) => None,
+        };
         let mut engine = ExternalEngine::launch(
             argv,
             profile.env.clone(),
             placeholders,
             profile.settings.clone(),
             &self.log_dir,
+            fetch,
         )?;
         // a service-time model for GPUs of a type in the catalog
         let gpu_type = self

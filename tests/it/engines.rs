@@ -8,6 +8,7 @@
 //! engine killed and restarted, the engine wedged and restarted, and a
 //! version rolled under load with no failed request.
 
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
@@ -16,6 +17,45 @@ use talon_tests::{http_post, llama, model_spec};
 
 use crate::harness::{free_port, wait_for, Cluster, Proc};
 use crate::placement::{Load, TOKEN};
+
+/// `python3 -m http.server` on a directory, for artifacts given as URLs.
+struct FileServer {
+    addr: String,
+    child: std::process::Child,
+}
+
+impl FileServer {
+    async fn start(dir: &Path) -> FileServer {
+        let port = free_port();
+        let child = Command::new("python3")
+            .args([
+                "-m",
+                "http.server",
+                "--bind",
+                "127.0.0.1",
+                &port.to_string(),
+                "--directory",
+            ])
+            .arg(dir)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("python3 -m http.server");
+        let addr = format!("127.0.0.1:{port}");
+        wait_for("the file server", Duration::from_secs(20), || async {
+            tokio::net::TcpStream::connect(&addr).await.ok()
+        })
+        .await;
+        FileServer { addr, child }
+    }
+}
+
+impl Drop for FileServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
 
 /// Pids of the processes whose command line holds `needle`.
 fn pids_with(needle: &str) -> Vec<u32> {
@@ -84,6 +124,7 @@ async fn a_real_llama_cpp_engine_serves_through_talon_and_survives_kills_wedges_
         ),
     )
     .expect("agent config");
+    let artifacts = logs.path().join("artifacts").display().to_string();
     let agent = |id: &str, extra: Vec<String>| {
         let listen = format!("127.0.0.1:{}", free_port());
         let mut args: Vec<String> = [
@@ -99,6 +140,8 @@ async fn a_real_llama_cpp_engine_serves_through_talon_and_survives_kills_wedges_
             "200",
             "--engine-log-dir",
             logs.path().to_str().expect("utf-8"),
+            "--artifact-cache-dir",
+            &artifacts,
         ]
         .iter()
         .map(|s| s.to_string())
@@ -312,13 +355,14 @@ async fn a_real_llama_cpp_engine_serves_through_talon_and_survives_kills_wedges_
     )
     .await;
 
-    // A version rolled under load: v2 (other weights) is ready before v1
-    // drains, and no request fails.
+    // A version rolled under load: v2 (other weights, downloaded by the
+    // agent over HTTP) is ready before v1 drains, and no request fails.
+    let files = FileServer::start(models.path()).await;
     let load = Load::start(&http, &key, &["tiny", "tiny"]);
     load.flowing(5).await;
     let mut next = tiny.clone();
     next.version = "v2".into();
-    next.artifact_uri = format!("file://{}", v2.display());
+    next.artifact_uri = format!("http://{}/tiny-seed2.gguf", files.addr);
     client.create_model(next).await.expect("v2");
     wait_for("only v2, ready", Duration::from_secs(120), || async {
         let list = client.list_replicas("tiny").await.ok()?;
@@ -330,8 +374,24 @@ async fn a_real_llama_cpp_engine_serves_through_talon_and_survives_kills_wedges_
     .await;
     load.flowing(5).await;
     load.stop_with_no_failure();
-    let v2_engines = pids_with(&v2.display().to_string());
-    assert_eq!(v2_engines.len(), 1, "v2 runs on llama.cpp: {v2_engines:?}");
+    let cached = logs.path().join("artifacts");
+    // (the agents' own command lines name the cache directory, not a file in it)
+    let v2_engines = pids_with(&format!("{}/", cached.display()));
+    assert_eq!(
+        v2_engines.len(),
+        1,
+        "v2 runs on llama.cpp, from the download: {v2_engines:?}"
+    );
+    let downloaded = std::fs::read_dir(&cached)
+        .expect("artifact cache")
+        .filter_map(|d| Some(d.ok()?.path().join("tiny-seed2.gguf")))
+        .find(|p| p.is_file())
+        .expect("the downloaded v2");
+    assert_eq!(
+        std::fs::read(downloaded).expect("downloaded"),
+        std::fs::read(&v2).expect("v2"),
+        "the download is whole"
+    );
     wait_for("v1's engine gone", Duration::from_secs(60), || async {
         pids_with(&v1.display().to_string())
             .is_empty()

@@ -285,17 +285,20 @@ impl ExternalEngine {
         log_dir: &Path,
     ) -> Result<ExternalEngine, ExecError> {
         let argv = template.render(&placeholders);
-        Self::launch(argv, BTreeMap::new(), placeholders, settings, log_dir)
+        Self::launch(argv, BTreeMap::new(), placeholders, settings, log_dir, None)
     }
 
     /// Starts the engine `argv` (a rendered template, e.g. an engine
-    /// profile's) with `env` beside what it inherits.
+    /// profile's) with `env` beside what it inherits; `fetch` (URL, path):
+    /// the artifact to download first, while the replica is Loading (a
+    /// failed download fails the replica, with the reason in its log).
     pub fn launch(
         argv: Vec<String>,
         env: BTreeMap<String, String>,
         placeholders: Placeholders,
         settings: EngineSettings,
         log_dir: &Path,
+        fetch: Option<(String, PathBuf)>,
     ) -> Result<ExternalEngine, ExecError> {
         check_artifact(&placeholders.artifact).map_err(ExecError::Config)?;
         if argv.is_empty() {
@@ -318,6 +321,7 @@ impl ExternalEngine {
         let port = placeholders.port;
         let drain_grace = settings.drain_grace;
         tokio::spawn(supervise(
+            fetch,
             argv,
             env,
             placeholders.gpus,
@@ -369,6 +373,7 @@ fn set(shared: &Shared, state: ReplicaState) {
 
 #[allow(clippy::too_many_arguments)]
 async fn supervise(
+    fetch: Option<(String, PathBuf)>,
     argv: Vec<String>,
     env: BTreeMap<String, String>,
     gpus: String,
@@ -391,6 +396,26 @@ async fn supervise(
             None
         }
     };
+    if let Some((url, path)) = fetch {
+        tracing::info!(%url, path = %path.display(), "downloading the artifact");
+        // no timeout of the engine's requests: a model takes what it takes
+        let downloader = reqwest::Client::new();
+        let fetched = tokio::select! {
+            r = crate::artifacts::fetch(&downloader, &url, &path) => r,
+            _ = stop.changed() => return,
+        };
+        if let Err(e) = fetched {
+            tracing::error!(error = %e, "cannot fetch the artifact; the replica fails");
+            if let Some(log) = &log {
+                let _ = log
+                    .lock()
+                    .expect("log lock poisoned")
+                    .write(format!("talon-agent: {e}\n").as_bytes());
+            }
+            set(&shared, ReplicaState::Failed);
+            return;
+        }
+    }
     loop {
         let mut command = Command::new(&argv[0]);
         command.args(&argv[1..]).env_clear();
