@@ -166,6 +166,10 @@ enum Bench {
         startup_ms: u64,
         #[arg(long, default_value_t = 50)]
         service_ms: u64,
+        /// `fake` (talon-fake-engine with the times above) or `llama`
+        /// (llama.cpp's server on tiny GGUFs; the times are its own).
+        #[arg(long, default_value = "fake")]
+        engine: String,
     },
     /// Routing by predicted completion time against least-loaded and
     /// round-robin on a mixed simulated fleet (virtual time).
@@ -324,7 +328,8 @@ async fn main() -> anyhow::Result<()> {
             seconds,
             startup_ms,
             service_ms,
-        } => rollout::rollout(&cli, *rate, *seconds, *startup_ms, *service_ms).await,
+            engine,
+        } => rollout::rollout(&cli, *rate, *seconds, *startup_ms, *service_ms, engine).await,
         Bench::Plan { nodes, rounds } => plan::plan_bench(&cli, nodes, (*rounds).max(1)),
         Bench::B2 {
             concurrency,

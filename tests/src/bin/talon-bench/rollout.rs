@@ -3,7 +3,10 @@
 //! behind its own agent; open-loop load through the gateway; half-way the
 //! new version is created. Failed requests and latency before, during (from
 //! the new version's creation until only its replicas are placed and ready)
-//! and after the change. Real processes, real time, loopback.
+//! and after the change. Real processes, real time, loopback. With
+//! `--engine llama` the engines are llama.cpp's server (llama-cpp-python)
+//! on two tiny Llama GGUFs (v1 and v2 weights), run through the agents'
+//! `llamacpp` profile; their load and service times are their own.
 
 use super::engine_fleet::{EngineAgent, EngineFleet};
 use super::*;
@@ -14,17 +17,45 @@ pub(super) async fn rollout(
     seconds: u64,
     startup_ms: u64,
     service_ms: u64,
+    engine: &str,
 ) -> anyhow::Result<()> {
+    let files = tempfile::tempdir_in(&cli.base_dir)?;
+    let profile = files.path().join("llama-agent.toml");
+    // (engine, v1 artifact, v2 artifact)
+    let (engine_name, artifacts) = match engine {
+        "fake" => ("vllm", None),
+        "llama" => {
+            let python = talon_tests::llama::python()?;
+            std::fs::write(&profile, talon_tests::llama::agent_profile(&python, ""))?;
+            let v1 = talon_tests::llama::tiny_gguf(&python, files.path(), 1)?;
+            let v2 = talon_tests::llama::tiny_gguf(&python, files.path(), 2)?;
+            ("llamacpp", Some((v1, v2)))
+        }
+        other => anyhow::bail!("unknown engine {other:?}; use fake or llama"),
+    };
+    let profile_flags: Vec<&str> = match artifacts {
+        Some(_) => vec!["--config", profile.to_str().context("utf-8 path")?],
+        None => Vec::new(),
+    };
     let fleet = EngineFleet::start(
         cli,
         &["r1", "r2"].map(|id| EngineAgent {
             id,
             gpus: "l4:1",
             engine_flags: format!("--service-ms {service_ms} --startup-ms {startup_ms}"),
-            agent_flags: Vec::new(),
+            agent_flags: profile_flags.clone(),
         }),
     )
     .await?;
+    let spec = |version: &str| {
+        let mut s = model_spec("roll", engine_name, 4_000, 2);
+        s.version = version.into();
+        if let Some((v1, v2)) = &artifacts {
+            let file = if version == "v1" { v1 } else { v2 };
+            s.artifact_uri = format!("file://{}", file.display());
+        }
+        s
+    };
     let (cluster, admin) = (&fleet.cluster, &fleet.admin);
     let all_ready = |version: &'static str| async move {
         let list = admin.list_replicas("roll").await.ok()?;
@@ -35,9 +66,7 @@ pub(super) async fn rollout(
                 .all(|r| r.version == version && r.state == "ready"))
         .then_some(())
     };
-    admin
-        .create_model(model_spec("roll", "vllm", 4_000, 2))
-        .await?;
+    admin.create_model(spec("v1")).await?;
     poll("v1 ready", Duration::from_secs(60), || all_ready("v1")).await?;
     let app = admin
         .create_credential("rollout-load", "inference", None)
@@ -81,9 +110,7 @@ pub(super) async fn rollout(
     let change = async {
         tokio::time::sleep(Duration::from_secs(seconds / 3)).await;
         let started = t0.elapsed().as_secs_f64();
-        let mut v2 = model_spec("roll", "vllm", 4_000, 2);
-        v2.version = "v2".into();
-        admin.create_model(v2).await?;
+        admin.create_model(spec("v2")).await?;
         poll("v2 alone, ready", Duration::from_secs(120), || {
             all_ready("v2")
         })
@@ -109,8 +136,12 @@ pub(super) async fn rollout(
         part("during the change", &|s| s >= from && s < to),
         part("after the change", &|s| s >= to),
     ];
+    let load_time = match engine {
+        "fake" => format!("fake engines load in {startup_ms} ms"),
+        _ => "llama.cpp engines (llama-cpp-python), their own load time".into(),
+    };
     println!(
-        "version change at {from:.1} s, only v2 serving at {to:.1} s ({:.1} s); engines load in {startup_ms} ms",
+        "version change at {from:.1} s, only v2 serving at {to:.1} s ({:.1} s); {load_time}",
         to - from
     );
     println!("| window | answered | failed | p50 ms | p99 ms |");
@@ -128,7 +159,7 @@ pub(super) async fn rollout(
     write_out(
         cli,
         "rollout.json",
-        json!({"rate": rate, "seconds": seconds, "startup_ms": startup_ms, "service_ms": service_ms,
+        json!({"engine": engine, "rate": rate, "seconds": seconds, "startup_ms": startup_ms, "service_ms": service_ms,
             "change_at_s": from, "done_at_s": to, "rows": rows}),
     )
 }
