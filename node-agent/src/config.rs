@@ -92,6 +92,9 @@ pub struct AgentConfig {
     pub engine_log_max_mib: u64,
     /// Where `http(s)://` artifacts are downloaded to, and found again.
     pub artifact_cache_dir: PathBuf,
+    /// The ports engines listen on, `first-last` (leased one per replica;
+    /// keep them out of the kernel's ephemeral range).
+    pub engine_ports: String,
     /// Rotated logs kept per engine beside the live one.
     pub engine_log_keep: u32,
     /// Most requests one replica holds (queued or served) before it answers
@@ -124,6 +127,7 @@ impl Default for AgentConfig {
             engine_log_dir: PathBuf::from("talon-engine-logs"),
             engine_log_max_mib: crate::executor::logs::DEFAULT_MAX_BYTES >> 20,
             artifact_cache_dir: PathBuf::from("talon-artifacts"),
+            engine_ports: "20000-20999".into(),
             engine_log_keep: crate::executor::logs::DEFAULT_KEEP,
             max_queue: crate::replicas::DEFAULT_MAX_QUEUE,
         }
@@ -196,6 +200,9 @@ pub struct Flags {
     /// Where http(s) artifacts are downloaded to.
     #[arg(long, env = "TALON_ARTIFACT_CACHE_DIR")]
     pub artifact_cache_dir: Option<PathBuf>,
+    /// Ports for engines, FIRST-LAST.
+    #[arg(long, env = "TALON_ENGINE_PORTS")]
+    pub engine_ports: Option<String>,
     /// Most requests one replica holds before it answers 429.
     #[arg(long, env = "TALON_MAX_QUEUE")]
     pub max_queue: Option<u32>,
@@ -358,6 +365,9 @@ impl AgentConfig {
         if let Some(v) = &flags.artifact_cache_dir {
             c.artifact_cache_dir = v.clone();
         }
+        if let Some(v) = &flags.engine_ports {
+            c.engine_ports = v.clone();
+        }
         if let Some(v) = flags.max_queue {
             c.max_queue = v;
         }
@@ -456,6 +466,7 @@ impl AgentConfig {
             }
         }
         crate::executor::profiles::build_all(&self.engines).map_err(ConfigError::Invalid)?;
+        crate::executor::ports::parse_range(&self.engine_ports).map_err(ConfigError::Invalid)?;
         if self.engine_log_max_mib == 0 {
             return bad("engine_log_max_mib is 0; give the size in MiB at which engine logs rotate (1 or more)".into());
         }

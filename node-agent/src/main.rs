@@ -168,6 +168,12 @@ async fn main() -> ExitCode {
                 correction: Arc::new(Correction::default()),
                 hf_cache: talon_node_agent::artifacts::hf_cache_dir(),
                 artifact_cache: Some(config.artifact_cache_dir.clone()),
+                ports: {
+                    let (first, last) =
+                        talon_node_agent::executor::ports::parse_range(&config.engine_ports)
+                            .unwrap_or((20000, 20999));
+                    talon_node_agent::executor::ports::Ports::new(first, last)
+                },
                 service_models: config.engine_signals,
                 device_memory_mib: inventory
                     .gpus

@@ -204,6 +204,8 @@ pub struct EngineFactory {
     pub hf_cache: Option<std::path::PathBuf>,
     /// Where `http(s)://` artifacts are downloaded to.
     pub artifact_cache: Option<std::path::PathBuf>,
+    /// The engines' ports.
+    pub ports: Arc<crate::executor::ports::Ports>,
     /// Give replicas a learned service-time model (`--engine-signals`).
     pub service_models: bool,
     /// GPU index → its memory, and MIG device UUID → its memory, MiB:
@@ -274,10 +276,8 @@ impl ExecutorFactory for EngineFactory {
                 .collect::<Result<Vec<_>, _>>()?
                 .join(","),
         };
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map_err(|e| ExecError::Config(format!("no free port for the engine: {e}")))?
-            .port();
+        let lease = self.ports.lease().map_err(ExecError::Config)?;
+        let port = lease.port();
         let artifact = crate::artifacts::locate(
             &r.artifact_uri,
             self.hf_cache.as_deref(),
@@ -324,13 +324,17 @@ impl ExecutorFactory for EngineFactory {
             crate::artifacts::Artifact::Fetch { url, path } => Some((url, path)),
             crate::artifacts::Artifact::Local(_) => None,
         };
-        let mut engine = ExternalEngine::launch(
+        let launch = crate::executor::external::Launch {
             argv,
-            profile.env.clone(),
+            env: profile.env.clone(),
+            fetch,
+            lease: Some(lease),
+        };
+        let mut engine = ExternalEngine::launch(
+            launch,
             placeholders,
             profile.settings.clone(),
             &self.log_dir,
-            fetch,
         )?;
         // a service-time model for GPUs of a type in the catalog
         let gpu_type = self

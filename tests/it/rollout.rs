@@ -67,3 +67,99 @@ async fn a_version_change_under_load_keeps_capacity_and_fails_no_request() {
     load.flowing(10).await;
     load.stop_with_no_failure();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_canary_share_splits_requests_between_versions_until_it_reaches_100() {
+    let cluster = Cluster::form(
+        1,
+        &["--join-token", TOKEN, "--telemetry-interval-ms", "200"],
+    )
+    .await;
+    let grpc = cluster.nodes[0].grpc.clone();
+    let http = cluster.nodes[0].http.clone();
+    let _agents = [
+        crate::placement::agent(&grpc, "ca", "l4:1"),
+        crate::placement::agent(&grpc, "cb", "l4:1"),
+    ];
+    let client = cluster.client();
+    wait_for("two ready nodes", Duration::from_secs(40), || async {
+        let nodes = client.list_nodes().await.ok()?;
+        (nodes.iter().filter(|n| n.state == "ready").count() == 2).then_some(())
+    })
+    .await;
+    let spec = |version: &str, share: &str| {
+        let mut s = model_spec("canary", "simulated", 8_000, 1);
+        s.version = version.into();
+        s.labels.insert("canary-percent".into(), share.into());
+        s
+    };
+    // a share that is not 0 to 100 is refused
+    let err = client
+        .create_model(spec("v1", "150"))
+        .await
+        .expect_err("refused");
+    assert!(err.to_string().contains("canary-percent"), "{err}");
+    client.create_model(spec("v1", "25")).await.expect("v1");
+    let client = &client;
+    let ready_versions = || async move {
+        let list = client.list_replicas("canary").await.ok()?;
+        let mut v: Vec<String> = list
+            .replicas
+            .iter()
+            .filter(|r| r.state == "ready")
+            .map(|r| r.version.clone())
+            .collect();
+        v.sort();
+        Some(v)
+    };
+    wait_for("v1 ready", Duration::from_secs(40), || async {
+        (ready_versions().await? == ["v1"]).then_some(())
+    })
+    .await;
+    client.create_model(spec("v2", "25")).await.expect("v2");
+    wait_for("v1 and v2 ready", Duration::from_secs(40), || async {
+        (ready_versions().await? == ["v1", "v2"]).then_some(())
+    })
+    .await;
+    // the gateway's routing table has both once the telemetry says so
+    let web = talon_tests::http_client(&cluster.admin_key());
+    let served_by = |n: usize| {
+        let (web, http) = (web.clone(), http.clone());
+        async move {
+            let mut v2 = 0;
+            for _ in 0..n {
+                let r = web
+                    .post(format!("http://{http}/v1/chat/completions"))
+                    .json(&serde_json::json!({"model": "canary",
+                        "messages": [{"role": "user", "content": "which"}], "max_tokens": 1}))
+                    .send()
+                    .await
+                    .expect("request");
+                assert_eq!(r.status(), 200);
+                let replica = r.headers()["x-talon-replica"]
+                    .to_str()
+                    .expect("header")
+                    .to_string();
+                v2 += usize::from(replica.starts_with("canary@v2"));
+            }
+            v2
+        }
+    };
+    assert_eq!(served_by(40).await, 10, "25 % of 40 requests go to v2");
+    // the canary holds v1 as long as the share is below 100
+    assert_eq!(ready_versions().await.expect("list"), ["v1", "v2"]);
+    client
+        .update_model_labels(
+            "canary",
+            [("canary-percent".to_string(), "100".to_string())].into(),
+            vec![],
+        )
+        .await
+        .expect("100 %");
+    wait_for("only v2", Duration::from_secs(40), || async {
+        let list = client.list_replicas("canary").await.ok()?;
+        (list.replicas.len() == 1 && list.replicas[0].version == "v2").then_some(())
+    })
+    .await;
+    assert_eq!(served_by(10).await, 10);
+}

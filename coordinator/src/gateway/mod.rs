@@ -40,6 +40,7 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
+mod canary;
 mod openai;
 mod stream;
 
@@ -200,6 +201,7 @@ pub struct Gateway {
     /// No overall timeout: streams last as long as they produce.
     streams: reqwest::Client,
     in_flight: Arc<Mutex<HashMap<String, Arc<AtomicU32>>>>,
+    split: canary::Split,
 }
 
 /// Counts a request in flight to a replica until dropped.
@@ -239,6 +241,7 @@ impl Gateway {
             http,
             streams,
             in_flight: Arc::new(Mutex::new(HashMap::new())),
+            split: canary::Split::default(),
         }
     }
 
@@ -378,6 +381,7 @@ impl Gateway {
             .into_iter()
             .map(|(_, _, t)| t)
             .collect();
+        let ranked = self.split.order(&applied.state, model, &of_model, ranked);
         // A deadline no replica is predicted to meet is refused now rather
         // than missed later.
         if let (Some(deadline), Some(best)) = (call.deadline, ranked.first()) {

@@ -26,7 +26,10 @@ pub(super) fn versions_to_place<'m>(
     let mut out = Vec::new();
     if let Some(ready) = ready {
         let of_model = || placed.iter().copied();
-        let rolled = heads.iter().all(|h| placed.iter().any(|r| r.id == *h))
+        // a canary below 100 % holds the older versions
+        let held = crate::state::model::canary_percent(&model.labels).is_some_and(|p| p < 100);
+        let rolled = !held
+            && heads.iter().all(|h| placed.iter().any(|r| r.id == *h))
             && of_model()
                 .filter(|r| r.version == newest.version)
                 .all(|r| ready.contains(&r.id));

@@ -187,6 +187,23 @@ pub const ENGINE_OPTIONS: &[(&str, &str)] = &[
     ),
 ];
 
+/// The model label that splits traffic during a version change: while
+/// replicas of an older version serve beside the newest one's, this share
+/// of requests (0 to 100 %) goes to the newest version and the rest to the
+/// older, and the older replicas are kept until it is 100 or removed (a
+/// canary). Without it, any ready replica takes requests and the older ones
+/// go once every newest one is ready.
+pub const CANARY_LABEL: &str = "canary-percent";
+
+/// The model's canary share, if its label holds a valid one.
+pub fn canary_percent(labels: &BTreeMap<String, String>) -> Option<u32> {
+    labels
+        .get(CANARY_LABEL)?
+        .parse::<u32>()
+        .ok()
+        .filter(|p| *p <= 100)
+}
+
 /// The engine options among a model's labels, keyed without the prefix.
 pub fn engine_options(labels: &BTreeMap<String, String>) -> BTreeMap<String, String> {
     labels
@@ -200,6 +217,13 @@ pub fn engine_options(labels: &BTreeMap<String, String>) -> BTreeMap<String, Str
 /// Checked where a model is created or labelled (not when the log is
 /// replayed, so that entries from before keep their meaning).
 pub fn validate_engine_options(labels: &BTreeMap<String, String>) -> Result<(), String> {
+    if let Some(v) = labels.get(CANARY_LABEL) {
+        if canary_percent(labels).is_none() {
+            return Err(format!(
+                "label {CANARY_LABEL} is {v:?}; give the newest version's share of requests, 0 to 100"
+            ));
+        }
+    }
     for (name, value) in engine_options(labels) {
         let Some((_, takes)) = ENGINE_OPTIONS.iter().find(|(n, _)| *n == name) else {
             return Err(format!(

@@ -94,6 +94,20 @@ pub fn check_artifact(artifact: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// What one engine process is started with, beside its placeholders.
+#[derive(Debug, Default)]
+pub struct Launch {
+    /// The program and its arguments.
+    pub argv: Vec<String>,
+    /// Environment beside what it inherits ([`PASSED_ENV`]).
+    pub env: BTreeMap<String, String>,
+    /// (URL, path): the artifact to download first, while the replica is
+    /// Loading (a failed download fails the replica, the reason in its log).
+    pub fetch: Option<(String, PathBuf)>,
+    /// Its port, held until the engine is gone.
+    pub lease: Option<super::ports::PortLease>,
+}
+
 /// A parsed, validated command template.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CommandTemplate {
@@ -284,22 +298,27 @@ impl ExternalEngine {
         settings: EngineSettings,
         log_dir: &Path,
     ) -> Result<ExternalEngine, ExecError> {
-        let argv = template.render(&placeholders);
-        Self::launch(argv, BTreeMap::new(), placeholders, settings, log_dir, None)
+        let launch = Launch {
+            argv: template.render(&placeholders),
+            ..Launch::default()
+        };
+        Self::launch(launch, placeholders, settings, log_dir)
     }
 
-    /// Starts the engine `argv` (a rendered template, e.g. an engine
-    /// profile's) with `env` beside what it inherits; `fetch` (URL, path):
-    /// the artifact to download first, while the replica is Loading (a
-    /// failed download fails the replica, with the reason in its log).
+    /// Starts the engine of `launch` (a rendered template, e.g. an engine
+    /// profile's).
     pub fn launch(
-        argv: Vec<String>,
-        env: BTreeMap<String, String>,
+        launch: Launch,
         placeholders: Placeholders,
         settings: EngineSettings,
         log_dir: &Path,
-        fetch: Option<(String, PathBuf)>,
     ) -> Result<ExternalEngine, ExecError> {
+        let Launch {
+            argv,
+            env,
+            fetch,
+            lease,
+        } = launch;
         check_artifact(&placeholders.artifact).map_err(ExecError::Config)?;
         if argv.is_empty() {
             return Err(ExecError::Config("the engine command is empty".into()));
@@ -321,6 +340,7 @@ impl ExternalEngine {
         let port = placeholders.port;
         let drain_grace = settings.drain_grace;
         tokio::spawn(supervise(
+            lease,
             fetch,
             argv,
             env,
@@ -373,6 +393,8 @@ fn set(shared: &Shared, state: ReplicaState) {
 
 #[allow(clippy::too_many_arguments)]
 async fn supervise(
+    // held until the engine is gone
+    _lease: Option<super::ports::PortLease>,
     fetch: Option<(String, PathBuf)>,
     argv: Vec<String>,
     env: BTreeMap<String, String>,
@@ -481,6 +503,14 @@ async fn supervise(
                 }
                 _ = poll.tick() => {
                     if !up && healthy(&http, &health).await {
+                        // the answer must come from the engine itself, not
+                        // from another process on its port
+                        let tree = child.id().map(crate::probe::process_tree).unwrap_or_default();
+                        if super::ports::listener_owned_by(port, &tree) == Some(false) {
+                            tracing::error!(port, "a process that is not the engine listens on its port; restarting the engine");
+                            let _ = child.kill().await;
+                            break None;
+                        }
                         up = true;
                         failures = 0;
                         backoff = settings.first_backoff;

@@ -16,6 +16,7 @@
 pub mod external;
 pub mod logs;
 pub mod pipeline;
+pub mod ports;
 pub mod profiles;
 pub mod signals;
 pub mod simulated;

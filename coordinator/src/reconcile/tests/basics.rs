@@ -426,3 +426,60 @@ fn a_new_version_rolls_out_beside_the_old_one_until_it_serves() {
     }
     assert_eq!(versions(&s), ["v3", "v3"], "{:?}", s.replicas);
 }
+
+#[test]
+fn a_canary_share_below_100_keeps_the_old_version_serving_beside_the_new() {
+    let (mut s, mut i) = (State::default(), 0);
+    for n in ["a", "b"] {
+        run(
+            &mut s,
+            &mut i,
+            Command::RegisterNode(inventory(n, &[("l4", 24)])),
+        );
+    }
+    run(
+        &mut s,
+        &mut i,
+        with_label(model("m", 10_000, 1), "canary-percent", "10"),
+    );
+    converge(&mut s, &mut i);
+    let Command::CreateModel(mut spec) = model("m", 10_000, 1) else {
+        unreachable!()
+    };
+    spec.version = "v2".into();
+    // a new version's spec carries the model's labels
+    spec.labels.insert("canary-percent".into(), "10".into());
+    run(&mut s, &mut i, Command::CreateModel(spec));
+    let ready = |s: &State| Observed {
+        ready: Some(s.replicas.keys().cloned().collect()),
+        ..Default::default()
+    };
+    for _ in 0..3 {
+        let ready = ready(&s);
+        for c in plan_with(&s, &ready).commands {
+            run(&mut s, &mut i, c);
+        }
+    }
+    let versions = |s: &State| {
+        let mut v: Vec<String> = s.replicas.values().map(|r| r.version.clone()).collect();
+        v.sort();
+        v
+    };
+    // every replica ready, and still both versions: the canary holds
+    assert_eq!(versions(&s), ["v1", "v2"], "{:?}", s.replicas);
+    // at 100 % the rollout completes
+    run(
+        &mut s,
+        &mut i,
+        Command::UpdateModelLabels {
+            name: "m".into(),
+            set: [("canary-percent".to_string(), "100".to_string())].into(),
+            remove: vec![],
+        },
+    );
+    let ready = ready(&s);
+    for c in plan_with(&s, &ready).commands {
+        run(&mut s, &mut i, c);
+    }
+    assert_eq!(versions(&s), ["v2"]);
+}
