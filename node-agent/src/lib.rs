@@ -12,6 +12,7 @@ pub mod batcher;
 pub mod calibrate;
 pub mod catalog;
 pub mod config;
+pub mod engine_factory;
 pub mod executor;
 pub mod fleet;
 pub mod identity;

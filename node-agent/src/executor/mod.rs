@@ -18,8 +18,10 @@ pub mod logs;
 pub mod pipeline;
 pub mod ports;
 pub mod profiles;
+mod relay;
 pub mod signals;
 pub mod simulated;
+pub mod template;
 
 use serde_json::Value;
 
