@@ -80,6 +80,24 @@ fn signal(pid: u32, sig: &str) {
     assert!(status.success(), "kill -{sig} {pid}");
 }
 
+/// Waits until the engine serving `artifact` is a process other than
+/// `old` and `request` is answered 200; its pid.
+async fn replaced<F, Fut>(what: &str, artifact: &str, old: u32, request: F) -> u32
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = (u16, Value)>,
+{
+    wait_for(what, Duration::from_secs(120), || async {
+        let now = pids_with(artifact);
+        if now.is_empty() || now.contains(&old) {
+            return None;
+        }
+        let (status, _) = request().await;
+        (status == 200).then_some(now[0])
+    })
+    .await
+}
+
 async fn post(http: &str, key: &str, path: &'static str, body: Value) -> (u16, Value) {
     let (http, key) = (http.to_string(), key.to_string());
     let (status, text) =
@@ -312,47 +330,17 @@ async fn a_real_llama_cpp_engine_serves_through_talon_and_survives_kills_wedges_
     let pids = pids_with(&artifact);
     assert_eq!(pids.len(), 1, "one engine process: {pids:?}");
     signal(pids[0], "KILL");
-    let restarted = wait_for(
-        "a new engine process, serving",
-        Duration::from_secs(120),
-        || {
-            let chat = chat.clone();
-            let (http, key) = (http.clone(), key.clone());
-            let old = pids[0];
-            let artifact = artifact.clone();
-            async move {
-                let now = pids_with(&artifact);
-                if now.is_empty() || now.contains(&old) {
-                    return None;
-                }
-                let (status, _) = post(&http, &key, "/v1/chat/completions", chat).await;
-                (status == 200).then_some(now[0])
-            }
-        },
-    )
+    let restarted = replaced("a new engine process, serving", &artifact, pids[0], || {
+        post(&http, &key, "/v1/chat/completions", chat.clone())
+    })
     .await;
 
     // Wedged (stopped: alive, answering nothing): found by its health
     // checks, killed and restarted.
     signal(restarted, "STOP");
-    let artifact = v1.display().to_string();
-    wait_for(
-        "the wedged engine replaced",
-        Duration::from_secs(120),
-        || {
-            let chat = chat.clone();
-            let (http, key) = (http.clone(), key.clone());
-            let artifact = artifact.clone();
-            async move {
-                let now = pids_with(&artifact);
-                if now.is_empty() || now.contains(&restarted) {
-                    return None;
-                }
-                let (status, _) = post(&http, &key, "/v1/chat/completions", chat).await;
-                (status == 200).then_some(())
-            }
-        },
-    )
+    replaced("the wedged engine replaced", &artifact, restarted, || {
+        post(&http, &key, "/v1/chat/completions", chat.clone())
+    })
     .await;
 
     // A version rolled under load: v2 (other weights, downloaded by the

@@ -6,28 +6,32 @@ use std::time::Duration;
 
 use talon_tests::model_spec;
 
-use crate::harness::{wait_for, Cluster};
+use crate::harness::{wait_for, Cluster, Proc};
 use crate::placement::{Load, TOKEN};
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_version_change_under_load_keeps_capacity_and_fails_no_request() {
+/// One coordinator and two agents of one simulated L4 each, both Ready.
+async fn two_agents(ids: [&str; 2]) -> (Cluster, [Proc; 2]) {
     let cluster = Cluster::form(
         1,
         &["--join-token", TOKEN, "--telemetry-interval-ms", "200"],
     )
     .await;
     let grpc = cluster.nodes[0].grpc.clone();
-    let http = cluster.nodes[0].http.clone();
-    let _agents = [
-        crate::placement::agent(&grpc, "ra", "l4:1"),
-        crate::placement::agent(&grpc, "rb", "l4:1"),
-    ];
+    let agents = ids.map(|id| crate::placement::agent(&grpc, id, "l4:1"));
     let client = cluster.client();
     wait_for("two ready nodes", Duration::from_secs(40), || async {
         let nodes = client.list_nodes().await.ok()?;
         (nodes.iter().filter(|n| n.state == "ready").count() == 2).then_some(())
     })
     .await;
+    (cluster, agents)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_change_under_load_keeps_capacity_and_fails_no_request() {
+    let (cluster, _agents) = two_agents(["ra", "rb"]).await;
+    let http = cluster.nodes[0].http.clone();
+    let client = cluster.client();
     client
         .create_model(model_spec("roll", "simulated", 8_000, 2))
         .await
@@ -70,23 +74,9 @@ async fn a_version_change_under_load_keeps_capacity_and_fails_no_request() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_canary_share_splits_requests_between_versions_until_it_reaches_100() {
-    let cluster = Cluster::form(
-        1,
-        &["--join-token", TOKEN, "--telemetry-interval-ms", "200"],
-    )
-    .await;
-    let grpc = cluster.nodes[0].grpc.clone();
+    let (cluster, _agents) = two_agents(["ca", "cb"]).await;
     let http = cluster.nodes[0].http.clone();
-    let _agents = [
-        crate::placement::agent(&grpc, "ca", "l4:1"),
-        crate::placement::agent(&grpc, "cb", "l4:1"),
-    ];
     let client = cluster.client();
-    wait_for("two ready nodes", Duration::from_secs(40), || async {
-        let nodes = client.list_nodes().await.ok()?;
-        (nodes.iter().filter(|n| n.state == "ready").count() == 2).then_some(())
-    })
-    .await;
     let spec = |version: &str, share: &str| {
         let mut s = model_spec("canary", "simulated", 8_000, 1);
         s.version = version.into();

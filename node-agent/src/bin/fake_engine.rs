@@ -269,13 +269,12 @@ async fn main() -> std::process::ExitCode {
         .filter(|k| k.starts_with("TALON"))
         .collect();
     eprintln!(
-        "talon-fake-engine: serving {} on {}:{} CUDA_VISIBLE_DEVICES={devices} gpu_memory_utilization={:?} max_model_len={:?} inherited_talon_vars={talon:?} fake_engine_note={:?}",
+        "talon-fake-engine: serving {} on {}:{} CUDA_VISIBLE_DEVICES={devices} gpu_memory_utilization={:?} max_model_len={:?} inherited_talon_vars={talon:?}",
         args.model,
         args.host,
         args.port,
         args.gpu_memory_utilization,
         args.max_model_len,
-        std::env::var("FAKE_ENGINE_NOTE").ok()
     );
     match axum::serve(listener, app).await {
         Ok(()) => std::process::ExitCode::SUCCESS,

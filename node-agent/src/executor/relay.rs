@@ -96,12 +96,14 @@ pub(super) async fn relay(
         chunks += 1;
         tokens += u64::from(carries_text(&chunk));
         usage_seen |= chunk["usage"].is_object();
-        last = serde_json::json!({
-            "id": chunk["id"],
-            "object": chunk["object"],
-            "created": chunk["created"],
-            "model": chunk["model"],
-        });
+        if usage.is_some() && !usage_seen {
+            last = serde_json::json!({
+                "id": chunk["id"],
+                "object": chunk["object"],
+                "created": chunk["created"],
+                "model": chunk["model"],
+            });
+        }
         if sink.send(chunk).is_err() {
             // The caller left: dropping the response closes the connection,
             // which tells the engine to stop generating.
