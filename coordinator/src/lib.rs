@@ -30,21 +30,17 @@ pub mod context;
 pub mod convert;
 pub mod error;
 pub mod gateway;
-pub mod gateway_auth;
 pub mod http;
-pub mod inference;
 pub mod leases;
 pub mod metrics;
 pub mod network;
 pub mod raft_types;
 pub mod reconcile;
 pub mod retention;
-pub mod routing;
 pub mod state;
 pub mod store;
 pub mod telemetry;
 pub mod tls;
-pub mod websocket;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -199,7 +195,7 @@ pub async fn run(
         .add_optional_service(raft_listener.is_none().then(raft_service))
         .add_service(AdminServiceServer::new(Admin::new(ctx.clone())))
         .add_service(AgentServiceServer::new(agents::AgentSvc::new(ctx)))
-        .add_service(InferenceServer::new(inference::InferenceSvc::new(
+        .add_service(InferenceServer::new(gateway::grpc::InferenceSvc::new(
             gateway.clone(),
         )))
         .serve_with_incoming_shutdown(incoming(grpc), stopped(stop_rx.clone()));

@@ -9,7 +9,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
-use super::Target;
+use super::core::Target;
 
 /// Per model, how many requests were split so far.
 #[derive(Clone, Default)]

@@ -7,7 +7,7 @@ use futures_util::StreamExt;
 use serde_json::Value;
 use tokio::sync::mpsc;
 
-use super::*;
+use super::core::*;
 
 impl Gateway {
     /// Opens a streaming call: the first chunk has arrived when this

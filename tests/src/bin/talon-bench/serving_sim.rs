@@ -238,7 +238,7 @@ fn routing_run(
     seconds: u64,
 ) -> anyhow::Result<BatchRun> {
     use std::sync::atomic::AtomicU32;
-    use talon_coordinator::routing::{rank, ReplicaLoad};
+    use talon_coordinator::gateway::routing::{rank, ReplicaLoad};
     use talon_node_agent::batcher::Priority;
     use talon_node_agent::executor::Executor;
     virtual_time()?.block_on(async move {

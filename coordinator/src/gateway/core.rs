@@ -1,0 +1,555 @@
+//! The gateway's core: targets, routing over replicas, retries and waits
+//! (what the module documentation of [`crate::gateway`] describes).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use super::routing::{self, ReplicaLoad};
+use super::{canary, openai};
+use crate::admin::AdminContext;
+
+/// Longest a non-streaming request without a deadline may take.
+pub(super) const DEFAULT_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long a request waits for a ready replica unless it gives a deadline.
+pub(super) const DEFAULT_WAIT: Duration = Duration::from_secs(30);
+/// A stream with no chunk for this long is taken as lost.
+pub(super) const STREAM_IDLE: Duration = Duration::from_secs(30);
+
+/// An error for the caller, whatever the front end.
+#[derive(Clone, Debug)]
+pub struct GwError {
+    pub status: StatusCode,
+    pub kind: &'static str,
+    pub message: String,
+    /// Seconds to wait before retrying (429 and 503).
+    pub retry_after_s: Option<u64>,
+}
+
+impl GwError {
+    pub(super) fn new(status: StatusCode, kind: &'static str, message: String) -> GwError {
+        GwError {
+            status,
+            kind,
+            message,
+            retry_after_s: None,
+        }
+    }
+
+    pub fn bad_request(message: impl Into<String>) -> GwError {
+        GwError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            message.into(),
+        )
+    }
+
+    pub(super) fn unavailable(message: String) -> GwError {
+        GwError {
+            retry_after_s: Some(1),
+            ..GwError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message)
+        }
+    }
+
+    pub(super) fn overloaded(message: String, retry_after_s: u64) -> GwError {
+        GwError {
+            retry_after_s: Some(retry_after_s.max(1)),
+            ..GwError::new(StatusCode::TOO_MANY_REQUESTS, "overloaded", message)
+        }
+    }
+
+    /// The OpenAI-style JSON error body.
+    pub fn body(&self) -> Value {
+        let mut error =
+            json!({"message": self.message, "type": self.kind, "code": self.status.as_u16()});
+        if let Some(s) = self.retry_after_s {
+            error["retry_after_s"] = json!(s);
+        }
+        json!({"error": error})
+    }
+}
+
+impl IntoResponse for GwError {
+    fn into_response(self) -> Response {
+        let mut r = (self.status, Json(self.body())).into_response();
+        if let Some(s) = self.retry_after_s {
+            if let Ok(v) = HeaderValue::from_str(&s.to_string()) {
+                r.headers_mut().insert("retry-after", v);
+            }
+        }
+        r
+    }
+}
+
+/// One request as the core sees it, whichever front end it came from.
+#[derive(Clone, Debug)]
+pub struct Call {
+    /// `/chat/completions`, `/completions` or `/embeddings`.
+    pub path: &'static str,
+    /// The OpenAI body, without `stream`.
+    pub body: Value,
+    /// critical, high, normal or low; checked by the agent.
+    pub priority: Option<String>,
+    /// Time the caller gives the request, if it gave one.
+    pub deadline: Option<Duration>,
+}
+
+impl Call {
+    /// A call from an HTTP request's body and Talon headers.
+    pub fn from_http(path: &'static str, headers: &HeaderMap, body: Value) -> Call {
+        let header = |h: &str| headers.get(h).and_then(|v| v.to_str().ok());
+        Call {
+            path,
+            body,
+            priority: header("x-talon-priority").map(str::to_string),
+            deadline: header("x-talon-deadline-ms")
+                .and_then(|v| v.parse().ok())
+                .map(Duration::from_millis),
+        }
+    }
+
+    /// Checks what every replica would refuse.
+    pub(super) fn check(&self) -> Result<(), GwError> {
+        match self.priority.as_deref() {
+            None | Some("critical" | "high" | "normal" | "low") => Ok(()),
+            Some(p) => Err(GwError::bad_request(format!(
+                "priority {p:?} is unknown; use critical, high, normal or low"
+            ))),
+        }
+    }
+
+    pub(super) fn model(&self) -> Result<&str, GwError> {
+        self.body["model"].as_str().ok_or_else(|| {
+            GwError::bad_request("the request has no \"model\"; name a registered model")
+        })
+    }
+}
+
+/// What a stream yields.
+#[derive(Debug)]
+pub enum StreamItem {
+    /// One OpenAI chunk object.
+    Chunk(Value),
+    /// The answer is complete.
+    Done,
+    /// The replica was lost mid-stream; the answer is incomplete.
+    Lost(String),
+    /// The replica reported a failure mid-stream; the answer is incomplete.
+    Failed(String),
+}
+
+/// A stream in progress: the replica serving it and its chunks.
+pub struct Streaming {
+    pub replica: String,
+    pub chunks: mpsc::Receiver<StreamItem>,
+}
+
+/// A placed replica the gateway may send to.
+pub(super) struct Target {
+    pub(super) replica: String,
+    pub(super) node: String,
+    pub(super) addr: String,
+    /// What the node's agent expects from coordinators (Bearer).
+    pub(super) serve_secret: Option<String>,
+    pub(super) load: ReplicaLoad,
+}
+
+#[derive(Clone)]
+pub struct Gateway {
+    pub(super) ctx: Arc<AdminContext>,
+    pub(super) http: reqwest::Client,
+    /// No overall timeout: streams last as long as they produce.
+    pub(super) streams: reqwest::Client,
+    pub(super) in_flight: Arc<Mutex<HashMap<String, Arc<AtomicU32>>>>,
+    pub(super) split: canary::Split,
+}
+
+/// Counts a request in flight to a replica until dropped.
+pub(super) struct InFlight(Arc<AtomicU32>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// How one attempt on one replica ended, short of an answer.
+pub(super) enum Miss {
+    /// The request is at fault; every replica would say so.
+    Final(GwError),
+    /// The replica's queue is full; retry after this many ms.
+    Full(u64, String),
+    /// The replica cannot be reached or is not ready: it may be moving, so
+    /// waiting for a ready one can help.
+    Unreachable(String),
+    /// The replica (its engine) failed the request; tried once per replica.
+    Failed(String),
+}
+
+impl Gateway {
+    pub fn new(ctx: Arc<AdminContext>) -> Gateway {
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(1))
+            .build()
+            .unwrap_or_default();
+        let streams = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(1))
+            .build()
+            .unwrap_or_default();
+        Gateway {
+            ctx,
+            http,
+            streams,
+            in_flight: Arc::new(Mutex::new(HashMap::new())),
+            split: canary::Split::default(),
+        }
+    }
+
+    pub fn router(self) -> Router {
+        let limit = self.ctx.config.max_body_bytes;
+        Router::new()
+            .route("/v1/models", get(openai::models))
+            .route("/v1/models/{id}", get(openai::model))
+            .route("/v1/chat/completions", post(openai::chat))
+            .route("/v1/completions", post(openai::completions))
+            .route("/v1/embeddings", post(openai::embeddings))
+            .layer(axum::extract::DefaultBodyLimit::max(limit))
+            .route("/v1/stream", get(super::websocket::upgrade))
+            .layer(axum::middleware::from_fn_with_state(
+                self.clone(),
+                super::auth::require_inference,
+            ))
+            .with_state(self)
+    }
+
+    /// The coordinator's shared handles.
+    pub fn context(&self) -> &Arc<AdminContext> {
+        &self.ctx
+    }
+
+    pub(super) fn counter(&self, replica: &str) -> Arc<AtomicU32> {
+        self.in_flight
+            .lock()
+            .expect("in-flight lock poisoned")
+            .entry(replica.to_string())
+            .or_default()
+            .clone()
+    }
+
+    pub(super) fn start(&self, replica: &str) -> InFlight {
+        let c = self.counter(replica);
+        c.fetch_add(1, Ordering::Relaxed);
+        InFlight(c)
+    }
+
+    /// The model's replicas, best first. Err: the error, and whether
+    /// waiting could change it.
+    pub(super) fn targets(&self, call: &Call) -> Result<Vec<Target>, (GwError, bool)> {
+        let model = call.model().map_err(|e| (e, false))?;
+        let applied = self.ctx.state.read().expect("state lock poisoned");
+        if !applied.state.models.contains_key(model) {
+            let known: Vec<&str> = applied.state.models.keys().map(String::as_str).collect();
+            let message = format!(
+                "model {model:?} does not exist; registered models: {}",
+                known.join(", ")
+            );
+            return Err((
+                GwError::new(StatusCode::NOT_FOUND, "model_not_found", message),
+                false,
+            ));
+        }
+        let leader = self.ctx.is_leader();
+        let mut found = Vec::new();
+        let mut states = Vec::new();
+        let of_model: Vec<&crate::state::Replica> = applied
+            .state
+            .replicas
+            .values()
+            .filter(|r| r.model == model)
+            .collect();
+        // a pipeline takes requests at its first stage, when every stage is
+        // ready
+        for r in of_model.iter().filter(|r| r.takes_requests()) {
+            let Some(node) = applied.state.nodes.get(&r.node_id) else {
+                continue;
+            };
+            let status = self.ctx.telemetry.replica_status(&r.node_id, &r.id);
+            let mut state = status.as_ref().map_or("unknown", |s| s.state.as_str());
+            if state == "ready" && r.pipeline.is_some() {
+                let stage_not_ready = of_model
+                    .iter()
+                    .filter(|s| {
+                        s.pipeline
+                            .as_ref()
+                            .is_some_and(|p| p.head == r.id && p.index > 0)
+                    })
+                    .any(|s| {
+                        self.ctx
+                            .telemetry
+                            .replica_state(&s.node_id, &s.id)
+                            .as_deref()
+                            != Some("ready")
+                    });
+                if stage_not_ready {
+                    state = "stages-not-ready";
+                }
+            }
+            states.push(format!("{}={state}", r.id));
+            // The leader knows readiness; a follower tries what is placed.
+            if leader && state != "ready" {
+                continue;
+            }
+            let local = self.counter(&r.id).load(Ordering::Relaxed);
+            let load = match status {
+                Some(s) => ReplicaLoad {
+                    // an engine's own queue counts when it says more
+                    held: s
+                        .held
+                        .max(local)
+                        .max(s.engine_running.saturating_add(s.engine_waiting)),
+                    service_ms_one: f64::from(s.service_ms_one),
+                    service_ms_full: f64::from(s.service_ms_full),
+                    max_batch: s.max_batch,
+                },
+                None => ReplicaLoad {
+                    held: local,
+                    ..Default::default()
+                },
+            };
+            let target = Target {
+                replica: r.id.clone(),
+                node: r.node_id.clone(),
+                addr: node.inventory.addr.clone(),
+                serve_secret: applied
+                    .state
+                    .cluster_secret
+                    .map(|secret| crate::auth::serve_secret(&secret, &r.node_id)),
+                load,
+            };
+            found.push((r.id.clone(), load, target));
+        }
+        if found.is_empty() {
+            let placed = if states.is_empty() {
+                "none placed".to_string()
+            } else {
+                states.join(", ")
+            };
+            let message = format!("model {model:?} has no ready replica ({placed}); retry shortly");
+            return Err((GwError::unavailable(message), true));
+        }
+        let ranked: Vec<Target> = routing::rank(found)
+            .into_iter()
+            .map(|(_, _, t)| t)
+            .collect();
+        let ranked = self.split.order(&applied.state, model, &of_model, ranked);
+        // A deadline no replica is predicted to meet is refused now rather
+        // than missed later.
+        if let (Some(deadline), Some(best)) = (call.deadline, ranked.first()) {
+            let predicted = best.load.predicted_ms();
+            if best.load.modelled() && predicted > deadline.as_millis() as f64 {
+                let message = format!(
+                    "no replica of {model:?} can answer within the deadline of {} ms: the best, \
+                     {} ({} requests held), is predicted to take {predicted:.0} ms; \
+                     give a longer x-talon-deadline-ms or retry later",
+                    deadline.as_millis(),
+                    best.replica,
+                    best.load.held
+                );
+                let wait = (predicted - deadline.as_millis() as f64) / 1000.0;
+                return Err((GwError::overloaded(message, wait.ceil() as u64), false));
+            }
+        }
+        Ok(ranked)
+    }
+
+    /// Runs `attempt` on the replicas in order until one answers; waits
+    /// for a ready replica (until the deadline) when none is.
+    pub(super) async fn route<T, F, Fut>(&self, call: &Call, attempt: F) -> Result<T, GwError>
+    where
+        F: Fn(Target, Option<Duration>) -> Fut,
+        Fut: std::future::Future<Output = Result<T, Miss>>,
+    {
+        call.check()?;
+        let model = call.model()?.to_string();
+        let deadline = Instant::now() + call.deadline.unwrap_or(DEFAULT_WAIT);
+        let mut pause = tokio::time::interval(Duration::from_millis(200));
+        loop {
+            let last = match self.targets(call) {
+                Err((e, false)) => return Err(e),
+                Err((e, true)) => e,
+                Ok(targets) => {
+                    let mut full: Vec<(u64, String)> = Vec::new();
+                    let (mut unreachable, mut failed) = (String::new(), String::new());
+                    for target in targets {
+                        let (replica, addr) = (target.replica.clone(), target.addr.clone());
+                        // The agent gets the time left, not the time given.
+                        let left = call
+                            .deadline
+                            .map(|_| deadline.saturating_duration_since(Instant::now()));
+                        match attempt(target, left).await {
+                            Ok(answer) => return Ok(answer),
+                            Err(Miss::Final(e)) => return Err(e),
+                            Err(Miss::Full(ms, why)) => full.push((ms, why)),
+                            Err(Miss::Unreachable(why)) => {
+                                tracing::warn!(%replica, %addr, error = %why, "trying another replica");
+                                unreachable = why;
+                            }
+                            Err(Miss::Failed(why)) => {
+                                tracing::warn!(%replica, %addr, error = %why, "trying another replica");
+                                failed = why;
+                            }
+                        }
+                    }
+                    if unreachable.is_empty() && !failed.is_empty() {
+                        // Every replica was reached and failed it (or was
+                        // full): trying them again would fail again.
+                        return Err(GwError::new(
+                            StatusCode::BAD_GATEWAY,
+                            "replica_failed",
+                            format!(
+                                "every replica of {model:?} failed the request; last: {failed}"
+                            ),
+                        ));
+                    }
+                    if unreachable.is_empty() {
+                        // Every ready replica is full: say so now.
+                        let soonest = full.iter().map(|(ms, _)| *ms).min().unwrap_or(1000);
+                        let why: Vec<String> = full.into_iter().map(|(_, w)| w).collect();
+                        let message = format!(
+                            "every replica of {model:?} is at its queue limit ({}); retry after {} s",
+                            why.join("; "),
+                            soonest.div_ceil(1000).max(1)
+                        );
+                        return Err(GwError::overloaded(message, soonest.div_ceil(1000)));
+                    }
+                    GwError::unavailable(format!(
+                        "no replica of {model:?} could take the request; last: {unreachable}"
+                    ))
+                }
+            };
+            if Instant::now() >= deadline {
+                return Err(last);
+            }
+            pause.tick().await;
+        }
+    }
+
+    pub(super) fn request(
+        &self,
+        client: &reqwest::Client,
+        call: &Call,
+        t: &Target,
+        body: &Value,
+        left: Option<Duration>,
+    ) -> reqwest::RequestBuilder {
+        let mut request = client
+            .post(format!(
+                "http://{}/v1/replicas/{}{}",
+                t.addr, t.replica, call.path
+            ))
+            .json(body);
+        if let Some(secret) = &t.serve_secret {
+            request = request.bearer_auth(secret);
+        }
+        if let Some(p) = &call.priority {
+            request = request.header("x-talon-priority", p);
+        }
+        if let Some(d) = left {
+            request = request.header("x-talon-deadline-ms", d.as_millis().max(1).to_string());
+        }
+        request
+    }
+
+    /// Serves a non-streaming call: the replica that answered and its answer.
+    pub async fn complete(&self, call: &Call) -> Result<(String, Value), GwError> {
+        self.route(call, |t, left| async move {
+            let _counted = self.start(&t.replica);
+            let response = self
+                .request(&self.http, call, &t, &call.body, left)
+                .timeout(
+                    left.unwrap_or(DEFAULT_TIMEOUT)
+                        .max(Duration::from_millis(1)),
+                )
+                .send()
+                .await
+                .map_err(|e| timed_out(&t, e))?;
+            let response = refused(response, &t).await?;
+            match response.json::<Value>().await {
+                Ok(v) => Ok((t.replica, v)),
+                Err(e) => Err(Miss::Failed(format!(
+                    "replica {} sent an unreadable answer: {e}",
+                    t.replica
+                ))),
+            }
+        })
+        .await
+    }
+}
+
+/// [`unreachable`], except a request that ran out of time: it may still
+/// be running on the replica, so it is answered 504 rather than run again
+/// elsewhere.
+pub(super) fn timed_out(t: &Target, e: reqwest::Error) -> Miss {
+    if e.is_timeout() {
+        return Miss::Final(GwError::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            "timeout",
+            format!(
+                "replica {} did not answer in time; the request was not run again elsewhere (give a longer x-talon-deadline-ms)",
+                t.replica
+            ),
+        ));
+    }
+    unreachable(t, e)
+}
+
+pub(super) fn unreachable(t: &Target, e: reqwest::Error) -> Miss {
+    Miss::Unreachable(format!(
+        "replica {} at {} cannot be reached: {e}",
+        t.replica, t.addr
+    ))
+}
+
+/// Turns a refusal by the agent into a [`Miss`]; passes success through.
+pub(super) async fn refused(response: reqwest::Response, t: &Target) -> Result<reqwest::Response, Miss> {
+    let status = response.status();
+    if status.is_success() {
+        return Ok(response);
+    }
+    let retry_ms = response
+        .headers()
+        .get("retry-after-ms")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let body: Value = response.json().await.unwrap_or(Value::Null);
+    let message = body["error"]["message"]
+        .as_str()
+        .unwrap_or("no reason given")
+        .to_string();
+    if status.as_u16() == 429 {
+        return Err(Miss::Full(retry_ms.unwrap_or(1000), message));
+    }
+    if status.is_client_error() && status.as_u16() != 404 {
+        let status = StatusCode::from_u16(status.as_u16()).unwrap_or(StatusCode::BAD_REQUEST);
+        return Err(Miss::Final(GwError::new(
+            status,
+            "invalid_request_error",
+            message,
+        )));
+    }
+    let why = format!("replica {} answered {status}: {message}", t.replica);
+    if matches!(status.as_u16(), 404 | 503) {
+        // Not (or no longer) on that node, or not ready: it may be moving.
+        return Err(Miss::Unreachable(why));
+    }
+    Err(Miss::Failed(why))
+}
