@@ -13,6 +13,7 @@ pub mod credential;
 pub mod model;
 pub mod node;
 pub mod replica;
+pub mod tenant;
 
 use std::collections::BTreeMap;
 
@@ -22,6 +23,7 @@ pub use credential::{Credential, Permission, Role};
 pub use model::{Model, ModelSpec, ModelVersion};
 pub use node::{NodeInventory, NodeRecord, NodeState, Scheduling};
 pub use replica::{PipelineStage, Replica};
+pub use tenant::{KeyPolicy, Limits, Priority, Tenancy, Tenant, Usage, UsageKey};
 
 /// What a client proposes through Raft.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -114,6 +116,32 @@ pub enum Command {
         model_revision: u64,
         replicas: Vec<Replica>,
     },
+    /// Create a tenant or replace its models and limits (format 5).
+    PutTenant(Tenant),
+    /// Delete a tenant that holds no keys.
+    DeleteTenant {
+        name: String,
+    },
+    /// An inference key of a tenant: the credential and its policy.
+    CreateKey {
+        credential: Credential,
+        policy: KeyPolicy,
+    },
+    /// New models, priority ceiling or limits for a key.
+    UpdateKey {
+        id: String,
+        policy: KeyPolicy,
+    },
+    /// Replace key `old` by a new credential with the same policy.
+    RotateKey {
+        old: String,
+        credential: Credential,
+    },
+    /// Charges the leader gathered from the gateways (not audited: one
+    /// entry a second would bury everything else).
+    RecordUsage {
+        rows: Vec<(UsageKey, Usage)>,
+    },
 }
 
 /// Why a request was refused. The state is unchanged.
@@ -158,6 +186,14 @@ pub enum Response {
         removed: u64,
     },
     Rejected(Rejection),
+    Tenant(Box<Tenant>),
+    Key {
+        credential: Box<Credential>,
+        policy: Box<KeyPolicy>,
+    },
+    UsageRecorded {
+        rows: usize,
+    },
 }
 
 /// One admin mutation: who, what, when.
@@ -182,6 +218,10 @@ pub enum Change {
     Credential(String),
     /// The cluster secret.
     Auth,
+    Tenant(String),
+    /// A key policy, by credential id.
+    Key(String),
+    Usage(UsageKey),
 }
 
 /// The replicated state machine's data.
@@ -199,6 +239,14 @@ pub struct State {
     /// Set once, with the first admin credential.
     #[serde(default)]
     pub cluster_secret: Option<[u8; 32]>,
+    /// Tenants, key policies and usage (format 5; empty when read from an
+    /// older format).
+    #[serde(
+        default,
+        serialize_with = "tenant::serialize_tenancy",
+        deserialize_with = "tenant::deserialize_tenancy"
+    )]
+    pub tenancy: Tenancy,
 }
 
 /// Longest free-text field accepted in a command (audit detail, reasons).
@@ -215,6 +263,32 @@ fn check_text(field: &str, value: &str) -> Result<(), (Response, Vec<Change>)> {
         ));
     }
     Ok(())
+}
+
+/// The answer, changes and audit record of a created or rotated key.
+fn key_done(
+    c: Credential,
+    p: KeyPolicy,
+    action: &'static str,
+) -> (Response, Vec<Change>, (&'static str, String, String)) {
+    let detail = format!(
+        "principal={} key={} models={} max_priority={} limits={:?}",
+        c.principal,
+        p.label(),
+        p.models.join(","),
+        p.max_priority.as_str(),
+        p.limits
+    );
+    let changes = vec![Change::Credential(c.id.clone()), Change::Key(c.id.clone())];
+    let target = c.id.clone();
+    (
+        Response::Key {
+            credential: Box::new(c),
+            policy: Box::new(p),
+        },
+        changes,
+        (action, target, detail),
+    )
 }
 
 fn rejected(kind: RejectionKind, message: String) -> (Response, Vec<Change>) {
@@ -397,7 +471,10 @@ impl State {
             Command::RevokeCredential { id } => match self.credentials.remove(id) {
                 Some(c) => (
                     Response::Revoked { revision: index },
-                    vec![Change::Credential(id.clone())],
+                    match self.tenancy.keys.remove(id) {
+                        Some(_) => vec![Change::Credential(id.clone()), Change::Key(id.clone())],
+                        None => vec![Change::Credential(id.clone())],
+                    },
                     (
                         "credential.revoke",
                         id.clone(),
@@ -429,6 +506,85 @@ impl State {
                 let count = removed.len() as u64;
                 let changes = removed.into_iter().map(Change::Audit).collect();
                 return (Response::Trimmed { removed: count }, changes);
+            }
+            Command::PutTenant(t) => match self.put_tenant(index, at, t) {
+                Ok(t) => {
+                    let detail = format!("models={} limits={:?}", t.models.join(","), t.limits);
+                    let changes = vec![Change::Tenant(t.name.clone())];
+                    let target = t.name.clone();
+                    (Response::Tenant(Box::new(t)), changes, ("tenant.put", target, detail))
+                }
+                Err(rejection) => return rejection,
+            },
+            Command::DeleteTenant { name } => match self.delete_tenant(name) {
+                Ok(()) => (
+                    Response::Deleted { revision: index },
+                    vec![Change::Tenant(name.clone())],
+                    ("tenant.delete", name.clone(), String::new()),
+                ),
+                Err(rejection) => return rejection,
+            },
+            Command::CreateKey { credential, policy } => {
+                match self.create_key(index, at, credential, policy) {
+                    Ok((c, p)) => key_done(c, p, "key.create"),
+                    Err(rejection) => return rejection,
+                }
+            }
+            Command::UpdateKey { id, policy } => match self.update_key(index, id, policy) {
+                Ok(p) => {
+                    let detail = format!(
+                        "key={} models={} max_priority={} limits={:?}",
+                        p.label(),
+                        p.models.join(","),
+                        p.max_priority.as_str(),
+                        p.limits
+                    );
+                    let Some(c) = self.credentials.get(id).cloned() else {
+                        return rejected(
+                            RejectionKind::NotFound,
+                            format!("credential {id:?} does not exist"),
+                        );
+                    };
+                    (
+                        Response::Key {
+                            credential: Box::new(c),
+                            policy: Box::new(p),
+                        },
+                        vec![Change::Key(id.clone())],
+                        ("key.update", id.clone(), detail),
+                    )
+                }
+                Err(rejection) => return rejection,
+            },
+            Command::RotateKey { old, credential } => {
+                match self.rotate_key(index, at, old, credential) {
+                    Ok((c, p)) => {
+                        let (response, mut changes, (_, target, detail)) =
+                            key_done(c, p, "key.rotate");
+                        changes.push(Change::Credential(old.clone()));
+                        changes.push(Change::Key(old.clone()));
+                        let detail = format!("{detail} replaces={old}");
+                        (response, changes, ("key.rotate", target, detail))
+                    }
+                    Err(rejection) => return rejection,
+                }
+            }
+            Command::RecordUsage { rows } => {
+                let before: Vec<UsageKey> = self.tenancy.usage.keys().cloned().collect();
+                return match self.record_usage(at, rows) {
+                    Ok(n) => {
+                        let mut changes: Vec<Change> =
+                            rows.iter().map(|(k, _)| Change::Usage(k.clone())).collect();
+                        changes.extend(
+                            before
+                                .into_iter()
+                                .filter(|k| !self.tenancy.usage.contains_key(k))
+                                .map(Change::Usage),
+                        );
+                        (Response::UsageRecorded { rows: n }, changes)
+                    }
+                    Err(rejection) => rejection,
+                };
             }
         };
         let (action, target, detail) = audit;

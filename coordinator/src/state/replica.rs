@@ -195,6 +195,8 @@ enum Layout {
     Current,
     Format2,
     Format3,
+    /// Replicas as now; the state without tenancy.
+    Format4,
 }
 
 thread_local! {
@@ -225,6 +227,17 @@ pub fn in_format_3<R>(f: impl FnOnce() -> R) -> R {
     in_layout(Layout::Format3, f)
 }
 
+/// [`in_format_2`] for the format-4 layout (replicas as now, no tenancy
+/// in the state).
+pub fn in_format_4<R>(f: impl FnOnce() -> R) -> R {
+    in_layout(Layout::Format4, f)
+}
+
+/// Whether values are read and written in the current layout.
+pub(super) fn layout_is_current() -> bool {
+    LAYOUT.with(Cell::get) == Layout::Current
+}
+
 impl Serialize for Replica {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeStruct;
@@ -234,7 +247,7 @@ impl Serialize for Replica {
         let fields = match layout {
             Layout::Format2 => 9,
             Layout::Format3 => 13,
-            Layout::Current => 14,
+            Layout::Current | Layout::Format4 => 14,
         };
         let mut st = s.serialize_struct("Replica", fields)?;
         st.serialize_field("id", &self.id)?;
@@ -252,7 +265,7 @@ impl Serialize for Replica {
             st.serialize_field("mig_slice", &self.mig_slice)?;
             st.serialize_field("stages", &self.stages)?;
         }
-        if layout == Layout::Current {
+        if matches!(layout, Layout::Current | Layout::Format4) {
             st.serialize_field("pipeline", &self.pipeline)?;
         }
         st.end()
@@ -300,7 +313,7 @@ impl<'de> Deserialize<'de> for Replica {
                     pipeline: None,
                 }
             }
-            Layout::Current => ReplicaV4::deserialize(d)?,
+            Layout::Current | Layout::Format4 => ReplicaV4::deserialize(d)?,
         };
         Ok(Replica {
             gpus: if r.gpus.is_empty() {

@@ -1,12 +1,13 @@
-//! Older formats → 4: every record of a format-1 (JSON), format-2
-//! (envelope version 1, replicas without GPU list or MIG device) or
-//! format-3 (envelope version 2, replicas without pipeline stage) data
-//! directory rewritten in the current envelope of [`codec`](super::codec).
+//! Older formats → 5: every record of a format-1 (JSON), format-2
+//! (envelope version 1, replicas without GPU list or MIG device),
+//! format-3 (envelope version 2, replicas without pipeline stage) or
+//! format-4 (envelope version 3, a state without tenancy) data directory
+//! rewritten in the current envelope of [`codec`](super::codec).
 //!
 //! The migration is idempotent: a value already in the current envelope is
 //! left alone, so a migration cut short by a crash simply runs again at the
 //! next start. Only after every tree is converted and flushed is the format
-//! key moved to 4 (and then the marker file).
+//! key moved to 5 (and then the marker file).
 
 use super::codec;
 use super::state_machine::Applied;
@@ -22,6 +23,8 @@ enum Old {
     Format2,
     /// Format 3: envelope version 2.
     Format3,
+    /// Format 4: envelope version 3.
+    Format4,
 }
 
 fn convert<T: serde::de::DeserializeOwned + serde::Serialize>(
@@ -33,6 +36,7 @@ fn convert<T: serde::de::DeserializeOwned + serde::Serialize>(
         Old::Json => serde_json::from_slice(bytes).map_err(|e| format!("{what}: {e}"))?,
         Old::Format2 => codec::decode_format_2(bytes).map_err(|e| format!("{what}: {e}"))?,
         Old::Format3 => codec::decode_format_3(bytes).map_err(|e| format!("{what}: {e}"))?,
+        Old::Format4 => codec::decode_format_4(bytes).map_err(|e| format!("{what}: {e}"))?,
     };
     codec::encode(&value).map_err(|e| format!("{what}: {e}"))
 }
@@ -67,7 +71,7 @@ fn convert_value(
     Ok(Some(bytes))
 }
 
-/// Rewrites every format-1, -2 or -3 value of `db` in place and flushes.
+/// Rewrites every format-1, -2, -3 or -4 value of `db` in place and flushes.
 pub(super) fn to_current(db: &sled::Db) -> Result<u64, String> {
     let mut converted = 0;
     for tree_name in ["meta", "log", "sm", "snapshot"] {
@@ -79,6 +83,7 @@ pub(super) fn to_current(db: &sled::Db) -> Result<u64, String> {
                 None => Old::Json,
                 Some(codec::FORMAT_2_ENCODING) => Old::Format2,
                 Some(codec::FORMAT_3_ENCODING) => Old::Format3,
+                Some(codec::FORMAT_4_ENCODING) => Old::Format4,
                 // current (or a version the decoder will name when read)
                 Some(_) => continue,
             };

@@ -9,14 +9,15 @@
 //! |------------|----------------------------------------|------------------------------|
 //! | `meta`     | `format` (JSON number), `vote`, `committed`, `purged` | envelope      |
 //! | `log`      | log index, u64 big-endian              | envelope: `Entry`            |
-//! | `sm`       | `model/<name>`, `node/<id>`, `replica/<id>`, `credential/<id>`, `audit/<u64 BE>`, `meta/applied`, `meta/membership`, `meta/auth` | envelope |
+//! | `sm`       | `model/<name>`, `node/<id>`, `replica/<id>`, `credential/<id>`, `audit/<u64 BE>`, `tenant/<name>`, `key/<credential id>`, `usage/<day BE><tenant>\0<key>\0<model>`, `meta/applied`, `meta/membership`, `meta/auth` | envelope |
 //! | `snapshot` | `current/meta`, `current/data`         | envelope: meta, `Applied`    |
 //!
-//! Values are in the strict binary envelope of [`codec`] (format 4: since
-//! format 3, a replica can be a stage of a pipeline across nodes; since
-//! format 2, replicas carry their GPU list and MIG device). A format-1
-//! directory (every value JSON), a format-2 one (envelope version 1) or a
-//! format-3 one (envelope version 2) is migrated in place at start, by
+//! Values are in the strict binary envelope of [`codec`] (format 5: since
+//! format 4, the state holds tenants, key policies and usage; since format
+//! 3, a replica can be a stage of a pipeline across nodes; since format 2,
+//! replicas carry their GPU list and MIG device). A format-1 directory
+//! (every value JSON), a format-2, -3 or -4 one (envelope versions 1 to 3)
+//! is migrated in place at start, by
 //! [`migrate`]; golden copies of each are tested to decode.
 //!
 //! A directory that is not empty and has no marker, a marker of another
@@ -37,11 +38,12 @@ use serde::{Deserialize, Serialize};
 pub use log_store::LogStore;
 pub use state_machine::{Applied, SharedState, StateMachineStore};
 
-/// Version of the on-disk format this build writes (4: binary envelope,
-/// replicas over several GPUs, on a MIG device, or a pipeline stage).
-pub const FORMAT_VERSION: u32 = 4;
+/// Version of the on-disk format this build writes (5: binary envelope,
+/// replicas over several GPUs, on a MIG device, or a pipeline stage;
+/// tenants, key policies and usage).
+pub const FORMAT_VERSION: u32 = 5;
 /// The oldest format this build migrates from (1: JSON values; 2: the
-/// envelope with one-GPU replicas; 3: no pipeline stages).
+/// envelope with one-GPU replicas; 3: no pipeline stages; 4: no tenancy).
 pub const MIGRATES_FROM: u32 = 1;
 const MARKER_FILE: &str = "talon-coordinator.json";
 const MARKER_KIND: &str = "talon-coordinator-data";

@@ -20,7 +20,7 @@ use crate::metrics::Metrics;
 use crate::raft_types::{
     Entry, LogId, Snapshot, SnapshotMeta, StorageError, StoredMembership, TypeConfig,
 };
-use crate::state::{Change, Response, State};
+use crate::state::{Change, Response, State, Usage, UsageKey};
 
 const APPLIED: &[u8] = b"meta/applied";
 const MEMBERSHIP: &[u8] = b"meta/membership";
@@ -30,6 +30,37 @@ const AUDIT: &[u8] = b"audit/";
 const REPLICA: &[u8] = b"replica/";
 const CREDENTIAL: &[u8] = b"credential/";
 const AUTH: &[u8] = b"meta/auth";
+const TENANT: &[u8] = b"tenant/";
+const KEY: &[u8] = b"key/";
+const USAGE: &[u8] = b"usage/";
+
+/// `usage/<day BE><tenant>\0<key>\0<model>`: sorted by day, so old days
+/// are a prefix range.
+fn usage_key(k: &UsageKey) -> Vec<u8> {
+    let mut key = prefixed(USAGE, &k.day.to_be_bytes());
+    for (i, part) in [&k.tenant, &k.key, &k.model].into_iter().enumerate() {
+        if i > 0 {
+            key.push(0);
+        }
+        key.extend_from_slice(part.as_bytes());
+    }
+    key
+}
+
+/// Every record of `state`, as changes (a snapshot install writes them all).
+fn every_record(state: &State) -> Vec<Change> {
+    let mut all = Vec::new();
+    all.extend(state.models.keys().cloned().map(Change::Model));
+    all.extend(state.nodes.keys().cloned().map(Change::Node));
+    all.extend(state.replicas.keys().cloned().map(Change::Replica));
+    all.extend(state.credentials.keys().cloned().map(Change::Credential));
+    all.push(Change::Auth);
+    all.extend(state.audit.keys().copied().map(Change::Audit));
+    all.extend(state.tenancy.tenants.keys().cloned().map(Change::Tenant));
+    all.extend(state.tenancy.keys.keys().cloned().map(Change::Key));
+    all.extend(state.tenancy.usage.keys().cloned().map(Change::Usage));
+    all
+}
 const SNAPSHOT_META: &str = "current/meta";
 const SNAPSHOT_DATA: &str = "current/data";
 
@@ -102,6 +133,23 @@ impl StateMachineStore {
                     .state
                     .credentials
                     .insert(id, codec::decode(&v).map_err(read_err)?);
+            } else if let Some(name) = k.strip_prefix(TENANT) {
+                let name = String::from_utf8_lossy(name).into_owned();
+                applied
+                    .state
+                    .tenancy
+                    .tenants
+                    .insert(name, codec::decode(&v).map_err(read_err)?);
+            } else if let Some(id) = k.strip_prefix(KEY) {
+                let id = String::from_utf8_lossy(id).into_owned();
+                applied
+                    .state
+                    .tenancy
+                    .keys
+                    .insert(id, codec::decode(&v).map_err(read_err)?);
+            } else if k.starts_with(USAGE) {
+                let (key, usage): (UsageKey, Usage) = codec::decode(&v).map_err(read_err)?;
+                applied.state.tenancy.usage.insert(key, usage);
             } else if k.as_ref() == AUTH {
                 applied.state.cluster_secret = Some(codec::decode(&v).map_err(read_err)?);
             } else if k.starts_with(AUDIT) {
@@ -168,6 +216,27 @@ impl StateMachineStore {
                     Some(secret) => batch.insert(AUTH, codec::encode(secret).map_err(write_err)?),
                     None => batch.remove(AUTH),
                 },
+                Change::Tenant(name) => {
+                    let key = prefixed(TENANT, name.as_bytes());
+                    match state.tenancy.tenants.get(name) {
+                        Some(t) => batch.insert(key, codec::encode(t).map_err(write_err)?),
+                        None => batch.remove(key),
+                    }
+                }
+                Change::Key(id) => {
+                    let key = prefixed(KEY, id.as_bytes());
+                    match state.tenancy.keys.get(id) {
+                        Some(p) => batch.insert(key, codec::encode(p).map_err(write_err)?),
+                        None => batch.remove(key),
+                    }
+                }
+                Change::Usage(k) => {
+                    let key = usage_key(k);
+                    match state.tenancy.usage.get(k) {
+                        Some(u) => batch.insert(key, codec::encode(&(k, u)).map_err(write_err)?),
+                        None => batch.remove(key),
+                    }
+                }
                 Change::Audit(index) => {
                     let key = prefixed(AUDIT, &index.to_be_bytes());
                     match state.audit.get(index) {
@@ -309,39 +378,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             let (k, _) = item.map_err(write_err)?;
             batch.remove(k);
         }
-        for (name, m) in &incoming.state.models {
-            batch.insert(
-                prefixed(MODEL, name.as_bytes()),
-                codec::encode(m).map_err(write_err)?,
-            );
-        }
-        for (id, n) in &incoming.state.nodes {
-            batch.insert(
-                prefixed(NODE, id.as_bytes()),
-                codec::encode(n).map_err(write_err)?,
-            );
-        }
-        for (id, r) in &incoming.state.replicas {
-            batch.insert(
-                prefixed(REPLICA, id.as_bytes()),
-                codec::encode(r).map_err(write_err)?,
-            );
-        }
-        for (id, c) in &incoming.state.credentials {
-            batch.insert(
-                prefixed(CREDENTIAL, id.as_bytes()),
-                codec::encode(c).map_err(write_err)?,
-            );
-        }
-        if let Some(secret) = &incoming.state.cluster_secret {
-            batch.insert(AUTH, codec::encode(secret).map_err(write_err)?);
-        }
-        for (index, a) in &incoming.state.audit {
-            batch.insert(
-                prefixed(AUDIT, &index.to_be_bytes()),
-                codec::encode(a).map_err(write_err)?,
-            );
-        }
+        self.persist(&incoming.state, &every_record(&incoming.state), &mut batch)?;
         batch.insert(
             APPLIED,
             codec::encode(&incoming.last_applied).map_err(write_err)?,
