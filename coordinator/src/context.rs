@@ -19,7 +19,8 @@ use crate::raft_types::{NodeId, Raft};
 use crate::state::{self, Command, Permission};
 use crate::store::{LogStore, SharedState};
 
-fn now_ms() -> u64 {
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
@@ -38,6 +39,8 @@ pub struct AdminContext {
     pub faults: Arc<Faults>,
     pub config: Config,
     pub telemetry: Arc<crate::telemetry::TelemetryStore>,
+    /// The leader's buckets and unrecorded charges ([`crate::quota`]).
+    pub quota: Arc<crate::quota::Ledger>,
 }
 
 impl AdminContext {
@@ -53,6 +56,17 @@ impl AdminContext {
                 .map(|n| n.addr.clone())
         });
         (leader, addr)
+    }
+
+    /// Where the leader's Raft port is, as this node knows it.
+    pub fn leader_raft_addr(&self) -> Option<String> {
+        let metrics = self.raft.metrics().borrow().clone();
+        let leader = metrics.current_leader?;
+        metrics
+            .membership_config
+            .membership()
+            .get_node(&leader)
+            .map(|n| n.raft().to_string())
     }
 
     /// Authenticates a call's key and checks that its role allows `p`.

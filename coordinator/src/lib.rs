@@ -34,6 +34,7 @@ pub mod http;
 pub mod leases;
 pub mod metrics;
 pub mod network;
+pub mod quota;
 pub mod raft_types;
 pub mod reconcile;
 pub mod retention;
@@ -135,6 +136,7 @@ pub async fn run(
         faults: faults.clone(),
         config: config.clone(),
         telemetry: Arc::new(telemetry::TelemetryStore::new(config.agents.history_len)),
+        quota: Arc::new(quota::Ledger::default()),
     });
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -177,16 +179,39 @@ pub async fn run(
             stream
         })
     };
+    let quota_parts = (ctx.state.clone(), ctx.quota.clone());
     let raft_service = || {
         RaftServiceServer::new(RaftRpcService::new(
             raft.clone(),
             faults.clone(),
             tls.is_some(),
+            Some(quota_parts.clone()),
         ))
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES)
     };
     let gateway = gateway::Gateway::new(ctx_http);
+    let recorder_task = {
+        let (ctx, stop, limiter) = (ctx.clone(), stop_rx.clone(), gateway.limiter().clone());
+        tokio::spawn(quota::run_recorder(
+            ctx,
+            move |rows| limiter.charge(rows),
+            stop,
+        ))
+    };
+    let limits_task = {
+        let limiter = gateway.limiter().clone();
+        let mut stop = stop_rx.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(500));
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => limiter.tick().await,
+                    _ = stop.changed() => return,
+                }
+            }
+        })
+    };
     let mut api = tonic::transport::Server::builder();
     if let Some(m) = &tls {
         api = api.tls_config(m.api_server()).context("API TLS")?;
@@ -235,6 +260,8 @@ pub async fn run(
     leases_task.abort();
     reconciler_task.abort();
     retention_task.abort();
+    recorder_task.abort();
+    limits_task.abort();
     if let Some(t) = auth_task {
         t.abort();
     }

@@ -29,7 +29,8 @@ use talon_proto::v1::RaftPayload;
 use tonic::transport::Channel;
 
 use crate::raft_types::{Node, NodeId, Raft, TypeConfig};
-use crate::store::codec;
+use crate::quota::{Ledger, QuotaReply, QuotaRequest};
+use crate::store::{codec, SharedState};
 use crate::tls::TlsMaterial;
 
 /// Largest gRPC message a coordinator accepts or sends (snapshot chunks are
@@ -194,14 +195,22 @@ pub struct RaftRpcService {
     /// With TLS: only callers with a coordinator certificate of the
     /// cluster CA get through.
     require_coordinator: bool,
+    /// The applied state and the ledger the `Quota` RPC serves from.
+    quota: Option<(SharedState, Arc<Ledger>)>,
 }
 
 impl RaftRpcService {
-    pub fn new(raft: Raft, faults: Arc<Faults>, require_coordinator: bool) -> RaftRpcService {
+    pub fn new(
+        raft: Raft,
+        faults: Arc<Faults>,
+        require_coordinator: bool,
+        quota: Option<(SharedState, Arc<Ledger>)>,
+    ) -> RaftRpcService {
         RaftRpcService {
             raft,
             faults,
             require_coordinator,
+            quota,
         }
     }
 
@@ -260,5 +269,25 @@ impl RaftService for RaftRpcService {
     ) -> Result<tonic::Response<RaftPayload>, tonic::Status> {
         let rpc: InstallSnapshotRequest<TypeConfig> = self.decode(request)?;
         reply(&self.raft.install_snapshot(rpc).await)
+    }
+
+    async fn quota(
+        &self,
+        request: tonic::Request<RaftPayload>,
+    ) -> Result<tonic::Response<RaftPayload>, tonic::Status> {
+        let rpc: QuotaRequest = self.decode(request)?;
+        let result: Result<QuotaReply, String> = match &self.quota {
+            None => Err("this coordinator serves no quota".into()),
+            Some(_) if self.raft.metrics().borrow().current_leader
+                != Some(self.raft.metrics().borrow().id) =>
+            {
+                Err("this coordinator is not the leader (any more)".into())
+            }
+            Some((state, ledger)) => rpc.validate().map(|()| {
+                let applied = state.read().expect("state lock poisoned");
+                ledger.serve(&applied.state, rpc, crate::context::now_ms())
+            }),
+        };
+        reply(&result)
     }
 }

@@ -160,6 +160,7 @@ macro_rules! forward {
 
 mod cluster;
 mod credentials;
+mod tenants;
 
 #[tonic::async_trait]
 impl AdminService for Admin {
@@ -563,5 +564,61 @@ impl AdminService for Admin {
         request: Request<pb::RemoveNodeRequest>,
     ) -> Result<Response<pb::RemoveNodeResponse>, Status> {
         credentials::remove_node(self, request).await
+    }
+
+    async fn put_tenant(
+        &self,
+        request: Request<pb::PutTenantRequest>,
+    ) -> Result<Response<pb::Tenant>, Status> {
+        tenants::put_tenant(self, request).await
+    }
+
+    async fn list_tenants(
+        &self,
+        request: Request<pb::ListTenantsRequest>,
+    ) -> Result<Response<pb::ListTenantsResponse>, Status> {
+        tenants::list_tenants(self, request).await
+    }
+
+    async fn delete_tenant(
+        &self,
+        request: Request<pb::DeleteTenantRequest>,
+    ) -> Result<Response<pb::DeleteTenantResponse>, Status> {
+        tenants::delete_tenant(self, request).await
+    }
+
+    async fn create_key(
+        &self,
+        request: Request<pb::CreateKeyRequest>,
+    ) -> Result<Response<pb::CreateKeyResponse>, Status> {
+        tenants::create_key(self, request).await
+    }
+
+    async fn list_keys(
+        &self,
+        request: Request<pb::ListKeysRequest>,
+    ) -> Result<Response<pb::ListKeysResponse>, Status> {
+        tenants::list_keys(self, request).await
+    }
+
+    async fn update_key(
+        &self,
+        request: Request<pb::UpdateKeyRequest>,
+    ) -> Result<Response<pb::Key>, Status> {
+        tenants::update_key(self, request).await
+    }
+
+    async fn rotate_key(
+        &self,
+        request: Request<pb::RotateKeyRequest>,
+    ) -> Result<Response<pb::CreateKeyResponse>, Status> {
+        tenants::rotate_key(self, request).await
+    }
+
+    async fn get_usage(
+        &self,
+        request: Request<pb::GetUsageRequest>,
+    ) -> Result<Response<pb::GetUsageResponse>, Status> {
+        tenants::get_usage(self, request).await
     }
 }

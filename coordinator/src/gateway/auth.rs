@@ -44,7 +44,11 @@ pub fn refusal(e: &AuthError) -> Response {
 }
 
 /// Middleware: authenticates the request for inference, or refuses it.
-pub async fn require_inference(State(g): State<Gateway>, request: Request, next: Next) -> Response {
+pub async fn require_inference(
+    State(g): State<Gateway>,
+    mut request: Request,
+    next: Next,
+) -> Response {
     let value = match request.headers().get(header::AUTHORIZATION) {
         None => None,
         Some(v) => match v.to_str() {
@@ -60,7 +64,11 @@ pub async fn require_inference(State(g): State<Gateway>, request: Request, next:
         .context()
         .authorize(auth::bearer(value), Permission::Infer, "inference")
     {
-        Ok(_) => next.run(request).await,
+        Ok(principal) => {
+            // the handlers apply the key's policy
+            request.extensions_mut().insert(principal);
+            next.run(request).await
+        }
         Err(e) => refusal(&e),
     }
 }

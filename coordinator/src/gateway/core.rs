@@ -101,6 +101,9 @@ pub struct Call {
     pub priority: Option<String>,
     /// Time the caller gives the request, if it gave one.
     pub deadline: Option<Duration>,
+    /// Who sent it (its key's policy applies); `None`: authentication is
+    /// off.
+    pub principal: Option<crate::auth::Principal>,
 }
 
 impl Call {
@@ -110,6 +113,7 @@ impl Call {
         Call {
             path,
             body,
+            principal: None,
             priority: header("x-talon-priority").map(str::to_string),
             deadline: header("x-talon-deadline-ms")
                 .and_then(|v| v.parse().ok())
@@ -171,6 +175,7 @@ pub struct Gateway {
     pub(super) streams: reqwest::Client,
     pub(super) in_flight: Arc<Mutex<HashMap<String, Arc<AtomicU32>>>>,
     pub(super) split: canary::Split,
+    pub(super) limiter: Arc<super::limits::Limiter>,
 }
 
 /// Counts a request in flight to a replica until dropped.
@@ -197,6 +202,7 @@ pub(super) enum Miss {
 
 impl Gateway {
     pub fn new(ctx: Arc<AdminContext>) -> Gateway {
+        let ctx_limits = ctx.clone();
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(1))
             .build()
@@ -211,6 +217,7 @@ impl Gateway {
             streams,
             in_flight: Arc::new(Mutex::new(HashMap::new())),
             split: canary::Split::default(),
+            limiter: Arc::new(super::limits::Limiter::new(ctx_limits)),
         }
     }
 
@@ -243,6 +250,16 @@ impl Gateway {
             .entry(replica.to_string())
             .or_default()
             .clone()
+    }
+
+    /// Requests this gateway has in flight on `replica`.
+    pub(super) fn in_flight_on(&self, replica: &str) -> u32 {
+        self.counter(replica).load(Ordering::Relaxed)
+    }
+
+    /// The limiter (its tick returns idle slices and sends charges).
+    pub fn limiter(&self) -> &Arc<super::limits::Limiter> {
+        &self.limiter
     }
 
     pub(super) fn start(&self, replica: &str) -> InFlight {
@@ -471,6 +488,16 @@ impl Gateway {
 
     /// Serves a non-streaming call: the replica that answered and its answer.
     pub async fn complete(&self, call: &Call) -> Result<(String, Value), GwError> {
+        let (call, admission) = self.admit(call).await?;
+        let result = self.complete_admitted(&call).await;
+        match &result {
+            Ok((replica, answer)) => self.settle(admission, Some((replica, &answer["usage"]))),
+            Err(_) => self.settle(admission, None),
+        }
+        result
+    }
+
+    async fn complete_admitted(&self, call: &Call) -> Result<(String, Value), GwError> {
         self.route(call, |t, left| async move {
             let _counted = self.start(&t.replica);
             let response = self

@@ -113,6 +113,7 @@ fn to_call(request: &Request<pb::InferRequest>) -> Result<Call, Status> {
         body,
         priority: (!r.priority.is_empty()).then(|| r.priority.clone()),
         deadline,
+        principal: None,
     })
 }
 
@@ -132,10 +133,12 @@ impl pb::inference_server::Inference for InferenceSvc {
         &self,
         request: Request<pb::InferRequest>,
     ) -> Result<Response<pb::InferReply>, Status> {
-        self.gateway
+        let principal = self
+            .gateway
             .context()
             .authorize_grpc(&request, Permission::Infer, "inference")?;
-        let call = to_call(&request)?;
+        let mut call = to_call(&request)?;
+        call.principal = Some(principal);
         let (replica, answer) = self.gateway.complete(&call).await.map_err(status)?;
         let usage = &answer["usage"];
         Ok(Response::new(pb::InferReply {
@@ -161,10 +164,12 @@ impl pb::inference_server::Inference for InferenceSvc {
         &self,
         request: Request<pb::InferRequest>,
     ) -> Result<Response<ChunkStream>, Status> {
-        self.gateway
+        let principal = self
+            .gateway
             .context()
             .authorize_grpc(&request, Permission::Infer, "inference")?;
-        let call = to_call(&request)?;
+        let mut call = to_call(&request)?;
+        call.principal = Some(principal);
         let Streaming { replica, chunks } =
             self.gateway.open_stream(&call).await.map_err(status)?;
         let stream = tokio_stream::wrappers::ReceiverStream::new(chunks).filter_map(move |item| {

@@ -27,15 +27,21 @@
 //! gone out, losing the replica ends the stream with an error naming the
 //! replica and its node (a stream cannot be resumed elsewhere).
 
+mod admission;
 pub mod auth;
 mod canary;
 mod core;
+mod cost;
+pub mod keys;
+pub mod limits;
 pub mod grpc;
 mod openai;
 pub mod routing;
 mod stream;
 pub mod websocket;
 
+pub use self::admission::estimate_prompt_tokens;
 pub use self::core::{Call, Gateway, GwError, StreamItem, Streaming};
+pub use self::cost::replica_price;
 pub use openai::{check_body, MAX_OUTPUT_TOKENS};
 pub use stream::chunk_text;

@@ -4,6 +4,9 @@
 //! OpenAI-shaped answers to bodies that cannot be read.
 
 use axum::extract::State;
+use axum::Extension;
+
+use crate::auth::Principal;
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
@@ -73,7 +76,13 @@ pub fn check_body(path: &str, body: &Value) -> Result<(), GwError> {
     }
 }
 
-async fn generate(g: Gateway, path: &'static str, headers: HeaderMap, mut body: Value) -> Response {
+async fn generate(
+    g: Gateway,
+    path: &'static str,
+    principal: Principal,
+    headers: HeaderMap,
+    mut body: Value,
+) -> Response {
     if let Err(e) = check_body(path, &body) {
         return e.into_response();
     }
@@ -98,7 +107,8 @@ async fn generate(g: Gateway, path: &'static str, headers: HeaderMap, mut body: 
             o.remove("stream_options");
         }
     }
-    let call = Call::from_http(path, &headers, body);
+    let mut call = Call::from_http(path, &headers, body);
+    call.principal = Some(principal);
     if !streaming {
         return match g.complete(&call).await {
             Ok((replica, answer)) => replica_header(Json(answer).into_response(), &replica),
@@ -144,31 +154,38 @@ fn body_error(rejection: axum::extract::rejection::JsonRejection) -> Response {
     GwError::new(status, kind, message).into_response()
 }
 
-pub(super) async fn chat(State(g): State<Gateway>, headers: HeaderMap, body: Body) -> Response {
+pub(super) async fn chat(
+    State(g): State<Gateway>,
+    Extension(p): Extension<Principal>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
     match body {
-        Ok(Json(body)) => generate(g, "/chat/completions", headers, body).await,
+        Ok(Json(body)) => generate(g, "/chat/completions", p, headers, body).await,
         Err(e) => body_error(e),
     }
 }
 
 pub(super) async fn completions(
     State(g): State<Gateway>,
+    Extension(p): Extension<Principal>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
     match body {
-        Ok(Json(body)) => generate(g, "/completions", headers, body).await,
+        Ok(Json(body)) => generate(g, "/completions", p, headers, body).await,
         Err(e) => body_error(e),
     }
 }
 
 pub(super) async fn embeddings(
     State(g): State<Gateway>,
+    Extension(p): Extension<Principal>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
     match body {
-        Ok(Json(body)) => generate(g, "/embeddings", headers, body).await,
+        Ok(Json(body)) => generate(g, "/embeddings", p, headers, body).await,
         Err(e) => body_error(e),
     }
 }

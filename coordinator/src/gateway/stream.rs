@@ -13,6 +13,56 @@ impl Gateway {
     /// Opens a streaming call: the first chunk has arrived when this
     /// returns, and the rest follows on the receiver.
     pub async fn open_stream(&self, call: &Call) -> Result<Streaming, GwError> {
+        let (call, admission) = self.admit(call).await?;
+        if !admission.is_charged() {
+            return self.open_admitted(&call).await;
+        }
+        let opened = match self.open_admitted(&call).await {
+            Ok(s) => s,
+            Err(e) => {
+                self.settle(admission, None);
+                return Err(e);
+            }
+        };
+        // Relay the chunks, keep the last usage seen, settle at the end.
+        let Streaming {
+            replica,
+            mut chunks,
+        } = opened;
+        let (tx, rx) = mpsc::channel(64);
+        let gateway = self.clone();
+        let served_by = replica.clone();
+        tokio::spawn(async move {
+            let mut usage = Value::Null;
+            let mut pieces = 0u64;
+            while let Some(item) = chunks.recv().await {
+                if let StreamItem::Chunk(c) = &item {
+                    if c["usage"].is_object() {
+                        usage = c["usage"].clone();
+                    }
+                    if !chunk_text(c).is_empty() {
+                        pieces += 1;
+                    }
+                }
+                let end = !matches!(item, StreamItem::Chunk(_));
+                if tx.send(item).await.is_err() || end {
+                    break;
+                }
+            }
+            // a stream cut short was still served: charged what it used;
+            // without a usage chunk, a token per piece of text
+            if usage.is_null() {
+                usage = serde_json::json!({ "completion_tokens": pieces });
+            }
+            gateway.settle(admission, Some((&served_by, &usage)));
+        });
+        Ok(Streaming {
+            replica,
+            chunks: rx,
+        })
+    }
+
+    async fn open_admitted(&self, call: &Call) -> Result<Streaming, GwError> {
         let mut body = call.body.clone();
         if let Some(o) = body.as_object_mut() {
             o.insert("stream".into(), Value::Bool(true));

@@ -13,16 +13,22 @@ use std::time::Duration;
 
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::State;
+use axum::Extension;
 use axum::response::Response;
 use serde_json::{json, Value};
 
+use crate::auth::Principal;
 use crate::gateway::{check_body, Call, Gateway, GwError, StreamItem, Streaming};
 
-pub async fn upgrade(State(g): State<Gateway>, ws: WebSocketUpgrade) -> Response {
-    ws.on_upgrade(move |socket| serve(g, socket))
+pub async fn upgrade(
+    State(g): State<Gateway>,
+    Extension(principal): Extension<Principal>,
+    ws: WebSocketUpgrade,
+) -> Response {
+    ws.on_upgrade(move |socket| serve(g, principal, socket))
 }
 
-async fn serve(g: Gateway, mut socket: WebSocket) {
+async fn serve(g: Gateway, principal: Principal, mut socket: WebSocket) {
     while let Some(Ok(message)) = socket.recv().await {
         let text = match message {
             Message::Text(t) => t.to_string(),
@@ -36,16 +42,19 @@ async fn serve(g: Gateway, mut socket: WebSocket) {
             }
             _ => continue, // ping and pong are answered by the library
         };
-        if !answer(&g, &mut socket, &text).await {
+        if !answer(&g, &principal, &mut socket, &text).await {
             return;
         }
     }
 }
 
 /// Serves one request; false when the socket is gone.
-async fn answer(g: &Gateway, socket: &mut WebSocket, text: &str) -> bool {
+async fn answer(g: &Gateway, principal: &Principal, socket: &mut WebSocket, text: &str) -> bool {
     let call = match call(text) {
-        Ok(c) => c,
+        Ok(mut c) => {
+            c.principal = Some(principal.clone());
+            c
+        }
         Err(e) => return socket.send(text_message(e.body())).await.is_ok(),
     };
     let Streaming {
@@ -118,6 +127,7 @@ fn call(text: &str) -> Result<Call, GwError> {
         body,
         priority,
         deadline,
+        principal: None,
     })
 }
 

@@ -549,4 +549,4 @@ pub fn plan_with(state: &State, observed: &Observed) -> Plan {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

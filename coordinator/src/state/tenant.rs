@@ -307,6 +307,14 @@ impl KeyPolicy {
     }
 }
 
+/// Checks one usage row's names and numbers.
+pub fn validate_usage_row(k: &UsageKey, u: &Usage) -> Result<(), String> {
+    validate_name("tenant", &k.tenant)?;
+    validate_name("key", &k.key)?;
+    super::model::validate_name(&k.model)?;
+    u.validate()
+}
+
 /// Tenancy is written only in the current layout: values of data formats
 /// 2 to 4 have no such field, and read as empty.
 pub(super) fn serialize_tenancy<S: Serializer>(t: &Tenancy, s: S) -> Result<S::Ok, S::Error> {
@@ -513,11 +521,7 @@ impl State {
             ));
         }
         for (k, u) in rows {
-            validate_name("tenant", &k.tenant)
-                .and_then(|()| validate_name("key", &k.key))
-                .and_then(|()| super::model::validate_name(&k.model))
-                .and_then(|()| u.validate())
-                .map_err(|m| rejected(RejectionKind::Invalid, m))?;
+            validate_usage_row(k, u).map_err(|m| rejected(RejectionKind::Invalid, m))?;
         }
         let usage = &mut self.tenancy.usage;
         for (k, u) in rows {

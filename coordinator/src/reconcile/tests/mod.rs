@@ -11,7 +11,7 @@ use crate::state::node::Gpu as NodeGpu;
 use crate::state::node::MigDevice;
 use crate::state::{ModelSpec, NodeInventory, NodeState, Request};
 
-pub(super) fn inventory(id: &str, gpus: &[(&str, u64)]) -> NodeInventory {
+pub(crate) fn inventory(id: &str, gpus: &[(&str, u64)]) -> NodeInventory {
     NodeInventory {
         node_id: id.into(),
         addr: format!("{id}:1"),

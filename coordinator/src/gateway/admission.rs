@@ -1,0 +1,151 @@
+//! Admission and settlement of one request: the key's policy
+//! ([`keys`](super::keys)), the cluster-wide limits
+//! ([`limits`](super::limits)), and the charge ([`cost`](super::cost))
+//! when it ends. Every front end goes through [`Gateway::complete`] or
+//! [`Gateway::open_stream`], which call these.
+
+use std::time::Instant;
+
+use serde_json::Value;
+
+use super::core::{Call, Gateway};
+use super::keys::{self, Holder};
+use super::limits::{Need, Reservation, DEFAULT_RESERVE};
+use super::GwError;
+use crate::quota::Meter;
+use crate::state::{Priority, Usage, UsageKey};
+
+/// An admitted request, to settle when it ends.
+pub struct Admission {
+    holder: Option<Holder>,
+    model: String,
+    reservation: Reservation,
+    prompt_estimate: u64,
+    started: Instant,
+}
+
+/// Prompt tokens, estimated before admission: a token per four bytes of
+/// text plus four per message (what the OpenAI cookbook's rule of thumb
+/// gives for English; the answer's usage settles the difference).
+pub fn estimate_prompt_tokens(body: &Value) -> u64 {
+    let text = |v: &Value| -> u64 {
+        match v {
+            Value::String(s) => s.len() as u64,
+            Value::Array(parts) => parts
+                .iter()
+                .map(|p| p["text"].as_str().or(p.as_str()).map_or(0, |s| s.len() as u64))
+                .sum(),
+            _ => 0,
+        }
+    };
+    let bytes: u64 = match body["messages"].as_array() {
+        Some(messages) => messages.iter().map(|m| text(&m["content"]) + 16).sum(),
+        None => text(&body["prompt"]) + text(&body["input"]),
+    };
+    bytes.div_ceil(4).max(1)
+}
+
+/// The completion tokens a request may produce, as reserved.
+fn completion_reserve(body: &Value) -> u64 {
+    body["max_completion_tokens"]
+        .as_u64()
+        .or_else(|| body["max_tokens"].as_u64())
+        .unwrap_or(DEFAULT_RESERVE)
+}
+
+impl Admission {
+    /// Whether the request is charged to a key with a tenant.
+    pub fn is_charged(&self) -> bool {
+        self.holder.is_some()
+    }
+}
+
+impl Gateway {
+    /// Checks `call` against its key's policy and limits; the call with
+    /// the priority it runs at, and the admission to settle.
+    pub(super) async fn admit(&self, call: &Call) -> Result<(Call, Admission), GwError> {
+        let model = call.model()?.to_string();
+        let holder = call.principal.as_ref().and_then(|p| {
+            let applied = self.ctx.state.read().expect("state lock poisoned");
+            Holder::of(&applied.state, &p.credential)
+        });
+        let mut call = call.clone();
+        let prompt_estimate = estimate_prompt_tokens(&call.body);
+        let mut admission = Admission {
+            holder: None,
+            model,
+            reservation: Reservation::default(),
+            prompt_estimate,
+            started: Instant::now(),
+        };
+        let Some(holder) = holder else {
+            return Ok((call, admission));
+        };
+        let priority = keys::check(&holder, &admission.model, call.priority.as_deref())?;
+        if priority != Priority::Normal || call.priority.is_some() {
+            call.priority = Some(priority.as_str().to_string());
+        }
+        {
+            let unrecorded = self
+                .limiter
+                .unrecorded(&holder.tenant.name, &holder.policy.name);
+            let applied = self.ctx.state.read().expect("state lock poisoned");
+            keys::check_budgets(&applied.state, &holder, crate::context::now_ms(), unrecorded)?;
+        }
+        let tokens = prompt_estimate + completion_reserve(&call.body);
+        let mut needs: Vec<Need> = Vec::new();
+        let (k, t) = (&holder.policy.limits, &holder.tenant.limits);
+        let id = holder.credential.clone();
+        let tenant = holder.tenant.name.clone();
+        if let Some(rpm) = k.requests_per_minute {
+            needs.push((Meter::KeyRequests(id.clone()), 1.0, f64::from(rpm)));
+        }
+        if let Some(tpm) = k.tokens_per_minute {
+            needs.push((Meter::KeyTokens(id), tokens as f64, tpm as f64));
+        }
+        if let Some(rpm) = t.requests_per_minute {
+            needs.push((Meter::TenantRequests(tenant.clone()), 1.0, f64::from(rpm)));
+        }
+        if let Some(tpm) = t.tokens_per_minute {
+            needs.push((Meter::TenantTokens(tenant), tokens as f64, tpm as f64));
+        }
+        admission.reservation = self.limiter.reserve(needs, tokens).await?;
+        admission.holder = Some(holder);
+        admission.started = Instant::now();
+        Ok((call, admission))
+    }
+
+    /// Ends an admission: `answered` is the replica that answered and the
+    /// answer's `usage` (absent when the request failed: nothing is
+    /// charged and the reservation goes back).
+    pub(super) fn settle(&self, mut a: Admission, answered: Option<(&str, &Value)>) {
+        let Some(holder) = a.holder.take() else {
+            return;
+        };
+        let reservation = std::mem::take(&mut a.reservation);
+        let Some((replica, usage)) = answered else {
+            self.limiter.release(reservation);
+            return;
+        };
+        let prompt = usage["prompt_tokens"].as_u64().unwrap_or(a.prompt_estimate);
+        let completion = usage["completion_tokens"].as_u64().unwrap_or(0);
+        self.limiter.settle(reservation, prompt + completion);
+        let (gpu_seconds, cost_usd) = self.gpu_cost(replica, a.started.elapsed());
+        let row = (
+            UsageKey {
+                day: crate::state::tenant::day_of(crate::context::now_ms()),
+                tenant: holder.tenant.name.clone(),
+                key: holder.policy.name.clone(),
+                model: a.model.clone(),
+            },
+            Usage {
+                requests: 1,
+                prompt_tokens: prompt,
+                completion_tokens: completion,
+                gpu_seconds,
+                cost_usd,
+            },
+        );
+        self.limiter.charge(vec![row]);
+    }
+}

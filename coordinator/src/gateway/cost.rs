@@ -1,0 +1,86 @@
+//! What an answered request cost: the self-hosted price nobody else
+//! computes.
+//!
+//! A replica holds a share of its node's GPUs (whole GPUs, a share of one,
+//! or a MIG slice, as placed); its price per hour is that share of the
+//! node's `cost_per_hour` (plus the shares of the later stages of a
+//! pipeline across nodes). A request is charged the time it held the
+//! replica divided by the requests the replica served at once (those this
+//! gateway had in flight on it, at least one): a batch of eight pays for
+//! the GPU time once, not eight times. GPU-seconds count the same way.
+
+use std::time::Duration;
+
+use super::core::Gateway;
+use crate::state::State;
+
+/// Price per hour and GPUs held by `replica` and its later stages.
+pub fn replica_price(state: &State, replica: &str) -> (f64, f64) {
+    let mut price = 0.0;
+    let mut gpus = 0.0;
+    for r in state.replicas.values().filter(|r| {
+        r.id == replica || r.pipeline.as_ref().is_some_and(|p| p.head == replica)
+    }) {
+        let Some(node) = state.nodes.get(&r.node_id) else {
+            continue;
+        };
+        let held = r.gpus.len().max(1) as f64 * f64::from(r.milli.min(1000)) / 1000.0;
+        let of = node.inventory.gpus.len().max(1) as f64;
+        price += node.inventory.cost_per_hour * (held / of).min(1.0);
+        gpus += held;
+    }
+    (price, gpus)
+}
+
+impl Gateway {
+    /// GPU-seconds and dollars of one request that held `replica` for
+    /// `elapsed`.
+    pub(super) fn gpu_cost(&self, replica: &str, elapsed: Duration) -> (f64, f64) {
+        let (price, gpus) = {
+            let applied = self.ctx.state.read().expect("state lock poisoned");
+            replica_price(&applied.state, replica)
+        };
+        let sharing = f64::from(self.in_flight_on(replica)).max(1.0);
+        let seconds = elapsed.as_secs_f64() / sharing;
+        (seconds * gpus, seconds * price / 3600.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_replica_pays_its_share_of_the_node() {
+        let mut state = State::default();
+        let mut inventory = crate::reconcile::tests::inventory("n1", &[("H100", 80); 4]);
+        inventory.cost_per_hour = 8.0;
+        let register = crate::state::Request {
+            at_ms: 1,
+            actor: "t".into(),
+            command: crate::state::Command::RegisterNode(inventory),
+        };
+        state.apply(1, &register);
+        let r = crate::state::Replica {
+            id: "m@v1-0".into(),
+            model: "m".into(),
+            version: "v1".into(),
+            node_id: "n1".into(),
+            gpu: 0,
+            milli: 1000,
+            memory_mib: 1000,
+            created_at_ms: 0,
+            revision: 2,
+            gpus: vec![0, 1],
+            mig_device: String::new(),
+            mig_slice: String::new(),
+            stages: 0,
+            pipeline: None,
+        };
+        state.replicas.insert(r.id.clone(), r);
+        let (price, gpus) = replica_price(&state, "m@v1-0");
+        assert!((price - 4.0).abs() < 1e-9, "{price}");
+        assert!((gpus - 2.0).abs() < 1e-9);
+        assert_eq!(replica_price(&state, "other"), (0.0, 0.0));
+    }
+}
