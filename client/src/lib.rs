@@ -34,6 +34,10 @@ pub use talon_proto::v1::{
     ModelVersion, Node, WhoAmIResponse,
 };
 pub use talon_proto::v1::{ChatMessage, InferChunk, InferReply, InferRequest, Usage};
+pub use talon_proto::v1::{
+    CreateKeyRequest, CreateKeyResponse, GetUsageRequest, Key, Limits, Tenant, UpdateKeyRequest,
+    UsageRow,
+};
 pub use tonic::Code;
 
 use talon_proto::v1::inference_client::InferenceClient;
@@ -515,6 +519,98 @@ impl Client {
             |mut c, r| async move { c.list_replicas(r).await },
         )
         .await
+    }
+
+    /// Creates a tenant or replaces its models and limits.
+    pub async fn put_tenant(&self, tenant: Tenant) -> Result<Tenant, ClientError> {
+        let message = pb::PutTenantRequest {
+            tenant: Some(tenant),
+        };
+        self.call(
+            true,
+            message,
+            |mut c, r| async move { c.put_tenant(r).await },
+        )
+        .await
+    }
+
+    pub async fn list_tenants(&self) -> Result<Vec<Tenant>, ClientError> {
+        let reply = self
+            .call(true, pb::ListTenantsRequest {}, |mut c, r| async move {
+                c.list_tenants(r).await
+            })
+            .await?;
+        Ok(reply.tenants)
+    }
+
+    pub async fn delete_tenant(&self, name: &str) -> Result<u64, ClientError> {
+        let message = pb::DeleteTenantRequest { name: name.into() };
+        let reply = self
+            .call(false, message, |mut c, r| async move {
+                c.delete_tenant(r).await
+            })
+            .await?;
+        Ok(reply.revision)
+    }
+
+    /// Makes an inference key of a tenant; the reply carries the secret,
+    /// shown this once.
+    pub async fn create_key(
+        &self,
+        request: CreateKeyRequest,
+    ) -> Result<CreateKeyResponse, ClientError> {
+        self.call(
+            false,
+            request,
+            |mut c, r| async move { c.create_key(r).await },
+        )
+        .await
+    }
+
+    /// Keys of `tenant` (every tenant when empty).
+    pub async fn list_keys(&self, tenant: &str) -> Result<Vec<Key>, ClientError> {
+        let message = pb::ListKeysRequest {
+            tenant: tenant.into(),
+        };
+        let reply = self
+            .call(
+                true,
+                message,
+                |mut c, r| async move { c.list_keys(r).await },
+            )
+            .await?;
+        Ok(reply.keys)
+    }
+
+    pub async fn update_key(&self, request: UpdateKeyRequest) -> Result<Key, ClientError> {
+        self.call(
+            true,
+            request,
+            |mut c, r| async move { c.update_key(r).await },
+        )
+        .await
+    }
+
+    /// A new secret for a key; the old one stops working.
+    pub async fn rotate_key(&self, id: &str) -> Result<CreateKeyResponse, ClientError> {
+        let message = pb::RotateKeyRequest { id: id.into() };
+        self.call(
+            false,
+            message,
+            |mut c, r| async move { c.rotate_key(r).await },
+        )
+        .await
+    }
+
+    pub async fn usage(&self, request: GetUsageRequest) -> Result<Vec<UsageRow>, ClientError> {
+        let reply = self
+            .call(
+                true,
+                request,
+                |mut c, r| async move { c.get_usage(r).await },
+            )
+            .await?;
+        Ok(reply.rows)
     }
 
     /// Creates a credential; the reply carries its key, shown this once.

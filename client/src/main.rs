@@ -6,6 +6,7 @@
 mod cert;
 mod keys;
 mod output;
+mod tenants;
 
 use output::*;
 
@@ -68,6 +69,14 @@ enum Command {
     /// API keys and their roles (admin).
     #[command(subcommand)]
     Credential(keys::CredentialCmd),
+    /// Tenants: allowed models, cluster-wide limits, budgets (admin).
+    #[command(subcommand)]
+    Tenant(tenants::TenantCmd),
+    /// Inference keys of tenants: create, list, update, rotate, revoke (admin).
+    #[command(subcommand)]
+    Key(tenants::KeyCmd),
+    /// What tenants, keys and models spent: requests, tokens, GPU-seconds, dollars.
+    Usage(tenants::UsageArgs),
     /// The principal and role of the key in use.
     Whoami,
     /// A cluster CA and certificates for coordinators, nodes and clients.
@@ -268,6 +277,9 @@ async fn execute(cli: Cli) -> Result<(), ClientError> {
             cert::run(cmd).map_err(|e| ClientError::Status(tonic::Status::invalid_argument(e)))?
         }
         Command::Credential(cmd) => keys::run(&client, cmd, json).await?,
+        Command::Tenant(cmd) => tenants::tenant(&client, cmd, json).await?,
+        Command::Key(cmd) => tenants::key(&client, cmd, json).await?,
+        Command::Usage(args) => tenants::usage(&client, args, json).await?,
         Command::Whoami => {
             let me = client.who_am_i().await?;
             if json {

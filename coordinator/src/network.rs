@@ -28,8 +28,8 @@ use talon_proto::v1::raft_service_server::RaftService;
 use talon_proto::v1::RaftPayload;
 use tonic::transport::Channel;
 
-use crate::raft_types::{Node, NodeId, Raft, TypeConfig};
 use crate::quota::{Ledger, QuotaReply, QuotaRequest};
+use crate::raft_types::{Node, NodeId, Raft, TypeConfig};
 use crate::store::{codec, SharedState};
 use crate::tls::TlsMaterial;
 
@@ -278,8 +278,9 @@ impl RaftService for RaftRpcService {
         let rpc: QuotaRequest = self.decode(request)?;
         let result: Result<QuotaReply, String> = match &self.quota {
             None => Err("this coordinator serves no quota".into()),
-            Some(_) if self.raft.metrics().borrow().current_leader
-                != Some(self.raft.metrics().borrow().id) =>
+            Some(_)
+                if self.raft.metrics().borrow().current_leader
+                    != Some(self.raft.metrics().borrow().id) =>
             {
                 Err("this coordinator is not the leader (any more)".into())
             }

@@ -15,5 +15,6 @@ mod placement;
 mod protos;
 mod rollout;
 mod serving;
+mod tenants;
 mod tls;
 mod trust;

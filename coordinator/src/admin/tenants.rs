@@ -166,7 +166,12 @@ fn key_reply(
     match response {
         state::Response::Key { credential, policy } => {
             let applied = this.ctx.state.read().expect("state lock poisoned");
-            let key = key_to_wire(&applied.state, &credential.id, &policy, credential.created_at_ms);
+            let key = key_to_wire(
+                &applied.state,
+                &credential.id,
+                &policy,
+                credential.created_at_ms,
+            );
             Ok(Response::new(pb::CreateKeyResponse {
                 key: Some(key),
                 secret,
@@ -293,7 +298,11 @@ pub(super) async fn rotate_key(
     forward!(this, request, rotate_key);
     let holder = {
         let applied = this.ctx.state.read().expect("state lock poisoned");
-        applied.state.credentials.get(&old).map(|c| c.principal.clone())
+        applied
+            .state
+            .credentials
+            .get(&old)
+            .map(|c| c.principal.clone())
     };
     let Some(holder) = holder else {
         return Err(AdminError::NotFound(format!("credential {old:?} does not exist")).into());
@@ -317,7 +326,11 @@ pub(super) async fn get_usage(
     this.ctx
         .authorize_grpc(&request, Permission::Read, "usage")?;
     let req = request.get_ref();
-    let days = if req.days == 0 { 31 } else { req.days.min(tenant::KEEP_DAYS) };
+    let days = if req.days == 0 {
+        31
+    } else {
+        req.days.min(tenant::KEEP_DAYS)
+    };
     let today = day_of(crate::context::now_ms());
     let from = today.saturating_sub(days - 1);
     let applied = this.ctx.state.read().expect("state lock poisoned");

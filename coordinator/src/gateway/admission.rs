@@ -33,7 +33,12 @@ pub fn estimate_prompt_tokens(body: &Value) -> u64 {
             Value::String(s) => s.len() as u64,
             Value::Array(parts) => parts
                 .iter()
-                .map(|p| p["text"].as_str().or(p.as_str()).map_or(0, |s| s.len() as u64))
+                .map(|p| {
+                    p["text"]
+                        .as_str()
+                        .or(p.as_str())
+                        .map_or(0, |s| s.len() as u64)
+                })
                 .sum(),
             _ => 0,
         }
@@ -90,7 +95,12 @@ impl Gateway {
                 .limiter
                 .unrecorded(&holder.tenant.name, &holder.policy.name);
             let applied = self.ctx.state.read().expect("state lock poisoned");
-            keys::check_budgets(&applied.state, &holder, crate::context::now_ms(), unrecorded)?;
+            keys::check_budgets(
+                &applied.state,
+                &holder,
+                crate::context::now_ms(),
+                unrecorded,
+            )?;
         }
         let tokens = prompt_estimate + completion_reserve(&call.body);
         let mut needs: Vec<Need> = Vec::new();

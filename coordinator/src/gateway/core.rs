@@ -547,7 +547,10 @@ pub(super) fn unreachable(t: &Target, e: reqwest::Error) -> Miss {
 }
 
 /// Turns a refusal by the agent into a [`Miss`]; passes success through.
-pub(super) async fn refused(response: reqwest::Response, t: &Target) -> Result<reqwest::Response, Miss> {
+pub(super) async fn refused(
+    response: reqwest::Response,
+    t: &Target,
+) -> Result<reqwest::Response, Miss> {
     let status = response.status();
     if status.is_success() {
         return Ok(response);

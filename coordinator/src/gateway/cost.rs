@@ -18,9 +18,11 @@ use crate::state::State;
 pub fn replica_price(state: &State, replica: &str) -> (f64, f64) {
     let mut price = 0.0;
     let mut gpus = 0.0;
-    for r in state.replicas.values().filter(|r| {
-        r.id == replica || r.pipeline.as_ref().is_some_and(|p| p.head == replica)
-    }) {
+    for r in state
+        .replicas
+        .values()
+        .filter(|r| r.id == replica || r.pipeline.as_ref().is_some_and(|p| p.head == replica))
+    {
         let Some(node) = state.nodes.get(&r.node_id) else {
             continue;
         };

@@ -133,10 +133,10 @@ impl pb::inference_server::Inference for InferenceSvc {
         &self,
         request: Request<pb::InferRequest>,
     ) -> Result<Response<pb::InferReply>, Status> {
-        let principal = self
-            .gateway
-            .context()
-            .authorize_grpc(&request, Permission::Infer, "inference")?;
+        let principal =
+            self.gateway
+                .context()
+                .authorize_grpc(&request, Permission::Infer, "inference")?;
         let mut call = to_call(&request)?;
         call.principal = Some(principal);
         let (replica, answer) = self.gateway.complete(&call).await.map_err(status)?;
@@ -164,10 +164,10 @@ impl pb::inference_server::Inference for InferenceSvc {
         &self,
         request: Request<pb::InferRequest>,
     ) -> Result<Response<ChunkStream>, Status> {
-        let principal = self
-            .gateway
-            .context()
-            .authorize_grpc(&request, Permission::Infer, "inference")?;
+        let principal =
+            self.gateway
+                .context()
+                .authorize_grpc(&request, Permission::Infer, "inference")?;
         let mut call = to_call(&request)?;
         call.principal = Some(principal);
         let Streaming { replica, chunks } =

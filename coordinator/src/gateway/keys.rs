@@ -103,10 +103,38 @@ pub fn check_budgets(
     let name = holder.policy.name.as_str();
     let tenant = holder.tenant.name.as_str();
     let checks = [
-        (holder.policy.limits.daily_budget_usd, "key", "daily", Some(name), today, unrecorded.0),
-        (holder.policy.limits.monthly_budget_usd, "key", "monthly", Some(name), month, unrecorded.0),
-        (holder.tenant.limits.daily_budget_usd, "tenant", "daily", None, today, unrecorded.1),
-        (holder.tenant.limits.monthly_budget_usd, "tenant", "monthly", None, month, unrecorded.1),
+        (
+            holder.policy.limits.daily_budget_usd,
+            "key",
+            "daily",
+            Some(name),
+            today,
+            unrecorded.0,
+        ),
+        (
+            holder.policy.limits.monthly_budget_usd,
+            "key",
+            "monthly",
+            Some(name),
+            month,
+            unrecorded.0,
+        ),
+        (
+            holder.tenant.limits.daily_budget_usd,
+            "tenant",
+            "daily",
+            None,
+            today,
+            unrecorded.1,
+        ),
+        (
+            holder.tenant.limits.monthly_budget_usd,
+            "tenant",
+            "monthly",
+            None,
+            month,
+            unrecorded.1,
+        ),
     ];
     for (budget, whose, period, key, from, extra) in checks {
         let Some(budget) = budget else { continue };

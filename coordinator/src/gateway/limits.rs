@@ -87,7 +87,7 @@ impl Limiter {
                 Some(Ask {
                     meter: meter.clone(),
                     need: lack,
-                    want: lack + per_minute / 60.0 * SLICE_S,
+                    want: (lack + per_minute / 60.0 * SLICE_S).floor().max(lack),
                 })
             })
             .collect();
@@ -267,13 +267,15 @@ impl Limiter {
             let applied = self.ctx.state.read().expect("state lock poisoned");
             return Ok(self.ctx.quota.serve(&applied.state, request, now_ms));
         }
-        let unavailable = |why: String| GwError {
+        let unavailable = |why: String| {
+            GwError {
             status: StatusCode::SERVICE_UNAVAILABLE,
             kind: "unavailable",
             message: format!(
                 "this key's limits cannot be checked: {why}; retry shortly (limited keys fail closed)"
             ),
             retry_after_s: Some(1),
+        }
         };
         let Some(addr) = self.ctx.leader_raft_addr() else {
             return Err(unavailable("the cluster has no leader".into()));
@@ -325,7 +327,9 @@ fn limited(asks: &[Ask], retry_after_ms: u64) -> GwError {
             Meter::KeyRequests(_) => "the key's requests per minute".to_string(),
             Meter::KeyTokens(_) => format!("the key's tokens per minute ({:.0} needed)", a.need),
             Meter::TenantRequests(t) => format!("tenant {t}'s requests per minute"),
-            Meter::TenantTokens(t) => format!("tenant {t}'s tokens per minute ({:.0} needed)", a.need),
+            Meter::TenantTokens(t) => {
+                format!("tenant {t}'s tokens per minute ({:.0} needed)", a.need)
+            }
         })
         .collect();
     let never = retry_after_ms == u64::MAX;

@@ -64,7 +64,10 @@ impl Bucket {
     pub fn grant(&mut self, need: f64, want: f64, now_ms: u64) -> Grant {
         self.refill(now_ms);
         if need <= self.level {
+            // whole units where the need is whole: no fraction is left
+            // stranded in a slice
             let g = want.max(need).min(self.level);
+            let g = if g.floor() >= need { g.floor() } else { g };
             self.level -= g;
             return Grant::Granted(g);
         }
@@ -135,7 +138,10 @@ mod tests {
                     total += g;
                 }
             }
-            assert!(total <= 120.0 + 120.0 * t as f64 / 60_000.0 + 1e-9, "{total} at {t}");
+            assert!(
+                total <= 120.0 + 120.0 * t as f64 / 60_000.0 + 1e-9,
+                "{total} at {t}"
+            );
         }
         assert!(total >= 239.0, "{total}");
     }

@@ -106,7 +106,9 @@ pub struct QuotaReply {
 pub enum SliceGrant {
     /// Units lent.
     Granted(f64),
-    Refused { retry_after_ms: u64 },
+    Refused {
+        retry_after_ms: u64,
+    },
     /// No limit on this meter: spend freely.
     Unlimited,
 }
@@ -122,11 +124,16 @@ impl QuotaRequest {
             || self.returns.len() > MAX_ITEMS
             || self.charges.len() > MAX_ITEMS
         {
-            return Err(format!("a quota request holds at most {MAX_ITEMS} items of each kind"));
+            return Err(format!(
+                "a quota request holds at most {MAX_ITEMS} items of each kind"
+            ));
         }
         for a in &self.asks {
             if !finite_units(a.need) || !finite_units(a.want) {
-                return Err(format!("ask {:?}: units must be finite, 0 to 10^15", a.meter));
+                return Err(format!(
+                    "ask {:?}: units must be finite, 0 to 10^15",
+                    a.meter
+                ));
             }
         }
         if let Some((m, _)) = self.returns.iter().find(|(_, v)| !finite_units(*v)) {
@@ -255,7 +262,10 @@ pub async fn run_recorder(
             continue;
         }
         let command = crate::state::Command::RecordUsage { rows: rows.clone() };
-        match ctx.write("record_usage", "talon:gateway".into(), command).await {
+        match ctx
+            .write("record_usage", "talon:gateway".into(), command)
+            .await
+        {
             Ok(_) => {}
             Err(crate::error::AdminError::Rejected(r)) => {
                 tracing::error!(reason = %r.message, rows = rows.len(), "usage refused; dropped");

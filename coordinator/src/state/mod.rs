@@ -512,7 +512,11 @@ impl State {
                     let detail = format!("models={} limits={:?}", t.models.join(","), t.limits);
                     let changes = vec![Change::Tenant(t.name.clone())];
                     let target = t.name.clone();
-                    (Response::Tenant(Box::new(t)), changes, ("tenant.put", target, detail))
+                    (
+                        Response::Tenant(Box::new(t)),
+                        changes,
+                        ("tenant.put", target, detail),
+                    )
                 }
                 Err(rejection) => return rejection,
             },

@@ -76,7 +76,9 @@ pub struct Limits {
 impl Limits {
     pub fn validate(&self) -> Result<(), String> {
         if self.requests_per_minute == Some(0) {
-            return Err("requests_per_minute must be at least 1 (leave it unset for no limit)".into());
+            return Err(
+                "requests_per_minute must be at least 1 (leave it unset for no limit)".into(),
+            );
         }
         if let Some(t) = self.tokens_per_minute {
             if t == 0 || t > 1_000_000_000_000 {
@@ -178,9 +180,14 @@ impl Usage {
     }
 
     fn validate(&self) -> Result<(), String> {
-        for (field, v) in [("gpu_seconds", self.gpu_seconds), ("cost_usd", self.cost_usd)] {
+        for (field, v) in [
+            ("gpu_seconds", self.gpu_seconds),
+            ("cost_usd", self.cost_usd),
+        ] {
             if !v.is_finite() || !(0.0..=1e12).contains(&v) {
-                return Err(format!("usage {field} must be finite and 0 to 10^12, got {v}"));
+                return Err(format!(
+                    "usage {field} must be finite and 0 to 10^12, got {v}"
+                ));
             }
         }
         Ok(())
@@ -337,8 +344,14 @@ type Rejected = (Response, Vec<Change>);
 
 /// The tenant and key commands of [`State::apply`].
 impl State {
-    pub(super) fn put_tenant(&mut self, index: u64, at: u64, t: &Tenant) -> Result<Tenant, Rejected> {
-        t.validate().map_err(|m| rejected(RejectionKind::Invalid, m))?;
+    pub(super) fn put_tenant(
+        &mut self,
+        index: u64,
+        at: u64,
+        t: &Tenant,
+    ) -> Result<Tenant, Rejected> {
+        t.validate()
+            .map_err(|m| rejected(RejectionKind::Invalid, m))?;
         let tenancy = &mut self.tenancy;
         let created_at_ms = match tenancy.tenants.get(&t.name) {
             Some(old) => old.created_at_ms,
@@ -445,7 +458,12 @@ impl State {
 
     /// Changes a key's models, priority ceiling and limits (not its
     /// tenant or name).
-    pub(super) fn update_key(&mut self, index: u64, id: &str, policy: &KeyPolicy) -> Result<KeyPolicy, Rejected> {
+    pub(super) fn update_key(
+        &mut self,
+        index: u64,
+        id: &str,
+        policy: &KeyPolicy,
+    ) -> Result<KeyPolicy, Rejected> {
         let Some(old) = self.tenancy.keys.get(id) else {
             return Err(rejected(
                 RejectionKind::NotFound,
@@ -513,11 +531,18 @@ impl State {
 
     /// Adds usage rows and drops days older than [`KEEP_DAYS`] before the
     /// entry's time. Rows are checked first: one bad row refuses the entry.
-    pub(super) fn record_usage(&mut self, at: u64, rows: &[(UsageKey, Usage)]) -> Result<usize, Rejected> {
+    pub(super) fn record_usage(
+        &mut self,
+        at: u64,
+        rows: &[(UsageKey, Usage)],
+    ) -> Result<usize, Rejected> {
         if rows.len() > MAX_USAGE_ROWS {
             return Err(rejected(
                 RejectionKind::Invalid,
-                format!("{} usage rows in one entry; the most is {MAX_USAGE_ROWS}", rows.len()),
+                format!(
+                    "{} usage rows in one entry; the most is {MAX_USAGE_ROWS}",
+                    rows.len()
+                ),
             ));
         }
         for (k, u) in rows {
@@ -561,16 +586,32 @@ mod tests {
     #[test]
     fn limits_refuse_nonsense() {
         let bad = [
-            Limits { requests_per_minute: Some(0), ..Default::default() },
-            Limits { tokens_per_minute: Some(0), ..Default::default() },
-            Limits { daily_budget_usd: Some(f64::NAN), ..Default::default() },
-            Limits { monthly_budget_usd: Some(-1.0), ..Default::default() },
+            Limits {
+                requests_per_minute: Some(0),
+                ..Default::default()
+            },
+            Limits {
+                tokens_per_minute: Some(0),
+                ..Default::default()
+            },
+            Limits {
+                daily_budget_usd: Some(f64::NAN),
+                ..Default::default()
+            },
+            Limits {
+                monthly_budget_usd: Some(-1.0),
+                ..Default::default()
+            },
         ];
         for l in bad {
             assert!(l.validate().is_err(), "{l:?}");
         }
-        assert!(Limits { requests_per_minute: Some(60), daily_budget_usd: Some(2.5), ..Default::default() }
-            .validate()
-            .is_ok());
+        assert!(Limits {
+            requests_per_minute: Some(60),
+            daily_budget_usd: Some(2.5),
+            ..Default::default()
+        }
+        .validate()
+        .is_ok());
     }
 }

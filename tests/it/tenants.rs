@@ -1,0 +1,286 @@
+//! Tenants and their keys end to end on three coordinators and one agent:
+//! the OpenAI Python client with keys of two tenants (cross-tenant access
+//! and a priority above the key's ceiling refused), one request-per-minute
+//! limit held across all three gateways, a daily budget that stops
+//! traffic once spent (GPU-seconds × the node's price), usage reported,
+//! and a rotated key that stops working on every coordinator.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use talon_client::{CreateKeyRequest, GetUsageRequest, Limits, Tenant};
+use talon_tests::model_spec;
+
+use crate::harness::{free_port, wait_for, Cluster, Proc};
+
+const TOKEN: &str = "it-join-token-0123456789";
+const LIMIT: u32 = 12;
+
+/// POSTs `body`; the status, the head (headers) and the body.
+fn post(addr: &str, path: &str, body: &str, key: &str) -> Option<(u16, String, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(60))).ok()?;
+    write!(
+        s,
+        "POST {path} HTTP/1.0\r\nHost: x\r\nAuthorization: Bearer {key}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    let (head, body) = out.split_once("\r\n\r\n")?;
+    let status = head.split_whitespace().nth(1)?.parse().ok()?;
+    Some((status, head.to_ascii_lowercase(), body.to_string()))
+}
+
+fn chat(model: &str) -> String {
+    format!(r#"{{"model":"{model}","messages":[{{"role":"user","content":"hi"}}],"max_tokens":2}}"#)
+}
+
+fn limits(rpm: Option<u32>, daily: Option<f64>) -> Option<Limits> {
+    Some(Limits {
+        requests_per_minute: rpm,
+        daily_budget_usd: daily,
+        ..Default::default()
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenants_limits_budgets_and_rotation_across_three_coordinators() {
+    let python = tokio::task::spawn_blocking(|| {
+        crate::harness::python_venv("openai-venv", "openai", &["openai"])
+    })
+    .await
+    .expect("venv");
+    let cluster = Cluster::form(3, &["--join-token", TOKEN]).await;
+    let coordinators: Vec<String> = cluster.nodes.iter().map(|n| n.grpc.clone()).collect();
+    let listen = format!("127.0.0.1:{}", free_port());
+    // $3600 an hour: a second on its one GPU costs a dollar
+    let _agent = Proc::spawn(
+        "talon-agent",
+        &[
+            "--node-id",
+            "n1",
+            "--coordinators",
+            &coordinators.join(","),
+            "--join-token",
+            TOKEN,
+            "--sim-gpus",
+            "h100-sxm:1",
+            "--http-listen",
+            &listen,
+            "--telemetry-interval-ms",
+            "200",
+            "--cost-per-hour",
+            "3600",
+        ],
+    );
+    let client = cluster.client();
+    for name in ["alpha", "beta"] {
+        let spec = model_spec(name, "simulated", 8_000, 1);
+        wait_for("a model created", Duration::from_secs(30), || async {
+            client.create_model(spec.clone()).await.ok()
+        })
+        .await;
+    }
+    wait_for("both models ready", Duration::from_secs(60), || async {
+        for m in ["alpha", "beta"] {
+            let list = client.list_replicas(m).await.ok()?;
+            list.replicas.iter().find(|r| r.state == "ready")?;
+        }
+        Some(())
+    })
+    .await;
+    for (name, model) in [("acme", "alpha"), ("globex", "beta")] {
+        let t = Tenant {
+            name: name.into(),
+            models: vec![model.into()],
+            ..Default::default()
+        };
+        client.put_tenant(t).await.expect("tenant");
+    }
+    let key = |tenant: &str, name: &str, prio: &str, limits: Option<Limits>| {
+        let client = &client;
+        let request = CreateKeyRequest {
+            tenant: tenant.into(),
+            name: name.into(),
+            models: vec![],
+            max_priority: prio.into(),
+            limits,
+        };
+        async move { client.create_key(request).await.expect("key") }
+    };
+    let acme = key("acme", "app", "normal", None).await;
+    let globex = key("globex", "app", "low", None).await;
+    let burst = key("acme", "burst", "normal", limits(Some(LIMIT), None)).await;
+    let capped = key("acme", "capped", "normal", limits(None, Some(0.05))).await;
+    let dup = client
+        .create_key(CreateKeyRequest {
+            tenant: "acme".into(),
+            name: "app".into(),
+            ..Default::default()
+        })
+        .await;
+    assert!(dup.is_err(), "a second acme/app key was made");
+    let http: Vec<String> = cluster.nodes.iter().map(|n| n.http.clone()).collect();
+    // every coordinator knows every key before traffic starts
+    for k in [&acme, &globex, &burst, &capped] {
+        for addr in &http {
+            wait_for(
+                "the key on every coordinator",
+                Duration::from_secs(10),
+                || async {
+                    let (status, _, _) = post(addr, "/v1/chat/completions", "{}", &k.secret)?;
+                    (status != 401).then_some(())
+                },
+            )
+            .await;
+        }
+    }
+
+    // 1. two tenants through the OpenAI Python client, on a follower
+    crate::harness::run_python_checks(
+        python,
+        "tenants_client.py",
+        vec![
+            format!("http://{}/v1", http[2]),
+            acme.secret.clone(),
+            globex.secret.clone(),
+        ],
+        &[
+            "acme alpha ok",
+            "globex beta ok",
+            "cross-tenant refused ok",
+            "priority ceiling ok",
+        ],
+    )
+    .await;
+
+    // 2. one limit across three gateways: clients spread over all three
+    let started = Instant::now();
+    let (admitted, refused) = (Arc::new(AtomicU32::new(0)), Arc::new(AtomicU32::new(0)));
+    let other = Arc::new(Mutex::new(Vec::new()));
+    let next = Arc::new(AtomicU32::new(0));
+    let total = 3 * LIMIT;
+    let workers: Vec<_> = (0..6)
+        .map(|w| {
+            let (admitted, refused, other, next) = (
+                admitted.clone(),
+                refused.clone(),
+                other.clone(),
+                next.clone(),
+            );
+            let (http, secret) = (http.clone(), burst.secret.clone());
+            std::thread::spawn(move || {
+                while next.fetch_add(1, Ordering::SeqCst) < total {
+                    let addr = &http[w % 3];
+                    match post(addr, "/v1/chat/completions", &chat("alpha"), &secret) {
+                        Some((200, _, _)) => {
+                            admitted.fetch_add(1, Ordering::SeqCst);
+                        }
+                        Some((429, head, body)) if head.contains("retry-after:") => {
+                            assert!(body.contains("rate_limit_exceeded"), "{body}");
+                            refused.fetch_add(1, Ordering::SeqCst);
+                        }
+                        answer => other.lock().expect("lock").push(format!("{answer:?}")),
+                    }
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        w.join().expect("worker");
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let (admitted, refused) = (
+        admitted.load(Ordering::SeqCst),
+        refused.load(Ordering::SeqCst),
+    );
+    let other = other.lock().expect("lock").clone();
+    assert!(
+        other.is_empty(),
+        "answers other than 200 and 429: {other:?}"
+    );
+    // a bucket of LIMIT refilled at LIMIT a minute admits at most this many
+    let bound = f64::from(LIMIT) * (1.0 + elapsed / 60.0);
+    assert!(
+        f64::from(admitted) <= bound + 1e-9,
+        "{admitted} admitted in {elapsed:.1} s; the limit allows {bound:.1}"
+    );
+    assert!(
+        admitted >= LIMIT,
+        "only {admitted} of the limit {LIMIT} admitted"
+    );
+    assert_eq!(admitted + refused, total);
+
+    // 3. a daily budget stops traffic once spent
+    let mut served = 0;
+    let refusal = wait_for(
+        "the budget to stop traffic",
+        Duration::from_secs(60),
+        || {
+            let (addr, secret) = (http[served % 3].clone(), capped.secret.clone());
+            served += 1;
+            async move {
+                match post(&addr, "/v1/chat/completions", &chat("alpha"), &secret)? {
+                    (200, _, _) => None,
+                    (429, head, body) => Some((head, body)),
+                    (status, _, body) => panic!("budget check answered {status}: {body}"),
+                }
+            }
+        },
+    )
+    .await;
+    assert!(refusal.1.contains("insufficient_quota"), "{}", refusal.1);
+    assert!(refusal.0.contains("retry-after:"), "{}", refusal.0);
+    assert!(served >= 2, "refused before anything was spent");
+
+    // 4. usage: every admitted request of acme/burst charged, with cost
+    let rows = wait_for("usage recorded", Duration::from_secs(20), || async {
+        let rows = client
+            .usage(GetUsageRequest {
+                tenant: "acme".into(),
+                ..Default::default()
+            })
+            .await
+            .ok()?;
+        let burst_row = rows.iter().find(|r| r.key == "burst")?;
+        let capped_row = rows.iter().find(|r| r.key == "capped")?;
+        // the refusing gateway counted charges not yet recorded
+        (burst_row.requests == u64::from(admitted) && capped_row.cost_usd >= 0.05).then_some(rows)
+    })
+    .await;
+    let capped_row = rows.iter().find(|r| r.key == "capped").expect("capped row");
+    assert!(capped_row.cost_usd >= 0.05, "{capped_row:?}");
+    assert!(
+        rows.iter()
+            .all(|r| r.model == "alpha" && r.gpu_seconds > 0.0),
+        "{rows:?}"
+    );
+
+    // 5. rotation: the old secret stops working on every coordinator
+    let old_id = acme.key.as_ref().expect("key").id.clone();
+    let rotated = client.rotate_key(&old_id).await.expect("rotate");
+    for addr in &http {
+        wait_for("the old key refused", Duration::from_secs(5), || async {
+            let (status, _, _) = post(addr, "/v1/chat/completions", &chat("alpha"), &acme.secret)?;
+            (status == 401).then_some(())
+        })
+        .await;
+        wait_for("the new key served", Duration::from_secs(5), || async {
+            let (status, _, _) = post(
+                addr,
+                "/v1/chat/completions",
+                &chat("alpha"),
+                &rotated.secret,
+            )?;
+            (status == 200).then_some(())
+        })
+        .await;
+    }
+    let keys = client.list_keys("acme").await.expect("keys");
+    assert_eq!(keys.len(), 3, "{keys:?}");
+    assert!(keys.iter().all(|k| k.id != old_id));
+}
