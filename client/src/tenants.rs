@@ -47,6 +47,9 @@ pub enum TenantCmd {
         models: Vec<String>,
         #[command(flatten)]
         limits: LimitArgs,
+        /// Mask PII in its prompts and answers.
+        #[arg(long)]
+        mask_pii: bool,
     },
     /// Every tenant with its limits and spending.
     List,
@@ -176,11 +179,13 @@ pub async fn tenant(client: &Client, cmd: TenantCmd, json: bool) -> Result<(), C
             name,
             models,
             limits,
+            mask_pii,
         } => {
             let t = client
                 .put_tenant(Tenant {
                     name,
                     models,
+                    mask_pii,
                     limits: Some(limits.wire()),
                     ..Default::default()
                 })

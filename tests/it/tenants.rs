@@ -284,3 +284,126 @@ async fn tenants_limits_budgets_and_rotation_across_three_coordinators() {
     assert_eq!(keys.len(), 3, "{keys:?}");
     assert!(keys.iter().all(|k| k.id != old_id));
 }
+
+/// The text of a streamed answer (server-sent events) and its pieces.
+fn streamed_text(body: &str) -> (String, usize) {
+    let mut text = String::new();
+    let mut pieces = 0;
+    for line in body.lines() {
+        let Some(data) = line.strip_prefix("data: ") else {
+            continue;
+        };
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(data) else {
+            continue;
+        };
+        if let Some(piece) = v["choices"][0]["delta"]["content"].as_str() {
+            text.push_str(piece);
+            pieces += 1;
+        }
+    }
+    (text, pieces)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pii_in_a_streamed_answer_is_masked_across_chunk_boundaries() {
+    let cluster = Cluster::form(1, &["--join-token", TOKEN]).await;
+    let grpc = cluster.nodes[0].grpc.clone();
+    let http = cluster.nodes[0].http.clone();
+    // an engine that answers PII in pieces of 3 bytes: every value straddles
+    let engine = format!(
+        "test={} --port {{port}} --model {{model}} --reply-pii --stream-piece-bytes 3",
+        crate::harness::bin("talon-fake-engine").display()
+    );
+    let listen = format!("127.0.0.1:{}", free_port());
+    let _agent = Proc::spawn(
+        "talon-agent",
+        &[
+            "--node-id",
+            "n1",
+            "--coordinators",
+            &grpc,
+            "--join-token",
+            TOKEN,
+            "--sim-gpus",
+            "h100-sxm:1",
+            "--http-listen",
+            &listen,
+            "--engine",
+            &engine,
+        ],
+    );
+    let client = cluster.client();
+    let spec = model_spec("pii", "test", 1_000, 1);
+    wait_for("the model created", Duration::from_secs(30), || async {
+        client.create_model(spec.clone()).await.ok()
+    })
+    .await;
+    wait_for("the engine ready", Duration::from_secs(60), || async {
+        let list = client.list_replicas("pii").await.ok()?;
+        list.replicas
+            .iter()
+            .find(|r| r.state == "ready")
+            .map(|_| ())
+    })
+    .await;
+    for (name, mask_pii) in [("secure", true), ("open", false)] {
+        let t = Tenant {
+            name: name.into(),
+            mask_pii,
+            ..Default::default()
+        };
+        client.put_tenant(t).await.expect("tenant");
+    }
+    let key = |tenant: &str| {
+        let client = &client;
+        let request = CreateKeyRequest {
+            tenant: tenant.into(),
+            name: "app".into(),
+            ..Default::default()
+        };
+        async move { client.create_key(request).await.expect("key").secret }
+    };
+    let (secure, open) = (key("secure").await, key("open").await);
+    let body = r#"{"model":"pii","messages":[{"role":"user","content":"mail me at bob@example.org"}],"max_tokens":64,"stream":true}"#;
+    let stream = |key: String| {
+        let http = http.clone();
+        async move {
+            let (status, _, body) =
+                post(&http, "/v1/chat/completions", body, &key).expect("answer");
+            assert_eq!(status, 200, "{body}");
+            streamed_text(&body)
+        }
+    };
+    let (raw, raw_pieces) = stream(open).await;
+    assert!(
+        raw.contains("4111 1111 1111 1111") && raw_pieces > 40,
+        "{raw_pieces}: {raw}"
+    );
+    let (masked, _) = stream(secure.clone()).await;
+    for leak in [
+        "li.wei@",
+        "4111",
+        "138 1234",
+        "GB82",
+        "10.1.2.3",
+        "11010519491231002X",
+    ] {
+        assert!(!masked.contains(leak), "{leak:?} leaked: {masked}");
+    }
+    for label in ["[EMAIL]", "[PHONE]", "[CARD]", "[IBAN]", "[IP]", "[ID]"] {
+        assert!(masked.contains(label), "no {label}: {masked}");
+    }
+    assert!(
+        masked.ends_with("Thanks!"),
+        "the held tail was lost: {masked}"
+    );
+    // the whole answer, unstreamed, masks the same
+    let whole = body.replace(r#","stream":true"#, "");
+    let (status, _, answer) = post(&http, "/v1/chat/completions", &whole, &secure).expect("answer");
+    assert_eq!(status, 200, "{answer}");
+    let v: serde_json::Value = serde_json::from_str(&answer).expect("json");
+    assert_eq!(
+        v["choices"][0]["message"]["content"].as_str(),
+        Some(masked.as_str())
+    );
+}

@@ -50,6 +50,7 @@ fn tenant_to_wire(state: &state::State, t: &Tenant) -> pb::Tenant {
         revision: t.revision,
         spent_today_usd: today,
         spent_month_usd: month,
+        mask_pii: t.mask_pii,
     }
 }
 
@@ -102,6 +103,7 @@ pub(super) async fn put_tenant(
         limits: limits_from_wire(t.limits.as_ref()),
         created_at_ms: 0,
         revision: 0,
+        mask_pii: t.mask_pii,
     };
     tenant.validate().map_err(invalid)?;
     forward!(this, request, put_tenant);

@@ -22,6 +22,8 @@ pub struct Admission {
     reservation: Reservation,
     prompt_estimate: u64,
     started: Instant,
+    /// Mask PII in the answer (the prompt is masked at admission).
+    pub(super) mask: bool,
 }
 
 /// Prompt tokens, estimated before admission: a token per four bytes of
@@ -48,6 +50,56 @@ pub fn estimate_prompt_tokens(body: &Value) -> u64 {
         None => text(&body["prompt"]) + text(&body["input"]),
     };
     bytes.div_ceil(4).max(1)
+}
+
+/// Masks PII in every message and prompt of a request body.
+fn mask_prompt(body: &mut Value) {
+    fn mask_value(v: &mut Value) {
+        match v {
+            Value::String(s) => *s = super::mask::mask(s),
+            Value::Array(parts) => {
+                for p in parts {
+                    match p {
+                        Value::String(_) => mask_value(p),
+                        Value::Object(o) => {
+                            if let Some(t) = o.get_mut("text") {
+                                mask_value(t);
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    if let Some(messages) = body["messages"].as_array_mut() {
+        for m in messages {
+            if let Some(content) = m.get_mut("content") {
+                mask_value(content);
+            }
+        }
+    }
+    for field in ["prompt", "input"] {
+        if let Some(v) = body.get_mut(field) {
+            mask_value(v);
+        }
+    }
+}
+
+/// Masks PII in every choice of an answer.
+pub(super) fn mask_answer(answer: &mut Value) {
+    if let Some(choices) = answer["choices"].as_array_mut() {
+        for c in choices {
+            let content = c.pointer_mut("/message/content");
+            if let Some(Value::String(s)) = content {
+                *s = super::mask::mask(s);
+            }
+            if let Some(Value::String(s)) = c.get_mut("text") {
+                *s = super::mask::mask(s);
+            }
+        }
+    }
 }
 
 /// The completion tokens a request may produce, as reserved.
@@ -82,11 +134,16 @@ impl Gateway {
             reservation: Reservation::default(),
             prompt_estimate,
             started: Instant::now(),
+            mask: false,
         };
         let Some(holder) = holder else {
             return Ok((call, admission));
         };
         let priority = keys::check(&holder, &admission.model, call.priority.as_deref())?;
+        if holder.tenant.mask_pii {
+            mask_prompt(&mut call.body);
+            admission.mask = true;
+        }
         if priority != Priority::Normal || call.priority.is_some() {
             call.priority = Some(priority.as_str().to_string());
         }
@@ -157,5 +214,32 @@ impl Gateway {
             },
         );
         self.limiter.charge(vec![row]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn prompts_are_masked_and_estimated() {
+        let mut body = json!({"model": "m", "messages": [
+            {"role": "system", "content": "be brief"},
+            {"role": "user", "content": [{"type": "text", "text": "I am ann@corp.io"}]},
+            {"role": "assistant", "tool_calls": []}
+        ]});
+        mask_prompt(&mut body);
+        assert_eq!(body["messages"][1]["content"][0]["text"], "I am [EMAIL]");
+        assert!(
+            body["messages"][2].get("content").is_none(),
+            "no field is added"
+        );
+        // 8 + 12 bytes of text and 16 a message: 68 bytes, 17 tokens
+        assert_eq!(estimate_prompt_tokens(&body), 17);
+        let mut answer = json!({"choices": [{"text": "call 13812345678"}]});
+        mask_answer(&mut answer);
+        assert_eq!(answer["choices"][0]["text"], "call [PHONE]");
+        assert!(answer["choices"][0].get("message").is_none());
     }
 }

@@ -489,7 +489,12 @@ impl Gateway {
     /// Serves a non-streaming call: the replica that answered and its answer.
     pub async fn complete(&self, call: &Call) -> Result<(String, Value), GwError> {
         let (call, admission) = self.admit(call).await?;
-        let result = self.complete_admitted(&call).await;
+        let mut result = self.complete_admitted(&call).await;
+        if admission.mask {
+            if let Ok((_, answer)) = &mut result {
+                super::admission::mask_answer(answer);
+            }
+        }
         match &result {
             Ok((replica, answer)) => self.settle(admission, Some((replica, &answer["usage"]))),
             Err(_) => self.settle(admission, None),

@@ -186,6 +186,7 @@ mod tests {
                 limits: Limits::default(),
                 created_at_ms: 0,
                 revision: 1,
+                mask_pii: false,
             },
         }
     }

@@ -35,6 +35,7 @@ mod cost;
 pub mod grpc;
 pub mod keys;
 pub mod limits;
+pub mod mask;
 mod openai;
 pub mod routing;
 mod stream;

@@ -35,13 +35,30 @@ impl Gateway {
         tokio::spawn(async move {
             let mut usage = Value::Null;
             let mut pieces = 0u64;
-            while let Some(item) = chunks.recv().await {
-                if let StreamItem::Chunk(c) = &item {
+            let mut masker = admission.mask.then(super::mask::StreamMasker::default);
+            let mut last = Value::Null;
+            while let Some(mut item) = chunks.recv().await {
+                if let StreamItem::Chunk(c) = &mut item {
                     if c["usage"].is_object() {
                         usage = c["usage"].clone();
                     }
                     if !chunk_text(c).is_empty() {
                         pieces += 1;
+                        if let Some(m) = masker.as_mut() {
+                            let masked = m.push(chunk_text(c));
+                            set_chunk_text(c, masked);
+                            last = c.clone();
+                        }
+                    }
+                }
+                if let (StreamItem::Done, Some(m)) = (&item, masker.as_mut()) {
+                    // what the masker held, before the end
+                    let rest = m.finish();
+                    if !rest.is_empty() && last.is_object() {
+                        set_chunk_text(&mut last, rest);
+                        if tx.send(StreamItem::Chunk(last.clone())).await.is_err() {
+                            break;
+                        }
                     }
                 }
                 let end = !matches!(item, StreamItem::Chunk(_));
@@ -181,6 +198,15 @@ fn parse_event(data: &str) -> Result<StreamItem, String> {
         return Ok(StreamItem::Failed(m.to_string()));
     }
     Ok(StreamItem::Chunk(v))
+}
+
+/// Replaces the text piece of an OpenAI chunk.
+fn set_chunk_text(chunk: &mut Value, text: String) {
+    if chunk["choices"][0]["delta"]["content"].is_string() {
+        chunk["choices"][0]["delta"]["content"] = Value::String(text);
+    } else if chunk["choices"][0]["text"].is_string() {
+        chunk["choices"][0]["text"] = Value::String(text);
+    }
 }
 
 /// The text piece of an OpenAI chunk (chat delta or completion text).

@@ -116,6 +116,8 @@ pub struct Tenant {
     pub limits: Limits,
     pub created_at_ms: u64,
     pub revision: u64,
+    /// Mask PII in its prompts and answers ([`crate::gateway::mask`]).
+    pub mask_pii: bool,
 }
 
 /// The policy of one inference key, by credential id.

@@ -59,7 +59,20 @@ struct Args {
     /// Hang (health included) once this many requests came (0: never).
     #[arg(long, default_value_t = 0)]
     wedge_after: u64,
+    /// Answer with a text holding one PII value of each kind the gateway
+    /// masks, instead of the echo (for the masking tests).
+    #[arg(long)]
+    reply_pii: bool,
+    /// Split a streamed reply into pieces of this many bytes instead of
+    /// words (0: words).
+    #[arg(long, default_value_t = 0)]
+    stream_piece_bytes: usize,
 }
+
+/// What `--reply-pii` answers.
+const PII_REPLY: &str =
+    "Write to li.wei@example.cn or call +86 138 1234 5678; card 4111 1111 1111 1111, \
+IBAN GB82 WEST 1234 5698 7654 32, server 10.1.2.3, ID 11010519491231002X. Thanks!";
 
 /// What the engine is doing, for `/metrics`.
 #[derive(Default)]
@@ -130,16 +143,36 @@ async fn chat(State(engine): State<Engine>, Json(body): Json<Value>) -> Response
     }
     engine.serve().await;
     let args = &engine.args;
-    let text = reply_text(&body);
+    let text = if args.reply_pii {
+        PII_REPLY.to_string()
+    } else {
+        reply_text(&body)
+    };
     if body["stream"].as_bool() == Some(true) {
-        let words: Vec<String> = text.split(' ').map(String::from).collect();
-        let chunk = words.len().div_ceil(args.stream_chunks.max(1)).max(1);
+        let pieces: Vec<String> = if args.stream_piece_bytes > 0 {
+            text.as_bytes()
+                .chunks(args.stream_piece_bytes)
+                .map(|b| String::from_utf8_lossy(b).into_owned())
+                .collect()
+        } else {
+            let words: Vec<String> = text.split(' ').map(String::from).collect();
+            let chunk = words.len().div_ceil(args.stream_chunks.max(1)).max(1);
+            words
+                .chunks(chunk)
+                .enumerate()
+                .map(|(i, w)| {
+                    if i == 0 {
+                        w.join(" ")
+                    } else {
+                        format!(" {}", w.join(" "))
+                    }
+                })
+                .collect()
+        };
         let model = args.model.clone();
-        let mut events: Vec<Result<Event, std::convert::Infallible>> = words
-            .chunks(chunk)
-            .enumerate()
-            .map(|(i, w)| {
-                let piece = if i == 0 { w.join(" ") } else { format!(" {}", w.join(" ")) };
+        let mut events: Vec<Result<Event, std::convert::Infallible>> = pieces
+            .into_iter()
+            .map(|piece| {
                 let data = json!({"id": "fake-1", "object": "chat.completion.chunk", "model": model,
                     "choices": [{"index": 0, "delta": {"role": "assistant", "content": piece}, "finish_reason": null}]});
                 Ok(Event::default().data(data.to_string()))
