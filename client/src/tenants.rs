@@ -50,6 +50,9 @@ pub enum TenantCmd {
         /// Mask PII in its prompts and answers.
         #[arg(long)]
         mask_pii: bool,
+        /// Cache its deterministic answers this many seconds (0: off).
+        #[arg(long, default_value_t = 0)]
+        cache_ttl: u32,
     },
     /// Every tenant with its limits and spending.
     List,
@@ -180,12 +183,14 @@ pub async fn tenant(client: &Client, cmd: TenantCmd, json: bool) -> Result<(), C
             models,
             limits,
             mask_pii,
+            cache_ttl,
         } => {
             let t = client
                 .put_tenant(Tenant {
                     name,
                     models,
                     mask_pii,
+                    cache_ttl_s: cache_ttl,
                     limits: Some(limits.wire()),
                     ..Default::default()
                 })

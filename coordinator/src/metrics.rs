@@ -11,6 +11,15 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::{Registry, Unit};
 
+/// Labels of a gateway policy outcome: `result` is `hit`, `miss` or
+/// `bypass` for the cache, the refusal's type (`rate_limit_exceeded`,
+/// `insufficient_quota`, `model_not_allowed`, `priority_not_allowed`,
+/// `unavailable`) for refusals.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PolicyLabels {
+    pub result: &'static str,
+}
+
 /// Labels of a write: which admin operation and how it ended.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct WriteLabels {
@@ -38,6 +47,10 @@ pub struct Metrics {
     /// From a write's arrival at this node to its answer, committed and
     /// applied (or forwarded and answered).
     pub write_duration: Family<WriteLabels, Histogram>,
+    /// Response cache lookups by result.
+    pub cache_requests: Family<PolicyLabels, Counter>,
+    /// Requests the gateway's key policies refused, by reason.
+    pub policy_refusals: Family<PolicyLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -120,7 +133,21 @@ impl Metrics {
             Unit::Seconds,
             write_duration.clone(),
         );
+        let cache_requests = Family::<PolicyLabels, Counter>::default();
+        let policy_refusals = Family::<PolicyLabels, Counter>::default();
+        registry.register(
+            "gateway_cache_requests",
+            "Response cache lookups by result (hit, miss, bypass)",
+            cache_requests.clone(),
+        );
+        registry.register(
+            "gateway_policy_refusals",
+            "Requests refused by key policies, limits and budgets, by reason",
+            policy_refusals.clone(),
+        );
         Metrics {
+            cache_requests,
+            policy_refusals,
             registry,
             term,
             leader_id,

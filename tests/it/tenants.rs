@@ -350,6 +350,8 @@ async fn pii_in_a_streamed_answer_is_masked_across_chunk_boundaries() {
         let t = Tenant {
             name: name.into(),
             mask_pii,
+            // the secure tenant also caches its deterministic answers
+            cache_ttl_s: if mask_pii { 60 } else { 0 },
             ..Default::default()
         };
         client.put_tenant(t).await.expect("tenant");
@@ -364,7 +366,7 @@ async fn pii_in_a_streamed_answer_is_masked_across_chunk_boundaries() {
         async move { client.create_key(request).await.expect("key").secret }
     };
     let (secure, open) = (key("secure").await, key("open").await);
-    let body = r#"{"model":"pii","messages":[{"role":"user","content":"mail me at bob@example.org"}],"max_tokens":64,"stream":true}"#;
+    let body = r#"{"model":"pii","messages":[{"role":"user","content":"mail me at bob@example.org"}],"max_tokens":64,"temperature":0,"stream":true}"#;
     let stream = |key: String| {
         let http = http.clone();
         async move {
@@ -406,4 +408,24 @@ async fn pii_in_a_streamed_answer_is_masked_across_chunk_boundaries() {
         v["choices"][0]["message"]["content"].as_str(),
         Some(masked.as_str())
     );
+
+    // the cache: the same request again is a hit, a stream is replayed as
+    // a stream, and a request that differs in an earlier turn misses
+    let replica_of = |head: &str| {
+        head.lines()
+            .find_map(|l| l.strip_prefix("x-talon-replica: "))
+            .map(str::to_string)
+    };
+    let (_, head, again) = post(&http, "/v1/chat/completions", &whole, &secure).expect("answer");
+    assert_eq!(replica_of(&head).as_deref(), Some("cache"), "{head}");
+    assert_eq!(again, answer);
+    let (replayed, _) = stream(secure.clone()).await;
+    assert_eq!(replayed, masked);
+    let other_turn = whole.replace("mail me at", "write to");
+    let (_, head, _) = post(&http, "/v1/chat/completions", &other_turn, &secure).expect("answer");
+    assert_ne!(replica_of(&head).as_deref(), Some("cache"), "{head}");
+    let hits = cluster.nodes[0]
+        .metric("talon_coordinator_gateway_cache_requests_total{result=\"hit\"}")
+        .await;
+    assert_eq!(hits, Some(2.0));
 }

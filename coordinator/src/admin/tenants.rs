@@ -51,6 +51,7 @@ fn tenant_to_wire(state: &state::State, t: &Tenant) -> pb::Tenant {
         spent_today_usd: today,
         spent_month_usd: month,
         mask_pii: t.mask_pii,
+        cache_ttl_s: t.cache_ttl_s,
     }
 }
 
@@ -104,6 +105,7 @@ pub(super) async fn put_tenant(
         created_at_ms: 0,
         revision: 0,
         mask_pii: t.mask_pii,
+        cache_ttl_s: t.cache_ttl_s,
     };
     tenant.validate().map_err(invalid)?;
     forward!(this, request, put_tenant);

@@ -115,12 +115,45 @@ impl Admission {
     pub fn is_charged(&self) -> bool {
         self.holder.is_some()
     }
+
+    /// The tenant and how long it keeps answers, when it caches.
+    pub(super) fn cache_ttl(&self) -> Option<(&str, std::time::Duration)> {
+        let t = &self.holder.as_ref()?.tenant;
+        (t.cache_ttl_s > 0).then(|| {
+            (
+                t.name.as_str(),
+                std::time::Duration::from_secs(u64::from(t.cache_ttl_s)),
+            )
+        })
+    }
 }
 
 impl Gateway {
     /// Checks `call` against its key's policy and limits; the call with
     /// the priority it runs at, and the admission to settle.
     pub(super) async fn admit(&self, call: &Call) -> Result<(Call, Admission), GwError> {
+        let admitted = self.admit_or_refuse(call).await;
+        if let Err(e) = &admitted {
+            if matches!(
+                e.kind,
+                "rate_limit_exceeded"
+                    | "insufficient_quota"
+                    | "model_not_allowed"
+                    | "priority_not_allowed"
+                    | "unavailable"
+            ) {
+                let labels = crate::metrics::PolicyLabels { result: e.kind };
+                self.ctx
+                    .metrics
+                    .policy_refusals
+                    .get_or_create(&labels)
+                    .inc();
+            }
+        }
+        admitted
+    }
+
+    async fn admit_or_refuse(&self, call: &Call) -> Result<(Call, Admission), GwError> {
         let model = call.model()?.to_string();
         let holder = call.principal.as_ref().and_then(|p| {
             let applied = self.ctx.state.read().expect("state lock poisoned");
@@ -180,6 +213,28 @@ impl Gateway {
         admission.holder = Some(holder);
         admission.started = Instant::now();
         Ok((call, admission))
+    }
+
+    /// Ends an admission answered from the cache: the reservation goes
+    /// back, the request is counted with no tokens and no GPU cost.
+    pub(super) fn settle_hit(&self, mut a: Admission) {
+        let Some(holder) = a.holder.take() else {
+            return;
+        };
+        self.limiter.release(std::mem::take(&mut a.reservation));
+        let row = (
+            UsageKey {
+                day: crate::state::tenant::day_of(crate::context::now_ms()),
+                tenant: holder.tenant.name.clone(),
+                key: holder.policy.name.clone(),
+                model: a.model.clone(),
+            },
+            Usage {
+                requests: 1,
+                ..Default::default()
+            },
+        );
+        self.limiter.charge(vec![row]);
     }
 
     /// Ends an admission: `answered` is the replica that answered and the

@@ -104,6 +104,8 @@ pub struct Call {
     /// Who sent it (its key's policy applies); `None`: authentication is
     /// off.
     pub principal: Option<crate::auth::Principal>,
+    /// How it may use the response cache.
+    pub cache: super::cache::Use,
 }
 
 impl Call {
@@ -112,6 +114,7 @@ impl Call {
         let header = |h: &str| headers.get(h).and_then(|v| v.to_str().ok());
         Call {
             path,
+            cache: super::cache::Use::of(header("cache-control"), header("x-talon-cache"), &body),
             body,
             principal: None,
             priority: header("x-talon-priority").map(str::to_string),
@@ -176,6 +179,7 @@ pub struct Gateway {
     pub(super) in_flight: Arc<Mutex<HashMap<String, Arc<AtomicU32>>>>,
     pub(super) split: canary::Split,
     pub(super) limiter: Arc<super::limits::Limiter>,
+    pub(super) cache: super::cache::ResponseCache,
 }
 
 /// Counts a request in flight to a replica until dropped.
@@ -218,6 +222,7 @@ impl Gateway {
             in_flight: Arc::new(Mutex::new(HashMap::new())),
             split: canary::Split::default(),
             limiter: Arc::new(super::limits::Limiter::new(ctx_limits)),
+            cache: super::cache::ResponseCache::default(),
         }
     }
 
@@ -486,23 +491,8 @@ impl Gateway {
         request
     }
 
-    /// Serves a non-streaming call: the replica that answered and its answer.
-    pub async fn complete(&self, call: &Call) -> Result<(String, Value), GwError> {
-        let (call, admission) = self.admit(call).await?;
-        let mut result = self.complete_admitted(&call).await;
-        if admission.mask {
-            if let Ok((_, answer)) = &mut result {
-                super::admission::mask_answer(answer);
-            }
-        }
-        match &result {
-            Ok((replica, answer)) => self.settle(admission, Some((replica, &answer["usage"]))),
-            Err(_) => self.settle(admission, None),
-        }
-        result
-    }
-
-    async fn complete_admitted(&self, call: &Call) -> Result<(String, Value), GwError> {
+    /// Serves a non-streaming call on the best replica that answers.
+    pub(super) async fn complete_admitted(&self, call: &Call) -> Result<(String, Value), GwError> {
         self.route(call, |t, left| async move {
             let _counted = self.start(&t.replica);
             let response = self

@@ -110,10 +110,11 @@ fn to_call(request: &Request<pb::InferRequest>) -> Result<Call, Status> {
     }
     Ok(Call {
         path,
-        body,
         priority: (!r.priority.is_empty()).then(|| r.priority.clone()),
         deadline,
         principal: None,
+        cache: super::cache::Use::of(None, None, &body),
+        body,
     })
 }
 

@@ -187,6 +187,7 @@ mod tests {
                 created_at_ms: 0,
                 revision: 1,
                 mask_pii: false,
+                cache_ttl_s: 0,
             },
         }
     }

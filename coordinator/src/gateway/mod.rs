@@ -29,6 +29,7 @@
 
 mod admission;
 pub mod auth;
+mod cache;
 mod canary;
 mod core;
 mod cost;
@@ -37,6 +38,7 @@ pub mod keys;
 pub mod limits;
 pub mod mask;
 mod openai;
+mod relay;
 pub mod routing;
 mod stream;
 pub mod websocket;

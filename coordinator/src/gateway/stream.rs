@@ -10,76 +10,9 @@ use tokio::sync::mpsc;
 use super::core::*;
 
 impl Gateway {
-    /// Opens a streaming call: the first chunk has arrived when this
-    /// returns, and the rest follows on the receiver.
-    pub async fn open_stream(&self, call: &Call) -> Result<Streaming, GwError> {
-        let (call, admission) = self.admit(call).await?;
-        if !admission.is_charged() {
-            return self.open_admitted(&call).await;
-        }
-        let opened = match self.open_admitted(&call).await {
-            Ok(s) => s,
-            Err(e) => {
-                self.settle(admission, None);
-                return Err(e);
-            }
-        };
-        // Relay the chunks, keep the last usage seen, settle at the end.
-        let Streaming {
-            replica,
-            mut chunks,
-        } = opened;
-        let (tx, rx) = mpsc::channel(64);
-        let gateway = self.clone();
-        let served_by = replica.clone();
-        tokio::spawn(async move {
-            let mut usage = Value::Null;
-            let mut pieces = 0u64;
-            let mut masker = admission.mask.then(super::mask::StreamMasker::default);
-            let mut last = Value::Null;
-            while let Some(mut item) = chunks.recv().await {
-                if let StreamItem::Chunk(c) = &mut item {
-                    if c["usage"].is_object() {
-                        usage = c["usage"].clone();
-                    }
-                    if !chunk_text(c).is_empty() {
-                        pieces += 1;
-                        if let Some(m) = masker.as_mut() {
-                            let masked = m.push(chunk_text(c));
-                            set_chunk_text(c, masked);
-                            last = c.clone();
-                        }
-                    }
-                }
-                if let (StreamItem::Done, Some(m)) = (&item, masker.as_mut()) {
-                    // what the masker held, before the end
-                    let rest = m.finish();
-                    if !rest.is_empty() && last.is_object() {
-                        set_chunk_text(&mut last, rest);
-                        if tx.send(StreamItem::Chunk(last.clone())).await.is_err() {
-                            break;
-                        }
-                    }
-                }
-                let end = !matches!(item, StreamItem::Chunk(_));
-                if tx.send(item).await.is_err() || end {
-                    break;
-                }
-            }
-            // a stream cut short was still served: charged what it used;
-            // without a usage chunk, a token per piece of text
-            if usage.is_null() {
-                usage = serde_json::json!({ "completion_tokens": pieces });
-            }
-            gateway.settle(admission, Some((&served_by, &usage)));
-        });
-        Ok(Streaming {
-            replica,
-            chunks: rx,
-        })
-    }
-
-    async fn open_admitted(&self, call: &Call) -> Result<Streaming, GwError> {
+    /// Opens a stream on the best replica that starts one (the key's
+    /// policies are applied by [`Gateway::open_stream`]).
+    pub(super) async fn open_replica_stream(&self, call: &Call) -> Result<Streaming, GwError> {
         let mut body = call.body.clone();
         if let Some(o) = body.as_object_mut() {
             o.insert("stream".into(), Value::Bool(true));
@@ -201,7 +134,7 @@ fn parse_event(data: &str) -> Result<StreamItem, String> {
 }
 
 /// Replaces the text piece of an OpenAI chunk.
-fn set_chunk_text(chunk: &mut Value, text: String) {
+pub(super) fn set_chunk_text(chunk: &mut Value, text: String) {
     if chunk["choices"][0]["delta"]["content"].is_string() {
         chunk["choices"][0]["delta"]["content"] = Value::String(text);
     } else if chunk["choices"][0]["text"].is_string() {

@@ -124,10 +124,11 @@ fn call(text: &str) -> Result<Call, GwError> {
     o.remove("stream");
     Ok(Call {
         path,
-        body,
         priority,
         deadline,
         principal: None,
+        cache: crate::gateway::cache::Use::of(None, None, &body),
+        body,
     })
 }
 

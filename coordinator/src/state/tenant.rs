@@ -118,6 +118,8 @@ pub struct Tenant {
     pub revision: u64,
     /// Mask PII in its prompts and answers ([`crate::gateway::mask`]).
     pub mask_pii: bool,
+    /// Keep its deterministic answers this long (0: no cache).
+    pub cache_ttl_s: u32,
 }
 
 /// The policy of one inference key, by credential id.
@@ -302,6 +304,12 @@ fn validate_models(models: &[String]) -> Result<(), String> {
 impl Tenant {
     pub fn validate(&self) -> Result<(), String> {
         validate_name("tenant", &self.name)?;
+        if self.cache_ttl_s > 86_400 {
+            return Err(format!(
+                "cache_ttl_s is {}; the most is 86400 (a day)",
+                self.cache_ttl_s
+            ));
+        }
         validate_models(&self.models)?;
         self.limits.validate()
     }

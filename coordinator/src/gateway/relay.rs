@@ -1,0 +1,196 @@
+//! The policies around an answer once admitted: the response cache
+//! ([`cache`](super::cache)), PII masking of the answer
+//! ([`mask`](super::mask)) and the charge when it ends
+//! ([`admission`](super::admission)), for whole answers and for streams.
+
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio::sync::mpsc;
+
+use super::admission::{mask_answer, Admission};
+use super::cache::{self, Cached, Use};
+use super::core::{Call, Gateway, GwError, StreamItem, Streaming};
+use super::stream::{chunk_text, set_chunk_text};
+use crate::metrics::PolicyLabels;
+
+impl Gateway {
+    fn count_cache(&self, result: &'static str) {
+        self.ctx
+            .metrics
+            .cache_requests
+            .get_or_create(&PolicyLabels { result })
+            .inc();
+    }
+
+    /// The cache key and time to keep of an admitted call, when its
+    /// tenant caches and the call may use the cache.
+    fn cache_slot(
+        &self,
+        call: &Call,
+        a: &Admission,
+        streamed: bool,
+    ) -> Option<([u8; 32], Duration)> {
+        let (tenant, ttl) = a.cache_ttl()?;
+        if call.cache == Use::Bypass {
+            self.count_cache("bypass");
+            return None;
+        }
+        Some((cache::key(tenant, call.path, streamed, &call.body), ttl))
+    }
+
+    /// Serves a non-streaming call: the replica that answered (`cache` for
+    /// a cached answer) and its answer.
+    pub async fn complete(&self, call: &Call) -> Result<(String, Value), GwError> {
+        let (call, admission) = self.admit(call).await?;
+        let slot = self.cache_slot(&call, &admission, false);
+        if let Some((key, _)) = &slot {
+            if call.cache == Use::Both {
+                if let Some(hit) = self.cache.get(key) {
+                    if let Cached::Answer(answer) = &*hit {
+                        self.count_cache("hit");
+                        self.settle_hit(admission);
+                        return Ok(("cache".into(), answer.clone()));
+                    }
+                }
+            }
+            self.count_cache("miss");
+        }
+        let mut result = self.complete_admitted(&call).await;
+        if let Ok((replica, answer)) = &mut result {
+            if admission.mask {
+                mask_answer(answer);
+            }
+            if let Some((key, ttl)) = slot {
+                self.cache.put(key, Cached::Answer(answer.clone()), ttl);
+            }
+            self.settle(admission, Some((replica, &answer["usage"])));
+        } else {
+            self.settle(admission, None);
+        }
+        result
+    }
+
+    /// Opens a streaming call: the first chunk has arrived when this
+    /// returns (or the answer was cached), and the rest follows on the
+    /// receiver.
+    pub async fn open_stream(&self, call: &Call) -> Result<Streaming, GwError> {
+        let (call, admission) = self.admit(call).await?;
+        if !admission.is_charged() {
+            return self.open_replica_stream(&call).await;
+        }
+        let slot = self.cache_slot(&call, &admission, true);
+        if let Some((key, _)) = &slot {
+            if call.cache == Use::Both {
+                if let Some(hit) = self.cache.get(key) {
+                    if let Cached::Chunks(chunks) = &*hit {
+                        self.count_cache("hit");
+                        self.settle_hit(admission);
+                        return Ok(replay(chunks.clone()));
+                    }
+                }
+            }
+            self.count_cache("miss");
+        }
+        let opened = match self.open_replica_stream(&call).await {
+            Ok(s) => s,
+            Err(e) => {
+                self.settle(admission, None);
+                return Err(e);
+            }
+        };
+        let Streaming { replica, chunks } = opened;
+        let (tx, rx) = mpsc::channel(64);
+        let gateway = self.clone();
+        let served_by = replica.clone();
+        tokio::spawn(async move {
+            gateway.relay(chunks, tx, admission, &served_by, slot).await;
+        });
+        Ok(Streaming {
+            replica,
+            chunks: rx,
+        })
+    }
+
+    /// Relays a replica's chunks: masked when the tenant masks, kept when
+    /// it caches, the last usage seen charged at the end.
+    async fn relay(
+        &self,
+        mut chunks: mpsc::Receiver<StreamItem>,
+        tx: mpsc::Sender<StreamItem>,
+        admission: Admission,
+        served_by: &str,
+        slot: Option<([u8; 32], Duration)>,
+    ) {
+        let mut usage = Value::Null;
+        let mut pieces = 0u64;
+        let mut masker = admission.mask.then(super::mask::StreamMasker::default);
+        let mut last = Value::Null;
+        let mut kept: Option<Vec<Value>> = slot.as_ref().map(|_| Vec::new());
+        while let Some(mut item) = chunks.recv().await {
+            if let StreamItem::Chunk(c) = &mut item {
+                if c["usage"].is_object() {
+                    usage = c["usage"].clone();
+                }
+                if !chunk_text(c).is_empty() {
+                    pieces += 1;
+                    if let Some(m) = masker.as_mut() {
+                        let masked = m.push(chunk_text(c));
+                        set_chunk_text(c, masked);
+                        last = c.clone();
+                    }
+                }
+            }
+            if let (StreamItem::Done, Some(m)) = (&item, masker.as_mut()) {
+                // what the masker held, before the end
+                let rest = m.finish();
+                if !rest.is_empty() && last.is_object() {
+                    set_chunk_text(&mut last, rest);
+                    if let Some(k) = kept.as_mut() {
+                        k.push(last.clone());
+                    }
+                    if tx.send(StreamItem::Chunk(last.clone())).await.is_err() {
+                        break;
+                    }
+                }
+            }
+            match &item {
+                StreamItem::Chunk(c) => {
+                    if let Some(k) = kept.as_mut() {
+                        k.push(c.clone());
+                    }
+                }
+                StreamItem::Done => {
+                    if let (Some((key, ttl)), Some(k)) = (slot, kept.take()) {
+                        self.cache.put(key, Cached::Chunks(k), ttl);
+                    }
+                }
+                _ => {}
+            }
+            let end = !matches!(item, StreamItem::Chunk(_));
+            if tx.send(item).await.is_err() || end {
+                break;
+            }
+        }
+        // a stream cut short was still served: charged what it used;
+        // without a usage chunk, a token per piece of text
+        if usage.is_null() {
+            usage = serde_json::json!({ "completion_tokens": pieces });
+        }
+        self.settle(admission, Some((served_by, &usage)));
+    }
+}
+
+/// A cached stream, sent again.
+fn replay(chunks: Vec<Value>) -> Streaming {
+    let (tx, rx) = mpsc::channel(chunks.len() + 1);
+    for c in chunks {
+        // the channel holds them all: this cannot fail
+        let _ = tx.try_send(StreamItem::Chunk(c));
+    }
+    let _ = tx.try_send(StreamItem::Done);
+    Streaming {
+        replica: "cache".into(),
+        chunks: rx,
+    }
+}
