@@ -55,14 +55,18 @@ mod tests {
     #[test]
     fn a_replica_pays_its_share_of_the_node() {
         let mut state = State::default();
-        let mut inventory = crate::reconcile::tests::inventory("n1", &[("H100", 80); 4]);
+        let mut inventory = crate::reconcile::tests::inventory("n1", &[("h100", 80); 4]);
         inventory.cost_per_hour = 8.0;
         let register = crate::state::Request {
             at_ms: 1,
             actor: "t".into(),
             command: crate::state::Command::RegisterNode(inventory),
         };
-        state.apply(1, &register);
+        let (response, _) = state.apply(1, &register);
+        assert!(
+            matches!(response, crate::state::Response::Node(_)),
+            "{response:?}"
+        );
         let r = crate::state::Replica {
             id: "m@v1-0".into(),
             model: "m".into(),
