@@ -13,6 +13,7 @@ pub mod credential;
 pub mod model;
 pub mod node;
 pub mod replica;
+mod tenancy;
 pub mod tenant;
 
 use std::collections::BTreeMap;
@@ -265,32 +266,6 @@ fn check_text(field: &str, value: &str) -> Result<(), (Response, Vec<Change>)> {
     Ok(())
 }
 
-/// The answer, changes and audit record of a created or rotated key.
-fn key_done(
-    c: Credential,
-    p: KeyPolicy,
-    action: &'static str,
-) -> (Response, Vec<Change>, (&'static str, String, String)) {
-    let detail = format!(
-        "principal={} key={} models={} max_priority={} limits={:?}",
-        c.principal,
-        p.label(),
-        p.models.join(","),
-        p.max_priority.as_str(),
-        p.limits
-    );
-    let changes = vec![Change::Credential(c.id.clone()), Change::Key(c.id.clone())];
-    let target = c.id.clone();
-    (
-        Response::Key {
-            credential: Box::new(c),
-            policy: Box::new(p),
-        },
-        changes,
-        (action, target, detail),
-    )
-}
-
 fn rejected(kind: RejectionKind, message: String) -> (Response, Vec<Change>) {
     (Response::Rejected(Rejection { kind, message }), Vec::new())
 }
@@ -507,88 +482,19 @@ impl State {
                 let changes = removed.into_iter().map(Change::Audit).collect();
                 return (Response::Trimmed { removed: count }, changes);
             }
-            Command::PutTenant(t) => match self.put_tenant(index, at, t) {
-                Ok(t) => {
-                    let detail = format!("models={} limits={:?}", t.models.join(","), t.limits);
-                    let changes = vec![Change::Tenant(t.name.clone())];
-                    let target = t.name.clone();
-                    (
-                        Response::Tenant(Box::new(t)),
-                        changes,
-                        ("tenant.put", target, detail),
-                    )
-                }
-                Err(rejection) => return rejection,
-            },
-            Command::DeleteTenant { name } => match self.delete_tenant(name) {
-                Ok(()) => (
-                    Response::Deleted { revision: index },
-                    vec![Change::Tenant(name.clone())],
-                    ("tenant.delete", name.clone(), String::new()),
-                ),
-                Err(rejection) => return rejection,
-            },
-            Command::CreateKey { credential, policy } => {
-                match self.create_key(index, at, credential, policy) {
-                    Ok((c, p)) => key_done(c, p, "key.create"),
-                    Err(rejection) => return rejection,
-                }
-            }
-            Command::UpdateKey { id, policy } => match self.update_key(index, id, policy) {
-                Ok(p) => {
-                    let detail = format!(
-                        "key={} models={} max_priority={} limits={:?}",
-                        p.label(),
-                        p.models.join(","),
-                        p.max_priority.as_str(),
-                        p.limits
-                    );
-                    let Some(c) = self.credentials.get(id).cloned() else {
-                        return rejected(
-                            RejectionKind::NotFound,
-                            format!("credential {id:?} does not exist"),
-                        );
-                    };
-                    (
-                        Response::Key {
-                            credential: Box::new(c),
-                            policy: Box::new(p),
-                        },
-                        vec![Change::Key(id.clone())],
-                        ("key.update", id.clone(), detail),
-                    )
-                }
-                Err(rejection) => return rejection,
-            },
-            Command::RotateKey { old, credential } => {
-                match self.rotate_key(index, at, old, credential) {
-                    Ok((c, p)) => {
-                        let (response, mut changes, (_, target, detail)) =
-                            key_done(c, p, "key.rotate");
-                        changes.push(Change::Credential(old.clone()));
-                        changes.push(Change::Key(old.clone()));
-                        let detail = format!("{detail} replaces={old}");
-                        (response, changes, ("key.rotate", target, detail))
+            Command::PutTenant(_)
+            | Command::DeleteTenant { .. }
+            | Command::CreateKey { .. }
+            | Command::UpdateKey { .. }
+            | Command::RotateKey { .. }
+            | Command::RecordUsage { .. } => {
+                match self.apply_tenancy(index, at, &request.command) {
+                    tenancy::Applied::Audited(response, changes, audit) => {
+                        (response, changes, audit)
                     }
-                    Err(rejection) => return rejection,
+                    tenancy::Applied::Unaudited(response, changes) => return (response, changes),
+                    tenancy::Applied::Rejected(rejection) => return rejection,
                 }
-            }
-            Command::RecordUsage { rows } => {
-                let before: Vec<UsageKey> = self.tenancy.usage.keys().cloned().collect();
-                return match self.record_usage(at, rows) {
-                    Ok(n) => {
-                        let mut changes: Vec<Change> =
-                            rows.iter().map(|(k, _)| Change::Usage(k.clone())).collect();
-                        changes.extend(
-                            before
-                                .into_iter()
-                                .filter(|k| !self.tenancy.usage.contains_key(k))
-                                .map(Change::Usage),
-                        );
-                        (Response::UsageRecorded { rows: n }, changes)
-                    }
-                    Err(rejection) => rejection,
-                };
             }
         };
         let (action, target, detail) = audit;
