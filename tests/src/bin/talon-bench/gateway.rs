@@ -192,7 +192,7 @@ pub(super) async fn b3(
                         LITELLM_KEY.to_string(),
                     ));
                 }
-                "talon" => {
+                "talon" | "talon-policies" => {
                     let cluster = BenchCluster::start_n(
                         Kind::Talon,
                         1,
@@ -251,19 +251,51 @@ pub(super) async fn b3(
                         spec.artifact_uri = format!("file://{}", gguf.display());
                     }
                     admin.create_model(spec).await?;
-                    // The load comes with an inference key, as applications' does.
-                    let app = admin
-                        .create_credential("b3-load", "inference", None)
-                        .await?;
+                    // The load comes with an inference key, as applications' does;
+                    // with policies, a tenant's key under cluster-wide limits
+                    // (never reached), PII masking and the response cache on
+                    // (the load's requests are not deterministic: bypassed).
+                    let key = if door == "talon-policies" {
+                        let limits = talon_client::Limits {
+                            requests_per_minute: Some(100_000_000),
+                            tokens_per_minute: Some(1_000_000_000_000),
+                            daily_budget_usd: Some(1e9),
+                            monthly_budget_usd: None,
+                        };
+                        admin
+                            .put_tenant(talon_client::Tenant {
+                                name: "bench".into(),
+                                limits: Some(limits.clone()),
+                                mask_pii: true,
+                                cache_ttl_s: 60,
+                                ..Default::default()
+                            })
+                            .await?;
+                        admin
+                            .create_key(talon_client::CreateKeyRequest {
+                                tenant: "bench".into(),
+                                name: "load".into(),
+                                models: vec![],
+                                max_priority: "normal".into(),
+                                limits: Some(limits),
+                            })
+                            .await?
+                            .secret
+                    } else {
+                        admin
+                            .create_credential("b3-load", "inference", None)
+                            .await?
+                            .key
+                    };
                     urls.push((
                         door.clone(),
                         format!("http://{}/v1/chat/completions", cluster.http_addr(0)),
-                        app.key,
+                        key,
                     ));
                     clusters.push(cluster);
                 }
                 other => anyhow::bail!(
-                    "unknown front door {other:?}; use direct, nginx, litellm or talon"
+                    "unknown front door {other:?}; use direct, nginx, litellm, talon or talon-policies"
                 ),
             }
         }

@@ -118,7 +118,7 @@ enum Bench {
         #[arg(
             long,
             value_delimiter = ',',
-            default_value = "direct,nginx,litellm,talon"
+            default_value = "direct,nginx,litellm,talon,talon-policies"
         )]
         doors: Vec<String>,
         /// The engine behind every door: `fake` (talon-fake-engine, at each
