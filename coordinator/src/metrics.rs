@@ -14,7 +14,7 @@ use prometheus_client::registry::{Registry, Unit};
 /// Labels of a gateway policy outcome: `result` is `hit`, `miss` or
 /// `bypass` for the cache, the refusal's type (`rate_limit_exceeded`,
 /// `insufficient_quota`, `model_not_allowed`, `priority_not_allowed`,
-/// `unavailable`) for refusals.
+/// `limits_unavailable`) for refusals.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PolicyLabels {
     pub result: &'static str,

@@ -8,6 +8,7 @@ mod bad_input;
 mod cluster;
 mod engines;
 mod executors;
+mod fallback;
 mod gateway;
 mod harness;
 mod pipelines;

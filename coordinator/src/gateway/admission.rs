@@ -140,7 +140,7 @@ impl Gateway {
                     | "insufficient_quota"
                     | "model_not_allowed"
                     | "priority_not_allowed"
-                    | "unavailable"
+                    | "limits_unavailable"
             ) {
                 let labels = crate::metrics::PolicyLabels { result: e.kind };
                 self.ctx

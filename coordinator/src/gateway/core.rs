@@ -106,6 +106,9 @@ pub struct Call {
     pub principal: Option<crate::auth::Principal>,
     /// How it may use the response cache.
     pub cache: super::cache::Use,
+    /// Fallbacks taken so far (a chain is followed at most
+    /// [`super::fallback::MAX_HOPS`] deep).
+    pub hops: u8,
 }
 
 impl Call {
@@ -117,6 +120,7 @@ impl Call {
             cache: super::cache::Use::of(header("cache-control"), header("x-talon-cache"), &body),
             body,
             principal: None,
+            hops: 0,
             priority: header("x-talon-priority").map(str::to_string),
             deadline: header("x-talon-deadline-ms")
                 .and_then(|v| v.parse().ok())
@@ -180,6 +184,7 @@ pub struct Gateway {
     pub(super) split: canary::Split,
     pub(super) limiter: Arc<super::limits::Limiter>,
     pub(super) cache: super::cache::ResponseCache,
+    pub(super) breakers: Arc<super::breaker::Breakers>,
 }
 
 /// Counts a request in flight to a replica until dropped.
@@ -223,6 +228,7 @@ impl Gateway {
             split: canary::Split::default(),
             limiter: Arc::new(super::limits::Limiter::new(ctx_limits)),
             cache: super::cache::ResponseCache::default(),
+            breakers: Arc::default(),
         }
     }
 
@@ -411,6 +417,12 @@ impl Gateway {
                 Ok(targets) => {
                     let mut full: Vec<(u64, String)> = Vec::new();
                     let (mut unreachable, mut failed) = (String::new(), String::new());
+                    // open breakers skip their replicas, unless every one is open
+                    let now = std::time::Instant::now();
+                    let (allowed, skipped): (Vec<Target>, Vec<Target>) = targets
+                        .into_iter()
+                        .partition(|t| self.breakers.allows(&t.replica, now));
+                    let targets = if allowed.is_empty() { skipped } else { allowed };
                     for target in targets {
                         let (replica, addr) = (target.replica.clone(), target.addr.clone());
                         // The agent gets the time left, not the time given.
@@ -418,15 +430,20 @@ impl Gateway {
                             .deadline
                             .map(|_| deadline.saturating_duration_since(Instant::now()));
                         match attempt(target, left).await {
-                            Ok(answer) => return Ok(answer),
+                            Ok(answer) => {
+                                self.breakers.success(&replica);
+                                return Ok(answer);
+                            }
                             Err(Miss::Final(e)) => return Err(e),
                             Err(Miss::Full(ms, why)) => full.push((ms, why)),
                             Err(Miss::Unreachable(why)) => {
                                 tracing::warn!(%replica, %addr, error = %why, "trying another replica");
+                                self.breakers.failure(&replica, std::time::Instant::now());
                                 unreachable = why;
                             }
                             Err(Miss::Failed(why)) => {
                                 tracing::warn!(%replica, %addr, error = %why, "trying another replica");
+                                self.breakers.failure(&replica, std::time::Instant::now());
                                 failed = why;
                             }
                         }

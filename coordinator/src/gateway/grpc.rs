@@ -113,6 +113,7 @@ fn to_call(request: &Request<pb::InferRequest>) -> Result<Call, Status> {
         priority: (!r.priority.is_empty()).then(|| r.priority.clone()),
         deadline,
         principal: None,
+        hops: 0,
         cache: super::cache::Use::of(None, None, &body),
         body,
     })

@@ -270,7 +270,7 @@ impl Limiter {
         let unavailable = |why: String| {
             GwError {
             status: StatusCode::SERVICE_UNAVAILABLE,
-            kind: "unavailable",
+            kind: "limits_unavailable",
             message: format!(
                 "this key's limits cannot be checked: {why}; retry shortly (limited keys fail closed)"
             ),

@@ -29,10 +29,12 @@
 
 mod admission;
 pub mod auth;
+mod breaker;
 mod cache;
 mod canary;
 mod core;
 mod cost;
+mod fallback;
 pub mod grpc;
 pub mod keys;
 pub mod limits;

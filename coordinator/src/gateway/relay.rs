@@ -40,8 +40,23 @@ impl Gateway {
     }
 
     /// Serves a non-streaming call: the replica that answered (`cache` for
-    /// a cached answer) and its answer.
+    /// a cached answer) and its answer; a model that cannot serve it hands
+    /// it to its fallback ([`super::fallback`]).
     pub async fn complete(&self, call: &Call) -> Result<(String, Value), GwError> {
+        match self.complete_once(call).await {
+            Err(e) => match self.fallback_of(call, &e) {
+                // a key the fallback refuses gets the first model's answer
+                Some(next) => match Box::pin(self.complete(&next)).await {
+                    Err(f) if f.status == axum::http::StatusCode::FORBIDDEN => Err(e),
+                    other => other,
+                },
+                None => Err(e),
+            },
+            answered => answered,
+        }
+    }
+
+    async fn complete_once(&self, call: &Call) -> Result<(String, Value), GwError> {
         let (call, admission) = self.admit(call).await?;
         let slot = self.cache_slot(&call, &admission, false);
         if let Some((key, _)) = &slot {
@@ -73,8 +88,22 @@ impl Gateway {
 
     /// Opens a streaming call: the first chunk has arrived when this
     /// returns (or the answer was cached), and the rest follows on the
-    /// receiver.
+    /// receiver. Before the first chunk a model that cannot serve it hands
+    /// it to its fallback.
     pub async fn open_stream(&self, call: &Call) -> Result<Streaming, GwError> {
+        match self.open_stream_once(call).await {
+            Err(e) => match self.fallback_of(call, &e) {
+                Some(next) => match Box::pin(self.open_stream(&next)).await {
+                    Err(f) if f.status == axum::http::StatusCode::FORBIDDEN => Err(e),
+                    other => other,
+                },
+                None => Err(e),
+            },
+            opened => opened,
+        }
+    }
+
+    async fn open_stream_once(&self, call: &Call) -> Result<Streaming, GwError> {
         let (call, admission) = self.admit(call).await?;
         if !admission.is_charged() {
             return self.open_replica_stream(&call).await;

@@ -127,6 +127,7 @@ fn call(text: &str) -> Result<Call, GwError> {
         priority,
         deadline,
         principal: None,
+        hops: 0,
         cache: crate::gateway::cache::Use::of(None, None, &body),
         body,
     })

@@ -216,7 +216,14 @@ pub fn engine_options(labels: &BTreeMap<String, String>) -> BTreeMap<String, Str
 /// right kind, and nothing an engine could read as a flag of its own.
 /// Checked where a model is created or labelled (not when the log is
 /// replayed, so that entries from before keep their meaning).
+/// The model label naming the model that serves a request this one could
+/// not (overloaded, failing or without a ready replica).
+pub const FALLBACK_LABEL: &str = "fallback";
+
 pub fn validate_engine_options(labels: &BTreeMap<String, String>) -> Result<(), String> {
+    if let Some(v) = labels.get(FALLBACK_LABEL) {
+        validate_name(v).map_err(|m| format!("label {FALLBACK_LABEL}: {m}"))?;
+    }
     if let Some(v) = labels.get(CANARY_LABEL) {
         if canary_percent(labels).is_none() {
             return Err(format!(

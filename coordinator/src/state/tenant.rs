@@ -13,7 +13,6 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-
 /// Most tenants the registry holds.
 pub const MAX_TENANTS: usize = 10_000;
 /// Most models a tenant or key may list.
