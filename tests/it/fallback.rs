@@ -8,7 +8,7 @@ use std::time::Duration;
 use talon_client::{CreateKeyRequest, Tenant};
 use talon_tests::model_spec;
 
-use crate::harness::{free_port, wait_for, Cluster, Proc};
+use crate::harness::{wait_for, Cluster};
 
 const TOKEN: &str = "it-join-token-0123456789";
 
@@ -17,24 +17,9 @@ async fn a_model_that_cannot_serve_falls_back_to_the_model_its_label_names() {
     let cluster = Cluster::form(1, &["--join-token", TOKEN]).await;
     let grpc = cluster.nodes[0].grpc.clone();
     let http = cluster.nodes[0].http.clone();
-    let listen = format!("127.0.0.1:{}", free_port());
-    let _agent = Proc::spawn(
-        "talon-agent",
-        &[
-            "--node-id",
-            "n1",
-            "--coordinators",
-            &grpc,
-            "--join-token",
-            TOKEN,
-            "--sim-gpus",
-            "h100-sxm:1",
-            "--http-listen",
-            &listen,
-        ],
-    );
+    let _agent = crate::harness::sim_agent("n1", &grpc, TOKEN, &[]);
     let client = cluster.client();
-    wait_for("the node", Duration::from_secs(30), || async {
+    wait_for("the node", Duration::from_secs(90), || async {
         client.get_node("n1").await.ok()
     })
     .await;

@@ -427,3 +427,24 @@ pub async fn run_python_checks(python: PathBuf, script: &str, args: Vec<String>,
         assert!(stdout.contains(check), "{check} missing: {stdout}");
     }
 }
+
+/// A `talon-agent` process for node `node_id` with one simulated H100,
+/// joining `coordinators` (comma-separated) with `token`, serving
+/// replicas on a free port; `extra` flags after.
+pub fn sim_agent(node_id: &str, coordinators: &str, token: &str, extra: &[&str]) -> Proc {
+    let listen = format!("127.0.0.1:{}", free_port());
+    let mut args = vec![
+        "--node-id",
+        node_id,
+        "--coordinators",
+        coordinators,
+        "--join-token",
+        token,
+        "--sim-gpus",
+        "h100-sxm:1",
+        "--http-listen",
+        &listen,
+    ];
+    args.extend_from_slice(extra);
+    Proc::spawn("talon-agent", &args)
+}

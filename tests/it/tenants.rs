@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use talon_client::{CreateKeyRequest, GetUsageRequest, Limits, Tenant};
 use talon_tests::model_spec;
 
-use crate::harness::{free_port, wait_for, Cluster, Proc};
+use crate::harness::{wait_for, Cluster};
 
 const TOKEN: &str = "it-join-token-0123456789";
 const LIMIT: u32 = 12;
@@ -56,26 +56,12 @@ async fn tenants_limits_budgets_and_rotation_across_three_coordinators() {
     .expect("venv");
     let cluster = Cluster::form(3, &["--join-token", TOKEN]).await;
     let coordinators: Vec<String> = cluster.nodes.iter().map(|n| n.grpc.clone()).collect();
-    let listen = format!("127.0.0.1:{}", free_port());
     // $3600 an hour: a second on its one GPU costs a dollar
-    let _agent = Proc::spawn(
-        "talon-agent",
-        &[
-            "--node-id",
-            "n1",
-            "--coordinators",
-            &coordinators.join(","),
-            "--join-token",
-            TOKEN,
-            "--sim-gpus",
-            "h100-sxm:1",
-            "--http-listen",
-            &listen,
-            "--telemetry-interval-ms",
-            "200",
-            "--cost-per-hour",
-            "3600",
-        ],
+    let _agent = crate::harness::sim_agent(
+        "n1",
+        &coordinators.join(","),
+        TOKEN,
+        &["--telemetry-interval-ms", "200", "--cost-per-hour", "3600"],
     );
     let client = cluster.client();
     for name in ["alpha", "beta"] {
@@ -314,24 +300,7 @@ async fn pii_in_a_streamed_answer_is_masked_across_chunk_boundaries() {
         "test={} --port {{port}} --model {{model}} --reply-pii --stream-piece-bytes 3",
         crate::harness::bin("talon-fake-engine").display()
     );
-    let listen = format!("127.0.0.1:{}", free_port());
-    let _agent = Proc::spawn(
-        "talon-agent",
-        &[
-            "--node-id",
-            "n1",
-            "--coordinators",
-            &grpc,
-            "--join-token",
-            TOKEN,
-            "--sim-gpus",
-            "h100-sxm:1",
-            "--http-listen",
-            &listen,
-            "--engine",
-            &engine,
-        ],
-    );
+    let _agent = crate::harness::sim_agent("n1", &grpc, TOKEN, &["--engine", &engine]);
     let client = cluster.client();
     let spec = model_spec("pii", "test", 1_000, 1);
     wait_for("the model created", Duration::from_secs(30), || async {

@@ -102,6 +102,16 @@ pub(super) fn mask_answer(answer: &mut Value) {
     }
 }
 
+/// Today's usage row of a key and model.
+fn usage_key(holder: &Holder, model: &str) -> UsageKey {
+    UsageKey {
+        day: crate::state::tenant::day_of(crate::context::now_ms()),
+        tenant: holder.tenant.name.clone(),
+        key: holder.policy.name.clone(),
+        model: model.to_string(),
+    }
+}
+
 /// The completion tokens a request may produce, as reserved.
 fn completion_reserve(body: &Value) -> u64 {
     body["max_completion_tokens"]
@@ -222,19 +232,12 @@ impl Gateway {
             return;
         };
         self.limiter.release(std::mem::take(&mut a.reservation));
-        let row = (
-            UsageKey {
-                day: crate::state::tenant::day_of(crate::context::now_ms()),
-                tenant: holder.tenant.name.clone(),
-                key: holder.policy.name.clone(),
-                model: a.model.clone(),
-            },
-            Usage {
-                requests: 1,
-                ..Default::default()
-            },
-        );
-        self.limiter.charge(vec![row]);
+        let usage = Usage {
+            requests: 1,
+            ..Default::default()
+        };
+        self.limiter
+            .charge(vec![(usage_key(&holder, &a.model), usage)]);
     }
 
     /// Ends an admission: `answered` is the replica that answered and the
@@ -254,12 +257,7 @@ impl Gateway {
         self.limiter.settle(reservation, prompt + completion);
         let (gpu_seconds, cost_usd) = self.gpu_cost(replica, a.started.elapsed());
         let row = (
-            UsageKey {
-                day: crate::state::tenant::day_of(crate::context::now_ms()),
-                tenant: holder.tenant.name.clone(),
-                key: holder.policy.name.clone(),
-                model: a.model.clone(),
-            },
+            usage_key(&holder, &a.model),
             Usage {
                 requests: 1,
                 prompt_tokens: prompt,

@@ -78,7 +78,7 @@ pub fn luhn(s: &str) -> bool {
             }
         })
         .sum();
-    sum % 10 == 0
+    sum.is_multiple_of(10)
 }
 
 /// The check digit of an 18-digit PRC resident ID (GB 11643).
