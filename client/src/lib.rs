@@ -35,8 +35,8 @@ pub use talon_proto::v1::{
 };
 pub use talon_proto::v1::{ChatMessage, InferChunk, InferReply, InferRequest, Usage};
 pub use talon_proto::v1::{
-    CreateKeyRequest, CreateKeyResponse, GetUsageRequest, Key, Limits, Tenant, UpdateKeyRequest,
-    UsageRow,
+    ContentFilter, CreateKeyRequest, CreateKeyResponse, GetUsageRequest, Key, Limits, Tenant,
+    UpdateKeyRequest, UsageRow,
 };
 pub use tonic::Code;
 

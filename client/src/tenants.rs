@@ -53,6 +53,14 @@ pub enum TenantCmd {
         /// Cache its deterministic answers this many seconds (0: off).
         #[arg(long, default_value_t = 0)]
         cache_ttl: u32,
+        /// Refuse prompts and withhold answers that match this regular
+        /// expression (repeatable; `(?i)` for any case).
+        #[arg(long)]
+        block: Vec<String>,
+        /// Replace what this regular expression matches by [FILTERED]
+        /// (repeatable).
+        #[arg(long)]
+        mask: Vec<String>,
     },
     /// Every tenant with its limits and spending.
     List,
@@ -184,13 +192,22 @@ pub async fn tenant(client: &Client, cmd: TenantCmd, json: bool) -> Result<(), C
             limits,
             mask_pii,
             cache_ttl,
+            block,
+            mask,
         } => {
+            let filter = |action: &'static str, pattern: String| talon_client::ContentFilter {
+                pattern,
+                action: action.into(),
+            };
+            let mut filters: Vec<_> = block.into_iter().map(|p| filter("block", p)).collect();
+            filters.extend(mask.into_iter().map(|p| filter("mask", p)));
             let t = client
                 .put_tenant(Tenant {
                     name,
                     models,
                     mask_pii,
                     cache_ttl_s: cache_ttl,
+                    filters,
                     limits: Some(limits.wire()),
                     ..Default::default()
                 })

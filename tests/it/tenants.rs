@@ -397,4 +397,60 @@ async fn pii_in_a_streamed_answer_is_masked_across_chunk_boundaries() {
         .metric("talon_coordinator_gateway_cache_requests_total{result=\"hit\"}")
         .await;
     assert_eq!(hits, Some(2.0));
+
+    // content filters: a blocked prompt is refused, a blocked answer is
+    // withheld (also mid-stream), a masked word is replaced; PII masking
+    // off for these tenants
+    let filter = |pattern: &str, action: &str| talon_client::ContentFilter {
+        pattern: pattern.into(),
+        action: action.into(),
+    };
+    let strict = Tenant {
+        name: "strict".into(),
+        filters: vec![
+            filter(r"(?i)\bzeus\b", "block"),
+            filter(r"\bIBAN\b", "block"),
+        ],
+        ..Default::default()
+    };
+    let calm = Tenant {
+        name: "calm".into(),
+        filters: vec![filter("(?i)thanks", "mask")],
+        ..Default::default()
+    };
+    let bad = Tenant {
+        name: "bad".into(),
+        filters: vec![filter("(unclosed", "block")],
+        ..Default::default()
+    };
+    let e = client.put_tenant(bad).await.expect_err("a bad pattern");
+    assert!(
+        e.to_string().contains("not a valid regular expression"),
+        "{e}"
+    );
+    client.put_tenant(strict).await.expect("strict");
+    client.put_tenant(calm).await.expect("calm");
+    let (strict, calm) = (key("strict").await, key("calm").await);
+    let zeus = body.replace("mail me at bob@example.org", "tell me of Zeus");
+    let (status, _, refused) = post(&http, "/v1/chat/completions", &zeus, &strict).expect("answer");
+    assert_eq!(status, 400, "{refused}");
+    assert!(refused.contains("content_filtered"), "{refused}");
+    let (status, _, withheld) = post(&http, "/v1/chat/completions", body, &strict).expect("answer");
+    assert_eq!(status, 200, "{withheld}");
+    let (text, _) = streamed_text(&withheld);
+    assert!(
+        !text.contains("IBAN") && withheld.contains("content_filter"),
+        "{withheld}"
+    );
+    let (_, _, whole_withheld) =
+        post(&http, "/v1/chat/completions", &whole, &strict).expect("answer");
+    let v: serde_json::Value = serde_json::from_str(&whole_withheld).expect("json");
+    assert_eq!(v["choices"][0]["finish_reason"], "content_filter", "{v}");
+    assert_eq!(v["choices"][0]["message"]["content"], "", "{v}");
+    let (calmed, _) = stream(calm).await;
+    assert!(calmed.ends_with("[FILTERED]!"), "{calmed}");
+    assert!(
+        calmed.contains("4111 1111 1111 1111"),
+        "PII masking is off: {calmed}"
+    );
 }

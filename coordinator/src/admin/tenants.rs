@@ -8,7 +8,10 @@ use tonic::{Request, Response, Status};
 use super::{new_credential, Admin};
 use crate::error::AdminError;
 use crate::state::tenant::{self, day_name, day_of, month_start};
-use crate::state::{self, Command, KeyPolicy, Limits, Permission, Priority, Role, Tenant};
+use crate::state::{
+    self, Command, ContentFilter, FilterAction, KeyPolicy, Limits, Permission, Priority, Role,
+    Tenant,
+};
 
 fn limits_from_wire(l: Option<&pb::Limits>) -> Limits {
     let Some(l) = l else {
@@ -52,6 +55,14 @@ fn tenant_to_wire(state: &state::State, t: &Tenant) -> pb::Tenant {
         spent_month_usd: month,
         mask_pii: t.mask_pii,
         cache_ttl_s: t.cache_ttl_s,
+        filters: t
+            .filters
+            .iter()
+            .map(|f| pb::ContentFilter {
+                pattern: f.pattern.clone(),
+                action: f.action.as_str().into(),
+            })
+            .collect(),
     }
 }
 
@@ -106,6 +117,17 @@ pub(super) async fn put_tenant(
         revision: 0,
         mask_pii: t.mask_pii,
         cache_ttl_s: t.cache_ttl_s,
+        filters: t
+            .filters
+            .iter()
+            .map(|f| {
+                Ok(ContentFilter {
+                    pattern: f.pattern.clone(),
+                    action: FilterAction::parse(&f.action)?,
+                })
+            })
+            .collect::<Result<_, String>>()
+            .map_err(invalid)?,
     };
     tenant.validate().map_err(invalid)?;
     forward!(this, request, put_tenant);

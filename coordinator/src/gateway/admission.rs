@@ -4,11 +4,13 @@
 //! when it ends. Every front end goes through [`Gateway::complete`] or
 //! [`Gateway::open_stream`], which call these.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use serde_json::Value;
 
 use super::core::{Call, Gateway};
+use super::filter::Filters;
 use super::keys::{self, Holder};
 use super::limits::{Need, Reservation, DEFAULT_RESERVE};
 use super::GwError;
@@ -22,8 +24,8 @@ pub struct Admission {
     reservation: Reservation,
     prompt_estimate: u64,
     started: Instant,
-    /// Mask PII in the answer (the prompt is masked at admission).
-    pub(super) mask: bool,
+    /// Mask (and filter) the answer; the prompt was at admission.
+    pub(super) masking: Option<Masking>,
 }
 
 /// Prompt tokens, estimated before admission: a token per four bytes of
@@ -52,18 +54,35 @@ pub fn estimate_prompt_tokens(body: &Value) -> u64 {
     bytes.div_ceil(4).max(1)
 }
 
-/// Masks PII in every message and prompt of a request body.
-fn mask_prompt(body: &mut Value) {
-    fn mask_value(v: &mut Value) {
+/// How a tenant's prompts and answers are masked and filtered.
+#[derive(Clone)]
+pub(super) struct Masking {
+    pub pii: bool,
+    pub filters: Option<Arc<Filters>>,
+}
+
+impl Masking {
+    fn mask(&self, s: &str) -> String {
+        super::mask::mask_with(s, self.pii, self.filters.as_deref())
+    }
+
+    fn blocked(&self, s: &str) -> Option<usize> {
+        self.filters.as_ref().and_then(|f| f.blocked(s))
+    }
+}
+
+/// Runs `f` on every text of a request's messages and prompt.
+fn for_each_prompt_text(body: &mut Value, f: &mut impl FnMut(&mut String)) {
+    fn visit(v: &mut Value, f: &mut impl FnMut(&mut String)) {
         match v {
-            Value::String(s) => *s = super::mask::mask(s),
+            Value::String(s) => f(s),
             Value::Array(parts) => {
                 for p in parts {
                     match p {
-                        Value::String(_) => mask_value(p),
+                        Value::String(s) => f(s),
                         Value::Object(o) => {
-                            if let Some(t) = o.get_mut("text") {
-                                mask_value(t);
+                            if let Some(Value::String(t)) = o.get_mut("text") {
+                                f(t);
                             }
                         }
                         _ => {}
@@ -76,28 +95,59 @@ fn mask_prompt(body: &mut Value) {
     if let Some(messages) = body["messages"].as_array_mut() {
         for m in messages {
             if let Some(content) = m.get_mut("content") {
-                mask_value(content);
+                visit(content, f);
             }
         }
     }
     for field in ["prompt", "input"] {
         if let Some(v) = body.get_mut(field) {
-            mask_value(v);
+            visit(v, f);
         }
     }
 }
 
-/// Masks PII in every choice of an answer.
-pub(super) fn mask_answer(answer: &mut Value) {
-    if let Some(choices) = answer["choices"].as_array_mut() {
-        for c in choices {
-            let content = c.pointer_mut("/message/content");
-            if let Some(Value::String(s)) = content {
-                *s = super::mask::mask(s);
+/// Refuses a prompt a block filter matches; masks the rest.
+fn mask_prompt(body: &mut Value, m: &Masking, tenant: &str) -> Result<(), GwError> {
+    let mut blocked = None;
+    for_each_prompt_text(body, &mut |s| {
+        if blocked.is_none() {
+            blocked = m.blocked(s);
+        }
+    });
+    if let Some(i) = blocked {
+        return Err(GwError {
+            status: axum::http::StatusCode::BAD_REQUEST,
+            kind: "content_filtered",
+            message: format!(
+                "the request matches content filter #{i} of tenant {tenant} (action block); remove what it matches"
+            ),
+            retry_after_s: None,
+        });
+    }
+    for_each_prompt_text(body, &mut |s| *s = m.mask(s));
+    Ok(())
+}
+
+/// Masks every choice of an answer; a choice a block filter matches is
+/// withheld (`finish_reason: content_filter`, as OpenAI reports it).
+pub(super) fn mask_answer(answer: &mut Value, m: &Masking) {
+    let Some(choices) = answer["choices"].as_array_mut() else {
+        return;
+    };
+    for c in choices {
+        let mut withheld = false;
+        for text in ["/message/content", "/text"] {
+            if let Some(Value::String(s)) = c.pointer_mut(text) {
+                if m.blocked(s).is_some() {
+                    s.clear();
+                    withheld = true;
+                } else {
+                    *s = m.mask(s);
+                }
             }
-            if let Some(Value::String(s)) = c.get_mut("text") {
-                *s = super::mask::mask(s);
-            }
+        }
+        if withheld {
+            c["finish_reason"] = Value::String("content_filter".into());
         }
     }
 }
@@ -150,6 +200,7 @@ impl Gateway {
                     | "insufficient_quota"
                     | "model_not_allowed"
                     | "priority_not_allowed"
+                    | "content_filtered"
                     | "limits_unavailable"
             ) {
                 let labels = crate::metrics::PolicyLabels { result: e.kind };
@@ -177,15 +228,20 @@ impl Gateway {
             reservation: Reservation::default(),
             prompt_estimate,
             started: Instant::now(),
-            mask: false,
+            masking: None,
         };
         let Some(holder) = holder else {
             return Ok((call, admission));
         };
         let priority = keys::check(&holder, &admission.model, call.priority.as_deref())?;
-        if holder.tenant.mask_pii {
-            mask_prompt(&mut call.body);
-            admission.mask = true;
+        let filters = self.filters.of(&holder.tenant);
+        if holder.tenant.mask_pii || filters.is_some() {
+            let masking = Masking {
+                pii: holder.tenant.mask_pii,
+                filters,
+            };
+            mask_prompt(&mut call.body, &masking, &holder.tenant.name)?;
+            admission.masking = Some(masking);
         }
         if priority != Priority::Normal || call.priority.is_some() {
             call.priority = Some(priority.as_str().to_string());
@@ -282,7 +338,11 @@ mod tests {
             {"role": "user", "content": [{"type": "text", "text": "I am ann@corp.io"}]},
             {"role": "assistant", "tool_calls": []}
         ]});
-        mask_prompt(&mut body);
+        let pii = Masking {
+            pii: true,
+            filters: None,
+        };
+        mask_prompt(&mut body, &pii, "t").unwrap();
         assert_eq!(body["messages"][1]["content"][0]["text"], "I am [EMAIL]");
         assert!(
             body["messages"][2].get("content").is_none(),
@@ -291,7 +351,7 @@ mod tests {
         // 8 + 12 bytes of text and 16 a message: 68 bytes, 17 tokens
         assert_eq!(estimate_prompt_tokens(&body), 17);
         let mut answer = json!({"choices": [{"text": "call 13812345678"}]});
-        mask_answer(&mut answer);
+        mask_answer(&mut answer, &pii);
         assert_eq!(answer["choices"][0]["text"], "call [PHONE]");
         assert!(answer["choices"][0].get("message").is_none());
     }

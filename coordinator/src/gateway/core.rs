@@ -185,6 +185,7 @@ pub struct Gateway {
     pub(super) limiter: Arc<super::limits::Limiter>,
     pub(super) cache: super::cache::ResponseCache,
     pub(super) breakers: Arc<super::breaker::Breakers>,
+    pub(super) filters: Arc<super::filter::FilterCache>,
 }
 
 /// Counts a request in flight to a replica until dropped.
@@ -229,6 +230,7 @@ impl Gateway {
             limiter: Arc::new(super::limits::Limiter::new(ctx_limits)),
             cache: super::cache::ResponseCache::default(),
             breakers: Arc::default(),
+            filters: Arc::default(),
         }
     }
 

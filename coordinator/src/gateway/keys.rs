@@ -188,6 +188,7 @@ mod tests {
                 revision: 1,
                 mask_pii: false,
                 cache_ttl_s: 0,
+                filters: vec![],
             },
         }
     }

@@ -11,9 +11,11 @@
 //! whole. The cost is that much delay on the stream; a value longer than
 //! [`HOLD`] bytes (an e-mail address of 100 characters) may escape it.
 
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use regex::Regex;
+
+use super::filter::Filters;
 
 /// Bytes of a stream held back until the text after them is known.
 pub const HOLD: usize = 96;
@@ -26,6 +28,8 @@ pub enum Kind {
     Iban,
     Ip,
     Id,
+    /// What a tenant's mask filter matched.
+    Filtered,
 }
 
 impl Kind {
@@ -37,6 +41,7 @@ impl Kind {
             Kind::Iban => "[IBAN]",
             Kind::Ip => "[IP]",
             Kind::Id => "[ID]",
+            Kind::Filtered => "[FILTERED]",
         }
     }
 }
@@ -154,13 +159,27 @@ fn detectors() -> &'static [Detector] {
 /// Every PII value in `text`: byte ranges and kinds, in order, not
 /// overlapping (the earlier, then the longer, wins).
 pub fn find(text: &str) -> Vec<(usize, usize, Kind)> {
+    find_with(text, true, None)
+}
+
+/// [`find`] with PII on or off and a tenant's mask filters.
+pub fn find_with(text: &str, pii: bool, filters: Option<&Filters>) -> Vec<(usize, usize, Kind)> {
     let mut found: Vec<(usize, usize, Kind)> = Vec::new();
-    for d in detectors() {
-        for m in d.re.find_iter(text) {
-            if (d.valid)(m.as_str()) {
-                found.push((m.start(), m.end(), d.kind));
+    if pii {
+        for d in detectors() {
+            for m in d.re.find_iter(text) {
+                if (d.valid)(m.as_str()) {
+                    found.push((m.start(), m.end(), d.kind));
+                }
             }
         }
+    }
+    if let Some(f) = filters {
+        found.extend(
+            f.masked(text)
+                .into_iter()
+                .map(|(s, e)| (s, e, Kind::Filtered)),
+        );
     }
     found.sort_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)));
     let mut out: Vec<(usize, usize, Kind)> = Vec::new();
@@ -175,6 +194,11 @@ pub fn find(text: &str) -> Vec<(usize, usize, Kind)> {
 /// `text` with every PII value replaced by its label.
 pub fn mask(text: &str) -> String {
     mask_until(text, &find(text), text.len()).0
+}
+
+/// [`mask`] with PII on or off and a tenant's mask filters.
+pub fn mask_with(text: &str, pii: bool, filters: Option<&Filters>) -> String {
+    mask_until(text, &find_with(text, pii, filters), text.len()).0
 }
 
 /// Masks `text[..cut]` with `found` (which may reach past `cut`); the
@@ -196,16 +220,57 @@ fn mask_until(text: &str, found: &[(usize, usize, Kind)], cut: usize) -> (String
     (out, cut)
 }
 
-/// Masks a text that arrives in pieces.
-#[derive(Default)]
+/// Masks a text that arrives in pieces (and watches it for a tenant's
+/// block filters).
 pub struct StreamMasker {
     held: String,
+    pii: bool,
+    filters: Option<Arc<Filters>>,
+    blocked: bool,
+}
+
+impl Default for StreamMasker {
+    fn default() -> Self {
+        StreamMasker::new(true, None)
+    }
 }
 
 impl StreamMasker {
+    pub fn new(pii: bool, filters: Option<Arc<Filters>>) -> StreamMasker {
+        StreamMasker {
+            held: String::new(),
+            pii,
+            filters,
+            blocked: false,
+        }
+    }
+
+    /// Whether the text came to match a block filter: send nothing more.
+    pub fn blocked(&self) -> bool {
+        self.blocked
+    }
+
+    fn check_blocked(&mut self) -> bool {
+        if let Some(f) = &self.filters {
+            if f.blocked(&self.held).is_some() {
+                self.blocked = true;
+                self.held.clear();
+            }
+        }
+        self.blocked
+    }
+
     /// Takes the next piece; what can be sent now, masked.
     pub fn push(&mut self, piece: &str) -> String {
+        if self.blocked {
+            return String::new();
+        }
         self.held.push_str(piece);
+        // every byte is held until HOLD bytes follow it, so a blocked
+        // phrase up to HOLD bytes long is seen whole before any of it goes
+        if self.check_blocked() {
+            return String::new();
+        }
         if self.held.len() <= HOLD {
             return String::new();
         }
@@ -220,7 +285,7 @@ impl StreamMasker {
         if cut == 0 {
             return String::new();
         }
-        let found = find(&self.held);
+        let found = find_with(&self.held, self.pii, self.filters.as_deref());
         let (out, cut) = mask_until(&self.held, &found, cut);
         self.held.drain(..cut);
         out
@@ -228,8 +293,11 @@ impl StreamMasker {
 
     /// The rest, masked, when the stream ends.
     pub fn finish(&mut self) -> String {
+        if self.check_blocked() {
+            return String::new();
+        }
         let rest = std::mem::take(&mut self.held);
-        mask(&rest)
+        mask_with(&rest, self.pii, self.filters.as_deref())
     }
 }
 

@@ -35,6 +35,7 @@ mod canary;
 mod core;
 mod cost;
 mod fallback;
+pub mod filter;
 pub mod grpc;
 pub mod keys;
 pub mod limits;

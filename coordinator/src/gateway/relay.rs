@@ -73,8 +73,8 @@ impl Gateway {
         }
         let mut result = self.complete_admitted(&call).await;
         if let Ok((replica, answer)) = &mut result {
-            if admission.mask {
-                mask_answer(answer);
+            if let Some(m) = &admission.masking {
+                mask_answer(answer, m);
             }
             if let Some((key, ttl)) = slot {
                 self.cache.put(key, Cached::Answer(answer.clone()), ttl);
@@ -153,7 +153,10 @@ impl Gateway {
     ) {
         let mut usage = Value::Null;
         let mut pieces = 0u64;
-        let mut masker = admission.mask.then(super::mask::StreamMasker::default);
+        let mut masker = admission
+            .masking
+            .as_ref()
+            .map(|m| super::mask::StreamMasker::new(m.pii, m.filters.clone()));
         let mut last = Value::Null;
         let mut kept: Option<Vec<Value>> = slot.as_ref().map(|_| Vec::new());
         while let Some(mut item) = chunks.recv().await {
@@ -167,12 +170,25 @@ impl Gateway {
                         let masked = m.push(chunk_text(c));
                         set_chunk_text(c, masked);
                         last = c.clone();
+                        if m.blocked() {
+                            // a block filter matched: the answer ends here
+                            withhold(c);
+                            let _ = tx.send(item).await;
+                            let _ = tx.send(StreamItem::Done).await;
+                            break;
+                        }
                     }
                 }
             }
             if let (StreamItem::Done, Some(m)) = (&item, masker.as_mut()) {
                 // what the masker held, before the end
                 let rest = m.finish();
+                if m.blocked() && last.is_object() {
+                    withhold(&mut last);
+                    let _ = tx.send(StreamItem::Chunk(last.clone())).await;
+                    let _ = tx.send(StreamItem::Done).await;
+                    break;
+                }
                 if !rest.is_empty() && last.is_object() {
                     set_chunk_text(&mut last, rest);
                     if let Some(k) = kept.as_mut() {
@@ -208,6 +224,12 @@ impl Gateway {
         }
         self.settle(admission, Some((served_by, &usage)));
     }
+}
+
+/// Makes `chunk` the end of an answer a block filter withheld.
+fn withhold(chunk: &mut Value) {
+    set_chunk_text(chunk, String::new());
+    chunk["choices"][0]["finish_reason"] = Value::String("content_filter".into());
 }
 
 /// A cached stream, sent again.

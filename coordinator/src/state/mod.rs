@@ -24,7 +24,9 @@ pub use credential::{Credential, Permission, Role};
 pub use model::{Model, ModelSpec, ModelVersion};
 pub use node::{NodeInventory, NodeRecord, NodeState, Scheduling};
 pub use replica::{PipelineStage, Replica};
-pub use tenant::{KeyPolicy, Limits, Priority, Tenancy, Tenant, Usage, UsageKey};
+pub use tenant::{
+    ContentFilter, FilterAction, KeyPolicy, Limits, Priority, Tenancy, Tenant, Usage, UsageKey,
+};
 
 /// What a client proposes through Raft.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -118,6 +118,69 @@ pub struct Tenant {
     pub mask_pii: bool,
     /// Keep its deterministic answers this long (0: no cache).
     pub cache_ttl_s: u32,
+    /// Content filters on its prompts and answers, in order.
+    pub filters: Vec<ContentFilter>,
+}
+
+/// Most content filters a tenant holds.
+pub const MAX_FILTERS: usize = 32;
+/// Longest filter pattern, bytes.
+pub const MAX_PATTERN: usize = 256;
+
+/// A regular expression (Rust `regex` syntax; `(?i)` for any case) and
+/// what to do where it matches.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContentFilter {
+    pub pattern: String,
+    pub action: FilterAction,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FilterAction {
+    /// Refuse a prompt that matches; withhold an answer that does.
+    Block,
+    /// Replace what matches by `[FILTERED]`.
+    Mask,
+}
+
+impl FilterAction {
+    pub fn parse(s: &str) -> Result<FilterAction, String> {
+        match s {
+            "block" => Ok(FilterAction::Block),
+            "mask" => Ok(FilterAction::Mask),
+            other => Err(format!(
+                "filter action {other:?} is unknown; use block or mask"
+            )),
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FilterAction::Block => "block",
+            FilterAction::Mask => "mask",
+        }
+    }
+}
+
+impl ContentFilter {
+    /// The compiled pattern, or why it is refused.
+    pub fn compile(&self) -> Result<regex::Regex, String> {
+        if self.pattern.is_empty() || self.pattern.len() > MAX_PATTERN {
+            return Err(format!(
+                "filter pattern must be 1 to {MAX_PATTERN} bytes long, got {}",
+                self.pattern.len()
+            ));
+        }
+        regex::RegexBuilder::new(&self.pattern)
+            .size_limit(1 << 20)
+            .build()
+            .map_err(|e| {
+                format!(
+                    "filter pattern {:?} is not a valid regular expression: {e}",
+                    self.pattern
+                )
+            })
+    }
 }
 
 /// The policy of one inference key, by credential id.
@@ -302,6 +365,15 @@ fn validate_models(models: &[String]) -> Result<(), String> {
 impl Tenant {
     pub fn validate(&self) -> Result<(), String> {
         validate_name("tenant", &self.name)?;
+        if self.filters.len() > MAX_FILTERS {
+            return Err(format!(
+                "{} content filters; the most is {MAX_FILTERS}",
+                self.filters.len()
+            ));
+        }
+        for f in &self.filters {
+            f.compile()?;
+        }
         if self.cache_ttl_s > 86_400 {
             return Err(format!(
                 "cache_ttl_s is {}; the most is 86400 (a day)",
