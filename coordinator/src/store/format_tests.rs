@@ -422,6 +422,87 @@ fn arb_command() -> impl Strategy<Value = Command> {
             target: t,
             detail: "d".into()
         }),
+        arb_tenancy(),
+    ]
+}
+
+/// The tenant, key and usage commands, over two tenants and two keys.
+fn arb_tenancy() -> impl Strategy<Value = Command> {
+    use crate::state::{
+        ContentFilter, FilterAction, KeyPolicy, Limits, Priority, Tenant, Usage, UsageKey,
+    };
+    let tenant = prop::sample::select(vec!["t1", "t2"]);
+    let key = prop::sample::select(vec!["k1", "k2"]);
+    prop_oneof![
+        (
+            tenant.clone(),
+            prop::option::of(1u32..100),
+            any::<bool>(),
+            0u32..100
+        )
+            .prop_map(
+                |(t, rpm, mask_pii, cache_ttl_s)| Command::PutTenant(Tenant {
+                    name: t.into(),
+                    models: vec!["a".into()],
+                    limits: Limits {
+                        requests_per_minute: rpm,
+                        daily_budget_usd: rpm.map(f64::from),
+                        ..Default::default()
+                    },
+                    created_at_ms: 0,
+                    revision: 0,
+                    mask_pii,
+                    cache_ttl_s,
+                    filters: vec![ContentFilter {
+                        pattern: "(?i)x".into(),
+                        action: if mask_pii {
+                            FilterAction::Mask
+                        } else {
+                            FilterAction::Block
+                        },
+                    }],
+                })
+            ),
+        tenant
+            .clone()
+            .prop_map(|t| Command::DeleteTenant { name: t.into() }),
+        (arb_credential(), tenant.clone(), key.clone()).prop_map(|(mut c, t, k)| {
+            c.role = Role::Inference;
+            c.node_id = None;
+            Command::CreateKey {
+                credential: c,
+                policy: KeyPolicy {
+                    tenant: t.into(),
+                    name: k.into(),
+                    models: vec![],
+                    max_priority: Priority::High,
+                    limits: Limits::default(),
+                    revision: 0,
+                },
+            }
+        }),
+        (arb_credential(), "[0-9a-f]{16}").prop_map(|(mut c, old)| {
+            c.role = Role::Inference;
+            c.node_id = None;
+            Command::RotateKey { old, credential: c }
+        }),
+        (tenant, key, 0u32..3, 0u64..1000).prop_map(|(t, k, day, n)| Command::RecordUsage {
+            rows: vec![(
+                UsageKey {
+                    day: 20_000 + day,
+                    tenant: t.into(),
+                    key: k.into(),
+                    model: "a".into(),
+                },
+                Usage {
+                    requests: 1,
+                    prompt_tokens: n,
+                    completion_tokens: n / 2,
+                    gpu_seconds: n as f64 / 8.0,
+                    cost_usd: n as f64 / 1024.0,
+                },
+            )],
+        }),
     ]
 }
 
