@@ -125,6 +125,15 @@ pub struct UsageArgs {
     days: u32,
 }
 
+/// A list of models, or `none` when it is empty.
+fn models_cell(models: &[String], none: &str) -> String {
+    if models.is_empty() {
+        none.to_string()
+    } else {
+        models.join(",")
+    }
+}
+
 fn money(v: Option<f64>) -> String {
     v.map_or("-".into(), |v| format!("${v:.2}"))
 }
@@ -166,11 +175,7 @@ fn print_keys(keys: &[Key], json: bool) {
         "ID", "KEY", "MAX_PRIO", "MODELS", "LIMITS"
     );
     for k in keys {
-        let models = if k.models.is_empty() {
-            "(tenant's)".to_string()
-        } else {
-            k.models.join(",")
-        };
+        let models = models_cell(&k.models, "(tenant's)");
         println!(
             "{:<18} {:<28} {:<9} {:<20} {:<44} ${:.4}/${:.4}",
             k.id,
@@ -237,11 +242,7 @@ pub async fn tenant(client: &Client, cmd: TenantCmd, json: bool) -> Result<(), C
                 "TENANT", "MODELS", "LIMITS"
             );
             for t in &list {
-                let models = if t.models.is_empty() {
-                    "*".to_string()
-                } else {
-                    t.models.join(",")
-                };
+                let models = models_cell(&t.models, "*");
                 println!(
                     "{:<20} {:<24} {:<44} ${:.4}/${:.4}",
                     t.name,

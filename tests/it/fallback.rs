@@ -58,13 +58,10 @@ async fn a_model_that_cannot_serve_falls_back_to_the_model_its_label_names() {
     let post = |body: String, key: String| {
         let http = http.clone();
         move || {
-            use std::io::{Read, Write};
-            let mut s = std::net::TcpStream::connect(&http).ok()?;
-            write!(s, "POST /v1/chat/completions HTTP/1.0\r\nHost: x\r\nAuthorization: Bearer {key}\r\nx-talon-deadline-ms: 1000\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len()).ok()?;
-            let mut out = String::new();
-            s.read_to_string(&mut out).ok()?;
-            let (head, body) = out.split_once("\r\n\r\n")?;
-            Some((head.to_ascii_lowercase(), body.to_string()))
+            let path = "/v1/chat/completions";
+            let deadline = [("x-talon-deadline-ms", "1000")];
+            let (_, head, body) = talon_tests::http_post_with(&http, path, &body, &key, &deadline)?;
+            Some((head, body))
         }
     };
     let (head, answer) = tokio::task::spawn_blocking(post(body(false), key.clone()))

@@ -19,20 +19,7 @@ const LIMIT: u32 = 12;
 
 /// POSTs `body`; the status, the head (headers) and the body.
 fn post(addr: &str, path: &str, body: &str, key: &str) -> Option<(u16, String, String)> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(60))).ok()?;
-    write!(
-        s,
-        "POST {path} HTTP/1.0\r\nHost: x\r\nAuthorization: Bearer {key}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .ok()?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).ok()?;
-    let (head, body) = out.split_once("\r\n\r\n")?;
-    let status = head.split_whitespace().nth(1)?.parse().ok()?;
-    Some((status, head.to_ascii_lowercase(), body.to_string()))
+    talon_tests::http_post_with(addr, path, body, key, &[])
 }
 
 fn chat(model: &str) -> String {

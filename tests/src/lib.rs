@@ -49,18 +49,33 @@ pub fn model_spec(
 /// empty): the status code and the body, or `None` when the connection
 /// failed or nothing came back within 60 s.
 pub fn http_post(addr: &str, path: &str, body: &str, key: &str) -> Option<(u16, String)> {
+    http_post_with(addr, path, body, key, &[]).map(|(status, _, body)| (status, body))
+}
+
+/// [`http_post`] with `headers` added: the status, the head (status line
+/// and headers, lowercased) and the body.
+pub fn http_post_with(
+    addr: &str,
+    path: &str,
+    body: &str,
+    key: &str,
+    headers: &[(&str, &str)],
+) -> Option<(u16, String, String)> {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(addr).ok()?;
     s.set_read_timeout(Some(std::time::Duration::from_secs(60)))
         .ok()?;
-    let auth = if key.is_empty() {
+    let mut extra = if key.is_empty() {
         String::new()
     } else {
         format!("Authorization: Bearer {key}\r\n")
     };
+    for (name, value) in headers {
+        extra.push_str(&format!("{name}: {value}\r\n"));
+    }
     write!(
         s,
-        "POST {path} HTTP/1.0\r\nHost: x\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        "POST {path} HTTP/1.0\r\nHost: x\r\n{extra}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     )
     .ok()?;
@@ -68,7 +83,7 @@ pub fn http_post(addr: &str, path: &str, body: &str, key: &str) -> Option<(u16, 
     s.read_to_string(&mut out).ok()?;
     let (head, body) = out.split_once("\r\n\r\n")?;
     let status = head.split_whitespace().nth(1)?.parse().ok()?;
-    Some((status, body.to_string()))
+    Some((status, head.to_ascii_lowercase(), body.to_string()))
 }
 
 /// An HTTP client that sends `key` as its Bearer credential on every

@@ -127,6 +127,19 @@ fn text(answer: &Value) -> String {
         .to_string()
 }
 
+impl InferenceSvc {
+    /// The caller's key checked, then its request as a gateway call.
+    fn authorized_call(&self, request: &Request<pb::InferRequest>) -> Result<Call, Status> {
+        let principal =
+            self.gateway
+                .context()
+                .authorize_grpc(request, Permission::Infer, "inference")?;
+        let mut call = to_call(request)?;
+        call.principal = Some(principal);
+        Ok(call)
+    }
+}
+
 type ChunkStream = Pin<Box<dyn Stream<Item = Result<pb::InferChunk, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -135,12 +148,7 @@ impl pb::inference_server::Inference for InferenceSvc {
         &self,
         request: Request<pb::InferRequest>,
     ) -> Result<Response<pb::InferReply>, Status> {
-        let principal =
-            self.gateway
-                .context()
-                .authorize_grpc(&request, Permission::Infer, "inference")?;
-        let mut call = to_call(&request)?;
-        call.principal = Some(principal);
+        let call = self.authorized_call(&request)?;
         let (replica, answer) = self.gateway.complete(&call).await.map_err(status)?;
         let usage = &answer["usage"];
         Ok(Response::new(pb::InferReply {
@@ -166,12 +174,7 @@ impl pb::inference_server::Inference for InferenceSvc {
         &self,
         request: Request<pb::InferRequest>,
     ) -> Result<Response<ChunkStream>, Status> {
-        let principal =
-            self.gateway
-                .context()
-                .authorize_grpc(&request, Permission::Infer, "inference")?;
-        let mut call = to_call(&request)?;
-        call.principal = Some(principal);
+        let call = self.authorized_call(&request)?;
         let Streaming { replica, chunks } =
             self.gateway.open_stream(&call).await.map_err(status)?;
         let stream = tokio_stream::wrappers::ReceiverStream::new(chunks).filter_map(move |item| {

@@ -110,17 +110,12 @@ impl State {
                 }
             }
             Command::RecordUsage { rows } => {
-                let before: Vec<UsageKey> = self.tenancy.usage.keys().cloned().collect();
                 return match self.record_usage(at, rows) {
-                    Ok(n) => {
+                    Ok(dropped) => {
                         let mut changes: Vec<Change> =
                             rows.iter().map(|(k, _)| Change::Usage(k.clone())).collect();
-                        changes.extend(
-                            before
-                                .into_iter()
-                                .filter(|k| !self.tenancy.usage.contains_key(k))
-                                .map(Change::Usage),
-                        );
+                        changes.extend(dropped.into_iter().map(Change::Usage));
+                        let n = rows.len();
                         Applied::Unaudited(Response::UsageRecorded { rows: n }, changes)
                     }
                     Err(rejection) => Applied::Rejected(rejection),
@@ -328,11 +323,12 @@ impl State {
 
     /// Adds usage rows and drops days older than [`KEEP_DAYS`] before the
     /// entry's time. Rows are checked first: one bad row refuses the entry.
+    /// The rows dropped for their age.
     pub(super) fn record_usage(
         &mut self,
         at: u64,
         rows: &[(UsageKey, Usage)],
-    ) -> Result<usize, Rejected> {
+    ) -> Result<Vec<UsageKey>, Rejected> {
         if rows.len() > MAX_USAGE_ROWS {
             return Err(rejected(
                 RejectionKind::Invalid,
@@ -350,15 +346,11 @@ impl State {
             usage.entry(k.clone()).or_default().add(u);
         }
         let oldest = day_of(at).saturating_sub(KEEP_DAYS);
-        if usage.first_key_value().is_some_and(|(k, _)| k.day < oldest) {
-            let keep = usage.split_off(&UsageKey {
-                day: oldest,
-                tenant: String::new(),
-                key: String::new(),
-                model: String::new(),
-            });
-            *usage = keep;
+        if !usage.first_key_value().is_some_and(|(k, _)| k.day < oldest) {
+            return Ok(Vec::new());
         }
-        Ok(rows.len())
+        // rows sort by day first: the old ones are a prefix
+        let keep = usage.split_off(&UsageKey::first_of(oldest, ""));
+        Ok(std::mem::replace(usage, keep).into_keys().collect())
     }
 }

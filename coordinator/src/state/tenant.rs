@@ -221,6 +221,18 @@ pub struct UsageKey {
     pub model: String,
 }
 
+impl UsageKey {
+    /// The lowest key of `tenant` on `day` (every tenant's: `""`).
+    pub fn first_of(day: u32, tenant: &str) -> UsageKey {
+        UsageKey {
+            day,
+            tenant: tenant.to_string(),
+            key: String::new(),
+            model: String::new(),
+        }
+    }
+}
+
 /// What was spent.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Usage {
@@ -271,19 +283,19 @@ pub struct Tenancy {
 impl Tenancy {
     /// Spending of `tenant` (and of key `key`, if given) from day `from`
     /// through day `to`.
+    /// Rows sort by day, tenant, key: each day's rows of one tenant are
+    /// one range, so this reads only those (it runs on every request of
+    /// a key with a budget).
     pub fn spent(&self, tenant: &str, key: Option<&str>, from: u32, to: u32) -> f64 {
-        self.usage
-            .range(
-                UsageKey {
-                    day: from,
-                    tenant: String::new(),
-                    key: String::new(),
-                    model: String::new(),
-                }..,
-            )
-            .take_while(|(k, _)| k.day <= to)
-            .filter(|(k, _)| k.tenant == tenant && key.is_none_or(|key| k.key == key))
-            .map(|(_, u)| u.cost_usd)
+        (from..=to)
+            .map(|day| {
+                self.usage
+                    .range(UsageKey::first_of(day, tenant)..)
+                    .take_while(|(k, _)| k.day == day && k.tenant == tenant)
+                    .filter(|(k, _)| key.is_none_or(|key| k.key == key))
+                    .map(|(_, u)| u.cost_usd)
+                    .sum::<f64>()
+            })
             .sum()
     }
 }
