@@ -129,6 +129,12 @@ pub enum Command {
     RecordUsage {
         rows: Vec<(UsageKey, Usage)>,
     },
+    /// Create or replace a rule of the gateway's chain (format 6).
+    PutRule(super::chain::Rule),
+    /// Delete a rule of the chain.
+    DeleteRule {
+        name: String,
+    },
 }
 
 /// Why a request was refused. The state is unchanged.
@@ -181,6 +187,7 @@ pub enum Response {
     UsageRecorded {
         rows: usize,
     },
+    Rule(Box<super::chain::Rule>),
 }
 
 /// One admin mutation: who, what, when.
@@ -209,4 +216,6 @@ pub enum Change {
     /// A key policy, by credential id.
     Key(String),
     Usage(UsageKey),
+    /// A rule of the chain, by name.
+    Rule(String),
 }

@@ -9,6 +9,7 @@
 //! A request that breaks a rule (a bad spec, a model that does not exist)
 //! is answered with a [`Rejection`] and changes nothing.
 
+pub mod chain;
 pub mod command;
 pub mod credential;
 pub mod model;
@@ -53,6 +54,14 @@ pub struct State {
         deserialize_with = "tenant::deserialize_tenancy"
     )]
     pub tenancy: Tenancy,
+    /// The gateway's chain: rules by name (format 6; empty when read from
+    /// an older format).
+    #[serde(
+        default,
+        serialize_with = "chain::serialize_chain",
+        deserialize_with = "chain::deserialize_chain"
+    )]
+    pub chain: BTreeMap<String, chain::Rule>,
 }
 
 /// Longest free-text field accepted in a command (audit detail, reasons).
@@ -287,6 +296,14 @@ impl State {
                 let changes = removed.into_iter().map(Change::Audit).collect();
                 return (Response::Trimmed { removed: count }, changes);
             }
+            Command::PutRule(rule) => match self.put_rule(index, at, rule) {
+                Ok(done) => done,
+                Err(rejection) => return rejection,
+            },
+            Command::DeleteRule { name } => match self.delete_rule(index, name) {
+                Ok(done) => done,
+                Err(rejection) => return rejection,
+            },
             Command::PutTenant(_)
             | Command::DeleteTenant { .. }
             | Command::CreateKey { .. }

@@ -197,6 +197,8 @@ enum Layout {
     Format3,
     /// Replicas as now; the state without tenancy.
     Format4,
+    /// The state without the gateway's chain.
+    Format5,
 }
 
 thread_local! {
@@ -233,9 +235,21 @@ pub fn in_format_4<R>(f: impl FnOnce() -> R) -> R {
     in_layout(Layout::Format4, f)
 }
 
+/// [`in_format_2`] for the format-5 layout (the state without the
+/// gateway's chain).
+pub fn in_format_5<R>(f: impl FnOnce() -> R) -> R {
+    in_layout(Layout::Format5, f)
+}
+
 /// Whether values are read and written in the current layout.
 pub(super) fn layout_is_current() -> bool {
     LAYOUT.with(Cell::get) == Layout::Current
+}
+
+/// Whether the layout values are read and written in has tenancy (format
+/// 5 on).
+pub(super) fn layout_has_tenancy() -> bool {
+    matches!(LAYOUT.with(Cell::get), Layout::Current | Layout::Format5)
 }
 
 impl Serialize for Replica {
@@ -247,7 +261,7 @@ impl Serialize for Replica {
         let fields = match layout {
             Layout::Format2 => 9,
             Layout::Format3 => 13,
-            Layout::Current | Layout::Format4 => 14,
+            Layout::Current | Layout::Format4 | Layout::Format5 => 14,
         };
         let mut st = s.serialize_struct("Replica", fields)?;
         st.serialize_field("id", &self.id)?;
@@ -265,7 +279,7 @@ impl Serialize for Replica {
             st.serialize_field("mig_slice", &self.mig_slice)?;
             st.serialize_field("stages", &self.stages)?;
         }
-        if matches!(layout, Layout::Current | Layout::Format4) {
+        if matches!(layout, Layout::Current | Layout::Format4 | Layout::Format5) {
             st.serialize_field("pipeline", &self.pipeline)?;
         }
         st.end()
@@ -313,7 +327,7 @@ impl<'de> Deserialize<'de> for Replica {
                     pipeline: None,
                 }
             }
-            Layout::Current | Layout::Format4 => ReplicaV4::deserialize(d)?,
+            Layout::Current | Layout::Format4 | Layout::Format5 => ReplicaV4::deserialize(d)?,
         };
         Ok(Replica {
             gpus: if r.gpus.is_empty() {

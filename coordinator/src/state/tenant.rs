@@ -417,7 +417,7 @@ pub fn validate_usage_row(k: &UsageKey, u: &Usage) -> Result<(), String> {
 /// Tenancy is written only in the current layout: values of data formats
 /// 2 to 4 have no such field, and read as empty.
 pub(super) fn serialize_tenancy<S: Serializer>(t: &Tenancy, s: S) -> Result<S::Ok, S::Error> {
-    if super::replica::layout_is_current() {
+    if super::replica::layout_has_tenancy() {
         t.serialize(s)
     } else {
         s.serialize_unit()
@@ -425,7 +425,7 @@ pub(super) fn serialize_tenancy<S: Serializer>(t: &Tenancy, s: S) -> Result<S::O
 }
 
 pub(super) fn deserialize_tenancy<'de, D: Deserializer<'de>>(d: D) -> Result<Tenancy, D::Error> {
-    if super::replica::layout_is_current() {
+    if super::replica::layout_has_tenancy() {
         Tenancy::deserialize(d)
     } else {
         Ok(Tenancy::default())

@@ -16,16 +16,18 @@ use serde::Serialize;
 /// First bytes of every encoded value.
 pub const MAGIC: [u8; 2] = *b"TL";
 /// Version of the envelope's payload encoding (postcard, serde field order):
-/// 4 since the state holds tenants, key policies and usage (data format
-/// 5); 3 since replicas can be stages of a pipeline across nodes (format
+/// 5 since the state holds the gateway's chain (data format 6); 4 since
+/// it holds tenants, key policies and usage (format 5); 3 since replicas can be stages of a pipeline across nodes (format
 /// 4); 2 added their GPU list and MIG device (format 3).
-pub const ENCODING_VERSION: u8 = 4;
+pub const ENCODING_VERSION: u8 = 5;
 /// The envelope version of data format 2, which only the migration reads.
 pub const FORMAT_2_ENCODING: u8 = 1;
 /// The envelope version of data format 3, which only the migration reads.
 pub const FORMAT_3_ENCODING: u8 = 2;
 /// The envelope version of data format 4, which only the migration reads.
 pub const FORMAT_4_ENCODING: u8 = 3;
+/// The envelope version of data format 5, which only the migration reads.
+pub const FORMAT_5_ENCODING: u8 = 4;
 const HEADER: usize = MAGIC.len() + 1;
 
 /// Why bytes could not be decoded.
@@ -79,6 +81,21 @@ pub fn decode_format_3<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecErro
 /// state in it without tenancy; for the migration.
 pub fn decode_format_4<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
     crate::state::replica::in_format_4(|| decode_version(bytes, FORMAT_4_ENCODING))
+}
+
+/// Decodes a value of data format 5 (envelope version 4), reading the
+/// state in it without the chain; for the migration.
+pub fn decode_format_5<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
+    crate::state::replica::in_format_5(|| decode_version(bytes, FORMAT_5_ENCODING))
+}
+
+/// Encodes `value` as data format 5 wrote it (tests build format-5
+/// directories with it).
+#[cfg(test)]
+pub fn encode_format_5<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, CodecError> {
+    let mut out = crate::state::replica::in_format_5(|| encode(value))?;
+    out[MAGIC.len()] = FORMAT_5_ENCODING;
+    Ok(out)
 }
 
 /// Encodes `value` as data format 4 wrote it (tests build format-4

@@ -21,6 +21,7 @@ const GOLDEN_STATE: &str = include_str!("golden/format-v1-state.json");
 const GOLDEN_V2_DIR: &str = include_str!("golden/format-v2-datadir.json");
 const GOLDEN_V3_DIR: &str = include_str!("golden/format-v3-datadir.json");
 const GOLDEN_V4_DIR: &str = include_str!("golden/format-v4-datadir.json");
+const GOLDEN_V5_DIR: &str = include_str!("golden/format-v5-datadir.json");
 
 fn unhex(s: &str) -> Vec<u8> {
     (0..s.len())
@@ -70,6 +71,11 @@ fn golden_v3_dir() -> tempfile::TempDir {
 /// The same for format 4 (the state without tenancy).
 fn golden_v4_dir() -> tempfile::TempDir {
     golden_dump_dir(4, GOLDEN_V4_DIR)
+}
+
+/// The same for format 5 (the state without the chain).
+fn golden_v5_dir() -> tempfile::TempDir {
+    golden_dump_dir(5, GOLDEN_V5_DIR)
 }
 
 fn golden_dump_dir(format: u32, dump: &str) -> tempfile::TempDir {
@@ -133,6 +139,94 @@ async fn format_4_directory_migrates_and_reads_the_same() {
         assert!(codec::decode_format_4::<super::Applied>(&data).is_ok());
     }
     reads_the_golden_state(dir).await;
+}
+
+#[tokio::test]
+async fn format_5_directory_migrates_and_reads_the_same() {
+    let dir = golden_v5_dir();
+    {
+        let db = sled::Config::new()
+            .path(dir.path().join("db"))
+            .open()
+            .unwrap();
+        let data = db
+            .open_tree("snapshot")
+            .unwrap()
+            .get("current/data")
+            .unwrap()
+            .unwrap();
+        assert!(codec::decode::<super::Applied>(&data).is_err());
+        assert!(codec::decode_format_5::<super::Applied>(&data).is_ok());
+    }
+    reads_the_golden_state(dir).await;
+}
+
+/// A format-5 directory's tenants, key policies and usage rows are
+/// rewritten in the current envelope and read back the same.
+#[tokio::test]
+async fn format_5_tenancy_records_migrate() {
+    let dir = golden_v5_dir();
+    let tenant = Tenant {
+        name: "acme".into(),
+        models: vec!["llama".into()],
+        limits: Limits {
+            requests_per_minute: Some(60),
+            ..Default::default()
+        },
+        created_at_ms: 5,
+        revision: 14,
+        mask_pii: true,
+        cache_ttl_s: 30,
+        filters: vec![ContentFilter {
+            pattern: "secret".into(),
+            action: FilterAction::Mask,
+        }],
+    };
+    let policy = KeyPolicy {
+        tenant: "acme".into(),
+        name: "web".into(),
+        models: vec![],
+        max_priority: Priority::High,
+        limits: Limits::default(),
+        revision: 15,
+    };
+    let row = (
+        UsageKey {
+            day: 20_789,
+            tenant: "acme".into(),
+            key: "web".into(),
+            model: "llama".into(),
+        },
+        Usage {
+            requests: 3,
+            prompt_tokens: 30,
+            completion_tokens: 12,
+            gpu_seconds: 0.5,
+            cost_usd: 0.001,
+        },
+    );
+    {
+        let db = sled::Config::new()
+            .path(dir.path().join("db"))
+            .open()
+            .unwrap();
+        let sm = db.open_tree("sm").unwrap();
+        sm.insert("tenant/acme", codec::encode_format_5(&tenant).unwrap())
+            .unwrap();
+        sm.insert("key/k1", codec::encode_format_5(&policy).unwrap())
+            .unwrap();
+        sm.insert("usage/x", codec::encode_format_5(&row).unwrap())
+            .unwrap();
+        db.flush().unwrap();
+    }
+    let data = DataDir::open(dir.path(), 1).unwrap();
+    let sm = StateMachineStore::open(data, Arc::new(Metrics::new())).unwrap();
+    let applied = sm.shared();
+    let applied = applied.read().unwrap();
+    assert_eq!(applied.state.tenancy.tenants.get("acme"), Some(&tenant));
+    assert_eq!(applied.state.tenancy.keys.get("k1"), Some(&policy));
+    assert_eq!(applied.state.tenancy.usage.get(&row.0), Some(&row.1));
+    assert!(applied.state.chain.is_empty());
 }
 
 /// An old directory's replicas do not decode as the current format (the
@@ -423,6 +517,54 @@ fn arb_command() -> impl Strategy<Value = Command> {
             detail: "d".into()
         }),
         arb_tenancy(),
+        arb_rule(),
+    ]
+}
+
+/// The chain's commands, over two rule names and every action.
+fn arb_rule() -> impl Strategy<Value = Command> {
+    use crate::state::chain::{Action, Conditions, Rule, Window};
+    let name = prop::sample::select(vec!["r1", "r2"]);
+    let action = prop_oneof![
+        Just(Action::Route { model: "b".into() }),
+        (1u32..=100).prop_map(|percent| Action::Split {
+            model: "b".into(),
+            percent
+        }),
+        Just(Action::Fallback {
+            models: vec!["b".into(), "a".into()]
+        }),
+        (1u32..10, 1u32..60).prop_map(|(failures, open_s)| Action::Breaker { failures, open_s }),
+        Just(Action::Deny {
+            message: "closed".into()
+        }),
+        Just(Action::CapPriority {
+            priority: Priority::Normal
+        }),
+        Just(Action::MaskPii),
+    ];
+    prop_oneof![
+        (name.clone(), 0u32..100, action, 0u16..1440, -720i16..840).prop_map(
+            |(n, priority, action, from, offset)| Command::PutRule(Rule {
+                name: n.into(),
+                priority,
+                when: Conditions {
+                    models: vec!["a".into()],
+                    tenants: vec!["t1".into()],
+                    priorities: vec![Priority::Low],
+                    header: Some(("x-team".into(), "ads".into())),
+                    hours: Some(Window {
+                        from_minute: from,
+                        to_minute: (from + 60) % 1440,
+                        utc_offset_minutes: offset,
+                    }),
+                },
+                action,
+                created_at_ms: 0,
+                revision: 0,
+            })
+        ),
+        name.prop_map(|n| Command::DeleteRule { name: n.into() }),
     ]
 }
 
@@ -612,4 +754,38 @@ async fn snapshots_round_trip() {
 fn arb_inventory_fixed() -> NodeInventory {
     let mut runner = proptest::test_runner::TestRunner::deterministic();
     arb_inventory().new_tree(&mut runner).unwrap().current()
+}
+
+/// Writes the golden format-1 directory, migrated by this build, as a dump
+/// (`golden_dump_dir` reads it back): the fixture of this format for the
+/// release after it. `cargo test -p talon-coordinator --lib
+/// dump_golden_current -- --ignored` writes `golden-current.json` in the
+/// system's temporary directory.
+#[test]
+#[ignore]
+fn dump_golden_current() {
+    let dir = golden_v1_dir();
+    drop(DataDir::open(dir.path(), 1).unwrap());
+    let db = sled::Config::new()
+        .path(dir.path().join("db"))
+        .open()
+        .unwrap();
+    let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+    let mut out = serde_json::Map::new();
+    for name in ["log", "meta", "sm", "snapshot"] {
+        let tree = db.open_tree(name).unwrap();
+        let rows: Vec<serde_json::Value> = tree
+            .iter()
+            .map(|i| {
+                let (k, v) = i.unwrap();
+                serde_json::json!([hex(&k), hex(&v)])
+            })
+            .collect();
+        out.insert(name.into(), rows.into());
+    }
+    std::fs::write(
+        std::env::temp_dir().join("golden-current.json"),
+        serde_json::to_string_pretty(&out).unwrap(),
+    )
+    .unwrap();
 }

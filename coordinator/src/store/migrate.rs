@@ -1,8 +1,9 @@
-//! Older formats → 5: every record of a format-1 (JSON), format-2
+//! Older formats → 6: every record of a format-1 (JSON), format-2
 //! (envelope version 1, replicas without GPU list or MIG device),
-//! format-3 (envelope version 2, replicas without pipeline stage) or
-//! format-4 (envelope version 3, a state without tenancy) data directory
-//! rewritten in the current envelope of [`codec`](super::codec).
+//! format-3 (envelope version 2, replicas without pipeline stage),
+//! format-4 (envelope version 3, a state without tenancy) or format-5
+//! (envelope version 4, a state without the gateway's chain) data
+//! directory rewritten in the current envelope of [`codec`](super::codec).
 //!
 //! The migration is idempotent: a value already in the current envelope is
 //! left alone, so a migration cut short by a crash simply runs again at the
@@ -12,7 +13,9 @@
 use super::codec;
 use super::state_machine::Applied;
 use crate::raft_types::{Entry, LogId, SnapshotMeta, StoredMembership, Vote};
-use crate::state::{AuditEntry, Credential, Model, NodeRecord, Replica};
+use crate::state::{
+    AuditEntry, Credential, KeyPolicy, Model, NodeRecord, Replica, Tenant, Usage, UsageKey,
+};
 
 /// How an old value is written.
 #[derive(Clone, Copy)]
@@ -25,6 +28,8 @@ enum Old {
     Format3,
     /// Format 4: envelope version 3.
     Format4,
+    /// Format 5: envelope version 4.
+    Format5,
 }
 
 fn convert<T: serde::de::DeserializeOwned + serde::Serialize>(
@@ -37,6 +42,7 @@ fn convert<T: serde::de::DeserializeOwned + serde::Serialize>(
         Old::Format2 => codec::decode_format_2(bytes).map_err(|e| format!("{what}: {e}"))?,
         Old::Format3 => codec::decode_format_3(bytes).map_err(|e| format!("{what}: {e}"))?,
         Old::Format4 => codec::decode_format_4(bytes).map_err(|e| format!("{what}: {e}"))?,
+        Old::Format5 => codec::decode_format_5(bytes).map_err(|e| format!("{what}: {e}"))?,
     };
     codec::encode(&value).map_err(|e| format!("{what}: {e}"))
 }
@@ -64,6 +70,9 @@ fn convert_value(
         ("sm", k) if k.starts_with(b"credential/") => convert::<Credential>(&name, old, bytes)?,
         ("sm", b"meta/auth") => convert::<[u8; 32]>("cluster secret", old, bytes)?,
         ("sm", k) if k.starts_with(b"audit/") => convert::<AuditEntry>("audit entry", old, bytes)?,
+        ("sm", k) if k.starts_with(b"tenant/") => convert::<Tenant>(&name, old, bytes)?,
+        ("sm", k) if k.starts_with(b"key/") => convert::<KeyPolicy>(&name, old, bytes)?,
+        ("sm", k) if k.starts_with(b"usage/") => convert::<(UsageKey, Usage)>(&name, old, bytes)?,
         ("snapshot", b"current/meta") => convert::<SnapshotMeta>("snapshot meta", old, bytes)?,
         ("snapshot", b"current/data") => convert::<Applied>("snapshot data", old, bytes)?,
         _ => return Err(format!("unknown key {name:?} in tree {tree:?}")),
@@ -71,7 +80,7 @@ fn convert_value(
     Ok(Some(bytes))
 }
 
-/// Rewrites every format-1, -2, -3 or -4 value of `db` in place and flushes.
+/// Rewrites every format-1 to -5 value of `db` in place and flushes.
 pub(super) fn to_current(db: &sled::Db) -> Result<u64, String> {
     let mut converted = 0;
     for tree_name in ["meta", "log", "sm", "snapshot"] {
@@ -84,6 +93,7 @@ pub(super) fn to_current(db: &sled::Db) -> Result<u64, String> {
                 Some(codec::FORMAT_2_ENCODING) => Old::Format2,
                 Some(codec::FORMAT_3_ENCODING) => Old::Format3,
                 Some(codec::FORMAT_4_ENCODING) => Old::Format4,
+                Some(codec::FORMAT_5_ENCODING) => Old::Format5,
                 // current (or a version the decoder will name when read)
                 Some(_) => continue,
             };

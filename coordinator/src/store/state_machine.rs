@@ -33,6 +33,7 @@ const AUTH: &[u8] = b"meta/auth";
 const TENANT: &[u8] = b"tenant/";
 const KEY: &[u8] = b"key/";
 const USAGE: &[u8] = b"usage/";
+const RULE: &[u8] = b"rule/";
 
 /// `usage/<day BE><tenant>\0<key>\0<model>`: sorted by day, so old days
 /// are a prefix range.
@@ -59,6 +60,7 @@ fn every_record(state: &State) -> Vec<Change> {
     all.extend(state.tenancy.tenants.keys().cloned().map(Change::Tenant));
     all.extend(state.tenancy.keys.keys().cloned().map(Change::Key));
     all.extend(state.tenancy.usage.keys().cloned().map(Change::Usage));
+    all.extend(state.chain.keys().cloned().map(Change::Rule));
     all
 }
 const SNAPSHOT_META: &str = "current/meta";
@@ -140,6 +142,12 @@ impl StateMachineStore {
                     .tenancy
                     .tenants
                     .insert(name, codec::decode(&v).map_err(read_err)?);
+            } else if let Some(name) = k.strip_prefix(RULE) {
+                let name = String::from_utf8_lossy(name).into_owned();
+                applied
+                    .state
+                    .chain
+                    .insert(name, codec::decode(&v).map_err(read_err)?);
             } else if let Some(id) = k.strip_prefix(KEY) {
                 let id = String::from_utf8_lossy(id).into_owned();
                 applied
@@ -220,6 +228,13 @@ impl StateMachineStore {
                     let key = prefixed(TENANT, name.as_bytes());
                     match state.tenancy.tenants.get(name) {
                         Some(t) => batch.insert(key, codec::encode(t).map_err(write_err)?),
+                        None => batch.remove(key),
+                    }
+                }
+                Change::Rule(name) => {
+                    let key = prefixed(RULE, name.as_bytes());
+                    match state.chain.get(name) {
+                        Some(r) => batch.insert(key, codec::encode(r).map_err(write_err)?),
                         None => batch.remove(key),
                     }
                 }
