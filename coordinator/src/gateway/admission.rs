@@ -9,12 +9,14 @@ use std::time::Instant;
 
 use serde_json::Value;
 
+use super::chain::{self, Admitting, Step};
 use super::core::{Call, Gateway};
 use super::filter::Filters;
 use super::keys::{self, Holder};
 use super::limits::{Need, Reservation, DEFAULT_RESERVE};
 use super::GwError;
 use crate::quota::Meter;
+use crate::state::chain::Rule;
 use crate::state::{Priority, Usage, UsageKey};
 
 /// An admitted request, to settle when it ends.
@@ -214,51 +216,110 @@ impl Gateway {
         admitted
     }
 
+    /// Runs the chain ([`super::chain`]) on `call`: the rules and
+    /// compiled plugins in order, and at their places the built-ins —
+    /// the key's check, the guardrails on the prompt, the budgets and
+    /// limits (the cache is the caller's, after admission).
     async fn admit_or_refuse(&self, call: &Call) -> Result<(Call, Admission), GwError> {
-        let model = call.model()?.to_string();
-        let holder = call.principal.as_ref().and_then(|p| {
+        call.model()?;
+        let (rules, holder) = {
             let applied = self.ctx.state.read().expect("state lock poisoned");
-            Holder::of(&applied.state, &p.credential)
-        });
-        let mut call = call.clone();
-        let prompt_estimate = estimate_prompt_tokens(&call.body);
-        let mut admission = Admission {
-            holder: None,
+            let holder = call
+                .principal
+                .as_ref()
+                .and_then(|p| Holder::of(&applied.state, &p.credential));
+            let rules: Vec<Rule> = applied.state.chain.values().cloned().collect();
+            (rules, holder)
+        };
+        let mut a = Admitting {
+            call: call.clone(),
+            holder,
+            checked: None,
+            mask_pii: false,
+            breaker: None,
+            applied: Vec::new(),
+        };
+        let mut reservation = Reservation::default();
+        let mut masking = None;
+        for step in chain::steps(&rules, &self.plugins) {
+            let done = match step {
+                Step::Builtin("keys") => self.check_key(&mut a),
+                Step::Builtin("guardrails") => self.guard_prompt(&mut a).map(|m| masking = m),
+                Step::Builtin("limits") => self.reserve_limits(&a).await.map(|r| reservation = r),
+                Step::Builtin(_) => Ok(()),
+                step => self.run_step(&step, &mut a),
+            };
+            if let Err(e) = done {
+                // an entry after the limits refused: what they reserved goes back
+                self.limiter.release(reservation);
+                return Err(e);
+            }
+        }
+        if !a.applied.is_empty() {
+            tracing::debug!(rules = ?a.applied, model = a.call.model().unwrap_or_default(), "chain applied");
+        }
+        let model = a.call.model()?.to_string();
+        let prompt_estimate = estimate_prompt_tokens(&a.call.body);
+        let mut call = a.call;
+        call.breaker = a.breaker;
+        let admission = Admission {
+            holder: a.holder,
             model,
-            reservation: Reservation::default(),
+            reservation,
             prompt_estimate,
             started: Instant::now(),
-            masking: None,
+            masking,
         };
-        let Some(holder) = holder else {
-            return Ok((call, admission));
+        Ok((call, admission))
+    }
+
+    /// The `keys` built-in: the model and priority the key may ask for.
+    fn check_key(&self, a: &mut Admitting) -> Result<(), GwError> {
+        let Some(holder) = &a.holder else {
+            return Ok(());
         };
-        let priority = keys::check(&holder, &admission.model, call.priority.as_deref())?;
-        let filters = self.filters.of(&holder.tenant);
-        if holder.tenant.mask_pii || filters.is_some() {
-            let masking = Masking {
-                pii: holder.tenant.mask_pii,
-                filters,
-            };
-            mask_prompt(&mut call.body, &masking, &holder.tenant.name)?;
-            admission.masking = Some(masking);
+        let priority = keys::check(holder, a.call.model()?, a.call.priority.as_deref())?;
+        if priority != Priority::Normal || a.call.priority.is_some() {
+            a.call.priority = Some(priority.as_str().to_string());
         }
-        if priority != Priority::Normal || call.priority.is_some() {
-            call.priority = Some(priority.as_str().to_string());
+        a.checked = Some(priority);
+        Ok(())
+    }
+
+    /// The `guardrails` built-in: a prompt a block filter matches is
+    /// refused, the rest masked; how the answer is to be masked.
+    fn guard_prompt(&self, a: &mut Admitting) -> Result<Option<Masking>, GwError> {
+        let (filters, tenant_pii, tenant) = match &a.holder {
+            Some(h) => (
+                self.filters.of(&h.tenant),
+                h.tenant.mask_pii,
+                h.tenant.name.as_str(),
+            ),
+            None => (None, false, "-"),
+        };
+        let pii = tenant_pii || a.mask_pii;
+        if !pii && filters.is_none() {
+            return Ok(None);
         }
+        let masking = Masking { pii, filters };
+        mask_prompt(&mut a.call.body, &masking, tenant)?;
+        Ok(Some(masking))
+    }
+
+    /// The `limits` built-in: budgets, then a reservation of the key's and
+    /// tenant's requests and tokens per minute.
+    async fn reserve_limits(&self, a: &Admitting) -> Result<Reservation, GwError> {
+        let Some(holder) = &a.holder else {
+            return Ok(Reservation::default());
+        };
         {
             let unrecorded = self
                 .limiter
                 .unrecorded(&holder.tenant.name, &holder.policy.name);
             let applied = self.ctx.state.read().expect("state lock poisoned");
-            keys::check_budgets(
-                &applied.state,
-                &holder,
-                crate::context::now_ms(),
-                unrecorded,
-            )?;
+            keys::check_budgets(&applied.state, holder, crate::context::now_ms(), unrecorded)?;
         }
-        let tokens = prompt_estimate + completion_reserve(&call.body);
+        let tokens = estimate_prompt_tokens(&a.call.body) + completion_reserve(&a.call.body);
         let mut needs: Vec<Need> = Vec::new();
         let (k, t) = (&holder.policy.limits, &holder.tenant.limits);
         let id = holder.credential.clone();
@@ -275,10 +336,7 @@ impl Gateway {
         if let Some(tpm) = t.tokens_per_minute {
             needs.push((Meter::TenantTokens(tenant), tokens as f64, tpm as f64));
         }
-        admission.reservation = self.limiter.reserve(needs, tokens).await?;
-        admission.holder = Some(holder);
-        admission.started = Instant::now();
-        Ok((call, admission))
+        self.limiter.reserve(needs, tokens).await
     }
 
     /// Ends an admission answered from the cache: the reservation goes

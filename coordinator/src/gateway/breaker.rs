@@ -1,4 +1,5 @@
-//! Circuit breakers per replica: a replica that failed [`TRIP_AFTER`]
+//! Circuit breakers per replica (and per model, where a chain rule asks
+//! for one: [`super::chain`]): a replica that failed [`TRIP_AFTER`]
 //! requests in a row is skipped for [`OPEN_FOR`] (open), then given one
 //! request (half-open): success closes the breaker, failure opens it
 //! again. A replica that is only full (429) is not failing. When every
@@ -52,20 +53,42 @@ impl Breakers {
     }
 
     pub fn failure(&self, replica: &str, now: Instant) {
+        self.failure_after(replica, now, TRIP_AFTER, OPEN_FOR);
+    }
+
+    /// A failure of `key`, whose breaker opens after `trip_after` in a
+    /// row for `open_for` (a model's breaker, as a chain rule sets it).
+    pub fn failure_after(&self, key: &str, now: Instant, trip_after: u32, open_for: Duration) {
         let mut all = self.by_replica.lock().expect("breaker lock poisoned");
-        let next = match all.get(replica).copied() {
-            None => State::Closed { failures: 1 },
-            Some(State::Closed { failures }) if failures + 1 < TRIP_AFTER => State::Closed {
+        let next = match all.get(key).copied() {
+            Some(State::Closed { failures }) if failures + 1 < trip_after => State::Closed {
                 failures: failures + 1,
             },
-            Some(State::Closed { .. } | State::HalfOpen) | Some(State::Open { .. }) => {
-                tracing::warn!(%replica, "circuit breaker open: skipping the replica for {OPEN_FOR:?}");
+            None if trip_after > 1 => State::Closed { failures: 1 },
+            None | Some(State::Closed { .. } | State::HalfOpen) | Some(State::Open { .. }) => {
+                tracing::warn!(%key, "circuit breaker open for {open_for:?}");
                 State::Open {
-                    until: now + OPEN_FOR,
+                    until: now + open_for,
                 }
             }
         };
-        all.insert(replica.to_string(), next);
+        all.insert(key.to_string(), next);
+    }
+
+    /// Seconds until `key`'s open breaker lets a probe through (0 when it
+    /// is not open).
+    pub fn open_for_s(&self, key: &str, now: Instant) -> u64 {
+        match self
+            .by_replica
+            .lock()
+            .expect("breaker lock poisoned")
+            .get(key)
+        {
+            Some(State::Open { until }) => {
+                until.saturating_duration_since(now).as_secs_f64().ceil() as u64
+            }
+            _ => 0,
+        }
     }
 
     #[cfg(test)]
@@ -75,6 +98,56 @@ impl Breakers {
             .expect("breaker lock poisoned")
             .get(replica)
             .copied()
+    }
+}
+
+impl super::core::Gateway {
+    /// Refuses a call whose model's breaker (a chain rule's) is open:
+    /// 503, which hands it to the model's fallback.
+    pub(super) fn model_breaker_allows(
+        &self,
+        call: &super::core::Call,
+    ) -> Result<(), super::GwError> {
+        let (Some(_), Ok(model)) = (call.breaker, call.model()) else {
+            return Ok(());
+        };
+        let now = Instant::now();
+        if self.model_breakers.allows(model, now) {
+            return Ok(());
+        }
+        let wait = self.model_breakers.open_for_s(model, now).max(1);
+        Err(super::GwError {
+            retry_after_s: Some(wait),
+            ..super::GwError::new(
+                axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                "breaker_open",
+                format!(
+                    "model {model:?} failed too often; its circuit breaker is open for {wait} s more (a probe goes through then)"
+                ),
+            )
+        })
+    }
+
+    /// Counts how a call to its model ended, when a rule gave the model a
+    /// breaker: a failure to serve (502, 503, 504) counts against it, an
+    /// answer closes it; a refusal of the request itself (4xx) is neither.
+    pub(super) fn model_breaker_outcome(
+        &self,
+        call: &super::core::Call,
+        error: Option<&super::GwError>,
+    ) {
+        let (Some((trip_after, open_for)), Ok(model)) = (call.breaker, call.model()) else {
+            return;
+        };
+        match error {
+            None => self.model_breakers.success(model),
+            Some(e) if e.kind == "breaker_open" => {}
+            Some(e) if matches!(e.status.as_u16(), 502..=504) => {
+                self.model_breakers
+                    .failure_after(model, Instant::now(), trip_after, open_for)
+            }
+            Some(_) => {}
+        }
     }
 }
 

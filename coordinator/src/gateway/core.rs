@@ -109,6 +109,15 @@ pub struct Call {
     /// Fallbacks taken so far (a chain is followed at most
     /// [`super::fallback::MAX_HOPS`] deep).
     pub hops: u8,
+    /// The request's headers (gRPC metadata), names in lowercase; what
+    /// the chain's header conditions read. Credentials are left out.
+    pub headers: Vec<(String, String)>,
+    /// Models still to fall back to, as a chain rule gave them (empty:
+    /// the model's `fallback` label).
+    pub fallbacks: Vec<String>,
+    /// The model's breaker, as a chain rule set it: failures in a row,
+    /// time open.
+    pub breaker: Option<(u32, Duration)>,
 }
 
 impl Call {
@@ -121,6 +130,13 @@ impl Call {
             body,
             principal: None,
             hops: 0,
+            headers: kept_headers(
+                headers
+                    .iter()
+                    .filter_map(|(k, v)| Some((k.as_str(), v.to_str().ok()?))),
+            ),
+            fallbacks: Vec::new(),
+            breaker: None,
             priority: header("x-talon-priority").map(str::to_string),
             deadline: header("x-talon-deadline-ms")
                 .and_then(|v| v.parse().ok())
@@ -142,6 +158,36 @@ impl Call {
         self.body["model"].as_str().ok_or_else(|| {
             GwError::bad_request("the request has no \"model\"; name a registered model")
         })
+    }
+}
+
+/// Most headers a call keeps for the chain's conditions.
+const MAX_KEPT_HEADERS: usize = 64;
+
+/// The headers a call keeps: names in lowercase, credentials left out, at
+/// most [`MAX_KEPT_HEADERS`] of at most 256 bytes each.
+pub(super) fn kept_headers<'a>(
+    headers: impl Iterator<Item = (&'a str, &'a str)>,
+) -> Vec<(String, String)> {
+    headers
+        .filter(|(k, v)| {
+            !matches!(
+                k.to_ascii_lowercase().as_str(),
+                "authorization" | "cookie" | "proxy-authorization" | "x-api-key"
+            ) && v.len() <= 256
+        })
+        .take(MAX_KEPT_HEADERS)
+        .map(|(k, v)| (k.to_ascii_lowercase(), v.to_string()))
+        .collect()
+}
+
+impl Call {
+    /// The value of header `name` (lowercase), if the call has it.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
     }
 }
 
@@ -185,7 +231,14 @@ pub struct Gateway {
     pub(super) limiter: Arc<super::limits::Limiter>,
     pub(super) cache: super::cache::ResponseCache,
     pub(super) breakers: Arc<super::breaker::Breakers>,
+    /// Breakers per model, where a chain rule asks for one.
+    pub(super) model_breakers: Arc<super::breaker::Breakers>,
     pub(super) filters: Arc<super::filter::FilterCache>,
+    /// Plugins compiled in ([`Gateway::with_plugin`]).
+    pub(super) plugins: Arc<Vec<Arc<dyn super::chain::Plugin>>>,
+    pub(super) splits: Arc<super::chain::Splits>,
+    /// Unix ms; what time-of-day conditions read.
+    pub(super) clock: Arc<dyn Fn() -> u64 + Send + Sync>,
 }
 
 /// Counts a request in flight to a replica until dropped.
@@ -230,7 +283,11 @@ impl Gateway {
             limiter: Arc::new(super::limits::Limiter::new(ctx_limits)),
             cache: super::cache::ResponseCache::default(),
             breakers: Arc::default(),
+            model_breakers: Arc::default(),
             filters: Arc::default(),
+            plugins: Arc::default(),
+            splits: Arc::default(),
+            clock: Arc::new(crate::context::now_ms),
         }
     }
 

@@ -1,6 +1,7 @@
-//! Fallback chains: a model labelled `fallback=<other model>` hands a
-//! request it cannot serve — every replica full (429), failing (502) or
-//! none ready in time (503) — to the other model, whose own label may
+//! Fallback chains: a chain rule's `fallback` list (tried in order), or
+//! else a model labelled `fallback=<other model>`, hands a request the
+//! model cannot serve — every replica full (429), failing (502), none
+//! ready in time or its breaker open (503) — to the other model, whose own label may
 //! name a third, at most [`MAX_HOPS`] deep. The other model is admitted
 //! afresh: the key must be allowed it (a key it refuses gets the first
 //! model's error), and its limits and costs apply. The
@@ -33,15 +34,20 @@ impl Gateway {
             return None;
         }
         let model = call.model().ok()?;
-        let next = {
-            let applied = self.ctx.state.read().expect("state lock poisoned");
-            applied
-                .state
-                .models
-                .get(model)?
-                .labels
-                .get(FALLBACK_LABEL)?
-                .clone()
+        // a chain rule's list first, else the model's label
+        let (next, rest) = match call.fallbacks.split_first() {
+            Some((next, rest)) => (next.clone(), rest.to_vec()),
+            None => {
+                let applied = self.ctx.state.read().expect("state lock poisoned");
+                let next = applied
+                    .state
+                    .models
+                    .get(model)?
+                    .labels
+                    .get(FALLBACK_LABEL)?
+                    .clone();
+                (next, Vec::new())
+            }
         };
         if next == model {
             return None;
@@ -49,6 +55,8 @@ impl Gateway {
         tracing::info!(%model, fallback = %next, reason = %e.message, "falling back");
         let mut call = call.clone();
         call.body["model"] = serde_json::Value::String(next);
+        call.fallbacks = rest;
+        call.breaker = None;
         call.hops += 1;
         Some(call)
     }

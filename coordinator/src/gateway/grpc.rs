@@ -114,6 +114,12 @@ fn to_call(request: &Request<pb::InferRequest>) -> Result<Call, Status> {
         deadline,
         principal: None,
         hops: 0,
+        headers: super::core::kept_headers(request.metadata().iter().filter_map(|kv| match kv {
+            tonic::metadata::KeyAndValueRef::Ascii(k, v) => Some((k.as_str(), v.to_str().ok()?)),
+            tonic::metadata::KeyAndValueRef::Binary(..) => None,
+        })),
+        fallbacks: Vec::new(),
+        breaker: None,
         cache: super::cache::Use::of(None, None, &body),
         body,
     })

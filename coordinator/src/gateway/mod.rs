@@ -32,6 +32,7 @@ pub mod auth;
 mod breaker;
 mod cache;
 mod canary;
+pub mod chain;
 mod core;
 mod cost;
 mod fallback;

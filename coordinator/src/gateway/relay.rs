@@ -43,8 +43,9 @@ impl Gateway {
     /// a cached answer) and its answer; a model that cannot serve it hands
     /// it to its fallback ([`super::fallback`]).
     pub async fn complete(&self, call: &Call) -> Result<(String, Value), GwError> {
-        match self.complete_once(call).await {
-            Err(e) => match self.fallback_of(call, &e) {
+        let (result, tried) = self.complete_once(call).await;
+        match result {
+            Err(e) => match self.fallback_of(&tried, &e) {
                 // a key the fallback refuses gets the first model's answer
                 Some(next) => match Box::pin(self.complete(&next)).await {
                     Err(f) if f.status == axum::http::StatusCode::FORBIDDEN => Err(e),
@@ -56,8 +57,13 @@ impl Gateway {
         }
     }
 
-    async fn complete_once(&self, call: &Call) -> Result<(String, Value), GwError> {
-        let (call, admission) = self.admit(call).await?;
+    /// One model's try at `call`: the outcome, and the call as the chain
+    /// left it (its model, its fallbacks).
+    async fn complete_once(&self, call: &Call) -> (Result<(String, Value), GwError>, Call) {
+        let (call, admission) = match self.admit(call).await {
+            Ok(admitted) => admitted,
+            Err(e) => return (Err(e), call.clone()),
+        };
         let slot = self.cache_slot(&call, &admission, false);
         if let Some((key, _)) = &slot {
             if call.cache == Use::Both {
@@ -65,13 +71,18 @@ impl Gateway {
                     if let Cached::Answer(answer) = &*hit {
                         self.count_cache("hit");
                         self.settle_hit(admission);
-                        return Ok(("cache".into(), answer.clone()));
+                        return (Ok(("cache".into(), answer.clone())), call);
                     }
                 }
             }
             self.count_cache("miss");
         }
+        if let Err(e) = self.model_breaker_allows(&call) {
+            self.settle(admission, None);
+            return (Err(e), call);
+        }
         let mut result = self.complete_admitted(&call).await;
+        self.model_breaker_outcome(&call, result.as_ref().err());
         if let Ok((replica, answer)) = &mut result {
             if let Some(m) = &admission.masking {
                 mask_answer(answer, m);
@@ -83,7 +94,7 @@ impl Gateway {
         } else {
             self.settle(admission, None);
         }
-        result
+        (result, call)
     }
 
     /// Opens a streaming call: the first chunk has arrived when this
@@ -91,8 +102,9 @@ impl Gateway {
     /// receiver. Before the first chunk a model that cannot serve it hands
     /// it to its fallback.
     pub async fn open_stream(&self, call: &Call) -> Result<Streaming, GwError> {
-        match self.open_stream_once(call).await {
-            Err(e) => match self.fallback_of(call, &e) {
+        let (result, tried) = self.open_stream_once(call).await;
+        match result {
+            Err(e) => match self.fallback_of(&tried, &e) {
                 Some(next) => match Box::pin(self.open_stream(&next)).await {
                     Err(f) if f.status == axum::http::StatusCode::FORBIDDEN => Err(e),
                     other => other,
@@ -103,10 +115,19 @@ impl Gateway {
         }
     }
 
-    async fn open_stream_once(&self, call: &Call) -> Result<Streaming, GwError> {
-        let (call, admission) = self.admit(call).await?;
-        if !admission.is_charged() {
-            return self.open_replica_stream(&call).await;
+    async fn open_stream_once(&self, call: &Call) -> (Result<Streaming, GwError>, Call) {
+        let (call, admission) = match self.admit(call).await {
+            Ok(admitted) => admitted,
+            Err(e) => return (Err(e), call.clone()),
+        };
+        if let Err(e) = self.model_breaker_allows(&call) {
+            self.settle(admission, None);
+            return (Err(e), call);
+        }
+        if !admission.is_charged() && admission.masking.is_none() {
+            let opened = self.open_replica_stream(&call).await;
+            self.model_breaker_outcome(&call, opened.as_ref().err());
+            return (opened, call);
         }
         let slot = self.cache_slot(&call, &admission, true);
         if let Some((key, _)) = &slot {
@@ -115,17 +136,19 @@ impl Gateway {
                     if let Cached::Chunks(chunks) = &*hit {
                         self.count_cache("hit");
                         self.settle_hit(admission);
-                        return Ok(replay(chunks.clone()));
+                        return (Ok(replay(chunks.clone())), call);
                     }
                 }
             }
             self.count_cache("miss");
         }
-        let opened = match self.open_replica_stream(&call).await {
+        let opened = self.open_replica_stream(&call).await;
+        self.model_breaker_outcome(&call, opened.as_ref().err());
+        let opened = match opened {
             Ok(s) => s,
             Err(e) => {
                 self.settle(admission, None);
-                return Err(e);
+                return (Err(e), call);
             }
         };
         let Streaming { replica, chunks } = opened;
@@ -135,10 +158,13 @@ impl Gateway {
         tokio::spawn(async move {
             gateway.relay(chunks, tx, admission, &served_by, slot).await;
         });
-        Ok(Streaming {
-            replica,
-            chunks: rx,
-        })
+        (
+            Ok(Streaming {
+                replica,
+                chunks: rx,
+            }),
+            call,
+        )
     }
 
     /// Relays a replica's chunks: masked when the tenant masks, kept when

@@ -23,12 +23,24 @@ use crate::gateway::{check_body, Call, Gateway, GwError, StreamItem, Streaming};
 pub async fn upgrade(
     State(g): State<Gateway>,
     Extension(principal): Extension<Principal>,
+    headers: axum::http::HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Response {
-    ws.on_upgrade(move |socket| serve(g, principal, socket))
+    // the upgrade's headers are every request's on this connection
+    let headers = super::core::kept_headers(
+        headers
+            .iter()
+            .filter_map(|(k, v)| Some((k.as_str(), v.to_str().ok()?))),
+    );
+    ws.on_upgrade(move |socket| serve(g, principal, headers, socket))
 }
 
-async fn serve(g: Gateway, principal: Principal, mut socket: WebSocket) {
+async fn serve(
+    g: Gateway,
+    principal: Principal,
+    headers: Vec<(String, String)>,
+    mut socket: WebSocket,
+) {
     while let Some(Ok(message)) = socket.recv().await {
         let text = match message {
             Message::Text(t) => t.to_string(),
@@ -42,17 +54,24 @@ async fn serve(g: Gateway, principal: Principal, mut socket: WebSocket) {
             }
             _ => continue, // ping and pong are answered by the library
         };
-        if !answer(&g, &principal, &mut socket, &text).await {
+        if !answer(&g, &principal, &headers, &mut socket, &text).await {
             return;
         }
     }
 }
 
 /// Serves one request; false when the socket is gone.
-async fn answer(g: &Gateway, principal: &Principal, socket: &mut WebSocket, text: &str) -> bool {
+async fn answer(
+    g: &Gateway,
+    principal: &Principal,
+    headers: &[(String, String)],
+    socket: &mut WebSocket,
+    text: &str,
+) -> bool {
     let call = match call(text) {
         Ok(mut c) => {
             c.principal = Some(principal.clone());
+            c.headers = headers.to_vec();
             c
         }
         Err(e) => return socket.send(text_message(e.body())).await.is_ok(),
@@ -128,6 +147,9 @@ fn call(text: &str) -> Result<Call, GwError> {
         deadline,
         principal: None,
         hops: 0,
+        headers: Vec::new(),
+        fallbacks: Vec::new(),
+        breaker: None,
         cache: crate::gateway::cache::Use::of(None, None, &body),
         body,
     })
