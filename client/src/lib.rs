@@ -17,6 +17,7 @@
 //! ```
 
 #[cfg(feature = "up")]
+pub mod chain;
 pub mod up;
 
 use std::collections::HashMap;

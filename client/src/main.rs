@@ -6,6 +6,7 @@
 mod cert;
 mod keys;
 mod output;
+mod rules;
 mod tenants;
 
 use output::*;
@@ -77,6 +78,10 @@ enum Command {
     Key(tenants::KeyCmd),
     /// What tenants, keys and models spent: requests, tokens, GPU-seconds, dollars.
     Usage(tenants::UsageArgs),
+    /// The gateway's plugin chain: rules that route, split, fall back,
+    /// break, deny, cap priority or mask PII, under conditions (admin).
+    #[command(subcommand)]
+    Chain(rules::ChainCmd),
     /// The principal and role of the key in use.
     Whoami,
     /// A cluster CA and certificates for coordinators, nodes and clients.
@@ -280,6 +285,7 @@ async fn execute(cli: Cli) -> Result<(), ClientError> {
         Command::Tenant(cmd) => tenants::tenant(&client, cmd, json).await?,
         Command::Key(cmd) => tenants::key(&client, cmd, json).await?,
         Command::Usage(args) => tenants::usage(&client, args, json).await?,
+        Command::Chain(cmd) => rules::chain(&client, cmd, json).await?,
         Command::Whoami => {
             let me = client.who_am_i().await?;
             if json {

@@ -5,6 +5,7 @@
 
 mod agents;
 mod bad_input;
+mod chain;
 mod cluster;
 mod engines;
 mod executors;

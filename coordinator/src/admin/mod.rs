@@ -158,6 +158,7 @@ macro_rules! forward {
     };
 }
 
+mod chain;
 mod cluster;
 mod credentials;
 mod tenants;
@@ -620,5 +621,26 @@ impl AdminService for Admin {
         request: Request<pb::GetUsageRequest>,
     ) -> Result<Response<pb::GetUsageResponse>, Status> {
         tenants::get_usage(self, request).await
+    }
+
+    async fn put_rule(
+        &self,
+        request: Request<pb::PutRuleRequest>,
+    ) -> Result<Response<pb::Rule>, Status> {
+        chain::put_rule(self, request).await
+    }
+
+    async fn list_chain(
+        &self,
+        request: Request<pb::ListChainRequest>,
+    ) -> Result<Response<pb::ListChainResponse>, Status> {
+        chain::list_chain(self, request).await
+    }
+
+    async fn delete_rule(
+        &self,
+        request: Request<pb::DeleteRuleRequest>,
+    ) -> Result<Response<pb::DeleteRuleResponse>, Status> {
+        chain::delete_rule(self, request).await
     }
 }
