@@ -37,6 +37,13 @@ pub struct UpArgs {
     /// Most requests one replica holds before it answers 429.
     #[arg(long, default_value_t = talon_node_agent::replicas::DEFAULT_MAX_QUEUE)]
     pub max_queue: u32,
+    /// Requests that may wait at the gateway for a replica with room.
+    #[arg(long)]
+    pub gateway_max_queued: Option<usize>,
+    /// How long a request without a deadline may wait there (ms; 0:
+    /// answered 429 at once).
+    #[arg(long)]
+    pub gateway_queue_wait_ms: Option<u64>,
 }
 
 /// Runs until Ctrl-C.
@@ -54,6 +61,12 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         ..Config::default()
     };
     config.agents.join_token = token.clone();
+    if let Some(n) = args.gateway_max_queued {
+        config.gateway.max_queued = n;
+    }
+    if let Some(ms) = args.gateway_queue_wait_ms {
+        config.gateway.queue_wait_ms = ms;
+    }
     config.validate()?;
     anyhow::ensure!(
         args.max_queue >= 2,

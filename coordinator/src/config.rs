@@ -175,6 +175,8 @@ pub struct Config {
     pub agents: AgentSettings,
     pub auth: AuthSettings,
     pub tls: TlsSettings,
+    /// What the inference gateway holds and queues.
+    pub gateway: crate::gateway::queue::GatewaySettings,
     /// Raft on its own listener (required with TLS: mutual TLS there).
     /// Unset: Raft shares the API port.
     pub raft_listen: Option<SocketAddr>,
@@ -202,6 +204,7 @@ impl Default for Config {
             agents: AgentSettings::default(),
             auth: AuthSettings::default(),
             tls: TlsSettings::default(),
+            gateway: Default::default(),
             raft_listen: None,
             raft_advertise: None,
         }
@@ -249,6 +252,16 @@ pub struct Flags {
     /// Largest inference request body, bytes (default 4 MiB).
     #[arg(long, env = "TALON_MAX_BODY_BYTES")]
     pub max_body_bytes: Option<usize>,
+    /// Requests the gateway holds at once, waiting ones included.
+    #[arg(long, env = "TALON_GATEWAY_MAX_IN_FLIGHT")]
+    pub gateway_max_in_flight: Option<usize>,
+    /// Requests that may wait at the gateway for a replica with room.
+    #[arg(long, env = "TALON_GATEWAY_MAX_QUEUED")]
+    pub gateway_max_queued: Option<usize>,
+    /// How long a request without a deadline may wait for a replica with
+    /// room (default 0: 429 at once).
+    #[arg(long, env = "TALON_GATEWAY_QUEUE_WAIT_MS")]
+    pub gateway_queue_wait_ms: Option<u64>,
     #[arg(long, env = "TALON_LOG_FORMAT")]
     pub log_format: Option<LogFormat>,
     #[arg(long, env = "TALON_HEARTBEAT_MS")]
@@ -340,7 +353,8 @@ impl Config {
             suspect_after_ms => agents.suspect_after_ms, down_after_ms => agents.down_after_ms,
             auth => auth.enabled, bootstrap_peers => bootstrap_peers,
             bootstrap_wait_ms => bootstrap_wait_ms, audit_keep => audit_keep,
-            max_body_bytes => max_body_bytes,
+            max_body_bytes => max_body_bytes, gateway_max_in_flight => gateway.max_in_flight,
+            gateway_max_queued => gateway.max_queued, gateway_queue_wait_ms => gateway.queue_wait_ms,
         );
         if flags.admin_key_file.is_some() {
             config.auth.admin_key_file = flags.admin_key_file.clone();
@@ -470,6 +484,7 @@ impl Config {
                 self.max_body_bytes
             ));
         }
+        self.gateway.validate().map_err(ConfigError::Invalid)?;
         if self.audit_keep < 100 {
             return bad(format!(
                 "audit_keep is {}; keep at least 100 audit entries",

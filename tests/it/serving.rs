@@ -336,6 +336,80 @@ async fn full_queues_and_unmeetable_deadlines_get_429_with_retry_after() {
     assert!(message.contains("deadline of 5 ms"), "{message}");
 }
 
+/// Sends `n` requests at once with `headers`; status, Retry-After and
+/// body of each.
+async fn burst(
+    up: &Up,
+    n: usize,
+    headers: &[(&'static str, &'static str)],
+) -> Vec<(u16, Option<u64>, Value)> {
+    let http = talon_tests::http_client(&up.key);
+    let url = format!("http://{}/v1/chat/completions", up.http);
+    let body = json!({"model": "demo", "messages": [{"role": "user", "content": "busy"}], "max_tokens": 40});
+    let sends: Vec<_> = (0..n)
+        .map(|_| {
+            let (http, url, body) = (http.clone(), url.clone(), body.clone());
+            let headers = headers.to_vec();
+            tokio::spawn(async move {
+                let mut r = http.post(&url).json(&body);
+                for (k, v) in headers {
+                    r = r.header(k, v);
+                }
+                let r = r.send().await.expect("send");
+                let status = r.status().as_u16();
+                let retry = r
+                    .headers()
+                    .get("retry-after")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse::<u64>().ok());
+                let body: Value = r.json().await.expect("json");
+                (status, retry, body)
+            })
+        })
+        .collect();
+    let mut answers = Vec::new();
+    for s in sends {
+        answers.push(s.await.expect("task"));
+    }
+    answers
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_with_time_to_spare_wait_at_the_gateway_within_its_bounds() {
+    // One replica that holds 2 requests; 3 more may wait at the gateway.
+    let up = talon_up(&[
+        "--host",
+        "l4:1",
+        "--demo-replicas",
+        "1",
+        "--max-queue",
+        "2",
+        "--gateway-max-queued",
+        "3",
+    ])
+    .await;
+    let deadline = [("x-talon-deadline-ms", "60000")];
+    // 5 at once with a deadline: 2 run, 3 wait, every one is answered
+    let answers = burst(&up, 5, &deadline).await;
+    assert!(answers.iter().all(|a| a.0 == 200), "{answers:?}");
+    // 10 at once: the queue holds 3; the rest are told at once, with
+    // Retry-After, that it is full
+    let answers = burst(&up, 10, &deadline).await;
+    let ok = answers.iter().filter(|a| a.0 == 200).count();
+    let refused: Vec<_> = answers.iter().filter(|a| a.0 == 429).collect();
+    assert_eq!(ok + refused.len(), 10, "only 200 or 429: {answers:?}");
+    assert!(ok >= 5, "2 running and 3 waiting are served: {answers:?}");
+    assert!(!refused.is_empty(), "10 at once on 2 + 3: {answers:?}");
+    for (_, retry, body) in &refused {
+        assert!(retry.is_some_and(|s| s >= 1), "Retry-After: {body}");
+        let m = body["error"]["message"].as_str().unwrap_or_default();
+        assert!(m.contains("gateway.max_queued"), "{m}");
+    }
+    // without a deadline nothing waits (gateway.queue_wait_ms is 0)
+    let answers = burst(&up, 8, &[]).await;
+    assert!(answers.iter().any(|a| a.0 == 429), "{answers:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_openai_api_edges_answer_as_openai_does() {
     let up = talon_up(&[]).await;

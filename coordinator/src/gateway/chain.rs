@@ -337,6 +337,7 @@ mod tests {
             headers: vec![("x-team".into(), "batch".into())],
             fallbacks: vec![],
             breaker: None,
+            held: None,
         };
         let mut a = Admitting {
             call,
@@ -501,6 +502,7 @@ mod tests {
                     headers: vec![],
                     fallbacks: vec![],
                     breaker: None,
+                    held: None,
                 },
                 holder: None,
                 checked: None,

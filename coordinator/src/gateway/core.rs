@@ -118,6 +118,10 @@ pub struct Call {
     /// The model's breaker, as a chain rule set it: failures in a row,
     /// time open.
     pub breaker: Option<(u32, Duration)>,
+    /// Its share of what the gateway may hold ([`super::queue::Gate`]),
+    /// given back when the last copy of the call (a stream's included)
+    /// is gone.
+    pub(super) held: Option<Arc<super::queue::Held>>,
 }
 
 impl Call {
@@ -137,6 +141,7 @@ impl Call {
             ),
             fallbacks: Vec::new(),
             breaker: None,
+            held: None,
             priority: header("x-talon-priority").map(str::to_string),
             deadline: header("x-talon-deadline-ms")
                 .and_then(|v| v.parse().ok())
@@ -151,6 +156,17 @@ impl Call {
             Some(p) => Err(GwError::bad_request(format!(
                 "priority {p:?} is unknown; use critical, high, normal or low"
             ))),
+        }
+    }
+
+    /// Its place in a queue: 0 for critical to 3 for low (normal when it
+    /// names none).
+    pub(super) fn rank(&self) -> u8 {
+        match self.priority.as_deref() {
+            Some("critical") => 0,
+            Some("high") => 1,
+            Some("low") => 3,
+            _ => 2,
         }
     }
 
@@ -213,6 +229,7 @@ pub struct Streaming {
 /// A placed replica the gateway may send to.
 pub(super) struct Target {
     pub(super) replica: String,
+    pub(super) model: String,
     pub(super) node: String,
     pub(super) addr: String,
     /// What the node's agent expects from coordinators (Bearer).
@@ -239,14 +256,23 @@ pub struct Gateway {
     pub(super) splits: Arc<super::chain::Splits>,
     /// Unix ms; what time-of-day conditions read.
     pub(super) clock: Arc<dyn Fn() -> u64 + Send + Sync>,
+    /// What the gateway holds at most, and who waits for a replica.
+    pub(super) gate: Arc<super::queue::Gate>,
+    pub(super) queue: Arc<super::queue::Queue>,
 }
 
-/// Counts a request in flight to a replica until dropped.
-pub(super) struct InFlight(Arc<AtomicU32>);
+/// Counts a request in flight to a replica until dropped; then the first
+/// request waiting for the model may try ([`super::queue`]).
+pub(super) struct InFlight {
+    count: Arc<AtomicU32>,
+    queue: Arc<super::queue::Queue>,
+    model: String,
+}
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        self.count.fetch_sub(1, Ordering::Relaxed);
+        self.queue.wake(&self.model);
     }
 }
 
@@ -266,6 +292,7 @@ pub(super) enum Miss {
 impl Gateway {
     pub fn new(ctx: Arc<AdminContext>) -> Gateway {
         let ctx_limits = ctx.clone();
+        let ctx_gate = ctx.config.gateway.clone();
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(1))
             .build()
@@ -288,6 +315,8 @@ impl Gateway {
             plugins: Arc::default(),
             splits: Arc::default(),
             clock: Arc::new(crate::context::now_ms),
+            gate: super::queue::Gate::new(ctx_gate),
+            queue: Arc::default(),
         }
     }
 
@@ -332,10 +361,14 @@ impl Gateway {
         &self.limiter
     }
 
-    pub(super) fn start(&self, replica: &str) -> InFlight {
-        let c = self.counter(replica);
-        c.fetch_add(1, Ordering::Relaxed);
-        InFlight(c)
+    pub(super) fn start(&self, t: &Target) -> InFlight {
+        let count = self.counter(&t.replica);
+        count.fetch_add(1, Ordering::Relaxed);
+        InFlight {
+            count,
+            queue: self.queue.clone(),
+            model: t.model.clone(),
+        }
     }
 
     /// The model's replicas, best first. Err: the error, and whether
@@ -414,6 +447,7 @@ impl Gateway {
             };
             let target = Target {
                 replica: r.id.clone(),
+                model: model.to_string(),
                 node: r.node_id.clone(),
                 addr: node.inventory.addr.clone(),
                 serve_secret: applied
@@ -467,7 +501,15 @@ impl Gateway {
     {
         call.check()?;
         let model = call.model()?.to_string();
-        let deadline = Instant::now() + call.deadline.unwrap_or(DEFAULT_WAIT);
+        let started = Instant::now();
+        let deadline = started + call.deadline.unwrap_or(DEFAULT_WAIT);
+        // how long it may wait for a replica with room (`queue`)
+        let queue_wait = Duration::from_millis(self.gate.settings().queue_wait_ms);
+        let wait_until = match call.deadline {
+            Some(_) => Some(deadline),
+            None => (!queue_wait.is_zero()).then_some(started + queue_wait),
+        };
+        let mut place: Option<super::queue::Place> = None;
         let mut pause = tokio::time::interval(Duration::from_millis(200));
         loop {
             let last = match self.targets(call) {
@@ -519,15 +561,39 @@ impl Gateway {
                         ));
                     }
                     if unreachable.is_empty() {
-                        // Every ready replica is full: say so now.
+                        // Every ready replica is full: wait in the queue
+                        // while the deadline allows, else say so now.
                         let soonest = full.iter().map(|(ms, _)| *ms).min().unwrap_or(1000);
                         let why: Vec<String> = full.into_iter().map(|(_, w)| w).collect();
-                        let message = format!(
+                        let mut message = format!(
                             "every replica of {model:?} is at its queue limit ({}); retry after {} s",
                             why.join("; "),
                             soonest.div_ceil(1000).max(1)
                         );
-                        return Err(GwError::overloaded(message, soonest.div_ceil(1000)));
+                        let until = wait_until.filter(|u| *u > Instant::now());
+                        let Some(until) = until else {
+                            if let Some(p) = &place {
+                                message += &format!(
+                                    " (it waited {} ms at the gateway for room)",
+                                    p.since.elapsed().as_millis()
+                                );
+                            }
+                            return Err(GwError::overloaded(message, soonest.div_ceil(1000)));
+                        };
+                        if place.is_none() {
+                            let max = self.gate.settings().max_queued;
+                            place = self.queue.enter(&model, call.rank(), max);
+                            if place.is_none() {
+                                message += &format!(
+                                    "; the gateway's queue is full too ({max} requests wait, gateway.max_queued)"
+                                );
+                                return Err(GwError::overloaded(message, soonest.div_ceil(1000)));
+                            }
+                        }
+                        if let Some(p) = &place {
+                            p.turn(Duration::from_millis(soonest), until).await;
+                        }
+                        continue;
                     }
                     GwError::unavailable(format!(
                         "no replica of {model:?} could take the request; last: {unreachable}"
@@ -570,7 +636,7 @@ impl Gateway {
     /// Serves a non-streaming call on the best replica that answers.
     pub(super) async fn complete_admitted(&self, call: &Call) -> Result<(String, Value), GwError> {
         self.route(call, |t, left| async move {
-            let _counted = self.start(&t.replica);
+            let _counted = self.start(&t);
             let response = self
                 .request(&self.http, call, &t, &call.body, left)
                 .timeout(

@@ -120,6 +120,7 @@ fn to_call(request: &Request<pb::InferRequest>) -> Result<Call, Status> {
         })),
         fallbacks: Vec::new(),
         breaker: None,
+        held: None,
         cache: super::cache::Use::of(None, None, &body),
         body,
     })

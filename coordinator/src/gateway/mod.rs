@@ -42,6 +42,7 @@ pub mod keys;
 pub mod limits;
 pub mod mask;
 mod openai;
+pub mod queue;
 mod relay;
 pub mod routing;
 mod stream;

@@ -43,11 +43,23 @@ impl Gateway {
     /// a cached answer) and its answer; a model that cannot serve it hands
     /// it to its fallback ([`super::fallback`]).
     pub async fn complete(&self, call: &Call) -> Result<(String, Value), GwError> {
+        self.complete_from(&self.held(call)?).await
+    }
+
+    /// A copy of `call` holding its share of the gateway's bounds.
+    fn held(&self, call: &Call) -> Result<Call, GwError> {
+        let bytes = super::admission::estimate_prompt_tokens(&call.body) as usize * 4 + 1024;
+        let mut call = call.clone();
+        call.held = Some(std::sync::Arc::new(self.gate.hold(bytes)?));
+        Ok(call)
+    }
+
+    async fn complete_from(&self, call: &Call) -> Result<(String, Value), GwError> {
         let (result, tried) = self.complete_once(call).await;
         match result {
             Err(e) => match self.fallback_of(&tried, &e) {
                 // a key the fallback refuses gets the first model's answer
-                Some(next) => match Box::pin(self.complete(&next)).await {
+                Some(next) => match Box::pin(self.complete_from(&next)).await {
                     Err(f) if f.status == axum::http::StatusCode::FORBIDDEN => Err(e),
                     other => other,
                 },
@@ -102,10 +114,14 @@ impl Gateway {
     /// receiver. Before the first chunk a model that cannot serve it hands
     /// it to its fallback.
     pub async fn open_stream(&self, call: &Call) -> Result<Streaming, GwError> {
+        self.open_stream_from(&self.held(call)?).await
+    }
+
+    async fn open_stream_from(&self, call: &Call) -> Result<Streaming, GwError> {
         let (result, tried) = self.open_stream_once(call).await;
         match result {
             Err(e) => match self.fallback_of(&tried, &e) {
-                Some(next) => match Box::pin(self.open_stream(&next)).await {
+                Some(next) => match Box::pin(self.open_stream_from(&next)).await {
                     Err(f) if f.status == axum::http::StatusCode::FORBIDDEN => Err(e),
                     other => other,
                 },

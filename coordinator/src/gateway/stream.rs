@@ -19,7 +19,8 @@ impl Gateway {
         }
         let body = &body;
         self.route(call, |t, left| async move {
-            let counted = self.start(&t.replica);
+            let counted = self.start(&t);
+            let held = call.held.clone();
             // Until the first chunk the caller has seen nothing; the agent
             // answers once the replica produced it.
             let wait = left.map_or(STREAM_IDLE, |l| l.min(STREAM_IDLE));
@@ -72,6 +73,7 @@ impl Gateway {
             let replica = t.replica.clone();
             tokio::spawn(async move {
                 let _counted = counted;
+                let _held = held;
                 let mut sent = 0u64;
                 let mut next = Some(first);
                 loop {

@@ -150,6 +150,7 @@ fn call(text: &str) -> Result<Call, GwError> {
         headers: Vec::new(),
         fallbacks: Vec::new(),
         breaker: None,
+        held: None,
         cache: crate::gateway::cache::Use::of(None, None, &body),
         body,
     })
