@@ -52,7 +52,14 @@ async fn tenants_limits_budgets_and_rotation_across_three_coordinators() {
     );
     let client = cluster.client();
     for name in ["alpha", "beta"] {
-        let spec = model_spec(name, "simulated", 8_000, 1);
+        let mut spec = model_spec(name, "simulated", 8_000, 1);
+        if name == "beta" {
+            // beta as a remote provider would be: charged per token
+            spec.labels
+                .insert("price.prompt-per-mtok".into(), "1000".into());
+            spec.labels
+                .insert("price.completion-per-mtok".into(), "2000".into());
+        }
         wait_for("a model created", Duration::from_secs(30), || async {
             client.create_model(spec.clone()).await.ok()
         })
@@ -256,6 +263,28 @@ async fn tenants_limits_budgets_and_rotation_across_three_coordinators() {
     let keys = client.list_keys("acme").await.expect("keys");
     assert_eq!(keys.len(), 3, "{keys:?}");
     assert!(keys.iter().all(|k| k.id != old_id));
+
+    // 6. per-token prices: globex's beta traffic costs its tokens at the
+    // model's prices, not GPU time
+    let row = wait_for("globex's usage", Duration::from_secs(20), || async {
+        let rows = client
+            .usage(GetUsageRequest {
+                tenant: "globex".into(),
+                ..Default::default()
+            })
+            .await
+            .ok()?;
+        rows.into_iter()
+            .find(|r| r.model == "beta" && r.requests > 0)
+    })
+    .await;
+    let expected =
+        (row.prompt_tokens as f64 * 1000.0 + row.completion_tokens as f64 * 2000.0) / 1e6;
+    assert!(row.prompt_tokens > 0, "{row:?}");
+    assert!(
+        (row.cost_usd - expected).abs() < 1e-9,
+        "{row:?}: expected ${expected}"
+    );
 }
 
 /// The text of a streamed answer (server-sent events) and its pieces.

@@ -369,7 +369,8 @@ impl Gateway {
         let prompt = usage["prompt_tokens"].as_u64().unwrap_or(a.prompt_estimate);
         let completion = usage["completion_tokens"].as_u64().unwrap_or(0);
         self.limiter.settle(reservation, prompt + completion);
-        let (gpu_seconds, cost_usd) = self.gpu_cost(replica, a.started.elapsed());
+        let (gpu_seconds, cost_usd) =
+            self.request_cost(&a.model, replica, a.started.elapsed(), prompt, completion);
         let row = (
             usage_key(&holder, &a.model),
             Usage {

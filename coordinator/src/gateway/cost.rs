@@ -1,5 +1,11 @@
 //! What an answered request cost: the self-hosted price nobody else
-//! computes.
+//! computes, or a remote provider's per-token prices.
+//!
+//! A model labelled `price.prompt-per-mtok` / `price.completion-per-mtok`
+//! (dollars per million tokens: a hosted API behind an engine profile, or
+//! an internal list price) is charged its tokens at those prices; its
+//! GPU-seconds are still counted where its replica holds GPUs. Any other
+//! model is charged its GPU time:
 //!
 //! A replica holds a share of its node's GPUs (whole GPUs, a share of one,
 //! or a MIG slice, as placed); its price per hour is that share of the
@@ -35,6 +41,34 @@ pub fn replica_price(state: &State, replica: &str) -> (f64, f64) {
 }
 
 impl Gateway {
+    /// GPU-seconds and dollars of one request of `model` that held
+    /// `replica` for `elapsed` with these tokens: at the model's
+    /// per-token prices where it has them
+    /// ([`crate::state::model::token_prices`], a remote provider's),
+    /// else its share of the GPUs' price.
+    pub(super) fn request_cost(
+        &self,
+        model: &str,
+        replica: &str,
+        elapsed: Duration,
+        prompt: u64,
+        completion: u64,
+    ) -> (f64, f64) {
+        let (gpu_seconds, gpu_usd) = self.gpu_cost(replica, elapsed);
+        let prices = {
+            let applied = self.ctx.state.read().expect("state lock poisoned");
+            applied
+                .state
+                .models
+                .get(model)
+                .and_then(|m| crate::state::model::token_prices(&m.labels))
+        };
+        match prices {
+            Some((p, c)) => (gpu_seconds, token_cost(p, c, prompt, completion)),
+            None => (gpu_seconds, gpu_usd),
+        }
+    }
+
     /// GPU-seconds and dollars of one request that held `replica` for
     /// `elapsed`.
     pub(super) fn gpu_cost(&self, replica: &str, elapsed: Duration) -> (f64, f64) {
@@ -46,6 +80,16 @@ impl Gateway {
         let seconds = elapsed.as_secs_f64() / sharing;
         (seconds * gpus, seconds * price / 3600.0)
     }
+}
+
+/// Dollars of `prompt` and `completion` tokens at prices per million.
+pub fn token_cost(
+    prompt_per_mtok: f64,
+    completion_per_mtok: f64,
+    prompt: u64,
+    completion: u64,
+) -> f64 {
+    (prompt as f64 * prompt_per_mtok + completion as f64 * completion_per_mtok) / 1e6
 }
 
 #[cfg(test)]
@@ -88,5 +132,24 @@ mod tests {
         assert!((price - 4.0).abs() < 1e-9, "{price}");
         assert!((gpus - 2.0).abs() < 1e-9);
         assert_eq!(replica_price(&state, "other"), (0.0, 0.0));
+    }
+
+    #[test]
+    fn a_remote_provider_charges_its_tokens() {
+        use crate::state::model::{token_prices, validate_engine_options};
+        let mut labels = std::collections::BTreeMap::new();
+        assert_eq!(token_prices(&labels), None);
+        labels.insert("price.prompt-per-mtok".to_string(), "0.15".to_string());
+        labels.insert("price.completion-per-mtok".to_string(), "0.60".to_string());
+        assert_eq!(token_prices(&labels), Some((0.15, 0.60)));
+        assert!(validate_engine_options(&labels).is_ok());
+        // 1000 prompt and 500 completion tokens: 0.00015 + 0.0003
+        let usd = token_cost(0.15, 0.60, 1000, 500);
+        assert!((usd - 0.00045).abs() < 1e-12, "{usd}");
+        labels.insert("price.prompt-per-mtok".to_string(), "-1".to_string());
+        let e = validate_engine_options(&labels).unwrap_err();
+        assert!(e.contains("dollars per million tokens"), "{e}");
+        labels.insert("price.prompt-per-mtok".to_string(), "NaN".to_string());
+        assert!(validate_engine_options(&labels).is_err());
     }
 }

@@ -212,17 +212,50 @@ pub fn engine_options(labels: &BTreeMap<String, String>) -> BTreeMap<String, Str
         .collect()
 }
 
-/// Checks the engine options among `labels`: known names, values of the
-/// right kind, and nothing an engine could read as a flag of its own.
-/// Checked where a model is created or labelled (not when the log is
-/// replayed, so that entries from before keep their meaning).
 /// The model label naming the model that serves a request this one could
 /// not (overloaded, failing or without a ready replica).
 pub const FALLBACK_LABEL: &str = "fallback";
 
+/// The model labels of per-token prices, US dollars per million prompt
+/// and completion tokens: what a model served by a remote provider costs
+/// (or an internal list price). Set, they replace the GPU-time charge.
+pub const PROMPT_PRICE_LABEL: &str = "price.prompt-per-mtok";
+pub const COMPLETION_PRICE_LABEL: &str = "price.completion-per-mtok";
+
+/// The model's per-token prices (dollars per million prompt and
+/// completion tokens; an unset one is 0), if either label is set.
+pub fn token_prices(labels: &BTreeMap<String, String>) -> Option<(f64, f64)> {
+    let price = |label: &str| -> Option<f64> {
+        labels
+            .get(label)?
+            .parse::<f64>()
+            .ok()
+            .filter(|p| p.is_finite() && (0.0..=10_000.0).contains(p))
+    };
+    let (p, c) = (price(PROMPT_PRICE_LABEL), price(COMPLETION_PRICE_LABEL));
+    (p.is_some() || c.is_some()).then(|| (p.unwrap_or(0.0), c.unwrap_or(0.0)))
+}
+
+/// Checks the engine options among `labels`: known names, values of the
+/// right kind, and nothing an engine could read as a flag of its own; and
+/// the gateway's labels (fallback, canary share, prices). Checked where a
+/// model is created or labelled (not when the log is replayed, so that
+/// entries from before keep their meaning).
 pub fn validate_engine_options(labels: &BTreeMap<String, String>) -> Result<(), String> {
     if let Some(v) = labels.get(FALLBACK_LABEL) {
         validate_name(v).map_err(|m| format!("label {FALLBACK_LABEL}: {m}"))?;
+    }
+    for label in [PROMPT_PRICE_LABEL, COMPLETION_PRICE_LABEL] {
+        if let Some(v) = labels.get(label) {
+            let ok = v
+                .parse::<f64>()
+                .is_ok_and(|p| p.is_finite() && (0.0..=10_000.0).contains(&p));
+            if !ok {
+                return Err(format!(
+                    "label {label} is {v:?}; give US dollars per million tokens, 0 to 10000 (for example 0.15)"
+                ));
+            }
+        }
     }
     if let Some(v) = labels.get(CANARY_LABEL) {
         if canary_percent(labels).is_none() {
