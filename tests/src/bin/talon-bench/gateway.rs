@@ -42,19 +42,29 @@ pub(super) async fn open_loop(
     rate: u64,
     seconds: u64,
 ) -> (Vec<f64>, u64, u64) {
-    let body = Arc::new(
-        json!({"model": model, "messages": [{"role": "user", "content": "hello from the load generator"}], "max_tokens": 8}),
-    );
+    // Deterministic (temperature 0) and each one different: a gateway
+    // with a response cache looks every one up and keeps every answer
+    // (its miss path), none is a hit.
+    let model = Arc::new(model.to_string());
+    let mut n = 0u64;
     let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / rate.max(1)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     let mut tasks = tokio::task::JoinSet::new();
     let end = Instant::now() + Duration::from_secs(seconds);
     while Instant::now() < end {
         tick.tick().await;
-        let (http, url, body, key) = (http.clone(), url.to_string(), body.clone(), key.to_string());
+        n += 1;
+        let (http, url, key, model) = (
+            http.clone(),
+            url.to_string(),
+            key.to_string(),
+            model.clone(),
+        );
         tasks.spawn(async move {
+            let body = json!({"model": &*model, "temperature": 0, "max_tokens": 8,
+                "messages": [{"role": "user", "content": format!("hello from the load generator, request {n}")}]});
             let t = Instant::now();
-            match http.post(&url).bearer_auth(&key).json(&*body).send().await {
+            match http.post(&url).bearer_auth(&key).json(&body).send().await {
                 Ok(r) if r.status().is_success() => r
                     .bytes()
                     .await
@@ -78,6 +88,53 @@ pub(super) async fn open_loop(
     }
     latencies.sort_by(f64::total_cmp);
     (latencies, failed, refused)
+}
+
+/// The chain of the policies-on door: a header deny and an off-hours
+/// route that never apply (their conditions are checked), and a priority
+/// cap, a fallback list and a model breaker that apply to every request.
+async fn bench_chain(admin: &talon_client::Client, model: &str) -> anyhow::Result<()> {
+    use talon_client::chain::Rule;
+    let rule = |name: &str, priority: u32, action: &str| Rule {
+        name: name.into(),
+        priority,
+        action: action.into(),
+        ..Default::default()
+    };
+    let rules = [
+        Rule {
+            header_name: "x-team".into(),
+            header_value: "ads".into(),
+            message: "not here".into(),
+            ..rule("no-ads", 10, "deny")
+        },
+        Rule {
+            models: vec![model.into()],
+            priorities: vec!["low".into()],
+            hours: "03:00-03:01".into(),
+            to_models: vec!["elsewhere".into()],
+            ..rule("night-route", 20, "route")
+        },
+        Rule {
+            message: "normal".into(),
+            ..rule("cap", 30, "cap-priority")
+        },
+        Rule {
+            models: vec![model.into()],
+            to_models: vec!["backup".into()],
+            ..rule("fallback", 40, "fallback")
+        },
+        Rule {
+            models: vec![model.into()],
+            failures: 5,
+            open_s: 30,
+            ..rule("breaker", 50, "breaker")
+        },
+    ];
+    for r in rules {
+        admin.put_rule(r).await?;
+    }
+    Ok(())
 }
 
 pub(super) async fn b3(
@@ -253,9 +310,11 @@ pub(super) async fn b3(
                     admin.create_model(spec).await?;
                     // The load comes with an inference key, as applications' does;
                     // with policies, a tenant's key under cluster-wide limits
-                    // (never reached), PII masking and the response cache on
-                    // (the load's requests are not deterministic: bypassed).
+                    // (never reached), PII masking, the response cache on
+                    // (every request a miss) and five chain rules, three of
+                    // which apply to every request.
                     let key = if door == "talon-policies" {
+                        bench_chain(&admin, "bench").await?;
                         let limits = talon_client::Limits {
                             requests_per_minute: Some(100_000_000),
                             tokens_per_minute: Some(1_000_000_000_000),
