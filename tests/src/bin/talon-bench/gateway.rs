@@ -42,18 +42,18 @@ pub(super) async fn open_loop(
     rate: u64,
     seconds: u64,
 ) -> (Vec<f64>, u64, u64) {
-    // Deterministic (temperature 0) and each one different: a gateway
-    // with a response cache looks every one up and keeps every answer
-    // (its miss path), none is a hit.
+    // Deterministic (temperature 0) and each one different, across every
+    // run of this process: a gateway with a response cache looks every
+    // one up and keeps every answer (its miss path), none is a hit.
+    static SENT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let model = Arc::new(model.to_string());
-    let mut n = 0u64;
     let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / rate.max(1)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     let mut tasks = tokio::task::JoinSet::new();
     let end = Instant::now() + Duration::from_secs(seconds);
     while Instant::now() < end {
         tick.tick().await;
-        n += 1;
+        let n = SENT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let (http, url, key, model) = (
             http.clone(),
             url.to_string(),
@@ -249,16 +249,20 @@ pub(super) async fn b3(
                         LITELLM_KEY.to_string(),
                     ));
                 }
-                "talon" | "talon-policies" => {
+                "talon" | "talon-policies" | "talon-policies-3" => {
+                    // talon-policies-3: three coordinators, the load on a
+                    // follower, whose limits are lent by the leader
+                    let size = if door == "talon-policies-3" { 3 } else { 1 };
                     let cluster = BenchCluster::start_n(
                         Kind::Talon,
-                        1,
+                        size,
                         &cli.base_dir,
                         &bin,
                         &["--join-token", TOKEN],
                     )
                     .await?;
                     let grpc = cluster.addr(0);
+                    let coordinators = cluster.addrs().join(",");
                     let listen = format!("127.0.0.1:{}", talon_tests::clusters::free_port());
                     let engine = format!(
                         "{} --port {{port}} --model {{model}} --service-ms {svc}",
@@ -284,7 +288,7 @@ pub(super) async fn b3(
                         "--credential-file",
                         credential.to_str().context("utf-8 path")?,
                         "--coordinators",
-                        &grpc,
+                        &coordinators,
                         "--join-token",
                         TOKEN,
                         "--sim-gpus",
@@ -313,7 +317,7 @@ pub(super) async fn b3(
                     // (never reached), PII masking, the response cache on
                     // (every request a miss) and five chain rules, three of
                     // which apply to every request.
-                    let key = if door == "talon-policies" {
+                    let key = if door.starts_with("talon-policies") {
                         bench_chain(&admin, "bench").await?;
                         let limits = talon_client::Limits {
                             requests_per_minute: Some(100_000_000),
@@ -346,15 +350,24 @@ pub(super) async fn b3(
                             .await?
                             .key
                     };
+                    let serve_on = if size > 1 {
+                        let leader = cluster.leader(None).await?;
+                        (leader + 1) % size
+                    } else {
+                        0
+                    };
                     urls.push((
                         door.clone(),
-                        format!("http://{}/v1/chat/completions", cluster.http_addr(0)),
+                        format!(
+                            "http://{}/v1/chat/completions",
+                            cluster.http_addr(serve_on)
+                        ),
                         key,
                     ));
                     clusters.push(cluster);
                 }
                 other => anyhow::bail!(
-                    "unknown front door {other:?}; use direct, nginx, litellm, talon or talon-policies"
+                    "unknown front door {other:?}; use direct, nginx, litellm, talon, talon-policies or talon-policies-3"
                 ),
             }
         }
