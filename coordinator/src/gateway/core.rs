@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -14,6 +14,9 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
+pub(super) use super::attempt::{refused, timed_out, unreachable, Miss};
+pub(super) use super::call::kept_headers;
+pub use super::call::Call;
 use super::routing::{self, ReplicaLoad};
 use super::{canary, openai};
 use crate::admin::AdminContext;
@@ -90,123 +93,6 @@ impl IntoResponse for GwError {
     }
 }
 
-/// One request as the core sees it, whichever front end it came from.
-#[derive(Clone, Debug)]
-pub struct Call {
-    /// `/chat/completions`, `/completions` or `/embeddings`.
-    pub path: &'static str,
-    /// The OpenAI body, without `stream`.
-    pub body: Value,
-    /// critical, high, normal or low; checked by the agent.
-    pub priority: Option<String>,
-    /// Time the caller gives the request, if it gave one.
-    pub deadline: Option<Duration>,
-    /// Who sent it (its key's policy applies); `None`: authentication is
-    /// off.
-    pub principal: Option<crate::auth::Principal>,
-    /// How it may use the response cache.
-    pub cache: super::cache::Use,
-    /// Fallbacks taken so far (a chain is followed at most
-    /// [`super::fallback::MAX_HOPS`] deep).
-    pub hops: u8,
-    /// The request's headers (gRPC metadata), names in lowercase; what
-    /// the chain's header conditions read. Credentials are left out.
-    pub headers: Vec<(String, String)>,
-    /// Models still to fall back to, as a chain rule gave them (empty:
-    /// the model's `fallback` label).
-    pub fallbacks: Vec<String>,
-    /// The model's breaker, as a chain rule set it: failures in a row,
-    /// time open.
-    pub breaker: Option<(u32, Duration)>,
-    /// Its share of what the gateway may hold ([`super::queue::Gate`]),
-    /// given back when the last copy of the call (a stream's included)
-    /// is gone.
-    pub(super) held: Option<Arc<super::queue::Held>>,
-}
-
-impl Call {
-    /// A call from an HTTP request's body and Talon headers.
-    pub fn from_http(path: &'static str, headers: &HeaderMap, body: Value) -> Call {
-        let header = |h: &str| headers.get(h).and_then(|v| v.to_str().ok());
-        Call {
-            path,
-            cache: super::cache::Use::of(header("cache-control"), header("x-talon-cache"), &body),
-            body,
-            principal: None,
-            hops: 0,
-            headers: kept_headers(
-                headers
-                    .iter()
-                    .filter_map(|(k, v)| Some((k.as_str(), v.to_str().ok()?))),
-            ),
-            fallbacks: Vec::new(),
-            breaker: None,
-            held: None,
-            priority: header("x-talon-priority").map(str::to_string),
-            deadline: header("x-talon-deadline-ms")
-                .and_then(|v| v.parse().ok())
-                .map(Duration::from_millis),
-        }
-    }
-
-    /// Checks what every replica would refuse.
-    pub(super) fn check(&self) -> Result<(), GwError> {
-        match self.priority.as_deref() {
-            None | Some("critical" | "high" | "normal" | "low") => Ok(()),
-            Some(p) => Err(GwError::bad_request(format!(
-                "priority {p:?} is unknown; use critical, high, normal or low"
-            ))),
-        }
-    }
-
-    /// Its place in a queue: 0 for critical to 3 for low (normal when it
-    /// names none).
-    pub(super) fn rank(&self) -> u8 {
-        match self.priority.as_deref() {
-            Some("critical") => 0,
-            Some("high") => 1,
-            Some("low") => 3,
-            _ => 2,
-        }
-    }
-
-    pub(super) fn model(&self) -> Result<&str, GwError> {
-        self.body["model"].as_str().ok_or_else(|| {
-            GwError::bad_request("the request has no \"model\"; name a registered model")
-        })
-    }
-}
-
-/// Most headers a call keeps for the chain's conditions.
-const MAX_KEPT_HEADERS: usize = 64;
-
-/// The headers a call keeps: names in lowercase, credentials left out, at
-/// most [`MAX_KEPT_HEADERS`] of at most 256 bytes each.
-pub(super) fn kept_headers<'a>(
-    headers: impl Iterator<Item = (&'a str, &'a str)>,
-) -> Vec<(String, String)> {
-    headers
-        .filter(|(k, v)| {
-            !matches!(
-                k.to_ascii_lowercase().as_str(),
-                "authorization" | "cookie" | "proxy-authorization" | "x-api-key"
-            ) && v.len() <= 256
-        })
-        .take(MAX_KEPT_HEADERS)
-        .map(|(k, v)| (k.to_ascii_lowercase(), v.to_string()))
-        .collect()
-}
-
-impl Call {
-    /// The value of header `name` (lowercase), if the call has it.
-    pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
-    }
-}
-
 /// What a stream yields.
 #[derive(Debug)]
 pub enum StreamItem {
@@ -274,19 +160,6 @@ impl Drop for InFlight {
         self.count.fetch_sub(1, Ordering::Relaxed);
         self.queue.wake(&self.model);
     }
-}
-
-/// How one attempt on one replica ended, short of an answer.
-pub(super) enum Miss {
-    /// The request is at fault; every replica would say so.
-    Final(GwError),
-    /// The replica's queue is full; retry after this many ms.
-    Full(u64, String),
-    /// The replica cannot be reached or is not ready: it may be moving, so
-    /// waiting for a ready one can help.
-    Unreachable(String),
-    /// The replica (its engine) failed the request; tried once per replica.
-    Failed(String),
 }
 
 impl Gateway {
@@ -657,66 +530,4 @@ impl Gateway {
         })
         .await
     }
-}
-
-/// [`unreachable`], except a request that ran out of time: it may still
-/// be running on the replica, so it is answered 504 rather than run again
-/// elsewhere.
-pub(super) fn timed_out(t: &Target, e: reqwest::Error) -> Miss {
-    if e.is_timeout() {
-        return Miss::Final(GwError::new(
-            StatusCode::GATEWAY_TIMEOUT,
-            "timeout",
-            format!(
-                "replica {} did not answer in time; the request was not run again elsewhere (give a longer x-talon-deadline-ms)",
-                t.replica
-            ),
-        ));
-    }
-    unreachable(t, e)
-}
-
-pub(super) fn unreachable(t: &Target, e: reqwest::Error) -> Miss {
-    Miss::Unreachable(format!(
-        "replica {} at {} cannot be reached: {e}",
-        t.replica, t.addr
-    ))
-}
-
-/// Turns a refusal by the agent into a [`Miss`]; passes success through.
-pub(super) async fn refused(
-    response: reqwest::Response,
-    t: &Target,
-) -> Result<reqwest::Response, Miss> {
-    let status = response.status();
-    if status.is_success() {
-        return Ok(response);
-    }
-    let retry_ms = response
-        .headers()
-        .get("retry-after-ms")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    let body: Value = response.json().await.unwrap_or(Value::Null);
-    let message = body["error"]["message"]
-        .as_str()
-        .unwrap_or("no reason given")
-        .to_string();
-    if status.as_u16() == 429 {
-        return Err(Miss::Full(retry_ms.unwrap_or(1000), message));
-    }
-    if status.is_client_error() && status.as_u16() != 404 {
-        let status = StatusCode::from_u16(status.as_u16()).unwrap_or(StatusCode::BAD_REQUEST);
-        return Err(Miss::Final(GwError::new(
-            status,
-            "invalid_request_error",
-            message,
-        )));
-    }
-    let why = format!("replica {} answered {status}: {message}", t.replica);
-    if matches!(status.as_u16(), 404 | 503) {
-        // Not (or no longer) on that node, or not ready: it may be moving.
-        return Err(Miss::Unreachable(why));
-    }
-    Err(Miss::Failed(why))
 }

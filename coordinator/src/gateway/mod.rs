@@ -28,9 +28,11 @@
 //! replica and its node (a stream cannot be resumed elsewhere).
 
 mod admission;
+mod attempt;
 pub mod auth;
 mod breaker;
 mod cache;
+mod call;
 mod canary;
 pub mod chain;
 mod core;
