@@ -278,26 +278,7 @@ async fn full_queues_and_unmeetable_deadlines_get_429_with_retry_after() {
     let http = talon_tests::http_client(&up.key);
     let url = format!("http://{}/v1/chat/completions", up.http);
     let body = json!({"model": "demo", "messages": [{"role": "user", "content": "busy"}], "max_tokens": 40});
-    let sends: Vec<_> = (0..8)
-        .map(|_| {
-            let (http, url, body) = (http.clone(), url.clone(), body.clone());
-            tokio::spawn(async move {
-                let r = http.post(&url).json(&body).send().await.expect("send");
-                let status = r.status().as_u16();
-                let retry = r
-                    .headers()
-                    .get("retry-after")
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.parse::<u64>().ok());
-                let body: Value = r.json().await.expect("json");
-                (status, retry, body)
-            })
-        })
-        .collect();
-    let mut answers = Vec::new();
-    for s in sends {
-        answers.push(s.await.expect("task"));
-    }
+    let answers = burst(&up, 8, &[]).await;
     let ok = answers.iter().filter(|a| a.0 == 200).count();
     let refused: Vec<_> = answers.iter().filter(|a| a.0 == 429).collect();
     assert_eq!(ok + refused.len(), 8, "only 200 or 429: {answers:?}");

@@ -326,6 +326,18 @@ mod tests {
         now_ms: u64,
     ) -> Result<(String, Priority, Vec<String>), GwError> {
         let splits = Splits::default();
+        let mut a = admitting(model, priority);
+        let rules: Vec<Rule> = state.chain.values().cloned().collect();
+        for step in steps(&rules, compiled) {
+            run_step(&step, &mut a, now_ms, &splits)?;
+        }
+        let r = Request { a: &mut a, now_ms };
+        Ok((r.model().to_string(), r.priority(), a.call.fallbacks))
+    }
+
+    /// A request for `model` at `priority`, with header x-team: batch,
+    /// before the chain ran.
+    fn admitting(model: &str, priority: Option<&str>) -> Admitting {
         let call = Call {
             path: "/chat/completions",
             body: serde_json::json!({"model": model}),
@@ -339,20 +351,14 @@ mod tests {
             breaker: None,
             held: None,
         };
-        let mut a = Admitting {
+        Admitting {
             call,
             holder: None,
             checked: None,
             mask_pii: false,
             breaker: None,
             applied: vec![],
-        };
-        let rules: Vec<Rule> = state.chain.values().cloned().collect();
-        for step in steps(&rules, compiled) {
-            run_step(&step, &mut a, now_ms, &splits)?;
         }
-        let r = Request { a: &mut a, now_ms };
-        Ok((r.model().to_string(), r.priority(), a.call.fallbacks))
     }
 
     /// 2026-12-02 at `h`:`m` UTC.
@@ -490,26 +496,7 @@ mod tests {
         let splits = Splits::default();
         let mut to_new = 0;
         for _ in 0..400 {
-            let mut a = Admitting {
-                call: Call {
-                    path: "/completions",
-                    body: serde_json::json!({"model": "old"}),
-                    priority: None,
-                    deadline: None,
-                    principal: None,
-                    cache: super::super::cache::Use::Both,
-                    hops: 0,
-                    headers: vec![],
-                    fallbacks: vec![],
-                    breaker: None,
-                    held: None,
-                },
-                holder: None,
-                checked: None,
-                mask_pii: false,
-                breaker: None,
-                applied: vec![],
-            };
+            let mut a = admitting("old", None);
             let mut r = Request {
                 a: &mut a,
                 now_ms: 0,
