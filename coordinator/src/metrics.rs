@@ -51,6 +51,17 @@ pub struct Metrics {
     pub cache_requests: Family<PolicyLabels, Counter>,
     /// Requests the gateway's key policies refused, by reason.
     pub policy_refusals: Family<PolicyLabels, Counter>,
+    /// Requests the gateway holds (waiting ones included), and those
+    /// waiting for a replica with room.
+    pub gateway_held: Gauge,
+    pub gateway_queued: Gauge,
+    /// Requests each chain rule applied to.
+    pub chain_rules: Family<RuleLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RuleLabels {
+    pub rule: String,
 }
 
 impl Default for Metrics {
@@ -145,7 +156,28 @@ impl Metrics {
             "Requests refused by key policies, limits and budgets, by reason",
             policy_refusals.clone(),
         );
+        let gateway_held = Gauge::default();
+        let gateway_queued = Gauge::default();
+        let chain_rules = Family::<RuleLabels, Counter>::default();
+        registry.register(
+            "gateway_held_requests",
+            "Requests the gateway holds, waiting ones included (bounded by gateway.max_in_flight)",
+            gateway_held.clone(),
+        );
+        registry.register(
+            "gateway_queued_requests",
+            "Requests waiting at the gateway for a replica with room (bounded by gateway.max_queued)",
+            gateway_queued.clone(),
+        );
+        registry.register(
+            "gateway_chain_rule_applied",
+            "Requests each rule of the gateway's chain applied to",
+            chain_rules.clone(),
+        );
         Metrics {
+            gateway_held,
+            gateway_queued,
+            chain_rules,
             cache_requests,
             policy_refusals,
             registry,

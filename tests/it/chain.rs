@@ -276,6 +276,18 @@ async fn the_chain_routes_splits_denies_falls_back_and_breaks_as_its_rules_say()
         ],
         "{table}"
     );
+    // how often each rule applied, and nothing held or waiting now
+    let node = &cluster.nodes[0];
+    let applied = node
+        .metric(r#"talon_coordinator_gateway_chain_rule_applied_total{rule="half"}"#)
+        .await;
+    assert_eq!(applied, Some(10.0));
+    let held = node.metric("talon_coordinator_gateway_held_requests").await;
+    assert_eq!(held, Some(0.0));
+    let queued = node
+        .metric("talon_coordinator_gateway_queued_requests")
+        .await;
+    assert_eq!(queued, Some(0.0));
     let (ok, _, err) = cli(&["chain", "delete", "half"]);
     assert!(ok, "{err}");
     let (ok, _, err) = cli(&["chain", "delete", "half"]);

@@ -255,8 +255,9 @@ impl Gateway {
                 return Err(e);
             }
         }
-        if !a.applied.is_empty() {
-            tracing::debug!(rules = ?a.applied, model = a.call.model().unwrap_or_default(), "chain applied");
+        for rule in &a.applied {
+            let labels = crate::metrics::RuleLabels { rule: rule.clone() };
+            self.ctx.metrics.chain_rules.get_or_create(&labels).inc();
         }
         let model = a.call.model()?.to_string();
         let prompt_estimate = estimate_prompt_tokens(&a.call.body);

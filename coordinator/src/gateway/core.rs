@@ -165,7 +165,9 @@ impl Drop for InFlight {
 impl Gateway {
     pub fn new(ctx: Arc<AdminContext>) -> Gateway {
         let ctx_limits = ctx.clone();
-        let ctx_gate = ctx.config.gateway.clone();
+        let gate =
+            super::queue::Gate::new(ctx.config.gateway.clone(), ctx.metrics.gateway_held.clone());
+        let queue = Arc::new(super::queue::Queue::new(ctx.metrics.gateway_queued.clone()));
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(1))
             .build()
@@ -188,8 +190,8 @@ impl Gateway {
             plugins: Arc::default(),
             splits: Arc::default(),
             clock: Arc::new(crate::context::now_ms),
-            gate: super::queue::Gate::new(ctx_gate),
-            queue: Arc::default(),
+            gate,
+            queue,
         }
     }
 

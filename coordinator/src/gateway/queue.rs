@@ -21,6 +21,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use prometheus_client::metrics::gauge::Gauge;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 use tokio::time::Instant;
@@ -88,6 +89,8 @@ pub struct Gate {
     settings: GatewaySettings,
     in_flight: AtomicUsize,
     bytes: AtomicUsize,
+    /// `talon_coordinator_gateway_held_requests`.
+    gauge: Gauge,
 }
 
 /// One request's share of the gate, given back when dropped.
@@ -106,15 +109,17 @@ impl Drop for Held {
     fn drop(&mut self) {
         self.gate.in_flight.fetch_sub(1, Ordering::Relaxed);
         self.gate.bytes.fetch_sub(self.bytes, Ordering::Relaxed);
+        self.gate.gauge.dec();
     }
 }
 
 impl Gate {
-    pub fn new(settings: GatewaySettings) -> Arc<Gate> {
+    pub fn new(settings: GatewaySettings, gauge: Gauge) -> Arc<Gate> {
         Arc::new(Gate {
             settings,
             in_flight: AtomicUsize::new(0),
             bytes: AtomicUsize::new(0),
+            gauge,
         })
     }
 
@@ -127,6 +132,7 @@ impl Gate {
     pub fn hold(self: &Arc<Gate>, bytes: usize) -> Result<Held, GwError> {
         let n = self.in_flight.fetch_add(1, Ordering::Relaxed);
         let b = self.bytes.fetch_add(bytes, Ordering::Relaxed);
+        self.gauge.inc();
         let held = Held {
             gate: self.clone(),
             bytes,
@@ -167,6 +173,8 @@ pub struct Queue {
     models: Mutex<HashMap<String, BTreeMap<Spot, Arc<Notify>>>>,
     arrivals: AtomicU64,
     waiting: AtomicUsize,
+    /// `talon_coordinator_gateway_queued_requests`.
+    gauge: Gauge,
 }
 
 /// A request's place in the queue; leaving it (when dropped) lets the
@@ -191,11 +199,19 @@ impl Drop for Place {
             }
         }
         self.queue.waiting.fetch_sub(1, Ordering::Relaxed);
+        self.queue.gauge.dec();
         self.queue.wake(&self.model);
     }
 }
 
 impl Queue {
+    pub fn new(gauge: Gauge) -> Queue {
+        Queue {
+            gauge,
+            ..Default::default()
+        }
+    }
+
     /// A place for a request of `model` at priority rank `rank`, unless
     /// `max` requests wait already.
     pub fn enter(self: &Arc<Queue>, model: &str, rank: u8, max: usize) -> Option<Place> {
@@ -203,6 +219,7 @@ impl Queue {
             self.waiting.fetch_sub(1, Ordering::Relaxed);
             return None;
         }
+        self.gauge.inc();
         let spot = (rank, self.arrivals.fetch_add(1, Ordering::Relaxed));
         let notify = Arc::new(Notify::new());
         self.models
@@ -314,11 +331,15 @@ mod tests {
         assert_eq!(kept.len(), 3);
         assert!(q.enter("m", 0, 3).is_none(), "full, whatever the priority");
         assert_eq!(q.waiting(), 3);
-        let gate = Gate::new(GatewaySettings {
-            max_in_flight: 2,
-            max_held_bytes: 1 << 20,
-            ..Default::default()
-        });
+        let held = Gauge::default();
+        let gate = Gate::new(
+            GatewaySettings {
+                max_in_flight: 2,
+                max_held_bytes: 1 << 20,
+                ..Default::default()
+            },
+            held.clone(),
+        );
         let a = gate.hold(1000).unwrap();
         let _b = gate.hold(1000).unwrap();
         let e = gate.hold(10).err().unwrap();
@@ -327,6 +348,7 @@ mod tests {
         let e = gate.hold(2 << 20).err().unwrap();
         assert!(e.message.contains("max_held_bytes"), "{}", e.message);
         assert_eq!(gate.in_flight(), 1, "a refused hold gives its place back");
+        assert_eq!(held.get(), 1);
         assert!(GatewaySettings {
             max_queued: 10,
             max_in_flight: 5,

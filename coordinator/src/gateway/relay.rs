@@ -42,8 +42,21 @@ impl Gateway {
     /// Serves a non-streaming call: the replica that answered (`cache` for
     /// a cached answer) and its answer; a model that cannot serve it hands
     /// it to its fallback ([`super::fallback`]).
+    ///
+    /// It runs in a task of its own: a caller that goes away does not
+    /// cancel it, so what the replica serves is still charged (and cached),
+    /// and the limits' reservation is settled, as for a stream.
     pub async fn complete(&self, call: &Call) -> Result<(String, Value), GwError> {
-        self.complete_from(&self.held(call)?).await
+        let call = self.held(call)?;
+        let gateway = self.clone();
+        match tokio::spawn(async move { gateway.complete_from(&call).await }).await {
+            Ok(answered) => answered,
+            Err(e) => Err(GwError::new(
+                axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+                "internal_error",
+                format!("the gateway's task for the request failed: {e}"),
+            )),
+        }
     }
 
     /// A copy of `call` holding its share of the gateway's bounds.
