@@ -187,7 +187,18 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         "talon up: curl -s http://{}/v1/chat/completions -H \"authorization: Bearer $TALON_KEY\" -H 'content-type: application/json' -d '{{\"model\":\"demo\",\"messages\":[{{\"role\":\"user\",\"content\":\"hi\"}}]}}'",
         args.http_listen
     );
+    // Ctrl-C, or SIGTERM (what systemd, Docker and Kubernetes send)
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            r = tokio::signal::ctrl_c() => r?,
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
     tokio::signal::ctrl_c().await?;
+    println!("talon up: stopping");
     let _ = stop_tx.send(true);
     coordinator.await??;
     Ok(())

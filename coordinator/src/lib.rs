@@ -140,6 +140,7 @@ pub async fn run(
     });
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stop_rx_drain = stop_rx.clone();
     tokio::spawn(async move {
         shutdown.await;
         let _ = stop_tx.send(true);
@@ -254,7 +255,24 @@ pub async fn run(
             )),
         };
 
-    let (grpc_result, raft_result, http_result) = tokio::join!(api, raft_server, http_server);
+    // After the signal the servers stop accepting and finish what is in
+    // flight; connections that stay open (an agent's watch stream, an idle
+    // client) get DRAIN_GRACE, then the coordinator stops anyway.
+    let servers = async { tokio::join!(api, raft_server, http_server) };
+    let grace = {
+        let stop = stopped(stop_rx_drain);
+        async move {
+            stop.await;
+            tokio::time::sleep(DRAIN_GRACE).await;
+        }
+    };
+    let (grpc_result, raft_result, http_result) = tokio::select! {
+        results = servers => results,
+        _ = grace => {
+            tracing::warn!(grace = ?DRAIN_GRACE, "connections still open after the drain grace; stopping anyway");
+            (Ok(()), Ok(()), Ok(()))
+        }
+    };
     raft_result?;
     metrics_task.abort();
     leases_task.abort();
@@ -271,6 +289,9 @@ pub async fn run(
     tracing::info!("coordinator stopped");
     Ok(())
 }
+
+/// How long a stopping coordinator waits for open connections to close.
+const DRAIN_GRACE: Duration = Duration::from_secs(10);
 
 /// Runs a control loop and starts it again if it panics: a bug in one loop
 /// is logged and counted, never a silent end of leases or placement.

@@ -270,6 +270,7 @@ async fn main() -> ExitCode {
         }
     };
     let app = talon_node_agent::serve::router(metrics.clone(), replicas.clone(), guard);
+    let draining = replicas.clone();
     let coordinator_ca = match &config.coordinator_ca_file {
         Some(path) => match std::fs::read(path) {
             Ok(pem) => Some(pem),
@@ -317,7 +318,17 @@ async fn main() -> ExitCode {
         let _ = tokio::signal::ctrl_c().await;
     };
     match agent::run(settings, probe, metrics, shutdown).await {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(()) => {
+            // SIGTERM or Ctrl-C: every replica drains (new requests are
+            // refused, the gateway sends them elsewhere; those in flight get
+            // their engine's drain grace), then its engine is stopped
+            tracing::info!("shutdown signal received; draining replicas");
+            if let Some(replicas) = &draining {
+                replicas.apply(&Default::default()).await;
+            }
+            tracing::info!("replicas drained; exiting");
+            ExitCode::SUCCESS
+        }
         Err(e) => {
             eprintln!("talon-agent: {e}");
             ExitCode::from(1)

@@ -356,6 +356,27 @@ impl Proc {
         Proc(Some(child))
     }
 
+    /// Sends SIGTERM and waits up to `within` for the process to exit: its
+    /// exit status, or `None` if it is still running (then it is killed
+    /// when dropped).
+    pub fn terminate(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let child = self.0.as_mut()?;
+        let sent = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(sent, "kill -TERM {} failed", child.id());
+        let until = std::time::Instant::now() + within;
+        while std::time::Instant::now() < until {
+            if let Ok(Some(status)) = child.try_wait() {
+                self.0 = None;
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+
     pub fn kill(&mut self) {
         if let Some(mut c) = self.0.take() {
             let _ = c.kill();

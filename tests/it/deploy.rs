@@ -1,0 +1,196 @@
+//! The deploy files, started for real where this machine can: the systemd
+//! units' command lines run as plain processes (their `--check` first),
+//! SIGTERM drains and stops each binary with status 0, and the example
+//! configurations are valid.
+
+use std::time::Duration;
+
+use crate::harness::{bin, free_port, wait_for, Proc};
+
+/// The command lines of `key=` in a systemd unit, split into words.
+fn exec_lines(unit: &str, key: &str) -> Vec<Vec<String>> {
+    unit.lines()
+        .filter_map(|l| l.strip_prefix(&format!("{key}=")))
+        .map(|l| l.split_whitespace().map(str::to_string).collect())
+        .collect()
+}
+
+/// `line` with the unit's paths replaced: binaries by the built ones,
+/// `/etc/talon/NAME` by the test's files.
+fn localize(line: &[String], files: &[(&str, String)]) -> (String, Vec<String>) {
+    let program = line[0]
+        .strip_prefix("/usr/local/bin/")
+        .unwrap_or_else(|| panic!("unit runs {} from elsewhere", line[0]))
+        .to_string();
+    let args = line[1..]
+        .iter()
+        .map(|a| {
+            files
+                .iter()
+                .find(|(from, _)| a == from)
+                .map_or_else(|| a.clone(), |(_, to)| to.clone())
+        })
+        .collect();
+    (program, args)
+}
+
+fn unit(name: &str) -> String {
+    let path = format!("{}/../deploy/systemd/{name}", env!("CARGO_MANIFEST_DIR"));
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
+/// Runs a unit's `ExecStartPre` lines (each must succeed) and starts its
+/// `ExecStart`.
+fn start_unit(name: &str, files: &[(&str, String)]) -> Proc {
+    let text = unit(name);
+    assert!(
+        text.contains("KillSignal=SIGTERM"),
+        "{name} stops with SIGTERM"
+    );
+    for line in exec_lines(&text, "ExecStartPre") {
+        let (program, args) = localize(&line, files);
+        let out = std::process::Command::new(bin(&program))
+            .args(&args)
+            .output()
+            .expect("run ExecStartPre");
+        assert!(
+            out.status.success(),
+            "{name} ExecStartPre {line:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let start = exec_lines(&text, "ExecStart");
+    assert_eq!(start.len(), 1, "{name} has one ExecStart");
+    let (program, args) = localize(&start[0], files);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    Proc::spawn(&program, &args)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_systemd_units_start_and_sigterm_drains_and_stops_them() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (grpc, http, agent_http) = (free_port(), free_port(), free_port());
+    let token = "deploy-test-join-token-0123";
+    let data = dir.path().join("coordinator");
+    let coordinator_toml = dir.path().join("coordinator.toml");
+    std::fs::write(
+        &coordinator_toml,
+        format!(
+            "node_id = 1\ndata_dir = {data:?}\nlisten = \"127.0.0.1:{grpc}\"\n\
+             http_listen = \"127.0.0.1:{http}\"\nbootstrap = true\n\n[agents]\njoin_token = \"{token}\"\n"
+        ),
+    )
+    .expect("coordinator.toml");
+    let agent_toml = dir.path().join("agent.toml");
+    let credential = dir.path().join("agent.credential");
+    let logs = dir.path().join("engine-logs");
+    std::fs::write(
+        &agent_toml,
+        format!(
+            "node_id = \"unit-host\"\ncoordinators = [\"127.0.0.1:{grpc}\"]\njoin_token = \"{token}\"\n\
+             probe = \"simulated\"\nsim_gpus = \"l4:1\"\nhttp_listen = \"127.0.0.1:{agent_http}\"\n\
+             credential_file = {credential:?}\nengine_log_dir = {logs:?}\n"
+        ),
+    )
+    .expect("agent.toml");
+    let files = [
+        (
+            "/etc/talon/coordinator.toml",
+            coordinator_toml.display().to_string(),
+        ),
+        ("/etc/talon/agent.toml", agent_toml.display().to_string()),
+    ];
+    let mut coordinator = start_unit("talon-coordinator.service", &files);
+    let key_file = data.join("admin.key");
+    let key = wait_for("the first admin key", Duration::from_secs(60), || {
+        let key_file = key_file.clone();
+        async move { Some(std::fs::read_to_string(&key_file).ok()?.trim().to_string()) }
+    })
+    .await;
+    let mut agent = start_unit("talon-agent.service", &files);
+    let client = talon_client::Client::pinned(&format!("127.0.0.1:{grpc}"))
+        .expect("client")
+        .with_key(key);
+    wait_for("the agent registered", Duration::from_secs(90), || async {
+        client
+            .get_node("unit-host")
+            .await
+            .ok()
+            .filter(|n| n.state == "ready")
+    })
+    .await;
+    let spec = talon_tests::model_spec("unit-model", "simulated", 4_000, 1);
+    client.create_model(spec).await.expect("model");
+    wait_for("a replica ready", Duration::from_secs(60), || async {
+        let list = client.list_replicas("unit-model").await.ok()?;
+        list.replicas
+            .iter()
+            .find(|r| r.state == "ready")
+            .map(|_| ())
+    })
+    .await;
+
+    // SIGTERM: the agent drains its replica and exits 0, then the
+    // coordinator, within the units' TimeoutStopSec
+    let status = tokio::task::spawn_blocking(move || {
+        let status = agent.terminate(Duration::from_secs(60));
+        (agent, status)
+    })
+    .await
+    .expect("join");
+    assert!(
+        status.1.is_some_and(|s| s.success()),
+        "the agent did not exit 0 on SIGTERM: {:?}",
+        status.1
+    );
+    let status =
+        tokio::task::spawn_blocking(move || coordinator.terminate(Duration::from_secs(20)))
+            .await
+            .expect("join");
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "the coordinator did not exit 0 on SIGTERM: {status:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn talon_up_stops_with_status_0_on_sigterm() {
+    let mut up = crate::serving::talon_up(&["--host", "l4:1", "--demo-replicas", "1"]).await;
+    let status = tokio::task::spawn_blocking(move || {
+        let status = up._proc.terminate(Duration::from_secs(30));
+        (up, status)
+    })
+    .await
+    .expect("join")
+    .1;
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "talon up did not exit 0 on SIGTERM: {status:?}"
+    );
+}
+
+#[test]
+fn the_example_agent_configuration_is_valid() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/agent.example.toml");
+    let out = std::process::Command::new(bin("talon-agent"))
+        // no NVIDIA driver here: the file's nvml probe is swapped for a
+        // simulated one, every other key is checked as written
+        .args([
+            "--config",
+            path,
+            "--check",
+            "--probe",
+            "simulated",
+            "--sim-gpus",
+            "l4:1",
+        ])
+        // as the unit's EnvironmentFile gives it
+        .env("TALON_JOIN_TOKEN", "example-join-token-0123")
+        .output()
+        .expect("run talon-agent");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
