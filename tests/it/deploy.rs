@@ -194,3 +194,115 @@ fn the_example_agent_configuration_is_valid() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// The Kubernetes manifests pass the schema check of the Kubernetes
+/// version the validator ships (strict: an unknown field fails), and
+/// their containers' command lines are accepted by the real binaries
+/// (`--check`).
+#[test]
+fn the_kubernetes_manifests_pass_the_schema_check_and_their_commands_the_binaries() {
+    let python =
+        crate::harness::python_venv("k8s-venv", "kubernetes_validate", &["kubernetes-validate"]);
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+    let manifests: Vec<String> = ["coordinator.yaml", "node-agent.yaml"]
+        .iter()
+        .map(|f| format!("{root}/deploy/kubernetes/{f}"))
+        .collect();
+    let out = std::process::Command::new(python.with_file_name("kubernetes-validate"))
+        .arg("--strict")
+        .args(&manifests)
+        .output()
+        .expect("run kubernetes-validate");
+    let report = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{report}");
+    for resource in [
+        "statefulset/talon-coordinator",
+        "poddisruptionbudget/talon-coordinator",
+        "service/talon-gateway",
+        "daemonset/talon-agent",
+    ] {
+        assert!(
+            report.contains(&format!("passed for resource {resource}")),
+            "{resource} not validated: {report}"
+        );
+    }
+
+    let out = std::process::Command::new(&python)
+        .arg(format!("{root}/tests/python/k8s_commands.py"))
+        .args(&manifests)
+        .output()
+        .expect("run k8s_commands.py");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let containers: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).expect("JSON");
+    let text = |v: &serde_json::Value| -> Vec<String> {
+        v.as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|s| s.as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let of = |workload: &str| {
+        containers
+            .iter()
+            .find(|c| c["workload"] == workload)
+            .unwrap_or_else(|| panic!("no {workload} in {containers:?}"))
+            .clone()
+    };
+    // the agent's flags, with the downward API's values
+    let agent = of("daemonset/talon-agent");
+    assert_eq!(text(&agent["command"]), ["/usr/local/bin/talon-agent"]);
+    assert!(text(&agent["env"]).contains(&"TALON_JOIN_TOKEN".to_string()));
+    let args: Vec<String> = text(&agent["args"])
+        .into_iter()
+        .map(|a| {
+            a.replace("$(NODE_NAME)", "gpu-node-1")
+                .replace("$(POD_IP)", "10.0.0.7")
+        })
+        .collect();
+    let out = std::process::Command::new(bin("talon-agent"))
+        .args(&args)
+        // no NVIDIA driver here: the probe is simulated, the rest as written
+        .args(["--check", "--probe", "simulated", "--sim-gpus", "l4:1"])
+        .env("TALON_JOIN_TOKEN", "k8s-join-token-0123456789")
+        .output()
+        .expect("run talon-agent");
+    assert!(
+        out.status.success(),
+        "the DaemonSet's agent flags: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // the coordinator's start script, as pod 0 runs it
+    let coordinator = of("statefulset/talon-coordinator");
+    let script = text(&coordinator["args"]).join("\n");
+    let exec = script
+        .split("exec ")
+        .nth(1)
+        .expect("the script execs the coordinator")
+        .replace("\\\n", " ")
+        .replace("$((ord + 1))", "1")
+        .replace("$boot", "true")
+        .replace("${HOSTNAME}", "talon-coordinator-0");
+    let words: Vec<&str> = exec.split_whitespace().collect();
+    assert_eq!(words[0], "talon-coordinator", "{exec}");
+    let out = std::process::Command::new(bin("talon-coordinator"))
+        .args(&words[1..])
+        .arg("--check")
+        .env("TALON_JOIN_TOKEN", "k8s-join-token-0123456789")
+        .output()
+        .expect("run talon-coordinator");
+    assert!(
+        out.status.success(),
+        "the StatefulSet's coordinator flags {words:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
