@@ -306,3 +306,158 @@ fn the_kubernetes_manifests_pass_the_schema_check_and_their_commands_the_binarie
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// The compose file's services, run as plain processes on this host (no
+/// Docker engine here): each container's addresses become loopback ports,
+/// its volumes directories of the test. The two coordinators that do not
+/// bootstrap are joined as the file's comment says, both agents register
+/// through any coordinator, and SIGTERM stops every process with status 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_compose_services_form_a_cluster_of_three_with_two_agents() {
+    let python = tokio::task::spawn_blocking(|| {
+        crate::harness::python_venv("k8s-venv", "kubernetes_validate", &["kubernetes-validate"])
+    })
+    .await
+    .expect("venv");
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+    let out = std::process::Command::new(&python)
+        .arg(format!("{root}/tests/python/compose_commands.py"))
+        .arg(format!("{root}/deploy/compose.yaml"))
+        .output()
+        .expect("run compose_commands.py");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let services: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(&out.stdout).expect("JSON");
+    let names: Vec<&str> = services.keys().map(String::as_str).collect();
+    assert_eq!(names, ["a1", "a2", "c1", "c2", "c3"]);
+    let dir = tempfile::tempdir().expect("temp dir");
+    // each service's own addresses, and how the others name them
+    let ports: std::collections::BTreeMap<&str, (u16, u16)> = names
+        .iter()
+        .map(|n| (*n, (free_port(), free_port())))
+        .collect();
+    let mut procs = Vec::new();
+    for (name, s) in &services {
+        let (main, second) = ports[name.as_str()];
+        let mut swaps: Vec<(String, String)> = vec![
+            ("0.0.0.0:7400".into(), format!("127.0.0.1:{main}")),
+            ("0.0.0.0:7480".into(), format!("127.0.0.1:{second}")),
+            ("0.0.0.0:7481".into(), format!("127.0.0.1:{main}")),
+            (
+                "/var/lib/talon/data".into(),
+                dir.path().join(name).join("data").display().to_string(),
+            ),
+            (
+                "/var/lib/talon-agent/credential".into(),
+                dir.path()
+                    .join(name)
+                    .join("credential")
+                    .display()
+                    .to_string(),
+            ),
+        ];
+        for (other, (p, _)) in &ports {
+            swaps.push((format!("{other}:7400"), format!("127.0.0.1:{p}")));
+            swaps.push((format!("{other}:7481"), format!("127.0.0.1:{p}")));
+        }
+        let word = |w: &str| {
+            swaps
+                .iter()
+                .fold(w.to_string(), |w, (from, to)| w.replace(from, to))
+        };
+        let entry: Vec<String> = s["entrypoint"]
+            .as_array()
+            .expect("entrypoint")
+            .iter()
+            .filter_map(|v| v.as_str().map(str::to_string))
+            .collect();
+        let program = entry[0]
+            .strip_prefix("/usr/local/bin/")
+            .expect("a Talon binary")
+            .to_string();
+        let args: Vec<String> = s["command"]
+            .as_array()
+            .expect("command")
+            .iter()
+            .filter_map(|v| v.as_str().map(word))
+            .collect();
+        // `${VAR:-default}` as compose reads it with no .env
+        let env: Vec<(String, String)> = s["environment"]
+            .as_object()
+            .map(|o| {
+                o.iter()
+                    .map(|(k, v)| {
+                        let v = v.as_str().unwrap_or_default();
+                        let v = v
+                            .strip_prefix("${")
+                            .and_then(|v| v.strip_suffix('}'))
+                            .and_then(|v| v.split_once(":-"))
+                            .map_or(v, |(_, default)| default);
+                        (k.clone(), v.to_string())
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        procs.push((name.clone(), Proc::spawn_with_env(&program, &args, &env)));
+    }
+    let key_file = dir.path().join("c1/data/admin.key");
+    let key = wait_for("c1's first admin key", Duration::from_secs(60), || {
+        let key_file = key_file.clone();
+        async move { Some(std::fs::read_to_string(&key_file).ok()?.trim().to_string()) }
+    })
+    .await;
+    let client = talon_client::Client::pinned(&format!("127.0.0.1:{}", ports["c1"].0))
+        .expect("client")
+        .with_key(key);
+    for (id, name) in [(2, "c2"), (3, "c3")] {
+        let addr = format!("127.0.0.1:{}", ports[name].0);
+        wait_for(
+            &format!("{name} joined"),
+            Duration::from_secs(60),
+            || async { client.cluster_join(id, &addr, false).await.ok() },
+        )
+        .await;
+    }
+    wait_for(
+        "both agents registered",
+        Duration::from_secs(90),
+        || async {
+            let nodes = client.list_nodes().await.ok()?;
+            let ready = nodes.iter().filter(|n| n.state == "ready").count();
+            (ready == 2).then_some(())
+        },
+    )
+    .await;
+    let status = client.cluster_status().await.expect("status");
+    assert_eq!(
+        status.members.iter().filter(|m| m.voter).count(),
+        3,
+        "{status:?}"
+    );
+
+    // agents first (they drain), then the coordinators
+    procs.sort_by_key(|(name, _)| !name.starts_with('a'));
+    let stopped = tokio::task::spawn_blocking(move || {
+        procs
+            .into_iter()
+            .map(|(name, mut p)| {
+                let status = p.terminate(Duration::from_secs(30));
+                (name, status)
+            })
+            .collect::<Vec<_>>()
+    })
+    .await
+    .expect("join");
+    for (name, status) in stopped {
+        assert!(
+            status.is_some_and(|s| s.success()),
+            "{name} did not exit 0 on SIGTERM: {status:?}"
+        );
+    }
+}
