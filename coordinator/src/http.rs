@@ -12,17 +12,26 @@ use axum::Router;
 use crate::metrics::Metrics;
 use crate::raft_types::Raft;
 
+/// What `/metrics` adds at each scrape, in the text format (the
+/// per-replica gauges from the leader's telemetry).
+pub type Extra = Arc<dyn Fn() -> String + Send + Sync>;
+
 #[derive(Clone)]
 struct HttpState {
     metrics: Arc<Metrics>,
     raft: Raft,
+    extra: Extra,
 }
 
-pub fn router(metrics: Arc<Metrics>, raft: Raft) -> Router {
+pub fn router(metrics: Arc<Metrics>, raft: Raft, extra: Extra) -> Router {
     Router::new()
         .route("/metrics", get(metrics_handler))
         .route("/healthz", get(health))
-        .with_state(HttpState { metrics, raft })
+        .with_state(HttpState {
+            metrics,
+            raft,
+            extra,
+        })
 }
 
 async fn metrics_handler(State(s): State<HttpState>) -> impl IntoResponse {
@@ -31,7 +40,7 @@ async fn metrics_handler(State(s): State<HttpState>) -> impl IntoResponse {
             header::CONTENT_TYPE,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
-        s.metrics.encode(),
+        s.metrics.encode_with(&(s.extra)()),
     )
 }
 

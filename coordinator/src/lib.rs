@@ -220,7 +220,7 @@ pub async fn run(
     let api = api
         .add_optional_service(raft_listener.is_none().then(raft_service))
         .add_service(AdminServiceServer::new(Admin::new(ctx.clone())))
-        .add_service(AgentServiceServer::new(agents::AgentSvc::new(ctx)))
+        .add_service(AgentServiceServer::new(agents::AgentSvc::new(ctx.clone())))
         .add_service(InferenceServer::new(gateway::grpc::InferenceSvc::new(
             gateway.clone(),
         )))
@@ -240,7 +240,11 @@ pub async fn run(
             .await
             .context("Raft server")
     };
-    let app = http::router(metrics, raft.clone()).merge(gateway.router());
+    let gauges: http::Extra = {
+        let ctx = ctx.clone();
+        Arc::new(move || engine_gauges(&ctx))
+    };
+    let app = http::router(metrics, raft.clone(), gauges).merge(gateway.router());
     let http_server: std::pin::Pin<Box<dyn Future<Output = std::io::Result<()>> + Send>> =
         match &tls {
             Some(m) => {
@@ -288,6 +292,35 @@ pub async fn run(
     http_result.context("HTTP server")?;
     tracing::info!("coordinator stopped");
     Ok(())
+}
+
+/// The per-replica `vllm:*` gauges from the leader's telemetry (empty on
+/// a follower, which has none): running and waiting requests — the
+/// engine's own counts where it reports them, else the agent's held
+/// requests split at the replica's batch size — and KV-cache use.
+fn engine_gauges(ctx: &admin::AdminContext) -> String {
+    let statuses = ctx
+        .telemetry
+        .replica_statuses(std::time::Instant::now(), Duration::from_secs(30));
+    let rows: Vec<(String, String, u32, u32, f32)> = statuses
+        .into_iter()
+        .filter(|s| s.state == "ready" || s.state == "draining")
+        .map(|s| {
+            let model = s.id.split('@').next().unwrap_or_default().to_string();
+            let (running, waiting) = if s.engine_running + s.engine_waiting > 0 {
+                (s.engine_running, s.engine_waiting)
+            } else {
+                let batch = if s.max_batch == 0 {
+                    s.held
+                } else {
+                    s.max_batch
+                };
+                (s.held.min(batch), s.held.saturating_sub(batch))
+            };
+            (model, s.id, running, waiting, s.kv_cache_usage)
+        })
+        .collect();
+    metrics::engine_gauges(&rows)
 }
 
 /// How long a stopping coordinator waits for open connections to close.

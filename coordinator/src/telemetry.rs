@@ -93,6 +93,21 @@ impl TelemetryStore {
         }
     }
 
+    /// Every replica's last reported status, of nodes heard from within
+    /// `max_age`.
+    pub fn replica_statuses(
+        &self,
+        now: Instant,
+        max_age: std::time::Duration,
+    ) -> Vec<pb::ReplicaStatus> {
+        let nodes = self.nodes.lock().expect("telemetry lock poisoned");
+        nodes
+            .values()
+            .filter(|n| now.saturating_duration_since(n.last_seen) <= max_age)
+            .flat_map(|n| n.replicas.values().cloned())
+            .collect()
+    }
+
     /// When the node was last heard from, if ever on this leader.
     pub fn last_seen(&self, node: &str) -> Option<Instant> {
         self.nodes

@@ -288,6 +288,80 @@ async fn the_chain_routes_splits_denies_falls_back_and_breaks_as_its_rules_say()
         .metric("talon_coordinator_gateway_queued_requests")
         .await;
     assert_eq!(queued, Some(0.0));
+    // the serving metrics under vLLM's names: a streamed answer's first
+    // token and gaps, every answer's latency and tokens, the replicas' load
+    let stream = r#"{"model":"big","messages":[{"role":"user","content":"hi"}],"max_tokens":4,"stream":true}"#;
+    let (status, _, body) = tokio::task::spawn_blocking({
+        let (http, key) = (http.clone(), key.clone());
+        move || talon_tests::http_post_with(&http, "/v1/chat/completions", stream, &key, &[])
+    })
+    .await
+    .expect("join")
+    .expect("a stream");
+    assert_eq!(status, 200, "{body}");
+    for (name, at_least) in [
+        ("vllm:time_to_first_token_seconds_count", 1.0),
+        ("vllm:inter_token_latency_seconds_count", 1.0),
+        ("vllm:e2e_request_latency_seconds_count", 9.0),
+        ("vllm:generation_tokens_total", 9.0),
+    ] {
+        let v = node.metric(&format!(r#"{name}{{model_name="big"}}"#)).await;
+        assert!(v.is_some_and(|v| v >= at_least), "{name}: {v:?}");
+    }
+    let replica = client
+        .list_replicas("big")
+        .await
+        .expect("replicas")
+        .replicas[0]
+        .id
+        .clone();
+    // exported by the leader from the agents' reports (a second apart):
+    // the replica is idle once the report after the stream arrives
+    wait_for("the replica's gauges", Duration::from_secs(10), || async {
+        let metric =
+            format!(r#"vllm:num_requests_running{{model_name="big",replica="{replica}"}}"#);
+        (node.metric(&metric).await == Some(0.0)).then_some(())
+    })
+    .await;
+    // every metric the Grafana dashboard in deploy/ charts is exported
+    let scrape = reqwest::get(format!("http://{http}/metrics"))
+        .await
+        .expect("scrape")
+        .text()
+        .await
+        .expect("text");
+    let exported: std::collections::BTreeSet<&str> = scrape
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    let dashboard: serde_json::Value =
+        serde_json::from_str(include_str!("../../deploy/grafana/talon-dashboard.json"))
+            .expect("dashboard JSON");
+    let mut charted = 0;
+    for panel in dashboard["panels"].as_array().expect("panels") {
+        for target in panel["targets"].as_array().expect("targets") {
+            let expr = target["expr"].as_str().expect("expr");
+            let names = expr
+                .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == ':'))
+                .filter(|w| w.starts_with("vllm:") || w.starts_with("talon_"));
+            for name in names {
+                let base = ["_total", "_bucket", "_count", "_sum"]
+                    .iter()
+                    .find_map(|s| name.strip_suffix(s))
+                    .unwrap_or(name);
+                assert!(
+                    exported.contains(base),
+                    "the dashboard charts {name}, which /metrics does not export"
+                );
+                charted += 1;
+            }
+        }
+    }
+    assert!(
+        charted >= 15,
+        "only {charted} metric references in the dashboard"
+    );
     let (ok, _, err) = cli(&["chain", "delete", "half"]);
     assert!(ok, "{err}");
     let (ok, _, err) = cli(&["chain", "delete", "half"]);

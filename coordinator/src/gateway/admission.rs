@@ -196,15 +196,7 @@ impl Gateway {
     pub(super) async fn admit(&self, call: &Call) -> Result<(Call, Admission), GwError> {
         let admitted = self.admit_or_refuse(call).await;
         if let Err(e) = &admitted {
-            if matches!(
-                e.kind,
-                "rate_limit_exceeded"
-                    | "insufficient_quota"
-                    | "model_not_allowed"
-                    | "priority_not_allowed"
-                    | "content_filtered"
-                    | "limits_unavailable"
-            ) {
+            if crate::metrics::REFUSALS.contains(&e.kind) {
                 let labels = crate::metrics::PolicyLabels { result: e.kind };
                 self.ctx
                     .metrics

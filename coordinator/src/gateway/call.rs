@@ -89,6 +89,13 @@ impl Call {
         }
     }
 
+    /// Seconds since the request reached the gateway.
+    pub(super) fn age_s(&self) -> f64 {
+        self.held
+            .as_ref()
+            .map_or(0.0, |h| h.since.elapsed().as_secs_f64())
+    }
+
     pub(super) fn model(&self) -> Result<&str, GwError> {
         self.body["model"].as_str().ok_or_else(|| {
             GwError::bad_request("the request has no \"model\"; name a registered model")

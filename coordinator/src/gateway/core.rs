@@ -523,7 +523,12 @@ impl Gateway {
                 .map_err(|e| timed_out(&t, e))?;
             let response = refused(response, &t).await?;
             match response.json::<Value>().await {
-                Ok(v) => Ok((t.replica, v)),
+                Ok(v) => {
+                    let engine = &self.ctx.metrics.engine;
+                    engine.observe(&engine.e2e_request_latency, &t.model, call.age_s());
+                    engine.count_usage(&t.model, &v["usage"]);
+                    Ok((t.replica, v))
+                }
                 Err(e) => Err(Miss::Failed(format!(
                     "replica {} sent an unreadable answer: {e}",
                     t.replica

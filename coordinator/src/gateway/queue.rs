@@ -97,6 +97,8 @@ pub struct Gate {
 pub struct Held {
     gate: Arc<Gate>,
     bytes: usize,
+    /// When the request reached the gateway.
+    pub since: std::time::Instant,
 }
 
 impl std::fmt::Debug for Held {
@@ -136,6 +138,7 @@ impl Gate {
         let held = Held {
             gate: self.clone(),
             bytes,
+            since: std::time::Instant::now(),
         };
         if n >= self.settings.max_in_flight {
             return Err(GwError::overloaded(

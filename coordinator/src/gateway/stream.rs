@@ -69,11 +69,21 @@ impl Gateway {
                 Ok(StreamItem::Failed(why)) | Err(why) => return Err(Miss::Failed(why)),
                 Ok(item) => item,
             };
+            let engine = self.ctx.metrics.clone();
+            let age = call.age_s();
+            engine
+                .engine
+                .observe(&engine.engine.time_to_first_token, &t.model, age);
             let (tx, rx) = mpsc::channel(64);
             let replica = t.replica.clone();
             tokio::spawn(async move {
                 let _counted = counted;
                 let _held = held;
+                let engine = &engine.engine;
+                let started = std::time::Instant::now()
+                    .checked_sub(std::time::Duration::from_secs_f64(age))
+                    .unwrap_or_else(std::time::Instant::now);
+                let mut last_piece = std::time::Instant::now();
                 let mut sent = 0u64;
                 let mut next = Some(first);
                 loop {
@@ -106,6 +116,23 @@ impl Gateway {
                         )),
                         other => other,
                     };
+                    match &item {
+                        StreamItem::Chunk(c) => {
+                            if sent > 0 && !chunk_text(c).is_empty() {
+                                let gap = last_piece.elapsed().as_secs_f64();
+                                engine.observe(&engine.inter_token_latency, &t.model, gap);
+                                last_piece = std::time::Instant::now();
+                            }
+                            if c["usage"].is_object() {
+                                engine.count_usage(&t.model, &c["usage"]);
+                            }
+                        }
+                        StreamItem::Done => {
+                            let total = started.elapsed().as_secs_f64();
+                            engine.observe(&engine.e2e_request_latency, &t.model, total);
+                        }
+                        _ => {}
+                    }
                     let end = !matches!(item, StreamItem::Chunk(_));
                     if tx.send(item).await.is_err() || end {
                         return; // the caller left, or the stream is over
