@@ -6,6 +6,7 @@
 mod cert;
 mod keys;
 mod output;
+mod progress;
 mod rules;
 mod tenants;
 
@@ -104,6 +105,19 @@ enum Command {
         #[arg(long, default_value = "")]
         priority: String,
     },
+    /// Live per-model traffic of a coordinator (from its /metrics):
+    /// requests and tokens per second, p50/p99 latency, replicas' load.
+    Top {
+        /// The coordinator's HTTP address (http_listen).
+        #[arg(long, default_value = "127.0.0.1:7480")]
+        http: String,
+        /// Seconds between refreshes.
+        #[arg(long, default_value_t = 2)]
+        interval_s: u64,
+        /// Tables to show, then exit (0: until Ctrl-C).
+        #[arg(long, default_value_t = 0)]
+        rounds: u32,
+    },
     /// Run Talon here, in this process: a coordinator, simulated GPU hosts
     /// and a demo model, serving the OpenAI-compatible API.
     #[cfg(feature = "up")]
@@ -130,7 +144,15 @@ enum NodeCmd {
     /// Allow new work on the node again (ends a drain).
     Uncordon { node_id: String },
     /// Cordon the node and move its work elsewhere.
-    Drain { node_id: String },
+    Drain {
+        node_id: String,
+        /// Wait (showing progress) until every replica has moved off.
+        #[arg(long)]
+        wait: bool,
+        /// Give up waiting after this many seconds.
+        #[arg(long, default_value_t = 600)]
+        timeout_s: u64,
+    },
     /// Forget a node that is down or drained: its record, replicas and
     /// agent credential (it must join again to come back).
     Remove { node_id: String },
@@ -169,6 +191,13 @@ enum ClusterCmd {
 
 #[derive(Subcommand)]
 enum ModelCmd {
+    /// Wait (showing progress) until the model's newest version has its
+    /// minimum replicas ready.
+    Wait {
+        name: String,
+        #[arg(long, default_value_t = 600)]
+        timeout_s: u64,
+    },
     /// Register a model, or a new version of an existing model.
     Create {
         name: String,
@@ -367,6 +396,9 @@ async fn execute(cli: Cli) -> Result<(), ClientError> {
                     print_models(&[model]);
                 }
             }
+            ModelCmd::Wait { name, timeout_s } => {
+                progress::wait_ready(&client, &name, Duration::from_secs(timeout_s)).await?;
+            }
             ModelCmd::Get { name, linearizable } => {
                 let model = client.get_model(&name, linearizable).await?;
                 if json {
@@ -432,7 +464,19 @@ async fn execute(cli: Cli) -> Result<(), ClientError> {
                 NodeCmd::Uncordon { node_id } => {
                     client.set_node_scheduling(&node_id, "uncordon").await?
                 }
-                NodeCmd::Drain { node_id } => client.set_node_scheduling(&node_id, "drain").await?,
+                NodeCmd::Drain {
+                    node_id,
+                    wait,
+                    timeout_s,
+                } => {
+                    let node = client.set_node_scheduling(&node_id, "drain").await?;
+                    if wait {
+                        progress::wait_drained(&client, &node_id, Duration::from_secs(timeout_s))
+                            .await?;
+                        return Ok(());
+                    }
+                    node
+                }
                 NodeCmd::Remove { node_id } => {
                     let revision = client.remove_node(&node_id).await?;
                     println!("removed node {node_id} (revision {revision})");
@@ -491,6 +535,11 @@ async fn execute(cli: Cli) -> Result<(), ClientError> {
                 }
             }
         }
+        Command::Top {
+            http,
+            interval_s,
+            rounds,
+        } => progress::top(&http, Duration::from_secs(interval_s.max(1)), rounds).await?,
         Command::Infer {
             model,
             text,

@@ -461,3 +461,87 @@ async fn the_compose_services_form_a_cluster_of_three_with_two_agents() {
         );
     }
 }
+
+/// The CLI's long operations show progress and end with a summary:
+/// waiting for a model, draining a node (its replica moves), and `talon
+/// top` showing the traffic sent meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_waits_drains_and_shows_live_traffic() {
+    let up =
+        crate::serving::talon_up(&["--host", "l4:1", "--host", "l4:1", "--demo-replicas", "1"])
+            .await;
+    let talon = |args: &[&str]| {
+        let out = std::process::Command::new(bin("talon"))
+            .args(["--endpoints", &up.grpc])
+            .args(args)
+            .env("TALON_KEY", &up.key)
+            .output()
+            .expect("run talon");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, out, err) = talon(&["model", "wait", "demo", "--timeout-s", "60"]);
+    assert!(
+        ok && out.contains("1 replica(s) ready on sim-"),
+        "{out}{err}"
+    );
+
+    // top over two seconds, while requests are sent
+    let top = {
+        let (http, key) = (up.http.clone(), up.key.clone());
+        tokio::task::spawn_blocking(move || {
+            std::process::Command::new(bin("talon"))
+                .args(["top", "--http", &http, "--interval-s", "2", "--rounds", "1"])
+                .env("TALON_KEY", key)
+                .output()
+                .expect("run talon top")
+        })
+    };
+    let client = talon_tests::http_client(&up.key);
+    let url = format!("http://{}/v1/chat/completions", up.http);
+    let body = serde_json::json!({"model": "demo", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2});
+    for _ in 0..6 {
+        let r = client.post(&url).json(&body).send().await.expect("send");
+        assert_eq!(r.status().as_u16(), 200);
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    let top = top.await.expect("join");
+    let table = String::from_utf8_lossy(&top.stdout);
+    assert!(
+        top.status.success(),
+        "{}",
+        String::from_utf8_lossy(&top.stderr)
+    );
+    let row = table
+        .lines()
+        .find(|l| l.starts_with("demo "))
+        .unwrap_or_else(|| panic!("no demo row: {table}"));
+    let rate: f64 = row
+        .split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .expect("REQ/S");
+    assert!(rate > 0.0, "{table}");
+
+    // drain the node that holds the replica, and wait for it to move
+    let admin = talon_client::Client::pinned(&up.grpc)
+        .expect("client")
+        .with_key(up.key.clone());
+    let node = admin
+        .list_replicas("demo")
+        .await
+        .expect("replicas")
+        .replicas[0]
+        .node_id
+        .clone();
+    let (ok, out, err) = talon(&["node", "drain", &node, "--wait", "--timeout-s", "90"]);
+    assert!(
+        ok && out.contains(&format!("node {node} drained: 1 replica(s) moved")),
+        "{out}{err}"
+    );
+    let (ok, out, err) = talon(&["model", "wait", "demo", "--timeout-s", "60"]);
+    assert!(ok && !out.contains(&format!("on {node} ")), "{out}{err}");
+}
