@@ -394,6 +394,10 @@ impl Drop for Proc {
 /// A virtualenv under the target directory (made once, reused by later
 /// runs) in which `import` works, after `pip install packages`.
 pub fn python_venv(name: &str, import: &str, packages: &[&str]) -> PathBuf {
+    // tests that share a virtualenv run at once: one makes it, the others
+    // wait and find it made
+    static MAKING: Mutex<()> = Mutex::new(());
+    let _making = MAKING.lock().unwrap_or_else(|e| e.into_inner());
     let venv = bin_dir().join(name);
     let python = venv.join("bin/python");
     let ready = Command::new(&python)
