@@ -9,6 +9,9 @@ use std::time::{Duration, Instant};
 use indicatif::{ProgressBar, ProgressStyle};
 use talon_client::{Client, ClientError};
 
+/// How often a wait asks the cluster again.
+const POLL: Duration = Duration::from_millis(500);
+
 fn bar(len: u64, what: &str) -> ProgressBar {
     let bar = ProgressBar::new(len);
     bar.set_style(
@@ -36,6 +39,7 @@ pub async fn wait_drained(
         |list: &[talon_proto::v1::Replica]| list.iter().filter(|r| r.node_id == node).count();
     let first = on_node(&client.list_replicas("").await?.replicas);
     let bar = bar(first as u64, &format!("draining {node}"));
+    let mut poll = tokio::time::interval(POLL);
     loop {
         let left = on_node(&client.list_replicas("").await?.replicas);
         bar.set_position(first.saturating_sub(left) as u64);
@@ -54,7 +58,7 @@ pub async fn wait_drained(
                 timeout.as_secs()
             )));
         }
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        poll.tick().await;
     }
 }
 
@@ -74,6 +78,7 @@ pub async fn wait_ready(
         .unwrap_or_default();
     let want = m.min_replicas.max(1) as usize;
     let bar = bar(want as u64, &format!("{model} {newest} ready"));
+    let mut poll = tokio::time::interval(POLL);
     loop {
         let list = client.list_replicas(model).await?.replicas;
         let ready = list
@@ -111,7 +116,7 @@ pub async fn wait_ready(
                 }
             )));
         }
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        poll.tick().await;
     }
 }
 

@@ -8,7 +8,7 @@ use std::time::Duration;
 use talon_client::chain::Rule;
 use talon_tests::model_spec;
 
-use crate::harness::{bin, wait_for, Cluster};
+use crate::harness::{bin, wait_for};
 
 const TOKEN: &str = "it-join-token-0123456789";
 
@@ -49,15 +49,10 @@ fn served_by(head: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_chain_routes_splits_denies_falls_back_and_breaks_as_its_rules_say() {
-    let cluster = Cluster::form(1, &["--join-token", TOKEN]).await;
+    let (cluster, _agent) = crate::harness::one_node_cluster(TOKEN).await;
     let grpc = cluster.nodes[0].grpc.clone();
     let http = cluster.nodes[0].http.clone();
-    let _agent = crate::harness::sim_agent("n1", &grpc, TOKEN, &[]);
     let client = cluster.client();
-    wait_for("the node", Duration::from_secs(90), || async {
-        client.get_node("n1").await.ok()
-    })
-    .await;
     for name in ["big", "small"] {
         let spec = model_spec(name, "simulated", 8_000, 1);
         client.create_model(spec).await.expect("model");
@@ -99,23 +94,27 @@ async fn the_chain_routes_splits_denies_falls_back_and_breaks_as_its_rules_say()
         )
     };
 
-    // the cost rule, all day long: low priority to the cheaper model
-    let (ok, out, err) = cli(&[
-        "chain",
-        "put",
-        "peak-to-small",
-        "--priority",
-        "50",
-        "--model",
-        "big",
-        "--priority-class",
-        "low",
-        "--hours",
-        "00:00-24:00",
-        "--route-to",
-        "small",
-    ]);
-    assert!(ok, "{out}{err}");
+    // the cost rule, all day long (and below, outside its hours)
+    // the cost rule over `hours`: low priority to the cheaper model
+    let put_peak = |hours: &str| {
+        let (ok, out, err) = cli(&[
+            "chain",
+            "put",
+            "peak-to-small",
+            "--priority",
+            "50",
+            "--model",
+            "big",
+            "--priority-class",
+            "low",
+            "--hours",
+            hours,
+            "--route-to",
+            "small",
+        ]);
+        assert!(ok, "{out}{err}");
+    };
+    put_peak("00:00-24:00");
     let (status, head, body) = ask(&http, &key, "big", &[("x-talon-priority", "low")]).await;
     assert_eq!(status, 200, "{head}\n{body}");
     assert_eq!(served_by(&head), "small", "{head}");
@@ -132,22 +131,7 @@ async fn the_chain_routes_splits_denies_falls_back_and_breaks_as_its_rules_say()
         % 1440;
     let hm = |m: u64| format!("{:02}:{:02}", (m % 1440) / 60, m % 60);
     let later = format!("{}-{}", hm(now_min + 120), hm(now_min + 180));
-    let (ok, out, err) = cli(&[
-        "chain",
-        "put",
-        "peak-to-small",
-        "--priority",
-        "50",
-        "--model",
-        "big",
-        "--priority-class",
-        "low",
-        "--hours",
-        &later,
-        "--route-to",
-        "small",
-    ]);
-    assert!(ok, "{out}{err}");
+    put_peak(&later);
     let (status, head, _) = ask(&http, &key, "big", &[("x-talon-priority", "low")]).await;
     assert_eq!((status, served_by(&head).as_str()), (200, "big"), "{head}");
 

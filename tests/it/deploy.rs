@@ -503,10 +503,11 @@ async fn the_cli_waits_drains_and_shows_live_traffic() {
     let client = talon_tests::http_client(&up.key);
     let url = format!("http://{}/v1/chat/completions", up.http);
     let body = serde_json::json!({"model": "demo", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2});
-    for _ in 0..6 {
+    // requests one after another until top has shown its table
+    let until = std::time::Instant::now() + Duration::from_secs(30);
+    while !top.is_finished() && std::time::Instant::now() < until {
         let r = client.post(&url).json(&body).send().await.expect("send");
         assert_eq!(r.status().as_u16(), 200);
-        tokio::time::sleep(Duration::from_millis(150)).await;
     }
     let top = top.await.expect("join");
     let table = String::from_utf8_lossy(&top.stdout);

@@ -8,21 +8,15 @@ use std::time::Duration;
 use talon_client::{CreateKeyRequest, Tenant};
 use talon_tests::model_spec;
 
-use crate::harness::{wait_for, Cluster};
+use crate::harness::wait_for;
 
 const TOKEN: &str = "it-join-token-0123456789";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_model_that_cannot_serve_falls_back_to_the_model_its_label_names() {
-    let cluster = Cluster::form(1, &["--join-token", TOKEN]).await;
-    let grpc = cluster.nodes[0].grpc.clone();
+    let (cluster, _agent) = crate::harness::one_node_cluster(TOKEN).await;
     let http = cluster.nodes[0].http.clone();
-    let _agent = crate::harness::sim_agent("n1", &grpc, TOKEN, &[]);
     let client = cluster.client();
-    wait_for("the node", Duration::from_secs(90), || async {
-        client.get_node("n1").await.ok()
-    })
-    .await;
     let backup = model_spec("backup", "simulated", 8_000, 1);
     client.create_model(backup).await.expect("backup");
     // `primary` can be placed nowhere: no node has zone=mars

@@ -357,24 +357,29 @@ impl Proc {
     }
 
     /// Sends SIGTERM and waits up to `within` for the process to exit: its
-    /// exit status, or `None` if it is still running (then it is killed
-    /// when dropped).
+    /// exit status, or `None` if it was still running (it is then
+    /// killed).
     pub fn terminate(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
-        let child = self.0.as_mut()?;
+        let mut child = self.0.take()?;
+        let pid = child.id().to_string();
         let sent = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
+            .args(["-TERM", &pid])
             .status()
             .is_ok_and(|s| s.success());
-        assert!(sent, "kill -TERM {} failed", child.id());
-        let until = std::time::Instant::now() + within;
-        while std::time::Instant::now() < until {
-            if let Ok(Some(status)) = child.try_wait() {
-                self.0 = None;
-                return Some(status);
+        assert!(sent, "kill -TERM {pid} failed");
+        // a thread waits for the exit; this one for the thread, until `within`
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(child.wait());
+        });
+        match rx.recv_timeout(within) {
+            Ok(status) => status.ok(),
+            Err(_) => {
+                // still running: killed, and the waiting thread reaps it
+                let _ = Command::new("kill").args(["-KILL", &pid]).status();
+                None
             }
-            std::thread::sleep(Duration::from_millis(50));
         }
-        None
     }
 
     pub fn kill(&mut self) {
@@ -451,6 +456,19 @@ pub async fn run_python_checks(python: PathBuf, script: &str, args: Vec<String>,
     for check in checks {
         assert!(stdout.contains(check), "{check} missing: {stdout}");
     }
+}
+
+/// One coordinator that accepts agents with `token`, and agent `n1` (one
+/// simulated H100) registered with it.
+pub async fn one_node_cluster(token: &str) -> (Cluster, Proc) {
+    let cluster = Cluster::form(1, &["--join-token", token]).await;
+    let agent = sim_agent("n1", &cluster.nodes[0].grpc, token, &[]);
+    let client = cluster.client();
+    wait_for("the node", Duration::from_secs(90), || async {
+        client.get_node("n1").await.ok()
+    })
+    .await;
+    (cluster, agent)
 }
 
 /// A `talon-agent` process for node `node_id` with one simulated H100,

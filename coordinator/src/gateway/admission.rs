@@ -16,7 +16,6 @@ use super::keys::{self, Holder};
 use super::limits::{Need, Reservation, DEFAULT_RESERVE};
 use super::GwError;
 use crate::quota::Meter;
-use crate::state::chain::Rule;
 use crate::state::{Priority, Usage, UsageKey};
 
 /// An admitted request, to settle when it ends.
@@ -220,8 +219,7 @@ impl Gateway {
                 .principal
                 .as_ref()
                 .and_then(|p| Holder::of(&applied.state, &p.credential));
-            let rules: Vec<Rule> = applied.state.chain.values().cloned().collect();
-            (rules, holder)
+            (self.rules.of(&applied), holder)
         };
         let mut a = Admitting {
             call: call.clone(),

@@ -229,20 +229,44 @@ pub(super) enum Step<'a> {
     Compiled(&'a Arc<dyn Plugin>),
 }
 
-/// The chain's entries with `rules` (the registry's), in order.
+/// The chain's entries with `rules` (the registry's, by name), in order:
+/// by priority, and at equal priority built-ins, then rules by name, then
+/// compiled plugins as added (the sort is stable).
 pub(super) fn steps<'a>(rules: &'a [Rule], compiled: &'a [Arc<dyn Plugin>]) -> Vec<Step<'a>> {
-    let mut all: Vec<(u32, u8, String, Step<'a>)> = Vec::new();
-    for (name, priority, _) in BUILTINS {
-        all.push((priority, 0, name.to_string(), Step::Builtin(name)));
+    let mut all: Vec<(u32, u8, Step<'a>)> =
+        Vec::with_capacity(BUILTINS.len() + rules.len() + compiled.len());
+    all.extend(
+        BUILTINS
+            .iter()
+            .map(|(name, p, _)| (*p, 0, Step::Builtin(name))),
+    );
+    all.extend(rules.iter().map(|r| (r.priority, 1, Step::Rule(r))));
+    all.extend(
+        compiled
+            .iter()
+            .map(|p| (p.priority(), 2, Step::Compiled(p))),
+    );
+    all.sort_by_key(|(priority, kind, _)| (*priority, *kind));
+    all.into_iter().map(|(_, _, s)| s).collect()
+}
+
+/// The registry's rules as of one applied log index, shared by every
+/// request until the next entry applies (a request does not copy them).
+#[derive(Default)]
+pub(super) struct RuleCache(Mutex<(Option<u64>, Arc<Vec<Rule>>)>);
+
+impl RuleCache {
+    pub(super) fn of(&self, applied: &crate::store::Applied) -> Arc<Vec<Rule>> {
+        let at = applied.last_applied.map(|l| l.index);
+        let mut cached = self.0.lock().expect("rule cache lock poisoned");
+        if cached.0 != at {
+            *cached = (
+                at,
+                Arc::new(applied.state.chain.values().cloned().collect()),
+            );
+        }
+        cached.1.clone()
     }
-    for r in rules {
-        all.push((r.priority, 1, r.name.clone(), Step::Rule(r)));
-    }
-    for (i, p) in compiled.iter().enumerate() {
-        all.push((p.priority(), 2, format!("{i:08}"), Step::Compiled(p)));
-    }
-    all.sort_by(|a, b| (a.0, a.1, &a.2).cmp(&(b.0, b.1, &b.2)));
-    all.into_iter().map(|(_, _, _, s)| s).collect()
 }
 
 impl Gateway {

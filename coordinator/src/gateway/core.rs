@@ -140,6 +140,7 @@ pub struct Gateway {
     /// Plugins compiled in ([`Gateway::with_plugin`]).
     pub(super) plugins: Arc<Vec<Arc<dyn super::chain::Plugin>>>,
     pub(super) splits: Arc<super::chain::Splits>,
+    pub(super) rules: Arc<super::chain::RuleCache>,
     /// Unix ms; what time-of-day conditions read.
     pub(super) clock: Arc<dyn Fn() -> u64 + Send + Sync>,
     /// What the gateway holds at most, and who waits for a replica.
@@ -189,6 +190,7 @@ impl Gateway {
             filters: Arc::default(),
             plugins: Arc::default(),
             splits: Arc::default(),
+            rules: Arc::default(),
             clock: Arc::new(crate::context::now_ms),
             gate,
             queue,
