@@ -184,6 +184,10 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         key_path.display()
     );
     println!(
+        "talon up: dashboard at http://{}/#key={key} (the key stays in the browser tab)",
+        args.http_listen
+    );
+    println!(
         "talon up: curl -s http://{}/v1/chat/completions -H \"authorization: Bearer $TALON_KEY\" -H 'content-type: application/json' -d '{{\"model\":\"demo\",\"messages\":[{{\"role\":\"user\",\"content\":\"hi\"}}]}}'",
         args.http_listen
     );

@@ -28,6 +28,7 @@ pub mod bootstrap;
 pub mod config;
 pub mod context;
 pub mod convert;
+pub mod dashboard;
 pub mod error;
 pub mod gateway;
 pub mod http;
@@ -244,7 +245,10 @@ pub async fn run(
         let ctx = ctx.clone();
         Arc::new(move || engine_gauges(&ctx))
     };
-    let app = http::router(metrics, raft.clone(), gauges).merge(gateway.router());
+    let dashboard = dashboard::router(ctx.clone(), gateway.traffic().clone(), stop_rx.clone());
+    let app = http::router(metrics, raft.clone(), gauges)
+        .merge(dashboard)
+        .merge(gateway.router());
     let http_server: std::pin::Pin<Box<dyn Future<Output = std::io::Result<()>> + Send>> =
         match &tls {
             Some(m) => {

@@ -7,6 +7,7 @@ mod agents;
 mod bad_input;
 mod chain;
 mod cluster;
+mod dashboard;
 mod deploy;
 mod engines;
 mod executors;

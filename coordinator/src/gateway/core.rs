@@ -146,6 +146,8 @@ pub struct Gateway {
     /// What the gateway holds at most, and who waits for a replica.
     pub(super) gate: Arc<super::queue::Gate>,
     pub(super) queue: Arc<super::queue::Queue>,
+    /// How requests ended, for the dashboard.
+    pub(super) traffic: Arc<crate::dashboard::traffic::Traffic>,
 }
 
 /// Counts a request in flight to a replica until dropped; then the first
@@ -194,7 +196,13 @@ impl Gateway {
             clock: Arc::new(crate::context::now_ms),
             gate,
             queue,
+            traffic: Arc::default(),
         }
+    }
+
+    /// How the requests this gateway served ended.
+    pub fn traffic(&self) -> &Arc<crate::dashboard::traffic::Traffic> {
+        &self.traffic
     }
 
     pub fn router(self) -> Router {

@@ -12,6 +12,7 @@ use super::admission::{mask_answer, Admission};
 use super::cache::{self, Cached, Use};
 use super::core::{Call, Gateway, GwError, StreamItem, Streaming};
 use super::stream::{chunk_text, set_chunk_text};
+use crate::dashboard::traffic::Outcome;
 use crate::metrics::PolicyLabels;
 
 impl Gateway {
@@ -47,6 +48,19 @@ impl Gateway {
     /// cancel it, so what the replica serves is still charged (and cached),
     /// and the limits' reservation is settled, as for a stream.
     pub async fn complete(&self, call: &Call) -> Result<(String, Value), GwError> {
+        let arrived = std::time::Instant::now();
+        let answered = self.complete_held(call).await;
+        match &answered {
+            Ok((_, v)) => {
+                let tokens = v["usage"]["completion_tokens"].as_u64().unwrap_or(0);
+                self.count_traffic(call, arrived, 200, tokens);
+            }
+            Err(e) => self.count_traffic(call, arrived, e.status.as_u16(), 0),
+        }
+        answered
+    }
+
+    async fn complete_held(&self, call: &Call) -> Result<(String, Value), GwError> {
         let call = self.held(call)?;
         let gateway = self.clone();
         match tokio::spawn(async move { gateway.complete_from(&call).await }).await {
@@ -56,6 +70,70 @@ impl Gateway {
                 "internal_error",
                 format!("the gateway's task for the request failed: {e}"),
             )),
+        }
+    }
+
+    /// Counts how `call` ended for the dashboard ([`crate::dashboard::traffic`]).
+    fn count_traffic(&self, call: &Call, arrived: std::time::Instant, status: u16, tokens: u64) {
+        let model = call.model().unwrap_or_default();
+        let registered = self
+            .ctx
+            .state
+            .read()
+            .expect("state lock poisoned")
+            .state
+            .models
+            .contains_key(model);
+        let outcome = Outcome {
+            status,
+            latency: arrived.elapsed(),
+            tokens,
+        };
+        self.traffic
+            .record(model, registered, outcome, std::time::SystemTime::now());
+    }
+
+    /// Passes a stream's chunks on and counts how it ended: 200 at
+    /// `[DONE]`, 502 when the replica failed or was lost, 499 when the
+    /// caller left first.
+    fn counted(&self, call: &Call, arrived: std::time::Instant, opened: Streaming) -> Streaming {
+        let Streaming {
+            replica,
+            mut chunks,
+        } = opened;
+        let (tx, rx) = mpsc::channel(64);
+        let (gateway, call) = (self.clone(), call.clone());
+        tokio::spawn(async move {
+            let (mut pieces, mut usage_tokens) = (0u64, None);
+            let status = loop {
+                let Some(item) = chunks.recv().await else {
+                    break 502;
+                };
+                let status = match &item {
+                    StreamItem::Chunk(c) => {
+                        if !chunk_text(c).is_empty() {
+                            pieces += 1;
+                        }
+                        if let Some(n) = c["usage"]["completion_tokens"].as_u64() {
+                            usage_tokens = Some(n);
+                        }
+                        None
+                    }
+                    StreamItem::Done => Some(200),
+                    StreamItem::Lost(_) | StreamItem::Failed(_) => Some(502),
+                };
+                if tx.send(item).await.is_err() {
+                    break 499;
+                }
+                if let Some(s) = status {
+                    break s;
+                }
+            };
+            gateway.count_traffic(&call, arrived, status, usage_tokens.unwrap_or(pieces));
+        });
+        Streaming {
+            replica,
+            chunks: rx,
         }
     }
 
@@ -127,7 +205,18 @@ impl Gateway {
     /// receiver. Before the first chunk a model that cannot serve it hands
     /// it to its fallback.
     pub async fn open_stream(&self, call: &Call) -> Result<Streaming, GwError> {
-        self.open_stream_from(&self.held(call)?).await
+        let arrived = std::time::Instant::now();
+        let opened = match self.held(call) {
+            Ok(held) => self.open_stream_from(&held).await,
+            Err(e) => Err(e),
+        };
+        match opened {
+            Ok(s) => Ok(self.counted(call, arrived, s)),
+            Err(e) => {
+                self.count_traffic(call, arrived, e.status.as_u16(), 0);
+                Err(e)
+            }
+        }
     }
 
     async fn open_stream_from(&self, call: &Call) -> Result<Streaming, GwError> {
