@@ -137,24 +137,21 @@ async fn asset(Path(name): Path<String>) -> Response {
 
 impl Dashboard {
     /// The caller's `authorization` value, once it may read.
-    fn check(&self, headers: &HeaderMap) -> Result<Option<String>, Response> {
+    fn check(&self, headers: &HeaderMap) -> Result<Option<String>, AuthError> {
         let value = match headers.get(header::AUTHORIZATION) {
             None => None,
             Some(v) => Some(v.to_str().map_err(|_| {
-                crate::gateway::auth::refusal(&AuthError::Unauthenticated(
-                    "the authorization header must be ASCII".into(),
-                ))
+                AuthError::Unauthenticated("the authorization header must be ASCII".into())
             })?),
         };
         self.allowed(value)?;
         Ok(value.map(str::to_string))
     }
 
-    fn allowed(&self, value: Option<&str>) -> Result<(), Response> {
+    fn allowed(&self, value: Option<&str>) -> Result<(), AuthError> {
         self.ctx
             .authorize(auth::bearer(value), Permission::Read, "the dashboard")
             .map(|_| ())
-            .map_err(|e| crate::gateway::auth::refusal(&e))
     }
 
     async fn document(&self, value: Option<&str>) -> Result<serde_json::Value, tonic::Status> {
@@ -171,7 +168,7 @@ fn no_store(mut r: Response) -> Response {
 async fn snapshot_handler(State(d): State<Dashboard>, headers: HeaderMap) -> Response {
     let value = match d.check(&headers) {
         Ok(v) => v,
-        Err(refused) => return refused,
+        Err(e) => return crate::gateway::auth::refusal(&e),
     };
     no_store(match d.document(value.as_deref()).await {
         Ok(doc) => Json(doc).into_response(),
@@ -196,7 +193,7 @@ struct Follow {
 async fn events(State(d): State<Dashboard>, headers: HeaderMap) -> Response {
     let value = match d.check(&headers) {
         Ok(v) => v,
-        Err(refused) => return refused,
+        Err(e) => return crate::gateway::auth::refusal(&e),
     };
     let follow = Follow {
         d,
