@@ -177,6 +177,8 @@ pub struct Config {
     pub tls: TlsSettings,
     /// What the inference gateway holds and queues.
     pub gateway: crate::gateway::queue::GatewaySettings,
+    /// OpenTelemetry export (`[tracing]`).
+    pub tracing: talon_trace::TraceConfig,
     /// Raft on its own listener (required with TLS: mutual TLS there).
     /// Unset: Raft shares the API port.
     pub raft_listen: Option<SocketAddr>,
@@ -205,6 +207,7 @@ impl Default for Config {
             auth: AuthSettings::default(),
             tls: TlsSettings::default(),
             gateway: Default::default(),
+            tracing: Default::default(),
             raft_listen: None,
             raft_advertise: None,
         }
@@ -264,6 +267,12 @@ pub struct Flags {
     pub gateway_queue_wait_ms: Option<u64>,
     #[arg(long, env = "TALON_LOG_FORMAT")]
     pub log_format: Option<LogFormat>,
+    /// OTLP/gRPC collector for traces (e.g. http://otel-collector:4317).
+    #[arg(long, env = "TALON_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
+    /// Fraction of new traces kept, 0 to 1.
+    #[arg(long, env = "TALON_TRACE_SAMPLE_RATIO")]
+    pub trace_sample_ratio: Option<f64>,
     #[arg(long, env = "TALON_HEARTBEAT_MS")]
     pub heartbeat_ms: Option<u64>,
     #[arg(long, env = "TALON_ELECTION_TIMEOUT_MIN_MS")]
@@ -355,6 +364,7 @@ impl Config {
             bootstrap_wait_ms => bootstrap_wait_ms, audit_keep => audit_keep,
             max_body_bytes => max_body_bytes, gateway_max_in_flight => gateway.max_in_flight,
             gateway_max_queued => gateway.max_queued, gateway_queue_wait_ms => gateway.queue_wait_ms,
+            trace_sample_ratio => tracing.sample_ratio,
         );
         if flags.admin_key_file.is_some() {
             config.auth.admin_key_file = flags.admin_key_file.clone();
@@ -367,6 +377,7 @@ impl Config {
         set_opt!(
             tls_ca_file => tls.ca_file, tls_cert_file => tls.cert_file, tls_key_file => tls.key_file,
             raft_listen => raft_listen, raft_advertise => raft_advertise,
+            otlp_endpoint => tracing.otlp_endpoint,
         );
         if flags.join_token_file.is_some() {
             config.agents.join_token_file = flags.join_token_file.clone();
@@ -485,6 +496,7 @@ impl Config {
             ));
         }
         self.gateway.validate().map_err(ConfigError::Invalid)?;
+        self.tracing.validate().map_err(ConfigError::Invalid)?;
         if self.audit_keep < 100 {
             return bad(format!(
                 "audit_keep is {}; keep at least 100 audit entries",

@@ -4,18 +4,6 @@
 use clap::Parser;
 use talon_coordinator::config::{Config, Flags, LogFormat};
 
-fn init_logs(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
-}
-
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let flags = Flags::parse();
@@ -33,7 +21,20 @@ async fn main() -> std::process::ExitCode {
         }
         return std::process::ExitCode::SUCCESS;
     }
-    init_logs(config.log_format);
+    let json = matches!(config.log_format, LogFormat::Json);
+    let settings = config
+        .tracing
+        .settings("talon-coordinator", json, "info,openraft=warn");
+    let traces = match talon_trace::init(&settings) {
+        Ok(guard) => guard,
+        Err(e) => {
+            eprintln!("talon-coordinator: {e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    if let Some(endpoint) = traces.endpoint() {
+        tracing::info!(%endpoint, "exporting traces over OTLP");
+    }
     let listeners = async {
         let grpc = tokio::net::TcpListener::bind(config.listen).await?;
         let http = tokio::net::TcpListener::bind(config.http_listen).await?;
@@ -71,7 +72,9 @@ async fn main() -> std::process::ExitCode {
         let _ = tokio::signal::ctrl_c().await;
         tracing::info!("shutdown signal received; stopping");
     };
-    match talon_coordinator::run(grpc, http, config, shutdown).await {
+    let ran = talon_coordinator::run(grpc, http, config, shutdown).await;
+    traces.shutdown().await;
+    match ran {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("talon-coordinator: {e:#}");

@@ -97,6 +97,8 @@ pub struct AgentConfig {
     pub engine_ports: String,
     /// Rotated logs kept per engine beside the live one.
     pub engine_log_keep: u32,
+    /// OpenTelemetry export (`[tracing]`).
+    pub tracing: talon_trace::TraceConfig,
     /// Most requests one replica holds (queued or served) before it answers
     /// 429; low-priority requests are refused at half of it.
     pub max_queue: u32,
@@ -129,6 +131,7 @@ impl Default for AgentConfig {
             artifact_cache_dir: PathBuf::from("talon-artifacts"),
             engine_ports: "20000-20999".into(),
             engine_log_keep: crate::executor::logs::DEFAULT_KEEP,
+            tracing: Default::default(),
             max_queue: crate::replicas::DEFAULT_MAX_QUEUE,
         }
     }
@@ -197,6 +200,12 @@ pub struct Flags {
     pub engines: Vec<(String, Option<String>)>,
     #[arg(long, env = "TALON_ENGINE_LOG_DIR")]
     pub engine_log_dir: Option<PathBuf>,
+    /// OTLP/gRPC collector for traces (e.g. http://otel-collector:4317).
+    #[arg(long, env = "TALON_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
+    /// Fraction of new traces kept, 0 to 1.
+    #[arg(long, env = "TALON_TRACE_SAMPLE_RATIO")]
+    pub trace_sample_ratio: Option<f64>,
     /// Where http(s) artifacts are downloaded to.
     #[arg(long, env = "TALON_ARTIFACT_CACHE_DIR")]
     pub artifact_cache_dir: Option<PathBuf>,
@@ -362,6 +371,12 @@ impl AgentConfig {
         if let Some(v) = &flags.engine_log_dir {
             c.engine_log_dir = v.clone();
         }
+        if let Some(v) = &flags.otlp_endpoint {
+            c.tracing.otlp_endpoint = Some(v.clone());
+        }
+        if let Some(v) = flags.trace_sample_ratio {
+            c.tracing.sample_ratio = v;
+        }
         if let Some(v) = &flags.artifact_cache_dir {
             c.artifact_cache_dir = v.clone();
         }
@@ -467,6 +482,9 @@ impl AgentConfig {
         }
         crate::executor::profiles::build_all(&self.engines).map_err(ConfigError::Invalid)?;
         crate::executor::ports::parse_range(&self.engine_ports).map_err(ConfigError::Invalid)?;
+        if let Err(m) = self.tracing.validate() {
+            return bad(m);
+        }
         if self.engine_log_max_mib == 0 {
             return bad("engine_log_max_mib is 0; give the size in MiB at which engine logs rotate (1 or more)".into());
         }

@@ -236,12 +236,16 @@ async fn main() -> ExitCode {
         }
         return ExitCode::SUCCESS;
     }
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+    let traces = match talon_trace::init(&config.tracing.settings("talon-agent", false, "info")) {
+        Ok(guard) => guard,
+        Err(e) => {
+            eprintln!("talon-agent: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if let Some(endpoint) = traces.endpoint() {
+        tracing::info!(%endpoint, "exporting traces over OTLP");
+    }
 
     let metrics = Arc::new(AgentMetrics::new());
     let listener = match tokio::net::TcpListener::bind(config.http_listen).await {
@@ -317,7 +321,8 @@ async fn main() -> ExitCode {
         }
         let _ = tokio::signal::ctrl_c().await;
     };
-    match agent::run(settings, probe, metrics, shutdown).await {
+    let ran = agent::run(settings, probe, metrics, shutdown).await;
+    let code = match ran {
         Ok(()) => {
             // SIGTERM or Ctrl-C: every replica drains (new requests are
             // refused, the gateway sends them elsewhere; those in flight get
@@ -333,5 +338,7 @@ async fn main() -> ExitCode {
             eprintln!("talon-agent: {e}");
             ExitCode::from(1)
         }
-    }
+    };
+    traces.shutdown().await;
+    code
 }

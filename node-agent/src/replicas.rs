@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
 use talon_proto::v1 as pb;
+use tracing::Instrument;
 
 use crate::batcher::{Batcher, Limits, Priority};
 use crate::catalog;
@@ -458,10 +459,14 @@ impl ReplicaManager {
         if let Some((executor, request)) = direct {
             return executor
                 .infer(vec![request])
+                .instrument(tracing::info_span!("agent.engine", replica = id))
                 .await
                 .pop()
                 .unwrap_or(Err(ExecError::NotReady("stopped")));
         }
-        rx.await.unwrap_or(Err(ExecError::NotReady("stopped")))
+        // waiting for a batch, and served in it
+        rx.instrument(tracing::info_span!("agent.batch", replica = id, priority = ?priority))
+            .await
+            .unwrap_or(Err(ExecError::NotReady("stopped")))
     }
 }

@@ -27,6 +27,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::{json, Value};
+use tracing::Instrument;
 
 use crate::batcher::Priority;
 use crate::executor::{Endpoint, ExecError, InferRequest};
@@ -157,12 +158,38 @@ fn error(status: StatusCode, kind: &str, message: String) -> Response {
         .into_response()
 }
 
+/// Serves one request in a span of its own, the child of the gateway's
+/// try when it sent a `traceparent`.
 async fn serve(
     s: AgentHttp,
     id: String,
     headers: HeaderMap,
     endpoint: Endpoint,
     body: Value,
+) -> Response {
+    let span = tracing::info_span!(
+        "agent.request",
+        replica = %id,
+        path = endpoint.path(),
+        status = tracing::field::Empty,
+        otel.kind = "server",
+    );
+    talon_trace::continue_from(&span, &headers);
+    let traceparent = talon_trace::traceparent(&span);
+    let answer = serve_traced(s, id, headers, endpoint, body, traceparent)
+        .instrument(span.clone())
+        .await;
+    span.record("status", answer.status().as_u16());
+    answer
+}
+
+async fn serve_traced(
+    s: AgentHttp,
+    id: String,
+    headers: HeaderMap,
+    endpoint: Endpoint,
+    body: Value,
+    traceparent: Option<String>,
 ) -> Response {
     let Some(replicas) = s.replicas else {
         return error(
@@ -205,14 +232,19 @@ async fn serve(
         return stream(
             replicas,
             id,
-            InferRequest::new(endpoint, body),
+            InferRequest::new(endpoint, body).traced(traceparent),
             priority,
             deadline,
         )
         .await;
     }
     match replicas
-        .infer(&id, InferRequest::new(endpoint, body), priority, deadline)
+        .infer(
+            &id,
+            InferRequest::new(endpoint, body).traced(traceparent),
+            priority,
+            deadline,
+        )
         .await
     {
         Ok(answer) => Json(answer).into_response(),

@@ -60,6 +60,7 @@ async fn external_engine_starts_proxies_and_restarts() {
         endpoint: Endpoint::ChatCompletions,
         body: json!({"model": "tiny", "messages": [{"role": "user", "content": "hello there"}]}),
         stream: None,
+        traceparent: None,
     };
     let answer = engine
         .infer(vec![chat.clone()])
@@ -94,6 +95,7 @@ async fn external_engine_starts_proxies_and_restarts() {
         endpoint: Endpoint::Completions,
         body: json!({"model": "tiny"}),
         stream: None,
+        traceparent: None,
     };
     let err = engine
         .infer(vec![bad])
@@ -161,6 +163,7 @@ async fn engines_that_cannot_start_end_failed() {
             endpoint: Endpoint::Completions,
             body: json!({"prompt": "x"}),
             stream: None,
+            traceparent: None,
         }])
         .await
         .remove(0)
@@ -206,6 +209,7 @@ async fn an_engines_queue_and_service_time_are_read_and_learned() {
         endpoint: Endpoint::ChatCompletions,
         body: json!({"model": "tiny", "messages": [{"role": "user", "content": text}], "max_tokens": 16}),
         stream: None,
+        traceparent: None,
     };
     let batch = {
         let engine = engine.clone();
@@ -257,6 +261,7 @@ async fn a_wedged_engine_is_detected_and_restarted() {
         endpoint: Endpoint::ChatCompletions,
         body: json!({"model": "tiny", "messages": [{"role": "user", "content": "once"}]}),
         stream: None,
+        traceparent: None,
     };
     engine
         .infer(vec![chat])
@@ -296,6 +301,7 @@ async fn stopping_an_engine_drains_its_requests_then_terminates_it() {
         endpoint: Endpoint::ChatCompletions,
         body: json!({"model": "tiny", "messages": [{"role": "user", "content": text}]}),
         stream: None,
+        traceparent: None,
     };
     let in_flight = {
         let (engine, request) = (engine.clone(), chat("finish me"));

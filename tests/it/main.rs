@@ -21,4 +21,5 @@ mod rollout;
 mod serving;
 mod tenants;
 mod tls;
+mod traces;
 mod trust;

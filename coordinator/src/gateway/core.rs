@@ -13,6 +13,7 @@ use axum::{Json, Router};
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
+use tracing::Instrument;
 
 pub(super) use super::attempt::{refused, timed_out, unreachable, Miss};
 pub(super) use super::call::kept_headers;
@@ -148,6 +149,17 @@ pub struct Gateway {
     pub(super) queue: Arc<super::queue::Queue>,
     /// How requests ended, for the dashboard.
     pub(super) traffic: Arc<crate::dashboard::traffic::Traffic>,
+}
+
+/// How a try ended, as its span records it.
+fn miss_name<T>(tried: &Result<T, Miss>) -> &'static str {
+    match tried {
+        Ok(_) => "ok",
+        Err(Miss::Final(_)) => "refused",
+        Err(Miss::Full(..)) => "full",
+        Err(Miss::Unreachable(_)) => "unreachable",
+        Err(Miss::Failed(_)) => "failed",
+    }
 }
 
 /// Counts a request in flight to a replica until dropped; then the first
@@ -396,6 +408,7 @@ impl Gateway {
         };
         let mut place: Option<super::queue::Place> = None;
         let mut pause = tokio::time::interval(Duration::from_millis(200));
+        let mut tries = 0u32;
         loop {
             let last = match self.targets(call) {
                 Err((e, false)) => return Err(e),
@@ -415,7 +428,19 @@ impl Gateway {
                         let left = call
                             .deadline
                             .map(|_| deadline.saturating_duration_since(Instant::now()));
-                        match attempt(target, left).await {
+                        tries += 1;
+                        // one span per try: a retry on another replica is
+                        // a sibling, and the agent's spans are its children
+                        let span = tracing::info_span!(
+                            "gateway.attempt",
+                            %replica,
+                            node = %target.node,
+                            attempt = tries,
+                            outcome = tracing::field::Empty,
+                        );
+                        let tried = attempt(target, left).instrument(span.clone()).await;
+                        span.record("outcome", miss_name(&tried));
+                        match tried {
                             Ok(answer) => {
                                 self.breakers.success(&replica);
                                 return Ok(answer);
@@ -476,7 +501,9 @@ impl Gateway {
                             }
                         }
                         if let Some(p) = &place {
-                            p.turn(Duration::from_millis(soonest), until).await;
+                            p.turn(Duration::from_millis(soonest), until)
+                                .instrument(tracing::info_span!("gateway.queue", %model))
+                                .await;
                         }
                         continue;
                     }
@@ -515,11 +542,13 @@ impl Gateway {
         if let Some(d) = left {
             request = request.header("x-talon-deadline-ms", d.as_millis().max(1).to_string());
         }
-        request
+        // the trace continues on the agent (W3C traceparent)
+        request.headers(talon_trace::headers_for(&tracing::Span::current()))
     }
 
     /// Serves a non-streaming call on the best replica that answers.
     pub(super) async fn complete_admitted(&self, call: &Call) -> Result<(String, Value), GwError> {
+        let route = tracing::info_span!("gateway.route");
         self.route(call, |t, left| async move {
             let _counted = self.start(&t);
             let response = self
@@ -545,6 +574,7 @@ impl Gateway {
                 ))),
             }
         })
+        .instrument(route)
         .await
     }
 }

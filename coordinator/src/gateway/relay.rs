@@ -12,8 +12,30 @@ use super::admission::{mask_answer, Admission};
 use super::cache::{self, Cached, Use};
 use super::core::{Call, Gateway, GwError, StreamItem, Streaming};
 use super::stream::{chunk_text, set_chunk_text};
+use tracing::Instrument;
+
 use crate::dashboard::traffic::Outcome;
 use crate::metrics::PolicyLabels;
+
+/// The span of one request through the gateway, continuing the caller's
+/// trace when it sent a `traceparent`.
+fn request_span(call: &Call, stream: bool) -> tracing::Span {
+    let span = tracing::info_span!(
+        "gateway.request",
+        model = call.model().unwrap_or_default(),
+        path = call.path,
+        stream,
+        status = tracing::field::Empty,
+        otel.kind = "server",
+    );
+    talon_trace::continue_from_pairs(&span, &call.headers);
+    span
+}
+
+/// Keys, guardrails, limits and the chain's rules.
+fn admission_span() -> tracing::Span {
+    tracing::info_span!("gateway.admission")
+}
 
 impl Gateway {
     fn count_cache(&self, result: &'static str) {
@@ -49,13 +71,18 @@ impl Gateway {
     /// and the limits' reservation is settled, as for a stream.
     pub async fn complete(&self, call: &Call) -> Result<(String, Value), GwError> {
         let arrived = std::time::Instant::now();
-        let answered = self.complete_held(call).await;
+        let span = request_span(call, false);
+        let answered = self.complete_held(call).instrument(span.clone()).await;
         match &answered {
             Ok((_, v)) => {
                 let tokens = v["usage"]["completion_tokens"].as_u64().unwrap_or(0);
                 self.count_traffic(call, arrived, 200, tokens);
+                span.record("status", 200);
             }
-            Err(e) => self.count_traffic(call, arrived, e.status.as_u16(), 0),
+            Err(e) => {
+                self.count_traffic(call, arrived, e.status.as_u16(), 0);
+                span.record("status", e.status.as_u16());
+            }
         }
         answered
     }
@@ -63,7 +90,8 @@ impl Gateway {
     async fn complete_held(&self, call: &Call) -> Result<(String, Value), GwError> {
         let call = self.held(call)?;
         let gateway = self.clone();
-        match tokio::spawn(async move { gateway.complete_from(&call).await }).await {
+        let task = async move { gateway.complete_from(&call).await };
+        match tokio::spawn(task.instrument(tracing::Span::current())).await {
             Ok(answered) => answered,
             Err(e) => Err(GwError::new(
                 axum::http::StatusCode::INTERNAL_SERVER_ERROR,
@@ -96,41 +124,51 @@ impl Gateway {
     /// Passes a stream's chunks on and counts how it ended: 200 at
     /// `[DONE]`, 502 when the replica failed or was lost, 499 when the
     /// caller left first.
-    fn counted(&self, call: &Call, arrived: std::time::Instant, opened: Streaming) -> Streaming {
+    fn counted(
+        &self,
+        call: &Call,
+        arrived: std::time::Instant,
+        opened: Streaming,
+        span: tracing::Span,
+    ) -> Streaming {
         let Streaming {
             replica,
             mut chunks,
         } = opened;
         let (tx, rx) = mpsc::channel(64);
         let (gateway, call) = (self.clone(), call.clone());
-        tokio::spawn(async move {
-            let (mut pieces, mut usage_tokens) = (0u64, None);
-            let status = loop {
-                let Some(item) = chunks.recv().await else {
-                    break 502;
-                };
-                let status = match &item {
-                    StreamItem::Chunk(c) => {
-                        if !chunk_text(c).is_empty() {
-                            pieces += 1;
+        tokio::spawn(
+            async move {
+                let (mut pieces, mut usage_tokens) = (0u64, None);
+                let status = loop {
+                    let Some(item) = chunks.recv().await else {
+                        break 502;
+                    };
+                    let status = match &item {
+                        StreamItem::Chunk(c) => {
+                            if !chunk_text(c).is_empty() {
+                                pieces += 1;
+                            }
+                            if let Some(n) = c["usage"]["completion_tokens"].as_u64() {
+                                usage_tokens = Some(n);
+                            }
+                            None
                         }
-                        if let Some(n) = c["usage"]["completion_tokens"].as_u64() {
-                            usage_tokens = Some(n);
-                        }
-                        None
+                        StreamItem::Done => Some(200),
+                        StreamItem::Lost(_) | StreamItem::Failed(_) => Some(502),
+                    };
+                    if tx.send(item).await.is_err() {
+                        break 499;
                     }
-                    StreamItem::Done => Some(200),
-                    StreamItem::Lost(_) | StreamItem::Failed(_) => Some(502),
+                    if let Some(s) = status {
+                        break s;
+                    }
                 };
-                if tx.send(item).await.is_err() {
-                    break 499;
-                }
-                if let Some(s) = status {
-                    break s;
-                }
-            };
-            gateway.count_traffic(&call, arrived, status, usage_tokens.unwrap_or(pieces));
-        });
+                gateway.count_traffic(&call, arrived, status, usage_tokens.unwrap_or(pieces));
+                tracing::Span::current().record("status", status);
+            }
+            .instrument(span),
+        );
         Streaming {
             replica,
             chunks: rx,
@@ -163,7 +201,7 @@ impl Gateway {
     /// One model's try at `call`: the outcome, and the call as the chain
     /// left it (its model, its fallbacks).
     async fn complete_once(&self, call: &Call) -> (Result<(String, Value), GwError>, Call) {
-        let (call, admission) = match self.admit(call).await {
+        let (call, admission) = match self.admit(call).instrument(admission_span()).await {
             Ok(admitted) => admitted,
             Err(e) => return (Err(e), call.clone()),
         };
@@ -206,13 +244,15 @@ impl Gateway {
     /// it to its fallback.
     pub async fn open_stream(&self, call: &Call) -> Result<Streaming, GwError> {
         let arrived = std::time::Instant::now();
+        let span = request_span(call, true);
         let opened = match self.held(call) {
-            Ok(held) => self.open_stream_from(&held).await,
+            Ok(held) => self.open_stream_from(&held).instrument(span.clone()).await,
             Err(e) => Err(e),
         };
         match opened {
-            Ok(s) => Ok(self.counted(call, arrived, s)),
+            Ok(s) => Ok(self.counted(call, arrived, s, span)),
             Err(e) => {
+                span.record("status", e.status.as_u16());
                 self.count_traffic(call, arrived, e.status.as_u16(), 0);
                 Err(e)
             }
@@ -234,7 +274,7 @@ impl Gateway {
     }
 
     async fn open_stream_once(&self, call: &Call) -> (Result<Streaming, GwError>, Call) {
-        let (call, admission) = match self.admit(call).await {
+        let (call, admission) = match self.admit(call).instrument(admission_span()).await {
             Ok(admitted) => admitted,
             Err(e) => return (Err(e), call.clone()),
         };

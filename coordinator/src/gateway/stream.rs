@@ -6,6 +6,7 @@ use eventsource_stream::Eventsource;
 use futures_util::StreamExt;
 use serde_json::Value;
 use tokio::sync::mpsc;
+use tracing::Instrument;
 
 use super::core::*;
 
@@ -18,6 +19,7 @@ impl Gateway {
             o.insert("stream".into(), Value::Bool(true));
         }
         let body = &body;
+        let route = tracing::info_span!("gateway.route");
         self.route(call, |t, left| async move {
             let counted = self.start(&t);
             let held = call.held.clone();
@@ -145,6 +147,7 @@ impl Gateway {
                 chunks: rx,
             })
         })
+        .instrument(route)
         .await
     }
 }

@@ -9,7 +9,9 @@
 //! `POST /v1/completions`, `POST /v1/embeddings`. `--max-running N` serves
 //! at most N requests at a time (the rest wait, as in an engine's queue);
 //! `--wedge-after N` stops answering anything, health included, after N
-//! requests (an engine that hangs).
+//! requests (an engine that hangs). A chat answer carries the
+//! `traceparent` header it was sent (null without one), so tests can see
+//! the trace reach the engine.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -137,7 +139,11 @@ fn bad_request(message: &str) -> Response {
         .into_response()
 }
 
-async fn chat(State(engine): State<Engine>, Json(body): Json<Value>) -> Response {
+async fn chat(
+    State(engine): State<Engine>,
+    headers: axum::http::HeaderMap,
+    Json(body): Json<Value>,
+) -> Response {
     if !body["messages"].is_array() {
         return bad_request("messages must be an array");
     }
@@ -194,6 +200,8 @@ async fn chat(State(engine): State<Engine>, Json(body): Json<Value>) -> Response
         "id": "fake-1", "object": "chat.completion", "created": 0, "model": args.model,
         "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
         "usage": {"prompt_tokens": 1, "completion_tokens": text.split_whitespace().count(), "total_tokens": 1 + text.split_whitespace().count()},
+        // what a tracing engine would continue (tests check the agent sent it)
+        "traceparent": headers.get("traceparent").and_then(|v| v.to_str().ok()),
     }))
     .into_response()
 }

@@ -503,10 +503,12 @@ impl ExternalEngine {
             if let (Some(_), Some(o)) = (&r.stream, body.as_object_mut()) {
                 o.insert("stream".into(), Value::Bool(true));
             }
-            let response = self
-                .http
-                .post(&url)
-                .json(&body)
+            let mut request = self.http.post(&url).json(&body);
+            if let Some(traceparent) = &r.traceparent {
+                // vLLM, SGLang and TGI continue the trace from it
+                request = request.header(talon_trace::TRACEPARENT, traceparent);
+            }
+            let response = request
                 .send()
                 .await
                 .map_err(|e| ExecError::Engine(e.to_string()))?;

@@ -57,6 +57,9 @@ pub struct InferRequest {
     /// Set for a streamed request: the answer goes here chunk by chunk as it
     /// is produced, and the final result only says how it ended.
     pub stream: Option<ChunkSink>,
+    /// The W3C trace context an engine's spans continue (sent to engines
+    /// that speak HTTP as the `traceparent` header); `None`: not traced.
+    pub traceparent: Option<String>,
 }
 
 impl InferRequest {
@@ -65,7 +68,14 @@ impl InferRequest {
             endpoint,
             body,
             stream: None,
+            traceparent: None,
         }
+    }
+
+    /// The request as part of a trace.
+    pub fn traced(mut self, traceparent: Option<String>) -> InferRequest {
+        self.traceparent = traceparent;
+        self
     }
 }
 

@@ -371,6 +371,7 @@ impl Executor for SimulatedExecutor {
             endpoint: Endpoint::ChatCompletions,
             body: json!({"messages": [{"role": "user", "content": "x ".repeat(512)}], "max_tokens": DEFAULT_OUTPUT_TOKENS}),
             stream: None,
+            traceparent: None,
         };
         self.predict(&vec![probe; n.max(1)])
     }
@@ -502,6 +503,7 @@ mod tests {
             endpoint: Endpoint::ChatCompletions,
             body: json!({"model": "m", "messages": [{"role": "user", "content": text}], "max_tokens": max_tokens}),
             stream: None,
+            traceparent: None,
         }
     }
 
@@ -570,6 +572,7 @@ mod tests {
                 endpoint: Endpoint::ChatCompletions,
                 body: json!({"model": "m"}),
                 stream: None,
+                traceparent: None,
             }])
             .await;
         assert!(matches!(bad[0], Err(ExecError::BadRequest(_))));
