@@ -21,6 +21,7 @@ use opentelemetry_otlp::WithExportConfig;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
+use tracing_subscriber::filter::FilterExt;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::Layer;
@@ -192,6 +193,11 @@ pub fn init(settings: &Settings) -> Result<Guard, String> {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&settings.default_filter));
+    // Logs are events only: a span is made only when it is exported, so
+    // without an exporter the per-request spans cost a filter check each.
+    let filter = filter.and(tracing_subscriber::filter::filter_fn(|meta| {
+        meta.is_event()
+    }));
     let logs = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
     let logs = if settings.json_logs {
         logs.json().with_filter(filter).boxed()

@@ -113,7 +113,10 @@ impl Traffic {
         } else {
             OTHER
         };
-        let ring = models.entry(key.to_string()).or_default();
+        if !models.contains_key(key) {
+            models.insert(key.to_string(), VecDeque::new());
+        }
+        let ring = models.get_mut(key).expect("just inserted");
         while ring.front().is_some_and(|s| s.at + HISTORY_S <= at) {
             ring.pop_front();
         }
