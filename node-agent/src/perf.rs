@@ -1,98 +1,48 @@
-//! The performance model: how long a batch takes on a GPU type, from first
-//! principles, corrected online by what is observed.
-//!
-//! Prefill is compute-bound: `2 · params · tokens` FLOPs against the FP16
-//! tensor peak. A decode step is bound by reading the weights once (bytes
-//! against memory bandwidth) or by its FLOPs, whichever is larger, plus a
-//! per-step overhead that grows with tensor parallelism (kernel launches,
-//! all-reduce); prefill efficiency falls beyond two tensor-parallel ranks. The efficiencies are fitted to the measured A100/H100 figures
-//! of Splitwise (ISCA'24); the online correction (an exponentially weighted
-//! ratio observed/predicted per model and GPU type) absorbs the rest.
+//! The performance model on the agent: the scheduler's first-principles
+//! model ([`talon_scheduler::perf`]) for the catalog's GPU types, corrected
+//! online by what is observed (an exponentially weighted ratio
+//! observed/predicted per model and GPU type).
 
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
+use talon_scheduler::perf::{self as model, GpuSpeed};
+pub use talon_scheduler::perf::ModelShape;
+
 use crate::catalog::GpuType;
 
-/// Fraction of the FP16 peak prefill reaches.
-const COMPUTE_EFFICIENCY: f64 = 0.6;
-/// Fraction of memory bandwidth a decode step reaches.
-const BANDWIDTH_EFFICIENCY: f64 = 0.7;
-/// Per-step overhead on one GPU, and per extra tensor-parallel rank.
-const STEP_OVERHEAD_S: f64 = 0.000_5;
-const TP_OVERHEAD_S: f64 = 0.003_5;
 /// Weight of a new observation in the online correction.
 const CORRECTION_ALPHA: f64 = 0.2;
 
-/// What the model needs to know about a model.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct ModelShape {
-    /// Parameters.
-    pub params: f64,
-    /// Bytes per parameter of the served weights (2 for FP16/BF16).
-    pub bytes_per_param: f64,
-}
-
-impl ModelShape {
-    /// A model whose registered footprint is `memory_mib`: about 80 % of it
-    /// weights in FP16, the rest KV cache and activations.
-    pub fn from_memory_mib(memory_mib: u64) -> ModelShape {
-        let bytes = memory_mib as f64 * 1024.0 * 1024.0 * 0.8;
-        ModelShape {
-            params: bytes / 2.0,
-            bytes_per_param: 2.0,
-        }
-    }
-
-    fn weight_bytes(&self) -> f64 {
-        self.params * self.bytes_per_param
+fn speed(gpu: &GpuType) -> GpuSpeed {
+    GpuSpeed {
+        fp16_tflops: gpu.fp16_tflops,
+        bandwidth_gbps: gpu.bandwidth_gbps,
     }
 }
 
 /// Time to process the prompts of a batch (`tokens` prompt tokens in all)
 /// on `tp` GPUs of type `gpu`.
-pub fn prefill(model: ModelShape, gpu: &GpuType, tp: u32, tokens: u64) -> Duration {
-    let tp = f64::from(tp.max(1));
-    let flops = 2.0 * model.params * tokens as f64;
-    // Tensor parallelism beyond two ranks scales sub-linearly (communication
-    // grows with the activations): efficiency falls with sqrt(tp / 2).
-    let efficiency = COMPUTE_EFFICIENCY / (tp.max(2.0) / 2.0).sqrt();
-    let s = flops / (tp * gpu.fp16_tflops * 1e12 * efficiency);
-    Duration::from_secs_f64(s + overhead(tp))
+pub fn prefill(shape: ModelShape, gpu: &GpuType, tp: u32, tokens: u64) -> Duration {
+    model::prefill(shape, speed(gpu), tp, tokens)
 }
 
 /// Time of one decode step producing one token for each of `batch`
 /// sequences.
-pub fn decode_step(model: ModelShape, gpu: &GpuType, tp: u32, batch: u32) -> Duration {
-    let tp = f64::from(tp.max(1));
-    let memory = model.weight_bytes() / (tp * gpu.bandwidth_gbps * 1e9 * BANDWIDTH_EFFICIENCY);
-    let compute = 2.0 * model.params * f64::from(batch.max(1))
-        / (tp * gpu.fp16_tflops * 1e12 * COMPUTE_EFFICIENCY);
-    Duration::from_secs_f64(memory.max(compute) + overhead(tp))
+pub fn decode_step(shape: ModelShape, gpu: &GpuType, tp: u32, batch: u32) -> Duration {
+    model::decode_step(shape, speed(gpu), tp, batch)
 }
 
-fn overhead(tp: f64) -> f64 {
-    if tp > 1.0 {
-        tp * TP_OVERHEAD_S
-    } else {
-        STEP_OVERHEAD_S
-    }
-}
-
-/// Time for a whole batch: its prompts, then `output_tokens` decode steps
-/// (the longest sequence in the batch decides).
+/// Time for a whole batch: its prompts, then `output_tokens` decode steps.
 pub fn batch_latency(
-    model: ModelShape,
+    shape: ModelShape,
     gpu: &GpuType,
     tp: u32,
     prompt_tokens: &[u64],
     output_tokens: u64,
 ) -> Duration {
-    let batch = prompt_tokens.len().max(1) as u32;
-    let total_prompt: u64 = prompt_tokens.iter().sum();
-    prefill(model, gpu, tp, total_prompt)
-        + decode_step(model, gpu, tp, batch) * output_tokens as u32
+    model::batch_latency(shape, speed(gpu), tp, prompt_tokens, output_tokens)
 }
 
 /// The online correction: per (model, GPU type), observed / predicted.
@@ -132,49 +82,15 @@ mod tests {
     use super::*;
     use crate::catalog;
 
-    /// Medians measured by Splitwise (splitwise_perf_model.csv, llama2-70b,
-    /// 512-token prompts): (gpu, tp, batch, prompt ms, token ms).
-    const MEASURED: &[(&str, u32, u32, f64, f64)] = &[
-        ("a100-80gb", 2, 1, 195.5, 59.89),
-        ("a100-80gb", 2, 8, 1596.8, 61.69),
-        ("a100-80gb", 4, 1, 127.0, 44.52),
-        ("a100-80gb", 8, 8, 767.6, 46.47),
-        ("h100-sxm", 2, 1, 83.8, 37.11),
-        ("h100-sxm", 4, 8, 442.2, 31.44),
-        ("h100-sxm", 8, 32, 1551.7, 38.62),
-    ];
-
     #[test]
-    fn first_principles_land_near_splitwise_measurements() {
-        let llama70 = ModelShape {
-            params: 70e9,
-            bytes_per_param: 2.0,
-        };
-        for &(gpu, tp, batch, prompt_ms, token_ms) in MEASURED {
-            let g = catalog::by_key(gpu).unwrap();
-            let p = prefill(llama70, g, tp, 512 * u64::from(batch)).as_secs_f64() * 1000.0;
-            let t = decode_step(llama70, g, tp, batch).as_secs_f64() * 1000.0;
-            assert!(
-                (0.5..2.0).contains(&(p / prompt_ms)),
-                "{gpu} tp{tp} b{batch}: prefill {p:.0} vs {prompt_ms}"
-            );
-            assert!(
-                (0.6..1.6).contains(&(t / token_ms)),
-                "{gpu} tp{tp} b{batch}: token {t:.1} vs {token_ms}"
-            );
-        }
-    }
-
-    #[test]
-    fn faster_gpus_and_bigger_batches_behave() {
+    fn the_catalog_adapter_orders_gpus_like_the_scheduler_model() {
         let m = ModelShape::from_memory_mib(16_000);
         let (l4, h100) = (
             catalog::by_key("l4").unwrap(),
             catalog::by_key("h100-sxm").unwrap(),
         );
         assert!(decode_step(m, h100, 1, 1) < decode_step(m, l4, 1, 1));
-        // Decode is memory-bound at small batches: 8 sequences cost far less than 8x one.
-        assert!(decode_step(m, h100, 1, 8) < decode_step(m, h100, 1, 1) * 2);
+        assert!(prefill(m, h100, 1, 512) < prefill(m, l4, 1, 512));
         assert!(batch_latency(m, h100, 1, &[100, 100], 10) > batch_latency(m, h100, 1, &[100], 10));
     }
 

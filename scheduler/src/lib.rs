@@ -22,6 +22,7 @@
 pub mod engine;
 pub mod frag;
 pub mod mig;
+pub mod perf;
 pub mod policy;
 pub mod replan;
 pub mod rng;

@@ -51,7 +51,7 @@
 //! shapes of replica a fleet admits, for the live placement engine.
 
 mod error;
-mod hardware;
+pub mod hardware;
 mod model;
 mod pipeline;
 mod replicas;
