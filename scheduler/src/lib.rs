@@ -15,10 +15,13 @@
 //! * [`sharding`] — how a model spreads over GPUs: memory from the architecture,
 //!   smallest tensor-parallel degree inside NVLink domains, pipelines only when
 //!   needed, replica sets for a target, shapes for the live engine.
+//! * [`capacity`] — demand forecast, capacity planner, autoscaler.
+//! * [`routing`] — which replica serves a request, prefix caches included.
 //! * [`sim`] — the B1 and B7 benchmark harnesses (the crate's only I/O).
 //!
 //! The algorithms are explained in `scheduler/README.md`.
 
+pub mod capacity;
 pub mod engine;
 pub mod frag;
 pub mod mig;
@@ -26,6 +29,7 @@ pub mod perf;
 pub mod policy;
 pub mod replan;
 pub mod rng;
+pub mod routing;
 pub mod sharding;
 pub mod sim;
 pub mod state;

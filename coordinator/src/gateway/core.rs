@@ -336,6 +336,7 @@ impl Gateway {
                     service_ms_one: f64::from(s.service_ms_one),
                     service_ms_full: f64::from(s.service_ms_full),
                     max_batch: s.max_batch,
+                    prefix_saved_ms: 0.0,
                 },
                 None => ReplicaLoad {
                     held: local,
