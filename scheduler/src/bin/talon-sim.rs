@@ -2,6 +2,7 @@
 //!
 //! ```text
 //! talon-sim b1 [--trace default ...|all] [--seeds 10] [--policies all] [--out DIR] [--scale 10]
+//! talon-sim b6 --trace FILE --format azure|mooncake [--days 3] [--out DIR]
 //! talon-sim b7 [--out DIR]
 //! talon-sim variant --from default --name gpuspec33-s7 --gpu-spec 0.33 [--multi-gpu 0.2] --seed 7 --out DIR
 //! ```
@@ -98,6 +99,26 @@ enum Cmd {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// B6: forecast-driven autoscaling and routing on an LLM trace, in
+    /// virtual time, against a simulated H100 + A100 fleet.
+    B6 {
+        /// The trace file.
+        #[arg(long)]
+        trace: PathBuf,
+        /// azure (TIMESTAMP,ContextTokens,GeneratedTokens) or mooncake
+        /// (JSON lines: timestamp ms, input_length, output_length, hash_ids).
+        #[arg(long)]
+        format: String,
+        /// Days of the diurnal run built from the trace (0: none).
+        #[arg(long, default_value_t = 3.0)]
+        days: f64,
+        /// Seed of the diurnal run.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Write b6_summary.json here.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// B7: MIG plans for the ParvaGPU scenarios.
     B7 {
         #[arg(long, default_value = "../shared/data")]
@@ -161,6 +182,15 @@ fn main() -> ExitCode {
             events,
             out.as_deref(),
         ),
+        Cmd::B6 {
+            trace,
+            format,
+            days,
+            seed,
+            out,
+        } => talon_scheduler::sim::b6::Format::parse(&format).and_then(|f| {
+            talon_scheduler::sim::b6::run_cli(&trace, f, out.as_deref(), days, seed)
+        }),
         Cmd::B7 { data_dir, out } => talon_scheduler::sim::b7::run_cli(&data_dir, out.as_deref()),
     };
     match r {

@@ -71,6 +71,63 @@ impl std::fmt::Display for ScaleReason {
     }
 }
 
+/// How far the planner's capacity estimate is trusted, learnt from the SLO
+/// attainment observed over a window of intervals (ten by default): a window
+/// that misses the target cuts the trust by twice the shortfall (at most
+/// 5 %, never below 0.4) and starts a new window; a window comfortably
+/// within it (half the allowed misses or fewer) wins back 1 % an interval.
+/// Intervals with fewer replicas ready than desired do not count: a miss
+/// then is the cold start's, not the estimate's.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Trust {
+    pub factor: f64,
+    window: std::collections::VecDeque<(u64, u64)>,
+}
+
+impl Default for Trust {
+    fn default() -> Self {
+        Trust {
+            factor: 1.0,
+            window: std::collections::VecDeque::new(),
+        }
+    }
+}
+
+impl Trust {
+    /// Intervals a window holds.
+    pub const WINDOW: usize = 10;
+    /// Fewer requests than this in a window say nothing.
+    pub const MIN_SAMPLE: u64 = 200;
+
+    /// `within` of `completed` requests of the last interval met the SLO
+    /// whose attainment target is `target`; `short` when the model had
+    /// fewer replicas ready than desired.
+    pub fn observe(&mut self, completed: u64, within: u64, target: f64, short: bool) {
+        if short {
+            return;
+        }
+        self.window.push_back((completed, within.min(completed)));
+        while self.window.len() > Self::WINDOW {
+            self.window.pop_front();
+        }
+        let (n, ok) = self
+            .window
+            .iter()
+            .fold((0, 0), |(n, ok), &(c, w)| (n + c, ok + w));
+        if n < Self::MIN_SAMPLE {
+            return;
+        }
+        let attained = ok as f64 / n as f64;
+        if attained < target {
+            let cut = ((target - attained) * 2.0).min(0.05);
+            self.factor = (self.factor * (1.0 - cut)).max(0.4);
+            self.window.clear();
+        } else if attained >= 1.0 - (1.0 - target) / 2.0 {
+            self.factor = (self.factor * 1.01).min(1.0);
+        }
+    }
+}
+
 /// One model's scaler.
 #[derive(Clone, Debug)]
 pub struct Scaler {
@@ -78,6 +135,7 @@ pub struct Scaler {
     desired: u32,
     plans: VecDeque<(f64, u32)>,
     last_up: f64,
+    started: bool,
     /// Replicas started by scale-ups (each a cold start).
     pub cold_starts: u64,
 }
@@ -90,6 +148,7 @@ impl Scaler {
             desired: current,
             plans: VecDeque::new(),
             last_up: f64::NEG_INFINITY,
+            started: false,
             cold_starts: 0,
         }
     }
@@ -112,6 +171,11 @@ impl Scaler {
         min: u32,
         max: u32,
     ) -> (u32, ScaleReason) {
+        if !self.started {
+            // The count it started with stands as a plan for a window.
+            self.started = true;
+            self.plans.push_back((now_s, self.desired));
+        }
         self.plans.push_back((now_s, planned));
         while let Some(&(t, _)) = self.plans.front() {
             if now_s - t > self.settings.down_window_s {
@@ -138,6 +202,8 @@ impl Scaler {
         if saturated && live.ready >= self.desired && next <= live.ready {
             next = live.ready + 1;
             reason = ScaleReason::Reactive;
+            // A bump the forecast missed is held like a plan.
+            self.plans.push_back((now_s, next));
         }
         let clamped = next.clamp(min, max.max(min));
         if clamped != next {
@@ -203,6 +269,27 @@ mod tests {
         }
         assert!(changes <= 2, "{changes} changes");
         assert!(s.cold_starts <= 2);
+    }
+
+    #[test]
+    fn trust_falls_on_misses_and_returns_slowly() {
+        let mut t = Trust::default();
+        // One bad window: cut once (2 × 1 % shortfall), then a new window.
+        t.observe(1000, 980, 0.99, false);
+        assert!((t.factor - 0.98).abs() < 1e-9, "{}", t.factor);
+        // Misses while short of replicas, or too few requests: no change.
+        t.observe(1000, 500, 0.99, true);
+        t.observe(10, 0, 0.99, false);
+        assert!((t.factor - 0.98).abs() < 1e-9, "{}", t.factor);
+        // Good intervals win it back, at most to 1.
+        for _ in 0..5 {
+            t.observe(1000, 1000, 0.99, false);
+        }
+        assert_eq!(t.factor, 1.0);
+        for _ in 0..200 {
+            t.observe(1000, 0, 0.99, false);
+        }
+        assert_eq!(t.factor, 0.4);
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //!   `augurs`, with a band), and the recent token mix.
 //! * [`planner`] — replicas per GPU type from the performance model, across
 //!   all models at once, priority classes first.
+//! * [`oracle`] — the placement engine answers what fits.
 //! * [`autoscale`] — the desired count over time: hysteresis, cooldown, the
 //!   saturation safety net, cold starts counted.
 //!
@@ -14,8 +15,10 @@
 
 pub mod autoscale;
 pub mod forecast;
+pub mod oracle;
 pub mod planner;
 
-pub use autoscale::{LiveSignals, ScaleReason, ScaleSettings, Scaler};
+pub use autoscale::{LiveSignals, ScaleReason, ScaleSettings, Scaler, Trust};
 pub use forecast::{DemandSeries, ForecastSettings, Method, RateForecast};
+pub use oracle::PlacementOracle;
 pub use planner::{plan, CapacityOracle, FreeGpus, ModelDemand, ModelPlan, ReplicaOption, Slo};

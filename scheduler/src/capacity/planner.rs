@@ -16,16 +16,15 @@
 //! [`CapacityOracle`], so a higher class gets GPUs first and every model
 //! sees what the ones before it took. Within a model, replicas are added one
 //! at a time, each of the option that would cover the remaining rate at the
-//! lowest cost per hour on its own.
+//! lowest cost per hour on its own, among options within 1.5× of the best
+//! cost per request/second.
 
 use std::collections::BTreeMap;
 
 use crate::perf::{self, GpuSpeed, ModelShape};
 
 /// Fraction of the computed capacity a plan may use.
-pub const HEADROOM: f64 = 0.85;
-/// Fraction of the token mix that must meet the time-to-first-token target.
-const TTFT_QUANTILE: f64 = 0.99;
+pub const HEADROOM: f64 = 0.95;
 /// Fraction of a replica's GPU memory the KV cache may take after weights.
 const KV_FRACTION: f64 = 0.9;
 
@@ -38,6 +37,8 @@ pub struct Slo {
     pub ttft_ms_per_1k: f64,
     /// Mean time per output token after the first.
     pub tpot_ms: f64,
+    /// Fraction of requests that must meet both (0.99).
+    pub attainment: f64,
 }
 
 impl Slo {
@@ -118,12 +119,31 @@ pub fn replica_capacity(
     let mean_prefill = prefills.iter().sum::<f64>() / n;
     let mean_prefill_sq = prefills.iter().map(|s| s * s).sum::<f64>() / n;
     let mean_output = mix.iter().map(|&(_, o)| f64::from(o.max(1))).sum::<f64>() / n;
-    let mean_tokens = mix.iter().map(|&(p, o)| f64::from(p) + f64::from(o) / 2.0).sum::<f64>() / n;
+    // A sequence reserves its prompt and its whole output in the KV cache.
+    let mean_tokens = mix.iter().map(|&(p, o)| f64::from(p) + f64::from(o)).sum::<f64>() / n;
+    let mean_tokens_sq = mix.iter().map(|&(p, o)| (f64::from(p) + f64::from(o)).powi(2)).sum::<f64>() / n;
+    let reserve_by_output = mix
+        .iter()
+        .map(|&(p, o)| (f64::from(p) + f64::from(o)) * f64::from(o))
+        .sum::<f64>()
+        / n;
+    let reserve_by_prefill = mix
+        .iter()
+        .zip(&prefills)
+        .map(|(&(p, o), s)| (f64::from(p) + f64::from(o)) * s)
+        .sum::<f64>()
+        / n;
     let step = |b: f64| {
         perf::decode_step(shape, option.speed, option.tp, b.ceil().max(1.0) as u32).as_secs_f64()
     };
 
-    // Does rate `lambda` meet every target? Returns (batch, tpot) if so.
+    let target = slo.attainment.clamp(0.5, 0.9999);
+    let tpot_target = slo.tpot_ms / 1000.0;
+    // Does rate `lambda` meet the SLO for `target` of requests? Returns
+    // (batch, mean time per token) if so. Per request, both latencies are
+    // random: the prompt waits for the prefills ahead (M/G/1: busy with
+    // probability ρ, then about exponential), and decoding stalls for the
+    // prefills that arrive meanwhile (compound Poisson, normal-approximated).
     let meets = |lambda: f64| -> Option<(f64, f64)> {
         let rho = lambda * mean_prefill;
         if rho >= 0.95 {
@@ -135,16 +155,44 @@ pub fn replica_capacity(
             b = (lambda * mean_output * t).max(1.0);
             t = step(b) / (1.0 - rho);
         }
-        if t * 1000.0 > slo.tpot_ms || b * mean_tokens > kv {
+        let decode = step(b);
+        let wait = lambda * mean_prefill_sq / (2.0 * (1.0 - rho));
+        // KV tokens in use (Little's law, weighted by how long each
+        // reservation is held: prefill, then its output at t per token),
+        // with three standard deviations of room: a full cache stalls admission
+        // and the queue it builds outlasts the peak.
+        let kv_mean = lambda * (t * reserve_by_output + reserve_by_prefill + wait * mean_tokens);
+        let kv_sd = (kv_mean * mean_tokens_sq / mean_tokens).sqrt();
+        if kv_mean + 3.0 * kv_sd > kv {
             return None;
         }
-        let wait = lambda * mean_prefill_sq / (2.0 * (1.0 - rho));
-        let within = mix
+        let attained: f64 = mix
             .iter()
             .zip(&prefills)
-            .filter(|(&(p, _), &s)| (wait + s + t) * 1000.0 <= slo.ttft_target_ms(p))
-            .count() as f64;
-        (within / n >= TTFT_QUANTILE).then_some((b, t))
+            .map(|(&(p, o), &s)| {
+                let slack = slo.ttft_target_ms(p) / 1000.0 - s - decode;
+                let p_ttft = if slack < 0.0 {
+                    0.0
+                } else if wait <= 0.0 {
+                    1.0
+                } else {
+                    1.0 - rho * (-rho * slack / wait).exp()
+                };
+                let o = f64::from(o.max(2) - 1);
+                let decoding = o * decode;
+                let stall_mean = decoding * rho / (1.0 - rho);
+                let stall_sd = (lambda * (decoding + stall_mean) * mean_prefill_sq).sqrt();
+                let room = o * tpot_target - decoding - stall_mean;
+                let p_tpot = if stall_sd <= 0.0 {
+                    if room >= 0.0 { 1.0 } else { 0.0 }
+                } else {
+                    normal_cdf(room / stall_sd)
+                };
+                p_ttft * p_tpot
+            })
+            .sum::<f64>()
+            / n;
+        (attained >= target).then_some((b, t))
     };
 
     // The lightest load must meet the targets, or no rate does.
@@ -169,6 +217,21 @@ pub fn replica_capacity(
         batch,
         tpot_ms: tpot * 1000.0,
     })
+}
+
+/// Standard normal distribution function (Abramowitz–Stegun 7.1.26,
+/// error below 1.5e-7).
+fn normal_cdf(x: f64) -> f64 {
+    let z = x.abs() / std::f64::consts::SQRT_2;
+    let t = 1.0 / (1.0 + 0.327_591_1 * z);
+    let poly = t * (0.254_829_592
+        + t * (-0.284_496_736 + t * (1.421_413_741 + t * (-1.453_152_027 + t * 1.061_405_429))));
+    let erf = 1.0 - poly * (-z * z).exp();
+    if x >= 0.0 {
+        0.5 * (1.0 + erf)
+    } else {
+        0.5 * (1.0 - erf)
+    }
 }
 
 /// Where replicas can go: the placement engine (or, in tests, a count of
@@ -209,6 +272,9 @@ pub struct ModelDemand {
     pub min_replicas: u32,
     pub max_replicas: u32,
     pub options: Vec<ReplicaOption>,
+    /// How far the model's capacity estimate is trusted (0–1], learnt from
+    /// the SLO attainment observed (see `autoscale::Trust`).
+    pub trust: f64,
 }
 
 /// The plan for one model.
@@ -268,7 +334,13 @@ fn plan_model(d: &ModelDemand, oracle: &mut dyn CapacityOracle) -> ModelPlan {
     let mut usable: Vec<(ReplicaOption, ReplicaCapacity)> = Vec::new();
     for option in &d.options {
         match replica_capacity(d.shape, option, &d.slo, &d.mix) {
-            Some(cap) => usable.push((option.clone(), cap)),
+            Some(cap) => usable.push((
+                option.clone(),
+                ReplicaCapacity {
+                    rps: cap.rps * d.trust.clamp(0.1, 1.0),
+                    ..cap
+                },
+            )),
             None if !d.mix.is_empty() => plan
                 .reasons
                 .push(format!("{} cannot meet the SLO for this token mix", option.label())),
@@ -313,13 +385,20 @@ fn plan_model(d: &ModelDemand, oracle: &mut dyn CapacityOracle) -> ModelPlan {
             break;
         }
         // One more replica of the option that covers what remains at the
-        // lowest cost on its own: per request/second while much remains,
-        // the cheapest sufficient one for the last.
+        // lowest cost per hour on its own, among the options within 1.5× of
+        // the best cost per request/second: a slow replica bought to cover
+        // a sliver would draw more than its share from the router.
         let need = remaining.max(f64::EPSILON);
-        let pick = usable
+        let best_unit = usable
             .iter()
             .enumerate()
             .filter(|(i, _)| !full[*i])
+            .map(|(_, (o, cap))| o.cost_per_hour() / cap.rps)
+            .fold(f64::INFINITY, f64::min);
+        let pick = usable
+            .iter()
+            .enumerate()
+            .filter(|(i, (o, cap))| !full[*i] && o.cost_per_hour() / cap.rps <= 1.5 * best_unit)
             .map(|(i, (o, cap))| (i, (need / cap.rps).ceil() * o.cost_per_hour()))
             .min_by(|a, b| a.1.total_cmp(&b.1))
             .map(|(i, _)| i);
@@ -391,6 +470,7 @@ mod tests {
             min_replicas: 1,
             max_replicas: 64,
             options,
+            trust: 1.0,
         }
     }
 
@@ -408,6 +488,7 @@ mod tests {
             ttft_ms: 2000.0,
             ttft_ms_per_1k: 500.0,
             tpot_ms: 120.0,
+            attainment: 0.99,
         };
         let a100 = replica_capacity(LLAMA70, &option("a100-80gb", 2, 2.0), &slo, &chat_mix());
         let h100 = replica_capacity(LLAMA70, &option("h100-sxm", 2, 4.0), &slo, &chat_mix());
@@ -418,6 +499,7 @@ mod tests {
         assert!(a100.tpot_ms <= 120.0 && h100.tpot_ms <= 120.0);
         let tighter = Slo {
             tpot_ms: 80.0,
+            attainment: 0.99,
             ..slo
         };
         let a100_tight =
@@ -433,6 +515,7 @@ mod tests {
             ttft_ms: 2000.0,
             ttft_ms_per_1k: 500.0,
             tpot_ms: 120.0,
+            attainment: 0.99,
         };
         // H100 costs four times the A100 here: it is faster, but not four
         // times, so the A100 is cheaper per request/second.
@@ -452,6 +535,7 @@ mod tests {
             ttft_ms: 2000.0,
             ttft_ms_per_1k: 500.0,
             tpot_ms: 50.0,
+            attainment: 0.99,
         };
         let options = vec![option("h100-sxm", 2, 8.0), option("a100-80gb", 2, 2.0)];
         let plans = plan(&[demand(3.0, slo, options.clone())], &mut plenty());
@@ -467,6 +551,7 @@ mod tests {
             ttft_ms: 2000.0,
             ttft_ms_per_1k: 500.0,
             tpot_ms: 120.0,
+            attainment: 0.99,
         };
         let options = vec![option("a100-80gb", 2, 2.0)];
         let mut low = demand(50.0, slo, options.clone());

@@ -6,6 +6,7 @@
 
 pub mod b1;
 pub mod b1_report;
+pub mod b6;
 pub mod b7;
 pub mod csv;
 pub mod mig_starts;
