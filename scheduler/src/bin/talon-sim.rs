@@ -115,7 +115,16 @@ enum Cmd {
         /// Seed of the diurnal run.
         #[arg(long, default_value_t = 1)]
         seed: u64,
-        /// Write b6_summary.json here.
+        /// SLO: time to first token, ms (default by format).
+        #[arg(long)]
+        ttft_ms: Option<f64>,
+        /// SLO: extra time to first token per 1k prompt tokens, ms.
+        #[arg(long)]
+        ttft_per_1k_ms: Option<f64>,
+        /// SLO: mean time per output token, ms.
+        #[arg(long)]
+        tpot_ms: Option<f64>,
+        /// Write b6_summary.json and b6_timeline.csv here.
         #[arg(long)]
         out: Option<PathBuf>,
     },
@@ -187,9 +196,19 @@ fn main() -> ExitCode {
             format,
             days,
             seed,
+            ttft_ms,
+            ttft_per_1k_ms,
+            tpot_ms,
             out,
         } => talon_scheduler::sim::b6::Format::parse(&format).and_then(|f| {
-            talon_scheduler::sim::b6::run_cli(&trace, f, out.as_deref(), days, seed)
+            let d = talon_scheduler::sim::b6::default_slo(f);
+            let slo = talon_scheduler::capacity::Slo {
+                ttft_ms: ttft_ms.unwrap_or(d.ttft_ms),
+                ttft_ms_per_1k: ttft_per_1k_ms.unwrap_or(d.ttft_ms_per_1k),
+                tpot_ms: tpot_ms.unwrap_or(d.tpot_ms),
+                attainment: d.attainment,
+            };
+            talon_scheduler::sim::b6::run_cli(&trace, f, out.as_deref(), days, seed, slo)
         }),
         Cmd::B7 { data_dir, out } => talon_scheduler::sim::b7::run_cli(&data_dir, out.as_deref()),
     };

@@ -61,4 +61,3 @@ pub fn calibrate(setup: &Setup, mix: &Trace) -> Result<Vec<(String, f64, f64)>, 
     }
     Ok(rows)
 }
-

@@ -28,7 +28,7 @@ pub use run::{Outcome, Policy, Routing, Scaling, Setup};
 pub use trace::{Diurnal, Format, Trace};
 
 /// GPU types of the simulated fleet: (name, nodes, $ per GPU-hour).
-pub const FLEET: &[(&str, u32, f64)] = &[("h100-sxm", 4, 4.00), ("a100-80gb", 6, 2.20)];
+pub const FLEET: &[(&str, u32, f64)] = &[("h100-sxm", 16, 4.00), ("a100-80gb", 16, 2.20)];
 
 /// The default B6 deployment: Llama-2-70B-class in FP16 on the fleet, TP2
 /// or TP4 replicas of either type; TTFT ≤ 1 s + 0.25 s per 1k prompt
@@ -54,7 +54,7 @@ pub fn default_setup() -> Setup {
                 cost_per_hour: cost * 8.0,
             });
         }
-        for tp in [2, 4] {
+        for tp in [2, 4, 8] {
             options.push(ReplicaOption {
                 gpu_type: gpu.to_string(),
                 speed: GpuSpeed::of_model(gpu),
@@ -86,6 +86,28 @@ pub fn default_setup() -> Setup {
             level: 0.8,
         },
         max_replicas: 64,
+    }
+}
+
+/// The default SLO for a trace format. Chat (azure): TTFT ≤ 1 s + 0.25 s
+/// per 1k prompt tokens, ≤ 100 ms per output token. Long-context (mooncake,
+/// median prompt 7k tokens, p99 85k): prompts queue behind long prefills on
+/// any colocated engine, so TTFT ≤ 5 s + 0.25 s per 1k and ≤ 150 ms per
+/// token. Both for 99 % of requests.
+pub fn default_slo(format: Format) -> Slo {
+    match format {
+        Format::Azure => Slo {
+            ttft_ms: 1000.0,
+            ttft_ms_per_1k: 250.0,
+            tpot_ms: 100.0,
+            attainment: 0.99,
+        },
+        Format::Mooncake => Slo {
+            ttft_ms: 5000.0,
+            ttft_ms_per_1k: 250.0,
+            tpot_ms: 150.0,
+            attainment: 0.99,
+        },
     }
 }
 
@@ -199,8 +221,24 @@ fn add_timeline(csv: &mut String, run: &str, outcomes: &[Outcome]) {
 }
 
 /// The `talon-sim b6` command.
-pub fn run_cli(path: &Path, format: Format, out: Option<&Path>, days: f64, seed: u64) -> Result<(), String> {
-    let setup = default_setup();
+pub fn run_cli(
+    path: &Path,
+    format: Format,
+    out: Option<&Path>,
+    days: f64,
+    seed: u64,
+    slo: Slo,
+) -> Result<(), String> {
+    if !(slo.ttft_ms > 0.0 && slo.ttft_ms_per_1k >= 0.0 && slo.tpot_ms > 0.0) {
+        return Err("--ttft-ms and --tpot-ms must be > 0, --ttft-per-1k-ms ≥ 0".into());
+    }
+    if !(days >= 0.0 && days <= 30.0) {
+        return Err(format!("--days {days}: expected 0 (none) to 30"));
+    }
+    let setup = Setup {
+        slo,
+        ..default_setup()
+    };
     let hour = trace::load(path, format)?;
     let prefixes = hour.has_prefixes();
     let hour_outcomes = run_all(&setup, &hour, &hour_policies(prefixes))?;
@@ -228,6 +266,7 @@ pub fn run_cli(path: &Path, format: Format, out: Option<&Path>, days: f64, seed:
             "ttft_ms": setup.slo.ttft_ms,
             "ttft_ms_per_1k_prompt_tokens": setup.slo.ttft_ms_per_1k,
             "tpot_ms": setup.slo.tpot_ms,
+            "attainment": setup.slo.attainment,
         },
         "fleet": FLEET.iter().map(|(g, n, c)| json!({"gpu": g, "nodes": n, "gpus_per_node": 8, "usd_per_gpu_hour": c})).collect::<Vec<_>>(),
         "calibration": calibration.iter().map(|(l, p, s)| json!({"option": l, "planner_rps": p, "simulated_rps": s})).collect::<Vec<_>>(),
