@@ -192,6 +192,9 @@ enum ModelCmd {
         #[arg(long = "label", value_parser = parse_label)]
         labels: Vec<(String, String)>,
     },
+    /// A model's spec, labels and — from the leader — its autoscaling:
+    /// forecast, plan and why.
+    #[command(alias = "show")]
     Get {
         name: String,
         /// Read through the leader, seeing every acknowledged write.
@@ -375,6 +378,7 @@ async fn execute(cli: Cli) -> Result<(), ClientError> {
                     for (k, v) in &model.labels {
                         println!("label {k}={v}");
                     }
+                    output::print_autoscale(&model);
                 }
             }
             ModelCmd::List { linearizable } => {

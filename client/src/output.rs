@@ -19,7 +19,62 @@ pub fn model_json(m: &Model) -> Value {
         "created_at_ms": m.created_at_ms,
         "updated_at_ms": m.updated_at_ms,
         "revision": m.revision,
+        "autoscale": m.autoscale.as_ref().map(|a| json!({
+            "enabled": a.enabled, "desired": a.desired, "placed": a.placed, "ready": a.ready,
+            "observed_rps": a.observed_rps, "planned_rps": a.planned_rps,
+            "forecast_method": a.forecast_method, "bucket_s": a.bucket_s,
+            "forecast_rps": a.forecast_rps, "forecast_upper_rps": a.forecast_upper_rps,
+            "plan": a.plan, "plan_replicas": a.plan_replicas, "plan_capacity_rps": a.plan_capacity_rps,
+            "plan_cost_per_hour": a.plan_cost_per_hour, "reason": a.reason,
+            "cold_starts": a.cold_starts, "updated_at_ms": a.updated_at_ms,
+        })),
     })
+}
+
+/// The autoscaling block of `talon model show`.
+pub fn print_autoscale(m: &Model) {
+    let Some(a) = &m.autoscale else {
+        if m.max_replicas > m.min_replicas {
+            println!("autoscale: shown by the leader only (add --linearizable)");
+        }
+        return;
+    };
+    if !a.enabled {
+        println!("autoscale: off — {}", a.reason);
+        return;
+    }
+    println!(
+        "autoscale: desired {} (placed {}, ready {}) within {}..={}: {}",
+        a.desired, a.placed, a.ready, m.min_replicas, m.max_replicas, a.reason
+    );
+    println!(
+        "  demand: {:.2} req/s observed, planning for {:.2} req/s ({})",
+        a.observed_rps, a.planned_rps, a.forecast_method
+    );
+    if !a.forecast_rps.is_empty() {
+        let at = |i: usize| {
+            let i = i.min(a.forecast_rps.len() - 1);
+            (a.forecast_rps[i], a.forecast_upper_rps.get(i).copied().unwrap_or(0.0))
+        };
+        let span = |i: usize| (i as f64 + 1.0) * a.bucket_s / 60.0;
+        let n = a.forecast_rps.len();
+        let marks: Vec<String> = [0, n / 4, n / 2, n - 1]
+            .iter()
+            .map(|&i| {
+                let (p, u) = at(i);
+                format!("+{:.0} min {p:.2} (≤{u:.2})", span(i))
+            })
+            .collect();
+        println!("  forecast req/s: {}", marks.join(", "));
+    }
+    println!(
+        "  plan: {} replica(s), {:.2} req/s, ${:.2}/h",
+        a.plan_replicas, a.plan_capacity_rps, a.plan_cost_per_hour
+    );
+    for line in &a.plan {
+        println!("    {line}");
+    }
+    println!("  cold starts: {}", a.cold_starts);
 }
 
 pub fn status_json(s: &ClusterStatus) -> Value {

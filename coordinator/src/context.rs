@@ -41,6 +41,8 @@ pub struct AdminContext {
     pub telemetry: Arc<crate::telemetry::TelemetryStore>,
     /// The leader's buckets and unrecorded charges ([`crate::quota`]).
     pub quota: Arc<crate::quota::Ledger>,
+    /// The leader's desired replica counts ([`crate::autoscale`]).
+    pub autoscale: Arc<crate::autoscale::Autoscale>,
 }
 
 impl AdminContext {

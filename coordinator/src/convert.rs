@@ -52,6 +52,7 @@ pub fn model_to_wire(m: &Model) -> pb::Model {
         created_at_ms: m.created_at_ms,
         updated_at_ms: m.updated_at_ms,
         revision: m.revision,
+        autoscale: None,
     }
 }
 

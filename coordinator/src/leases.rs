@@ -100,7 +100,8 @@ pub async fn run_reconciler(
             let applied = ctx.state.read().expect("state lock poisoned");
             crate::reconcile::planning_view(&applied.state)
         };
-        let observed = crate::reconcile::observe(&snapshot, &ctx.telemetry);
+        let mut observed = crate::reconcile::observe(&snapshot, &ctx.telemetry);
+        observed.desired = ctx.autoscale.desired();
         let plan = crate::reconcile::plan_with(&snapshot, &observed);
         if plan.unplaced != last_unplaced {
             for (id, why) in &plan.unplaced {

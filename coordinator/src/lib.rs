@@ -24,6 +24,7 @@
 pub mod admin;
 pub mod agents;
 pub mod auth;
+pub mod autoscale;
 pub mod bootstrap;
 pub mod config;
 pub mod context;
@@ -138,6 +139,7 @@ pub async fn run(
         config: config.clone(),
         telemetry: Arc::new(telemetry::TelemetryStore::new(config.agents.history_len)),
         quota: Arc::new(quota::Ledger::default()),
+        autoscale: Arc::new(autoscale::Autoscale::default()),
     });
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -243,7 +245,13 @@ pub async fn run(
     };
     let gauges: http::Extra = {
         let ctx = ctx.clone();
-        Arc::new(move || engine_gauges(&ctx))
+        Arc::new(move || engine_gauges(&ctx) + &ctx.autoscale.gauges())
+    };
+    let autoscale_task = {
+        let (ctx, stop, traffic) = (ctx.clone(), stop_rx.clone(), gateway.traffic().clone());
+        tokio::spawn(supervise("autoscaler", stop_rx.clone(), move || {
+            autoscale::run(ctx.clone(), traffic.clone(), stop.clone())
+        }))
     };
     let dashboard = dashboard::router(ctx.clone(), gateway.traffic().clone(), stop_rx.clone());
     let app = http::router(metrics, raft.clone(), gauges)
@@ -285,6 +293,7 @@ pub async fn run(
     metrics_task.abort();
     leases_task.abort();
     reconciler_task.abort();
+    autoscale_task.abort();
     retention_task.abort();
     recorder_task.abort();
     limits_task.abort();

@@ -233,7 +233,13 @@ impl AdminService for Admin {
         let name = &request.get_ref().name;
         let applied = self.ctx.state.read().expect("state lock poisoned");
         match applied.state.models.get(name) {
-            Some(m) => Ok(Response::new(model_to_wire(m))),
+            Some(m) => {
+                let mut wire = model_to_wire(m);
+                if self.ctx.is_leader() {
+                    wire.autoscale = self.ctx.autoscale.status(name).map(|s| s.to_wire());
+                }
+                Ok(Response::new(wire))
+            }
             None => Err(AdminError::NotFound(format!("model {name:?} does not exist")).into()),
         }
     }
@@ -498,7 +504,8 @@ impl AdminService for Admin {
         // planned off the state lock, with the failed replicas the
         // reconciler itself sees
         let unplaced = if let Some(view) = view {
-            let observed = crate::reconcile::observe(&view, &self.ctx.telemetry);
+            let mut observed = crate::reconcile::observe(&view, &self.ctx.telemetry);
+            observed.desired = self.ctx.autoscale.desired();
             crate::reconcile::plan_with(&view, &observed)
                 .unplaced
                 .into_iter()

@@ -137,7 +137,13 @@ pub fn plan_with(state: &State, observed: &Observed) -> Plan {
         let placed = replicas_of
             .get(model.name.as_str())
             .map_or(&[][..], Vec::as_slice);
-        for (version, heads) in versions_to_place(model, newest, placed, observed.ready.as_ref()) {
+        for (version, heads) in versions_to_place(
+            model,
+            newest,
+            placed,
+            observed.ready.as_ref(),
+            observed.desired.get(&model.name).copied(),
+        ) {
             let mem = fleet::memory_need(model, version).max(1);
             let selector_label = model.labels.get("node-selector");
             let engine = version.engine.as_str();
@@ -189,7 +195,8 @@ pub fn plan_with(state: &State, observed: &Observed) -> Plan {
                 .clone();
             let excluded = &selection.excluded;
             // per version: a rolling version's replicas may sit beside the old
-            let spread = (hosts >= model.min_replicas as usize)
+            let count = wants::replica_count(model, observed.desired.get(&model.name).copied());
+            let spread = (hosts >= count as usize)
                 .then(|| format!("{}@{}", model.name, version.version));
             let old = version.version != newest.version;
             for head in heads {

@@ -25,6 +25,8 @@ pub struct Observed {
     /// Replicas their agent reports ready; `None`: not known (then a new
     /// version replaces the old replicas at once).
     pub ready: Option<HashSet<String>>,
+    /// Replicas the autoscaler wants per model (absent: `min_replicas`).
+    pub desired: BTreeMap<String, u32>,
 }
 
 /// The label in which the reconciler records what a model's replicas were

@@ -9,7 +9,8 @@ use super::fleet::{self, Candidate, Need};
 use crate::state::Replica;
 
 /// The versions of `model` to place and the replica ids (heads) of each:
-/// the newest version's `min_replicas`; and, while they are not all placed
+/// the newest version's replica count (the autoscaler's, within
+/// `min_replicas`..=`max_replicas`; else `min_replicas`); and, while they are not all placed
 /// and reported ready (`ready`: the replicas agents report ready; `None`:
 /// not known, so no version is kept), the replicas of older versions that
 /// are still placed — a version change then loses no capacity until the
@@ -19,8 +20,9 @@ pub(super) fn versions_to_place<'m>(
     newest: &'m crate::state::ModelVersion,
     placed: &[&Replica],
     ready: Option<&HashSet<String>>,
+    desired: Option<u32>,
 ) -> Vec<(&'m crate::state::ModelVersion, Vec<String>)> {
-    let heads: Vec<String> = (0..model.min_replicas)
+    let heads: Vec<String> = (0..replica_count(model, desired))
         .map(|k| format!("{}@{}-{k}", model.name, newest.version))
         .collect();
     let mut out = Vec::new();
@@ -51,6 +53,12 @@ pub(super) fn versions_to_place<'m>(
     }
     out.insert(0, (newest, heads));
     out
+}
+
+/// How many replicas of its newest version `model` runs.
+pub(super) fn replica_count(model: &crate::state::Model, desired: Option<u32>) -> u32 {
+    let max = model.max_replicas.max(model.min_replicas);
+    desired.map_or(model.min_replicas, |d| d.clamp(model.min_replicas, max))
 }
 
 /// What replica `head` places: itself, or — a pipeline — one part per

@@ -242,6 +242,7 @@ pub fn token_prices(labels: &BTreeMap<String, String>) -> Option<(f64, f64)> {
 /// model is created or labelled (not when the log is replayed, so that
 /// entries from before keep their meaning).
 pub fn validate_engine_options(labels: &BTreeMap<String, String>) -> Result<(), String> {
+    crate::autoscale::settings::validate(labels)?;
     if let Some(v) = labels.get(FALLBACK_LABEL) {
         validate_name(v).map_err(|m| format!("label {FALLBACK_LABEL}: {m}"))?;
     }

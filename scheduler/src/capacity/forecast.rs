@@ -122,6 +122,12 @@ impl DemandSeries {
     /// a request older than the kept history is dropped).
     pub fn record(&mut self, at_secs: f64, prompt_tokens: u32, output_tokens: u32) {
         self.add_count(at_secs, 1.0);
+        self.record_mix(prompt_tokens, output_tokens);
+    }
+
+    /// Keep one request's token counts in the mix (its arrival counted
+    /// apart, by [`DemandSeries::add_count`]).
+    pub fn record_mix(&mut self, prompt_tokens: u32, output_tokens: u32) {
         self.mix.push_back((prompt_tokens, output_tokens));
         while self.mix.len() > MIX_SAMPLES {
             self.mix.pop_front();

@@ -1,0 +1,135 @@
+//! What the planner needs from the cluster state: each model's replica
+//! options (one per GPU type of the Ready, schedulable fleet) and the free
+//! device memory they can take.
+
+use std::collections::BTreeMap;
+
+use talon_scheduler::capacity::{CapacityOracle, ReplicaOption};
+use talon_scheduler::perf::GpuSpeed;
+
+use crate::state::{NodeState, State};
+
+const MIB: u64 = 1024 * 1024;
+
+/// One GPU as the planner sees it.
+#[derive(Clone, Debug)]
+struct Device {
+    total_mib: u64,
+    free_mib: u64,
+}
+
+/// Free device memory per GPU type, with the memory of the models being
+/// planned given back (their replicas are what is being decided).
+#[derive(Clone, Debug, Default)]
+pub struct FreeMemory {
+    by_type: BTreeMap<String, Vec<Device>>,
+    /// model → MiB one replica takes.
+    replica_mib: BTreeMap<String, u64>,
+}
+
+impl FreeMemory {
+    /// The fleet's free memory, counting the replicas of `planned` models
+    /// as free.
+    pub fn of(state: &State, planned: &BTreeMap<String, u64>) -> FreeMemory {
+        let mut by_type: BTreeMap<String, Vec<Device>> = BTreeMap::new();
+        let mut index: BTreeMap<(&str, u32), (String, usize)> = BTreeMap::new();
+        for node in state.nodes.values() {
+            if node.state != NodeState::Ready || !node.schedulable || node.draining {
+                continue;
+            }
+            for gpu in node.inventory.gpus.iter().filter(|g| !g.mig_enabled) {
+                let list = by_type.entry(gpu.gpu_type.clone()).or_default();
+                index.insert((node.inventory.node_id.as_str(), gpu.index), (gpu.gpu_type.clone(), list.len()));
+                list.push(Device {
+                    total_mib: gpu.memory_bytes / MIB,
+                    free_mib: gpu.memory_bytes / MIB,
+                });
+            }
+        }
+        for r in state.replicas.values() {
+            if planned.contains_key(&r.model) {
+                continue;
+            }
+            let gpus = if r.gpus.is_empty() { vec![r.gpu] } else { r.gpus.clone() };
+            for g in gpus {
+                if let Some((t, i)) = index.get(&(r.node_id.as_str(), g)) {
+                    if let Some(d) = by_type.get_mut(t).and_then(|l| l.get_mut(*i)) {
+                        d.free_mib = d.free_mib.saturating_sub(r.memory_mib);
+                    }
+                }
+            }
+        }
+        FreeMemory {
+            by_type,
+            replica_mib: planned.clone(),
+        }
+    }
+
+    /// One option per GPU type: the fewest GPUs (a power of two, at most
+    /// eight) whose memory holds the model; a model smaller than a GPU
+    /// takes a share of one, costed by that share.
+    pub fn options(&self, state: &State, memory_mib: u64) -> Vec<ReplicaOption> {
+        let mut cost: BTreeMap<&str, (f64, u32)> = BTreeMap::new();
+        for node in state.nodes.values() {
+            let n = node.inventory.gpus.len().max(1) as f64;
+            for gpu in &node.inventory.gpus {
+                let e = cost.entry(gpu.gpu_type.as_str()).or_insert((0.0, 0));
+                e.0 += node.inventory.cost_per_hour / n;
+                e.1 += 1;
+            }
+        }
+        let mut out = Vec::new();
+        for (gpu_type, devices) in &self.by_type {
+            let Some(gpu_mib) = devices.iter().map(|d| d.total_mib).max().filter(|m| *m > 0) else {
+                continue;
+            };
+            let (sum, n) = cost.get(gpu_type.as_str()).copied().unwrap_or((0.0, 1));
+            let per_gpu = if n > 0 { sum / f64::from(n) } else { 0.0 };
+            let tp = (1..=8u32)
+                .filter(|t| t.is_power_of_two())
+                .find(|t| u64::from(*t) * gpu_mib >= memory_mib);
+            let Some(tp) = tp else { continue };
+            let share = if tp == 1 { (memory_mib as f64 / gpu_mib as f64).min(1.0) } else { 1.0 };
+            out.push(ReplicaOption {
+                gpu_type: gpu_type.clone(),
+                speed: GpuSpeed::of_model(gpu_type),
+                gpu_memory_mib: gpu_mib,
+                tp,
+                // a shared GPU's replica pays for its share
+                gpu_cost_per_hour: per_gpu.max(0.01) * share,
+            });
+        }
+        out
+    }
+}
+
+impl CapacityOracle for FreeMemory {
+    fn try_take(&mut self, model: &str, option: &ReplicaOption) -> bool {
+        let Some(devices) = self.by_type.get_mut(&option.gpu_type) else {
+            return false;
+        };
+        let mib = self.replica_mib.get(model).copied().unwrap_or(option.gpu_memory_mib);
+        if option.tp <= 1 && mib < option.gpu_memory_mib {
+            // best fit: the fullest GPU it fits on
+            let pick = devices
+                .iter_mut()
+                .filter(|d| d.free_mib >= mib)
+                .min_by_key(|d| d.free_mib);
+            return match pick {
+                Some(d) => {
+                    d.free_mib -= mib;
+                    true
+                }
+                None => false,
+            };
+        }
+        let mut whole: Vec<&mut Device> = devices.iter_mut().filter(|d| d.free_mib == d.total_mib).collect();
+        if whole.len() < option.tp as usize {
+            return false;
+        }
+        for d in whole.iter_mut().take(option.tp as usize) {
+            d.free_mib = 0;
+        }
+        true
+    }
+}

@@ -1,0 +1,381 @@
+//! The leader's autoscaler: forecasts each model's demand from the
+//! gateway's counts, plans replicas for the forecast's upper band against
+//! the fleet's free memory with the scheduler's capacity planner, and keeps
+//! a desired replica count per model that the reconciler places. The
+//! forecaster, planner and scaler are `talon_scheduler::capacity`, the code
+//! `talon-sim b6` measures.
+//!
+//! Demand is what this coordinator's gateway served (a follower's gateway
+//! counts its own traffic, which the leader does not see). Desired counts
+//! live in the leader's memory: a new leader starts from the replicas
+//! placed.
+
+pub mod capacity;
+pub mod settings;
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+use talon_scheduler::capacity::{
+    planner, DemandSeries, ForecastSettings, LiveSignals, ModelDemand, ScaleSettings, Scaler, Trust,
+};
+use talon_scheduler::perf::ModelShape;
+
+use crate::admin::AdminContext;
+use crate::dashboard::traffic::Traffic;
+use crate::state::State;
+
+use settings::Settings;
+
+/// What `talon model show` and the admin API show of a model's scaling.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct ModelStatus {
+    pub enabled: bool,
+    pub min_replicas: u32,
+    pub max_replicas: u32,
+    /// Replicas the autoscaler wants.
+    pub desired: u32,
+    /// Replicas of the newest version placed, and those ready.
+    pub placed: u32,
+    pub ready: u32,
+    /// Requests per second served over the last interval.
+    pub observed_rps: f64,
+    /// The rate planned for: the forecast's upper band over a load time
+    /// and an interval ahead (or the observed rate, when higher).
+    pub planned_rps: f64,
+    /// How the forecast was made, and its point and upper band per bucket
+    /// over the horizon (requests per second).
+    pub forecast_method: String,
+    pub bucket_s: f64,
+    pub forecast_rps: Vec<f64>,
+    pub forecast_upper_rps: Vec<f64>,
+    /// The plan: replicas per GPU type, what they sustain, why.
+    pub plan: Vec<String>,
+    pub plan_replicas: u32,
+    pub plan_capacity_rps: f64,
+    pub plan_cost_per_hour: f64,
+    /// Why the desired count is what it is.
+    pub reason: String,
+    pub cold_starts: u64,
+    pub updated_at_ms: u64,
+}
+
+struct ModelState {
+    series: DemandSeries,
+    scaler: Scaler,
+    trust: Trust,
+    last_point: u64,
+    next_plan: Instant,
+    status: ModelStatus,
+}
+
+/// The leader's autoscaling state, shared with the reconciler and the
+/// admin API.
+#[derive(Default)]
+pub struct Autoscale {
+    models: Mutex<BTreeMap<String, ModelState>>,
+}
+
+impl Autoscale {
+    /// Desired replicas per autoscaled model.
+    pub fn desired(&self) -> BTreeMap<String, u32> {
+        let models = self.models.lock().expect("autoscale lock poisoned");
+        models
+            .iter()
+            .filter(|(_, m)| m.status.enabled)
+            .map(|(name, m)| (name.clone(), m.status.desired))
+            .collect()
+    }
+
+    pub fn status(&self, model: &str) -> Option<ModelStatus> {
+        let models = self.models.lock().expect("autoscale lock poisoned");
+        models.get(model).map(|m| m.status.clone())
+    }
+
+    pub fn statuses(&self) -> BTreeMap<String, ModelStatus> {
+        let models = self.models.lock().expect("autoscale lock poisoned");
+        models.iter().map(|(k, m)| (k.clone(), m.status.clone())).collect()
+    }
+
+    fn clear(&self) {
+        self.models.lock().expect("autoscale lock poisoned").clear();
+    }
+
+    /// Prometheus gauges: forecast, planned, desired and placed replicas.
+    pub fn gauges(&self) -> String {
+        use std::fmt::Write;
+        let statuses = self.statuses();
+        let mut out = String::new();
+        let families: [(&str, &str, fn(&ModelStatus) -> f64); 5] = [
+            ("talon_autoscale_forecast_rps", "Forecast request rate, next bucket", |s| {
+                s.forecast_rps.first().copied().unwrap_or(0.0)
+            }),
+            ("talon_autoscale_planned_rps", "Request rate the plan is for (upper band ahead)", |s| s.planned_rps),
+            ("talon_autoscale_desired_replicas", "Replicas the autoscaler wants", |s| f64::from(s.desired)),
+            ("talon_autoscale_actual_replicas", "Replicas of the newest version placed", |s| f64::from(s.placed)),
+            ("talon_autoscale_cold_starts_total", "Replicas started by scale-ups", |s| s.cold_starts as f64),
+        ];
+        for (name, help, value) in families {
+            let _ = writeln!(out, "# HELP {name} {help}.");
+            let kind = if name.ends_with("_total") { "counter" } else { "gauge" };
+            let _ = writeln!(out, "# TYPE {name} {kind}");
+            for (model, s) in statuses.iter().filter(|(_, s)| s.enabled) {
+                let _ = writeln!(out, "{name}{{model_name=\"{}\"}} {}", escape(model), value(s));
+            }
+        }
+        out
+    }
+}
+
+impl ModelStatus {
+    pub fn to_wire(&self) -> talon_proto::v1::AutoscaleStatus {
+        talon_proto::v1::AutoscaleStatus {
+            enabled: self.enabled,
+            desired: self.desired,
+            placed: self.placed,
+            ready: self.ready,
+            observed_rps: self.observed_rps,
+            planned_rps: self.planned_rps,
+            forecast_method: self.forecast_method.clone(),
+            bucket_s: self.bucket_s,
+            forecast_rps: self.forecast_rps.clone(),
+            forecast_upper_rps: self.forecast_upper_rps.clone(),
+            plan: self.plan.clone(),
+            reason: self.reason.clone(),
+            cold_starts: self.cold_starts,
+            updated_at_ms: self.updated_at_ms,
+            plan_replicas: self.plan_replicas,
+            plan_capacity_rps: self.plan_capacity_rps,
+            plan_cost_per_hour: self.plan_cost_per_hour,
+        }
+    }
+}
+
+fn escape(v: &str) -> String {
+    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+fn unix_s(t: SystemTime) -> f64 {
+    t.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs_f64()
+}
+
+/// Replicas of `model`'s newest version placed (heads only) and ready.
+fn placed_and_ready(state: &State, ctx: &AdminContext, model: &crate::state::Model) -> (u32, u32) {
+    let Some(newest) = model.versions.last() else {
+        return (0, 0);
+    };
+    let heads: Vec<_> = state
+        .replicas
+        .values()
+        .filter(|r| r.model == model.name && r.version == newest.version && r.takes_requests())
+        .collect();
+    let ready = heads
+        .iter()
+        .filter(|r| ctx.telemetry.replica_state(&r.node_id, &r.id).as_deref() == Some("ready"))
+        .count();
+    (heads.len() as u32, ready as u32)
+}
+
+/// The loop: once a second, feed the gateway's counts; plan each model
+/// when its interval is due.
+pub async fn run(ctx: Arc<AdminContext>, traffic: Arc<Traffic>, mut stop: tokio::sync::watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.changed() => return,
+        }
+        if !ctx.is_leader() {
+            ctx.autoscale.clear();
+            continue;
+        }
+        let state = {
+            let applied = ctx.state.read().expect("state lock poisoned");
+            crate::reconcile::planning_view(&applied.state)
+        };
+        step(&ctx, &traffic, &state, Instant::now(), SystemTime::now());
+    }
+}
+
+/// One pass over every model.
+pub fn step(ctx: &AdminContext, traffic: &Traffic, state: &State, now: Instant, wall: SystemTime) {
+    let points = traffic.series(120, wall);
+    let mut models = ctx.autoscale.models.lock().expect("autoscale lock poisoned");
+    models.retain(|name, _| state.models.contains_key(name));
+    let statuses = ctx.telemetry.replica_statuses(now, Duration::from_secs(30));
+    let mut due: Vec<String> = Vec::new();
+    for model in state.models.values() {
+        let s = Settings::of(model.latency_slo_ms, model.min_replicas, model.max_replicas, &model.labels);
+        let (placed, ready) = placed_and_ready(state, ctx, model);
+        let entry = models.entry(model.name.clone()).or_insert_with(|| ModelState {
+            series: DemandSeries::new(forecast_settings(&s)),
+            scaler: Scaler::new(scale_settings(&s), placed.clamp(model.min_replicas, model.max_replicas.max(model.min_replicas))),
+            trust: Trust::default(),
+            last_point: unix_s(wall) as u64,
+            next_plan: now + Duration::from_secs_f64(s.interval_s),
+            status: ModelStatus::default(),
+        });
+        if entry.series.settings() != &forecast_settings(&s) {
+            entry.series = DemandSeries::new(forecast_settings(&s));
+        }
+        for p in points.get(&model.name).into_iter().flatten() {
+            if p.t <= entry.last_point || p.requests == 0 {
+                continue;
+            }
+            entry.series.add_count(p.t as f64, f64::from(p.requests));
+            let output = (p.tokens / u64::from(p.requests)).max(1) as u32;
+            for _ in 0..p.requests.min(64) {
+                entry.series.record_mix(s.prompt_tokens, output);
+            }
+        }
+        if let Some(last) = points.get(&model.name).and_then(|v| v.iter().map(|p| p.t).max()) {
+            // the current second may still grow: take it again next time
+            entry.last_point = entry.last_point.max(last.saturating_sub(1));
+        }
+        entry.status.enabled = s.enabled;
+        entry.status.min_replicas = model.min_replicas;
+        entry.status.max_replicas = model.max_replicas;
+        entry.status.placed = placed;
+        entry.status.ready = ready;
+        if !s.enabled {
+            entry.status.desired = model.min_replicas;
+            entry.status.reason = "autoscaling off (min_replicas = max_replicas, or label autoscale=off)".into();
+            continue;
+        }
+        if now >= entry.next_plan {
+            entry.next_plan = now + Duration::from_secs_f64(s.interval_s);
+            due.push(model.name.clone());
+        }
+    }
+    if due.is_empty() {
+        return;
+    }
+    // Plan every autoscaled model together, so that priorities share the
+    // fleet; only the due ones change their desired count.
+    let enabled: Vec<&crate::state::Model> = state
+        .models
+        .values()
+        .filter(|m| models.get(&m.name).is_some_and(|e| e.status.enabled))
+        .collect();
+    let planned_mib: BTreeMap<String, u64> = enabled
+        .iter()
+        .filter_map(|m| Some((m.name.clone(), m.versions.last()?.memory_mib)))
+        .collect();
+    let mut oracle = capacity::FreeMemory::of(state, &planned_mib);
+    let wall_s = unix_s(wall);
+    let mut demands = Vec::new();
+    for model in &enabled {
+        let Some(entry) = models.get_mut(&model.name) else { continue };
+        let s = Settings::of(model.latency_slo_ms, model.min_replicas, model.max_replicas, &model.labels);
+        entry.series.advance(wall_s);
+        let horizon = (s.horizon_s / s.bucket_s).ceil().max(1.0) as usize;
+        let ahead = ((s.load_s + s.interval_s) / s.bucket_s).ceil() as usize + 1;
+        let f = entry.series.forecast(horizon.max(ahead));
+        let observed = traffic
+            .summary(s.interval_s.ceil() as u64, wall)
+            .get(&model.name)
+            .map_or(0.0, |x| x.requests_per_s);
+        let planned = f.peak_upper(ahead).max(observed);
+        entry.status.observed_rps = observed;
+        entry.status.planned_rps = planned;
+        entry.status.forecast_method = f.method.to_string();
+        entry.status.bucket_s = f.bucket_secs;
+        entry.status.forecast_rps = f.point.iter().take(horizon).copied().collect();
+        entry.status.forecast_upper_rps = f.upper.iter().take(horizon).copied().collect();
+        let memory_mib = planned_mib.get(&model.name).copied().unwrap_or(0);
+        demands.push(ModelDemand {
+            model: model.name.clone(),
+            priority: priority_rank(&model.priority),
+            shape: ModelShape::from_memory_mib(memory_mib),
+            slo: s.slo,
+            rate: planned,
+            mix: entry.series.mix().collect(),
+            min_replicas: model.min_replicas,
+            max_replicas: model.max_replicas,
+            options: oracle.options(state, memory_mib),
+            trust: entry.trust.factor,
+        });
+    }
+    let plans = planner::plan(&demands, &mut oracle);
+    for plan in plans {
+        let Some(entry) = models.get_mut(&plan.model) else { continue };
+        let Some(model) = state.models.get(&plan.model) else { continue };
+        entry.status.plan = plan.reasons.clone();
+        entry.status.plan_replicas = plan.total();
+        entry.status.plan_capacity_rps = plan.capacity_rps;
+        entry.status.plan_cost_per_hour = plan.cost_per_hour;
+        if !due.contains(&plan.model) {
+            continue;
+        }
+        let live = live_signals(&statuses, &plan.model, entry.status.ready);
+        let (desired, why) = entry.scaler.decide(
+            wall_s,
+            plan.total(),
+            live,
+            model.min_replicas,
+            model.max_replicas.max(model.min_replicas),
+        );
+        if desired != entry.status.desired {
+            tracing::info!(model = %plan.model, from = entry.status.desired, to = desired, reason = %why, planned_rps = entry.status.planned_rps, "autoscale");
+        }
+        entry.status.desired = desired;
+        entry.status.reason = why.to_string();
+        entry.status.cold_starts = entry.scaler.cold_starts;
+        entry.status.updated_at_ms = (wall_s * 1000.0) as u64;
+    }
+}
+
+fn live_signals(statuses: &[talon_proto::v1::ReplicaStatus], model: &str, ready: u32) -> LiveSignals {
+    let of_model = statuses
+        .iter()
+        .filter(|s| s.state == "ready" && s.id.split('@').next() == Some(model));
+    let mut live = LiveSignals {
+        ready,
+        ..LiveSignals::default()
+    };
+    for s in of_model {
+        let queued = if s.engine_running + s.engine_waiting > 0 {
+            s.engine_waiting
+        } else if s.max_batch > 0 {
+            s.held.saturating_sub(s.max_batch)
+        } else {
+            0
+        };
+        live.queued += queued;
+        if s.kv_cache_usage >= 0.0 {
+            live.kv_use = live.kv_use.max(f64::from(s.kv_cache_usage));
+        }
+    }
+    live
+}
+
+fn priority_rank(priority: &str) -> i32 {
+    match priority {
+        "critical" => 3,
+        "high" => 2,
+        "normal" => 1,
+        _ => 0,
+    }
+}
+
+fn forecast_settings(s: &Settings) -> ForecastSettings {
+    let day = (86_400.0 / s.bucket_s).round() as usize;
+    ForecastSettings {
+        bucket_secs: s.bucket_s,
+        seasons: vec![day.max(2)],
+        max_history: (3 * day).clamp(64, 20_000),
+        level: 0.8,
+    }
+}
+
+fn scale_settings(s: &Settings) -> ScaleSettings {
+    ScaleSettings {
+        interval_s: s.interval_s,
+        down_window_s: s.down_window_s,
+        down_cooldown_s: (s.down_window_s / 2.0).min(300.0),
+        ..ScaleSettings::default()
+    }
+}
