@@ -30,7 +30,7 @@ use talon_proto::LEADER_METADATA_KEY;
 use tonic::transport::{Channel, Endpoint};
 
 pub use talon_proto::v1::{
-    AuditEntry, ClusterInitResponse, ClusterStatusResponse as ClusterStatus,
+    AuditEntry, AutoscaleStatus, ClusterInitResponse, ClusterStatusResponse as ClusterStatus,
     CreateCredentialResponse, Credential, FleetStatsResponse, GpuSample, Member, Model, ModelSpec,
     ModelVersion, Node, WhoAmIResponse,
 };

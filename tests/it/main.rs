@@ -4,6 +4,7 @@
 //! and temporary directories and cleans them up when it ends.
 
 mod agents;
+mod autoscale;
 mod bad_input;
 mod chain;
 mod cluster;

@@ -40,7 +40,8 @@ pub struct ModelStatus {
     /// Replicas of the newest version placed, and those ready.
     pub placed: u32,
     pub ready: u32,
-    /// Requests per second served over the last interval.
+    /// Requests per second served over the last interval (ten seconds at
+    /// least).
     pub observed_rps: f64,
     /// The rate planned for: the forecast's upper band over a load time
     /// and an interval ahead (or the observed rate, when higher).
@@ -210,13 +211,21 @@ pub fn step(ctx: &AdminContext, traffic: &Traffic, state: &State, now: Instant, 
     for model in state.models.values() {
         let s = Settings::of(model.latency_slo_ms, model.min_replicas, model.max_replicas, &model.labels);
         let (placed, ready) = placed_and_ready(state, ctx, model);
-        let entry = models.entry(model.name.clone()).or_insert_with(|| ModelState {
-            series: DemandSeries::new(forecast_settings(&s)),
-            scaler: Scaler::new(scale_settings(&s), placed.clamp(model.min_replicas, model.max_replicas.max(model.min_replicas))),
-            trust: Trust::default(),
-            last_point: unix_s(wall) as u64,
-            next_plan: now + Duration::from_secs_f64(s.interval_s),
-            status: ModelStatus::default(),
+        let entry = models.entry(model.name.clone()).or_insert_with(|| {
+            // a new leader starts from what is placed
+            let start = placed.clamp(model.min_replicas, model.max_replicas.max(model.min_replicas));
+            ModelState {
+                series: DemandSeries::new(forecast_settings(&s)),
+                scaler: Scaler::new(scale_settings(&s), start),
+                trust: Trust::default(),
+                last_point: unix_s(wall) as u64,
+                next_plan: now + Duration::from_secs_f64(s.interval_s),
+                status: ModelStatus {
+                    desired: start,
+                    reason: "starting from the replicas placed".into(),
+                    ..ModelStatus::default()
+                },
+            }
         });
         if entry.series.settings() != &forecast_settings(&s) {
             entry.series = DemandSeries::new(forecast_settings(&s));
@@ -275,7 +284,7 @@ pub fn step(ctx: &AdminContext, traffic: &Traffic, state: &State, now: Instant, 
         let ahead = ((s.load_s + s.interval_s) / s.bucket_s).ceil() as usize + 1;
         let f = entry.series.forecast(horizon.max(ahead));
         let observed = traffic
-            .summary(s.interval_s.ceil() as u64, wall)
+            .summary(s.interval_s.max(10.0).ceil() as u64, wall)
             .get(&model.name)
             .map_or(0.0, |x| x.requests_per_s);
         let planned = f.peak_upper(ahead).max(observed);

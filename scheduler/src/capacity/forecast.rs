@@ -216,13 +216,24 @@ pub fn forecast_counts(counts: &[f64], settings: &ForecastSettings, horizon: usi
         lower: Vec::with_capacity(horizon),
         upper: Vec::with_capacity(horizon),
     };
+    // The model's band comes from the noise of the whole history; after a
+    // burst has passed it stays wide for as long as the burst is kept. It
+    // is capped at twice the band the recent buckets' own noise gives.
+    let recent = &counts[counts.len().saturating_sub(MIN_MODEL_POINTS)..];
+    let recent_sd = if recent.is_empty() {
+        0.0
+    } else {
+        let m = recent.iter().sum::<f64>() / recent.len() as f64;
+        (recent.iter().map(|c| (c - m).powi(2)).sum::<f64>() / recent.len() as f64).sqrt()
+    };
     for i in 0..horizon {
         let p = point[i].max(0.0);
         // Counts are at least Poisson-noisy: the band is never narrower.
         let poisson = z * p.sqrt();
+        let cap = p + 2.0 * z * recent_sd.max(p.sqrt());
         out.point.push(per_sec(p));
         out.lower.push(per_sec(lower[i].min(p - poisson)));
-        out.upper.push(per_sec(upper[i].max(p + poisson)));
+        out.upper.push(per_sec(upper[i].min(cap).max(p + poisson)));
     }
     out
 }

@@ -252,6 +252,7 @@ fn routing_run(
                 service_ms_one: exec.service_time(1).as_secs_f64() * 1e3,
                 service_ms_full: exec.service_time(limits.max_batch).as_secs_f64() * 1e3,
                 max_batch: limits.max_batch as u32,
+                prefix_saved_ms: 0.0,
             };
             let predictor = exec.clone();
             let service = move |n| predictor.service_time(n);

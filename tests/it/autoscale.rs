@@ -1,0 +1,127 @@
+//! The leader's autoscaler on a live cluster with simulated agents: a model
+//! scales up under a load ramp and back down when it ends, and no request
+//! fails on the way.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use talon_client::{Client, Model};
+use talon_tests::http_post;
+
+use crate::harness::wait_for;
+use crate::serving::talon_up;
+
+async fn autoscale_of(client: &Client, name: &str) -> Option<(Model, talon_client::AutoscaleStatus)> {
+    let m = client.get_model(name, true).await.ok()?;
+    let a = m.autoscale.clone()?;
+    Some((m, a))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_scales_up_under_a_ramp_and_down_after_it_without_failing_a_request() {
+    let up = talon_up(&["--host", "h100-sxm:4"]).await;
+    let client = Arc::new(
+        Client::new([up.grpc.clone()])
+            .expect("client")
+            .with_timeout(Duration::from_secs(20))
+            .with_key(&up.key),
+    );
+    let mut spec = talon_tests::model_spec("ramp", "simulated", 20_000, 1);
+    spec.max_replicas = 3;
+    spec.latency_slo_ms = 2_000;
+    // Fast control for a test: plan every second on five-second buckets,
+    // replicas that load in a second, a scale-down after 8 s of lower
+    // plans. Requests are planned as 21k-token prompts, so that one
+    // replica of this 8B-class model sustains about one request a second.
+    for (k, v) in [
+        ("autoscale.interval-s", "1"),
+        ("autoscale.bucket-s", "5"),
+        ("autoscale.load-s", "1"),
+        ("autoscale.down-window-s", "8"),
+        ("autoscale.horizon-s", "30"),
+        ("autoscale.prompt-tokens", "21000"),
+    ] {
+        spec.labels.insert(k.into(), v.into());
+    }
+    client.create_model(spec.clone()).await.expect("create");
+
+    // A bad setting is refused with what to change, and changes nothing.
+    let mut bad = spec.clone();
+    bad.name = "ramp-bad".into();
+    bad.labels.insert("autoscale.interval-s".into(), "soon".into());
+    let err = client.create_model(bad).await.expect_err("bad label").to_string();
+    assert!(err.contains("autoscale.interval-s") && err.contains("seconds"), "{err}");
+
+    let (_, a) = wait_for("one ready replica", Duration::from_secs(60), || {
+        let client = client.clone();
+        async move { autoscale_of(&client, "ramp").await.filter(|(_, a)| a.ready == 1) }
+    })
+    .await;
+    assert!(a.enabled, "{a:?}");
+    assert_eq!(a.desired, 1, "{a:?}");
+
+    // The ramp: about four requests a second until the model has three
+    // replicas ready.
+    let statuses: Arc<Mutex<Vec<u16>>> = Arc::default();
+    let running = Arc::new(AtomicBool::new(true));
+    let load = {
+        let (statuses, running, http, key) = (statuses.clone(), running.clone(), up.http.clone(), up.key.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(250));
+            let mut inflight = Vec::new();
+            while running.load(Ordering::Relaxed) {
+                tick.tick().await;
+                let (statuses, http, key) = (statuses.clone(), http.clone(), key.clone());
+                inflight.push(tokio::task::spawn_blocking(move || {
+                    let body = r#"{"model":"ramp","messages":[{"role":"user","content":"scale me"}],"max_tokens":8}"#;
+                    let status = http_post(&http, "/v1/chat/completions", body, &key).map_or(0, |(s, _)| s);
+                    statuses.lock().expect("statuses").push(status);
+                }));
+            }
+            for t in inflight {
+                let _ = t.await;
+            }
+        })
+    };
+    let (_, a) = wait_for("three replicas ready under load", Duration::from_secs(90), || {
+        let client = client.clone();
+        async move { autoscale_of(&client, "ramp").await.filter(|(_, a)| a.ready >= 3) }
+    })
+    .await;
+    assert_eq!(a.desired, 3, "{a:?}");
+    assert!(a.planned_rps > 1.0 && a.planned_rps >= a.observed_rps, "{a:?}");
+    assert!(a.cold_starts >= 2, "{a:?}");
+    assert!(!a.plan.is_empty() && a.plan_replicas >= 2, "{a:?}");
+
+    // The forecast, plan and gauges are on the leader's /metrics.
+    let metrics = reqwest::get(format!("http://{}/metrics", up.http))
+        .await
+        .expect("scrape")
+        .text()
+        .await
+        .expect("text");
+    assert!(
+        metrics.contains("talon_autoscale_desired_replicas{model_name=\"ramp\"} 3"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("talon_autoscale_forecast_rps{model_name=\"ramp\"}"));
+
+    // The ramp ends: back to one replica once the forecast is quiet.
+    running.store(false, Ordering::Relaxed);
+    load.await.expect("load");
+    let (_, _) = wait_for("back to one replica", Duration::from_secs(150), || {
+        let client = client.clone();
+        async move {
+            autoscale_of(&client, "ramp")
+                .await
+                .filter(|(_, a)| a.desired == 1 && a.placed == 1)
+        }
+    })
+    .await;
+
+    let statuses = statuses.lock().expect("statuses").clone();
+    assert!(statuses.len() >= 20, "{} requests sent", statuses.len());
+    let failed: Vec<u16> = statuses.iter().copied().filter(|s| *s != 200).collect();
+    assert!(failed.is_empty(), "{} of {} requests failed: {failed:?}", failed.len(), statuses.len());
+}
