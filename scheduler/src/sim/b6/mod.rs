@@ -13,6 +13,8 @@ pub mod calibrate;
 pub mod replica;
 pub mod run;
 pub mod trace;
+#[cfg(test)]
+mod tests;
 
 use std::path::Path;
 
@@ -123,6 +125,9 @@ pub fn hour_policies(prefixes: bool) -> Vec<Policy> {
     ];
     if prefixes {
         p.push(Policy { scaling: Scaling::Forecast, routing: Routing::TalonPrefix });
+        // Routing at equal capacity: the static fleet under each router.
+        p.push(Policy { scaling: Scaling::Static, routing: Routing::LeastLoaded });
+        p.push(Policy { scaling: Scaling::Static, routing: Routing::TalonPrefix });
     }
     p
 }
