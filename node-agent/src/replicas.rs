@@ -373,6 +373,7 @@ impl ReplicaManager {
                         .as_secs_f64() as f32
                         * 1e3,
                     max_batch: BATCH_LIMITS.max_batch as u32,
+                    prefill_ms_per_1k: e.executor.prefill_time(1000).as_secs_f64() as f32 * 1e3,
                     memory_used_bytes: measured(&e.executor),
                     engine_running: e
                         .executor

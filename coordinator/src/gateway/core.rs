@@ -149,6 +149,9 @@ pub struct Gateway {
     pub(super) queue: Arc<super::queue::Queue>,
     /// How requests ended, for the dashboard.
     pub(super) traffic: Arc<crate::dashboard::traffic::Traffic>,
+    /// Which prompt prefixes each replica holds, as far as this gateway
+    /// knows.
+    pub(super) prefixes: Arc<super::prefixes::Prefixes>,
 }
 
 /// How a try ended, as its span records it.
@@ -209,6 +212,7 @@ impl Gateway {
             gate,
             queue,
             traffic: Arc::default(),
+            prefixes: Arc::default(),
         }
     }
 
@@ -285,6 +289,7 @@ impl Gateway {
             ));
         }
         let leader = self.ctx.is_leader();
+        let keys = super::prefixes::keys(&call.body);
         let mut found = Vec::new();
         let mut states = Vec::new();
         let of_model: Vec<&crate::state::Replica> = applied
@@ -336,7 +341,7 @@ impl Gateway {
                     service_ms_one: f64::from(s.service_ms_one),
                     service_ms_full: f64::from(s.service_ms_full),
                     max_batch: s.max_batch,
-                    prefix_saved_ms: 0.0,
+                    prefix_saved_ms: self.prefixes.saved_ms(&r.id, &keys, s.prefill_ms_per_1k),
                 },
                 None => ReplicaLoad {
                     held: local,
@@ -410,6 +415,7 @@ impl Gateway {
         let mut place: Option<super::queue::Place> = None;
         let mut pause = tokio::time::interval(Duration::from_millis(200));
         let mut tries = 0u32;
+        let keys = super::prefixes::keys(&call.body);
         loop {
             let last = match self.targets(call) {
                 Err((e, false)) => return Err(e),
@@ -444,6 +450,7 @@ impl Gateway {
                         match tried {
                             Ok(answer) => {
                                 self.breakers.success(&replica);
+                                self.prefixes.answered(&replica, &keys);
                                 return Ok(answer);
                             }
                             Err(Miss::Final(e)) => return Err(e),

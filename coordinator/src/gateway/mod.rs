@@ -44,6 +44,7 @@ pub mod keys;
 pub mod limits;
 pub mod mask;
 mod openai;
+pub mod prefixes;
 pub mod queue;
 mod relay;
 pub mod routing;

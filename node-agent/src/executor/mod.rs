@@ -135,6 +135,11 @@ pub trait Executor: Send + Sync {
     fn service_time(&self, _n: usize) -> std::time::Duration {
         std::time::Duration::ZERO
     }
+    /// Predicted time to prefill `tokens` prompt tokens (zero: no model):
+    /// what a cached prefix of that length saves.
+    fn prefill_time(&self, _tokens: u64) -> std::time::Duration {
+        std::time::Duration::ZERO
+    }
     /// Serves a batch; one answer per request, in order.
     async fn infer(&self, batch: Vec<InferRequest>) -> Vec<Result<Value, ExecError>>;
     /// Stops the replica and releases its GPUs.

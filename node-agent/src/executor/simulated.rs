@@ -376,6 +376,10 @@ impl Executor for SimulatedExecutor {
         self.predict(&vec![probe; n.max(1)])
     }
 
+    fn prefill_time(&self, tokens: u64) -> Duration {
+        perf::prefill(self.shape, self.gpu_type, self.tp(), tokens.max(1)).div_f64(self.compute_share)
+    }
+
     async fn infer(&self, batch: Vec<InferRequest>) -> Vec<Result<Value, ExecError>> {
         let state = self.state();
         if state != ReplicaState::Ready {
