@@ -259,7 +259,8 @@ pub fn run_cli(
     println!("B6 calibration: one replica, steady Poisson load with the trace's mix, SLO met for 99 %");
     println!("{:<16} {:>14} {:>14} {:>8}", "option", "planner req/s", "simulated", "ratio");
     for (label, planned, simulated) in &calibration {
-        println!("{label:<16} {planned:>14.2} {simulated:>14.2} {:>8.2}", simulated / planned.max(1e-9));
+        let ratio = if *planned >= 0.01 { format!("{:.2}", simulated / planned) } else { "—".into() };
+        println!("{label:<16} {planned:>14.2} {simulated:>14.2} {ratio:>8}");
     }
     println!();
     let mut timeline = String::from("run,policy,t_s,desired,ready,observed_rps,planned_rps,trust\n");
