@@ -236,8 +236,14 @@ pub fn step(ctx: &AdminContext, traffic: &Traffic, state: &State, now: Instant, 
             }
             entry.series.add_count(p.t as f64, f64::from(p.requests));
             let output = (p.tokens / u64::from(p.requests)).max(1) as u32;
+            // the gateway's prompt estimate, unless the label says better
+            let prompt = if model.labels.contains_key(settings::PROMPT_TOKENS_LABEL) || p.prompt_tokens == 0 {
+                s.prompt_tokens
+            } else {
+                (p.prompt_tokens / u64::from(p.requests)).clamp(1, u64::from(u32::MAX)) as u32
+            };
             for _ in 0..p.requests.min(64) {
-                entry.series.record_mix(s.prompt_tokens, output);
+                entry.series.record_mix(prompt, output);
             }
         }
         if let Some(last) = points.get(&model.name).and_then(|v| v.iter().map(|p| p.t).max()) {

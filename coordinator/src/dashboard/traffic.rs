@@ -32,6 +32,8 @@ pub struct Outcome {
     pub latency: Duration,
     /// Tokens generated for it.
     pub tokens: u64,
+    /// Its prompt's tokens (the gateway's estimate, four bytes a token).
+    pub prompt_tokens: u64,
 }
 
 #[derive(Default)]
@@ -41,6 +43,7 @@ struct Second {
     errors: u32,
     throttled: u32,
     tokens: u64,
+    prompt_tokens: u64,
     latencies_ms: Vec<f32>,
 }
 
@@ -56,6 +59,8 @@ pub struct Point {
     /// Answered 429.
     pub throttled: u32,
     pub tokens: u64,
+    /// Prompt tokens of the requests that ended in that second.
+    pub prompt_tokens: u64,
     /// Latency quantiles of the requests that ended in that second, ms
     /// (absent when none did).
     pub p50_ms: Option<f32>,
@@ -137,6 +142,7 @@ impl Traffic {
             _ => {}
         }
         second.tokens += outcome.tokens;
+        second.prompt_tokens += outcome.prompt_tokens;
         if second.latencies_ms.len() < SAMPLES_PER_SECOND {
             second
                 .latencies_ms
@@ -170,6 +176,7 @@ impl Traffic {
                     errors: s.errors,
                     throttled: s.throttled,
                     tokens: s.tokens,
+                    prompt_tokens: s.prompt_tokens,
                     p50_ms: quantile(&latencies, 0.5),
                     p99_ms: quantile(&latencies, 0.99),
                 };
@@ -226,6 +233,7 @@ mod tests {
             status: 200,
             latency: Duration::from_millis(ms),
             tokens,
+            prompt_tokens: 10,
         }
     }
 

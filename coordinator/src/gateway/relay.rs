@@ -116,6 +116,7 @@ impl Gateway {
             status,
             latency: arrived.elapsed(),
             tokens,
+            prompt_tokens: super::admission::estimate_prompt_tokens(&call.body),
         };
         self.traffic
             .record(model, registered, outcome, std::time::SystemTime::now());
