@@ -26,7 +26,7 @@ pub fn model_json(m: &Model) -> Value {
             "forecast_rps": a.forecast_rps, "forecast_upper_rps": a.forecast_upper_rps,
             "plan": a.plan, "plan_replicas": a.plan_replicas, "plan_capacity_rps": a.plan_capacity_rps,
             "plan_cost_per_hour": a.plan_cost_per_hour, "reason": a.reason,
-            "cold_starts": a.cold_starts, "updated_at_ms": a.updated_at_ms,
+            "cold_starts": a.cold_starts, "load_s": a.load_s, "updated_at_ms": a.updated_at_ms,
         })),
     })
 }
@@ -74,7 +74,7 @@ pub fn print_autoscale(m: &Model) {
     for line in &a.plan {
         println!("    {line}");
     }
-    println!("  cold starts: {}", a.cold_starts);
+    println!("  cold starts: {}; a replica loads in {:.0} s", a.cold_starts, a.load_s);
 }
 
 pub fn status_json(s: &ClusterStatus) -> Value {

@@ -60,10 +60,13 @@ pub struct ModelStatus {
     /// Why the desired count is what it is.
     pub reason: String,
     pub cold_starts: u64,
+    /// Seconds a replica takes to load: the label, else measured, else 60.
+    pub load_s: f64,
     pub updated_at_ms: u64,
 }
 
 struct ModelState {
+    load: LoadTime,
     series: DemandSeries,
     scaler: Scaler,
     trust: Trust,
@@ -150,6 +153,7 @@ impl ModelStatus {
             plan_replicas: self.plan_replicas,
             plan_capacity_rps: self.plan_capacity_rps,
             plan_cost_per_hour: self.plan_cost_per_hour,
+            load_s: self.load_s,
         }
     }
 }
@@ -163,7 +167,16 @@ fn unix_s(t: SystemTime) -> f64 {
 }
 
 /// Replicas of `model`'s newest version placed (heads only) and ready.
-fn placed_and_ready(state: &State, ctx: &AdminContext, model: &crate::state::Model) -> (u32, u32) {
+/// Replicas of `model`'s newest version placed (heads only) and ready;
+/// a replica seen ready for the first time adds its start-to-ready time
+/// (from its placement's commit, so an upper bound by a second) to `load`.
+fn placed_and_ready(
+    state: &State,
+    ctx: &AdminContext,
+    model: &crate::state::Model,
+    load: &mut LoadTime,
+    wall_ms: u64,
+) -> (u32, u32) {
     let Some(newest) = model.versions.last() else {
         return (0, 0);
     };
@@ -172,11 +185,43 @@ fn placed_and_ready(state: &State, ctx: &AdminContext, model: &crate::state::Mod
         .values()
         .filter(|r| r.model == model.name && r.version == newest.version && r.takes_requests())
         .collect();
-    let ready = heads
+    let ready: Vec<_> = heads
         .iter()
         .filter(|r| ctx.telemetry.replica_state(&r.node_id, &r.id).as_deref() == Some("ready"))
-        .count();
-    (heads.len() as u32, ready as u32)
+        .collect();
+    for r in &ready {
+        load.saw_ready(&r.id, r.created_at_ms, wall_ms);
+    }
+    load.seen.retain(|id| heads.iter().any(|r| &r.id == id));
+    (heads.len() as u32, ready.len() as u32)
+}
+
+/// A model's measured load time: the mean of its replicas' last start-to-
+/// ready times (starts this leader saw begin; older ones are skipped).
+#[derive(Default)]
+struct LoadTime {
+    seen: std::collections::BTreeSet<String>,
+    samples: std::collections::VecDeque<f64>,
+    since_ms: u64,
+}
+
+impl LoadTime {
+    fn saw_ready(&mut self, id: &str, created_at_ms: u64, wall_ms: u64) {
+        if !self.seen.insert(id.to_string()) || created_at_ms < self.since_ms {
+            return;
+        }
+        let s = wall_ms.saturating_sub(created_at_ms) as f64 / 1000.0;
+        if s <= 3600.0 {
+            self.samples.push_back(s);
+            while self.samples.len() > 8 {
+                self.samples.pop_front();
+            }
+        }
+    }
+
+    fn measured_s(&self) -> Option<f64> {
+        (!self.samples.is_empty()).then(|| self.samples.iter().sum::<f64>() / self.samples.len() as f64)
+    }
 }
 
 /// The loop: once a second, feed the gateway's counts; plan each model
@@ -210,11 +255,17 @@ pub fn step(ctx: &AdminContext, traffic: &Traffic, state: &State, now: Instant, 
     let mut due: Vec<String> = Vec::new();
     for model in state.models.values() {
         let s = Settings::of(model.latency_slo_ms, model.min_replicas, model.max_replicas, &model.labels);
-        let (placed, ready) = placed_and_ready(state, ctx, model);
+        let wall_ms = (unix_s(wall) * 1000.0) as u64;
         let entry = models.entry(model.name.clone()).or_insert_with(|| {
+            let mut load = LoadTime {
+                since_ms: wall_ms,
+                ..LoadTime::default()
+            };
+            let (placed, _) = placed_and_ready(state, ctx, model, &mut load, wall_ms);
             // a new leader starts from what is placed
             let start = placed.clamp(model.min_replicas, model.max_replicas.max(model.min_replicas));
             ModelState {
+                load,
                 series: DemandSeries::new(forecast_settings(&s)),
                 scaler: Scaler::new(scale_settings(&s), start),
                 trust: Trust::default(),
@@ -227,6 +278,8 @@ pub fn step(ctx: &AdminContext, traffic: &Traffic, state: &State, now: Instant, 
                 },
             }
         });
+        let (placed, ready) = placed_and_ready(state, ctx, model, &mut entry.load, wall_ms);
+        entry.status.load_s = entry.load.measured_s().unwrap_or(s.load_s);
         if entry.series.settings() != &forecast_settings(&s) {
             entry.series = DemandSeries::new(forecast_settings(&s));
         }
@@ -287,7 +340,14 @@ pub fn step(ctx: &AdminContext, traffic: &Traffic, state: &State, now: Instant, 
         let s = Settings::of(model.latency_slo_ms, model.min_replicas, model.max_replicas, &model.labels);
         entry.series.advance(wall_s);
         let horizon = (s.horizon_s / s.bucket_s).ceil().max(1.0) as usize;
-        let ahead = ((s.load_s + s.interval_s) / s.bucket_s).ceil() as usize + 1;
+        // the label when set, else what replicas were measured to take
+        let load_s = if model.labels.contains_key(settings::LOAD_LABEL) {
+            s.load_s
+        } else {
+            entry.load.measured_s().unwrap_or(s.load_s)
+        };
+        entry.status.load_s = load_s;
+        let ahead = ((load_s + s.interval_s) / s.bucket_s).ceil() as usize + 1;
         let f = entry.series.forecast(horizon.max(ahead));
         let observed = traffic
             .summary(s.interval_s.max(10.0).ceil() as u64, wall)
