@@ -454,3 +454,30 @@ fn scale_settings(s: &Settings) -> ScaleSettings {
         ..ScaleSettings::default()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn load_time_is_measured_from_starts_this_leader_saw() {
+        let mut load = LoadTime {
+            since_ms: 10_000,
+            ..LoadTime::default()
+        };
+        // started before this leader: not a start it saw
+        load.saw_ready("old", 5_000, 20_000);
+        assert_eq!(load.measured_s(), None);
+        load.saw_ready("a", 12_000, 42_000);
+        load.saw_ready("a", 12_000, 99_000); // seen once
+        load.saw_ready("b", 15_000, 65_000);
+        assert_eq!(load.measured_s(), Some(40.0));
+    }
+
+    #[test]
+    fn priorities_rank_and_gauges_escape() {
+        assert!(priority_rank("critical") > priority_rank("high"));
+        assert!(priority_rank("normal") > priority_rank("low"));
+        assert_eq!(escape("a\"b"), "a\\\"b");
+    }
+}
