@@ -121,7 +121,8 @@ async fn a_model_scales_up_under_a_ramp_and_down_after_it_without_failing_a_requ
     .await;
 
     let statuses = statuses.lock().expect("statuses").clone();
-    assert!(statuses.len() >= 20, "{} requests sent", statuses.len());
+    // the ramp lasts until three replicas are ready: seconds, a few dozen requests
+    assert!(statuses.len() >= 8, "{} requests sent", statuses.len());
     let failed: Vec<u16> = statuses.iter().copied().filter(|s| *s != 200).collect();
     assert!(failed.is_empty(), "{} of {} requests failed: {failed:?}", failed.len(), statuses.len());
 }
