@@ -54,7 +54,10 @@ pub fn print_autoscale(m: &Model) {
     if !a.forecast_rps.is_empty() {
         let at = |i: usize| {
             let i = i.min(a.forecast_rps.len() - 1);
-            (a.forecast_rps[i], a.forecast_upper_rps.get(i).copied().unwrap_or(0.0))
+            (
+                a.forecast_rps[i],
+                a.forecast_upper_rps.get(i).copied().unwrap_or(0.0),
+            )
         };
         let span = |i: usize| (i as f64 + 1.0) * a.bucket_s / 60.0;
         let n = a.forecast_rps.len();
@@ -74,7 +77,10 @@ pub fn print_autoscale(m: &Model) {
     for line in &a.plan {
         println!("    {line}");
     }
-    println!("  cold starts: {}; a replica loads in {:.0} s", a.cold_starts, a.load_s);
+    println!(
+        "  cold starts: {}; a replica loads in {:.0} s",
+        a.cold_starts, a.load_s
+    );
 }
 
 pub fn status_json(s: &ClusterStatus) -> Value {

@@ -7,8 +7,8 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use talon_scheduler::perf::{self as model, GpuSpeed};
 pub use talon_scheduler::perf::ModelShape;
+use talon_scheduler::perf::{self as model, GpuSpeed};
 
 use crate::catalog::GpuType;
 

@@ -106,7 +106,8 @@ pub fn batch_latency(
 ) -> Duration {
     let batch = prompt_tokens.len().max(1) as u32;
     let total_prompt: u64 = prompt_tokens.iter().sum();
-    prefill(model, gpu, tp, total_prompt) + decode_step(model, gpu, tp, batch) * output_tokens as u32
+    prefill(model, gpu, tp, total_prompt)
+        + decode_step(model, gpu, tp, batch) * output_tokens as u32
 }
 
 #[cfg(test)]

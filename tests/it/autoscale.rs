@@ -12,7 +12,10 @@ use talon_tests::http_post;
 use crate::harness::wait_for;
 use crate::serving::talon_up;
 
-async fn autoscale_of(client: &Client, name: &str) -> Option<(Model, talon_client::AutoscaleStatus)> {
+async fn autoscale_of(
+    client: &Client,
+    name: &str,
+) -> Option<(Model, talon_client::AutoscaleStatus)> {
     let m = client.get_model(name, true).await.ok()?;
     let a = m.autoscale.clone()?;
     Some((m, a))
@@ -49,13 +52,25 @@ async fn a_model_scales_up_under_a_ramp_and_down_after_it_without_failing_a_requ
     // A bad setting is refused with what to change, and changes nothing.
     let mut bad = spec.clone();
     bad.name = "ramp-bad".into();
-    bad.labels.insert("autoscale.interval-s".into(), "soon".into());
-    let err = client.create_model(bad).await.expect_err("bad label").to_string();
-    assert!(err.contains("autoscale.interval-s") && err.contains("seconds"), "{err}");
+    bad.labels
+        .insert("autoscale.interval-s".into(), "soon".into());
+    let err = client
+        .create_model(bad)
+        .await
+        .expect_err("bad label")
+        .to_string();
+    assert!(
+        err.contains("autoscale.interval-s") && err.contains("seconds"),
+        "{err}"
+    );
 
     let (_, a) = wait_for("one ready replica", Duration::from_secs(60), || {
         let client = client.clone();
-        async move { autoscale_of(&client, "ramp").await.filter(|(_, a)| a.ready == 1) }
+        async move {
+            autoscale_of(&client, "ramp")
+                .await
+                .filter(|(_, a)| a.ready == 1)
+        }
     })
     .await;
     assert!(a.enabled, "{a:?}");
@@ -66,7 +81,12 @@ async fn a_model_scales_up_under_a_ramp_and_down_after_it_without_failing_a_requ
     let statuses: Arc<Mutex<Vec<u16>>> = Arc::default();
     let running = Arc::new(AtomicBool::new(true));
     let load = {
-        let (statuses, running, http, key) = (statuses.clone(), running.clone(), up.http.clone(), up.key.clone());
+        let (statuses, running, http, key) = (
+            statuses.clone(),
+            running.clone(),
+            up.http.clone(),
+            up.key.clone(),
+        );
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_millis(250));
             let mut inflight = Vec::new();
@@ -84,13 +104,24 @@ async fn a_model_scales_up_under_a_ramp_and_down_after_it_without_failing_a_requ
             }
         })
     };
-    let (_, a) = wait_for("three replicas ready under load", Duration::from_secs(90), || {
-        let client = client.clone();
-        async move { autoscale_of(&client, "ramp").await.filter(|(_, a)| a.ready >= 3) }
-    })
+    let (_, a) = wait_for(
+        "three replicas ready under load",
+        Duration::from_secs(90),
+        || {
+            let client = client.clone();
+            async move {
+                autoscale_of(&client, "ramp")
+                    .await
+                    .filter(|(_, a)| a.ready >= 3)
+            }
+        },
+    )
     .await;
     assert_eq!(a.desired, 3, "{a:?}");
-    assert!(a.planned_rps > 1.0 && a.planned_rps >= a.observed_rps, "{a:?}");
+    assert!(
+        a.planned_rps > 1.0 && a.planned_rps >= a.observed_rps,
+        "{a:?}"
+    );
     assert!(a.cold_starts >= 2, "{a:?}");
     assert!(!a.plan.is_empty() && a.plan_replicas >= 2, "{a:?}");
 
@@ -124,5 +155,10 @@ async fn a_model_scales_up_under_a_ramp_and_down_after_it_without_failing_a_requ
     // the ramp lasts until three replicas are ready: seconds, a few dozen requests
     assert!(statuses.len() >= 8, "{} requests sent", statuses.len());
     let failed: Vec<u16> = statuses.iter().copied().filter(|s| *s != 200).collect();
-    assert!(failed.is_empty(), "{} of {} requests failed: {failed:?}", failed.len(), statuses.len());
+    assert!(
+        failed.is_empty(),
+        "{} of {} requests failed: {failed:?}",
+        failed.len(),
+        statuses.len()
+    );
 }

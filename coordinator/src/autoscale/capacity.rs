@@ -39,7 +39,10 @@ impl FreeMemory {
             }
             for gpu in node.inventory.gpus.iter().filter(|g| !g.mig_enabled) {
                 let list = by_type.entry(gpu.gpu_type.clone()).or_default();
-                index.insert((node.inventory.node_id.as_str(), gpu.index), (gpu.gpu_type.clone(), list.len()));
+                index.insert(
+                    (node.inventory.node_id.as_str(), gpu.index),
+                    (gpu.gpu_type.clone(), list.len()),
+                );
                 list.push(Device {
                     total_mib: gpu.memory_bytes / MIB,
                     free_mib: gpu.memory_bytes / MIB,
@@ -50,7 +53,11 @@ impl FreeMemory {
             if planned.contains_key(&r.model) {
                 continue;
             }
-            let gpus = if r.gpus.is_empty() { vec![r.gpu] } else { r.gpus.clone() };
+            let gpus = if r.gpus.is_empty() {
+                vec![r.gpu]
+            } else {
+                r.gpus.clone()
+            };
             for g in gpus {
                 if let Some((t, i)) = index.get(&(r.node_id.as_str(), g)) {
                     if let Some(d) = by_type.get_mut(t).and_then(|l| l.get_mut(*i)) {
@@ -89,7 +96,11 @@ impl FreeMemory {
                 .filter(|t| t.is_power_of_two())
                 .find(|t| u64::from(*t) * gpu_mib >= memory_mib);
             let Some(tp) = tp else { continue };
-            let share = if tp == 1 { (memory_mib as f64 / gpu_mib as f64).min(1.0) } else { 1.0 };
+            let share = if tp == 1 {
+                (memory_mib as f64 / gpu_mib as f64).min(1.0)
+            } else {
+                1.0
+            };
             out.push(ReplicaOption {
                 gpu_type: gpu_type.clone(),
                 speed: GpuSpeed::of_model(gpu_type),
@@ -108,7 +119,11 @@ impl CapacityOracle for FreeMemory {
         let Some(devices) = self.by_type.get_mut(&option.gpu_type) else {
             return false;
         };
-        let mib = self.replica_mib.get(model).copied().unwrap_or(option.gpu_memory_mib);
+        let mib = self
+            .replica_mib
+            .get(model)
+            .copied()
+            .unwrap_or(option.gpu_memory_mib);
         if option.tp <= 1 && mib < option.gpu_memory_mib {
             // best fit: the fullest GPU it fits on
             let pick = devices
@@ -123,7 +138,10 @@ impl CapacityOracle for FreeMemory {
                 None => false,
             };
         }
-        let mut whole: Vec<&mut Device> = devices.iter_mut().filter(|d| d.free_mib == d.total_mib).collect();
+        let mut whole: Vec<&mut Device> = devices
+            .iter_mut()
+            .filter(|d| d.free_mib == d.total_mib)
+            .collect();
         if whole.len() < option.tp as usize {
             return false;
         }

@@ -100,7 +100,10 @@ impl Autoscale {
 
     pub fn statuses(&self) -> BTreeMap<String, ModelStatus> {
         let models = self.models.lock().expect("autoscale lock poisoned");
-        models.iter().map(|(k, m)| (k.clone(), m.status.clone())).collect()
+        models
+            .iter()
+            .map(|(k, m)| (k.clone(), m.status.clone()))
+            .collect()
     }
 
     fn clear(&self) {
@@ -113,20 +116,47 @@ impl Autoscale {
         let statuses = self.statuses();
         let mut out = String::new();
         let families: [(&str, &str, fn(&ModelStatus) -> f64); 5] = [
-            ("talon_autoscale_forecast_rps", "Forecast request rate, next bucket", |s| {
-                s.forecast_rps.first().copied().unwrap_or(0.0)
-            }),
-            ("talon_autoscale_planned_rps", "Request rate the plan is for (upper band ahead)", |s| s.planned_rps),
-            ("talon_autoscale_desired_replicas", "Replicas the autoscaler wants", |s| f64::from(s.desired)),
-            ("talon_autoscale_actual_replicas", "Replicas of the newest version placed", |s| f64::from(s.placed)),
-            ("talon_autoscale_cold_starts_total", "Replicas started by scale-ups", |s| s.cold_starts as f64),
+            (
+                "talon_autoscale_forecast_rps",
+                "Forecast request rate, next bucket",
+                |s| s.forecast_rps.first().copied().unwrap_or(0.0),
+            ),
+            (
+                "talon_autoscale_planned_rps",
+                "Request rate the plan is for (upper band ahead)",
+                |s| s.planned_rps,
+            ),
+            (
+                "talon_autoscale_desired_replicas",
+                "Replicas the autoscaler wants",
+                |s| f64::from(s.desired),
+            ),
+            (
+                "talon_autoscale_actual_replicas",
+                "Replicas of the newest version placed",
+                |s| f64::from(s.placed),
+            ),
+            (
+                "talon_autoscale_cold_starts_total",
+                "Replicas started by scale-ups",
+                |s| s.cold_starts as f64,
+            ),
         ];
         for (name, help, value) in families {
             let _ = writeln!(out, "# HELP {name} {help}.");
-            let kind = if name.ends_with("_total") { "counter" } else { "gauge" };
+            let kind = if name.ends_with("_total") {
+                "counter"
+            } else {
+                "gauge"
+            };
             let _ = writeln!(out, "# TYPE {name} {kind}");
             for (model, s) in statuses.iter().filter(|(_, s)| s.enabled) {
-                let _ = writeln!(out, "{name}{{model_name=\"{}\"}} {}", escape(model), value(s));
+                let _ = writeln!(
+                    out,
+                    "{name}{{model_name=\"{}\"}} {}",
+                    escape(model),
+                    value(s)
+                );
             }
         }
         out
@@ -159,11 +189,15 @@ impl ModelStatus {
 }
 
 fn escape(v: &str) -> String {
-    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
 fn unix_s(t: SystemTime) -> f64 {
-    t.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs_f64()
+    t.duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs_f64()
 }
 
 /// Replicas of `model`'s newest version placed (heads only) and ready.
@@ -220,13 +254,18 @@ impl LoadTime {
     }
 
     fn measured_s(&self) -> Option<f64> {
-        (!self.samples.is_empty()).then(|| self.samples.iter().sum::<f64>() / self.samples.len() as f64)
+        (!self.samples.is_empty())
+            .then(|| self.samples.iter().sum::<f64>() / self.samples.len() as f64)
     }
 }
 
 /// The loop: once a second, feed the gateway's counts; plan each model
 /// when its interval is due.
-pub async fn run(ctx: Arc<AdminContext>, traffic: Arc<Traffic>, mut stop: tokio::sync::watch::Receiver<bool>) {
+pub async fn run(
+    ctx: Arc<AdminContext>,
+    traffic: Arc<Traffic>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -249,12 +288,21 @@ pub async fn run(ctx: Arc<AdminContext>, traffic: Arc<Traffic>, mut stop: tokio:
 /// One pass over every model.
 pub fn step(ctx: &AdminContext, traffic: &Traffic, state: &State, now: Instant, wall: SystemTime) {
     let points = traffic.series(120, wall);
-    let mut models = ctx.autoscale.models.lock().expect("autoscale lock poisoned");
+    let mut models = ctx
+        .autoscale
+        .models
+        .lock()
+        .expect("autoscale lock poisoned");
     models.retain(|name, _| state.models.contains_key(name));
     let statuses = ctx.telemetry.replica_statuses(now, Duration::from_secs(30));
     let mut due: Vec<String> = Vec::new();
     for model in state.models.values() {
-        let s = Settings::of(model.latency_slo_ms, model.min_replicas, model.max_replicas, &model.labels);
+        let s = Settings::of(
+            model.latency_slo_ms,
+            model.min_replicas,
+            model.max_replicas,
+            &model.labels,
+        );
         let wall_ms = (unix_s(wall) * 1000.0) as u64;
         let entry = models.entry(model.name.clone()).or_insert_with(|| {
             let mut load = LoadTime {
@@ -263,7 +311,10 @@ pub fn step(ctx: &AdminContext, traffic: &Traffic, state: &State, now: Instant, 
             };
             let (placed, _) = placed_and_ready(state, ctx, model, &mut load, wall_ms);
             // a new leader starts from what is placed
-            let start = placed.clamp(model.min_replicas, model.max_replicas.max(model.min_replicas));
+            let start = placed.clamp(
+                model.min_replicas,
+                model.max_replicas.max(model.min_replicas),
+            );
             ModelState {
                 load,
                 series: DemandSeries::new(forecast_settings(&s)),
@@ -290,7 +341,9 @@ pub fn step(ctx: &AdminContext, traffic: &Traffic, state: &State, now: Instant, 
             entry.series.add_count(p.t as f64, f64::from(p.requests));
             let output = (p.tokens / u64::from(p.requests)).max(1) as u32;
             // the gateway's prompt estimate, unless the label says better
-            let prompt = if model.labels.contains_key(settings::PROMPT_TOKENS_LABEL) || p.prompt_tokens == 0 {
+            let prompt = if model.labels.contains_key(settings::PROMPT_TOKENS_LABEL)
+                || p.prompt_tokens == 0
+            {
                 s.prompt_tokens
             } else {
                 (p.prompt_tokens / u64::from(p.requests)).clamp(1, u64::from(u32::MAX)) as u32
@@ -299,7 +352,10 @@ pub fn step(ctx: &AdminContext, traffic: &Traffic, state: &State, now: Instant, 
                 entry.series.record_mix(prompt, output);
             }
         }
-        if let Some(last) = points.get(&model.name).and_then(|v| v.iter().map(|p| p.t).max()) {
+        if let Some(last) = points
+            .get(&model.name)
+            .and_then(|v| v.iter().map(|p| p.t).max())
+        {
             // the current second may still grow: take it again next time
             entry.last_point = entry.last_point.max(last.saturating_sub(1));
         }
@@ -310,7 +366,8 @@ pub fn step(ctx: &AdminContext, traffic: &Traffic, state: &State, now: Instant, 
         entry.status.ready = ready;
         if !s.enabled {
             entry.status.desired = model.min_replicas;
-            entry.status.reason = "autoscaling off (min_replicas = max_replicas, or label autoscale=off)".into();
+            entry.status.reason =
+                "autoscaling off (min_replicas = max_replicas, or label autoscale=off)".into();
             continue;
         }
         if now >= entry.next_plan {
@@ -336,8 +393,15 @@ pub fn step(ctx: &AdminContext, traffic: &Traffic, state: &State, now: Instant, 
     let wall_s = unix_s(wall);
     let mut demands = Vec::new();
     for model in &enabled {
-        let Some(entry) = models.get_mut(&model.name) else { continue };
-        let s = Settings::of(model.latency_slo_ms, model.min_replicas, model.max_replicas, &model.labels);
+        let Some(entry) = models.get_mut(&model.name) else {
+            continue;
+        };
+        let s = Settings::of(
+            model.latency_slo_ms,
+            model.min_replicas,
+            model.max_replicas,
+            &model.labels,
+        );
         entry.series.advance(wall_s);
         let horizon = (s.horizon_s / s.bucket_s).ceil().max(1.0) as usize;
         // the label when set, else what replicas were measured to take
@@ -376,8 +440,12 @@ pub fn step(ctx: &AdminContext, traffic: &Traffic, state: &State, now: Instant, 
     }
     let plans = planner::plan(&demands, &mut oracle);
     for plan in plans {
-        let Some(entry) = models.get_mut(&plan.model) else { continue };
-        let Some(model) = state.models.get(&plan.model) else { continue };
+        let Some(entry) = models.get_mut(&plan.model) else {
+            continue;
+        };
+        let Some(model) = state.models.get(&plan.model) else {
+            continue;
+        };
         entry.status.plan = plan.reasons.clone();
         entry.status.plan_replicas = plan.total();
         entry.status.plan_capacity_rps = plan.capacity_rps;
@@ -403,7 +471,11 @@ pub fn step(ctx: &AdminContext, traffic: &Traffic, state: &State, now: Instant, 
     }
 }
 
-fn live_signals(statuses: &[talon_proto::v1::ReplicaStatus], model: &str, ready: u32) -> LiveSignals {
+fn live_signals(
+    statuses: &[talon_proto::v1::ReplicaStatus],
+    model: &str,
+    ready: u32,
+) -> LiveSignals {
     let of_model = statuses
         .iter()
         .filter(|s| s.state == "ready" && s.id.split('@').next() == Some(model));

@@ -20,13 +20,33 @@ pub const PROMPT_TOKENS_LABEL: &str = "autoscale.prompt-tokens";
 /// (label, lowest, highest, what it is).
 const NUMBERS: &[(&str, f64, f64, &str)] = &[
     (TPOT_LABEL, 1.0, 10_000.0, "milliseconds per output token"),
-    (TTFT_PER_1K_LABEL, 0.0, 100_000.0, "milliseconds of first-token time per 1000 prompt tokens"),
+    (
+        TTFT_PER_1K_LABEL,
+        0.0,
+        100_000.0,
+        "milliseconds of first-token time per 1000 prompt tokens",
+    ),
     (INTERVAL_LABEL, 1.0, 3600.0, "seconds between plans"),
     (BUCKET_LABEL, 1.0, 3600.0, "seconds per forecast bucket"),
-    (HORIZON_LABEL, 1.0, 7.0 * 86_400.0, "seconds the forecast looks ahead"),
+    (
+        HORIZON_LABEL,
+        1.0,
+        7.0 * 86_400.0,
+        "seconds the forecast looks ahead",
+    ),
     (LOAD_LABEL, 0.0, 3600.0, "seconds a replica takes to load"),
-    (DOWN_WINDOW_LABEL, 0.0, 86_400.0, "seconds a scale-down waits for"),
-    (PROMPT_TOKENS_LABEL, 1.0, 10_000_000.0, "prompt tokens of a typical request"),
+    (
+        DOWN_WINDOW_LABEL,
+        0.0,
+        86_400.0,
+        "seconds a scale-down waits for",
+    ),
+    (
+        PROMPT_TOKENS_LABEL,
+        1.0,
+        10_000_000.0,
+        "prompt tokens of a typical request",
+    ),
 ];
 
 /// What the autoscaler reads for one model.
@@ -43,14 +63,24 @@ pub struct Settings {
 }
 
 fn number(labels: &BTreeMap<String, String>, label: &str) -> Option<f64> {
-    labels.get(label)?.trim().parse::<f64>().ok().filter(|v| v.is_finite())
+    labels
+        .get(label)?
+        .trim()
+        .parse::<f64>()
+        .ok()
+        .filter(|v| v.is_finite())
 }
 
 impl Settings {
     /// The settings of a model with `latency_slo_ms` (its time-to-first-
     /// token target) and these labels; unset or unreadable ones take their
     /// defaults (a label is checked when written, see [`validate`]).
-    pub fn of(latency_slo_ms: u32, min: u32, max: u32, labels: &BTreeMap<String, String>) -> Settings {
+    pub fn of(
+        latency_slo_ms: u32,
+        min: u32,
+        max: u32,
+        labels: &BTreeMap<String, String>,
+    ) -> Settings {
         let get = |label: &str, default: f64| number(labels, label).unwrap_or(default);
         let interval_s = get(INTERVAL_LABEL, 60.0);
         Settings {
@@ -81,11 +111,19 @@ pub fn validate(labels: &BTreeMap<String, String>) -> Result<(), String> {
     for (label, value) in labels.iter().filter(|(k, _)| k.starts_with("autoscale.")) {
         let Some(&(_, lo, hi, what)) = NUMBERS.iter().find(|(l, ..)| l == label) else {
             let known: Vec<&str> = NUMBERS.iter().map(|(l, ..)| *l).collect();
-            return Err(format!("label {label} is not an autoscale setting; use one of {}", known.join(", ")));
+            return Err(format!(
+                "label {label} is not an autoscale setting; use one of {}",
+                known.join(", ")
+            ));
         };
-        let ok = value.trim().parse::<f64>().is_ok_and(|v| v.is_finite() && v >= lo && v <= hi);
+        let ok = value
+            .trim()
+            .parse::<f64>()
+            .is_ok_and(|v| v.is_finite() && v >= lo && v <= hi);
         if !ok {
-            return Err(format!("label {label} is {value:?}; give {what}, {lo} to {hi}"));
+            return Err(format!(
+                "label {label} is {value:?}; give {what}, {lo} to {hi}"
+            ));
         }
     }
     Ok(())
@@ -96,7 +134,10 @@ mod tests {
     use super::*;
 
     fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
@@ -106,7 +147,12 @@ mod tests {
         assert_eq!(s.slo.ttft_ms, 500.0);
         assert_eq!(s.interval_s, 60.0);
         assert_eq!(s.horizon_s, 1800.0);
-        let s = Settings::of(500, 1, 4, &labels(&[(TPOT_LABEL, "50"), (INTERVAL_LABEL, "5")]));
+        let s = Settings::of(
+            500,
+            1,
+            4,
+            &labels(&[(TPOT_LABEL, "50"), (INTERVAL_LABEL, "5")]),
+        );
         assert_eq!((s.slo.tpot_ms, s.interval_s), (50.0, 5.0));
         assert!(!Settings::of(500, 2, 2, &BTreeMap::new()).enabled);
         assert!(!Settings::of(500, 1, 4, &labels(&[(ENABLED_LABEL, "off")])).enabled);
@@ -115,13 +161,24 @@ mod tests {
     #[test]
     fn bad_labels_say_what_to_change() {
         assert!(validate(&labels(&[(TPOT_LABEL, "50"), (ENABLED_LABEL, "on")])).is_ok());
-        let e = validate(&labels(&[(TPOT_LABEL, "fast")])).err().unwrap_or_default();
-        assert!(e.contains("autoscale.tpot-ms") && e.contains("milliseconds"), "{e}");
-        let e = validate(&labels(&[("autoscale.speed", "1")])).err().unwrap_or_default();
+        let e = validate(&labels(&[(TPOT_LABEL, "fast")]))
+            .err()
+            .unwrap_or_default();
+        assert!(
+            e.contains("autoscale.tpot-ms") && e.contains("milliseconds"),
+            "{e}"
+        );
+        let e = validate(&labels(&[("autoscale.speed", "1")]))
+            .err()
+            .unwrap_or_default();
         assert!(e.contains("not an autoscale setting"), "{e}");
-        let e = validate(&labels(&[(ENABLED_LABEL, "yes")])).err().unwrap_or_default();
+        let e = validate(&labels(&[(ENABLED_LABEL, "yes")]))
+            .err()
+            .unwrap_or_default();
         assert!(e.contains("on or off"), "{e}");
-        let e = validate(&labels(&[(INTERVAL_LABEL, "0")])).err().unwrap_or_default();
+        let e = validate(&labels(&[(INTERVAL_LABEL, "0")]))
+            .err()
+            .unwrap_or_default();
         assert!(e.contains("1 to 3600"), "{e}");
     }
 }

@@ -66,7 +66,11 @@ impl Prefixes {
         if keys.is_empty() || !(rate.is_finite() && rate > 0.0) {
             return 0.0;
         }
-        let matched = self.0.lock().expect("prefix lock poisoned").matched(replica, keys);
+        let matched = self
+            .0
+            .lock()
+            .expect("prefix lock poisoned")
+            .matched(replica, keys);
         let tokens = (matched * BLOCK_BYTES) as f64 / BYTES_PER_TOKEN;
         (rate * tokens / 1000.0).min(3_600_000.0)
     }
@@ -74,7 +78,10 @@ impl Prefixes {
     /// `replica` answered a prompt of `keys`: its cache holds them now.
     pub fn answered(&self, replica: &str, keys: &[u64]) {
         if !keys.is_empty() {
-            self.0.lock().expect("prefix lock poisoned").insert(replica, keys);
+            self.0
+                .lock()
+                .expect("prefix lock poisoned")
+                .insert(replica, keys);
         }
     }
 }

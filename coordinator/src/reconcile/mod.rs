@@ -196,8 +196,8 @@ pub fn plan_with(state: &State, observed: &Observed) -> Plan {
             let excluded = &selection.excluded;
             // per version: a rolling version's replicas may sit beside the old
             let count = wants::replica_count(model, observed.desired.get(&model.name).copied());
-            let spread = (hosts >= count as usize)
-                .then(|| format!("{}@{}", model.name, version.version));
+            let spread =
+                (hosts >= count as usize).then(|| format!("{}@{}", model.name, version.version));
             let old = version.version != newest.version;
             for head in heads {
                 let need = match &need {

@@ -377,7 +377,8 @@ impl Executor for SimulatedExecutor {
     }
 
     fn prefill_time(&self, tokens: u64) -> Duration {
-        perf::prefill(self.shape, self.gpu_type, self.tp(), tokens.max(1)).div_f64(self.compute_share)
+        perf::prefill(self.shape, self.gpu_type, self.tp(), tokens.max(1))
+            .div_f64(self.compute_share)
     }
 
     async fn infer(&self, batch: Vec<InferRequest>) -> Vec<Result<Value, ExecError>> {

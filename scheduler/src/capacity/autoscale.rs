@@ -190,8 +190,7 @@ impl Scaler {
                 || live.kv_use > self.settings.kv_use);
         let (mut next, mut reason) = if planned >= self.desired {
             (planned, ScaleReason::Plan)
-        } else if now_s - self.last_up < self.settings.down_cooldown_s
-            || window_max >= self.desired
+        } else if now_s - self.last_up < self.settings.down_cooldown_s || window_max >= self.desired
         {
             (self.desired, ScaleReason::Stabilised)
         } else {
@@ -308,7 +307,10 @@ mod tests {
             queued: 0,
             kv_use: 0.95,
         };
-        assert_eq!(s.decide(120.0, 2, full_kv, 1, 10), (4, ScaleReason::Reactive));
+        assert_eq!(
+            s.decide(120.0, 2, full_kv, 1, 10),
+            (4, ScaleReason::Reactive)
+        );
         assert_eq!(s.decide(180.0, 9, live(4), 1, 6), (6, ScaleReason::Bounds));
         let mut idle = Scaler::new(ScaleSettings::default(), 0);
         assert_eq!(idle.decide(0.0, 0, live(0), 1, 6), (1, ScaleReason::Bounds));

@@ -85,12 +85,20 @@ pub struct RateForecast {
 impl RateForecast {
     /// Highest upper band over the first `buckets` buckets.
     pub fn peak_upper(&self, buckets: usize) -> f64 {
-        self.upper.iter().take(buckets.max(1)).copied().fold(0.0, f64::max)
+        self.upper
+            .iter()
+            .take(buckets.max(1))
+            .copied()
+            .fold(0.0, f64::max)
     }
 
     /// Highest point forecast over the first `buckets` buckets.
     pub fn peak_point(&self, buckets: usize) -> f64 {
-        self.point.iter().take(buckets.max(1)).copied().fold(0.0, f64::max)
+        self.point
+            .iter()
+            .take(buckets.max(1))
+            .copied()
+            .fold(0.0, f64::max)
     }
 }
 
@@ -186,10 +194,9 @@ impl DemandSeries {
             return (0.0, 0.0);
         }
         let n = self.mix.len() as f64;
-        let (p, o) = self
-            .mix
-            .iter()
-            .fold((0.0, 0.0), |(p, o), &(a, b)| (p + f64::from(a), o + f64::from(b)));
+        let (p, o) = self.mix.iter().fold((0.0, 0.0), |(p, o), &(a, b)| {
+            (p + f64::from(a), o + f64::from(b))
+        });
         (p / n, o / n)
     }
 
@@ -200,12 +207,22 @@ impl DemandSeries {
 }
 
 /// Forecast of a bucketed count series, as rates per second.
-pub fn forecast_counts(counts: &[f64], settings: &ForecastSettings, horizon: usize) -> RateForecast {
+pub fn forecast_counts(
+    counts: &[f64],
+    settings: &ForecastSettings,
+    horizon: usize,
+) -> RateForecast {
     let horizon = horizon.max(1);
     let (method, point, lower, upper) = if counts.is_empty() {
-        (Method::Empty, vec![0.0; horizon], vec![0.0; horizon], vec![0.0; horizon])
+        (
+            Method::Empty,
+            vec![0.0; horizon],
+            vec![0.0; horizon],
+            vec![0.0; horizon],
+        )
     } else {
-        modelled(counts, settings, horizon).unwrap_or_else(|| recent_mean(counts, settings, horizon))
+        modelled(counts, settings, horizon)
+            .unwrap_or_else(|| recent_mean(counts, settings, horizon))
     };
     let z = z_of(settings.level);
     let per_sec = |v: f64| v.max(0.0) / settings.bucket_secs;
@@ -306,10 +323,15 @@ pub fn detect_period(counts: &[f64], max_lag: usize) -> Option<usize> {
     let max_lag = max_lag.min(counts.len() / 2);
     // A period's multiples correlate as well: the period is the first peak
     // within 10 % of the best one.
-    let acfs: Vec<(usize, f64)> = (2..=max_lag).map(|l| (l, autocorrelation(counts, l))).collect();
+    let acfs: Vec<(usize, f64)> = (2..=max_lag)
+        .map(|l| (l, autocorrelation(counts, l)))
+        .collect();
     // Skip the lags next to zero, where any smooth series correlates.
     let first_dip = acfs.iter().position(|&(_, a)| a < 0.0)?;
-    let best = acfs[first_dip..].iter().map(|&(_, a)| a).fold(f64::MIN, f64::max);
+    let best = acfs[first_dip..]
+        .iter()
+        .map(|&(_, a)| a)
+        .fold(f64::MIN, f64::max);
     if best < SEASON_MIN_ACF {
         return None;
     }
@@ -377,7 +399,10 @@ mod tests {
             let y = seasonal(period * 5, period, 100.0, 0.5, seed);
             let found = detect_period(&y, period * 2);
             let off = found.map(|p| (p as i64 - period as i64).abs());
-            assert!(off.is_some_and(|o| o <= 1), "period {period}: found {found:?}");
+            assert!(
+                off.is_some_and(|o| o <= 1),
+                "period {period}: found {found:?}"
+            );
         }
         let flat = seasonal(200, 24, 100.0, 0.0, 4);
         assert_eq!(detect_period(&flat, 48), None);

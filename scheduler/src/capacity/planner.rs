@@ -114,14 +114,24 @@ pub fn replica_capacity(
     let n = mix.len() as f64;
     let prefills: Vec<f64> = mix
         .iter()
-        .map(|&(p, _)| perf::prefill(shape, option.speed, option.tp, u64::from(p.max(1))).as_secs_f64())
+        .map(|&(p, _)| {
+            perf::prefill(shape, option.speed, option.tp, u64::from(p.max(1))).as_secs_f64()
+        })
         .collect();
     let mean_prefill = prefills.iter().sum::<f64>() / n;
     let mean_prefill_sq = prefills.iter().map(|s| s * s).sum::<f64>() / n;
     let mean_output = mix.iter().map(|&(_, o)| f64::from(o.max(1))).sum::<f64>() / n;
     // A sequence reserves its prompt and its whole output in the KV cache.
-    let mean_tokens = mix.iter().map(|&(p, o)| f64::from(p) + f64::from(o)).sum::<f64>() / n;
-    let mean_tokens_sq = mix.iter().map(|&(p, o)| (f64::from(p) + f64::from(o)).powi(2)).sum::<f64>() / n;
+    let mean_tokens = mix
+        .iter()
+        .map(|&(p, o)| f64::from(p) + f64::from(o))
+        .sum::<f64>()
+        / n;
+    let mean_tokens_sq = mix
+        .iter()
+        .map(|&(p, o)| (f64::from(p) + f64::from(o)).powi(2))
+        .sum::<f64>()
+        / n;
     let reserve_by_output = mix
         .iter()
         .map(|&(p, o)| (f64::from(p) + f64::from(o)) * f64::from(o))
@@ -184,7 +194,11 @@ pub fn replica_capacity(
                 let stall_sd = (lambda * (decoding + stall_mean) * mean_prefill_sq).sqrt();
                 let room = o * tpot_target - decoding - stall_mean;
                 let p_tpot = if stall_sd <= 0.0 {
-                    if room >= 0.0 { 1.0 } else { 0.0 }
+                    if room >= 0.0 {
+                        1.0
+                    } else {
+                        0.0
+                    }
                 } else {
                     normal_cdf(room / stall_sd)
                 };
@@ -224,8 +238,10 @@ pub fn replica_capacity(
 fn normal_cdf(x: f64) -> f64 {
     let z = x.abs() / std::f64::consts::SQRT_2;
     let t = 1.0 / (1.0 + 0.327_591_1 * z);
-    let poly = t * (0.254_829_592
-        + t * (-0.284_496_736 + t * (1.421_413_741 + t * (-1.453_152_027 + t * 1.061_405_429))));
+    let poly = t
+        * (0.254_829_592
+            + t * (-0.284_496_736
+                + t * (1.421_413_741 + t * (-1.453_152_027 + t * 1.061_405_429))));
     let erf = 1.0 - poly * (-z * z).exp();
     if x >= 0.0 {
         0.5 * (1.0 + erf)
@@ -341,9 +357,10 @@ fn plan_model(d: &ModelDemand, oracle: &mut dyn CapacityOracle) -> ModelPlan {
                     ..cap
                 },
             )),
-            None if !d.mix.is_empty() => plan
-                .reasons
-                .push(format!("{} cannot meet the SLO for this token mix", option.label())),
+            None if !d.mix.is_empty() => plan.reasons.push(format!(
+                "{} cannot meet the SLO for this token mix",
+                option.label()
+            )),
             None => {}
         }
     }
@@ -361,7 +378,8 @@ fn plan_model(d: &ModelDemand, oracle: &mut dyn CapacityOracle) -> ModelPlan {
             };
             for _ in 0..d.min_replicas {
                 if !oracle.try_take(&d.model, cheapest) {
-                    plan.reasons.push(format!("no room for {}", cheapest.label()));
+                    plan.reasons
+                        .push(format!("no room for {}", cheapest.label()));
                     break;
                 }
                 plan.add(cheapest, nominal);
@@ -456,7 +474,9 @@ mod tests {
     }
 
     fn chat_mix() -> Vec<(u32, u32)> {
-        (0..200).map(|i| (500 + (i * 37) % 2000, 50 + (i * 13) % 300)).collect()
+        (0..200)
+            .map(|i| (500 + (i * 37) % 2000, 50 + (i * 13) % 300))
+            .collect()
     }
 
     fn demand(rate: f64, slo: Slo, options: Vec<ReplicaOption>) -> ModelDemand {
@@ -506,7 +526,10 @@ mod tests {
             replica_capacity(LLAMA70, &option("a100-80gb", 2, 2.0), &tighter, &chat_mix());
         assert!(a100_tight.map_or(0.0, |c| c.rps) < a100.rps);
         // A 70B model does not fit one 80 GB GPU at all.
-        assert_eq!(replica_capacity(LLAMA70, &option("a100-80gb", 1, 2.0), &slo, &chat_mix()), None);
+        assert_eq!(
+            replica_capacity(LLAMA70, &option("a100-80gb", 1, 2.0), &slo, &chat_mix()),
+            None
+        );
     }
 
     #[test]
@@ -542,7 +565,12 @@ mod tests {
         let p = &plans[0];
         assert_eq!(p.count_of(&options[1]), 0, "{p:?}");
         assert!(p.count_of(&options[0]) >= 1, "{p:?}");
-        assert!(p.reasons.iter().any(|r| r.contains("a100-80gb×2 cannot meet")), "{p:?}");
+        assert!(
+            p.reasons
+                .iter()
+                .any(|r| r.contains("a100-80gb×2 cannot meet")),
+            "{p:?}"
+        );
     }
 
     #[test]
@@ -565,7 +593,10 @@ mod tests {
         assert_eq!(plans[0].model, "chat");
         assert_eq!(plans[0].total(), 4);
         assert_eq!(plans[1].total(), 0);
-        assert!(plans[0].reasons.iter().any(|r| r.contains("short of capacity")));
+        assert!(plans[0]
+            .reasons
+            .iter()
+            .any(|r| r.contains("short of capacity")));
         // max_replicas caps; min_replicas holds with no demand.
         let mut capped = demand(50.0, slo, options.clone());
         capped.max_replicas = 2;

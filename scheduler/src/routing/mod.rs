@@ -73,7 +73,11 @@ pub fn rank<T>(mut candidates: Vec<(String, ReplicaLoad, T)>) -> Vec<(String, Re
     let least = candidates.iter().map(|(_, l, _)| l.held).min().unwrap_or(0);
     let bound = least.saturating_mul(2).saturating_add(PREFIX_SLACK);
     let cost = |l: &ReplicaLoad| {
-        let credit = if l.held <= bound { l.prefix_saved_ms.max(0.0) } else { 0.0 };
+        let credit = if l.held <= bound {
+            l.prefix_saved_ms.max(0.0)
+        } else {
+            0.0
+        };
         (l.predicted_ms() - credit).max(0.0)
     };
     candidates.sort_by(|(a_id, a, _), (b_id, b, _)| {

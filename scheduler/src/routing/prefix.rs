@@ -66,7 +66,9 @@ impl PrefixIndex {
         let Some(held) = self.replicas.get(replica) else {
             return 0;
         };
-        keys.iter().take_while(|k| held.last_use.contains_key(k)).count()
+        keys.iter()
+            .take_while(|k| held.last_use.contains_key(k))
+            .count()
     }
 
     /// `replica` was sent a prompt of these keys: it holds them now.

@@ -35,7 +35,11 @@ pub fn steady(mix: &Trace, rate: f64, seconds: f64, seed: u64) -> Trace {
 
 /// (option label, planner req/s without headroom, simulated req/s at 99 %).
 pub fn calibrate(setup: &Setup, mix: &Trace) -> Result<Vec<(String, f64, f64)>, String> {
-    let sample: Vec<(u32, u32)> = mix.mix().into_iter().step_by((mix.arrivals.len() / 512).max(1)).collect();
+    let sample: Vec<(u32, u32)> = mix
+        .mix()
+        .into_iter()
+        .step_by((mix.arrivals.len() / 512).max(1))
+        .collect();
     let mut rows = Vec::new();
     for (o, option) in setup.options.iter().enumerate() {
         let planned = planner::replica_capacity(setup.shape, option, &setup.slo, &sample)
@@ -43,7 +47,10 @@ pub fn calibrate(setup: &Setup, mix: &Trace) -> Result<Vec<(String, f64, f64)>, 
         let meets = |rate: f64| -> Result<bool, String> {
             let trace = steady(mix, rate, STEADY_S, 7);
             let policy = Policy {
-                scaling: Scaling::Fixed { option: o, replicas: 1 },
+                scaling: Scaling::Fixed {
+                    option: o,
+                    replicas: 1,
+                },
                 routing: Routing::Talon,
             };
             Ok(run::run(setup, &trace, policy)?.slo_attainment() >= 0.99)

@@ -12,9 +12,9 @@
 pub mod calibrate;
 pub mod replica;
 pub mod run;
-pub mod trace;
 #[cfg(test)]
 mod tests;
+pub mod trace;
 
 use std::path::Path;
 
@@ -116,18 +116,45 @@ pub fn default_slo(format: Format) -> Slo {
 /// The policies of the one-hour comparison.
 pub fn hour_policies(prefixes: bool) -> Vec<Policy> {
     let mut p = vec![
-        Policy { scaling: Scaling::Static, routing: Routing::Talon },
-        Policy { scaling: Scaling::Hpa, routing: Routing::Talon },
-        Policy { scaling: Scaling::Reactive, routing: Routing::Talon },
-        Policy { scaling: Scaling::Forecast, routing: Routing::RoundRobin },
-        Policy { scaling: Scaling::Forecast, routing: Routing::LeastLoaded },
-        Policy { scaling: Scaling::Forecast, routing: Routing::Talon },
+        Policy {
+            scaling: Scaling::Static,
+            routing: Routing::Talon,
+        },
+        Policy {
+            scaling: Scaling::Hpa,
+            routing: Routing::Talon,
+        },
+        Policy {
+            scaling: Scaling::Reactive,
+            routing: Routing::Talon,
+        },
+        Policy {
+            scaling: Scaling::Forecast,
+            routing: Routing::RoundRobin,
+        },
+        Policy {
+            scaling: Scaling::Forecast,
+            routing: Routing::LeastLoaded,
+        },
+        Policy {
+            scaling: Scaling::Forecast,
+            routing: Routing::Talon,
+        },
     ];
     if prefixes {
-        p.push(Policy { scaling: Scaling::Forecast, routing: Routing::TalonPrefix });
+        p.push(Policy {
+            scaling: Scaling::Forecast,
+            routing: Routing::TalonPrefix,
+        });
         // Routing at equal capacity: the static fleet under each router.
-        p.push(Policy { scaling: Scaling::Static, routing: Routing::LeastLoaded });
-        p.push(Policy { scaling: Scaling::Static, routing: Routing::TalonPrefix });
+        p.push(Policy {
+            scaling: Scaling::Static,
+            routing: Routing::LeastLoaded,
+        });
+        p.push(Policy {
+            scaling: Scaling::Static,
+            routing: Routing::TalonPrefix,
+        });
     }
     p
 }
@@ -135,11 +162,20 @@ pub fn hour_policies(prefixes: bool) -> Vec<Policy> {
 /// The policies of the multi-day comparison: the three scaling policies
 /// under Talon's routing (with prefixes where the trace has them).
 pub fn diurnal_policies(prefixes: bool) -> Vec<Policy> {
-    let routing = if prefixes { Routing::TalonPrefix } else { Routing::Talon };
-    [Scaling::Static, Scaling::Hpa, Scaling::Reactive, Scaling::Forecast]
-        .into_iter()
-        .map(|scaling| Policy { scaling, routing })
-        .collect()
+    let routing = if prefixes {
+        Routing::TalonPrefix
+    } else {
+        Routing::Talon
+    };
+    [
+        Scaling::Static,
+        Scaling::Hpa,
+        Scaling::Reactive,
+        Scaling::Forecast,
+    ]
+    .into_iter()
+    .map(|scaling| Policy { scaling, routing })
+    .collect()
 }
 
 fn summary(o: &Outcome, prefixes: bool) -> Value {
@@ -220,7 +256,10 @@ pub fn run_all(setup: &Setup, trace: &Trace, policies: &[Policy]) -> Result<Vec<
 fn add_timeline(csv: &mut String, run: &str, outcomes: &[Outcome]) {
     for o in outcomes {
         for &(t, desired, ready, observed, planned, trust) in &o.timeline {
-            csv.push_str(&format!("{run},{},{t:.0},{desired},{ready},{observed:.3},{planned:.3},{trust:.3}\n", o.policy));
+            csv.push_str(&format!(
+                "{run},{},{t:.0},{desired},{ready},{observed:.3},{planned:.3},{trust:.3}\n",
+                o.policy
+            ));
         }
     }
 }
@@ -250,20 +289,35 @@ pub fn run_cli(
     println!(
         "{}",
         table(
-            &format!("B6 {} ({} requests, {:.0} min)", hour.name, hour.arrivals.len(), hour.duration_s() / 60.0),
+            &format!(
+                "B6 {} ({} requests, {:.0} min)",
+                hour.name,
+                hour.arrivals.len(),
+                hour.duration_s() / 60.0
+            ),
             &hour_outcomes,
             prefixes
         )
     );
     let calibration = calibrate::calibrate(&setup, &hour)?;
-    println!("B6 calibration: one replica, steady Poisson load with the trace's mix, SLO met for 99 %");
-    println!("{:<16} {:>14} {:>14} {:>8}", "option", "planner req/s", "simulated", "ratio");
+    println!(
+        "B6 calibration: one replica, steady Poisson load with the trace's mix, SLO met for 99 %"
+    );
+    println!(
+        "{:<16} {:>14} {:>14} {:>8}",
+        "option", "planner req/s", "simulated", "ratio"
+    );
     for (label, planned, simulated) in &calibration {
-        let ratio = if *planned >= 0.01 { format!("{:.2}", simulated / planned) } else { "—".into() };
+        let ratio = if *planned >= 0.01 {
+            format!("{:.2}", simulated / planned)
+        } else {
+            "—".into()
+        };
         println!("{label:<16} {planned:>14.2} {simulated:>14.2} {ratio:>8}");
     }
     println!();
-    let mut timeline = String::from("run,policy,t_s,desired,ready,observed_rps,planned_rps,trust\n");
+    let mut timeline =
+        String::from("run,policy,t_s,desired,ready,observed_rps,planned_rps,trust\n");
     add_timeline(&mut timeline, "hour", &hour_outcomes);
     let mut doc = json!({
         "trace": path.display().to_string(),
@@ -279,12 +333,23 @@ pub fn run_cli(
         "policies": hour_outcomes.iter().map(|o| (o.policy.clone(), summary(o, prefixes))).collect::<serde_json::Map<_, _>>(),
     });
     if days > 0.0 {
-        let long = trace::diurnal(&hour, Diurnal { days, amplitude: 0.6, seed });
+        let long = trace::diurnal(
+            &hour,
+            Diurnal {
+                days,
+                amplitude: 0.6,
+                seed,
+            },
+        );
         let outcomes = run_all(&setup, &long, &diurnal_policies(prefixes))?;
         println!(
             "{}",
             table(
-                &format!("B6 {} ({} requests, {days} days, rate ×(1 ± 0.6) daily)", long.name, long.arrivals.len()),
+                &format!(
+                    "B6 {} ({} requests, {days} days, rate ×(1 ± 0.6) daily)",
+                    long.name,
+                    long.arrivals.len()
+                ),
                 &outcomes,
                 prefixes
             )

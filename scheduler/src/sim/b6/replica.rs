@@ -49,7 +49,9 @@ struct Seq {
 /// Where a replica is in its life.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Phase {
-    Loading { ready_at: f64 },
+    Loading {
+        ready_at: f64,
+    },
     Ready,
     /// Takes nothing new; leaves when empty.
     Draining,

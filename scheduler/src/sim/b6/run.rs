@@ -235,7 +235,10 @@ pub fn run(setup: &Setup, trace: &Trace, policy: Policy) -> Result<Outcome, Stri
         r.control(t);
         next_tick += interval;
         if t > trace.duration_s() + 6.0 * 3600.0 {
-            return Err(format!("{}: requests still unserved 6 h after the trace", policy.name()));
+            return Err(format!(
+                "{}: requests still unserved 6 h after the trace",
+                policy.name()
+            ));
         }
     }
     for replica in std::mem::take(&mut r.replicas) {
@@ -256,7 +259,12 @@ impl Run<'_> {
             Scaling::Static => (self.trace.peak_rate(300.0), self.trace.mix()),
             _ => {
                 // As if the model had run before: the first five minutes.
-                let first: Vec<_> = self.trace.arrivals.iter().take_while(|a| a.0 < 300.0).collect();
+                let first: Vec<_> = self
+                    .trace
+                    .arrivals
+                    .iter()
+                    .take_while(|a| a.0 < 300.0)
+                    .collect();
                 let mix = first
                     .iter()
                     .map(|&&(_, i)| {
@@ -339,7 +347,10 @@ impl Run<'_> {
         let seconds = (t - r.started_at).max(0.0) * f64::from(r.tp);
         self.out.gpu_seconds += seconds;
         self.out.cost += seconds / 3600.0 * option.gpu_cost_per_hour;
-        if let Ok(d) = self.state.compile(&oracle::replica_workload(&self.setup.model, option)) {
+        if let Ok(d) = self
+            .state
+            .compile(&oracle::replica_workload(&self.setup.model, option))
+        {
             // The assignment came from this state: releasing it cannot fail.
             let _ = self.state.release(&r.assignment, &d);
         }
@@ -362,7 +373,9 @@ impl Run<'_> {
     }
 
     fn route(&mut self, job: &Job) -> Option<usize> {
-        let ready: Vec<usize> = (0..self.replicas.len()).filter(|&i| self.replicas[i].accepts()).collect();
+        let ready: Vec<usize> = (0..self.replicas.len())
+            .filter(|&i| self.replicas[i].accepts())
+            .collect();
         if ready.is_empty() {
             return None;
         }
@@ -371,7 +384,9 @@ impl Run<'_> {
                 self.rr = self.rr.wrapping_add(1);
                 Some(ready[self.rr % ready.len()])
             }
-            Routing::LeastLoaded => ready.into_iter().min_by_key(|&i| (self.replicas[i].held(), i)),
+            Routing::LeastLoaded => ready
+                .into_iter()
+                .min_by_key(|&i| (self.replicas[i].held(), i)),
             Routing::Talon | Routing::TalonPrefix => {
                 let (_, mean_out) = self.series.mean_tokens();
                 let candidates = ready
@@ -391,10 +406,12 @@ impl Run<'_> {
     fn load_of(&self, r: &Replica, job: &Job, mean_out: f64) -> ReplicaLoad {
         let ms = |d: std::time::Duration| d.as_secs_f64() * 1000.0;
         let out = mean_out.max(1.0);
-        let max_batch = ((r.kv_capacity as f64 / (f64::from(job.prompt) + out)) as u32).clamp(1, MAX_SEQS as u32);
+        let max_batch = ((r.kv_capacity as f64 / (f64::from(job.prompt) + out)) as u32)
+            .clamp(1, MAX_SEQS as u32);
         let prefill_one = ms(perf::prefill(r.shape, r.speed, r.tp, u64::from(job.prompt)));
         let one = prefill_one + out * ms(perf::decode_step(r.shape, r.speed, r.tp, 1));
-        let full = prefill_one * f64::from(max_batch) + out * ms(perf::decode_step(r.shape, r.speed, r.tp, max_batch));
+        let full = prefill_one * f64::from(max_batch)
+            + out * ms(perf::decode_step(r.shape, r.speed, r.tp, max_batch));
         let saved = if self.policy.routing == Routing::TalonPrefix && r.block_tokens > 0 {
             let matched = self.routed.matched(&r.id, &job.keys) as u32 * r.block_tokens;
             let matched = matched.min(job.prompt.saturating_sub(1));
@@ -421,7 +438,11 @@ impl Run<'_> {
         }
         self.series.advance(now);
         let observed = self.recent.len() as f64 / now.clamp(1.0, 120.0);
-        let active: Vec<&Replica> = self.replicas.iter().filter(|r| r.phase != Phase::Draining).collect();
+        let active: Vec<&Replica> = self
+            .replicas
+            .iter()
+            .filter(|r| r.phase != Phase::Draining)
+            .collect();
         let ready: Vec<&&Replica> = active.iter().filter(|r| r.accepts()).collect();
         let live = LiveSignals {
             ready: ready.len() as u32,
@@ -429,20 +450,35 @@ impl Run<'_> {
             kv_use: ready.iter().map(|r| r.kv_use()).fold(0.0, f64::max),
         };
         let current = active.len() as u32;
-        let interval = (self.out.requests - self.seen.0, self.out.within_slo - self.seen.1);
+        let interval = (
+            self.out.requests - self.seen.0,
+            self.out.within_slo - self.seen.1,
+        );
         self.seen = (self.out.requests, self.out.within_slo);
         let short = live.ready < self.scaler.desired();
         self.trust
             .observe(interval.0, interval.1, self.setup.slo.attainment, short);
         let planned_rate = match self.policy.scaling {
             Scaling::Static | Scaling::Fixed { .. } => {
-                self.out.timeline.push((now, current, live.ready, observed, 0.0, self.trust.factor));
+                self.out.timeline.push((
+                    now,
+                    current,
+                    live.ready,
+                    observed,
+                    0.0,
+                    self.trust.factor,
+                ));
                 return;
             }
             Scaling::Hpa => {
-                let mean_kv = ready.iter().map(|r| r.kv_use()).sum::<f64>() / ready.len().max(1) as f64;
+                let mean_kv =
+                    ready.iter().map(|r| r.kv_use()).sum::<f64>() / ready.len().max(1) as f64;
                 let queued = f64::from(live.queued) / f64::from(live.ready.max(1));
-                let use_ = if queued > 5.0 { mean_kv.max(1.0) } else { mean_kv };
+                let use_ = if queued > 5.0 {
+                    mean_kv.max(1.0)
+                } else {
+                    mean_kv
+                };
                 let ratio = use_ / HPA_TARGET;
                 let wanted = if (ratio - 1.0).abs() <= 0.1 {
                     current
@@ -450,8 +486,17 @@ impl Run<'_> {
                     (f64::from(live.ready.max(1)) * ratio).ceil() as u32
                 };
                 let plan = self.template_plan(wanted.max(1));
-                let (desired, _) = self.scaler.decide(now, plan.total(), live, 1, self.setup.max_replicas);
-                self.out.timeline.push((now, desired, live.ready, observed, 0.0, self.trust.factor));
+                let (desired, _) =
+                    self.scaler
+                        .decide(now, plan.total(), live, 1, self.setup.max_replicas);
+                self.out.timeline.push((
+                    now,
+                    desired,
+                    live.ready,
+                    observed,
+                    0.0,
+                    self.trust.factor,
+                ));
                 self.scale_to(desired, &plan, now, false);
                 return;
             }
@@ -474,13 +519,23 @@ impl Run<'_> {
         let (desired, _) = self
             .scaler
             .decide(now, plan.total(), live, 1, self.setup.max_replicas);
-        self.out.timeline.push((now, desired, live.ready, observed, planned_rate, self.trust.factor));
+        self.out.timeline.push((
+            now,
+            desired,
+            live.ready,
+            observed,
+            planned_rate,
+            self.trust.factor,
+        ));
         self.scale_to(desired, &plan, now, false);
     }
 
     /// `n` replicas of the HPA's template.
     fn template_plan(&self, n: u32) -> ModelPlan {
-        let template = self.template.clone().unwrap_or_else(|| self.setup.options[0].clone());
+        let template = self
+            .template
+            .clone()
+            .unwrap_or_else(|| self.setup.options[0].clone());
         ModelPlan {
             model: self.setup.model.clone(),
             replicas: vec![(template, n)],
@@ -497,7 +552,11 @@ impl Run<'_> {
         let Some(assignment) = oracle::place(&mut self.state, &self.setup.model, option) else {
             return false;
         };
-        let ready_at = if warm { now } else { now + load_time_s(self.setup.shape, option) };
+        let ready_at = if warm {
+            now
+        } else {
+            now + load_time_s(self.setup.shape, option)
+        };
         self.next_replica += 1;
         self.replicas.push(Replica::new(
             format!("r{}", self.next_replica),
@@ -519,9 +578,15 @@ impl Run<'_> {
     /// plan's mix of options where it can.
     fn scale_to(&mut self, desired: u32, plan: &ModelPlan, now: f64, warm: bool) {
         let count = |rs: &[Replica], opt: usize| {
-            rs.iter().filter(|r| r.option == opt && r.phase != Phase::Draining).count() as u32
+            rs.iter()
+                .filter(|r| r.option == opt && r.phase != Phase::Draining)
+                .count() as u32
         };
-        let mut active = self.replicas.iter().filter(|r| r.phase != Phase::Draining).count() as u32;
+        let mut active = self
+            .replicas
+            .iter()
+            .filter(|r| r.phase != Phase::Draining)
+            .count() as u32;
         while active < desired {
             // Options the plan wants more of first, then the plan's others,
             // then any.
@@ -543,7 +608,8 @@ impl Run<'_> {
                 .filter(|&i| self.replicas[i].phase != Phase::Draining)
                 .min_by_key(|&i| {
                     let r = &self.replicas[i];
-                    let surplus = count(&self.replicas, r.option) > plan.count_of(&self.setup.options[r.option]);
+                    let surplus = count(&self.replicas, r.option)
+                        > plan.count_of(&self.setup.options[r.option]);
                     (!surplus, r.accepts(), r.held(), std::cmp::Reverse(i))
                 });
             let Some(i) = pick else {

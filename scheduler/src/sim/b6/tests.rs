@@ -3,9 +3,9 @@
 
 use std::sync::Arc;
 
+use super::default_setup;
 use super::run::{run, Policy, Routing, Scaling};
 use super::trace::{Shape, Trace};
-use super::default_setup;
 use crate::capacity::forecast::ForecastSettings;
 use crate::rng::Rng;
 
@@ -47,7 +47,15 @@ fn the_forecast_lands_replicas_before_a_recurring_ramp() {
     let trace = hourly_ramps();
     let ramp = 2.0 * 3600.0 + 2400.0;
     let ready_at_ramp = |scaling| {
-        let out = run(&setup, &trace, Policy { scaling, routing: Routing::Talon }).map_err(|e| e.to_string());
+        let out = run(
+            &setup,
+            &trace,
+            Policy {
+                scaling,
+                routing: Routing::Talon,
+            },
+        )
+        .map_err(|e| e.to_string());
         let Ok(out) = out else { panic!("{out:?}") };
         // Ready replicas at the last tick before the third ramp, and the
         // most in the quiet part of the third hour.
@@ -72,7 +80,10 @@ fn the_forecast_lands_replicas_before_a_recurring_ramp() {
         forecast_before > forecast_quiet,
         "forecast: {forecast_before} ready at the ramp, {forecast_quiet} in the quiet part"
     );
-    assert!(forecast_before > reactive_before, "forecast {forecast_before}, reactive {reactive_before}");
+    assert!(
+        forecast_before > reactive_before,
+        "forecast {forecast_before}, reactive {reactive_before}"
+    );
     assert!(
         forecast.slo_attainment() >= reactive.slo_attainment(),
         "forecast {} reactive {}",

@@ -27,7 +27,9 @@ impl Format {
         match s {
             "azure" => Ok(Format::Azure),
             "mooncake" => Ok(Format::Mooncake),
-            other => Err(format!("unknown trace format {other:?}; expected azure or mooncake")),
+            other => Err(format!(
+                "unknown trace format {other:?}; expected azure or mooncake"
+            )),
         }
     }
 }
@@ -135,13 +137,20 @@ pub fn parse_azure(name: &str, text: &str) -> Result<Trace, String> {
             )
         };
         let mut cols = line.split(',');
-        let (Some(ts), Some(ctx), Some(gen), None) = (cols.next(), cols.next(), cols.next(), cols.next())
+        let (Some(ts), Some(ctx), Some(gen), None) =
+            (cols.next(), cols.next(), cols.next(), cols.next())
         else {
             return Err(bad("not three columns"));
         };
         let t = parse_timestamp(ts.trim()).ok_or_else(|| bad("bad timestamp"))?;
-        let prompt = ctx.trim().parse::<u32>().map_err(|_| bad("bad ContextTokens"))?;
-        let output = gen.trim().parse::<u32>().map_err(|_| bad("bad GeneratedTokens"))?;
+        let prompt = ctx
+            .trim()
+            .parse::<u32>()
+            .map_err(|_| bad("bad ContextTokens"))?;
+        let output = gen
+            .trim()
+            .parse::<u32>()
+            .map_err(|_| bad("bad GeneratedTokens"))?;
         rows.push((
             t,
             Shape {
@@ -161,8 +170,13 @@ fn parse_timestamp(s: &str) -> Option<f64> {
     let (y, m, day) = (d.next()??, d.next()??, d.next()??);
     let mut t = time.split(':');
     let (h, min, sec) = (t.next()?, t.next()?, t.next()?);
-    let (h, min, sec) = (h.parse::<f64>().ok()?, min.parse::<f64>().ok()?, sec.parse::<f64>().ok()?);
-    if !(1..=12).contains(&m) || !(1..=31).contains(&day) || h >= 24.0 || min >= 60.0 || sec >= 61.0 {
+    let (h, min, sec) = (
+        h.parse::<f64>().ok()?,
+        min.parse::<f64>().ok()?,
+        sec.parse::<f64>().ok()?,
+    );
+    if !(1..=12).contains(&m) || !(1..=31).contains(&day) || h >= 24.0 || min >= 60.0 || sec >= 61.0
+    {
         return None;
     }
     Some(days_from_civil(y, m, day) as f64 * 86_400.0 + h * 3600.0 + min * 60.0 + sec)
@@ -203,7 +217,10 @@ pub fn parse_mooncake(name: &str, text: &str) -> Result<Trace, String> {
             )
         })?;
         if !row.timestamp.is_finite() || row.timestamp < 0.0 {
-            return Err(format!("line {}: timestamp must be milliseconds ≥ 0", n + 1));
+            return Err(format!(
+                "line {}: timestamp must be milliseconds ≥ 0",
+                n + 1
+            ));
         }
         rows.push((
             row.timestamp / 1000.0,
@@ -281,9 +298,16 @@ mod tests {
         assert!((t.arrivals[1].0 - 3.5).abs() < 1e-6);
         // Across midnight.
         assert!((t.arrivals[2].0 - (5.0 * 3600.0 + 44.0 * 60.0 + 13.5)).abs() < 1e-6);
-        let err = parse_azure("a", "2023-11-16 18:15:46,374\n").err().unwrap_or_default();
-        assert!(err.contains("line 1") && err.contains("three columns"), "{err}");
-        let err = parse_azure("a", "yesterday,1,2\n").err().unwrap_or_default();
+        let err = parse_azure("a", "2023-11-16 18:15:46,374\n")
+            .err()
+            .unwrap_or_default();
+        assert!(
+            err.contains("line 1") && err.contains("three columns"),
+            "{err}"
+        );
+        let err = parse_azure("a", "yesterday,1,2\n")
+            .err()
+            .unwrap_or_default();
         assert!(err.contains("bad timestamp"), "{err}");
     }
 
@@ -296,8 +320,13 @@ mod tests {
         assert_eq!(t.arrivals[1].0, 1.5);
         assert_eq!(t.shapes[0].keys[0], t.shapes[1].keys[0]);
         assert_ne!(t.shapes[0].keys[1], t.shapes[1].keys[1]);
-        let err = parse_mooncake("m", "{\"timestamp\": 1}\n").err().unwrap_or_default();
-        assert!(err.contains("line 1") && err.contains("input_length"), "{err}");
+        let err = parse_mooncake("m", "{\"timestamp\": 1}\n")
+            .err()
+            .unwrap_or_default();
+        assert!(
+            err.contains("line 1") && err.contains("input_length"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -329,6 +358,11 @@ mod tests {
                 .count() as f64
                 / (2.0 * 3600.0)
         };
-        assert!(in_hour(16.0) > 1.4 && in_hour(4.0) < 0.6, "{} {}", in_hour(16.0), in_hour(4.0));
+        assert!(
+            in_hour(16.0) > 1.4 && in_hour(4.0) < 0.6,
+            "{} {}",
+            in_hour(16.0),
+            in_hour(4.0)
+        );
     }
 }
