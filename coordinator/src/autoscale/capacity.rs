@@ -25,6 +25,9 @@ pub struct FreeMemory {
     by_type: BTreeMap<String, Vec<Device>>,
     /// model → MiB one replica takes.
     replica_mib: BTreeMap<String, u64>,
+    /// GPU type → mean cost of one GPU per hour (its node's price shared
+    /// among its GPUs).
+    gpu_cost: BTreeMap<String, f64>,
 }
 
 impl FreeMemory {
@@ -66,32 +69,35 @@ impl FreeMemory {
                 }
             }
         }
+        let mut cost: BTreeMap<String, (f64, u32)> = BTreeMap::new();
+        for node in state.nodes.values() {
+            let n = node.inventory.gpus.len().max(1) as f64;
+            for gpu in &node.inventory.gpus {
+                let e = cost.entry(gpu.gpu_type.clone()).or_insert((0.0, 0));
+                e.0 += node.inventory.cost_per_hour / n;
+                e.1 += 1;
+            }
+        }
         FreeMemory {
             by_type,
             replica_mib: planned.clone(),
+            gpu_cost: cost
+                .into_iter()
+                .map(|(t, (sum, n))| (t, sum / f64::from(n.max(1))))
+                .collect(),
         }
     }
 
     /// One option per GPU type: the fewest GPUs (a power of two, at most
     /// eight) whose memory holds the model; a model smaller than a GPU
     /// takes a share of one, costed by that share.
-    pub fn options(&self, state: &State, memory_mib: u64) -> Vec<ReplicaOption> {
-        let mut cost: BTreeMap<&str, (f64, u32)> = BTreeMap::new();
-        for node in state.nodes.values() {
-            let n = node.inventory.gpus.len().max(1) as f64;
-            for gpu in &node.inventory.gpus {
-                let e = cost.entry(gpu.gpu_type.as_str()).or_insert((0.0, 0));
-                e.0 += node.inventory.cost_per_hour / n;
-                e.1 += 1;
-            }
-        }
+    pub fn options(&self, memory_mib: u64) -> Vec<ReplicaOption> {
         let mut out = Vec::new();
         for (gpu_type, devices) in &self.by_type {
             let Some(gpu_mib) = devices.iter().map(|d| d.total_mib).max().filter(|m| *m > 0) else {
                 continue;
             };
-            let (sum, n) = cost.get(gpu_type.as_str()).copied().unwrap_or((0.0, 1));
-            let per_gpu = if n > 0 { sum / f64::from(n) } else { 0.0 };
+            let per_gpu = self.gpu_cost.get(gpu_type).copied().unwrap_or(0.0);
             let tp = (1..=8u32)
                 .filter(|t| t.is_power_of_two())
                 .find(|t| u64::from(*t) * gpu_mib >= memory_mib);

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 use talon_scheduler::capacity::{
-    planner, DemandSeries, ForecastSettings, LiveSignals, ModelDemand, ScaleSettings, Scaler, Trust,
+    planner, DemandSeries, ForecastSettings, LiveSignals, ModelDemand, ScaleSettings, Scaler,
 };
 use talon_scheduler::perf::ModelShape;
 
@@ -69,7 +69,8 @@ struct ModelState {
     load: LoadTime,
     series: DemandSeries,
     scaler: Scaler,
-    trust: Trust,
+    /// The model's settings as of this pass.
+    settings: Settings,
     last_point: u64,
     next_plan: Instant,
     status: ModelStatus,
@@ -294,7 +295,6 @@ pub fn step(ctx: &AdminContext, traffic: &Traffic, state: &State, now: Instant, 
         .lock()
         .expect("autoscale lock poisoned");
     models.retain(|name, _| state.models.contains_key(name));
-    let statuses = ctx.telemetry.replica_statuses(now, Duration::from_secs(30));
     let mut due: Vec<String> = Vec::new();
     for model in state.models.values() {
         let s = Settings::of(
@@ -319,7 +319,7 @@ pub fn step(ctx: &AdminContext, traffic: &Traffic, state: &State, now: Instant, 
                 load,
                 series: DemandSeries::new(forecast_settings(&s)),
                 scaler: Scaler::new(scale_settings(&s), start),
-                trust: Trust::default(),
+                settings: s.clone(),
                 last_point: unix_s(wall) as u64,
                 next_plan: now + Duration::from_secs_f64(s.interval_s),
                 status: ModelStatus {
@@ -330,9 +330,15 @@ pub fn step(ctx: &AdminContext, traffic: &Traffic, state: &State, now: Instant, 
             }
         });
         let (placed, ready) = placed_and_ready(state, ctx, model, &mut entry.load, wall_ms);
-        entry.status.load_s = entry.load.measured_s().unwrap_or(s.load_s);
-        if entry.series.settings() != &forecast_settings(&s) {
-            entry.series = DemandSeries::new(forecast_settings(&s));
+        // the label when set, else what replicas were measured to take
+        entry.status.load_s = if model.labels.contains_key(settings::LOAD_LABEL) {
+            s.load_s
+        } else {
+            entry.load.measured_s().unwrap_or(s.load_s)
+        };
+        let fs = forecast_settings(&s);
+        if entry.series.settings() != &fs {
+            entry.series = DemandSeries::new(fs);
         }
         for p in points.get(&model.name).into_iter().flatten() {
             if p.t <= entry.last_point || p.requests == 0 {
@@ -359,6 +365,7 @@ pub fn step(ctx: &AdminContext, traffic: &Traffic, state: &State, now: Instant, 
             // the current second may still grow: take it again next time
             entry.last_point = entry.last_point.max(last.saturating_sub(1));
         }
+        entry.settings = s.clone();
         entry.status.enabled = s.enabled;
         entry.status.min_replicas = model.min_replicas;
         entry.status.max_replicas = model.max_replicas;
@@ -378,6 +385,10 @@ pub fn step(ctx: &AdminContext, traffic: &Traffic, state: &State, now: Instant, 
     if due.is_empty() {
         return;
     }
+    let statuses = ctx.telemetry.replica_statuses(now, Duration::from_secs(30));
+    // the observed rate over each window asked for, summed once per window
+    let mut observed_over: BTreeMap<u64, BTreeMap<String, crate::dashboard::traffic::Summary>> =
+        BTreeMap::new();
     // Plan every autoscaled model together, so that priorities share the
     // fleet; only the due ones change their desired count.
     let enabled: Vec<&crate::state::Model> = state
@@ -396,25 +407,15 @@ pub fn step(ctx: &AdminContext, traffic: &Traffic, state: &State, now: Instant, 
         let Some(entry) = models.get_mut(&model.name) else {
             continue;
         };
-        let s = Settings::of(
-            model.latency_slo_ms,
-            model.min_replicas,
-            model.max_replicas,
-            &model.labels,
-        );
+        let s = &entry.settings;
         entry.series.advance(wall_s);
         let horizon = (s.horizon_s / s.bucket_s).ceil().max(1.0) as usize;
-        // the label when set, else what replicas were measured to take
-        let load_s = if model.labels.contains_key(settings::LOAD_LABEL) {
-            s.load_s
-        } else {
-            entry.load.measured_s().unwrap_or(s.load_s)
-        };
-        entry.status.load_s = load_s;
-        let ahead = ((load_s + s.interval_s) / s.bucket_s).ceil() as usize + 1;
+        let ahead = ((entry.status.load_s + s.interval_s) / s.bucket_s).ceil() as usize + 1;
         let f = entry.series.forecast(horizon.max(ahead));
-        let observed = traffic
-            .summary(s.interval_s.max(10.0).ceil() as u64, wall)
+        let window = s.interval_s.max(10.0).ceil() as u64;
+        let observed = observed_over
+            .entry(window)
+            .or_insert_with(|| traffic.summary(window, wall))
             .get(&model.name)
             .map_or(0.0, |x| x.requests_per_s);
         let planned = f.peak_upper(ahead).max(observed);
@@ -434,8 +435,9 @@ pub fn step(ctx: &AdminContext, traffic: &Traffic, state: &State, now: Instant, 
             mix: entry.series.mix().collect(),
             min_replicas: model.min_replicas,
             max_replicas: model.max_replicas,
-            options: oracle.options(state, memory_mib),
-            trust: entry.trust.factor,
+            options: oracle.options(memory_mib),
+            // no per-request SLO measurement here to learn a trust from
+            trust: 1.0,
         });
     }
     let plans = planner::plan(&demands, &mut oracle);

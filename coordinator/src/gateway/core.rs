@@ -274,7 +274,12 @@ impl Gateway {
 
     /// The model's replicas, best first. Err: the error, and whether
     /// waiting could change it.
-    pub(super) fn targets(&self, call: &Call) -> Result<Vec<Target>, (GwError, bool)> {
+    /// `keys`: the prompt's prefix blocks ([`super::prefixes::keys`]).
+    pub(super) fn targets(
+        &self,
+        call: &Call,
+        keys: &[u64],
+    ) -> Result<Vec<Target>, (GwError, bool)> {
         let model = call.model().map_err(|e| (e, false))?;
         let applied = self.ctx.state.read().expect("state lock poisoned");
         if !applied.state.models.contains_key(model) {
@@ -289,7 +294,6 @@ impl Gateway {
             ));
         }
         let leader = self.ctx.is_leader();
-        let keys = super::prefixes::keys(&call.body);
         let mut found = Vec::new();
         let mut states = Vec::new();
         let of_model: Vec<&crate::state::Replica> = applied
@@ -341,7 +345,7 @@ impl Gateway {
                     service_ms_one: f64::from(s.service_ms_one),
                     service_ms_full: f64::from(s.service_ms_full),
                     max_batch: s.max_batch,
-                    prefix_saved_ms: self.prefixes.saved_ms(&r.id, &keys, s.prefill_ms_per_1k),
+                    prefix_saved_ms: self.prefixes.saved_ms(&r.id, keys, s.prefill_ms_per_1k),
                 },
                 None => ReplicaLoad {
                     held: local,
@@ -417,7 +421,7 @@ impl Gateway {
         let mut tries = 0u32;
         let keys = super::prefixes::keys(&call.body);
         loop {
-            let last = match self.targets(call) {
+            let last = match self.targets(call, &keys) {
                 Err((e, false)) => return Err(e),
                 Err((e, true)) => e,
                 Ok(targets) => {

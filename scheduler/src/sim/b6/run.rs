@@ -167,6 +167,8 @@ struct Run<'a> {
     rr: usize,
     next_replica: u32,
     out: Outcome,
+    /// The slowest option's load time: how far ahead the forecast looks.
+    max_load_s: f64,
 }
 
 /// Replays `trace` under `policy`.
@@ -205,6 +207,11 @@ pub fn run(setup: &Setup, trace: &Trace, policy: Policy) -> Result<Outcome, Stri
             policy: policy.name(),
             ..Outcome::default()
         },
+        max_load_s: setup
+            .options
+            .iter()
+            .map(|o| load_time_s(setup.shape, o))
+            .fold(0.0, f64::max),
     };
     r.start();
     let interval = setup.scale.interval_s;
@@ -502,13 +509,7 @@ impl Run<'_> {
             }
             Scaling::Reactive => observed,
             Scaling::Forecast => {
-                let load = self
-                    .setup
-                    .options
-                    .iter()
-                    .map(|o| load_time_s(self.setup.shape, o))
-                    .fold(0.0, f64::max);
-                let ahead = load + self.setup.scale.interval_s;
+                let ahead = self.max_load_s + self.setup.scale.interval_s;
                 let buckets = (ahead / self.setup.forecast.bucket_secs).ceil() as usize + 1;
                 let f = self.series.forecast(buckets);
                 f.peak_upper(buckets).max(observed)
