@@ -2,6 +2,7 @@
 //! (`talon-bench`): starting real Talon and etcd clusters on loopback.
 
 pub mod clusters;
+pub mod hf;
 pub mod llama;
 
 /// etcd's gRPC messages, the subset the benchmarks use.

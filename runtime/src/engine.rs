@@ -1,0 +1,468 @@
+//! Continuous batching: one thread owns the model and its KV cache and runs
+//! step after step. Each step takes the requests waiting whose blocks fit
+//! in the free KV cache (a request reserves blocks for its prompt and
+//! every token it may generate, so a running sequence never stalls on
+//! memory), prefills them, and decodes one token for every sequence
+//! already running — all in one batch. Tokens go out as they are made;
+//! a request whose listener is gone is dropped at the next step. Every
+//! step is timed, for the performance model.
+
+use std::collections::VecDeque;
+use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use crate::kv::{KvCache, SeqCache};
+use crate::model::{Chunk, Model};
+use crate::sampling::{find_stop, Sampler, SamplingParams};
+use crate::text::Text;
+use crate::{Error, Result};
+
+/// How the engine batches.
+#[derive(Clone, Debug)]
+pub struct EngineSettings {
+    /// Memory for the KV cache.
+    pub kv_bytes: u64,
+    /// Most sequences in one step.
+    pub max_seqs: usize,
+    /// Most prompt tokens prefilled in one step (a longer prompt runs
+    /// alone).
+    pub max_prefill_tokens: usize,
+}
+
+impl Default for EngineSettings {
+    fn default() -> EngineSettings {
+        EngineSettings {
+            kv_bytes: 256 << 20,
+            max_seqs: 64,
+            max_prefill_tokens: 2048,
+        }
+    }
+}
+
+/// What a request hears as it is served.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Event {
+    /// A token and the text it adds (empty while a character or a possible
+    /// stop sequence is incomplete).
+    Token { id: u32, text: String },
+    Done(Finish),
+    Failed(String),
+}
+
+/// How an answer ended.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Finish {
+    /// `stop` (an end token or a stop sequence) or `length`.
+    pub reason: &'static str,
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    pub text: String,
+    pub tokens: Vec<u32>,
+}
+
+/// Where a request's events go; answers whether anyone still listens.
+pub type Sink = Box<dyn FnMut(Event) -> bool + Send>;
+
+/// Time spent per kind of work, since the engine started.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct StepStats {
+    pub steps: u64,
+    pub prefill_tokens: u64,
+    pub prefill_seconds: f64,
+    /// Sequence-steps decoded (one token each).
+    pub decode_tokens: u64,
+    pub decode_steps: u64,
+    pub decode_seconds: f64,
+    /// The last step: sequences, tokens, seconds.
+    pub last_step: (usize, usize, f64),
+    pub running: usize,
+    pub waiting: usize,
+    pub free_blocks: usize,
+    pub total_blocks: usize,
+}
+
+struct Submission {
+    prompt: Vec<u32>,
+    params: SamplingParams,
+    sink: Sink,
+}
+
+/// A model served with continuous batching.
+pub struct Engine {
+    tx: Mutex<Option<Sender<Submission>>>,
+    stats: Arc<Mutex<StepStats>>,
+    text: Arc<Text>,
+    max_positions: usize,
+    capacity_tokens: usize,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl Engine {
+    /// Starts serving `model` (the whole model: a pipeline's stages are
+    /// driven by the pipeline).
+    pub fn start(model: Model, text: Arc<Text>, settings: EngineSettings) -> Result<Engine> {
+        if !(model.is_first() && model.is_last()) {
+            return Err(Error::Model("an engine serves a whole model, not a pipeline stage".into()));
+        }
+        let kv = model.kv_cache(settings.kv_bytes);
+        if kv.total_blocks() == 0 {
+            return Err(Error::Model(format!(
+                "kv_bytes {} holds no KV cache block of this model; give it more",
+                settings.kv_bytes
+            )));
+        }
+        let stats = Arc::new(Mutex::new(StepStats {
+            total_blocks: kv.total_blocks(),
+            free_blocks: kv.free_blocks(),
+            ..Default::default()
+        }));
+        let (tx, rx) = mpsc::channel();
+        let max_positions = model.config.max_position_embeddings;
+        let capacity_tokens = kv.total_blocks() * crate::kv::BLOCK;
+        let worker = Worker {
+            model,
+            kv,
+            text: text.clone(),
+            settings,
+            stats: stats.clone(),
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+        };
+        let thread = std::thread::Builder::new()
+            .name("talon-native".into())
+            .spawn(move || worker.run(rx))
+            .map_err(|e| Error::Model(format!("cannot start the engine thread: {e}")))?;
+        Ok(Engine {
+            tx: Mutex::new(Some(tx)),
+            stats,
+            text,
+            max_positions,
+            capacity_tokens,
+            thread: Mutex::new(Some(thread)),
+        })
+    }
+
+    pub fn text(&self) -> &Text {
+        &self.text
+    }
+
+    /// Queues a request; refused at once when it can never be served.
+    pub fn submit(&self, prompt: Vec<u32>, params: SamplingParams, sink: Sink) -> Result<()> {
+        params.check()?;
+        if prompt.is_empty() {
+            return Err(Error::Request("the prompt is empty".into()));
+        }
+        let total = prompt.len() + params.max_tokens;
+        let limit = self.max_positions.min(self.capacity_tokens);
+        if total > limit {
+            return Err(Error::Request(format!(
+                "the prompt's {} tokens and max_tokens {} make {total}; this replica serves at most {limit} (context {} tokens, KV cache {} tokens): shorten the prompt or lower max_tokens",
+                prompt.len(),
+                params.max_tokens,
+                self.max_positions,
+                self.capacity_tokens
+            )));
+        }
+        let guard = self.tx.lock().map_err(|_| Error::Request("the engine stopped".into()))?;
+        let tx = guard.as_ref().ok_or_else(|| Error::Request("the engine stopped".into()))?;
+        tx.send(Submission { prompt, params, sink })
+            .map_err(|_| Error::Request("the engine stopped".into()))
+    }
+
+    /// The most tokens (prompt + output) one request may take.
+    pub fn max_tokens(&self) -> usize {
+        self.max_positions.min(self.capacity_tokens)
+    }
+
+    pub fn stats(&self) -> StepStats {
+        self.stats.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    /// Stops taking requests; those running fail. Waits for the thread.
+    pub fn shutdown(&self) {
+        if let Ok(mut tx) = self.tx.lock() {
+            tx.take();
+        }
+        let thread = self.thread.lock().ok().and_then(|mut t| t.take());
+        if let Some(t) = thread {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+struct Seq {
+    prompt: Vec<u32>,
+    generated: Vec<u32>,
+    cache: SeqCache,
+    sampler: Sampler,
+    sink: Sink,
+    /// Text already sent.
+    sent: usize,
+    text: String,
+    prefilled: bool,
+}
+
+struct Worker {
+    model: Model,
+    kv: KvCache,
+    text: Arc<Text>,
+    settings: EngineSettings,
+    stats: Arc<Mutex<StepStats>>,
+    waiting: VecDeque<Submission>,
+    running: Vec<Seq>,
+}
+
+impl Worker {
+    fn run(mut self, rx: Receiver<Submission>) {
+        loop {
+            // block only when there is nothing to do
+            if self.running.is_empty() && self.waiting.is_empty() {
+                match rx.recv() {
+                    Ok(s) => self.waiting.push_back(s),
+                    Err(_) => return,
+                }
+            }
+            loop {
+                match rx.try_recv() {
+                    Ok(s) => self.waiting.push_back(s),
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => {
+                        for mut s in self.running.drain(..) {
+                            (s.sink)(Event::Failed("the replica stopped".into()));
+                        }
+                        for mut s in self.waiting.drain(..) {
+                            (s.sink)(Event::Failed("the replica stopped".into()));
+                        }
+                        return;
+                    }
+                }
+            }
+            self.admit();
+            if !self.running.is_empty() {
+                self.step();
+            }
+            self.publish();
+        }
+    }
+
+    /// Moves waiting requests in, in order, while their blocks are free.
+    fn admit(&mut self) {
+        let mut prefill = 0;
+        while let Some(next) = self.waiting.front() {
+            let need = KvCache::blocks_needed(next.prompt.len() + next.params.max_tokens);
+            let fits_batch = prefill == 0 || prefill + next.prompt.len() <= self.settings.max_prefill_tokens;
+            if self.running.len() >= self.settings.max_seqs || need > self.kv.free_blocks() || !fits_batch {
+                break;
+            }
+            let Some(sub) = self.waiting.pop_front() else { break };
+            let mut cache = SeqCache::default();
+            if let Err(e) = self.kv.reserve(&mut cache, sub.prompt.len() + sub.params.max_tokens) {
+                let mut sink = sub.sink;
+                sink(Event::Failed(e.to_string()));
+                continue;
+            }
+            prefill += sub.prompt.len();
+            self.running.push(Seq {
+                sampler: Sampler::new(sub.params.clone()),
+                prompt: sub.prompt,
+                generated: Vec::new(),
+                cache,
+                sink: sub.sink,
+                sent: 0,
+                text: String::new(),
+                prefilled: false,
+            });
+        }
+    }
+
+    fn step(&mut self) {
+        let started = Instant::now();
+        let mut tokens = Vec::new();
+        let mut spans = Vec::with_capacity(self.running.len());
+        let mut prefill_tokens = 0;
+        for s in &self.running {
+            let (start, new): (usize, &[u32]) = if s.prefilled {
+                (s.cache.len, &s.generated[s.generated.len() - 1..])
+            } else {
+                prefill_tokens += s.prompt.len();
+                (0, &s.prompt)
+            };
+            spans.push((start, new.len()));
+            tokens.extend_from_slice(new);
+        }
+        let result = self.model.embed(&tokens).and_then(|mut hidden| {
+            let chunks: Vec<Chunk<'_>> = self
+                .running
+                .iter()
+                .zip(&spans)
+                .map(|(s, &(start, len))| Chunk {
+                    cache: &s.cache,
+                    start,
+                    len,
+                })
+                .collect();
+            self.model.forward(&mut hidden, &chunks, &mut self.kv);
+            let mut row = 0;
+            let last_rows: Vec<usize> = spans
+                .iter()
+                .map(|&(_, len)| {
+                    row += len;
+                    row - 1
+                })
+                .collect();
+            self.model.logits(&hidden, &last_rows)
+        });
+        let logits = match result {
+            Ok(l) => l,
+            Err(e) => {
+                for mut s in self.running.drain(..) {
+                    self.kv.release(&mut s.cache);
+                    (s.sink)(Event::Failed(e.to_string()));
+                }
+                return;
+            }
+        };
+        let vocab = self.model.config.vocab_size;
+        let mut finished = Vec::new();
+        for (i, (s, &(_, len))) in self.running.iter_mut().zip(&spans).enumerate() {
+            s.cache.len += len;
+            s.prefilled = true;
+            let id = s.sampler.sample(&logits[i * vocab..(i + 1) * vocab]);
+            if let Some(done) = advance(&self.text, self.model.config.max_position_embeddings, s, id) {
+                finished.push((i, done));
+            }
+        }
+        for (i, done) in finished.into_iter().rev() {
+            let mut s = self.running.swap_remove(i);
+            self.kv.release(&mut s.cache);
+            if let Some(finish) = done {
+                (s.sink)(Event::Done(finish));
+            }
+        }
+        let secs = started.elapsed().as_secs_f64();
+        if let Ok(mut st) = self.stats.lock() {
+            st.steps += 1;
+            let decode_seqs = spans.len() - spans.iter().filter(|(start, _)| *start == 0).count();
+            // a mixed step is booked by its tokens: prefill dominates it
+            if prefill_tokens > 0 {
+                st.prefill_tokens += prefill_tokens as u64;
+                st.prefill_seconds += secs;
+            } else {
+                st.decode_steps += 1;
+                st.decode_seconds += secs;
+            }
+            st.decode_tokens += decode_seqs as u64;
+            st.last_step = (spans.len(), tokens.len(), secs);
+        }
+    }
+
+}
+
+/// Takes token `id` into `s`; answers `Some(finish)` when it is done
+/// (`Some(None)`: dropped, nobody listens).
+fn advance(text: &Text, max_positions: usize, s: &mut Seq, id: u32) -> Option<Option<Finish>> {
+    {
+        let finish = |s: &mut Seq, reason| {
+            Some(Some(Finish {
+                reason,
+                prompt_tokens: s.prompt.len(),
+                completion_tokens: s.generated.len(),
+                text: std::mem::take(&mut s.text),
+                tokens: std::mem::take(&mut s.generated),
+            }))
+        };
+        if text.eos_ids.contains(&id) {
+            // what was held back goes out with the end
+            let rest = s.text[s.sent..].to_string();
+            if !rest.is_empty() && !(s.sink)(Event::Token { id, text: rest }) {
+                return Some(None);
+            }
+            return finish(s, "stop");
+        }
+        s.generated.push(id);
+        let before = s.text.len();
+        s.text = text.decode(&s.generated);
+        let stops = &s.sampler.params().stop;
+        if let Some(at) = find_stop(&s.text, stops, before.min(s.text.len())) {
+            s.text.truncate(at);
+            let delta = s.text.get(s.sent..).unwrap_or_default().to_string();
+            if !(s.sink)(Event::Token { id, text: delta }) {
+                return Some(None);
+            }
+            return finish(s, "stop");
+        }
+        let length = s.generated.len() >= s.sampler.params().max_tokens
+            || s.cache.len + 1 >= max_positions;
+        // hold back an incomplete character and what may begin a stop
+        let mut ready = if length { s.text.len() } else { holdback(&s.text, stops) };
+        while !s.text.is_char_boundary(ready) {
+            ready -= 1;
+        }
+        let delta = if ready > s.sent {
+            let d = s.text[s.sent..ready].to_string();
+            s.sent = ready;
+            d
+        } else {
+            String::new()
+        };
+        if !(s.sink)(Event::Token { id, text: delta }) {
+            return Some(None);
+        }
+        if length {
+            return finish(s, "length");
+        }
+        None
+    }
+}
+
+impl Worker {
+    fn publish(&self) {
+        if let Ok(mut st) = self.stats.lock() {
+            st.running = self.running.len();
+            st.waiting = self.waiting.len();
+            st.free_blocks = self.kv.free_blocks();
+        }
+    }
+}
+
+/// How much of `text` can go out: all but a trailing replacement character
+/// (a token that ends mid-character) and the longest end that begins a
+/// stop sequence.
+fn holdback(text: &str, stops: &[String]) -> usize {
+    let mut end = text.len();
+    if text.ends_with('\u{FFFD}') {
+        end -= '\u{FFFD}'.len_utf8();
+    }
+    for stop in stops {
+        for k in (1..stop.len()).rev() {
+            if text.len() >= k && text.is_char_boundary(text.len() - k) && stop.is_char_boundary(k) {
+                if text.ends_with(&stop[..k]) {
+                    end = end.min(text.len() - k);
+                    break;
+                }
+            }
+        }
+    }
+    end
+}
+
+#[cfg(test)]
+mod tests {
+    use super::holdback;
+
+    #[test]
+    fn holds_back_what_may_begin_a_stop_or_a_character() {
+        let stops = vec!["END".to_string()];
+        assert_eq!(holdback("abcEN", &stops), 3);
+        assert_eq!(holdback("abcE", &stops), 3);
+        assert_eq!(holdback("abc", &stops), 3);
+        assert_eq!(holdback("ab\u{FFFD}", &[]), 2);
+    }
+}
