@@ -339,12 +339,17 @@ impl Worker {
                 finished.push((i, done));
             }
         }
+        let mut answers = Vec::new();
         for (i, done) in finished.into_iter().rev() {
             let mut s = self.running.swap_remove(i);
             self.kv.release(&mut s.cache);
-            if let Some(finish) = done {
-                (s.sink)(Event::Done(finish));
-            }
+            answers.extend(done.map(|finish| (s.sink, finish)));
+        }
+        // the figures first, so that whoever hears an answer sees its
+        // blocks free
+        self.publish();
+        for (mut sink, finish) in answers {
+            sink(Event::Done(finish));
         }
         let secs = started.elapsed().as_secs_f64();
         if let Ok(mut st) = self.stats.lock() {

@@ -15,6 +15,7 @@ mod executors;
 mod fallback;
 mod gateway;
 mod harness;
+mod native;
 mod pipelines;
 mod placement;
 mod protos;

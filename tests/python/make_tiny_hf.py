@@ -154,8 +154,11 @@ def main():
     dtype = {"bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float32}[a.dtype]
     model = model.to(dtype)
     model.save_pretrained(a.out, safe_serialization=True)
-    # the reference runs in float32 on the saved (rounded) weights
-    model = model.to(torch.float32).eval()
+    # the reference: transformers loading the saved files in float32 (not
+    # the model in memory, whose rotary buffers the casts above rounded)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(a.out, dtype=torch.float32).eval()
 
     ids = tok.encode(PROMPT).ids
     with torch.no_grad():

@@ -1,0 +1,226 @@
+//! The native executor against Hugging Face `transformers` (PyTorch CPU,
+//! from PyPI) on small models of real architectures with random weights:
+//! the same tokens for the same text, the same chat rendering, logits
+//! within 1e-3 relative, and 64 identical greedy tokens — from the decoder
+//! alone, through the continuous-batching engine with other requests in
+//! the same batches, and through a two-stage split.
+
+use std::path::Path;
+use std::sync::{mpsc, Arc};
+use std::time::Duration;
+
+use serde_json::Value;
+use talon_runtime::engine::{Engine, EngineSettings, Event, Finish};
+use talon_runtime::kv::SeqCache;
+use talon_runtime::model::{Chunk, Model};
+use talon_runtime::sampling::{argmax, SamplingParams};
+use talon_runtime::text::Text;
+
+/// The variants checked: (arguments to make_tiny_hf.py).
+const VARIANTS: [&[&str]; 3] = [
+    &["--arch", "llama", "--dtype", "bf16", "--rope-scaling", "llama3"],
+    &["--arch", "qwen2", "--dtype", "f16"],
+    &["--arch", "llama", "--dtype", "f32", "--rope-scaling", "linear"],
+];
+
+fn reference(dir: &Path) -> Value {
+    serde_json::from_slice(&std::fs::read(dir.join("reference.json")).unwrap()).unwrap()
+}
+
+fn ids(v: &Value) -> Vec<u32> {
+    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+}
+
+fn floats(v: &Value) -> Vec<f32> {
+    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
+}
+
+/// max |a − b| / max |b|: the error relative to the logits' scale.
+fn relative_error(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    let scale = b.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+    let diff = a.iter().zip(b).fold(0.0f32, |m, (x, y)| m.max((x - y).abs()));
+    diff / scale
+}
+
+/// Greedy tokens through `stages` with a KV cache, one token per step.
+fn greedy(stages: &[Model], prompt: &[u32], steps: usize) -> Vec<u32> {
+    let mut caches: Vec<_> = stages.iter().map(|m| m.kv_cache(8 << 20)).collect();
+    let mut seqs: Vec<SeqCache> = stages.iter().map(|_| SeqCache::default()).collect();
+    for (kv, s) in caches.iter_mut().zip(&mut seqs) {
+        kv.reserve(s, prompt.len() + steps).unwrap();
+    }
+    let (mut out, mut input) = (Vec::new(), prompt.to_vec());
+    for _ in 0..steps {
+        let mut hidden = stages[0].embed(&input).unwrap();
+        for ((m, kv), s) in stages.iter().zip(&mut caches).zip(&mut seqs) {
+            let chunk = Chunk {
+                cache: s,
+                start: s.len,
+                len: input.len(),
+            };
+            m.forward(&mut hidden, &[chunk], kv);
+            s.len += input.len();
+        }
+        let id = argmax(&stages[stages.len() - 1].logits(&hidden, &[input.len() - 1]).unwrap());
+        out.push(id);
+        input = vec![id];
+    }
+    out
+}
+
+#[test]
+fn native_cpu_matches_transformers_logits_tokens_and_chat_template() {
+    for args in VARIANTS {
+        let dir = talon_tests::hf::model(args).unwrap();
+        let r = reference(&dir);
+        let model = Model::load(&dir).unwrap();
+        let text = Text::load(&dir, &model.config.eos_token_ids).unwrap();
+        let prompt = ids(&r["prompt_ids"]);
+        assert_eq!(text.encode(r["prompt"].as_str().unwrap()).unwrap(), prompt, "{args:?}");
+        let chat = text.render_chat(&r["messages"]).unwrap();
+        assert_eq!(chat, r["chat_text"].as_str().unwrap(), "{args:?}");
+        assert_eq!(text.encode_rendered(&chat).unwrap(), ids(&r["chat_ids"]), "{args:?}");
+
+        // every prompt position's logits in one prefill
+        let mut kv = model.kv_cache(8 << 20);
+        let mut seq = SeqCache::default();
+        kv.reserve(&mut seq, prompt.len()).unwrap();
+        let mut hidden = model.embed(&prompt).unwrap();
+        let chunk = Chunk {
+            cache: &seq,
+            start: 0,
+            len: prompt.len(),
+        };
+        model.forward(&mut hidden, &[chunk], &mut kv);
+        let rows: Vec<usize> = (0..prompt.len()).collect();
+        let logits = model.logits(&hidden, &rows).unwrap();
+        let vocab = model.config.vocab_size;
+        let mut worst = 0.0f32;
+        for (i, want) in r["logits_all"].as_array().unwrap().iter().enumerate() {
+            worst = worst.max(relative_error(&logits[i * vocab..(i + 1) * vocab], &floats(want)));
+        }
+        assert!(worst <= 1e-3, "{args:?}: logits differ by {worst} relative");
+
+        let want = ids(&r["greedy"]);
+        assert_eq!(greedy(&[model], &prompt, 64), want, "{args:?}: greedy tokens");
+        // a two-stage split: the same tokens
+        let config = talon_runtime::config::ModelConfig::load(&dir).unwrap();
+        let half = config.num_layers / 2;
+        let stages = [
+            Model::load_layers(&dir, config.clone(), 0..half).unwrap(),
+            Model::load_layers(&dir, config.clone(), half..config.num_layers).unwrap(),
+        ];
+        assert_eq!(greedy(&stages, &prompt, 64), want, "{args:?}: two stages");
+        eprintln!("{args:?}: logits within {worst:.2e}; 64 greedy tokens identical, whole and in two stages");
+    }
+}
+
+/// Serves `prompt` on `engine`, answering its events.
+fn submit(engine: &Engine, prompt: Vec<u32>, params: SamplingParams) -> mpsc::Receiver<Event> {
+    let (tx, rx) = mpsc::channel();
+    engine
+        .submit(prompt, params, Box::new(move |e| tx.send(e).is_ok()))
+        .unwrap();
+    rx
+}
+
+fn finish(rx: &mpsc::Receiver<Event>) -> (Finish, String) {
+    let mut streamed = String::new();
+    loop {
+        match rx.recv_timeout(Duration::from_secs(120)).expect("the engine answers") {
+            Event::Token { text, .. } => streamed.push_str(&text),
+            Event::Done(f) => return (f, streamed),
+            Event::Failed(why) => panic!("request failed: {why}"),
+        }
+    }
+}
+
+#[test]
+fn the_engine_batches_continuously_and_answers_each_request_as_alone() {
+    let dir = talon_tests::hf::model(VARIANTS[0]).unwrap();
+    let r = reference(&dir);
+    let model = Model::load(&dir).unwrap();
+    let text = Arc::new(Text::load(&dir, &[]).unwrap());
+    let settings = EngineSettings {
+        // 16 blocks of 16 positions (4 layers × K and V × 64 × f32): the
+        // five requests below do not fit at once, and queue for blocks
+        kv_bytes: 16 * (16 * 4 * 2 * 64 * 4),
+        max_seqs: 8,
+        max_prefill_tokens: 64,
+    };
+    let engine = Engine::start(model, text.clone(), settings).unwrap();
+    let prompt = ids(&r["prompt_ids"]);
+    let greedy = SamplingParams {
+        temperature: 0.0,
+        max_tokens: 64,
+        ..Default::default()
+    };
+    // the reference request, with others of other lengths and sampling in
+    // the same batches, and more than the cache holds at once
+    let others: Vec<_> = (0..4)
+        .map(|i| {
+            let p = text.encode(&"the GPUs are warm ".repeat(i + 1)).unwrap();
+            submit(
+                &engine,
+                p,
+                SamplingParams {
+                    temperature: 0.8,
+                    top_p: 0.9,
+                    seed: Some(i as u64),
+                    max_tokens: 20 + 7 * i,
+                    ..Default::default()
+                },
+            )
+        })
+        .collect();
+    let main = submit(&engine, prompt.clone(), greedy.clone());
+    let (f, streamed) = finish(&main);
+    assert_eq!(f.tokens, ids(&r["greedy"]), "greedy tokens in a shared batch");
+    assert_eq!(f.reason, "length");
+    assert_eq!(streamed, f.text, "the stream adds up to the answer");
+    assert_eq!(f.text, r["greedy_text"].as_str().unwrap());
+    let firsts: Vec<Finish> = others.iter().map(|rx| finish(rx).0).collect();
+    for (i, f) in firsts.iter().enumerate() {
+        assert_eq!(f.completion_tokens, 20 + 7 * i, "{f:?}");
+    }
+    // the same seed gives the same answer, batched differently
+    let again = submit(
+        &engine,
+        text.encode("the GPUs are warm ").unwrap(),
+        SamplingParams {
+            temperature: 0.8,
+            top_p: 0.9,
+            seed: Some(0),
+            max_tokens: 20,
+            ..Default::default()
+        },
+    );
+    assert_eq!(finish(&again).0.tokens, firsts[0].tokens);
+
+    // a stop sequence ends the answer before it and is not in it
+    let chars: Vec<char> = f.text.chars().collect();
+    let cut: String = chars[chars.len() / 3..chars.len() / 3 + 3].iter().collect();
+    let cut = cut.as_str();
+    let stop = submit(
+        &engine,
+        prompt.clone(),
+        SamplingParams {
+            stop: vec![cut.to_string()],
+            ..greedy.clone()
+        },
+    );
+    let (s, streamed) = finish(&stop);
+    assert_eq!(s.reason, "stop");
+    assert_eq!(s.text, &f.text[..f.text.find(cut).unwrap()]);
+    assert_eq!(streamed, s.text);
+
+    let stats = engine.stats();
+    assert!(stats.decode_steps > 0 && stats.prefill_tokens > 0, "{stats:?}");
+    assert_eq!(stats.free_blocks, stats.total_blocks, "every block came back: {stats:?}");
+    let err = engine
+        .submit(vec![1; 400], greedy, Box::new(|_| true))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("shorten the prompt or lower max_tokens"), "{err}");
+}
