@@ -71,6 +71,9 @@ pub struct AgentConfig {
     /// requests, reported for predictive routing (off: the gateway ranks
     /// them by held requests only, as before there was one).
     pub engine_signals: bool,
+    /// Run replicas of models whose engine is `native` on Talon's own
+    /// runtime in this process (advertised as the engine `native`).
+    pub native: bool,
     pub cost_per_hour: f64,
     /// Run the CUDA calibration at start (real GPUs only).
     pub calibrate: bool,
@@ -122,6 +125,7 @@ impl Default for AgentConfig {
             labels: BTreeMap::new(),
             manage_mig: false,
             engine_signals: true,
+            native: false,
             cost_per_hour: 0.0,
             calibrate: true,
             engine_command: None,
@@ -186,6 +190,9 @@ pub struct Flags {
     /// Report engine replicas' learned service times (default true).
     #[arg(long, env = "TALON_ENGINE_SIGNALS", num_args = 0..=1, default_missing_value = "true")]
     pub engine_signals: Option<bool>,
+    /// Serve models of the engine `native` with Talon's own runtime.
+    #[arg(long, env = "TALON_NATIVE", num_args = 0..=1, default_missing_value = "true")]
+    pub native: Option<bool>,
     #[arg(long, env = "TALON_COST_PER_HOUR")]
     pub cost_per_hour: Option<f64>,
     #[arg(long, env = "TALON_CALIBRATE", num_args = 0..=1, default_missing_value = "true")]
@@ -278,6 +285,9 @@ impl AgentConfig {
         if self.engine_command.is_some() || simulated {
             names.push(crate::replicas::ANY_ENGINE.into());
         }
+        if self.native && !names.iter().any(|n| n == crate::executor::native::NATIVE_ENGINE) {
+            names.push(crate::executor::native::NATIVE_ENGINE.into());
+        }
         names
     }
 
@@ -352,6 +362,9 @@ impl AgentConfig {
         }
         if let Some(v) = flags.engine_signals {
             c.engine_signals = v;
+        }
+        if let Some(v) = flags.native {
+            c.native = v;
         }
         if let Some(v) = flags.cost_per_hour {
             c.cost_per_hour = v;

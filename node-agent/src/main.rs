@@ -193,6 +193,20 @@ async fn main() -> ExitCode {
         }
         true => replicas,
     };
+    // the native executor takes the models that name it, the factory above
+    // the rest
+    let replicas = match (config.native, replicas) {
+        (false, r) => r,
+        (true, r) => {
+            let factory = talon_node_agent::executor::native::NativeFactory {
+                other: r.as_ref().map(|m| m.factory()),
+                hf_cache: talon_node_agent::artifacts::hf_cache_dir(),
+            };
+            Some(Arc::new(
+                ReplicaManager::new(Arc::new(factory)).with_max_queue(config.max_queue),
+            ))
+        }
+    };
     let calibrations = if config.probe == ProbeKind::Nvml && config.calibrate {
         let mig: Vec<bool> = inventory.gpus.iter().map(|g| g.mig_enabled).collect();
         let count = inventory.gpus.len() as u32;

@@ -270,6 +270,11 @@ impl ReplicaManager {
         }
     }
 
+    /// What starts its replicas.
+    pub fn factory(&self) -> Arc<dyn ExecutorFactory> {
+        self.factory.clone()
+    }
+
     /// Bounds the requests each replica holds (see [`admits`]).
     pub fn with_max_queue(mut self, max_queue: u32) -> ReplicaManager {
         self.max_queue = max_queue;

@@ -224,3 +224,96 @@ fn the_engine_batches_continuously_and_answers_each_request_as_alone() {
         .to_string();
     assert!(err.contains("shorten the prompt or lower max_tokens"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_serves_a_native_model_through_the_gateway_with_transformers_tokens() {
+    use crate::harness::{free_port, wait_for, Cluster, Proc};
+    use crate::placement::TOKEN;
+
+    let dir = tokio::task::spawn_blocking(|| talon_tests::hf::model(VARIANTS[1]))
+        .await
+        .expect("setup")
+        .expect("model");
+    let r = reference(&dir);
+    let cluster = Cluster::form(1, &["--join-token", TOKEN, "--telemetry-interval-ms", "200"]).await;
+    let grpc = cluster.nodes[0].grpc.clone();
+    let http = cluster.nodes[0].http.clone();
+    let key = cluster.admin_key();
+    let listen = format!("127.0.0.1:{}", free_port());
+    let _agent = Proc::spawn_with_env(
+        "talon-agent",
+        &[
+            "--node-id",
+            "cpu",
+            "--coordinators",
+            &grpc,
+            "--sim-gpus",
+            "l4:1",
+            "--http-listen",
+            &listen,
+            "--telemetry-interval-ms",
+            "200",
+            "--native",
+        ],
+        &[("TALON_JOIN_TOKEN", TOKEN)],
+    );
+    let client = cluster.client();
+    let node = wait_for("the agent", Duration::from_secs(60), || async {
+        client.get_node("cpu").await.ok().filter(|n| n.state == "ready")
+    })
+    .await;
+    let labels = node.inventory.expect("inventory").labels;
+    assert!(
+        labels.get("talon-engines").is_some_and(|e| e.split(',').any(|e| e == "native")),
+        "{labels:?}"
+    );
+    let mut spec = talon_tests::model_spec("tiny-native", "native", 512, 1);
+    spec.artifact_uri = format!("file://{}", dir.display());
+    client.create_model(spec).await.expect("model");
+    wait_for("the native replica", Duration::from_secs(120), || async {
+        let list = client.list_replicas("tiny-native").await.ok()?;
+        (list.replicas.len() == 1 && list.replicas[0].state == "ready").then_some(())
+    })
+    .await;
+
+    let post = |path: &'static str, body: Value| {
+        let (http, key) = (http.clone(), key.clone());
+        async move {
+            let (status, text) = tokio::task::spawn_blocking(move || {
+                talon_tests::http_post(&http, path, &body.to_string(), &key)
+            })
+            .await
+            .expect("post")
+            .expect("an answer");
+            (status, serde_json::from_str::<Value>(&text).unwrap_or(Value::String(text)))
+        }
+    };
+    // the same 64 tokens transformers chose, through the gateway
+    let (status, answer) = post(
+        "/v1/completions",
+        serde_json::json!({"model": "tiny-native", "prompt": r["prompt"], "max_tokens": 64, "temperature": 0}),
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["choices"][0]["text"], r["greedy_text"], "{answer}");
+    assert_eq!(answer["usage"]["completion_tokens"], 64, "{answer}");
+    assert_eq!(answer["usage"]["prompt_tokens"], ids(&r["prompt_ids"]).len(), "{answer}");
+
+    let (status, chat) = post(
+        "/v1/chat/completions",
+        serde_json::json!({"model": "tiny-native", "messages": r["messages"], "max_tokens": 12, "seed": 3}),
+    )
+    .await;
+    assert_eq!(status, 200, "{chat}");
+    assert_eq!(chat["usage"]["prompt_tokens"], ids(&r["chat_ids"]).len(), "{chat}");
+    assert!(chat["choices"][0]["message"]["content"].is_string(), "{chat}");
+
+    // bad input: refused naming the field, nothing served
+    let (status, err) = post(
+        "/v1/completions",
+        serde_json::json!({"model": "tiny-native", "prompt": "hi", "temperature": 7}),
+    )
+    .await;
+    assert_eq!(status, 400, "{err}");
+    assert!(err.to_string().contains("temperature 7"), "{err}");
+}

@@ -37,7 +37,9 @@ pub fn model(args: &[&str]) -> anyhow::Result<PathBuf> {
     let mut h = std::collections::hash_map::DefaultHasher::new();
     text.hash(&mut h);
     args.hash(&mut h);
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/hf-models");
+    let target = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target");
+    std::fs::create_dir_all(target.join("hf-models")).context("create target/hf-models")?;
+    let root = target.join("hf-models").canonicalize().context("target/hf-models")?;
     let dir = root.join(format!("{}-{:016x}", args.join("").replace('-', ""), h.finish()));
     if dir.join("reference.json").exists() {
         return Ok(dir);

@@ -1,6 +1,6 @@
 //! Executors: what runs a replica of a model on the GPUs it was given.
 //!
-//! One trait, [`Executor`], with two implementations:
+//! One trait, [`Executor`], with three implementations:
 //! - [`simulated::SimulatedExecutor`] behaves like the GPU it stands for: it
 //!   holds the model's memory on the simulated GPU, answers after the time
 //!   the performance model gives for that GPU type and batch, moves the
@@ -8,13 +8,17 @@
 //! - [`external::ExternalEngine`] starts an inference server process per
 //!   replica from a command template (vLLM, SGLang, llama.cpp's server, TGI),
 //!   pinned to its GPUs with `CUDA_VISIBLE_DEVICES`, health-checks and
-//!   restarts it, captures its logs, and proxies OpenAI-style requests to it.
+//!   restarts it, captures its logs, and proxies OpenAI-style requests to it;
+//! - [`native::NativeExecutor`] runs the model in the agent itself on
+//!   Talon's own runtime (`talon-runtime`), for models whose engine is
+//!   `native`.
 //!
 //! Requests and answers are OpenAI JSON bodies: the gateway speaks the same
 //! API, so nothing is translated on the way.
 
 pub mod external;
 pub mod logs;
+pub mod native;
 pub mod pipeline;
 pub mod ports;
 pub mod profiles;
