@@ -12,7 +12,8 @@ use talon_node_agent::fleet::FleetSpec;
 use talon_node_agent::metrics::AgentMetrics;
 use talon_node_agent::perf::Correction;
 use talon_node_agent::probe::sim::SimFleet;
-use talon_node_agent::replicas::{ReplicaManager, SimulatedFactory};
+use talon_node_agent::executor::native::NativeFactory;
+use talon_node_agent::replicas::{ExecutorFactory, ReplicaManager, SimulatedFactory};
 
 use crate::{Client, ModelSpec};
 
@@ -44,6 +45,12 @@ pub struct UpArgs {
     /// answered 429 at once).
     #[arg(long)]
     pub gateway_queue_wait_ms: Option<u64>,
+    /// A Hugging Face model directory (config.json, safetensors,
+    /// tokenizer.json, tokenizer_config.json) to serve as the model
+    /// "native" on Talon's own runtime, on this machine's CPU — e.g. one
+    /// written by tests/python/make_tiny_hf.py.
+    #[arg(long)]
+    pub native_model: Option<std::path::PathBuf>,
 }
 
 /// Runs until Ctrl-C.
@@ -73,6 +80,20 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         "--max-queue is {}; use 2 or more (low priority gets half)",
         args.max_queue
     );
+    let native_dir = match &args.native_model {
+        Some(dir) => {
+            let dir = dir
+                .canonicalize()
+                .map_err(|e| anyhow::anyhow!("--native-model {}: {e}", dir.display()))?;
+            anyhow::ensure!(
+                dir.join("config.json").is_file(),
+                "--native-model {} holds no config.json; give a Hugging Face model directory",
+                dir.display()
+            );
+            Some(dir)
+        }
+        None => None,
+    };
     let grpc = tokio::net::TcpListener::bind(args.listen).await?;
     let http = tokio::net::TcpListener::bind(args.http_listen).await?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -97,8 +118,15 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             fleet: fleet.clone(),
             correction: Arc::new(Correction::default()),
         };
-        let replicas =
-            Arc::new(ReplicaManager::new(Arc::new(factory)).with_max_queue(args.max_queue));
+        let mut factory: Arc<dyn ExecutorFactory> = Arc::new(factory);
+        if native_dir.is_some() {
+            // models of the engine "native" run on the runtime, the rest simulated
+            factory = Arc::new(NativeFactory {
+                other: Some(factory),
+                hf_cache: None,
+            });
+        }
+        let replicas = Arc::new(ReplicaManager::new(factory).with_max_queue(args.max_queue));
         let guard = talon_node_agent::identity::ServeGuard::default();
         let identity = Arc::new(
             talon_node_agent::identity::IdentityStore::open(
@@ -173,6 +201,21 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         };
         client.create_model(spec).await?;
     }
+    if let (Some(dir), Err(_)) = (&native_dir, client.get_model("native", false).await) {
+        let spec = ModelSpec {
+            name: "native".into(),
+            version: "v1".into(),
+            engine: "native".into(),
+            artifact_uri: format!("file://{}", dir.display()),
+            memory_mib: 1_024,
+            latency_slo_ms: 5_000,
+            min_replicas: 1,
+            max_replicas: 1,
+            priority: "normal".into(),
+            labels: Default::default(),
+        };
+        client.create_model(spec).await?;
+    }
     println!(
         "talon up: {} simulated host(s) ({})",
         args.hosts.len(),
@@ -191,6 +234,12 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         "talon up: curl -s http://{}/v1/chat/completions -H \"authorization: Bearer $TALON_KEY\" -H 'content-type: application/json' -d '{{\"model\":\"demo\",\"messages\":[{{\"role\":\"user\",\"content\":\"hi\"}}]}}'",
         args.http_listen
     );
+    if let Some(dir) = &native_dir {
+        println!(
+            "talon up: model \"native\" runs {} on this CPU with Talon's own runtime (real tokens; its GPU share is simulated)",
+            dir.display()
+        );
+    }
     // Ctrl-C, or SIGTERM (what systemd, Docker and Kubernetes send)
     #[cfg(unix)]
     {
