@@ -24,6 +24,7 @@ use serde_json::json;
 use talon_tests::clusters::{poll, BenchCluster, Kind, Writer, WriterPool};
 use talon_tests::{http_post, model_spec};
 
+mod b8;
 mod engine_fleet;
 mod engine_routing;
 mod gateway;
@@ -77,6 +78,24 @@ impl From<System> for Kind {
 
 #[derive(Subcommand)]
 enum Bench {
+    /// B8 on the CPU: the native executor against transformers on PyTorch
+    /// CPU, prefill and decode tokens/s per batch size, side by side.
+    B8 {
+        /// A Hugging Face model directory; default: a random-weight
+        /// Llama written by tests/python/make_tiny_hf.py --size bench.
+        #[arg(long)]
+        model: Option<PathBuf>,
+        #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
+        batches: Vec<usize>,
+        #[arg(long, default_value_t = 128)]
+        prompt: usize,
+        #[arg(long, default_value_t = 32)]
+        decode: usize,
+        #[arg(long, default_value_t = 3)]
+        repeats: usize,
+        #[arg(long, default_value_t = 2)]
+        threads: usize,
+    },
     /// The reconciler's planning time on simulated fleets of each size (no
     /// processes): from empty until stable, then the steady plan the leader
     /// makes every 500 ms.
@@ -330,6 +349,24 @@ async fn main() -> anyhow::Result<()> {
             service_ms,
             engine,
         } => rollout::rollout(&cli, *rate, *seconds, *startup_ms, *service_ms, engine).await,
+        Bench::B8 {
+            model,
+            batches,
+            prompt,
+            decode,
+            repeats,
+            threads,
+        } => b8::b8(
+            &cli,
+            &b8::B8 {
+                model: model.clone(),
+                batches: batches.clone(),
+                prompt: *prompt,
+                decode: *decode,
+                repeats: (*repeats).max(1),
+                threads: (*threads).max(1),
+            },
+        ),
         Bench::Plan { nodes, rounds } => plan::plan_bench(&cli, nodes, (*rounds).max(1)),
         Bench::B2 {
             concurrency,
