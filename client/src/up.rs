@@ -8,11 +8,11 @@ use std::time::Duration;
 
 use talon_coordinator::config::Config;
 use talon_node_agent::agent::{self, AgentSettings};
+use talon_node_agent::executor::native::NativeFactory;
 use talon_node_agent::fleet::FleetSpec;
 use talon_node_agent::metrics::AgentMetrics;
 use talon_node_agent::perf::Correction;
 use talon_node_agent::probe::sim::SimFleet;
-use talon_node_agent::executor::native::NativeFactory;
 use talon_node_agent::replicas::{ExecutorFactory, ReplicaManager, SimulatedFactory};
 
 use crate::{Client, ModelSpec};

@@ -285,7 +285,11 @@ impl AgentConfig {
         if self.engine_command.is_some() || simulated {
             names.push(crate::replicas::ANY_ENGINE.into());
         }
-        if self.native && !names.iter().any(|n| n == crate::executor::native::NATIVE_ENGINE) {
+        if self.native
+            && !names
+                .iter()
+                .any(|n| n == crate::executor::native::NATIVE_ENGINE)
+        {
             names.push(crate::executor::native::NATIVE_ENGINE.into());
         }
         names

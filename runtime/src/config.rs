@@ -76,7 +76,8 @@ impl ModelConfig {
 
     /// Parses a `config.json`, saying which field is missing or wrong.
     pub fn parse(text: &str) -> std::result::Result<ModelConfig, String> {
-        let raw: Raw = serde_json::from_str(text).map_err(|e| format!("not a model config: {e}"))?;
+        let raw: Raw =
+            serde_json::from_str(text).map_err(|e| format!("not a model config: {e}"))?;
         let model_type = raw.model_type.ok_or("model_type is missing")?;
         if !ARCHITECTURES.contains(&model_type.as_str()) {
             return Err(format!(
@@ -114,18 +115,24 @@ impl ModelConfig {
             }
         };
         if head_dim == 0 || head_dim % 2 != 0 {
-            return Err(format!("head_dim {head_dim} must be even and positive (RoPE rotates pairs)"));
+            return Err(format!(
+                "head_dim {head_dim} must be even and positive (RoPE rotates pairs)"
+            ));
         }
         let (theta, scaling) = match (&raw.rope_parameters, &raw.rope_scaling) {
             (Some(p), _) => (
-                p.get("rope_theta").and_then(Value::as_f64).map(|t| t as f32),
+                p.get("rope_theta")
+                    .and_then(Value::as_f64)
+                    .map(|t| t as f32),
                 Some(p.clone()),
             ),
             (None, s) => (raw.rope_theta, s.clone()),
         };
         let rope_theta = theta.or(raw.rope_theta).unwrap_or(10_000.0);
         if !(rope_theta.is_finite() && rope_theta > 1.0) {
-            return Err(format!("rope_theta {rope_theta} must be a finite number above 1"));
+            return Err(format!(
+                "rope_theta {rope_theta} must be a finite number above 1"
+            ));
         }
         let max_position_embeddings = need(raw.max_position_embeddings, "max_position_embeddings")?;
         let rope_scaling = RopeScaling::parse(scaling.as_ref(), max_position_embeddings)?;
@@ -141,7 +148,11 @@ impl ModelConfig {
         let ids = |v: &Option<Value>| -> Vec<u32> {
             match v {
                 Some(Value::Number(n)) => n.as_u64().map(|n| n as u32).into_iter().collect(),
-                Some(Value::Array(a)) => a.iter().filter_map(Value::as_u64).map(|n| n as u32).collect(),
+                Some(Value::Array(a)) => a
+                    .iter()
+                    .filter_map(Value::as_u64)
+                    .map(|n| n as u32)
+                    .collect(),
                 _ => Vec::new(),
             }
         };
@@ -191,7 +202,10 @@ mod tests {
     #[test]
     fn reads_both_rope_layouts() {
         let old = ModelConfig::parse(LLAMA).unwrap();
-        assert_eq!((old.head_dim, old.num_kv_heads, old.rope_theta), (32, 2, 500000.0));
+        assert_eq!(
+            (old.head_dim, old.num_kv_heads, old.rope_theta),
+            (32, 2, 500000.0)
+        );
         assert!(matches!(old.rope_scaling, RopeScaling::Llama3 { .. }));
         assert_eq!(old.eos_token_ids, vec![4, 5]);
         let new = LLAMA.replace(
@@ -205,12 +219,28 @@ mod tests {
     #[test]
     fn refuses_what_it_cannot_run_naming_the_field() {
         for (from, to, expected) in [
-            (r#""model_type":"llama""#, r#""model_type":"gpt2""#, "model_type \"gpt2\""),
-            (r#""num_key_value_heads":2"#, r#""num_key_value_heads":3"#, "must divide"),
+            (
+                r#""model_type":"llama""#,
+                r#""model_type":"gpt2""#,
+                "model_type \"gpt2\"",
+            ),
+            (
+                r#""num_key_value_heads":2"#,
+                r#""num_key_value_heads":3"#,
+                "must divide",
+            ),
             (r#""vocab_size":512,"#, "", "vocab_size is missing"),
-            (r#""hidden_size":128"#, r#""hidden_size":0"#, "hidden_size must be positive"),
+            (
+                r#""hidden_size":128"#,
+                r#""hidden_size":0"#,
+                "hidden_size must be positive",
+            ),
             (r#""factor":8.0"#, r#""factor":-1"#, "factor"),
-            (r#""rope_type":"llama3""#, r#""rope_type":"longrope""#, "longrope"),
+            (
+                r#""rope_type":"llama3""#,
+                r#""rope_type":"longrope""#,
+                "longrope",
+            ),
         ] {
             let err = ModelConfig::parse(&LLAMA.replace(from, to)).unwrap_err();
             assert!(err.contains(expected), "{expected}: {err}");

@@ -87,7 +87,10 @@ pub fn add_bias(x: &mut [f32], bias: &[f32]) {
 /// `w · x / sqrt(mean(x²) + eps)`.
 pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32) -> Vec<f32> {
     let mut out = vec![0.0f32; x.len()];
-    for (row, o) in x.chunks_exact(weight.len()).zip(out.chunks_exact_mut(weight.len())) {
+    for (row, o) in x
+        .chunks_exact(weight.len())
+        .zip(out.chunks_exact_mut(weight.len()))
+    {
         let mean = row.iter().map(|a| a * a).sum::<f32>() / row.len() as f32;
         let scale = 1.0 / (mean + eps).sqrt();
         for ((o, a), w) in o.iter_mut().zip(row).zip(weight) {
@@ -174,9 +177,13 @@ mod tests {
     #[test]
     fn the_gemv_path_agrees_with_the_gemm() {
         let (k, out) = (70, 130);
-        let w: Vec<f32> = (0..out * k).map(|i| ((i * 7919) % 13) as f32 - 6.0).collect();
+        let w: Vec<f32> = (0..out * k)
+            .map(|i| ((i * 7919) % 13) as f32 - 6.0)
+            .collect();
         let big = GEMV_ROWS + 3;
-        let x: Vec<f32> = (0..big * k).map(|i| ((i * 104729) % 11) as f32 - 5.0).collect();
+        let x: Vec<f32> = (0..big * k)
+            .map(|i| ((i * 104729) % 11) as f32 - 5.0)
+            .collect();
         let gemm = matmul_t(&x, big, k, &w, out);
         for rows in [1, 3, GEMV_ROWS] {
             let gemv = matmul_t(&x[..rows * k], rows, k, &w, out);

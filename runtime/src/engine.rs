@@ -45,7 +45,10 @@ impl Default for EngineSettings {
 pub enum Event {
     /// A token and the text it adds (empty while a character or a possible
     /// stop sequence is incomplete).
-    Token { id: u32, text: String },
+    Token {
+        id: u32,
+        text: String,
+    },
     Done(Finish),
     Failed(String),
 }
@@ -103,7 +106,9 @@ impl Engine {
     /// driven by the pipeline).
     pub fn start(model: Model, text: Arc<Text>, settings: EngineSettings) -> Result<Engine> {
         if !(model.is_first() && model.is_last()) {
-            return Err(Error::Model("an engine serves a whole model, not a pipeline stage".into()));
+            return Err(Error::Model(
+                "an engine serves a whole model, not a pipeline stage".into(),
+            ));
         }
         let kv = model.kv_cache(settings.kv_bytes);
         if kv.total_blocks() == 0 {
@@ -164,10 +169,19 @@ impl Engine {
                 self.capacity_tokens
             )));
         }
-        let guard = self.tx.lock().map_err(|_| Error::Request("the engine stopped".into()))?;
-        let tx = guard.as_ref().ok_or_else(|| Error::Request("the engine stopped".into()))?;
-        tx.send(Submission { prompt, params, sink })
-            .map_err(|_| Error::Request("the engine stopped".into()))
+        let guard = self
+            .tx
+            .lock()
+            .map_err(|_| Error::Request("the engine stopped".into()))?;
+        let tx = guard
+            .as_ref()
+            .ok_or_else(|| Error::Request("the engine stopped".into()))?;
+        tx.send(Submission {
+            prompt,
+            params,
+            sink,
+        })
+        .map_err(|_| Error::Request("the engine stopped".into()))
     }
 
     /// The most tokens (prompt + output) one request may take.
@@ -257,13 +271,22 @@ impl Worker {
         let mut prefill = 0;
         while let Some(next) = self.waiting.front() {
             let need = KvCache::blocks_needed(next.prompt.len() + next.params.max_tokens);
-            let fits_batch = prefill == 0 || prefill + next.prompt.len() <= self.settings.max_prefill_tokens;
-            if self.running.len() >= self.settings.max_seqs || need > self.kv.free_blocks() || !fits_batch {
+            let fits_batch =
+                prefill == 0 || prefill + next.prompt.len() <= self.settings.max_prefill_tokens;
+            if self.running.len() >= self.settings.max_seqs
+                || need > self.kv.free_blocks()
+                || !fits_batch
+            {
                 break;
             }
-            let Some(sub) = self.waiting.pop_front() else { break };
+            let Some(sub) = self.waiting.pop_front() else {
+                break;
+            };
             let mut cache = SeqCache::default();
-            if let Err(e) = self.kv.reserve(&mut cache, sub.prompt.len() + sub.params.max_tokens) {
+            if let Err(e) = self
+                .kv
+                .reserve(&mut cache, sub.prompt.len() + sub.params.max_tokens)
+            {
                 let mut sink = sub.sink;
                 sink(Event::Failed(e.to_string()));
                 continue;
@@ -335,7 +358,9 @@ impl Worker {
             s.cache.len += len;
             s.prefilled = true;
             let id = s.sampler.sample(&logits[i * vocab..(i + 1) * vocab]);
-            if let Some(done) = advance(&self.text, self.model.config.max_position_embeddings, s, id) {
+            if let Some(done) =
+                advance(&self.text, self.model.config.max_position_embeddings, s, id)
+            {
                 finished.push((i, done));
             }
         }
@@ -367,7 +392,6 @@ impl Worker {
             st.last_step = (spans.len(), tokens.len(), secs);
         }
     }
-
 }
 
 /// Takes token `id` into `s`; answers `Some(finish)` when it is done
@@ -403,10 +427,14 @@ fn advance(text: &Text, max_positions: usize, s: &mut Seq, id: u32) -> Option<Op
             }
             return finish(s, "stop");
         }
-        let length = s.generated.len() >= s.sampler.params().max_tokens
-            || s.cache.len + 1 >= max_positions;
+        let length =
+            s.generated.len() >= s.sampler.params().max_tokens || s.cache.len + 1 >= max_positions;
         // hold back an incomplete character and what may begin a stop
-        let mut ready = if length { s.text.len() } else { holdback(&s.text, stops) };
+        let mut ready = if length {
+            s.text.len()
+        } else {
+            holdback(&s.text, stops)
+        };
         while !s.text.is_char_boundary(ready) {
             ready -= 1;
         }
@@ -447,7 +475,8 @@ fn holdback(text: &str, stops: &[String]) -> usize {
     }
     for stop in stops {
         for k in (1..stop.len()).rev() {
-            if text.len() >= k && text.is_char_boundary(text.len() - k) && stop.is_char_boundary(k) {
+            if text.len() >= k && text.is_char_boundary(text.len() - k) && stop.is_char_boundary(k)
+            {
                 if text.ends_with(&stop[..k]) {
                     end = end.min(text.len() - k);
                     break;

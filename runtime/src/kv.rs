@@ -114,7 +114,10 @@ mod tests {
         kv.reserve(&mut a, 17).unwrap();
         assert_eq!((a.blocks.len(), kv.free_blocks()), (2, 1));
         let err = kv.reserve(&mut b, 20).unwrap_err().to_string();
-        assert!(err.contains("1 free blocks") && err.contains("need 2 more"), "{err}");
+        assert!(
+            err.contains("1 free blocks") && err.contains("need 2 more"),
+            "{err}"
+        );
         assert_eq!(kv.free_blocks(), 1, "a refused reservation takes nothing");
         kv.reserve(&mut b, 16).unwrap();
         kv.write(1, &a, 16, &[1.0; 4], &[2.0; 4]);

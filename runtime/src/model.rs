@@ -150,10 +150,9 @@ impl Model {
 
     /// The hidden states of `tokens` (`tokens.len() × hidden`).
     pub fn embed(&self, tokens: &[u32]) -> Result<Vec<f32>> {
-        let embed = self
-            .embed
-            .as_ref()
-            .ok_or_else(|| Error::Request("this pipeline stage does not hold the embeddings".into()))?;
+        let embed = self.embed.as_ref().ok_or_else(|| {
+            Error::Request("this pipeline stage does not hold the embeddings".into())
+        })?;
         let h = self.config.hidden_size;
         let mut out = Vec::with_capacity(tokens.len() * h);
         for &t in tokens {
@@ -245,7 +244,8 @@ impl Model {
 
     /// Logits (`rows.len() × vocab`) of the hidden states at `rows`.
     pub fn logits(&self, hidden: &[f32], rows: &[usize]) -> Result<Vec<f32>> {
-        let (Some(norm), Some(head)) = (&self.norm, self.head.as_ref().or(self.embed.as_ref())) else {
+        let (Some(norm), Some(head)) = (&self.norm, self.head.as_ref().or(self.embed.as_ref()))
+        else {
             return Err(Error::Request(
                 "this pipeline stage does not hold the output projection".into(),
             ));
@@ -256,7 +256,13 @@ impl Model {
             picked.extend_from_slice(&hidden[r * h..(r + 1) * h]);
         }
         let x = cpu::rms_norm(&picked, norm, self.config.rms_norm_eps);
-        Ok(cpu::matmul_t(&x, rows.len(), h, head, self.config.vocab_size))
+        Ok(cpu::matmul_t(
+            &x,
+            rows.len(),
+            h,
+            head,
+            self.config.vocab_size,
+        ))
     }
 
     /// Bytes of weights it holds (f32 on the CPU).

@@ -96,9 +96,10 @@ impl Rope {
     pub fn new(head_dim: usize, theta: f32, scaling: RopeScaling) -> Rope {
         let inv_freq = match &scaling {
             RopeScaling::Dynamic { .. } | RopeScaling::None => base_freqs(head_dim, theta),
-            RopeScaling::Linear { factor } => {
-                base_freqs(head_dim, theta).iter().map(|f| f / factor).collect()
-            }
+            RopeScaling::Linear { factor } => base_freqs(head_dim, theta)
+                .iter()
+                .map(|f| f / factor)
+                .collect(),
             RopeScaling::Llama3 {
                 factor,
                 low_freq_factor,
@@ -116,8 +117,8 @@ impl Rope {
                         } else if wavelen > low_wavelen {
                             f / factor
                         } else {
-                            let smooth =
-                                (old / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                            let smooth = (old / wavelen - low_freq_factor)
+                                / (high_freq_factor - low_freq_factor);
                             (1.0 - smooth) * f / factor + smooth * f
                         }
                     })

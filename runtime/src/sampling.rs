@@ -44,7 +44,10 @@ impl SamplingParams {
             )));
         }
         if !(self.top_p.is_finite() && self.top_p > 0.0 && self.top_p <= 1.0) {
-            return Err(Error::Request(format!("top_p {} must be in (0, 1]", self.top_p)));
+            return Err(Error::Request(format!(
+                "top_p {} must be in (0, 1]",
+                self.top_p
+            )));
         }
         if self.max_tokens == 0 {
             return Err(Error::Request("max_tokens must be at least 1".into()));
@@ -93,8 +96,11 @@ impl Sampler {
         let total: f32 = probs.iter().sum();
         self.order.clear();
         self.order.extend(0..logits.len() as u32);
-        self.order
-            .sort_unstable_by(|a, b| probs[*b as usize].total_cmp(&probs[*a as usize]).then(a.cmp(b)));
+        self.order.sort_unstable_by(|a, b| {
+            probs[*b as usize]
+                .total_cmp(&probs[*a as usize])
+                .then(a.cmp(b))
+        });
         // the nucleus: the most likely tokens until top_p is reached
         let mut kept = 0.0;
         let mut end = 0;

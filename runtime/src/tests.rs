@@ -73,7 +73,11 @@ fn write_model(dir: &Path, skip: Option<&str>, reshape: Option<&str>) {
         let n: usize = shape.iter().product();
         let bytes: Vec<u8> = (0..n)
             .flat_map(|_| {
-                let v = if name.contains("norm") { 1.0 + next() } else { next() * 0.6 };
+                let v = if name.contains("norm") {
+                    1.0 + next()
+                } else {
+                    next() * 0.6
+                };
                 half::f16::from_f32(v).to_le_bytes()
             })
             .collect();
@@ -81,7 +85,12 @@ fn write_model(dir: &Path, skip: Option<&str>, reshape: Option<&str>) {
     }
     let views: Vec<(String, TensorView<'_>)> = data
         .iter()
-        .map(|(n, s, b)| (n.clone(), TensorView::new(Dtype::F16, s.clone(), b).unwrap()))
+        .map(|(n, s, b)| {
+            (
+                n.clone(),
+                TensorView::new(Dtype::F16, s.clone(), b).unwrap(),
+            )
+        })
         .collect();
     safetensors::serialize_to_file(views, None, &dir.join("model.safetensors")).unwrap();
 }
@@ -134,7 +143,10 @@ fn a_two_stage_split_decodes_what_the_whole_model_does() {
     let a = greedy(&[whole], &prompt, 24);
     let b = greedy(&[first, second], &prompt, 24);
     assert_eq!(a, b);
-    assert!(a.iter().collect::<std::collections::HashSet<_>>().len() > 1, "{a:?}");
+    assert!(
+        a.iter().collect::<std::collections::HashSet<_>>().len() > 1,
+        "{a:?}"
+    );
 }
 
 #[test]
@@ -149,7 +161,15 @@ fn batching_does_not_change_a_sequences_logits() {
         let mut s = SeqCache::default();
         kv.reserve(&mut s, prompt.len()).unwrap();
         let mut h = m.embed(prompt).unwrap();
-        m.forward(&mut h, &[Chunk { cache: &s, start: 0, len: prompt.len() }], &mut kv);
+        m.forward(
+            &mut h,
+            &[Chunk {
+                cache: &s,
+                start: 0,
+                len: prompt.len(),
+            }],
+            &mut kv,
+        );
         m.logits(&h, &[prompt.len() - 1]).unwrap()
     };
     let (mut s1, mut s2) = (SeqCache::default(), SeqCache::default());
@@ -157,12 +177,26 @@ fn batching_does_not_change_a_sequences_logits() {
     kv.reserve(&mut s2, 8).unwrap();
     let mut h = m.embed(&[&p1[..], &p2[..]].concat()).unwrap();
     let chunks = [
-        Chunk { cache: &s1, start: 0, len: p1.len() },
-        Chunk { cache: &s2, start: 0, len: p2.len() },
+        Chunk {
+            cache: &s1,
+            start: 0,
+            len: p1.len(),
+        },
+        Chunk {
+            cache: &s2,
+            start: 0,
+            len: p2.len(),
+        },
     ];
     m.forward(&mut h, &chunks, &mut kv);
-    let both = m.logits(&h, &[p1.len() - 1, p1.len() + p2.len() - 1]).unwrap();
-    let close = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(x, y)| (x - y).abs() <= 1e-4 * (1.0 + y.abs()));
+    let both = m
+        .logits(&h, &[p1.len() - 1, p1.len() + p2.len() - 1])
+        .unwrap();
+    let close = |a: &[f32], b: &[f32]| {
+        a.iter()
+            .zip(b)
+            .all(|(x, y)| (x - y).abs() <= 1e-4 * (1.0 + y.abs()))
+    };
     assert!(close(&both[..VOCAB], &alone(&p1)));
     assert!(close(&both[VOCAB..], &alone(&p2)));
 }
@@ -172,12 +206,19 @@ fn bad_weights_are_refused_naming_the_tensor() {
     let dir = tempfile::tempdir().unwrap();
     write_model(dir.path(), Some("model.layers.2.mlp.up_proj.weight"), None);
     let err = Model::load(dir.path()).err().unwrap().to_string();
-    assert!(err.contains("tensor model.layers.2.mlp.up_proj.weight is missing"), "{err}");
+    assert!(
+        err.contains("tensor model.layers.2.mlp.up_proj.weight is missing"),
+        "{err}"
+    );
     // a stage without layer 2 does not need it
     let config = crate::config::ModelConfig::load(dir.path()).unwrap();
     Model::load_layers(dir.path(), config, 0..2).unwrap();
 
-    write_model(dir.path(), None, Some("model.layers.1.self_attn.k_proj.weight"));
+    write_model(
+        dir.path(),
+        None,
+        Some("model.layers.1.self_attn.k_proj.weight"),
+    );
     let err = Model::load(dir.path()).err().unwrap().to_string();
     assert!(
         err.contains("tensor model.layers.1.self_attn.k_proj.weight has shape [17, 32]")
@@ -190,7 +231,10 @@ fn bad_weights_are_refused_naming_the_tensor() {
     let bytes = std::fs::read(&file).unwrap();
     std::fs::write(&file, &bytes[..bytes.len() - 100]).unwrap();
     let err = Model::load(dir.path()).err().unwrap().to_string();
-    assert!(err.contains("tensor ") && err.contains("truncated"), "{err}");
+    assert!(
+        err.contains("tensor ") && err.contains("truncated"),
+        "{err}"
+    );
 
     std::fs::remove_file(&file).unwrap();
     let err = Model::load(dir.path()).err().unwrap().to_string();

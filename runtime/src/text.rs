@@ -56,7 +56,10 @@ impl Text {
         };
         let template = match template {
             Some(t) => Some(environment(t).map_err(|e| {
-                Error::Model(format!("{}: chat_template does not parse: {e}", config_path.display()))
+                Error::Model(format!(
+                    "{}: chat_template does not parse: {e}",
+                    config_path.display()
+                ))
             })?),
             None => None,
         };
@@ -106,7 +109,8 @@ impl Text {
     pub fn render_chat(&self, messages: &Value) -> Result<String> {
         let env = self.template.as_ref().ok_or_else(|| {
             Error::Request(
-                "this model has no chat_template in tokenizer_config.json; use /v1/completions".into(),
+                "this model has no chat_template in tokenizer_config.json; use /v1/completions"
+                    .into(),
             )
         })?;
         let Value::Array(list) = messages else {
@@ -114,7 +118,9 @@ impl Text {
         };
         for (i, m) in list.iter().enumerate() {
             if !m["role"].is_string() {
-                return Err(Error::Request(format!("messages[{i}].role must be a string")));
+                return Err(Error::Request(format!(
+                    "messages[{i}].role must be a string"
+                )));
             }
         }
         let template = env
@@ -128,7 +134,9 @@ impl Text {
                 eos_token => &self.eos_token,
             })
             .map_err(|e| match e.kind() {
-                ErrorKind::InvalidOperation => Error::Request(format!("the chat template refused the messages: {e}")),
+                ErrorKind::InvalidOperation => {
+                    Error::Request(format!("the chat template refused the messages: {e}"))
+                }
                 _ => Error::Request(format!("cannot render the chat template: {e}")),
             })
     }
@@ -140,9 +148,12 @@ fn environment(template: String) -> std::result::Result<Environment<'static>, mi
     env.set_trim_blocks(true);
     env.set_lstrip_blocks(true);
     env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-    env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
-        Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
-    });
+    env.add_function(
+        "raise_exception",
+        |msg: String| -> std::result::Result<String, minijinja::Error> {
+            Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
+        },
+    );
     env.add_template_owned("chat", template)?;
     Ok(env)
 }

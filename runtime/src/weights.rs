@@ -47,11 +47,14 @@ impl Weights {
             let map = unsafe { Mmap::map(&file) }
                 .map_err(|e| Error::Model(format!("cannot map {}: {e}", path.display())))?;
             check_header(&path, &map)?;
-            let tensors = SafeTensors::deserialize(&map)
-                .map_err(|e| Error::Model(format!("{}: not a safetensors file: {e}", path.display())))?;
+            let tensors = SafeTensors::deserialize(&map).map_err(|e| {
+                Error::Model(format!("{}: not a safetensors file: {e}", path.display()))
+            })?;
             let at = weights.files.len();
             for (name, view) in tensors.tensors() {
-                weights.index.insert(name, (at, view.dtype(), view.shape().to_vec()));
+                weights
+                    .index
+                    .insert(name, (at, view.dtype(), view.shape().to_vec()));
             }
             weights.files.push((path, map));
         }
@@ -95,11 +98,9 @@ impl Weights {
                 .chunks_exact(2)
                 .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
                 .collect(),
-            other => {
-                return Err(Error::Model(format!(
-                    "tensor {name} is {other:?}; the native executor reads F16, BF16 and F32 weights"
-                )))
-            }
+            other => return Err(Error::Model(format!(
+                "tensor {name} is {other:?}; the native executor reads F16, BF16 and F32 weights"
+            ))),
         })
     }
 
@@ -107,7 +108,10 @@ impl Weights {
         let names: Vec<String> = self
             .files
             .iter()
-            .map(|(p, _)| p.file_name().map_or_else(String::new, |n| n.to_string_lossy().into_owned()))
+            .map(|(p, _)| {
+                p.file_name()
+                    .map_or_else(String::new, |n| n.to_string_lossy().into_owned())
+            })
             .collect();
         names.join(", ")
     }
@@ -156,7 +160,12 @@ fn check_header(path: &Path, bytes: &[u8]) -> Result<()> {
     let len = bytes
         .get(..8)
         .map(|b| u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]))
-        .ok_or_else(|| bad(format!("{} bytes is too short for a safetensors header", bytes.len())))?;
+        .ok_or_else(|| {
+            bad(format!(
+                "{} bytes is too short for a safetensors header",
+                bytes.len()
+            ))
+        })?;
     let end = 8usize.saturating_add(usize::try_from(len).unwrap_or(usize::MAX));
     let header = bytes.get(8..end).ok_or_else(|| {
         bad(format!(
@@ -206,7 +215,12 @@ mod tests {
         let views: Vec<(String, TensorView<'_>)> = tensors
             .iter()
             .zip(&data)
-            .map(|((n, s), d)| (n.to_string(), TensorView::new(Dtype::BF16, s.clone(), d).unwrap()))
+            .map(|((n, s), d)| {
+                (
+                    n.to_string(),
+                    TensorView::new(Dtype::BF16, s.clone(), d).unwrap(),
+                )
+            })
             .collect();
         let path = dir.join("model.safetensors");
         safetensors::serialize_to_file(views, None, &path).unwrap();
@@ -216,18 +230,30 @@ mod tests {
     #[test]
     fn reads_bf16_and_refuses_missing_misshapen_and_truncated_tensors_by_name() {
         let dir = tempfile::tempdir().unwrap();
-        let path = write(dir.path(), &[("a.weight", vec![2, 3]), ("b.weight", vec![4])]);
+        let path = write(
+            dir.path(),
+            &[("a.weight", vec![2, 3]), ("b.weight", vec![4])],
+        );
         let w = Weights::open(dir.path()).unwrap();
-        assert_eq!(w.get("a.weight", &[2, 3]).unwrap(), vec![0.0, 1.0, 2.0, 3.0, 4.0, 5.0]);
+        assert_eq!(
+            w.get("a.weight", &[2, 3]).unwrap(),
+            vec![0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
+        );
         let missing = w.get("c.weight", &[1]).unwrap_err().to_string();
         assert!(missing.contains("tensor c.weight is missing"), "{missing}");
         let shape = w.get("a.weight", &[3, 2]).unwrap_err().to_string();
-        assert!(shape.contains("tensor a.weight has shape [2, 3]"), "{shape}");
+        assert!(
+            shape.contains("tensor a.weight has shape [2, 3]"),
+            "{shape}"
+        );
         drop(w);
         let bytes = std::fs::read(&path).unwrap();
         std::fs::write(&path, &bytes[..bytes.len() - 3]).unwrap();
         let truncated = Weights::open(dir.path()).err().unwrap().to_string();
-        assert!(truncated.contains("tensor b.weight") && truncated.contains("truncated"), "{truncated}");
+        assert!(
+            truncated.contains("tensor b.weight") && truncated.contains("truncated"),
+            "{truncated}"
+        );
         std::fs::write(&path, &bytes[..5]).unwrap();
         let short = Weights::open(dir.path()).err().unwrap().to_string();
         assert!(short.contains("too short"), "{short}");

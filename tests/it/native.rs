@@ -18,9 +18,23 @@ use talon_runtime::text::Text;
 
 /// The variants checked: (arguments to make_tiny_hf.py).
 const VARIANTS: [&[&str]; 3] = [
-    &["--arch", "llama", "--dtype", "bf16", "--rope-scaling", "llama3"],
+    &[
+        "--arch",
+        "llama",
+        "--dtype",
+        "bf16",
+        "--rope-scaling",
+        "llama3",
+    ],
     &["--arch", "qwen2", "--dtype", "f16"],
-    &["--arch", "llama", "--dtype", "f32", "--rope-scaling", "linear"],
+    &[
+        "--arch",
+        "llama",
+        "--dtype",
+        "f32",
+        "--rope-scaling",
+        "linear",
+    ],
 ];
 
 fn reference(dir: &Path) -> Value {
@@ -28,18 +42,29 @@ fn reference(dir: &Path) -> Value {
 }
 
 fn ids(v: &Value) -> Vec<u32> {
-    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
 }
 
 fn floats(v: &Value) -> Vec<f32> {
-    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect()
 }
 
 /// max |a − b| / max |b|: the error relative to the logits' scale.
 fn relative_error(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
     let scale = b.iter().fold(0.0f32, |m, x| m.max(x.abs()));
-    let diff = a.iter().zip(b).fold(0.0f32, |m, (x, y)| m.max((x - y).abs()));
+    let diff = a
+        .iter()
+        .zip(b)
+        .fold(0.0f32, |m, (x, y)| m.max((x - y).abs()));
     diff / scale
 }
 
@@ -62,7 +87,11 @@ fn greedy(stages: &[Model], prompt: &[u32], steps: usize) -> Vec<u32> {
             m.forward(&mut hidden, &[chunk], kv);
             s.len += input.len();
         }
-        let id = argmax(&stages[stages.len() - 1].logits(&hidden, &[input.len() - 1]).unwrap());
+        let id = argmax(
+            &stages[stages.len() - 1]
+                .logits(&hidden, &[input.len() - 1])
+                .unwrap(),
+        );
         out.push(id);
         input = vec![id];
     }
@@ -77,10 +106,18 @@ fn native_cpu_matches_transformers_logits_tokens_and_chat_template() {
         let model = Model::load(&dir).unwrap();
         let text = Text::load(&dir, &model.config.eos_token_ids).unwrap();
         let prompt = ids(&r["prompt_ids"]);
-        assert_eq!(text.encode(r["prompt"].as_str().unwrap()).unwrap(), prompt, "{args:?}");
+        assert_eq!(
+            text.encode(r["prompt"].as_str().unwrap()).unwrap(),
+            prompt,
+            "{args:?}"
+        );
         let chat = text.render_chat(&r["messages"]).unwrap();
         assert_eq!(chat, r["chat_text"].as_str().unwrap(), "{args:?}");
-        assert_eq!(text.encode_rendered(&chat).unwrap(), ids(&r["chat_ids"]), "{args:?}");
+        assert_eq!(
+            text.encode_rendered(&chat).unwrap(),
+            ids(&r["chat_ids"]),
+            "{args:?}"
+        );
 
         // every prompt position's logits in one prefill
         let mut kv = model.kv_cache(8 << 20);
@@ -98,12 +135,19 @@ fn native_cpu_matches_transformers_logits_tokens_and_chat_template() {
         let vocab = model.config.vocab_size;
         let mut worst = 0.0f32;
         for (i, want) in r["logits_all"].as_array().unwrap().iter().enumerate() {
-            worst = worst.max(relative_error(&logits[i * vocab..(i + 1) * vocab], &floats(want)));
+            worst = worst.max(relative_error(
+                &logits[i * vocab..(i + 1) * vocab],
+                &floats(want),
+            ));
         }
         assert!(worst <= 1e-3, "{args:?}: logits differ by {worst} relative");
 
         let want = ids(&r["greedy"]);
-        assert_eq!(greedy(&[model], &prompt, 64), want, "{args:?}: greedy tokens");
+        assert_eq!(
+            greedy(&[model], &prompt, 64),
+            want,
+            "{args:?}: greedy tokens"
+        );
         // a two-stage split: the same tokens
         let config = talon_runtime::config::ModelConfig::load(&dir).unwrap();
         let half = config.num_layers / 2;
@@ -128,7 +172,10 @@ fn submit(engine: &Engine, prompt: Vec<u32>, params: SamplingParams) -> mpsc::Re
 fn finish(rx: &mpsc::Receiver<Event>) -> (Finish, String) {
     let mut streamed = String::new();
     loop {
-        match rx.recv_timeout(Duration::from_secs(120)).expect("the engine answers") {
+        match rx
+            .recv_timeout(Duration::from_secs(120))
+            .expect("the engine answers")
+        {
             Event::Token { text, .. } => streamed.push_str(&text),
             Event::Done(f) => return (f, streamed),
             Event::Failed(why) => panic!("request failed: {why}"),
@@ -176,7 +223,11 @@ fn the_engine_batches_continuously_and_answers_each_request_as_alone() {
         .collect();
     let main = submit(&engine, prompt.clone(), greedy.clone());
     let (f, streamed) = finish(&main);
-    assert_eq!(f.tokens, ids(&r["greedy"]), "greedy tokens in a shared batch");
+    assert_eq!(
+        f.tokens,
+        ids(&r["greedy"]),
+        "greedy tokens in a shared batch"
+    );
     assert_eq!(f.reason, "length");
     assert_eq!(streamed, f.text, "the stream adds up to the answer");
     assert_eq!(f.text, r["greedy_text"].as_str().unwrap());
@@ -216,13 +267,22 @@ fn the_engine_batches_continuously_and_answers_each_request_as_alone() {
     assert_eq!(streamed, s.text);
 
     let stats = engine.stats();
-    assert!(stats.decode_steps > 0 && stats.prefill_tokens > 0, "{stats:?}");
-    assert_eq!(stats.free_blocks, stats.total_blocks, "every block came back: {stats:?}");
+    assert!(
+        stats.decode_steps > 0 && stats.prefill_tokens > 0,
+        "{stats:?}"
+    );
+    assert_eq!(
+        stats.free_blocks, stats.total_blocks,
+        "every block came back: {stats:?}"
+    );
     let err = engine
         .submit(vec![1; 400], greedy, Box::new(|_| true))
         .unwrap_err()
         .to_string();
-    assert!(err.contains("shorten the prompt or lower max_tokens"), "{err}");
+    assert!(
+        err.contains("shorten the prompt or lower max_tokens"),
+        "{err}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -235,7 +295,11 @@ async fn an_agent_serves_a_native_model_through_the_gateway_with_transformers_to
         .expect("setup")
         .expect("model");
     let r = reference(&dir);
-    let cluster = Cluster::form(1, &["--join-token", TOKEN, "--telemetry-interval-ms", "200"]).await;
+    let cluster = Cluster::form(
+        1,
+        &["--join-token", TOKEN, "--telemetry-interval-ms", "200"],
+    )
+    .await;
     let grpc = cluster.nodes[0].grpc.clone();
     let http = cluster.nodes[0].http.clone();
     let key = cluster.admin_key();
@@ -259,12 +323,18 @@ async fn an_agent_serves_a_native_model_through_the_gateway_with_transformers_to
     );
     let client = cluster.client();
     let node = wait_for("the agent", Duration::from_secs(60), || async {
-        client.get_node("cpu").await.ok().filter(|n| n.state == "ready")
+        client
+            .get_node("cpu")
+            .await
+            .ok()
+            .filter(|n| n.state == "ready")
     })
     .await;
     let labels = node.inventory.expect("inventory").labels;
     assert!(
-        labels.get("talon-engines").is_some_and(|e| e.split(',').any(|e| e == "native")),
+        labels
+            .get("talon-engines")
+            .is_some_and(|e| e.split(',').any(|e| e == "native")),
         "{labels:?}"
     );
     let mut spec = talon_tests::model_spec("tiny-native", "native", 512, 1);
@@ -285,7 +355,10 @@ async fn an_agent_serves_a_native_model_through_the_gateway_with_transformers_to
             .await
             .expect("post")
             .expect("an answer");
-            (status, serde_json::from_str::<Value>(&text).unwrap_or(Value::String(text)))
+            (
+                status,
+                serde_json::from_str::<Value>(&text).unwrap_or(Value::String(text)),
+            )
         }
     };
     // the same 64 tokens transformers chose, through the gateway
@@ -297,7 +370,11 @@ async fn an_agent_serves_a_native_model_through_the_gateway_with_transformers_to
     assert_eq!(status, 200, "{answer}");
     assert_eq!(answer["choices"][0]["text"], r["greedy_text"], "{answer}");
     assert_eq!(answer["usage"]["completion_tokens"], 64, "{answer}");
-    assert_eq!(answer["usage"]["prompt_tokens"], ids(&r["prompt_ids"]).len(), "{answer}");
+    assert_eq!(
+        answer["usage"]["prompt_tokens"],
+        ids(&r["prompt_ids"]).len(),
+        "{answer}"
+    );
 
     let (status, chat) = post(
         "/v1/chat/completions",
@@ -305,8 +382,15 @@ async fn an_agent_serves_a_native_model_through_the_gateway_with_transformers_to
     )
     .await;
     assert_eq!(status, 200, "{chat}");
-    assert_eq!(chat["usage"]["prompt_tokens"], ids(&r["chat_ids"]).len(), "{chat}");
-    assert!(chat["choices"][0]["message"]["content"].is_string(), "{chat}");
+    assert_eq!(
+        chat["usage"]["prompt_tokens"],
+        ids(&r["chat_ids"]).len(),
+        "{chat}"
+    );
+    assert!(
+        chat["choices"][0]["message"]["content"].is_string(),
+        "{chat}"
+    );
 
     // bad input: refused naming the field, nothing served
     let (status, err) = post(

@@ -39,13 +39,24 @@ pub fn model(args: &[&str]) -> anyhow::Result<PathBuf> {
     args.hash(&mut h);
     let target = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target");
     std::fs::create_dir_all(target.join("hf-models")).context("create target/hf-models")?;
-    let root = target.join("hf-models").canonicalize().context("target/hf-models")?;
-    let dir = root.join(format!("{}-{:016x}", args.join("").replace('-', ""), h.finish()));
+    let root = target
+        .join("hf-models")
+        .canonicalize()
+        .context("target/hf-models")?;
+    let dir = root.join(format!(
+        "{}-{:016x}",
+        args.join("").replace('-', ""),
+        h.finish()
+    ));
     if dir.join("reference.json").exists() {
         return Ok(dir);
     }
     let python = python()?;
-    let partial = root.join(format!(".partial-{}-{:016x}", std::process::id(), h.finish()));
+    let partial = root.join(format!(
+        ".partial-{}-{:016x}",
+        std::process::id(),
+        h.finish()
+    ));
     let _ = std::fs::remove_dir_all(&partial);
     let out = Command::new(&python)
         .arg(&script)

@@ -62,7 +62,11 @@ impl ExecutorFactory for NativeFactory {
             )));
         }
         let memory = r.memory_mib << 20;
-        Ok(Arc::new(NativeExecutor::start(r.model.clone(), dir, memory)))
+        Ok(Arc::new(NativeExecutor::start(
+            r.model.clone(),
+            dir,
+            memory,
+        )))
     }
 }
 
@@ -172,8 +176,16 @@ impl NativeExecutor {
         engine
             .submit(prompt, params, Box::new(move |e| tx.send(e).is_ok()))
             .map_err(bad)?;
-        let id = format!("{}-{:016x}", if chat { "chatcmpl" } else { "cmpl" }, rand_id());
-        let object = if chat { "chat.completion.chunk" } else { "text_completion" };
+        let id = format!(
+            "{}-{:016x}",
+            if chat { "chatcmpl" } else { "cmpl" },
+            rand_id()
+        );
+        let object = if chat {
+            "chat.completion.chunk"
+        } else {
+            "text_completion"
+        };
         let chunk = |piece: Option<&str>, finish: Option<&str>| {
             let choice = if chat {
                 let delta = piece.map_or(json!({}), |p| json!({"role": "assistant", "content": p}));
@@ -211,13 +223,21 @@ impl NativeExecutor {
                     } else {
                         json!({"index": 0, "text": f.text, "finish_reason": f.reason})
                     };
-                    let object = if chat { "chat.completion" } else { "text_completion" };
-                    return Ok(json!({"id": id, "object": object, "created": 0, "model": self.model,
-                        "choices": [choice], "usage": usage}));
+                    let object = if chat {
+                        "chat.completion"
+                    } else {
+                        "text_completion"
+                    };
+                    return Ok(
+                        json!({"id": id, "object": object, "created": 0, "model": self.model,
+                        "choices": [choice], "usage": usage}),
+                    );
                 }
             }
         }
-        Err(ExecError::Engine("the runtime stopped before answering".into()))
+        Err(ExecError::Engine(
+            "the runtime stopped before answering".into(),
+        ))
     }
 }
 
@@ -231,7 +251,11 @@ fn bad(e: talon_runtime::Error) -> ExecError {
 fn rand_id() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u64(std::time::SystemTime::now().elapsed().map_or(0, |d| d.as_nanos() as u64));
+    h.write_u64(
+        std::time::SystemTime::now()
+            .elapsed()
+            .map_or(0, |d| d.as_nanos() as u64),
+    );
     h.finish()
 }
 
@@ -242,11 +266,15 @@ fn params(body: &Value, prompt: usize, limit: usize) -> Result<SamplingParams, E
         match &body[name] {
             Value::Null => Ok(None),
             Value::Number(n) => Ok(n.as_f64()),
-            other => Err(ExecError::BadRequest(format!("{name} must be a number, not {other}"))),
+            other => Err(ExecError::BadRequest(format!(
+                "{name} must be a number, not {other}"
+            ))),
         }
     };
     if number("n")?.is_some_and(|n| n != 1.0) {
-        return Err(ExecError::BadRequest("the native executor answers n = 1 only".into()));
+        return Err(ExecError::BadRequest(
+            "the native executor answers n = 1 only".into(),
+        ));
     }
     let max_tokens = match number("max_tokens")?.or(number("max_completion_tokens")?) {
         Some(n) if n >= 1.0 && n.fract() == 0.0 => n as usize,
@@ -268,7 +296,11 @@ fn params(body: &Value, prompt: usize, limit: usize) -> Result<SamplingParams, E
                     .ok_or_else(|| ExecError::BadRequest("stop must be a string or strings".into()))
             })
             .collect::<Result<_, _>>()?,
-        _ => return Err(ExecError::BadRequest("stop must be a string or strings".into())),
+        _ => {
+            return Err(ExecError::BadRequest(
+                "stop must be a string or strings".into(),
+            ))
+        }
     };
     let seed = match &body["seed"] {
         Value::Null => None,
@@ -345,7 +377,13 @@ impl Executor for NativeExecutor {
                 let why = e.to_string();
                 return batch
                     .iter()
-                    .map(|_| Err(ExecError::NotReady(if why.contains("loading") { "loading" } else { "failed" })))
+                    .map(|_| {
+                        Err(ExecError::NotReady(if why.contains("loading") {
+                            "loading"
+                        } else {
+                            "failed"
+                        }))
+                    })
                     .collect();
             }
         };

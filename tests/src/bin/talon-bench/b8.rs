@@ -46,33 +46,59 @@ fn run_once(m: &Model, batch: usize, prompt: usize, decode: usize, seed: u64) ->
         (state % vocab) as u32
     };
     let per_seq = prompt + decode + 1;
-    let bytes = (batch * per_seq.div_ceil(16) * 16 * m.config.num_layers * 2 * m.config.num_kv_heads * m.config.head_dim * 4) as u64;
+    let bytes = (batch
+        * per_seq.div_ceil(16)
+        * 16
+        * m.config.num_layers
+        * 2
+        * m.config.num_kv_heads
+        * m.config.head_dim
+        * 4) as u64;
     let mut kv = m.kv_cache(bytes + (1 << 20));
     let mut seqs: Vec<SeqCache> = (0..batch).map(|_| SeqCache::default()).collect();
     for s in &mut seqs {
-        kv.reserve(s, per_seq).expect("the cache was sized for the batch");
+        kv.reserve(s, per_seq)
+            .expect("the cache was sized for the batch");
     }
     let tokens: Vec<u32> = (0..batch * prompt).map(|_| next()).collect();
     let started = Instant::now();
     let mut hidden = m.embed(&tokens).expect("tokens in the vocabulary");
-    let chunks: Vec<Chunk<'_>> = seqs.iter().map(|s| Chunk { cache: s, start: 0, len: prompt }).collect();
+    let chunks: Vec<Chunk<'_>> = seqs
+        .iter()
+        .map(|s| Chunk {
+            cache: s,
+            start: 0,
+            len: prompt,
+        })
+        .collect();
     m.forward(&mut hidden, &chunks, &mut kv);
     let rows: Vec<usize> = (0..batch).map(|i| (i + 1) * prompt - 1).collect();
     let logits = m.logits(&hidden, &rows).expect("a whole model");
     let prefill = started.elapsed().as_secs_f64();
     let v = m.config.vocab_size;
-    let mut last: Vec<u32> = (0..batch).map(|i| argmax(&logits[i * v..(i + 1) * v])).collect();
+    let mut last: Vec<u32> = (0..batch)
+        .map(|i| argmax(&logits[i * v..(i + 1) * v]))
+        .collect();
     for s in &mut seqs {
         s.len = prompt;
     }
     let started = Instant::now();
     for _ in 0..decode {
         let mut hidden = m.embed(&last).expect("tokens in the vocabulary");
-        let chunks: Vec<Chunk<'_>> = seqs.iter().map(|s| Chunk { cache: s, start: s.len, len: 1 }).collect();
+        let chunks: Vec<Chunk<'_>> = seqs
+            .iter()
+            .map(|s| Chunk {
+                cache: s,
+                start: s.len,
+                len: 1,
+            })
+            .collect();
         m.forward(&mut hidden, &chunks, &mut kv);
         let rows: Vec<usize> = (0..batch).collect();
         let logits = m.logits(&hidden, &rows).expect("a whole model");
-        last = (0..batch).map(|i| argmax(&logits[i * v..(i + 1) * v])).collect();
+        last = (0..batch)
+            .map(|i| argmax(&logits[i * v..(i + 1) * v]))
+            .collect();
         for s in &mut seqs {
             s.len += 1;
         }
@@ -105,7 +131,9 @@ pub fn b8(cli: &Cli, args: &B8) -> anyhow::Result<()> {
     let mut native = serde_json::Map::new();
     for &b in &args.batches {
         run_once(&m, b, args.prompt.min(16), 2, 99); // warm-up
-        let runs: Vec<(f64, f64)> = (0..args.repeats).map(|r| run_once(&m, b, args.prompt, args.decode, r as u64 + 1)).collect();
+        let runs: Vec<(f64, f64)> = (0..args.repeats)
+            .map(|r| run_once(&m, b, args.prompt, args.decode, r as u64 + 1))
+            .collect();
         native.insert(
             b.to_string(),
             json!({"prefill_tok_s": median(runs.iter().map(|r| r.0).collect()),
@@ -118,13 +146,27 @@ pub fn b8(cli: &Cli, args: &B8) -> anyhow::Result<()> {
     let out = std::process::Command::new(python)
         .arg(script)
         .arg(&dir)
-        .args(["--batches", &batches.join(","), "--prompt", &args.prompt.to_string()])
-        .args(["--decode", &args.decode.to_string(), "--threads", &args.threads.to_string()])
+        .args([
+            "--batches",
+            &batches.join(","),
+            "--prompt",
+            &args.prompt.to_string(),
+        ])
+        .args([
+            "--decode",
+            &args.decode.to_string(),
+            "--threads",
+            &args.threads.to_string(),
+        ])
         .args(["--repeats", &args.repeats.to_string()])
         .env("HF_HUB_OFFLINE", "1")
         .output()
         .context("run b8_torch.py")?;
-    anyhow::ensure!(out.status.success(), "b8_torch.py failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    anyhow::ensure!(
+        out.status.success(),
+        "b8_torch.py failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let torch: Value = serde_json::from_slice(&out.stdout).context("b8_torch.py output")?;
     println!("| batch | native prefill tok/s | PyTorch prefill tok/s | ratio | native decode tok/s | PyTorch decode tok/s | ratio |");
     println!("|---|---|---|---|---|---|---|");
@@ -133,8 +175,12 @@ pub fn b8(cli: &Cli, args: &B8) -> anyhow::Result<()> {
         let f = |v: &Value, k: &str| v[k].as_f64().unwrap_or(0.0);
         println!(
             "| {b} | {:.0} | {:.0} | {:.2}× | {:.1} | {:.1} | {:.2}× |",
-            f(n, "prefill_tok_s"), f(t, "prefill_tok_s"), f(n, "prefill_tok_s") / f(t, "prefill_tok_s"),
-            f(n, "decode_tok_s"), f(t, "decode_tok_s"), f(n, "decode_tok_s") / f(t, "decode_tok_s"),
+            f(n, "prefill_tok_s"),
+            f(t, "prefill_tok_s"),
+            f(n, "prefill_tok_s") / f(t, "prefill_tok_s"),
+            f(n, "decode_tok_s"),
+            f(t, "decode_tok_s"),
+            f(n, "decode_tok_s") / f(t, "decode_tok_s"),
         );
     }
     write_out(
