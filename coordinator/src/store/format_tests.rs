@@ -39,8 +39,11 @@ fn golden_v1_dir() -> tempfile::TempDir {
         r#"{"kind":"talon-coordinator-data","format_version":1,"node_id":1}"#,
     )
     .unwrap();
+    // no background flusher: it holds the directory's lock past the drop,
+    // and the next open in this test would find it taken
     let db = sled::Config::new()
         .path(dir.path().join("db"))
+        .flush_every_ms(None)
         .open()
         .unwrap();
     let trees: serde_json::Value = serde_json::from_str(GOLDEN_DIR).unwrap();
@@ -85,8 +88,11 @@ fn golden_dump_dir(format: u32, dump: &str) -> tempfile::TempDir {
         format!(r#"{{"kind":"talon-coordinator-data","format_version":{format},"node_id":1}}"#),
     )
     .unwrap();
+    // no background flusher: it holds the directory's lock past the drop,
+    // and the next open in this test would find it taken
     let db = sled::Config::new()
         .path(dir.path().join("db"))
+        .flush_every_ms(None)
         .open()
         .unwrap();
     let trees: serde_json::Value = serde_json::from_str(dump).unwrap();
@@ -141,8 +147,11 @@ async fn format_5_directory_migrates_and_reads_the_same() {
 /// An old directory's snapshot does not decode as the current format (the
 /// state grew) but does as its own (`reads_as_its_own`).
 fn refuses_its_snapshot(dir: &tempfile::TempDir, reads_as_its_own: impl Fn(&[u8]) -> bool) {
+    // no background flusher: it holds the directory's lock past the drop,
+    // and the next open in this test would find it taken
     let db = sled::Config::new()
         .path(dir.path().join("db"))
+        .flush_every_ms(None)
         .open()
         .unwrap();
     let data = db
@@ -760,8 +769,11 @@ fn arb_inventory_fixed() -> NodeInventory {
 fn dump_golden_current() {
     let dir = golden_v1_dir();
     drop(DataDir::open(dir.path(), 1).unwrap());
+    // no background flusher: it holds the directory's lock past the drop,
+    // and the next open in this test would find it taken
     let db = sled::Config::new()
         .path(dir.path().join("db"))
+        .flush_every_ms(None)
         .open()
         .unwrap();
     let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
