@@ -67,6 +67,13 @@ pub struct Finish {
 /// Where a request's events go; answers whether anyone still listens.
 pub type Sink = Box<dyn FnMut(Event) -> bool + Send>;
 
+/// The rest of a pipeline, after the first stage's layers: takes a step's
+/// hidden states and answers the logits of each chunk's last position
+/// (`chunks × vocab`), or why it could not.
+pub trait Tail: Send {
+    fn run(&mut self, msg: crate::stage::StepMsg) -> std::result::Result<Vec<f32>, String>;
+}
+
 /// Time spent per kind of work, since the engine started.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct StepStats {
@@ -102,14 +109,38 @@ pub struct Engine {
 }
 
 impl Engine {
-    /// Starts serving `model` (the whole model: a pipeline's stages are
-    /// driven by the pipeline).
+    /// Starts serving `model`, the whole model.
     pub fn start(model: Model, text: Arc<Text>, settings: EngineSettings) -> Result<Engine> {
         if !(model.is_first() && model.is_last()) {
             return Err(Error::Model(
-                "an engine serves a whole model, not a pipeline stage".into(),
+                "this is a pipeline stage: start it with start_pipeline and the rest of the pipeline".into(),
             ));
         }
+        Engine::start_with(model, text, settings, None)
+    }
+
+    /// Starts serving a pipeline whose first stage is `model` and whose
+    /// later stages `tail` runs.
+    pub fn start_pipeline(
+        model: Model,
+        text: Arc<Text>,
+        settings: EngineSettings,
+        tail: Box<dyn Tail>,
+    ) -> Result<Engine> {
+        if !model.is_first() || model.is_last() {
+            return Err(Error::Model(
+                "a pipeline's engine runs its first stage: layers from 0, not the last".into(),
+            ));
+        }
+        Engine::start_with(model, text, settings, Some(tail))
+    }
+
+    fn start_with(
+        model: Model,
+        text: Arc<Text>,
+        settings: EngineSettings,
+        tail: Option<Box<dyn Tail>>,
+    ) -> Result<Engine> {
         let kv = model.kv_cache(settings.kv_bytes);
         if kv.total_blocks() == 0 {
             return Err(Error::Model(format!(
@@ -133,6 +164,9 @@ impl Engine {
             stats: stats.clone(),
             waiting: VecDeque::new(),
             running: Vec::new(),
+            tail,
+            next_id: 0,
+            released: Vec::new(),
         };
         let thread = std::thread::Builder::new()
             .name("talon-native".into())
@@ -212,6 +246,7 @@ impl Drop for Engine {
 }
 
 struct Seq {
+    id: u64,
     prompt: Vec<u32>,
     generated: Vec<u32>,
     cache: SeqCache,
@@ -231,6 +266,11 @@ struct Worker {
     stats: Arc<Mutex<StepStats>>,
     waiting: VecDeque<Submission>,
     running: Vec<Seq>,
+    /// The later stages, for a pipeline.
+    tail: Option<Box<dyn Tail>>,
+    next_id: u64,
+    /// Sequences finished since the last step reached the later stages.
+    released: Vec<u64>,
 }
 
 impl Worker {
@@ -292,7 +332,9 @@ impl Worker {
                 continue;
             }
             prefill += sub.prompt.len();
+            self.next_id += 1;
             self.running.push(Seq {
+                id: self.next_id,
                 sampler: Sampler::new(sub.params.clone()),
                 prompt: sub.prompt,
                 generated: Vec::new(),
@@ -332,6 +374,23 @@ impl Worker {
                 })
                 .collect();
             self.model.forward(&mut hidden, &chunks, &mut self.kv);
+            if let Some(tail) = &mut self.tail {
+                let msg = crate::stage::StepMsg {
+                    chunks: self
+                        .running
+                        .iter()
+                        .zip(&spans)
+                        .map(|(s, &(start, len))| crate::stage::StepChunk {
+                            seq: s.id,
+                            start: start as u32,
+                            len: len as u32,
+                        })
+                        .collect(),
+                    released: std::mem::take(&mut self.released),
+                    hidden,
+                };
+                return tail.run(msg).map_err(Error::Request);
+            }
             let mut row = 0;
             let last_rows: Vec<usize> = spans
                 .iter()
@@ -342,17 +401,19 @@ impl Worker {
                 .collect();
             self.model.logits(&hidden, &last_rows)
         });
-        let logits = match result {
-            Ok(l) => l,
-            Err(e) => {
-                for mut s in self.running.drain(..) {
-                    self.kv.release(&mut s.cache);
-                    (s.sink)(Event::Failed(e.to_string()));
-                }
-                return;
-            }
-        };
         let vocab = self.model.config.vocab_size;
+        let logits = match result {
+            Ok(l) if l.len() == vocab * spans.len() => l,
+            Ok(l) => self.fail_all(Error::Request(format!(
+                "the pipeline's last stage answered {} logits for {} sequences of a {vocab}-token vocabulary",
+                l.len(),
+                spans.len()
+            ))),
+            Err(e) => self.fail_all(e),
+        };
+        if logits.is_empty() {
+            return;
+        }
         let mut finished = Vec::new();
         for (i, (s, &(_, len))) in self.running.iter_mut().zip(&spans).enumerate() {
             s.cache.len += len;
@@ -368,6 +429,7 @@ impl Worker {
         for (i, done) in finished.into_iter().rev() {
             let mut s = self.running.swap_remove(i);
             self.kv.release(&mut s.cache);
+            self.released.push(s.id);
             answers.extend(done.map(|finish| (s.sink, finish)));
         }
         // the figures first, so that whoever hears an answer sees its
@@ -456,6 +518,17 @@ fn advance(text: &Text, max_positions: usize, s: &mut Seq, id: u32) -> Option<Op
 }
 
 impl Worker {
+    /// Fails every running request (a step could not run); answers no
+    /// logits.
+    fn fail_all(&mut self, e: Error) -> Vec<f32> {
+        for mut s in self.running.drain(..) {
+            self.kv.release(&mut s.cache);
+            self.released.push(s.id);
+            (s.sink)(Event::Failed(e.to_string()));
+        }
+        Vec::new()
+    }
+
     fn publish(&self) {
         if let Ok(mut st) = self.stats.lock() {
             st.running = self.running.len();

@@ -16,6 +16,8 @@
 //! - [`text`]: tokenizer (`tokenizer.json`) and chat template
 //!   (`tokenizer_config.json`, rendered with minijinja);
 //! - [`sampling`]: temperature, top-p and seed; stop sequences;
+//! - [`stage`]: pipeline stages in other processes: the step they are
+//!   handed and the runner of a later stage's layers;
 //! - [`engine`]: continuous batching on a thread of its own, streaming
 //!   tokens as they are made and timing every step.
 
@@ -26,6 +28,7 @@ pub mod kv;
 pub mod model;
 pub mod rope;
 pub mod sampling;
+pub mod stage;
 pub mod text;
 pub mod weights;
 

@@ -98,9 +98,11 @@ impl Weights {
                 .chunks_exact(2)
                 .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
                 .collect(),
-            other => return Err(Error::Model(format!(
+            other => {
+                return Err(Error::Model(format!(
                 "tensor {name} is {other:?}; the native executor reads F16, BF16 and F32 weights"
-            ))),
+            )))
+            }
         })
     }
 

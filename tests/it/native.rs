@@ -401,3 +401,116 @@ async fn an_agent_serves_a_native_model_through_the_gateway_with_transformers_to
     assert_eq!(status, 400, "{err}");
     assert!(err.to_string().contains("temperature 7"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_native_model_split_over_two_agents_decodes_transformers_tokens() {
+    use crate::harness::{free_port, wait_for, Cluster, Proc};
+    use crate::placement::TOKEN;
+
+    let dir = tokio::task::spawn_blocking(|| talon_tests::hf::model(VARIANTS[0]))
+        .await
+        .expect("setup")
+        .expect("model");
+    let r = reference(&dir);
+    let cluster = Cluster::form(
+        1,
+        &["--join-token", TOKEN, "--telemetry-interval-ms", "200"],
+    )
+    .await;
+    let grpc = cluster.nodes[0].grpc.clone();
+    let http = cluster.nodes[0].http.clone();
+    let key = cluster.admin_key();
+    // two hosts of one L4 each: a model planned at 40,000 MiB fits neither
+    let listens: Vec<(String, String)> = ["s1", "s2"]
+        .iter()
+        .map(|id| (id.to_string(), format!("127.0.0.1:{}", free_port())))
+        .collect();
+    let _agents: Vec<Proc> = listens
+        .iter()
+        .map(|(id, listen)| {
+            Proc::spawn_with_env(
+                "talon-agent",
+                &[
+                    "--node-id",
+                    id,
+                    "--coordinators",
+                    &grpc,
+                    "--sim-gpus",
+                    "l4:1",
+                    "--http-listen",
+                    listen,
+                    "--telemetry-interval-ms",
+                    "200",
+                    "--native",
+                ],
+                &[("TALON_JOIN_TOKEN", TOKEN)],
+            )
+        })
+        .collect();
+    let client = cluster.client();
+    wait_for("two ready nodes", Duration::from_secs(60), || async {
+        let nodes = client.list_nodes().await.ok()?;
+        (nodes.iter().filter(|n| n.state == "ready").count() == 2).then_some(())
+    })
+    .await;
+    let mut spec = talon_tests::model_spec("piped", "native", 40_000, 1);
+    spec.artifact_uri = format!("file://{}", dir.display());
+    spec.labels.insert("layers".into(), "4".into());
+    client.create_model(spec).await.expect("model");
+    let placed = wait_for("both stages ready", Duration::from_secs(120), || async {
+        let list = client.list_replicas("piped").await.ok()?;
+        let ready = list.replicas.len() == 2 && list.replicas.iter().all(|r| r.state == "ready");
+        ready.then_some(list.replicas)
+    })
+    .await;
+    let mut stages: Vec<_> = placed
+        .iter()
+        .filter_map(|r| Some((r.pipeline.clone()?, r.node_id.clone())))
+        .collect();
+    stages.sort_by_key(|(p, _)| p.index);
+    assert_eq!(stages.len(), 2, "{placed:?}");
+    assert_ne!(stages[0].1, stages[1].1, "the stages are on two agents");
+    assert_eq!(
+        (
+            stages[0].0.first_layer,
+            stages[1].0.first_layer,
+            stages[0].0.layers + stages[1].0.layers
+        ),
+        (0, stages[0].0.layers, 4)
+    );
+
+    let body = serde_json::json!({"model": "piped", "prompt": r["prompt"], "max_tokens": 64, "temperature": 0});
+    let (status, text) = tokio::task::spawn_blocking(move || {
+        talon_tests::http_post(&http, "/v1/completions", &body.to_string(), &key)
+    })
+    .await
+    .expect("post")
+    .expect("an answer");
+    assert_eq!(status, 200, "{text}");
+    let answer: Value = serde_json::from_str(&text).expect("json");
+    assert_eq!(answer["choices"][0]["text"], r["greedy_text"], "{answer}");
+
+    // every step crossed to the second agent
+    let tail_node = &stages[1].1;
+    let listen = listens
+        .iter()
+        .find(|(id, _)| id == tail_node)
+        .expect("listen")
+        .1
+        .clone();
+    let metrics = reqwest::get(format!("http://{listen}/metrics"))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    let steps: u64 = metrics
+        .lines()
+        .find(|l| l.starts_with("talon_agent_pipeline_steps_total{replica=\"piped@v1-0.stage1\"}"))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0);
+    assert!(
+        steps >= 64,
+        "the second stage ran {steps} steps:\n{metrics}"
+    );
+}

@@ -19,6 +19,7 @@
 pub mod external;
 pub mod logs;
 pub mod native;
+pub mod native_stage;
 pub mod pipeline;
 pub mod ports;
 pub mod profiles;

@@ -29,6 +29,9 @@ pub const NATIVE_ENGINE: &str = "native";
 const DEFAULT_MAX_TOKENS: usize = 256;
 /// KV cache when the replica's memory leaves less after the weights.
 const MIN_KV_BYTES: u64 = 64 << 20;
+/// Most KV cache a replica takes on the CPU, whatever its planned GPU
+/// memory leaves (the plan is for a GPU; the runtime runs on the host).
+pub const MAX_KV_BYTES: u64 = 1 << 30;
 
 /// Starts `native` replicas itself and hands every other one to `other`.
 pub struct NativeFactory {
@@ -48,9 +51,9 @@ impl ExecutorFactory for NativeFactory {
             };
         }
         let placement = Placement::of(r)?;
-        if placement.pipeline.is_some() || placement.stages > 1 {
+        if placement.stages > 1 {
             return Err(ExecError::Config(
-                "the native executor runs whole replicas in this release; its pipeline stages run in-process (talon-runtime), not yet across agents".into(),
+                "the native executor runs one stage per node; pipeline stages on one node's GPUs are not built".into(),
             ));
         }
         let dir = crate::artifacts::resolve(&r.artifact_uri, self.hf_cache.as_deref())
@@ -62,11 +65,17 @@ impl ExecutorFactory for NativeFactory {
             )));
         }
         let memory = r.memory_mib << 20;
-        Ok(Arc::new(NativeExecutor::start(
-            r.model.clone(),
-            dir,
-            memory,
-        )))
+        match placement.pipeline {
+            Some(stage) if stage.index > 0 => Ok(Arc::new(
+                super::native_stage::NativeStage::start(dir, stage, memory, MIN_KV_BYTES),
+            )),
+            stage => Ok(Arc::new(NativeExecutor::start(
+                r.model.clone(),
+                dir,
+                memory,
+                stage,
+            ))),
+        }
     }
 }
 
@@ -81,28 +90,58 @@ enum Slot {
 pub struct NativeExecutor {
     model: String,
     slot: Arc<Mutex<Slot>>,
+    /// The first stage of a pipeline across agents, if it is one.
+    stage: Option<super::pipeline::Stage>,
 }
 
 impl NativeExecutor {
     /// Loads the model in `dir` on a thread of its own (Loading until it
     /// is in memory), its KV cache taking what `memory` leaves after the
-    /// weights.
-    pub fn start(model: String, dir: PathBuf, memory: u64) -> NativeExecutor {
+    /// weights; for the first `stage` of a pipeline, its layers, the rest
+    /// reached through the next stage's agent.
+    pub fn start(
+        model: String,
+        dir: PathBuf,
+        memory: u64,
+        stage: Option<super::pipeline::Stage>,
+    ) -> NativeExecutor {
         let slot = Arc::new(Mutex::new(Slot::Loading));
         let loading = slot.clone();
         let name = model.clone();
+        let pipeline = stage.clone();
+        let handle = tokio::runtime::Handle::try_current().ok();
         let spawned = std::thread::Builder::new()
             .name("talon-native-load".into())
             .spawn(move || {
                 let loaded = (|| -> talon_runtime::Result<Engine> {
-                    let m = Model::load(&dir)?;
+                    let m = match &pipeline {
+                        Some(stage) => super::native_stage::load_stage(&dir, stage)?,
+                        None => Model::load(&dir)?,
+                    };
                     let text = Arc::new(Text::load(&dir, &m.config.eos_token_ids)?);
-                    let kv_bytes = memory.saturating_sub(m.weight_bytes()).max(MIN_KV_BYTES);
+                    let kv_bytes = memory
+                        .saturating_sub(m.weight_bytes())
+                        .clamp(MIN_KV_BYTES, MAX_KV_BYTES);
                     let settings = EngineSettings {
                         kv_bytes,
                         ..EngineSettings::default()
                     };
-                    Engine::start(m, text, settings)
+                    let Some(stage) = &pipeline else {
+                        return Engine::start(m, text, settings);
+                    };
+                    let (Some(next), Some(handle)) = (stage.next.clone(), handle) else {
+                        return Err(talon_runtime::Error::Model(
+                            "the first pipeline stage needs its next stage and the agent's runtime"
+                                .into(),
+                        ));
+                    };
+                    let tail = super::native_stage::HttpTail {
+                        handle,
+                        client: reqwest::Client::new(),
+                        next,
+                        vocab: m.config.vocab_size,
+                    };
+                    Engine::start_pipeline(m, text, settings, Box::new(tail))
                 })();
                 let mut slot = loading.lock().unwrap_or_else(|e| e.into_inner());
                 if matches!(*slot, Slot::Stopped) {
@@ -123,7 +162,7 @@ impl NativeExecutor {
             *slot.lock().unwrap_or_else(|e| e.into_inner()) =
                 Slot::Failed(format!("cannot start the loader thread: {e}"));
         }
-        NativeExecutor { model, slot }
+        NativeExecutor { model, slot, stage }
     }
 
     fn engine(&self) -> Result<Arc<Engine>, ExecError> {
@@ -357,6 +396,10 @@ impl Executor for NativeExecutor {
 
     fn batches_itself(&self) -> bool {
         true
+    }
+
+    fn stage(&self) -> Option<&super::pipeline::Stage> {
+        self.stage.as_ref()
     }
 
     fn engine_load(&self) -> Option<super::signals::EngineLoad> {

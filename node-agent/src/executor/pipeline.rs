@@ -204,6 +204,28 @@ pub async fn hand_off(
     step: &Step,
     activations: Vec<u8>,
 ) -> Result<Vec<u8>, ExecError> {
+    let body = send_step(client, next, step, activations).await?;
+    let expected = step.prompts.len() * 4;
+    if body.len() != expected {
+        return Err(ExecError::Engine(format!(
+            "next pipeline stage {} answered {} bytes for {} sequences; expected {expected}",
+            next.url,
+            body.len(),
+            step.prompts.len()
+        )));
+    }
+    Ok(body)
+}
+
+/// Sends a step's body to the next stage with its headers; its answer's
+/// bytes, or why the stage could not take it (unreachable, moving and not
+/// found are [`ExecError::StageLost`]: worth retrying).
+pub async fn send_step(
+    client: &reqwest::Client,
+    next: &Next,
+    step: &Step,
+    activations: Vec<u8>,
+) -> Result<Vec<u8>, ExecError> {
     let response = client
         .post(&next.url)
         .bearer_auth(&next.token)
@@ -235,15 +257,6 @@ pub async fn hand_off(
         } else {
             ExecError::Engine(why)
         });
-    }
-    let expected = step.prompts.len() * 4;
-    if body.len() != expected {
-        return Err(ExecError::Engine(format!(
-            "next pipeline stage {} answered {} bytes for {} sequences; expected {expected}",
-            next.url,
-            body.len(),
-            step.prompts.len()
-        )));
     }
     Ok(body.to_vec())
 }
