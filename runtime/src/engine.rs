@@ -51,6 +51,9 @@ pub enum Event {
     },
     Done(Finish),
     Failed(String),
+    /// A later pipeline stage could not be reached; nothing was answered,
+    /// and another replica may take the request.
+    Lost(String),
 }
 
 /// How an answer ended.
@@ -71,7 +74,8 @@ pub type Sink = Box<dyn FnMut(Event) -> bool + Send>;
 /// hidden states and answers the logits of each chunk's last position
 /// (`chunks × vocab`), or why it could not.
 pub trait Tail: Send {
-    fn run(&mut self, msg: crate::stage::StepMsg) -> std::result::Result<Vec<f32>, String>;
+    /// [`Error::StageLost`] when the next stage cannot be reached.
+    fn run(&mut self, msg: crate::stage::StepMsg) -> Result<Vec<f32>>;
 }
 
 /// Time spent per kind of work, since the engine started.
@@ -389,7 +393,7 @@ impl Worker {
                     released: std::mem::take(&mut self.released),
                     hidden,
                 };
-                return tail.run(msg).map_err(Error::Request);
+                return tail.run(msg);
             }
             let mut row = 0;
             let last_rows: Vec<usize> = spans
@@ -524,7 +528,10 @@ impl Worker {
         for mut s in self.running.drain(..) {
             self.kv.release(&mut s.cache);
             self.released.push(s.id);
-            (s.sink)(Event::Failed(e.to_string()));
+            (s.sink)(match &e {
+                Error::StageLost(why) => Event::Lost(why.clone()),
+                other => Event::Failed(other.to_string()),
+            });
         }
         Vec::new()
     }

@@ -42,6 +42,10 @@ pub enum Error {
     /// The request cannot be served as asked (too long, bad parameters).
     #[error("{0}")]
     Request(String),
+    /// A later stage of the pipeline could not be reached (gone, moving):
+    /// the request may be retried on another replica.
+    #[error("{0}")]
+    StageLost(String),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

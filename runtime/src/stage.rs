@@ -172,12 +172,14 @@ impl StageRunner {
                         self.kv.release(&mut s);
                     }
                 }
-                _ => return Err(Error::Request(format!(
+                _ => {
+                    return Err(Error::Request(format!(
                     "sequence {} continues at position {} but this stage holds {} of its positions",
                     c.seq,
                     c.start,
                     known.unwrap_or(0)
-                ))),
+                )))
+                }
             }
             let s = self.seqs.entry(c.seq).or_default();
             self.kv.reserve(s, (c.start + c.len) as usize)?;

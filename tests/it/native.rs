@@ -178,7 +178,7 @@ fn finish(rx: &mpsc::Receiver<Event>) -> (Finish, String) {
         {
             Event::Token { text, .. } => streamed.push_str(&text),
             Event::Done(f) => return (f, streamed),
-            Event::Failed(why) => panic!("request failed: {why}"),
+            Event::Failed(why) | Event::Lost(why) => panic!("request failed: {why}"),
         }
     }
 }
@@ -513,4 +513,24 @@ async fn a_native_model_split_over_two_agents_decodes_transformers_tokens() {
         steps >= 64,
         "the second stage ran {steps} steps:\n{metrics}"
     );
+
+    // the second agent gone: the request is answered as unavailable (worth
+    // retrying: the stage is lost, or the replica already out of the
+    // routing table), not as an engine error
+    let mut agents = _agents;
+    let at = listens
+        .iter()
+        .position(|(id, _)| id == tail_node)
+        .expect("tail agent");
+    drop(agents.remove(at));
+    let body = serde_json::json!({"model": "piped", "prompt": "hello", "max_tokens": 4});
+    let (http, key) = (cluster.nodes[0].http.clone(), cluster.admin_key());
+    let (status, text) = tokio::task::spawn_blocking(move || {
+        talon_tests::http_post(&http, "/v1/completions", &body.to_string(), &key)
+    })
+    .await
+    .expect("post")
+    .expect("an answer");
+    assert_eq!(status, 503, "{text}");
+    assert!(text.contains("unavailable"), "{text}");
 }

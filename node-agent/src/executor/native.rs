@@ -245,6 +245,7 @@ impl NativeExecutor {
                     }
                 }
                 Event::Failed(why) => return Err(ExecError::Engine(why)),
+                Event::Lost(why) => return Err(ExecError::StageLost(why)),
                 Event::Done(f) => {
                     let usage = json!({"prompt_tokens": f.prompt_tokens, "completion_tokens": f.completion_tokens,
                         "total_tokens": f.prompt_tokens + f.completion_tokens});
@@ -284,6 +285,7 @@ fn bad(e: talon_runtime::Error) -> ExecError {
     match e {
         talon_runtime::Error::Request(m) => ExecError::BadRequest(m),
         talon_runtime::Error::Model(m) => ExecError::Engine(m),
+        talon_runtime::Error::StageLost(m) => ExecError::StageLost(m),
     }
 }
 

@@ -54,7 +54,7 @@ pub struct HttpTail {
 }
 
 impl Tail for HttpTail {
-    fn run(&mut self, msg: StepMsg) -> Result<Vec<f32>, String> {
+    fn run(&mut self, msg: StepMsg) -> talon_runtime::Result<Vec<f32>> {
         let step = step_of(&msg);
         let rows = msg.chunks.len();
         let answer = self
@@ -65,14 +65,17 @@ impl Tail for HttpTail {
                 &step,
                 msg.encode(),
             ))
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| match e {
+                ExecError::StageLost(why) => talon_runtime::Error::StageLost(why),
+                other => talon_runtime::Error::Request(other.to_string()),
+            })?;
         if answer.len() != rows * self.vocab * 4 {
-            return Err(format!(
+            return Err(talon_runtime::Error::Request(format!(
                 "the pipeline's next stage {} answered {} bytes for {rows} sequences of a {}-token vocabulary",
                 self.next.url,
                 answer.len(),
                 self.vocab
-            ));
+            )));
         }
         Ok(answer
             .chunks_exact(4)
