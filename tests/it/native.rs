@@ -16,6 +16,9 @@ use talon_runtime::model::{Chunk, Model};
 use talon_runtime::sampling::{argmax, SamplingParams};
 use talon_runtime::text::Text;
 
+use crate::harness::{free_port, wait_for, Cluster, Proc};
+use crate::placement::TOKEN;
+
 /// The variants checked: (arguments to make_tiny_hf.py).
 const VARIANTS: [&[&str]; 3] = [
     &[
@@ -285,12 +288,10 @@ fn the_engine_batches_continuously_and_answers_each_request_as_alone() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_agent_serves_a_native_model_through_the_gateway_with_transformers_tokens() {
-    use crate::harness::{free_port, wait_for, Cluster, Proc};
-    use crate::placement::TOKEN;
-
-    let dir = tokio::task::spawn_blocking(|| talon_tests::hf::model(VARIANTS[1]))
+/// A test model (made once, off the runtime's threads), its reference,
+/// and a one-coordinator cluster that takes agents.
+async fn model_and_cluster(args: &'static [&'static str]) -> (std::path::PathBuf, Value, Cluster) {
+    let dir = tokio::task::spawn_blocking(move || talon_tests::hf::model(args))
         .await
         .expect("setup")
         .expect("model");
@@ -300,27 +301,38 @@ async fn an_agent_serves_a_native_model_through_the_gateway_with_transformers_to
         &["--join-token", TOKEN, "--telemetry-interval-ms", "200"],
     )
     .await;
-    let grpc = cluster.nodes[0].grpc.clone();
-    let http = cluster.nodes[0].http.clone();
-    let key = cluster.admin_key();
-    let listen = format!("127.0.0.1:{}", free_port());
-    let _agent = Proc::spawn_with_env(
+    (dir, r, cluster)
+}
+
+/// A `talon-agent --native` on one simulated L4, its HTTP on `listen`.
+fn native_agent(grpc: &str, id: &str, listen: &str) -> Proc {
+    Proc::spawn_with_env(
         "talon-agent",
         &[
             "--node-id",
-            "cpu",
+            id,
             "--coordinators",
-            &grpc,
+            grpc,
             "--sim-gpus",
             "l4:1",
             "--http-listen",
-            &listen,
+            listen,
             "--telemetry-interval-ms",
             "200",
             "--native",
         ],
         &[("TALON_JOIN_TOKEN", TOKEN)],
-    );
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_serves_a_native_model_through_the_gateway_with_transformers_tokens() {
+    let (dir, r, cluster) = model_and_cluster(VARIANTS[1]).await;
+    let grpc = cluster.nodes[0].grpc.clone();
+    let http = cluster.nodes[0].http.clone();
+    let key = cluster.admin_key();
+    let listen = format!("127.0.0.1:{}", free_port());
+    let _agent = native_agent(&grpc, "cpu", &listen);
     let client = cluster.client();
     let node = wait_for("the agent", Duration::from_secs(60), || async {
         client
@@ -404,19 +416,7 @@ async fn an_agent_serves_a_native_model_through_the_gateway_with_transformers_to
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_native_model_split_over_two_agents_decodes_transformers_tokens() {
-    use crate::harness::{free_port, wait_for, Cluster, Proc};
-    use crate::placement::TOKEN;
-
-    let dir = tokio::task::spawn_blocking(|| talon_tests::hf::model(VARIANTS[0]))
-        .await
-        .expect("setup")
-        .expect("model");
-    let r = reference(&dir);
-    let cluster = Cluster::form(
-        1,
-        &["--join-token", TOKEN, "--telemetry-interval-ms", "200"],
-    )
-    .await;
+    let (dir, r, cluster) = model_and_cluster(VARIANTS[0]).await;
     let grpc = cluster.nodes[0].grpc.clone();
     let http = cluster.nodes[0].http.clone();
     let key = cluster.admin_key();
@@ -427,25 +427,7 @@ async fn a_native_model_split_over_two_agents_decodes_transformers_tokens() {
         .collect();
     let _agents: Vec<Proc> = listens
         .iter()
-        .map(|(id, listen)| {
-            Proc::spawn_with_env(
-                "talon-agent",
-                &[
-                    "--node-id",
-                    id,
-                    "--coordinators",
-                    &grpc,
-                    "--sim-gpus",
-                    "l4:1",
-                    "--http-listen",
-                    listen,
-                    "--telemetry-interval-ms",
-                    "200",
-                    "--native",
-                ],
-                &[("TALON_JOIN_TOKEN", TOKEN)],
-            )
-        })
+        .map(|(id, listen)| native_agent(&grpc, id, listen))
         .collect();
     let client = cluster.client();
     wait_for("two ready nodes", Duration::from_secs(60), || async {
