@@ -78,6 +78,41 @@ pub trait Tail: Send {
     fn run(&mut self, msg: crate::stage::StepMsg) -> Result<Vec<f32>>;
 }
 
+/// Buckets of [`StepStats::decode_by_batch`].
+pub const BATCH_BUCKETS: usize = 8;
+
+/// The bucket of a step of `n` sequences.
+pub fn batch_bucket(n: usize) -> usize {
+    (usize::BITS - n.max(1).leading_zeros() - 1).min(BATCH_BUCKETS as u32 - 1) as usize
+}
+
+impl StepStats {
+    /// The measured time of a decode step of `n` sequences: the bucket's
+    /// mean, else the nearest measured bucket's scaled by the batch sizes
+    /// (a step of more sequences costs at most proportionally more), else
+    /// none.
+    pub fn decode_step(&self, n: usize) -> Option<f64> {
+        let want = batch_bucket(n);
+        let mean = |b: usize| {
+            let (steps, secs) = self.decode_by_batch[b];
+            (steps > 0).then(|| secs / steps as f64)
+        };
+        if let Some(t) = mean(want) {
+            return Some(t);
+        }
+        let nearest = (0..BATCH_BUCKETS)
+            .filter(|b| mean(*b).is_some())
+            .min_by_key(|b| b.abs_diff(want))?;
+        let scale = (1usize << want) as f64 / (1usize << nearest) as f64;
+        mean(nearest).map(|t| if scale > 1.0 { t * scale } else { t })
+    }
+
+    /// Mean tokens an answer generated, if any has finished.
+    pub fn mean_completion_tokens(&self) -> Option<f64> {
+        (self.finished > 0).then(|| self.completion_tokens as f64 / self.finished as f64)
+    }
+}
+
 /// Time spent per kind of work, since the engine started.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct StepStats {
@@ -88,6 +123,12 @@ pub struct StepStats {
     pub decode_tokens: u64,
     pub decode_steps: u64,
     pub decode_seconds: f64,
+    /// Mean decode step time by sequences in the step, in power-of-two
+    /// buckets (1, 2–3, 4–7, … 128 and more): (steps, seconds).
+    pub decode_by_batch: [(u64, f64); BATCH_BUCKETS],
+    /// Answers finished, and the tokens they generated.
+    pub finished: u64,
+    pub completion_tokens: u64,
     /// The last step: sequences, tokens, seconds.
     pub last_step: (usize, usize, f64),
     pub running: usize,
@@ -439,6 +480,13 @@ impl Worker {
         // the figures first, so that whoever hears an answer sees its
         // blocks free
         self.publish();
+        if let Ok(mut st) = self.stats.lock() {
+            st.finished += answers.len() as u64;
+            st.completion_tokens += answers
+                .iter()
+                .map(|(_, f)| f.completion_tokens as u64)
+                .sum::<u64>();
+        }
         for (mut sink, finish) in answers {
             sink(Event::Done(finish));
         }
@@ -453,6 +501,9 @@ impl Worker {
             } else {
                 st.decode_steps += 1;
                 st.decode_seconds += secs;
+                let b = &mut st.decode_by_batch[batch_bucket(spans.len())];
+                b.0 += 1;
+                b.1 += secs;
             }
             st.decode_tokens += decode_seqs as u64;
             st.last_step = (spans.len(), tokens.len(), secs);
@@ -570,6 +621,29 @@ fn holdback(text: &str, stops: &[String]) -> usize {
 #[cfg(test)]
 mod tests {
     use super::holdback;
+
+    #[test]
+    fn decode_steps_are_known_by_batch_size() {
+        use super::{batch_bucket, StepStats};
+        assert_eq!(
+            (
+                batch_bucket(1),
+                batch_bucket(3),
+                batch_bucket(4),
+                batch_bucket(1000)
+            ),
+            (0, 1, 2, 7)
+        );
+        let mut s = StepStats::default();
+        assert_eq!(s.decode_step(1), None);
+        s.decode_by_batch[0] = (4, 0.04);
+        s.decode_by_batch[3] = (2, 0.06);
+        assert_eq!(s.decode_step(1), Some(0.01));
+        assert_eq!(s.decode_step(9), Some(0.03));
+        // unmeasured: the nearest bucket, scaled up for a larger batch
+        assert_eq!(s.decode_step(2), Some(0.02));
+        assert_eq!(s.decode_step(40), Some(0.03 * 4.0));
+    }
 
     #[test]
     fn holds_back_what_may_begin_a_stop_or_a_character() {

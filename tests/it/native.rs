@@ -274,6 +274,17 @@ fn the_engine_batches_continuously_and_answers_each_request_as_alone() {
         stats.decode_steps > 0 && stats.prefill_tokens > 0,
         "{stats:?}"
     );
+    // what the agent reports for routing: step times by batch size, and
+    // the tokens answers take
+    assert_eq!(stats.finished, 7, "{stats:?}");
+    assert!(
+        stats.decode_step(1).is_some() && stats.decode_step(4).is_some(),
+        "{stats:?}"
+    );
+    assert!(
+        stats.mean_completion_tokens().is_some_and(|t| t > 20.0),
+        "{stats:?}"
+    );
     assert_eq!(
         stats.free_blocks, stats.total_blocks,
         "every block came back: {stats:?}"

@@ -371,18 +371,22 @@ impl Executor for NativeExecutor {
         }
     }
 
-    /// A decode step's measured time per token for `n` sequences (the
-    /// runtime's own figures; zero until it has run a step).
+    /// `n` typical requests decoded together, from the runtime's own
+    /// figures: its measured decode step time at that batch size times
+    /// the tokens its answers have taken on average (zero until it has
+    /// run a decode step).
     fn service_time(&self, n: usize) -> Duration {
         let Ok(engine) = self.engine() else {
             return Duration::ZERO;
         };
         let s = engine.stats();
-        if s.decode_steps == 0 {
+        let Some(step) = s.decode_step(n) else {
             return Duration::ZERO;
-        }
-        let step = s.decode_seconds / s.decode_steps as f64;
-        Duration::from_secs_f64(step * DEFAULT_MAX_TOKENS as f64 * (n.max(1) as f64).sqrt())
+        };
+        let tokens = s
+            .mean_completion_tokens()
+            .unwrap_or(DEFAULT_MAX_TOKENS as f64);
+        Duration::from_secs_f64(step * tokens)
     }
 
     fn prefill_time(&self, tokens: u64) -> Duration {
