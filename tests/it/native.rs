@@ -426,13 +426,15 @@ async fn an_agent_serves_a_native_model_through_the_gateway_with_transformers_to
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_native_model_split_over_two_agents_decodes_transformers_tokens() {
+async fn a_native_model_split_over_two_agents_decodes_transformers_tokens_and_is_placed_again_when_a_stage_is_lost(
+) {
     let (dir, r, cluster) = model_and_cluster(VARIANTS[0]).await;
     let grpc = cluster.nodes[0].grpc.clone();
     let http = cluster.nodes[0].http.clone();
     let key = cluster.admin_key();
-    // two hosts of one L4 each: a model planned at 40,000 MiB fits neither
-    let listens: Vec<(String, String)> = ["s1", "s2"]
+    // hosts of one L4 each: a model planned at 40,000 MiB fits none, so
+    // it runs on two; the third is where a lost stage goes
+    let listens: Vec<(String, String)> = ["s1", "s2", "s3"]
         .iter()
         .map(|id| (id.to_string(), format!("127.0.0.1:{}", free_port())))
         .collect();
@@ -441,9 +443,9 @@ async fn a_native_model_split_over_two_agents_decodes_transformers_tokens() {
         .map(|(id, listen)| native_agent(&grpc, id, listen))
         .collect();
     let client = cluster.client();
-    wait_for("two ready nodes", Duration::from_secs(60), || async {
+    wait_for("three ready nodes", Duration::from_secs(60), || async {
         let nodes = client.list_nodes().await.ok()?;
-        (nodes.iter().filter(|n| n.state == "ready").count() == 2).then_some(())
+        (nodes.iter().filter(|n| n.state == "ready").count() == 3).then_some(())
     })
     .await;
     let mut spec = talon_tests::model_spec("piped", "native", 40_000, 1);
@@ -507,23 +509,59 @@ async fn a_native_model_split_over_two_agents_decodes_transformers_tokens() {
         "the second stage ran {steps} steps:\n{metrics}"
     );
 
-    // the second agent gone: the request is answered as unavailable (worth
-    // retrying: the stage is lost, or the replica already out of the
-    // routing table), not as an engine error
+    // the second agent gone: a request sent now waits at the gateway for
+    // the pipeline to be placed again and is answered then, or is answered
+    // as unavailable (worth retrying) — never as an engine error
     let mut agents = _agents;
     let at = listens
         .iter()
         .position(|(id, _)| id == tail_node)
         .expect("tail agent");
     drop(agents.remove(at));
-    let body = serde_json::json!({"model": "piped", "prompt": "hello", "max_tokens": 4});
-    let (http, key) = (cluster.nodes[0].http.clone(), cluster.admin_key());
-    let (status, text) = tokio::task::spawn_blocking(move || {
-        talon_tests::http_post(&http, "/v1/completions", &body.to_string(), &key)
-    })
-    .await
-    .expect("post")
-    .expect("an answer");
-    assert_eq!(status, 503, "{text}");
-    assert!(text.contains("unavailable"), "{text}");
+    let ask = |body: Value| {
+        let (http, key) = (cluster.nodes[0].http.clone(), cluster.admin_key());
+        async move {
+            tokio::task::spawn_blocking(move || {
+                talon_tests::http_post(&http, "/v1/completions", &body.to_string(), &key)
+            })
+            .await
+            .expect("post")
+            .expect("an answer")
+        }
+    };
+    let greedy = serde_json::json!({"model": "piped", "prompt": r["prompt"], "max_tokens": 64, "temperature": 0});
+    let (status, text) = ask(greedy.clone()).await;
+    match status {
+        200 => {
+            let answer: Value = serde_json::from_str(&text).expect("json");
+            assert_eq!(answer["choices"][0]["text"], r["greedy_text"], "{answer}");
+        }
+        _ => {
+            assert_eq!(status, 503, "{text}");
+            assert!(text.contains("unavailable"), "{text}");
+        }
+    }
+
+    // once its node is down, the lost stage is placed on the third host,
+    // the first stage restarts with it, and the pipeline answers the same
+    // tokens again
+    let lost = tail_node.clone();
+    let moved = wait_for(
+        "the pipeline placed again",
+        Duration::from_secs(120),
+        || async {
+            let list = client.list_replicas("piped").await.ok()?;
+            let ready = list.replicas.len() == 2
+                && list
+                    .replicas
+                    .iter()
+                    .all(|r| r.state == "ready" && r.node_id != lost);
+            ready.then_some(list.replicas)
+        },
+    )
+    .await;
+    let (status, text) = ask(greedy).await;
+    assert_eq!(status, 200, "{text} {moved:?}");
+    let answer: Value = serde_json::from_str(&text).expect("json");
+    assert_eq!(answer["choices"][0]["text"], r["greedy_text"], "{answer}");
 }
