@@ -211,6 +211,7 @@ async fn format_5_tenancy_records_migrate() {
     {
         let db = sled::Config::new()
             .path(dir.path().join("db"))
+            .flush_every_ms(None)
             .open()
             .unwrap();
         let sm = db.open_tree("sm").unwrap();
@@ -237,6 +238,7 @@ async fn format_5_tenancy_records_migrate() {
 fn refuses_its_replicas(dir: &tempfile::TempDir) {
     let data = sled::Config::new()
         .path(dir.path().join("db"))
+        .flush_every_ms(None)
         .open()
         .unwrap();
     let replica = data
