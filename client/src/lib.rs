@@ -444,8 +444,33 @@ impl Client {
             name: name.into(),
             set,
             remove,
+            expect: HashMap::new(),
         };
         self.call(true, req, |mut c, r| async move {
+            c.update_model_labels(r).await
+        })
+        .await
+    }
+
+    /// [`Client::update_model_labels`] as a compare-and-set: applied only
+    /// if every label in `expect` has exactly that value when it commits;
+    /// otherwise the call fails with `ABORTED` and nothing changes. A call
+    /// whose connection is lost mid-way is not retried (it may have been
+    /// applied): its outcome is unknown, read the model to learn it.
+    pub async fn update_model_labels_if(
+        &self,
+        name: &str,
+        expect: HashMap<String, String>,
+        set: HashMap<String, String>,
+        remove: Vec<String>,
+    ) -> Result<Model, ClientError> {
+        let req = pb::UpdateModelLabelsRequest {
+            name: name.into(),
+            set,
+            remove,
+            expect,
+        };
+        self.call(false, req, |mut c, r| async move {
             c.update_model_labels(r).await
         })
         .await

@@ -218,6 +218,10 @@ enum ModelCmd {
         set: Vec<(String, String)>,
         #[arg(long = "remove")]
         remove: Vec<String>,
+        /// Compare-and-set: change nothing unless this label has this value
+        /// now (repeatable; the command fails with ABORTED otherwise).
+        #[arg(long = "if", value_parser = parse_label)]
+        expect: Vec<(String, String)>,
     },
 }
 
@@ -405,9 +409,21 @@ async fn execute(cli: Cli) -> Result<(), ClientError> {
                     }
                 }
             }
-            ModelCmd::Label { name, set, remove } => {
+            ModelCmd::Label {
+                name,
+                set,
+                remove,
+                expect,
+            } => {
                 let set: HashMap<String, String> = set.into_iter().collect();
-                let model = client.update_model_labels(&name, set, remove).await?;
+                let model = if expect.is_empty() {
+                    client.update_model_labels(&name, set, remove).await?
+                } else {
+                    let expect = expect.into_iter().collect();
+                    client
+                        .update_model_labels_if(&name, expect, set, remove)
+                        .await?
+                };
                 if json {
                     println!("{}", model_json(&model));
                 } else {

@@ -47,6 +47,7 @@ impl From<AdminError> for tonic::Status {
                 RejectionKind::Invalid => tonic::Status::invalid_argument(message),
                 RejectionKind::NotFound => tonic::Status::not_found(message),
                 RejectionKind::AlreadyExists => tonic::Status::already_exists(message),
+                RejectionKind::Conflict => tonic::Status::aborted(message),
             },
             AdminError::NotLeader { leader_addr } => {
                 let mut status = tonic::Status::unavailable(message);

@@ -310,10 +310,26 @@ impl AdminService for Admin {
         for key in &req.remove {
             state::model::validate_label_key(key).map_err(AdminError::InvalidArgument)?;
         }
-        let command = Command::UpdateModelLabels {
-            name: req.name.clone(),
-            set,
-            remove: req.remove.clone(),
+        for key in req.expect.keys() {
+            state::model::validate_label_key(key).map_err(AdminError::InvalidArgument)?;
+        }
+        let command = if req.expect.is_empty() {
+            Command::UpdateModelLabels {
+                name: req.name.clone(),
+                set,
+                remove: req.remove.clone(),
+            }
+        } else {
+            Command::UpdateModelLabelsIf {
+                name: req.name.clone(),
+                set,
+                remove: req.remove.clone(),
+                expect: req
+                    .expect
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect(),
+            }
         };
         forward!(self, request, update_model_labels);
         match self

@@ -135,6 +135,16 @@ pub enum Command {
     DeleteRule {
         name: String,
     },
+    /// [`Command::UpdateModelLabels`] as a compare-and-set: applied only
+    /// when every label in `expect` has exactly that value now, refused
+    /// with [`RejectionKind::Conflict`] otherwise. Appended last: the
+    /// encoding of every older command is unchanged.
+    UpdateModelLabelsIf {
+        name: String,
+        set: BTreeMap<String, String>,
+        remove: Vec<String>,
+        expect: BTreeMap<String, String>,
+    },
 }
 
 /// Why a request was refused. The state is unchanged.
@@ -149,6 +159,8 @@ pub enum RejectionKind {
     Invalid,
     NotFound,
     AlreadyExists,
+    /// A compare-and-set found another value than the one it expected.
+    Conflict,
 }
 
 /// The answer `apply` gives for one entry.

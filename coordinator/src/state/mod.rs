@@ -126,20 +126,20 @@ impl State {
                 }
             }
             Command::UpdateModelLabels { name, set, remove } => {
-                match self.update_labels(index, at, name, set, remove) {
-                    Ok(model) => {
-                        let keys: Vec<&str> = set.keys().map(String::as_str).collect();
-                        let detail = format!("set={} remove={}", keys.join(","), remove.join(","));
-                        let changes = vec![Change::Model(name.clone())];
-                        (
-                            Response::Model(model),
-                            changes,
-                            ("model.labels", name.clone(), detail),
-                        )
-                    }
+                match self.update_labels(index, at, name, set, remove, &BTreeMap::new()) {
+                    Ok(model) => labels_applied(model, set, remove, None),
                     Err(rejection) => return rejection,
                 }
             }
+            Command::UpdateModelLabelsIf {
+                name,
+                set,
+                remove,
+                expect,
+            } => match self.update_labels(index, at, name, set, remove, expect) {
+                Ok(model) => labels_applied(model, set, remove, Some(expect)),
+                Err(rejection) => return rejection,
+            },
             Command::RegisterNode(inventory) => match self.register_node(index, at, inventory) {
                 Ok(node) => {
                     let detail = format!("gpus={} probe={}", inventory.gpus.len(), inventory.probe);
@@ -535,3 +535,24 @@ impl State {
 
 #[cfg(test)]
 mod tests;
+
+/// The answer, changes and audit entry of an applied label update.
+fn labels_applied(
+    model: Model,
+    set: &BTreeMap<String, String>,
+    remove: &[String],
+    expect: Option<&BTreeMap<String, String>>,
+) -> (Response, Vec<Change>, (&'static str, String, String)) {
+    let keys: Vec<&str> = set.keys().map(String::as_str).collect();
+    let mut detail = format!("set={} remove={}", keys.join(","), remove.join(","));
+    if let Some(expect) = expect {
+        let keys: Vec<&str> = expect.keys().map(String::as_str).collect();
+        detail.push_str(&format!(" if={}", keys.join(",")));
+    }
+    let name = model.name.clone();
+    (
+        Response::Model(model),
+        vec![Change::Model(name.clone())],
+        ("model.labels", name, detail),
+    )
+}

@@ -113,6 +113,7 @@ impl State {
         name: &str,
         set: &BTreeMap<String, String>,
         remove: &[String],
+        expect: &BTreeMap<String, String>,
     ) -> Result<Model, (Response, Vec<Change>)> {
         let Some(model) = self.models.get(name) else {
             return Err(rejected(
@@ -120,6 +121,22 @@ impl State {
                 format!("model {name:?} does not exist"),
             ));
         };
+        for (key, wanted) in expect {
+            let found = model.labels.get(key);
+            if found != Some(wanted) {
+                let found = match found {
+                    Some(v) => format!("{v:?}"),
+                    None => "no such label".to_string(),
+                };
+                return Err(rejected(
+                    RejectionKind::Conflict,
+                    format!(
+                        "model {name:?} label {key:?} is {found}, not the expected {wanted:?} (revision {}); nothing was changed: read the model again and retry",
+                        model.revision
+                    ),
+                ));
+            }
+        }
         if set.is_empty() && remove.is_empty() {
             return Err(rejected(
                 RejectionKind::Invalid,

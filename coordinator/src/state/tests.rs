@@ -98,6 +98,47 @@ fn rejections_change_nothing() {
     }
 }
 
+#[test]
+fn label_compare_and_set_applies_only_on_the_expected_value() {
+    let mut state = State::default();
+    let mut labelled = spec("m", "v1");
+    labelled.labels.insert("owner".into(), "a".into());
+    state.apply(2, &req(10, Command::CreateModel(labelled)));
+    let cas = |expect: &str, to: &str| Command::UpdateModelLabelsIf {
+        name: "m".into(),
+        set: [("owner".to_string(), to.to_string())].into(),
+        remove: vec![],
+        expect: [("owner".to_string(), expect.to_string())].into(),
+    };
+    let (r, _) = state.apply(3, &req(11, cas("a", "b")));
+    assert!(matches!(r, Response::Model(ref m) if m.labels["owner"] == "b" && m.revision == 3));
+    let before = state.clone();
+    let (r, changes) = state.apply(4, &req(12, cas("a", "c")));
+    let Response::Rejected(rejection) = r else {
+        panic!("a stale compare-and-set was applied: {r:?}")
+    };
+    assert_eq!(rejection.kind, RejectionKind::Conflict);
+    assert!(
+        rejection
+            .message
+            .contains("\"owner\" is \"b\", not the expected \"a\""),
+        "{}",
+        rejection.message
+    );
+    assert!(changes.is_empty());
+    assert_eq!(state, before);
+    let absent = Command::UpdateModelLabelsIf {
+        name: "m".into(),
+        set: [("x".to_string(), "1".to_string())].into(),
+        remove: vec![],
+        expect: [("missing".to_string(), String::new())].into(),
+    };
+    let (r, _) = state.apply(5, &req(13, absent));
+    assert!(matches!(r, Response::Rejected(ref j) if j.message.contains("no such label")));
+    assert_eq!(state, before);
+    state.check_consistency().unwrap();
+}
+
 fn node(id: &str) -> NodeInventory {
     NodeInventory {
         node_id: id.into(),

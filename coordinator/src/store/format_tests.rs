@@ -445,6 +445,12 @@ fn arb_command() -> impl Strategy<Value = Command> {
             set: [("x".to_string(), "1".to_string())].into(),
             remove: vec![],
         }),
+        (model.clone(), text()).prop_map(|(m, v)| Command::UpdateModelLabelsIf {
+            name: m.into(),
+            set: [("x".to_string(), v.clone())].into(),
+            remove: vec![],
+            expect: [("x".to_string(), v)].into(),
+        }),
         arb_inventory().prop_map(Command::RegisterNode),
         (text(), 0usize..3).prop_map(|(n, s)| Command::SetNodeState {
             node_id: format!("n{n}"),
