@@ -271,15 +271,31 @@ impl Client {
                     .insert("authorization", value.clone());
             }
             let client = make(self.channel(&addr)?);
-            let status = match f(client, request).await {
-                Ok(response) => return Ok(response.into_inner()),
-                Err(status) => status,
+            // The deadline is enforced here too: the grpc-timeout header
+            // binds only a server that runs, and a stopped or cut-off one
+            // would hold the call forever.
+            let wait = remaining.max(Duration::from_millis(1));
+            let status = match tokio::time::timeout(wait, f(client, request)).await {
+                Ok(Ok(response)) => return Ok(response.into_inner()),
+                Ok(Err(status)) => status,
+                Err(_) => tonic::Status::deadline_exceeded(format!(
+                    "{addr} did not answer within {} ms; the call's outcome is unknown",
+                    wait.as_millis()
+                )),
             };
             tracing::debug!(addr = %addr, code = ?status.code(), message = status.message(), "call failed");
             let lost_mid_call =
                 matches!(status.code(), tonic::Code::Unknown | tonic::Code::Cancelled);
             let retry = status.code() == tonic::Code::Unavailable || (idempotent && lost_mid_call);
             if !retry || !self.follow_leader {
+                // A coordinator that did not answer in time (stopped, cut
+                // off from its quorum, or dead mid-call) is not tried first
+                // by the next call.
+                if self.follow_leader
+                    && (lost_mid_call || status.code() == tonic::Code::DeadlineExceeded)
+                {
+                    self.next_endpoint(&addr);
+                }
                 return Err(ClientError::Status(status));
             }
             if !tried.contains(&addr) {

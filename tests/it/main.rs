@@ -15,6 +15,7 @@ mod executors;
 mod fallback;
 mod gateway;
 mod harness;
+mod linearizable;
 mod native;
 mod pipelines;
 mod placement;

@@ -15,6 +15,7 @@ use tonic::transport::{Channel, Endpoint};
 use crate::etcdserverpb::kv_client::KvClient;
 use crate::etcdserverpb::maintenance_client::MaintenanceClient;
 use crate::etcdserverpb::{PutRequest, StatusRequest};
+use crate::netlab::NetLab;
 
 /// A port that was free a moment ago and that this process has not handed
 /// out before.
@@ -217,10 +218,36 @@ impl BenchCluster {
         talon_bin: &Path,
         extra: &[&str],
     ) -> anyhow::Result<BenchCluster> {
+        BenchCluster::start_on(kind, n, base, talon_bin, extra, None).await
+    }
+
+    /// [`BenchCluster::start_n`], each member `i` on host `i` of `lab` when
+    /// one is given (its own address, ports 7400 and 7401), on loopback
+    /// otherwise.
+    pub async fn start_on(
+        kind: Kind,
+        n: usize,
+        base: &Path,
+        talon_bin: &Path,
+        extra: &[&str],
+        lab: Option<&NetLab>,
+    ) -> anyhow::Result<BenchCluster> {
         let dir = tempfile::Builder::new()
             .prefix(kind.name())
             .tempdir_in(base)?;
-        let ports: Vec<(u16, u16)> = (0..n).map(|_| (free_port(), free_port())).collect();
+        if let Some(lab) = lab {
+            if lab.hosts() < n {
+                bail!("the lab has {} hosts for {n} members", lab.hosts());
+            }
+        }
+        let host = |i: usize| match lab {
+            Some(lab) => lab.addr(i),
+            None => "127.0.0.1".to_string(),
+        };
+        let ports: Vec<(u16, u16)> = match lab {
+            Some(_) => vec![(7400, 7401); n],
+            None => (0..n).map(|_| (free_port(), free_port())).collect(),
+        };
         let mut members = Vec::new();
         let mut data_dirs = Vec::new();
         for (i, (client, peer)) in ports.iter().enumerate() {
@@ -233,9 +260,9 @@ impl BenchCluster {
                         "--node-id".to_string(),
                         id.to_string(),
                         "--listen".into(),
-                        format!("127.0.0.1:{client}"),
+                        format!("{}:{client}", host(i)),
                         "--http-listen".into(),
-                        format!("127.0.0.1:{peer}"),
+                        format!("{}:{peer}", host(i)),
                         "--data-dir".into(),
                         data.display().to_string(),
                     ];
@@ -263,7 +290,7 @@ impl BenchCluster {
                     let initial: Vec<String> = ports
                         .iter()
                         .enumerate()
-                        .map(|(j, (_, p))| format!("e{}={}://127.0.0.1:{p}", j + 1, scheme()))
+                        .map(|(j, (_, p))| format!("e{}={}://{}:{p}", j + 1, scheme(), host(j)))
                         .collect();
                     let sch = scheme();
                     let mut args = vec![
@@ -272,13 +299,13 @@ impl BenchCluster {
                         "--data-dir".into(),
                         data.display().to_string(),
                         "--listen-client-urls".into(),
-                        format!("{sch}://127.0.0.1:{client}"),
+                        format!("{sch}://{}:{client}", host(i)),
                         "--advertise-client-urls".into(),
-                        format!("{sch}://127.0.0.1:{client}"),
+                        format!("{sch}://{}:{client}", host(i)),
                         "--listen-peer-urls".into(),
-                        format!("{sch}://127.0.0.1:{peer}"),
+                        format!("{sch}://{}:{peer}", host(i)),
                         "--initial-advertise-peer-urls".into(),
-                        format!("{sch}://127.0.0.1:{peer}"),
+                        format!("{sch}://{}:{peer}", host(i)),
                         "--initial-cluster".into(),
                         initial.join(","),
                         "--initial-cluster-state".into(),
@@ -311,10 +338,21 @@ impl BenchCluster {
                     (PathBuf::from("etcd"), args)
                 }
             };
+            // In a lab the member runs inside its host's namespace (`ip
+            // netns exec` execs it: the child's pid is the member's).
+            let (program, args) = match lab {
+                Some(lab) => {
+                    let mut wrapped = lab.exec_prefix(i);
+                    wrapped.push(program.display().to_string());
+                    wrapped.extend(args);
+                    (PathBuf::from("ip"), wrapped)
+                }
+                None => (program, args),
+            };
             let mut m = Member {
                 id,
-                client_addr: format!("127.0.0.1:{client}"),
-                http_addr: format!("127.0.0.1:{peer}"),
+                client_addr: format!("{}:{client}", host(i)),
+                http_addr: format!("{}:{peer}", host(i)),
                 args,
                 program,
                 child: None,
@@ -410,6 +448,62 @@ impl BenchCluster {
 
     pub fn kill(&mut self, index: usize) {
         self.members[index].kill();
+    }
+
+    /// Whether member `index` runs (it may be paused).
+    pub fn running(&self, index: usize) -> bool {
+        self.members[index].child.is_some()
+    }
+
+    /// Stops member `index` with SIGSTOP (`resume` continues it).
+    pub fn pause(&self, index: usize) -> anyhow::Result<()> {
+        self.signal(index, "STOP")
+    }
+
+    pub fn resume(&self, index: usize) -> anyhow::Result<()> {
+        self.signal(index, "CONT")
+    }
+
+    fn signal(&self, index: usize, signal: &str) -> anyhow::Result<()> {
+        let pid = self.pid(index).context("the member is not running")?;
+        let status = Command::new("kill")
+            .args([format!("-{signal}"), pid.to_string()])
+            .status()?;
+        if !status.success() {
+            bail!("kill -{signal} {pid} failed");
+        }
+        Ok(())
+    }
+
+    /// The leader that every member in `members` names, once they agree on
+    /// one of them (the majority side of a partition; the minority may
+    /// still name its old leader).
+    pub async fn leader_among(
+        &self,
+        members: &[usize],
+        timeout: Duration,
+    ) -> anyhow::Result<usize> {
+        let views: Vec<(usize, String)> = members
+            .iter()
+            .map(|&i| (i, self.members[i].client_addr.clone()))
+            .collect();
+        let kind = self.kind;
+        poll("a leader agreed by the majority", timeout, || {
+            let views = views.clone();
+            async move {
+                let mut named = Vec::new();
+                for (i, addr) in &views {
+                    let (me, leader) = leader_view(kind, addr).await?;
+                    named.push((*i, me, leader));
+                }
+                let leader = named.first()?.2.clone();
+                if !named.iter().all(|v| v.2 == leader) {
+                    return None;
+                }
+                named.iter().find(|v| v.1 == leader).map(|v| v.0)
+            }
+        })
+        .await
     }
 
     /// Waits until member `index` has applied what the leader had when the

@@ -3,7 +3,9 @@
 
 pub mod clusters;
 pub mod hf;
+pub mod linearizability;
 pub mod llama;
+pub mod netlab;
 
 /// etcd's gRPC messages, the subset the benchmarks use.
 pub mod etcdserverpb {
