@@ -462,7 +462,9 @@ impl Client {
             remove,
             expect: HashMap::new(),
         };
-        self.call(true, req, |mut c, r| async move {
+        // Not retried after a connection lost mid-call: applied late, the
+        // same set could overwrite a newer one (1, 2, then 1 again).
+        self.call(false, req, |mut c, r| async move {
             c.update_model_labels(r).await
         })
         .await
