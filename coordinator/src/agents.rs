@@ -81,12 +81,12 @@ impl AgentSvc {
     }
 }
 
-/// The replicas placed on `node`, with what an agent needs to run them.
-fn assignments(state: &crate::state::State, node: &str, revision: u64) -> pb::Assignments {
-    let replicas = state
-        .replicas
-        .values()
-        .filter(|r| r.node_id == node)
+/// The replicas `ids` (those placed on one node), with what an agent needs
+/// to run them.
+fn assignments(state: &crate::state::State, ids: &[String], revision: u64) -> pb::Assignments {
+    let replicas = ids
+        .iter()
+        .filter_map(|id| state.replicas.get(id))
         .map(|r| {
             let model = state.models.get(&r.model);
             let version = model.and_then(|m| m.versions.iter().find(|v| v.version == r.version));
@@ -173,7 +173,7 @@ const REPLICA_STATES: &[&str] = &[
 
 /// Checks what a telemetry report carries beyond its node id: counts,
 /// percentages and the floats routing relies on (finite, not negative).
-fn validate_report(report: &pb::TelemetryReport) -> Result<(), String> {
+pub(crate) fn validate_report(report: &pb::TelemetryReport) -> Result<(), String> {
     if report.gpus.len() > state::node::MAX_GPUS {
         return Err(format!(
             "{} GPU samples in one report; at most {}",
@@ -323,7 +323,10 @@ impl AgentService for AgentSvc {
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         let ctx = self.ctx.clone();
         tokio::spawn(async move {
-            let mut changes = ctx.raft.metrics();
+            // Woken by changes that concern this node and by changes of the
+            // server's role, not by every Raft tick.
+            let mut changes = ctx.changes.subscribe(&node);
+            let mut role = ctx.raft.server_metrics();
             let mut last: Option<Vec<pb::AssignedReplica>> = None;
             loop {
                 if !ctx.is_leader() {
@@ -336,7 +339,8 @@ impl AgentService for AgentSvc {
                 let current = {
                     let applied = ctx.state.read().expect("state lock poisoned");
                     let revision = applied.last_applied.map_or(0, |l| l.index);
-                    assignments(&applied.state, &node, revision)
+                    let ids = ctx.changes.replicas_on(&node);
+                    assignments(&applied.state, &ids, revision)
                 };
                 if last.as_ref() != Some(&current.replicas) {
                     last = Some(current.replicas.clone());
@@ -346,6 +350,7 @@ impl AgentService for AgentSvc {
                 }
                 tokio::select! {
                     changed = changes.changed() => if changed.is_err() { return },
+                    changed = role.changed() => if changed.is_err() { return },
                     _ = tx.closed() => return,
                 }
             }

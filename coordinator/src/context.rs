@@ -34,6 +34,8 @@ pub struct AdminContext {
     pub id: NodeId,
     pub raft: Raft,
     pub state: SharedState,
+    /// Which nodes each applied entry concerns (assignment watches).
+    pub changes: Arc<crate::store::ChangeFeed>,
     pub log: LogStore,
     pub metrics: Arc<Metrics>,
     pub faults: Arc<Faults>,

@@ -31,6 +31,8 @@ pub mod context;
 pub mod convert;
 pub mod dashboard;
 pub mod error;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzzing;
 pub mod gateway;
 pub mod http;
 pub mod leases;
@@ -101,6 +103,7 @@ pub async fn run(
     let sm = StateMachineStore::open(dir.clone(), metrics.clone())
         .context("loading the state machine")?;
     let state = sm.shared();
+    let changes = sm.feed();
     let faults = Arc::new(Faults::default());
     let network = Network::new(
         faults.clone(),
@@ -133,6 +136,7 @@ pub async fn run(
         id: config.node_id,
         raft: raft.clone(),
         state,
+        changes,
         log,
         metrics: metrics.clone(),
         faults: faults.clone(),

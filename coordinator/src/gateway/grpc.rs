@@ -61,7 +61,7 @@ pub fn parse_grpc_timeout(v: &str) -> Option<Duration> {
 }
 
 /// The gateway call for a request, or why it is malformed.
-fn to_call(request: &Request<pb::InferRequest>) -> Result<Call, Status> {
+pub(crate) fn to_call(request: &Request<pb::InferRequest>) -> Result<Call, Status> {
     let deadline = request
         .metadata()
         .get("grpc-timeout")

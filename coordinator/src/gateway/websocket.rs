@@ -107,7 +107,7 @@ async fn answer(
 }
 
 /// The request in one message.
-fn call(text: &str) -> Result<Call, GwError> {
+pub(crate) fn call(text: &str) -> Result<Call, GwError> {
     let mut body: Value = serde_json::from_str(text)
         .map_err(|e| GwError::bad_request(format!("the message is not JSON: {e}")))?;
     let path = if body.get("messages").is_some() {

@@ -25,6 +25,7 @@
 //! with a message that says what to do, never silently reused.
 
 pub mod codec;
+mod feed;
 #[cfg(test)]
 mod format_tests;
 mod log_store;
@@ -35,6 +36,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+pub use feed::ChangeFeed;
 pub use log_store::LogStore;
 pub use state_machine::{Applied, SharedState, StateMachineStore};
 
@@ -86,6 +88,35 @@ struct Marker {
     node_id: u64,
 }
 
+/// Reads the marker file's bytes of the data directory at `path`: ours,
+/// of a format this build reads, of node `node_id` — or why not.
+pub fn check_marker(bytes: &[u8], path: &Path, node_id: u64) -> Result<(), OpenError> {
+    let marker: Marker = serde_json::from_slice(bytes).map_err(|e| OpenError::CorruptMarker {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    if marker.kind != MARKER_KIND {
+        return Err(OpenError::CorruptMarker {
+            path: path.to_path_buf(),
+            reason: format!("kind is {:?}, expected {MARKER_KIND:?}", marker.kind),
+        });
+    }
+    if !(MIGRATES_FROM..=FORMAT_VERSION).contains(&marker.format_version) {
+        return Err(OpenError::Version {
+            path: path.to_path_buf(),
+            found: marker.format_version,
+        });
+    }
+    if marker.node_id != node_id {
+        return Err(OpenError::WrongNode {
+            path: path.to_path_buf(),
+            found: marker.node_id,
+            configured: node_id,
+        });
+    }
+    Ok(())
+}
+
 /// An opened data directory: the sled database and its trees.
 #[derive(Clone)]
 pub struct DataDir {
@@ -107,32 +138,7 @@ impl DataDir {
         std::fs::create_dir_all(path).map_err(io)?;
         let marker_path = path.join(MARKER_FILE);
         match std::fs::read(&marker_path) {
-            Ok(bytes) => {
-                let marker: Marker =
-                    serde_json::from_slice(&bytes).map_err(|e| OpenError::CorruptMarker {
-                        path: path.to_path_buf(),
-                        reason: e.to_string(),
-                    })?;
-                if marker.kind != MARKER_KIND {
-                    return Err(OpenError::CorruptMarker {
-                        path: path.to_path_buf(),
-                        reason: format!("kind is {:?}, expected {MARKER_KIND:?}", marker.kind),
-                    });
-                }
-                if !(MIGRATES_FROM..=FORMAT_VERSION).contains(&marker.format_version) {
-                    return Err(OpenError::Version {
-                        path: path.to_path_buf(),
-                        found: marker.format_version,
-                    });
-                }
-                if marker.node_id != node_id {
-                    return Err(OpenError::WrongNode {
-                        path: path.to_path_buf(),
-                        found: marker.node_id,
-                        configured: node_id,
-                    });
-                }
-            }
+            Ok(bytes) => check_marker(&bytes, path, node_id)?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let first = std::fs::read_dir(path)
                     .map_err(io)?

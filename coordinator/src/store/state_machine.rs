@@ -84,6 +84,7 @@ pub struct StateMachineStore {
     applied: SharedState,
     metrics: Arc<Metrics>,
     snapshots_built: Arc<AtomicU64>,
+    feed: Arc<super::ChangeFeed>,
 }
 
 fn prefixed(prefix: &[u8], rest: &[u8]) -> Vec<u8> {
@@ -173,10 +174,16 @@ impl StateMachineStore {
         }
         Ok(StateMachineStore {
             dir,
+            feed: Arc::new(super::ChangeFeed::new(&applied.state)),
             applied: Arc::new(RwLock::new(applied)),
             metrics,
             snapshots_built: Arc::new(AtomicU64::new(0)),
         })
+    }
+
+    /// Which nodes each applied entry concerns (the assignment watches).
+    pub fn feed(&self) -> Arc<super::ChangeFeed> {
+        self.feed.clone()
     }
 
     /// The applied state, for reads.
@@ -348,6 +355,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                     EntryPayload::Normal(request) => {
                         let (response, changes) = applied.state.apply(entry.log_id.index, &request);
                         self.persist(&applied.state, &changes, &mut batch)?;
+                        self.feed.applied(&applied.state, &changes);
                         response
                     }
                 };
@@ -410,7 +418,11 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             .flush_async()
             .await
             .map_err(|e| StorageIOError::write_snapshot(signature.clone(), any(e)))?;
-        *self.applied.write().expect("state lock poisoned") = incoming;
+        {
+            let mut applied = self.applied.write().expect("state lock poisoned");
+            *applied = incoming;
+            self.feed.replaced(&applied.state);
+        }
         self.metrics.snapshots_installed.inc();
         tracing::info!(snapshot_id = %meta.snapshot_id, "snapshot installed");
         Ok(())
