@@ -34,6 +34,7 @@ pub(super) async fn b4(
     counts: &[usize],
     seconds: u64,
     per_connection: usize,
+    watches: Option<(usize, u32)>,
 ) -> anyhow::Result<()> {
     use talon_node_agent::agent::{inventory_to_wire, sample_to_wire, AgentSettings};
     use talon_node_agent::fleet::FleetSpec;
@@ -190,6 +191,30 @@ pub(super) async fn b4(
             },
         )
         .await?;
+        let load = match watches {
+            Some((replicas, writes_per_s)) => {
+                let writer = talon_client::Client::pinned(addr.clone())?
+                    .with_key(cluster.admin_key().await?);
+                Some(
+                    super::watch::start(
+                        &admin,
+                        writer,
+                        &connections,
+                        &keys,
+                        replicas,
+                        writes_per_s,
+                    )
+                    .await?,
+                )
+            }
+            None => None,
+        };
+        let (m0, w0) = load.as_ref().map_or((0, 0), |l| {
+            (
+                l.messages.load(Ordering::Relaxed),
+                l.writes.load(Ordering::Relaxed),
+            )
+        });
         let bench_pid = std::process::id();
         let (t0, c0, b0) = (Instant::now(), cpu_ticks(pid)?, cpu_ticks(bench_pid)?);
         let (r0, mut ages, mut max_rss) = (
@@ -209,6 +234,15 @@ pub(super) async fn b4(
         let cores = (cpu_ticks(pid)? - c0) as f64 / TICKS_PER_SECOND / elapsed;
         let bench_cores = (cpu_ticks(bench_pid)? - b0) as f64 / TICKS_PER_SECOND / elapsed;
         let reports = admin.fleet_stats().await?.reports_received - r0;
+        let watch = load.map(|l| {
+            let row = json!({
+                "replicas": l.placed, "placing_s": l.placing_s,
+                "writes_per_s": (l.writes.load(Ordering::Relaxed) - w0) as f64 / elapsed,
+                "assignment_messages": l.messages.load(Ordering::Relaxed) - m0,
+            });
+            l.stop();
+            row
+        });
         stop.store(true, Ordering::Relaxed);
         for s in streams {
             s.abort();
@@ -221,16 +255,21 @@ pub(super) async fn b4(
             "load_generator_cores": bench_cores,
             "staleness_p50_ms": percentile(&ages, 50.0), "staleness_p99_ms": percentile(&ages, 99.0),
             "staleness_max_ms": ages.last(), "staleness_samples": ages.len(),
+            "watch": watch,
         });
         eprintln!("b4: {row}");
         rows.push(row);
     }
-    println!("| agents | reports/s | coordinator CPU (cores) | coordinator RSS MiB | staleness p50 ms | p99 ms | max ms | load generator CPU |");
-    println!("| --- | --- | --- | --- | --- | --- | --- | --- |");
+    println!("| agents | replicas | writes/s | assignment messages | reports/s | coordinator CPU (cores) | coordinator RSS MiB | staleness p50 ms | p99 ms | max ms | load generator CPU |");
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
     for r in &rows {
+        let w = &r["watch"];
         println!(
-            "| {} | {:.0} | {:.2} | {:.0} | {:.0} | {:.0} | {:.0} | {:.2} |",
+            "| {} | {} | {:.1} | {} | {:.0} | {:.2} | {:.0} | {:.0} | {:.0} | {:.0} | {:.2} |",
             r["agents"],
+            w["replicas"],
+            w["writes_per_s"].as_f64().unwrap_or(0.0),
+            w["assignment_messages"],
             r["reports_per_s"].as_f64().unwrap_or(0.0),
             r["coordinator_cores"].as_f64().unwrap_or(0.0),
             r["coordinator_rss_mib"].as_f64().unwrap_or(0.0),

@@ -33,6 +33,7 @@ mod plan;
 mod raft;
 mod rollout;
 mod serving_sim;
+mod watch;
 
 use gateway::{b3, b5b};
 use ingest::b4;
@@ -259,6 +260,14 @@ enum Bench {
         /// Agents per gRPC connection (HTTP/2 streams share it).
         #[arg(long, default_value_t = 100)]
         agents_per_connection: usize,
+        /// Replicas to place over the fleet before measuring, with one
+        /// assignment watch per agent (0: no watches).
+        #[arg(long, default_value_t = 0)]
+        replicas: usize,
+        /// Raft writes a second during the window (label updates of a
+        /// model without replicas), with watches.
+        #[arg(long, default_value_t = 10)]
+        writes_per_s: u32,
     },
 }
 
@@ -271,6 +280,10 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 }
 
 fn talon_bin_dir() -> anyhow::Result<PathBuf> {
+    // Another build's binaries (an older commit's, for a before/after run).
+    if let Some(dir) = std::env::var_os("TALON_BIN_DIR") {
+        return Ok(PathBuf::from(dir));
+    }
     let exe = std::env::current_exe()?;
     Ok(exe
         .parent()
@@ -390,7 +403,12 @@ async fn main() -> anyhow::Result<()> {
             agents,
             seconds,
             agents_per_connection,
-        } => b4(&cli, agents, *seconds, *agents_per_connection).await,
+            replicas,
+            writes_per_s,
+        } => {
+            let watches = (*replicas > 0).then_some((*replicas, *writes_per_s));
+            b4(&cli, agents, *seconds, *agents_per_connection, watches).await
+        }
         Bench::Routing {
             trace,
             gpus,
