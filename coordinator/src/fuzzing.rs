@@ -239,7 +239,8 @@ pub fn config_file(data: &[u8]) {
 }
 
 /// Seed inputs: valid encodings of each surface's messages, from which the
-/// fuzzers mutate (`fuzz/src/bin/seeds.rs` writes them to `fuzz/corpus/`).
+/// fuzzers mutate (committed under `fuzz/corpus/<target>/seed-<n>`; the
+/// replay test rewrites them there when `TALON_WRITE_SEEDS=1`).
 pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
     let mut out = Vec::new();
     let spec = state::ModelSpec {
@@ -355,6 +356,14 @@ mod tests {
     #[test]
     fn seeds_corpus_and_regressions_run_clean() {
         let mut ran = 0;
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz");
+        if std::env::var_os("TALON_WRITE_SEEDS").is_some() {
+            for (n, (target, bytes)) in seeds().into_iter().enumerate() {
+                let dir = root.join("corpus").join(target);
+                std::fs::create_dir_all(&dir).expect("corpus directory");
+                std::fs::write(dir.join(format!("seed-{n}")), bytes).expect("seed written");
+            }
+        }
         for (target, input) in seeds() {
             let run = TARGETS
                 .iter()
@@ -363,7 +372,6 @@ mod tests {
             (run.1)(&input);
             ran += 1;
         }
-        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz");
         for dir in ["corpus", "regressions"] {
             for (target, run) in TARGETS {
                 let Ok(files) = std::fs::read_dir(root.join(dir).join(target)) else {

@@ -240,3 +240,45 @@ fn bad_weights_are_refused_naming_the_tensor() {
     let err = Model::load(dir.path()).err().unwrap().to_string();
     assert!(err.contains("neither model.safetensors"), "{err}");
 }
+
+/// The step-message fuzz target's seeds and regressions
+/// (`fuzz/corpus/step_msg`, `fuzz/regressions/step_msg`) decode without a
+/// panic, and what decodes encodes back to the same bytes, as the target
+/// checks (`TALON_WRITE_SEEDS=1` rewrites the seed).
+#[test]
+fn step_message_fuzz_inputs_decode_cleanly() {
+    use crate::stage::{StepChunk, StepMsg};
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz");
+    let seed = StepMsg {
+        chunks: vec![
+            StepChunk {
+                seq: 7,
+                start: 0,
+                len: 2,
+            },
+            StepChunk {
+                seq: 9,
+                start: 5,
+                len: 1,
+            },
+        ],
+        released: vec![3],
+        hidden: (0..3 * 64).map(|i| i as f32 * 0.25).collect(),
+    };
+    if std::env::var_os("TALON_WRITE_SEEDS").is_some() {
+        let dir = root.join("corpus/step_msg");
+        std::fs::create_dir_all(&dir).expect("corpus directory");
+        std::fs::write(dir.join("seed-0"), seed.encode()).expect("seed written");
+    }
+    let mut inputs = vec![seed.encode()];
+    for dir in ["corpus/step_msg", "regressions/step_msg"] {
+        if let Ok(files) = std::fs::read_dir(root.join(dir)) {
+            inputs.extend(files.flatten().map(|f| std::fs::read(f.path()).expect("input")));
+        }
+    }
+    for input in inputs {
+        if let Ok(step) = StepMsg::decode(&input, 64, 4096) {
+            assert_eq!(step.encode(), input, "a decoded step encodes differently");
+        }
+    }
+}

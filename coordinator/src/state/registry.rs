@@ -37,7 +37,10 @@ impl State {
                 model.max_replicas = spec.max_replicas;
                 model.priority = spec.priority.clone();
                 model.labels = spec.labels.clone();
-                model.updated_at_ms = at;
+                // Entry times come from whichever coordinator proposed them; a
+                // leader whose clock is behind the last one must not move a
+                // record back in time (fuzz finding: updated before created).
+                model.updated_at_ms = at.max(model.updated_at_ms);
                 model.revision = index;
                 model.clone()
             }
@@ -99,7 +102,8 @@ impl State {
                     ));
                 }
                 model.versions.remove(pos);
-                model.updated_at_ms = at;
+                // Never back in time (see create_model).
+                model.updated_at_ms = at.max(model.updated_at_ms);
                 model.revision = index;
             }
         }
@@ -157,7 +161,8 @@ impl State {
         model::validate_labels(&labels).map_err(|m| rejected(RejectionKind::Invalid, m))?;
         let model = self.models.get_mut(name).expect("checked above");
         model.labels = labels;
-        model.updated_at_ms = at;
+        // Never back in time (see create_model).
+        model.updated_at_ms = at.max(model.updated_at_ms);
         model.revision = index;
         Ok(model.clone())
     }

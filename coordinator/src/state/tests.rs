@@ -139,6 +139,24 @@ fn label_compare_and_set_applies_only_on_the_expected_value() {
     state.check_consistency().unwrap();
 }
 
+#[test]
+fn a_leader_whose_clock_is_behind_does_not_move_a_model_back_in_time() {
+    // Found by the state_apply fuzzer: a label update proposed by a new
+    // leader whose wall clock is behind the old one's.
+    let mut state = State::default();
+    state.apply(2, &req(5_000, Command::CreateModel(spec("m", "v1"))));
+    let labels = Command::UpdateModelLabels {
+        name: "m".into(),
+        set: [("a".to_string(), "1".to_string())].into(),
+        remove: vec![],
+    };
+    let (r, _) = state.apply(3, &req(4_000, labels));
+    assert!(matches!(r, Response::Model(ref m) if m.updated_at_ms == 5_000), "{r:?}");
+    state.apply(4, &req(3_000, Command::CreateModel(spec("m", "v2"))));
+    assert_eq!(state.models["m"].updated_at_ms, 5_000);
+    state.check_consistency().unwrap();
+}
+
 fn node(id: &str) -> NodeInventory {
     NodeInventory {
         node_id: id.into(),
