@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs every fuzz target (cargo-fuzz, libFuzzer) from the committed seeds.
 #   bash fuzz/run.sh            # 1,000,000 inputs per target (or 20 min)
-#   bash fuzz/run.sh --short    # 20 s per target: what CI runs
+#   bash fuzz/run.sh --short    # 10 s per target: what CI runs
 # Needs a nightly toolchain; cargo-fuzz is installed into target/tools when
 # missing. New inputs collect in target/fuzz-corpus/<target>; a crash is
 # written to fuzz/artifacts/<target>/ and stops the run with status 1 —
@@ -25,7 +25,7 @@ bin=target/fuzz/x86_64-unknown-linux-gnu/release
 for t in $targets; do
     mkdir -p "target/fuzz-corpus/$t" "fuzz/artifacts/$t"
     if [[ $short == 1 ]]; then
-        limits=(-max_total_time=20)
+        limits=(-max_total_time=10)
     else
         limits=(-runs=1000000 -max_total_time=1200)
     fi

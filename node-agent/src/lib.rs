@@ -15,6 +15,8 @@ pub mod config;
 pub mod engine_factory;
 pub mod executor;
 pub mod fleet;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzzing;
 pub mod identity;
 pub mod metrics;
 pub mod perf;

@@ -273,7 +273,11 @@ fn step_message_fuzz_inputs_decode_cleanly() {
     let mut inputs = vec![seed.encode()];
     for dir in ["corpus/step_msg", "regressions/step_msg"] {
         if let Ok(files) = std::fs::read_dir(root.join(dir)) {
-            inputs.extend(files.flatten().map(|f| std::fs::read(f.path()).expect("input")));
+            inputs.extend(
+                files
+                    .flatten()
+                    .map(|f| std::fs::read(f.path()).expect("input")),
+            );
         }
     }
     for input in inputs {

@@ -151,7 +151,10 @@ fn a_leader_whose_clock_is_behind_does_not_move_a_model_back_in_time() {
         remove: vec![],
     };
     let (r, _) = state.apply(3, &req(4_000, labels));
-    assert!(matches!(r, Response::Model(ref m) if m.updated_at_ms == 5_000), "{r:?}");
+    assert!(
+        matches!(r, Response::Model(ref m) if m.updated_at_ms == 5_000),
+        "{r:?}"
+    );
     state.apply(4, &req(3_000, Command::CreateModel(spec("m", "v2"))));
     assert_eq!(state.models["m"].updated_at_ms, 5_000);
     state.check_consistency().unwrap();
