@@ -50,18 +50,7 @@ impl Recorder {
 }
 
 fn spec(name: &str) -> talon_client::ModelSpec {
-    talon_client::ModelSpec {
-        name: name.to_string(),
-        version: "v1".into(),
-        engine: "simulated".into(),
-        artifact_uri: format!("file:///lin/{name}"),
-        memory_mib: 1024,
-        latency_slo_ms: 100,
-        min_replicas: 0,
-        max_replicas: 1,
-        priority: "low".into(),
-        labels: HashMap::new(),
-    }
+    talon_tests::model_spec(name, "simulated", 1024, 0)
 }
 
 fn value_of(model: &talon_client::Model) -> Option<u64> {

@@ -404,28 +404,41 @@ impl BenchCluster {
     /// The leader's member index as seen by every running member, waiting
     /// until they agree on one that is not `not`.
     pub async fn leader(&self, not: Option<usize>) -> anyhow::Result<usize> {
-        let running: Vec<(usize, String)> = self
-            .members
+        let running: Vec<usize> = (0..self.members.len())
+            .filter(|&i| self.running(i))
+            .collect();
+        self.agreed_leader(&running, not, "an agreed leader", Duration::from_secs(60))
+            .await
+    }
+
+    /// The leader every member in `members` names, once they agree on one
+    /// of them that is not `not`.
+    async fn agreed_leader(
+        &self,
+        members: &[usize],
+        not: Option<usize>,
+        what: &str,
+        timeout: Duration,
+    ) -> anyhow::Result<usize> {
+        let views: Vec<(usize, String)> = members
             .iter()
-            .enumerate()
-            .filter(|(_, m)| m.child.is_some())
-            .map(|(i, m)| (i, m.client_addr.clone()))
+            .map(|&i| (i, self.members[i].client_addr.clone()))
             .collect();
         let kind = self.kind;
-        poll("an agreed leader", Duration::from_secs(60), || {
-            let running = running.clone();
+        poll(what, timeout, || {
+            let views = views.clone();
             async move {
-                // (member's own id, the leader it names) for each member.
-                let mut views = Vec::new();
-                for (i, addr) in &running {
+                // (member's index, its own name, the leader it names).
+                let mut named = Vec::new();
+                for (i, addr) in &views {
                     let (me, leader) = leader_view(kind, addr).await?;
-                    views.push((*i, me, leader));
+                    named.push((*i, me, leader));
                 }
-                let leader = views.first()?.2.clone();
-                if !views.iter().all(|v| v.2 == leader) {
+                let leader = named.first()?.2.clone();
+                if !named.iter().all(|v| v.2 == leader) {
                     return None;
                 }
-                let idx = views.iter().find(|v| v.1 == leader).map(|v| v.0)?;
+                let idx = named.iter().find(|v| v.1 == leader).map(|v| v.0)?;
                 (Some(idx) != not).then_some(idx)
             }
         })
@@ -483,27 +496,8 @@ impl BenchCluster {
         members: &[usize],
         timeout: Duration,
     ) -> anyhow::Result<usize> {
-        let views: Vec<(usize, String)> = members
-            .iter()
-            .map(|&i| (i, self.members[i].client_addr.clone()))
-            .collect();
-        let kind = self.kind;
-        poll("a leader agreed by the majority", timeout, || {
-            let views = views.clone();
-            async move {
-                let mut named = Vec::new();
-                for (i, addr) in &views {
-                    let (me, leader) = leader_view(kind, addr).await?;
-                    named.push((*i, me, leader));
-                }
-                let leader = named.first()?.2.clone();
-                if !named.iter().all(|v| v.2 == leader) {
-                    return None;
-                }
-                named.iter().find(|v| v.1 == leader).map(|v| v.0)
-            }
-        })
-        .await
+        self.agreed_leader(members, None, "a leader agreed by the majority", timeout)
+            .await
     }
 
     /// Waits until member `index` has applied what the leader had when the
