@@ -33,6 +33,7 @@ mod plan;
 mod raft;
 mod rollout;
 mod serving_sim;
+mod snapshot;
 mod watch;
 
 use gateway::{b3, b5b};
@@ -249,6 +250,14 @@ enum Bench {
         #[arg(long, default_value_t = 0.95)]
         attainment: f64,
     },
+    /// Snapshot size, build and install time of a large fleet's state,
+    /// through the coordinator's own state machine store.
+    Snapshot {
+        #[arg(long, default_value_t = 10_000)]
+        nodes: usize,
+        #[arg(long, default_value_t = 20_000)]
+        replicas: usize,
+    },
     /// Telemetry ingest: N simulated agents (8 GPUs each) at 1 Hz to one
     /// coordinator.
     B4 {
@@ -399,6 +408,7 @@ async fn main() -> anyhow::Result<()> {
             rate,
             coordinator_flags,
         } => b5b(&cli, *trials, *rate, coordinator_flags).await,
+        Bench::Snapshot { nodes, replicas } => snapshot::snapshot(&cli, *nodes, *replicas).await,
         Bench::B4 {
             agents,
             seconds,
