@@ -29,6 +29,7 @@ mod engine_fleet;
 mod engine_routing;
 mod gateway;
 mod ingest;
+mod overload;
 mod plan;
 mod raft;
 mod rollout;
@@ -250,6 +251,15 @@ enum Bench {
         #[arg(long, default_value_t = 0.95)]
         attainment: f64,
     },
+    /// Overload: a simulated replica at its sustained rate, then at
+    /// `factor` times it, then at its sustained rate again.
+    Overload {
+        /// Length of each phase.
+        #[arg(long, default_value_t = 20)]
+        seconds: u64,
+        #[arg(long, default_value_t = 10)]
+        factor: u64,
+    },
     /// Snapshot size, build and install time of a large fleet's state,
     /// through the coordinator's own state machine store.
     Snapshot {
@@ -408,6 +418,7 @@ async fn main() -> anyhow::Result<()> {
             rate,
             coordinator_flags,
         } => b5b(&cli, *trials, *rate, coordinator_flags).await,
+        Bench::Overload { seconds, factor } => overload::overload(&cli, *seconds, *factor).await,
         Bench::Snapshot { nodes, replicas } => snapshot::snapshot(&cli, *nodes, *replicas).await,
         Bench::B4 {
             agents,
