@@ -36,7 +36,10 @@ pub use tenant::{
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct State {
     pub models: BTreeMap<String, Model>,
-    pub nodes: BTreeMap<String, NodeRecord>,
+    /// Shared with the planning copies the leader takes twice a second:
+    /// copying one is a reference count, not a fleet's inventories
+    /// (encoded exactly as the records themselves).
+    pub nodes: BTreeMap<String, std::sync::Arc<NodeRecord>>,
     pub audit: BTreeMap<u64, AuditEntry>,
     /// Placed replicas by id.
     #[serde(default)]

@@ -415,13 +415,31 @@ impl State {
         inventory
             .validate()
             .map_err(|m| rejected(RejectionKind::Invalid, m))?;
-        let mut types: std::collections::BTreeSet<&str> = self
-            .nodes
-            .values()
-            .filter(|n| n.inventory.node_id != inventory.node_id)
-            .flat_map(|n| n.inventory.gpus.iter().map(|g| g.gpu_type.as_str()))
-            .collect();
-        types.extend(inventory.gpus.iter().map(|g| g.gpu_type.as_str()));
+        // Count the fleet's types only when this node brings one no other
+        // node has: usually the first nodes looked at have them all, so a
+        // registration does not cost a walk over every node's GPUs.
+        let mut missing: std::collections::BTreeSet<&str> =
+            inventory.gpus.iter().map(|g| g.gpu_type.as_str()).collect();
+        for n in self.nodes.values() {
+            if missing.is_empty() {
+                break;
+            }
+            if n.inventory.node_id != inventory.node_id {
+                for g in &n.inventory.gpus {
+                    missing.remove(g.gpu_type.as_str());
+                }
+            }
+        }
+        let types: std::collections::BTreeSet<&str> = if missing.is_empty() {
+            Default::default()
+        } else {
+            self.nodes
+                .values()
+                .filter(|n| n.inventory.node_id != inventory.node_id)
+                .flat_map(|n| n.inventory.gpus.iter().map(|g| g.gpu_type.as_str()))
+                .chain(inventory.gpus.iter().map(|g| g.gpu_type.as_str()))
+                .collect()
+        };
         if types.len() > MAX_GPU_TYPES {
             return Err(rejected(
                 RejectionKind::Invalid,
@@ -444,7 +462,7 @@ impl State {
                     at
                 },
                 revision: index,
-                ..existing.clone()
+                ..NodeRecord::clone(existing)
             },
             None => NodeRecord {
                 inventory: inventory.clone(),
@@ -457,7 +475,10 @@ impl State {
                 revision: index,
             },
         };
-        self.nodes.insert(inventory.node_id.clone(), record.clone());
+        self.nodes.insert(
+            inventory.node_id.clone(),
+            std::sync::Arc::new(record.clone()),
+        );
         Ok(record)
     }
 
@@ -470,7 +491,7 @@ impl State {
         reason: &str,
     ) -> Result<NodeRecord, (Response, Vec<Change>)> {
         check_text("reason", reason)?;
-        let Some(node) = self.nodes.get_mut(node_id) else {
+        let Some(node) = self.nodes.get_mut(node_id).map(std::sync::Arc::make_mut) else {
             return Err(rejected(
                 RejectionKind::NotFound,
                 format!("node {node_id:?} is not registered"),
@@ -486,7 +507,7 @@ impl State {
         node.state_reason = reason.to_string();
         node.state_changed_at_ms = at;
         node.revision = index;
-        Ok(node.clone())
+        Ok(NodeRecord::clone(node))
     }
 
     pub(super) fn set_node_scheduling(
@@ -495,7 +516,7 @@ impl State {
         node_id: &str,
         action: Scheduling,
     ) -> Result<NodeRecord, (Response, Vec<Change>)> {
-        let Some(node) = self.nodes.get_mut(node_id) else {
+        let Some(node) = self.nodes.get_mut(node_id).map(std::sync::Arc::make_mut) else {
             return Err(rejected(
                 RejectionKind::NotFound,
                 format!("node {node_id:?} is not registered"),
@@ -509,7 +530,7 @@ impl State {
         node.schedulable = schedulable;
         node.draining = draining;
         node.revision = index;
-        Ok(node.clone())
+        Ok(NodeRecord::clone(node))
     }
 }
 

@@ -393,7 +393,7 @@ fn mig_instance_fits(
 /// laid out together, if any.
 pub(super) fn overlapping_mig_instances<'a>(
     replicas: impl Iterator<Item = &'a Replica>,
-    nodes: &BTreeMap<String, NodeRecord>,
+    nodes: &BTreeMap<String, std::sync::Arc<NodeRecord>>,
 ) -> Option<(String, String)> {
     use talon_scheduler::mig::{MigModel, MigOccupancy};
     let mut per_gpu: BTreeMap<(&str, u32), (MigOccupancy, Vec<&str>)> = BTreeMap::new();
