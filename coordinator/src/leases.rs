@@ -13,8 +13,9 @@ use std::time::{Duration, Instant};
 use tokio::task::JoinSet;
 
 use crate::admin::AdminContext;
+use crate::raft_types::LogId;
 use crate::state::node::next_lease_state;
-use crate::state::{Command, NodeState};
+use crate::state::{Command, NodeState, State};
 
 /// Runs until `stop` turns true.
 pub async fn run(ctx: Arc<AdminContext>, mut stop: tokio::sync::watch::Receiver<bool>) {
@@ -90,10 +91,11 @@ pub async fn run_reconciler(
     // The copy planning reads, and the entry it was taken at: copied again
     // only after something was applied (a copy of 10,000 nodes' inventories
     // twice a second was most of an idle leader's work).
-    let mut view: Option<(
-        Option<crate::raft_types::LogId>,
-        std::sync::Arc<crate::state::State>,
-    )> = None;
+    let mut view: Option<(Option<LogId>, Arc<State>)> = None;
+    // What the last plan that changed nothing was made from: planning is a
+    // function of the state and the observations, so the same inputs give
+    // the same empty plan and are not planned again.
+    let mut settled: Option<(Option<LogId>, crate::reconcile::Observed)> = None;
     loop {
         tokio::select! {
             _ = tick.tick() => {}
@@ -103,20 +105,30 @@ pub async fn run_reconciler(
             continue;
         }
         // plan on a copy of what planning reads, off the state lock
-        let snapshot = {
+        let (at, snapshot) = {
             let applied = ctx.state.read().expect("state lock poisoned");
-            match &view {
+            let copy = match &view {
                 Some((at, copy)) if *at == applied.last_applied => copy.clone(),
                 _ => {
-                    let copy = std::sync::Arc::new(crate::reconcile::planning_view(&applied.state));
+                    let copy = Arc::new(crate::reconcile::planning_view(&applied.state));
                     view = Some((applied.last_applied, copy.clone()));
                     copy
                 }
-            }
+            };
+            (applied.last_applied, copy)
         };
         let mut observed = crate::reconcile::observe(&snapshot, &ctx.telemetry);
         observed.desired = ctx.autoscale.desired();
+        if settled
+            .as_ref()
+            .is_some_and(|(a, o)| *a == at && *o == observed)
+        {
+            continue;
+        }
         let plan = crate::reconcile::plan_with(&snapshot, &observed);
+        if plan.commands.is_empty() {
+            settled = Some((at, observed));
+        }
         if plan.unplaced != last_unplaced {
             for (id, why) in &plan.unplaced {
                 tracing::warn!(replica = %id, %why, "replica cannot be placed");

@@ -9,7 +9,7 @@ use crate::state::{Command, State};
 
 /// What the leader observed of the replicas and GPUs (from the agents'
 /// telemetry) that planning takes into account.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, PartialEq)]
 pub struct Observed {
     /// Replicas whose agent reports them failed (id → node): each is
     /// placed anew on another node.
