@@ -45,6 +45,9 @@ pub struct AdminContext {
     pub quota: Arc<crate::quota::Ledger>,
     /// The leader's desired replica counts ([`crate::autoscale`]).
     pub autoscale: Arc<crate::autoscale::Autoscale>,
+    /// The replicas the reconciler's last plan could not place, and why
+    /// (`list_replicas` shows them without planning again).
+    pub unplaced: std::sync::Mutex<Vec<(String, String)>>,
 }
 
 impl AdminContext {

@@ -133,6 +133,7 @@ pub async fn run_reconciler(
             for (id, why) in &plan.unplaced {
                 tracing::warn!(replica = %id, %why, "replica cannot be placed");
             }
+            *ctx.unplaced.lock().expect("unplaced lock poisoned") = plan.unplaced.clone();
             last_unplaced = plan.unplaced;
         }
         for command in plan.commands {

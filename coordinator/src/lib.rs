@@ -144,6 +144,7 @@ pub async fn run(
         telemetry: Arc::new(telemetry::TelemetryStore::new(config.agents.history_len)),
         quota: Arc::new(quota::Ledger::default()),
         autoscale: Arc::new(autoscale::Autoscale::default()),
+        unplaced: Default::default(),
     });
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);

@@ -512,19 +512,15 @@ impl AdminService for Admin {
                     .unwrap_or_default(),
             })
             .collect();
-        let view = self
-            .ctx
-            .is_leader()
-            .then(|| crate::reconcile::planning_view(&applied.state));
         drop(applied);
-        // planned off the state lock, with the failed replicas the
-        // reconciler itself sees
-        let unplaced = if let Some(view) = view {
-            let mut observed = crate::reconcile::observe(&view, &self.ctx.telemetry);
-            observed.desired = self.ctx.autoscale.desired();
-            crate::reconcile::plan_with(&view, &observed)
+        // what the reconciler's last plan could not place (planning again
+        // here, at every call, cost a whole plan of the fleet)
+        let unplaced = if self.ctx.is_leader() {
+            self.ctx
                 .unplaced
-                .into_iter()
+                .lock()
+                .expect("unplaced lock poisoned")
+                .iter()
                 .filter(|(id, _)| model.is_empty() || id.starts_with(&format!("{model}@")))
                 .map(|(id, why)| format!("{id}: {why}"))
                 .collect()
