@@ -6,6 +6,7 @@ pub mod hf;
 pub mod linearizability;
 pub mod llama;
 pub mod netlab;
+pub mod writers;
 
 /// etcd's gRPC messages, the subset the benchmarks use.
 pub mod etcdserverpb {
