@@ -17,13 +17,7 @@ fn cpu_ticks(pid: u32) -> anyhow::Result<u64> {
 
 /// Resident memory of a process, bytes (/proc/PID/status VmRSS).
 fn rss_bytes(pid: u32) -> anyhow::Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let kb = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .context("VmRSS")?;
-    Ok(kb * 1024)
+    super::proc_status_bytes(&pid.to_string(), "VmRSS")
 }
 
 /// Linux reports process CPU time in ticks of 1/100 s (USER_HZ).

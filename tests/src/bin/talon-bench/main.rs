@@ -337,6 +337,17 @@ fn spawn_quiet(program: &std::path::Path, args: &[&str]) -> anyhow::Result<Child
     Ok(Child(child))
 }
 
+/// A memory field of /proc/`pid`/status (`pid` may be `self`), in bytes.
+fn proc_status_bytes(pid: &str, field: &str) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kb = status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .with_context(|| format!("{field} in /proc/{pid}/status"))?;
+    Ok(kb * 1024)
+}
+
 fn write_out(cli: &Cli, name: &str, value: serde_json::Value) -> anyhow::Result<()> {
     std::fs::create_dir_all(&cli.out_dir)?;
     let path = cli.out_dir.join(name);

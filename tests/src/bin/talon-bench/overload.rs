@@ -24,12 +24,7 @@ struct Phase {
 }
 
 fn rss_mib(pid: u32) -> f64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        .map_or(0.0, |kb| kb / 1024.0)
+    proc_status_bytes(&pid.to_string(), "VmRSS").map_or(0.0, |b| b as f64 / (1 << 20) as f64)
 }
 
 /// Open loop at `rate` for `seconds`, sampling both processes' memory once

@@ -17,13 +17,7 @@ use talon_coordinator::store::{DataDir, StateMachineStore};
 
 /// Peak resident memory of this process (VmHWM), bytes.
 fn peak_rss() -> anyhow::Result<u64> {
-    let status = std::fs::read_to_string("/proc/self/status")?;
-    let kb = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .context("VmHWM")?;
-    Ok(kb * 1024)
+    proc_status_bytes("self", "VmHWM")
 }
 
 /// Starts a new peak (Linux: writing 5 to clear_refs resets VmHWM).
