@@ -26,6 +26,12 @@ pub struct RaftSettings {
     /// Entries kept in the log behind the last snapshot, so that a follower a
     /// little behind catches up from the log rather than a snapshot.
     pub keep_logs_after_snapshot: u64,
+    /// Group commit: the leader keeps at most this many proposals in
+    /// flight; writes that arrive while all are taken go together in the
+    /// next one (label and node-state writes; `crate::proposer`).
+    pub proposals_in_flight: usize,
+    /// The most writes one group-committed entry carries.
+    pub max_batch: usize,
 }
 
 impl Default for RaftSettings {
@@ -36,6 +42,8 @@ impl Default for RaftSettings {
             election_timeout_max_ms: 500,
             snapshot_logs: 10_000,
             keep_logs_after_snapshot: 1_000,
+            proposals_in_flight: 2,
+            max_batch: 256,
         }
     }
 }
@@ -283,6 +291,12 @@ pub struct Flags {
     pub snapshot_logs: Option<u64>,
     #[arg(long, env = "TALON_KEEP_LOGS_AFTER_SNAPSHOT")]
     pub keep_logs_after_snapshot: Option<u64>,
+    /// Group commit: proposals the leader keeps in flight.
+    #[arg(long, env = "TALON_PROPOSALS_IN_FLIGHT")]
+    pub proposals_in_flight: Option<usize>,
+    /// Group commit: the most writes in one entry.
+    #[arg(long, env = "TALON_MAX_BATCH")]
+    pub max_batch: Option<usize>,
     /// The token node agents present to register.
     #[arg(long, env = "TALON_JOIN_TOKEN", hide_env_values = true)]
     pub join_token: Option<String>,
@@ -358,6 +372,7 @@ impl Config {
             heartbeat_ms => raft.heartbeat_ms, election_timeout_min_ms => raft.election_timeout_min_ms,
             election_timeout_max_ms => raft.election_timeout_max_ms, snapshot_logs => raft.snapshot_logs,
             keep_logs_after_snapshot => raft.keep_logs_after_snapshot,
+            proposals_in_flight => raft.proposals_in_flight, max_batch => raft.max_batch,
             join_token => agents.join_token, telemetry_interval_ms => agents.telemetry_interval_ms,
             suspect_after_ms => agents.suspect_after_ms, down_after_ms => agents.down_after_ms,
             auth => auth.enabled, bootstrap_peers => bootstrap_peers,
@@ -525,6 +540,19 @@ impl Config {
             return bad(format!(
                 "raft.snapshot_logs is {}; use 10 or more",
                 r.snapshot_logs
+            ));
+        }
+        if !(1..=64).contains(&r.proposals_in_flight) {
+            return bad(format!(
+                "raft.proposals_in_flight is {}; use 1 to 64",
+                r.proposals_in_flight
+            ));
+        }
+        if !(1..=crate::state::MAX_BATCH).contains(&r.max_batch) {
+            return bad(format!(
+                "raft.max_batch is {}; use 1 to {}",
+                r.max_batch,
+                crate::state::MAX_BATCH
             ));
         }
         if self.write_timeout_ms < r.election_timeout_max_ms {

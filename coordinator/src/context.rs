@@ -7,7 +7,6 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use openraft::error::{ClientWriteError, RaftError};
 use tonic::{Request, Status};
 
 use crate::auth::{self, AuthError, Principal};
@@ -15,6 +14,7 @@ use crate::config::Config;
 use crate::error::AdminError;
 use crate::metrics::{Metrics, WriteLabels};
 use crate::network::Faults;
+use crate::proposer::ProposeError;
 use crate::raft_types::{NodeId, Raft};
 use crate::state::{self, Command, Permission};
 use crate::store::{LogStore, SharedState};
@@ -48,6 +48,8 @@ pub struct AdminContext {
     /// The replicas the reconciler's last plan could not place, and why
     /// (`list_replicas` shows them without planning again).
     pub unplaced: std::sync::Mutex<Vec<(String, String)>>,
+    /// Group commit of the frequent writes ([`crate::proposer`]).
+    pub proposer: crate::proposer::Proposer,
 }
 
 impl AdminContext {
@@ -137,23 +139,26 @@ impl AdminContext {
             command,
         };
         let timeout_ms = self.config.write_timeout_ms;
-        let outcome = tokio::time::timeout(
-            Duration::from_millis(timeout_ms),
-            self.raft.client_write(request),
-        )
+        let outcome = tokio::time::timeout(Duration::from_millis(timeout_ms), async {
+            if request.command.batchable() {
+                self.proposer.propose(request).await
+            } else {
+                self.raft
+                    .client_write(request)
+                    .await
+                    .map(|reply| reply.data)
+                    .map_err(crate::proposer::failure)
+            }
+        })
         .await;
         let result = match outcome {
             Err(_) => Err(AdminError::Timeout { timeout_ms }),
-            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
-                Err(AdminError::NotLeader {
-                    leader_addr: f.leader_node.map(|n| n.addr),
-                })
+            Ok(Err(ProposeError::NotLeader(leader_addr))) => {
+                Err(AdminError::NotLeader { leader_addr })
             }
-            Ok(Err(e)) => Err(AdminError::Internal(e.to_string())),
-            Ok(Ok(reply)) => match reply.data {
-                state::Response::Rejected(r) => Err(AdminError::Rejected(r)),
-                response => Ok(response),
-            },
+            Ok(Err(ProposeError::Raft(e))) => Err(AdminError::Internal(e)),
+            Ok(Ok(state::Response::Rejected(r))) => Err(AdminError::Rejected(r)),
+            Ok(Ok(response)) => Ok(response),
         };
         let label = match &result {
             Ok(_) => "ok",

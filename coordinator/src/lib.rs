@@ -38,6 +38,7 @@ pub mod http;
 pub mod leases;
 pub mod metrics;
 pub mod network;
+pub mod proposer;
 pub mod quota;
 pub mod raft_types;
 pub mod reconcile;
@@ -145,6 +146,12 @@ pub async fn run(
         quota: Arc::new(quota::Ledger::default()),
         autoscale: Arc::new(autoscale::Autoscale::default()),
         unplaced: Default::default(),
+        proposer: proposer::Proposer::start(
+            raft.clone(),
+            metrics.clone(),
+            config.raft.proposals_in_flight,
+            config.raft.max_batch,
+        ),
     });
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);

@@ -43,6 +43,10 @@ pub struct Metrics {
     pub members: Gauge,
     pub snapshots_built: Counter,
     pub snapshots_installed: Counter,
+    /// Group commit: entries proposed through the proposer, and the writes
+    /// they carried (their ratio is the mean batch).
+    pub group_commit_entries: Counter,
+    pub group_commit_writes: Counter,
     pub writes: Family<WriteLabels, Counter>,
     /// From a write's arrival at this node to its answer, committed and
     /// applied (or forwarded and answered).
@@ -239,6 +243,8 @@ impl Metrics {
         let members = Gauge::default();
         let snapshots_built = Counter::default();
         let snapshots_installed = Counter::default();
+        let group_commit_entries = Counter::default();
+        let group_commit_writes = Counter::default();
         let writes = Family::<WriteLabels, Counter>::default();
         let write_duration = Family::<WriteLabels, Histogram>::new_with_constructor(|| {
             Histogram::new(exponential_buckets(0.000_25, 2.0, 16))
@@ -278,6 +284,16 @@ impl Metrics {
             "raft_members",
             "Voters and learners in the membership",
             members.clone(),
+        );
+        registry.register(
+            "group_commit_entries",
+            "Log entries the leader proposed through group commit",
+            group_commit_entries.clone(),
+        );
+        registry.register(
+            "group_commit_writes",
+            "Writes those entries carried (one entry can carry many)",
+            group_commit_writes.clone(),
         );
         registry.register(
             "snapshots_built",
@@ -357,6 +373,8 @@ impl Metrics {
             members,
             snapshots_built,
             snapshots_installed,
+            group_commit_entries,
+            group_commit_writes,
             writes,
             write_duration,
         }

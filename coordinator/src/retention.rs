@@ -38,7 +38,7 @@ pub async fn run(ctx: Arc<AdminContext>, mut stop: tokio::sync::watch::Receiver<
         }
         let cut = {
             let applied = ctx.state.read().expect("state lock poisoned");
-            cutoff(applied.state.audit.keys().copied(), keep)
+            cutoff(applied.state.audit.values().map(|a| a.index), keep)
         };
         if let Some(before_index) = cut {
             match ctx

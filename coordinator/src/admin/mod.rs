@@ -362,13 +362,16 @@ impl AdminService for Admin {
             n => n as usize,
         };
         let applied = self.ctx.state.read().expect("state lock poisoned");
-        let entries = applied
-            .state
-            .audit
-            .range(req.after_index.saturating_add(1)..)
-            .take(limit)
-            .map(|(_, a)| audit_to_wire(a))
-            .collect();
+        // A page never ends inside one log index (the writes of a batch
+        // share theirs), so paging by the last index seen misses nothing.
+        let mut entries: Vec<pb::AuditEntry> = Vec::new();
+        let from = state::first_audit_key(req.after_index.saturating_add(1));
+        for a in applied.state.audit.range(from..).map(|(_, a)| a) {
+            if entries.len() >= limit && entries.last().map(|e| e.index) != Some(a.index) {
+                break;
+            }
+            entries.push(audit_to_wire(a));
+        }
         Ok(Response::new(pb::ListAuditResponse { entries }))
     }
 

@@ -70,8 +70,9 @@ pub(super) fn in_applicable_order(state: &State, mut commands: Vec<Command>) -> 
     let mut scratch = super::planning_view(state);
     let mut ordered = Vec::with_capacity(commands.len());
     let accepts = |scratch: &mut State, c: &Command| {
+        // past any real log index, but with audit keys to spare
         let (response, _) = scratch.apply(
-            u64::MAX / 2,
+            u64::MAX / (2 * crate::state::MAX_BATCH as u64),
             &Request {
                 at_ms: 0,
                 actor: "reconciler".into(),

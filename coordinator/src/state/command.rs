@@ -145,6 +145,77 @@ pub enum Command {
         remove: Vec<String>,
         expect: BTreeMap<String, String>,
     },
+    /// Several requests committed as one entry (group commit, format 7):
+    /// applied in order, each with its own actor, time, answer and audit
+    /// entry, as if proposed one after another at the same log index. Only
+    /// [`Command::batchable`] requests may be in one, at most
+    /// [`MAX_BATCH`]; anything else refuses the whole entry.
+    Batch(Vec<Request>),
+}
+
+/// The most requests one [`Command::Batch`] may carry, and the number of
+/// audit slots one log index has ([`audit_key`]).
+pub const MAX_BATCH: usize = 1024;
+
+/// The key of the audit entry that the request at `position` of the entry
+/// at log `index` writes (position 0 for an entry that is not a batch):
+/// ordered by index, then by position. Keys are `index × MAX_BATCH +
+/// position`; `None` past `u64` (an index no log reaches).
+pub fn audit_key(index: u64, position: usize) -> Option<u64> {
+    (position < MAX_BATCH)
+        .then_some(())
+        .and_then(|()| index.checked_mul(MAX_BATCH as u64))
+        .and_then(|k| k.checked_add(position as u64))
+}
+
+/// The first audit key of log `index` (saturating: what a range starts at).
+pub fn first_audit_key(index: u64) -> u64 {
+    index.saturating_mul(MAX_BATCH as u64)
+}
+
+impl Command {
+    /// The command's name, for messages.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Command::CreateModel(_) => "create_model",
+            Command::DeleteModel { .. } => "delete_model",
+            Command::UpdateModelLabels { .. } => "update_model_labels",
+            Command::Audit { .. } => "audit",
+            Command::RegisterNode(_) => "register_node",
+            Command::SetNodeState { .. } => "set_node_state",
+            Command::SetNodeScheduling { .. } => "set_node_scheduling",
+            Command::SetReplicas { .. } => "set_replicas",
+            Command::InitAuth { .. } => "init_auth",
+            Command::CreateCredential(_) => "create_credential",
+            Command::RevokeCredential { .. } => "revoke_credential",
+            Command::RemoveNode { .. } => "remove_node",
+            Command::TrimAudit { .. } => "trim_audit",
+            Command::SetReplicasChecked { .. } => "set_replicas_checked",
+            Command::PlaceReplicas { .. } => "place_replicas",
+            Command::PutTenant(_) => "put_tenant",
+            Command::DeleteTenant { .. } => "delete_tenant",
+            Command::CreateKey { .. } => "create_key",
+            Command::UpdateKey { .. } => "update_key",
+            Command::RotateKey { .. } => "rotate_key",
+            Command::RecordUsage { .. } => "record_usage",
+            Command::PutRule(_) => "put_rule",
+            Command::DeleteRule { .. } => "delete_rule",
+            Command::UpdateModelLabelsIf { .. } => "update_model_labels_if",
+            Command::Batch(_) => "batch",
+        }
+    }
+
+    /// Whether the command may go in a [`Command::Batch`]: the frequent
+    /// writes whose log index serves only as a revision, so that several
+    /// of them at one index mean what they would at consecutive ones.
+    pub fn batchable(&self) -> bool {
+        matches!(
+            self,
+            Command::UpdateModelLabels { .. }
+                | Command::UpdateModelLabelsIf { .. }
+                | Command::SetNodeState { .. }
+        )
+    }
 }
 
 /// Why a request was refused. The state is unchanged.
@@ -200,12 +271,15 @@ pub enum Response {
         rows: usize,
     },
     Rule(Box<super::chain::Rule>),
+    /// The answers of a [`Command::Batch`], in its order.
+    Batch(Vec<Response>),
 }
 
 /// One admin mutation: who, what, when.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AuditEntry {
-    /// Log index of the change; unique and increasing.
+    /// Log index of the change; increasing (the requests of one batch
+    /// share their entry's index, and are stored under [`audit_key`]).
     pub index: u64,
     pub at_ms: u64,
     pub actor: String,

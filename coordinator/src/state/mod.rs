@@ -23,7 +23,10 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-pub use command::{AuditEntry, Change, Command, Rejection, RejectionKind, Request, Response};
+pub use command::{
+    audit_key, first_audit_key, AuditEntry, Change, Command, Rejection, RejectionKind, Request,
+    Response, MAX_BATCH,
+};
 pub use credential::{Credential, Permission, Role};
 pub use model::{Model, ModelSpec, ModelVersion};
 pub use node::{NodeInventory, NodeRecord, NodeState, Scheduling};
@@ -89,8 +92,60 @@ fn rejected(kind: RejectionKind, message: String) -> (Response, Vec<Change>) {
 }
 
 impl State {
-    /// Applies one request committed at log `index`.
+    /// Applies one request committed at log `index`: a batch's requests in
+    /// order, anything else alone.
     pub fn apply(&mut self, index: u64, request: &Request) -> (Response, Vec<Change>) {
+        let Command::Batch(requests) = &request.command else {
+            return self.apply_at(index, 0, request);
+        };
+        if requests.len() > MAX_BATCH {
+            return rejected(
+                RejectionKind::Invalid,
+                format!(
+                    "a batch holds {} requests; the most is {MAX_BATCH}",
+                    requests.len()
+                ),
+            );
+        }
+        if let Some(r) = requests.iter().find(|r| !r.command.batchable()) {
+            return rejected(
+                RejectionKind::Invalid,
+                format!(
+                    "a batch holds a {} request, which is proposed alone",
+                    r.command.name()
+                ),
+            );
+        }
+        if audit_key(index, requests.len()).is_none() {
+            return rejected(
+                RejectionKind::Invalid,
+                format!("log index {index} has no audit keys left for a batch"),
+            );
+        }
+        let mut answers = Vec::with_capacity(requests.len());
+        let mut changes = Vec::new();
+        for (position, r) in requests.iter().enumerate() {
+            let (answer, changed) = self.apply_at(index, position, r);
+            answers.push(answer);
+            changes.extend(changed);
+        }
+        (Response::Batch(answers), changes)
+    }
+
+    /// Applies one request that is not a batch, at `position` of the entry
+    /// at log `index` (0 when the entry holds only it).
+    fn apply_at(
+        &mut self,
+        index: u64,
+        position: usize,
+        request: &Request,
+    ) -> (Response, Vec<Change>) {
+        let Some(audit_at) = audit_key(index, position) else {
+            return rejected(
+                RejectionKind::Invalid,
+                format!("log index {index} is past the last one with audit keys"),
+            );
+        };
         let at = request.at_ms;
         if let Err(r) = check_text("actor", &request.actor) {
             return r;
@@ -292,7 +347,7 @@ impl State {
             Command::TrimAudit { before_index } => {
                 // Retention is not itself audited: the trim would otherwise
                 // leave one entry per trim forever.
-                let keep = self.audit.split_off(before_index);
+                let keep = self.audit.split_off(&first_audit_key(*before_index));
                 let removed: Vec<u64> = std::mem::replace(&mut self.audit, keep)
                     .into_keys()
                     .collect();
@@ -308,6 +363,12 @@ impl State {
                 Ok(done) => done,
                 Err(rejection) => return rejection,
             },
+            Command::Batch(_) => {
+                return rejected(
+                    RejectionKind::Invalid,
+                    "a batch cannot hold another batch".into(),
+                )
+            }
             Command::PutTenant(_)
             | Command::DeleteTenant { .. }
             | Command::CreateKey { .. }
@@ -325,7 +386,7 @@ impl State {
         };
         let (action, target, detail) = audit;
         self.audit.insert(
-            index,
+            audit_at,
             AuditEntry {
                 index,
                 at_ms: at,
@@ -335,7 +396,7 @@ impl State {
                 detail,
             },
         );
-        changes.push(Change::Audit(index));
+        changes.push(Change::Audit(audit_at));
         (response, changes)
     }
 
@@ -524,10 +585,11 @@ impl State {
                 }
             }
         }
-        for (index, entry) in &self.audit {
-            if *index != entry.index {
+        for (key, entry) in &self.audit {
+            if *key / MAX_BATCH as u64 != entry.index {
                 return Err(format!(
-                    "audit entry stored under {index} says index {}",
+                    "audit entry stored under key {key} (log index {}) says index {}",
+                    *key / MAX_BATCH as u64,
                     entry.index
                 ));
             }

@@ -33,7 +33,10 @@ fn create_then_new_version_then_delete_version() {
     let mut state = State::default();
     let (r, changes) = state.apply(3, &req(1000, Command::CreateModel(spec("m", "v1"))));
     assert!(matches!(r, Response::Model(ref m) if m.revision == 3 && m.created_at_ms == 1000));
-    assert_eq!(changes, vec![Change::Model("m".into()), Change::Audit(3)]);
+    assert_eq!(
+        changes,
+        vec![Change::Model("m".into()), Change::Audit(first_audit_key(3))]
+    );
     let (r, _) = state.apply(4, &req(2000, Command::CreateModel(spec("m", "v2"))));
     let Response::Model(m) = r else {
         panic!("{r:?}")
@@ -364,9 +367,124 @@ fn audit_retention_cuts_the_same_everywhere() {
     other.apply(11, &trim);
     assert_eq!(state, other);
     assert_eq!(
-        state.audit.keys().copied().collect::<Vec<_>>(),
+        state.audit.values().map(|a| a.index).collect::<Vec<_>>(),
         vec![8, 9, 10]
     );
+}
+
+fn label(name: &str, value: &str) -> Command {
+    Command::UpdateModelLabels {
+        name: name.into(),
+        set: BTreeMap::from([("k".to_string(), value.to_string())]),
+        remove: vec![],
+    }
+}
+
+#[test]
+fn a_batch_applies_its_writes_in_order_each_with_its_answer_and_audit_entry() {
+    let mut state = State::default();
+    state.apply(3, &req(1000, Command::CreateModel(spec("m", "v1"))));
+    let mut one_by_one = state.clone();
+    let writes = vec![
+        req(2000, label("m", "a")),
+        Request {
+            actor: "someone-else".into(),
+            ..req(2001, label("missing", "x"))
+        },
+        req(
+            2002,
+            Command::UpdateModelLabelsIf {
+                name: "m".into(),
+                set: BTreeMap::from([("k".to_string(), "b".to_string())]),
+                remove: vec![],
+                expect: BTreeMap::from([("k".to_string(), "a".to_string())]),
+            },
+        ),
+        req(
+            2003,
+            Command::UpdateModelLabelsIf {
+                name: "m".into(),
+                set: BTreeMap::from([("k".to_string(), "c".to_string())]),
+                remove: vec![],
+                expect: BTreeMap::from([("k".to_string(), "a".to_string())]),
+            },
+        ),
+    ];
+    let (r, changes) = state.apply(4, &req(2003, Command::Batch(writes.clone())));
+    let Response::Batch(answers) = r else {
+        panic!("{r:?}")
+    };
+    assert_eq!(answers.len(), 4);
+    assert!(matches!(&answers[0], Response::Model(m) if m.labels["k"] == "a" && m.revision == 4));
+    assert!(
+        matches!(&answers[1], Response::Rejected(r) if r.kind == RejectionKind::NotFound),
+        "{:?}",
+        answers[1]
+    );
+    assert!(matches!(&answers[2], Response::Model(m) if m.labels["k"] == "b"));
+    assert!(
+        matches!(&answers[3], Response::Rejected(r) if r.kind == RejectionKind::Conflict),
+        "{:?}",
+        answers[3]
+    );
+    assert_eq!(state.models["m"].labels["k"], "b");
+    // one audit entry per applied write, at the entry's index, in order
+    let audited: Vec<(u64, u64, String)> = state
+        .audit
+        .iter()
+        .map(|(k, a)| (*k, a.index, a.at_ms.to_string()))
+        .collect();
+    assert_eq!(
+        audited,
+        vec![
+            (first_audit_key(3), 3, "1000".into()),
+            (audit_key(4, 0).unwrap(), 4, "2000".into()),
+            (audit_key(4, 2).unwrap(), 4, "2002".into()),
+        ]
+    );
+    assert!(changes.contains(&Change::Audit(audit_key(4, 2).unwrap())));
+    state.check_consistency().unwrap();
+    // the same as the writes one after another, but for where the audit
+    // entries are kept and the revision
+    for (i, w) in writes.iter().enumerate() {
+        one_by_one.apply(10 + i as u64, w);
+    }
+    assert_eq!(one_by_one.models["m"].labels, state.models["m"].labels);
+}
+
+#[test]
+fn a_batch_with_a_write_that_is_proposed_alone_is_refused_whole() {
+    let mut state = State::default();
+    state.apply(3, &req(1000, Command::CreateModel(spec("m", "v1"))));
+    let before = state.clone();
+    for bad in [
+        vec![
+            req(2000, label("m", "a")),
+            req(2000, Command::CreateModel(spec("n", "v1"))),
+        ],
+        vec![req(2000, Command::Batch(vec![req(2000, label("m", "a"))]))],
+        (0..=MAX_BATCH)
+            .map(|_| req(2000, label("m", "a")))
+            .collect(),
+    ] {
+        let (r, changes) = state.apply(4, &req(2000, Command::Batch(bad)));
+        assert!(
+            matches!(&r, Response::Rejected(r) if r.kind == RejectionKind::Invalid),
+            "{r:?}"
+        );
+        assert!(changes.is_empty());
+        assert_eq!(state, before);
+    }
+    // an index so high that the batch's audit keys would not fit in u64
+    let (r, _) = state.apply(
+        u64::MAX / 2,
+        &req(2000, Command::Batch(vec![req(2000, label("m", "a"))])),
+    );
+    assert!(
+        matches!(&r, Response::Rejected(r) if r.kind == RejectionKind::Invalid),
+        "{r:?}"
+    );
+    assert_eq!(state, before);
 }
 
 fn arb_command() -> impl Strategy<Value = Command> {

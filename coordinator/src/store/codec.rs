@@ -16,10 +16,13 @@ use serde::Serialize;
 /// First bytes of every encoded value.
 pub const MAGIC: [u8; 2] = *b"TL";
 /// Version of the envelope's payload encoding (postcard, serde field order):
-/// 5 since the state holds the gateway's chain (data format 6); 4 since
+/// 6 since a log entry can be a batch of writes and audit entries are
+/// keyed by log index and position (data format 7); 5 since the state holds the gateway's chain (data format 6); 4 since
 /// it holds tenants, key policies and usage (format 5); 3 since replicas can be stages of a pipeline across nodes (format
 /// 4); 2 added their GPU list and MIG device (format 3).
-pub const ENCODING_VERSION: u8 = 5;
+pub const ENCODING_VERSION: u8 = 6;
+/// The envelope version of data format 6, which only the migration reads.
+pub const FORMAT_6_ENCODING: u8 = 5;
 /// The envelope version of data format 2, which only the migration reads.
 pub const FORMAT_2_ENCODING: u8 = 1;
 /// The envelope version of data format 3, which only the migration reads.
@@ -87,6 +90,21 @@ pub fn decode_format_4<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecErro
 /// state in it without the chain; for the migration.
 pub fn decode_format_5<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
     crate::state::replica::in_format_5(|| decode_version(bytes, FORMAT_5_ENCODING))
+}
+
+/// Decodes a value of data format 6 (envelope version 5): the same types,
+/// before batches; for the migration.
+pub fn decode_format_6<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
+    decode_version(bytes, FORMAT_6_ENCODING)
+}
+
+/// Encodes `value` as data format 6 wrote it (tests build format-6
+/// directories with it).
+#[cfg(test)]
+pub fn encode_format_6<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, CodecError> {
+    let mut out = encode(value)?;
+    out[MAGIC.len()] = FORMAT_6_ENCODING;
+    Ok(out)
 }
 
 /// Encodes `value` as data format 5 wrote it (tests build format-5

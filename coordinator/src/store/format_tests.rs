@@ -22,6 +22,7 @@ const GOLDEN_V2_DIR: &str = include_str!("golden/format-v2-datadir.json");
 const GOLDEN_V3_DIR: &str = include_str!("golden/format-v3-datadir.json");
 const GOLDEN_V4_DIR: &str = include_str!("golden/format-v4-datadir.json");
 const GOLDEN_V5_DIR: &str = include_str!("golden/format-v5-datadir.json");
+const GOLDEN_V6_DIR: &str = include_str!("golden/format-v6-datadir.json");
 
 fn unhex(s: &str) -> Vec<u8> {
     (0..s.len())
@@ -79,6 +80,11 @@ fn golden_v4_dir() -> tempfile::TempDir {
 /// The same for format 5 (the state without the chain).
 fn golden_v5_dir() -> tempfile::TempDir {
     golden_dump_dir(5, GOLDEN_V5_DIR)
+}
+
+/// The same for format 6 (audit entries keyed by log index).
+fn golden_v6_dir() -> tempfile::TempDir {
+    golden_dump_dir(6, GOLDEN_V6_DIR)
 }
 
 fn golden_dump_dir(format: u32, dump: &str) -> tempfile::TempDir {
@@ -142,6 +148,55 @@ async fn format_5_directory_migrates_and_reads_the_same() {
         codec::decode_format_5::<super::Applied>(d).is_ok()
     });
     reads_the_golden_state(dir).await;
+}
+
+#[tokio::test]
+async fn format_6_directory_migrates_and_reads_the_same() {
+    reads_the_golden_state(golden_v6_dir()).await;
+}
+
+/// Format 6 kept an audit entry under its log index; format 7 under
+/// index × 1024 (+ its position in a batch). Moving them must not let one
+/// land on another's old key and be lost: index 1 moves to 1024, where
+/// index 1024 was.
+#[tokio::test]
+async fn format_6_audit_entries_move_to_their_keys_without_overwriting_each_other() {
+    let dir = golden_v6_dir();
+    let entry = |index: u64| AuditEntry {
+        index,
+        at_ms: index,
+        actor: "a".into(),
+        action: "x".into(),
+        target: "t".into(),
+        detail: String::new(),
+    };
+    {
+        let db = sled::Config::new()
+            .path(dir.path().join("db"))
+            .flush_every_ms(None)
+            .open()
+            .unwrap();
+        let sm = db.open_tree("sm").unwrap();
+        for index in [1u64, 1024, 1024 * 1024] {
+            let mut key = b"audit/".to_vec();
+            key.extend_from_slice(&index.to_be_bytes());
+            sm.insert(key, codec::encode_format_6(&entry(index)).unwrap())
+                .unwrap();
+        }
+        db.flush().unwrap();
+    }
+    let data = DataDir::open(dir.path(), 1).unwrap();
+    let sm = StateMachineStore::open(data, Arc::new(Metrics::new())).unwrap();
+    let applied = sm.shared();
+    let applied = applied.read().unwrap();
+    for index in [1u64, 1024, 1024 * 1024] {
+        assert_eq!(
+            applied.state.audit.get(&first_audit_key(index)),
+            Some(&entry(index)),
+            "index {index}"
+        );
+    }
+    applied.state.check_consistency().unwrap();
 }
 
 /// An old directory's snapshot does not decode as the current format (the
@@ -256,7 +311,13 @@ fn refuses_its_replicas(dir: &tempfile::TempDir) {
 /// holds the golden state, log, vote and snapshot, all in the current
 /// envelope; one-GPU replicas read with their GPU list.
 async fn reads_the_golden_state(dir: tempfile::TempDir) {
-    let expected: State = serde_json::from_str(GOLDEN_STATE).unwrap();
+    let mut expected: State = serde_json::from_str(GOLDEN_STATE).unwrap();
+    // the golden state lists audit entries by log index; format 7 keeps
+    // them by index and position
+    expected.audit = std::mem::take(&mut expected.audit)
+        .into_values()
+        .map(|a| (first_audit_key(a.index), a))
+        .collect();
     for round in 0..2 {
         // The second round opens the migrated directory again: nothing to do.
         let data = DataDir::open(dir.path(), 1).unwrap();
@@ -529,6 +590,23 @@ fn arb_command() -> impl Strategy<Value = Command> {
         }),
         arb_tenancy(),
         arb_rule(),
+        // group commit: label writes to either model, one refused or not
+        prop::collection::vec((model.clone(), text()), 1..4).prop_map(|writes| {
+            Command::Batch(
+                writes
+                    .into_iter()
+                    .map(|(m, v)| Request {
+                        at_ms: 5,
+                        actor: "b".into(),
+                        command: Command::UpdateModelLabels {
+                            name: m.into(),
+                            set: BTreeMap::from([("k".to_string(), v)]),
+                            remove: vec![],
+                        },
+                    })
+                    .collect(),
+            )
+        }),
     ]
 }
 

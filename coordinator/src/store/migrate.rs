@@ -1,21 +1,29 @@
-//! Older formats → 6: every record of a format-1 (JSON), format-2
+//! Older formats → 7: every record of a format-1 (JSON), format-2
 //! (envelope version 1, replicas without GPU list or MIG device),
 //! format-3 (envelope version 2, replicas without pipeline stage),
-//! format-4 (envelope version 3, a state without tenancy) or format-5
-//! (envelope version 4, a state without the gateway's chain) data
-//! directory rewritten in the current envelope of [`codec`](super::codec).
+//! format-4 (envelope version 3, a state without tenancy), format-5
+//! (envelope version 4, a state without the gateway's chain) or format-6
+//! (envelope version 5, audit entries keyed by their log index alone) data
+//! directory rewritten in the current envelope of [`codec`](super::codec),
+//! and every audit entry moved to its key by index and position
+//! ([`audit_key`](crate::state::audit_key)).
 //!
 //! The migration is idempotent: a value already in the current envelope is
 //! left alone, so a migration cut short by a crash simply runs again at the
 //! next start. Only after every tree is converted and flushed is the format
 //! key moved to 5 (and then the marker file).
 
+use std::collections::BTreeMap;
+
 use super::codec;
 use super::state_machine::Applied;
 use crate::raft_types::{Entry, LogId, SnapshotMeta, StoredMembership, Vote};
 use crate::state::{
-    AuditEntry, Credential, KeyPolicy, Model, NodeRecord, Replica, Tenant, Usage, UsageKey,
+    first_audit_key, AuditEntry, Credential, KeyPolicy, Model, NodeRecord, Replica, Tenant, Usage,
+    UsageKey,
 };
+
+const AUDIT: &[u8] = b"audit/";
 
 /// How an old value is written.
 #[derive(Clone, Copy)]
@@ -30,6 +38,20 @@ enum Old {
     Format4,
     /// Format 5: envelope version 4.
     Format5,
+    /// Format 6: envelope version 5.
+    Format6,
+}
+
+fn read<T: serde::de::DeserializeOwned>(what: &str, old: Old, bytes: &[u8]) -> Result<T, String> {
+    let value: T = match old {
+        Old::Json => serde_json::from_slice(bytes).map_err(|e| format!("{what}: {e}"))?,
+        Old::Format2 => codec::decode_format_2(bytes).map_err(|e| format!("{what}: {e}"))?,
+        Old::Format3 => codec::decode_format_3(bytes).map_err(|e| format!("{what}: {e}"))?,
+        Old::Format4 => codec::decode_format_4(bytes).map_err(|e| format!("{what}: {e}"))?,
+        Old::Format5 => codec::decode_format_5(bytes).map_err(|e| format!("{what}: {e}"))?,
+        Old::Format6 => codec::decode_format_6(bytes).map_err(|e| format!("{what}: {e}"))?,
+    };
+    Ok(value)
 }
 
 fn convert<T: serde::de::DeserializeOwned + serde::Serialize>(
@@ -37,24 +59,27 @@ fn convert<T: serde::de::DeserializeOwned + serde::Serialize>(
     old: Old,
     bytes: &[u8],
 ) -> Result<Vec<u8>, String> {
-    let value: T = match old {
-        Old::Json => serde_json::from_slice(bytes).map_err(|e| format!("{what}: {e}"))?,
-        Old::Format2 => codec::decode_format_2(bytes).map_err(|e| format!("{what}: {e}"))?,
-        Old::Format3 => codec::decode_format_3(bytes).map_err(|e| format!("{what}: {e}"))?,
-        Old::Format4 => codec::decode_format_4(bytes).map_err(|e| format!("{what}: {e}"))?,
-        Old::Format5 => codec::decode_format_5(bytes).map_err(|e| format!("{what}: {e}"))?,
-    };
+    let value: T = read(what, old, bytes)?;
     codec::encode(&value).map_err(|e| format!("{what}: {e}"))
 }
 
-/// The current bytes of one old value, chosen by its tree and key. `None`:
-/// the value stays as it is (the format key itself).
+/// Before format 7 an audit entry's key was its log index; now it is the
+/// first key of that index (one entry per index then).
+fn rekey_audit(audit: BTreeMap<u64, AuditEntry>) -> BTreeMap<u64, AuditEntry> {
+    audit
+        .into_values()
+        .map(|e| (first_audit_key(e.index), e))
+        .collect()
+}
+
+/// The current key and bytes of one old value, chosen by its tree and key.
+/// `None`: the value stays as it is (the format key itself).
 fn convert_value(
     tree: &str,
     key: &[u8],
     old: Old,
     bytes: &[u8],
-) -> Result<Option<Vec<u8>>, String> {
+) -> Result<Option<(Vec<u8>, Vec<u8>)>, String> {
     let name = String::from_utf8_lossy(key).into_owned();
     let bytes = match (tree, key) {
         ("meta", b"format") => return Ok(None),
@@ -69,23 +94,37 @@ fn convert_value(
         ("sm", k) if k.starts_with(b"replica/") => convert::<Replica>(&name, old, bytes)?,
         ("sm", k) if k.starts_with(b"credential/") => convert::<Credential>(&name, old, bytes)?,
         ("sm", b"meta/auth") => convert::<[u8; 32]>("cluster secret", old, bytes)?,
-        ("sm", k) if k.starts_with(b"audit/") => convert::<AuditEntry>("audit entry", old, bytes)?,
+        ("sm", k) if k.starts_with(AUDIT) => {
+            let entry: AuditEntry = read("audit entry", old, bytes)?;
+            let mut key = AUDIT.to_vec();
+            key.extend_from_slice(&first_audit_key(entry.index).to_be_bytes());
+            let bytes = codec::encode(&entry).map_err(|e| format!("audit entry: {e}"))?;
+            return Ok(Some((key, bytes)));
+        }
         ("sm", k) if k.starts_with(b"tenant/") => convert::<Tenant>(&name, old, bytes)?,
         ("sm", k) if k.starts_with(b"key/") => convert::<KeyPolicy>(&name, old, bytes)?,
         ("sm", k) if k.starts_with(b"usage/") => convert::<(UsageKey, Usage)>(&name, old, bytes)?,
         ("snapshot", b"current/meta") => convert::<SnapshotMeta>("snapshot meta", old, bytes)?,
-        ("snapshot", b"current/data") => convert::<Applied>("snapshot data", old, bytes)?,
+        ("snapshot", b"current/data") => {
+            let mut applied: Applied = read("snapshot data", old, bytes)?;
+            applied.state.audit = rekey_audit(std::mem::take(&mut applied.state.audit));
+            codec::encode(&applied).map_err(|e| format!("snapshot data: {e}"))?
+        }
         _ => return Err(format!("unknown key {name:?} in tree {tree:?}")),
     };
-    Ok(Some(bytes))
+    Ok(Some((key.to_vec(), bytes)))
 }
 
-/// Rewrites every format-1 to -5 value of `db` in place and flushes.
+/// Rewrites every format-1 to -6 value of `db` in place and flushes.
 pub(super) fn to_current(db: &sled::Db) -> Result<u64, String> {
     let mut converted = 0;
     for tree_name in ["meta", "log", "sm", "snapshot"] {
         let tree = db.open_tree(tree_name).map_err(|e| e.to_string())?;
-        let mut batch = sled::Batch::default();
+        // Removals first, then inserts: sled keeps the last write of a key
+        // in a batch, and a moved audit entry can land on the old key of
+        // another one (index 1 moves to 1024, where index 1024 was).
+        let mut removed = Vec::new();
+        let mut written = Vec::new();
         for item in tree.iter() {
             let (key, value) = item.map_err(|e| e.to_string())?;
             let old = match codec::version_of(&value) {
@@ -94,15 +133,26 @@ pub(super) fn to_current(db: &sled::Db) -> Result<u64, String> {
                 Some(codec::FORMAT_3_ENCODING) => Old::Format3,
                 Some(codec::FORMAT_4_ENCODING) => Old::Format4,
                 Some(codec::FORMAT_5_ENCODING) => Old::Format5,
+                Some(codec::FORMAT_6_ENCODING) => Old::Format6,
                 // current (or a version the decoder will name when read)
                 Some(_) => continue,
             };
-            if let Some(bytes) = convert_value(tree_name, &key, old, &value)
+            if let Some((new_key, bytes)) = convert_value(tree_name, &key, old, &value)
                 .map_err(|e| format!("tree {tree_name}: {e}"))?
             {
-                batch.insert(key, bytes);
+                if new_key != key.as_ref() {
+                    removed.push(key);
+                }
+                written.push((new_key, bytes));
                 converted += 1;
             }
+        }
+        let mut batch = sled::Batch::default();
+        for key in removed {
+            batch.remove(key);
+        }
+        for (key, bytes) in written {
+            batch.insert(key, bytes);
         }
         tree.apply_batch(batch).map_err(|e| e.to_string())?;
     }

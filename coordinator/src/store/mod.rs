@@ -40,13 +40,14 @@ pub use feed::ChangeFeed;
 pub use log_store::LogStore;
 pub use state_machine::{Applied, SharedState, StateMachineStore};
 
-/// Version of the on-disk format this build writes (6: binary envelope,
+/// Version of the on-disk format this build writes (7: binary envelope,
 /// replicas over several GPUs, on a MIG device, or a pipeline stage;
-/// tenants, key policies and usage; the gateway's chain).
-pub const FORMAT_VERSION: u32 = 6;
+/// tenants, key policies and usage; the gateway's chain; batched log
+/// entries and audit entries keyed by log index and position).
+pub const FORMAT_VERSION: u32 = 7;
 /// The oldest format this build migrates from (1: JSON values; 2: the
 /// envelope with one-GPU replicas; 3: no pipeline stages; 4: no tenancy;
-/// 5: no chain).
+/// 5: no chain; 6: audit keys are log indices).
 pub const MIGRATES_FROM: u32 = 1;
 const MARKER_FILE: &str = "talon-coordinator.json";
 const MARKER_KIND: &str = "talon-coordinator-data";

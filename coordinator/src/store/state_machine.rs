@@ -161,9 +161,14 @@ impl StateMachineStore {
                 applied.state.tenancy.usage.insert(key, usage);
             } else if k.as_ref() == AUTH {
                 applied.state.cluster_secret = Some(codec::decode(&v).map_err(read_err)?);
-            } else if k.starts_with(AUDIT) {
+            } else if let Some(key) = k.strip_prefix(AUDIT) {
+                let key = <[u8; 8]>::try_from(key).map_err(|_| {
+                    StorageIOError::read_state_machine(openraft::AnyError::error(format!(
+                        "audit record key {k:?} is not 8 bytes after its prefix"
+                    )))
+                })?;
                 let entry: crate::state::AuditEntry = codec::decode(&v).map_err(read_err)?;
-                applied.state.audit.insert(entry.index, entry);
+                applied.state.audit.insert(u64::from_be_bytes(key), entry);
             } else {
                 let key = String::from_utf8_lossy(&k).into_owned();
                 return Err(StorageIOError::read_state_machine(openraft::AnyError::error(format!(
@@ -259,9 +264,9 @@ impl StateMachineStore {
                         None => batch.remove(key),
                     }
                 }
-                Change::Audit(index) => {
-                    let key = prefixed(AUDIT, &index.to_be_bytes());
-                    match state.audit.get(index) {
+                Change::Audit(audit_key) => {
+                    let key = prefixed(AUDIT, &audit_key.to_be_bytes());
+                    match state.audit.get(audit_key) {
                         Some(a) => batch.insert(key, codec::encode(a).map_err(write_err)?),
                         None => batch.remove(key),
                     }
