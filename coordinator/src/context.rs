@@ -55,7 +55,9 @@ pub struct AdminContext {
 impl AdminContext {
     /// The leader's id and address as this node knows them.
     pub fn leader(&self) -> (Option<NodeId>, Option<String>) {
-        let metrics = self.raft.metrics().borrow().clone();
+        // borrowed, not cloned: every write and forwarded call asks
+        let watch = self.raft.metrics();
+        let metrics = watch.borrow();
         let leader = metrics.current_leader;
         let addr = leader.and_then(|id| {
             metrics
@@ -69,7 +71,8 @@ impl AdminContext {
 
     /// Where the leader's Raft port is, as this node knows it.
     pub fn leader_raft_addr(&self) -> Option<String> {
-        let metrics = self.raft.metrics().borrow().clone();
+        let watch = self.raft.metrics();
+        let metrics = watch.borrow();
         let leader = metrics.current_leader?;
         metrics
             .membership_config

@@ -211,11 +211,15 @@ pub fn init(settings: &Settings) -> Result<Guard, String> {
                 meta.target().starts_with("talon") && *meta.level() <= tracing::Level::INFO
             }))
     });
-    tracing_subscriber::registry()
-        .with(logs)
-        .with(spans)
-        .try_init()
-        .map_err(|e| format!("logging was already set up: {e}"))?;
+    // Not `.with(Option<layer>)`: a `None` layer answers "always" for
+    // every callsite, which makes the registry create every span (openraft
+    // and h2 debug spans included) and check every event on every call.
+    let registry = tracing_subscriber::registry().with(logs);
+    match spans {
+        Some(spans) => registry.with(spans).try_init(),
+        None => registry.try_init(),
+    }
+    .map_err(|e| format!("logging was already set up: {e}"))?;
     Ok(Guard { provider, endpoint })
 }
 
