@@ -326,6 +326,15 @@ async fn reads_the_golden_state(dir: tempfile::TempDir) {
             marker.contains(&format!("\"format_version\": {FORMAT_VERSION}")),
             "{marker}"
         );
+        // since format 7 the state machine and the snapshot have their own
+        // database, and the log's has none of it
+        let in_db: Vec<_> = data.db.tree_names();
+        assert!(
+            !in_db
+                .iter()
+                .any(|n| n.as_ref() == b"sm" || n.as_ref() == b"snapshot"),
+            "{in_db:?}"
+        );
         let mut sm = StateMachineStore::open(data.clone(), Arc::new(Metrics::new())).unwrap();
         {
             let applied = sm.shared();
@@ -782,7 +791,7 @@ proptest! {
             let before = sm.shared().read().unwrap().state.clone();
             before.check_consistency().unwrap();
             drop(sm);
-            data.db.flush().unwrap();
+            data.state.flush().unwrap();
             let reopened = StateMachineStore::open(data, Arc::new(Metrics::new())).unwrap();
             let after = reopened.shared().read().unwrap().state.clone();
             assert_eq!(after, before);
@@ -857,14 +866,24 @@ fn dump_golden_current() {
     drop(DataDir::open(dir.path(), 1).unwrap());
     // no background flusher: it holds the directory's lock past the drop,
     // and the next open in this test would find it taken
-    let db = sled::Config::new()
-        .path(dir.path().join("db"))
-        .flush_every_ms(None)
-        .open()
-        .unwrap();
+    let open = |name: &str| {
+        sled::Config::new()
+            .path(dir.path().join(name))
+            .flush_every_ms(None)
+            .open()
+            .unwrap()
+    };
+    // since format 7 the state machine and the snapshot have their own
+    // database; the dump lists every tree by name as before
+    let (db, state) = (open("db"), open("state"));
     let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
     let mut out = serde_json::Map::new();
-    for name in ["log", "meta", "sm", "snapshot"] {
+    for (name, db) in [
+        ("log", &db),
+        ("meta", &db),
+        ("sm", &state),
+        ("snapshot", &state),
+    ] {
         let tree = db.open_tree(name).unwrap();
         let rows: Vec<serde_json::Value> = tree
             .iter()

@@ -159,3 +159,33 @@ pub(super) fn to_current(db: &sled::Db) -> Result<u64, String> {
     db.flush().map_err(|e| e.to_string())?;
     Ok(converted)
 }
+
+/// Format 7 keeps the state machine's records and the snapshot in their
+/// own database (`state/`): copies the `sm` and `snapshot` trees of `db`
+/// there, flushes it, then drops them from `db` and flushes that. Run
+/// again after a crash it copies the same records again (or finds the
+/// trees already gone), so it is idempotent too.
+pub(super) fn move_state(db: &sled::Db, state: &sled::Db) -> Result<u64, String> {
+    let mut moved = 0;
+    let names = db.tree_names();
+    for name in ["sm", "snapshot"] {
+        if !names.iter().any(|n| n.as_ref() == name.as_bytes()) {
+            continue;
+        }
+        let from = db.open_tree(name).map_err(|e| e.to_string())?;
+        let to = state.open_tree(name).map_err(|e| e.to_string())?;
+        let mut batch = sled::Batch::default();
+        for item in from.iter() {
+            let (key, value) = item.map_err(|e| e.to_string())?;
+            batch.insert(key, value);
+            moved += 1;
+        }
+        to.apply_batch(batch).map_err(|e| e.to_string())?;
+    }
+    state.flush().map_err(|e| e.to_string())?;
+    for name in ["sm", "snapshot"] {
+        db.drop_tree(name).map_err(|e| e.to_string())?;
+    }
+    db.flush().map_err(|e| e.to_string())?;
+    Ok(moved)
+}

@@ -118,10 +118,22 @@ pub fn check_marker(bytes: &[u8], path: &Path, node_id: u64) -> Result<(), OpenE
     Ok(())
 }
 
-/// An opened data directory: the sled database and its trees.
+/// An opened data directory: two sled databases and their trees.
+///
+/// `db/` holds the Raft log and its metadata (vote, committed, purge
+/// point, format): every append is flushed before it is acknowledged, and
+/// a flush writes only what changed here. `state/` holds the state
+/// machine's records and the snapshot, flushed in the background and
+/// whenever a snapshot is built or installed: what a crash leaves unflushed
+/// there, openraft applies again from the log at the next start (every
+/// entry after the state's applied index up to the committed one is still
+/// in the log, because the log is only purged up to a snapshot, and
+/// building one flushes the state first). Until format 7 both lived in
+/// `db/`, so the state machine's records rode along on every log flush.
 #[derive(Clone)]
 pub struct DataDir {
     pub db: sled::Db,
+    pub state: sled::Db,
     pub meta: sled::Tree,
     pub log: sled::Tree,
     pub sm: sled::Tree,
@@ -172,12 +184,18 @@ impl DataDir {
                     reason: format!("format key is unreadable: {e}"),
                 })?;
                 if (MIGRATES_FROM..FORMAT_VERSION).contains(&found) {
-                    let converted =
-                        migrate::to_current(&db).map_err(|reason| OpenError::Migration {
-                            path: path.to_path_buf(),
-                            from: found,
-                            reason,
-                        })?;
+                    let failed = |reason| OpenError::Migration {
+                        path: path.to_path_buf(),
+                        from: found,
+                        reason,
+                    };
+                    let converted = migrate::to_current(&db).map_err(failed)?;
+                    let state = sled::Config::new()
+                        .path(path.join("state"))
+                        .open()
+                        .map_err(corrupt)?;
+                    migrate::move_state(&db, &state).map_err(failed)?;
+                    drop(state);
                     meta.insert(
                         "format",
                         serde_json::to_vec(&FORMAT_VERSION).expect("u32 serializes"),
@@ -202,12 +220,17 @@ impl DataDir {
                 db.flush().map_err(corrupt)?;
             }
         }
+        let state = sled::Config::new()
+            .path(path.join("state"))
+            .open()
+            .map_err(corrupt)?;
         Ok(DataDir {
             log: db.open_tree("log").map_err(corrupt)?,
-            sm: db.open_tree("sm").map_err(corrupt)?,
-            snapshot: db.open_tree("snapshot").map_err(corrupt)?,
+            sm: state.open_tree("sm").map_err(corrupt)?,
+            snapshot: state.open_tree("snapshot").map_err(corrupt)?,
             meta,
             db,
+            state,
         })
     }
 }

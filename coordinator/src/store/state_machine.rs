@@ -317,7 +317,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
         };
         self.save_snapshot(&meta, &data)?;
         self.dir
-            .db
+            .state
             .flush_async()
             .await
             .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), any(e)))?;
@@ -419,7 +419,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
 
         self.save_snapshot(meta, &data)?;
         self.dir
-            .db
+            .state
             .flush_async()
             .await
             .map_err(|e| StorageIOError::write_snapshot(signature.clone(), any(e)))?;
