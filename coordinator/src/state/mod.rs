@@ -9,6 +9,7 @@
 //! A request that breaks a rule (a bad spec, a model that does not exist)
 //! is answered with a [`Rejection`] and changes nothing.
 
+mod batch;
 pub mod chain;
 pub mod command;
 pub mod credential;
@@ -87,54 +88,23 @@ fn check_text(field: &str, value: &str) -> Result<(), (Response, Vec<Change>)> {
     Ok(())
 }
 
-fn rejected(kind: RejectionKind, message: String) -> (Response, Vec<Change>) {
+pub(super) fn rejected(kind: RejectionKind, message: String) -> (Response, Vec<Change>) {
     (Response::Rejected(Rejection { kind, message }), Vec::new())
 }
 
 impl State {
     /// Applies one request committed at log `index`: a batch's requests in
-    /// order, anything else alone.
+    /// order ([`batch`]), anything else alone.
     pub fn apply(&mut self, index: u64, request: &Request) -> (Response, Vec<Change>) {
-        let Command::Batch(requests) = &request.command else {
-            return self.apply_at(index, 0, request);
-        };
-        if requests.len() > MAX_BATCH {
-            return rejected(
-                RejectionKind::Invalid,
-                format!(
-                    "a batch holds {} requests; the most is {MAX_BATCH}",
-                    requests.len()
-                ),
-            );
+        match &request.command {
+            Command::Batch(requests) => self.apply_batch(index, requests),
+            _ => self.apply_at(index, 0, request),
         }
-        if let Some(r) = requests.iter().find(|r| !r.command.batchable()) {
-            return rejected(
-                RejectionKind::Invalid,
-                format!(
-                    "a batch holds a {} request, which is proposed alone",
-                    r.command.name()
-                ),
-            );
-        }
-        if audit_key(index, requests.len()).is_none() {
-            return rejected(
-                RejectionKind::Invalid,
-                format!("log index {index} has no audit keys left for a batch"),
-            );
-        }
-        let mut answers = Vec::with_capacity(requests.len());
-        let mut changes = Vec::new();
-        for (position, r) in requests.iter().enumerate() {
-            let (answer, changed) = self.apply_at(index, position, r);
-            answers.push(answer);
-            changes.extend(changed);
-        }
-        (Response::Batch(answers), changes)
     }
 
     /// Applies one request that is not a batch, at `position` of the entry
     /// at log `index` (0 when the entry holds only it).
-    fn apply_at(
+    pub(super) fn apply_at(
         &mut self,
         index: u64,
         position: usize,

@@ -475,6 +475,13 @@ fn a_batch_with_a_write_that_is_proposed_alone_is_refused_whole() {
         assert!(changes.is_empty());
         assert_eq!(state, before);
     }
+    // the most a batch may hold is applied
+    let full: Vec<Request> = (0..MAX_BATCH).map(|_| req(2000, label("m", "a"))).collect();
+    let (r, _) = state.clone().apply(4, &req(2000, Command::Batch(full)));
+    assert!(
+        matches!(&r, Response::Batch(a) if a.len() == MAX_BATCH),
+        "{r:?}"
+    );
     // an index so high that the batch's audit keys would not fit in u64
     let (r, _) = state.apply(
         u64::MAX / 2,
