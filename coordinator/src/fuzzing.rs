@@ -29,6 +29,7 @@ pub const TARGETS: &[(&str, fn(&[u8]))] = &[
     ("websocket_message", websocket_message),
     ("grpc_requests", grpc_requests),
     ("config_file", config_file),
+    ("store_migration", store_migration),
 ];
 
 /// What a coordinator's Raft service decodes from a peer (and a peer's
@@ -68,6 +69,16 @@ pub fn store_records(data: &[u8]) {
         let _ = applied.state.check_consistency();
     }
     let _ = crate::store::check_marker(data, Path::new("/fuzz"), 1);
+}
+
+/// What the migration reads from an older release's data directory: the
+/// first byte picks the record's tree and key, the second the older
+/// format (JSON, envelope versions 1 to 5), the rest is the value.
+pub fn store_migration(data: &[u8]) {
+    let [tree, old, value @ ..] = data else {
+        return;
+    };
+    crate::store::fuzz_migrate_value(*tree, *old, value);
 }
 
 /// What a follower applies: any sequence of decodable requests, as a
@@ -276,6 +287,43 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
     if let Ok(b) = postcard::to_stdvec(&requests) {
         out.push(("state_apply", b));
     }
+    // a group-committed entry: two label writes, the second refused
+    let batch = vec![
+        request(state::Command::CreateModel(spec.clone())),
+        request(state::Command::Batch(vec![
+            request(state::Command::UpdateModelLabels {
+                name: "m".into(),
+                set: [("a".to_string(), "1".to_string())].into(),
+                remove: vec![],
+            }),
+            request(state::Command::UpdateModelLabelsIf {
+                name: "m".into(),
+                set: [("a".to_string(), "2".to_string())].into(),
+                remove: vec![],
+                expect: [("a".to_string(), "0".to_string())].into(),
+            }),
+        ])),
+    ];
+    if let Ok(b) = postcard::to_stdvec(&batch) {
+        out.push(("state_apply", b));
+    }
+    // old values for the migration: a format-6 audit entry and model
+    let audit = state::AuditEntry {
+        index: 7,
+        at_ms: 1_000,
+        actor: "seed".into(),
+        action: "model.labels".into(),
+        target: "m".into(),
+        detail: String::new(),
+    };
+    if let Ok(mut b) = codec::encode(&audit) {
+        b[2] = codec::FORMAT_6_ENCODING;
+        out.push(("store_migration", [vec![11, 5], b].concat()));
+    }
+    out.push((
+        "store_migration",
+        [vec![6, 0], br#"{"name":"m"}"#.to_vec()].concat(),
+    ));
     let entry = Entry {
         log_id: openraft::LogId::new(openraft::CommittedLeaderId::new(1, 1), 5),
         payload: openraft::EntryPayload::Normal(requests[0].clone()),

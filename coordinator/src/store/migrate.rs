@@ -189,3 +189,52 @@ pub(super) fn move_state(db: &sled::Db, state: &sled::Db) -> Result<u64, String>
     db.flush().map_err(|e| e.to_string())?;
     Ok(moved)
 }
+
+/// The migration of one value, as the fuzzers feed it
+/// ([`crate::fuzzing::store_migration`]): `tree` picks one of the keys the
+/// migration knows, `old` one of the older formats. Whatever converts must
+/// come out in the current envelope, under a key of the same kind.
+#[cfg(any(test, feature = "fuzzing"))]
+pub fn fuzz_one_value(tree: u8, old: u8, bytes: &[u8]) {
+    const KEYS: &[(&str, &[u8])] = &[
+        ("meta", b"vote"),
+        ("meta", b"committed"),
+        ("meta", b"purged"),
+        ("log", &[0, 0, 0, 0, 0, 0, 0, 7]),
+        ("sm", b"meta/applied"),
+        ("sm", b"meta/membership"),
+        ("sm", b"model/m"),
+        ("sm", b"node/n"),
+        ("sm", b"replica/r"),
+        ("sm", b"credential/c"),
+        ("sm", b"meta/auth"),
+        ("sm", b"audit/\0\0\0\0\0\0\0\x07"),
+        ("sm", b"tenant/t"),
+        ("sm", b"key/k"),
+        ("sm", b"usage/u"),
+        ("snapshot", b"current/meta"),
+        ("snapshot", b"current/data"),
+    ];
+    const OLD: [Old; 6] = [
+        Old::Json,
+        Old::Format2,
+        Old::Format3,
+        Old::Format4,
+        Old::Format5,
+        Old::Format6,
+    ];
+    let (tree, key) = KEYS[tree as usize % KEYS.len()];
+    let old = OLD[old as usize % OLD.len()];
+    if let Ok(Some((new_key, value))) = convert_value(tree, key, old, bytes) {
+        assert_eq!(
+            codec::version_of(&value),
+            Some(codec::ENCODING_VERSION),
+            "{tree}/{key:?} converted out of the current envelope"
+        );
+        assert_eq!(
+            new_key.starts_with(AUDIT),
+            key.starts_with(AUDIT),
+            "{tree}/{key:?} moved to {new_key:?}"
+        );
+    }
+}

@@ -38,6 +38,8 @@ use serde::{Deserialize, Serialize};
 
 pub use feed::ChangeFeed;
 pub use log_store::LogStore;
+#[cfg(any(test, feature = "fuzzing"))]
+pub use migrate::fuzz_one_value as fuzz_migrate_value;
 pub use state_machine::{Applied, SharedState, StateMachineStore};
 
 /// Version of the on-disk format this build writes (7: binary envelope,
