@@ -1,9 +1,7 @@
-//! Group-committed entries ([`Command::Batch`]): several writes at one log
+//! Group-committed entries ([`Command::Batch`](super::Command::Batch)): several writes at one log
 //! index, applied in order as if proposed one after another.
 
-use super::{
-    audit_key, rejected, Change, Command, RejectionKind, Request, Response, State, MAX_BATCH,
-};
+use super::{audit_key, rejected, Change, RejectionKind, Request, Response, State, MAX_BATCH};
 
 impl State {
     /// Applies the writes of a batch at log `index`, each at its position:
