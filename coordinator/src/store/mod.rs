@@ -30,6 +30,8 @@ mod feed;
 mod format_tests;
 mod log_store;
 mod migrate;
+#[cfg(test)]
+mod record_tests;
 mod state_machine;
 
 use std::path::{Path, PathBuf};
