@@ -88,12 +88,20 @@ async fn run(
         let Ok(slot) = slots.clone().acquire_owned().await else {
             return;
         };
-        let mut batch = vec![first];
+        // A write whose caller has given up (its deadline passed while it
+        // queued) is not proposed: its caller was told the outcome is
+        // unknown, and proposing it minutes later, after a partition
+        // healed, could overwrite what others wrote since.
+        let mut batch: Vec<Pending> = Some(first).into_iter().filter(waiting).collect();
         while batch.len() < max_batch {
             match rx.try_recv() {
-                Ok(p) => batch.push(p),
+                Ok(p) if waiting(&p) => batch.push(p),
+                Ok(_) => {}
                 Err(_) => break,
             }
+        }
+        if batch.is_empty() {
+            continue;
         }
         metrics.group_commit_entries.inc();
         metrics.group_commit_writes.inc_by(batch.len() as u64);
@@ -103,6 +111,11 @@ async fn run(
             drop(slot);
         });
     }
+}
+
+/// Whether the write's caller still waits for its answer.
+fn waiting(p: &Pending) -> bool {
+    !p.reply.is_closed()
 }
 
 /// A Raft write error as a [`ProposeError`].
