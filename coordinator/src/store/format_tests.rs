@@ -35,13 +35,9 @@ fn golden_v1_dir() -> tempfile::TempDir {
         r#"{"kind":"talon-coordinator-data","format_version":1,"node_id":1}"#,
     )
     .unwrap();
-    // no background flusher: it holds the directory's lock past the drop,
-    // and the next open in this test would find it taken
-    let db = sled::Config::new()
-        .path(dir.path().join("db"))
-        .flush_every_ms(None)
-        .open()
-        .unwrap();
+    // no background flusher, and an open that waits out the lock a
+    // database dropped just before may still hold (`open_db`)
+    let db = super::open_db(&dir.path().join("db"), None).unwrap();
     let trees: serde_json::Value = serde_json::from_str(GOLDEN_DIR).unwrap();
     for (name, rows) in trees.as_object().unwrap() {
         let tree = db.open_tree(name).unwrap();
@@ -89,13 +85,9 @@ fn golden_dump_dir(format: u32, dump: &str) -> tempfile::TempDir {
         format!(r#"{{"kind":"talon-coordinator-data","format_version":{format},"node_id":1}}"#),
     )
     .unwrap();
-    // no background flusher: it holds the directory's lock past the drop,
-    // and the next open in this test would find it taken
-    let db = sled::Config::new()
-        .path(dir.path().join("db"))
-        .flush_every_ms(None)
-        .open()
-        .unwrap();
+    // no background flusher, and an open that waits out the lock a
+    // database dropped just before may still hold (`open_db`)
+    let db = super::open_db(&dir.path().join("db"), None).unwrap();
     let trees: serde_json::Value = serde_json::from_str(dump).unwrap();
     for (name, rows) in trees.as_object().unwrap() {
         let tree = db.open_tree(name).unwrap();
@@ -166,11 +158,7 @@ async fn format_6_audit_entries_move_to_their_keys_without_overwriting_each_othe
         detail: String::new(),
     };
     {
-        let db = sled::Config::new()
-            .path(dir.path().join("db"))
-            .flush_every_ms(None)
-            .open()
-            .unwrap();
+        let db = super::open_db(&dir.path().join("db"), None).unwrap();
         let sm = db.open_tree("sm").unwrap();
         for index in [1u64, 1024, 1024 * 1024] {
             let mut key = b"audit/".to_vec();
@@ -197,13 +185,9 @@ async fn format_6_audit_entries_move_to_their_keys_without_overwriting_each_othe
 /// An old directory's snapshot does not decode as the current format (the
 /// state grew) but does as its own (`reads_as_its_own`).
 fn refuses_its_snapshot(dir: &tempfile::TempDir, reads_as_its_own: impl Fn(&[u8]) -> bool) {
-    // no background flusher: it holds the directory's lock past the drop,
-    // and the next open in this test would find it taken
-    let db = sled::Config::new()
-        .path(dir.path().join("db"))
-        .flush_every_ms(None)
-        .open()
-        .unwrap();
+    // no background flusher, and an open that waits out the lock a
+    // database dropped just before may still hold (`open_db`)
+    let db = super::open_db(&dir.path().join("db"), None).unwrap();
     let data = db
         .open_tree("snapshot")
         .unwrap()
@@ -259,11 +243,7 @@ async fn format_5_tenancy_records_migrate() {
         },
     );
     {
-        let db = sled::Config::new()
-            .path(dir.path().join("db"))
-            .flush_every_ms(None)
-            .open()
-            .unwrap();
+        let db = super::open_db(&dir.path().join("db"), None).unwrap();
         let sm = db.open_tree("sm").unwrap();
         sm.insert("tenant/acme", codec::encode_format_5(&tenant).unwrap())
             .unwrap();
@@ -286,11 +266,7 @@ async fn format_5_tenancy_records_migrate() {
 /// An old directory's replicas do not decode as the current format (the
 /// replica layout grew): the migration is needed.
 fn refuses_its_replicas(dir: &tempfile::TempDir) {
-    let data = sled::Config::new()
-        .path(dir.path().join("db"))
-        .flush_every_ms(None)
-        .open()
-        .unwrap();
+    let data = super::open_db(&dir.path().join("db"), None).unwrap();
     let replica = data
         .open_tree("sm")
         .unwrap()
@@ -410,15 +386,9 @@ fn a_newer_format_is_refused() {
 fn dump_golden_current() {
     let dir = golden_v1_dir();
     drop(DataDir::open(dir.path(), 1).unwrap());
-    // no background flusher: it holds the directory's lock past the drop,
-    // and the next open in this test would find it taken
-    let open = |name: &str| {
-        sled::Config::new()
-            .path(dir.path().join(name))
-            .flush_every_ms(None)
-            .open()
-            .unwrap()
-    };
+    // no background flusher, and an open that waits out the lock a
+    // database dropped just before may still hold (`open_db`)
+    let open = |name: &str| super::open_db(&dir.path().join(name), None).unwrap();
     // since format 7 the state machine and the snapshot have their own
     // database; the dump lists every tree by name as before
     let (db, state) = (open("db"), open("state"));

@@ -16,14 +16,12 @@
 use std::collections::BTreeMap;
 
 use super::codec;
-use super::state_machine::Applied;
+use super::state_machine::{audit_record_key, Applied, AUDIT};
 use crate::raft_types::{Entry, LogId, SnapshotMeta, StoredMembership, Vote};
 use crate::state::{
     first_audit_key, AuditEntry, Credential, KeyPolicy, Model, NodeRecord, Replica, Tenant, Usage,
     UsageKey,
 };
-
-const AUDIT: &[u8] = b"audit/";
 
 /// How an old value is written.
 #[derive(Clone, Copy)]
@@ -96,8 +94,7 @@ fn convert_value(
         ("sm", b"meta/auth") => convert::<[u8; 32]>("cluster secret", old, bytes)?,
         ("sm", k) if k.starts_with(AUDIT) => {
             let entry: AuditEntry = read("audit entry", old, bytes)?;
-            let mut key = AUDIT.to_vec();
-            key.extend_from_slice(&first_audit_key(entry.index).to_be_bytes());
+            let key = audit_record_key(first_audit_key(entry.index));
             let bytes = codec::encode(&entry).map_err(|e| format!("audit entry: {e}"))?;
             return Ok(Some((key, bytes)));
         }

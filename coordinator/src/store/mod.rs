@@ -176,10 +176,12 @@ impl DataDir {
             path: path.to_path_buf(),
             reason: e.to_string(),
         };
-        let db = sled::Config::new()
-            .path(path.join("db"))
-            .open()
-            .map_err(corrupt)?;
+        // The log's database needs no background flusher: every append,
+        // vote, truncation and purge point is flushed before it is
+        // reported done (and the committed index is only a hint openraft
+        // corrects). The state's is flushed in the background.
+        let db = open_db(&path.join("db"), None).map_err(corrupt)?;
+        let state = open_db(&path.join("state"), Some(500)).map_err(corrupt)?;
         let meta = db.open_tree("meta").map_err(corrupt)?;
         match meta.get("format").map_err(corrupt)? {
             Some(v) => {
@@ -194,12 +196,7 @@ impl DataDir {
                         reason,
                     };
                     let converted = migrate::to_current(&db).map_err(failed)?;
-                    let state = sled::Config::new()
-                        .path(path.join("state"))
-                        .open()
-                        .map_err(corrupt)?;
                     migrate::move_state(&db, &state).map_err(failed)?;
-                    drop(state);
                     meta.insert(
                         "format",
                         serde_json::to_vec(&FORMAT_VERSION).expect("u32 serializes"),
@@ -224,10 +221,6 @@ impl DataDir {
                 db.flush().map_err(corrupt)?;
             }
         }
-        let state = sled::Config::new()
-            .path(path.join("state"))
-            .open()
-            .map_err(corrupt)?;
         Ok(DataDir {
             log: db.open_tree("log").map_err(corrupt)?,
             sm: state.open_tree("sm").map_err(corrupt)?,
@@ -236,6 +229,30 @@ impl DataDir {
             db,
             state,
         })
+    }
+}
+
+/// Opens one sled database, flushed in the background every
+/// `flush_every_ms` (`None`: only when asked). A dropped database's file
+/// lock can stay taken for a while (sled's own threads let go of it
+/// late), so a directory closed and opened again in one process (a restart
+/// in tests) can find it still held: the open is retried for ten seconds
+/// before the lock counts as another process's.
+pub(super) fn open_db(path: &Path, flush_every_ms: Option<u64>) -> Result<sled::Db, sled::Error> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let config = sled::Config::new()
+            .path(path)
+            .flush_every_ms(flush_every_ms);
+        match config.open() {
+            Err(sled::Error::Io(e))
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            other => return other,
+        }
     }
 }
 

@@ -26,7 +26,7 @@ const APPLIED: &[u8] = b"meta/applied";
 const MEMBERSHIP: &[u8] = b"meta/membership";
 const MODEL: &[u8] = b"model/";
 const NODE: &[u8] = b"node/";
-const AUDIT: &[u8] = b"audit/";
+pub(super) const AUDIT: &[u8] = b"audit/";
 const REPLICA: &[u8] = b"replica/";
 const CREDENTIAL: &[u8] = b"credential/";
 const AUTH: &[u8] = b"meta/auth";
@@ -85,6 +85,11 @@ pub struct StateMachineStore {
     metrics: Arc<Metrics>,
     snapshots_built: Arc<AtomicU64>,
     feed: Arc<super::ChangeFeed>,
+}
+
+/// The sled key of the audit record stored under `audit_key`.
+pub(super) fn audit_record_key(audit_key: u64) -> Vec<u8> {
+    prefixed(AUDIT, &audit_key.to_be_bytes())
 }
 
 fn prefixed(prefix: &[u8], rest: &[u8]) -> Vec<u8> {
@@ -265,7 +270,7 @@ impl StateMachineStore {
                     }
                 }
                 Change::Audit(audit_key) => {
-                    let key = prefixed(AUDIT, &audit_key.to_be_bytes());
+                    let key = audit_record_key(*audit_key);
                     match state.audit.get(audit_key) {
                         Some(a) => batch.insert(key, codec::encode(a).map_err(write_err)?),
                         None => batch.remove(key),
