@@ -27,6 +27,7 @@ pub fn model_json(m: &Model) -> Value {
             "plan": a.plan, "plan_replicas": a.plan_replicas, "plan_capacity_rps": a.plan_capacity_rps,
             "plan_cost_per_hour": a.plan_cost_per_hour, "reason": a.reason,
             "cold_starts": a.cold_starts, "load_s": a.load_s, "updated_at_ms": a.updated_at_ms,
+            "slo_judged": a.slo_judged, "slo_attainment": a.slo_attainment, "trust": a.trust,
         })),
     })
 }
@@ -76,6 +77,16 @@ pub fn print_autoscale(m: &Model) {
     );
     for line in &a.plan {
         println!("    {line}");
+    }
+    if a.slo_judged > 0 {
+        println!(
+            "  SLO: {:.2} % of {} requests met it over the last plans; trust {:.2}",
+            a.slo_attainment * 100.0,
+            a.slo_judged,
+            a.trust
+        );
+    } else {
+        println!("  SLO: no request judged yet; trust {:.2}", a.trust);
     }
     println!(
         "  cold starts: {}; a replica loads in {:.0} s",

@@ -43,6 +43,9 @@ pub struct AdminContext {
     pub telemetry: Arc<crate::telemetry::TelemetryStore>,
     /// The leader's buckets and unrecorded charges ([`crate::quota`]).
     pub quota: Arc<crate::quota::Ledger>,
+    /// Every gateway's demand, added up while this coordinator leads
+    /// ([`crate::autoscale::demand`]).
+    pub demand: Arc<crate::autoscale::demand::ClusterDemand>,
     /// The leader's desired replica counts ([`crate::autoscale`]).
     pub autoscale: Arc<crate::autoscale::Autoscale>,
     /// The replicas the reconciler's last plan could not place, and why

@@ -43,6 +43,17 @@ pub fn raft_rpc(data: &[u8]) {
     let _ = codec::decode::<Result<InstallSnapshotResponse<NodeId>, String>>(data);
     let _ = codec::decode::<crate::quota::QuotaRequest>(data);
     let _ = codec::decode::<Result<crate::quota::QuotaReply, String>>(data);
+    let _ = codec::decode::<Result<usize, String>>(data);
+    if let Ok(report) = codec::decode::<crate::autoscale::demand::DemandReport>(data) {
+        // what the leader does with it: validated, kept, taken, summed
+        let demand = crate::autoscale::demand::ClusterDemand::default();
+        if demand.report(report.clone(), |_| true, 1_000_000).is_ok() {
+            for p in &report.points {
+                let _ = demand.take(&p.model, u64::MAX);
+                let _ = demand.window(&p.model, 0, u64::MAX);
+            }
+        }
+    }
 }
 
 /// What a coordinator reads back from its data directory: log entries, the

@@ -144,6 +144,7 @@ pub async fn run(
         config: config.clone(),
         telemetry: Arc::new(telemetry::TelemetryStore::new(config.agents.history_len)),
         quota: Arc::new(quota::Ledger::default()),
+        demand: Arc::default(),
         autoscale: Arc::new(autoscale::Autoscale::default()),
         unplaced: Default::default(),
         proposer: proposer::Proposer::start(
@@ -195,13 +196,17 @@ pub async fn run(
             stream
         })
     };
-    let quota_parts = (ctx.state.clone(), ctx.quota.clone());
+    let leader_parts = network::LeaderServices {
+        state: ctx.state.clone(),
+        ledger: ctx.quota.clone(),
+        demand: ctx.demand.clone(),
+    };
     let raft_service = || {
         RaftServiceServer::new(RaftRpcService::new(
             raft.clone(),
             faults.clone(),
             tls.is_some(),
-            Some(quota_parts.clone()),
+            Some(leader_parts.clone()),
         ))
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES)
@@ -260,9 +265,15 @@ pub async fn run(
         Arc::new(move || engine_gauges(&ctx) + &ctx.autoscale.gauges())
     };
     let autoscale_task = {
-        let (ctx, stop, traffic) = (ctx.clone(), stop_rx.clone(), gateway.traffic().clone());
+        let (ctx, stop) = (ctx.clone(), stop_rx.clone());
         tokio::spawn(supervise("autoscaler", stop_rx.clone(), move || {
-            autoscale::run(ctx.clone(), traffic.clone(), stop.clone())
+            autoscale::run(ctx.clone(), stop.clone())
+        }))
+    };
+    let demand_task = {
+        let (ctx, stop, traffic) = (ctx.clone(), stop_rx.clone(), gateway.traffic().clone());
+        tokio::spawn(supervise("demand reporter", stop_rx.clone(), move || {
+            autoscale::demand::run_reporter(ctx.clone(), traffic.clone(), stop.clone())
         }))
     };
     let dashboard = dashboard::router(ctx.clone(), gateway.traffic().clone(), stop_rx.clone());
@@ -306,6 +317,7 @@ pub async fn run(
     leases_task.abort();
     reconciler_task.abort();
     autoscale_task.abort();
+    demand_task.abort();
     retention_task.abort();
     recorder_task.abort();
     limits_task.abort();

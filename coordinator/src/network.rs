@@ -28,6 +28,8 @@ use talon_proto::v1::raft_service_server::RaftService;
 use talon_proto::v1::RaftPayload;
 use tonic::transport::Channel;
 
+use crate::admin::AdminContext;
+use crate::autoscale::demand::{ClusterDemand, DemandReport};
 use crate::quota::{Ledger, QuotaReply, QuotaRequest};
 use crate::raft_types::{Node, NodeId, Raft, TypeConfig};
 use crate::store::{codec, SharedState};
@@ -195,8 +197,17 @@ pub struct RaftRpcService {
     /// With TLS: only callers with a coordinator certificate of the
     /// cluster CA get through.
     require_coordinator: bool,
-    /// The applied state and the ledger the `Quota` RPC serves from.
-    quota: Option<(SharedState, Arc<Ledger>)>,
+    /// What the leader serves beside Raft (`Quota`, `Demand`).
+    leader: Option<LeaderServices>,
+}
+
+/// The applied state, the quota ledger and the cluster's demand: what the
+/// leader's `Quota` and `Demand` RPCs serve from.
+#[derive(Clone)]
+pub struct LeaderServices {
+    pub state: SharedState,
+    pub ledger: Arc<Ledger>,
+    pub demand: Arc<ClusterDemand>,
 }
 
 impl RaftRpcService {
@@ -204,14 +215,27 @@ impl RaftRpcService {
         raft: Raft,
         faults: Arc<Faults>,
         require_coordinator: bool,
-        quota: Option<(SharedState, Arc<Ledger>)>,
+        leader: Option<LeaderServices>,
     ) -> RaftRpcService {
         RaftRpcService {
             raft,
             faults,
             require_coordinator,
-            quota,
+            leader,
         }
+    }
+
+    /// The leader's services, or why this coordinator cannot serve them.
+    fn leading(&self) -> Result<&LeaderServices, String> {
+        let Some(parts) = &self.leader else {
+            return Err("this coordinator serves no quota or demand".into());
+        };
+        let metrics = self.raft.metrics();
+        let m = metrics.borrow();
+        if m.current_leader != Some(m.id) {
+            return Err("this coordinator is not the leader (any more)".into());
+        }
+        Ok(parts)
     }
 
     fn decode<T: DeserializeOwned>(
@@ -276,19 +300,90 @@ impl RaftService for RaftRpcService {
         request: tonic::Request<RaftPayload>,
     ) -> Result<tonic::Response<RaftPayload>, tonic::Status> {
         let rpc: QuotaRequest = self.decode(request)?;
-        let result: Result<QuotaReply, String> = match &self.quota {
-            None => Err("this coordinator serves no quota".into()),
-            Some(_)
-                if self.raft.metrics().borrow().current_leader
-                    != Some(self.raft.metrics().borrow().id) =>
-            {
-                Err("this coordinator is not the leader (any more)".into())
-            }
-            Some((state, ledger)) => rpc.validate().map(|()| {
-                let applied = state.read().expect("state lock poisoned");
-                ledger.serve(&applied.state, rpc, crate::context::now_ms())
-            }),
-        };
+        let result: Result<QuotaReply, String> = self.leading().and_then(|parts| {
+            rpc.validate().map(|()| {
+                let applied = parts.state.read().expect("state lock poisoned");
+                parts
+                    .ledger
+                    .serve(&applied.state, rpc, crate::context::now_ms())
+            })
+        });
         reply(&result)
+    }
+
+    async fn demand(
+        &self,
+        request: tonic::Request<RaftPayload>,
+    ) -> Result<tonic::Response<RaftPayload>, tonic::Status> {
+        let rpc: DemandReport = self.decode(request)?;
+        let result: Result<usize, String> = self.leading().and_then(|parts| {
+            let applied = parts.state.read().expect("state lock poisoned");
+            let known = |m: &str| applied.state.models.contains_key(m);
+            parts
+                .demand
+                .report(rpc, known, crate::context::now_ms() / 1000)
+        });
+        reply(&result)
+    }
+}
+
+/// Which of the leader's calls beside Raft.
+#[derive(Clone, Copy, Debug)]
+pub enum LeaderCall {
+    Quota,
+    Demand,
+}
+
+/// A client of the leader's Raft port for the calls beside Raft
+/// (`Quota`, `Demand`), connected again when the leader moves.
+#[derive(Default)]
+pub struct LeaderPort {
+    cached: std::sync::Mutex<Option<(String, RaftServiceClient<Channel>)>>,
+}
+
+impl LeaderPort {
+    /// Sends `request` to the leader's `which` and decodes its answer;
+    /// the error says what failed, for a message to the caller.
+    pub async fn call<Q: Serialize, R: DeserializeOwned>(
+        &self,
+        ctx: &AdminContext,
+        which: LeaderCall,
+        request: &Q,
+    ) -> Result<R, String> {
+        let Some(addr) = ctx.leader_raft_addr() else {
+            return Err("the cluster has no leader".into());
+        };
+        let mut client = {
+            let mut cached = self.cached.lock().expect("leader port lock poisoned");
+            match cached.as_ref() {
+                Some((a, c)) if *a == addr => c.clone(),
+                _ => {
+                    let endpoint = crate::tls::peer_endpoint(&addr, ctx.tls.as_ref())
+                        .map_err(|e| format!("leader address {addr}: {e}"))?
+                        .connect_timeout(Duration::from_secs(1))
+                        .tcp_nodelay(true);
+                    let c = RaftServiceClient::new(endpoint.connect_lazy());
+                    *cached = Some((addr.clone(), c.clone()));
+                    c
+                }
+            }
+        };
+        let data = codec::encode(request).map_err(|e| e.to_string())?;
+        let mut call = tonic::Request::new(RaftPayload { data });
+        call.set_timeout(Duration::from_secs(2));
+        let answered = match which {
+            LeaderCall::Quota => client.quota(call).await,
+            LeaderCall::Demand => client.demand(call).await,
+        };
+        let reply =
+            answered.map_err(|s| format!("the leader at {addr} answered {}", s.message()))?;
+        let reply: Result<R, String> = codec::decode(&reply.into_inner().data)
+            .map_err(|e| format!("unreadable {which:?} reply from the leader: {e}"))?;
+        reply
+    }
+
+    /// Sends a demand report; the leader answers how many points it kept.
+    pub async fn demand(&self, ctx: &AdminContext, report: &DemandReport) -> Result<usize, String> {
+        self.call(ctx, LeaderCall::Demand, report).await
     }
 }

@@ -7,7 +7,9 @@
 // (an admin key: the requests and the drain), TALON_BIN (the talon CLI),
 // TALON_GRPC (its --endpoints), TALON_EXPECT_NODES (how many hosts the
 // fleet has), TALON_DRAIN (a node to drain), TALON_ARTIFACTS (where
-// screenshots go), TALON_REQUESTS (how many requests to send).
+// screenshots go), TALON_REQUESTS (how many requests to send),
+// TALON_AUTOSCALED (an autoscaled model, also sent requests, whose
+// forecast panel is read).
 
 const { chromium } = require(process.env.PLAYWRIGHT_CORE);
 const { execFileSync } = require("node:child_process");
@@ -26,6 +28,7 @@ const expectedNodes = Number(env("TALON_EXPECT_NODES"));
 const drain = env("TALON_DRAIN");
 const artifacts = env("TALON_ARTIFACTS");
 const requests = Number(process.env.TALON_REQUESTS ?? "20");
+const autoscaled = env("TALON_AUTOSCALED");
 const WAIT_MS = 30_000;
 
 async function shot(page, name) {
@@ -80,12 +83,14 @@ async function main() {
 
     // 3. traffic: requests sent now show in the chart
     for (let i = 0; i < requests; i++) {
-      const r = await fetch(url + "/v1/chat/completions", {
-        method: "POST",
-        headers: { authorization: `Bearer ${key}`, "content-type": "application/json" },
-        body: JSON.stringify({ model: "demo", messages: [{ role: "user", content: `hello ${i}` }], max_tokens: 4 }),
-      });
-      if (r.status !== 200) throw new Error(`request ${i} answered ${r.status}: ${await r.text()}`);
+      for (const model of ["demo", autoscaled]) {
+        const r = await fetch(url + "/v1/chat/completions", {
+          method: "POST",
+          headers: { authorization: `Bearer ${key}`, "content-type": "application/json" },
+          body: JSON.stringify({ model, messages: [{ role: "user", content: `hello ${i}` }], max_tokens: 4 }),
+        });
+        if (r.status !== 200) throw new Error(`request ${i} to ${model} answered ${r.status}: ${await r.text()}`);
+      }
     }
     await page.waitForFunction(
       (n) => {
@@ -100,6 +105,27 @@ async function main() {
     seen.chart_points = await page.$eval('[data-chart="demo"] polyline[data-series="requests"]', (e) => e.getAttribute("points").trim().split(/\s+/).length);
     seen.figures = await page.$eval('[data-chart="demo"] .figures', (e) => e.textContent);
     seen.screenshots.push(await shot(page, "traffic.png"));
+
+    // the autoscaled model's panel: its observed demand and a forecast
+    // ahead of it, with the SLO judged on the requests just sent
+    await page.waitForFunction(
+      (m) => {
+        const card = document.querySelector(`[data-forecast="${m}"]`);
+        const sum = (name) => Number(card?.querySelector(`polyline[data-series="${name}"]`)?.dataset.sum ?? 0);
+        return sum("observed") > 0 && card.querySelector('polyline[data-series="forecast"]').getAttribute("points").trim() !== "" && card.textContent.includes("met the SLO");
+      },
+      autoscaled,
+      { timeout: 60_000 },
+    );
+    seen.forecast = await page.$eval(`[data-forecast="${autoscaled}"]`, (card) => ({
+      method: card.dataset.method,
+      desired: Number(card.dataset.desired),
+      observed_sum: Number(card.querySelector('polyline[data-series="observed"]').dataset.sum),
+      forecast_points: card.querySelector('polyline[data-series="forecast"]').getAttribute("points").trim().split(/\s+/).length,
+      upper_points: card.querySelector('polyline[data-series="upper band"]').getAttribute("points").trim().split(/\s+/).length,
+      text: card.textContent,
+    }));
+    seen.screenshots.push(await shot(page, "forecast.png"));
 
     // 4. a drained node changes state on the page, without a reload
     execFileSync(env("TALON_BIN"), ["--endpoints", env("TALON_GRPC"), "node", "drain", drain], {

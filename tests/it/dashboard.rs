@@ -152,6 +152,32 @@ async fn chromium_shows_every_host_and_gpu_live_traffic_and_a_drain_without_relo
         }
     })
     .await;
+    // an autoscaled model, planned every second on five-second buckets, so
+    // that its forecast panel fills within the run
+    let mut spec = talon_tests::model_spec("scaled", "simulated", 8_000, 1);
+    spec.max_replicas = 2;
+    spec.latency_slo_ms = 5_000;
+    for (k, v) in [
+        ("autoscale.interval-s", "1"),
+        ("autoscale.bucket-s", "5"),
+        ("autoscale.horizon-s", "60"),
+        ("autoscale.load-s", "1"),
+    ] {
+        spec.labels.insert(k.into(), v.into());
+    }
+    admin.create_model(spec).await.expect("autoscaled model");
+    wait_for(
+        "the autoscaled model ready",
+        Duration::from_secs(60),
+        || {
+            let admin = &admin;
+            async move {
+                let r = admin.list_replicas("scaled").await.ok()?;
+                r.replicas.iter().find(|r| r.state == "ready").map(|_| ())
+            }
+        },
+    )
+    .await;
     let artifacts = bin_dir().join("browser-artifacts");
     let _ = std::fs::remove_dir_all(&artifacts);
     let requests = 25;
@@ -178,6 +204,7 @@ async fn chromium_shows_every_host_and_gpu_live_traffic_and_a_drain_without_relo
                 .env("TALON_DRAIN", drained)
                 .env("TALON_ARTIFACTS", artifacts)
                 .env("TALON_REQUESTS", requests.to_string())
+                .env("TALON_AUTOSCALED", "scaled")
                 .output()
                 .expect("run node")
         })
@@ -263,7 +290,31 @@ async fn chromium_shows_every_host_and_gpu_live_traffic_and_a_drain_without_relo
             .is_some_and(|a| a.iter().any(|x| x == "node.scheduling")),
         "{seen}"
     );
-    for name in ["fleet.png", "traffic.png", "drained.png"] {
+    // the autoscaler's panel: the requests sent counted as observed demand
+    // (cluster-wide, from the demand reports), a forecast and its band over
+    // the horizon (60 s on 5 s buckets), the SLO judged
+    let forecast = &seen["forecast"];
+    assert!(
+        forecast["observed_sum"].as_f64().is_some_and(|s| s > 0.0),
+        "{seen}"
+    );
+    assert!(
+        forecast["forecast_points"]
+            .as_u64()
+            .is_some_and(|n| n >= 12),
+        "{seen}"
+    );
+    assert_eq!(
+        forecast["forecast_points"], forecast["upper_points"],
+        "{seen}"
+    );
+    assert!(
+        forecast["text"]
+            .as_str()
+            .is_some_and(|t| t.contains("met the SLO") && t.contains("desired")),
+        "{seen}"
+    );
+    for name in ["fleet.png", "traffic.png", "forecast.png", "drained.png"] {
         let png = std::fs::read(artifacts.join(name)).expect("screenshot");
         assert!(png.starts_with(b"\x89PNG"), "{name} is not a PNG");
     }

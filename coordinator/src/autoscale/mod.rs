@@ -5,12 +5,14 @@
 //! forecaster, planner and scaler are `talon_scheduler::capacity`, the code
 //! `talon-sim b6` measures.
 //!
-//! Demand is what this coordinator's gateway served (a follower's gateway
-//! counts its own traffic, which the leader does not see). Desired counts
-//! live in the leader's memory: a new leader starts from the replicas
-//! placed.
+//! Demand is what every coordinator's gateway served, added up on the
+//! leader ([`demand`]), with how many requests met the model's SLO: the
+//! attainment over the last plans teaches the planner how far to trust the
+//! performance model ([`Trust`]). Desired counts and trust live in the
+//! leader's memory: a new leader starts from the replicas placed.
 
 pub mod capacity;
+pub mod demand;
 pub mod settings;
 
 use std::collections::BTreeMap;
@@ -19,12 +21,11 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 use talon_scheduler::capacity::{
-    planner, DemandSeries, ForecastSettings, LiveSignals, ModelDemand, ScaleSettings, Scaler,
+    planner, DemandSeries, ForecastSettings, LiveSignals, ModelDemand, ScaleSettings, Scaler, Trust,
 };
 use talon_scheduler::perf::ModelShape;
 
 use crate::admin::AdminContext;
-use crate::dashboard::traffic::Traffic;
 use crate::state::State;
 
 use settings::Settings;
@@ -52,6 +53,10 @@ pub struct ModelStatus {
     pub bucket_s: f64,
     pub forecast_rps: Vec<f64>,
     pub forecast_upper_rps: Vec<f64>,
+    /// The demand of the last whole buckets before the forecast (requests
+    /// per second, oldest first, at most [`HISTORY_BUCKETS`]): what the
+    /// dashboard draws the forecast against.
+    pub history_rps: Vec<f64>,
     /// The plan: replicas per GPU type, what they sustain, why.
     pub plan: Vec<String>,
     pub plan_replicas: u32,
@@ -63,15 +68,28 @@ pub struct ModelStatus {
     /// Seconds a replica takes to load: the label, else measured, else 60.
     pub load_s: f64,
     pub updated_at_ms: u64,
+    /// Requests judged against the SLO over the last [`Trust::WINDOW`]
+    /// plans, the fraction of them that met it (0 when none were judged),
+    /// and the capacity factor learnt from it.
+    pub slo_judged: u64,
+    pub slo_attainment: f64,
+    pub trust: f64,
 }
+
+/// Whole buckets of past demand a status carries.
+pub const HISTORY_BUCKETS: usize = 60;
 
 struct ModelState {
     load: LoadTime,
     series: DemandSeries,
     scaler: Scaler,
+    trust: Trust,
+    /// SLO outcomes taken since the last plan, and per plan for the last
+    /// [`Trust::WINDOW`] plans: (judged, met).
+    slo_since_plan: (u64, u64),
+    slo_window: std::collections::VecDeque<(u64, u64)>,
     /// The model's settings as of this pass.
     settings: Settings,
-    last_point: u64,
     next_plan: Instant,
     status: ModelStatus,
 }
@@ -116,7 +134,7 @@ impl Autoscale {
         use std::fmt::Write;
         let statuses = self.statuses();
         let mut out = String::new();
-        let families: [(&str, &str, fn(&ModelStatus) -> f64); 5] = [
+        let families: [(&str, &str, fn(&ModelStatus) -> f64); 7] = [
             (
                 "talon_autoscale_forecast_rps",
                 "Forecast request rate, next bucket",
@@ -136,6 +154,16 @@ impl Autoscale {
                 "talon_autoscale_actual_replicas",
                 "Replicas of the newest version placed",
                 |s| f64::from(s.placed),
+            ),
+            (
+                "talon_autoscale_slo_attainment",
+                "Fraction of the requests judged over the last ten plans that met the SLO",
+                |s| s.slo_attainment,
+            ),
+            (
+                "talon_autoscale_trust",
+                "Capacity factor learnt from SLO attainment (1: the performance model as it is)",
+                |s| s.trust,
             ),
             (
                 "talon_autoscale_cold_starts_total",
@@ -185,6 +213,9 @@ impl ModelStatus {
             plan_capacity_rps: self.plan_capacity_rps,
             plan_cost_per_hour: self.plan_cost_per_hour,
             load_s: self.load_s,
+            slo_judged: self.slo_judged,
+            slo_attainment: self.slo_attainment,
+            trust: self.trust,
         }
     }
 }
@@ -201,7 +232,29 @@ fn unix_s(t: SystemTime) -> f64 {
         .as_secs_f64()
 }
 
-/// Replicas of `model`'s newest version placed (heads only) and ready.
+impl ModelState {
+    /// Feeds the SLO outcomes taken since the last plan to the trust.
+    /// Skipped while fewer replicas are ready than desired: misses then
+    /// say the fleet is short, not that replicas sustain less than planned.
+    fn learn_trust(&mut self) {
+        let (judged, met) = std::mem::take(&mut self.slo_since_plan);
+        let short = self.status.ready < self.status.desired;
+        self.trust
+            .observe(judged, met, self.settings.slo.attainment, short);
+        self.slo_window.push_back((judged, met));
+        while self.slo_window.len() > Trust::WINDOW {
+            self.slo_window.pop_front();
+        }
+        let (n, ok) = self
+            .slo_window
+            .iter()
+            .fold((0, 0), |(n, ok), &(j, m)| (n + j, ok + m));
+        self.status.slo_judged = n;
+        self.status.slo_attainment = if n > 0 { ok as f64 / n as f64 } else { 0.0 };
+        self.status.trust = self.trust.factor;
+    }
+}
+
 /// Replicas of `model`'s newest version placed (heads only) and ready;
 /// a replica seen ready for the first time adds its start-to-ready time
 /// (from its placement's commit, so an upper bound by a second) to `load`.
@@ -260,13 +313,9 @@ impl LoadTime {
     }
 }
 
-/// The loop: once a second, feed the gateway's counts; plan each model
+/// The loop: once a second, feed the cluster's demand; plan each model
 /// when its interval is due.
-pub async fn run(
-    ctx: Arc<AdminContext>,
-    traffic: Arc<Traffic>,
-    mut stop: tokio::sync::watch::Receiver<bool>,
-) {
+pub async fn run(ctx: Arc<AdminContext>, mut stop: tokio::sync::watch::Receiver<bool>) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -282,13 +331,14 @@ pub async fn run(
             let applied = ctx.state.read().expect("state lock poisoned");
             crate::reconcile::planning_view(&applied.state)
         };
-        step(&ctx, &traffic, &state, Instant::now(), SystemTime::now());
+        step(&ctx, &state, Instant::now(), SystemTime::now());
     }
 }
 
-/// One pass over every model.
-pub fn step(ctx: &AdminContext, traffic: &Traffic, state: &State, now: Instant, wall: SystemTime) {
-    let points = traffic.series(120, wall);
+/// One pass over every model: the seconds of demand that settled
+/// ([`demand::SETTLE_S`]) go into each model's series, once each.
+pub fn step(ctx: &AdminContext, state: &State, now: Instant, wall: SystemTime) {
+    let settled = (unix_s(wall) as u64).saturating_sub(demand::SETTLE_S);
     let mut models = ctx
         .autoscale
         .models
@@ -319,11 +369,14 @@ pub fn step(ctx: &AdminContext, traffic: &Traffic, state: &State, now: Instant, 
                 load,
                 series: DemandSeries::new(forecast_settings(&s)),
                 scaler: Scaler::new(scale_settings(&s), start),
+                trust: Trust::default(),
+                slo_since_plan: (0, 0),
+                slo_window: Default::default(),
                 settings: s.clone(),
-                last_point: unix_s(wall) as u64,
                 next_plan: now + Duration::from_secs_f64(s.interval_s),
                 status: ModelStatus {
                     desired: start,
+                    trust: 1.0,
                     reason: "starting from the replicas placed".into(),
                     ..ModelStatus::default()
                 },
@@ -340,30 +393,25 @@ pub fn step(ctx: &AdminContext, traffic: &Traffic, state: &State, now: Instant, 
         if entry.series.settings() != &fs {
             entry.series = DemandSeries::new(fs);
         }
-        for p in points.get(&model.name).into_iter().flatten() {
-            if p.t <= entry.last_point || p.requests == 0 {
+        for (t, c) in ctx.demand.take(&model.name, settled) {
+            entry.slo_since_plan.0 += c.slo_judged;
+            entry.slo_since_plan.1 += c.slo_met;
+            if c.requests == 0 {
                 continue;
             }
-            entry.series.add_count(p.t as f64, f64::from(p.requests));
-            let output = (p.tokens / u64::from(p.requests)).max(1) as u32;
+            entry.series.add_count(t as f64, c.requests as f64);
+            let output = (c.tokens / c.requests).max(1).min(u64::from(u32::MAX)) as u32;
             // the gateway's prompt estimate, unless the label says better
             let prompt = if model.labels.contains_key(settings::PROMPT_TOKENS_LABEL)
-                || p.prompt_tokens == 0
+                || c.prompt_tokens == 0
             {
                 s.prompt_tokens
             } else {
-                (p.prompt_tokens / u64::from(p.requests)).clamp(1, u64::from(u32::MAX)) as u32
+                (c.prompt_tokens / c.requests).clamp(1, u64::from(u32::MAX)) as u32
             };
-            for _ in 0..p.requests.min(64) {
+            for _ in 0..c.requests.min(64) {
                 entry.series.record_mix(prompt, output);
             }
-        }
-        if let Some(last) = points
-            .get(&model.name)
-            .and_then(|v| v.iter().map(|p| p.t).max())
-        {
-            // the current second may still grow: take it again next time
-            entry.last_point = entry.last_point.max(last.saturating_sub(1));
         }
         entry.settings = s.clone();
         entry.status.enabled = s.enabled;
@@ -386,9 +434,6 @@ pub fn step(ctx: &AdminContext, traffic: &Traffic, state: &State, now: Instant, 
         return;
     }
     let statuses = ctx.telemetry.replica_statuses(now, Duration::from_secs(30));
-    // the observed rate over each window asked for, summed once per window
-    let mut observed_over: BTreeMap<u64, BTreeMap<String, crate::dashboard::traffic::Summary>> =
-        BTreeMap::new();
     // Plan every autoscaled model together, so that priorities share the
     // fleet; only the due ones change their desired count.
     let enabled: Vec<&crate::state::Model> = state
@@ -413,11 +458,11 @@ pub fn step(ctx: &AdminContext, traffic: &Traffic, state: &State, now: Instant, 
         let ahead = ((entry.status.load_s + s.interval_s) / s.bucket_s).ceil() as usize + 1;
         let f = entry.series.forecast(horizon.max(ahead));
         let window = s.interval_s.max(10.0).ceil() as u64;
-        let observed = observed_over
-            .entry(window)
-            .or_insert_with(|| traffic.summary(window, wall))
-            .get(&model.name)
-            .map_or(0.0, |x| x.requests_per_s);
+        let observed = ctx
+            .demand
+            .window(&model.name, (settled + 1).saturating_sub(window), settled)
+            .requests as f64
+            / window as f64;
         let planned = f.peak_upper(ahead).max(observed);
         entry.status.observed_rps = observed;
         entry.status.planned_rps = planned;
@@ -425,6 +470,11 @@ pub fn step(ctx: &AdminContext, traffic: &Traffic, state: &State, now: Instant, 
         entry.status.bucket_s = f.bucket_secs;
         entry.status.forecast_rps = f.point.iter().take(horizon).copied().collect();
         entry.status.forecast_upper_rps = f.upper.iter().take(horizon).copied().collect();
+        let whole = entry.series.whole_counts();
+        entry.status.history_rps = whole[whole.len().saturating_sub(HISTORY_BUCKETS)..]
+            .iter()
+            .map(|c| c / s.bucket_s)
+            .collect();
         let memory_mib = planned_mib.get(&model.name).copied().unwrap_or(0);
         demands.push(ModelDemand {
             model: model.name.clone(),
@@ -436,8 +486,7 @@ pub fn step(ctx: &AdminContext, traffic: &Traffic, state: &State, now: Instant, 
             min_replicas: model.min_replicas,
             max_replicas: model.max_replicas,
             options: oracle.options(memory_mib),
-            // no per-request SLO measurement here to learn a trust from
-            trust: 1.0,
+            trust: entry.trust.factor,
         });
     }
     let plans = planner::plan(&demands, &mut oracle);
@@ -456,6 +505,7 @@ pub fn step(ctx: &AdminContext, traffic: &Traffic, state: &State, now: Instant, 
             continue;
         }
         let live = live_signals(&statuses, &plan.model, entry.status.ready);
+        entry.learn_trust();
         let (desired, why) = entry.scaler.decide(
             wall_s,
             plan.total(),

@@ -36,7 +36,7 @@ use traffic::Traffic;
 pub const UPDATE_EVERY: Duration = Duration::from_secs(1);
 
 const INDEX: &str = include_str!("assets/index.html");
-const ASSETS: [(&str, &str, &str); 4] = [
+const ASSETS: [(&str, &str, &str); 5] = [
     (
         "app.js",
         "text/javascript; charset=utf-8",
@@ -46,6 +46,11 @@ const ASSETS: [(&str, &str, &str); 4] = [
         "chart.js",
         "text/javascript; charset=utf-8",
         include_str!("assets/chart.js"),
+    ),
+    (
+        "forecast.js",
+        "text/javascript; charset=utf-8",
+        include_str!("assets/forecast.js"),
     ),
     (
         "fleet.js",

@@ -1,7 +1,8 @@
 //! What the page draws, in one JSON document: this coordinator, the fleet
 //! (nodes, GPUs with memory and utilization, MIG layouts), the models with
-//! their replicas and placements, the traffic this coordinator served and
-//! the latest audit entries.
+//! their replicas and placements, the traffic this coordinator served, the
+//! leader's demand forecasts and scaling plans, and the latest audit
+//! entries.
 //!
 //! Nodes and replicas come through the admin API's own handlers, with the
 //! caller's key: the same checks, and telemetry from the leader (where it
@@ -195,6 +196,14 @@ pub async fn build(
             "summary_s": SUMMARY_S,
             "series": traffic.series(CHART_S, now),
             "summary": traffic.summary(SUMMARY_S, now),
+        },
+        "autoscale": {
+            "scope": if leader == Some(ctx.id) {
+                "the leader's forecasts and plans, from every coordinator's demand".to_string()
+            } else {
+                format!("forecasts and plans are made by the leader: open coordinator {}'s dashboard", leader.map_or("(none)".to_string(), |l| l.to_string()))
+            },
+            "models": ctx.autoscale.statuses().into_iter().filter(|(_, s)| s.enabled).collect::<std::collections::BTreeMap<_, _>>(),
         },
         "audit": audit,
     }))

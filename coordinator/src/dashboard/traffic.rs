@@ -34,6 +34,9 @@ pub struct Outcome {
     pub tokens: u64,
     /// Its prompt's tokens (the gateway's estimate, four bytes a token).
     pub prompt_tokens: u64,
+    /// Whether it met its model's SLO; `None`: not judged
+    /// ([`crate::autoscale::demand::judge`]).
+    pub slo_met: Option<bool>,
 }
 
 #[derive(Default)]
@@ -44,6 +47,8 @@ struct Second {
     throttled: u32,
     tokens: u64,
     prompt_tokens: u64,
+    slo_judged: u32,
+    slo_met: u32,
     latencies_ms: Vec<f32>,
 }
 
@@ -61,6 +66,9 @@ pub struct Point {
     pub tokens: u64,
     /// Prompt tokens of the requests that ended in that second.
     pub prompt_tokens: u64,
+    /// Requests judged against the model's SLO, and those that met it.
+    pub slo_judged: u32,
+    pub slo_met: u32,
     /// Latency quantiles of the requests that ended in that second, ms
     /// (absent when none did).
     pub p50_ms: Option<f32>,
@@ -143,6 +151,10 @@ impl Traffic {
         }
         second.tokens += outcome.tokens;
         second.prompt_tokens += outcome.prompt_tokens;
+        if let Some(met) = outcome.slo_met {
+            second.slo_judged += 1;
+            second.slo_met += u32::from(met);
+        }
         if second.latencies_ms.len() < SAMPLES_PER_SECOND {
             second
                 .latencies_ms
@@ -177,6 +189,8 @@ impl Traffic {
                     throttled: s.throttled,
                     tokens: s.tokens,
                     prompt_tokens: s.prompt_tokens,
+                    slo_judged: s.slo_judged,
+                    slo_met: s.slo_met,
                     p50_ms: quantile(&latencies, 0.5),
                     p99_ms: quantile(&latencies, 0.99),
                 };
@@ -234,6 +248,7 @@ mod tests {
             latency: Duration::from_millis(ms),
             tokens,
             prompt_tokens: 10,
+            slo_met: None,
         }
     }
 

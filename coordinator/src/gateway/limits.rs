@@ -16,15 +16,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::http::StatusCode;
-use talon_proto::v1::raft_service_client::RaftServiceClient;
-use talon_proto::v1::RaftPayload;
-use tonic::transport::Channel;
 
 use super::GwError;
 use crate::admin::AdminContext;
+use crate::network::{LeaderCall, LeaderPort};
 use crate::quota::{Ask, Meter, QuotaReply, QuotaRequest, SliceGrant};
 use crate::state::{Usage, UsageKey};
-use crate::store::codec;
 
 /// Completion tokens reserved for a request that gives no `max_tokens`.
 pub const DEFAULT_RESERVE: u64 = 512;
@@ -55,7 +52,7 @@ pub struct Limiter {
     slices: Mutex<HashMap<Meter, Slice>>,
     /// Charges to send the leader (this coordinator does not lead).
     outgoing: Mutex<BTreeMap<UsageKey, Usage>>,
-    leader: Mutex<Option<(String, RaftServiceClient<Channel>)>>,
+    leader: LeaderPort,
 }
 
 /// What a meter needs for one request: the meter, the units, and its
@@ -68,7 +65,7 @@ impl Limiter {
             ctx,
             slices: Mutex::new(HashMap::new()),
             outgoing: Mutex::new(BTreeMap::new()),
-            leader: Mutex::new(None),
+            leader: LeaderPort::default(),
         }
     }
 
@@ -277,34 +274,10 @@ impl Limiter {
             retry_after_s: Some(1),
         }
         };
-        let Some(addr) = self.ctx.leader_raft_addr() else {
-            return Err(unavailable("the cluster has no leader".into()));
-        };
-        let mut client = {
-            let mut leader = self.leader.lock().expect("limits lock poisoned");
-            match leader.as_ref() {
-                Some((a, c)) if *a == addr => c.clone(),
-                _ => {
-                    let endpoint = crate::tls::peer_endpoint(&addr, self.ctx.tls.as_ref())
-                        .map_err(|e| unavailable(format!("leader address {addr}: {e}")))?
-                        .connect_timeout(Duration::from_secs(1))
-                        .tcp_nodelay(true);
-                    let c = RaftServiceClient::new(endpoint.connect_lazy());
-                    *leader = Some((addr.clone(), c.clone()));
-                    c
-                }
-            }
-        };
-        let data = codec::encode(&request).map_err(|e| unavailable(e.to_string()))?;
-        let mut call = tonic::Request::new(RaftPayload { data });
-        call.set_timeout(Duration::from_secs(2));
-        let reply = client
-            .quota(call)
+        self.leader
+            .call(&self.ctx, LeaderCall::Quota, &request)
             .await
-            .map_err(|s| unavailable(format!("the leader at {addr} answered {}", s.message())))?;
-        let reply: Result<QuotaReply, String> = codec::decode(&reply.into_inner().data)
-            .map_err(|e| unavailable(format!("unreadable quota reply: {e}")))?;
-        reply.map_err(unavailable)
+            .map_err(unavailable)
     }
 }
 

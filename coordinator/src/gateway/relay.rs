@@ -76,11 +76,11 @@ impl Gateway {
         match &answered {
             Ok((_, v)) => {
                 let tokens = v["usage"]["completion_tokens"].as_u64().unwrap_or(0);
-                self.count_traffic(call, arrived, 200, tokens);
+                self.count_traffic(call, arrived, 200, tokens, None);
                 span.record("status", 200);
             }
             Err(e) => {
-                self.count_traffic(call, arrived, e.status.as_u16(), 0);
+                self.count_traffic(call, arrived, e.status.as_u16(), 0, None);
                 span.record("status", e.status.as_u16());
             }
         }
@@ -101,25 +101,51 @@ impl Gateway {
         }
     }
 
-    /// Counts how `call` ended for the dashboard ([`crate::dashboard::traffic`]).
-    fn count_traffic(&self, call: &Call, arrived: std::time::Instant, status: u16, tokens: u64) {
+    /// Counts how `call` ended for the dashboard ([`crate::dashboard::traffic`])
+    /// and the autoscaler, judged against its model's SLO
+    /// ([`crate::autoscale::demand::judge`]); `first_token`: when a
+    /// stream's first text went out.
+    fn count_traffic(
+        &self,
+        call: &Call,
+        arrived: std::time::Instant,
+        status: u16,
+        tokens: u64,
+        first_token: Option<std::time::Duration>,
+    ) {
         let model = call.model().unwrap_or_default();
-        let registered = self
-            .ctx
-            .state
-            .read()
-            .expect("state lock poisoned")
-            .state
-            .models
-            .contains_key(model);
+        let slo = {
+            let applied = self.ctx.state.read().expect("state lock poisoned");
+            applied.state.models.get(model).map(|m| {
+                crate::autoscale::settings::Settings::of(
+                    m.latency_slo_ms,
+                    m.min_replicas,
+                    m.max_replicas,
+                    &m.labels,
+                )
+                .slo
+            })
+        };
+        let latency = arrived.elapsed();
+        let prompt_tokens = super::admission::estimate_prompt_tokens(&call.body);
         let outcome = Outcome {
             status,
-            latency: arrived.elapsed(),
+            latency,
             tokens,
-            prompt_tokens: super::admission::estimate_prompt_tokens(&call.body),
+            prompt_tokens,
+            slo_met: slo.as_ref().and_then(|slo| {
+                crate::autoscale::demand::judge(
+                    slo,
+                    status,
+                    latency,
+                    first_token,
+                    tokens,
+                    prompt_tokens,
+                )
+            }),
         };
         self.traffic
-            .record(model, registered, outcome, std::time::SystemTime::now());
+            .record(model, slo.is_some(), outcome, std::time::SystemTime::now());
     }
 
     /// Passes a stream's chunks on and counts how it ended: 200 at
@@ -141,6 +167,7 @@ impl Gateway {
         tokio::spawn(
             async move {
                 let (mut pieces, mut usage_tokens) = (0u64, None);
+                let mut first_token = None;
                 let status = loop {
                     let Some(item) = chunks.recv().await else {
                         break 502;
@@ -149,6 +176,7 @@ impl Gateway {
                         StreamItem::Chunk(c) => {
                             if !chunk_text(c).is_empty() {
                                 pieces += 1;
+                                first_token.get_or_insert_with(|| arrived.elapsed());
                             }
                             if let Some(n) = c["usage"]["completion_tokens"].as_u64() {
                                 usage_tokens = Some(n);
@@ -165,7 +193,13 @@ impl Gateway {
                         break s;
                     }
                 };
-                gateway.count_traffic(&call, arrived, status, usage_tokens.unwrap_or(pieces));
+                gateway.count_traffic(
+                    &call,
+                    arrived,
+                    status,
+                    usage_tokens.unwrap_or(pieces),
+                    first_token,
+                );
                 tracing::Span::current().record("status", status);
             }
             .instrument(span),
@@ -254,7 +288,7 @@ impl Gateway {
             Ok(s) => Ok(self.counted(call, arrived, s, span)),
             Err(e) => {
                 span.record("status", e.status.as_u16());
-                self.count_traffic(call, arrived, e.status.as_u16(), 0);
+                self.count_traffic(call, arrived, e.status.as_u16(), 0, None);
                 Err(e)
             }
         }

@@ -5,6 +5,7 @@
 
 import { lineChart, format } from "./chart.js";
 import { drawAudit, drawFleet, drawModels, el } from "./fleet.js";
+import { drawForecasts } from "./forecast.js";
 
 const STORE = "talon.dashboard.key";
 const RETRY_MS = 2000;
@@ -90,6 +91,7 @@ function draw(doc) {
   drawFleet($("fleet"), doc);
   drawModels($("models"), doc);
   drawTraffic($("traffic"), doc);
+  drawForecasts($("forecasts"), $("forecast-scope"), doc);
   drawAudit($("audit"), doc);
   updates += 1;
   document.body.dataset.updates = String(updates);
