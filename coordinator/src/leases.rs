@@ -119,6 +119,7 @@ pub async fn run_reconciler(
         };
         let mut observed = crate::reconcile::observe(&snapshot, &ctx.telemetry);
         observed.desired = ctx.autoscale.desired();
+        observed.types = ctx.autoscale.types();
         if settled
             .as_ref()
             .is_some_and(|(a, o)| *a == at && *o == observed)

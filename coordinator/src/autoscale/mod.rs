@@ -59,6 +59,10 @@ pub struct ModelStatus {
     pub history_rps: Vec<f64>,
     /// The plan: replicas per GPU type, what they sustain, why.
     pub plan: Vec<String>,
+    /// The GPU type of each planned replica, in the plan's order: the
+    /// reconciler places the model's new replicas on them
+    /// ([`crate::reconcile::Observed::types`]).
+    pub plan_types: Vec<String>,
     pub plan_replicas: u32,
     pub plan_capacity_rps: f64,
     pub plan_cost_per_hour: f64,
@@ -109,6 +113,16 @@ impl Autoscale {
             .iter()
             .filter(|(_, m)| m.status.enabled)
             .map(|(name, m)| (name.clone(), m.status.desired))
+            .collect()
+    }
+
+    /// The planned GPU type of each replica, per autoscaled model.
+    pub fn types(&self) -> BTreeMap<String, Vec<String>> {
+        let models = self.models.lock().expect("autoscale lock poisoned");
+        models
+            .iter()
+            .filter(|(_, m)| m.status.enabled && !m.status.plan_types.is_empty())
+            .map(|(name, m)| (name.clone(), m.status.plan_types.clone()))
             .collect()
     }
 
@@ -498,6 +512,11 @@ pub fn step(ctx: &AdminContext, state: &State, now: Instant, wall: SystemTime) {
             continue;
         };
         entry.status.plan = plan.reasons.clone();
+        entry.status.plan_types = plan
+            .replicas
+            .iter()
+            .flat_map(|(option, n)| std::iter::repeat_n(option.gpu_type.clone(), *n as usize))
+            .collect();
         entry.status.plan_replicas = plan.total();
         entry.status.plan_capacity_rps = plan.capacity_rps;
         entry.status.plan_cost_per_hour = plan.cost_per_hour;

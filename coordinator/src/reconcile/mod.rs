@@ -54,7 +54,7 @@ pub use observe::{
     observe, Observed, BASELINE_MIB, OBSERVED_MEMORY_LABEL, OUTGROWN_FRACTION, OUTGROWN_MARGIN,
     OUTGROWN_MIN_MIB, SUSTAINED_SAMPLES,
 };
-use wants::{avoid_more, could_host, parts, versions_to_place, Selection};
+use wants::{avoid_more, could_host, head_types, parts, versions_to_place, Selection};
 
 /// What the reconciler wants, and what it could not do.
 #[derive(Debug, Default, PartialEq)]
@@ -126,6 +126,14 @@ pub fn plan_with(state: &State, observed: &Observed) -> Plan {
     // Replicas of older versions kept while the newest one rolls out:
     // model → their ids.
     let mut kept_old: HashMap<&str, Vec<String>> = HashMap::new();
+    let index: HashMap<&str, usize> = candidates
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (c.node_id, i))
+        .collect();
+    // Workloads the autoscaler's plan keeps to one GPU type: id → the
+    // types they may take without it (where the planned type has no room).
+    let mut typed: HashMap<String, Vec<String>> = HashMap::new();
     let mut replicas_of: HashMap<&str, Vec<&Replica>> = HashMap::new();
     for r in state.replicas.values() {
         replicas_of.entry(r.model.as_str()).or_default().push(r);
@@ -199,7 +207,18 @@ pub fn plan_with(state: &State, observed: &Observed) -> Plan {
             let spread =
                 (hosts >= count as usize).then(|| format!("{}@{}", model.name, version.version));
             let old = version.version != newest.version;
+            let planned_types = match observed.types.get(&model.name) {
+                Some(planned) if !old => head_types(&heads, planned, |head| {
+                    let r = state.replicas.get(head)?;
+                    let c = &candidates[*index.get(r.node_id.as_str())?];
+                    let slot =
+                        c.slot_of(r.gpus.first().copied().unwrap_or(r.gpu), &r.mig_device)?;
+                    Some(c.slots[slot].gpu_type.clone())
+                }),
+                _ => HashMap::new(),
+            };
             for head in heads {
+                let planned_type = planned_types.get(&head).cloned();
                 let need = match &need {
                     Ok(need) => need.clone(),
                     Err(why) => {
@@ -246,6 +265,18 @@ pub fn plan_with(state: &State, observed: &Observed) -> Plan {
                             )
                         }
                     };
+                    // the autoscaler's GPU type for this replica, where its
+                    // need can take that type
+                    let gpu_types = match (&planned_type, &need) {
+                        (
+                            Some(t),
+                            Need::OneGpu { .. } | Need::Group { .. } | Need::Stages { .. },
+                        ) if gpu_types.is_empty() || gpu_types.contains(t) => {
+                            typed.insert(id.clone(), gpu_types);
+                            vec![t.clone()]
+                        }
+                        _ => gpu_types,
+                    };
                     // the stages of a pipeline may share a node; its replicas spread
                     let anti_affinity = match &need {
                         Need::PipelineStage { .. } => None,
@@ -280,11 +311,6 @@ pub fn plan_with(state: &State, observed: &Observed) -> Plan {
     // holding the share their memory takes there (a record written by an
     // older reconciler may hold another share: it is re-sized in place).
     // The re-plan keeps each one that still meets its workload's demand.
-    let index: HashMap<&str, usize> = candidates
-        .iter()
-        .enumerate()
-        .map(|(i, c)| (c.node_id, i))
-        .collect();
     let mut previous = Solution::default();
     for r in state.replicas.values() {
         let Some(&n) = index.get(r.node_id.as_str()) else {
@@ -412,9 +438,16 @@ pub fn plan_with(state: &State, observed: &Observed) -> Plan {
         Ok(s) => s,
         Err(e) => return engine_error(e.to_string(), unplaced),
     };
-    // A rolling model whose new replicas found no room beside the old
-    // ones: its old replicas make way (break before make) — planned again
-    // without them.
+    // A replica kept to the autoscaler's GPU type that found no room
+    // there takes any type its need allows; a rolling model whose new
+    // replicas found no room beside the old ones: its old replicas make
+    // way (break before make). Either way, planned again.
+    let relaxed: HashSet<&String> = solved
+        .unplaced
+        .iter()
+        .map(|(id, _)| id)
+        .filter(|id| typed.contains_key(*id))
+        .collect();
     let blocked: HashSet<&str> = solved
         .unplaced
         .iter()
@@ -422,9 +455,14 @@ pub fn plan_with(state: &State, observed: &Observed) -> Plan {
         .map(|(model, _, _)| model.as_str())
         .filter(|m| kept_old.contains_key(m))
         .collect();
-    if !blocked.is_empty() {
+    if !relaxed.is_empty() || !blocked.is_empty() {
         let dropped: HashSet<&String> = blocked.iter().flat_map(|m| kept_old[m].iter()).collect();
         problem.workloads.retain(|w| !dropped.contains(&w.name));
+        for w in problem.workloads.iter_mut() {
+            if relaxed.contains(&w.name) {
+                w.gpu_types = typed[&w.name].clone();
+            }
+        }
         let mut policy = Talon::new(Arc::clone(&typical));
         solved = match replan(&problem, &previous, &mut policy, 0) {
             Ok(s) => s,

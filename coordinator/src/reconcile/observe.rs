@@ -27,6 +27,10 @@ pub struct Observed {
     pub ready: Option<HashSet<String>>,
     /// Replicas the autoscaler wants per model (absent: `min_replicas`).
     pub desired: BTreeMap<String, u32>,
+    /// The GPU type the autoscaler's plan puts each replica of a model on,
+    /// in the plan's order (absent: no preference): replicas still to
+    /// place are asked for them ([`super::wants::head_types`]).
+    pub types: BTreeMap<String, Vec<String>>,
 }
 
 /// The label in which the reconciler records what a model's replicas were

@@ -55,6 +55,38 @@ pub(super) fn versions_to_place<'m>(
     out
 }
 
+/// The GPU type each head of `heads` not placed yet is asked to land
+/// on, from the autoscaler's `planned` types (one per replica, in the
+/// plan's order): heads already placed keep where they run — moving a
+/// serving replica for a preference would cost a cold start — and use up
+/// their type when the plan has it; the heads to place take the types
+/// left, in order. Heads beyond the plan (the scaler keeps more than the
+/// plan while a scale-down waits) get none. `placed_on(head)`: the type
+/// of the GPU the head runs on, `None` when it is not placed.
+pub(super) fn head_types(
+    heads: &[String],
+    planned: &[String],
+    placed_on: impl Fn(&str) -> Option<String>,
+) -> HashMap<String, String> {
+    let mut left: Vec<&String> = planned.iter().take(heads.len()).collect();
+    let mut to_place = Vec::new();
+    for h in heads {
+        match placed_on(h) {
+            Some(t) => {
+                if let Some(i) = left.iter().position(|p| **p == t) {
+                    left.remove(i);
+                }
+            }
+            None => to_place.push(h),
+        }
+    }
+    to_place
+        .into_iter()
+        .zip(left)
+        .map(|(h, t)| (h.clone(), t.clone()))
+        .collect()
+}
+
 /// How many replicas of its newest version `model` runs.
 pub(super) fn replica_count(model: &crate::state::Model, desired: Option<u32>) -> u32 {
     let max = model.max_replicas.max(model.min_replicas);
@@ -199,5 +231,37 @@ pub(super) fn could_host(c: &Candidate, need: &Need) -> bool {
                 .count() as u32
                 >= *count
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn heads_to_place_take_the_planned_types_the_placed_ones_leave() {
+        let heads = names(&["m-0", "m-1", "m-2", "m-3", "m-4"]);
+        let planned = names(&["a100", "a100", "h100", "h100"]);
+        let on = |h: &str| match h {
+            "m-0" => Some("h100".to_string()),
+            "m-1" => Some("l4".to_string()),
+            _ => None,
+        };
+        let t = head_types(&heads, &planned, on);
+        // placed heads stay where they run, whatever the plan says
+        assert!(!t.contains_key("m-0") && !t.contains_key("m-1"));
+        // m-0 used up one h100: the others take what is left, in order
+        assert_eq!(t["m-2"], "a100");
+        assert_eq!(t["m-3"], "a100");
+        assert_eq!(t["m-4"], "h100");
+        // a plan shorter than the heads: the last heads get no preference
+        let t = head_types(&heads, &planned[..1], |_| None);
+        assert_eq!(t.len(), 1);
+        assert_eq!(t["m-0"], "a100");
+        assert!(head_types(&heads, &[], on).is_empty());
     }
 }

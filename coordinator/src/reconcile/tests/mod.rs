@@ -1,6 +1,7 @@
 //! The reconciler's plans on states built command by command: the
 //! fixtures here, the tests by theme in the files beside.
 
+mod autoscaled;
 mod basics;
 mod mig;
 mod shapes;
