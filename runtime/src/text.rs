@@ -42,6 +42,34 @@ impl Text {
                 .map_err(|e| Error::Model(format!("{}: {e}", config_path.display())))?,
             Err(_) => Value::Null,
         };
+        Text::with(
+            tokenizer,
+            &config,
+            eos_ids,
+            &config_path.display().to_string(),
+        )
+    }
+
+    /// A tokenizer given as `tokenizer.json`'s text and the contents of
+    /// `tokenizer_config.json` (`Null`: none); errors name `origin`.
+    pub fn from_json(
+        tokenizer_json: &str,
+        config: &Value,
+        eos_ids: &[u32],
+        origin: &str,
+    ) -> Result<Text> {
+        let tokenizer = tokenizer_json
+            .parse::<tokenizers::Tokenizer>()
+            .map_err(|e| Error::Model(format!("{origin}: tokenizer.json: {e}")))?;
+        Text::with(tokenizer, config, eos_ids, origin)
+    }
+
+    fn with(
+        tokenizer: tokenizers::Tokenizer,
+        config: &Value,
+        eos_ids: &[u32],
+        config_path: &str,
+    ) -> Result<Text> {
         let bos_token = token_text(&config["bos_token"]).unwrap_or_default();
         let eos_token = token_text(&config["eos_token"]).unwrap_or_default();
         let template = match &config["chat_template"] {
@@ -56,10 +84,7 @@ impl Text {
         };
         let template = match template {
             Some(t) => Some(environment(t).map_err(|e| {
-                Error::Model(format!(
-                    "{}: chat_template does not parse: {e}",
-                    config_path.display()
-                ))
+                Error::Model(format!("{config_path}: chat_template does not parse: {e}"))
             })?),
             None => None,
         };

@@ -1,7 +1,8 @@
 //! Linearizability under faults: concurrent clients write, compare-and-set
 //! and read registers (a label on a model each) through the SDK while a
-//! nemesis kills leaders, pauses them with SIGSTOP and partitions the
-//! coordinators — real partitions between network namespaces. Every
+//! nemesis kills leaders, pauses them with SIGSTOP, partitions the
+//! coordinators — real partitions between network namespaces — and steps
+//! their wall clocks minutes forward and back (libfaketime). Every
 //! history is recorded with real times and checked with the WGL checker;
 //! probes pinned to the cut-off side check that a minority never commits.
 
@@ -11,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use talon_client::{Client, Code};
+use talon_tests::clocks::Clocks;
 use talon_tests::clusters::{poll, BenchCluster, Kind};
 use talon_tests::linearizability::{check, Entry, Op, Outcome};
 use talon_tests::netlab::NetLab;
@@ -172,6 +174,9 @@ struct Faults {
     kills: u32,
     pauses: u32,
     partitions: u32,
+    /// Wall-clock steps of one member (forward or back, seconds to
+    /// minutes), the leader's included.
+    skews: u32,
     minority_commits: u32,
 }
 
@@ -180,6 +185,7 @@ struct Faults {
 struct Run {
     cluster: BenchCluster,
     lab: NetLab,
+    clocks: Clocks,
     _base: tempfile::TempDir,
     key: String,
     rec: Arc<Recorder>,
@@ -194,6 +200,7 @@ impl Run {
     async fn start(n: usize, seconds: u64) -> Run {
         let lab = NetLab::new(n).expect("network lab");
         let base = tempfile::tempdir().expect("tempdir");
+        let clocks = Clocks::new(&base.path().join("clocks")).expect("skewable clocks");
         let cluster = BenchCluster::start_on(
             Kind::Talon,
             n,
@@ -201,6 +208,7 @@ impl Run {
             &bin_dir(),
             &["--write-timeout-ms", "1500"],
             Some(&lab),
+            Some(&clocks),
         )
         .await
         .expect("cluster in the lab");
@@ -248,6 +256,7 @@ impl Run {
         Run {
             cluster,
             lab,
+            clocks,
             _base: base,
             key,
             rec,
@@ -308,6 +317,48 @@ impl Run {
             self.cluster.caught_up(v).await.expect("caught up");
         }
         self.faults.kills += victims.len() as u32;
+    }
+
+    /// Steps `member`'s wall clock to `offset_s` seconds off the real
+    /// time: a clock NTP has not disciplined, or that it stepped.
+    fn skew(&mut self, member: usize, offset_s: i64) {
+        self.clocks.set(member, offset_s).expect("skew a clock");
+        self.faults.skews += 1;
+    }
+
+    /// Checks that a skew reaches the process: steps `member`'s clock and
+    /// waits until the time its dashboard document is stamped with is
+    /// that far off ours.
+    async fn skew_reaches(&mut self, member: usize, offset_s: i64) {
+        self.skew(member, offset_s);
+        let url = format!(
+            "http://{}/dashboard/api/snapshot",
+            self.cluster.http_addr(member)
+        );
+        let http = reqwest::Client::new();
+        let key = self.key.clone();
+        poll("the skewed clock", Duration::from_secs(20), || {
+            let (http, url, key) = (http.clone(), url.clone(), key.clone());
+            async move {
+                let doc: serde_json::Value = http
+                    .get(url)
+                    .bearer_auth(key)
+                    .send()
+                    .await
+                    .ok()?
+                    .json()
+                    .await
+                    .ok()?;
+                let theirs = doc["at_ms"].as_i64()?;
+                let ours = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .ok()?
+                    .as_millis() as i64;
+                ((theirs - ours - offset_s * 1000).abs() < 5_000).then_some(())
+            }
+        })
+        .await
+        .expect("the member's wall clock follows its offset file");
     }
 
     /// SIGSTOP the leader until the others elect another, then SIGCONT.
@@ -428,8 +479,21 @@ impl Run {
 async fn histories_stay_linearizable_through_kills_pauses_and_partitions() {
     let started = Instant::now();
     let mut run = Run::start(3, 360).await;
+    // the skew reaches the process, both ways
+    run.skew_reaches(0, 1_234).await;
+    run.skew_reaches(0, -987).await;
     let mut round = 0usize;
     while run.faults.kills < 20 || run.faults.partitions < 20 {
+        // Before each fault one member's wall clock steps to another
+        // offset, from ten minutes behind to ten ahead: every other round
+        // the leader's (the clock entry times come from), else the
+        // others' in turn.
+        let skewed = match round % 2 {
+            0 => run.leader().await,
+            _ => (round / 2) % 3,
+        };
+        let offset = (((round * 7919) % 1201) as i64 - 600) | 1;
+        run.skew(skewed, offset);
         // A cycle of nine: four leader kills, two partitions that cut the
         // leader off, two that cut a follower off, one pause.
         match round % 9 {
@@ -459,6 +523,7 @@ async fn histories_stay_linearizable_through_kills_pauses_and_partitions() {
     );
     assert_eq!(faults.minority_commits, 0, "a minority committed a write");
     assert!(faults.kills >= 20 && faults.partitions >= 20, "{faults:?}");
+    assert!(faults.skews >= 20, "{faults:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -56,6 +56,8 @@ struct Member {
     /// Talon: the HTTP address; etcd: the peer address.
     http_addr: String,
     args: Vec<String>,
+    /// Extra environment (a skewed clock's libfaketime).
+    env: Vec<(String, String)>,
     program: PathBuf,
     child: Option<Child>,
     log: PathBuf,
@@ -69,6 +71,7 @@ impl Member {
             .open(&self.log)?;
         let child = Command::new(&self.program)
             .args(&self.args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -217,12 +220,12 @@ impl BenchCluster {
         talon_bin: &Path,
         extra: &[&str],
     ) -> anyhow::Result<BenchCluster> {
-        BenchCluster::start_on(kind, n, base, talon_bin, extra, None).await
+        BenchCluster::start_on(kind, n, base, talon_bin, extra, None, None).await
     }
 
     /// [`BenchCluster::start_n`], each member `i` on host `i` of `lab` when
     /// one is given (its own address, ports 7400 and 7401), on loopback
-    /// otherwise.
+    /// otherwise; with `clocks`, each member's wall clock can be skewed.
     pub async fn start_on(
         kind: Kind,
         n: usize,
@@ -230,6 +233,7 @@ impl BenchCluster {
         talon_bin: &Path,
         extra: &[&str],
         lab: Option<&NetLab>,
+        clocks: Option<&crate::clocks::Clocks>,
     ) -> anyhow::Result<BenchCluster> {
         let dir = tempfile::Builder::new()
             .prefix(kind.name())
@@ -353,6 +357,10 @@ impl BenchCluster {
                 client_addr: format!("{}:{client}", host(i)),
                 http_addr: format!("{}:{peer}", host(i)),
                 args,
+                env: match clocks {
+                    Some(c) => c.env(i)?,
+                    None => Vec::new(),
+                },
                 program,
                 child: None,
                 log: dir.path().join(format!("{}-{id}.log", kind.name())),

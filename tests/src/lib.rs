@@ -1,6 +1,7 @@
 //! Support for Talon's multi-process tests (`it/`) and the benchmark driver
 //! (`talon-bench`): starting real Talon and etcd clusters on loopback.
 
+pub mod clocks;
 pub mod clusters;
 pub mod hf;
 pub mod linearizability;

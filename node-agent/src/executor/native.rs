@@ -302,7 +302,11 @@ fn rand_id() -> u64 {
 
 /// The sampling parameters an OpenAI body asks for, refused naming the
 /// field when out of range.
-fn params(body: &Value, prompt: usize, limit: usize) -> Result<SamplingParams, ExecError> {
+pub(crate) fn params(
+    body: &Value,
+    prompt: usize,
+    limit: usize,
+) -> Result<SamplingParams, ExecError> {
     let number = |name: &str| -> Result<Option<f64>, ExecError> {
         match &body[name] {
             Value::Null => Ok(None),
