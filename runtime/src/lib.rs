@@ -11,7 +11,7 @@
 //!   grouped-query attention over a block-allocated KV cache, SwiGLU) for a
 //!   range of layers: the whole model, or one pipeline stage of it;
 //! - [`cpu`]: the CPU reference kernels (multi-threaded GEMMs from
-//!   `gemm`, on rayon);
+//!   `gemm`, on rayon, with its AVX-512 kernels where the CPU has them);
 //! - [`kv`]: the KV cache, in fixed-size blocks, admitted by free blocks;
 //! - [`text`]: tokenizer (`tokenizer.json`) and chat template
 //!   (`tokenizer_config.json`, rendered with minijinja);

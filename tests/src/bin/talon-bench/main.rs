@@ -42,6 +42,11 @@ use ingest::b4;
 use raft::{b2, b5a};
 use serving_sim::{batching, routing};
 
+/// The allocator `talon-agent` runs the native executor with (B8 measures
+/// that executor in this process).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "talon-bench", about = "Talon coordinator benchmarks (B2, B5a)")]
 struct Cli {
