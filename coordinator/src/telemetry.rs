@@ -28,11 +28,18 @@ pub struct NodeTelemetry {
     /// first, bounded like the GPU history (replicas no longer reported
     /// are dropped).
     pub replica_memory: HashMap<String, VecDeque<u64>>,
+    /// The most memory any of its GPUs used in the last report (bytes):
+    /// passes over the fleet skip the idle nodes by it.
+    pub busiest_gpu_bytes: u64,
 }
+
+/// Node id → its telemetry. foldhash (randomly seeded) rather than
+/// SipHash: every report and every pass over the fleet hashes node ids.
+type Nodes = HashMap<String, NodeTelemetry, foldhash::fast::RandomState>;
 
 /// Telemetry of every node, bounded per GPU.
 pub struct TelemetryStore {
-    nodes: Mutex<HashMap<String, NodeTelemetry>>,
+    nodes: Mutex<Nodes>,
     history_len: usize,
     received: AtomicU64,
 }
@@ -40,7 +47,7 @@ pub struct TelemetryStore {
 impl TelemetryStore {
     pub fn new(history_len: usize) -> TelemetryStore {
         TelemetryStore {
-            nodes: Mutex::new(HashMap::new()),
+            nodes: Mutex::new(Nodes::default()),
             history_len,
             received: AtomicU64::new(0),
         }
@@ -59,6 +66,7 @@ impl TelemetryStore {
                 history: Vec::new(),
                 replicas: HashMap::new(),
                 replica_memory: HashMap::new(),
+                busiest_gpu_bytes: 0,
             });
         entry.last_seen = now;
         let mut memory = std::mem::take(&mut entry.replica_memory);
@@ -85,6 +93,12 @@ impl TelemetryStore {
             entry.history =
                 vec![VecDeque::with_capacity(self.history_len.min(16)); report.gpus.len()];
         }
+        entry.busiest_gpu_bytes = report
+            .gpus
+            .iter()
+            .map(|g| g.memory_used_bytes)
+            .max()
+            .unwrap_or(0);
         for (history, sample) in entry.history.iter_mut().zip(report.gpus) {
             if history.len() == self.history_len {
                 history.pop_front();
@@ -110,11 +124,7 @@ impl TelemetryStore {
 
     /// When the node was last heard from, if ever on this leader.
     pub fn last_seen(&self, node: &str) -> Option<Instant> {
-        self.nodes
-            .lock()
-            .expect("telemetry lock poisoned")
-            .get(node)
-            .map(|t| t.last_seen)
+        self.view().last_seen(node)
     }
 
     /// The newest sample of each GPU and the time since the report arrived.
@@ -142,40 +152,20 @@ impl TelemetryStore {
             .collect()
     }
 
-    /// Per GPU of `node` (index, bytes): the least memory used over its
-    /// last `n` samples — what stayed in use, not a spike. Empty before
-    /// `n` samples arrived.
-    pub fn sustained_memory_used(&self, node: &str, n: usize) -> Vec<(u32, u64)> {
-        let nodes = self.nodes.lock().expect("telemetry lock poisoned");
-        let Some(t) = nodes.get(node) else {
-            return Vec::new();
-        };
-        t.history
-            .iter()
-            .filter(|h| h.len() >= n.max(1))
-            .filter_map(|h| {
-                let recent = h.iter().rev().take(n.max(1));
-                let index = h.back()?.index;
-                Some((index, recent.map(|g| g.memory_used_bytes).min()?))
-            })
-            .collect()
-    }
-
-    /// The least device memory replica `id` of `node` was measured to use
-    /// over the last `n` reports (bytes), once `n` reports measured it.
-    pub fn sustained_replica_memory(&self, node: &str, id: &str, n: usize) -> Option<u64> {
-        let nodes = self.nodes.lock().expect("telemetry lock poisoned");
-        let h = nodes.get(node)?.replica_memory.get(id)?;
-        let recent: Vec<u64> = h.iter().rev().take(n.max(1)).copied().collect();
-        (recent.len() >= n.max(1) && recent.iter().all(|b| *b > 0))
-            .then(|| recent.into_iter().min())
-            .flatten()
-    }
-
     /// A replica's state as its node last reported it.
     pub fn replica_state(&self, node: &str, replica: &str) -> Option<String> {
-        let nodes = self.nodes.lock().expect("telemetry lock poisoned");
-        Some(nodes.get(node)?.replicas.get(replica)?.state.clone())
+        self.view().replica_state(node, replica).map(str::to_owned)
+    }
+
+    /// Every node's telemetry under one hold of the lock: for passes over
+    /// the whole fleet (the reconciler's observations, the lease check),
+    /// which would otherwise take the lock and hash a node id per node —
+    /// at 10,000 agents, more than the reports cost to take in. Hold it
+    /// briefly: reports wait for it.
+    pub fn view(&self) -> TelemetryView<'_> {
+        TelemetryView {
+            nodes: self.nodes.lock().expect("telemetry lock poisoned"),
+        }
     }
 
     /// A replica's state and load as its node last reported them.
@@ -196,6 +186,76 @@ impl TelemetryStore {
             .get(node)
             .and_then(|t| t.history.get(gpu))
             .map_or(0, VecDeque::len)
+    }
+}
+
+/// [`TelemetryStore::view`].
+pub struct TelemetryView<'a> {
+    nodes: std::sync::MutexGuard<'a, Nodes>,
+}
+
+impl TelemetryView<'_> {
+    /// When `node`'s last report arrived.
+    pub fn last_seen(&self, node: &str) -> Option<Instant> {
+        self.nodes.get(node).map(|t| t.last_seen)
+    }
+
+    /// The nodes one of whose GPUs used more than `floor` bytes in their
+    /// last report (no hashing: one look at each node's record).
+    pub fn busy_nodes(&self, floor: u64) -> impl Iterator<Item = &str> {
+        self.nodes
+            .iter()
+            .filter(move |(_, t)| t.busiest_gpu_bytes > floor)
+            .map(|(id, _)| id.as_str())
+    }
+
+    /// Calls `f(index, bytes)` for each GPU of `node` whose least memory
+    /// used over its last `n` samples is above `floor` bytes (nothing
+    /// before `n` samples arrived). A GPU whose newest sample is at or
+    /// under `floor` is passed over without reading the rest.
+    pub fn sustained_memory_used(
+        &self,
+        node: &str,
+        n: usize,
+        floor: u64,
+        mut f: impl FnMut(u32, u64),
+    ) {
+        let Some(t) = self.nodes.get(node) else {
+            return;
+        };
+        for h in t.history.iter().filter(|h| h.len() >= n.max(1)) {
+            let Some(newest) = h.back() else { continue };
+            if newest.memory_used_bytes <= floor {
+                continue;
+            }
+            let least = h
+                .iter()
+                .rev()
+                .take(n.max(1))
+                .map(|g| g.memory_used_bytes)
+                .min()
+                .unwrap_or(0);
+            if least > floor {
+                f(newest.index, least);
+            }
+        }
+    }
+
+    /// The least device memory replica `id` of `node` was measured to use
+    /// over the last `n` reports (bytes), once `n` reports measured it.
+    pub fn sustained_replica_memory(&self, node: &str, id: &str, n: usize) -> Option<u64> {
+        let h = self.nodes.get(node)?.replica_memory.get(id)?;
+        let n = n.max(1);
+        if h.len() < n {
+            return None;
+        }
+        let least = h.iter().rev().take(n).copied().min()?;
+        (least > 0).then_some(least)
+    }
+
+    /// A replica's state as its node last reported it.
+    pub fn replica_state(&self, node: &str, replica: &str) -> Option<&str> {
+        Some(self.nodes.get(node)?.replicas.get(replica)?.state.as_str())
     }
 }
 

@@ -61,8 +61,10 @@ pub fn observe(state: &State, telemetry: &crate::telemetry::TelemetryStore) -> O
     // Memory of the replicas each GPU's agent reports loaded: what they
     // were measured to use, or were planned to take when more.
     let mut loaded: HashMap<(&str, u32), u64> = HashMap::new();
+    // one hold of the telemetry lock for the whole pass
+    let telemetry = telemetry.view();
     for r in state.replicas.values() {
-        match telemetry.replica_state(&r.node_id, &r.id).as_deref() {
+        match telemetry.replica_state(&r.node_id, &r.id) {
             Some("failed") => {
                 observed.failed.insert(r.id.clone(), r.node_id.clone());
             }
@@ -95,9 +97,15 @@ pub fn observe(state: &State, telemetry: &crate::telemetry::TelemetryStore) -> O
             None => {}
         }
     }
-    for node in state.nodes.values() {
-        let id = node.inventory.node_id.as_str();
-        for (index, used) in telemetry.sustained_memory_used(id, SUSTAINED_SAMPLES) {
+    // Only GPUs using more than the baseline can hold foreign memory: idle
+    // nodes are passed over by their last report, idle GPUs of the others
+    // by their newest sample.
+    let floor = BASELINE_MIB << 20;
+    for id in telemetry.busy_nodes(floor) {
+        let Some(node) = state.nodes.get(id) else {
+            continue;
+        };
+        telemetry.sustained_memory_used(id, SUSTAINED_SAMPLES, floor, |index, used| {
             let in_mig_mode = node
                 .inventory
                 .gpus
@@ -110,7 +118,7 @@ pub fn observe(state: &State, telemetry: &crate::telemetry::TelemetryStore) -> O
                     .foreign_mib
                     .insert((id.to_string(), index), foreign);
             }
-        }
+        });
     }
     observed
 }
