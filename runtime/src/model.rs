@@ -214,18 +214,31 @@ impl Model {
                 .for_each_init(Vec::new, |scores, ((out, row), &(ci, pos))| {
                     let cache = chunks[ci].cache;
                     let from = window.map_or(0, |w| (pos + 1).saturating_sub(w));
-                    for head in 0..nq {
-                        let kvh = head / group;
-                        let qh = &row[head * hd..(head + 1) * hd];
-                        scores.clear();
-                        scores.extend((from..=pos).map(|p| {
-                            let (k, _) = kv_ref.read(li, cache, p);
-                            cpu::dot(qh, &k[kvh * hd..(kvh + 1) * hd]) * scale
-                        }));
-                        cpu::softmax(scores);
-                        let o = &mut out[head * hd..(head + 1) * hd];
-                        for (p, s) in (from..=pos).zip(scores.iter()) {
-                            let (_, v) = kv_ref.read(li, cache, p);
+                    let n = pos + 1 - from;
+                    // Each cached position is read once for every head (the
+                    // query heads of a group share its key and value);
+                    // per head the sums run in the same order as one head
+                    // at a time would, so the results are the same bits.
+                    scores.clear();
+                    scores.resize(nq * n, 0.0);
+                    for (j, p) in (from..=pos).enumerate() {
+                        let (k, _) = kv_ref.read(li, cache, p);
+                        for head in 0..nq {
+                            let kvh = head / group;
+                            let qh = &row[head * hd..(head + 1) * hd];
+                            scores[head * n + j] =
+                                cpu::dot(qh, &k[kvh * hd..(kvh + 1) * hd]) * scale;
+                        }
+                    }
+                    for head_scores in scores.chunks_exact_mut(n) {
+                        cpu::softmax(head_scores);
+                    }
+                    for (j, p) in (from..=pos).enumerate() {
+                        let (_, v) = kv_ref.read(li, cache, p);
+                        for head in 0..nq {
+                            let kvh = head / group;
+                            let s = scores[head * n + j];
+                            let o = &mut out[head * hd..(head + 1) * hd];
                             for (a, b) in o.iter_mut().zip(&v[kvh * hd..(kvh + 1) * hd]) {
                                 *a += s * b;
                             }
