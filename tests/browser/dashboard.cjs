@@ -63,9 +63,18 @@ async function main() {
     await page.waitForSelector("#login:not([hidden])", { timeout: WAIT_MS });
     seen.asked_for_key = true;
     // a wrong key is refused with the coordinator's reason
+    // the reason shown for the missing key, then the one for the wrong key
+    const before = await page.textContent("#login-problem");
     await page.fill("#key", "talon_0000000000000000_" + "0".repeat(64));
     await page.click("#login button");
-    await page.waitForFunction(() => document.getElementById("login-problem").textContent.length > 0, null, { timeout: WAIT_MS });
+    await page.waitForFunction(
+      (old) => {
+        const text = document.getElementById("login-problem").textContent;
+        return text.length > 0 && text !== old;
+      },
+      before,
+      { timeout: WAIT_MS },
+    );
     seen.wrong_key_message = await page.textContent("#login-problem");
     await page.fill("#key", viewerKey);
     await page.click("#login button");

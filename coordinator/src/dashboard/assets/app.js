@@ -42,6 +42,8 @@ $("login").addEventListener("submit", (e) => {
   e.preventDefault();
   key = $("key").value.trim();
   sessionStorage.setItem(STORE, key);
+  // the last refusal's reason goes: the next one is this key's
+  $("login-problem").textContent = "";
   $("login").hidden = true;
   follow();
 });
