@@ -381,9 +381,4 @@ impl LeaderPort {
             .map_err(|e| format!("unreadable {which:?} reply from the leader: {e}"))?;
         reply
     }
-
-    /// Sends a demand report; the leader answers how many points it kept.
-    pub async fn demand(&self, ctx: &AdminContext, report: &DemandReport) -> Result<usize, String> {
-        self.call(ctx, LeaderCall::Demand, report).await
-    }
 }

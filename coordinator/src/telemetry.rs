@@ -28,9 +28,6 @@ pub struct NodeTelemetry {
     /// first, bounded like the GPU history (replicas no longer reported
     /// are dropped).
     pub replica_memory: HashMap<String, VecDeque<u64>>,
-    /// The most memory any of its GPUs used in the last report (bytes):
-    /// passes over the fleet skip the idle nodes by it.
-    pub busiest_gpu_bytes: u64,
 }
 
 /// Node id → its telemetry. foldhash (randomly seeded) rather than
@@ -66,7 +63,6 @@ impl TelemetryStore {
                 history: Vec::new(),
                 replicas: HashMap::new(),
                 replica_memory: HashMap::new(),
-                busiest_gpu_bytes: 0,
             });
         entry.last_seen = now;
         let mut memory = std::mem::take(&mut entry.replica_memory);
@@ -93,12 +89,6 @@ impl TelemetryStore {
             entry.history =
                 vec![VecDeque::with_capacity(self.history_len.min(16)); report.gpus.len()];
         }
-        entry.busiest_gpu_bytes = report
-            .gpus
-            .iter()
-            .map(|g| g.memory_used_bytes)
-            .max()
-            .unwrap_or(0);
         for (history, sample) in entry.history.iter_mut().zip(report.gpus) {
             if history.len() == self.history_len {
                 history.pop_front();
@@ -120,11 +110,6 @@ impl TelemetryStore {
             .filter(|n| now.saturating_duration_since(n.last_seen) <= max_age)
             .flat_map(|n| n.replicas.values().cloned())
             .collect()
-    }
-
-    /// When the node was last heard from, if ever on this leader.
-    pub fn last_seen(&self, node: &str) -> Option<Instant> {
-        self.view().last_seen(node)
     }
 
     /// The newest sample of each GPU and the time since the report arrived.
@@ -201,11 +186,16 @@ impl TelemetryView<'_> {
     }
 
     /// The nodes one of whose GPUs used more than `floor` bytes in their
-    /// last report (no hashing: one look at each node's record).
+    /// last report (no hashing: a look at each node's newest samples).
     pub fn busy_nodes(&self, floor: u64) -> impl Iterator<Item = &str> {
         self.nodes
             .iter()
-            .filter(move |(_, t)| t.busiest_gpu_bytes > floor)
+            .filter(move |(_, t)| {
+                t.history
+                    .iter()
+                    .filter_map(VecDeque::back)
+                    .any(|g| g.memory_used_bytes > floor)
+            })
             .map(|(id, _)| id.as_str())
     }
 

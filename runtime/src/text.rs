@@ -68,7 +68,7 @@ impl Text {
         tokenizer: tokenizers::Tokenizer,
         config: &Value,
         eos_ids: &[u32],
-        config_path: &str,
+        origin: &str,
     ) -> Result<Text> {
         let bos_token = token_text(&config["bos_token"]).unwrap_or_default();
         let eos_token = token_text(&config["eos_token"]).unwrap_or_default();
@@ -84,7 +84,7 @@ impl Text {
         };
         let template = match template {
             Some(t) => Some(environment(t).map_err(|e| {
-                Error::Model(format!("{config_path}: chat_template does not parse: {e}"))
+                Error::Model(format!("{origin}: chat_template does not parse: {e}"))
             })?),
             None => None,
         };

@@ -154,12 +154,7 @@ async fn a_ramp_served_by_a_follower_scales_the_model_the_leader_plans() {
         }
     })
     .await;
-    let leader = cluster.leader(None).await;
-    let follower = cluster
-        .nodes
-        .iter()
-        .find(|n| n.id != leader)
-        .expect("a follower");
+    let (_, follower) = cluster.follower().await;
 
     // The ramp goes to one follower's gateway only: the leader's own
     // gateway serves nothing of it.

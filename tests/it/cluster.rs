@@ -12,12 +12,7 @@ use crate::harness::{bin, model_names, spec, wait_for, Cluster};
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cluster_forms_replicates_and_follows_the_leader() {
     let cluster = Cluster::form(3, &[]).await;
-    let leader = cluster.leader(None).await;
-    let follower = cluster
-        .nodes
-        .iter()
-        .find(|n| n.id != leader)
-        .expect("a follower");
+    let (leader, follower) = cluster.follower().await;
 
     // A write sent to a follower is forwarded to the leader.
     let model = follower

@@ -307,6 +307,17 @@ impl Cluster {
         })
         .await
     }
+
+    /// The agreed leader's id and a node that follows it.
+    pub async fn follower(&self) -> (u64, &Node) {
+        let leader = self.leader(None).await;
+        let follower = self
+            .nodes
+            .iter()
+            .find(|n| n.id != leader)
+            .expect("a follower");
+        (leader, follower)
+    }
 }
 
 /// A valid model spec.

@@ -23,13 +23,14 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
 use talon_scheduler::capacity::Slo;
 
 use crate::admin::AdminContext;
-use crate::dashboard::traffic::{Traffic, HISTORY_S, OTHER};
+use crate::dashboard::traffic::{unix_s, Traffic, HISTORY_S, OTHER};
+use crate::network::{LeaderCall, LeaderPort};
 
 /// Most points in one report.
 pub const MAX_POINTS: usize = 4096;
@@ -322,10 +323,6 @@ pub fn judge(
     })
 }
 
-fn unix_s(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs()
-}
-
 /// This coordinator's finished seconds from `after` (exclusive) up to the
 /// second before `now`, at most [`KEEP_S`] of them, for registered models.
 pub fn finished_seconds(traffic: &Traffic, after: u64, now: SystemTime, from: u64) -> DemandReport {
@@ -371,11 +368,12 @@ pub async fn run_reporter(
     traffic: Arc<Traffic>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
-    let port = crate::network::LeaderPort::default();
+    let port = LeaderPort::default();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut acked = 0u64;
     let mut led = false;
+    let mut reported_to = None;
     loop {
         tokio::select! {
             _ = tick.tick() => {}
@@ -385,11 +383,14 @@ pub async fn run_reporter(
         if led && !leader {
             ctx.demand.clear();
         }
-        if leader != led {
-            // a new leader knows nothing of what this one sent before
-            acked = 0;
-        }
         led = leader;
+        let (leader_id, _) = ctx.leader();
+        if leader_id != reported_to {
+            // a new leader knows nothing of what was sent before: all of
+            // what this coordinator still holds goes to it
+            acked = 0;
+            reported_to = leader_id;
+        }
         let now = SystemTime::now();
         let report = finished_seconds(&traffic, acked.saturating_sub(2), now, ctx.id);
         let upto = report.points.last().map(|p| p.t);
@@ -401,7 +402,8 @@ pub async fn run_reporter(
             let known = |m: &str| applied.state.models.contains_key(m);
             ctx.demand.report(report, known, unix_s(now))
         } else {
-            port.demand(&ctx, &report).await
+            port.call::<_, usize>(&ctx, LeaderCall::Demand, &report)
+                .await
         };
         match sent {
             Ok(_) => acked = acked.max(upto.unwrap_or(acked)),
@@ -571,7 +573,7 @@ mod tests {
     fn finished_seconds_leave_out_the_current_one_and_what_was_acknowledged() {
         use crate::dashboard::traffic::Outcome;
         let traffic = Traffic::new();
-        let at = |s| UNIX_EPOCH + Duration::from_secs(s);
+        let at = |s| std::time::UNIX_EPOCH + Duration::from_secs(s);
         let ok = Outcome {
             status: 200,
             latency: Duration::from_millis(5),

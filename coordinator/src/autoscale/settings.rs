@@ -85,12 +85,7 @@ impl Settings {
         let interval_s = get(INTERVAL_LABEL, 60.0);
         Settings {
             enabled: max > min && labels.get(ENABLED_LABEL).is_none_or(|v| v != "off"),
-            slo: Slo {
-                ttft_ms: f64::from(latency_slo_ms.max(1)),
-                ttft_ms_per_1k: get(TTFT_PER_1K_LABEL, 250.0),
-                tpot_ms: get(TPOT_LABEL, 100.0),
-                attainment: 0.99,
-            },
+            slo: slo(latency_slo_ms, labels),
             interval_s,
             bucket_s: get(BUCKET_LABEL, 60.0),
             horizon_s: get(HORIZON_LABEL, 1800.0),
@@ -98,6 +93,18 @@ impl Settings {
             down_window_s: get(DOWN_WINDOW_LABEL, 600.0),
             prompt_tokens: get(PROMPT_TOKENS_LABEL, 1000.0) as u32,
         }
+    }
+}
+
+/// The SLO of a model with `latency_slo_ms` and these labels: what the
+/// gateway judges each answer by, without reading the other settings.
+pub fn slo(latency_slo_ms: u32, labels: &BTreeMap<String, String>) -> Slo {
+    let get = |label: &str, default: f64| number(labels, label).unwrap_or(default);
+    Slo {
+        ttft_ms: f64::from(latency_slo_ms.max(1)),
+        ttft_ms_per_1k: get(TTFT_PER_1K_LABEL, 250.0),
+        tpot_ms: get(TPOT_LABEL, 100.0),
+        attainment: 0.99,
     }
 }
 

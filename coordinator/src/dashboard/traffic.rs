@@ -94,7 +94,8 @@ pub struct Traffic {
     models: Mutex<HashMap<String, VecDeque<Second>>>,
 }
 
-fn unix_s(now: SystemTime) -> u64 {
+/// Unix time of `now`, whole seconds.
+pub(crate) fn unix_s(now: SystemTime) -> u64 {
     now.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs()
 }
 

@@ -116,15 +116,11 @@ impl Gateway {
         let model = call.model().unwrap_or_default();
         let slo = {
             let applied = self.ctx.state.read().expect("state lock poisoned");
-            applied.state.models.get(model).map(|m| {
-                crate::autoscale::settings::Settings::of(
-                    m.latency_slo_ms,
-                    m.min_replicas,
-                    m.max_replicas,
-                    &m.labels,
-                )
-                .slo
-            })
+            applied
+                .state
+                .models
+                .get(model)
+                .map(|m| crate::autoscale::settings::slo(m.latency_slo_ms, &m.labels))
         };
         let latency = arrived.elapsed();
         let prompt_tokens = super::admission::estimate_prompt_tokens(&call.body);

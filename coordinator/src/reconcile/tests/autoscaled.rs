@@ -3,19 +3,6 @@
 
 use super::*;
 
-fn converge_with(state: &mut State, index: &mut u64, observed: &Observed) {
-    for _ in 0..5 {
-        let p = plan_with(state, observed);
-        if p.commands.is_empty() {
-            return;
-        }
-        for c in p.commands {
-            run(state, index, c);
-        }
-    }
-    panic!("no convergence");
-}
-
 fn types_of(state: &State, model: &str) -> Vec<(String, String)> {
     let mut out: Vec<(String, String)> = state
         .replicas

@@ -74,8 +74,13 @@ pub(super) fn run(state: &mut State, index: &mut u64, command: Command) {
 
 /// Applies plans until nothing changes; returns how many rounds it took.
 pub(super) fn converge(state: &mut State, index: &mut u64) -> usize {
+    converge_with(state, index, &Observed::default())
+}
+
+/// [`converge`] with what the telemetry and the autoscaler say.
+pub(super) fn converge_with(state: &mut State, index: &mut u64, observed: &Observed) -> usize {
     for round in 0..5 {
-        let p = plan(state);
+        let p = plan_with(state, observed);
         if p.commands.is_empty() {
             return round;
         }
