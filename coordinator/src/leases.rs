@@ -13,9 +13,8 @@ use std::time::{Duration, Instant};
 use tokio::task::JoinSet;
 
 use crate::admin::AdminContext;
-use crate::raft_types::LogId;
 use crate::state::node::next_lease_state;
-use crate::state::{Command, NodeState, State};
+use crate::state::{Command, NodeState};
 
 /// Runs until `stop` turns true.
 pub async fn run(ctx: Arc<AdminContext>, mut stop: tokio::sync::watch::Receiver<bool>) {
@@ -90,14 +89,16 @@ pub async fn run_reconciler(
     let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_unplaced = Vec::new();
-    // The copy planning reads, and the entry it was taken at: copied again
-    // only after something was applied (a copy of 10,000 nodes' inventories
-    // twice a second was most of an idle leader's work).
-    let mut view: Option<(Option<LogId>, Arc<State>)> = None;
+    // The copy planning reads, taken again only after an apply, and
+    // whose generation moves only when the apply changed what planning
+    // reads (a copy of 10,000 nodes' inventories twice a second was most
+    // of an idle leader's work; a plan of the whole fleet after each
+    // usage record or label write was most of a busy one's).
+    let mut inputs = crate::reconcile::Inputs::default();
     // What the last plan that changed nothing was made from: planning is a
-    // function of the state and the observations, so the same inputs give
+    // function of its inputs and the observations, so the same ones give
     // the same empty plan and are not planned again.
-    let mut settled: Option<(Option<LogId>, crate::reconcile::Observed)> = None;
+    let mut settled: Option<(u64, crate::reconcile::Observed)> = None;
     loop {
         tokio::select! {
             _ = tick.tick() => {}
@@ -107,30 +108,22 @@ pub async fn run_reconciler(
             continue;
         }
         // plan on a copy of what planning reads, off the state lock
-        let (at, snapshot) = {
+        let (generation, snapshot) = {
             let applied = ctx.state.read().expect("state lock poisoned");
-            let copy = match &view {
-                Some((at, copy)) if *at == applied.last_applied => copy.clone(),
-                _ => {
-                    let copy = Arc::new(crate::reconcile::planning_view(&applied.state));
-                    view = Some((applied.last_applied, copy.clone()));
-                    copy
-                }
-            };
-            (applied.last_applied, copy)
+            inputs.refresh(applied.last_applied, &applied.state)
         };
         let mut observed = crate::reconcile::observe(&snapshot, &ctx.telemetry);
         observed.desired = ctx.autoscale.desired();
         observed.types = ctx.autoscale.types();
         if settled
             .as_ref()
-            .is_some_and(|(a, o)| *a == at && *o == observed)
+            .is_some_and(|(g, o)| *g == generation && *o == observed)
         {
             continue;
         }
         let plan = crate::reconcile::plan_with(&snapshot, &observed);
         if plan.commands.is_empty() {
-            settled = Some((at, observed));
+            settled = Some((generation, observed));
         }
         if plan.unplaced != last_unplaced {
             for (id, why) in &plan.unplaced {

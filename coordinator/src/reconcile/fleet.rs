@@ -282,9 +282,7 @@ impl Need {
 /// `memory_mib`, or what its replicas were measured to need (the
 /// [`super::OBSERVED_MEMORY_LABEL`] label, for this version) when more.
 pub(super) fn memory_need(model: &Model, version: &crate::state::ModelVersion) -> u64 {
-    let observed = model
-        .labels
-        .get(super::OBSERVED_MEMORY_LABEL)
+    let observed = super::inputs::label(model, super::OBSERVED_MEMORY_LABEL)
         .and_then(|v| v.split_once(':'))
         .filter(|(v, _)| *v == version.version)
         .and_then(|(_, mib)| mib.parse::<u64>().ok())
@@ -295,9 +293,7 @@ pub(super) fn memory_need(model: &Model, version: &crate::state::ModelVersion) -
 /// Layers of a model, from its `layers` label (default 32): how the
 /// sharding planner splits it.
 fn layers_of(model: &Model) -> u32 {
-    model
-        .labels
-        .get("layers")
+    super::inputs::label(model, "layers")
         .and_then(|v| v.parse().ok())
         .filter(|l| *l > 0)
         .unwrap_or(32)
@@ -307,7 +303,7 @@ fn layers_of(model: &Model) -> u32 {
 /// GPU types (`h100-sxm`) or MIG slot types (`a100-80gb/3g.40gb`); `None`
 /// (any) without the label.
 pub(super) fn allowed_types(model: &Model) -> Option<Vec<String>> {
-    let label = model.labels.get("gpu-types")?;
+    let label = super::inputs::label(model, "gpu-types")?;
     Some(
         label
             .split(',')
@@ -320,7 +316,7 @@ pub(super) fn allowed_types(model: &Model) -> Option<Vec<String>> {
 /// The node labels a model's replicas require, from its `node-selector`
 /// label: comma-separated `key=value` pairs, all of which a node must have.
 pub(super) fn node_selector(model: &Model) -> Result<Vec<(String, String)>, String> {
-    let Some(label) = model.labels.get("node-selector") else {
+    let Some(label) = super::inputs::label(model, "node-selector") else {
         return Ok(Vec::new());
     };
     label

@@ -37,6 +37,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
 mod fleet;
+mod inputs;
 mod mig;
 mod observe;
 mod wants;
@@ -49,6 +50,7 @@ use talon_scheduler::types::{Assignment, GpuRequest, GpuSlice, Node, Workload, M
 
 use crate::state::{Command, Replica, State};
 pub use fleet::nvlink_domains;
+pub use inputs::{Inputs, PLANNED_LABELS};
 use fleet::{Candidate, Need};
 pub use observe::{
     observe, Observed, BASELINE_MIB, OBSERVED_MEMORY_LABEL, OUTGROWN_FRACTION, OUTGROWN_MARGIN,
@@ -153,15 +155,15 @@ pub fn plan_with(state: &State, observed: &Observed) -> Plan {
             observed.desired.get(&model.name).copied(),
         ) {
             let mem = fleet::memory_need(model, version).max(1);
-            let selector_label = model.labels.get("node-selector");
+            let selector_label = inputs::label(model, "node-selector");
             let engine = version.engine.as_str();
             let selection = selections
                 .entry((selector_label, engine))
                 .or_insert_with(|| Selection::of(model, engine, &candidates));
             let asked = (
                 mem,
-                model.labels.get("layers"),
-                model.labels.get("gpu-types"),
+                inputs::label(model, "layers"),
+                inputs::label(model, "gpu-types"),
                 selector_label,
                 engine,
             );

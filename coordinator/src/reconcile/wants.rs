@@ -29,7 +29,9 @@ pub(super) fn versions_to_place<'m>(
     if let Some(ready) = ready {
         let of_model = || placed.iter().copied();
         // a canary below 100 % holds the older versions
-        let held = crate::state::model::canary_percent(&model.labels).is_some_and(|p| p < 100);
+        let held = super::inputs::label(model, crate::state::model::CANARY_LABEL)
+            .and_then(|v| v.parse::<u32>().ok())
+            .is_some_and(|p| p < 100);
         let rolled = !held
             && heads.iter().all(|h| placed.iter().any(|r| r.id == *h))
             && of_model()
