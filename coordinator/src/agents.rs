@@ -419,21 +419,27 @@ impl AgentService for AgentSvc {
         let mut stream = request.into_inner();
         let mut node: Option<String> = None;
         let mut received = 0u64;
-        // Woken by a change of the server's role (not by a timer per
+        // Ended by a change of the server's role (not by a timer per
         // stream: 10,000 streams ticking twice a second cost more than
         // their reports): a leader that steps down ends its streams, and
-        // the agents report to the new one.
+        // the agents report to the new one. One waiter per stream for its
+        // whole life, not one registered and dropped per report.
         let mut role = self.ctx.raft.server_metrics();
+        let stepped_down = async {
+            loop {
+                if role.changed().await.is_err() {
+                    return Status::unavailable("the coordinator is stopping");
+                }
+                if let Err(status) = self.require_leader() {
+                    return status;
+                }
+            }
+        };
+        tokio::pin!(stepped_down);
         loop {
             let message = tokio::select! {
                 m = stream.message() => m?,
-                changed = role.changed() => {
-                    if changed.is_err() {
-                        return Err(Status::unavailable("the coordinator is stopping"));
-                    }
-                    self.require_leader()?;
-                    continue;
-                }
+                status = &mut stepped_down => return Err(status),
             };
             let Some(report) = message else {
                 return Ok(Response::new(pb::TelemetryAck { received }));

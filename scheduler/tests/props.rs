@@ -247,7 +247,19 @@ fn repeated_cluster() -> Vec<Node> {
                 name: format!("n{t}-{copy}"),
                 cpu_milli: cpu * 1000,
                 memory_mib: mem * 1024,
-                gpus: (0..g).map(|_| Gpu::new(model)).collect(),
+                gpus: (0..g)
+                    .map(|k| Gpu {
+                        // device memory (memory asks take a share sized by
+                        // it): the later copies' V100s mix 16 and 32 GB
+                        // cards, the same type with two memories
+                        memory_mib: match model {
+                            "G2" => 32_768,
+                            "V100" if copy >= 3 && k % 2 == 1 => 32_768,
+                            _ => 16_384,
+                        },
+                        ..Gpu::new(model)
+                    })
+                    .collect(),
                 cost_per_hour: 1.0,
             });
         }
@@ -318,6 +330,10 @@ fn run_cached(
                 },
                 9 => GpuRequest::Whole {
                     count: [2, 4, 8][rng.below(3) as usize],
+                },
+                // the live reconciler's asks: memory, on one GPU
+                8 => GpuRequest::Memory {
+                    mib: [4_000, 12_000, 20_000, 30_000][rng.below(4) as usize],
                 },
                 _ => GpuRequest::Whole { count: 1 },
             };

@@ -21,11 +21,12 @@
 //! class still describes any other node in that state.
 //!
 //! The key covers everything the cached scores read (per GPU: type, NVLink
-//! domain, capacity, free milli). GPUs are sorted in the
+//! domain, capacity, free milli, device memory — a memory ask, the live
+//! reconciler's, takes a share that depends on the GPU's memory). GPUs are sorted in the
 //! key (the scores are symmetric in the GPU order) when every GPU has
 //! capacity 0 (MIG) or exactly 1000 milli; otherwise the GPU order is kept,
-//! since "the first wholly free GPUs" then depends on it. Memory is not in
-//! the key: neither FGD's nor Talon's score reads it (the filter does, and it
+//! since "the first wholly free GPUs" then depends on it. Host memory is not
+//! in the key: neither FGD's nor Talon's score reads it (the filter does, and it
 //! runs before the cache is consulted). `tests::cached_equals_uncached` in
 //! `policy::talon` and the property test in `tests/props.rs` check that the
 //! cache changes no decision.
@@ -110,6 +111,8 @@ pub struct ScoreCache<T: Copy> {
     scores: Vec<Vec<Option<T>>>,
     shape: u32,
     key: Vec<u64>,
+    /// Per GPU: its packed word and memory (scratch for the key).
+    pairs: Vec<(u64, u64)>,
     /// Evaluations avoided / done (for tests and profiling).
     pub hits: u64,
     pub misses: u64,
@@ -134,6 +137,7 @@ impl<T: Copy> ScoreCache<T> {
             scores: Vec::new(),
             shape: 0,
             key: Vec::new(),
+            pairs: Vec::new(),
             hits: 0,
             misses: 0,
         }
@@ -182,29 +186,40 @@ impl<T: Copy> ScoreCache<T> {
         self.key.push(n.cpu_free);
         self.key.push(n.type_mask);
         let start = self.key.len();
-        // type (6 bits), NVLink domain (16), capacity (20), free (20): the
-        // multiset of these words fixes the node up to a relabelling of
-        // GPUs and domains, which no score depends on
+        // type (6 bits), NVLink domain (16), capacity (20), free (20), and
+        // the GPU's memory in a word of its own: the multiset of these
+        // pairs fixes the node up to a relabelling of GPUs and domains,
+        // which no score depends on (memory: a memory ask takes a share
+        // that depends on the GPU it lands on)
         let wide_domain = n.gpu_domain.iter().any(|&d| d >= 1 << 16);
+        self.pairs.clear();
         for i in 0..n.gpu_free.len() {
-            self.key.push(
+            self.pairs.push((
                 ((n.gpu_type[i] as u64) << 56)
                     | (((n.gpu_domain[i] & 0xffff) as u64) << 40)
                     | ((n.gpu_cap[i] as u64) << 20)
                     | n.gpu_free[i] as u64,
-            );
+                n.gpu_mem.get(i).copied().unwrap_or(0),
+            ));
+        }
+        let ordered = wide_domain || !n.gpu_cap.iter().all(|&c| c == 0 || c == MILLI);
+        if !ordered {
+            self.pairs.sort_unstable();
+        }
+        for &(word, mem) in &self.pairs {
+            self.key.push(word);
+            self.key.push(mem);
         }
         if wide_domain {
             // domain ids past 16 bits: keep them whole, in GPU order
             self.key.push(u64::MAX - 1);
             self.key.extend(n.gpu_domain.iter().map(|&d| d as u64));
         }
-        if !wide_domain && n.gpu_cap.iter().all(|&c| c == 0 || c == MILLI) {
-            self.key[start..].sort_unstable();
-        } else {
+        if ordered {
             // order matters: mark the key as ordered so it never equals a sorted one
             self.key.push(u64::MAX);
         }
+        debug_assert!(self.key.len() > start || n.gpu_free.is_empty());
         let c = match self.classes.get(self.key.as_slice()) {
             Some(&c) => c,
             None => self.new_class(),

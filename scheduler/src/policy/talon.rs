@@ -525,15 +525,11 @@ impl Policy for Talon {
         self.update_pressure(state, d);
     }
     fn score(&mut self, state: &ClusterState, node: usize, d: &Demand) -> PolicyScore {
-        if let DemandKind::Memory { .. } = d.kind {
-            // the share depends on each GPU's memory, which the cache's key
-            // does not hold: evaluate afresh
-            let n = &state.nodes[node];
-            let before = self.frag(n.cpu_free, &n.gpu_free, n.type_mask);
-            return self.evaluate(n, d, before).0;
-        }
+        // memoised for memory asks too (the cache's key holds each GPU's
+        // memory, which their share depends on); they pay no host-pressure
+        // charge, as before the cache held them
         let mut s = self.base_score(state, node, d);
-        if self.charge {
+        if self.charge && !matches!(d.kind, DemandKind::Memory { .. }) {
             s.primary -= self.pressure_charge(node, d);
         }
         s
@@ -584,6 +580,44 @@ mod tests {
             count: 1,
             gpu_spec: spec.into(),
         }
+    }
+
+    #[test]
+    fn memory_asks_are_memoised_per_gpu_memory() {
+        // two nodes alike but for their cards' memory: a memory ask takes
+        // 733 milli of a 16 GB card and 367 of a 32 GB one, so their
+        // scores differ and the cache must not give one the other's
+        let card = |mib| Gpu {
+            memory_mib: mib,
+            ..Gpu::new("V100")
+        };
+        let nodes: Vec<Node> = [16_384, 32_768, 16_384]
+            .iter()
+            .enumerate()
+            .map(|(i, &mib)| Node {
+                gpus: vec![card(mib), card(mib)],
+                ..node(&format!("n{i}"), "V100", 0)
+            })
+            .collect();
+        let st = ClusterState::new(&nodes).unwrap();
+        let tt = talon_typical(vec![shape(500, "")], &st);
+        let ask = Workload::new("m", 4000, 1024, GpuRequest::Memory { mib: 12_000 });
+        let d = st.compile(&ask).unwrap();
+        let scores = |cached: bool| {
+            let mut p = Talon::with_cache(tt.clone(), cached);
+            p.begin(&st, &d, 0);
+            (0..nodes.len()).map(|i| p.score(&st, i, &d)).collect::<Vec<_>>()
+        };
+        let (cached, fresh) = (scores(true), scores(false));
+        assert_eq!(cached, fresh);
+        assert_ne!(fresh[0], fresh[1], "the 32 GB cards leave more free");
+        assert_eq!(fresh[0], fresh[2]);
+        let mut p = Talon::with_cache(tt.clone(), true);
+        p.begin(&st, &d, 0);
+        for i in 0..nodes.len() {
+            p.score(&st, i, &d);
+        }
+        assert_eq!(p.cache.hits, 1, "the third node is the first one's class");
     }
 
     #[test]
