@@ -18,6 +18,9 @@
 
 #[cfg(feature = "up")]
 pub mod chain;
+pub mod cli;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzzing;
 pub mod up;
 
 use std::collections::HashMap;

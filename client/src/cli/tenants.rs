@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Subcommand};
 use serde_json::json;
-use talon_client::{
+use crate::{
     Client, ClientError, CreateKeyRequest, GetUsageRequest, Key, Limits, Tenant, UpdateKeyRequest,
 };
 
@@ -200,7 +200,7 @@ pub async fn tenant(client: &Client, cmd: TenantCmd, json: bool) -> Result<(), C
             block,
             mask,
         } => {
-            let filter = |action: &'static str, pattern: String| talon_client::ContentFilter {
+            let filter = |action: &'static str, pattern: String| crate::ContentFilter {
                 pattern,
                 action: action.into(),
             };
@@ -262,12 +262,12 @@ pub async fn tenant(client: &Client, cmd: TenantCmd, json: bool) -> Result<(), C
 }
 
 fn hand_out(
-    made: talon_client::CreateKeyResponse,
+    made: crate::CreateKeyResponse,
     save: Option<&std::path::Path>,
 ) -> Result<(), ClientError> {
     let k = made.key.unwrap_or_default();
     eprintln!("key {} is {}/{}", k.id, k.tenant, k.name);
-    crate::keys::hand_out(&made.secret, "the new", save).map_err(|e| {
+    super::keys::hand_out(&made.secret, "the new", save).map_err(|e| {
         eprintln!(
             "talon: {e}; the key was not saved: revoke key {} and make another",
             k.id

@@ -3,8 +3,8 @@
 
 use clap::{Args, Subcommand};
 use serde_json::json;
-use talon_client::chain::Rule;
-use talon_client::{Client, ClientError};
+use crate::chain::Rule;
+use crate::{Client, ClientError};
 
 /// When a rule applies; every condition given must hold.
 #[derive(Args, Clone, Default)]

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressStyle};
-use talon_client::{Client, ClientError};
+use crate::{Client, ClientError};
 
 /// How often a wait asks the cluster again.
 const POLL: Duration = Duration::from_millis(500);

@@ -5,10 +5,10 @@ use std::time::Duration;
 
 use clap::Subcommand;
 use serde_json::{json, Value};
-use talon_client::{Client, ClientError};
+use crate::{Client, ClientError};
 
-use crate::output::*;
-use crate::progress;
+use super::output::*;
+use super::progress;
 
 #[derive(Subcommand)]
 pub enum ReplicaCmd {

@@ -2,7 +2,7 @@
 //! scripts.
 
 use serde_json::{json, Value};
-use talon_client::{AuditEntry, ClusterStatus, Model, Node};
+use crate::{AuditEntry, ClusterStatus, Model, Node};
 
 pub fn model_json(m: &Model) -> Value {
     json!({

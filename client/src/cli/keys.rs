@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 
 use clap::Subcommand;
 use serde_json::json;
-use talon_client::{Client, ClientError, Credential};
+use crate::{Client, ClientError, Credential};
 
 #[derive(Subcommand)]
 pub enum CredentialCmd {
