@@ -16,6 +16,10 @@ const MIB: u64 = 1024 * 1024;
 struct Device {
     total_mib: u64,
     free_mib: u64,
+    /// Its node (by position) and NVLink domain on that node: a
+    /// tensor-parallel group takes whole GPUs of one domain, as the
+    /// placement engine places it.
+    domain: (u32, u32),
 }
 
 /// Free device memory per GPU type, with the memory of the models being
@@ -36,11 +40,15 @@ impl FreeMemory {
     pub fn of(state: &State, planned: &BTreeMap<String, u64>) -> FreeMemory {
         let mut by_type: BTreeMap<String, Vec<Device>> = BTreeMap::new();
         let mut index: BTreeMap<(&str, u32), (String, usize)> = BTreeMap::new();
-        for node in state.nodes.values() {
+        for (k, node) in state.nodes.values().enumerate() {
             if node.state != NodeState::Ready || !node.schedulable || node.draining {
                 continue;
             }
-            for gpu in node.inventory.gpus.iter().filter(|g| !g.mig_enabled) {
+            let domains = crate::reconcile::nvlink_domains(&node.inventory.gpus);
+            for (gpu, domain) in node.inventory.gpus.iter().zip(domains) {
+                if gpu.mig_enabled {
+                    continue;
+                }
                 let list = by_type.entry(gpu.gpu_type.clone()).or_default();
                 index.insert(
                     (node.inventory.node_id.as_str(), gpu.index),
@@ -49,6 +57,7 @@ impl FreeMemory {
                 list.push(Device {
                     total_mib: gpu.memory_bytes / MIB,
                     free_mib: gpu.memory_bytes / MIB,
+                    domain: (k as u32, domain),
                 });
             }
         }
@@ -144,16 +153,83 @@ impl CapacityOracle for FreeMemory {
                 None => false,
             };
         }
-        let mut whole: Vec<&mut Device> = devices
-            .iter_mut()
-            .filter(|d| d.free_mib == d.total_mib)
-            .collect();
-        if whole.len() < option.tp as usize {
-            return false;
+        // whole GPUs: a group of `tp` wholly free ones inside one NVLink
+        // domain of one node (the domain with the fewest that still holds
+        // it, as a best fit), never GPUs gathered across nodes or PCIe cards
+        let tp = option.tp.max(1) as usize;
+        let mut free_in: BTreeMap<(u32, u32), usize> = BTreeMap::new();
+        for d in devices.iter().filter(|d| d.free_mib == d.total_mib) {
+            *free_in.entry(d.domain).or_default() += 1;
         }
-        for d in whole.iter_mut().take(option.tp as usize) {
+        let Some((&domain, _)) = free_in
+            .iter()
+            .filter(|(_, &n)| n >= tp)
+            .min_by_key(|(_, &n)| n)
+        else {
+            return false;
+        };
+        for d in devices
+            .iter_mut()
+            .filter(|d| d.domain == domain && d.free_mib == d.total_mib)
+            .take(tp)
+        {
             d.free_mib = 0;
         }
         true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::reconcile::tests::inventory;
+    use crate::state::{Command, Request};
+
+    fn option(gpu_type: &str, tp: u32) -> ReplicaOption {
+        ReplicaOption {
+            gpu_type: gpu_type.into(),
+            speed: GpuSpeed::of_model(gpu_type),
+            gpu_memory_mib: 80 * 1024,
+            tp,
+            gpu_cost_per_hour: 1.0,
+        }
+    }
+
+    /// `gpus` GPUs of `ty` on node `id`, all on one NVSwitch (`nvlink`) or
+    /// PCIe cards.
+    fn node(state: &mut State, id: &str, ty: &str, gpus: usize, nvlink: bool) {
+        let mut inv = inventory(id, &vec![(ty, 80); gpus]);
+        if nvlink {
+            for g in &mut inv.gpus {
+                g.nvlink_peers = vec![format!("switch-{id}")];
+            }
+        }
+        let index = state.nodes.len() as u64 + 1;
+        state.apply(
+            index,
+            &Request {
+                at_ms: index,
+                actor: "t".into(),
+                command: Command::RegisterNode(inv),
+            },
+        );
+    }
+
+    #[test]
+    fn a_tensor_parallel_group_takes_one_nvlink_domain_of_one_node() {
+        let mut state = State::default();
+        node(&mut state, "a", "h100-sxm", 2, true);
+        node(&mut state, "b", "h100-sxm", 2, true);
+        node(&mut state, "c", "l4", 4, false);
+        let mut oracle = FreeMemory::of(&state, &BTreeMap::new());
+        // four free H100s, but two per node: no group of four
+        assert!(!oracle.try_take("m", &option("h100-sxm", 4)));
+        // two groups of two, then none
+        assert!(oracle.try_take("m", &option("h100-sxm", 2)));
+        assert!(oracle.try_take("m", &option("h100-sxm", 2)));
+        assert!(!oracle.try_take("m", &option("h100-sxm", 2)));
+        // four PCIe cards are four domains: one GPU each, no pair
+        assert!(!oracle.try_take("m", &option("l4", 2)));
+        assert!(oracle.try_take("m", &option("l4", 1)));
     }
 }
