@@ -5,7 +5,10 @@
 use std::collections::BTreeMap;
 
 use talon_scheduler::capacity::{CapacityOracle, ReplicaOption};
+use talon_scheduler::engine::{decide_among, DecideOptions};
 use talon_scheduler::perf::GpuSpeed;
+use talon_scheduler::policy::best_fit::BestFit;
+use talon_scheduler::types::{GpuRequest, Workload};
 
 use crate::state::{NodeState, State};
 
@@ -179,6 +182,61 @@ impl CapacityOracle for FreeMemory {
     }
 }
 
+/// The placement engine as the leader's capacity oracle: the fleet once
+/// the replicas of every model not being planned are placed
+/// ([`crate::reconcile::placed_fleet`]); a replica option fits when the
+/// engine finds it a place on a node its model may take — a share of one
+/// GPU sized by that GPU's memory, or a group of whole GPUs inside one
+/// NVLink domain, as the reconciler will ask — and then holds it.
+pub struct Placement {
+    fleet: crate::reconcile::PlacedFleet,
+    /// model → MiB one replica takes.
+    replica_mib: BTreeMap<String, u64>,
+}
+
+impl Placement {
+    /// `None` when the placement engine refuses the fleet (the caller
+    /// falls back to [`FreeMemory`]).
+    pub fn of(state: &State, planned: &BTreeMap<String, u64>) -> Option<Placement> {
+        let apart = planned.keys().cloned().collect();
+        Some(Placement {
+            fleet: crate::reconcile::placed_fleet(state, &apart)?,
+            replica_mib: planned.clone(),
+        })
+    }
+}
+
+impl CapacityOracle for Placement {
+    fn try_take(&mut self, model: &str, option: &ReplicaOption) -> bool {
+        let mib = self
+            .replica_mib
+            .get(model)
+            .copied()
+            .unwrap_or(option.gpu_memory_mib);
+        let request = if option.tp <= 1 && mib < option.gpu_memory_mib {
+            GpuRequest::Memory { mib }
+        } else {
+            GpuRequest::Whole {
+                count: option.tp.max(1),
+            }
+        };
+        let mut w = Workload::new(model, 0, 0, request);
+        w.gpu_types = vec![option.gpu_type.clone()];
+        let state = &mut self.fleet.state;
+        let Ok(demand) = state.compile(&w) else {
+            return false;
+        };
+        let may = self.fleet.eligible.get(model);
+        let decision = decide_among(state, &demand, &mut BestFit, DecideOptions::default(), |i| {
+            may.is_none_or(|m| m.get(i).copied().unwrap_or(false))
+        });
+        match decision.assignment {
+            Some(a) => state.apply(&a, &demand).is_ok(),
+            None => false,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -231,5 +289,39 @@ mod tests {
         // four PCIe cards are four domains: one GPU each, no pair
         assert!(!oracle.try_take("m", &option("l4", 2)));
         assert!(oracle.try_take("m", &option("l4", 1)));
+    }
+
+    #[test]
+    fn the_placement_oracle_sees_what_other_models_hold_and_where_a_model_may_go() {
+        use crate::reconcile::tests::{converge, model, run};
+        let (mut state, mut i) = (State::default(), 0);
+        node(&mut state, "a", "h100-sxm", 2, true);
+        node(&mut state, "b", "h100-sxm", 2, true);
+        i += state.nodes.len() as u64;
+        // another model holds one GPU of a (60 GB of 80)
+        run(&mut state, &mut i, model("other", 60_000, 1));
+        run(&mut state, &mut i, model("m", 100_000, 1));
+        converge(&mut state, &mut i);
+        let planned = BTreeMap::from([("m".to_string(), 100_000u64)]);
+        let mut oracle = Placement::of(&state, &planned).unwrap();
+        // one whole pair is left (on the node the other model is not on);
+        // m's own replica counts as free
+        assert!(oracle.try_take("m", &option("h100-sxm", 2)));
+        assert!(!oracle.try_take("m", &option("h100-sxm", 2)));
+        // the other model's node has one whole GPU free
+        assert!(oracle.try_take("m", &option("h100-sxm", 1)));
+        assert!(!oracle.try_take("m", &option("h100-sxm", 1)));
+        // a node-selector no node matches: nowhere
+        run(
+            &mut state,
+            &mut i,
+            Command::UpdateModelLabels {
+                name: "m".into(),
+                set: BTreeMap::from([("node-selector".to_string(), "zone=z9".to_string())]),
+                remove: Vec::new(),
+            },
+        );
+        let mut oracle = Placement::of(&state, &planned).unwrap();
+        assert!(!oracle.try_take("m", &option("h100-sxm", 1)));
     }
 }

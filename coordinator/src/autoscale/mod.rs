@@ -320,7 +320,15 @@ pub fn step(ctx: &AdminContext, state: &State, now: Instant, wall: SystemTime) {
         .iter()
         .filter_map(|m| Some((m.name.clone(), m.versions.last()?.memory_mib)))
         .collect();
-    let mut oracle = capacity::FreeMemory::of(state, &planned_mib);
+    // options (GPU types, their memory and price) from the fleet's
+    // inventory; what fits from the placement engine, once the replicas of
+    // the models not planned here are placed
+    let free = capacity::FreeMemory::of(state, &planned_mib);
+    let mut oracle: Box<dyn talon_scheduler::capacity::CapacityOracle> =
+        match capacity::Placement::of(state, &planned_mib) {
+            Some(placement) => Box::new(placement),
+            None => Box::new(free.clone()),
+        };
     let wall_s = unix_s(wall);
     let mut demands = Vec::new();
     for model in &enabled {
@@ -360,11 +368,11 @@ pub fn step(ctx: &AdminContext, state: &State, now: Instant, wall: SystemTime) {
             mix: entry.series.mix().collect(),
             min_replicas: model.min_replicas,
             max_replicas: model.max_replicas,
-            options: oracle.options(memory_mib),
+            options: free.options(memory_mib),
             trust: entry.trust.factor,
         });
     }
-    let plans = planner::plan(&demands, &mut oracle);
+    let plans = planner::plan(&demands, oracle.as_mut());
     for plan in plans {
         let Some(entry) = models.get_mut(&plan.model) else {
             continue;

@@ -95,6 +95,70 @@ pub fn plan_with(state: &State, observed: &Observed) -> Plan {
             unplaced: Vec::new(),
         };
     }
+    solve(state, observed, None)
+}
+
+/// The fleet as the placement engine holds it once every replica of the
+/// models outside `apart` is placed (as the reconciler would place them),
+/// and for each model of `apart` the nodes it may take (its node-selector
+/// and engine; positions in [`PlacedFleet::state`]). What the autoscaler
+/// plans the models of `apart` against: the capacity that really exists.
+/// `None` when the placement engine refuses the fleet.
+pub fn placed_fleet(state: &State, apart: &HashSet<String>) -> Option<PlacedFleet> {
+    let view = State {
+        models: state
+            .models
+            .iter()
+            .filter(|(name, _)| !apart.contains(*name))
+            .map(|(name, m)| (name.clone(), m.clone()))
+            .collect(),
+        nodes: state.nodes.clone(),
+        replicas: state
+            .replicas
+            .iter()
+            .filter(|(_, r)| !apart.contains(&r.model))
+            .map(|(id, r)| (id.clone(), r.clone()))
+            .collect(),
+        ..State::default()
+    };
+    let mut placed = None;
+    solve(&view, &Observed::default(), Some(&mut placed));
+    let state_after = placed?;
+    // the same candidates, in the same order, as the plan's
+    let candidates = fleet::candidates(&view, &BTreeMap::new());
+    let eligible = apart
+        .iter()
+        .filter_map(|name| {
+            let model = state.models.get(name)?;
+            let engine = model.versions.last()?.engine.as_str();
+            let selection = Selection::of(model, engine, &candidates);
+            let mut may = vec![false; candidates.len()];
+            for i in selection.eligible {
+                may[i] = candidates[i].new_work;
+            }
+            Some((name.clone(), may))
+        })
+        .collect();
+    Some(PlacedFleet {
+        state: state_after,
+        eligible,
+    })
+}
+
+/// [`placed_fleet`].
+pub struct PlacedFleet {
+    pub state: ClusterState,
+    /// Model → per node of `state`: may it take a new replica.
+    pub eligible: HashMap<String, Vec<bool>>,
+}
+
+/// The plan; with `placed_out`, also the placement engine's state once the
+/// plan's assignments are placed.
+fn solve(
+    state: &State,
+    observed: &Observed,
+    placed_out: Option<&mut Option<ClusterState>>,
+) -> Plan {
     let failed = &observed.failed;
     let candidates = fleet::candidates(state, &observed.foreign_mib);
     let nodes: Vec<Node> = candidates.iter().map(Candidate::engine_node).collect();
@@ -473,6 +537,20 @@ pub fn plan_with(state: &State, observed: &Observed) -> Plan {
     }
     let relaid = mig::relayout(&mut solved, &problem, &candidates, &wanted);
     unplaced.extend(solved.unplaced.iter().cloned());
+    if let Some(out) = placed_out {
+        *out = ClusterState::new(&problem.nodes).ok().map(|mut placed| {
+            for w in &problem.workloads {
+                let (Some(a), Ok(d)) = (solved.solution.assignments.get(&w.name), placed.compile(w))
+                else {
+                    continue;
+                };
+                // a MIG re-layout's instance may not apply to the old
+                // layout; it holds nothing the autoscaler could take
+                let _ = placed.apply(a, &d);
+            }
+            placed
+        });
+    }
 
     // Group the new placement by model and compare with what is committed.
     let mut desired: BTreeMap<String, Vec<Replica>> = state

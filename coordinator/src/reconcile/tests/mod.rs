@@ -45,7 +45,7 @@ pub(crate) fn inventory(id: &str, gpus: &[(&str, u64)]) -> NodeInventory {
     }
 }
 
-pub(super) fn model(name: &str, memory_mib: u64, replicas: u32) -> Command {
+pub(crate) fn model(name: &str, memory_mib: u64, replicas: u32) -> Command {
     Command::CreateModel(ModelSpec {
         name: name.into(),
         version: "v1".into(),
@@ -60,7 +60,7 @@ pub(super) fn model(name: &str, memory_mib: u64, replicas: u32) -> Command {
     })
 }
 
-pub(super) fn run(state: &mut State, index: &mut u64, command: Command) {
+pub(crate) fn run(state: &mut State, index: &mut u64, command: Command) {
     *index += 1;
     state.apply(
         *index,
@@ -73,7 +73,7 @@ pub(super) fn run(state: &mut State, index: &mut u64, command: Command) {
 }
 
 /// Applies plans until nothing changes; returns how many rounds it took.
-pub(super) fn converge(state: &mut State, index: &mut u64) -> usize {
+pub(crate) fn converge(state: &mut State, index: &mut u64) -> usize {
     converge_with(state, index, &Observed::default())
 }
 
