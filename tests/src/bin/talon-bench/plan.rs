@@ -4,11 +4,11 @@
 //! built command by command (as the state machine applies them) and
 //! `reconcile::plan` is timed on it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::time::Instant;
 
 use serde_json::json;
-use talon_coordinator::reconcile::{plan_with, Observed};
+use talon_coordinator::reconcile::{placed_fleet, plan_with, Observed};
 use talon_coordinator::state::node::{Gpu, MigDevice, MANAGED_MIG_LABEL};
 use talon_coordinator::state::{Command, ModelSpec, NodeInventory, Request, State};
 
@@ -121,8 +121,16 @@ fn apply(state: &mut State, index: &mut u64, command: Command) {
 /// the leader pays every 500 ms).
 pub fn plan_bench(cli: &Cli, nodes: &[usize], rounds: usize) -> anyhow::Result<()> {
     println!(
-        "{:>6} {:>6} {:>7} {:>8} {:>7} {:>12} {:>12} {:>14}",
-        "nodes", "gpus", "models", "replicas", "rounds", "first_ms", "steady_ms", "steady_us/item"
+        "{:>6} {:>6} {:>7} {:>8} {:>7} {:>12} {:>12} {:>14} {:>12}",
+        "nodes",
+        "gpus",
+        "models",
+        "replicas",
+        "rounds",
+        "first_ms",
+        "steady_ms",
+        "steady_us/item",
+        "oracle_ms"
     );
     let mut rows = Vec::new();
     for &n in nodes {
@@ -172,8 +180,21 @@ pub fn plan_bench(cli: &Cli, nodes: &[usize], rounds: usize) -> anyhow::Result<(
         let median = steady[steady.len() / 2];
         let replicas = state.replicas.len();
         let per_item = median * 1e3 / (n + replicas) as f64;
+        // the autoscaler's capacity oracle: the fleet with every model but
+        // an autoscaled third placed (what the leader builds per pass)
+        let apart: HashSet<String> = state.models.keys().step_by(3).cloned().collect();
+        let mut oracle: Vec<f64> = (0..rounds.clamp(1, 5))
+            .map(|_| {
+                let t = Instant::now();
+                let fleet = placed_fleet(&state, &apart);
+                assert!(fleet.is_some(), "the placement engine refused the fleet");
+                t.elapsed().as_secs_f64() * 1e3
+            })
+            .collect();
+        oracle.sort_by(f64::total_cmp);
+        let oracle_ms = oracle[oracle.len() / 2];
         println!(
-            "{n:>6} {gpus:>6} {models:>7} {replicas:>8} {:>7} {:>12.1} {median:>12.2} {per_item:>14.2}",
+            "{n:>6} {gpus:>6} {models:>7} {replicas:>8} {:>7} {:>12.1} {median:>12.2} {per_item:>14.2} {oracle_ms:>12.1}",
             first_ms.len(),
             first_ms[0],
         );
@@ -181,7 +202,8 @@ pub fn plan_bench(cli: &Cli, nodes: &[usize], rounds: usize) -> anyhow::Result<(
             json!({"nodes": n, "gpus": gpus, "models": models, "replicas": replicas,
             "rounds_to_converge": first_ms.len(), "first_plan_ms": first_ms[0],
             "steady_plan_ms_median": median, "steady_plan_ms_all": steady,
-            "steady_us_per_node_plus_replica": per_item}),
+            "steady_us_per_node_plus_replica": per_item,
+            "autoscale_oracle_ms_median": oracle_ms}),
         );
     }
     write_out(cli, "plan.json", json!({"rows": rows}))
