@@ -53,9 +53,13 @@ mod tests {
         assert!(seen >= 5, "the cli_args seeds are missing");
         let parse = |line: &str| crate::cli::parse_args(line.split(' '));
         assert!(parse("talon model create m --version v1 --engine vllm --artifact hf://o/m --memory-mib 1 --latency-slo-ms 5 --label a=b").is_ok());
-        let err = parse("talon model label m --set novalue").unwrap_err().to_string();
+        let err = parse("talon model label m --set novalue")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("\"novalue\" is not KEY=VALUE"), "{err}");
-        let err = parse("talon cluster init --member x=h:1").unwrap_err().to_string();
+        let err = parse("talon cluster init --member x=h:1")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("node id \"x\""), "{err}");
         cli_args(b"cluster\0init\0--member\0\xff=\x00");
     }

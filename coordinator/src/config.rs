@@ -662,7 +662,9 @@ mod tests {
         c.agents.history_len = 4;
         let err = c.validate().unwrap_err().to_string();
         assert!(
-            err.contains("history_len must be between 5 (the samples the memory-pressure check reads)"),
+            err.contains(
+                "history_len must be between 5 (the samples the memory-pressure check reads)"
+            ),
             "{err}"
         );
     }

@@ -235,6 +235,20 @@ fn running(executor: Arc<dyn Executor>) -> Running {
 /// request beyond it is refused with 429.
 pub const DEFAULT_MAX_QUEUE: u32 = 256;
 
+/// Whether `new` is `old` but for where its pipeline's next stage is (its
+/// agent's address or the token it expects).
+fn only_next_moved(old: &pb::AssignedReplica, new: &pb::AssignedReplica) -> bool {
+    let without_next = |r: &pb::AssignedReplica| {
+        let mut r = r.clone();
+        if let Some(p) = r.pipeline.as_mut() {
+            p.next_url.clear();
+            p.next_token.clear();
+        }
+        r
+    };
+    old.pipeline.is_some() && new.pipeline.is_some() && without_next(old) == without_next(new)
+}
+
 /// How many requests of `priority` a replica holding a queue bounded by
 /// `max_queue` admits: low-priority work is refused first (at half), and
 /// critical work gets a batch of headroom past the bound.
@@ -282,7 +296,8 @@ impl ReplicaManager {
     }
 
     /// Converges to `assignments`: stops replicas no longer assigned (or
-    /// assigned differently), starts new ones.
+    /// assigned differently, except a pipeline stage whose next stage only
+    /// moved: it follows it), starts new ones.
     pub async fn apply(&self, assignments: &pb::Assignments) {
         let wanted: HashMap<&str, &pb::AssignedReplica> = assignments
             .replicas
@@ -291,6 +306,23 @@ impl ReplicaManager {
             .collect();
         let stopping: Vec<Arc<dyn Executor>> = {
             let mut replicas = self.replicas.lock().expect("replica lock poisoned");
+            // a pipeline stage whose next stage moved follows it, running
+            // on: its layers stay loaded, its requests are not dropped
+            for (id, (spec, slot)) in replicas.iter_mut() {
+                let Some(w) = wanted.get(id.as_str()).filter(|w| **w != spec) else {
+                    continue;
+                };
+                let Slot::Running(r) = slot else { continue };
+                let followed = only_next_moved(spec, w)
+                    && r.executor
+                        .stage()
+                        .zip(w.pipeline.as_ref())
+                        .is_some_and(|(stage, to)| stage.retarget(to));
+                if followed {
+                    tracing::info!(replica = %id, next = %w.pipeline.as_ref().map_or("", |p| p.next_url.as_str()), "pipeline stage follows its next stage");
+                    *spec = (*w).clone();
+                }
+            }
             let gone: Vec<String> = replicas
                 .iter()
                 .filter(|(id, (spec, _))| wanted.get(id.as_str()).is_none_or(|w| *w != spec))
@@ -328,6 +360,15 @@ impl ReplicaManager {
                 .lock()
                 .expect("replica lock poisoned")
                 .insert(r.id.clone(), (r.clone(), slot));
+        }
+    }
+
+    /// The executor of running replica `id` (tests: is it the same one).
+    #[cfg(test)]
+    pub(crate) fn executor(&self, id: &str) -> Option<Arc<dyn Executor>> {
+        match self.replicas.lock().expect("replica lock poisoned").get(id) {
+            Some((_, Slot::Running(r))) => Some(r.executor.clone()),
+            _ => None,
         }
     }
 

@@ -3,9 +3,9 @@
 
 use std::time::Duration;
 
+use crate::{Client, ClientError};
 use clap::Subcommand;
 use serde_json::{json, Value};
-use crate::{Client, ClientError};
 
 use super::output::*;
 use super::progress;

@@ -10,9 +10,9 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use crate::{Client, ClientError, Credential};
 use clap::Subcommand;
 use serde_json::json;
-use crate::{Client, ClientError, Credential};
 
 #[derive(Subcommand)]
 pub enum CredentialCmd {

@@ -17,9 +17,9 @@ use std::collections::HashMap;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use crate::{Client, ClientError, Member, ModelSpec};
 use clap::{Parser, Subcommand};
 use serde_json::{json, Value};
-use crate::{Client, ClientError, Member, ModelSpec};
 
 #[derive(Parser)]
 #[command(name = "talon", version, about = "Operate a Talon cluster")]

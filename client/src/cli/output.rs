@@ -1,8 +1,8 @@
 //! How `talon` shows what the cluster answers: tables for people, JSON for
 //! scripts.
 
-use serde_json::{json, Value};
 use crate::{AuditEntry, ClusterStatus, Model, Node};
+use serde_json::{json, Value};
 
 pub fn model_json(m: &Model) -> Value {
     json!({

@@ -6,8 +6,8 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use indicatif::{ProgressBar, ProgressStyle};
 use crate::{Client, ClientError};
+use indicatif::{ProgressBar, ProgressStyle};
 
 /// How often a wait asks the cluster again.
 const POLL: Duration = Duration::from_millis(500);

@@ -1,10 +1,10 @@
 //! `talon chain`: the gateway's plugin chain — list it, put a rule,
 //! delete one.
 
-use clap::{Args, Subcommand};
-use serde_json::json;
 use crate::chain::Rule;
 use crate::{Client, ClientError};
+use clap::{Args, Subcommand};
+use serde_json::json;
 
 /// When a rule applies; every condition given must hold.
 #[derive(Args, Clone, Default)]

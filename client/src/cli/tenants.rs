@@ -3,11 +3,11 @@
 
 use std::path::PathBuf;
 
-use clap::{Args, Subcommand};
-use serde_json::json;
 use crate::{
     Client, ClientError, CreateKeyRequest, GetUsageRequest, Key, Limits, Tenant, UpdateKeyRequest,
 };
+use clap::{Args, Subcommand};
+use serde_json::json;
 
 /// Limits and budgets; unset: no limit.
 #[derive(Args, Clone, Default)]

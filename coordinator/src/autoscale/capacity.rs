@@ -227,9 +227,13 @@ impl CapacityOracle for Placement {
             return false;
         };
         let may = self.fleet.eligible.get(model);
-        let decision = decide_among(state, &demand, &mut BestFit, DecideOptions::default(), |i| {
-            may.is_none_or(|m| m.get(i).copied().unwrap_or(false))
-        });
+        let decision = decide_among(
+            state,
+            &demand,
+            &mut BestFit,
+            DecideOptions::default(),
+            |i| may.is_none_or(|m| m.get(i).copied().unwrap_or(false)),
+        );
         match decision.assignment {
             Some(a) => state.apply(&a, &demand).is_ok(),
             None => false,

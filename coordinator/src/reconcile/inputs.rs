@@ -128,7 +128,11 @@ mod tests {
     #[test]
     fn only_writes_planning_reads_move_the_generation() {
         let (mut s, mut i) = (State::default(), 0);
-        run(&mut s, &mut i, Command::RegisterNode(inventory("a", &[("l4", 24)])));
+        run(
+            &mut s,
+            &mut i,
+            Command::RegisterNode(inventory("a", &[("l4", 24)])),
+        );
         run(&mut s, &mut i, model("m", 10_000, 1));
         converge(&mut s, &mut i);
         let mut inputs = Inputs::default();
@@ -152,7 +156,10 @@ mod tests {
         let (g, view) = inputs.refresh(Some(log_id(i)), &s);
         assert_eq!(g, first, "a label planning does not read");
         assert_eq!(view.models["m"].revision, s.models["m"].revision);
-        assert_eq!(view.models["m"].labels.get("team").map(String::as_str), Some("search"));
+        assert_eq!(
+            view.models["m"].labels.get("team").map(String::as_str),
+            Some("search")
+        );
         drop(view);
 
         // every input planning reads moves it
@@ -167,7 +174,11 @@ mod tests {
             run(&mut s, &mut i, labels("m", key, value));
             moved(&s, i, key);
         }
-        run(&mut s, &mut i, Command::RegisterNode(inventory("b", &[("l4", 24)])));
+        run(
+            &mut s,
+            &mut i,
+            Command::RegisterNode(inventory("b", &[("l4", 24)])),
+        );
         moved(&s, i, "a new node");
         run(
             &mut s,

@@ -50,8 +50,8 @@ use talon_scheduler::types::{Assignment, GpuRequest, GpuSlice, Node, Workload, M
 
 use crate::state::{Command, Replica, State};
 pub use fleet::nvlink_domains;
-pub use inputs::{Inputs, PLANNED_LABELS};
 use fleet::{Candidate, Need};
+pub use inputs::{Inputs, PLANNED_LABELS};
 pub use observe::{
     observe, Observed, BASELINE_MIB, OBSERVED_MEMORY_LABEL, OUTGROWN_FRACTION, OUTGROWN_MARGIN,
     OUTGROWN_MIN_MIB, SUSTAINED_SAMPLES,
@@ -540,7 +540,8 @@ fn solve(
     if let Some(out) = placed_out {
         *out = ClusterState::new(&problem.nodes).ok().map(|mut placed| {
             for w in &problem.workloads {
-                let (Some(a), Ok(d)) = (solved.solution.assignments.get(&w.name), placed.compile(w))
+                let (Some(a), Ok(d)) =
+                    (solved.solution.assignments.get(&w.name), placed.compile(w))
                 else {
                     continue;
                 };

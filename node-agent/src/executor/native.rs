@@ -129,7 +129,7 @@ impl NativeExecutor {
                     let Some(stage) = &pipeline else {
                         return Engine::start(m, text, settings);
                     };
-                    let (Some(next), Some(handle)) = (stage.next.clone(), handle) else {
+                    let (Some(_), Some(handle)) = (stage.next.get(), handle) else {
                         return Err(talon_runtime::Error::Model(
                             "the first pipeline stage needs its next stage and the agent's runtime"
                                 .into(),
@@ -138,7 +138,7 @@ impl NativeExecutor {
                     let tail = super::native_stage::HttpTail {
                         handle,
                         client: reqwest::Client::new(),
-                        next,
+                        next: stage.next.clone(),
                         vocab: m.config.vocab_size,
                     };
                     Engine::start_pipeline(m, text, settings, Box::new(tail))

@@ -15,7 +15,7 @@ use talon_runtime::engine::Tail;
 use talon_runtime::model::Model;
 use talon_runtime::stage::{StageOutput, StageRunner, StepMsg};
 
-use super::pipeline::{self, Next, Stage, Step};
+use super::pipeline::{self, Stage, Step};
 use super::{ExecError, Executor, InferRequest, ReplicaState};
 
 /// The layers of `stage` in the model in `dir`, checked against the
@@ -49,7 +49,8 @@ fn step_of(msg: &StepMsg) -> Step {
 pub struct HttpTail {
     pub handle: tokio::runtime::Handle,
     pub client: reqwest::Client,
-    pub next: Next,
+    /// The next stage, as the stage's [`pipeline::Hop`] says now.
+    pub next: pipeline::Hop,
     pub vocab: usize,
 }
 
@@ -57,11 +58,16 @@ impl Tail for HttpTail {
     fn run(&mut self, msg: StepMsg) -> talon_runtime::Result<Vec<f32>> {
         let step = step_of(&msg);
         let rows = msg.chunks.len();
+        let Some(next) = self.next.get() else {
+            return Err(talon_runtime::Error::StageLost(
+                "the first stage names no next stage".into(),
+            ));
+        };
         let answer = self
             .handle
             .block_on(pipeline::send_step(
                 &self.client,
-                &self.next,
+                &next,
                 &step,
                 msg.encode(),
             ))
@@ -72,7 +78,7 @@ impl Tail for HttpTail {
         if answer.len() != rows * self.vocab * 4 {
             return Err(talon_runtime::Error::Request(format!(
                 "the pipeline's next stage {} answered {} bytes for {rows} sequences of a {}-token vocabulary",
-                self.next.url,
+                next.url,
                 answer.len(),
                 self.vocab
             )));
@@ -194,10 +200,10 @@ impl Executor for NativeStage {
         match output {
             StageOutput::Logits(l) => Ok(l.iter().flat_map(|v| v.to_le_bytes()).collect()),
             StageOutput::Hidden(msg) => {
-                let next = self.stage.next.as_ref().ok_or_else(|| {
+                let next = self.stage.next.get().ok_or_else(|| {
                     ExecError::Config("a stage that is not the last names no next stage".into())
                 })?;
-                pipeline::send_step(&self.client, next, &step_of(&msg), msg.encode()).await
+                pipeline::send_step(&self.client, &next, &step_of(&msg), msg.encode()).await
             }
         }
     }

@@ -18,6 +18,7 @@
 //! stages' compute time comes from the performance model, the hand-off's
 //! bytes and round trips are real.
 
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use axum::http::HeaderMap;
@@ -44,8 +45,10 @@ pub struct Stage {
     pub count: u32,
     pub first_layer: u32,
     pub layers: u32,
-    /// The stage after it; none for the last.
-    pub next: Option<Next>,
+    /// The stage after it; none for the last. Shared with the executor's
+    /// hand-offs, so that a next stage that moved is followed without a
+    /// restart of this one ([`Stage::retarget`]).
+    pub next: Hop,
     /// The bearer token it accepts from the stage before it.
     pub token: String,
 }
@@ -56,6 +59,34 @@ pub struct Next {
     pub url: String,
     pub token: String,
 }
+
+/// Where a stage hands its steps: the next stage, changeable while the
+/// stage runs (clones share it).
+#[derive(Clone, Debug, Default)]
+pub struct Hop(Arc<RwLock<Option<Next>>>);
+
+impl Hop {
+    pub fn new(next: Option<Next>) -> Hop {
+        Hop(Arc::new(RwLock::new(next)))
+    }
+
+    /// The next stage now; none for the last.
+    pub fn get(&self) -> Option<Next> {
+        self.0.read().expect("hop lock poisoned").clone()
+    }
+
+    fn set(&self, next: Option<Next>) {
+        *self.0.write().expect("hop lock poisoned") = next;
+    }
+}
+
+impl PartialEq for Hop {
+    fn eq(&self, other: &Hop) -> bool {
+        self.get() == other.get()
+    }
+}
+
+impl Eq for Hop {}
 
 impl Stage {
     /// The stage an assignment names, refused when it is inconsistent.
@@ -85,12 +116,34 @@ impl Stage {
             count: p.count,
             first_layer: p.first_layer,
             layers: p.layers,
-            next: (!last).then(|| Next {
+            next: Hop::new((!last).then(|| Next {
                 url: p.next_url.clone(),
                 token: p.next_token.clone(),
-            }),
+            })),
             token: p.token.clone(),
         })
+    }
+
+    /// Follows `to`, the same stage of the same pipeline whose next stage
+    /// moved (another agent, or a new token): hands its next steps there,
+    /// with no restart. False, changing nothing, when `to` is another
+    /// stage or changes anything but where the next stage is.
+    pub fn retarget(&self, to: &talon_proto::v1::PipelineStage) -> bool {
+        let Ok(moved) = Stage::of(to) else {
+            return false;
+        };
+        let same_stage = moved.head == self.head
+            && moved.index == self.index
+            && moved.count == self.count
+            && moved.first_layer == self.first_layer
+            && moved.layers == self.layers
+            && moved.token == self.token;
+        let (now, then) = (self.next.get(), moved.next.get());
+        if !same_stage || now.is_none() || then.is_none() {
+            return false;
+        }
+        self.next.set(then);
+        true
     }
 }
 
@@ -331,7 +384,7 @@ mod tests {
             count: 2,
             first_layer: 0,
             layers: 40,
-            next: None,
+            next: Hop::new(None),
             token: String::new(),
         };
         let step = Step {

@@ -163,3 +163,76 @@ async fn a_stage_refuses_steps_that_are_not_its_own_kind() {
         .unwrap();
     assert_eq!(r.status(), 401);
 }
+
+#[tokio::test]
+async fn a_head_follows_its_next_stage_to_another_agent_without_a_restart() {
+    // the later stage runs on two agents (it moved from the first to the
+    // second); each counts the steps it took
+    let (first_metrics, second_metrics) =
+        (Arc::new(AgentMetrics::new()), Arc::new(AgentMetrics::new()));
+    let (first, _a) = tail_agent(first_metrics.clone()).await;
+    let (second, _b) = tail_agent(second_metrics.clone()).await;
+    let url =
+        |addr: std::net::SocketAddr| format!("http://{addr}/v1/stages/big@v1-0.stage1/forward");
+    let fleet =
+        Arc::new(SimFleet::new("head", FleetSpec::from_flag("h100-sxm:1").unwrap()).unwrap());
+    let head = ReplicaManager::new(Arc::new(SimulatedFactory {
+        fleet,
+        correction: Arc::new(Correction::default()),
+    }));
+    let assigned = |next_url: String| pb::Assignments {
+        revision: 1,
+        replicas: vec![pb::AssignedReplica {
+            id: "big@v1-0".into(),
+            model: "big".into(),
+            version: "v1".into(),
+            gpu: 0,
+            milli: 1000,
+            memory_mib: 8_000,
+            gpus: vec![0],
+            pipeline: Some(stage_pb(0, &next_url, "tail-token", "")),
+            ..Default::default()
+        }],
+    };
+    let serve = || async {
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+        head.infer(
+            "big@v1-0",
+            chat(2),
+            crate::batcher::Priority::Normal,
+            deadline,
+        )
+        .await
+    };
+    let steps = |m: &AgentMetrics| {
+        m.encode()
+            .lines()
+            .find(|l| {
+                l.starts_with("talon_agent_pipeline_steps_total{replica=\"big@v1-0.stage1\"}")
+            })
+            .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+
+    head.apply(&assigned(url(first))).await;
+    let before = head.executor("big@v1-0").expect("the head runs");
+    serve().await.expect("answered through the first agent");
+    assert_eq!((steps(&first_metrics), steps(&second_metrics)), (3, 0));
+
+    // the next stage moved: the same executor hands its steps to the second
+    head.apply(&assigned(url(second))).await;
+    let after = head.executor("big@v1-0").expect("the head still runs");
+    assert!(Arc::ptr_eq(&before, &after), "the head was restarted");
+    serve().await.expect("answered through the second agent");
+    assert_eq!((steps(&first_metrics), steps(&second_metrics)), (3, 3));
+
+    // anything else changed (here its share of the GPU): a new executor
+    let mut changed = assigned(url(second));
+    changed.replicas[0].milli = 900;
+    head.apply(&changed).await;
+    let restarted = head.executor("big@v1-0").expect("the head runs again");
+    assert!(
+        !Arc::ptr_eq(&after, &restarted),
+        "a changed replica is started anew"
+    );
+}

@@ -189,8 +189,8 @@ impl SimulatedExecutor {
             return Ok(Vec::new());
         };
         let activations = pipeline::activations(input, stage, step);
-        match &stage.next {
-            Some(next) => pipeline::hand_off(&self.hops, next, step, activations).await,
+        match stage.next.get() {
+            Some(next) => pipeline::hand_off(&self.hops, &next, step, activations).await,
             None => Ok(pipeline::next_tokens(&activations, step)),
         }
     }

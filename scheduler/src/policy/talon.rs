@@ -606,7 +606,9 @@ mod tests {
         let scores = |cached: bool| {
             let mut p = Talon::with_cache(tt.clone(), cached);
             p.begin(&st, &d, 0);
-            (0..nodes.len()).map(|i| p.score(&st, i, &d)).collect::<Vec<_>>()
+            (0..nodes.len())
+                .map(|i| p.score(&st, i, &d))
+                .collect::<Vec<_>>()
         };
         let (cached, fresh) = (scores(true), scores(false));
         assert_eq!(cached, fresh);
