@@ -467,14 +467,26 @@ impl State {
         if let Err(why) = replica::pipelines_complete(replicas) {
             return Err(rejected(RejectionKind::Invalid, why));
         }
-        let others = self.replicas.values().filter(|r| r.model != model);
-        if let Some((a, b)) =
-            replica::overlapping_mig_instances(others.chain(replicas), &self.nodes)
-        {
-            return Err(rejected(
-                RejectionKind::Invalid,
-                format!("replica {b}'s MIG slice overlaps replica {a}'s on the same GPU; place it elsewhere"),
-            ));
+        // MIG instances can overlap only on the GPUs where this set places
+        // one (the others were checked when they were placed): no pass over
+        // every replica of the fleet for each model placed
+        let mig_gpus: std::collections::HashSet<(&str, u32)> = replicas
+            .iter()
+            .filter(|r| r.mig_instance().is_some())
+            .map(|r| (r.node_id.as_str(), r.gpu))
+            .collect();
+        if !mig_gpus.is_empty() {
+            let others = self.replicas.values().filter(|r| {
+                mig_gpus.contains(&(r.node_id.as_str(), r.gpu)) && r.model != model
+            });
+            if let Some((a, b)) =
+                replica::overlapping_mig_instances(others.chain(replicas), &self.nodes)
+            {
+                return Err(rejected(
+                    RejectionKind::Invalid,
+                    format!("replica {b}'s MIG slice overlaps replica {a}'s on the same GPU; place it elsewhere"),
+                ));
+            }
         }
         let old: Vec<String> = self
             .replicas

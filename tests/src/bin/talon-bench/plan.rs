@@ -121,7 +121,7 @@ fn apply(state: &mut State, index: &mut u64, command: Command) {
 /// the leader pays every 500 ms).
 pub fn plan_bench(cli: &Cli, nodes: &[usize], rounds: usize) -> anyhow::Result<()> {
     println!(
-        "{:>6} {:>6} {:>7} {:>8} {:>7} {:>12} {:>12} {:>14} {:>12}",
+        "{:>6} {:>6} {:>7} {:>8} {:>7} {:>12} {:>12} {:>14} {:>12} {:>10}",
         "nodes",
         "gpus",
         "models",
@@ -130,7 +130,8 @@ pub fn plan_bench(cli: &Cli, nodes: &[usize], rounds: usize) -> anyhow::Result<(
         "first_ms",
         "steady_ms",
         "steady_us/item",
-        "oracle_ms"
+        "oracle_ms",
+        "apply_ms"
     );
     let mut rows = Vec::new();
     for &n in nodes {
@@ -149,6 +150,9 @@ pub fn plan_bench(cli: &Cli, nodes: &[usize], rounds: usize) -> anyhow::Result<(
             ..Observed::default()
         };
         let mut first_ms = Vec::new();
+        // applying the first plan's commands: what every member's state
+        // machine does with them
+        let mut apply_ms = None;
         let mut converged = false;
         for _ in 0..10 {
             let observed = ready(&state);
@@ -159,10 +163,13 @@ pub fn plan_bench(cli: &Cli, nodes: &[usize], rounds: usize) -> anyhow::Result<(
                 converged = true;
                 break;
             }
+            let t = Instant::now();
             for c in p.commands {
                 apply(&mut state, &mut index, c);
             }
+            apply_ms.get_or_insert(t.elapsed().as_secs_f64() * 1e3);
         }
+        let apply_ms = apply_ms.unwrap_or(0.0);
         anyhow::ensure!(
             converged,
             "the plan for {n} nodes did not converge in 10 rounds"
@@ -194,7 +201,7 @@ pub fn plan_bench(cli: &Cli, nodes: &[usize], rounds: usize) -> anyhow::Result<(
         oracle.sort_by(f64::total_cmp);
         let oracle_ms = oracle[oracle.len() / 2];
         println!(
-            "{n:>6} {gpus:>6} {models:>7} {replicas:>8} {:>7} {:>12.1} {median:>12.2} {per_item:>14.2} {oracle_ms:>12.1}",
+            "{n:>6} {gpus:>6} {models:>7} {replicas:>8} {:>7} {:>12.1} {median:>12.2} {per_item:>14.2} {oracle_ms:>12.1} {apply_ms:>10.1}",
             first_ms.len(),
             first_ms[0],
         );
@@ -203,7 +210,7 @@ pub fn plan_bench(cli: &Cli, nodes: &[usize], rounds: usize) -> anyhow::Result<(
             "rounds_to_converge": first_ms.len(), "first_plan_ms": first_ms[0],
             "steady_plan_ms_median": median, "steady_plan_ms_all": steady,
             "steady_us_per_node_plus_replica": per_item,
-            "autoscale_oracle_ms_median": oracle_ms}),
+            "autoscale_oracle_ms_median": oracle_ms, "first_plan_apply_ms": apply_ms}),
         );
     }
     write_out(cli, "plan.json", json!({"rows": rows}))
