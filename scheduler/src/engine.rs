@@ -321,6 +321,30 @@ pub fn decide(
     decide_among(state, d, policy, opts, |_| true)
 }
 
+/// Node `i`'s score for `d`, as a decision ranks it (`random`: the
+/// policy's random ties, keyed by `seed`).
+pub(crate) fn node_score(
+    state: &ClusterState,
+    i: usize,
+    d: &Demand,
+    policy: &mut dyn Policy,
+    random: bool,
+    seed: u64,
+) -> Score {
+    let PolicyScore {
+        primary,
+        secondary,
+        tertiary,
+    } = policy.score(state, i, d);
+    Score {
+        primary,
+        secondary,
+        tertiary,
+        tie: if random { mix2(seed, i as u64) } else { 0 },
+        node: Reverse(i as NodeId),
+    }
+}
+
 /// Place one demand over the nodes `allowed` accepts.
 pub fn decide_among(
     state: &ClusterState,
@@ -341,18 +365,7 @@ pub fn decide_among(
         };
         match verdict {
             Ok(()) => {
-                let PolicyScore {
-                    primary,
-                    secondary,
-                    tertiary,
-                } = policy.score(state, i, d);
-                let s = Score {
-                    primary,
-                    secondary,
-                    tertiary,
-                    tie: if random { mix2(opts.seed, i as u64) } else { 0 },
-                    node: Reverse(i as NodeId),
-                };
+                let s = node_score(state, i, d, policy, random, opts.seed);
                 if best.is_none_or(|b| s > b) {
                     best = Some(s);
                 }

@@ -86,6 +86,19 @@ pub fn replan(
     policy: &mut dyn Policy,
     seed: u64,
 ) -> Result<Replan, ReplanError> {
+    solve(problem, previous, policy, seed, true)
+}
+
+/// [`replan`]; `runs`: decide a run of like workloads from the scores kept
+/// across it ([`Run`]) where the policy allows, else every decision over
+/// every node (the reference the runs are tested against).
+fn solve(
+    problem: &Problem,
+    previous: &Solution,
+    policy: &mut dyn Policy,
+    seed: u64,
+    runs: bool,
+) -> Result<Replan, ReplanError> {
     let mut state = ClusterState::new(&problem.nodes)?;
     let mut names = std::collections::BTreeSet::new();
     let mut demands = Vec::with_capacity(problem.workloads.len());
@@ -132,6 +145,7 @@ pub fn replan(
     });
     let mut moved = Vec::new();
     let mut unplaced = Vec::new();
+    let mut run: Option<Run> = None;
     for k in pending {
         let w = &problem.workloads[k];
         let opts = DecideOptions {
@@ -140,10 +154,21 @@ pub fn replan(
             explain: false,
         };
         let avoid = problem.avoid.get(&w.name);
-        let dec = decide_among(&state, &demands[k], policy, opts, |i| {
-            avoid.is_none_or(|v| !v.contains(&state.names[i]))
-        });
-        match dec.assignment {
+        let allowed = |i: usize| avoid.is_none_or(|v| !v.contains(&state.names[i]));
+        let assignment = if runs && policy.local_scores(&demands[k]) {
+            if !run
+                .as_ref()
+                .is_some_and(|r| r.demand == demands[k] && same_avoid(r.avoid, avoid))
+            {
+                run = Some(Run::scan(&state, &demands[k], avoid, policy, opts, allowed));
+            }
+            run.as_mut()
+                .and_then(|r| r.pick(&state, &demands[k], policy, opts))
+        } else {
+            run = None;
+            decide_among(&state, &demands[k], policy, opts, allowed).assignment
+        };
+        match assignment {
             Some(a) => {
                 state.apply(&a, &demands[k])?;
                 solution.assignments.insert(w.name.clone(), a);
@@ -192,6 +217,91 @@ pub fn replan(
         kept,
         unplaced,
     })
+}
+
+/// A run of workloads with the same demand and the same nodes to avoid,
+/// placed one after the other under a policy whose scores are local
+/// ([`Policy::local_scores`]): every allowed node that passes the filter is
+/// scored once, into a heap, with the version of the node it was scored
+/// at. A decision takes the best; a node whose version moved since (the
+/// last placement landed there) is scored again and goes back in first.
+/// Same decisions as a scan of every node per workload (a node's score
+/// changes only with its own state), in time linear in nodes plus the
+/// run's length times a logarithm: the reconciler's first plan of a model
+/// with many replicas.
+struct Run<'p> {
+    demand: crate::state::Demand,
+    avoid: Option<&'p Arc<HashSet<String>>>,
+    random: bool,
+    seed: u64,
+    heap: std::collections::BinaryHeap<(crate::engine::Score, u64)>,
+}
+
+impl<'p> Run<'p> {
+    fn scan(
+        state: &ClusterState,
+        d: &crate::state::Demand,
+        avoid: Option<&'p Arc<HashSet<String>>>,
+        policy: &mut dyn Policy,
+        opts: DecideOptions,
+        allowed: impl Fn(usize) -> bool,
+    ) -> Run<'p> {
+        policy.begin(state, d, opts.nonce);
+        let random = policy.random_ties();
+        let heap = (0..state.nodes.len())
+            .filter(|&i| allowed(i) && crate::engine::filter(&state.nodes[i], d).is_ok())
+            .map(|i| {
+                let s = crate::engine::node_score(state, i, d, policy, random, opts.seed);
+                (s, state.nodes[i].version)
+            })
+            .collect();
+        Run {
+            demand: d.clone(),
+            avoid,
+            random,
+            seed: opts.seed,
+            heap,
+        }
+    }
+
+    /// The next workload's place: the best node whose score is current.
+    fn pick(
+        &mut self,
+        state: &ClusterState,
+        d: &crate::state::Demand,
+        policy: &mut dyn Policy,
+        opts: DecideOptions,
+    ) -> Option<Assignment> {
+        policy.begin(state, d, opts.nonce);
+        while let Some((score, version)) = self.heap.pop() {
+            let i = score.node.0 as usize;
+            let n = &state.nodes[i];
+            if n.version == version {
+                // back in, as it was: once the placement lands it is stale
+                // and scored again when it next comes up
+                self.heap.push((score, version));
+                return Some(Assignment {
+                    node: i as crate::types::NodeId,
+                    gpus: policy.assign(state, i, d, opts.nonce),
+                });
+            }
+            if crate::engine::filter(n, d).is_ok() {
+                let again = crate::engine::node_score(state, i, d, policy, self.random, self.seed);
+                self.heap.push((again, n.version));
+            }
+        }
+        None
+    }
+}
+
+/// Whether two workloads avoid the same nodes (the reconciler shares one
+/// set among the replicas of a model).
+fn same_avoid(a: Option<&Arc<HashSet<String>>>, b: Option<&Arc<HashSet<String>>>) -> bool {
+    match (a, b) {
+        (None, None) => true,
+        (Some(a), Some(b)) => Arc::ptr_eq(a, b) || a == b,
+        _ => false,
+    }
 }
 
 fn most_common_reason(c: &[crate::engine::Candidate]) -> String {
@@ -301,6 +411,114 @@ mod tests {
         // kept as it is on a second plan
         let again = replan(&p, &r.solution, &mut pol, 1).unwrap();
         assert_eq!(again.solution.assignments["pipe"], *pipe);
+    }
+
+    /// Runs of like memory asks, decided from kept scores, land exactly
+    /// where a scan of every node per ask puts them: random fleets of cards
+    /// of several memories, models of many replicas (some spread by
+    /// anti-affinity, some kept off nodes), other asks between them.
+    #[test]
+    fn runs_of_like_asks_decide_as_a_scan_of_every_node_does() {
+        use crate::rng::Rng;
+        for seed in 0..12u64 {
+            let mut rng = Rng::new(seed);
+            let nodes: Vec<Node> = (0..40)
+                .map(|i| {
+                    let count = 1 + rng.below(8) as usize;
+                    let (model, mib) = [
+                        ("A100", 81_920),
+                        ("L4", 24_576),
+                        ("H100", 81_920),
+                        ("T4", 16_384),
+                    ][rng.below(4) as usize];
+                    let pcie = rng.below(3) == 0;
+                    Node {
+                        name: format!("n{i}"),
+                        cpu_milli: 64_000,
+                        memory_mib: 1 << 20,
+                        gpus: (0..count)
+                            .map(|g| Gpu {
+                                memory_mib: mib,
+                                nvlink_domain: if pcie { g as u32 } else { 0 },
+                                ..Gpu::new(model)
+                            })
+                            .collect(),
+                        cost_per_hour: 1.0,
+                    }
+                })
+                .collect();
+            let mut workloads = Vec::new();
+            let mut avoid = BTreeMap::new();
+            for m in 0..12 {
+                let mib = [4_000, 12_000, 20_000, 30_000, 70_000][rng.below(5) as usize];
+                let spread = rng.below(3) == 0;
+                let kept_off = (rng.below(3) == 0).then(|| {
+                    Arc::new(
+                        (0..5)
+                            .map(|_| format!("n{}", rng.below(40)))
+                            .collect::<HashSet<_>>(),
+                    )
+                });
+                for r in 0..(2 + rng.below(20)) {
+                    let mut w =
+                        Workload::new(&format!("m{m}-{r}"), 0, 0, GpuRequest::Memory { mib });
+                    if spread {
+                        w.anti_affinity = Some(format!("m{m}"));
+                    }
+                    if let Some(off) = &kept_off {
+                        avoid.insert(w.name.clone(), Arc::clone(off));
+                    }
+                    workloads.push(w);
+                }
+                if rng.below(2) == 0 {
+                    workloads.push(Workload::new(
+                        &format!("g{m}"),
+                        0,
+                        0,
+                        GpuRequest::Whole {
+                            count: 1 + rng.below(2) as u32,
+                        },
+                    ));
+                }
+            }
+            let p = Problem {
+                nodes,
+                workloads,
+                avoid,
+            };
+            let st = ClusterState::new(&p.nodes).unwrap();
+            let typical = crate::policy::talon::talon_typical(
+                vec![crate::frag::TaskShape {
+                    cpu_milli: 0,
+                    milli: 500,
+                    count: 1,
+                    gpu_spec: String::new(),
+                }],
+                &st,
+            );
+            let fast = solve(
+                &p,
+                &Solution::default(),
+                &mut Talon::new(typical.clone()),
+                seed,
+                true,
+            )
+            .unwrap();
+            let scan = solve(
+                &p,
+                &Solution::default(),
+                &mut Talon::new(typical),
+                seed,
+                false,
+            )
+            .unwrap();
+            assert_eq!(fast, scan, "seed {seed}");
+            assert!(
+                fast.moved.len() > 50,
+                "seed {seed}: {} placed",
+                fast.moved.len()
+            );
+        }
     }
 
     #[test]

@@ -476,9 +476,10 @@ impl State {
             .map(|r| (r.node_id.as_str(), r.gpu))
             .collect();
         if !mig_gpus.is_empty() {
-            let others = self.replicas.values().filter(|r| {
-                mig_gpus.contains(&(r.node_id.as_str(), r.gpu)) && r.model != model
-            });
+            let others = self
+                .replicas
+                .values()
+                .filter(|r| mig_gpus.contains(&(r.node_id.as_str(), r.gpu)) && r.model != model);
             if let Some((a, b)) =
                 replica::overlapping_mig_instances(others.chain(replicas), &self.nodes)
             {

@@ -69,6 +69,15 @@ pub trait Policy {
     /// Score a node that passed the filter.
     fn score(&mut self, state: &ClusterState, node: usize, d: &Demand) -> PolicyScore;
 
+    /// Whether a node's score for `d` depends only on that node's state
+    /// and `d` (no term over the whole fleet): then a placement changes
+    /// only the score of the node it lands on, and a run of decisions for
+    /// the same demand can keep the others' scores
+    /// ([`crate::replan::replan`] does).
+    fn local_scores(&self, _d: &Demand) -> bool {
+        false
+    }
+
     /// Choose the GPU slices on the chosen node.
     fn assign(
         &mut self,

@@ -524,6 +524,10 @@ impl Policy for Talon {
         self.cache.begin(state.nodes.len(), d);
         self.update_pressure(state, d);
     }
+    fn local_scores(&self, d: &Demand) -> bool {
+        // memory asks pay no host-pressure charge (the one fleet-wide term)
+        matches!(d.kind, DemandKind::Memory { .. })
+    }
     fn score(&mut self, state: &ClusterState, node: usize, d: &Demand) -> PolicyScore {
         // memoised for memory asks too (the cache's key holds each GPU's
         // memory, which their share depends on); they pay no host-pressure
