@@ -162,8 +162,7 @@ fn solve(
             {
                 run = Some(Run::scan(&state, &demands[k], avoid, policy, opts, allowed));
             }
-            run.as_mut()
-                .and_then(|r| r.pick(&state, &demands[k], policy, opts))
+            run.as_mut().and_then(|r| r.pick(&state, policy, opts))
         } else {
             run = None;
             decide_among(&state, &demands[k], policy, opts, allowed).assignment
@@ -232,8 +231,6 @@ fn solve(
 struct Run<'p> {
     demand: crate::state::Demand,
     avoid: Option<&'p Arc<HashSet<String>>>,
-    random: bool,
-    seed: u64,
     heap: std::collections::BinaryHeap<(crate::engine::Score, u64)>,
 }
 
@@ -258,8 +255,6 @@ impl<'p> Run<'p> {
         Run {
             demand: d.clone(),
             avoid,
-            random,
-            seed: opts.seed,
             heap,
         }
     }
@@ -268,11 +263,12 @@ impl<'p> Run<'p> {
     fn pick(
         &mut self,
         state: &ClusterState,
-        d: &crate::state::Demand,
         policy: &mut dyn Policy,
         opts: DecideOptions,
     ) -> Option<Assignment> {
+        let d = &self.demand;
         policy.begin(state, d, opts.nonce);
+        let random = policy.random_ties();
         while let Some((score, version)) = self.heap.pop() {
             let i = score.node.0 as usize;
             let n = &state.nodes[i];
@@ -286,7 +282,7 @@ impl<'p> Run<'p> {
                 });
             }
             if crate::engine::filter(n, d).is_ok() {
-                let again = crate::engine::node_score(state, i, d, policy, self.random, self.seed);
+                let again = crate::engine::node_score(state, i, d, policy, random, opts.seed);
                 self.heap.push((again, n.version));
             }
         }

@@ -4,10 +4,8 @@
 
 use std::collections::BTreeMap;
 
-use talon_scheduler::capacity::{CapacityOracle, ReplicaOption};
-use talon_scheduler::engine::{decide_among, DecideOptions};
+use talon_scheduler::capacity::{oracle, CapacityOracle, ReplicaOption};
 use talon_scheduler::perf::GpuSpeed;
-use talon_scheduler::policy::best_fit::BestFit;
 use talon_scheduler::types::{GpuRequest, Workload};
 
 use crate::state::{NodeState, State};
@@ -132,17 +130,25 @@ impl FreeMemory {
     }
 }
 
+/// MiB one replica of `model` takes (a whole GPU of the option when the
+/// model is not among those planned).
+fn replica_mib(planned: &BTreeMap<String, u64>, model: &str, option: &ReplicaOption) -> u64 {
+    planned.get(model).copied().unwrap_or(option.gpu_memory_mib)
+}
+
+/// Whether a replica of `mib` MiB on `option` takes a share of one GPU (the
+/// reconciler's memory ask) rather than whole GPUs.
+fn shares_a_gpu(mib: u64, option: &ReplicaOption) -> bool {
+    option.tp <= 1 && mib < option.gpu_memory_mib
+}
+
 impl CapacityOracle for FreeMemory {
     fn try_take(&mut self, model: &str, option: &ReplicaOption) -> bool {
         let Some(devices) = self.by_type.get_mut(&option.gpu_type) else {
             return false;
         };
-        let mib = self
-            .replica_mib
-            .get(model)
-            .copied()
-            .unwrap_or(option.gpu_memory_mib);
-        if option.tp <= 1 && mib < option.gpu_memory_mib {
+        let mib = replica_mib(&self.replica_mib, model, option);
+        if shares_a_gpu(mib, option) {
             // best fit: the fullest GPU it fits on
             let pick = devices
                 .iter_mut()
@@ -208,12 +214,8 @@ impl Placement {
 
 impl CapacityOracle for Placement {
     fn try_take(&mut self, model: &str, option: &ReplicaOption) -> bool {
-        let mib = self
-            .replica_mib
-            .get(model)
-            .copied()
-            .unwrap_or(option.gpu_memory_mib);
-        let request = if option.tp <= 1 && mib < option.gpu_memory_mib {
+        let mib = replica_mib(&self.replica_mib, model, option);
+        let request = if shares_a_gpu(mib, option) {
             GpuRequest::Memory { mib }
         } else {
             GpuRequest::Whole {
@@ -222,22 +224,11 @@ impl CapacityOracle for Placement {
         };
         let mut w = Workload::new(model, 0, 0, request);
         w.gpu_types = vec![option.gpu_type.clone()];
-        let state = &mut self.fleet.state;
-        let Ok(demand) = state.compile(&w) else {
-            return false;
-        };
         let may = self.fleet.eligible.get(model);
-        let decision = decide_among(
-            state,
-            &demand,
-            &mut BestFit,
-            DecideOptions::default(),
-            |i| may.is_none_or(|m| m.get(i).copied().unwrap_or(false)),
-        );
-        match decision.assignment {
-            Some(a) => state.apply(&a, &demand).is_ok(),
-            None => false,
-        }
+        oracle::take(&mut self.fleet.state, &w, |i| {
+            may.is_none_or(|m| m.get(i).copied().unwrap_or(false))
+        })
+        .is_some()
     }
 }
 

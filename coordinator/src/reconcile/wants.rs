@@ -30,7 +30,7 @@ pub(super) fn versions_to_place<'m>(
         let of_model = || placed.iter().copied();
         // a canary below 100 % holds the older versions
         let held = super::inputs::label(model, crate::state::model::CANARY_LABEL)
-            .and_then(|v| v.parse::<u32>().ok())
+            .and_then(|v| crate::state::model::canary_share(v))
             .is_some_and(|p| p < 100);
         let rolled = !held
             && heads.iter().all(|h| placed.iter().any(|r| r.id == *h))

@@ -197,11 +197,12 @@ pub const CANARY_LABEL: &str = "canary-percent";
 
 /// The model's canary share, if its label holds a valid one.
 pub fn canary_percent(labels: &BTreeMap<String, String>) -> Option<u32> {
-    labels
-        .get(CANARY_LABEL)?
-        .parse::<u32>()
-        .ok()
-        .filter(|p| *p <= 100)
+    canary_share(labels.get(CANARY_LABEL)?)
+}
+
+/// A canary share label's value, if it is a valid one (0 to 100).
+pub fn canary_share(value: &str) -> Option<u32> {
+    value.parse::<u32>().ok().filter(|p| *p <= 100)
 }
 
 /// The engine options among a model's labels, keyed without the prefix.

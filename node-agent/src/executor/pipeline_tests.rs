@@ -29,6 +29,24 @@ fn stage_pb(index: u32, next_url: &str, next_token: &str, token: &str) -> pb::Pi
     }
 }
 
+/// The assignment of one stage `id` of `big` on GPU 0 of a node.
+fn assigned(id: &str, stage: pb::PipelineStage) -> pb::Assignments {
+    pb::Assignments {
+        revision: 1,
+        replicas: vec![pb::AssignedReplica {
+            id: id.into(),
+            model: "big".into(),
+            version: "v1".into(),
+            gpu: 0,
+            milli: 1000,
+            memory_mib: 8_000,
+            gpus: vec![0],
+            pipeline: Some(stage),
+            ..Default::default()
+        }],
+    }
+}
+
 /// Runs stage 1 of `big@v1-0` behind an agent router; its address.
 async fn tail_agent(metrics: Arc<AgentMetrics>) -> (std::net::SocketAddr, Arc<ReplicaManager>) {
     let fleet =
@@ -38,20 +56,10 @@ async fn tail_agent(metrics: Arc<AgentMetrics>) -> (std::net::SocketAddr, Arc<Re
         correction: Arc::new(Correction::default()),
     })));
     manager
-        .apply(&pb::Assignments {
-            revision: 1,
-            replicas: vec![pb::AssignedReplica {
-                id: "big@v1-0.stage1".into(),
-                model: "big".into(),
-                version: "v1".into(),
-                gpu: 0,
-                milli: 1000,
-                memory_mib: 8_000,
-                gpus: vec![0],
-                pipeline: Some(stage_pb(1, "", "", "tail-token")),
-                ..Default::default()
-            }],
-        })
+        .apply(&assigned(
+            "big@v1-0.stage1",
+            stage_pb(1, "", "", "tail-token"),
+        ))
         .await;
     let app = crate::serve::router(
         metrics,
@@ -180,20 +188,8 @@ async fn a_head_follows_its_next_stage_to_another_agent_without_a_restart() {
         fleet,
         correction: Arc::new(Correction::default()),
     }));
-    let assigned = |next_url: String| pb::Assignments {
-        revision: 1,
-        replicas: vec![pb::AssignedReplica {
-            id: "big@v1-0".into(),
-            model: "big".into(),
-            version: "v1".into(),
-            gpu: 0,
-            milli: 1000,
-            memory_mib: 8_000,
-            gpus: vec![0],
-            pipeline: Some(stage_pb(0, &next_url, "tail-token", "")),
-            ..Default::default()
-        }],
-    };
+    let assigned =
+        |next_url: String| assigned("big@v1-0", stage_pb(0, &next_url, "tail-token", ""));
     let serve = || async {
         let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
         head.infer(

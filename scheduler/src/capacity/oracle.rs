@@ -29,8 +29,24 @@ pub fn replica_workload(model: &str, option: &ReplicaOption) -> Workload {
 /// Places `option` in `state` and takes its resources; `None` when it does
 /// not fit (or its GPU type is not in the fleet).
 pub fn place(state: &mut ClusterState, model: &str, option: &ReplicaOption) -> Option<Assignment> {
-    let demand = state.compile(&replica_workload(model, option)).ok()?;
-    let decision = engine::decide(state, &demand, &mut BestFit, DecideOptions::default());
+    take(state, &replica_workload(model, option), |_| true)
+}
+
+/// Places `workload` (best fit) on a node `allowed` accepts and takes its
+/// resources; `None` when it fits nowhere (or asks what the fleet lacks).
+pub fn take(
+    state: &mut ClusterState,
+    workload: &Workload,
+    allowed: impl Fn(usize) -> bool,
+) -> Option<Assignment> {
+    let demand = state.compile(workload).ok()?;
+    let decision = engine::decide_among(
+        state,
+        &demand,
+        &mut BestFit,
+        DecideOptions::default(),
+        allowed,
+    );
     let assignment = decision.assignment?;
     state.apply(&assignment, &demand).ok()?;
     Some(assignment)

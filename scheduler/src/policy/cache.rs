@@ -185,7 +185,6 @@ impl<T: Copy> ScoreCache<T> {
         self.key.clear();
         self.key.push(n.cpu_free);
         self.key.push(n.type_mask);
-        let start = self.key.len();
         // type (6 bits), NVLink domain (16), capacity (20), free (20), and
         // the GPU's memory in a word of its own: the multiset of these
         // pairs fixes the node up to a relabelling of GPUs and domains,
@@ -219,7 +218,6 @@ impl<T: Copy> ScoreCache<T> {
             // order matters: mark the key as ordered so it never equals a sorted one
             self.key.push(u64::MAX);
         }
-        debug_assert!(self.key.len() > start || n.gpu_free.is_empty());
         let c = match self.classes.get(self.key.as_slice()) {
             Some(&c) => c,
             None => self.new_class(),

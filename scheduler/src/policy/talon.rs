@@ -533,7 +533,7 @@ impl Policy for Talon {
         // memory, which their share depends on); they pay no host-pressure
         // charge, as before the cache held them
         let mut s = self.base_score(state, node, d);
-        if self.charge && !matches!(d.kind, DemandKind::Memory { .. }) {
+        if self.charge && !self.local_scores(d) {
             s.primary -= self.pressure_charge(node, d);
         }
         s
