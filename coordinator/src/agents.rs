@@ -307,6 +307,9 @@ impl AgentService for AgentSvc {
         let node = request.get_ref().node_id.clone();
         self.as_node(&request, &node)?;
         self.require_leader()?;
+        // a leader restarted in its term first applies its whole log: an
+        // older state would tell the agent to stop replicas it still has
+        self.ctx.past_restart_fence().await?;
         if !self
             .ctx
             .state

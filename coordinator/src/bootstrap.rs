@@ -114,7 +114,7 @@ pub async fn first_admin(ctx: Arc<AdminContext>, mut stop: tokio::sync::watch::R
         if ctx.cluster_secret().is_some() {
             return;
         }
-        if ctx.is_leader() {
+        if ctx.leads() {
             match admin_key_from(&path) {
                 Ok((credential, made)) => {
                     let id = credential.id.clone();

@@ -17,7 +17,7 @@ use crate::network::Faults;
 use crate::proposer::ProposeError;
 use crate::raft_types::{NodeId, Raft};
 use crate::state::{self, Command, Permission};
-use crate::store::{LogStore, SharedState};
+use crate::store::{LogStore, RestartFence, SharedState};
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {
@@ -37,6 +37,9 @@ pub struct AdminContext {
     /// Which nodes each applied entry concerns (assignment watches).
     pub changes: Arc<crate::store::ChangeFeed>,
     pub log: LogStore,
+    /// Holds a leader restarted in its own term until it has applied its
+    /// whole log again ([`crate::store::RestartFence`]).
+    pub fence: RestartFence,
     pub metrics: Arc<Metrics>,
     pub faults: Arc<Faults>,
     pub config: Config,
@@ -128,6 +131,34 @@ impl AdminContext {
     /// Whether this node is the leader now.
     pub fn is_leader(&self) -> bool {
         self.raft.metrics().borrow().current_leader == Some(self.id)
+    }
+
+    /// Whether this node leads with its whole log applied: what the
+    /// leader's control loops ask before they plan or write from the state
+    /// (a leader restarted in its own term may hold an older one at first).
+    pub fn leads(&self) -> bool {
+        let watch = self.raft.metrics();
+        let metrics = watch.borrow();
+        metrics.current_leader == Some(self.id) && self.fence.pending(&metrics).is_none()
+    }
+
+    /// Waits, within the write timeout, until the restart fence no longer
+    /// holds this leader: called after openraft confirmed a read index.
+    pub async fn past_restart_fence(&self) -> Result<(), AdminError> {
+        let pending = self.fence.pending(&self.raft.metrics().borrow());
+        let Some(index) = pending else {
+            return Ok(());
+        };
+        let timeout = Duration::from_millis(self.config.write_timeout_ms);
+        self.raft
+            .wait(Some(timeout))
+            .applied_index_at_least(Some(index), "the log held at restart applied")
+            .await
+            .map(|_| ())
+            .map_err(|e| AdminError::CatchingUp {
+                index,
+                reason: e.to_string(),
+            })
     }
 
     /// Proposes a command on this node (the leader) and waits until it is

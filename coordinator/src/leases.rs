@@ -28,7 +28,7 @@ pub async fn run(ctx: Arc<AdminContext>, mut stop: tokio::sync::watch::Receiver<
             _ = tick.tick() => {}
             _ = stop.changed() => return,
         }
-        if !ctx.is_leader() {
+        if !ctx.leads() {
             leader_since = None;
             continue;
         }
@@ -104,7 +104,7 @@ pub async fn run_reconciler(
             _ = tick.tick() => {}
             _ = stop.changed() => return,
         }
-        if !ctx.is_leader() {
+        if !ctx.leads() {
             continue;
         }
         // plan on a copy of what planning reads, off the state lock

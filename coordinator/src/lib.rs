@@ -66,7 +66,7 @@ use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::network::{Faults, Network, RaftRpcService, MAX_MESSAGE_BYTES};
 use crate::raft_types::Raft;
-use crate::store::{DataDir, LogStore, StateMachineStore};
+use crate::store::{DataDir, LogStore, RestartFence, StateMachineStore};
 
 /// Runs a coordinator until `shutdown` resolves.
 ///
@@ -100,7 +100,10 @@ pub async fn run(
     };
     let dir = DataDir::open(&config.data_dir, config.node_id)?;
     let metrics = Arc::new(Metrics::new());
-    let log = LogStore::new(dir.clone());
+    let mut log = LogStore::new(dir.clone());
+    let fence = RestartFence::load(&mut log, config.node_id)
+        .await
+        .context("reading the saved vote and log")?;
     let sm = StateMachineStore::open(dir.clone(), metrics.clone())
         .context("loading the state machine")?;
     let state = sm.shared();
@@ -139,6 +142,7 @@ pub async fn run(
         state,
         changes,
         log,
+        fence,
         metrics: metrics.clone(),
         faults: faults.clone(),
         config: config.clone(),

@@ -33,7 +33,7 @@ pub async fn run(ctx: Arc<AdminContext>, mut stop: tokio::sync::watch::Receiver<
             _ = tokio::time::sleep(Duration::from_secs(10)) => {}
             _ = stop.wait_for(|s| *s) => return,
         }
-        if !ctx.is_leader() {
+        if !ctx.leads() {
             continue;
         }
         let cut = {

@@ -25,17 +25,14 @@ pub fn bin_dir() -> PathBuf {
                 .expect("target/<profile>/deps/<exe>")
                 .to_path_buf();
             let cargo = option_env!("CARGO").unwrap_or("cargo");
+            // The same packages and targets `cargo test --workspace` builds
+            // (every member, dev-dependencies on), so features resolve the
+            // same and the binaries link the dependencies that build already
+            // made: building only the three binary packages resolves other
+            // features and compiles some fifty crates a second time (minutes
+            // and gigabytes on a fresh machine).
             let status = Command::new(cargo)
-                .args([
-                    "build",
-                    "-p",
-                    "talon-coordinator",
-                    "-p",
-                    "talon-client",
-                    "-p",
-                    "talon-node-agent",
-                    "--bins",
-                ])
+                .args(["build", "--workspace", "--bins", "--tests"])
                 .current_dir(env!("CARGO_MANIFEST_DIR"))
                 .status()
                 .expect("run cargo build for the binaries");

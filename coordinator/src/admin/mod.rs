@@ -146,7 +146,8 @@ impl Admin {
                     }
                 }
                 other => AdminError::Internal(other.to_string()),
-            })
+            })?;
+        self.ctx.past_restart_fence().await
     }
 }
 

@@ -198,7 +198,7 @@ pub async fn run(ctx: Arc<AdminContext>, mut stop: tokio::sync::watch::Receiver<
             _ = tick.tick() => {}
             _ = stop.changed() => return,
         }
-        if !ctx.is_leader() {
+        if !ctx.leads() {
             ctx.autoscale.clear();
             continue;
         }

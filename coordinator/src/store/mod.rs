@@ -26,6 +26,7 @@
 
 pub mod codec;
 mod feed;
+mod fence;
 #[cfg(test)]
 mod format_tests;
 mod log_store;
@@ -39,6 +40,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 pub use feed::ChangeFeed;
+pub use fence::RestartFence;
 pub use log_store::LogStore;
 #[cfg(any(test, feature = "fuzzing"))]
 pub use migrate::fuzz_one_value as fuzz_migrate_value;
@@ -178,8 +180,11 @@ impl DataDir {
         };
         // The log's database needs no background flusher: every append,
         // vote, truncation and purge point is flushed before it is
-        // reported done (and the committed index is only a hint openraft
-        // corrects). The state's is flushed in the background.
+        // reported done. The committed index is saved unflushed and the
+        // state is flushed in the background, so either may be older than
+        // the log after a crash: openraft applies the log again, and a
+        // leader restored in its own term serves no linearizable read and
+        // leads no loop until it has (`fence::RestartFence`).
         let db = open_db(&path.join("db"), None).map_err(corrupt)?;
         let state = open_db(&path.join("state"), Some(500)).map_err(corrupt)?;
         let meta = db.open_tree("meta").map_err(corrupt)?;
