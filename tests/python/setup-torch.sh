@@ -27,7 +27,8 @@ from pip._vendor.packaging.requirements import Requirement
 for line in requires("torch") or []:
     r = Requirement(line)
     if r.name.lower() != "triton" and (r.marker is None or r.marker.evaluate({"extra": ""})):
-        print(f"{r.name}{r.specifier}")
+        r.marker = None
+        print(r)  # name, extras (cuda-toolkit's pick the CUDA libraries) and version
 PY
 )
     "${pip[@]}" "${needs[@]}" 'transformers==5.25.0' 'tokenizers==0.23.3' \
