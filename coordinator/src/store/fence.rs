@@ -67,12 +67,15 @@ impl RestartFence {
             return None;
         }
         let (id, term, index) = self.held?;
+        // A later term means a leader elected since, whose first entry comes
+        // after this log. (An earlier one is only the metrics before Raft
+        // has started: they must not open the fence.)
         let applied = metrics.last_applied.map(|l| l.index);
-        if metrics.current_term != term || applied >= Some(index) {
+        if metrics.current_term > term || (metrics.current_term == term && applied >= Some(index)) {
             self.open.store(true, Ordering::Release);
             return None;
         }
-        (metrics.current_leader == Some(id)).then_some(index)
+        (metrics.current_leader == Some(id) && metrics.current_term == term).then_some(index)
     }
 }
 
@@ -135,6 +138,15 @@ mod tests {
         let fence = fence_of(Some(vote), 7).await;
         assert_eq!(fence.pending(&metrics(4, Some(1), Some(4))), None);
         assert_eq!(fence.pending(&metrics(3, Some(1), Some(4))), None);
+    }
+
+    #[tokio::test]
+    async fn the_metrics_before_raft_starts_leave_the_fence_closed() {
+        let mut vote = Vote::new(3, 1);
+        vote.commit();
+        let fence = fence_of(Some(vote), 7).await;
+        assert_eq!(fence.pending(&RaftMetrics::new_initial(1)), None);
+        assert_eq!(fence.pending(&metrics(3, Some(1), Some(4))), Some(7));
     }
 
     #[tokio::test]
