@@ -307,9 +307,10 @@ impl AgentService for AgentSvc {
         let node = request.get_ref().node_id.clone();
         self.as_node(&request, &node)?;
         self.require_leader()?;
-        // a leader restarted in its term first applies its whole log: an
+        // a leader just elected or restarted first applies its log: an
         // older state would tell the agent to stop replicas it still has
-        self.ctx.past_restart_fence().await?;
+        self.ctx.caught_up().await?;
+        self.require_leader()?;
         if !self
             .ctx
             .state

@@ -39,7 +39,7 @@ pub struct AdminContext {
     pub log: LogStore,
     /// Holds a leader restarted in its own term until it has applied its
     /// whole log again ([`crate::store::RestartFence`]).
-    pub fence: RestartFence,
+    pub fence: Arc<RestartFence>,
     pub metrics: Arc<Metrics>,
     pub faults: Arc<Faults>,
     pub config: Config,
@@ -133,31 +133,36 @@ impl AdminContext {
         self.raft.metrics().borrow().current_leader == Some(self.id)
     }
 
-    /// Whether this node leads with its whole log applied: what the
-    /// leader's control loops ask before they plan or write from the state
-    /// (a leader restarted in its own term may hold an older one at first).
+    /// Whether this node leads with a state it may act on
+    /// ([`RestartFence::leads`]): what the leader's control loops ask before
+    /// they plan or write from the state. A leader just elected, or
+    /// restarted in its own term, may hold an older state at first.
     pub fn leads(&self) -> bool {
-        let watch = self.raft.metrics();
-        let metrics = watch.borrow();
-        metrics.current_leader == Some(self.id) && self.fence.pending(&metrics).is_none()
+        self.fence.leads(self.id, &self.raft.metrics().borrow())
     }
 
-    /// Waits, within the write timeout, until the restart fence no longer
-    /// holds this leader: called after openraft confirmed a read index.
-    pub async fn past_restart_fence(&self) -> Result<(), AdminError> {
-        let pending = self.fence.pending(&self.raft.metrics().borrow());
-        let Some(index) = pending else {
-            return Ok(());
-        };
+    /// Waits, within the write timeout, until this node leads with a state
+    /// it may act on ([`leads`](Self::leads)) or no longer leads; the
+    /// caller checks which.
+    pub async fn caught_up(&self) -> Result<(), AdminError> {
         let timeout = Duration::from_millis(self.config.write_timeout_ms);
         self.raft
             .wait(Some(timeout))
-            .applied_index_at_least(Some(index), "the log held at restart applied")
+            .metrics(
+                |m| m.current_leader != Some(self.id) || self.fence.leads(self.id, m),
+                "the leader to apply its log",
+            )
             .await
             .map(|_| ())
-            .map_err(|e| AdminError::CatchingUp {
-                index,
-                reason: e.to_string(),
+            .map_err(|e| {
+                let m = self.raft.metrics().borrow().clone();
+                AdminError::CatchingUp {
+                    index: self
+                        .fence
+                        .pending(&m)
+                        .unwrap_or(m.last_log_index.unwrap_or(0)),
+                    reason: e.to_string(),
+                }
             })
     }
 

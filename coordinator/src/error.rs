@@ -23,8 +23,9 @@ pub enum AdminError {
     /// The write was proposed but not confirmed in time; it may still commit.
     #[error("write not confirmed within {timeout_ms} ms (the cluster may have lost its quorum); its outcome is unknown: it may still commit, so check with a linearizable read before retrying")]
     Timeout { timeout_ms: u64 },
-    /// A leader restarted in its own term has not applied its log again.
-    #[error("this leader restarted and has not yet applied its log up to index {index} ({reason}); retry shortly")]
+    /// A leader just elected, or restarted in its own term, has not yet
+    /// applied its log.
+    #[error("this coordinator has just become leader and has not yet applied its log up to index {index} ({reason}); retry shortly")]
     CatchingUp { index: u64, reason: String },
     #[error("{0}")]
     FailedPrecondition(String),

@@ -101,9 +101,11 @@ pub async fn run(
     let dir = DataDir::open(&config.data_dir, config.node_id)?;
     let metrics = Arc::new(Metrics::new());
     let mut log = LogStore::new(dir.clone());
-    let fence = RestartFence::load(&mut log, config.node_id)
-        .await
-        .context("reading the saved vote and log")?;
+    let fence = Arc::new(
+        RestartFence::load(&mut log, config.node_id)
+            .await
+            .context("reading the saved vote and log")?,
+    );
     let sm = StateMachineStore::open(dir.clone(), metrics.clone())
         .context("loading the state machine")?;
     let state = sm.shared();
@@ -142,7 +144,7 @@ pub async fn run(
         state,
         changes,
         log,
-        fence,
+        fence: fence.clone(),
         metrics: metrics.clone(),
         faults: faults.clone(),
         config: config.clone(),
@@ -202,6 +204,7 @@ pub async fn run(
     };
     let leader_parts = network::LeaderServices {
         state: ctx.state.clone(),
+        fence: ctx.fence.clone(),
         ledger: ctx.quota.clone(),
         demand: ctx.demand.clone(),
     };

@@ -206,6 +206,9 @@ pub struct RaftRpcService {
 #[derive(Clone)]
 pub struct LeaderServices {
     pub state: SharedState,
+    /// Quota is served from the state only once it is caught up
+    /// ([`crate::store::RestartFence::leads`]).
+    pub fence: Arc<crate::store::RestartFence>,
     pub ledger: Arc<Ledger>,
     pub demand: Arc<ClusterDemand>,
 }
@@ -234,6 +237,12 @@ impl RaftRpcService {
         let m = metrics.borrow();
         if m.current_leader != Some(m.id) {
             return Err("this coordinator is not the leader (any more)".into());
+        }
+        if !parts.fence.leads(m.id, &m) {
+            return Err(
+                "this coordinator has just become leader and is applying its log; retry shortly"
+                    .into(),
+            );
         }
         Ok(parts)
     }

@@ -147,7 +147,14 @@ impl Admin {
                 }
                 other => AdminError::Internal(other.to_string()),
             })?;
-        self.ctx.past_restart_fence().await
+        // openraft's read index covers a leader elected in a new term; a
+        // leader restarted in its own term waits for the restart fence
+        self.ctx.caught_up().await?;
+        if !self.ctx.leads() {
+            let (_, leader_addr) = self.ctx.leader();
+            return Err(AdminError::NotLeader { leader_addr });
+        }
+        Ok(())
     }
 }
 

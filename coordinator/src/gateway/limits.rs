@@ -260,7 +260,7 @@ impl Limiter {
     /// else to the leader's Raft port.
     async fn call(&self, request: QuotaRequest) -> Result<QuotaReply, GwError> {
         let now_ms = crate::context::now_ms();
-        if self.ctx.is_leader() {
+        if self.ctx.leads() {
             let applied = self.ctx.state.read().expect("state lock poisoned");
             return Ok(self.ctx.quota.serve(&applied.state, request, now_ms));
         }

@@ -15,7 +15,9 @@
 //! without truncating (every committed entry is in the leader's log).
 //!
 //! A leader elected after the restart needs no fence: its first entry comes
-//! after its whole log, and openraft's read index already covers it.
+//! after its whole log, and openraft's read index already covers it. Its
+//! loops, assignment watches and quota, which have no read index, wait for
+//! that entry to be applied ([`RestartFence::leads`]).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -57,6 +59,19 @@ impl RestartFence {
             }
             _ => RestartFence::open(),
         })
+    }
+
+    /// Whether node `id` leads with a state it may act on: it leads, has
+    /// applied an entry of its own term (a new leader's first entry: every
+    /// earlier commit is then applied) and the fence does not hold it.
+    /// What the leader's loops, assignment watches and quota ask; a
+    /// linearizable read has openraft's read index for the first part.
+    pub fn leads(&self, id: NodeId, metrics: &RaftMetrics<NodeId, Node>) -> bool {
+        metrics.current_leader == Some(id)
+            && metrics
+                .last_applied
+                .is_some_and(|l| l.leader_id.term == metrics.current_term)
+            && self.pending(metrics).is_none()
     }
 
     /// The log index this node must apply before it reads linearizably or
@@ -138,6 +153,20 @@ mod tests {
         let fence = fence_of(Some(vote), 7).await;
         assert_eq!(fence.pending(&metrics(4, Some(1), Some(4))), None);
         assert_eq!(fence.pending(&metrics(3, Some(1), Some(4))), None);
+    }
+
+    #[test]
+    fn a_new_leader_leads_once_it_has_applied_an_entry_of_its_term() {
+        let fence = RestartFence::open();
+        let mut m = metrics(4, Some(1), Some(9));
+        // elected in term 4, the last applied entry still of term 3
+        m.last_applied = Some(LogId::new(CommittedLeaderId::new(3, 2), 9));
+        assert!(!fence.leads(1, &m));
+        m.last_applied = Some(LogId::new(CommittedLeaderId::new(4, 1), 10));
+        assert!(fence.leads(1, &m));
+        assert!(!fence.leads(2, &m), "another node's leadership");
+        m.current_leader = None;
+        assert!(!fence.leads(1, &m));
     }
 
     #[tokio::test]

@@ -405,6 +405,10 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             .map_err(|e| StorageIOError::read_snapshot(signature.clone(), any(e)))?;
         incoming.last_applied = meta.last_log_id;
         incoming.membership = meta.last_membership.clone();
+        // the received bytes are kept as the current snapshot, then let go
+        // of before the records are encoded again
+        self.save_snapshot(meta, &data)?;
+        drop(data);
 
         let mut batch = sled::Batch::default();
         for item in self.dir.sm.iter() {
@@ -421,8 +425,6 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             codec::encode(&incoming.membership).map_err(write_err)?,
         );
         self.dir.sm.apply_batch(batch).map_err(write_err)?;
-
-        self.save_snapshot(meta, &data)?;
         self.dir
             .state
             .flush_async()
