@@ -458,12 +458,7 @@ async fn a_cluster_killed_right_after_writes_reads_them_linearizably_after_resta
     // The leader alone: it comes back leading its term at once, and a
     // linearizable read waits there for a quorum.
     cluster.node(leader).start();
-    let restarted = cluster
-        .nodes
-        .iter()
-        .find(|n| n.id == leader)
-        .expect("leader")
-        .client();
+    let restarted = cluster.node(leader).client();
     wait_for(
         "the leader restored in its term",
         Duration::from_secs(30),
@@ -474,12 +469,7 @@ async fn a_cluster_killed_right_after_writes_reads_them_linearizably_after_resta
     )
     .await;
     let reads = {
-        let restarted = cluster
-            .nodes
-            .iter()
-            .find(|n| n.id == leader)
-            .expect("leader")
-            .client();
+        let restarted = cluster.node(leader).client();
         tokio::spawn(async move {
             let mut seen: Vec<BTreeSet<String>> = Vec::new();
             let deadline = std::time::Instant::now() + Duration::from_secs(60);
