@@ -1,10 +1,11 @@
 //! Linearizability under faults: concurrent clients write, compare-and-set
 //! and read registers (a label on a model each) through the SDK while a
-//! nemesis kills leaders, pauses them with SIGSTOP, partitions the
-//! coordinators — real partitions between network namespaces — and steps
-//! their wall clocks minutes forward and back (libfaketime). Every
-//! history is recorded with real times and checked with the WGL checker;
-//! probes pinned to the cut-off side check that a minority never commits.
+//! nemesis kills leaders, crashes the whole cluster, pauses leaders with
+//! SIGSTOP, partitions the coordinators — real partitions between network
+//! namespaces — and steps their wall clocks minutes forward and back
+//! (libfaketime). Every history is recorded with real times and checked
+//! with the WGL checker; probes pinned to the cut-off side check that a
+//! minority never commits.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -172,6 +173,8 @@ async fn minority_probe(
 #[derive(Default, Debug)]
 struct Faults {
     kills: u32,
+    /// Every member killed within milliseconds, then all restarted.
+    crashes: u32,
     pauses: u32,
     partitions: u32,
     /// Wall-clock steps of one member (forward or back, seconds to
@@ -317,6 +320,34 @@ impl Run {
             self.cluster.caught_up(v).await.expect("caught up");
         }
         self.faults.kills += victims.len() as u32;
+    }
+
+    /// SIGKILL every member within milliseconds, the leader last (so that
+    /// it comes back leading its own term, with a state machine that was
+    /// not flushed), restart the old leader first and then the rest; the
+    /// clients keep going throughout.
+    async fn crash_all(&mut self) {
+        let leader = self.leader().await;
+        for i in self.all().into_iter().filter(|&i| i != leader) {
+            self.cluster.kill(i);
+        }
+        self.cluster.kill(leader);
+        self.cluster.restart(leader).expect("restart");
+        // it leads again at once, alone; the clients' reads reach it
+        // while the others start
+        self.cluster
+            .leader_among(&[leader], Duration::from_secs(30))
+            .await
+            .expect("the old leader restored");
+        for i in self.all().into_iter().filter(|&i| i != leader) {
+            self.cluster.restart(i).expect("restart");
+        }
+        self.leader().await;
+        progress(&self.rec, 10, "progress after a whole-cluster crash").await;
+        for i in self.all() {
+            self.cluster.caught_up(i).await.expect("caught up");
+        }
+        self.faults.crashes += 1;
     }
 
     /// Steps `member`'s wall clock to `offset_s` seconds off the real
@@ -495,7 +526,8 @@ async fn histories_stay_linearizable_through_kills_pauses_and_partitions() {
         let offset = (((round * 7919) % 1201) as i64 - 600) | 1;
         run.skew(skewed, offset);
         // A cycle of nine: four leader kills, two partitions that cut the
-        // leader off, two that cut a follower off, one pause.
+        // leader off, two that cut a follower off, and a pause or (every
+        // other cycle) a crash of the whole cluster.
         match round % 9 {
             0 | 2 | 4 | 6 => run.kill_leader().await,
             1 | 5 => {
@@ -507,6 +539,7 @@ async fn histories_stay_linearizable_through_kills_pauses_and_partitions() {
                 let leader = run.leader().await;
                 run.partition(&[(leader + 1 + round % 2) % 3]).await
             }
+            _ if (round / 9) % 2 == 1 => run.crash_all().await,
             _ => run.pause_leader().await,
         }
         round += 1;
@@ -524,6 +557,7 @@ async fn histories_stay_linearizable_through_kills_pauses_and_partitions() {
     assert_eq!(faults.minority_commits, 0, "a minority committed a write");
     assert!(faults.kills >= 20 && faults.partitions >= 20, "{faults:?}");
     assert!(faults.skews >= 20, "{faults:?}");
+    assert!(faults.crashes >= 2, "{faults:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
