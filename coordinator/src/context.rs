@@ -145,6 +145,9 @@ impl AdminContext {
     /// it may act on ([`leads`](Self::leads)) or no longer leads; the
     /// caller checks which.
     pub async fn caught_up(&self) -> Result<(), AdminError> {
+        if self.leads() {
+            return Ok(());
+        }
         let timeout = Duration::from_millis(self.config.write_timeout_ms);
         self.raft
             .wait(Some(timeout))
