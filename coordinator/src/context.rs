@@ -38,7 +38,8 @@ pub struct AdminContext {
     pub changes: Arc<crate::store::ChangeFeed>,
     pub log: LogStore,
     /// Holds a leader restarted in its own term until it has applied its
-    /// whole log again ([`crate::store::RestartFence`]).
+    /// whole log again, and says when a leader may act on its state
+    /// ([`RestartFence::leads`]).
     pub fence: Arc<RestartFence>,
     pub metrics: Arc<Metrics>,
     pub faults: Arc<Faults>,

@@ -471,16 +471,21 @@ async fn a_cluster_killed_right_after_writes_reads_them_linearizably_after_resta
     let reads = {
         let restarted = cluster.node(leader).client();
         tokio::spawn(async move {
-            let mut seen: Vec<BTreeSet<String>> = Vec::new();
-            let deadline = std::time::Instant::now() + Duration::from_secs(60);
-            while seen.len() < 3 && std::time::Instant::now() < deadline {
-                match restarted.list_models(true).await {
-                    Ok(models) => seen.push(models.into_iter().map(|m| m.name).collect()),
-                    // no quorum yet: answered at once, so back off a little
-                    Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
-                }
-            }
-            seen
+            let seen = Mutex::new(Vec::<BTreeSet<String>>::new());
+            // no quorum yet: answered at once, and polled again
+            wait_for(
+                "three linearizable reads after the restart",
+                Duration::from_secs(60),
+                || async {
+                    if let Ok(models) = restarted.list_models(true).await {
+                        let mut seen = seen.lock().unwrap();
+                        seen.push(models.into_iter().map(|m| m.name).collect());
+                    }
+                    (seen.lock().unwrap().len() >= 3).then_some(())
+                },
+            )
+            .await;
+            seen.into_inner().unwrap()
         })
     };
     for id in &followers {
