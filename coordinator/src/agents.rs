@@ -131,7 +131,7 @@ fn stage_of(
             .map(|secret| crate::auth::stage_token(&secret, id))
             .unwrap_or_default()
     };
-    let next = state.replicas.values().find(|n| {
+    let next = state.replicas.of_model(&r.model).find(|n| {
         n.pipeline
             .as_ref()
             .is_some_and(|q| q.head == p.head && q.index == p.index + 1)

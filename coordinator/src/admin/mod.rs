@@ -490,11 +490,12 @@ impl AdminService for Admin {
             .authorize_grpc(&request, Permission::Read, "replica list")?;
         let model = &request.get_ref().model;
         let applied = self.ctx.state.read().expect("state lock poisoned");
-        let replicas = applied
-            .state
-            .replicas
-            .values()
-            .filter(|r| model.is_empty() || r.model == *model)
+        let listed: Box<dyn Iterator<Item = &crate::state::Replica>> = if model.is_empty() {
+            Box::new(applied.state.replicas.values())
+        } else {
+            Box::new(applied.state.replicas.of_model(model))
+        };
+        let replicas = listed
             .map(|r| pb::Replica {
                 id: r.id.clone(),
                 model: r.model.clone(),

@@ -145,8 +145,8 @@ fn placed_and_ready(
     };
     let heads: Vec<_> = state
         .replicas
-        .values()
-        .filter(|r| r.model == model.name && r.version == newest.version && r.takes_requests())
+        .of_model(&model.name)
+        .filter(|r| r.version == newest.version && r.takes_requests())
         .collect();
     let ready: Vec<_> = heads
         .iter()

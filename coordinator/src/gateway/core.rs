@@ -299,8 +299,7 @@ impl Gateway {
         let of_model: Vec<&crate::state::Replica> = applied
             .state
             .replicas
-            .values()
-            .filter(|r| r.model == model)
+            .of_model(model)
             .collect();
         // a pipeline takes requests at its first stage, when every stage is
         // ready

@@ -24,9 +24,12 @@ use crate::state::State;
 pub fn replica_price(state: &State, replica: &str) -> (f64, f64) {
     let mut price = 0.0;
     let mut gpus = 0.0;
+    let Some(head) = state.replicas.get(replica) else {
+        return (price, gpus);
+    };
     for r in state
         .replicas
-        .values()
+        .of_model(&head.model)
         .filter(|r| r.id == replica || r.pipeline.as_ref().is_some_and(|p| p.head == replica))
     {
         let Some(node) = state.nodes.get(&r.node_id) else {

@@ -264,8 +264,7 @@ impl State {
         let mut changes = vec![Change::Node(node_id.to_string())];
         let replicas: Vec<String> = self
             .replicas
-            .values()
-            .filter(|r| r.node_id == node_id)
+            .on_node(node_id)
             .map(|r| r.id.clone())
             .collect();
         for id in &replicas {

@@ -17,6 +17,7 @@ pub mod model;
 pub mod node;
 mod registry;
 pub mod replica;
+mod replica_set;
 mod tenancy;
 pub mod tenant;
 
@@ -32,6 +33,7 @@ pub use credential::{Credential, Permission, Role};
 pub use model::{Model, ModelSpec, ModelVersion};
 pub use node::{NodeInventory, NodeRecord, NodeState, Scheduling};
 pub use replica::{PipelineStage, Replica};
+pub use replica_set::ReplicaSet;
 pub use tenant::{
     ContentFilter, FilterAction, KeyPolicy, Limits, Priority, Tenancy, Tenant, Usage, UsageKey,
 };
@@ -45,9 +47,9 @@ pub struct State {
     /// (encoded exactly as the records themselves).
     pub nodes: BTreeMap<String, std::sync::Arc<NodeRecord>>,
     pub audit: BTreeMap<u64, AuditEntry>,
-    /// Placed replicas by id.
+    /// Placed replicas by id (indexed by model and by node).
     #[serde(default)]
-    pub replicas: BTreeMap<String, Replica>,
+    pub replicas: ReplicaSet,
     /// Credentials by id (hashes only).
     #[serde(default)]
     pub credentials: BTreeMap<String, Credential>,
@@ -476,9 +478,11 @@ impl State {
             .map(|r| (r.node_id.as_str(), r.gpu))
             .collect();
         if !mig_gpus.is_empty() {
-            let others = self
-                .replicas
-                .values()
+            let nodes: std::collections::BTreeSet<&str> =
+                mig_gpus.iter().map(|(node, _)| *node).collect();
+            let others = nodes
+                .into_iter()
+                .flat_map(|node| self.replicas.on_node(node))
                 .filter(|r| mig_gpus.contains(&(r.node_id.as_str(), r.gpu)) && r.model != model);
             if let Some((a, b)) =
                 replica::overlapping_mig_instances(others.chain(replicas), &self.nodes)
@@ -491,8 +495,7 @@ impl State {
         }
         let old: Vec<String> = self
             .replicas
-            .values()
-            .filter(|r| r.model == model)
+            .of_model(model)
             .map(|r| r.id.clone())
             .collect();
         let mut changes: Vec<Change> = old.iter().map(|id| Change::Replica(id.clone())).collect();
