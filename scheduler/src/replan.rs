@@ -89,15 +89,15 @@ pub fn replan(
     solve(problem, previous, policy, seed, true)
 }
 
-/// [`replan`]; `runs`: decide a run of like workloads from the scores kept
-/// across it ([`Run`]) where the policy allows, else every decision over
+/// [`replan`]; `use_runs`: decide like workloads from the scores kept
+/// across them ([`Runs`]) where the policy allows, else every decision over
 /// every node (the reference the runs are tested against).
 fn solve(
     problem: &Problem,
     previous: &Solution,
     policy: &mut dyn Policy,
     seed: u64,
-    runs: bool,
+    use_runs: bool,
 ) -> Result<Replan, ReplanError> {
     let mut state = ClusterState::new(&problem.nodes)?;
     let mut names = std::collections::BTreeSet::new();
@@ -145,7 +145,7 @@ fn solve(
     });
     let mut moved = Vec::new();
     let mut unplaced = Vec::new();
-    let mut run: Option<Run> = None;
+    let mut runs = Runs::default();
     for k in pending {
         let w = &problem.workloads[k];
         let opts = DecideOptions {
@@ -155,21 +155,15 @@ fn solve(
         };
         let avoid = problem.avoid.get(&w.name);
         let allowed = |i: usize| avoid.is_none_or(|v| !v.contains(&state.names[i]));
-        let assignment = if runs && policy.local_scores(&demands[k]) {
-            if !run
-                .as_ref()
-                .is_some_and(|r| r.demand == demands[k] && same_avoid(r.avoid, avoid))
-            {
-                run = Some(Run::scan(&state, &demands[k], avoid, policy, opts, allowed));
-            }
-            run.as_mut().and_then(|r| r.pick(&state, policy, opts))
+        let assignment = if use_runs && policy.local_scores(&demands[k]) {
+            runs.pick(&state, &demands[k], avoid, policy, opts, allowed)
         } else {
-            run = None;
             decide_among(&state, &demands[k], policy, opts, allowed).assignment
         };
         match assignment {
             Some(a) => {
                 state.apply(&a, &demands[k])?;
+                runs.placed(a.node as usize);
                 solution.assignments.insert(w.name.clone(), a);
                 moved.push(w.name.clone());
             }
@@ -218,20 +212,103 @@ fn solve(
     })
 }
 
-/// A run of workloads with the same demand and the same nodes to avoid,
-/// placed one after the other under a policy whose scores are local
-/// ([`Policy::local_scores`]): every allowed node that passes the filter is
-/// scored once, into a heap, with the version of the node it was scored
-/// at. A decision takes the best; a node whose version moved since (the
-/// last placement landed there) is scored again and goes back in first.
-/// Same decisions as a scan of every node per workload (a node's score
-/// changes only with its own state), in time linear in nodes plus the
-/// run's length times a logarithm: the reconciler's first plan of a model
-/// with many replicas.
+/// Scores kept across the workloads of one shape (a demand but for its
+/// anti-affinity group) that avoid the same nodes, placed under a policy
+/// whose scores are local ([`Policy::local_scores`]): every allowed node
+/// that passes the shape's filter is scored once, into a heap, with the
+/// version of the node it was scored at. Before a decision, the nodes that
+/// placements changed since the run last decided (its own and every other
+/// workload's) are scored again and pushed anew; an entry older than its
+/// node's newest is dropped when it comes up. A decision takes the best
+/// entry. A node that already holds the group being placed is set aside
+/// while that group's workloads follow one another, and goes back when
+/// another group's turn comes. Same decisions as a scan of every node per
+/// workload (a node's score changes only with its own state, and phase 2
+/// only ever takes capacity, so a node that fails the shape's filter never
+/// passes it again), in time linear in nodes per shape plus placements
+/// times a logarithm: the reconciler's first plan of a fleet of models of
+/// a few sizes, or of a model of many replicas.
 struct Run<'p> {
-    demand: crate::state::Demand,
+    shape: crate::state::Demand,
     avoid: Option<&'p Arc<HashSet<String>>>,
     heap: std::collections::BinaryHeap<(crate::engine::Score, u64)>,
+    /// Per node, the version of its newest entry ([`GONE`]: none).
+    newest: Vec<u64>,
+    /// Entries of nodes that hold `group`, out of the heap while it is
+    /// the group placed.
+    aside: Vec<(crate::engine::Score, u64)>,
+    group: Option<u64>,
+    /// How much of [`Runs::touched`] it has scored again.
+    seen: usize,
+    /// When it last served a pick (for keeping the most recent runs).
+    used: u64,
+}
+
+/// Node versions are never 0; an entry-less node is marked with it.
+const GONE: u64 = 0;
+
+/// The runs kept during one plan, the most recently used ones, and the
+/// nodes every placement of the plan landed on, in order.
+#[derive(Default)]
+struct Runs<'p> {
+    runs: Vec<Run<'p>>,
+    touched: Vec<usize>,
+    clock: u64,
+}
+
+/// Runs kept at once: a plan's pending workloads come largest first, so
+/// the workloads of one shape mostly follow one another.
+const KEPT_RUNS: usize = 8;
+
+impl<'p> Runs<'p> {
+    /// A placement landed on `node` (whatever decided it).
+    fn placed(&mut self, node: usize) {
+        if !self.runs.is_empty() {
+            self.touched.push(node);
+        }
+    }
+
+    fn pick(
+        &mut self,
+        state: &ClusterState,
+        d: &crate::state::Demand,
+        avoid: Option<&'p Arc<HashSet<String>>>,
+        policy: &mut dyn Policy,
+        opts: DecideOptions,
+        allowed: impl Fn(usize) -> bool,
+    ) -> Option<Assignment> {
+        self.clock += 1;
+        let found = self
+            .runs
+            .iter()
+            .position(|r| same_shape(&r.shape, d) && same_avoid(r.avoid, avoid));
+        let at = match found {
+            Some(at) => at,
+            None => {
+                if self.runs.len() >= KEPT_RUNS {
+                    let oldest = (0..self.runs.len())
+                        .min_by_key(|&i| self.runs[i].used)
+                        .unwrap_or(0);
+                    self.runs.swap_remove(oldest);
+                }
+                let run = Run::scan(state, d, avoid, policy, opts, allowed, self.touched.len());
+                self.runs.push(run);
+                self.runs.len() - 1
+            }
+        };
+        let run = &mut self.runs[at];
+        run.used = self.clock;
+        run.pick(state, d, &self.touched, policy, opts)
+    }
+}
+
+/// Whether two demands are alike but for their anti-affinity group.
+fn same_shape(a: &crate::state::Demand, b: &crate::state::Demand) -> bool {
+    a.cpu_milli == b.cpu_milli
+        && a.memory_mib == b.memory_mib
+        && a.kind == b.kind
+        && a.type_mask == b.type_mask
+        && a.any_domain == b.any_domain
 }
 
 impl<'p> Run<'p> {
@@ -242,49 +319,87 @@ impl<'p> Run<'p> {
         policy: &mut dyn Policy,
         opts: DecideOptions,
         allowed: impl Fn(usize) -> bool,
+        seen: usize,
     ) -> Run<'p> {
-        policy.begin(state, d, opts.nonce);
+        let shape = crate::state::Demand {
+            group: None,
+            ..d.clone()
+        };
+        policy.begin(state, &shape, opts.nonce);
         let random = policy.random_ties();
+        let mut newest = vec![GONE; state.nodes.len()];
         let heap = (0..state.nodes.len())
-            .filter(|&i| allowed(i) && crate::engine::filter(&state.nodes[i], d).is_ok())
+            .filter(|&i| allowed(i) && crate::engine::filter(&state.nodes[i], &shape).is_ok())
             .map(|i| {
-                let s = crate::engine::node_score(state, i, d, policy, random, opts.seed);
+                let s = crate::engine::node_score(state, i, &shape, policy, random, opts.seed);
+                newest[i] = state.nodes[i].version;
                 (s, state.nodes[i].version)
             })
             .collect();
         Run {
-            demand: d.clone(),
+            shape,
             avoid,
             heap,
+            newest,
+            aside: Vec::new(),
+            group: None,
+            seen,
+            used: 0,
         }
     }
 
-    /// The next workload's place: the best node whose score is current.
+    /// The place of the next workload (`d`: this run's shape, with its
+    /// group): the best node, scored at its current version, that does not
+    /// hold the group.
     fn pick(
         &mut self,
         state: &ClusterState,
+        d: &crate::state::Demand,
+        touched: &[usize],
         policy: &mut dyn Policy,
         opts: DecideOptions,
     ) -> Option<Assignment> {
-        let d = &self.demand;
-        policy.begin(state, d, opts.nonce);
+        if self.group != d.group {
+            self.heap.extend(self.aside.drain(..));
+            self.group = d.group;
+        }
+        policy.begin(state, &self.shape, opts.nonce);
         let random = policy.random_ties();
+        for &i in &touched[self.seen..] {
+            let n = &state.nodes[i];
+            // a node without an entry failed the filter (or is not
+            // allowed) and cannot come back
+            if self.newest[i] == GONE || self.newest[i] == n.version {
+                continue;
+            }
+            if crate::engine::filter(n, &self.shape).is_ok() {
+                let again =
+                    crate::engine::node_score(state, i, &self.shape, policy, random, opts.seed);
+                self.heap.push((again, n.version));
+                self.newest[i] = n.version;
+            } else {
+                self.newest[i] = GONE;
+            }
+        }
+        self.seen = touched.len();
         while let Some((score, version)) = self.heap.pop() {
             let i = score.node.0 as usize;
-            let n = &state.nodes[i];
-            if n.version == version {
-                // back in, as it was: once the placement lands it is stale
-                // and scored again when it next comes up
-                self.heap.push((score, version));
-                return Some(Assignment {
-                    node: i as crate::types::NodeId,
-                    gpus: policy.assign(state, i, d, opts.nonce),
-                });
+            if self.newest[i] != version {
+                continue; // superseded
             }
-            if crate::engine::filter(n, d).is_ok() {
-                let again = crate::engine::node_score(state, i, d, policy, random, opts.seed);
-                self.heap.push((again, n.version));
+            if d.group.is_some() && crate::engine::filter(&state.nodes[i], d).is_err() {
+                // passes the shape's filter at this version: the group is
+                // what it fails
+                self.aside.push((score, version));
+                continue;
             }
+            // back in, as it was: the placement makes it stale, and the
+            // next pick scores it again
+            self.heap.push((score, version));
+            return Some(Assignment {
+                node: i as crate::types::NodeId,
+                gpus: policy.assign(state, i, d, opts.nonce),
+            });
         }
         None
     }
@@ -409,10 +524,11 @@ mod tests {
         assert_eq!(again.solution.assignments["pipe"], *pipe);
     }
 
-    /// Runs of like memory asks, decided from kept scores, land exactly
-    /// where a scan of every node per ask puts them: random fleets of cards
-    /// of several memories, models of many replicas (some spread by
-    /// anti-affinity, some kept off nodes), other asks between them.
+    /// Like memory asks, decided from kept scores, land exactly where a
+    /// scan of every node per ask puts them: random fleets of cards of
+    /// several memories, models of many replicas and of a few sizes (some
+    /// spread by anti-affinity, some kept off nodes by a selection that
+    /// other models share), other asks between them.
     #[test]
     fn runs_of_like_asks_decide_as_a_scan_of_every_node_does() {
         use crate::rng::Rng;
@@ -445,16 +561,22 @@ mod tests {
                 .collect();
             let mut workloads = Vec::new();
             let mut avoid = BTreeMap::new();
-            for m in 0..12 {
-                let mib = [4_000, 12_000, 20_000, 30_000, 70_000][rng.below(5) as usize];
-                let spread = rng.below(3) == 0;
-                let kept_off = (rng.below(3) == 0).then(|| {
+            // node selections shared by several models, as the reconciler
+            // shares one set per selector
+            let selections: Vec<Arc<HashSet<String>>> = (0..2)
+                .map(|_| {
                     Arc::new(
                         (0..5)
                             .map(|_| format!("n{}", rng.below(40)))
                             .collect::<HashSet<_>>(),
                     )
-                });
+                })
+                .collect();
+            for m in 0..16 {
+                let mib = [4_000, 12_000, 20_000, 30_000, 70_000][rng.below(5) as usize];
+                let spread = rng.below(2) == 0;
+                let kept_off =
+                    (rng.below(3) == 0).then(|| Arc::clone(&selections[rng.below(2) as usize]));
                 for r in 0..(2 + rng.below(20)) {
                     let mut w =
                         Workload::new(&format!("m{m}-{r}"), 0, 0, GpuRequest::Memory { mib });

@@ -296,11 +296,8 @@ impl Gateway {
         let leader = self.ctx.is_leader();
         let mut found = Vec::new();
         let mut states = Vec::new();
-        let of_model: Vec<&crate::state::Replica> = applied
-            .state
-            .replicas
-            .of_model(model)
-            .collect();
+        let of_model: Vec<&crate::state::Replica> =
+            applied.state.replicas.of_model(model).collect();
         // a pipeline takes requests at its first stage, when every stage is
         // ready
         for r in of_model.iter().filter(|r| r.takes_requests()) {
