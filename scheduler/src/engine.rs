@@ -331,11 +331,17 @@ pub(crate) fn node_score(
     random: bool,
     seed: u64,
 ) -> Score {
+    ranked(policy.score(state, i, d), i, random, seed)
+}
+
+/// Node `i`'s [`Score`] from its policy's score: the random tie key where
+/// the policy breaks ties at random, then the lower node id.
+pub(crate) fn ranked(p: PolicyScore, i: usize, random: bool, seed: u64) -> Score {
     let PolicyScore {
         primary,
         secondary,
         tertiary,
-    } = policy.score(state, i, d);
+    } = p;
     Score {
         primary,
         secondary,

@@ -155,7 +155,8 @@ fn solve(
         };
         let avoid = problem.avoid.get(&w.name);
         let allowed = |i: usize| avoid.is_none_or(|v| !v.contains(&state.names[i]));
-        let assignment = if use_runs && policy.local_scores(&demands[k]) {
+        let keeps = policy.local_scores(&demands[k]) || policy.charged_by_class(&demands[k]);
+        let assignment = if use_runs && keeps {
             runs.pick(&state, &demands[k], avoid, policy, opts, allowed)
         } else {
             decide_among(&state, &demands[k], policy, opts, allowed).assignment
@@ -213,28 +214,36 @@ fn solve(
 }
 
 /// Scores kept across the workloads of one shape (a demand but for its
-/// anti-affinity group) that avoid the same nodes, placed under a policy
-/// whose scores are local ([`Policy::local_scores`]): every allowed node
-/// that passes the shape's filter is scored once, into a heap, with the
-/// version of the node it was scored at. Before a decision, the nodes that
+/// anti-affinity group) that avoid the same nodes, for a policy whose
+/// scores are local, or local but for a charge per class of node
+/// ([`Policy::charged_by_class`]): every allowed node that passes the
+/// shape's filter is scored once, into its class's heap, with the version
+/// of the node it was scored at. Before a decision, the nodes that
 /// placements changed since the run last decided (its own and every other
 /// workload's) are scored again and pushed anew; an entry older than its
-/// node's newest is dropped when it comes up. A decision takes the best
-/// entry. A node that already holds the group being placed is set aside
-/// while that group's workloads follow one another, and goes back when
-/// another group's turn comes. Same decisions as a scan of every node per
-/// workload (a node's score changes only with its own state, and phase 2
-/// only ever takes capacity, so a node that fails the shape's filter never
-/// passes it again), in time linear in nodes per shape plus placements
-/// times a logarithm: the reconciler's first plan of a fleet of models of
-/// a few sizes, or of a model of many replicas.
+/// node's newest is dropped when it comes up. A decision takes the best of
+/// the classes' best entries, each less its class's charge now. A node
+/// that already holds the group being placed is set aside while that
+/// group's workloads follow one another, and goes back when another
+/// group's turn comes. Same decisions as a scan of every node per workload
+/// (a node's local score changes only with its own state, a charge is the
+/// same for a whole class, and phase 2 only ever takes capacity, so a node
+/// that fails the shape's filter never passes it again), in time linear in
+/// nodes per shape plus placements times the classes and a logarithm: the
+/// reconciler's first plan of a fleet of models of a few sizes, or of a
+/// model of many replicas.
 struct Run<'p> {
     shape: crate::state::Demand,
     avoid: Option<&'p Arc<HashSet<String>>>,
-    heap: std::collections::BinaryHeap<(crate::engine::Score, u64)>,
-    /// Per node, the version of its newest entry ([`GONE`]: none).
+    /// Whether the classes pay charges (else one heap, no charge).
+    charged: bool,
+    /// Per class of node, the kept scores (without the charge).
+    heaps: Vec<std::collections::BinaryHeap<(crate::engine::Score, u64)>>,
+    /// Per node, its class and the version of its newest entry ([`GONE`]:
+    /// none).
+    class: Vec<u32>,
     newest: Vec<u64>,
-    /// Entries of nodes that hold `group`, out of the heap while it is
+    /// Entries of nodes that hold `group`, out of the heaps while it is
     /// the group placed.
     aside: Vec<(crate::engine::Score, u64)>,
     group: Option<u64>,
@@ -268,6 +277,7 @@ impl<'p> Runs<'p> {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn pick(
         &mut self,
         state: &ClusterState,
@@ -326,31 +336,57 @@ impl<'p> Run<'p> {
             ..d.clone()
         };
         policy.begin(state, &shape, opts.nonce);
-        let random = policy.random_ties();
-        let mut newest = vec![GONE; state.nodes.len()];
-        let heap = (0..state.nodes.len())
-            .filter(|&i| allowed(i) && crate::engine::filter(&state.nodes[i], &shape).is_ok())
-            .map(|i| {
-                let s = crate::engine::node_score(state, i, &shape, policy, random, opts.seed);
-                newest[i] = state.nodes[i].version;
-                (s, state.nodes[i].version)
-            })
-            .collect();
-        Run {
+        let charged = !policy.local_scores(&shape);
+        let mut run = Run {
             shape,
             avoid,
-            heap,
-            newest,
+            charged,
+            heaps: Vec::new(),
+            class: vec![0; state.nodes.len()],
+            newest: vec![GONE; state.nodes.len()],
             aside: Vec::new(),
             group: None,
             seen,
             used: 0,
+        };
+        let random = policy.random_ties();
+        for i in 0..state.nodes.len() {
+            if charged {
+                run.class[i] = policy.node_class(i) as u32;
+            }
+            if allowed(i) && crate::engine::filter(&state.nodes[i], &run.shape).is_ok() {
+                run.push(state, i, policy, random, opts.seed);
+            }
         }
+        run
+    }
+
+    /// Scores node `i` at its current version, into its class's heap.
+    fn push(
+        &mut self,
+        state: &ClusterState,
+        i: usize,
+        policy: &mut dyn Policy,
+        random: bool,
+        seed: u64,
+    ) {
+        let local = if self.charged {
+            policy.local_score(state, i, &self.shape)
+        } else {
+            policy.score(state, i, &self.shape)
+        };
+        let c = self.class[i] as usize;
+        if self.heaps.len() <= c {
+            self.heaps.resize_with(c + 1, Default::default);
+        }
+        let version = state.nodes[i].version;
+        self.heaps[c].push((crate::engine::ranked(local, i, random, seed), version));
+        self.newest[i] = version;
     }
 
     /// The place of the next workload (`d`: this run's shape, with its
-    /// group): the best node, scored at its current version, that does not
-    /// hold the group.
+    /// group): the best node, scored at its current version and charged
+    /// its class's charge now, that does not hold the group.
     fn pick(
         &mut self,
         state: &ClusterState,
@@ -360,7 +396,10 @@ impl<'p> Run<'p> {
         opts: DecideOptions,
     ) -> Option<Assignment> {
         if self.group != d.group {
-            self.heap.extend(self.aside.drain(..));
+            for (score, version) in std::mem::take(&mut self.aside) {
+                let c = self.class[score.node.0 as usize] as usize;
+                self.heaps[c].push((score, version));
+            }
             self.group = d.group;
         }
         policy.begin(state, &self.shape, opts.nonce);
@@ -373,35 +412,45 @@ impl<'p> Run<'p> {
                 continue;
             }
             if crate::engine::filter(n, &self.shape).is_ok() {
-                let again =
-                    crate::engine::node_score(state, i, &self.shape, policy, random, opts.seed);
-                self.heap.push((again, n.version));
-                self.newest[i] = n.version;
+                self.push(state, i, policy, random, opts.seed);
             } else {
                 self.newest[i] = GONE;
             }
         }
         self.seen = touched.len();
-        while let Some((score, version)) = self.heap.pop() {
-            let i = score.node.0 as usize;
-            if self.newest[i] != version {
-                continue; // superseded
+        // each class's best current entry, less the class's charge
+        let mut best: Option<crate::engine::Score> = None;
+        for c in 0..self.heaps.len() {
+            while let Some(&(score, version)) = self.heaps[c].peek() {
+                let i = score.node.0 as usize;
+                if self.newest[i] != version {
+                    self.heaps[c].pop(); // superseded
+                    continue;
+                }
+                if d.group.is_some() && crate::engine::filter(&state.nodes[i], d).is_err() {
+                    // passes the shape's filter at this version: the group
+                    // is what it fails
+                    self.heaps[c].pop();
+                    self.aside.push((score, version));
+                    continue;
+                }
+                let charged = crate::engine::Score {
+                    primary: score.primary - policy.class_charge(c, &self.shape),
+                    ..score
+                };
+                if best.is_none_or(|b| charged > b) {
+                    best = Some(charged);
+                }
+                break;
             }
-            if d.group.is_some() && crate::engine::filter(&state.nodes[i], d).is_err() {
-                // passes the shape's filter at this version: the group is
-                // what it fails
-                self.aside.push((score, version));
-                continue;
-            }
-            // back in, as it was: the placement makes it stale, and the
-            // next pick scores it again
-            self.heap.push((score, version));
-            return Some(Assignment {
-                node: i as crate::types::NodeId,
-                gpus: policy.assign(state, i, d, opts.nonce),
-            });
         }
-        None
+        // the entry stays in: the placement makes it stale, and the next
+        // pick scores it again
+        let i = best?.node.0 as usize;
+        Some(Assignment {
+            node: i as crate::types::NodeId,
+            gpus: policy.assign(state, i, d, opts.nonce),
+        })
     }
 }
 
@@ -546,7 +595,7 @@ mod tests {
                     let pcie = rng.below(3) == 0;
                     Node {
                         name: format!("n{i}"),
-                        cpu_milli: 64_000,
+                        cpu_milli: [32_000, 64_000][rng.below(2) as usize],
                         memory_mib: 1 << 20,
                         gpus: (0..count)
                             .map(|g| Gpu {
@@ -588,13 +637,14 @@ mod tests {
                     }
                     workloads.push(w);
                 }
-                if rng.below(2) == 0 {
+                // gangs of one, two and four GPUs, several of each
+                for g in 0..rng.below(4) {
                     workloads.push(Workload::new(
-                        &format!("g{m}"),
-                        0,
+                        &format!("g{m}-{g}"),
+                        4_000,
                         0,
                         GpuRequest::Whole {
-                            count: 1 + rng.below(2) as u32,
+                            count: [1, 2, 4][rng.below(3) as usize],
                         },
                     ));
                 }
@@ -606,12 +656,28 @@ mod tests {
             };
             let st = ClusterState::new(&p.nodes).unwrap();
             let typical = crate::policy::talon::talon_typical(
-                vec![crate::frag::TaskShape {
-                    cpu_milli: 0,
-                    milli: 500,
-                    count: 1,
-                    gpu_spec: String::new(),
-                }],
+                // gangs of four and CPU-heavy tasks only some nodes can
+                // host: the gangs pay a host-pressure charge per class
+                vec![
+                    crate::frag::TaskShape {
+                        cpu_milli: 0,
+                        milli: 500,
+                        count: 1,
+                        gpu_spec: String::new(),
+                    },
+                    crate::frag::TaskShape {
+                        cpu_milli: 16_000,
+                        milli: 1000,
+                        count: 4,
+                        gpu_spec: String::new(),
+                    },
+                    crate::frag::TaskShape {
+                        cpu_milli: 40_000,
+                        milli: 1000,
+                        count: 1,
+                        gpu_spec: String::new(),
+                    },
+                ],
                 &st,
             );
             let fast = solve(

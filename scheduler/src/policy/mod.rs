@@ -78,6 +78,33 @@ pub trait Policy {
         false
     }
 
+    /// Whether a node's score for `d` is a local part
+    /// ([`Policy::local_score`]: the node's state and `d` only) less a
+    /// charge that depends only on the node's class
+    /// ([`Policy::node_class`], fixed for a state, and
+    /// [`Policy::class_charge`], valid after [`Policy::begin`]). Then the
+    /// local parts kept per class still find the best node after any
+    /// placement (the charges are added when the classes' best compete).
+    fn charged_by_class(&self, _d: &Demand) -> bool {
+        false
+    }
+
+    /// The score without the class's charge (see
+    /// [`Policy::charged_by_class`]).
+    fn local_score(&mut self, state: &ClusterState, node: usize, d: &Demand) -> PolicyScore {
+        self.score(state, node, d)
+    }
+
+    /// The class whose charge `node` pays.
+    fn node_class(&self, _node: usize) -> usize {
+        0
+    }
+
+    /// What a node of `class` pays for `d` in this decision.
+    fn class_charge(&self, _class: usize, _d: &Demand) -> i64 {
+        0
+    }
+
     /// Choose the GPU slices on the chosen node.
     fn assign(
         &mut self,

@@ -465,7 +465,14 @@ impl Talon {
         let Some(h) = self.hosts.as_ref() else {
             return 0;
         };
-        let c = h.class_of[node] as usize;
+        self.charge_of_class(h.class_of[node] as usize, d)
+    }
+
+    /// The charge for `d` landing on a node of host class `c`.
+    fn charge_of_class(&self, c: usize, d: &Demand) -> i64 {
+        let Some(h) = self.hosts.as_ref() else {
+            return 0;
+        };
         let p = h.gpu_pressure.get(c).copied().unwrap_or(0.0);
         let q = h.cpu_pressure.get(c).copied().unwrap_or(0.0);
         let taken = p * d.total_milli() as f64 + q * d.cpu_milli as f64 * h.gpu_per_cpu;
@@ -527,6 +534,27 @@ impl Policy for Talon {
     fn local_scores(&self, d: &Demand) -> bool {
         // memory asks pay no host-pressure charge (the one fleet-wide term)
         matches!(d.kind, DemandKind::Memory { .. })
+    }
+    fn charged_by_class(&self, _d: &Demand) -> bool {
+        // every score is the memoised base less the host-pressure charge
+        // of the node's class (none for memory asks)
+        true
+    }
+    fn local_score(&mut self, state: &ClusterState, node: usize, d: &Demand) -> PolicyScore {
+        self.base_score(state, node, d)
+    }
+    fn node_class(&self, node: usize) -> usize {
+        self.hosts
+            .as_ref()
+            .and_then(|h| h.class_of.get(node))
+            .map_or(0, |&c| c as usize)
+    }
+    fn class_charge(&self, class: usize, d: &Demand) -> i64 {
+        if self.charge && !self.local_scores(d) {
+            self.charge_of_class(class, d)
+        } else {
+            0
+        }
     }
     fn score(&mut self, state: &ClusterState, node: usize, d: &Demand) -> PolicyScore {
         // memoised for memory asks too (the cache's key holds each GPU's
