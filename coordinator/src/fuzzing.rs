@@ -44,6 +44,13 @@ pub fn raft_rpc(data: &[u8]) {
     let _ = codec::decode::<crate::quota::QuotaRequest>(data);
     let _ = codec::decode::<Result<crate::quota::QuotaReply, String>>(data);
     let _ = codec::decode::<Result<usize, String>>(data);
+    let _ = codec::decode::<crate::autoscale::carry::HistoryRequest>(data);
+    if let Ok(Ok(page)) =
+        codec::decode::<Result<crate::autoscale::carry::HistoryPage, String>>(data)
+    {
+        // what a follower does with the leader's page: checked, kept
+        let _ = crate::autoscale::Autoscale::default().inherit(page);
+    }
     if let Ok(report) = codec::decode::<crate::autoscale::demand::DemandReport>(data) {
         // what the leader does with it: validated, kept, taken, summed
         let demand = crate::autoscale::demand::ClusterDemand::default();

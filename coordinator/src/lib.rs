@@ -207,6 +207,7 @@ pub async fn run(
         fence: ctx.fence.clone(),
         ledger: ctx.quota.clone(),
         demand: ctx.demand.clone(),
+        autoscale: ctx.autoscale.clone(),
     };
     let raft_service = || {
         RaftServiceServer::new(RaftRpcService::new(
@@ -283,6 +284,14 @@ pub async fn run(
             autoscale::demand::run_reporter(ctx.clone(), traffic.clone(), stop.clone())
         }))
     };
+    let carry_task = {
+        let (ctx, stop) = (ctx.clone(), stop_rx.clone());
+        tokio::spawn(supervise(
+            "forecast carry puller",
+            stop_rx.clone(),
+            move || autoscale::carry::run_puller(ctx.clone(), stop.clone()),
+        ))
+    };
     let dashboard = dashboard::router(ctx.clone(), gateway.traffic().clone(), stop_rx.clone());
     let app = http::router(metrics, raft.clone(), gauges)
         .merge(dashboard)
@@ -325,6 +334,7 @@ pub async fn run(
     reconciler_task.abort();
     autoscale_task.abort();
     demand_task.abort();
+    carry_task.abort();
     retention_task.abort();
     recorder_task.abort();
     limits_task.abort();

@@ -29,6 +29,7 @@ use talon_proto::v1::RaftPayload;
 use tonic::transport::Channel;
 
 use crate::admin::AdminContext;
+use crate::autoscale::carry::{HistoryPage, HistoryRequest};
 use crate::autoscale::demand::{ClusterDemand, DemandReport};
 use crate::quota::{Ledger, QuotaReply, QuotaRequest};
 use crate::raft_types::{Node, NodeId, Raft, TypeConfig};
@@ -211,6 +212,7 @@ pub struct LeaderServices {
     pub fence: Arc<crate::store::RestartFence>,
     pub ledger: Arc<Ledger>,
     pub demand: Arc<ClusterDemand>,
+    pub autoscale: Arc<crate::autoscale::Autoscale>,
 }
 
 impl RaftRpcService {
@@ -334,6 +336,23 @@ impl RaftService for RaftRpcService {
         });
         reply(&result)
     }
+
+    async fn history(
+        &self,
+        request: tonic::Request<RaftPayload>,
+    ) -> Result<tonic::Response<RaftPayload>, tonic::Status> {
+        let rpc: HistoryRequest = self.decode(request)?;
+        let result: Result<HistoryPage, String> = self.leading().and_then(|parts| {
+            if rpc.after.len() > 256 {
+                return Err(format!(
+                    "a history request starts after a name of {} bytes; model names have at most 256",
+                    rpc.after.len()
+                ));
+            }
+            Ok(parts.autoscale.page(&rpc.after))
+        });
+        reply(&result)
+    }
 }
 
 /// Which of the leader's calls beside Raft.
@@ -341,6 +360,7 @@ impl RaftService for RaftRpcService {
 pub enum LeaderCall {
     Quota,
     Demand,
+    History,
 }
 
 /// A client of the leader's Raft port for the calls beside Raft
@@ -383,6 +403,7 @@ impl LeaderPort {
         let answered = match which {
             LeaderCall::Quota => client.quota(call).await,
             LeaderCall::Demand => client.demand(call).await,
+            LeaderCall::History => client.history(call).await,
         };
         let reply =
             answered.map_err(|s| format!("the leader at {addr} answered {}", s.message()))?;

@@ -8,10 +8,13 @@
 //! Demand is what every coordinator's gateway served, added up on the
 //! leader ([`demand`]), with how many requests met the model's SLO: the
 //! attainment over the last plans teaches the planner how far to trust the
-//! performance model ([`Trust`]). Desired counts and trust live in the
-//! leader's memory: a new leader starts from the replicas placed.
+//! performance model ([`Trust`]). Desired counts live in the leader's
+//! memory: a new leader starts from the replicas placed. The forecast's
+//! history, token mix and trust go on across a change of leader: the other
+//! coordinators keep the leader's latest [`carry`] of each model.
 
 pub mod capacity;
+pub mod carry;
 pub mod demand;
 pub mod settings;
 mod status;
@@ -47,6 +50,11 @@ struct ModelState {
     settings: Settings,
     next_plan: Instant,
     status: ModelStatus,
+    /// The last second of demand taken into the series.
+    taken_upto: u64,
+    /// The last second the carry this leader went on from holds: demand
+    /// up to it is not taken again.
+    carried_upto: u64,
 }
 
 /// The leader's autoscaling state, shared with the reconciler and the
@@ -54,9 +62,64 @@ struct ModelState {
 #[derive(Default)]
 pub struct Autoscale {
     models: Mutex<BTreeMap<String, ModelState>>,
+    /// The last leader's carries, kept while this coordinator does not
+    /// lead; taken when it starts to.
+    inherited: Mutex<BTreeMap<String, carry::Carry>>,
 }
 
 impl Autoscale {
+    /// A page of this leader's carries: the autoscaled models after
+    /// `after`, in name order, within the page's bounds.
+    pub fn page(&self, after: &str) -> carry::HistoryPage {
+        use std::ops::Bound::{Excluded, Unbounded};
+        let models = self.models.lock().expect("autoscale lock poisoned");
+        let mut page = carry::HistoryPage::default();
+        let mut buckets = 0;
+        for (name, m) in models.range::<str, _>((Excluded(after), Unbounded)) {
+            if !m.status.enabled {
+                continue;
+            }
+            let (first_bucket, counts) = m.series.history();
+            if page.carries.len() == carry::PAGE_MODELS
+                || (!page.carries.is_empty() && buckets + counts.len() > carry::PAGE_BUCKETS)
+            {
+                page.more = true;
+                break;
+            }
+            buckets += counts.len();
+            page.carries.push(carry::Carry {
+                model: name.clone(),
+                bucket_s: m.series.settings().bucket_secs,
+                first_bucket,
+                counts,
+                taken_upto: m.taken_upto,
+                mix: m.series.mix().collect(),
+                trust: m.trust.factor,
+            });
+        }
+        page
+    }
+
+    /// Keeps a page of the leader's carries (checked first; a bad page
+    /// changes nothing).
+    pub fn inherit(&self, page: carry::HistoryPage) -> Result<(), String> {
+        page.validate()?;
+        let mut inherited = self.inherited.lock().expect("autoscale lock poisoned");
+        for c in page.carries {
+            inherited.insert(c.model.clone(), c);
+        }
+        Ok(())
+    }
+
+    /// The models whose carry this coordinator holds, with its buckets.
+    pub fn inherited(&self) -> BTreeMap<String, usize> {
+        let inherited = self.inherited.lock().expect("autoscale lock poisoned");
+        inherited
+            .iter()
+            .map(|(k, c)| (k.clone(), c.counts.len()))
+            .collect()
+    }
+
     /// Desired replicas per autoscaled model.
     pub fn desired(&self) -> BTreeMap<String, u32> {
         let models = self.models.lock().expect("autoscale lock poisoned");
@@ -135,7 +198,7 @@ impl ModelState {
 /// (from its placement's commit, so an upper bound by a second) to `load`.
 fn placed_and_ready(
     state: &State,
-    ctx: &AdminContext,
+    ctx: &Parts,
     model: &crate::state::Model,
     load: &mut LoadTime,
     wall_ms: u64,
@@ -213,6 +276,22 @@ pub async fn run(ctx: Arc<AdminContext>, mut stop: tokio::sync::watch::Receiver<
 /// One pass over every model: the seconds of demand that settled
 /// ([`demand::SETTLE_S`]) go into each model's series, once each.
 pub fn step(ctx: &AdminContext, state: &State, now: Instant, wall: SystemTime) {
+    let parts = Parts {
+        autoscale: &ctx.autoscale,
+        demand: &ctx.demand,
+        telemetry: &ctx.telemetry,
+    };
+    step_with(&parts, state, now, wall)
+}
+
+/// What a pass reads and writes of the leader's context.
+struct Parts<'a> {
+    autoscale: &'a Autoscale,
+    demand: &'a demand::ClusterDemand,
+    telemetry: &'a crate::telemetry::TelemetryStore,
+}
+
+fn step_with(ctx: &Parts, state: &State, now: Instant, wall: SystemTime) {
     let settled = (unix_s(wall) as u64).saturating_sub(demand::SETTLE_S);
     let mut models = ctx
         .autoscale
@@ -220,6 +299,12 @@ pub fn step(ctx: &AdminContext, state: &State, now: Instant, wall: SystemTime) {
         .lock()
         .expect("autoscale lock poisoned");
     models.retain(|name, _| state.models.contains_key(name));
+    let mut inherited = ctx
+        .autoscale
+        .inherited
+        .lock()
+        .expect("autoscale lock poisoned");
+    inherited.retain(|name, _| state.models.contains_key(name));
     let mut due: Vec<String> = Vec::new();
     for model in state.models.values() {
         let s = Settings::of(
@@ -235,26 +320,50 @@ pub fn step(ctx: &AdminContext, state: &State, now: Instant, wall: SystemTime) {
                 ..LoadTime::default()
             };
             let (placed, _) = placed_and_ready(state, ctx, model, &mut load, wall_ms);
-            // a new leader starts from what is placed
+            // a new leader starts from what is placed, and goes on from
+            // the last leader's forecast where it holds its carry
             let start = placed.clamp(
                 model.min_replicas,
                 model.max_replicas.max(model.min_replicas),
             );
+            let fs = forecast_settings(&s);
+            let carried = inherited
+                .remove(&model.name)
+                .filter(|c| c.bucket_s == fs.bucket_secs);
+            let (series, trust, taken_upto, reason) = match carried {
+                Some(c) => (
+                    DemandSeries::resume(fs, c.first_bucket, &c.counts, &c.mix),
+                    Trust::resumed(c.trust),
+                    c.taken_upto,
+                    format!(
+                        "starting from the replicas placed and the forecast history the last leader shared ({} buckets)",
+                        c.counts.len()
+                    ),
+                ),
+                None => (
+                    DemandSeries::new(fs),
+                    Trust::default(),
+                    0,
+                    "starting from the replicas placed".to_string(),
+                ),
+            };
             ModelState {
                 load,
-                series: DemandSeries::new(forecast_settings(&s)),
+                series,
                 scaler: Scaler::new(scale_settings(&s), start),
-                trust: Trust::default(),
+                status: ModelStatus {
+                    desired: start,
+                    trust: trust.factor,
+                    reason,
+                    ..ModelStatus::default()
+                },
+                trust,
                 slo_since_plan: (0, 0),
                 slo_window: Default::default(),
                 settings: s.clone(),
                 next_plan: now + Duration::from_secs_f64(s.interval_s),
-                status: ModelStatus {
-                    desired: start,
-                    trust: 1.0,
-                    reason: "starting from the replicas placed".into(),
-                    ..ModelStatus::default()
-                },
+                taken_upto,
+                carried_upto: taken_upto,
             }
         });
         let (placed, ready) = placed_and_ready(state, ctx, model, &mut entry.load, wall_ms);
@@ -269,6 +378,9 @@ pub fn step(ctx: &AdminContext, state: &State, now: Instant, wall: SystemTime) {
             entry.series = DemandSeries::new(fs);
         }
         for (t, c) in ctx.demand.take(&model.name, settled) {
+            if t <= entry.carried_upto {
+                continue; // the carry this leader went on from holds it
+            }
             entry.slo_since_plan.0 += c.slo_judged;
             entry.slo_since_plan.1 += c.slo_met;
             if c.requests == 0 {
@@ -288,6 +400,7 @@ pub fn step(ctx: &AdminContext, state: &State, now: Instant, wall: SystemTime) {
                 entry.series.record_mix(prompt, output);
             }
         }
+        entry.taken_upto = entry.taken_upto.max(settled);
         entry.settings = s.clone();
         entry.status.enabled = s.enabled;
         entry.status.min_replicas = model.min_replicas;
@@ -305,6 +418,7 @@ pub fn step(ctx: &AdminContext, state: &State, now: Instant, wall: SystemTime) {
             due.push(model.name.clone());
         }
     }
+    drop(inherited);
     if due.is_empty() {
         return;
     }
@@ -484,6 +598,223 @@ mod tests {
         load.saw_ready("a", 12_000, 99_000); // seen once
         load.saw_ready("b", 15_000, 65_000);
         assert_eq!(load.measured_s(), Some(40.0));
+    }
+
+    /// A state holding one autoscaled model (planned every second on
+    /// 60-second buckets), with no nodes.
+    fn autoscaled_state() -> State {
+        let mut state = State::default();
+        let spec = crate::state::ModelSpec {
+            name: "m".into(),
+            version: "v1".into(),
+            engine: "simulated".into(),
+            artifact_uri: "file:///models/m".into(),
+            memory_mib: 20_000,
+            latency_slo_ms: 2_000,
+            min_replicas: 1,
+            max_replicas: 3,
+            priority: "normal".into(),
+            labels: [("autoscale.interval-s", "1"), ("autoscale.bucket-s", "60")]
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        };
+        let (response, _) = state.apply(
+            1,
+            &crate::state::Request {
+                at_ms: 1,
+                actor: "test".into(),
+                command: crate::state::Command::CreateModel(spec),
+            },
+        );
+        assert!(
+            matches!(response, crate::state::Response::Model(_)),
+            "{response:?}"
+        );
+        state
+    }
+
+    /// `seconds` of demand from coordinator `from`: `rate(t)` requests in
+    /// second `t`, all judged and met.
+    fn report(
+        from: u64,
+        seconds: std::ops::Range<u64>,
+        rate: impl Fn(u64) -> u64,
+    ) -> demand::DemandReport {
+        demand::DemandReport {
+            from,
+            points: seconds
+                .filter(|&t| rate(t) > 0)
+                .map(|t| demand::DemandPoint {
+                    model: "m".into(),
+                    t,
+                    counts: demand::Counts {
+                        requests: rate(t),
+                        tokens: rate(t) * 10,
+                        prompt_tokens: rate(t) * 100,
+                        slo_judged: rate(t),
+                        slo_met: rate(t),
+                    },
+                })
+                .collect(),
+        }
+    }
+
+    fn at(unix: u64) -> SystemTime {
+        UNIX_EPOCH + Duration::from_secs(unix)
+    }
+
+    /// A leader takes a minute of demand at a time; a follower pulls its
+    /// carry; the follower becomes leader, the gateways resend their last
+    /// five minutes, and it goes on from the carry: the same history as the
+    /// old leader's, the resent seconds the carry holds not counted twice,
+    /// the same trust. A leader without the carry has only the resent
+    /// minutes.
+    #[test]
+    fn a_new_leader_goes_on_from_the_carry_of_the_last_one() {
+        let state = autoscaled_state();
+        let telemetry = crate::telemetry::TelemetryStore::new(10);
+        let start = 1_700_000_040u64; // a bucket's start
+        let rate = |t: u64| 1 + (t / 60) % 5;
+        let (old, old_demand) = (Autoscale::default(), demand::ClusterDemand::default());
+        let parts = Parts {
+            autoscale: &old,
+            demand: &old_demand,
+            telemetry: &telemetry,
+        };
+        let now = Instant::now();
+        // 30 minutes, reported and taken a minute at a time
+        let end = start + 30 * 60;
+        for minute in 0..30u64 {
+            let from = start + minute * 60;
+            let known = |_: &str| true;
+            old_demand
+                .report(report(1, from..from + 60, rate), known, from + 60)
+                .expect("report");
+            let wall = at(from + 60 + demand::SETTLE_S);
+            step_with(
+                &parts,
+                &state,
+                now + Duration::from_secs(minute * 60 + 60),
+                wall,
+            );
+        }
+        old.models
+            .lock()
+            .expect("models")
+            .get_mut("m")
+            .expect("m")
+            .trust = Trust::resumed(0.8);
+        let (first, counts) = old.models.lock().expect("models")["m"].series.history();
+        assert_eq!(
+            counts.iter().sum::<f64>(),
+            (start..end).map(rate).sum::<u64>() as f64
+        );
+
+        // the follower's pull
+        let follower = Autoscale::default();
+        let page = old.page("");
+        assert_eq!(page.carries.len(), 1);
+        assert!(!page.more);
+        // every second up to the last settled one, `end`, was taken
+        assert_eq!(page.carries[0].taken_upto, end);
+        follower.inherit(page).expect("a good page");
+        assert_eq!(
+            follower.inherited(),
+            BTreeMap::from([("m".to_string(), counts.len())])
+        );
+
+        // it becomes leader: the gateway resends its last five minutes
+        // (which the carry holds) and two new ones
+        let resent = report(1, end - 300..end + 120, rate);
+        let take_over = |autoscale: &Autoscale| {
+            let d = demand::ClusterDemand::default();
+            d.report(resent.clone(), |_| true, end + 120)
+                .expect("resent");
+            let parts = Parts {
+                autoscale,
+                demand: &d,
+                telemetry: &telemetry,
+            };
+            let wall = at(end + 120 + demand::SETTLE_S);
+            step_with(&parts, &state, now + Duration::from_secs(4000), wall);
+            // the first plan, an interval later
+            step_with(&parts, &state, now + Duration::from_secs(4002), wall);
+            let models = autoscale.models.lock().expect("models");
+            let m = &models["m"];
+            (m.series.history(), m.trust.factor, m.status.clone())
+        };
+        let ((first2, counts2), trust, status) = take_over(&follower);
+        assert_eq!(first2, first);
+        // second `end` settled empty at the old leader (no report of it
+        // reached it in time): the carry holds it as taken, and its late
+        // report is not counted (what a handover can lose: seconds
+        // reported later than they settle)
+        let grown: f64 = (end + 1..end + 120).map(rate).sum::<u64>() as f64;
+        assert_eq!(
+            counts2.iter().sum::<f64>(),
+            counts.iter().sum::<f64>() + grown,
+            "the resent seconds the carry holds are not counted again"
+        );
+        assert_eq!(&counts2[..counts.len() - 1], &counts[..counts.len() - 1]);
+        assert_eq!(trust, 0.8);
+        assert!(status.history_rps.len() >= 30, "{status:?}");
+        assert!(follower.inherited().is_empty(), "taken");
+
+        // without the carry: only the resent minutes the leader keeps
+        let ((_, counts3), trust3, status3) = take_over(&Autoscale::default());
+        let kept = end + 120 - demand::KEEP_S..end + 120;
+        assert_eq!(
+            counts3.iter().sum::<f64>(),
+            kept.map(rate).sum::<u64>() as f64
+        );
+        assert_eq!(trust3, 1.0);
+        assert!(status3.history_rps.len() <= 7, "{status3:?}");
+    }
+
+    #[test]
+    fn a_bad_page_changes_nothing_and_pages_go_round_the_models() {
+        let a = Autoscale::default();
+        let mut page = carry::HistoryPage {
+            carries: vec![carry::tests::carry("a"), carry::tests::carry("b")],
+            more: false,
+        };
+        page.carries[1].trust = 7.0;
+        assert!(a.inherit(page).is_err());
+        assert!(a.inherited().is_empty());
+        // a leader's pages: 16 models a page, in name order, then the rest
+        let state = {
+            let mut s = autoscaled_state();
+            let m = s.models["m"].clone();
+            for i in 0..20 {
+                let mut m = m.clone();
+                m.name = format!("m{i:02}");
+                s.models.insert(m.name.clone(), m);
+            }
+            s
+        };
+        let (d, telemetry) = (
+            demand::ClusterDemand::default(),
+            crate::telemetry::TelemetryStore::new(10),
+        );
+        let parts = Parts {
+            autoscale: &a,
+            demand: &d,
+            telemetry: &telemetry,
+        };
+        step_with(&parts, &state, Instant::now(), SystemTime::now());
+        let first = a.page("");
+        assert_eq!(first.carries.len(), carry::PAGE_MODELS);
+        assert!(first.more);
+        let last = first
+            .carries
+            .last()
+            .map(|c| c.model.clone())
+            .unwrap_or_default();
+        let second = a.page(&last);
+        assert_eq!(second.carries.len(), 21 - carry::PAGE_MODELS);
+        assert!(!second.more);
+        assert!(second.carries[0].model > last);
     }
 
     #[test]

@@ -24,12 +24,14 @@ use crate::state::State;
 pub fn replica_price(state: &State, replica: &str) -> (f64, f64) {
     let mut price = 0.0;
     let mut gpus = 0.0;
-    let Some(head) = state.replicas.get(replica) else {
-        return (price, gpus);
-    };
-    for r in state
-        .replicas
-        .of_model(&head.model)
+    // a pipeline's stages are its head's model's; a head already gone
+    // (its node removed) leaves its stages to find among every replica
+    let candidates: Box<dyn Iterator<Item = &crate::state::Replica>> =
+        match state.replicas.get(replica) {
+            Some(head) => Box::new(state.replicas.of_model(&head.model)),
+            None => Box::new(state.replicas.values()),
+        };
+    for r in candidates
         .filter(|r| r.id == replica || r.pipeline.as_ref().is_some_and(|p| p.head == replica))
     {
         let Some(node) = state.nodes.get(&r.node_id) else {

@@ -480,10 +480,15 @@ impl State {
         if !mig_gpus.is_empty() {
             let nodes: std::collections::BTreeSet<&str> =
                 mig_gpus.iter().map(|(node, _)| *node).collect();
-            let others = nodes
+            // in id order, as the pass over every replica saw them (the
+            // answer must not depend on the release that applies it)
+            let others: std::collections::BTreeMap<&str, &Replica> = nodes
                 .into_iter()
                 .flat_map(|node| self.replicas.on_node(node))
-                .filter(|r| mig_gpus.contains(&(r.node_id.as_str(), r.gpu)) && r.model != model);
+                .filter(|r| mig_gpus.contains(&(r.node_id.as_str(), r.gpu)) && r.model != model)
+                .map(|r| (r.id.as_str(), r))
+                .collect();
+            let others = others.into_values();
             if let Some((a, b)) =
                 replica::overlapping_mig_instances(others.chain(replicas), &self.nodes)
             {

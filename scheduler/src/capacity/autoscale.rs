@@ -96,6 +96,22 @@ impl Default for Trust {
 impl Trust {
     /// Intervals a window holds.
     pub const WINDOW: usize = 10;
+    /// The lowest factor trust falls to.
+    pub const FLOOR: f64 = 0.4;
+
+    /// Trust that goes on from another leader's factor (clamped to
+    /// [`Self::FLOOR`]..=1; 1 when not finite), with an empty window.
+    pub fn resumed(factor: f64) -> Trust {
+        Trust {
+            factor: if factor.is_finite() {
+                factor.clamp(Self::FLOOR, 1.0)
+            } else {
+                1.0
+            },
+            window: std::collections::VecDeque::new(),
+        }
+    }
+
     /// Fewer requests than this in a window say nothing.
     pub const MIN_SAMPLE: u64 = 200;
 
@@ -120,7 +136,7 @@ impl Trust {
         let attained = ok as f64 / n as f64;
         if attained < target {
             let cut = ((target - attained) * 2.0).min(0.05);
-            self.factor = (self.factor * (1.0 - cut)).max(0.4);
+            self.factor = (self.factor * (1.0 - cut)).max(Self::FLOOR);
             self.window.clear();
         } else if attained >= 1.0 - (1.0 - target) / 2.0 {
             self.factor = (self.factor * 1.01).min(1.0);

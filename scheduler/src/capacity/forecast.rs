@@ -19,7 +19,7 @@ use augurs_mstl::MSTLModel;
 /// Fewer buckets than this: the recent mean.
 const MIN_MODEL_POINTS: usize = 10;
 /// Prompt/output pairs kept as the token mix.
-const MIX_SAMPLES: usize = 512;
+pub const MIX_SAMPLES: usize = 512;
 /// Autocorrelation a candidate season needs to count as one.
 const SEASON_MIN_ACF: f64 = 0.3;
 
@@ -124,6 +124,38 @@ impl DemandSeries {
 
     pub fn settings(&self) -> &ForecastSettings {
         &self.settings
+    }
+
+    /// A series that goes on from what another one kept ([`Self::history`]
+    /// and [`Self::mix`]): a new leader taking over the forecast. Counts
+    /// beyond `max_history` (the oldest) and mix beyond the kept samples
+    /// are dropped; negative or non-finite counts count as 0.
+    pub fn resume(
+        settings: ForecastSettings,
+        first_bucket: i64,
+        counts: &[f64],
+        mix: &[(u32, u32)],
+    ) -> DemandSeries {
+        let mut series = DemandSeries::new(settings);
+        series.first_bucket = first_bucket;
+        series.counts = counts
+            .iter()
+            .map(|&c| if c.is_finite() { c.max(0.0) } else { 0.0 })
+            .collect();
+        if !series.counts.is_empty() {
+            let last = first_bucket + series.counts.len() as i64 - 1;
+            series.extend_to(last);
+        }
+        for &(p, o) in mix {
+            series.record_mix(p, o);
+        }
+        series
+    }
+
+    /// The index of the first kept bucket and every kept bucket's count
+    /// from it (the last one still filling).
+    pub fn history(&self) -> (i64, Vec<f64>) {
+        (self.first_bucket, self.counts.iter().copied().collect())
     }
 
     /// Count one request arriving at `at_secs` (any epoch, monotone enough:
@@ -391,6 +423,41 @@ mod tests {
                 (rate + noise).max(0.0).round()
             })
             .collect()
+    }
+
+    #[test]
+    fn a_resumed_series_forecasts_as_the_one_it_goes_on_from() {
+        let settings = ForecastSettings {
+            bucket_secs: 60.0,
+            seasons: vec![48],
+            max_history: 200,
+            level: 0.8,
+        };
+        let mut a = DemandSeries::new(settings.clone());
+        for (i, c) in seasonal(240, 48, 50.0, 0.5, 9).into_iter().enumerate() {
+            a.add_count(6_000.0 + i as f64 * 60.0, c);
+            a.record_mix(100 + i as u32, 10);
+        }
+        let (first, counts) = a.history();
+        assert_eq!(counts.len(), 200, "kept to max_history");
+        let mix: Vec<(u32, u32)> = a.mix().collect();
+        let mut b = DemandSeries::resume(settings.clone(), first, &counts, &mix);
+        assert_eq!(b.history(), a.history());
+        assert_eq!(b.mean_tokens(), a.mean_tokens());
+        assert_eq!(b.forecast(10).point, a.forecast(10).point);
+        // it goes on: a later count lands in the right bucket
+        let last = (first + counts.len() as i64) as f64 * 60.0;
+        a.add_count(last, 7.0);
+        b.add_count(last, 7.0);
+        assert_eq!(b.history(), a.history());
+        // more than it keeps, and bad counts, are cut and zeroed
+        let long: Vec<f64> = (0..300)
+            .map(|i| if i == 299 { f64::NAN } else { 1.0 })
+            .collect();
+        let c = DemandSeries::resume(settings, 0, &long, &[]);
+        let (first, kept) = c.history();
+        assert_eq!((first, kept.len()), (100, 200));
+        assert_eq!(kept[199], 0.0);
     }
 
     #[test]
