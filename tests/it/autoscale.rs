@@ -1,7 +1,8 @@
 //! The leader's autoscaler on a live cluster with simulated agents: a model
 //! scales up under a load ramp and back down when it ends, and no request
 //! fails on the way; with three coordinators, a ramp sent to a follower
-//! alone scales the model the leader plans.
+//! alone scales the model the leader plans, and the followers hold the
+//! leader's forecast to go on from.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -180,6 +181,15 @@ async fn a_ramp_served_by_a_follower_scales_the_model_the_leader_plans() {
     assert!(a.observed_rps > 0.0, "{a:?}");
     assert!(a.slo_judged > 0, "{a:?}");
     assert!(a.trust > 0.0 && a.trust <= 1.0, "{a:?}");
+    // the follower pulls the leader's forecast over the Raft port, to go
+    // on from it if it becomes leader
+    let carried = "talon_autoscale_carried_buckets{model_name=\"ramp3\"}";
+    wait_for(
+        "the follower holding the leader's forecast carry",
+        Duration::from_secs(30),
+        || async { follower.metric(carried).await.filter(|b| *b >= 1.0) },
+    )
+    .await;
     ramp.end_and_settle(&client, "ramp3").await;
 }
 

@@ -160,7 +160,7 @@ impl Autoscale {
     /// Prometheus gauges: forecast, planned, desired and placed replicas,
     /// SLO attainment and trust.
     pub fn gauges(&self) -> String {
-        status::gauges(&self.statuses())
+        status::gauges(&self.statuses()) + &status::carried_gauge(&self.inherited())
     }
 }
 

@@ -152,3 +152,18 @@ pub(super) fn gauges(statuses: &BTreeMap<String, ModelStatus>) -> String {
     }
     out
 }
+
+/// `talon_autoscale_carried_buckets`: per model, the buckets of forecast
+/// history this coordinator holds from the leader's carry (a follower's;
+/// what it would go on from if it became leader).
+pub(super) fn carried_gauge(carried: &BTreeMap<String, usize>) -> String {
+    use std::fmt::Write;
+    let name = "talon_autoscale_carried_buckets";
+    let mut out = format!(
+        "# HELP {name} Buckets of the leader's forecast history this coordinator holds, to go on from if it leads.\n# TYPE {name} gauge\n"
+    );
+    for (model, buckets) in carried {
+        let _ = writeln!(out, "{name}{{model_name=\"{}\"}} {buckets}", escape(model));
+    }
+    out
+}
