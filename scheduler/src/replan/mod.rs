@@ -333,6 +333,7 @@ mod tests {
     #[test]
     fn runs_of_like_asks_decide_as_a_scan_of_every_node_does() {
         use crate::rng::Rng;
+        let (mut mig_placed, mut others_placed) = (0, 0);
         for seed in 0..12u64 {
             let mut rng = Rng::new(seed);
             let nodes: Vec<Node> = (0..40)
@@ -345,6 +346,8 @@ mod tests {
                         ("T4", 16_384),
                     ][rng.below(4) as usize];
                     let pcie = rng.below(3) == 0;
+                    // some A100 nodes in MIG mode
+                    let mig = model == "A100" && rng.below(2) == 0;
                     Node {
                         name: format!("n{i}"),
                         cpu_milli: [32_000, 64_000][rng.below(2) as usize],
@@ -353,6 +356,7 @@ mod tests {
                             .map(|g| Gpu {
                                 memory_mib: mib,
                                 nvlink_domain: if pcie { g as u32 } else { 0 },
+                                mig: mig.then_some(crate::mig::MigModel::A100_80GB),
                                 ..Gpu::new(model)
                             })
                             .collect(),
@@ -389,15 +393,41 @@ mod tests {
                     }
                     workloads.push(w);
                 }
-                // gangs of one, two and four GPUs, several of each
+                // gangs of one, two and four GPUs (some kept to a type,
+                // some spread), pipeline stages, shares and MIG instances,
+                // several of each
                 for g in 0..rng.below(4) {
-                    workloads.push(Workload::new(
+                    let mut w = Workload::new(
                         &format!("g{m}-{g}"),
                         4_000,
                         0,
                         GpuRequest::Whole {
                             count: [1, 2, 4][rng.below(3) as usize],
                         },
+                    );
+                    if rng.below(3) == 0 {
+                        w.gpu_types = vec!["H100".into()];
+                    }
+                    if rng.below(3) == 0 {
+                        w.anti_affinity = Some(format!("g{m}"));
+                    }
+                    workloads.push(w);
+                }
+                let request = match rng.below(3) {
+                    0 => GpuRequest::Stages { count: 2 },
+                    1 => GpuRequest::Fraction {
+                        milli: [250, 500][rng.below(2) as usize],
+                    },
+                    _ => GpuRequest::Mig {
+                        profile: ["1g.10gb", "3g.40gb"][rng.below(2) as usize].into(),
+                    },
+                };
+                for k in 0..rng.below(4) {
+                    workloads.push(Workload::new(
+                        &format!("x{m}-{k}"),
+                        2_000,
+                        0,
+                        request.clone(),
                     ));
                 }
             }
@@ -432,29 +462,35 @@ mod tests {
                 ],
                 &st,
             );
-            let fast = solve(
-                &p,
-                &Solution::default(),
-                &mut Talon::new(typical.clone()),
-                seed,
-                true,
-            )
-            .unwrap();
-            let scan = solve(
-                &p,
-                &Solution::default(),
-                &mut Talon::new(typical),
-                seed,
-                false,
-            )
-            .unwrap();
-            assert_eq!(fast, scan, "seed {seed}");
-            assert!(
-                fast.moved.len() > 50,
-                "seed {seed}: {} placed",
-                fast.moved.len()
-            );
+            // Talon as the reconciler runs it, and with random ties
+            let random_ties = crate::policy::talon::TalonConfig {
+                pack_ties: false,
+                ..Default::default()
+            };
+            for cfg in [crate::policy::talon::TalonConfig::default(), random_ties] {
+                let policy = || Talon::configured(typical.clone(), cfg, true);
+                let fast = solve(&p, &Solution::default(), &mut policy(), seed, true).unwrap();
+                let scan = solve(&p, &Solution::default(), &mut policy(), seed, false).unwrap();
+                assert_eq!(fast, scan, "seed {seed}, {cfg:?}");
+                assert!(
+                    fast.moved.len() > 50,
+                    "seed {seed}: {} placed",
+                    fast.moved.len()
+                );
+                for (name, a) in &fast.solution.assignments {
+                    if a.gpus.iter().any(|g| g.mig.is_some()) {
+                        mig_placed += 1;
+                    } else if name.starts_with('x') {
+                        others_placed += 1;
+                    }
+                }
+            }
         }
+        // the MIG instances, shares and stages were decided too
+        assert!(
+            mig_placed > 10 && others_placed > 20,
+            "{mig_placed} MIG, {others_placed} others"
+        );
     }
 
     #[test]
