@@ -250,8 +250,11 @@ pub(super) fn open_db(path: &Path, flush_every_ms: Option<u64>) -> Result<sled::
             .path(path)
             .flush_every_ms(flush_every_ms);
         match config.open() {
+            // sled 0.34 reports a held lock as an `Other` error whose
+            // message carries the OS's `WouldBlock`
             Err(sled::Error::Io(e))
-                if e.kind() == std::io::ErrorKind::WouldBlock
+                if (e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.to_string().starts_with("could not acquire lock"))
                     && std::time::Instant::now() < deadline =>
             {
                 std::thread::sleep(std::time::Duration::from_millis(20));

@@ -464,3 +464,83 @@ fn arb_inventory_fixed() -> NodeInventory {
     let mut runner = proptest::test_runner::TestRunner::deterministic();
     arb_inventory().new_tree(&mut runner).unwrap().current()
 }
+
+/// A snapshot install cut short after its first batch of records (as a
+/// crash would leave it: some records of the new state written, the old
+/// ones gone) is finished when the store opens again: the same state as
+/// the snapshot's, none of the old records, the snapshot's log id.
+#[tokio::test]
+async fn a_snapshot_install_cut_short_is_finished_when_the_store_opens() {
+    use openraft::RaftSnapshotBuilder;
+    let dir = tempfile::tempdir().unwrap();
+    let mut sm = StateMachineStore::open(
+        DataDir::open(dir.path(), 1).unwrap(),
+        Arc::new(Metrics::new()),
+    )
+    .unwrap();
+    // more records than one install batch
+    let entries: Vec<Entry> = (0..super::state_machine::INSTALL_BATCH as u64 + 200)
+        .map(|i| {
+            let inventory =
+                crate::reconcile::tests::inventory(&format!("n{i:05}"), &[("l4", 24), ("l4", 24)]);
+            entry(i + 1, Command::RegisterNode(inventory))
+        })
+        .collect();
+    let responses = sm.apply(entries).await.unwrap();
+    assert!(
+        !responses
+            .iter()
+            .any(|r| matches!(r, crate::state::Response::Rejected(_))),
+        "{:?}",
+        responses
+            .iter()
+            .find(|r| matches!(r, crate::state::Response::Rejected(_)))
+    );
+    let snapshot = sm
+        .get_snapshot_builder()
+        .await
+        .build_snapshot()
+        .await
+        .unwrap();
+    let want = sm.shared().read().unwrap().clone();
+
+    let other_dir = tempfile::tempdir().unwrap();
+    let data = DataDir::open(other_dir.path(), 2).unwrap();
+    let mut other = StateMachineStore::open(data.clone(), Arc::new(Metrics::new())).unwrap();
+    other
+        .apply(vec![entry(
+            1,
+            Command::RegisterNode(NodeInventory {
+                node_id: "only-here".into(),
+                ..arb_inventory_fixed()
+            }),
+        )])
+        .await
+        .unwrap();
+    other.stop_installs_after(1);
+    other
+        .install_snapshot(&snapshot.meta, snapshot.snapshot)
+        .await
+        .expect_err("stopped in the middle");
+    drop(other);
+    data.state.flush().unwrap();
+    // what a reader of the records alone would see now: a partial state
+    assert!(data.sm.len() < want.state.nodes.len() + want.state.audit.len());
+
+    let reopened = StateMachineStore::open(data.clone(), Arc::new(Metrics::new())).unwrap();
+    let got = reopened.shared().read().unwrap().clone();
+    assert!(
+        got.state == want.state,
+        "{} nodes and {} audit entries read back, of {} and {}",
+        got.state.nodes.len(),
+        got.state.audit.len(),
+        want.state.nodes.len(),
+        want.state.audit.len()
+    );
+    assert!(!got.state.nodes.contains_key("only-here"));
+    assert_eq!(got.last_applied, snapshot.meta.last_log_id);
+    drop(reopened);
+    // finished for good: opening again reads the same
+    let again = StateMachineStore::open(data, Arc::new(Metrics::new())).unwrap();
+    assert!(again.shared().read().unwrap().state == want.state);
+}

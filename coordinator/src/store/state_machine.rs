@@ -6,6 +6,15 @@
 //! the applied log id, in one atomic sled batch. Snapshots are the whole state
 //! as one binary envelope ([`codec`]), kept in the `snapshot` tree so that a restarted node
 //! can serve it to a lagging follower.
+//!
+//! Installing a snapshot rewrites the `sm` tree in batches of
+//! [`INSTALL_BATCH`] records, not in one batch of the whole state (which
+//! held every record's bytes in memory at once: 2.5× the peak memory at
+//! 10,000 nodes). The received snapshot is saved and flushed first with a
+//! marker (`current/installing`) that is removed once every record is
+//! written and flushed; a coordinator that stops in between finds the
+//! marker when it opens its store and installs the saved snapshot again
+//! before it reads the `sm` tree.
 
 use std::io::Cursor;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -65,6 +74,11 @@ fn every_record(state: &State) -> Vec<Change> {
 }
 const SNAPSHOT_META: &str = "current/meta";
 const SNAPSHOT_DATA: &str = "current/data";
+/// Present while the `sm` tree is being rewritten from the current
+/// snapshot (its value: the snapshot's id).
+const SNAPSHOT_INSTALLING: &str = "current/installing";
+/// Records written per batch when a snapshot is installed.
+pub const INSTALL_BATCH: usize = 4096;
 
 /// The applied state that reads see.
 #[derive(Debug, Default, Clone, Serialize, Deserialize)]
@@ -85,6 +99,8 @@ pub struct StateMachineStore {
     metrics: Arc<Metrics>,
     snapshots_built: Arc<AtomicU64>,
     feed: Arc<super::ChangeFeed>,
+    /// Tests: installs give up after this many batches, as a crash would.
+    stop_install_after: Option<usize>,
 }
 
 /// The sled key of the audit record stored under `audit_key`.
@@ -108,8 +124,37 @@ fn write_err(e: impl std::error::Error + 'static) -> StorageError {
 }
 
 impl StateMachineStore {
-    /// Loads the applied state from disk.
+    /// Loads the applied state from disk (first finishing a snapshot
+    /// install that was cut short).
     pub fn open(dir: DataDir, metrics: Arc<Metrics>) -> Result<StateMachineStore, StorageError> {
+        if dir
+            .snapshot
+            .get(SNAPSHOT_INSTALLING)
+            .map_err(read_err)?
+            .is_some()
+        {
+            let (Some(meta), Some(data)) = (
+                dir.snapshot.get(SNAPSHOT_META).map_err(read_err)?,
+                dir.snapshot.get(SNAPSHOT_DATA).map_err(read_err)?,
+            ) else {
+                return Err(StorageIOError::read_state_machine(openraft::AnyError::error(
+                    "a snapshot install was cut short and the snapshot it installed is not in the data directory: restore the directory from a backup or let the node rejoin empty",
+                ))
+                .into());
+            };
+            let meta: SnapshotMeta = codec::decode(&meta).map_err(read_err)?;
+            let mut incoming: Applied = codec::decode(&data).map_err(read_err)?;
+            drop(data);
+            incoming.last_applied = meta.last_log_id;
+            incoming.membership = meta.last_membership.clone();
+            tracing::warn!(snapshot_id = %meta.snapshot_id, "finishing a snapshot install that was cut short");
+            rewrite_records(&dir, &incoming, None)?;
+            dir.state.flush().map_err(write_err)?;
+            dir.snapshot
+                .remove(SNAPSHOT_INSTALLING)
+                .map_err(write_err)?;
+            dir.state.flush().map_err(write_err)?;
+        }
         let mut applied = Applied::default();
         for item in dir.sm.iter() {
             let (k, v) = item.map_err(read_err)?;
@@ -188,7 +233,15 @@ impl StateMachineStore {
             applied: Arc::new(RwLock::new(applied)),
             metrics,
             snapshots_built: Arc::new(AtomicU64::new(0)),
+            stop_install_after: None,
         })
+    }
+
+    /// Tests: snapshot installs give up after `batches` batches of
+    /// records, leaving the store as a crash in the middle would.
+    #[doc(hidden)]
+    pub fn stop_installs_after(&mut self, batches: usize) {
+        self.stop_install_after = Some(batches);
     }
 
     /// Which nodes each applied entry concerns (the assignment watches).
@@ -200,91 +253,132 @@ impl StateMachineStore {
     pub fn shared(&self) -> SharedState {
         self.applied.clone()
     }
+}
 
-    fn persist(
-        &self,
-        state: &State,
-        changes: &[Change],
-        batch: &mut sled::Batch,
-    ) -> Result<(), StorageError> {
-        for change in changes {
-            match change {
-                Change::Model(name) => {
-                    let key = prefixed(MODEL, name.as_bytes());
-                    match state.models.get(name) {
-                        Some(m) => batch.insert(key, codec::encode(m).map_err(write_err)?),
-                        None => batch.remove(key),
-                    }
+fn persist(state: &State, changes: &[Change], batch: &mut sled::Batch) -> Result<(), StorageError> {
+    for change in changes {
+        match change {
+            Change::Model(name) => {
+                let key = prefixed(MODEL, name.as_bytes());
+                match state.models.get(name) {
+                    Some(m) => batch.insert(key, codec::encode(m).map_err(write_err)?),
+                    None => batch.remove(key),
                 }
-                Change::Node(id) => {
-                    let key = prefixed(NODE, id.as_bytes());
-                    match state.nodes.get(id) {
-                        Some(n) => batch.insert(key, codec::encode(n).map_err(write_err)?),
-                        None => batch.remove(key),
-                    }
+            }
+            Change::Node(id) => {
+                let key = prefixed(NODE, id.as_bytes());
+                match state.nodes.get(id) {
+                    Some(n) => batch.insert(key, codec::encode(n).map_err(write_err)?),
+                    None => batch.remove(key),
                 }
-                Change::Replica(id) => {
-                    let key = prefixed(REPLICA, id.as_bytes());
-                    match state.replicas.get(id) {
-                        Some(r) => batch.insert(key, codec::encode(r).map_err(write_err)?),
-                        None => batch.remove(key),
-                    }
+            }
+            Change::Replica(id) => {
+                let key = prefixed(REPLICA, id.as_bytes());
+                match state.replicas.get(id) {
+                    Some(r) => batch.insert(key, codec::encode(r).map_err(write_err)?),
+                    None => batch.remove(key),
                 }
-                Change::Credential(id) => {
-                    let key = prefixed(CREDENTIAL, id.as_bytes());
-                    match state.credentials.get(id) {
-                        Some(c) => batch.insert(key, codec::encode(c).map_err(write_err)?),
-                        None => batch.remove(key),
-                    }
+            }
+            Change::Credential(id) => {
+                let key = prefixed(CREDENTIAL, id.as_bytes());
+                match state.credentials.get(id) {
+                    Some(c) => batch.insert(key, codec::encode(c).map_err(write_err)?),
+                    None => batch.remove(key),
                 }
-                Change::Auth => match &state.cluster_secret {
-                    Some(secret) => batch.insert(AUTH, codec::encode(secret).map_err(write_err)?),
-                    None => batch.remove(AUTH),
-                },
-                Change::Tenant(name) => {
-                    let key = prefixed(TENANT, name.as_bytes());
-                    match state.tenancy.tenants.get(name) {
-                        Some(t) => batch.insert(key, codec::encode(t).map_err(write_err)?),
-                        None => batch.remove(key),
-                    }
+            }
+            Change::Auth => match &state.cluster_secret {
+                Some(secret) => batch.insert(AUTH, codec::encode(secret).map_err(write_err)?),
+                None => batch.remove(AUTH),
+            },
+            Change::Tenant(name) => {
+                let key = prefixed(TENANT, name.as_bytes());
+                match state.tenancy.tenants.get(name) {
+                    Some(t) => batch.insert(key, codec::encode(t).map_err(write_err)?),
+                    None => batch.remove(key),
                 }
-                Change::Rule(name) => {
-                    let key = prefixed(RULE, name.as_bytes());
-                    match state.chain.get(name) {
-                        Some(r) => batch.insert(key, codec::encode(r).map_err(write_err)?),
-                        None => batch.remove(key),
-                    }
+            }
+            Change::Rule(name) => {
+                let key = prefixed(RULE, name.as_bytes());
+                match state.chain.get(name) {
+                    Some(r) => batch.insert(key, codec::encode(r).map_err(write_err)?),
+                    None => batch.remove(key),
                 }
-                Change::Key(id) => {
-                    let key = prefixed(KEY, id.as_bytes());
-                    match state.tenancy.keys.get(id) {
-                        Some(p) => batch.insert(key, codec::encode(p).map_err(write_err)?),
-                        None => batch.remove(key),
-                    }
+            }
+            Change::Key(id) => {
+                let key = prefixed(KEY, id.as_bytes());
+                match state.tenancy.keys.get(id) {
+                    Some(p) => batch.insert(key, codec::encode(p).map_err(write_err)?),
+                    None => batch.remove(key),
                 }
-                Change::Usage(k) => {
-                    let key = usage_key(k);
-                    match state.tenancy.usage.get(k) {
-                        Some(u) => batch.insert(key, codec::encode(&(k, u)).map_err(write_err)?),
-                        None => batch.remove(key),
-                    }
+            }
+            Change::Usage(k) => {
+                let key = usage_key(k);
+                match state.tenancy.usage.get(k) {
+                    Some(u) => batch.insert(key, codec::encode(&(k, u)).map_err(write_err)?),
+                    None => batch.remove(key),
                 }
-                Change::Audit(audit_key) => {
-                    let key = audit_record_key(*audit_key);
-                    match state.audit.get(audit_key) {
-                        Some(a) => batch.insert(key, codec::encode(a).map_err(write_err)?),
-                        None => batch.remove(key),
-                    }
+            }
+            Change::Audit(audit_key) => {
+                let key = audit_record_key(*audit_key);
+                match state.audit.get(audit_key) {
+                    Some(a) => batch.insert(key, codec::encode(a).map_err(write_err)?),
+                    None => batch.remove(key),
                 }
             }
         }
-        Ok(())
     }
+    Ok(())
+}
+
+/// Writes `applied` as the `sm` tree: every old record removed, every
+/// record of the state written, [`INSTALL_BATCH`] to a batch, the applied
+/// log id and membership last. Not atomic: the install marker covers it.
+/// `stop_after` (tests): give up after that many batches of records, as a
+/// crash would.
+fn rewrite_records(
+    dir: &DataDir,
+    applied: &Applied,
+    stop_after: Option<usize>,
+) -> Result<(), StorageError> {
+    dir.sm.clear().map_err(write_err)?;
+    let store_err = |e: String| {
+        StorageError::from(StorageIOError::write_state_machine(
+            openraft::AnyError::error(e),
+        ))
+    };
+    for (n, chunk) in every_record(&applied.state)
+        .chunks(INSTALL_BATCH)
+        .enumerate()
+    {
+        if stop_after.is_some_and(|k| n >= k) {
+            return Err(store_err(format!("stopped after {n} batches")));
+        }
+        let mut batch = sled::Batch::default();
+        persist(&applied.state, chunk, &mut batch)?;
+        dir.sm.apply_batch(batch).map_err(write_err)?;
+    }
+    let mut batch = sled::Batch::default();
+    batch.insert(
+        APPLIED,
+        codec::encode(&applied.last_applied).map_err(write_err)?,
+    );
+    batch.insert(
+        MEMBERSHIP,
+        codec::encode(&applied.membership).map_err(write_err)?,
+    );
+    dir.sm.apply_batch(batch).map_err(write_err)?;
+    Ok(())
 }
 
 impl StateMachineStore {
-    /// Writes a snapshot's meta and data in one batch; the caller flushes.
-    fn save_snapshot(&self, meta: &SnapshotMeta, data: &[u8]) -> Result<(), StorageError> {
+    /// Writes a snapshot's meta and data in one batch (with the install
+    /// marker when `installing`); the caller flushes.
+    fn save_snapshot(
+        &self,
+        meta: &SnapshotMeta,
+        data: &[u8],
+        installing: bool,
+    ) -> Result<(), StorageError> {
         let err = |e: &dyn std::fmt::Display| {
             StorageIOError::write_snapshot(
                 Some(meta.signature()),
@@ -294,6 +388,12 @@ impl StateMachineStore {
         let mut batch = sled::Batch::default();
         batch.insert(SNAPSHOT_META, codec::encode(meta).map_err(|e| err(&e))?);
         batch.insert(SNAPSHOT_DATA, data);
+        if installing {
+            let id = codec::encode(&meta.snapshot_id).map_err(|e| err(&e))?;
+            batch.insert(SNAPSHOT_INSTALLING, id);
+        } else {
+            batch.remove(SNAPSHOT_INSTALLING);
+        }
         self.dir.snapshot.apply_batch(batch).map_err(|e| err(&e))?;
         Ok(())
     }
@@ -320,7 +420,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
             };
             (data, meta)
         };
-        self.save_snapshot(&meta, &data)?;
+        self.save_snapshot(&meta, &data, false)?;
         self.dir
             .state
             .flush_async()
@@ -364,7 +464,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                     }
                     EntryPayload::Normal(request) => {
                         let (response, changes) = applied.state.apply(entry.log_id.index, &request);
-                        self.persist(&applied.state, &changes, &mut batch)?;
+                        persist(&applied.state, &changes, &mut batch)?;
                         self.feed.applied(&applied.state, &changes);
                         response
                     }
@@ -405,31 +505,21 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             .map_err(|e| StorageIOError::read_snapshot(signature.clone(), any(e)))?;
         incoming.last_applied = meta.last_log_id;
         incoming.membership = meta.last_membership.clone();
-        // the received bytes are kept as the current snapshot, then let go
-        // of before the records are encoded again
-        self.save_snapshot(meta, &data)?;
+        // the received bytes are kept (and flushed) as the current
+        // snapshot with the install marker, then let go of before the
+        // records are written again, a batch at a time
+        self.save_snapshot(meta, &data, true)?;
         drop(data);
-
-        let mut batch = sled::Batch::default();
-        for item in self.dir.sm.iter() {
-            let (k, _) = item.map_err(write_err)?;
-            batch.remove(k);
-        }
-        self.persist(&incoming.state, &every_record(&incoming.state), &mut batch)?;
-        batch.insert(
-            APPLIED,
-            codec::encode(&incoming.last_applied).map_err(write_err)?,
-        );
-        batch.insert(
-            MEMBERSHIP,
-            codec::encode(&incoming.membership).map_err(write_err)?,
-        );
-        self.dir.sm.apply_batch(batch).map_err(write_err)?;
+        let flush_err = |e| StorageIOError::write_snapshot(signature.clone(), any(e));
+        self.dir.state.flush_async().await.map_err(flush_err)?;
+        rewrite_records(&self.dir, &incoming, self.stop_install_after)?;
+        self.dir.state.flush_async().await.map_err(flush_err)?;
+        // a later flush makes this durable; a restart before it installs
+        // the same snapshot again
         self.dir
-            .state
-            .flush_async()
-            .await
-            .map_err(|e| StorageIOError::write_snapshot(signature.clone(), any(e)))?;
+            .snapshot
+            .remove(SNAPSHOT_INSTALLING)
+            .map_err(write_err)?;
         {
             let mut applied = self.applied.write().expect("state lock poisoned");
             *applied = incoming;
