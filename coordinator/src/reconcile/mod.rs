@@ -126,17 +126,23 @@ pub fn placed_fleet(state: &State, apart: &HashSet<String>) -> Option<PlacedFlee
     let state_after = placed?;
     // the same candidates, in the same order, as the plan's
     let candidates = fleet::candidates(&view, &BTreeMap::new());
+    // one pass over the fleet per node-selector and engine, not per model
+    let mut by_selection: HashMap<(Option<&String>, &str), Vec<bool>> = HashMap::new();
     let eligible = apart
         .iter()
         .filter_map(|name| {
             let model = state.models.get(name)?;
             let engine = model.versions.last()?.engine.as_str();
-            let selection = Selection::of(model, engine, &candidates);
-            let mut may = vec![false; candidates.len()];
-            for i in selection.eligible {
-                may[i] = candidates[i].new_work;
-            }
-            Some((name.clone(), may))
+            let may = by_selection
+                .entry((inputs::label(model, "node-selector"), engine))
+                .or_insert_with(|| {
+                    let mut may = vec![false; candidates.len()];
+                    for i in Selection::of(model, engine, &candidates).eligible {
+                        may[i] = candidates[i].new_work;
+                    }
+                    may
+                });
+            Some((name.clone(), may.clone()))
         })
         .collect();
     Some(PlacedFleet {
