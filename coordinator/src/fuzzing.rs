@@ -410,6 +410,23 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
         b"node_id = 2\nlisten = \"127.0.0.1:7400\"\nheartbeat_ms = 50\nwrite_timeout_ms = 5000\n"
             .to_vec(),
     ));
+    // a leader's page of forecast carries, as a follower decodes it
+    let page: Result<crate::autoscale::carry::HistoryPage, String> =
+        Ok(crate::autoscale::carry::HistoryPage {
+            carries: vec![crate::autoscale::carry::Carry {
+                model: "m".into(),
+                bucket_s: 60.0,
+                first_bucket: 28_333_333,
+                counts: vec![3.0, 0.0, 7.5],
+                taken_upto: 1_700_000_100,
+                mix: vec![(120, 30), (800, 12)],
+                trust: 0.9,
+            }],
+            more: true,
+        });
+    if let Ok(b) = codec::encode(&page) {
+        out.push(("raft_rpc", b));
+    }
     out
 }
 
