@@ -75,6 +75,8 @@ pub enum OpenError {
     },
     #[error("data directory {path} cannot be opened: {reason}; the database may be corrupted: restore it from a backup or start this node from an empty directory and re-join it")]
     Corrupt { path: PathBuf, reason: String },
+    #[error("data directory {path} is in use: another process holds its lock ({reason}); stop the other coordinator using it, or give this one another data_dir")]
+    Locked { path: PathBuf, reason: String },
     #[error("data directory {path} could not be migrated from format {from} to {FORMAT_VERSION}: {reason}; nothing was lost (the migration resumes at the next start), but fix the cause or restore a backup")]
     Migration {
         path: PathBuf,
@@ -174,9 +176,19 @@ impl DataDir {
             }
             Err(e) => return Err(io(e)),
         }
-        let corrupt = |e: sled::Error| OpenError::Corrupt {
-            path: path.to_path_buf(),
-            reason: e.to_string(),
+        let corrupt = |e: sled::Error| {
+            let reason = e.to_string();
+            if is_lock_held(&e) {
+                OpenError::Locked {
+                    path: path.to_path_buf(),
+                    reason,
+                }
+            } else {
+                OpenError::Corrupt {
+                    path: path.to_path_buf(),
+                    reason,
+                }
+            }
         };
         // The log's database needs no background flusher: every append,
         // vote, truncation and purge point is flushed before it is
@@ -250,18 +262,21 @@ pub(super) fn open_db(path: &Path, flush_every_ms: Option<u64>) -> Result<sled::
             .path(path)
             .flush_every_ms(flush_every_ms);
         match config.open() {
-            // sled 0.34 reports a held lock as an `Other` error whose
-            // message carries the OS's `WouldBlock`
-            Err(sled::Error::Io(e))
-                if (e.kind() == std::io::ErrorKind::WouldBlock
-                    || e.to_string().starts_with("could not acquire lock"))
-                    && std::time::Instant::now() < deadline =>
-            {
+            Err(e) if is_lock_held(&e) && std::time::Instant::now() < deadline => {
                 std::thread::sleep(std::time::Duration::from_millis(20));
             }
             other => return other,
         }
     }
+}
+
+/// Whether sled could not open a database because its file lock is held
+/// (sled 0.34 reports it as an `Other` error whose message carries the
+/// OS's `WouldBlock`).
+fn is_lock_held(e: &sled::Error) -> bool {
+    matches!(e, sled::Error::Io(io)
+        if io.kind() == std::io::ErrorKind::WouldBlock
+            || io.to_string().starts_with("could not acquire lock"))
 }
 
 /// Writes the marker file of the current format (atomically: a temporary
@@ -286,6 +301,22 @@ pub(crate) fn any<E: std::error::Error + 'static>(e: E) -> openraft::AnyError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A directory another open database holds is refused, after the
+    /// wait for a lock a closing database still holds, as in use (not as
+    /// corrupt, which would tell the operator to wipe it).
+    #[test]
+    fn a_directory_in_use_is_refused_as_in_use() {
+        let dir = tempfile::tempdir().unwrap();
+        let held = DataDir::open(dir.path(), 1).unwrap();
+        let err = DataDir::open(dir.path(), 1).err().unwrap();
+        assert!(matches!(err, OpenError::Locked { .. }), "{err}");
+        assert!(
+            err.to_string().contains("stop the other coordinator"),
+            "{err}"
+        );
+        drop(held);
+    }
 
     #[test]
     fn refuses_foreign_corrupt_and_other_nodes_dirs() {

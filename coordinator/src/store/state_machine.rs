@@ -101,6 +101,10 @@ pub struct StateMachineStore {
     feed: Arc<super::ChangeFeed>,
     /// Tests: installs give up after this many batches, as a crash would.
     stop_install_after: Option<usize>,
+    /// Held while the snapshot tree is written or read as a pair: openraft
+    /// builds snapshots in a task of their own, which may finish while a
+    /// received snapshot is being installed.
+    snapshot_io: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// The sled key of the audit record stored under `audit_key`.
@@ -234,6 +238,7 @@ impl StateMachineStore {
             metrics,
             snapshots_built: Arc::new(AtomicU64::new(0)),
             stop_install_after: None,
+            snapshot_io: Arc::default(),
         })
     }
 
@@ -420,6 +425,22 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
             };
             (data, meta)
         };
+        let _io = self.snapshot_io.lock().await;
+        // a snapshot installed while this one was encoded is newer: it
+        // stays the current one (and its install marker with it)
+        let stored = self
+            .dir
+            .snapshot
+            .get(SNAPSHOT_META)
+            .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), any(e)))?
+            .and_then(|b| codec::decode::<SnapshotMeta>(&b).ok());
+        if stored.is_some_and(|s| s.last_log_id > meta.last_log_id) {
+            tracing::info!(snapshot_id = %meta.snapshot_id, "snapshot built but not kept: a newer one was installed meanwhile");
+            return Ok(Snapshot {
+                meta,
+                snapshot: Box::new(Cursor::new(data)),
+            });
+        }
         self.save_snapshot(&meta, &data, false)?;
         self.dir
             .state
@@ -499,6 +520,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         meta: &SnapshotMeta,
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> Result<(), StorageError> {
+        let _io = self.snapshot_io.lock().await;
         let data = snapshot.into_inner();
         let signature = Some(meta.signature());
         let mut incoming: Applied = codec::decode(&data)
@@ -532,6 +554,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot>, StorageError> {
         let read = |e: sled::Error| StorageIOError::read_snapshot(None, any(e));
+        let _io = self.snapshot_io.lock().await;
         let (Some(meta), Some(data)) = (
             self.dir.snapshot.get(SNAPSHOT_META).map_err(read)?,
             self.dir.snapshot.get(SNAPSHOT_DATA).map_err(read)?,
@@ -544,5 +567,55 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             meta,
             snapshot: Box::new(Cursor::new(data.to_vec())),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use openraft::{CommittedLeaderId, RaftSnapshotBuilder};
+
+    /// openraft builds snapshots in a task of their own: one that
+    /// finishes after a newer snapshot was installed (here: saved while
+    /// the build waits for the snapshot tree) keeps the newer one current.
+    #[tokio::test]
+    async fn a_snapshot_built_while_a_newer_one_was_installed_does_not_replace_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut sm = StateMachineStore::open(
+            DataDir::open(dir.path(), 1).unwrap(),
+            Arc::new(Metrics::new()),
+        )
+        .unwrap();
+        sm.apply(vec![Entry {
+            log_id: LogId::new(CommittedLeaderId::new(1, 1), 3),
+            payload: EntryPayload::Blank,
+        }])
+        .await
+        .unwrap();
+        let held = sm.snapshot_io.clone().lock_owned().await;
+        let mut builder = sm.clone();
+        let build = tokio::spawn(async move { builder.build_snapshot().await });
+        let newer = SnapshotMeta {
+            last_log_id: Some(LogId::new(CommittedLeaderId::new(2, 1), 100)),
+            last_membership: StoredMembership::default(),
+            snapshot_id: "newer".into(),
+        };
+        sm.save_snapshot(&newer, b"installed", true).unwrap();
+        drop(held);
+        let built = build.await.unwrap().unwrap();
+        assert_eq!(built.meta.last_log_id.map(|l| l.index), Some(3));
+        let stored = sm.dir.snapshot.get(SNAPSHOT_META).unwrap().unwrap();
+        let stored: SnapshotMeta = codec::decode(&stored).unwrap();
+        assert_eq!(stored.snapshot_id, "newer");
+        assert!(
+            sm.dir.snapshot.get(SNAPSHOT_INSTALLING).unwrap().is_some(),
+            "the newer one's install marker stays"
+        );
+        // with nothing newer stored, a build is kept
+        sm.dir.snapshot.remove(SNAPSHOT_META).unwrap();
+        let kept = sm.build_snapshot().await.unwrap();
+        let stored = sm.dir.snapshot.get(SNAPSHOT_META).unwrap().unwrap();
+        let stored: SnapshotMeta = codec::decode(&stored).unwrap();
+        assert_eq!(stored.snapshot_id, kept.meta.snapshot_id);
     }
 }
