@@ -87,6 +87,20 @@ impl Carry {
                 self.first_bucket, self.bucket_s
             )));
         }
+        let start = self.first_bucket as f64 * self.bucket_s;
+        let taken = self.taken_upto as f64;
+        if !self.counts.is_empty() && !(start <= taken && taken <= end) {
+            return Err(what(format!(
+                "its counts cover seconds {start} to {end}, but it says it holds up to {}",
+                self.taken_upto
+            )));
+        }
+        if self.counts.is_empty() && taken > 1e11 {
+            return Err(what(format!(
+                "second {} is not a time of this era",
+                self.taken_upto
+            )));
+        }
         if self.mix.len() > MIX_SAMPLES {
             return Err(what(format!(
                 "{} token pairs; at most {MIX_SAMPLES}",
@@ -176,16 +190,24 @@ pub async fn run_puller(
                 continue;
             }
         };
-        let last = page.carries.last().map(|c| c.model.clone());
+        // the next page starts after this one's last model, even when this
+        // one is refused (else the models after it would never be pulled)
+        let last = page
+            .carries
+            .last()
+            .map(|c| c.model.clone())
+            .filter(|m| m.len() <= MAX_NAME);
         let more = page.more;
-        match ctx.autoscale.inherit(page) {
-            Ok(()) => {
-                if more {
-                    after = last.unwrap_or_default();
-                }
-            }
-            Err(e) => tracing::warn!(error = %e, "the leader's forecast carries were refused"),
+        if let Err(e) = ctx.autoscale.inherit(page) {
+            tracing::warn!(error = %e, "the leader's forecast carries were refused");
         }
+        if more {
+            after = last.unwrap_or_default();
+        }
+        // carries of models deleted since are let go of
+        let applied = ctx.state.read().expect("state lock poisoned");
+        ctx.autoscale
+            .keep_inherited(|m| applied.state.models.contains_key(m));
     }
 }
 
@@ -271,6 +293,20 @@ pub(crate) mod tests {
                     ..carry("m")
                 },
                 "token pairs",
+            ),
+            (
+                Carry {
+                    taken_upto: u64::MAX,
+                    ..carry("m")
+                },
+                "holds up to",
+            ),
+            (
+                Carry {
+                    taken_upto: 29_000_000 * 60 - 1,
+                    ..carry("m")
+                },
+                "holds up to",
             ),
             (
                 Carry {

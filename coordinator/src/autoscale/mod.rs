@@ -111,6 +111,12 @@ impl Autoscale {
         Ok(())
     }
 
+    /// Lets go of the carries of models `exists` no longer knows.
+    pub fn keep_inherited(&self, exists: impl Fn(&str) -> bool) {
+        let mut inherited = self.inherited.lock().expect("autoscale lock poisoned");
+        inherited.retain(|name, _| exists(name));
+    }
+
     /// The models whose carry this coordinator holds, with its buckets.
     pub fn inherited(&self) -> BTreeMap<String, usize> {
         let inherited = self.inherited.lock().expect("autoscale lock poisoned");
@@ -331,15 +337,35 @@ fn step_with(ctx: &Parts, state: &State, now: Instant, wall: SystemTime) {
                 .remove(&model.name)
                 .filter(|c| c.bucket_s == fs.bucket_secs);
             let (series, trust, taken_upto, reason) = match carried {
-                Some(c) => (
-                    DemandSeries::resume(fs, c.first_bucket, &c.counts, &c.mix),
-                    Trust::resumed(c.trust),
-                    c.taken_upto,
-                    format!(
+                Some(c) => {
+                    let mut series = DemandSeries::resume(fs, c.first_bucket, &c.counts, &c.mix);
+                    // seconds neither the carry nor the gateways' resent
+                    // demand holds (a carry older than what they resend)
+                    // count at the carry's recent mean, not as no demand
+                    let taken = c.taken_upto.min(settled);
+                    let resent_from = (settled + demand::SETTLE_S).saturating_sub(demand::KEEP_S);
+                    let mut reason = format!(
                         "starting from the replicas placed and the forecast history the last leader shared ({} buckets)",
                         c.counts.len()
-                    ),
-                ),
+                    );
+                    if taken + 1 < resent_from {
+                        let whole = &c.counts[..c.counts.len().saturating_sub(1)];
+                        let recent = &whole[whole.len().saturating_sub(10)..];
+                        let rate = if recent.is_empty() {
+                            0.0
+                        } else {
+                            recent.iter().sum::<f64>() / recent.len() as f64 / c.bucket_s
+                        };
+                        for t in taken + 1..resent_from {
+                            series.add_count(t as f64, rate);
+                        }
+                        reason.push_str(&format!(
+                            "; {} s between it and the resent demand counted at its recent mean of {rate:.2} req/s",
+                            resent_from - taken - 1
+                        ));
+                    }
+                    (series, Trust::resumed(c.trust), taken, reason)
+                }
                 None => (
                     DemandSeries::new(fs),
                     Trust::default(),
@@ -770,6 +796,63 @@ mod tests {
         );
         assert_eq!(trust3, 1.0);
         assert!(status3.history_rps.len() <= 7, "{status3:?}");
+    }
+
+    /// A carry older than the seconds the gateways resend: the seconds
+    /// between count at the carry's recent mean, not as no demand.
+    #[test]
+    fn a_carry_older_than_the_resent_seconds_fills_the_gap_at_its_recent_mean() {
+        let state = autoscaled_state();
+        let telemetry = crate::telemetry::TelemetryStore::new(10);
+        let start = 1_700_000_040u64;
+        let end = start + 30 * 60;
+        let carry = carry::Carry {
+            model: "m".into(),
+            bucket_s: 60.0,
+            first_bucket: (start / 60) as i64,
+            // 30 whole minutes of 120 requests (2 req/s), one filling
+            counts: [vec![120.0; 30], vec![0.0]].concat(),
+            taken_upto: end,
+            mix: vec![(100, 10)],
+            trust: 0.9,
+        };
+        let a = Autoscale::default();
+        a.inherit(carry::HistoryPage {
+            carries: vec![carry],
+            more: false,
+        })
+        .expect("a good page");
+        // the new leader takes over an hour later; the gateways resend
+        // their last KEEP_S seconds at 1 req/s
+        let now_s = end + 3600;
+        let d = demand::ClusterDemand::default();
+        let resent = report(1, now_s - demand::KEEP_S..now_s, |_| 1);
+        d.report(resent, |_| true, now_s).expect("resent");
+        let parts = Parts {
+            autoscale: &a,
+            demand: &d,
+            telemetry: &telemetry,
+        };
+        step_with(&parts, &state, Instant::now(), at(now_s));
+        let models = a.models.lock().expect("models");
+        let m = &models["m"];
+        let (_, counts) = m.series.history();
+        let settled = now_s - demand::SETTLE_S;
+        let gap = (now_s - demand::KEEP_S) - end - 1;
+        let want =
+            30.0 * 120.0 + gap as f64 * 2.0 + (settled + 1 - (now_s - demand::KEEP_S)) as f64;
+        assert!(
+            (counts.iter().sum::<f64>() - want).abs() < 1e-6,
+            "{} counted, {want} wanted",
+            counts.iter().sum::<f64>()
+        );
+        assert!(
+            m.status
+                .reason
+                .contains("counted at its recent mean of 2.00 req/s"),
+            "{}",
+            m.status.reason
+        );
     }
 
     #[test]
