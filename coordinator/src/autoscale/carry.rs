@@ -81,7 +81,8 @@ impl Carry {
             return Err(what(format!("a bucket counts {c}; 0 to {MAX_COUNT}")));
         }
         let end = (self.first_bucket as f64 + self.counts.len() as f64) * self.bucket_s;
-        if self.first_bucket < 0 || !(end <= 1e11) {
+        // `end` is finite: bucket_s and first_bucket were bounded above
+        if self.first_bucket < 0 || end > 1e11 {
             return Err(what(format!(
                 "first bucket {} of {} s is not a time of this era",
                 self.first_bucket, self.bucket_s
@@ -89,7 +90,8 @@ impl Carry {
         }
         let start = self.first_bucket as f64 * self.bucket_s;
         let taken = self.taken_upto as f64;
-        if !self.counts.is_empty() && !(start <= taken && taken <= end) {
+        let covered = start <= taken && taken <= end;
+        if !self.counts.is_empty() && !covered {
             return Err(what(format!(
                 "its counts cover seconds {start} to {end}, but it says it holds up to {}",
                 self.taken_upto
