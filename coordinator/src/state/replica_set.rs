@@ -5,10 +5,14 @@
 //! Reads go through `Deref` to the map by id. Writes go through
 //! [`ReplicaSet::insert`] and [`ReplicaSet::remove`] only, so the indexes
 //! cannot drift from the map; they are not part of the encoding (a decoded
-//! set builds them again) and equality compares the map alone.
+//! set builds them again) and equality compares the map alone. The
+//! indexes are shared between clones until one of them changes (the
+//! leader copies the state for planning several times a second; a write
+//! to the replicas is rarer).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Deref;
+use std::sync::Arc;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
@@ -17,8 +21,8 @@ use super::Replica;
 #[derive(Clone, Debug, Default)]
 pub struct ReplicaSet {
     by_id: BTreeMap<String, Replica>,
-    by_model: BTreeMap<String, BTreeSet<String>>,
-    by_node: BTreeMap<String, BTreeSet<String>>,
+    by_model: Arc<BTreeMap<String, BTreeSet<String>>>,
+    by_node: Arc<BTreeMap<String, BTreeSet<String>>>,
 }
 
 fn unindex(index: &mut BTreeMap<String, BTreeSet<String>>, key: &str, id: &str) {
@@ -35,11 +39,11 @@ impl ReplicaSet {
     /// stored under it.
     pub fn insert(&mut self, id: String, replica: Replica) -> Option<Replica> {
         let old = self.remove(&id);
-        self.by_model
+        Arc::make_mut(&mut self.by_model)
             .entry(replica.model.clone())
             .or_default()
             .insert(id.clone());
-        self.by_node
+        Arc::make_mut(&mut self.by_node)
             .entry(replica.node_id.clone())
             .or_default()
             .insert(id.clone());
@@ -49,8 +53,8 @@ impl ReplicaSet {
 
     pub fn remove(&mut self, id: &str) -> Option<Replica> {
         let old = self.by_id.remove(id)?;
-        unindex(&mut self.by_model, &old.model, id);
-        unindex(&mut self.by_node, &old.node_id, id);
+        unindex(Arc::make_mut(&mut self.by_model), &old.model, id);
+        unindex(Arc::make_mut(&mut self.by_node), &old.node_id, id);
         Some(old)
     }
 
@@ -161,6 +165,19 @@ mod tests {
         assert_eq!(ids(set.on_node("n1")), Vec::<&str>::new());
         assert!(set.by_model.keys().eq(["other"]));
         assert!(set.by_node.keys().eq(["n2"]));
+    }
+
+    #[test]
+    fn a_clone_shares_the_indexes_until_either_side_changes() {
+        let mut set = ReplicaSet::default();
+        set.insert("a".into(), replica("a", "m", "n1"));
+        let mut view = set.clone();
+        assert!(Arc::ptr_eq(&set.by_model, &view.by_model));
+        view.insert("b".into(), replica("b", "m", "n2"));
+        set.remove("a");
+        assert_eq!(ids(view.of_model("m")), ["a", "b"]);
+        assert_eq!(ids(set.of_model("m")), Vec::<&str>::new());
+        assert_eq!(ids(view.on_node("n1")), ["a"]);
     }
 
     #[test]
