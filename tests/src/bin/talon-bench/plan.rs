@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::time::Instant;
 
 use serde_json::json;
-use talon_coordinator::reconcile::{placed_fleet, plan_with, Observed};
+use talon_coordinator::reconcile::{placed_fleet, plan_with, planning_view, Observed};
 use talon_coordinator::state::node::{Gpu, MigDevice, MANAGED_MIG_LABEL};
 use talon_coordinator::state::{Command, ModelSpec, NodeInventory, Request, State};
 
@@ -121,7 +121,7 @@ fn apply(state: &mut State, index: &mut u64, command: Command) {
 /// the leader pays every 500 ms).
 pub fn plan_bench(cli: &Cli, nodes: &[usize], rounds: usize) -> anyhow::Result<()> {
     println!(
-        "{:>6} {:>6} {:>7} {:>8} {:>7} {:>12} {:>12} {:>14} {:>12} {:>10}",
+        "{:>6} {:>6} {:>7} {:>8} {:>7} {:>12} {:>12} {:>14} {:>12} {:>10} {:>8}",
         "nodes",
         "gpus",
         "models",
@@ -131,7 +131,8 @@ pub fn plan_bench(cli: &Cli, nodes: &[usize], rounds: usize) -> anyhow::Result<(
         "steady_ms",
         "steady_us/item",
         "oracle_ms",
-        "apply_ms"
+        "apply_ms",
+        "view_ms"
     );
     let mut rows = Vec::new();
     for &n in nodes {
@@ -200,8 +201,21 @@ pub fn plan_bench(cli: &Cli, nodes: &[usize], rounds: usize) -> anyhow::Result<(
             .collect();
         oracle.sort_by(f64::total_cmp);
         let oracle_ms = oracle[oracle.len() / 2];
+        // the copy the reconciler and the autoscaler take of the state
+        // under its read lock before they plan (how long writes wait)
+        let mut view: Vec<f64> = (0..rounds.max(5))
+            .map(|_| {
+                let t = Instant::now();
+                let v = planning_view(&state);
+                let ms = t.elapsed().as_secs_f64() * 1e3;
+                drop(v);
+                ms
+            })
+            .collect();
+        view.sort_by(f64::total_cmp);
+        let view_ms = view[view.len() / 2];
         println!(
-            "{n:>6} {gpus:>6} {models:>7} {replicas:>8} {:>7} {:>12.1} {median:>12.2} {per_item:>14.2} {oracle_ms:>12.1} {apply_ms:>10.1}",
+            "{n:>6} {gpus:>6} {models:>7} {replicas:>8} {:>7} {:>12.1} {median:>12.2} {per_item:>14.2} {oracle_ms:>12.1} {apply_ms:>10.1} {view_ms:>8.2}",
             first_ms.len(),
             first_ms[0],
         );
@@ -210,7 +224,8 @@ pub fn plan_bench(cli: &Cli, nodes: &[usize], rounds: usize) -> anyhow::Result<(
             "rounds_to_converge": first_ms.len(), "first_plan_ms": first_ms[0],
             "steady_plan_ms_median": median, "steady_plan_ms_all": steady,
             "steady_us_per_node_plus_replica": per_item,
-            "autoscale_oracle_ms_median": oracle_ms, "first_plan_apply_ms": apply_ms}),
+            "autoscale_oracle_ms_median": oracle_ms, "first_plan_apply_ms": apply_ms,
+            "planning_view_ms_median": view_ms}),
         );
     }
     write_out(cli, "plan.json", json!({"rows": rows}))
