@@ -491,7 +491,7 @@ impl AdminService for Admin {
         let model = &request.get_ref().model;
         let applied = self.ctx.state.read().expect("state lock poisoned");
         let listed: Box<dyn Iterator<Item = &crate::state::Replica>> = if model.is_empty() {
-            Box::new(applied.state.replicas.values())
+            Box::new(applied.state.replicas.values().map(|r| &**r))
         } else {
             Box::new(applied.state.replicas.of_model(model))
         };

@@ -29,7 +29,7 @@ pub fn replica_price(state: &State, replica: &str) -> (f64, f64) {
     let candidates: Box<dyn Iterator<Item = &crate::state::Replica>> =
         match state.replicas.get(replica) {
             Some(head) => Box::new(state.replicas.of_model(&head.model)),
-            None => Box::new(state.replicas.values()),
+            None => Box::new(state.replicas.values().map(|r| &**r)),
         };
     for r in candidates
         .filter(|r| r.id == replica || r.pipeline.as_ref().is_some_and(|p| p.head == replica))

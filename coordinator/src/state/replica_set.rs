@@ -5,10 +5,10 @@
 //! Reads go through `Deref` to the map by id. Writes go through
 //! [`ReplicaSet::insert`] and [`ReplicaSet::remove`] only, so the indexes
 //! cannot drift from the map; they are not part of the encoding (a decoded
-//! set builds them again) and equality compares the map alone. The
-//! indexes are shared between clones until one of them changes (the
-//! leader copies the state for planning several times a second; a write
-//! to the replicas is rarer).
+//! set builds them again) and equality compares the map alone. Records
+//! are shared between clones (`Arc`, as node records are), and so are the
+//! indexes until one of the clones changes: the leader copies the state
+//! for planning several times a second, a write to the replicas is rarer.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Deref;
@@ -20,7 +20,7 @@ use super::Replica;
 
 #[derive(Clone, Debug, Default)]
 pub struct ReplicaSet {
-    by_id: BTreeMap<String, Replica>,
+    by_id: BTreeMap<String, Arc<Replica>>,
     by_model: Arc<BTreeMap<String, BTreeSet<String>>>,
     by_node: Arc<BTreeMap<String, BTreeSet<String>>>,
 }
@@ -37,7 +37,12 @@ fn unindex(index: &mut BTreeMap<String, BTreeSet<String>>, key: &str, id: &str) 
 impl ReplicaSet {
     /// Places `replica` under `id`, replacing (and returning) any replica
     /// stored under it.
-    pub fn insert(&mut self, id: String, replica: Replica) -> Option<Replica> {
+    pub fn insert(&mut self, id: String, replica: Replica) -> Option<Arc<Replica>> {
+        self.insert_shared(id, Arc::new(replica))
+    }
+
+    /// [`Self::insert`] of a record shared with another set.
+    pub fn insert_shared(&mut self, id: String, replica: Arc<Replica>) -> Option<Arc<Replica>> {
         let old = self.remove(&id);
         Arc::make_mut(&mut self.by_model)
             .entry(replica.model.clone())
@@ -51,7 +56,7 @@ impl ReplicaSet {
         old
     }
 
-    pub fn remove(&mut self, id: &str) -> Option<Replica> {
+    pub fn remove(&mut self, id: &str) -> Option<Arc<Replica>> {
         let old = self.by_id.remove(id)?;
         unindex(Arc::make_mut(&mut self.by_model), &old.model, id);
         unindex(Arc::make_mut(&mut self.by_node), &old.node_id, id);
@@ -77,12 +82,12 @@ impl ReplicaSet {
             .get(key)
             .into_iter()
             .flatten()
-            .filter_map(|id| self.by_id.get(id))
+            .filter_map(|id| self.by_id.get(id).map(|r| &**r))
     }
 }
 
 impl Deref for ReplicaSet {
-    type Target = BTreeMap<String, Replica>;
+    type Target = BTreeMap<String, Arc<Replica>>;
 
     fn deref(&self) -> &Self::Target {
         &self.by_id
@@ -105,9 +110,19 @@ impl FromIterator<(String, Replica)> for ReplicaSet {
     }
 }
 
+impl FromIterator<(String, Arc<Replica>)> for ReplicaSet {
+    fn from_iter<I: IntoIterator<Item = (String, Arc<Replica>)>>(iter: I) -> Self {
+        let mut set = ReplicaSet::default();
+        for (id, replica) in iter {
+            set.insert_shared(id, replica);
+        }
+        set
+    }
+}
+
 impl<'a> IntoIterator for &'a ReplicaSet {
-    type Item = (&'a String, &'a Replica);
-    type IntoIter = std::collections::btree_map::Iter<'a, String, Replica>;
+    type Item = (&'a String, &'a Arc<Replica>);
+    type IntoIter = std::collections::btree_map::Iter<'a, String, Arc<Replica>>;
 
     fn into_iter(self) -> Self::IntoIter {
         self.by_id.iter()
@@ -152,7 +167,7 @@ mod tests {
 
         // a replacement under the same id moves it in both indexes
         let old = set.insert("a".into(), replica("a", "other", "n2"));
-        assert_eq!(old.map(|r| r.model), Some("m".to_string()));
+        assert_eq!(old.map(|r| r.model.clone()), Some("m".to_string()));
         assert_eq!(ids(set.of_model("m")), ["b"]);
         assert_eq!(ids(set.of_model("other")), ["a", "c"]);
         assert_eq!(ids(set.on_node("n1")), ["c"]);

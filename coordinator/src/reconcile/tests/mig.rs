@@ -114,7 +114,7 @@ fn on_a_managed_mig_gpu_the_plan_lays_out_instances() {
         why("small")
     );
     // overlapping instances are refused by the state machine
-    let mut clash = three.clone();
+    let mut clash = (*three).clone();
     clash.id = "twos@v1-9".into();
     clash.model = "twos".into();
     i += 1;

@@ -50,7 +50,12 @@ fn a_model_no_gpu_holds_runs_as_a_tensor_parallel_group_in_one_nvlink_domain() {
         Command::RegisterNode(h100_pair("nvl", true)),
     );
     converge(&mut s, &mut i);
-    let big: Vec<&Replica> = s.replicas.values().filter(|r| r.model == "big").collect();
+    let big: Vec<&Replica> = s
+        .replicas
+        .values()
+        .map(|r| &**r)
+        .filter(|r| r.model == "big")
+        .collect();
     assert_eq!(big.len(), 1);
     let r = big[0];
     assert_eq!(
@@ -370,7 +375,7 @@ fn a_model_no_node_holds_runs_as_a_pipeline_across_nodes_or_not_at_all() {
         with_label(model("huge", 250_000, 1), "layers", "80"),
     );
     converge(&mut s, &mut i);
-    let mut stages: Vec<&Replica> = s.replicas.values().collect();
+    let mut stages: Vec<&Replica> = s.replicas.values().map(|r| &**r).collect();
     stages.sort_by_key(|r| r.pipeline.as_ref().map(|p| p.index));
     assert_eq!(stages.len(), 2, "{stages:?}");
     let (head, tail) = (stages[0], stages[1]);
