@@ -407,8 +407,10 @@ impl StateMachineStore {
 impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
     async fn build_snapshot(&mut self) -> Result<Snapshot, StorageError> {
         let (data, meta) = {
-            let applied = self.applied.read().expect("state lock poisoned");
-            let data = codec::encode(&*applied)
+            // a copy under the lock (node and replica records are shared,
+            // not copied), encoded after it: writes wait for the copy only
+            let applied = self.applied.read().expect("state lock poisoned").clone();
+            let data = codec::encode(&applied)
                 .map_err(|e| StorageIOError::write_snapshot(None, any(e)))?;
             let n = self.snapshots_built.fetch_add(1, Ordering::Relaxed);
             let snapshot_id = match applied.last_applied {

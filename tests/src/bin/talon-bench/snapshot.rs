@@ -155,6 +155,16 @@ pub(super) async fn snapshot(cli: &Cli, nodes: usize, replicas: usize) -> anyhow
     let in_state = leader.shared().read().expect("state").state.replicas.len();
     eprintln!("snapshot: {nodes} nodes and {in_state} replicas applied in {applying_s:.1} s");
 
+    // what a build holds the state's read lock for: a copy of the state
+    // (writes wait for it), then the encoding of the whole state (which
+    // the build did under the lock before)
+    let t = Instant::now();
+    let copy = leader.shared().read().expect("state").clone();
+    let copy_s = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    let encoded = talon_coordinator::store::codec::encode(&copy)?;
+    let encode_s = t.elapsed().as_secs_f64();
+    drop((copy, encoded));
     let t = Instant::now();
     let built = leader.get_snapshot_builder().await.build_snapshot().await?;
     let build_s = t.elapsed().as_secs_f64();
@@ -188,15 +198,18 @@ pub(super) async fn snapshot(cli: &Cli, nodes: usize, replicas: usize) -> anyhow
         "nodes": nodes, "replicas": in_state, "snapshot_bytes": bytes,
         "snapshot_mib": bytes as f64 / (1 << 20) as f64,
         "apply_s": applying_s, "build_s": build_s, "install_s": install_s,
+        "state_copy_s": copy_s, "state_encode_s": encode_s,
         "install_peak_extra_mib": install_peak as f64 / (1 << 20) as f64,
         "snapshot_copies_at_peak": install_peak as f64 / bytes.max(1) as f64,
         "process_peak_rss_mib_before_install": before as f64 / (1 << 20) as f64,
     });
-    println!("| nodes | replicas | snapshot MiB | build s | install s | peak memory the install adds (MiB) | = snapshot sizes |");
-    println!("| --- | --- | --- | --- | --- | --- | --- |");
+    println!("| nodes | replicas | snapshot MiB | build s | state copy ms | state encode ms | install s | peak memory the install adds (MiB) | = snapshot sizes |");
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- |");
     println!(
-        "| {nodes} | {in_state} | {:.1} | {build_s:.2} | {install_s:.2} | {:.0} | {:.1} |",
+        "| {nodes} | {in_state} | {:.1} | {build_s:.2} | {:.1} | {:.1} | {install_s:.2} | {:.0} | {:.1} |",
         bytes as f64 / (1 << 20) as f64,
+        copy_s * 1e3,
+        encode_s * 1e3,
         install_peak as f64 / (1 << 20) as f64,
         install_peak as f64 / bytes.max(1) as f64
     );
