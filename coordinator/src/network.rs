@@ -343,9 +343,10 @@ impl RaftService for RaftRpcService {
     ) -> Result<tonic::Response<RaftPayload>, tonic::Status> {
         let rpc: HistoryRequest = self.decode(request)?;
         let result: Result<HistoryPage, String> = self.leading().and_then(|parts| {
-            if rpc.after.len() > 256 {
+            use crate::autoscale::demand::MAX_NAME;
+            if rpc.after.len() > MAX_NAME {
                 return Err(format!(
-                    "a history request starts after a name of {} bytes; model names have at most 256",
+                    "a history request starts after a name of {} bytes; model names have at most {MAX_NAME}",
                     rpc.after.len()
                 ));
             }

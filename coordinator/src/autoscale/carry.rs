@@ -21,7 +21,11 @@
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use talon_scheduler::capacity::{forecast::MIX_SAMPLES, Trust};
+use std::collections::BTreeMap;
+
+use talon_scheduler::capacity::{forecast::MIX_SAMPLES, DemandSeries, ForecastSettings, Trust};
+
+use super::demand::{KEEP_S, MAX_NAME, SETTLE_S};
 
 /// How often a coordinator that does not lead pulls a page of carries.
 pub const PULL_EVERY: Duration = Duration::from_secs(5);
@@ -31,8 +35,6 @@ pub const PAGE_MODELS: usize = 16;
 pub const PAGE_BUCKETS: usize = 128 * 1024;
 /// Most buckets one carry holds (the forecaster keeps at most this many).
 pub const MAX_BUCKETS: usize = 20_000;
-/// Longest model name a carry may name.
-const MAX_NAME: usize = 256;
 /// Most requests a bucket is believed to count.
 const MAX_COUNT: f64 = 1e12;
 
@@ -141,10 +143,9 @@ impl HistoryPage {
             ));
         }
         let buckets: usize = self.carries.iter().map(|c| c.counts.len()).sum();
-        if buckets > PAGE_BUCKETS.max(MAX_BUCKETS) {
+        if buckets > PAGE_BUCKETS {
             return Err(format!(
-                "a history page holds at most {} buckets, this one {buckets}",
-                PAGE_BUCKETS.max(MAX_BUCKETS)
+                "a history page holds at most {PAGE_BUCKETS} buckets, this one {buckets}"
             ));
         }
         for pair in self.carries.windows(2) {
@@ -156,6 +157,113 @@ impl HistoryPage {
             }
         }
         self.carries.iter().try_for_each(Carry::validate)
+    }
+}
+
+impl super::Autoscale {
+    /// A page of this leader's carries: the autoscaled models after
+    /// `after`, in name order, within the page's bounds.
+    pub fn page(&self, after: &str) -> HistoryPage {
+        use std::ops::Bound::{Excluded, Unbounded};
+        let models = self.models.lock().expect("autoscale lock poisoned");
+        let mut page = HistoryPage::default();
+        let mut buckets = 0;
+        for (name, m) in models.range::<str, _>((Excluded(after), Unbounded)) {
+            if !m.status.enabled {
+                continue;
+            }
+            let (first_bucket, counts) = m.series.history();
+            if page.carries.len() == PAGE_MODELS
+                || (!page.carries.is_empty() && buckets + counts.len() > PAGE_BUCKETS)
+            {
+                page.more = true;
+                break;
+            }
+            buckets += counts.len();
+            page.carries.push(Carry {
+                model: name.clone(),
+                bucket_s: m.series.settings().bucket_secs,
+                first_bucket,
+                counts,
+                taken_upto: m.taken_upto,
+                mix: m.series.mix().collect(),
+                trust: m.trust.factor,
+            });
+        }
+        page
+    }
+
+    /// Keeps a page of the leader's carries (checked first; a bad page
+    /// changes nothing).
+    pub fn inherit(&self, page: HistoryPage) -> Result<(), String> {
+        page.validate()?;
+        let mut inherited = self.inherited.lock().expect("autoscale lock poisoned");
+        for c in page.carries {
+            inherited.insert(c.model.clone(), c);
+        }
+        Ok(())
+    }
+
+    /// Lets go of the carries of models `exists` no longer knows.
+    pub fn keep_inherited(&self, exists: impl Fn(&str) -> bool) {
+        let mut inherited = self.inherited.lock().expect("autoscale lock poisoned");
+        inherited.retain(|name, _| exists(name));
+    }
+
+    /// The models whose carry this coordinator holds, with its buckets.
+    pub fn inherited(&self) -> BTreeMap<String, usize> {
+        let inherited = self.inherited.lock().expect("autoscale lock poisoned");
+        inherited
+            .iter()
+            .map(|(k, c)| (k.clone(), c.counts.len()))
+            .collect()
+    }
+}
+
+/// What a new leader goes on from: a carry's series, trust and the last
+/// second it holds, and the reason the model's status gives.
+pub(super) struct Resumed {
+    pub series: DemandSeries,
+    pub trust: Trust,
+    pub taken_upto: u64,
+    pub reason: String,
+}
+
+impl Resumed {
+    /// Goes on from `c` at the new leader's `settled` second. Seconds
+    /// neither the carry nor the gateways' resent demand holds (a carry
+    /// older than what they resend) count at the carry's recent mean, not
+    /// as no demand.
+    pub(super) fn from(c: Carry, settings: ForecastSettings, settled: u64) -> Resumed {
+        let mut series = DemandSeries::resume(settings, c.first_bucket, &c.counts, &c.mix);
+        let taken = c.taken_upto.min(settled);
+        let resent_from = (settled + SETTLE_S).saturating_sub(KEEP_S);
+        let mut reason = format!(
+            "starting from the replicas placed and the forecast history the last leader shared ({} buckets)",
+            c.counts.len()
+        );
+        if taken + 1 < resent_from {
+            let whole = &c.counts[..c.counts.len().saturating_sub(1)];
+            let recent = &whole[whole.len().saturating_sub(10)..];
+            let rate = if recent.is_empty() {
+                0.0
+            } else {
+                recent.iter().sum::<f64>() / recent.len() as f64 / c.bucket_s
+            };
+            for t in taken + 1..resent_from {
+                series.add_count(t as f64, rate);
+            }
+            reason.push_str(&format!(
+                "; {} s between it and the resent demand counted at its recent mean of {rate:.2} req/s",
+                resent_from - taken - 1
+            ));
+        }
+        Resumed {
+            series,
+            trust: Trust::resumed(c.trust),
+            taken_upto: taken,
+            reason,
+        }
     }
 }
 

@@ -40,9 +40,9 @@ pub const KEEP_S: u64 = HISTORY_S;
 pub const SETTLE_S: u64 = 2;
 /// How far ahead of the leader's clock a follower's second may be.
 const AHEAD_S: u64 = 60;
-/// Longest model name a report may carry (the registry's own bound is
-/// lower; longer names cannot be models).
-const MAX_NAME: usize = 256;
+/// Longest model name a report or a carry may name (the registry's own
+/// bound is lower; longer names cannot be models).
+pub const MAX_NAME: usize = 256;
 /// Most requests one coordinator can have answered for one model in one
 /// second, as far as a report is believed.
 const MAX_REQUESTS: u64 = 10_000_000;

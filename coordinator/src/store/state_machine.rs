@@ -244,8 +244,8 @@ impl StateMachineStore {
 
     /// Tests: snapshot installs give up after `batches` batches of
     /// records, leaving the store as a crash in the middle would.
-    #[doc(hidden)]
-    pub fn stop_installs_after(&mut self, batches: usize) {
+    #[cfg(test)]
+    pub(crate) fn stop_installs_after(&mut self, batches: usize) {
         self.stop_install_after = Some(batches);
     }
 
